@@ -1,0 +1,38 @@
+# edgeslim: `make demo` and `make test` each set everything up first (idempotent).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.edgeslim-installed
+
+.PHONY: setup data demo test lint bench-baseline clean
+
+setup: $(STAMP) data
+
+# torch is installed first, pinned; constraints.txt keeps every later install on it.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), v"
+	touch $(STAMP)
+
+data:
+	@bash scripts/ensure-data.sh
+
+demo: setup
+	$(BIN)/edgeslim demo --out demo-out
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+bench-baseline: setup
+	$(BIN)/edgeslim bench baseline --out benchmarks/baseline
+
+clean:
+	rm -rf $(VENV) demo-out bench-out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,45 @@
+"""Suite registry and the runner that writes ``results.json``, ``report.md`` and plots."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from edgeslim.bench.records import Record, save_records
+from edgeslim.registry import Registry
+
+
+class Suite(Protocol):
+    def __call__(self, out: Path, quick: bool, models: list[str] | None) -> list[Record]: ...
+
+
+SUITES: Registry[Suite] = Registry("benchmark suite")
+
+
+def register_suite(name: str) -> Callable[[Suite], Suite]:
+    def add(fn: Suite) -> Suite:
+        SUITES.register(name, fn)
+        return fn
+
+    return add
+
+
+def _load_builtin_suites() -> None:
+    import edgeslim.bench.baseline  # noqa: F401  (registers "baseline")
+
+
+def run_suite(
+    name: str, out: Path, quick: bool = False, models: list[str] | None = None
+) -> list[Record]:
+    """Run one suite and write its records, Markdown report and PNG plots under ``out``."""
+    from edgeslim.report import write_report
+
+    _load_builtin_suites()
+    suite = SUITES.get(name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = suite(out, quick, models)
+    save_records(records, out / "results.json")
+    write_report(records, out, title=f"edgeslim bench {name}" + (" --quick" if quick else ""))
+    return records

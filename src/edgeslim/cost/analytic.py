@@ -1,0 +1,120 @@
+"""Analytic costs predicted from the model's structure (no timing).
+
+Conventions (stated so that numbers compare across tools):
+- MACs count conv and linear layers (plus BERT attention matmuls), per forward pass of
+  the example input, batch included; normalisation, activations and pooling count 0.
+- BOPs = sum over layers of MACs * weight bits * activation bits (fp32 = 32 x 32).
+- size counts parameters only (BatchNorm running statistics fold into the convs at
+  deployment): each layer's ``weight`` at its bit-width, packed and rounded up to whole
+  bytes per tensor, every other parameter at 32 bits.
+- peak activation memory walks the fx graph in execution order and keeps each tensor alive
+  until its last user has run; for models that do not trace, the largest input + output of
+  any single layer is used instead (a lower bound).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from edgeslim.errors import TraceError
+from edgeslim.graph.layers import LayerInfo, layer_table
+from edgeslim.graph.trace import trace
+
+Bits = Mapping[str, int] | int | None
+
+
+def _bits_of(bits: Bits, fqn: str, default: int = 32) -> int:
+    if bits is None:
+        return default
+    if isinstance(bits, int):
+        return bits
+    return int(bits.get(fqn, default))
+
+
+def bops(table: Mapping[str, LayerInfo], w_bits: Bits = None, a_bits: Bits = None) -> int:
+    """Bit-operations: MACs x weight bits x activation bits, per layer (default 32/32)."""
+    return sum(r.macs * _bits_of(w_bits, f) * _bits_of(a_bits, f) for f, r in table.items())
+
+
+def size_bytes(model: nn.Module, w_bits: Bits = None) -> int:
+    """Bytes of the parameters with each layer's weight stored at its bit-width."""
+    total = 0
+    for fqn, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            b = _bits_of(w_bits, fqn) if pname == "weight" else 32
+            total += math.ceil(p.numel() * b / 8)
+    return total
+
+
+def _nbytes(meta: Any) -> int:
+    shape = getattr(meta, "shape", None)
+    dtype = getattr(meta, "dtype", None)
+    if shape is None or dtype is None:
+        if isinstance(meta, (list, tuple)):
+            return sum(_nbytes(m) for m in meta)
+        return 0
+    return math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _graph_peak(gm: fx.GraphModule) -> int:
+    nodes = list(gm.graph.nodes)
+    last_use = {n: i for i, n in enumerate(nodes)}
+    for i, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last_use[a] = max(last_use[a], i)
+    live: dict[fx.Node, int] = {}
+    peak = 0
+    for i, n in enumerate(nodes):
+        live[n] = _nbytes(n.meta.get("tensor_meta"))
+        peak = max(peak, sum(live.values()))
+        for a in [a for a in live if last_use[a] <= i]:
+            del live[a]
+    return peak
+
+
+def peak_activation_bytes(model: nn.Module, *example_args: Any) -> int:
+    """Peak bytes of simultaneously live activations for one forward pass (see module doc)."""
+    try:
+        gm = trace(model)
+    except TraceError:
+        table = layer_table(model, *example_args)
+        return max(
+            (4 * (math.prod(r.in_shape) + math.prod(r.out_shape)) for r in table.values()),
+            default=0,
+        )
+    gm.eval()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_args)
+    return _graph_peak(gm)
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """The analytic costs of one model (for given per-layer bits)."""
+
+    params: int
+    macs: int
+    bops: int
+    size_bytes: int
+    peak_activation_bytes: int
+
+
+def cost_report(
+    model: nn.Module, *example_args: Any, w_bits: Bits = None, a_bits: Bits = None
+) -> CostReport:
+    table = layer_table(model, *example_args)
+    return CostReport(
+        params=sum(p.numel() for p in model.parameters()),
+        macs=sum(r.macs for r in table.values()),
+        bops=bops(table, w_bits, a_bits),
+        size_bytes=size_bytes(model, w_bits),
+        peak_activation_bytes=peak_activation_bytes(model, *example_args),
+    )

@@ -1,0 +1,94 @@
+"""Measured latency: warm-up, then the median of repeats, at a fixed thread count.
+
+Timings drift by 20-30% between runs on a shared machine, so variants are compared in one
+process with their repeats interleaved (:func:`compare_latency`): a slow phase of the
+machine then slows every variant alike and the ratios stay meaningful.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_THREADS = 2
+Runner = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Milliseconds per call: median and the 10th/90th percentiles of ``repeats`` calls."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+
+
+def _stats(samples: list[float]) -> LatencyStats:
+    s = sorted(samples)
+    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]  # noqa: E731
+    return LatencyStats(statistics.median(s), q(0.1), q(0.9), len(s))
+
+
+def torch_runner(model: nn.Module, *inputs: Any, **kwargs: Any) -> Runner:
+    """A no-grad call of ``model`` in eval mode."""
+    model.eval()
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(*inputs, **kwargs)
+
+    return run
+
+
+def ort_runner(session: Any, feeds: Mapping[str, Any]) -> Runner:
+    """One ``session.run`` on fixed numpy feeds."""
+    feeds = dict(feeds)
+    return lambda: session.run(None, feeds)
+
+
+def compare_latency(
+    runners: Mapping[str, Runner],
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int = DEFAULT_THREADS,
+    min_seconds: float = 0.0,
+) -> dict[str, LatencyStats]:
+    """Time every runner with repeats interleaved round-robin; medians per runner.
+
+    Keeps repeating beyond ``repeats`` until ``min_seconds`` have passed, so that very fast
+    models still get a stable median.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for run in runners.values():
+            for _ in range(warmup):
+                run()
+        samples: dict[str, list[float]] = {k: [] for k in runners}
+        start = time.perf_counter()
+        done = 0
+        while done < repeats or time.perf_counter() - start < min_seconds:
+            for name, run in runners.items():
+                t0 = time.perf_counter()
+                run()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+            done += 1
+            if done >= 10 * repeats:
+                break
+    finally:
+        torch.set_num_threads(previous)
+    return {k: _stats(v) for k, v in samples.items()}
+
+
+def measure_latency(
+    run: Runner, warmup: int = 5, repeats: int = 30, threads: int = DEFAULT_THREADS
+) -> LatencyStats:
+    """Median latency of one runner (see :func:`compare_latency` to compare several)."""
+    return compare_latency({"run": run}, warmup, repeats, threads)["run"]

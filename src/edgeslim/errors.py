@@ -1,0 +1,30 @@
+"""Error types that carry a one-paragraph message telling the user what to do."""
+
+from __future__ import annotations
+
+
+class EdgeslimError(Exception):
+    """Base class of every error edgeslim raises on bad input."""
+
+
+class DataNotFoundError(EdgeslimError, FileNotFoundError):
+    """A dataset's files are missing; the message names the command that installs them."""
+
+
+class UnknownModelError(EdgeslimError, KeyError):
+    """A model name is neither in the zoo nor a ``module:factory`` reference."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TraceError(EdgeslimError):
+    """A model cannot be traced; the message names the op and the module path."""
+
+
+class CheckpointError(EdgeslimError):
+    """A checkpoint is corrupt or does not match the model; nothing was loaded."""
+
+
+class RecipeError(EdgeslimError, ValueError):
+    """A recipe is invalid; the message names the field and the allowed values."""

@@ -1,0 +1,128 @@
+"""The layer table: per leaf module (by FQN) its type, shapes, parameters and MACs.
+
+Built with forward hooks during one forward pass, so it works on any model that runs,
+traceable or not (e.g. Hugging Face transformers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One leaf module as seen in a forward pass (shapes include the batch dimension)."""
+
+    fqn: str
+    type: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    params: int
+    macs: int
+    calls: int = 1
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    if isinstance(obj, dict):
+        for o in obj.values():
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    if hasattr(obj, "last_hidden_state"):
+        return _first_tensor(obj.last_hidden_state)
+    return None
+
+
+def module_macs(module: nn.Module, inp: torch.Tensor | None, out: torch.Tensor | None) -> int:
+    """Multiply-accumulates of one call (batch included). Conv and linear only.
+
+    Normalisation, activations and pooling are counted as 0, the usual convention
+    (Torch-Pruning, fvcore); attention matmuls are added by :func:`attention_macs`.
+    """
+    if out is None:
+        return 0
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = 1
+        for s in module.kernel_size:
+            k *= int(s)
+        return int(out.numel()) * (module.in_channels // module.groups) * k
+    if isinstance(module, nn.Linear):
+        return int(out.numel()) * module.in_features
+    return 0
+
+
+def attention_macs(module: nn.Module, inp: torch.Tensor | None) -> int:
+    """QK^T and AV matmuls of a BERT-style self-attention module (B*T*T*D each)."""
+    heads = getattr(module, "num_attention_heads", None)
+    head_dim = getattr(module, "attention_head_size", None)
+    if heads is None or head_dim is None or inp is None or inp.dim() != 3:
+        return 0
+    b, t, _ = inp.shape
+    return 2 * int(b) * int(t) * int(t) * int(heads) * int(head_dim)
+
+
+def layer_table(
+    model: nn.Module, *example_args: Any, **example_kwargs: Any
+) -> dict[str, LayerInfo]:
+    """Run ``model(*example_args, **example_kwargs)`` once and describe every leaf module.
+
+    Attention modules that compute matmuls outside any leaf are included too, so that the
+    MACs total covers them. Modules called several times have their MACs summed.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    handles = []
+
+    def hook(name: str) -> Any:
+        def fn(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            inp = _first_tensor(args) if args else _first_tensor(kwargs)
+            o = _first_tensor(out)
+            macs = module_macs(mod, inp, o) + attention_macs(mod, inp)
+            if name in rows:
+                rows[name]["macs"] += macs
+                rows[name]["calls"] += 1
+                return
+            rows[name] = {
+                "type": type(mod).__name__,
+                "in_shape": tuple(inp.shape) if inp is not None else (),
+                "out_shape": tuple(o.shape) if o is not None else (),
+                "params": sum(p.numel() for p in mod.parameters(recurse=False)),
+                "macs": macs,
+                "calls": 1,
+            }
+
+        return fn
+
+    for name, mod in model.named_modules():
+        leaf = next(iter(mod.children()), None) is None
+        if (leaf or hasattr(mod, "num_attention_heads")) and name:
+            handles.append(mod.register_forward_hook(hook(name), with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_args, **example_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    order = [n for n, _ in model.named_modules() if n in rows]
+    return {n: LayerInfo(n, **rows[n]) for n in order}
+
+
+def total_macs(table: dict[str, LayerInfo]) -> int:
+    return sum(r.macs for r in table.values())
+
+
+def total_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,90 @@
+"""Trace a model once with torch.fx, naming the op and module path where tracing fails."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from edgeslim.errors import TraceError
+
+
+class _PathTracer(fx.Tracer):
+    """An fx tracer that remembers which module it is inside, for error messages."""
+
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...] = ()) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.failed_at: str | None = None
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:  # the innermost module, recorded as we unwind
+                self.failed_at = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch: ``file:line: code``."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" not in path and "/edgeslim/graph/" not in path:
+            return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}: `{(frame.line or '').strip()}`"
+    return "unknown location"
+
+
+def trace(model: nn.Module, leaf_types: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`TraceError` naming the op and module path.
+
+    ``leaf_types`` are module types kept whole (not traced into), e.g. custom ops.
+    """
+    tracer = _PathTracer(leaf_types)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        where = tracer.failed_at or "(top-level forward)"
+        mod = model if where.startswith("(") else model.get_submodule(where)
+        raise TraceError(
+            f"cannot trace {type(model).__name__}: in module `{where}` "
+            f"({type(mod).__name__}) at {_user_frame(exc)}: {type(exc).__name__}: {exc}. "
+            "torch.fx needs forward() free of data-dependent Python control flow; rewrite "
+            "that op with tensor ops (e.g. torch.where), or pass its module type in "
+            "`leaf_types` to keep it whole (it is then treated as an opaque op)."
+        ) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def is_traceable(model: nn.Module) -> bool:
+    try:
+        trace(model)
+    except TraceError:
+        return False
+    return True
+
+
+def example_input(shape: tuple[int, ...] = (1, 1, 28, 28)) -> torch.Tensor:
+    """A deterministic example input for shape propagation."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))

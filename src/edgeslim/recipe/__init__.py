@@ -1,0 +1,21 @@
+"""YAML recipes: a list of stages, each with a ``kind`` registered by the module that runs it."""
+
+from edgeslim.recipe.schema import (
+    STAGES,
+    Recipe,
+    Stage,
+    StageContext,
+    load_recipe,
+    parse_recipe,
+    register_stage,
+)
+
+__all__ = [
+    "STAGES",
+    "Recipe",
+    "Stage",
+    "StageContext",
+    "load_recipe",
+    "parse_recipe",
+    "register_stage",
+]

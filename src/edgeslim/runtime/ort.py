@@ -1,0 +1,40 @@
+"""ONNX Runtime sessions pinned to a fixed thread count, and batched classification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_THREADS = 2
+
+
+def ort_session(path: Path, threads: int = DEFAULT_THREADS) -> Any:
+    """A CPU ``InferenceSession`` with ``threads`` intra-op threads and full optimisation."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_predict(session: Any, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Logits of a single-input classifier session over ``images``."""
+    name = session.get_inputs()[0].name
+    outs = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size].numpy().astype(np.float32)
+        outs.append(torch.from_numpy(np.asarray(session.run(None, {name: batch})[0])))
+    return torch.cat(outs)
+
+
+def ort_top1(session: Any, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent of a classifier session."""
+    pred = ort_predict(session, images).argmax(1)
+    return 100.0 * float((pred == labels).float().mean())

@@ -1,0 +1,175 @@
+"""Coupling groups are checked by what they mean, not by a list typed by hand.
+
+For a prunable group and a channel i: zero channel i in every consumer (``in`` member),
+then scramble channel i in every producer, norm and depthwise member. If the group is
+complete, channel i can no longer reach the output, so the output must not change.
+A group that misses a member fails this check (a negative test proves it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.graph import CouplingGroup, GroupMember, analyze, example_input
+from edgeslim.zoo.mobilenetv2 import mobilenetv2_small
+from edgeslim.zoo.resnet import resnet20
+from edgeslim.zoo.torchvision_style import TinyDenseNet, mobilenet_v2, resnet18, resnet50
+from edgeslim.zoo.vgg import vgg_small
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+def _rows(mem: GroupMember, i: int, unit: int) -> slice:
+    step = unit * mem.repeat
+    return slice(mem.offset + i * step, mem.offset + (i + 1) * step)
+
+
+@torch.no_grad()
+def _forward_isolated(
+    model: nn.Module, group: CouplingGroup, i: int, scramble: bool, x: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """Output with channel i cut from every consumer (and scrambled in every other member)."""
+    backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+    g = torch.Generator().manual_seed(7)
+    for mem in group.members:
+        mod = model.get_submodule(mem.fqn)
+        rows = _rows(mem, i, group.unit)
+        if mem.role == "in":
+            backup.append((mod.weight, mod.weight.clone()))
+            mod.weight[:, rows] = 0
+        elif scramble:
+            tensors = list(mod.named_parameters(recurse=False)) + list(
+                mod.named_buffers(recurse=False)
+            )
+            for name, t in tensors:
+                if t.dim() == 0:
+                    continue
+                backup.append((t, t.clone()))
+                noise = torch.randn(t[rows].shape, generator=g)
+                t[rows] = noise.abs() + 0.5 if name == "running_var" else noise * 3
+    try:
+        out = model(*x)
+    finally:
+        for t, saved in reversed(backup):
+            t.copy_(saved)
+    return getattr(out, "last_hidden_state", out)
+
+
+def check_group(model: nn.Module, group: CouplingGroup, x: tuple[torch.Tensor, ...]) -> None:
+    model.eval()
+    for i in sorted({0, group.size - 1}):
+        oa = _forward_isolated(model, group, i, False, x)
+        ob = _forward_isolated(model, group, i, True, x)
+        assert torch.allclose(oa, ob, atol=1e-4, rtol=1e-4), (
+            f"group {group.id} channel {i} leaks: {group.describe()}"
+        )
+
+
+CNNS = {
+    "resnet20": (resnet20, (1, 1, 28, 28)),
+    "vgg-small": (vgg_small, (1, 1, 28, 28)),
+    "mobilenetv2-small": (mobilenetv2_small, (1, 1, 28, 28)),
+    "tv-resnet18": (resnet18, (1, 3, 32, 32)),
+    "tv-resnet50": (resnet50, (1, 3, 32, 32)),
+    "tv-mobilenet_v2": (mobilenet_v2, (1, 3, 32, 32)),
+    "densenet-block": (TinyDenseNet, (1, 1, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(CNNS))
+def test_every_prunable_group_is_complete(name: str) -> None:
+    factory, shape = CNNS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    _randomize_bn(model)
+    x = example_input(shape)
+    graph = analyze(model, x)
+    assert graph.prunable_groups, name
+    for group in graph.prunable_groups:
+        check_group(model, group, (x,))
+
+
+def test_missing_member_is_detected() -> None:
+    model = resnet20().eval()
+    _randomize_bn(model)
+    x = example_input()
+    group = next(g for g in analyze(model, x).prunable_groups if "fc" in g.consumers)
+    broken = dataclasses.replace(group, members=tuple(m for m in group.members if m.fqn != "fc"))
+    with pytest.raises(AssertionError, match="leaks"):
+        check_group(model, broken, (x,))
+
+
+def test_resnet20_structure() -> None:
+    graph = analyze(resnet20(), example_input())
+    prunable = graph.prunable_groups
+    # 9 inner-block groups + one residual group per stage
+    assert len(prunable) == 12
+    residual = [g for g in prunable if len(g.producers) > 1]
+    assert sorted(g.size for g in residual) == [16, 32, 64]
+    stage3 = next(g for g in residual if g.size == 64)
+    assert {"layer3.0.conv2", "layer3.0.downsample.0", "layer3.2.conv2"} <= set(stage3.producers)
+    assert "fc" in stage3.consumers
+    fixed = {g.reason for g in graph.groups if not g.prunable}
+    assert fixed == {"model input", "model output"}
+
+
+def test_vgg_flatten_spreads_channels_over_spatial_positions() -> None:
+    graph = analyze(vgg_small(), example_input())
+    g = next(g for g in graph.groups if "classifier.0" in g.consumers)
+    member = next(m for m in g.members if m.fqn == "classifier.0")
+    assert (g.size, member.repeat) == (128, 9)
+
+
+def test_mobilenet_depthwise_and_residual() -> None:
+    graph = analyze(mobilenetv2_small(), example_input())
+    dw = [g for g in graph.prunable_groups if any(m.role == "depthwise" for m in g.members)]
+    assert len(dw) == 8  # one per expand (7) plus the first block's depthwise on the stem
+    expand = next(g for g in dw if "features.2.conv.0.0" in g.producers)
+    assert expand.size == 96 and "features.2.conv.2" in expand.consumers
+
+
+def test_densenet_concat_offsets() -> None:
+    graph = analyze(TinyDenseNet(), example_input((1, 1, 16, 16)))
+    g = next(g for g in graph.groups if "block.0.conv" in g.producers)
+    offsets = {m.fqn: m.offset for m in g.members if m.role == "in"}
+    # block.0 output (8 channels) sits after the 16 stem channels in every later input
+    assert offsets == {"block.1.conv": 16, "block.2.conv": 16, "fc": 16}
+
+
+class Opaque(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+class MixNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.mix = Opaque()
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(torch.relu(self.a(x)))
+        return self.c(self.mix(y.reshape(1, 8, 8, 8)))
+
+
+def test_channel_mixing_op_fixes_its_groups_with_a_reason() -> None:
+    graph = analyze(MixNet(), example_input((1, 1, 8, 8)))
+    by_producer = {p: g for g in graph.groups for p in g.producers}
+    assert by_producer["a"].prunable
+    assert not by_producer["b"].prunable
+    assert "transpose" in by_producer["b"].reason

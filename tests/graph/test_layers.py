@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from edgeslim.graph import example_input, layer_table, total_macs
+from edgeslim.zoo.resnet import resnet20
+
+
+def analytic_resnet20_macs(h: int = 28) -> int:
+    """Conv/linear MACs of ResNet-20 on an h x h single-channel input, written out by hand."""
+    macs = h * h * 16 * 1 * 9  # stem
+    size, in_ch = h, 16
+    for stage, width in enumerate((16, 32, 64)):
+        for block in range(3):
+            stride = 2 if stage > 0 and block == 0 else 1
+            out = (size + 2 - 3) // stride + 1
+            macs += out * out * width * in_ch * 9  # conv1
+            macs += out * out * width * width * 9  # conv2
+            if stride != 1 or in_ch != width:
+                macs += out * out * width * in_ch  # 1x1 downsample
+            size, in_ch = out, width
+    return macs + 64 * 10  # fc
+
+
+def test_resnet20_macs_equal_analytic_count() -> None:
+    table = layer_table(resnet20(), example_input())
+    assert total_macs(table) == analytic_resnet20_macs() == 31_021_952
+    assert table["layer2.0.conv1"].out_shape == (1, 32, 14, 14)
+    assert table["fc"].params == 650
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cin=st.integers(1, 6),
+    cout=st.integers(1, 6),
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.integers(1, 2),
+    groups_div=st.booleans(),
+    h=st.integers(5, 12),
+)
+def test_conv_macs_formula(
+    cin: int, cout: int, k: int, stride: int, groups_div: bool, h: int
+) -> None:
+    groups = cin if groups_div and cout % cin == 0 else 1
+    conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups)
+    model = nn.Sequential(conv)
+    table = layer_table(model, torch.randn(2, cin, h, h))
+    out = (h + 2 * (k // 2) - k) // stride + 1
+    assert table["0"].macs == 2 * out * out * cout * (cin // groups) * k * k

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.errors import TraceError
+from edgeslim.graph import analyze, trace
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Identity(), DataDependent())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_untraceable_model_names_op_module_path_and_fix() -> None:
+    with pytest.raises(TraceError) as err:
+        trace(Outer())
+    msg = str(err.value)
+    assert "`body.1`" in msg and "DataDependent" in msg
+    assert "if y.sum() > 0" in msg
+    assert "leaf_types" in msg and "\n" not in msg
+
+
+def test_leaf_types_keep_an_untraceable_module_whole() -> None:
+    gm = trace(Outer(), leaf_types=(DataDependent,))
+    assert any(n.op == "call_module" and n.target == "body.1" for n in gm.graph.nodes)
+    graph_error = None
+    try:
+        analyze(Outer(), torch.randn(1, 1, 8, 8))
+    except TraceError as exc:
+        graph_error = exc
+    assert graph_error is not None
