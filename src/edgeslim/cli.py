@@ -17,6 +17,8 @@ app = typer.Typer(
 zoo_app = typer.Typer(help="Reference models: list and train.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 console = Console()
+if not console.is_terminal:  # logs and CI: wide enough for the tables
+    console = Console(width=160)
 
 
 def fail(exc: Exception) -> None:

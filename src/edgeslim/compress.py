@@ -59,8 +59,20 @@ def compress_model(
     example = task.example_args()
     feeds = task.latency_feeds()
     base_mod, comp_mod = task.export_module(base).eval(), task.export_module(model).eval()
-    base_path = export_onnx(base_mod, example, out / "baseline.onnx", input_names=task.input_names)
-    comp_path = export_onnx(comp_mod, example, out / "model.onnx", input_names=task.input_names)
+    base_path = export_onnx(
+        base_mod,
+        example,
+        out / "baseline.onnx",
+        input_names=task.input_names,
+        dynamic_axes=task.dynamic_axes(),
+    )
+    comp_path = export_onnx(
+        comp_mod,
+        example,
+        out / "model.onnx",
+        input_names=task.input_names,
+        dynamic_axes=task.dynamic_axes(),
+    )
     parity = onnx_parity(comp_mod, comp_path, example)
     base_sess, comp_sess = ort_session(base_path), ort_session(comp_path)
     value_ort = task.evaluate_ort(comp_sess)

@@ -38,7 +38,13 @@ def measure_fp32(name: str, out: Path, quick: bool, suite: str = "baseline") -> 
     torch_seconds = time.perf_counter() - start
 
     t0 = time.perf_counter()
-    path = export_onnx(module, example, out / "onnx" / f"{name}.onnx", input_names=task.input_names)
+    path = export_onnx(
+        module,
+        example,
+        out / "onnx" / f"{name}.onnx",
+        input_names=task.input_names,
+        dynamic_axes=task.dynamic_axes(),
+    )
     parity = onnx_parity(module, path, example)
     session = ort_session(path)
     value_ort = task.evaluate_ort(session)

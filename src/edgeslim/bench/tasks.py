@@ -37,6 +37,9 @@ class ClassificationTask:
     def export_module(self, model: nn.Module) -> nn.Module:
         return model
 
+    def dynamic_axes(self) -> dict[str, dict[int, str]] | None:
+        return None  # batch axis only (export_onnx's default)
+
     def evaluate_torch(self, model: nn.Module) -> float:
         return evaluate(model, self.data)
 
@@ -80,6 +83,10 @@ class EmbeddingTask:
         from edgeslim.zoo.minilm import MiniLMEmbedder
 
         return model if isinstance(model, MiniLMEmbedder) else MiniLMEmbedder(model)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]] | None:
+        axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "seq"} for n in self.input_names}
+        return {**axes, "output": {0: "batch"}}
 
     def embeddings_torch(self, model: nn.Module) -> torch.Tensor:
         module = self.export_module(model).eval()

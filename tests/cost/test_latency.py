@@ -1,0 +1,33 @@
+"""Behaviour of the latency harness (not a timing benchmark: those live in benchmarks/)."""
+
+from __future__ import annotations
+
+import time
+
+from edgeslim.cost import compare_latency, measure_latency, torch_runner
+from edgeslim.graph import example_input
+from edgeslim.zoo.resnet import resnet20
+
+
+def test_compare_latency_orders_and_counts() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def fast() -> None:
+        calls["a"] += 1
+
+    def slow() -> None:
+        calls["b"] += 1
+        time.sleep(0.004)
+
+    stats = compare_latency({"fast": fast, "slow": slow}, warmup=2, repeats=5, threads=1)
+    assert calls == {"a": 7, "b": 7}
+    assert stats["slow"].median_ms >= 4.0 > stats["fast"].median_ms
+    assert stats["slow"].p10_ms <= stats["slow"].median_ms <= stats["slow"].p90_ms
+
+
+def test_torch_runner_runs_the_model_in_eval_mode() -> None:
+    model = resnet20().train()
+    run = torch_runner(model, example_input())
+    assert not model.training
+    assert run().shape == (1, 10)
+    assert measure_latency(run, warmup=1, repeats=3).repeats == 3

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from edgeslim.export import export_onnx, onnx_parity
+from edgeslim.runtime.ort import ort_predict, ort_session
+from edgeslim.zoo.mobilenetv2 import mobilenetv2_small
+from edgeslim.zoo.resnet import resnet20
+
+
+@pytest.mark.parametrize("factory", [resnet20, mobilenetv2_small])
+def test_export_matches_torch_with_dynamic_batch(factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = factory().eval()
+    path = export_onnx(model, (torch.randn(1, 1, 28, 28),), tmp_path / "m.onnx")
+    onnx.checker.check_model(onnx.load(str(path)))
+    x = torch.randn(5, 1, 28, 28)
+    parity = onnx_parity(model, path, (x,))
+    assert parity.ok and parity.max_abs_diff <= 1e-4
+    logits = ort_predict(ort_session(path), x, batch_size=2)
+    assert logits.shape == (5, 10)
+
+
+def test_parity_detects_a_different_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    a, b = resnet20().eval(), resnet20().eval()
+    path = export_onnx(a, (torch.randn(1, 1, 28, 28),), tmp_path / "a.onnx")
+    assert not onnx_parity(b, path, (torch.randn(2, 1, 28, 28),)).ok

@@ -1,0 +1,120 @@
+"""The command line, end to end, on the shipped checkpoints and real data."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgeslim.cli import app
+
+runner = CliRunner()
+
+
+def _one_paragraph(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_info_resnet20_prints_the_analytic_macs_total() -> None:
+    result = runner.invoke(app, ["info", "resnet20"])
+    assert result.exit_code == 0, result.output
+    total = re.search(r"MACs ([\d,]+)", result.output)
+    assert total is not None and int(total.group(1).replace(",", "")) == 31_021_952
+    assert "layer3.0.downsample.0" in result.output and "coupling groups" in result.output
+
+
+def test_info_of_a_module_factory_with_input_shape() -> None:
+    result = runner.invoke(
+        app, ["info", "edgeslim.zoo.torchvision_style:resnet18", "--input-shape", "1,3,64,64"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "layer4.1.conv2" in result.output
+
+
+def test_unknown_model_is_a_clear_error() -> None:
+    result = runner.invoke(app, ["info", "resnet21"])
+    assert result.exit_code == 2
+    text = _one_paragraph(result.output)
+    assert "unknown model 'resnet21'" in text and "edgeslim zoo list" in text
+
+
+def test_untraceable_model_names_op_and_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "badnet.py").write_text(
+        "import torch\n"
+        "class Gate(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        if x.mean() > 0:\n"
+        "            return x\n"
+        "        return -x\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(1, 4, 3)\n"
+        "        self.gate = Gate()\n"
+        "    def forward(self, x):\n"
+        "        return self.gate(self.conv(x))\n"
+        "def build():\n"
+        "    return Net()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["info", "badnet:build"])
+    assert result.exit_code == 2
+    text = _one_paragraph(result.output)
+    assert "`gate` (Gate)" in text and "if x.mean() > 0" in text
+
+
+def test_invalid_recipe_is_a_clear_error(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - kind: prune\n")
+    result = runner.invoke(
+        app, ["compress", "resnet20", "--recipe", str(recipe), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert (
+        "stages[0].kind: 'prune' is not a stage kind; allowed values: finetune"
+        in _one_paragraph(result.output)
+    )
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
+    from edgeslim.data import fashion_mnist as fm
+
+    env = {"EDGESLIM_DATA": str(tmp_path)}
+    saved = fm.DEBIAN_DIR
+    fm.DEBIAN_DIR = tmp_path / "nowhere"
+    try:
+        result = runner.invoke(app, ["zoo", "train", "resnet20", "--epochs", "1"], env=env)
+    finally:
+        fm.DEBIAN_DIR = saved
+    assert result.exit_code == 2
+    assert "apt-get install dataset-fashion-mnist" in _one_paragraph(result.output)
+
+
+def test_zoo_list_shows_measured_accuracy() -> None:
+    result = runner.invoke(app, ["zoo", "list"])
+    assert result.exit_code == 0
+    for name in ("resnet20", "vgg-small", "mobilenetv2-small", "minilm"):
+        assert name in result.output
+
+
+def test_compress_runs_a_finetune_recipe_and_reports(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: ft\nstages:\n  - kind: finetune\n    epochs: 1\n    lr: 0.001\n    limit: 512\n"
+    )
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["compress", "vgg-small", "--recipe", str(recipe), "--out", str(out), "--quick"]
+    )
+    assert result.exit_code == 0, result.output
+    records = json.loads((out / "results.json").read_text())
+    assert {r["runtime"] for r in records} == {"torch", "onnxruntime"}
+    assert all(r["data_used"] == "train" and r["method"] == "edgeslim:ft" for r in records)
+    assert all(r["extra"].get("onnx_max_abs_diff", 0) <= 1e-4 for r in records)
+    assert records[0]["value"] > 88.0  # a gentle fine-tune keeps the model accurate
+    assert (out / "model.onnx").is_file() and (out / "report.md").is_file()
