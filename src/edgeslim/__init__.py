@@ -1,5 +1,35 @@
-"""edgeslim: make trained PyTorch models small and fast for edge hardware, and measure it."""
+"""edgeslim: make trained PyTorch models small and fast for edge hardware, and measure it.
+
+The public API is re-exported lazily, so ``import edgeslim`` stays fast and loads no
+optional heavy dependency (onnxruntime, transformers, matplotlib) until it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_EXPORTS = {
+    "analyze": "edgeslim.graph",
+    "trace": "edgeslim.graph",
+    "layer_table": "edgeslim.graph",
+    "cost_report": "edgeslim.cost",
+    "compare_latency": "edgeslim.cost",
+    "load_zoo_model": "edgeslim.zoo",
+    "resolve_model": "edgeslim.zoo",
+    "export_onnx": "edgeslim.export",
+    "run_suite": "edgeslim.bench",
+    "load_recipe": "edgeslim.recipe",
+    "compress_model": "edgeslim.compress",
+    "load_fashion_mnist": "edgeslim.data",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'edgeslim' has no attribute {name!r}")
