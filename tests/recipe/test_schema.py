@@ -22,7 +22,7 @@ def test_valid_recipe_round_trips(tmp_path: Path) -> None:
     [
         (
             {"stages": [{"kind": "magic"}]},
-            "stages[0].kind: 'magic' is not a stage kind; allowed values: finetune",
+            "stages[0].kind: 'magic' is not a stage kind; allowed values: finetune, quantize",
         ),
         ({"stages": [{"kind": "finetune", "epochs": 0}]}, "stages[0].epochs"),
         (

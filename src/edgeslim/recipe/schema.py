@@ -83,6 +83,7 @@ class Recipe(BaseModel):
 
 
 def _load_builtin_stages() -> None:
+    import edgeslim.quant.stage
     import edgeslim.train.stage  # noqa: F401  (registers "finetune")
 
 
@@ -134,6 +135,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             stages.append(schema.model_validate(raw))
         except ValidationError as exc:
             raise RecipeError(f"{source}: {_explain(exc, where, schema)}") from None
+        except (ValueError, KeyError) as exc:  # a stage's own checks (e.g. registry names)
+            raise RecipeError(f"{source}: {where}: {exc}") from None
     try:
         return Recipe(
             name=data.get("name", "recipe"),

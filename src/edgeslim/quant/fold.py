@@ -1,0 +1,57 @@
+"""BatchNorm folding: ``conv -> BN`` becomes one conv with a bias (inference only).
+
+Found from the fx graph, so only BNs whose single input is a conv used by nothing else are
+folded; each folded BN is replaced by ``nn.Identity`` so FQNs of other modules stay put.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeslim.graph.trace import trace
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold ``bn`` into ``conv`` in place: W' = W g, b' = (b - mean) g + beta, g = gamma/std."""
+    assert bn.running_var is not None and bn.running_mean is not None
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    g = gamma / std
+    conv.weight.mul_(g.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+    new_bias = (bias - bn.running_mean) * g + beta
+    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+
+
+def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
+    """Fold every foldable conv->BN pair of ``model`` in place; returns the (conv, bn) FQNs."""
+    gm = trace(model)
+    pairs: list[tuple[str, str]] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        bn = gm.get_submodule(str(node.target))
+        if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
+            continue
+        src = node.args[0]
+        if getattr(src, "op", None) != "call_module" or len(src.users) != 1:
+            continue
+        conv = gm.get_submodule(str(src.target))
+        if isinstance(conv, nn.Conv2d):
+            pairs.append((str(src.target), str(node.target)))
+    for conv_name, bn_name in pairs:
+        conv = model.get_submodule(conv_name)
+        bn = model.get_submodule(bn_name)
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+        fold_conv_bn(conv, bn)
+        _set_submodule(model, bn_name, nn.Identity())
+    return pairs

@@ -1,0 +1,151 @@
+"""Fake-quant layers that keep the float layer's parameter names (FQNs stay stable).
+
+``QuantConv2d`` / ``QuantLinear`` subclass the torch layers, so ``layer1.0.conv1.weight``
+is still the latent float weight; they add ``weight_quantizer`` / ``input_quantizer``
+submodules and estimators. Modes: ``observe`` (float forward, observers collect input
+statistics), ``quant`` (fake-quant through the estimators; the default after prepare).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from edgeslim.quant.base import Quantizer
+from edgeslim.quant.config import QuantConfig
+from edgeslim.quant.observers import Observer
+from edgeslim.quant.registries import ESTIMATORS, OBSERVERS, QUANTIZERS
+from edgeslim.quant.spec import QuantSpec
+
+Mode = Literal["observe", "quant", "float"]
+
+
+def make_quantizer(spec: QuantSpec, is_weight: bool) -> Quantizer:
+    q = QUANTIZERS.get(spec.quantizer)(spec, is_weight=is_weight)
+    assert isinstance(q, Quantizer)
+    return q
+
+
+class QuantMixin:
+    """Shared state of the fake-quant layers."""
+
+    qconfig: QuantConfig
+    weight_quantizer: Quantizer | None
+    input_quantizer: Quantizer | None
+    mode: Mode
+
+    def _setup(self, qconfig: QuantConfig) -> None:
+        self.qconfig = qconfig
+        self.mode = "quant"
+        self.weight_quantizer = None
+        self.input_quantizer = None
+        self.w_estimator: Any = None
+        self.a_estimator: Any = None
+        self.observer: Observer | None = None
+        if qconfig.weight is not None:
+            self.weight_quantizer = make_quantizer(qconfig.weight, True)
+            self.w_estimator = ESTIMATORS.get(qconfig.weight.estimator)()
+            self._init_weight_range()
+            self.w_estimator.prepare(self.weight_quantizer)
+        if qconfig.activation is not None:
+            self.input_quantizer = make_quantizer(qconfig.activation, False)
+            self.a_estimator = ESTIMATORS.get(qconfig.activation.estimator)()
+
+    @property
+    def _weight(self) -> torch.Tensor:
+        w = getattr(self, "weight")  # noqa: B009  (provided by the torch layer class)
+        assert isinstance(w, torch.Tensor)
+        return w
+
+    @torch.no_grad()
+    def _init_weight_range(self) -> None:
+        """Weights are known: calibrate their range now with the spec's observer."""
+        assert self.weight_quantizer is not None and self.qconfig.weight is not None
+        q = self.weight_quantizer
+        obs = OBSERVERS.get(self.qconfig.weight.observer)()
+        obs.update(q.to_groups(self._weight.detach()))
+        q.init_range(self._weight.detach())
+        if hasattr(q, "set_range"):
+            obs.apply(q)
+        q.calibrated.fill_(True)
+
+    def quant_weight(self) -> torch.Tensor:
+        if self.weight_quantizer is None or self.mode != "quant":
+            return self._weight
+        out = self.w_estimator(self.weight_quantizer, self._weight)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.input_quantizer
+        if q is None or self.mode == "float":
+            return x
+        if self.mode == "observe":
+            if self.observer is None:
+                assert self.qconfig.activation is not None
+                self.observer = OBSERVERS.get(self.qconfig.activation.observer)()
+            self.observer.update(q.to_groups(x.detach()))
+            return x
+        if not bool(q.calibrated.item()):
+            raise RuntimeError(
+                "input quantizer used before calibration: run edgeslim.quant.calibrate(model, "
+                "batches) (PTQ) or start QAT with the activation ranges observed first"
+            )
+        out = self.a_estimator(q, x)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def finish_observing(self) -> None:
+        if self.observer is not None and self.input_quantizer is not None:
+            self.observer.apply(self.input_quantizer)
+            self.a_estimator.prepare(self.input_quantizer)  # LSQ/PACT: range now learnable
+        self.observer = None
+        self.mode = "quant"
+
+
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight and input."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, qconfig: QuantConfig) -> QuantConv2d:
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,  # type: ignore[arg-type]
+            conv.padding, conv.dilation, conv.groups, conv.bias is not None,  # type: ignore[arg-type]
+            conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            new.weight.copy_(conv.weight)
+            if conv.bias is not None and new.bias is not None:
+                new.bias.copy_(conv.bias)
+        new.train(conv.training)
+        new._setup(qconfig)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+class QuantLinear(QuantMixin, nn.Linear):
+    """``nn.Linear`` with fake-quantized weight and input."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, qconfig: QuantConfig) -> QuantLinear:
+        new = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            device=linear.weight.device, dtype=linear.weight.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            new.weight.copy_(linear.weight)
+            if linear.bias is not None and new.bias is not None:
+                new.bias.copy_(linear.bias)
+        new.train(linear.training)
+        new._setup(qconfig)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+FLOAT_TO_QUANT: dict[type[nn.Module], Any] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

@@ -1,0 +1,80 @@
+"""``QuantSpec``: frozen, serializable description of how one tensor is quantized.
+
+A spec names a quantizer (what values are allowed), an estimator (how gradients pass) and
+an observer (how the range is calibrated); each is looked up in its registry, so invalid
+names fail at construction with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from edgeslim.errors import EdgeslimError
+
+Granularity = Literal["tensor", "channel", "group"]
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+class QuantConfigError(EdgeslimError, ValueError):
+    """An invalid quantization setting; the message lists the valid values."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor (a layer's weight or its input activation).
+
+    ``granularity``: one range per tensor, per output channel (weights) or per group of
+    ``group_size`` consecutive input elements within each output channel.
+    """
+
+    quantizer: str = "uniform"
+    bits: int = 8
+    granularity: Granularity = "channel"
+    group_size: int = 64
+    symmetric: bool = True
+    estimator: str = "ste"
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        from edgeslim.quant.registries import ESTIMATORS, OBSERVERS, QUANTIZERS, ensure_builtins
+
+        ensure_builtins()
+
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise QuantConfigError(f"bits must be an integer in 1..8; got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise QuantConfigError(
+                f"granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}"
+            )
+        if self.group_size < 1:
+            raise QuantConfigError(f"group_size must be >= 1; got {self.group_size}")
+        for kind, reg, name in (
+            ("quantizer", QUANTIZERS, self.quantizer),
+            ("estimator", ESTIMATORS, self.estimator),
+            ("observer", OBSERVERS, self.observer),
+        ):
+            if name not in reg:
+                raise QuantConfigError(
+                    f"unknown {kind} {name!r}; valid: {', '.join(sorted(reg.names()))}"
+                )
+        valid_bits = getattr(QUANTIZERS.get(self.quantizer), "VALID_BITS", range(1, 9))
+        if self.bits not in valid_bits:
+            raise QuantConfigError(
+                f"the {self.quantizer} quantizer supports bits in {list(valid_bits)}; "
+                f"got {self.bits} (1-bit weights: quantizer='binary' with bits=1; "
+                "ternary weights: quantizer='ternary' with bits=2)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise QuantConfigError(
+                f"unknown QuantSpec field(s) {sorted(unknown)}; valid: "
+                f"{', '.join(cls.__dataclass_fields__)}"
+            )
+        return cls(**data)
