@@ -19,7 +19,7 @@ from edgeslim.quant.observers import Observer
 from edgeslim.quant.registries import ESTIMATORS, OBSERVERS, QUANTIZERS
 from edgeslim.quant.spec import QuantSpec
 
-Mode = Literal["observe", "quant", "float"]
+Mode = Literal["observe", "quant", "float", "export"]
 
 
 def make_quantizer(spec: QuantSpec, is_weight: bool) -> Quantizer:
@@ -72,6 +72,10 @@ class QuantMixin:
         q.calibrated.fill_(True)
 
     def quant_weight(self) -> torch.Tensor:
+        if self.mode == "export" and self.weight_quantizer is not None:
+            from edgeslim.export.qdq import qdq_weight
+
+            return qdq_weight(self.weight_quantizer, self._weight)
         if self.weight_quantizer is None or self.mode != "quant":
             return self._weight
         out = self.w_estimator(self.weight_quantizer, self._weight)
@@ -82,6 +86,10 @@ class QuantMixin:
         q = self.input_quantizer
         if q is None or self.mode == "float":
             return x
+        if self.mode == "export":
+            from edgeslim.export.qdq import qdq_activation
+
+            return qdq_activation(q, x)
         if self.mode == "observe":
             if self.observer is None:
                 assert self.qconfig.activation is not None

@@ -1,0 +1,190 @@
+"""ONNX export of fake-quant models as QuantizeLinear/DequantizeLinear (QDQ) graphs.
+
+In ``export`` mode every quantized layer expresses its rounding with torch's
+``fake_quantize_per_{tensor,channel}_affine``, which the TorchScript exporter writes as a
+QuantizeLinear -> DequantizeLinear pair; ONNX Runtime then fuses the pairs around Conv,
+MatMul, Relu and Add into integer kernels.
+
+Uniform weights of any width up to 8 bits export as int8 with their own scale: their
+integer codes (at most ``[-127, 127]``) are exact in int8, so a 4-bit layer runs as int8
+with only 16 distinct values. Activations export as uint8 (asymmetric) or int8
+(symmetric); sub-8-bit activation grids are clamped to their range before the pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeslim.errors import EdgeslimError
+from edgeslim.quant.base import Quantizer
+from edgeslim.quant.quantizers import UniformQuantizer
+
+
+def _uniform(q: Quantizer, what: str) -> UniformQuantizer:
+    if not isinstance(q, UniformQuantizer):
+        raise EdgeslimError(
+            f"QDQ export needs uniform {what} quantizers; got {q.spec.quantizer!r}. Export "
+            "pow2/binary/ternary/codebook layers as packed weights instead."
+        )
+    return q
+
+
+def qdq_weight(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
+    """Int8 per-channel (or per-tensor) QDQ carrying the layer's own grid."""
+    q = _uniform(q, "weight")
+    # python-side constants: the exporter then writes initializers, not ops on buffers
+    scale = torch.tensor(q.scale.detach().float().tolist())
+    zp = torch.tensor([round(v) for v in q.zero_point.detach().tolist()], dtype=torch.int32)
+    if q.spec.bits < 8 or not q.symmetric:  # snap to the sub-8-bit grid first
+        w = torch.tensor(q.quantize(w).detach().tolist())
+    if scale.numel() == 1:
+        return torch.fake_quantize_per_tensor_affine(w, float(scale), int(zp), -128, 127)
+    if q.spec.granularity != "channel":
+        raise EdgeslimError("QDQ export supports per-tensor or per-channel weights, not groups")
+    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -128, 127)
+
+
+def qdq_activation(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
+    """uint8 (asymmetric) or int8 (symmetric) per-tensor QDQ of an activation."""
+    q = _uniform(q, "activation")
+    scale, zp = float(q.scale.detach()), round(float(q.zero_point.detach()))
+    if q.spec.bits < 8:
+        lo, hi = (q.qmin - zp) * scale, (q.qmax - zp) * scale
+        x = x.clamp(lo, hi)
+    if q.symmetric:
+        return torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module) -> Iterator[None]:
+    """Switch every quantized layer to ``export`` mode for the duration."""
+    from edgeslim.quant.api import quant_layers
+
+    layers = quant_layers(model)
+    saved = {n: m.mode for n, m in layers.items()}
+    for m in layers.values():
+        m.mode = "export"
+    try:
+        yield
+    finally:
+        for n, m in layers.items():
+            m.mode = saved[n]
+
+
+def export_qdq(
+    model: nn.Module, example_args: tuple[torch.Tensor, ...], path: Path, **kwargs: object
+) -> Path:
+    """Export a calibrated fake-quant model to a QDQ ONNX file (opset 17)."""
+    from edgeslim.export.onnx import export_onnx
+
+    with export_mode(model):
+        out = export_onnx(model, example_args, path, **kwargs)  # type: ignore[arg-type]
+    fold_weight_quantizers(out)
+    drop_relu_before_quantize(out)
+    return out
+
+
+def fold_weight_quantizers(path: Path) -> int:
+    """Store quantized weights as int8 initializers: ``Q(const) -> DQ`` becomes ``int8 -> DQ``.
+
+    The exporter writes each weight as a float constant followed by QuantizeLinear, which
+    ONNX Runtime would run at every inference. Folding it offline also shrinks the file
+    4x. Returns the number of weights folded.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+    folded = 0
+    keep = []
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in consts and len(node.input) == 3:
+            x = consts[node.input[0]].astype(np.float32)
+            scale, zp = consts.get(node.input[1]), consts.get(node.input[2])
+            if scale is None or zp is None:
+                keep.append(node)
+                continue
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * x.ndim
+            if scale.ndim == 1 and scale.size > 1:
+                shape[axis] = -1
+            s, z = scale.reshape(shape), zp.astype(np.int32).reshape(shape)
+            info = np.iinfo(zp.dtype)
+            q = np.clip(np.rint(x / s) + z, info.min, info.max).astype(zp.dtype)
+            graph.initializer.append(numpy_helper.from_array(q, name=node.output[0]))
+            folded += 1
+            continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input}
+    live = [
+        i for i in graph.initializer if i.name in used or i.name in {o.name for o in graph.output}
+    ]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    onnx.save(model, str(path))
+    return folded
+
+
+def drop_relu_before_quantize(path: Path) -> int:
+    """Remove a Relu whose every consumer is a QuantizeLinear clamping at 0.
+
+    ``Q(relu(x)) == Q(x)`` when the zero point equals the lowest code (uint8 zero point 0):
+    the quantizer already clips negatives. Without the Relu, ONNX Runtime sees the
+    ``DQ -> Conv -> Q`` pattern and runs the conv as an integer kernel. Returns the count.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def clamps_at_zero(q: onnx.NodeProto) -> bool:
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in consts:
+            return False
+        zp = consts[q.input[2]]
+        return bool(zp.dtype == np.uint8 and np.all(zp == 0))
+
+    removed = 0
+    keep = []
+    for node in graph.node:
+        out = node.output[0] if node.op_type == "Relu" else None
+        if out is not None and out not in outputs:
+            consumers = users.get(out, [])
+            if consumers and all(clamps_at_zero(c) for c in consumers):
+                for c in consumers:
+                    c.input[0] = node.input[0]
+                removed += 1
+                continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    onnx.save(model, str(path))
+    return removed

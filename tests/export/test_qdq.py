@@ -1,0 +1,43 @@
+"""Int8 QDQ export of a PTQ model runs in ONNX Runtime and keeps the fake-quant accuracy."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import onnx
+import pytest
+
+from edgeslim.data import load_fashion_mnist
+from edgeslim.errors import EdgeslimError
+from edgeslim.export.qdq import export_qdq
+from edgeslim.quant import QuantConfig, QuantSpec, calibrate, fold_batchnorm, quantize_, w8a8
+from edgeslim.runtime.ort import ort_session, ort_top1
+from edgeslim.train.loop import evaluate
+from edgeslim.zoo import load_zoo_model
+
+
+def test_w8a8_qdq_matches_the_fake_quant_model(tmp_path: Path) -> None:
+    model = load_zoo_model("resnet20")
+    fold_batchnorm(model)
+    quantize_(model, w8a8())
+    val = load_fashion_mnist("val", limit=256)
+    calibrate(model, [val.images[i : i + 64] for i in range(0, 256, 64)], progress=False)
+    test = load_fashion_mnist("test", limit=2000)
+    path = export_qdq(copy.deepcopy(model), (test.images[:1],), tmp_path / "q.onnx")
+    graph = onnx.load(str(path)).graph
+    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == 22  # every conv and the fc store int8 weights
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    torch_top1 = evaluate(model, test)
+    ort_acc = ort_top1(ort_session(path), test.images, test.labels)
+    assert abs(ort_acc - torch_top1) <= 0.3
+    assert path.stat().st_size < 0.4 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_non_uniform_quantizers_are_refused_for_qdq(tmp_path: Path) -> None:
+    model = load_zoo_model("resnet20")
+    quantize_(model, QuantConfig(QuantSpec(quantizer="pow2", bits=3)))
+    with pytest.raises(EdgeslimError, match="uniform"):
+        export_qdq(model, (load_fashion_mnist("test", limit=1).images,), tmp_path / "p.onnx")
