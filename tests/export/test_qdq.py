@@ -12,7 +12,8 @@ from edgeslim.data import load_fashion_mnist
 from edgeslim.errors import EdgeslimError
 from edgeslim.export.qdq import export_qdq
 from edgeslim.quant import QuantConfig, QuantSpec, calibrate, fold_batchnorm, quantize_, w8a8
-from edgeslim.runtime.ort import ort_session, ort_top1
+from edgeslim.quant.edges import quantize_edges
+from edgeslim.runtime.ort import ort_fused_ops, ort_session, ort_top1
 from edgeslim.train.loop import evaluate
 from edgeslim.zoo import load_zoo_model
 
@@ -21,6 +22,7 @@ def test_w8a8_qdq_matches_the_fake_quant_model(tmp_path: Path) -> None:
     model = load_zoo_model("resnet20")
     fold_batchnorm(model)
     quantize_(model, w8a8())
+    model = quantize_edges(model)
     val = load_fashion_mnist("val", limit=256)
     calibrate(model, [val.images[i : i + 64] for i in range(0, 256, 64)], progress=False)
     test = load_fashion_mnist("test", limit=2000)
@@ -34,6 +36,9 @@ def test_w8a8_qdq_matches_the_fake_quant_model(tmp_path: Path) -> None:
     ort_acc = ort_top1(ort_session(path), test.images, test.labels)
     assert abs(ort_acc - torch_top1) <= 0.3
     assert path.stat().st_size < 0.4 * 4 * sum(p.numel() for p in model.parameters())
+    # ONNX Runtime fuses every conv and all but the last residual add into integer kernels
+    fused = ort_fused_ops(path)
+    assert fused["QLinearConv"] == 21 and fused["QLinearAdd"] >= 8
 
 
 def test_non_uniform_quantizers_are_refused_for_qdq(tmp_path: Path) -> None:

@@ -64,17 +64,17 @@ def qdq_activation(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def export_mode(model: nn.Module) -> Iterator[None]:
     """Switch every quantized layer to ``export`` mode for the duration."""
-    from edgeslim.quant.api import quant_layers
+    from edgeslim.quant.modules import ActQuant, QuantMixin
 
-    layers = quant_layers(model)
-    saved = {n: m.mode for n, m in layers.items()}
-    for m in layers.values():
+    mods = [m for m in model.modules() if isinstance(m, (ActQuant, QuantMixin))]
+    saved = [m.mode for m in mods]
+    for m in mods:
         m.mode = "export"
     try:
         yield
     finally:
-        for n, m in layers.items():
-            m.mode = saved[n]
+        for m, mode in zip(mods, saved, strict=True):
+            m.mode = mode
 
 
 def export_qdq(

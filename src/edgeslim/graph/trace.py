@@ -16,7 +16,7 @@ from edgeslim.errors import TraceError
 class _PathTracer(fx.Tracer):
     """An fx tracer that remembers which module it is inside, for error messages."""
 
-    def __init__(self, leaf_types: tuple[type[nn.Module], ...] = ()) -> None:
+    def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
         super().__init__()
         self.stack: list[str] = []
         self.failed_at: str | None = None
@@ -55,7 +55,7 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
-def trace(model: nn.Module, leaf_types: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_types: tuple[type, ...] = ()) -> fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`TraceError` naming the op and module path.
 
     ``leaf_types`` are module types kept whole (not traced into), e.g. custom ops.

@@ -16,7 +16,7 @@ from torch import nn
 
 from edgeslim.quant.config import QuantConfig, Selection, check_selectors, resolve
 from edgeslim.quant.fold import _set_submodule
-from edgeslim.quant.modules import FLOAT_TO_QUANT, QuantMixin
+from edgeslim.quant.modules import FLOAT_TO_QUANT, ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantConfigError
 
 COMPUTE_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding)
@@ -81,9 +81,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], progress: bool = True) -
     """
     from edgeslim.progress import progress_bar
 
-    layers = quant_layers(model)
-    for m in layers.values():
-        m.mode = "observe"
+    acts = [m for m in model.modules() if isinstance(m, ActQuant)]
+    for a in acts:
+        a.mode = "observe"
     was_training = model.training
     model.eval()
     n = 0
@@ -96,15 +96,15 @@ def calibrate(model: nn.Module, batches: Iterable[Any], progress: bool = True) -
             n += 1
             if task is not None:
                 bar.advance(task)
-    for m in layers.values():
-        m.finish_observing()
+    for a in acts:
+        a.finish_observing()
     model.train(was_training)
     return n
 
 
 def set_progress(model: nn.Module, p: float) -> None:
     """Tell every estimator how far training is (0..1): drives AQE/tanh/n-BQ schedules."""
-    for m in quant_layers(model).values():
-        for est in (m.w_estimator, m.a_estimator):
-            if est is not None:
-                est.set_progress(p)
+    for m in model.modules():
+        est = m.estimator if isinstance(m, ActQuant) else getattr(m, "w_estimator", None)
+        if est is not None and isinstance(m, (ActQuant, QuantMixin)):
+            est.set_progress(p)

@@ -1,9 +1,10 @@
 """Fake-quant layers that keep the float layer's parameter names (FQNs stay stable).
 
 ``QuantConv2d`` / ``QuantLinear`` subclass the torch layers, so ``layer1.0.conv1.weight``
-is still the latent float weight; they add ``weight_quantizer`` / ``input_quantizer``
+is still the latent float weight; they add ``weight_quantizer`` / ``input_quant``
 submodules and estimators. Modes: ``observe`` (float forward, observers collect input
 statistics), ``quant`` (fake-quant through the estimators; the default after prepare).
+A layer's ``mode`` governs its weight; its input's :class:`ActQuant` has its own mode.
 """
 
 from __future__ import annotations
@@ -28,30 +29,76 @@ def make_quantizer(spec: QuantSpec, is_weight: bool) -> Quantizer:
     return q
 
 
+class ActQuant(nn.Module):
+    """Fake-quant of an activation tensor: a quantizer, its estimator and an observer.
+
+    Used as a layer's input quantizer and as a quantizer on a graph edge (see
+    :mod:`edgeslim.quant.edges`). Modes: ``observe`` (float, statistics collected),
+    ``quant`` (through the estimator), ``export`` (QDQ ops), ``float``.
+    """
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.quantizer = make_quantizer(spec, False)
+        self.estimator: Any = ESTIMATORS.get(spec.estimator)()
+        self.observer: Observer | None = None
+        self.mode: Mode = "quant"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer
+        if self.mode == "float":
+            return x
+        if self.mode == "export":
+            from edgeslim.export.qdq import qdq_activation
+
+            return qdq_activation(q, x)
+        if self.mode == "observe":
+            if self.observer is None:
+                self.observer = OBSERVERS.get(self.spec.observer)()
+            self.observer.update(q.to_groups(x.detach()))
+            return x
+        if not bool(q.calibrated.item()):
+            raise RuntimeError(
+                "activation quantizer used before calibration: run "
+                "edgeslim.quant.calibrate(model, batches) first (PTQ, or before QAT)"
+            )
+        out = self.estimator(q, x)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def finish_observing(self) -> None:
+        if self.observer is not None:
+            self.observer.apply(self.quantizer)
+            self.estimator.prepare(self.quantizer)  # LSQ/PACT: range now learnable
+        self.observer = None
+        self.mode = "quant"
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.quantizer}, bits={self.spec.bits}, mode={self.mode}"
+
+
 class QuantMixin:
     """Shared state of the fake-quant layers."""
 
     qconfig: QuantConfig
     weight_quantizer: Quantizer | None
-    input_quantizer: Quantizer | None
+    input_quant: ActQuant | None
     mode: Mode
 
     def _setup(self, qconfig: QuantConfig) -> None:
         self.qconfig = qconfig
         self.mode = "quant"
         self.weight_quantizer = None
-        self.input_quantizer = None
+        self.input_quant = None
         self.w_estimator: Any = None
-        self.a_estimator: Any = None
-        self.observer: Observer | None = None
         if qconfig.weight is not None:
             self.weight_quantizer = make_quantizer(qconfig.weight, True)
             self.w_estimator = ESTIMATORS.get(qconfig.weight.estimator)()
             self._init_weight_range()
             self.w_estimator.prepare(self.weight_quantizer)
         if qconfig.activation is not None:
-            self.input_quantizer = make_quantizer(qconfig.activation, False)
-            self.a_estimator = ESTIMATORS.get(qconfig.activation.estimator)()
+            self.input_quant = ActQuant(qconfig.activation)
 
     @property
     def _weight(self) -> torch.Tensor:
@@ -83,34 +130,7 @@ class QuantMixin:
         return out
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.input_quantizer
-        if q is None or self.mode == "float":
-            return x
-        if self.mode == "export":
-            from edgeslim.export.qdq import qdq_activation
-
-            return qdq_activation(q, x)
-        if self.mode == "observe":
-            if self.observer is None:
-                assert self.qconfig.activation is not None
-                self.observer = OBSERVERS.get(self.qconfig.activation.observer)()
-            self.observer.update(q.to_groups(x.detach()))
-            return x
-        if not bool(q.calibrated.item()):
-            raise RuntimeError(
-                "input quantizer used before calibration: run edgeslim.quant.calibrate(model, "
-                "batches) (PTQ) or start QAT with the activation ranges observed first"
-            )
-        out = self.a_estimator(q, x)
-        assert isinstance(out, torch.Tensor)
-        return out
-
-    def finish_observing(self) -> None:
-        if self.observer is not None and self.input_quantizer is not None:
-            self.observer.apply(self.input_quantizer)
-            self.a_estimator.prepare(self.input_quantizer)  # LSQ/PACT: range now learnable
-        self.observer = None
-        self.mode = "quant"
+        return x if self.input_quant is None else self.input_quant(x)
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):

@@ -38,3 +38,24 @@ def ort_top1(session: Any, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent of a classifier session."""
     pred = ort_predict(session, images).argmax(1)
     return 100.0 * float((pred == labels).float().mean())
+
+
+def ort_fused_ops(path: Path) -> dict[str, int]:
+    """Op counts of the graph ONNX Runtime actually runs (after its optimisations).
+
+    Shows whether QDQ pairs became integer kernels (QLinearConv, QLinearAdd, ...).
+    """
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath).graph
+    return dict(Counter(n.op_type for n in graph.node))

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from edgeslim.data import load_fashion_mnist
+from edgeslim.quant import calibrate, fold_batchnorm, quantize_, w8a8
+from edgeslim.quant.edges import quantize_edges
+from edgeslim.quant.modules import ActQuant, QuantMixin
+from edgeslim.train.loop import evaluate
+from edgeslim.zoo.resnet import resnet20
+
+
+def test_one_quantizer_per_edge_and_every_add_operand_quantized() -> None:
+    model = resnet20().eval()
+    fold_batchnorm(model)
+    quantize_(model, w8a8())
+    gm = quantize_edges(model)
+    assert all(m.input_quant is None for m in gm.modules() if isinstance(m, QuantMixin))
+    nodes = list(gm.graph.nodes)
+    quantized = {
+        n
+        for n in nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), ActQuant)
+    }
+    for n in nodes:
+        if n.op == "call_function" and n.target in (operator.add, torch.add):
+            assert all(a in quantized for a in n.all_input_nodes)
+        if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), QuantMixin):
+            assert n.all_input_nodes[0] in quantized
+    # an edge read by a conv and an add has exactly one quantizer
+    sources = [q.all_input_nodes[0] for q in quantized]
+    assert len(sources) == len(set(sources))
+
+
+def test_edge_ptq_keeps_accuracy_on_real_data() -> None:
+    from edgeslim.zoo import load_zoo_model
+
+    model = load_zoo_model("resnet20")
+    test = load_fashion_mnist("test", limit=2000)
+    fp32 = evaluate(model, test)
+    fold_batchnorm(model)
+    quantize_(model, w8a8())
+    gm = quantize_edges(model)
+    val = load_fashion_mnist("val", limit=256)
+    calibrate(gm, [val.images[i : i + 64] for i in range(0, 256, 64)], progress=False)
+    assert abs(evaluate(gm, test) - fp32) <= 0.5
