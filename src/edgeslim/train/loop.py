@@ -80,18 +80,19 @@ def train_classifier(
         nesterov=True,
     )
     steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt,
-        max_lr=config.lr,
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        pct_start=0.25,
-    )
+    total_steps = config.epochs * steps_per_epoch
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if total_steps >= 8:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=config.lr, total_steps=total_steps, pct_start=0.25
+        )
+    else:  # too few steps for a warm-up and an anneal: keep the learning rate constant
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     ce = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history: list[dict[str, float]] = []
     model.train()
     with progress_bar() as bar:
-        task = bar.add_task(description, total=config.epochs * steps_per_epoch)
+        task = bar.add_task(description, total=total_steps)
         for epoch in range(config.epochs):
             total, seen = 0.0, 0
             for x, y in batches(train, config.batch_size, shuffle=True, generator=gen):
