@@ -26,7 +26,8 @@ def register_suite(name: str) -> Callable[[Suite], Suite]:
 
 
 def _load_builtin_suites() -> None:
-    import edgeslim.bench.baseline  # noqa: F401  (registers "baseline")
+    import edgeslim.bench.baseline
+    import edgeslim.bench.quant  # noqa: F401  (registers "quant")
 
 
 def run_suite(

@@ -142,7 +142,7 @@ def fold_weight_quantizers(path: Path) -> int:
 
 
 def drop_relu_before_quantize(path: Path) -> int:
-    """Remove a Relu whose every consumer is a QuantizeLinear clamping at 0.
+    """Remove a Relu (or a ReLU6 Clip) whose every consumer is a QuantizeLinear clamping at 0.
 
     ``Q(relu(x)) == Q(x)`` when the zero point equals the lowest code (uint8 zero point 0):
     the quantizer already clips negatives. Without the Relu, ONNX Runtime sees the
@@ -172,13 +172,29 @@ def drop_relu_before_quantize(path: Path) -> int:
         zp = consts[q.input[2]]
         return bool(zp.dtype == np.uint8 and np.all(zp == 0))
 
+    def q_max(q: onnx.NodeProto) -> float:
+        scale, zp = consts[q.input[1]], consts[q.input[2]]
+        return float(np.max((255 - zp.astype(np.float64)) * scale))
+
+    def removable(node: onnx.NodeProto, consumers: list[onnx.NodeProto]) -> bool:
+        if not consumers or not all(clamps_at_zero(c) for c in consumers):
+            return False
+        if node.op_type == "Relu":
+            return True
+        # Clip(0, hi) (ReLU6) is redundant when no quantizer can represent values above hi
+        lo = consts.get(node.input[1]) if len(node.input) > 1 else None
+        hi = consts.get(node.input[2]) if len(node.input) > 2 else None
+        if lo is None or hi is None or float(lo) != 0.0:
+            return False
+        return all(q_max(c) <= float(hi) + 1e-6 for c in consumers)
+
     removed = 0
     keep = []
     for node in graph.node:
-        out = node.output[0] if node.op_type == "Relu" else None
+        out = node.output[0] if node.op_type in ("Relu", "Clip") else None
         if out is not None and out not in outputs:
             consumers = users.get(out, [])
-            if consumers and all(clamps_at_zero(c) for c in consumers):
+            if removable(node, consumers):
                 for c in consumers:
                     c.input[0] = node.input[0]
                 removed += 1

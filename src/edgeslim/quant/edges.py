@@ -23,6 +23,19 @@ from edgeslim.quant.modules import ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantSpec
 
 ADDS = {operator.add, operator.iadd, torch.add}
+# ops that only move or select values: the edge before them shares the quantizer of the edge
+# after them, so ONNX Runtime can run them on integers (DQ -> MaxPool -> Q)
+TRANSPARENT_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+TRANSPARENT_FUNCS = {torch.flatten, nn.functional.max_pool2d, nn.functional.dropout}
+TRANSPARENT_METHODS = {"flatten", "view", "reshape"}
+
+
+def _transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), TRANSPARENT_MODULES)
+    if node.op == "call_function":
+        return node.target in TRANSPARENT_FUNCS
+    return node.op == "call_method" and node.target in TRANSPARENT_METHODS
 
 
 def _act_spec(model: nn.Module) -> QuantSpec | None:
@@ -55,10 +68,17 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             src = node.all_input_nodes[0]
             takeover.setdefault(src, layer.input_quant)
             layer.input_quant = None
+    edges: list[tuple[fx.Node, list[fx.Node], str]] = []
     for i, (src, users) in enumerate(consumers.items()):
-        aq = takeover.get(src) or ActQuant(spec)
         name = f"edge_quant_{i}"
-        gm.add_submodule(name, aq)
+        gm.add_submodule(name, takeover.get(src) or ActQuant(spec))
+        edges.append((src, users, name))
+        node = src
+        while _transparent(gm, node) and node.all_input_nodes:  # share through pool/flatten
+            prev = node.all_input_nodes[0]
+            edges.append((prev, [node], name))
+            node = prev
+    for src, users, name in edges:
         with graph.inserting_after(src):
             q = graph.call_module(name, (src,))
         for user in dict.fromkeys(users):
