@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 from edgeslim.bench.records import Record
-from edgeslim.bench.suites import register_suite
+from edgeslim.bench.suites import per_model, register_suite
 from edgeslim.bench.tasks import ClassificationTask, task_for
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
 from edgeslim.cost.analytic import peak_activation_bytes
 from edgeslim.export import export_onnx, onnx_parity
 from edgeslim.graph import layer_table, total_macs
-from edgeslim.progress import progress_bar
 from edgeslim.runtime.ort import ort_session
 from edgeslim.zoo import ZOO, resolve_model
 
@@ -102,12 +101,4 @@ def measure_fp32(name: str, out: Path, quick: bool, suite: str = "baseline") -> 
 
 @register_suite("baseline")
 def baseline(out: Path, quick: bool, models: list[str] | None) -> list[Record]:
-    names = models or ALL_MODELS
-    records: list[Record] = []
-    with progress_bar() as bar:
-        task = bar.add_task("baseline", total=len(names))
-        for name in names:
-            bar.update(task, description=f"baseline {name}")
-            records += measure_fp32(name, out, quick)
-            bar.advance(task)
-    return records
+    return per_model("baseline", models or ALL_MODELS, lambda n: measure_fp32(n, out, quick))

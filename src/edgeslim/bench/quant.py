@@ -21,12 +21,11 @@ import torch
 from torch import nn
 
 from edgeslim.bench.records import Record
-from edgeslim.bench.suites import register_suite
+from edgeslim.bench.suites import per_model, register_suite
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
 from edgeslim.data import load_fashion_mnist
 from edgeslim.export import export_onnx
 from edgeslim.graph import layer_table, total_macs
-from edgeslim.progress import progress_bar
 from edgeslim.runtime.ort import ort_session, ort_top1
 from edgeslim.train.loop import evaluate
 from edgeslim.zoo import load_zoo_model
@@ -201,12 +200,4 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
 
 @register_suite("quant")
 def quant_suite(out: Path, quick: bool, models: list[str] | None) -> list[Record]:
-    names = models or DEFAULT_MODELS
-    records: list[Record] = []
-    with progress_bar() as bar:
-        task = bar.add_task("quant", total=len(names))
-        for name in names:
-            bar.update(task, description=f"quant {name}")
-            records += quant_model(name, out, quick)
-            bar.advance(task)
-    return records
+    return per_model("quant", models or DEFAULT_MODELS, lambda n: quant_model(n, out, quick))

@@ -25,6 +25,20 @@ def register_suite(name: str) -> Callable[[Suite], Suite]:
     return add
 
 
+def per_model(label: str, names: list[str], measure: Callable[[str], list[Record]]) -> list[Record]:
+    """Run ``measure(name)`` for each model under one progress bar; concatenate records."""
+    from edgeslim.progress import progress_bar
+
+    records: list[Record] = []
+    with progress_bar() as bar:
+        task = bar.add_task(label, total=len(names))
+        for name in names:
+            bar.update(task, description=f"{label} {name}")
+            records += measure(name)
+            bar.advance(task)
+    return records
+
+
 def _load_builtin_suites() -> None:
     import edgeslim.bench.baseline
     import edgeslim.bench.quant  # noqa: F401  (registers "quant")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,6 +91,19 @@ def export_qdq(
     return out
 
 
+def _constants(graph: Any) -> dict[str, Any]:
+    """Every constant value of an ONNX graph (initializers and Constant nodes) by name."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+    return consts
+
+
 def fold_weight_quantizers(path: Path) -> int:
     """Store quantized weights as int8 initializers: ``Q(const) -> DQ`` becomes ``int8 -> DQ``.
 
@@ -103,12 +117,7 @@ def fold_weight_quantizers(path: Path) -> int:
 
     model = onnx.load(str(path))
     graph = model.graph
-    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+    consts = _constants(graph)
     folded = 0
     keep = []
     for node in graph.node:
@@ -150,16 +159,10 @@ def drop_relu_before_quantize(path: Path) -> int:
     """
     import numpy as np
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(path))
     graph = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+    consts = _constants(graph)
     users: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
