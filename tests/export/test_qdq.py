@@ -36,9 +36,10 @@ def test_w8a8_qdq_matches_the_fake_quant_model(tmp_path: Path) -> None:
     ort_acc = ort_top1(ort_session(path), test.images, test.labels)
     assert abs(ort_acc - torch_top1) <= 0.3
     assert path.stat().st_size < 0.4 * 4 * sum(p.numel() for p in model.parameters())
-    # ONNX Runtime fuses every conv and all but the last residual add into integer kernels
+    # ONNX Runtime fuses every conv, residual add and the pooling into integer kernels
     fused = ort_fused_ops(path)
-    assert fused["QLinearConv"] == 21 and fused["QLinearAdd"] >= 8
+    assert fused["QLinearConv"] == 21 and fused["QLinearAdd"] == 9
+    assert fused.get("QLinearGlobalAveragePool") == 1
 
 
 def test_non_uniform_quantizers_are_refused_for_qdq(tmp_path: Path) -> None:

@@ -23,6 +23,9 @@ from edgeslim.quant.modules import ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantSpec
 
 ADDS = {operator.add, operator.iadd, torch.add}
+# integer kernels exist for these too (QLinearGlobalAveragePool): quantize their inputs
+POOLS_FUNCS = {nn.functional.adaptive_avg_pool2d}
+POOL_MODULES = (nn.AdaptiveAvgPool2d,)
 # ops that only move or select values: the edge before them shares the quantizer of the edge
 # after them, so ONNX Runtime can run them on integers (DQ -> MaxPool -> Q)
 TRANSPARENT_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
@@ -55,8 +58,9 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     consumers: dict[fx.Node, list[fx.Node]] = {}
     takeover: dict[fx.Node, ActQuant] = {}
     for node in graph.nodes:
-        is_add = node.op == "call_function" and node.target in ADDS
         layer = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        is_add = node.op == "call_function" and node.target in ADDS | POOLS_FUNCS
+        is_add = is_add or isinstance(layer, POOL_MODULES)
         quant_layer = isinstance(layer, QuantMixin) and layer.input_quant is not None
         if not (is_add or quant_layer):
             continue
