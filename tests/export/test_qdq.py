@@ -7,6 +7,8 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
+from onnx import numpy_helper
 
 from edgeslim.data import load_fashion_mnist
 from edgeslim.errors import EdgeslimError
@@ -47,3 +49,18 @@ def test_non_uniform_quantizers_are_refused_for_qdq(tmp_path: Path) -> None:
     quantize_(model, QuantConfig(QuantSpec(quantizer="pow2", bits=3)))
     with pytest.raises(EdgeslimError, match="uniform"):
         export_qdq(model, (load_fashion_mnist("test", limit=1).images,), tmp_path / "p.onnx")
+
+
+def test_w4_weights_export_as_int8_codes_and_are_restored(tmp_path: Path) -> None:
+    from edgeslim.bench.quant import edgeslim_ptq
+
+    calib = load_fashion_mnist("val", limit=128).images
+    gm = edgeslim_ptq(load_zoo_model("resnet20"), calib, 4, 8, "mse")
+    before = gm.get_submodule("layer1.0.conv1").weight.detach().clone()
+    path = export_qdq(gm, (calib[:1],), tmp_path / "w4.onnx")
+    assert torch.equal(gm.get_submodule("layer1.0.conv1").weight, before)
+    graph = onnx.load(str(path)).graph
+    codes = [
+        numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8
+    ]
+    assert len(codes) == 22 and all(abs(c).max() <= 7 for c in codes)

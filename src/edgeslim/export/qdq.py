@@ -41,8 +41,6 @@ def qdq_weight(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
     # python-side constants: the exporter then writes initializers, not ops on buffers
     scale = torch.tensor(q.scale.detach().float().tolist())
     zp = torch.tensor([round(v) for v in q.zero_point.detach().tolist()], dtype=torch.int32)
-    if q.spec.bits < 8 or not q.symmetric:  # snap to the sub-8-bit grid first
-        w = torch.tensor(q.quantize(w).detach().tolist())
     if scale.numel() == 1:
         return torch.fake_quantize_per_tensor_affine(w, float(scale), int(zp), -128, 127)
     if q.spec.granularity != "channel":
@@ -69,6 +67,17 @@ def export_mode(model: nn.Module) -> Iterator[None]:
 
     mods = [m for m in model.modules() if isinstance(m, (ActQuant, QuantMixin))]
     saved = [m.mode for m in mods]
+    # sub-8-bit weights are snapped to their grid in place (restored on exit), so that they
+    # stay initializers and export as int8 codes; a constant copy would be folded to float
+    snapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for m in mods:
+            q = getattr(m, "weight_quantizer", None)
+            if isinstance(m, QuantMixin) and isinstance(q, UniformQuantizer):
+                if q.spec.bits < 8 or not q.symmetric:
+                    w = m._weight
+                    snapped.append((w, w.detach().clone()))
+                    w.copy_(q.quantize(w))
     for m in mods:
         m.mode = "export"
     try:
@@ -76,6 +85,9 @@ def export_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in zip(mods, saved, strict=True):
             m.mode = mode
+        with torch.no_grad():
+            for w, original in snapped:
+                w.copy_(original)
 
 
 def export_qdq(
