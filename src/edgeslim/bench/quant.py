@@ -97,7 +97,7 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
             "method": "edgeslim:ptq", "runtime": "onnxruntime", "path": path,
             "config": {"w_bits": bits, "a_bits": 8, "estimator": "ste", "granularity": "channel"},
             "size": size_bytes(gm, _quant_bits(gm, bits)), "data_used": "calibration",
-            "extra": {"torch_fake_quant_top1": round(evaluate(gm, test), 4), "observer": observer},
+            "fake_quant": gm, "extra": {"observer": observer},
         }  # fmt: skip
 
     timed("ptq_w8a8", lambda: ptq(8, "minmax"))
@@ -140,6 +140,8 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
     for row in variants.values():
         if "module" in row:
             row["top1"] = evaluate(row["module"], test)
+        if "fake_quant" in row:  # the torch simulation, to check ONNX Runtime agrees with it
+            row["extra"]["torch_fake_quant_top1"] = round(evaluate(row["fake_quant"], test), 4)
     fp32_ort_top1 = ort_top1(fp32_sess, test.images, test.labels)
 
     repeats = 30 if quick else 200

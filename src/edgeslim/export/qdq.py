@@ -73,11 +73,11 @@ def export_mode(model: nn.Module) -> Iterator[None]:
     with torch.no_grad():
         for m in mods:
             q = getattr(m, "weight_quantizer", None)
-            if isinstance(m, QuantMixin) and isinstance(q, UniformQuantizer):
-                if q.spec.bits < 8 or not q.symmetric:
-                    w = m._weight
-                    snapped.append((w, w.detach().clone()))
-                    w.copy_(q.quantize(w))
+            sub8 = isinstance(q, UniformQuantizer) and (q.spec.bits < 8 or not q.symmetric)
+            if isinstance(m, QuantMixin) and isinstance(q, UniformQuantizer) and sub8:
+                w = m._weight
+                snapped.append((w, w.detach().clone()))
+                w.copy_(q.quantize(w))
     for m in mods:
         m.mode = "export"
     try:
