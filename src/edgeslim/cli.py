@@ -147,37 +147,20 @@ def info(
 
 def _records_table(records: list[Any]) -> Table:
     table = Table(title="results")
-    cols = (
-        "model",
-        "method",
-        "runtime",
-        "metric",
-        "value",
-        "baseline",
-        "params",
-        "MMACs",
-        "size KiB",
-        "latency ms",
-        "speed-up",
-    )
+    cols = ("model", "method", "bits", "runtime", "metric", "value", "baseline", "params",
+            "MMACs", "size KiB", "latency ms", "speed-up")  # fmt: skip
     for c in cols:
         table.add_column(c)
     for r in records:
         d = 4 if r.metric == "cosine" else 2
         sp = r.speedup
+        bits = f"W{r.config.get('w_bits', 32)}A{r.config.get('a_bits', 32)}"
         table.add_row(
-            r.model,
-            r.method,
-            r.runtime,
-            r.metric,
-            f"{r.value:.{d}f}",
-            f"{r.baseline_value:.{d}f}",
-            f"{r.params:,}",
-            f"{r.macs / 1e6:.2f}",
-            f"{r.size_bytes / 1024:.1f}",
-            "-" if r.latency_ms is None else f"{r.latency_ms:.3f}",
+            r.model, r.method, bits, r.runtime, r.metric, f"{r.value:.{d}f}",
+            f"{r.baseline_value:.{d}f}", f"{r.params:,}", f"{r.macs / 1e6:.2f}",
+            f"{r.size_bytes / 1024:.1f}", "-" if r.latency_ms is None else f"{r.latency_ms:.3f}",
             "-" if sp is None else f"{sp:.2f}x",
-        )
+        )  # fmt: skip
     return table
 
 
@@ -225,19 +208,25 @@ def compress(
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
 ) -> None:
-    """What `make demo` runs: the reference models' accuracy, size, MACs and latency."""
+    """What `make demo` runs: reference models in fp32, then resnet20 quantized to int8."""
     from edgeslim.bench.suites import run_suite
 
     console.print(
-        "[bold]edgeslim demo[/]: fp32 reference models on real Fashion-MNIST / text, "
+        "[bold]edgeslim demo[/] 1/2: fp32 reference models on real Fashion-MNIST / text, "
         "torch vs ONNX Runtime, 2 threads"
     )
     try:
-        records = run_suite("baseline", out, quick=True)
+        records = run_suite("baseline", out / "baseline", quick=True)
+        console.print(_records_table(records))
+        console.print(
+            "[bold]edgeslim demo[/] 2/2: resnet20 quantized after training (W8A8, W4A8) "
+            "beside fp32 and peers, on the first 2,000 test images"
+        )
+        quant = run_suite("quant", out / "quant", quick=True, models=["resnet20"])
     except EdgeslimError as exc:
         fail(exc)
-    console.print(_records_table(records))
-    console.print(f"report: {out / 'report.md'}")
+    console.print(_records_table(quant))
+    console.print(f"reports: {out / 'baseline' / 'report.md'}, {out / 'quant' / 'report.md'}")
 
 
 def main() -> None:
