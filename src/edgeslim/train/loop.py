@@ -63,10 +63,13 @@ def train_classifier(
     val: Split | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     description: str = "train",
+    on_step: Callable[[float], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; returns one ``{epoch, loss, val_top1}`` dict per epoch.
 
     ``loss_fn(logits, labels, images)`` replaces cross-entropy when given (distillation).
+    ``on_step(progress)`` is called before every step with the fraction of training done
+    (QAT uses it to sharpen AQE/tanh estimators and advance the n-BQ blend).
     """
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -91,11 +94,15 @@ def train_classifier(
     ce = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history: list[dict[str, float]] = []
     model.train()
+    step = 0
     with progress_bar() as bar:
         task = bar.add_task(description, total=total_steps)
         for epoch in range(config.epochs):
             total, seen = 0.0, 0
             for x, y in batches(train, config.batch_size, shuffle=True, generator=gen):
+                if on_step is not None:
+                    on_step(step / max(total_steps - 1, 1))
+                step += 1
                 if config.augment:
                     x = augment_batch(x, config.pad, gen)
                 if config.channels_last:
