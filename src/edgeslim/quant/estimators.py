@@ -174,7 +174,33 @@ class PACT(EstimatorBase):
         return p.q + quantizer.from_groups(p.inside * _carrier(p.g) + clip_grad, x)
 
 
-class AQE(EstimatorBase):
+class SharpeningEstimator(EstimatorBase):
+    """A smooth surrogate of the quantizer whose sharpness ``k`` follows training progress.
+
+    ``k(p) = k0 (k_max/k0)^p``. Before the end the forward *is* the surrogate (exact
+    derivative, no STE); at p = 1 the forward is ``quantize(x)`` and the gradient that of
+    the sharpest surrogate. Subclasses define ``surrogate``.
+    """
+
+    def __init__(self, k0: float = 1.0, k_max: float = 100.0) -> None:
+        super().__init__()
+        self.k0, self.k_max = k0, k_max
+
+    @property
+    def k(self) -> float:
+        return _schedule(self.k0, self.k_max, self.progress)
+
+    def surrogate(self, quantizer: Quantizer, x: torch.Tensor, k: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
+        f = self.surrogate(quantizer, x, self.k)
+        if self.progress >= 1.0:
+            return quantizer.quantize(x).detach() + _carrier(f)
+        return f
+
+
+class AQE(SharpeningEstimator):
     """MINW-Net asymptotic quantized estimator: a smooth staircase that sharpens.
 
     ``f_k(x) = l_0 + Σ_i d_i · ½(1 + tanh(k (x - t_i) / d_i))`` over the group's levels
@@ -194,12 +220,8 @@ class AQE(EstimatorBase):
     """
 
     def __init__(self, k0: float = 1.0, k_max: float = 100.0, window: int = 16) -> None:
-        super().__init__()
-        self.k0, self.k_max, self.window = k0, k_max, window
-
-    @property
-    def k(self) -> float:
-        return _schedule(self.k0, self.k_max, self.progress)
+        super().__init__(k0, k_max)
+        self.window = window
 
     def surrogate(self, quantizer: Quantizer, x: torch.Tensor, k: float) -> torch.Tensor:
         """``f_k(x)`` (shape of x), differentiable in x and in the levels."""
@@ -214,14 +236,8 @@ class AQE(EstimatorBase):
         steps = (d[rows, win] * 0.5 * (1 + torch.tanh(z))).sum(-1)
         return quantizer.from_groups(torch.gather(p.lv, 1, start) + steps, x)
 
-    def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
-        f = self.surrogate(quantizer, x, self.k)
-        if self.progress >= 1.0:
-            return quantizer.quantize(x).detach() + _carrier(f)
-        return f
 
-
-class TanhSoftRound(EstimatorBase):
+class TanhSoftRound(SharpeningEstimator):
     """Soft rounding with tanh (DSQ form), per interval between adjacent levels.
 
     For x in ``[l_i, l_{i+1}]`` (clamped to the level range), with centre ``t_i`` and width
@@ -234,14 +250,6 @@ class TanhSoftRound(EstimatorBase):
     Gradient is zero outside the level range (the clamp).
     """
 
-    def __init__(self, k0: float = 1.0, k_max: float = 100.0) -> None:
-        super().__init__()
-        self.k0, self.k_max = k0, k_max
-
-    @property
-    def k(self) -> float:
-        return _schedule(self.k0, self.k_max, self.progress)
-
     def surrogate(self, quantizer: Quantizer, x: torch.Tensor, k: float) -> torch.Tensor:
         p = _parts(quantizer, x)
         d, t, d_safe = _safe_gaps(p.lv)
@@ -253,12 +261,6 @@ class TanhSoftRound(EstimatorBase):
         ti, di = t.gather(1, i), d.gather(1, i)
         r = ti + di / 2 * torch.tanh(k * (gc - ti) / d_safe.gather(1, i)) / math.tanh(k / 2)
         return quantizer.from_groups(r, x)
-
-    def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
-        r = self.surrogate(quantizer, x, self.k)
-        if self.progress >= 1.0:
-            return quantizer.quantize(x).detach() + _carrier(r)
-        return r
 
 
 class NBQBlend(EstimatorBase):
