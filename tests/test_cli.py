@@ -118,3 +118,21 @@ def test_compress_runs_a_finetune_recipe_and_reports(tmp_path: Path) -> None:
     assert all(r["extra"].get("onnx_max_abs_diff", 0) <= 1e-4 for r in records)
     assert records[0]["value"] > 88.0  # a gentle fine-tune keeps the model accurate
     assert (out / "model.onnx").is_file() and (out / "report.md").is_file()
+
+
+def test_compress_with_a_quantize_stage_exports_int8(tmp_path: Path) -> None:
+    import onnx
+
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text("name: w8a8\nstages:\n  - kind: quantize\n    w_bits: 8\n    a_bits: 8\n")
+    out = tmp_path / "out"
+    args = ["compress", "resnet20", "--recipe", str(recipe), "--out", str(out), "--quick"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = json.loads((out / "results.json").read_text())
+    ort = next(r for r in records if r["runtime"] == "onnxruntime")
+    assert ort["config"] == {"w_bits": 8, "a_bits": 8} and ort["data_used"] == "calibration"
+    assert abs(ort["value"] - ort["baseline_value"]) <= 0.3
+    assert ort["size_bytes"] < 0.3 * 4 * ort["params"] and ort["macs"] == 31_021_952
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert sum(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer) == 22

@@ -17,7 +17,9 @@ from edgeslim.bench.tasks import task_for
 from edgeslim.checkpoint import save_state
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
 from edgeslim.export import export_onnx, onnx_parity
+from edgeslim.export.qdq import export_qdq
 from edgeslim.graph import layer_table, total_macs
+from edgeslim.quant.modules import QuantMixin
 from edgeslim.recipe import STAGES, StageContext, load_recipe
 from edgeslim.report import write_report
 from edgeslim.runtime.ort import ort_session
@@ -59,20 +61,12 @@ def compress_model(
     example = task.example_args()
     feeds = task.latency_feeds()
     base_mod, comp_mod = task.export_module(base).eval(), task.export_module(model).eval()
-    base_path = export_onnx(
-        base_mod,
-        example,
-        out / "baseline.onnx",
-        input_names=task.input_names,
-        dynamic_axes=task.dynamic_axes(),
-    )
-    comp_path = export_onnx(
-        comp_mod,
-        example,
-        out / "model.onnx",
-        input_names=task.input_names,
-        dynamic_axes=task.dynamic_axes(),
-    )
+    axes = {"input_names": task.input_names, "dynamic_axes": task.dynamic_axes()}
+    base_path = export_onnx(base_mod, example, out / "baseline.onnx", **axes)  # type: ignore[arg-type]
+    if any(isinstance(m, QuantMixin) for m in comp_mod.modules()):  # int8 QDQ graph
+        comp_path = export_qdq(copy.deepcopy(comp_mod), example, out / "model.onnx", **axes)
+    else:
+        comp_path = export_onnx(comp_mod, example, out / "model.onnx", **axes)  # type: ignore[arg-type]
     parity = onnx_parity(comp_mod, comp_path, example)
     base_sess, comp_sess = ort_session(base_path), ort_session(comp_path)
     value_ort = task.evaluate_ort(comp_sess)
@@ -89,16 +83,22 @@ def compress_model(
         repeats=repeats,
     )
     macs = total_macs(layer_table(comp_mod, *(a[:1] for a in feeds)))
+    quantized = {n: m for n, m in comp_mod.named_modules() if isinstance(m, QuantMixin)}
+    w_bits = {n: m.qconfig.weight.bits for n, m in quantized.items() if m.qconfig.weight}
+    config: dict[str, Any] = {}
+    if w_bits:
+        a_specs = [m.qconfig.activation for m in quantized.values() if m.qconfig.activation]
+        config = {"w_bits": max(w_bits.values()), "a_bits": a_specs[0].bits if a_specs else 32}
     common: dict[str, Any] = {
         "suite": "compress",
         "model": model_name,
         "method": f"edgeslim:{recipe.name}",
-        "config": {},
+        "config": config,
         "metric": task.metric,
         "baseline_value": round(base_value, 4),
         "params": sum(p.numel() for p in model.parameters()),
         "macs": macs,
-        "size_bytes": size_bytes(model),
+        "size_bytes": size_bytes(comp_mod, w_bits),
         "seconds": round(seconds, 2),
         "data_used": data_used,
     }

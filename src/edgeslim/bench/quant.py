@@ -37,21 +37,14 @@ CALIBRATION = 256
 def edgeslim_ptq(
     model: nn.Module, calib: torch.Tensor, w_bits: int, a_bits: int | None, observer: str
 ) -> nn.Module:
-    """Fold BN, quantize every conv/linear, put activation quantizers on edges, calibrate."""
-    from edgeslim.quant import QuantConfig, QuantSpec, calibrate, fold_batchnorm, quantize_
-    from edgeslim.quant.edges import quantize_edges
+    """edgeslim's PTQ as benchmarked: per-channel weights, uint8 percentile activations."""
+    from edgeslim.quant import QuantConfig, QuantSpec
+    from edgeslim.quant.ptq import ptq
 
-    m = copy.deepcopy(model).eval()
-    fold_batchnorm(m)
     act = None
     if a_bits is not None:
         act = QuantSpec(bits=a_bits, granularity="tensor", symmetric=False, observer="percentile")
-    quantize_(m, QuantConfig(QuantSpec(bits=w_bits, observer=observer), act))
-    if a_bits is None:
-        return m
-    gm = quantize_edges(m)
-    calibrate(gm, [calib[i : i + 64] for i in range(0, len(calib), 64)], progress=False)
-    return gm
+    return ptq(model, QuantConfig(QuantSpec(bits=w_bits, observer=observer), act), calib)
 
 
 def weight_only(model: nn.Module, quantizer: str, bits: int) -> nn.Module:

@@ -105,7 +105,8 @@ def layer_table(
 
     for name, mod in model.named_modules():
         leaf = next(iter(mod.children()), None) is None
-        if (leaf or hasattr(mod, "num_attention_heads")) and name:
+        compute = isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))  # also wrapped ones
+        if (leaf or compute or hasattr(mod, "num_attention_heads")) and name:
             handles.append(mod.register_forward_hook(hook(name), with_kwargs=True))
     was_training = model.training
     model.eval()

@@ -68,18 +68,18 @@ def stage_config(stage: QuantizeStage) -> Any:
 @register_stage("quantize", QuantizeStage, data_used="calibration")
 def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> nn.Module:
     from edgeslim.data import load_fashion_mnist
-    from edgeslim.quant import QuantConfig, calibrate, quantize_
+    from edgeslim.quant import QuantConfig
+    from edgeslim.quant.ptq import ptq
 
-    default = stage_config(stage)
     select: dict[Any, QuantConfig | None] = {
         k: None if v is None else QuantConfig.from_dict(v) for k, v in stage.select.items()
     }
-    chosen = quantize_(model, default, select=select)
+    calib = None
     if stage.a_bits is not None:
-        val = load_fashion_mnist("val", limit=stage.calibration)
-        calibrate(model, [val.images[i : i + 64] for i in range(0, len(val), 64)])
+        calib = load_fashion_mnist("val", limit=stage.calibration).images
+    quantized = ptq(model, stage_config(stage), calib, select=select)
     ctx.notes.append(
-        f"quantize: {len(chosen)} layers at W{stage.w_bits}A{stage.a_bits or 32} "
-        f"({stage.quantizer}, {stage.granularity}); calibration on {stage.calibration} val images"
+        f"quantize: W{stage.w_bits}A{stage.a_bits or 32} ({stage.quantizer}, "
+        f"{stage.granularity}); calibration on {stage.calibration} val images"
     )
-    return model
+    return quantized

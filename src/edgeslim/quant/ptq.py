@@ -1,0 +1,46 @@
+"""Post-training quantization in one call: fold BN, quantize layers, edge quantizers, calibrate."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from edgeslim.errors import TraceError
+from edgeslim.quant.api import calibrate, quantize_
+from edgeslim.quant.config import QuantConfig, Selection
+from edgeslim.quant.fold import fold_batchnorm
+
+
+def ptq(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: torch.Tensor | None,
+    select: Selection | None = None,
+    batch_size: int = 64,
+) -> nn.Module:
+    """A quantized copy of ``model``: the deployable PTQ pipeline.
+
+    BatchNorm is folded, every selected conv/linear quantized, activation quantizers moved
+    onto graph edges (so ONNX Runtime can run integer kernels end to end) and calibrated on
+    ``calibration``. Models that do not trace keep per-layer input quantizers. Weight-only
+    configs need no calibration data.
+    """
+    from edgeslim.quant.edges import quantize_edges
+
+    m = copy.deepcopy(model).eval()
+    with contextlib.suppress(TraceError):  # untraceable: BN stays, layers still quantized
+        fold_batchnorm(m)
+    quantize_(m, config, select=select)
+    if config.activation is None or calibration is None:
+        return m
+    out: nn.Module = m
+    try:
+        out = quantize_edges(m)
+    except TraceError:
+        out = m
+    batches = [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
+    calibrate(out, batches, progress=False)
+    return out
