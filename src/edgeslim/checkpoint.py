@@ -52,6 +52,11 @@ def load_state(model: nn.Module, path: Path, expected_sha256: str | None = None)
         raise CheckpointError(
             f"checkpoint {path} is not a valid safetensors file ({exc}); nothing was loaded."
         ) from exc
+    return load_checked(model, state, str(path))
+
+
+def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Copy ``state`` into ``model`` only if every key and shape matches; else refuse."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -68,7 +73,7 @@ def load_state(model: nn.Module, path: Path, expected_sha256: str | None = None)
                 f"shape of {k}: model {tuple(own[k].shape)} vs file {tuple(state[k].shape)}"
             )
         raise CheckpointError(
-            f"checkpoint {path} does not fit the model ({'; '.join(parts)}); nothing was loaded."
+            f"checkpoint {source} does not fit the model ({'; '.join(parts)}); nothing was loaded."
         )
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
