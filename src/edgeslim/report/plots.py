@@ -11,6 +11,16 @@ from edgeslim.report.pareto import pareto_front
 AXES = (("latency_ms", "latency (ms, median)"), ("size_bytes", "size (KiB)"))
 
 
+def _label(r: Record) -> str:
+    """``ptq W8A8``: the method's short name and, where set, its bit-widths."""
+    name = r.method.split(":")[-1]
+    if "w_bits" in r.config and r.config["w_bits"] != 32:
+        name += f" W{r.config['w_bits']}" + (
+            f"A{r.config['a_bits']}" if "a_bits" in r.config else ""
+        )
+    return name
+
+
 def plot_tradeoffs(records: Sequence[Record], out: Path) -> list[Path]:
     """One PNG per (runtime, cost axis): metric vs cost for every model, Pareto front dashed."""
     import matplotlib
@@ -35,7 +45,7 @@ def plot_tradeoffs(records: Sequence[Record], out: Path) -> list[Path]:
                 xy = [(float(getattr(r, field)) * scale, r.value) for r in pts]
                 for (x, y), r in zip(xy, pts, strict=True):
                     ax.scatter(x, y, s=25)
-                    ax.annotate(r.method.split(":")[-1], (x, y), fontsize=7)
+                    ax.annotate(_label(r), (x, y), fontsize=7)
                 front = [xy[i] for i in pareto_front(xy)]
                 ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8)
                 ax.axhline(pts[0].baseline_value, color="grey", lw=0.6)
