@@ -136,3 +136,14 @@ def test_compress_with_a_quantize_stage_exports_int8(tmp_path: Path) -> None:
     assert ort["size_bytes"] < 0.3 * 4 * ort["params"] and ort["macs"] == 31_021_952
     graph = onnx.load(str(out / "model.onnx")).graph
     assert sum(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer) == 22
+
+
+def test_export_onnx_writes_a_checked_int8_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text("stages:\n  - kind: quantize\n    w_bits: 8\n    a_bits: 8\n")
+    out = tmp_path / "m.onnx"
+    args = ["export", "onnx", "resnet20", "--recipe", str(recipe), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--images", "500"])
+    assert result.exit_code == 0, result.output
+    assert "int8 QDQ" in result.output and out.is_file()
+    assert out.stat().st_size < 0.35 * 1_088_744  # int8 weights, not float

@@ -16,6 +16,8 @@ app = typer.Typer(
 )
 zoo_app = typer.Typer(help="Reference models: list and train.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
+export_app = typer.Typer(help="Export models for deployment.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 console = Console()
 if not console.is_terminal:  # logs and CI: wide enough for the tables
     console = Console(width=160)
@@ -227,6 +229,39 @@ def demo(
         fail(exc)
     console.print(_records_table(quant))
     console.print(f"reports: {out / 'baseline' / 'report.md'}, {out / 'quant' / 'report.md'}")
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    model: Annotated[str, typer.Argument(help="zoo name or module:factory (CNNs)")],
+    out: Annotated[Path, typer.Option(help="ONNX file to write")] = Path("model.onnx"),
+    recipe: Annotated[
+        Path | None, typer.Option(help="YAML recipe run first (e.g. quantize)")
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
+    images: Annotated[int, typer.Option(help="test images for the accuracy check")] = 2000,
+) -> None:
+    """Write ONNX (int8 QDQ for quantized models) and check its accuracy against torch."""
+    from edgeslim.export.command import export_checked
+    from edgeslim.recipe import STAGES, StageContext, load_recipe
+    from edgeslim.zoo import resolve_model
+
+    try:
+        net = resolve_model(model, checkpoint)
+        if recipe is not None:
+            r = load_recipe(recipe)
+            ctx = StageContext(out=out.parent, model_name=model)
+            for stage in r.stages:
+                net = STAGES[stage.kind].handler(net, stage, ctx)
+        check = export_checked(net.eval(), out, images=images)
+    except EdgeslimError as exc:
+        fail(exc)
+    kind = "int8 QDQ" if check.quantized else "fp32"
+    console.print(
+        f"wrote {check.path} ({kind}, {check.path.stat().st_size / 1024:.1f} KiB): top-1 "
+        f"{check.ort_top1:.2f}% in ONNX Runtime vs {check.torch_top1:.2f}% in torch "
+        f"on {check.images} test images"
+    )
 
 
 def main() -> None:
