@@ -54,3 +54,10 @@ def test_yaml_cannot_execute_code(tmp_path: Path) -> None:
     evil.write_text("!!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(RecipeError):
         load_recipe(evil)
+
+
+def test_shipped_example_recipes_are_valid() -> None:
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+    assert len(examples) >= 2
+    for path in examples:
+        assert load_recipe(path).stages
