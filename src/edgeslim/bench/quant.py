@@ -35,7 +35,12 @@ CALIBRATION = 256
 
 
 def edgeslim_ptq(
-    model: nn.Module, calib: torch.Tensor, w_bits: int, a_bits: int | None, observer: str
+    model: nn.Module,
+    calib: torch.Tensor,
+    w_bits: int,
+    a_bits: int | None,
+    observer: str,
+    bias_correction: bool = False,
 ) -> nn.Module:
     """edgeslim's PTQ as benchmarked: per-channel weights, uint8 percentile activations."""
     from edgeslim.quant import QuantConfig, QuantSpec
@@ -44,7 +49,8 @@ def edgeslim_ptq(
     act = None
     if a_bits is not None:
         act = QuantSpec(bits=a_bits, granularity="tensor", symmetric=False, observer="percentile")
-    return ptq(model, QuantConfig(QuantSpec(bits=w_bits, observer=observer), act), calib)
+    config = QuantConfig(QuantSpec(bits=w_bits, observer=observer), act)
+    return ptq(model, config, calib, bias_correction=bias_correction)
 
 
 def weight_only(model: nn.Module, quantizer: str, bits: int) -> nn.Module:
@@ -83,18 +89,19 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
         row["seconds"] = time.perf_counter() - t0
         variants[key] = row
 
-    def ptq(bits: int, observer: str) -> dict[str, Any]:
-        gm = edgeslim_ptq(fp32, calib, bits, 8, observer)
+    def ptq(bits: int, observer: str, bias_correction: bool = False) -> dict[str, Any]:
+        gm = edgeslim_ptq(fp32, calib, bits, 8, observer, bias_correction)
         path = export_qdq(copy.deepcopy(gm), (x1,), onnx_dir / f"{name}_w{bits}a8.onnx")
         return {
             "method": "edgeslim:ptq", "runtime": "onnxruntime", "path": path,
             "config": {"w_bits": bits, "a_bits": 8, "estimator": "ste", "granularity": "channel"},
             "size": size_bytes(gm, _quant_bits(gm, bits)), "data_used": "calibration",
-            "fake_quant": gm, "extra": {"observer": observer},
+            "fake_quant": gm,
+            "extra": {"observer": observer, "bias_correction": bias_correction},
         }  # fmt: skip
 
     timed("ptq_w8a8", lambda: ptq(8, "minmax"))
-    timed("ptq_w4a8", lambda: ptq(4, "mse"))
+    timed("ptq_w4a8", lambda: ptq(4, "mse", bias_correction=True))
 
     def peer_ort() -> dict[str, Any]:
         path = ort_quantize_static(fp32_path, onnx_dir / f"{name}_ort_static.onnx", calib, "input")

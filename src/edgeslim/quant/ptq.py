@@ -20,13 +20,15 @@ def ptq(
     calibration: torch.Tensor | None,
     select: Selection | None = None,
     batch_size: int = 64,
+    bias_correction: bool = False,
 ) -> nn.Module:
     """A quantized copy of ``model``: the deployable PTQ pipeline.
 
     BatchNorm is folded, every selected conv/linear quantized, activation quantizers moved
     onto graph edges (so ONNX Runtime can run integer kernels end to end) and calibrated on
     ``calibration``. Models that do not trace keep per-layer input quantizers. Weight-only
-    configs need no calibration data.
+    configs need no calibration data. ``bias_correction`` then removes the mean output
+    shift that weight rounding causes, measured on the same calibration images.
     """
     from edgeslim.quant.edges import quantize_edges
 
@@ -43,4 +45,8 @@ def ptq(
         out = m
     batches = [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
     calibrate(out, batches, progress=False)
+    if bias_correction:
+        from edgeslim.quant.bias_correction import correct_bias
+
+        correct_bias(out, batches)
     return out
