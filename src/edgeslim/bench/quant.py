@@ -1,8 +1,8 @@
 """Suite ``quant``: edgeslim PTQ against fp32 and peers, on the same model and data.
 
 Per model (``resnet20`` and ``mobilenetv2-small`` by default), in one process:
-fp32 (torch, ONNX Runtime); ``edgeslim:ptq`` W8A8 and W4A8 exported as QDQ and run in
-ONNX Runtime; ``onnxruntime:quantize_static``; ``torch:fx_int8``; and weight-only 3-bit
+fp32 (torch, ONNX Runtime); ``edgeslim:ptq`` W8A8 and W4A8 (MSE weight ranges and
+bias correction) exported as QDQ and run in ONNX Runtime; ``onnxruntime:quantize_static``; ``torch:fx_int8``; and weight-only 3-bit
 ``pow2`` vs ``uniform`` (fake-quant in torch: no shift kernel exists in either runtime, so
 no latency). Latency is the median at batch 1 (``latency_ms``) and batch 32
 (``extra.latency_b32_ms``), every variant interleaved with its fp32 baseline.
