@@ -1,12 +1,16 @@
 """Suite ``quant``: edgeslim PTQ against fp32 and peers, on the same model and data.
 
 Per model (``resnet20`` and ``mobilenetv2-small`` by default), in one process:
-fp32 (torch, ONNX Runtime); ``edgeslim:ptq`` W8A8 and W4A8 (MSE weight ranges and
-bias correction) exported as QDQ and run in ONNX Runtime; ``onnxruntime:quantize_static``; ``torch:fx_int8``; and weight-only 3-bit
-``pow2`` vs ``uniform`` (fake-quant in torch: no shift kernel exists in either runtime, so
-no latency). Latency is the median at batch 1 (``latency_ms``) and batch 32
-(``extra.latency_b32_ms``), every variant interleaved with its fp32 baseline.
-QAT rows (W4A4, W2A2/W1A1 with ste vs aqe) are not in this suite yet.
+- fp32 in torch and in ONNX Runtime;
+- ``edgeslim:ptq`` W8A8, and W4A8 with MSE weight ranges and bias correction, exported as
+  QDQ and run in ONNX Runtime;
+- the peers ``onnxruntime:quantize_static`` and ``torch:fx_int8``;
+- weight-only 3-bit ``pow2`` vs ``uniform``, fake-quant in torch (no shift kernel exists in
+  either runtime, so no latency).
+
+Latency is the median at batch 1 (``latency_ms``) and batch 32 (``extra.latency_b32_ms``),
+every variant interleaved with its fp32 baseline. QAT rows (W4A4, W2A2/W1A1 with ste vs
+aqe) are not in this suite yet.
 """
 
 from __future__ import annotations
@@ -151,7 +155,7 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
         runners |= {k: ort_runner(s, {"input": x.numpy()}) for k, s in sessions.items()}
         runners["torch_fp32"] = torch_runner(fp32, x)
         runners["fx_int8"] = torch_runner(variants["fx_int8"]["module"], x)
-        reps = repeats if batch == 1 else max(10, repeats // 10)
+        reps = repeats if batch == 1 else max(20, repeats // 2)  # b32 calls are still cheap
         stats = compare_latency(runners, warmup=5, repeats=reps)
         lat[batch] = {k: v.median_ms for k, v in stats.items()}
 
