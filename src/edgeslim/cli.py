@@ -116,7 +116,7 @@ def info(
         net = resolve_model(model, checkpoint, pretrained=False)  # structure only
         args = example_args_for(model, shape)
         graph = analyze(net, *args)
-        peak = peak_activation_bytes(net, *args)
+        peak = peak_activation_bytes(net, *args, traced=graph.traced)
     except (EdgeslimError, ValueError) as exc:
         fail(exc)
     table = Table(title=f"{model}: layers")

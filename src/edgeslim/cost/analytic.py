@@ -80,10 +80,15 @@ def _graph_peak(gm: fx.GraphModule) -> int:
     return peak
 
 
-def peak_activation_bytes(model: nn.Module, *example_args: Any) -> int:
-    """Peak bytes of simultaneously live activations for one forward pass (see module doc)."""
+def peak_activation_bytes(
+    model: nn.Module, *example_args: Any, traced: fx.GraphModule | None = None
+) -> int:
+    """Peak bytes of simultaneously live activations for one forward pass (see module doc).
+
+    ``traced`` reuses a graph already traced from ``model`` (e.g. ``ModelGraph.traced``).
+    """
     try:
-        gm = trace(model)
+        gm = traced if traced is not None else trace(model)
     except TraceError:
         table = layer_table(model, *example_args)
         return max(

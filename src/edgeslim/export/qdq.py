@@ -98,8 +98,12 @@ def export_qdq(
 
     with export_mode(model):
         out = export_onnx(model, example_args, path, **kwargs)  # type: ignore[arg-type]
-    fold_weight_quantizers(out)
-    drop_relu_before_quantize(out)
+    import onnx
+
+    proto = onnx.load(str(out))
+    fold_weight_quantizers(proto)
+    drop_relu_before_quantize(proto)
+    onnx.save(proto, str(out))
     return out
 
 
@@ -116,7 +120,7 @@ def _constants(graph: Any) -> dict[str, Any]:
     return consts
 
 
-def fold_weight_quantizers(path: Path) -> int:
+def fold_weight_quantizers(model: Any) -> int:
     """Store quantized weights as int8 initializers: ``Q(const) -> DQ`` becomes ``int8 -> DQ``.
 
     The exporter writes each weight as a float constant followed by QuantizeLinear, which
@@ -124,10 +128,8 @@ def fold_weight_quantizers(path: Path) -> int:
     4x. Returns the number of weights folded.
     """
     import numpy as np
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
     graph = model.graph
     consts = _constants(graph)
     folded = 0
@@ -158,11 +160,10 @@ def fold_weight_quantizers(path: Path) -> int:
     ]
     del graph.initializer[:]
     graph.initializer.extend(live)
-    onnx.save(model, str(path))
     return folded
 
 
-def drop_relu_before_quantize(path: Path) -> int:
+def drop_relu_before_quantize(model: Any) -> int:
     """Remove a Relu (or a ReLU6 Clip) whose every consumer is a QuantizeLinear clamping at 0.
 
     ``Q(relu(x)) == Q(x)`` when the zero point equals the lowest code (uint8 zero point 0):
@@ -172,7 +173,6 @@ def drop_relu_before_quantize(path: Path) -> int:
     import numpy as np
     import onnx
 
-    model = onnx.load(str(path))
     graph = model.graph
     consts = _constants(graph)
     users: dict[str, list[onnx.NodeProto]] = {}
@@ -217,5 +217,4 @@ def drop_relu_before_quantize(path: Path) -> int:
         keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
-    onnx.save(model, str(path))
     return removed

@@ -44,7 +44,7 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
     return None
 
 
-def module_macs(module: nn.Module, inp: torch.Tensor | None, out: torch.Tensor | None) -> int:
+def module_macs(module: nn.Module, out: torch.Tensor | None) -> int:
     """Multiply-accumulates of one call (batch included). Conv and linear only.
 
     Normalisation, activations and pooling are counted as 0, the usual convention
@@ -87,7 +87,7 @@ def layer_table(
         def fn(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             inp = _first_tensor(args) if args else _first_tensor(kwargs)
             o = _first_tensor(out)
-            macs = module_macs(mod, inp, o) + attention_macs(mod, inp)
+            macs = module_macs(mod, o) + attention_macs(mod, inp)
             if name in rows:
                 rows[name]["macs"] += macs
                 rows[name]["calls"] += 1
