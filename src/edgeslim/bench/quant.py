@@ -34,7 +34,7 @@ from edgeslim.runtime.ort import ort_session, ort_top1
 from edgeslim.train.loop import evaluate
 from edgeslim.zoo import load_zoo_model
 
-DEFAULT_MODELS = ["resnet20", "mobilenetv2-small"]
+DEFAULT_MODELS = ["resnet20", "mobilenetv2-small", "minilm"]
 CALIBRATION = 256
 
 
@@ -206,4 +206,9 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
 
 @register_suite("quant")
 def quant_suite(out: Path, quick: bool, models: list[str] | None) -> list[Record]:
-    return per_model("quant", models or DEFAULT_MODELS, lambda n: quant_model(n, out, quick))
+    from edgeslim.bench.quant_text import quant_minilm
+
+    def measure(name: str) -> list[Record]:
+        return quant_minilm(out, quick) if name == "minilm" else quant_model(name, out, quick)
+
+    return per_model("quant", models or DEFAULT_MODELS, measure)

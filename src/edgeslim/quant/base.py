@@ -44,6 +44,8 @@ class Quantizer(nn.Module):
     # --- grouping -------------------------------------------------------------------
     def num_groups(self, x: torch.Tensor) -> int:
         g = self.spec.granularity
+        if g == "token" and not self.is_weight:
+            return int(x.numel() // x.shape[-1])
         if g == "tensor" or not self.is_weight:
             return 1
         if g == "channel":
@@ -52,8 +54,10 @@ class Quantizer(nn.Module):
         return int(x.shape[0]) * math.ceil(per / self.spec.group_size)
 
     def to_groups(self, x: torch.Tensor) -> torch.Tensor:
-        """View ``x`` as ``(G, M)`` (activations are always one group)."""
+        """View ``x`` as ``(G, M)`` (activations: one group, or one per token)."""
         g = self.spec.granularity
+        if g == "token" and not self.is_weight:
+            return x.reshape(-1, x.shape[-1])
         if g == "tensor" or not self.is_weight:
             return x.reshape(1, -1)
         if g == "channel":

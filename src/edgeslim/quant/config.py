@@ -53,6 +53,27 @@ def w8a8(granularity: str = "channel") -> QuantConfig:
     )
 
 
+def w8a8_dynamic(per_token: bool = False) -> QuantConfig:
+    """Transformer W8A8: int8 per-channel weights, activations quantized on the fly.
+
+    Per-tensor uint8 (``per_token=False``) is what ONNX Runtime's fused dynamic kernels run;
+    per-token int8 gives each sequence position its own range (more accurate, torch only).
+    """
+    act = (
+        QuantSpec(bits=8, granularity="token", symmetric=True, observer="dynamic")
+        if per_token
+        else QuantSpec(bits=8, granularity="tensor", symmetric=False, observer="dynamic")
+    )
+    return QuantConfig(QuantSpec(bits=8, granularity="channel"), act)
+
+
+def w4_weight_only(group_size: int = 32, observer: str = "minmax") -> QuantConfig:
+    """4-bit symmetric weights in groups of ``group_size`` input elements; float activations."""
+    return QuantConfig(
+        QuantSpec(bits=4, granularity="group", group_size=group_size, observer=observer), None
+    )
+
+
 SelectorKey = str | type[nn.Module]
 Selection = Mapping[SelectorKey, QuantConfig | None]
 

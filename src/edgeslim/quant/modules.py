@@ -58,7 +58,9 @@ class ActQuant(nn.Module):
                 self.observer = OBSERVERS.get(self.spec.observer)()
             self.observer.update(q.to_groups(x.detach()))
             return x
-        if not bool(q.calibrated.item()):
+        if self.spec.observer == "dynamic":
+            q.init_range(x.detach())  # the range of this very tensor (per tensor or token)
+        elif not bool(q.calibrated.item()):
             raise RuntimeError(
                 "activation quantizer used before calibration: run "
                 "edgeslim.quant.calibrate(model, batches) first (PTQ, or before QAT)"
@@ -99,6 +101,9 @@ class QuantMixin:
             self.w_estimator.prepare(self.weight_quantizer)
         if qconfig.activation is not None:
             self.input_quant = ActQuant(qconfig.activation)
+        # SmoothQuant divisor of the input channels (see edgeslim.quant.smooth); None = off
+        if not hasattr(self, "smooth_scale"):
+            self.register_buffer("smooth_scale", None)  # type: ignore[attr-defined]
 
     @property
     def _weight(self) -> torch.Tensor:
@@ -130,6 +135,9 @@ class QuantMixin:
         return out
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        scale: torch.Tensor | None = getattr(self, "smooth_scale", None)
+        if scale is not None:
+            x = x / scale
         return x if self.input_quant is None else self.input_quant(x)
 
 

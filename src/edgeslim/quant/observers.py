@@ -6,6 +6,8 @@ so percentile and MSE searches cost the same whatever the calibration set size.
 
 - ``minmax``: the full observed range.
 - ``percentile``: the 0.01%/99.99% quantiles (clips rare outliers).
+- ``dynamic``: no calibration; the activation quantizer takes its range from every tensor
+  it sees (see :class:`edgeslim.quant.modules.ActQuant`).
 - ``mse``: the clip ratio (of the min/max range, per group) minimising the quantization
   mean-squared error on the sample; 24 ratios from 0.3 to 1.
 """
@@ -121,3 +123,14 @@ def _quantize_groups(q: Quantizer, groups: torch.Tensor) -> torch.Tensor:
 OBSERVERS.register("minmax", MinMaxObserver)
 OBSERVERS.register("percentile", PercentileObserver)
 OBSERVERS.register("mse", MSEObserver)
+
+
+@OBSERVERS.register("dynamic")
+class DynamicObserver(Observer):
+    """Calibration is a no-op: the range is recomputed from each tensor at run time."""
+
+    def update(self, groups: torch.Tensor) -> None:
+        self.seen += 1
+
+    def apply(self, quantizer: Quantizer) -> None:
+        quantizer.calibrated.fill_(True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -50,3 +51,29 @@ def ptq(
 
         correct_bias(out, batches)
     return out
+
+
+def ptq_transformer(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: list[dict[str, torch.Tensor]] | None = None,
+    alpha: float | None = 0.6,
+    select: Selection | None = None,
+) -> nn.Module:
+    """A quantized copy of a Hugging Face encoder: every ``nn.Linear`` quantized.
+
+    With activation quantization and ``calibration`` token batches, SmoothQuant with
+    ``alpha`` first moves activation outliers into the weights (``alpha=None`` skips it).
+    Dynamic activations need no range calibration; the batches only size the smoothing.
+    """
+    from edgeslim.quant.smooth import smooth_
+
+    m = copy.deepcopy(model).eval()
+    with warnings.catch_warnings():  # embeddings have no quantized twin: expected, not news
+        warnings.filterwarnings("ignore", "quantize_: layer types without")
+        quantize_(m, config, select=select)
+    if config.activation is not None and alpha is not None:
+        if not calibration:
+            raise ValueError("SmoothQuant needs calibration batches (or pass alpha=None)")
+        smooth_(m, calibration, alpha)
+    return m

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from edgeslim.errors import EdgeslimError
 
-Granularity = Literal["tensor", "channel", "group"]
-GRANULARITIES = ("tensor", "channel", "group")
+Granularity = Literal["tensor", "channel", "group", "token"]
+GRANULARITIES = ("tensor", "channel", "group", "token")
 
 
 class QuantConfigError(EdgeslimError, ValueError):
@@ -25,7 +25,10 @@ class QuantSpec:
     """How to quantize one tensor (a layer's weight or its input activation).
 
     ``granularity``: one range per tensor, per output channel (weights) or per group of
-    ``group_size`` consecutive input elements within each output channel.
+    ``group_size`` consecutive input elements within each output channel; ``token`` (for
+    activations) gives one range per row of the last dimension (per token of a sequence).
+    ``observer="dynamic"`` (activations only) computes the range from each tensor as it
+    flows instead of from calibration, as ONNX Runtime's dynamic quantization does.
     """
 
     quantizer: str = "uniform"
@@ -58,6 +61,11 @@ class QuantSpec:
                 raise QuantConfigError(
                     f"unknown {kind} {name!r}; valid: {', '.join(sorted(reg.names()))}"
                 )
+        if self.observer == "dynamic" and self.estimator in ("lsq", "pact"):
+            raise QuantConfigError(
+                f"observer='dynamic' recomputes the range at every call, so the learned range "
+                f"of estimator {self.estimator!r} would be overwritten; use ste or clipped_ste"
+            )
         valid_bits = getattr(QUANTIZERS.get(self.quantizer), "VALID_BITS", range(1, 9))
         if self.bits not in valid_bits:
             raise QuantConfigError(
