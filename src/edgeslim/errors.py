@@ -28,3 +28,11 @@ class CheckpointError(EdgeslimError):
 
 class RecipeError(EdgeslimError, ValueError):
     """A recipe is invalid; the message names the field and the allowed values."""
+
+
+class PruneError(EdgeslimError, ValueError):
+    """A pruning request cannot be carried out; the message names the group and why."""
+
+
+class PlanError(PruneError):
+    """A plan file is malformed or does not fit the model; the model was left untouched."""

@@ -1,0 +1,127 @@
+"""First-order Taylor importance (Molchanov et al. 2019), from a few batches of data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeslim.graph.coupling import CouplingGroup, GroupMember
+from edgeslim.prune.importance.base import (
+    Importance,
+    combine,
+    finish,
+    register,
+    scored_members,
+    unit_view,
+)
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def _forward(model: nn.Module, inputs: Any) -> Any:
+    """Call the model on a tensor, a tuple of positional tensors, or a dict of keyword ones."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _channel_params(module: nn.Module, member: GroupMember) -> list[torch.Tensor]:
+    """The member's tensors indexed by the group's channels: weight, plus bias unless a consumer."""
+    names = ("weight",) if member.role == "in" else ("weight", "bias")
+    out: list[torch.Tensor] = []
+    for n in names:
+        p = getattr(module, n, None)
+        if isinstance(p, nn.Parameter):
+            out.append(p)
+    return out
+
+
+@register("taylor")
+class Taylor(Importance):
+    """``|sum over a unit's parameters of w * dL/dw|``, averaged over ``batches``.
+
+    That sum is the first-order change of the loss when the unit's parameters are zeroed,
+    so units whose removal the loss barely notices score low. Each batch is
+    ``(inputs, target)``; ``inputs`` is a tensor, a tuple of positional tensors or a dict of
+    keyword tensors, and the loss is ``loss_fn(model(inputs), target)`` (cross-entropy by
+    default; a ``loss_fn`` for an encoder may ignore ``target``). ``batches`` is stored as a
+    list, so a generator can be passed.
+
+    Members are the producers (``out``/``depthwise``: weight and bias rows) and, with
+    ``include_consumers``, the consumers' weight columns. Per-member sums are *not*
+    normalised by default: Taylor values are loss changes, already on one scale across
+    layers. The model runs in eval mode (so BatchNorm statistics and dropout are untouched),
+    gradients come from ``torch.autograd.grad`` (no ``.grad`` is written), and every
+    module's train/eval mode and every parameter's ``requires_grad`` are restored.
+    """
+
+    def __init__(
+        self,
+        batches: Iterable[tuple[Any, Any]],
+        loss_fn: LossFn = F.cross_entropy,
+        include_consumers: bool = False,
+        normalize: bool = False,
+    ) -> None:
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("taylor importance needs at least one (inputs, target) batch")
+        self.loss_fn = loss_fn
+        self.include_consumers = include_consumers
+        self.normalize = normalize
+
+    def scores(self, model: nn.Module, groups: Sequence[CouplingGroup]) -> dict[int, torch.Tensor]:
+        targets = [g for g in groups if g.prunable]
+        # (group, member, key, param); a parameter may serve several groups.
+        entries: list[tuple[CouplingGroup, GroupMember, tuple[int, int], torch.Tensor]] = []
+        for g in targets:
+            for m in scored_members(g, self.include_consumers):
+                key = (g.id, g.members.index(m))
+                for p in _channel_params(model.get_submodule(m.fqn), m):
+                    entries.append((g, m, key, p))
+        params = list({id(p): p for *_, p in entries}.values())
+        index = {id(p): i for i, p in enumerate(params)}
+        acc: dict[tuple[int, int], torch.Tensor] = {}  # (group id, member idx) -> (size,)
+
+        modes = [(m, m.training) for m in model.modules()]
+        grad_flags = [(p, p.requires_grad) for p in params]
+        try:
+            model.eval()
+            for p in params:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                for inputs, target in self.batches:
+                    loss = self.loss_fn(_forward(model, inputs), target)
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    batch: dict[tuple[int, int], torch.Tensor] = {}
+                    for g, m, key, p in entries:
+                        grad = grads[index[id(p)]]
+                        if grad is None:
+                            continue
+                        part = unit_view((p.detach() * grad).double(), m, g).sum(dim=1)
+                        batch[key] = batch[key] + part if key in batch else part
+                    for key, value in batch.items():
+                        acc[key] = acc[key] + value.abs() if key in acc else value.abs()
+        finally:
+            for p, flag in grad_flags:
+                p.requires_grad_(flag)
+            for mod, training in modes:
+                mod.training = training
+
+        out: dict[int, torch.Tensor] = {}
+        n = len(self.batches)
+        for g in targets:
+            per_member = [
+                acc[key] / n
+                for m in scored_members(g, self.include_consumers)
+                if (key := (g.id, g.members.index(m))) in acc
+            ]
+            if not per_member:
+                per_member = [torch.zeros(g.size, dtype=torch.float64)]
+            out[g.id] = finish(combine(per_member, self.normalize))
+        return out

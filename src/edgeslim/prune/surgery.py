@@ -1,0 +1,321 @@
+"""Structured pruning surgery: physically remove coupled channels from a model.
+
+Given ``{group: kept unit indices}`` (groups from :func:`edgeslim.graph.analyze`), every
+member module is rebuilt smaller: new ``nn.Parameter`` tensors, sliced BatchNorm statistics
+and updated ``in_channels``/``out_features``/``groups``/``num_features`` attributes, so the
+result is an ordinary, smaller ``nn.Module`` that still traces and exports.
+
+All groups of a request are applied together. A module's channel axis may hold several
+groups side by side (a concatenation), and each member's ``offset`` refers to the *original*
+axis, so the kept positions are first collected per ``(module, axis)`` over the full axis
+and each module is sliced once. Work happens in two phases: :func:`prepare_surgery`
+validates the request and computes every new tensor without touching the model, then
+:meth:`Surgery.apply` swaps them in. A refused request therefore never leaves a model
+half-pruned.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.errors import PruneError
+from edgeslim.graph.coupling import CouplingGroup, GroupMember
+
+KeepIndices = Sequence[int] | torch.Tensor
+KeepMap = Mapping[CouplingGroup, KeepIndices]
+
+_AXIS = {"out": 0, "bn": 0, "depthwise": 0, "in": 1}
+_UNIT_WORD = {"channel": "channels", "head": "heads", "ffn": "neurons", "hidden": "features"}
+
+
+def group_key(group: CouplingGroup) -> str:
+    """Stable name of a group: the FQN of its first producing layer (``#id`` if it has none).
+
+    Producers are unique to a group (a layer's output axis is one channel space), and FQNs
+    survive re-analysis of a freshly built model, unlike ``group.id``.
+    """
+    return group.producers[0] if group.producers else f"#{group.id}"
+
+
+def describe_group(group: CouplingGroup) -> str:
+    """``group 'layer1.0.conv1' (16 channels)`` — for error messages."""
+    return f"group {group_key(group)!r} ({group.size} {_UNIT_WORD.get(group.kind, 'units')})"
+
+
+def round_keep(n_keep: int, size: int, round_to: int = 1) -> int:
+    """``n_keep`` rounded *up* to a multiple of ``round_to``, within ``[1, size]``.
+
+    Up, so a planner never keeps fewer channels than it asked for; hardware kernels run
+    best on multiples of 4/8/16. A group smaller than ``round_to`` is kept whole.
+    """
+    if size < 1:
+        raise PruneError(f"group size must be >= 1; got {size}")
+    if round_to < 1:
+        raise PruneError(f"round_to must be >= 1; got {round_to}")
+    n = min(max(int(n_keep), 1), size)
+    n = -(-n // round_to) * round_to
+    return min(n, size)
+
+
+def check_kept(group: CouplingGroup, kept: KeepIndices) -> list[int]:
+    """Sorted kept indices of ``group``; refuse a fixed group, bad indices or keeping none."""
+    name = describe_group(group)
+    if not group.prunable:
+        raise PruneError(
+            f"cannot prune {name}: it is not prunable ({group.reason}). "
+            "Leave it out of the request."
+        )
+    raw = kept.tolist() if isinstance(kept, torch.Tensor) else list(kept)
+    idx: list[int] = []
+    for i in raw:
+        if isinstance(i, bool):
+            raise PruneError(f"kept indices of {name} must be integers, not booleans")
+        try:
+            idx.append(operator.index(i))
+        except TypeError:
+            raise PruneError(f"kept indices of {name} must be integers; got {i!r}") from None
+    if not idx:
+        raise PruneError(
+            f"cannot keep zero {_UNIT_WORD.get(group.kind, 'units')} of {name}: that would cut "
+            "the network. Keep at least one."
+        )
+    bad = [i for i in idx if not 0 <= i < group.size]
+    if bad:
+        raise PruneError(f"kept index {bad[0]} of {name} is out of range 0..{group.size - 1}")
+    if len(set(idx)) != len(idx):
+        dup = next(i for i in idx if idx.count(i) > 1)
+        raise PruneError(f"kept index {dup} of {name} is listed twice")
+    return sorted(idx)
+
+
+# --- per-module slicing -------------------------------------------------------------------
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.modules.conv._ConvNd)
+        and m.groups > 1
+        and m.groups == m.in_channels == m.out_channels
+    )
+
+
+def _is_norm(m: nn.Module) -> bool:
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return True
+    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
+
+
+def _axis_len(m: nn.Module, axis: int) -> int:
+    if isinstance(m, nn.LayerNorm):
+        return int(m.normalized_shape[0])
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return int(m.num_features)
+    weight = m.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[axis])
+
+
+def _check_role(m: nn.Module, fqn: str, role: str, name: str) -> None:
+    plain = isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1)
+    ok = {
+        "out": plain,
+        "in": plain,
+        "depthwise": _is_depthwise(m),
+        "bn": _is_norm(m),
+    }.get(role, False)
+    if not ok:
+        raise PruneError(
+            f"cannot prune {name}: member `{fqn}` ({type(m).__name__}) cannot be sliced as "
+            f"role {role!r}; edgeslim slices Conv/Linear (groups=1), depthwise convs and "
+            "BatchNorm/LayerNorm layers."
+        )
+
+
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t.detach().index_select(dim, idx.to(t.device))
+
+
+def _sliced(
+    m: nn.Module, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """New tensors and attributes of ``m`` after keeping ``out_idx`` / ``in_idx`` (None = all)."""
+    tensors: dict[str, torch.Tensor] = {}
+    attrs: dict[str, Any] = {}
+    if _is_norm(m):
+        n = _axis_len(m, 0)
+        own = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+        for name, t in own:
+            if out_idx is not None and t.dim() >= 1 and t.shape[0] == n:
+                tensors[name] = _take(t, 0, out_idx)
+        if out_idx is not None:
+            k = int(out_idx.numel())
+            attrs["normalized_shape" if isinstance(m, nn.LayerNorm) else "num_features"] = (
+                (k,) if isinstance(m, nn.LayerNorm) else k
+            )
+        return tensors, attrs
+    weight = m.weight
+    bias = m.bias
+    assert isinstance(weight, torch.Tensor)
+    w = _take(_take(weight, 0, out_idx), 1, in_idx)
+    tensors["weight"] = w
+    if isinstance(bias, torch.Tensor) and out_idx is not None:
+        tensors["bias"] = _take(bias, 0, out_idx)
+    if isinstance(m, nn.Linear):
+        attrs.update(out_features=int(w.shape[0]), in_features=int(w.shape[1]))
+    elif _is_depthwise(m):
+        n = int(w.shape[0])
+        attrs.update(out_channels=n, in_channels=n, groups=n)
+    else:
+        attrs.update(out_channels=int(w.shape[0]), in_channels=int(w.shape[1]))
+    return tensors, attrs
+
+
+@dataclass
+class _Edit:
+    fqn: str
+    module: nn.Module
+    tensors: dict[str, torch.Tensor]
+    attrs: dict[str, Any]
+
+
+@dataclass
+class Surgery:
+    """A validated pruning request with every new tensor computed; nothing applied yet.
+
+    ``state_shapes()`` tells what the state dict will look like (to check a checkpoint
+    before committing); ``apply()`` swaps the tensors in, in place.
+    """
+
+    model: nn.Module
+    edits: list[_Edit]
+    applied: bool = field(default=False)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every state-dict entry of the model after :meth:`apply`."""
+        new: dict[int, torch.Tensor] = {}
+        for e in self.edits:
+            own: dict[str, torch.Tensor] = dict(e.module.named_buffers(recurse=False))
+            own.update(e.module.named_parameters(recurse=False))
+            for name, t in e.tensors.items():
+                new[id(own[name])] = t
+        state = self.model.state_dict(keep_vars=True)
+        return {k: tuple(new.get(id(v), v).shape) for k, v in state.items()}
+
+    def apply(self) -> nn.Module:
+        """Swap in the sliced tensors and attributes; returns the (same) model."""
+        if self.applied:
+            raise PruneError("this surgery was already applied; prepare a new one")
+        with torch.no_grad():
+            for e in self.edits:
+                params = e.module._parameters
+                for name, t in e.tensors.items():
+                    old = params.get(name)
+                    if old is not None:
+                        setattr(e.module, name, nn.Parameter(t, requires_grad=old.requires_grad))
+                    else:
+                        setattr(e.module, name, t)
+                for name, value in e.attrs.items():
+                    setattr(e.module, name, value)
+        self.applied = True
+        return self.model
+
+
+def _canonical_names(model: nn.Module) -> dict[int, str]:
+    """One FQN per module object, so a module reachable by two paths is sliced once."""
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def _head_parent(model: nn.Module, group: CouplingGroup, name: str) -> tuple[str, nn.Module]:
+    fqn = group.producers[0].rsplit(".", 1)[0] if "." in group.producers[0] else ""
+    parent = model.get_submodule(fqn)
+    if not hasattr(parent, "num_attention_heads"):
+        raise PruneError(
+            f"cannot prune {name}: `{fqn}` has no `num_attention_heads` to update, so the "
+            "attention would reshape wrongly after pruning."
+        )
+    return fqn, parent
+
+
+def prepare_surgery(model: nn.Module, keep: KeepMap) -> Surgery:
+    """Validate ``keep`` against ``model`` and compute the sliced tensors; model untouched.
+
+    Raises :class:`PruneError` for a non-prunable group, an index out of range, keeping
+    zero units, or a member the model lacks or edgeslim cannot slice.
+    """
+    names = _canonical_names(model)
+    masks: dict[tuple[str, int], torch.Tensor] = {}
+    modules: dict[str, nn.Module] = {}
+    attr_edits: dict[str, dict[str, Any]] = {}
+    for group, kept in keep.items():
+        idx = check_kept(group, kept)
+        name = describe_group(group)
+        unit_keep = torch.zeros(group.size, dtype=torch.bool)
+        unit_keep[idx] = True
+        for mem in group.members:
+            fqn, m = _member(model, names, mem, name)
+            _check_role(m, mem.fqn, mem.role, name)
+            axis = _AXIS[mem.role]
+            step = group.unit * mem.repeat
+            length = _axis_len(m, axis)
+            end = mem.offset + group.size * step
+            if end > length:
+                raise PruneError(
+                    f"cannot prune {name}: member `{mem.fqn}` has {length} positions on axis "
+                    f"{axis} but the group spans {mem.offset}..{end}; the group does not "
+                    "belong to this model (re-run analyze on it)."
+                )
+            mask = masks.setdefault((fqn, axis), torch.ones(length, dtype=torch.bool))
+            mask[mem.offset : end] &= unit_keep.repeat_interleave(step)
+            modules[fqn] = m
+        if group.kind == "head":
+            pfqn, parent = _head_parent(model, group, name)
+            attrs = {"num_attention_heads": len(idx)}
+            if hasattr(parent, "all_head_size"):
+                attrs["all_head_size"] = len(idx) * group.unit
+            attr_edits[names.get(id(parent), pfqn)] = attrs
+    edits: list[_Edit] = []
+    for fqn, m in modules.items():
+        out_idx, in_idx = (_kept_positions(masks.get((fqn, a))) for a in (0, 1))
+        if in_idx is not None and (_is_depthwise(m) or _is_norm(m)):
+            raise PruneError(f"`{fqn}` is asked to drop input channels, which it cannot do")
+        if out_idx is None and in_idx is None:
+            continue
+        tensors, attrs = _sliced(m, out_idx, in_idx)
+        edits.append(_Edit(fqn, m, tensors, attrs))
+    for fqn, attrs in attr_edits.items():
+        edits.append(_Edit(fqn, model.get_submodule(fqn), {}, attrs))
+    return Surgery(model, edits)
+
+
+def _member(
+    model: nn.Module, names: dict[int, str], mem: GroupMember, name: str
+) -> tuple[str, nn.Module]:
+    try:
+        m = model.get_submodule(mem.fqn)
+    except AttributeError:
+        raise PruneError(
+            f"cannot prune {name}: the model has no module `{mem.fqn}` (the group comes from "
+            "a different model; re-run analyze on this one)."
+        ) from None
+    return names.get(id(m), mem.fqn), m
+
+
+def _kept_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None or bool(mask.all()):
+        return None
+    return torch.nonzero(mask).flatten()
+
+
+def prune_groups(model: nn.Module, keep: KeepMap) -> nn.Module:
+    """Keep only ``keep[group]`` units of every listed group, in place; returns ``model``.
+
+    Groups not listed keep all their channels. Optimizers holding the old parameters must
+    be rebuilt afterwards, since every sliced tensor is a new ``nn.Parameter``.
+    """
+    return prepare_surgery(model, keep).apply()
