@@ -24,3 +24,10 @@ def test_quant_suite_rows_on_vgg_small(tmp_path: Path) -> None:
         assert r.extra["latency_b32_ms"] > 0 and r.data_used == "calibration"
     pow2 = by[("edgeslim:ptq_pow2", 3, "torch")]
     assert pow2.latency_ms is None and pow2.value > 50.0
+    qat = {(r.config["w_bits"], r.config["estimator"]): r for r in records
+           if r.method == "edgeslim:qat"}  # fmt: skip
+    assert set(qat) == {(4, "ste"), (2, "ste"), (2, "aqe")}  # W1A1 only in the full run
+    w4a4 = qat[(4, "ste")]
+    assert w4a4.data_used == "train" and w4a4.latency_ms is None
+    assert w4a4.value >= w4a4.extra["ptq_top1"] - 1.0 and w4a4.value > 85.0
+    assert w4a4.size_bytes < w8.size_bytes

@@ -10,7 +10,8 @@ Per model (``resnet20`` and ``mobilenetv2-small`` by default), in one process:
 
 Latency is the median at batch 1 (``latency_ms``) and batch 32 (``extra.latency_b32_ms``),
 every variant interleaved with its fp32 baseline. QAT rows (W4A4, W2A2/W1A1 with ste vs
-aqe) are not in this suite yet.
+aqe; see :mod:`edgeslim.bench.quant_qat`) are fine-tuned for one epoch on
+``QAT_IMAGES`` training images and scored in torch. MiniLM rows: :mod:`edgeslim.bench.quant_text`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.bench.quant_qat import VARIANTS, QatVariant, qat_variant
 from edgeslim.bench.records import Record
 from edgeslim.bench.suites import per_model, register_suite
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
@@ -31,9 +33,11 @@ from edgeslim.data import load_fashion_mnist
 from edgeslim.export import export_onnx
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.runtime.ort import ort_session, ort_top1
-from edgeslim.train.loop import evaluate
+from edgeslim.train.loop import TrainConfig, evaluate
 from edgeslim.zoo import load_zoo_model
 
+QAT_IMAGES, QAT_IMAGES_QUICK = 5000, 512
+QAT_CONFIG = TrainConfig(epochs=1, lr=0.001, batch_size=64)
 DEFAULT_MODELS = ["resnet20", "mobilenetv2-small", "minilm"]
 CALIBRATION = 256
 
@@ -136,6 +140,22 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
             }  # fmt: skip
 
         timed(f"w3_{quantizer}", wonly)
+
+    qat_train_split = load_fashion_mnist("train", limit=QAT_IMAGES_QUICK if quick else QAT_IMAGES)
+    for variant in VARIANTS[:3] if quick else VARIANTS:  # quick: W4A4 and W2A2 ste/aqe
+
+        def qat(v: QatVariant = variant) -> dict[str, Any]:
+            res = qat_variant(fp32, v, calib, qat_train_split, test, QAT_CONFIG)
+            return {
+                "method": "edgeslim:qat", "runtime": "torch", "top1": res["top1"],
+                "no_latency": True, "data_used": "train",
+                "config": {"w_bits": v.w_bits, "a_bits": v.a_bits, "estimator": v.estimator,
+                           "granularity": "channel"},
+                "size": size_bytes(res["module"], _quant_bits(res["module"], v.w_bits)),
+                "extra": res["extra"],
+            }  # fmt: skip
+
+        timed(variant.key, qat)
 
     sessions = {k: ort_session(v["path"]) for k, v in variants.items() if "path" in v}
     fp32_sess = ort_session(fp32_path)
