@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Two threads, like CI and the benchmarks; EDGESLIM_TEST_THREADS=1 when another job shares
+# the cores (two 2-thread torch processes on 2 cores spin-wait for each other).
+torch.set_num_threads(int(os.environ.get("EDGESLIM_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

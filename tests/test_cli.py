@@ -70,13 +70,13 @@ def test_untraceable_model_names_op_and_module(
 
 def test_invalid_recipe_is_a_clear_error(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("stages:\n  - kind: prune\n")
+    recipe.write_text("stages:\n  - kind: magic\n")
     result = runner.invoke(
         app, ["compress", "resnet20", "--recipe", str(recipe), "--out", str(tmp_path)]
     )
     assert result.exit_code == 2
     assert (
-        "stages[0].kind: 'prune' is not a stage kind; allowed values: finetune, quantize"
+        "stages[0].kind: 'magic' is not a stage kind; allowed values: finetune, prune, quantize"
         in _one_paragraph(result.output)
     )
 

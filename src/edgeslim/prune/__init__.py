@@ -1,5 +1,8 @@
-"""Structured pruning: importance criteria, surgery on coupled channel groups, prune plans."""
+"""Structured pruning: importance criteria, surgery on coupled channel groups, prune plans,
+the planner (global ranking under a MACs target), learned gates and fine-tuning."""
 
+from edgeslim.prune.finetune import finetune_pruned
+from edgeslim.prune.gates import GateResult, GateSet, attach_gates, train_gates
 from edgeslim.prune.importance import IMPORTANCE, Importance, get_importance
 from edgeslim.prune.plan import (
     PlanError,
@@ -9,6 +12,14 @@ from edgeslim.prune.plan import (
     match_plan,
     pruned_paths,
     save_pruned,
+)
+from edgeslim.prune.planner import (
+    PlanStats,
+    PruneWarning,
+    build_importance,
+    plan_keep,
+    plan_pruning,
+    prune_,
 )
 from edgeslim.prune.surgery import (
     PruneError,
@@ -23,21 +34,32 @@ from edgeslim.prune.surgery import (
 
 __all__ = [
     "IMPORTANCE",
+    "GateResult",
+    "GateSet",
     "Importance",
     "PlanError",
+    "PlanStats",
     "PruneError",
     "PrunePlan",
+    "PruneWarning",
     "Surgery",
     "apply_plan",
+    "attach_gates",
+    "build_importance",
     "check_kept",
     "describe_group",
+    "finetune_pruned",
     "get_importance",
     "group_key",
     "load_pruned",
     "match_plan",
+    "plan_keep",
+    "plan_pruning",
     "prepare_surgery",
+    "prune_",
     "prune_groups",
     "pruned_paths",
     "round_keep",
     "save_pruned",
+    "train_gates",
 ]

@@ -83,6 +83,7 @@ class Recipe(BaseModel):
 
 
 def _load_builtin_stages() -> None:
+    import edgeslim.prune.stage
     import edgeslim.quant.stage
     import edgeslim.train.stage  # noqa: F401  (registers "finetune")
 

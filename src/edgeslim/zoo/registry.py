@@ -105,9 +105,14 @@ def load_zoo_model(name: str, pretrained: bool = True) -> nn.Module:
 
 
 def resolve_model(spec: str, checkpoint: Path | None = None, pretrained: bool = True) -> nn.Module:
-    """A model from a zoo name, ``minilm``, or ``module:factory`` (+ optional safetensors)."""
+    """A model from a zoo name, a shipped pruned model, ``minilm``, or ``module:factory``
+    (+ optional safetensors)."""
+    from edgeslim.zoo.pruned import is_pruned_name, load_pruned_zoo_model
+
     if spec in ZOO:
         model = load_zoo_model(spec, pretrained=pretrained and checkpoint is None)
+    elif is_pruned_name(spec):
+        model = load_pruned_zoo_model(spec)
     elif spec == "minilm":
         from edgeslim.zoo.minilm import load_minilm
 

@@ -1,0 +1,519 @@
+"""The pruning planner: how many channels each coupling group keeps, and which ones.
+
+``plan_pruning`` turns an importance criterion and a budget into a :class:`PrunePlan`:
+
+- **Global ranking under a MACs target** (``macs_reduction=0.5``): every channel of every
+  prunable group is ranked by its score divided by its group's mean score, and channels are
+  removed lowest-first until the MACs drop by the target. With ``round_to=k`` a group loses
+  channels ``k`` at a time (a *step*), ranked by the mean score of the step's channels, so
+  every kept width is a multiple of ``k`` (or the group's full width).
+- **Uniform ratio** (``ratio=0.3``, or ``macs_reduction`` with ``global_ranking=False``):
+  every group loses the same fraction; for a MACs target the ratio is found by bisection.
+- **Per-layer ratios** (``ratio={"layer1.0.conv1": 0.5, "layer3.*": 0.25}``): keys are group
+  keys (the first producing layer's FQN, see :func:`~edgeslim.prune.surgery.group_key`) or
+  ``fnmatch`` globs over them; unlisted groups stay whole.
+
+No group ever loses more than ``max_group_ratio`` of its channels. Groups the coupling
+analysis marks not prunable (an op edgeslim cannot slice through, a reshape that mixes
+channels, a misaligned add) are left whole and named in one :class:`PruneWarning`; the
+natural ones (the model input and output) are not worth a warning.
+
+Decision — MACs are computed by an exact model of the surgery, not estimated: a conv or
+linear layer's MACs scale with the fraction of its input columns and output rows that stay
+(a depthwise conv's with its channels, an attention block's matmuls with its heads), which
+is exactly how :func:`~edgeslim.graph.layers.module_macs` counts them. The chosen plan is
+then applied to a copy and counted with the layer table; if that real count disagrees with
+the model (an op the model does not cover), the search runs again on a corrected target.
+Global ranking lands in ``[target, target + 1 point]``: a step that would overshoot that
+window is skipped (and its group frozen) while cheaper steps of other groups fill the gap.
+
+Decision — normalisation: scores are divided by their group's mean before global
+ranking (Torch-Pruning's ``normalizer="mean"``), so a residual group whose score sums
+three producers is not ranked three times more important than a plain one, and Taylor's
+raw loss changes compare across groups as relative importance.
+
+Decision — rank by score alone, not by score per MAC saved (the knapsack ratio): dividing
+by each group's per-channel MACs (even by its square root) sent every early,
+high-resolution group to ``round_to`` channels and cost accuracy after the same fine-tune
+(-50% MACs, l1, 1 epoch on 10k images with KD: resnet20 91.3% vs 93.0%, vgg-small 91.4%
+vs 92.3%).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.data.fashion_mnist import Split
+from edgeslim.errors import PruneError
+from edgeslim.graph import layer_table, total_macs
+from edgeslim.graph.coupling import CouplingGroup
+from edgeslim.graph.model_graph import ModelGraph, analyze
+from edgeslim.prune.importance import Importance, get_importance
+from edgeslim.prune.plan import PrunePlan
+from edgeslim.prune.surgery import group_key, prune_groups, round_keep
+
+NATURAL_REASONS = ("model input", "model output")
+TOLERANCE = 0.01  # a MACs target is met when the reduction lands in [target, target + 1 point]
+_EPS = 1e-9
+
+
+class PruneWarning(UserWarning):
+    """Something was left unpruned or a target could only be approximated."""
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """What a plan achieves, measured on a pruned copy of the model."""
+
+    base_macs: int
+    macs: int
+    kept: dict[str, int]
+    sizes: dict[str, int]
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1.0 - self.macs / self.base_macs if self.base_macs else 0.0
+
+
+# --- MACs after removing units, exactly as the layer table counts them -------------------
+
+
+@dataclass(frozen=True)
+class _Axis:
+    length: int
+    terms: tuple[tuple[int, int], ...]  # (candidate index, positions per removed unit)
+
+
+@dataclass(frozen=True)
+class _Row:
+    macs: int
+    axes: tuple[_Axis, ...]
+
+
+class MacModel:
+    """Total MACs of a model as a function of how many units each candidate group loses.
+
+    Built from one layer table: a conv/linear layer's MACs are proportional to its input
+    columns (``in`` members, ``unit * repeat`` per unit) times its output rows (``out``),
+    a depthwise conv's to its channels, a BERT attention block's matmuls to its heads.
+    """
+
+    def __init__(
+        self, model: nn.Module, graph: ModelGraph, candidates: Sequence[CouplingGroup]
+    ) -> None:
+        axes: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for ci, g in enumerate(candidates):
+            for mem in g.members:
+                axis = {"in": "in", "out": "out", "depthwise": "out"}.get(mem.role)
+                if axis is not None:
+                    width = g.unit * (mem.repeat if mem.role == "in" else 1)
+                    axes.setdefault((mem.fqn, axis), []).append((ci, width))
+            if g.kind == "head" and g.producers and "." in g.producers[0]:
+                parent = g.producers[0].rsplit(".", 1)[0]
+                axes.setdefault((parent, "heads"), []).append((ci, 1))
+        self.fixed = 0
+        self.rows: list[_Row] = []
+        for fqn, info in graph.layers.items():
+            row_axes = []
+            for axis in ("in", "out", "heads"):
+                terms = axes.get((fqn, axis))
+                if terms:
+                    row_axes.append(_Axis(_axis_length(model, fqn, axis), tuple(terms)))
+            if row_axes and info.macs:
+                self.rows.append(_Row(info.macs, tuple(row_axes)))
+            else:
+                self.fixed += info.macs
+        self.base = self.fixed + sum(r.macs for r in self.rows)
+
+    def macs(self, removed: Sequence[int]) -> float:
+        """MACs after candidate ``i`` loses ``removed[i]`` units."""
+        total = float(self.fixed)
+        for row in self.rows:
+            m = float(row.macs)
+            for ax in row.axes:
+                m *= (ax.length - sum(removed[ci] * w for ci, w in ax.terms)) / ax.length
+            total += m
+        return total
+
+    def reduction(self, removed: Sequence[int]) -> float:
+        return 1.0 - self.macs(removed) / self.base if self.base else 0.0
+
+
+def _axis_length(model: nn.Module, fqn: str, axis: str) -> int:
+    m = model.get_submodule(fqn)
+    if axis == "heads":
+        heads = m.num_attention_heads
+        assert isinstance(heads, int)
+        return heads
+    weight = m.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[1 if axis == "in" else 0])
+
+
+# --- the planner -------------------------------------------------------------------------
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _warn_fixed(groups: Sequence[CouplingGroup]) -> list[str]:
+    """Warn once about every group with layers that the analysis could not make prunable."""
+    lines = []
+    for g in groups:
+        if g.prunable or not g.producers or g.reason in NATURAL_REASONS:
+            continue
+        layers = ", ".join(dict.fromkeys(g.producers))
+        lines.append(f"{layers} ({g.reason})")
+    if lines:
+        warnings.warn(
+            "left whole, not safe to prune: " + "; ".join(lines), PruneWarning, stacklevel=3
+        )
+    return lines
+
+
+def _candidates(
+    graph: ModelGraph, skip: Sequence[str]
+) -> tuple[list[CouplingGroup], list[CouplingGroup]]:
+    """``(prunable groups the planner may shrink, groups skipped by request)``."""
+    used = dict.fromkeys(skip, False)
+    cands: list[CouplingGroup] = []
+    skipped: list[CouplingGroup] = []
+    for g in graph.groups:
+        if not g.prunable or not g.producers or g.size < 2:
+            continue
+        names = [group_key(g), *(m.fqn for m in g.members)]
+        hit = [p for p in skip if any(_matches(n, p) for n in names)]
+        for p in hit:
+            used[p] = True
+        (skipped if hit else cands).append(g)
+    unknown = [p for p, u in used.items() if not u and not _is_glob(p)]
+    for p in unknown:
+        try:
+            graph.model.get_submodule(p)
+        except AttributeError:
+            raise PruneError(
+                f"skip: the model has no layer {p!r}; give layer FQNs or glob patterns"
+            ) from None
+    return cands, skipped
+
+
+def _normalised(scores: torch.Tensor) -> torch.Tensor:
+    s = scores.double()
+    mean = float(s.abs().mean())
+    return s / mean if mean > 0 else torch.ones_like(s)
+
+
+def _min_keep(size: int, max_group_ratio: float, round_to: int) -> int:
+    return round_keep(math.ceil(size * (1.0 - max_group_ratio) - _EPS), size, round_to)
+
+
+def _widths(size: int, min_keep: int, round_to: int) -> list[int]:
+    """Allowed kept widths, widest first: the full width, then multiples of ``round_to``."""
+    lower = [w for w in range(size - 1, min_keep - 1, -1) if w % round_to == 0]
+    return [size, *lower]
+
+
+def _ratio_keep(size: int, ratio: float, min_keep: int, round_to: int) -> int:
+    return max(min_keep, round_keep(math.ceil(size * (1.0 - ratio) - _EPS), size, round_to))
+
+
+def _check_target(macs_reduction: float) -> None:
+    if not 0.0 < macs_reduction < 1.0:
+        raise PruneError(f"macs_reduction must be in (0, 1); got {macs_reduction}")
+
+
+def _global_widths(
+    macs: MacModel,
+    cands: Sequence[CouplingGroup],
+    scores: Sequence[torch.Tensor],
+    target: float,
+    max_group_ratio: float,
+    round_to: int,
+) -> list[int]:
+    """Kept width per candidate: remove the lowest-scored steps until ``target`` is met.
+
+    A step's priority is the mean score of its channels. A step that would overshoot the
+    target by more than :data:`TOLERANCE` is not taken and freezes its group (its later
+    steps remove even more); if no combination lands in the window, the smallest overshoot
+    is taken.
+    """
+    steps: list[tuple[float, int, int]] = []
+    widths: list[list[int]] = []
+    for ci, (g, s) in enumerate(zip(cands, scores, strict=True)):
+        ws = _widths(g.size, _min_keep(g.size, max_group_ratio, round_to), round_to)
+        widths.append(ws)
+        ranked = torch.sort(s).values
+        for j in range(1, len(ws)):
+            chunk = ranked[g.size - ws[j - 1] : g.size - ws[j]]
+            steps.append((float(chunk.mean()), ci, j))
+    steps.sort()
+    level = [0] * len(cands)  # index into widths[ci]
+    removed = [0] * len(cands)
+    frozen: dict[int, float] = {}
+    reached = False
+    for _, ci, j in steps:
+        if ci in frozen or j != level[ci] + 1:
+            continue
+        trial = list(removed)
+        trial[ci] = cands[ci].size - widths[ci][j]
+        red = macs.reduction(trial)
+        if red > target + TOLERANCE:
+            frozen[ci] = red
+            continue
+        level[ci], removed = j, trial
+        if red >= target - _EPS:
+            reached = True
+            break
+    if not reached and frozen:  # the smallest overshoot, from where the search stopped
+        over = {}
+        for ci in frozen:
+            trial = list(removed)
+            trial[ci] = cands[ci].size - widths[ci][level[ci] + 1]
+            over[ci] = macs.reduction(trial)
+        ci = min(over, key=lambda c: over[c])
+        level[ci] += 1
+        reached = over[ci] >= target - _EPS
+    if not reached:
+        best = macs.reduction([g.size - w[-1] for g, w in zip(cands, widths, strict=True)])
+        raise PruneError(
+            f"cannot remove {target:.1%} of the MACs: at most {best:.1%} with "
+            f"max_group_ratio={max_group_ratio} and round_to={round_to}"
+        )
+    return [widths[ci][level[ci]] for ci in range(len(cands))]
+
+
+def _uniform_widths(
+    macs: MacModel,
+    cands: Sequence[CouplingGroup],
+    target: float,
+    max_group_ratio: float,
+    round_to: int,
+) -> list[int]:
+    """Kept widths at the smallest uniform ratio that meets ``target`` (bisection)."""
+    mins = [_min_keep(g.size, max_group_ratio, round_to) for g in cands]
+
+    def widths(r: float) -> list[int]:
+        return [_ratio_keep(g.size, r, m, round_to) for g, m in zip(cands, mins, strict=True)]
+
+    def reduction(r: float) -> float:
+        return macs.reduction([g.size - w for g, w in zip(cands, widths(r), strict=True)])
+
+    lo, hi = 0.0, max_group_ratio
+    if reduction(hi) < target - _EPS:
+        raise PruneError(
+            f"cannot remove {target:.1%} of the MACs with a uniform ratio: at most "
+            f"{reduction(hi):.1%} with max_group_ratio={max_group_ratio}, round_to={round_to}"
+        )
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if reduction(mid) >= target - _EPS:
+            hi = mid
+        else:
+            lo = mid
+    return widths(hi)
+
+
+def _ratio_widths(
+    cands: Sequence[CouplingGroup],
+    ratio: float | Mapping[str, float],
+    max_group_ratio: float,
+    round_to: int,
+) -> list[int]:
+    """Kept widths for a fixed ratio, or per group key / glob (unlisted groups stay whole)."""
+    per: list[float] = []
+    if isinstance(ratio, Mapping):
+        keys = [group_key(g) for g in cands]
+        for k in ratio:
+            if not _is_glob(k) and k not in keys:
+                raise PruneError(
+                    f"ratio: {k!r} is not a prunable group of this model; group keys: "
+                    f"{', '.join(keys)}"
+                )
+        for key in keys:
+            exact = ratio.get(key)
+            globbed = [v for k, v in ratio.items() if _is_glob(k) and _matches(key, k)]
+            per.append(exact if exact is not None else globbed[0] if globbed else 0.0)
+    else:
+        per = [float(ratio)] * len(cands)
+    for g, r in zip(cands, per, strict=True):
+        if not 0.0 <= r <= max_group_ratio:
+            raise PruneError(
+                f"ratio for group {group_key(g)!r} must be in [0, max_group_ratio="
+                f"{max_group_ratio}]; got {r}"
+            )
+    return [
+        _ratio_keep(g.size, r, _min_keep(g.size, max_group_ratio, round_to), round_to)
+        for g, r in zip(cands, per, strict=True)
+    ]
+
+
+def _resolve(importance: Importance | str) -> Importance:
+    return get_importance(importance) if isinstance(importance, str) else importance
+
+
+def build_importance(
+    name: str, data: Split | None = None, seed: int = 0, batches: int = 8, batch_size: int = 64
+) -> Importance:
+    """A registered criterion ready to score: Taylor gets ``batches`` seeded batches of
+    ``data`` (images and labels); ``random`` and ``epruner`` get ``seed``."""
+    if name == "taylor":
+        if data is None or len(data) == 0:
+            raise PruneError("the taylor criterion needs training data to take gradients on")
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(data), generator=gen)[: batches * batch_size]
+        chunks = [(data.images[i], data.labels[i]) for i in idx.split(batch_size)]
+        return get_importance("taylor", batches=chunks)
+    if name in ("random", "epruner"):
+        return get_importance(name, seed=seed)
+    return get_importance(name)
+
+
+def plan_keep(
+    model: nn.Module,
+    example_args: Sequence[Any],
+    importance: Importance | str,
+    macs_reduction: float | None = None,
+    ratio: float | Mapping[str, float] | None = None,
+    global_ranking: bool = True,
+    round_to: int = 1,
+    skip: Iterable[str] = (),
+    max_group_ratio: float = 0.9,
+) -> tuple[dict[CouplingGroup, list[int]], PlanStats]:
+    """The planner's core: ``({group: kept indices}, stats)`` for :func:`plan_pruning`.
+
+    Only groups that lose channels appear in the map. ``stats`` are measured on a pruned
+    copy of ``model``; ``model`` itself is not changed.
+    """
+    if (macs_reduction is None) == (ratio is None):
+        raise PruneError("give exactly one of macs_reduction (a MACs target) or ratio")
+    if round_to < 1:
+        raise PruneError(f"round_to must be >= 1; got {round_to}")
+    if not 0.0 < max_group_ratio < 1.0:
+        raise PruneError(f"max_group_ratio must be in (0, 1); got {max_group_ratio}")
+    if macs_reduction is not None:
+        _check_target(macs_reduction)
+    criterion = _resolve(importance)
+    graph = analyze(model, *example_args)
+    _warn_fixed(graph.groups)
+    cands, _ = _candidates(graph, list(skip))
+    if not cands:
+        raise PruneError("no prunable channel group is left to prune in this model")
+    macs = MacModel(model, graph, cands)
+    raw = criterion.scores(model, graph.groups)
+    scores = [_normalised(raw[g.id]) for g in cands]
+
+    def choose(target: float) -> list[int]:
+        if global_ranking:
+            return _global_widths(macs, cands, scores, target, max_group_ratio, round_to)
+        return _uniform_widths(macs, cands, target, max_group_ratio, round_to)
+
+    if ratio is not None:
+        widths = _ratio_widths(cands, ratio, max_group_ratio, round_to)
+    else:
+        assert macs_reduction is not None
+        widths = choose(macs_reduction)
+    keep = _keep_map(cands, scores, widths)
+    stats = measure_plan(model, example_args, keep, macs.base)
+    if macs_reduction is not None:
+        # The layer table is the truth: if it disagrees with the MAC model (an op the model
+        # does not cover), shift the target by the disagreement and search again.
+        target = macs_reduction
+        for _ in range(3):
+            predicted = macs.reduction([g.size - w for g, w in zip(cands, widths, strict=True)])
+            gap = predicted - stats.macs_reduction
+            if abs(gap) < 1e-4:
+                break
+            target = min(max(target + gap, 1e-4), 0.999)
+            widths = choose(target)
+            keep = _keep_map(cands, scores, widths)
+            stats = measure_plan(model, example_args, keep, macs.base)
+    return keep, stats
+
+
+def _keep_map(
+    cands: Sequence[CouplingGroup], scores: Sequence[torch.Tensor], widths: Sequence[int]
+) -> dict[CouplingGroup, list[int]]:
+    keep: dict[CouplingGroup, list[int]] = {}
+    for g, s, w in zip(cands, scores, widths, strict=True):
+        if w < g.size:
+            order = torch.sort(s, descending=True, stable=True).indices
+            keep[g] = sorted(order[:w].tolist())
+    return keep
+
+
+def measure_plan(
+    model: nn.Module,
+    example_args: Sequence[Any],
+    keep: Mapping[CouplingGroup, Sequence[int]],
+    base_macs: int | None = None,
+) -> PlanStats:
+    """MACs of ``model`` pruned by ``keep``, counted on a pruned copy (the model is untouched)."""
+    if base_macs is None:
+        base_macs = total_macs(layer_table(model, *example_args))
+    pruned = prune_groups(copy.deepcopy(model), keep)
+    return PlanStats(
+        base_macs=base_macs,
+        macs=total_macs(layer_table(pruned, *example_args)),
+        kept={group_key(g): len(k) for g, k in keep.items()},
+        sizes={group_key(g): g.size for g in keep},
+    )
+
+
+def plan_pruning(
+    model: nn.Module,
+    example_args: Sequence[Any],
+    importance: Importance | str,
+    macs_reduction: float | None = None,
+    ratio: float | dict[str, float] | None = None,
+    global_ranking: bool = True,
+    round_to: int = 1,
+    skip: Iterable[str] = (),
+    max_group_ratio: float = 0.9,
+) -> PrunePlan:
+    """A :class:`PrunePlan` for ``model`` (unchanged); see the module docstring for the modes.
+
+    ``importance`` is a criterion or a registered name that needs no arguments (``l1``,
+    ``fpgm``, ...; Taylor needs batches, so pass ``get_importance("taylor", batches=...)``).
+    ``skip`` names layers (FQNs or globs) whose shapes must not change: every group with
+    such a member is left whole.
+    """
+    keep, _ = plan_keep(
+        model, example_args, importance, macs_reduction, ratio, global_ranking, round_to,
+        skip, max_group_ratio,
+    )  # fmt: skip
+    return PrunePlan.from_groups(model, keep, example_args)
+
+
+def prune_(
+    model: nn.Module,
+    example_args: Sequence[Any],
+    importance: Importance | str,
+    macs_reduction: float | None = None,
+    ratio: float | dict[str, float] | None = None,
+    global_ranking: bool = True,
+    round_to: int = 1,
+    skip: Iterable[str] = (),
+    max_group_ratio: float = 0.9,
+) -> tuple[nn.Module, PrunePlan]:
+    """Plan and apply in place: ``(model, plan)``; save both with ``save_pruned``."""
+    keep, _ = plan_keep(
+        model, example_args, importance, macs_reduction, ratio, global_ranking, round_to,
+        skip, max_group_ratio,
+    )  # fmt: skip
+    plan = PrunePlan.from_groups(model, keep, example_args)
+    prune_groups(model, keep)
+    return model, plan

@@ -1,0 +1,182 @@
+"""Recipe stage ``prune``: plan, apply and (optionally) fine-tune with distillation.
+
+```yaml
+- kind: prune
+  method: rank           # rank channels by a criterion, or `gates`: learn binary gates
+  criterion: l1          # any registered importance criterion (edgeslim.prune.IMPORTANCE)
+  macs_reduction: 0.5    # or ratio: 0.3 / {layer1.0.conv1: 0.5, "layer3.*": 0.25}
+  global_ranking: true   # false: one uniform ratio for every group
+  round_to: 8            # kept channel counts are multiples of 8
+  finetune_epochs: 1     # 0: no fine-tune
+  lr: 0.005
+  batch_size: 32
+  kd: true               # distil from the unpruned model while fine-tuning
+  kd_alpha: 0.9          # weight of the distillation term (the rest is cross-entropy)
+  limit: 10000           # training images for the fine-tune (null: all 55k)
+```
+
+``method: gates`` trains one binary gate per channel jointly with the weights
+(:func:`edgeslim.prune.gates.train_gates`, ``gate_epochs`` epochs with the same ``lr``,
+``batch_size``, ``limit`` and KD as the fine-tune) to the ``macs_reduction`` target, removes
+the channels whose gates end off, then fine-tunes as usual; ``criterion``, ``ratio``,
+``global_ranking`` and ``round_to`` do not apply to it (gates choose every width).
+
+The plan is written to ``<out>/model.plan.json`` so the pruned weights can be rebuilt
+with :func:`edgeslim.prune.load_pruned` (``<out>/model`` as the stem).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from edgeslim.data.fashion_mnist import Split
+from edgeslim.recipe.schema import Stage, StageContext, register_stage
+from edgeslim.train.loop import TrainConfig
+
+
+class PruneStage(Stage):
+    """Structured pruning to a MACs target or fixed ratios, then a short fine-tune."""
+
+    kind: Literal["prune"] = "prune"
+    method: Literal["rank", "gates"] = "rank"
+    criterion: str = "l1"
+    macs_reduction: float | None = Field(None, gt=0.0, lt=1.0)
+    ratio: float | dict[str, float] | None = None
+    global_ranking: bool = True
+    round_to: int = Field(1, ge=1, le=256)
+    max_group_ratio: float = Field(0.9, gt=0.0, lt=1.0)
+    skip: tuple[str, ...] = ()
+    gate_epochs: int = Field(1, ge=1, le=200)
+    finetune_epochs: int = Field(1, ge=0, le=200)
+    lr: float = Field(0.005, gt=0, le=1.0)
+    batch_size: int = Field(32, ge=1, le=4096)
+    kd: bool = True
+    kd_alpha: float = Field(0.9, ge=0.0, le=1.0)
+    limit: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, v: str) -> str:
+        """An unknown name fails at load time, listing the registered criteria."""
+        from edgeslim.prune.importance import IMPORTANCE
+
+        if v not in IMPORTANCE:
+            raise ValueError(
+                f"unknown importance criterion {v!r}; allowed values: "
+                f"{', '.join(IMPORTANCE.names())}"
+            )
+        return v
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        bad = [r for r in values if not 0.0 <= r < 1.0]
+        if bad:
+            raise ValueError(f"a pruning ratio must be in [0, 1); got {bad[0]}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PruneStage:
+        if (self.macs_reduction is None) == (self.ratio is None):
+            raise ValueError("give exactly one of macs_reduction (0 < x < 1) or ratio")
+        if self.method == "gates" and self.macs_reduction is None:
+            raise ValueError("method gates needs macs_reduction (gates learn the widths)")
+        return self
+
+
+def _plan_path(out: Path) -> Path:
+    """``model.plan.json``, or ``model.plan.<k>.json`` for a later prune stage of the recipe."""
+    path, k = out / "model.plan.json", 2
+    while path.exists():
+        path, k = out / f"model.plan.{k}.json", k + 1
+    return path
+
+
+def _train_config(stage: PruneStage, epochs: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, lr=stage.lr, batch_size=stage.batch_size, seed=stage.seed)
+
+
+def _prune_by_gates(
+    model: nn.Module,
+    example: tuple[torch.Tensor],
+    train: Split,
+    stage: PruneStage,
+    teacher: nn.Module | None,
+    ctx: StageContext,
+) -> Path:
+    """Learned gates to the MACs target (model pruned in place); returns the plan's path."""
+    from edgeslim.prune.gates import train_gates
+
+    assert stage.macs_reduction is not None  # the validator guarantees it
+    result = train_gates(
+        model, example, train, _train_config(stage, stage.gate_epochs), stage.macs_reduction,
+        teacher=teacher, description="gates",
+    )  # fmt: skip
+    plan = result.plan
+    if ctx.model_name:
+        plan = dataclasses.replace(plan, name=ctx.model_name)
+    plan_path = plan.save(_plan_path(Path(ctx.out)))
+    reached = result.history[-1].get("macs_reduction", float("nan")) if result.history else 0.0
+    ctx.notes.append(
+        f"prune: learned gates, {stage.gate_epochs} epoch(s) on {len(train)} images; MACs "
+        f"-{reached:.1%} (target {stage.macs_reduction:.0%}); {len(plan.keep)} group(s) "
+        f"narrowed; plan {plan_path.name}"
+    )
+    return plan_path
+
+
+@register_stage("prune", PruneStage, data_used="train")
+def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Module:
+    from edgeslim.data import load_fashion_mnist
+    from edgeslim.prune.finetune import finetune_pruned
+    from edgeslim.prune.plan import PrunePlan
+    from edgeslim.prune.planner import build_importance, plan_keep
+    from edgeslim.prune.surgery import prune_groups
+
+    train = load_fashion_mnist("train", limit=stage.limit)
+    example = (train.images[:1].contiguous(),)
+    wants_teacher = stage.kd and (stage.finetune_epochs or stage.method == "gates")
+    teacher = copy.deepcopy(model).eval() if wants_teacher else None
+    model.eval()
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    if stage.method == "gates":
+        plan_path = _prune_by_gates(model, example, train, stage, teacher, ctx)
+    else:
+        criterion = build_importance(stage.criterion, train, stage.seed)
+        keep, stats = plan_keep(
+            model, example, criterion, stage.macs_reduction, stage.ratio, stage.global_ranking,
+            stage.round_to, stage.skip, stage.max_group_ratio,
+        )  # fmt: skip
+        plan = PrunePlan.from_groups(model, keep, example, name=ctx.model_name)
+        prune_groups(model, keep)
+        plan_path = plan.save(_plan_path(Path(ctx.out)))
+        budget = (
+            f"MACs -{stats.macs_reduction:.1%} (target {stage.macs_reduction:.0%})"
+            if stage.macs_reduction is not None
+            else f"ratio {stage.ratio}, MACs -{stats.macs_reduction:.1%}"
+        )
+        mode = "global ranking" if stage.global_ranking else "uniform"
+        ctx.notes.append(
+            f"prune: {stage.criterion}, {mode}, round_to {stage.round_to}; {budget}; "
+            f"{len(keep)} group(s) narrowed; plan {plan_path.name}"
+        )
+    if stage.finetune_epochs:
+        config = _train_config(stage, stage.finetune_epochs)
+        history = finetune_pruned(
+            model, train, config, teacher=teacher, alpha=stage.kd_alpha, description="prune ft"
+        )
+        ctx.notes.append(
+            f"prune fine-tune: {stage.finetune_epochs} epoch(s) on {len(train)} images"
+            f"{' with KD from the unpruned model' if teacher is not None else ''}, "
+            f"final loss {history[-1]['loss']:.4f}"
+        )
+    return model.eval()

@@ -1,0 +1,175 @@
+"""Learned gates are checked by what they mean: a gate at 0 *is* removing that channel.
+
+Gates at exactly 0 must give the output of the model pruned by surgery (residual groups and
+depthwise groups included), all-on gates must leave the model untouched, the expected MACs
+of binary gates must be the real MACs after surgery, and a short ``train_gates`` run must
+return a smaller, ordinary model that meets its MACs budget, with no hook left behind.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.errors import PruneError
+from edgeslim.graph import CouplingGroup, analyze, example_input, layer_table, total_macs, trace
+from edgeslim.prune import group_key, prune_groups
+from edgeslim.prune.gates import GateSet, attach_gates, train_gates
+from edgeslim.train.loop import TrainConfig
+from edgeslim.zoo import load_zoo_model
+
+EX = (example_input((1, 1, 28, 28)),)
+
+
+@pytest.fixture(scope="module")
+def batch(fmnist_test_small):  # type: ignore[no-untyped-def]
+    return fmnist_test_small.images[:16]
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _switch_off(gates: GateSet, off: dict[str, list[int]]) -> dict[CouplingGroup, list[int]]:
+    """Latent -1 for ``off[group key]``; returns the matching ``{group: kept}``."""
+    keep: dict[CouplingGroup, list[int]] = {}
+    with torch.no_grad():
+        for g, lat in zip(gates.groups, gates.latent, strict=True):
+            drop = off.get(group_key(g), [])
+            lat[drop] = -1.0
+            keep[g] = [i for i in range(g.size) if i not in drop]
+    return keep
+
+
+def _random_half(gates: GateSet, seed: int = 0) -> dict[str, list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        group_key(g): sorted(torch.randperm(g.size, generator=gen)[: g.size // 2].tolist())
+        for g in gates.groups
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"), [("resnet20", "hard"), ("mobilenetv2-small", "hard"), ("resnet20", "soft")]
+)
+def test_gate_at_zero_is_surgery(name: str, mode: str, batch: torch.Tensor) -> None:
+    model = load_zoo_model(name)
+    gates = attach_gates(model, EX, mode=mode)  # type: ignore[arg-type]
+    gates.set_progress(1.0)  # binary forward in both modes
+    keep = _switch_off(gates, _random_half(gates))
+    with torch.no_grad():
+        gated = model(batch)
+    gates.remove()
+    pruned = prune_groups(copy.deepcopy(model), keep)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(batch), gated, atol=1e-4, rtol=1e-4)
+    real = total_macs(layer_table(pruned, *EX))
+    assert gates.macs_of(keep) == real
+    assert round(float(gates.expected_macs().detach())) == real
+
+
+def test_single_channels_of_residual_and_depthwise_groups(batch: torch.Tensor) -> None:
+    """One channel off in a residual group (resnet20 stem + layer1 adds) and in an
+    expansion group read through a depthwise conv with BN and ReLU6 (mobilenetv2)."""
+    cases = {"resnet20": {"conv1": [3]}, "mobilenetv2-small": {"features.3.conv.0.0": [7]}}
+    for name, off in cases.items():
+        model = load_zoo_model(name)
+        graph = analyze(model, *EX)
+        (group,) = [g for g in graph.groups if g.producers and group_key(g) in off]
+        roles = {m.role for m in group.members}
+        assert ("depthwise" in roles) if name != "resnet20" else len(group.producers) > 1
+        with attach_gates(model, EX, groups=[group]) as gates:
+            keep = _switch_off(gates, off)
+            with torch.no_grad():
+                gated = model(batch)
+        pruned = prune_groups(copy.deepcopy(model), keep)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(batch), gated, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(model(batch), gated, atol=1e-4)  # the gate did matter
+
+
+def test_all_on_gates_leave_the_model_unchanged(batch: torch.Tensor) -> None:
+    model = load_zoo_model("resnet20")
+    with torch.no_grad():
+        ref = model(batch)
+    keys = set(model.state_dict())
+    gates = attach_gates(model, EX)
+    with torch.no_grad():
+        for p in (0.0, 0.5, 1.0):
+            gates.set_progress(p)
+            assert torch.equal(model(batch), ref)  # hard mode: exactly 1 at every progress
+    soft = attach_gates(copy.deepcopy(model), EX, mode="soft")
+    with torch.no_grad():  # σ(k0) ≈ 0.993 per consumer: scaled logits, same predictions
+        assert torch.equal(soft.model(batch).argmax(1), ref.argmax(1))
+        soft.set_progress(1.0)
+        assert torch.equal(soft.model(batch), ref)
+    assert set(model.state_dict()) == keys
+    gates.remove()
+    assert _hooks(model) == 0
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_gradients_reach_every_latent_gate(mode: str, batch: torch.Tensor) -> None:
+    """Also the gates already off: pruned channels can come back (ABP's recoverability)."""
+    model = load_zoo_model("resnet20").train()
+    gates = attach_gates(model, EX, k0=1.0, mode=mode)  # type: ignore[arg-type]
+    _switch_off(gates, _random_half(gates))
+    gates.set_progress(0.2)
+    loss = nn.functional.cross_entropy(model(batch), torch.arange(16) % 10)
+    (loss + gates.macs_penalty(0.9)).backward()
+    for g, lat in zip(gates.groups, gates.latent, strict=True):
+        assert lat.grad is not None, group_key(g)
+        assert bool((lat.grad != 0).all()), group_key(g)
+
+
+def test_kept_tops_up_to_the_budget_and_never_empties_a_group() -> None:
+    model = load_zoo_model("resnet20")
+    gates = attach_gates(model, EX)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lat in gates.latent:
+            lat.copy_(torch.rand(lat.shape, generator=gen) + 0.1)  # all on, distinct
+        gates.latent[0][:] = -1.0  # a whole group off: keeps its best channel
+    keep = gates.kept()
+    assert len(keep[gates.groups[0]]) == 1
+    target = gates.total_macs // 2
+    keep = gates.kept(target)
+    assert gates.macs_of(keep) <= target
+    assert all(len(v) >= 1 for v in keep.values())
+    rest = list(zip(gates.groups[1:], gates.latent[1:], strict=True))
+    low = min(float(lat.detach().min()) for _, lat in rest)  # the lowest latent went first
+    assert all(float(lat.detach()[keep[g]].min()) > low for g, lat in rest)
+    with pytest.raises(PruneError, match="cannot reach"):
+        gates.kept(1000)
+
+
+def test_train_gates_meets_the_budget(fmnist_test_small) -> None:  # type: ignore[no-untyped-def]
+    model = load_zoo_model("resnet20")
+    teacher = load_zoo_model("resnet20")
+    before = total_macs(layer_table(model, *EX))
+    config = TrainConfig(epochs=1, batch_size=128, lr=0.01, augment=False)
+    pruned, plan, history = train_gates(
+        model, EX, fmnist_test_small, config, macs_reduction=0.5, teacher=teacher
+    )
+    assert pruned is model and _hooks(model) == 0 and _hooks(teacher) == 0
+    after = total_macs(layer_table(pruned, *EX))
+    assert after <= 0.52 * before
+    assert history[-1]["macs_reduction"] == pytest.approx(1 - after / before)
+    assert 0 < history[-1]["gates_on"] <= 1
+    assert plan.keep and all(len(v) >= 1 for v in plan.keep.values())
+    trace(pruned)
+    with torch.no_grad():
+        assert pruned(fmnist_test_small.images[:4]).shape == (4, 10)
+
+
+def test_refuses_groups_it_cannot_gate() -> None:
+    model = load_zoo_model("resnet20")
+    fixed = [g for g in analyze(model, *EX).groups if not g.prunable]
+    with pytest.raises(PruneError, match="cannot gate"):
+        attach_gates(model, EX, groups=fixed[:1])
+    with pytest.raises(PruneError, match="macs_reduction"):
+        train_gates(model, EX, None, TrainConfig(), macs_reduction=1.0)  # type: ignore[arg-type]
+    assert _hooks(model) == 0

@@ -1,0 +1,143 @@
+"""The planner: MACs targets hit on the real pruned model, widths rounded, nothing unsafe cut."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.errors import PruneError
+from edgeslim.graph import analyze, example_input, layer_table, total_macs
+from edgeslim.prune import apply_plan, prune_groups
+from edgeslim.prune.planner import (
+    MacModel,
+    PruneWarning,
+    measure_plan,
+    plan_keep,
+    plan_pruning,
+    prune_,
+)
+from edgeslim.zoo import load_zoo_model
+from edgeslim.zoo.torchvision_style import TinyDenseNet
+
+X = example_input((1, 1, 28, 28))
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nn.Module]:
+    return {n: load_zoo_model(n) for n in ("resnet20", "mobilenetv2-small", "vgg-small")}
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2-small"])
+@pytest.mark.parametrize(("target", "round_to"), [(0.3, 1), (0.5, 8), (0.7, 8)])
+def test_global_ranking_hits_the_macs_target(
+    models: dict[str, nn.Module], name: str, target: float, round_to: int
+) -> None:
+    model = models[name]
+    keep, stats = plan_keep(model, (X,), "l1", macs_reduction=target, round_to=round_to)
+    assert target <= stats.macs_reduction <= target + 0.02
+    for key, kept in stats.kept.items():
+        size = stats.sizes[key]
+        assert kept == size or kept % round_to == 0, (key, kept)
+        assert kept >= 0.1 * size  # max_group_ratio 0.9
+    pruned = prune_groups(copy.deepcopy(model), keep)
+    assert total_macs(layer_table(pruned, X)) == stats.macs  # measured, not estimated
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2-small", "vgg-small", "densenet"])
+def test_mac_model_is_exact(models: dict[str, nn.Module], name: str) -> None:
+    """The analytic count equals the layer table of the pruned model, concat included."""
+    model, x = (TinyDenseNet().eval(), example_input((1, 1, 16, 16)))
+    if name != "densenet":
+        model, x = models[name], X
+    graph = analyze(model, x)
+    groups = graph.prunable_groups
+    macs = MacModel(model, graph, groups)
+    rng = random.Random(0)
+    for _ in range(3):
+        removed = [rng.randint(0, g.size - 1) for g in groups]
+        keep = {g: list(range(g.size - r)) for g, r in zip(groups, removed, strict=True) if r}
+        assert macs.macs(removed) == measure_plan(model, (x,), keep).macs
+
+
+def test_uniform_ratio_and_uniform_target(models: dict[str, nn.Module]) -> None:
+    model = models["vgg-small"]
+    _, stats = plan_keep(model, (X,), "l2", ratio=0.25, global_ranking=False)
+    assert all(stats.kept[k] == stats.sizes[k] - stats.sizes[k] // 4 for k in stats.kept)
+    _, stats = plan_keep(model, (X,), "fpgm", macs_reduction=0.4, global_ranking=False)
+    assert 0.4 <= stats.macs_reduction <= 0.42
+    fractions = {round(stats.kept[k] / stats.sizes[k], 1) for k in stats.kept}
+    assert len(fractions) == 1  # the same ratio everywhere
+
+
+def test_per_layer_ratio_dict(models: dict[str, nn.Module]) -> None:
+    model = models["resnet20"]
+    ratio = {"layer1.0.conv1": 0.5, "layer3.*": 0.25}
+    _, stats = plan_keep(model, (X,), "l1", ratio=ratio, global_ranking=False, round_to=4)
+    assert stats.kept["layer1.0.conv1"] == 8
+    layer3 = {k: v for k, v in stats.kept.items() if k.startswith("layer3.")}
+    assert len(layer3) == 4 and set(layer3.values()) == {48}
+    assert set(stats.kept) == {"layer1.0.conv1", *layer3}  # unlisted groups stay whole
+    with pytest.raises(PruneError, match=r"'layer9\.conv1' is not a prunable group"):
+        plan_keep(model, (X,), "l1", ratio={"layer9.conv1": 0.5})
+
+
+def test_plan_replays_and_prune_applies_in_place(models: dict[str, nn.Module]) -> None:
+    model = models["resnet20"]
+    plan = plan_pruning(model, (X,), "l1", macs_reduction=0.5, round_to=8)
+    assert all(len(v) % 8 == 0 for v in plan.keep.values())
+    replayed = apply_plan(copy.deepcopy(model), plan, (X,))
+    pruned, plan2 = prune_(copy.deepcopy(model), (X,), "l1", macs_reduction=0.5, round_to=8)
+    assert plan2.keep == plan.keep
+    torch.testing.assert_close(replayed(X), pruned(X))
+    base = total_macs(layer_table(model, X))
+    assert total_macs(layer_table(pruned, X)) <= 0.5 * base
+
+
+def test_skip_leaves_the_named_layers_whole(models: dict[str, nn.Module]) -> None:
+    model = models["resnet20"]
+    _, stats = plan_keep(model, (X,), "l1", macs_reduction=0.3, skip=["layer3.*", "conv1"])
+    assert not any(k.startswith("layer3.") or k == "conv1" for k in stats.kept)
+    assert stats.macs_reduction >= 0.3
+    with pytest.raises(PruneError, match=r"no layer 'layer7\.conv1'"):
+        plan_keep(model, (X,), "l1", macs_reduction=0.3, skip=["layer7.conv1"])
+
+
+class Rolled(nn.Module):
+    """conv1's channels go through ``torch.roll`` (mixes channels): not safe to prune."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.roll(torch.relu(self.conv1(x)), 1, dims=1)
+        x = torch.relu(self.conv3(torch.relu(self.conv2(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_unprunable_layers_are_left_whole_and_named() -> None:
+    torch.manual_seed(0)
+    model = Rolled().eval()
+    with pytest.warns(PruneWarning, match=r"conv1 \(.*roll") as rec:
+        _, stats = plan_keep(model, (X,), "l1", ratio=0.5, global_ranking=False)
+    assert len(rec) == 1 and "conv2" not in str(rec[0].message)
+    assert set(stats.kept) == {"conv2", "conv3"} and stats.kept["conv2"] == 8
+
+
+def test_bad_requests_are_refused(models: dict[str, nn.Module]) -> None:
+    model = models["resnet20"]
+    with pytest.raises(PruneError, match="exactly one of"):
+        plan_keep(model, (X,), "l1", macs_reduction=0.5, ratio=0.5)
+    with pytest.raises(PruneError, match="exactly one of"):
+        plan_keep(model, (X,), "l1")
+    with pytest.raises(PruneError, match=r"cannot remove 99\.0% of the MACs"):
+        plan_keep(model, (X,), "l1", macs_reduction=0.99)
+    with pytest.raises(PruneError, match="must be in"):
+        plan_keep(model, (X,), "l1", ratio=0.95)

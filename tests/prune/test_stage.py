@@ -1,0 +1,96 @@
+"""Recipe stage ``prune``: fields validated at load time, and a small end-to-end run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeslim.checkpoint import save_state
+from edgeslim.errors import RecipeError
+from edgeslim.graph import example_input, layer_table, total_macs
+from edgeslim.prune import IMPORTANCE, load_pruned
+from edgeslim.prune.stage import PruneStage, run_prune
+from edgeslim.recipe import STAGES, StageContext, load_recipe, parse_recipe
+from edgeslim.zoo import load_zoo_model
+from edgeslim.zoo.resnet import resnet20
+
+X = example_input((1, 1, 28, 28))
+
+
+def _parse(**fields: object) -> PruneStage:
+    stage = parse_recipe({"stages": [{"kind": "prune", **fields}]}).stages[0]
+    assert isinstance(stage, PruneStage)
+    return stage
+
+
+def test_prune_stage_is_registered_with_its_defaults() -> None:
+    assert "prune" in STAGES and STAGES["prune"].data_used == "train"
+    stage = _parse(macs_reduction=0.5, round_to=8, ratio=None)
+    assert stage.criterion == "l1" and stage.global_ranking and stage.kd
+    assert _parse(ratio={"layer1.0.conv1": 0.5}).ratio == {"layer1.0.conv1": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {"criterion": "l3", "macs_reduction": 0.5},
+            "stages[0].criterion: Value error, unknown importance criterion 'l3'; allowed "
+            f"values: {', '.join(IMPORTANCE.names())}",
+        ),
+        ({"macs_reduction": 1.5}, "stages[0].macs_reduction: Input should be less than 1"),
+        ({"macs_reduction": 0.0}, "stages[0].macs_reduction: Input should be greater than 0"),
+        ({"ratio": 1.2}, "stages[0].ratio: Value error, a pruning ratio must be in [0, 1)"),
+        ({"macs_reduction": 0.5, "ratio": 0.5}, "exactly one of macs_reduction"),
+        ({}, "exactly one of macs_reduction"),
+        ({"macs_reduction": 0.5, "round_to": 0}, "stages[0].round_to"),
+        ({"macs_reduction": 0.5, "finetune_epoch": 1}, "stages[0].finetune_epoch: unknown field"),
+    ],
+)
+def test_invalid_fields_name_the_field(fields: dict[str, object], expected: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        _parse(**fields)
+    assert expected in str(err.value)
+
+
+def test_shipped_prune_recipe_is_valid() -> None:
+    recipe = load_recipe(Path(__file__).parents[2] / "examples" / "prune50.yaml")
+    stage = recipe.stages[0]
+    assert isinstance(stage, PruneStage) and stage.macs_reduction == 0.5
+    assert stage.method == "gates"
+
+
+def test_prune_stage_end_to_end_and_rebuild_from_its_plan(tmp_path: Path) -> None:
+    model = load_zoo_model("resnet20")
+    base = total_macs(layer_table(model, X))
+    stage = _parse(macs_reduction=0.4, round_to=8, criterion="taylor", limit=256, batch_size=64)
+    ctx = StageContext(out=tmp_path, model_name="resnet20")
+    pruned = run_prune(model, stage, ctx)
+    reduction = 1 - total_macs(layer_table(pruned, X)) / base
+    assert 0.4 <= reduction <= 0.42
+    assert any(n.startswith("prune: taylor, global ranking") for n in ctx.notes)
+    assert any("with KD from the unpruned model" in n for n in ctx.notes)
+    assert (tmp_path / "model.plan.json").is_file()
+    save_state(pruned, tmp_path / "model.safetensors")
+    rebuilt = load_pruned(resnet20().eval(), tmp_path / "model", (X,))
+    torch.testing.assert_close(rebuilt(X), pruned(X))
+
+
+def test_prune_stage_with_learned_gates_meets_the_target(tmp_path: Path) -> None:
+    model = load_zoo_model("resnet20")
+    base = total_macs(layer_table(model, X))
+    stage = _parse(method="gates", macs_reduction=0.3, limit=256, batch_size=64, finetune_epochs=0)
+    ctx = StageContext(out=tmp_path, model_name="resnet20")
+    pruned = run_prune(model, stage, ctx)
+    assert 1 - total_macs(layer_table(pruned, X)) / base >= 0.3
+    assert any(n.startswith("prune: learned gates, 1 epoch(s) on 256 images") for n in ctx.notes)
+    save_state(pruned, tmp_path / "model.safetensors")
+    rebuilt = load_pruned(resnet20().eval(), tmp_path / "model", (X,))
+    torch.testing.assert_close(rebuilt(X), pruned(X))
+
+
+def test_gates_need_a_macs_target() -> None:
+    with pytest.raises(RecipeError, match="method gates needs macs_reduction"):
+        _parse(method="gates", ratio=0.3)
