@@ -41,6 +41,13 @@ def test_records_round_trip_and_report_is_made_from_them(tmp_path: Path) -> None
     assert pngs and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
+def test_report_when_the_last_model_lacks_a_runtime(tmp_path: Path) -> None:
+    torch_row = _rec("a", 90.0, 1.0).model_copy(update={"runtime": "torch"})
+    recs = [torch_row, _rec("a", 89.0, 1.0), _rec("b", 0.9, 2.0)]  # b: onnxruntime only
+    write_report(recs, tmp_path)
+    assert (tmp_path / "tradeoff_torch_latency_ms.png").is_file()
+
+
 @given(st.lists(st.tuples(st.floats(0, 10), st.floats(0, 100)), min_size=1, max_size=30))
 def test_pareto_front_is_exactly_the_non_dominated_points(pts: list[tuple[float, float]]) -> None:
     front = set(pareto_front(pts))

@@ -320,4 +320,6 @@ def prune_suite(out: Path, quick: bool, models: list[str] | None) -> list[Record
     def measure(name: str) -> list[Record]:
         return prune_minilm(out, quick) if name == "minilm" else prune_model(name, out, quick)
 
-    return per_model("prune", names, measure)
+    # Resumable: the full run takes about an hour; a killed run restarts at the next model.
+    progress = out / ("progress-quick.json" if quick else "progress.json")
+    return per_model("prune", names, measure, progress=progress)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from edgeslim.bench.records import Record, save_records
+from edgeslim.bench.records import Record, load_records, save_records
 from edgeslim.registry import Registry
 
 
@@ -25,17 +25,40 @@ def register_suite(name: str) -> Callable[[Suite], Suite]:
     return add
 
 
-def per_model(label: str, names: list[str], measure: Callable[[str], list[Record]]) -> list[Record]:
-    """Run ``measure(name)`` for each model under one progress bar; concatenate records."""
+def per_model(
+    label: str,
+    names: list[str],
+    measure: Callable[[str], list[Record]],
+    progress: Path | None = None,
+) -> list[Record]:
+    """Run ``measure(name)`` for each model under one progress bar; concatenate records.
+
+    With ``progress`` (a JSON file), each finished model's records are saved there at once
+    and a rerun with the same file skips the models it already holds, so a long suite
+    killed half-way resumes where it stopped. The file is a plain record list
+    (:func:`load_records`), removed once every model is done; delete it to start over.
+    """
     from edgeslim.progress import progress_bar
 
+    done: dict[str, list[Record]] = {}
+    if progress is not None and Path(progress).is_file():
+        for r in load_records(progress):
+            done.setdefault(r.model, []).append(r)
     records: list[Record] = []
     with progress_bar() as bar:
         task = bar.add_task(label, total=len(names))
         for name in names:
+            if name in done:
+                records += done[name]
+                bar.advance(task)
+                continue
             bar.update(task, description=f"{label} {name}")
             records += measure(name)
+            if progress is not None:
+                save_records(records, progress)
             bar.advance(task)
+    if progress is not None:
+        Path(progress).unlink(missing_ok=True)  # complete: the next run starts afresh
     return records
 
 

@@ -52,7 +52,8 @@ def plot_tradeoffs(records: Sequence[Record], out: Path) -> list[Path]:
                 ax.set_title(model, fontsize=9)
                 ax.set_xlabel(label, fontsize=8)
                 ax.set_ylabel(pts[0].metric, fontsize=8)
-            fig.suptitle(f"{runtime}: {pts[0].metric if rows else ''} vs {label}", fontsize=9)
+            metrics = "/".join(dict.fromkeys(r.metric for r in rows))
+            fig.suptitle(f"{runtime}: {metrics} vs {label}", fontsize=9)
             fig.tight_layout()
             path = out / f"tradeoff_{runtime}_{field}.png"
             fig.savefig(path, dpi=110)
