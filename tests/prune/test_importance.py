@@ -20,6 +20,7 @@ from edgeslim.prune.importance import (
     NISP,
     EPruner,
     FilterSketch,
+    Fluctuation,
     L1Norm,
     L2Norm,
     RandomImportance,
@@ -33,7 +34,7 @@ from edgeslim.prune.importance import (
 )
 from edgeslim.zoo.registry import load_zoo_model
 
-ALL = ["l1", "l2", "fpgm", "taylor", "nisp", "filtersketch", "epruner", "random"]
+ALL = ["l1", "l2", "fpgm", "taylor", "nisp", "filtersketch", "epruner", "random", "fluctuation"]
 CNNS = ["resnet20", "vgg-small", "mobilenetv2-small"]
 
 
@@ -91,7 +92,7 @@ def test_each_criterion_scores_every_prunable_cnn_group(
 ) -> None:
     graph = zoo_graph(model_name)
     kwargs: dict[str, Any] = {}
-    if criterion == "taylor":
+    if criterion in ("taylor", "fluctuation"):
         x, y = fmnist_test_small.images, fmnist_test_small.labels
         kwargs["batches"] = [(x[:4], y[:4]), (x[4:8], y[4:8])]
     scores = get_importance(criterion, **kwargs).scores(graph.model, graph.groups)
@@ -113,6 +114,8 @@ def test_each_criterion_scores_minilm_heads_and_ffn(
         small = tuple(a[:, :12] for a in example_args_for("minilm"))
         kwargs["batches"] = [(small, None)]
         kwargs["loss_fn"] = lambda out, _: out.last_hidden_state.pow(2).mean()
+    if criterion == "fluctuation":
+        kwargs["batches"] = [tuple(a[:, :12] for a in example_args_for("minilm"))]
     scores = get_importance(criterion, **kwargs).scores(minilm_graph.model, groups)
     check_scores(scores, groups)
 
@@ -288,6 +291,36 @@ def test_unknown_name_lists_every_criterion() -> None:
     assert all(name in str(info.value) for name in ALL)
     with pytest.raises(TypeError, match="taylor"):
         get_importance("taylor")
+
+
+# --- Fluctuation (FLAP) --------------------------------------------------------------------
+
+
+def test_fluctuation_is_the_hand_formula_and_compensation_is_exact() -> None:
+    from edgeslim.prune import prune_groups
+
+    torch.manual_seed(0)
+    model = chain().eval()
+    with torch.no_grad():  # unit 1 of layer 0 becomes a constant: relu(0 x + 0.7) = 0.7
+        param(model, "0")[1].zero_()
+        param(model, "0", "bias")[1] = 0.7
+    x = torch.randn(64, 4)
+    graph = analyze(model, x[:1])
+    g5 = group_by_producer(graph, "0")
+    crit = Fluctuation([x[:32], (x[32:], None)])
+    scores = crit.scores(model, graph.groups)
+    h = torch.relu(model.get_submodule("0")(x)).double()
+    w2 = param(model, "2").detach().double()
+    want = h.var(0, unbiased=False) * w2.pow(2).sum(0)
+    torch.testing.assert_close(scores[g5.id], want.float())
+    assert scores[g5.id][1] == 0.0  # a constant input carries no information
+    with torch.no_grad():
+        ref = model(x)
+    keep = {g5: [0, 2, 3, 4]}
+    assert crit.compensate(model, keep) == 1
+    prune_groups(model, keep)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)  # the bias absorbed the constant
 
 
 # --- Taylor --------------------------------------------------------------------------------

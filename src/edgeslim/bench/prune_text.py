@@ -5,7 +5,9 @@ each criterion in :data:`CRITERIA` and each ratio in :data:`RATIOS`, the model w
 fraction of every layer's heads (12 -> 9 or 6) and FFN neurons (1536 -> 1152 or 768)
 removed by surgery, exported and run in ONNX Runtime. The metric is the mean cosine of the
 sentence embeddings to the fp32 model's; latency is one batch of 32 sentences padded to 128
-tokens, interleaved with fp32.
+tokens, interleaved with fp32. ``fluctuation`` (FLAP) scores units by the variance of what
+they feed and folds the removed units' means into the next biases, from 64 calibration
+sentences that are not among the test ones; the other criteria read weights only.
 
 Decision — no fine-tune: the project has no text training objective or labelled text
 corpus, so these rows measure what the criteria keep, not a recovered model.
@@ -26,12 +28,14 @@ from edgeslim.cost import compare_latency, ort_runner, size_bytes
 from edgeslim.export import export_onnx
 from edgeslim.graph import layer_table, total_macs
 
-CRITERIA = ("l1", "l2", "fpgm", "random")
-QUICK_CRITERIA = ("l1", "random")
+CRITERIA = ("l1", "l2", "fpgm", "random", "fluctuation")
+QUICK_CRITERIA = ("l1", "random", "fluctuation")
 RATIOS = (0.25, 0.5)
 
 
 def prune_minilm(out: Path, quick: bool) -> list[Record]:
+    from edgeslim.bench.quant_text import _calibration
+    from edgeslim.prune.importance import get_importance
     from edgeslim.prune.planner import build_importance, prune_
     from edgeslim.runtime.ort import ort_session
     from edgeslim.zoo.minilm import MiniLMEmbedder, load_minilm
@@ -40,6 +44,7 @@ def prune_minilm(out: Path, quick: bool) -> list[Record]:
     task = EmbeddingTask(n_sentences=64 if quick else 256)
     fp32 = load_minilm()
     fp32_value = task.evaluate_torch(fp32)  # sets the fp32 reference embeddings
+    calib = _calibration(task)  # sentences after the test ones, for data-driven criteria
     onnx_dir = out / "onnx"
     export_kw: dict[str, Any] = {
         "input_names": task.input_names, "dynamic_axes": task.dynamic_axes()
@@ -55,9 +60,12 @@ def prune_minilm(out: Path, quick: bool) -> list[Record]:
     for ratio in RATIOS:
         for criterion in QUICK_CRITERIA if quick else CRITERIA:
             t0 = time.perf_counter()
-            model, plan = prune_(
-                copy.deepcopy(fp32).eval(), example, build_importance(criterion), ratio=ratio
+            importance = (
+                get_importance("fluctuation", batches=calib)
+                if criterion == "fluctuation"
+                else build_importance(criterion)
             )
+            model, plan = prune_(copy.deepcopy(fp32).eval(), example, importance, ratio=ratio)
             seconds = time.perf_counter() - t0
             key = f"{criterion}_{round(ratio * 100)}"
             path = export_onnx(
@@ -90,7 +98,7 @@ def prune_minilm(out: Path, quick: bool) -> list[Record]:
             params=sum(p.numel() for p in module.parameters()), macs=macs,
             size_bytes=size_bytes(module), latency_ms=round(lat[key].median_ms, 2),
             baseline_latency_ms=round(lat["ort_fp32"].median_ms, 2), runtime="onnxruntime",
-            seconds=round(seconds, 2), data_used="none",
+            seconds=round(seconds, 2), data_used=extra.pop("data_used", "none"),
             extra={"sentences": task.n_sentences, "latency_shape": "32x128 tokens", **extra},
         )  # fmt: skip
 
@@ -103,6 +111,7 @@ def prune_minilm(out: Path, quick: bool) -> list[Record]:
         extra = {
             "heads_per_layer": f"{r['heads']}/12", "ffn_per_layer": f"{r['ffn']}/1536",
             "macs_reduction": round(1 - r["macs"] / fp32_macs, 4),
+            "data_used": "calibration" if r["criterion"] == "fluctuation" else "none",
             "torch_cosine": round(r["torch_cosine"], 5), "groups_pruned": r["groups"],
         }  # fmt: skip
         value = task.evaluate_ort(sessions[key])

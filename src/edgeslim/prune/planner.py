@@ -369,14 +369,15 @@ def build_importance(
     name: str, data: Split | None = None, seed: int = 0, batches: int = 8, batch_size: int = 64
 ) -> Importance:
     """A registered criterion ready to score: Taylor gets ``batches`` seeded batches of
-    ``data`` (images and labels); ``random`` and ``epruner`` get ``seed``."""
-    if name == "taylor":
+    ``data`` (images and labels), fluctuation the images alone; ``random`` and ``epruner``
+    get ``seed``."""
+    if name in ("taylor", "fluctuation"):
         if data is None or len(data) == 0:
-            raise PruneError("the taylor criterion needs training data to take gradients on")
+            raise PruneError(f"the {name} criterion needs training data to run batches on")
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(data), generator=gen)[: batches * batch_size]
         chunks = [(data.images[i], data.labels[i]) for i in idx.split(batch_size)]
-        return get_importance("taylor", batches=chunks)
+        return get_importance(name, batches=chunks)  # fluctuation ignores the labels
     if name in ("random", "epruner"):
         return get_importance(name, seed=seed)
     return get_importance(name)
@@ -509,11 +510,26 @@ def prune_(
     skip: Iterable[str] = (),
     max_group_ratio: float = 0.9,
 ) -> tuple[nn.Module, PrunePlan]:
-    """Plan and apply in place: ``(model, plan)``; save both with ``save_pruned``."""
+    """Plan and apply in place: ``(model, plan)``; save both with ``save_pruned``.
+
+    A criterion with a ``compensate(model, keep)`` method (``fluctuation``) adjusts the
+    kept layers before surgery; the plan alone does not carry that change, the saved
+    weights do."""
     keep, _ = plan_keep(
         model, example_args, importance, macs_reduction, ratio, global_ranking, round_to,
         skip, max_group_ratio,
     )  # fmt: skip
     plan = PrunePlan.from_groups(model, keep, example_args)
-    prune_groups(model, keep)
+    apply_keep(model, keep, importance)
     return model, plan
+
+
+def apply_keep(
+    model: nn.Module, keep: Mapping[CouplingGroup, Sequence[int]], importance: Importance | str
+) -> nn.Module:
+    """Surgery in place, after the criterion's ``compensate(model, keep)`` if it has one
+    (``fluctuation`` folds the removed units' means into the consumers' biases)."""
+    compensate = getattr(_resolve(importance), "compensate", None)
+    if callable(compensate):
+        compensate(model, keep)
+    return prune_groups(model, keep)

@@ -139,8 +139,7 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     from edgeslim.data import load_fashion_mnist
     from edgeslim.prune.finetune import finetune_pruned
     from edgeslim.prune.plan import PrunePlan
-    from edgeslim.prune.planner import build_importance, plan_keep
-    from edgeslim.prune.surgery import prune_groups
+    from edgeslim.prune.planner import apply_keep, build_importance, plan_keep
 
     train = load_fashion_mnist("train", limit=stage.limit)
     example = (train.images[:1].contiguous(),)
@@ -157,7 +156,7 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
             stage.round_to, stage.skip, stage.max_group_ratio,
         )  # fmt: skip
         plan = PrunePlan.from_groups(model, keep, example, name=ctx.model_name)
-        prune_groups(model, keep)
+        apply_keep(model, keep, criterion)
         plan_path = plan.save(_plan_path(Path(ctx.out)))
         budget = (
             f"MACs -{stats.macs_reduction:.1%} (target {stage.macs_reduction:.0%})"
