@@ -173,3 +173,24 @@ def test_refuses_groups_it_cannot_gate() -> None:
     with pytest.raises(PruneError, match="macs_reduction"):
         train_gates(model, EX, None, TrainConfig(), macs_reduction=1.0)  # type: ignore[arg-type]
     assert _hooks(model) == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rounded_widths_meet_the_budget_and_keep_the_highest_gates(seed: int) -> None:
+    model = load_zoo_model("mobilenetv2-small")
+    with attach_gates(model, EX, round_to=8) as gates:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for lat in gates.latent:
+                lat.copy_(torch.randn(lat.shape, generator=gen) + 3.0)  # all on: budget binds
+        target = round(0.5 * gates.total_macs)
+        keep = gates.kept(target)
+        assert gates.macs_of(keep) <= target
+        assert gates.macs_of(keep) > 0.4 * gates.total_macs  # rounding up filled the budget
+        for g, lat in zip(gates.groups, gates.latent, strict=True):
+            n = len(keep[g])
+            assert n % 8 == 0 or n == g.size or g.size <= 8, (group_key(g), n, g.size)
+            kept_min = float(lat.detach()[keep[g]].min())
+            dropped = [i for i in range(g.size) if i not in keep[g]]
+            if dropped:
+                assert kept_min >= float(lat.detach()[dropped].max())

@@ -135,12 +135,12 @@ def _gates(model: nn.Module, job: PruneJob) -> nn.Module:
     """Learned gates trained with the suite's fine-tune budget (the same images, epochs and
     lr, KD from the unpruned model); its "without fine-tune" record is the model straight
     out of gate training, its "with" record that model after the shared fine-tune too.
-    Gates pick any width (no ``round_to``): rounding would undo what they learned."""
+    Widths are rounded to ``job.round_to`` like every other method's."""
     from edgeslim.prune.gates import train_gates
 
     result = train_gates(
         copy.deepcopy(model), (job.example,), job.train, job.finetune, job.macs_reduction,
-        teacher=model, description="gates",
+        teacher=model, description="gates", round_to=job.round_to,
     )  # fmt: skip
     job.info["kept"] = {k: f"{len(v)}/{result.plan.sizes[k]}" for k, v in result.plan.keep.items()}
     return result.model

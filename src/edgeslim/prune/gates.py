@@ -54,7 +54,7 @@ from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.graph.layers import layer_table, total_macs
 from edgeslim.graph.model_graph import analyze
 from edgeslim.prune.plan import PrunePlan, apply_plan
-from edgeslim.prune.surgery import KeepIndices, check_kept, describe_group
+from edgeslim.prune.surgery import KeepIndices, check_kept, describe_group, round_keep
 from edgeslim.quant.qat import kd_loss
 from edgeslim.train.loop import TrainConfig, train_classifier
 
@@ -114,6 +114,7 @@ class GateSet:
         k0: float | None = None,
         k_max: float = 200.0,
         mode: GateMode = "hard",
+        round_to: int = 1,
     ) -> None:
         if mode not in ("hard", "soft"):
             raise PruneError(f"gate mode must be 'hard' or 'soft'; got {mode!r}")
@@ -121,6 +122,9 @@ class GateSet:
             k0 = 1.0 if mode == "hard" else 5.0
         if not 0 < k0 <= k_max:
             raise PruneError(f"gate sharpness needs 0 < k0 <= k_max; got {k0}, {k_max}")
+        if round_to < 1:
+            raise PruneError(f"round_to must be >= 1; got {round_to}")
+        self.round_to = round_to
         self.model = model
         self.groups = list(groups)
         self.k0, self.k_max, self.mode = float(k0), float(k_max), mode
@@ -279,7 +283,7 @@ class GateSet:
                 mask[int(self.latent[i].detach().argmax())] = True
         left = {i: int(m.sum()) for i, m in enumerate(on)}
         if target_macs is None or self._count_macs(left) <= target_macs:
-            return self._as_keep(on)
+            return self._rounded(on, target_macs)
         lat = torch.cat([g.detach().flatten().cpu() for g in self.latent])
         owner = torch.cat(
             [torch.full((len(g),), i, dtype=torch.long) for i, g in enumerate(self.latent)]
@@ -293,11 +297,47 @@ class GateSet:
             on[i][unit] = False
             left[i] -= 1
             if self._count_macs(left) <= target_macs:
-                return self._as_keep(on)
+                return self._rounded(on, target_macs)
         raise PruneError(
             f"cannot reach {target_macs} MACs by gating these groups (at least "
             f"{self._count_macs(left)} with one channel per group)."
         )
+
+    def _rounded(
+        self, on: list[torch.Tensor], target_macs: int | None
+    ) -> dict[CouplingGroup, list[int]]:
+        """``on`` with every group's count a multiple of ``round_to`` (or its full size).
+
+        Each count is first rounded down; then groups are rounded back up, the one whose
+        re-added gates are highest first, while the MACs stay within ``target_macs``. A
+        group keeps its highest gates. Without rounding, ``on`` as it is.
+        """
+        r = self.round_to
+        if r <= 1:
+            return self._as_keep(on)
+        counts = {i: int(m.sum()) for i, m in enumerate(on)}
+        up = {i: round_keep(n, len(on[i]), r) for i, n in counts.items()}
+        down = {
+            i: n if n == len(on[i]) or len(on[i]) <= r else max(r, n // r * r)
+            for i, n in counts.items()
+        }
+        order = [torch.argsort(g.detach().cpu(), descending=True, stable=True) for g in self.latent]
+        chosen = dict(down)
+
+        def gain(i: int) -> float:  # mean latent of the gates rounding up would bring back
+            extra = order[i][down[i] : up[i]]
+            return float(self.latent[i].detach().cpu()[extra].mean()) if len(extra) else -1e9
+
+        for i in sorted((i for i in counts if up[i] > down[i]), key=gain, reverse=True):
+            trial = {**chosen, i: up[i]}
+            if target_macs is None or self._count_macs(trial) <= target_macs:
+                chosen = trial
+        masks = []
+        for i, m in enumerate(on):
+            mask = torch.zeros_like(m)
+            mask[order[i][: chosen[i]].to(m.device)] = True
+            masks.append(mask)
+        return self._as_keep(masks)
 
     def project(self, target_macs: int) -> int:
         """Switch off what :meth:`kept` removes beyond the gates; returns how many.
@@ -356,6 +396,7 @@ def attach_gates(
     k0: float | None = None,
     k_max: float = 200.0,
     mode: GateMode = "hard",
+    round_to: int = 1,
 ) -> GateSet:
     """Gate every prunable channel group of ``model`` (or just ``groups``), all gates on.
 
@@ -374,7 +415,7 @@ def attach_gates(
             "(transformers' head/FFN groups are not supported by learned gates)."
         )
     macs = {fqn: info.macs for fqn, info in layers.items()}
-    return GateSet(model, groups, macs, init=init, k0=k0, k_max=k_max, mode=mode)
+    return GateSet(model, groups, macs, init=init, k0=k0, k_max=k_max, mode=mode, round_to=round_to)
 
 
 class GateResult(NamedTuple):
@@ -402,6 +443,7 @@ def train_gates(
     k_max: float = 200.0,
     val: Split | None = None,
     description: str = "gates",
+    round_to: int = 1,
 ) -> GateResult:
     """Train weights and gates jointly, then remove the off channels; ``model`` in place.
 
@@ -423,6 +465,13 @@ def train_gates(
     nothing left to do. ``enforce_at=None`` leaves the budget to the penalty and the
     final top-up alone.
 
+    With ``round_to`` > 1 every kept width is a multiple of it (or the group's full
+    width), from the first projection on, so training adapts to the rounded structure:
+    counts are rounded down, then back up where the MACs budget allows, highest gates
+    first (this may bring back a few channels the gates had switched off). ONNX Runtime's
+    blocked conv kernels pad channels to multiples of 8 or 16, so odd widths save MACs
+    but little time.
+
     Returns the model pruned by a :class:`PrunePlan`, in eval mode. History: one row per
     epoch (loss, ``gates_on``, ``gate_macs_ratio``, optional ``val_top1``); the last row
     also gets ``projected`` (switch-offs by the projection, a channel may count twice),
@@ -437,7 +486,9 @@ def train_gates(
             logits, labels, label_smoothing=config.label_smoothing
         )
     )
-    gates = attach_gates(model, example_args, groups, k0=k0, k_max=k_max, mode=mode)
+    gates = attach_gates(
+        model, example_args, groups, k0=k0, k_max=k_max, mode=mode, round_to=round_to
+    )
     target = math.floor((1.0 - macs_reduction) * gates.total_macs)
     steps_per_epoch = max(math.ceil(len(train_split) / config.batch_size), 1)
     per_epoch: list[dict[str, float]] = []

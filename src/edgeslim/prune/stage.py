@@ -18,8 +18,8 @@
 ``method: gates`` trains one binary gate per channel jointly with the weights
 (:func:`edgeslim.prune.gates.train_gates`, ``gate_epochs`` epochs with the same ``lr``,
 ``batch_size``, ``limit`` and KD as the fine-tune) to the ``macs_reduction`` target, removes
-the channels whose gates end off, then fine-tunes as usual; ``criterion``, ``ratio``,
-``global_ranking`` and ``round_to`` do not apply to it (gates choose every width).
+the channels whose gates end off, then fine-tunes as usual; ``criterion``, ``ratio`` and
+``global_ranking`` do not apply to it (gates choose every width, rounded to ``round_to``).
 
 The plan is written to ``<out>/model.plan.json`` so the pruned weights can be rebuilt
 with :func:`edgeslim.prune.load_pruned` (``<out>/model`` as the stem).
@@ -119,7 +119,7 @@ def _prune_by_gates(
     assert stage.macs_reduction is not None  # the validator guarantees it
     result = train_gates(
         model, example, train, _train_config(stage, stage.gate_epochs), stage.macs_reduction,
-        teacher=teacher, description="gates",
+        teacher=teacher, description="gates", round_to=stage.round_to,
     )  # fmt: skip
     plan = result.plan
     if ctx.model_name:
