@@ -147,3 +147,26 @@ def test_export_onnx_writes_a_checked_int8_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "int8 QDQ" in result.output and out.is_file()
     assert out.stat().st_size < 0.35 * 1_088_744  # int8 weights, not float
+
+
+def test_report_merges_runs_in_order(tmp_path: Path) -> None:
+    from edgeslim.bench.records import Record, load_records, save_records
+
+    def rec(model: str) -> Record:
+        return Record(
+            suite="prune", model=model, method="edgeslim:fp32", metric="top1", value=90.0,
+            baseline_value=90.0, params=1, macs=1, size_bytes=4, latency_ms=1.0,
+            baseline_latency_ms=1.0, runtime="onnxruntime", seconds=0.0, data_used="none",
+        )  # fmt: skip
+
+    save_records([rec("a")], tmp_path / "one" / "results.json")
+    save_records([rec("b"), rec("c")], tmp_path / "two" / "results.json")
+    out = tmp_path / "merged"
+    result = runner.invoke(
+        app, ["report", str(tmp_path / "one"), str(tmp_path / "two"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert [r.model for r in load_records(out / "results.json")] == ["a", "b", "c"]
+    assert "| c | edgeslim:fp32 |" in (out / "report.md").read_text()
+    missing = runner.invoke(app, ["report", str(tmp_path / "none"), "--out", str(out)])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

@@ -218,6 +218,31 @@ def bench(
 
 
 @app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="directories holding results.json")],
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("report-out"),
+    title: Annotated[str, typer.Option(help="report title")] = "edgeslim report",
+) -> None:
+    """Merge the results.json of several runs (e.g. one suite run per model) into one
+    DIR/results.json, report.md and plots; records are kept as measured, in the given order."""
+    from edgeslim.bench.records import load_records, save_records
+    from edgeslim.report import write_report
+
+    records = []
+    for run in runs:
+        path = run / "results.json" if run.is_dir() else run
+        if not path.is_file():
+            fail(EdgeslimError(f"{path} does not exist; give directories written by `bench`"))
+        try:
+            records += load_records(path)
+        except ValueError as exc:
+            fail(EdgeslimError(f"{path} is not a valid results file: {exc}"))
+    save_records(records, out / "results.json")
+    write_report(records, out, title=title)
+    console.print(f"wrote {out / 'results.json'} ({len(records)} records), {out / 'report.md'}")
+
+
+@app.command()
 def compress(
     model: Annotated[str, typer.Argument(help="zoo name, 'minilm' or module:factory")],
     recipe: Annotated[Path, typer.Option(help="YAML recipe")],
