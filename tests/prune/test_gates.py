@@ -175,18 +175,21 @@ def test_refuses_groups_it_cannot_gate() -> None:
     assert _hooks(model) == 0
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rounded_widths_meet_the_budget_and_keep_the_highest_gates(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "reduction"), [(0, 0.5), (1, 0.7), (2, 0.85), (3, 0.9)])
+def test_rounded_widths_meet_the_budget_and_keep_the_highest_gates(
+    seed: int, reduction: float
+) -> None:
     model = load_zoo_model("mobilenetv2-small")
     with attach_gates(model, EX, round_to=8) as gates:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for lat in gates.latent:
                 lat.copy_(torch.randn(lat.shape, generator=gen) + 3.0)  # all on: budget binds
-        target = round(0.5 * gates.total_macs)
+        # At -85/90% the budget leaves groups below 8 channels: raised to 8, paid elsewhere.
+        target = round((1 - reduction) * gates.total_macs)
         keep = gates.kept(target)
         assert gates.macs_of(keep) <= target
-        assert gates.macs_of(keep) > 0.4 * gates.total_macs  # rounding up filled the budget
+        assert gates.macs_of(keep) > target - 0.1 * gates.total_macs  # rounding up filled it
         for g, lat in zip(gates.groups, gates.latent, strict=True):
             n = len(keep[g])
             assert n % 8 == 0 or n == g.size or g.size <= 8, (group_key(g), n, g.size)

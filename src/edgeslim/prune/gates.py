@@ -308,9 +308,11 @@ class GateSet:
     ) -> dict[CouplingGroup, list[int]]:
         """``on`` with every group's count a multiple of ``round_to`` (or its full size).
 
-        Each count is first rounded down; then groups are rounded back up, the one whose
-        re-added gates are highest first, while the MACs stay within ``target_macs``. A
-        group keeps its highest gates. Without rounding, ``on`` as it is.
+        Each count is first rounded down (to at least ``round_to``); then groups are
+        rounded back up, the one whose re-added gates are highest first, while the MACs
+        stay within ``target_macs``; if the minimum width alone broke the budget, whole
+        steps are taken from the groups with the lowest gates. A group keeps its highest
+        gates. Without rounding, ``on`` as it is.
         """
         r = self.round_to
         if r <= 1:
@@ -332,6 +334,22 @@ class GateSet:
             trial = {**chosen, i: up[i]}
             if target_macs is None or self._count_macs(trial) <= target_macs:
                 chosen = trial
+        # A group the gates cut below round_to was raised to round_to: pay for it by taking
+        # whole steps of round_to from the groups whose lowest kept gates are lowest.
+        while target_macs is not None and self._count_macs(chosen) > target_macs:
+            steps = [i for i in chosen if chosen[i] - r >= r and chosen[i] % r == 0]
+            if not steps:
+                raise PruneError(
+                    f"cannot reach {target_macs} MACs with widths that are multiples of "
+                    f"round_to={r}; use a smaller round_to or a smaller reduction."
+                )
+
+            def loss(i: int) -> float:  # mean latent of the step that would go
+                part = order[i][chosen[i] - r : chosen[i]]
+                return float(self.latent[i].detach().cpu()[part].mean())
+
+            i = min(steps, key=loss)
+            chosen[i] -= r
         masks = []
         for i, m in enumerate(on):
             mask = torch.zeros_like(m)
