@@ -91,14 +91,15 @@ def prune_minilm(out: Path, quick: bool) -> list[Record]:
     lat = compare_latency(runners, warmup=2, repeats=5 if quick else 15)
 
     def record(method: str, config: dict[str, Any], value: float, module: nn.Module,
-               macs: int, key: str, seconds: float, extra: dict[str, Any]) -> Record:  # fmt: skip
+               macs: int, key: str, seconds: float, extra: dict[str, Any],
+               data_used: str = "none") -> Record:  # fmt: skip
         return Record(
             suite="prune", model=name, method=method, config=config, metric="cosine",
             value=round(value, 5), baseline_value=round(fp32_ort, 5),
             params=sum(p.numel() for p in module.parameters()), macs=macs,
             size_bytes=size_bytes(module), latency_ms=round(lat[key].median_ms, 2),
             baseline_latency_ms=round(lat["ort_fp32"].median_ms, 2), runtime="onnxruntime",
-            seconds=round(seconds, 2), data_used=extra.pop("data_used", "none"),
+            seconds=round(seconds, 2), data_used=data_used,
             extra={"sentences": task.n_sentences, "latency_shape": "32x128 tokens", **extra},
         )  # fmt: skip
 
@@ -111,12 +112,12 @@ def prune_minilm(out: Path, quick: bool) -> list[Record]:
         extra = {
             "heads_per_layer": f"{r['heads']}/12", "ffn_per_layer": f"{r['ffn']}/1536",
             "macs_reduction": round(1 - r["macs"] / fp32_macs, 4),
-            "data_used": "calibration" if r["criterion"] == "fluctuation" else "none",
             "torch_cosine": round(r["torch_cosine"], 5), "groups_pruned": r["groups"],
         }  # fmt: skip
         value = task.evaluate_ort(sessions[key])
         records.append(
             record(f"edgeslim:{r['criterion']}", config, value, r["model"], r["macs"], key,
-                   r["seconds"], extra)
+                   r["seconds"], extra,
+                   "calibration" if r["criterion"] == "fluctuation" else "none")
         )  # fmt: skip
     return records
