@@ -1,4 +1,5 @@
-"""`edgeslim demo` (what `make demo` runs) shows fp32, int8, and pruned + int8 side by side."""
+"""`edgeslim demo` (what `make demo` runs) shows fp32, int8, pruned + int8 and data-free
+quantization side by side."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from edgeslim.bench import load_records
 from edgeslim.cli import app
 
 
-def test_demo_shows_baseline_quantized_then_pruned_resnet20(tmp_path: Path) -> None:
+def test_demo_shows_baseline_quantized_pruned_then_datafree_resnet20(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert all(f"{k}/3" in result.output for k in (1, 2, 3))
+    assert all(f"{k}/4" in result.output for k in (1, 2, 3, 4))
     base = load_records(tmp_path / "baseline" / "results.json")
     quant = load_records(tmp_path / "quant" / "results.json")
     assert {r.model for r in base} == {"resnet20", "vgg-small", "mobilenetv2-small", "minilm"}
@@ -22,3 +23,7 @@ def test_demo_shows_baseline_quantized_then_pruned_resnet20(tmp_path: Path) -> N
     assert "W8A8" in result.output
     combined = {r.method for r in load_records(tmp_path / "prune_quant" / "results.json")}
     assert combined == {"edgeslim:fp32", "edgeslim:ptq", "edgeslim:pruned", "edgeslim:pruned+ptq"}
+    datafree = load_records(tmp_path / "datafree" / "results.json")
+    assert [r.method for r in datafree] == ["edgeslim:fp32", "edgeslim:rtn", "edgeslim:dfmpc"]
+    assert all(r.model == "resnet20" and r.data_used == "none" for r in datafree)
+    assert "W2/6A8" in result.output

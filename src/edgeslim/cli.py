@@ -178,6 +178,8 @@ def info(
 
 
 def _records_table(records: list[Any]) -> Table:
+    from edgeslim.bench.records import weight_bits_label
+
     table = Table(title="results")
     cols = ("model", "method", "bits", "runtime", "metric", "value", "baseline", "params",
             "MMACs", "size KiB", "latency ms", "speed-up")  # fmt: skip
@@ -186,7 +188,7 @@ def _records_table(records: list[Any]) -> Table:
     for r in records:
         d = 4 if r.metric == "cosine" else 2
         sp = r.speedup
-        bits = f"W{r.config.get('w_bits', 32)}A{r.config.get('a_bits', 32)}"
+        bits = f"W{weight_bits_label(r.config) or 32}A{r.config.get('a_bits', 32)}"
         table.add_row(
             r.model, r.method, bits, r.runtime, r.metric, f"{r.value:.{d}f}",
             f"{r.baseline_value:.{d}f}", f"{r.params:,}", f"{r.macs / 1e6:.2f}",
@@ -265,18 +267,20 @@ def compress(
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),
 ) -> None:
-    """What `make demo` runs: reference models in fp32, resnet20 quantized, pruned + quantized."""
+    """What `make demo` runs: reference models in fp32, resnet20 quantized, pruned + quantized,
+    and quantized without data."""
+    from edgeslim.bench.datafree import datafree_demo
     from edgeslim.bench.suites import run_suite
 
     console.print(
-        "[bold]edgeslim demo[/] 1/3: fp32 reference models on real Fashion-MNIST / text, "
+        "[bold]edgeslim demo[/] 1/4: fp32 reference models on real Fashion-MNIST / text, "
         "torch vs ONNX Runtime, 2 threads"
     )
     try:
         records = run_suite("baseline", out / "baseline", quick=True)
         console.print(_records_table(records))
         console.print(
-            "[bold]edgeslim demo[/] 2/3: resnet20 quantized after training (W8A8, W4A8) "
+            "[bold]edgeslim demo[/] 2/4: resnet20 quantized after training (W8A8, W4A8) "
             "beside fp32 and peers, on the first 2,000 test images"
         )
         quant = run_suite("quant", out / "quant", quick=True, models=["resnet20"])
@@ -284,7 +288,7 @@ def demo(
         fail(exc)
     console.print(_records_table(quant))
     console.print(
-        "[bold]edgeslim demo[/] 3/3: resnet20 pruned to -50% MACs (the shipped result of "
+        "[bold]edgeslim demo[/] 3/4: resnet20 pruned to -50% MACs (the shipped result of "
         "`edgeslim zoo prune`, fine-tuned with KD), then W8A8, beside fp32 and int8 alone, "
         "in ONNX Runtime"
     )
@@ -293,7 +297,18 @@ def demo(
     except EdgeslimError as exc:
         fail(exc)
     console.print(_records_table(combined))
-    reports = ", ".join(str(out / s / "report.md") for s in ("baseline", "quant", "prune_quant"))
+    console.print(
+        "[bold]edgeslim demo[/] 4/4: resnet20 quantized without touching any data (no "
+        "calibration, no training): round-to-nearest vs DF-MPC at mixed 2/6-bit weights and "
+        "vs DFQ at 4 bits, 8-bit dynamic activations, fake-quant in torch, first 2,000 test images"
+    )
+    try:
+        datafree = datafree_demo(out / "datafree")
+    except EdgeslimError as exc:
+        fail(exc)
+    console.print(_records_table(datafree))
+    suites = ("baseline", "quant", "prune_quant", "datafree")
+    reports = ", ".join(str(out / s / "report.md") for s in suites)
     console.print(f"reports: {reports}")
 
 

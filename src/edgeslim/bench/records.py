@@ -53,6 +53,15 @@ class Record(BaseModel):
         return self.baseline_latency_ms / self.latency_ms
 
 
+def weight_bits_label(config: dict[str, Any]) -> str | None:
+    """A record's weight bits for tables and plots: ``"8"``, ``"2/6"`` for a mixed setting
+    (``low_bits``/``high_bits`` of the ``datafree`` suite), None when the config has none."""
+    if "low_bits" in config and "high_bits" in config:
+        low, high = config["low_bits"], config["high_bits"]
+        return str(low) if low == high else f"{low}/{high}"
+    return None if "w_bits" not in config else str(config["w_bits"])
+
+
 def save_records(records: list[Record], path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,9 +64,10 @@ def per_model(
 
 def _load_builtin_suites() -> None:
     import edgeslim.bench.baseline
+    import edgeslim.bench.datafree
     import edgeslim.bench.prune
     import edgeslim.bench.prune_quant
-    import edgeslim.bench.quant  # noqa: F401  (registers "quant", "prune", "prune_quant")
+    import edgeslim.bench.quant  # noqa: F401  (registers "quant", "prune", "prune_quant", ...)
 
 
 def run_suite(

@@ -1,4 +1,4 @@
-"""BatchNorm folding: ``conv -> BN`` becomes one conv with a bias (inference only).
+"""BatchNorm folding: ``conv -> BN`` (or ``linear -> BN1d``) becomes one layer with a bias.
 
 Found from the fx graph, so only BNs whose single input is a conv used by nothing else are
 folded; each folded BN is replaced by ``nn.Identity`` so FQNs of other modules stay put.
@@ -13,7 +13,7 @@ from edgeslim.graph.trace import trace
 
 
 @torch.no_grad()
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+def fold_conv_bn(conv: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d) -> None:
     """Fold ``bn`` into ``conv`` in place: W' = W g, b' = (b - mean) g + beta, g = gamma/std."""
     assert bn.running_var is not None and bn.running_mean is not None
     std = torch.sqrt(bn.running_var + bn.eps)
@@ -40,18 +40,21 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         if node.op != "call_module":
             continue
         bn = gm.get_submodule(str(node.target))
-        if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
+        if not isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm1d)) or not bn.track_running_stats:
             continue
         src = node.args[0]
         if getattr(src, "op", None) != "call_module" or len(src.users) != 1:
             continue
         conv = gm.get_submodule(str(src.target))
-        if isinstance(conv, nn.Conv2d):
+        if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or (
+            isinstance(conv, nn.Linear) and isinstance(bn, nn.BatchNorm1d)
+        ):
             pairs.append((str(src.target), str(node.target)))
     for conv_name, bn_name in pairs:
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
-        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+        assert isinstance(conv, (nn.Conv2d, nn.Linear))
+        assert isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm1d))
         fold_conv_bn(conv, bn)
         _set_submodule(model, bn_name, nn.Identity())
     return pairs

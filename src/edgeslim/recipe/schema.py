@@ -83,9 +83,10 @@ class Recipe(BaseModel):
 
 
 def _load_builtin_stages() -> None:
+    import edgeslim.datafree.stage
     import edgeslim.prune.stage
     import edgeslim.quant.stage
-    import edgeslim.train.stage  # noqa: F401  (registers "finetune")
+    import edgeslim.train.stage  # noqa: F401  (registers "finetune", ...)
 
 
 def _loc(prefix: str, loc: tuple[Any, ...]) -> str:

@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgeslim.bench.records import Record
+from edgeslim.bench.records import Record, weight_bits_label
 from edgeslim.report.pareto import pareto_front
 
 AXES = (("latency_ms", "latency (ms, median)"), ("size_bytes", "size (KiB)"))
 
 
 def _label(r: Record) -> str:
-    """``ptq W8A8``: the method's short name and, where set, its bit-widths."""
+    """``ptq W8A8``: the method's short name and, where set, its pruned fraction
+    (``udfc -30%``) and bit-widths (``W2/6A8`` for a mixed low/high setting)."""
     name = r.method.split(":")[-1]
-    if "w_bits" in r.config and r.config["w_bits"] != 32:
-        name += f" W{r.config['w_bits']}" + (
-            f"A{r.config['a_bits']}" if "a_bits" in r.config else ""
-        )
+    if r.config.get("prune_ratio"):
+        name += f" -{r.config['prune_ratio']:.0%}"
+    w_bits = weight_bits_label(r.config)
+    if w_bits is not None and w_bits != "32":
+        name += f" W{w_bits}" + (f"A{r.config['a_bits']}" if "a_bits" in r.config else "")
     return name
 
 

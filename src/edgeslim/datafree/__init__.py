@@ -1,0 +1,129 @@
+"""Data-free compression: methods that read only the weights and the BatchNorm statistics.
+
+``compress_datafree(model, method, spec, example)`` returns a BN-folded float copy whose
+weights a method has rewritten, and the per-layer bit-widths; ``quantized_model(result)``
+rounds it for evaluation or export. No data loader is ever touched (a test makes every
+data access fail). Methods (:mod:`.methods`): ``rtn`` and ``dfq`` (baselines), ``dfmpc``
+(mixed-precision compensation), ``naive`` (prune + RTN), ``merge`` (neuron merging) and
+``udfc`` (pruning and rounding compensated together). The shared closed form is in
+:mod:`.compensate`, the statistics and safe pairs in :mod:`.chain`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.datafree.chain import Chain, Pair, Stats, analyze
+from edgeslim.datafree.methods import (
+    METHODS,
+    PRUNE_CRITERIA,
+    PRUNING_METHODS,
+    MethodArgs,
+    assign_bits,
+)
+from edgeslim.datafree.ops import weight_spec
+from edgeslim.errors import EdgeslimError
+
+
+class DataFreeError(EdgeslimError, ValueError):
+    """An invalid data-free request; the message names the field and the allowed values."""
+
+
+@dataclass(frozen=True)
+class DataFreeSpec:
+    """What to compress to: weight bits (low/high alternate along pairs), pruning ratio."""
+
+    low_bits: int = 4
+    high_bits: int = 4
+    prune_ratio: float = 0.0
+    edge_bits: int = 8  # the first and the last layer
+    criterion: str = "l2"
+
+    def __post_init__(self) -> None:
+        for name in ("low_bits", "high_bits", "edge_bits"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 2 <= value <= 8:
+                raise DataFreeError(f"{name} must be an integer in 2..8; got {value!r}")
+        if self.low_bits > self.high_bits:
+            raise DataFreeError(
+                f"low_bits ({self.low_bits}) must not exceed high_bits ({self.high_bits})"
+            )
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise DataFreeError(f"prune_ratio must be in [0, 1); got {self.prune_ratio!r}")
+        if self.criterion not in PRUNE_CRITERIA:
+            raise DataFreeError(
+                f"criterion must be one of {', '.join(PRUNE_CRITERIA)} (data-free criteria); "
+                f"got {self.criterion!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DataFreeResult:
+    model: nn.Module  # BN folded, maybe pruned, weights rewritten (still float)
+    weight_bits: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def compress_datafree(
+    model: nn.Module, method: str, spec: DataFreeSpec, example: torch.Tensor
+) -> DataFreeResult:
+    """Run data-free ``method`` on a copy of ``model`` (``example``: an input, for tracing)."""
+    if method not in METHODS:
+        raise DataFreeError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if spec.prune_ratio > 0 and method not in PRUNING_METHODS:
+        raise DataFreeError(
+            f"method {method!r} does not prune; prune_ratio > 0 needs one of "
+            f"{', '.join(PRUNING_METHODS)}"
+        )
+    start = time.perf_counter()
+    with torch.no_grad():
+        chain = analyze(model, example)
+        bits = assign_bits(chain, spec.low_bits, spec.high_bits, spec.edge_bits)
+        METHODS[method](chain, MethodArgs(bits, spec.prune_ratio, spec.criterion))
+    return DataFreeResult(chain.model, bits, chain.notes, time.perf_counter() - start)
+
+
+def quantized_model(result: DataFreeResult, act_bits: int | None = 8) -> nn.Module:
+    """A fake-quant copy of ``result.model``: weights at their bits, activations dynamic.
+
+    Activations (``act_bits``, ``None`` keeps them float) are quantized per tensor with the
+    range of each tensor as it flows (ONNX Runtime's dynamic quantization), so no
+    calibration data is needed either.
+    """
+    import copy
+
+    from edgeslim.quant import QuantConfig, QuantSpec, quantize_
+
+    act = None
+    if act_bits is not None:
+        act = QuantSpec(bits=act_bits, granularity="tensor", symmetric=False, observer="dynamic")
+    select: dict[str, QuantConfig | None] = {
+        fqn: QuantConfig(weight_spec(b), act) for fqn, b in result.weight_bits.items()
+    }
+    m = copy.deepcopy(result.model).eval()
+    quantize_(m, QuantConfig(weight=None), select=select)  # type: ignore[arg-type]
+    return m
+
+
+__all__ = [
+    "METHODS",
+    "Chain",
+    "DataFreeError",
+    "DataFreeResult",
+    "DataFreeSpec",
+    "Pair",
+    "Stats",
+    "analyze",
+    "assign_bits",
+    "compress_datafree",
+    "quantized_model",
+]

@@ -1,0 +1,294 @@
+"""What the weights and BatchNorm statistics alone say about a model: the shared analysis.
+
+:func:`analyze` traces a copy of the model, propagates per-channel Gaussian statistics
+(mean, variance) from the input through the graph, finds the *safe pairs* and folds BN:
+
+- **Statistics.** The input is taken as standardised (mean 0, variance 1 per channel: what
+  edgeslim's loaders feed). A BatchNorm's output is ``N(beta, gamma^2)`` whatever its input
+  (that is what makes the methods data-free); a conv/linear maps means exactly and
+  variances assuming independent inputs; ReLU/ReLU6 use the clipped-Gaussian moments of
+  :mod:`edgeslim.datafree.gaussian`; an add sums both; pooling, dropout and flatten keep
+  them (flatten repeats each channel over its positions). Any other op gives "unknown".
+- **Safe pairs** ``producer -> [BN] -> [ReLU|ReLU6] -> [pool, dropout, flatten] ->
+  consumer``: every tensor on the way has exactly one user, so a per-channel change of the
+  producer's output can be undone in the consumer's input columns. A producer whose output
+  also feeds a residual add (or anything else) is not a pair: its channels are shared, and
+  compensating one consumer would leave the other wrong.
+- **Folding.** Each conv -> BN becomes one conv with a bias; the pair keeps the BN's
+  statistics as the producer's pre-activation statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from edgeslim.datafree.gaussian import IDENTITY, RELU, RELU6, Act, act_mean, act_var
+from edgeslim.graph.trace import trace
+from edgeslim.quant.fold import fold_batchnorm
+
+COMPUTE = (nn.Conv2d, nn.Linear)
+NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
+_PASS_MODULES = (nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
+                 nn.Flatten)  # fmt: skip
+_PASS_FUNCS = {
+    torch.flatten, nn.functional.dropout, nn.functional.max_pool2d,
+    nn.functional.adaptive_avg_pool2d, nn.functional.avg_pool2d,
+}  # fmt: skip
+_PASS_METHODS = {"flatten", "view", "reshape", "contiguous"}
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+@dataclass
+class Stats:
+    """Per-channel mean and variance of a tensor (float64, shape ``(C,)``)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.clamp_min(0).sqrt()
+
+    def repeat(self, n: int) -> Stats:
+        return Stats(self.mean.repeat_interleave(n), self.var.repeat_interleave(n))
+
+
+@dataclass(frozen=True)
+class Pair:
+    """``producer -> [BN] -> act -> consumer`` with nothing else reading the way between."""
+
+    producer: str
+    consumer: str
+    act: Act
+    repeat: int = 1  # consumer input features per producer channel (H*W after a flatten)
+    depthwise: bool = False  # consumer is depthwise: channel k only feeds its output k
+
+
+@dataclass
+class Chain:
+    """A BN-folded copy of the model and what is known about it (see the module doc)."""
+
+    model: nn.Module
+    order: list[str]  # conv/linear FQNs in graph order
+    pre: dict[str, Stats]  # producer FQN -> statistics of its output before the activation
+    inputs: dict[str, Stats | None]  # layer FQN -> input statistics per input column
+    pairs: dict[str, Pair]  # by producer
+    example: torch.Tensor  # an input of the right shape (for tracing the folded copy)
+    notes: list[str] = field(default_factory=list)
+
+    def pair_into(self, consumer: str) -> Pair | None:
+        for p in self.pairs.values():
+            if p.consumer == consumer:
+                return p
+        return None
+
+    def layer(self, fqn: str) -> nn.Conv2d | nn.Linear:
+        m = self.model.get_submodule(fqn)
+        assert isinstance(m, COMPUTE)
+        return m
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _act_of(gm: fx.GraphModule, node: fx.Node) -> Act | None:
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if isinstance(m, nn.ReLU):
+            return RELU
+        if isinstance(m, nn.ReLU6):
+            return RELU6
+        if isinstance(m, nn.Hardtanh):
+            return Act(float(m.min_val), float(m.max_val))
+        return None
+    if node.op == "call_function":
+        if node.target in (nn.functional.relu, torch.relu):
+            return RELU
+        if node.target is nn.functional.relu6:
+            return RELU6
+    if node.op == "call_method" and node.target == "relu":
+        return RELU
+    return None
+
+
+def _passes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _PASS_MODULES)
+    if node.op == "call_function":
+        return node.target in _PASS_FUNCS
+    return node.op == "call_method" and node.target in _PASS_METHODS
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def layer_output(m: nn.Module, x: Stats) -> Stats | None:
+    """Output statistics of a conv/linear from its input statistics (independent inputs)."""
+    w = _f64(m.weight)  # type: ignore[arg-type]
+    bias = _f64(m.bias) if getattr(m, "bias", None) is not None else torch.zeros(w.shape[0])  # type: ignore[arg-type]
+    if isinstance(m, nn.Linear):
+        return Stats(w @ x.mean + bias, (w * w) @ x.var)
+    assert isinstance(m, nn.Conv2d)
+    if is_depthwise(m):
+        flat = w.reshape(w.shape[0], -1)
+        return Stats(flat.sum(1) * x.mean + bias, (flat * flat).sum(1) * x.var)
+    if m.groups != 1:
+        return None
+    s, s2 = w.sum((2, 3)), (w * w).sum((2, 3))
+    return Stats(s @ x.mean + bias, s2 @ x.var)
+
+
+class _Propagator:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.values: dict[fx.Node, Stats | None] = {}
+        self.inputs: dict[str, Stats | None] = {}
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.values[node] = self._visit(node)
+
+    def _arg(self, node: fx.Node, i: int = 0) -> Stats | None:
+        a = node.args[i] if len(node.args) > i else None
+        return self.values.get(a) if isinstance(a, fx.Node) else None
+
+    def _visit(self, node: fx.Node) -> Stats | None:
+        shape = _shape(node)
+        if node.op == "placeholder":
+            if shape is None or len(shape) < 2:
+                return None
+            return Stats(torch.zeros(shape[1], dtype=torch.float64),
+                         torch.ones(shape[1], dtype=torch.float64))  # fmt: skip
+        x = self._arg(node)
+        act = _act_of(self.gm, node)
+        if act is not None:
+            return None if x is None else Stats(act_mean(x.mean, x.std, act),
+                                                act_var(x.mean, x.std, act))  # fmt: skip
+        if node.op == "call_module":
+            m = self.gm.get_submodule(str(node.target))
+            if isinstance(m, NORMS) and m.running_mean is not None:
+                beta = _f64(m.bias) if m.bias is not None else torch.zeros(m.num_features)
+                gamma = _f64(m.weight) if m.weight is not None else torch.ones(m.num_features)
+                return Stats(beta.to(torch.float64), (gamma * gamma).to(torch.float64))
+            if isinstance(m, COMPUTE):
+                self.inputs[str(node.target)] = x
+                return None if x is None else layer_output(m, x)
+        if node.op == "call_function" and node.target in _ADDS:
+            y = self._arg(node, 1)
+            if x is None or y is None or x.mean.shape != y.mean.shape:
+                return None
+            return Stats(x.mean + y.mean, x.var + y.var)
+        if node.op == "call_function" and node.target is torch.cat:
+            parts = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if dim != 1 or not isinstance(parts, (list, tuple)):
+                return None
+            vals = [self.values.get(p) if isinstance(p, fx.Node) else None for p in parts]
+            if any(v is None for v in vals):
+                return None
+            return Stats(torch.cat([v.mean for v in vals if v is not None]),
+                         torch.cat([v.var for v in vals if v is not None]))  # fmt: skip
+        if _passes(self.gm, node) and x is not None:
+            src = node.args[0]
+            before = _shape(src) if isinstance(src, fx.Node) else None
+            if before is not None and shape is not None and len(before) == 4 and len(shape) == 2:
+                return x.repeat(before[2] * before[3])
+            return x
+        return None
+
+
+def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | None:
+    """The pair starting at compute ``node``, and the node holding its pre-activation."""
+    producer = str(node.target)
+    cur, pre_node, act, repeat = node, node, IDENTITY, 1
+    if len(cur.users) != 1:
+        return None
+    nxt = next(iter(cur.users))
+    if nxt.op == "call_module" and isinstance(gm.get_submodule(str(nxt.target)), NORMS):
+        cur = pre_node = nxt
+        if len(cur.users) != 1:
+            return None
+        nxt = next(iter(cur.users))
+    found = _act_of(gm, nxt)
+    if found is not None:
+        act, cur = found, nxt
+        if len(cur.users) != 1:
+            return None
+        nxt = next(iter(cur.users))
+    while _passes(gm, nxt):
+        before, after = _shape(cur), _shape(nxt)
+        if before is not None and after is not None and len(before) == 4 and len(after) == 2:
+            repeat *= before[2] * before[3]
+        cur = nxt
+        if len(cur.users) != 1:
+            return None
+        nxt = next(iter(cur.users))
+    if nxt.op != "call_module" or nxt.args[0] is not cur:
+        return None
+    consumer = gm.get_submodule(str(nxt.target))
+    if not isinstance(consumer, COMPUTE):
+        return None
+    pair = Pair(producer, str(nxt.target), act, repeat, is_depthwise(consumer))
+    return pair, pre_node
+
+
+def analyze(model: nn.Module, example: torch.Tensor) -> Chain:
+    """Statistics, safe pairs and a BN-folded copy of ``model`` (``model`` is untouched).
+
+    Raises :class:`~edgeslim.errors.TraceError` (naming the op and module) if the model
+    does not trace.
+    """
+    folded = copy.deepcopy(model).eval()
+    gm = trace(folded)
+    ShapeProp(gm).propagate(example)
+    prop = _Propagator(gm)
+    prop.run()
+    order: list[str] = []
+    pairs: dict[str, Pair] = {}
+    pre: dict[str, Stats] = {}
+    notes: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), COMPUTE):
+            continue
+        order.append(str(node.target))
+        found = _find_pair(gm, node)
+        if found is None:
+            continue
+        pair, pre_node = found
+        stats = prop.values.get(pre_node)
+        if stats is None:
+            notes.append(f"{pair.producer}: no statistics of its output are known (no "
+                         "BatchNorm and unknown input); its pair is left to RTN")  # fmt: skip
+            continue
+        pairs[pair.producer], pre[pair.producer] = pair, stats
+    fold_batchnorm(folded)
+    return Chain(folded, order, pre, dict(prop.inputs), pairs, example, notes)
+
+
+def input_stats(chain: Chain, fqn: str) -> Stats | None:
+    """Input statistics of layer ``fqn`` in its column space, from the current ``pre``.
+
+    A pair's consumer reads the producer's activation (re-derived from ``chain.pre``, which
+    methods update as they rescale or quantize producers); other layers keep the
+    statistics propagated at analysis time.
+    """
+    pair = chain.pair_into(fqn)
+    if pair is None:
+        return chain.inputs.get(fqn)
+    s = chain.pre[pair.producer]
+    out = Stats(act_mean(s.mean, s.std, pair.act), act_var(s.mean, s.std, pair.act))
+    return out.repeat(pair.repeat) if pair.repeat > 1 else out

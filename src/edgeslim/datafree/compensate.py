@@ -1,0 +1,207 @@
+"""The closed-form solver every data-free method plugs into.
+
+For a safe pair ``producer -> [BN] -> act -> consumer`` (see :mod:`.chain`), the producer's
+channel k has pre-activation ``z_k ~ N(mu_k, sigma_k^2)`` (BN statistics). Rounding the
+producer's weights row ``w_k -> q_k`` gives ``zq_k``; with the producer's input modelled as
+independent channels of known variance ``v`` (a diagonal covariance), ``z_k`` and ``zq_j``
+are jointly Gaussian with
+
+    std(zq_j) = sigma_j |q_j|_v / |w_j|_v,  corr(z_i, zq_j) = <w_i, q_j>_v / (|w_i|_v |q_j|_v)
+
+(``<a, b>_v = sum a b v`` over the input columns, v = 1 where unknown), and the mean shift
+of rounding is removed from the producer's bias first (DFQ's bias correction), so
+``E[zq_j] = mu_j``. The consumer reads ``a = act(z)`` and must now read ``aq = act(zq)``.
+
+**Objective** (per consumer output): ``E || W a + b - (W' aq_kept + b') ||^2`` where each
+input channel k of the original consumer is represented by one kept channel j(k)
+(itself when kept: quantization compensation, DF-MPC; the most useful kept channel when k
+is pruned: UDFC). Under the Gaussian model each channel's term is a one-variable linear
+regression, so the minimiser is closed form:
+
+    s_kj = Cov(a_k, aq_j) / Var(aq_j)          (column j of W' += s_kj * W[:, k])
+    b'   = b + sum_k W[:, k] E[a_k] - sum_j W'[:, j] E[aq_j]
+
+with the moments of clipped Gaussians from :mod:`.gaussian`; a pruned k goes to the kept j
+that explains most of its variance, ``Cov(a_k, aq_j)^2 / Var(aq_j)``. ``tests/datafree``
+checks ``s`` and ``b'`` against ``torch.linalg.lstsq`` on samples drawn from the model.
+
+This replaces the diagonal form in METHODS.md (``c_k = (rho g^2 <q, w> + b^2) / ...`` with a
+free ``rho``): the regression needs no hyper-parameter (the input energy is fixed by the BN
+variance), handles the ReLU's clipping of the BN bias exactly, and removes the mean error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import torch
+from torch import nn
+
+from edgeslim.datafree.chain import Chain, Pair, Stats, input_stats
+from edgeslim.datafree.gaussian import act_cov, act_mean, act_var
+from edgeslim.datafree.ops import add_bias, channel_effect, columns, quantize_weight, weight_shift
+
+_EPS = 1e-12
+
+
+SPATIAL_CORR = 0.8  # correlation of neighbouring input pixels in the prior (see module doc)
+
+
+def spatial_kernel(kh: int, kw: int, corr: float | None = None) -> torch.Tensor:
+    """Prior correlation of the inputs under a ``kh x kw`` window: ``corr ** distance``."""
+    corr = SPATIAL_CORR if corr is None else corr
+    ys, xs = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).to(torch.float64)
+    return corr ** torch.cdist(pos, pos, p=1)
+
+
+def _channel_var(m: nn.Module, x: Stats | None, n_in: int) -> torch.Tensor:
+    if x is None:
+        return torch.ones(n_in, dtype=torch.float64)
+    return x.var.to(torch.float64).clamp_min(_EPS)
+
+
+def inner_products(
+    m: nn.Module, a: torch.Tensor, b: torch.Tensor, x: Stats | None, full: bool = True
+) -> torch.Tensor:
+    """``<a_i, b_j>`` under the input prior: independent channels of variance ``x.var``
+    (1 where unknown), each correlated over the kernel window by :func:`spatial_kernel`.
+
+    ``full``: the ``(O, O)`` matrix of every pair of rows; otherwise the ``(O,)`` diagonal
+    (always so for a depthwise conv, whose rows read different channels).
+    """
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    if a64.dim() == 2:
+        v = _channel_var(m, x, a64.shape[1])
+        return (a64 * v) @ b64.T if full else (a64 * b64 * v).sum(1)
+    o, c, kh, kw = a64.shape
+    k = spatial_kernel(kh, kw)
+    ak = torch.einsum("ocp,pq->ocq", a64.reshape(o, c, -1), k)
+    bf = b64.reshape(o, c, -1)
+    if c == 1 and o > 1 and getattr(m, "groups", 1) == o:  # depthwise: own channel per row
+        v = _channel_var(m, x, o)
+        return (ak * bf).sum((1, 2)) * v
+    v = _channel_var(m, x, c)
+    if full:
+        return torch.einsum("icp,jcp,c->ij", ak, bf, v)
+    return torch.einsum("icp,icp,c->i", ak, bf, v)
+
+
+def rounded_stats(
+    m: nn.Module, w: torch.Tensor, q: torch.Tensor, x: Stats | None, pre: Stats, full: bool
+) -> tuple[Stats, torch.Tensor]:
+    """Statistics of the rounded producer's pre-activations and ``corr(z_i, zq_j)``.
+
+    The correlation is ``(O, O)`` with ``full`` (else ``(O,)``, the diagonal).
+    """
+    nw = inner_products(m, w, w, x, full=False).clamp_min(_EPS).sqrt()
+    nq = inner_products(m, q, q, x, full=False).clamp_min(_EPS).sqrt()
+    depthwise = w.dim() == 4 and w.shape[1] == 1 and getattr(m, "groups", 1) == w.shape[0] > 1
+    cross = inner_products(m, w, q, x, full=full and not depthwise)
+    corr = cross / (nw[:, None] * nq[None, :]) if cross.dim() == 2 else cross / (nw * nq)
+    sq = pre.std * nq / nw
+    return Stats(pre.mean.clone(), sq * sq), corr
+
+
+@torch.no_grad()
+def correct_bias(m: nn.Module, w: torch.Tensor, q: torch.Tensor, x: Stats | None) -> None:
+    """DFQ's analytic bias correction: remove ``E[(q - w) x]`` from the layer's bias."""
+    if x is not None:
+        add_bias(m, -weight_shift(m, q - w, x.mean))
+
+
+@torch.no_grad()
+def compensate(
+    chain: Chain, pair: Pair, w: torch.Tensor, q: torch.Tensor, x: Stats | None,
+    pruned: Collection[int] = (), merge: bool = True, rescale: bool = False,
+    bias: bool = True,
+) -> Stats:  # fmt: skip
+    """Rewrite ``pair.consumer`` for the producer's rounding (``w -> q``) and ``pruned``.
+
+    Returns the statistics of the rounded producer's pre-activations. Columns of pruned
+    channels are left as they are (surgery removes them); ``merge=False`` (or a depthwise
+    consumer) folds a pruned channel into the bias only, through its mean.
+    """
+    consumer = chain.layer(pair.consumer)
+    pre = chain.pre[pair.producer]
+    merging = merge and not pair.depthwise and len(pruned) > 0
+    qstats, corr = rounded_stats(chain.layer(pair.producer), w, q, x, pre, full=merging)
+    act, n = pair.act, w.shape[0]
+    drop = torch.zeros(n, dtype=torch.bool)
+    drop[list(pruned)] = True
+    kept = (~drop).nonzero().flatten()
+    mean_a = act_mean(pre.mean, pre.std, act)
+    mean_q = act_mean(qstats.mean, qstats.std, act)
+    var_q = act_var(qstats.mean, qstats.std, act)
+    diag = torch.diagonal(corr) if corr.dim() == 2 else corr
+    cov_self = act_cov(pre.mean, pre.std, qstats.mean, qstats.std, diag, act, act)
+    coef = torch.where(var_q > _EPS, cov_self / var_q.clamp_min(_EPS), torch.zeros_like(var_q))
+    if not rescale:
+        coef = torch.ones_like(coef)
+    if pair.depthwise:  # one filter per channel: the channels are the columns of one row
+        cols = consumer.weight.detach().reshape(1, n, -1).to(torch.float64)
+    else:
+        cols = columns(consumer, pair.repeat).to(torch.float64)
+    new = cols.clone()
+    new[:, kept] = cols[:, kept] * coef[kept].reshape(1, -1, 1)
+    if drop.any() and merging and corr.dim() == 2:
+        gone = drop.nonzero().flatten()
+        cov = act_cov(
+            pre.mean[gone, None], pre.std[gone, None], qstats.mean[None, kept],
+            qstats.std[None, kept], corr[gone][:, kept], act, act,
+        )  # fmt: skip
+        vk = var_q[kept].clamp_min(_EPS)[None, :]
+        best = (cov * cov / vk).argmax(1)
+        s = cov.gather(1, best[:, None]).squeeze(1) / vk[0, best]
+        for i, j, si in zip(gone.tolist(), kept[best].tolist(), s.tolist(), strict=True):
+            new[:, j] += si * cols[:, i]
+    old_effect = channel_effect(consumer, mean_a, pair.repeat)
+    weight = consumer.weight
+    weight.copy_(new.reshape(weight.shape).to(weight.dtype))
+    if bias:
+        mean_kept = torch.where(drop, torch.zeros_like(mean_q), mean_q)
+        add_bias(consumer, old_effect - channel_effect(consumer, mean_kept, pair.repeat))
+    return qstats
+
+
+def quantized_input(chain: Chain, fqn: str, rounded: dict[str, Stats]) -> Stats | None:
+    """Input statistics of ``fqn`` once its producer is rounded (``rounded`` by producer)."""
+    pair = chain.pair_into(fqn)
+    if pair is None or pair.producer not in rounded:
+        return input_stats(chain, fqn)
+    saved = chain.pre[pair.producer]
+    chain.pre[pair.producer] = rounded[pair.producer]
+    try:
+        return input_stats(chain, fqn)
+    finally:
+        chain.pre[pair.producer] = saved
+
+
+def compensate_all(
+    chain: Chain, bits: dict[str, int], pruned: Mapping[str, Collection[int]] | None = None,
+    merge_into: Collection[str] = (), skip: Collection[str] = (), rescale: bool = False,
+    bias: bool = True,
+) -> None:  # fmt: skip
+    """One pass in graph order: bias-correct every layer's rounding, compensate every pair.
+
+    ``pruned`` (by producer) channels are folded into kept ones where the producer is in
+    ``merge_into`` and into the consumer's bias otherwise; producers in ``skip`` get bias
+    correction only. Layers are visited after their producer, so a consumer's columns are
+    final before its own rows are rounded.
+    """
+    pruned = pruned or {}
+    rounded: dict[str, Stats] = {}
+    for fqn in chain.order:
+        m = chain.layer(fqn)
+        x = quantized_input(chain, fqn, rounded)
+        w = m.weight.detach().clone()
+        q = quantize_weight(w, bits[fqn])
+        if bias:
+            correct_bias(m, w, q, x)
+        pair = chain.pairs.get(fqn)
+        if pair is None or fqn in skip:
+            continue
+        rounded[fqn] = compensate(
+            chain, pair, w, q, x, pruned.get(fqn, ()), merge=fqn in merge_into,
+            rescale=rescale, bias=bias,
+        )  # fmt: skip

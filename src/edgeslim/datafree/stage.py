@@ -1,0 +1,132 @@
+"""Recipe stage ``datafree``: compress without data (:mod:`edgeslim.datafree`).
+
+```yaml
+- kind: datafree
+  method: dfmpc        # rtn | dfq | dfmpc (quantize) | naive | merge | udfc (prune + quantize)
+  low_bits: 2          # weight bits of the "low" layers (DF-MPC alternates low/high)
+  high_bits: 6         # weight bits of the other layers; equal to low_bits: uniform
+  prune_ratio: 0.0     # naive, merge, udfc: fraction of channels removed per prunable group
+  edge_bits: 8         # first conv and last linear
+  act_bits: 8          # dynamic per-tensor activation ranges; null: weight-only
+  criterion: l2        # which channels naive / merge / udfc remove (data-free criteria only)
+```
+
+The stage reads no image: the method sees the weights and a random example input (for
+shapes), and the activations of the returned fake-quant model take their ranges from each
+tensor as it comes, so there is nothing to calibrate.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from edgeslim.recipe.schema import Stage, StageContext, register_stage
+
+if TYPE_CHECKING:
+    from edgeslim.datafree import DataFreeSpec
+
+# criteria that score channels from activations or gradients: they need data
+DATA_CRITERIA = ("taylor", "fluctuation")
+
+
+def _allowed_methods() -> list[str]:
+    from edgeslim.datafree import METHODS
+
+    return list(METHODS)
+
+
+def _pruning_methods() -> tuple[str, ...]:
+    from edgeslim.datafree.methods import PRUNING_METHODS
+
+    return tuple(PRUNING_METHODS)
+
+
+def _allowed_criteria() -> tuple[str, ...]:
+    from edgeslim.datafree.methods import PRUNE_CRITERIA
+
+    return tuple(PRUNE_CRITERIA)
+
+
+class DataFreeStage(Stage):
+    """Data-free quantization (RTN, DFQ, DF-MPC) or pruning + quantization (naive, neuron
+    merging, UDFC) of every Conv2d/Linear."""
+
+    kind: Literal["datafree"] = "datafree"
+    method: str = "dfmpc"
+    low_bits: int = Field(4, ge=2, le=8)
+    high_bits: int = Field(4, ge=2, le=8)
+    prune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    edge_bits: int = Field(8, ge=2, le=8)
+    act_bits: int | None = Field(8, ge=2, le=8)
+    criterion: str = "l2"
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        allowed = _allowed_methods()
+        if v not in allowed:
+            raise ValueError(
+                f"unknown data-free method {v!r}; allowed values: {', '.join(allowed)}"
+            )
+        return v
+
+    @field_validator("criterion")
+    @classmethod
+    def _data_free_criterion(cls, v: str) -> str:
+        allowed = _allowed_criteria()
+        if v not in allowed:
+            why = " (it needs data)" if v in DATA_CRITERIA else ""
+            raise ValueError(
+                f"{v!r} is not a data-free pruning criterion{why}; allowed values: "
+                f"{', '.join(allowed)}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _ratio_fits_method(self) -> DataFreeStage:
+        pruning = _pruning_methods()
+        if self.prune_ratio > 0 and self.method not in pruning:
+            raise ValueError(
+                f"prune_ratio {self.prune_ratio} needs a pruning method "
+                f"({', '.join(pruning)}); {self.method!r} only quantizes"
+            )
+        stage_spec(self)  # the spec's own checks, at load time
+        return self
+
+
+def stage_spec(stage: DataFreeStage) -> DataFreeSpec:
+    """The :class:`edgeslim.datafree.DataFreeSpec` of a stage (its checks raise
+    ``DataFreeError``, a ``ValueError`` the recipe loader reports with the stage's path)."""
+    from edgeslim.datafree import DataFreeSpec
+
+    return DataFreeSpec(
+        low_bits=stage.low_bits, high_bits=stage.high_bits, prune_ratio=stage.prune_ratio,
+        edge_bits=stage.edge_bits, criterion=stage.criterion,
+    )  # fmt: skip
+
+
+@register_stage("datafree", DataFreeStage, data_used="none")
+def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> nn.Module:
+    from edgeslim.datafree import compress_datafree, quantized_model
+    from edgeslim.inputs import example_args_for
+
+    example = example_args_for(ctx.model_name)[0]  # a random tensor: shapes only
+    result = compress_datafree(model, stage.method, stage_spec(stage), example)
+    bits = sorted(set(result.weight_bits.values()))
+    pruned = f", {stage.prune_ratio:.0%} of prunable channels removed" if stage.prune_ratio else ""
+    ctx.notes.append(
+        f"datafree: {stage.method}, weights at {'/'.join(map(str, bits))} bits "
+        f"(low {stage.low_bits}, high {stage.high_bits}, edges {stage.edge_bits}), "
+        f"activations {'float' if stage.act_bits is None else f'{stage.act_bits}-bit dynamic'}"
+        f"{pruned}; {result.seconds:.1f} s, no data read"
+    )
+    ctx.notes += [f"datafree: {n}" for n in result.notes]
+    if stage.act_bits is not None:
+        ctx.notes.append(
+            "datafree: activation ranges are dynamic in torch; a QDQ export (e.g. compress's "
+            "model.onnx) fixes them at the ranges of the last batch the model ran on"
+        )
+    return quantized_model(result, act_bits=stage.act_bits).eval()

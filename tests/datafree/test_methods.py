@@ -1,0 +1,233 @@
+"""Data-free methods on a small chain whose inputs really are what the BN statistics say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.datafree import (
+    DataFreeError,
+    DataFreeSpec,
+    analyze,
+    assign_bits,
+    compress_datafree,
+    quantized_model,
+)
+from edgeslim.datafree.compensate import compensate
+from edgeslim.datafree.ops import mse_clip, quantize_weight
+
+IN, HID, OUT = 12, 10, 6
+
+
+class Chain(nn.Module):
+    """first -> BN -> ReLU -> mid -> BN -> ReLU -> last: one safe pair (mid -> last)."""
+
+    def __init__(self, duplicate: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.first = nn.Linear(IN, HID)
+        self.bn0 = nn.BatchNorm1d(HID)
+        self.mid = nn.Linear(HID, HID)
+        self.bn1 = nn.BatchNorm1d(HID)
+        self.last = nn.Linear(HID, OUT)
+        with torch.no_grad():
+            for m in (self.first, self.mid, self.last):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            for bn in (self.bn0, self.bn1):
+                bn.weight.copy_(0.5 + torch.rand(HID, generator=g))
+                bn.bias.copy_(0.3 * torch.randn(HID, generator=g))
+            if duplicate:  # channels 5.. nearly 1.2x channels 0..: what merging can recover
+                for m, bn in ((self.first, self.bn0), (self.mid, self.bn1)):
+                    noise = 0.02 * torch.randn(5, m.in_features, generator=g)
+                    m.weight[5:] = 1.2 * m.weight[:5] + noise
+                    m.bias[5:] = 1.2 * m.bias[:5]
+                    bn.weight[5:] = 1.2 * bn.weight[:5]
+                    bn.bias[5:] = 1.2 * bn.bias[:5]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn0(self.first(x)))
+        return self.last(torch.relu(self.bn1(self.mid(h))))
+
+
+def _samples(n: int = 200_000) -> torch.Tensor:
+    return torch.randn(n, IN, generator=torch.Generator().manual_seed(2))
+
+
+def _calibrated(model: Chain) -> Chain:
+    """Set the BN running statistics to the exact ones of standard-normal inputs."""
+    model.train()
+    for bn in (model.bn0, model.bn1):
+        bn.momentum = None  # cumulative average: one big batch gives its exact statistics
+        bn.reset_running_stats()
+    with torch.no_grad():
+        model(_samples())
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def chain_model() -> Chain:
+    return _calibrated(Chain())
+
+
+def _hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``mid`` in a BN-folded copy (what the producer of the pair reads)."""
+    return torch.relu(model.first(x))
+
+
+def test_analyze_finds_pairs_and_exact_statistics(chain_model: Chain) -> None:
+    chain = analyze(chain_model, torch.zeros(2, IN))
+    assert set(chain.pairs) == {"first", "mid"}
+    assert chain.pairs["mid"].consumer == "last"
+    with torch.no_grad():
+        z = chain.model.mid(_hidden(chain.model, _samples()))
+    torch.testing.assert_close(chain.pre["mid"].mean.float(), z.mean(0), atol=0.02, rtol=0)
+    torch.testing.assert_close(chain.pre["mid"].std.float(), z.std(0), atol=0.02, rtol=0.02)
+
+
+@torch.no_grad()
+def test_compensation_equals_lstsq_per_channel(chain_model: Chain) -> None:
+    """With ``rescale``, column k of the consumer is scaled by the lstsq slope of ``a_k`` on
+    ``aq_k``. The pair ``first -> mid`` reads standard-normal inputs, so its pre-activations
+    are exactly the Gaussians the closed form assumes."""
+    chain = analyze(chain_model, torch.zeros(2, IN))
+    first, mid = chain.layer("first"), chain.layer("mid")
+    w = first.weight.detach().clone()
+    q = quantize_weight(w, 2)
+    before = mid.weight.detach().clone()
+    x = _samples()
+    a = torch.relu(x @ w.T + first.bias)
+    aq = torch.relu(x @ q.T + first.bias)
+    compensate(chain, chain.pairs["first"], w, q, chain.inputs["first"], rescale=True)
+    got = (mid.weight / before)[0]
+    for k in range(HID):
+        design = torch.stack([aq[:, k], torch.ones(len(aq))], 1).double()
+        slope = torch.linalg.lstsq(design, a[:, k : k + 1].double()).solution[0, 0]
+        assert float(got[k]) == pytest.approx(float(slope), abs=0.03)
+
+
+def _consumer_error(model: nn.Module, spec_bits: dict[str, int], ref: torch.Tensor) -> float:
+    q = quantized_model_from(model, spec_bits)
+    with torch.no_grad():
+        return float((q(_samples(20_000)) - ref).pow(2).mean())
+
+
+def quantized_model_from(model: nn.Module, bits: dict[str, int]) -> nn.Module:
+    from edgeslim.datafree import DataFreeResult
+
+    return quantized_model(DataFreeResult(model, bits), act_bits=None)
+
+
+@pytest.mark.parametrize(("method", "baseline", "spec"), [
+    ("dfmpc", "rtn", DataFreeSpec(low_bits=2, high_bits=6, edge_bits=8)),
+    ("dfq", "rtn", DataFreeSpec(low_bits=4, high_bits=4, edge_bits=4)),
+    ("udfc", "naive", DataFreeSpec(low_bits=6, high_bits=6, prune_ratio=0.5)),
+    ("merge", "naive", DataFreeSpec(low_bits=6, high_bits=6, prune_ratio=0.5)),
+])  # fmt: skip
+def test_method_beats_its_baseline_on_gaussian_inputs(
+    method: str, baseline: str, spec: DataFreeSpec
+) -> None:
+    model = _calibrated(Chain(duplicate=spec.prune_ratio > 0))
+    with torch.no_grad():
+        ref = model(_samples(20_000))
+    x = torch.zeros(2, IN)
+    errs = {}
+    for name in (method, baseline):
+        result = compress_datafree(model, name, spec, x)
+        errs[name] = _consumer_error(result.model, result.weight_bits, ref)
+    assert errs[method] < errs[baseline], errs
+
+
+def test_assign_bits_alternates_along_pairs() -> None:
+    from edgeslim.zoo import load_zoo_model
+
+    chain = analyze(load_zoo_model("vgg-small"), torch.zeros(1, 1, 28, 28))
+    bits = assign_bits(chain, 2, 6, 8)
+    assert bits[chain.order[0]] == 8 and bits[chain.order[-1]] == 8
+    for fqn, b in bits.items():
+        if b == 2:  # every low-bit layer feeds a higher-precision consumer that compensates it
+            assert bits[chain.pairs[fqn].consumer] >= 6
+    assert sorted(set(bits.values())) == [2, 6, 8]
+    uniform = assign_bits(chain, 4, 4, 8)
+    assert set(uniform.values()) == {4, 8}
+
+
+def test_mse_clip_never_increases_rounding_error() -> None:
+    w = torch.randn(16, 8, 3, 3) * torch.rand(16, 1, 1, 1)
+    w[0, 0, 0, 0] = 10.0  # an outlier that wastes the min-max grid
+    for bits in (2, 3, 4):
+        plain = (quantize_weight(w, bits) - w).pow(2).sum()
+        clipped = mse_clip(w, bits)
+        assert float((quantize_weight(clipped, bits) - w).pow(2).sum()) <= float(plain) + 1e-6
+
+
+def test_methods_never_touch_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeslim.data as data
+    import edgeslim.data.fashion_mnist as fm
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a data-free method read data")
+
+    for mod in (data, fm):
+        for name in dir(mod):
+            if name.startswith("load_"):
+                monkeypatch.setattr(mod, name, refuse)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", refuse)
+    from edgeslim.zoo import load_zoo_model
+
+    model = load_zoo_model("resnet20")
+    x = torch.zeros(1, 1, 28, 28)
+    for method, spec in (
+        ("rtn", DataFreeSpec(2, 6)), ("dfq", DataFreeSpec(4, 4)), ("dfmpc", DataFreeSpec(2, 6)),
+        ("naive", DataFreeSpec(6, 6, 0.3)), ("merge", DataFreeSpec(6, 6, 0.3)),
+        ("udfc", DataFreeSpec(6, 6, 0.3)),
+    ):  # fmt: skip
+        result = compress_datafree(model, method, spec, x)
+        assert result.seconds < 10
+
+
+class NoStats(nn.Module):
+    """A pair whose producer has no BN and whose input passes an op edgeslim cannot follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sin(self.a(x))  # unknown statistics from here on
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_layers_without_statistics_are_named_and_left_to_rtn() -> None:
+    result = compress_datafree(NoStats(), "dfmpc", DataFreeSpec(3, 8), torch.zeros(2, 4))
+    assert any(n.startswith("b:") and "RTN" in n for n in result.notes)
+    out = quantized_model(result)(torch.randn(5, 4))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"low_bits": 1}, "low_bits"), ({"high_bits": 9}, "high_bits"),
+    ({"low_bits": 6, "high_bits": 4}, "low_bits"), ({"prune_ratio": 1.0}, "prune_ratio"),
+    ({"criterion": "taylor"}, "criterion"),
+])  # fmt: skip
+def test_invalid_spec_names_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(DataFreeError, match=field):
+        DataFreeSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_unknown_method_and_pruning_without_a_pruning_method() -> None:
+    x = torch.zeros(2, IN)
+    with pytest.raises(DataFreeError, match="rtn, dfq, dfmpc"):
+        compress_datafree(Chain(), "zeroq", DataFreeSpec(), x)
+    with pytest.raises(DataFreeError, match="naive, merge, udfc"):
+        compress_datafree(Chain(), "dfmpc", DataFreeSpec(prune_ratio=0.3), x)
+
+
+def test_input_model_is_left_untouched(chain_model: Chain) -> None:
+    before = {k: v.clone() for k, v in chain_model.state_dict().items()}
+    compress_datafree(chain_model, "udfc", DataFreeSpec(4, 4, 0.3), torch.zeros(2, IN))
+    for k, v in chain_model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -1,0 +1,124 @@
+"""Recipe stage ``datafree``: fields validated at load time, and runs that read no data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import edgeslim.data
+import edgeslim.data.fashion_mnist
+from edgeslim.cli import app
+from edgeslim.data import Split
+from edgeslim.datafree.stage import DataFreeStage, run_datafree
+from edgeslim.errors import RecipeError
+from edgeslim.graph import example_input
+from edgeslim.recipe import STAGES, StageContext, load_recipe, parse_recipe
+from edgeslim.train.loop import evaluate
+from edgeslim.zoo import load_zoo_model
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "datafree.yaml"
+METHODS = "rtn, dfq, dfmpc, naive, merge, udfc"
+
+
+def _parse(**fields: object) -> DataFreeStage:
+    stage = parse_recipe({"stages": [{"kind": "datafree", **fields}]}).stages[0]
+    assert isinstance(stage, DataFreeStage)
+    return stage
+
+
+def test_datafree_stage_is_registered_with_its_defaults() -> None:
+    assert "datafree" in STAGES and STAGES["datafree"].data_used == "none"
+    stage = _parse()
+    assert (stage.method, stage.low_bits, stage.high_bits, stage.edge_bits) == ("dfmpc", 4, 4, 8)
+    assert stage.prune_ratio == 0.0 and stage.act_bits == 8 and stage.criterion == "l2"
+    assert _parse(act_bits=None).act_bits is None  # weight-only
+    assert _parse(method="udfc", prune_ratio=0.5, criterion="fpgm").prune_ratio == 0.5
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {"method": "magic"},
+            f"stages[0].method: Value error, unknown data-free method 'magic'; allowed values: "
+            f"{METHODS}",
+        ),
+        ({"low_bits": 1}, "stages[0].low_bits: Input should be greater than or equal to 2"),
+        ({"high_bits": 9}, "stages[0].high_bits: Input should be less than or equal to 8"),
+        ({"edge_bits": 0}, "stages[0].edge_bits: Input should be greater than or equal to 2"),
+        ({"act_bits": 16}, "stages[0].act_bits: Input should be less than or equal to 8"),
+        ({"prune_ratio": 1.0}, "stages[0].prune_ratio: Input should be less than 1"),
+        ({"prune_ratio": -0.1}, "stages[0].prune_ratio: Input should be greater than or equal"),
+        (
+            {"method": "dfmpc", "prune_ratio": 0.3},
+            "stages[0]: Value error, prune_ratio 0.3 needs a pruning method (naive, merge, "
+            "udfc); 'dfmpc' only quantizes",
+        ),
+        (
+            {"method": "udfc", "prune_ratio": 0.3, "criterion": "taylor"},
+            "stages[0].criterion: Value error, 'taylor' is not a data-free pruning criterion "
+            "(it needs data); allowed values: l1, l2, fpgm, random",
+        ),
+        (
+            {"low_bits": 6, "high_bits": 4},
+            "stages[0]: Value error, low_bits (6) must not exceed high_bits (4)",
+        ),
+        ({"criterion": "l3"}, "'l3' is not a data-free pruning criterion; allowed values:"),
+        ({"bits": 4}, "stages[0].bits: unknown field; allowed fields: method, low_bits"),
+    ],
+)
+def test_invalid_fields_name_the_field_and_allowed_values(
+    fields: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(RecipeError) as err:
+        _parse(**fields)
+    assert expected in str(err.value)
+
+
+def test_shipped_datafree_recipe_is_valid() -> None:
+    stage = load_recipe(EXAMPLE).stages[0]
+    assert isinstance(stage, DataFreeStage) and stage.method in ("dfmpc", "udfc")
+
+
+def test_datafree_stage_quantizes_without_data(
+    tmp_path: Path, fmnist_test_small: Split, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the datafree stage read data")
+
+    model = load_zoo_model("resnet20")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = _parse(method="dfmpc", low_bits=4, high_bits=8)
+    ctx = StageContext(out=tmp_path, model_name="resnet20")
+    for module in (edgeslim.data, edgeslim.data.fashion_mnist):
+        monkeypatch.setattr(module, "load_fashion_mnist", no_data)
+    quantized = run_datafree(model, stage, ctx)
+    monkeypatch.undo()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    assert ctx.notes[0].startswith("datafree: dfmpc, weights at 4/8 bits")
+    assert "no data read" in ctx.notes[0]
+    assert quantized(example_input((2, 1, 28, 28))).shape == (2, 10)
+    assert evaluate(quantized, fmnist_test_small) > evaluate(model, fmnist_test_small) - 5.0
+
+
+@pytest.mark.slow  # ~1 min: evaluation, ONNX export and latency of `edgeslim compress`
+def test_compress_runs_the_example_recipe_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["compress", "resnet20", "--recipe", str(EXAMPLE), "--out", str(out), "--quick"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = json.loads((out / "results.json").read_text())
+    assert {r["runtime"] for r in records} == {"torch", "onnxruntime"}
+    assert all(r["data_used"] == "none" for r in records)
+    assert all(r["method"] == "edgeslim:datafree-dfmpc" for r in records)
+    assert any(n.startswith("datafree: dfmpc") for n in records[0]["extra"]["notes"])
+    torch_rec, ort_rec = records
+    assert torch_rec["value"] > torch_rec["baseline_value"] - 5.0
+    assert abs(ort_rec["value"] - torch_rec["value"]) <= 1.0  # the exported graph agrees
+    assert torch_rec["size_bytes"] < 0.35 * 4 * torch_rec["params"]
+    for name in ("model.onnx", "model.safetensors", "report.md", "recipe.yaml"):
+        assert (out / name).is_file()
