@@ -231,3 +231,31 @@ def test_input_model_is_left_untouched(chain_model: Chain) -> None:
     compress_datafree(chain_model, "udfc", DataFreeSpec(4, 4, 0.3), torch.zeros(2, IN))
     for k, v in chain_model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_weighted_clip_counts_error_where_the_input_varies() -> None:
+    w = torch.randn(8, 4)
+    v = torch.ones_like(w)
+    v[:, 0] = 100.0  # column 0's errors matter most: its range is kept wider
+    plain, weighted = mse_clip(w, 2), mse_clip(w, 2, weights=v)
+    err_plain = (v * (quantize_weight(plain, 2) - w) ** 2).sum()
+    err_weighted = (v * (quantize_weight(weighted, 2) - w) ** 2).sum()
+    assert float(err_weighted) <= float(err_plain) + 1e-6
+
+
+def test_statistics_ranges_quantize_activations_without_data(chain_model: Chain) -> None:
+    from edgeslim.quant.modules import QuantMixin
+
+    result = compress_datafree(chain_model, "dfq", DataFreeSpec(6, 6), torch.zeros(2, IN))
+    assert all(r is not None for r in result.input_ranges.values())
+    lo, hi = result.input_ranges["last"]  # type: ignore[misc]
+    assert lo == 0.0 and hi > 0.0  # after a ReLU the range starts at 0 exactly
+    q = quantized_model(result, act_ranges="statistics")
+    layers = [m for m in q.modules() if isinstance(m, QuantMixin)]
+    assert layers and all(m.input_quant is not None for m in layers)
+    x = _samples(4_000)
+    with torch.no_grad():
+        ref, out = chain_model(x), q(x)
+    assert float(torch.nn.functional.cosine_similarity(out, ref, dim=1).mean()) > 0.98
+    with pytest.raises(DataFreeError, match="act_ranges"):
+        quantized_model(result, act_ranges="calibrated")

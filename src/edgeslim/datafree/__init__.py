@@ -71,6 +71,29 @@ class DataFreeResult:
     weight_bits: dict[str, int]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # per layer: the input range the BN statistics predict (None where they are unknown)
+    input_ranges: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+
+
+RANGE_STDS = 4.0  # an input range is mean +- RANGE_STDS std per channel, over the channels
+
+
+def _input_ranges(chain: Chain) -> dict[str, tuple[float, float] | None]:
+    from edgeslim.datafree.chain import input_stats
+
+    out: dict[str, tuple[float, float] | None] = {}
+    for fqn in chain.order:
+        s = input_stats(chain, fqn)
+        if s is None:
+            out[fqn] = None
+            continue
+        pair = chain.pair_into(fqn)
+        lo = float((s.mean - RANGE_STDS * s.std).min())
+        hi = float((s.mean + RANGE_STDS * s.std).max())
+        if pair is not None:  # the activation clips: its bounds are exact
+            lo, hi = max(lo, pair.act.lo), min(hi, pair.act.hi)
+        out[fqn] = (lo, hi)
+    return out
 
 
 def compress_datafree(
@@ -89,28 +112,46 @@ def compress_datafree(
         chain = analyze(model, example)
         bits = assign_bits(chain, spec.low_bits, spec.high_bits, spec.edge_bits)
         METHODS[method](chain, MethodArgs(bits, spec.prune_ratio, spec.criterion))
-    return DataFreeResult(chain.model, bits, chain.notes, time.perf_counter() - start)
+        ranges = _input_ranges(chain)
+    return DataFreeResult(chain.model, bits, chain.notes, time.perf_counter() - start, ranges)
 
 
-def quantized_model(result: DataFreeResult, act_bits: int | None = 8) -> nn.Module:
-    """A fake-quant copy of ``result.model``: weights at their bits, activations dynamic.
+def quantized_model(
+    result: DataFreeResult, act_bits: int | None = 8, act_ranges: str = "dynamic"
+) -> nn.Module:
+    """A fake-quant copy of ``result.model``: weights at their bits, activations at ``act_bits``.
 
-    Activations (``act_bits``, ``None`` keeps them float) are quantized per tensor with the
-    range of each tensor as it flows (ONNX Runtime's dynamic quantization), so no
-    calibration data is needed either.
+    ``act_ranges="dynamic"``: per-tensor ranges of each tensor as it flows (ONNX Runtime's
+    dynamic quantization). ``"statistics"``: fixed ranges predicted by the BN statistics
+    (``result.input_ranges``), so a QDQ export carries data-free scales too; a layer whose
+    input statistics are unknown keeps a float input. Neither needs calibration data.
     """
     import copy
 
     from edgeslim.quant import QuantConfig, QuantSpec, quantize_
+    from edgeslim.quant.modules import QuantMixin
 
+    if act_ranges not in ("dynamic", "statistics"):
+        raise DataFreeError(f"act_ranges must be dynamic or statistics; got {act_ranges!r}")
+    static = act_ranges == "statistics"
     act = None
     if act_bits is not None:
-        act = QuantSpec(bits=act_bits, granularity="tensor", symmetric=False, observer="dynamic")
-    select: dict[str, QuantConfig | None] = {
-        fqn: QuantConfig(weight_spec(b), act) for fqn, b in result.weight_bits.items()
-    }
+        observer = "minmax" if static else "dynamic"
+        act = QuantSpec(bits=act_bits, granularity="tensor", symmetric=False, observer=observer)
+    select: dict[str, QuantConfig | None] = {}
+    for fqn, b in result.weight_bits.items():
+        known = result.input_ranges.get(fqn) is not None
+        select[fqn] = QuantConfig(weight_spec(b), act if known or not static else None)
     m = copy.deepcopy(result.model).eval()
     quantize_(m, QuantConfig(weight=None), select=select)  # type: ignore[arg-type]
+    if static and act is not None:
+        for fqn, bounds in result.input_ranges.items():
+            layer = m.get_submodule(fqn)
+            if bounds is not None and isinstance(layer, QuantMixin) and layer.input_quant:
+                quantizer = layer.input_quant.quantizer
+                set_range = getattr(quantizer, "set_range", None)
+                assert callable(set_range)
+                set_range(*bounds)
     return m
 
 

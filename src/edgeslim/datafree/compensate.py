@@ -39,7 +39,14 @@ from torch import nn
 
 from edgeslim.datafree.chain import Chain, Pair, Stats, input_stats
 from edgeslim.datafree.gaussian import act_cov, act_mean, act_var
-from edgeslim.datafree.ops import add_bias, channel_effect, columns, quantize_weight, weight_shift
+from edgeslim.datafree.ops import (
+    add_bias,
+    channel_effect,
+    columns,
+    quantize_weight,
+    weight_of,
+    weight_shift,
+)
 
 _EPS = 1e-12
 
@@ -59,6 +66,16 @@ def _channel_var(m: nn.Module, x: Stats | None, n_in: int) -> torch.Tensor:
     if x is None:
         return torch.ones(n_in, dtype=torch.float64)
     return x.var.to(torch.float64).clamp_min(_EPS)
+
+
+def input_variance(m: nn.Module, x: Stats | None) -> torch.Tensor:
+    """The input variance each weight of ``m`` multiplies, shaped like ``m.weight``."""
+    w = weight_of(m)
+    if w.dim() == 2:
+        return _channel_var(m, x, w.shape[1]).reshape(1, -1).expand(w.shape)
+    if w.shape[1] == 1 and w.shape[0] > 1 and getattr(m, "groups", 1) == w.shape[0]:
+        return _channel_var(m, x, w.shape[0]).reshape(-1, 1, 1, 1).expand(w.shape)
+    return _channel_var(m, x, w.shape[1]).reshape(1, -1, 1, 1).expand(w.shape)
 
 
 def inner_products(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgeslim.datafree.chain import Chain, Pair, input_stats
-from edgeslim.datafree.compensate import compensate_all, correct_bias
+from edgeslim.datafree.compensate import compensate_all, correct_bias, input_variance
 from edgeslim.datafree.gaussian import IDENTITY, RELU
 from edgeslim.datafree.ops import columns, mse_clip, quantize_weight, scale_channels, scale_rows
 from edgeslim.graph.coupling import CouplingGroup, fx_coupling_groups
@@ -136,7 +136,8 @@ def clip_low_bits(chain: Chain, bits: dict[str, int], low: int) -> list[str]:
     clipped = [fqn for fqn in chain.order if bits[fqn] <= low]
     for fqn in clipped:
         m = chain.layer(fqn)
-        m.weight.copy_(mse_clip(m.weight, bits[fqn]))
+        v = input_variance(m, input_stats(chain, fqn))
+        m.weight.copy_(mse_clip(m.weight, bits[fqn], weights=v))
     return clipped
 
 

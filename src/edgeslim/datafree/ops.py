@@ -107,15 +107,20 @@ def scale_rows(m: nn.Module, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def mse_clip(w: torch.Tensor, bits: int, steps: int = 80) -> torch.Tensor:
+def mse_clip(
+    w: torch.Tensor, bits: int, steps: int = 80, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """``w`` clamped, per output channel, to the range whose rounding error is least.
 
     Min-max ranges waste the grid on a few large weights: at 2 bits (symmetric: ``{-1, 0,
     1} * max|w|``) most weights of a channel round to zero. Clamping to the MSE-optimal
     ``+-t`` (searched over ``t`` in ``(0.05, 1] * max|w|``) makes the min-max quantizer
     applied later use exactly that range; the weights alone decide it (no data).
+    ``weights`` (shaped like ``w``) weigh each squared error, e.g. by its input's variance,
+    so that the error is counted as the layer's output sees it.
     """
     flat = w.detach().reshape(w.shape[0], -1).to(torch.float64)
+    wt = torch.ones_like(flat) if weights is None else weights.to(torch.float64).reshape(flat.shape)
     top = flat.abs().amax(1).clamp_min(1e-12)
     qmax = 2 ** (bits - 1) - 1
     best_err = torch.full_like(top, float("inf"))
@@ -124,7 +129,7 @@ def mse_clip(w: torch.Tensor, bits: int, steps: int = 80) -> torch.Tensor:
         t = top * f
         s = (t / qmax)[:, None]
         q = torch.ceil(flat.clamp(-t[:, None], t[:, None]) / s - 0.5).clamp(-qmax, qmax) * s
-        err = ((q - flat) ** 2).sum(1)
+        err = (wt * (q - flat) ** 2).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_t = torch.where(better, t, best_t)

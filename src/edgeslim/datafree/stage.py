@@ -7,13 +7,16 @@
   high_bits: 6         # weight bits of the other layers; equal to low_bits: uniform
   prune_ratio: 0.0     # naive, merge, udfc: fraction of channels removed per prunable group
   edge_bits: 8         # first conv and last linear
-  act_bits: 8          # dynamic per-tensor activation ranges; null: weight-only
+  act_bits: 8          # activation bits; null: weight-only
+  act_ranges: statistics  # fixed ranges from the BN statistics (exportable); or dynamic
   criterion: l2        # which channels naive / merge / udfc remove (data-free criteria only)
 ```
 
 The stage reads no image: the method sees the weights and a random example input (for
-shapes), and the activations of the returned fake-quant model take their ranges from each
-tensor as it comes, so there is nothing to calibrate.
+shapes), and the activation ranges of the returned fake-quant model are predicted from the
+BN statistics (``act_ranges: statistics``, the default, so a QDQ export carries data-free
+scales) or taken from each tensor as it flows (``dynamic``, torch only: a QDQ export would
+freeze the ranges of the last batch). There is nothing to calibrate.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class DataFreeStage(Stage):
     prune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     edge_bits: int = Field(8, ge=2, le=8)
     act_bits: int | None = Field(8, ge=2, le=8)
+    act_ranges: Literal["statistics", "dynamic"] = "statistics"
     criterion: str = "l2"
 
     @field_validator("method")
@@ -120,13 +124,21 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
     ctx.notes.append(
         f"datafree: {stage.method}, weights at {'/'.join(map(str, bits))} bits "
         f"(low {stage.low_bits}, high {stage.high_bits}, edges {stage.edge_bits}), "
-        f"activations {'float' if stage.act_bits is None else f'{stage.act_bits}-bit dynamic'}"
+        f"activations {'float' if stage.act_bits is None else f'{stage.act_bits}-bit'}"
+        f"{'' if stage.act_bits is None else f' ({stage.act_ranges} ranges)'}"
         f"{pruned}; {result.seconds:.1f} s, no data read"
     )
     ctx.notes += [f"datafree: {n}" for n in result.notes]
-    if stage.act_bits is not None:
+    if stage.act_bits is not None and stage.act_ranges == "dynamic":
         ctx.notes.append(
             "datafree: activation ranges are dynamic in torch; a QDQ export (e.g. compress's "
             "model.onnx) fixes them at the ranges of the last batch the model ran on"
         )
-    return quantized_model(result, act_bits=stage.act_bits).eval()
+    unknown = [f for f, r in result.input_ranges.items() if r is None]
+    if stage.act_bits is not None and stage.act_ranges == "statistics" and unknown:
+        ctx.notes.append(
+            "datafree: no statistics for the inputs of "
+            + ", ".join(unknown)
+            + "; their activations stay float"
+        )
+    return quantized_model(result, stage.act_bits, stage.act_ranges).eval()
