@@ -235,8 +235,9 @@ def _merge_neurons(chain: Chain, producer: str, pruned: list[int]) -> None:
 def merge(chain: Chain, args: MethodArgs) -> None:
     """Neuron merging (pruning only), then round to nearest."""
     prune = choose_pruned(chain, args.prune_ratio, args.criterion)
-    for producer in prune.simple:
-        _merge_neurons(chain, producer, prune.by_producer[producer])
+    for producer in chain.order:  # graph order: a merge edits the next producer's columns
+        if producer in prune.simple:
+            _merge_neurons(chain, producer, prune.by_producer[producer])
     _surgery(chain, prune)
 
 
