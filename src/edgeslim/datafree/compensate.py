@@ -8,7 +8,9 @@ are jointly Gaussian with
 
     std(zq_j) = sigma_j |q_j|_v / |w_j|_v,  corr(z_i, zq_j) = <w_i, q_j>_v / (|w_i|_v |q_j|_v)
 
-(``<a, b>_v = sum a b v`` over the input columns, v = 1 where unknown), and the mean shift
+(``<a, b>_v``: the inner product under that input prior, positions of a channel
+correlated over the kernel window, see :func:`inner_products`; v = 1 where unknown), and the
+mean shift
 of rounding is removed from the producer's bias first (DFQ's bias correction), so
 ``E[zq_j] = mu_j``. The consumer reads ``a = act(z)`` and must now read ``aq = act(zq)``.
 
@@ -62,7 +64,7 @@ def spatial_kernel(kh: int, kw: int, corr: float | None = None) -> torch.Tensor:
     return corr ** torch.cdist(pos, pos, p=1)
 
 
-def _channel_var(m: nn.Module, x: Stats | None, n_in: int) -> torch.Tensor:
+def _channel_var(x: Stats | None, n_in: int) -> torch.Tensor:
     if x is None:
         return torch.ones(n_in, dtype=torch.float64)
     return x.var.to(torch.float64).clamp_min(_EPS)
@@ -72,10 +74,10 @@ def input_variance(m: nn.Module, x: Stats | None) -> torch.Tensor:
     """The input variance each weight of ``m`` multiplies, shaped like ``m.weight``."""
     w = weight_of(m)
     if w.dim() == 2:
-        return _channel_var(m, x, w.shape[1]).reshape(1, -1).expand(w.shape)
+        return _channel_var(x, w.shape[1]).reshape(1, -1).expand(w.shape)
     if w.shape[1] == 1 and w.shape[0] > 1 and getattr(m, "groups", 1) == w.shape[0]:
-        return _channel_var(m, x, w.shape[0]).reshape(-1, 1, 1, 1).expand(w.shape)
-    return _channel_var(m, x, w.shape[1]).reshape(1, -1, 1, 1).expand(w.shape)
+        return _channel_var(x, w.shape[0]).reshape(-1, 1, 1, 1).expand(w.shape)
+    return _channel_var(x, w.shape[1]).reshape(1, -1, 1, 1).expand(w.shape)
 
 
 def inner_products(
@@ -89,16 +91,16 @@ def inner_products(
     """
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
     if a64.dim() == 2:
-        v = _channel_var(m, x, a64.shape[1])
+        v = _channel_var(x, a64.shape[1])
         return (a64 * v) @ b64.T if full else (a64 * b64 * v).sum(1)
     o, c, kh, kw = a64.shape
     k = spatial_kernel(kh, kw)
     ak = torch.einsum("ocp,pq->ocq", a64.reshape(o, c, -1), k)
     bf = b64.reshape(o, c, -1)
     if c == 1 and o > 1 and getattr(m, "groups", 1) == o:  # depthwise: own channel per row
-        v = _channel_var(m, x, o)
+        v = _channel_var(x, o)
         return (ak * bf).sum((1, 2)) * v
-    v = _channel_var(m, x, c)
+    v = _channel_var(x, c)
     if full:
         return torch.einsum("icp,jcp,c->ij", ak, bf, v)
     return torch.einsum("icp,icp,c->i", ak, bf, v)
