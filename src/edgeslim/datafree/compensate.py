@@ -196,25 +196,47 @@ def quantized_input(chain: Chain, fqn: str, rounded: dict[str, Stats]) -> Stats 
         chain.pre[pair.producer] = saved
 
 
+@torch.no_grad()
+def match_variance(m: nn.Module, reference: torch.Tensor, x: Stats | None, bits: int) -> None:
+    """Scale each row of ``m`` so that its rounding has the output variance of ``reference``.
+
+    Rounding to few levels (and clamping before it) shrinks a row's output energy,
+    ``|q|_v < |w|_v`` under the input prior; the loss compounds layer after layer. The gain
+    ``|w|_v / |q|_v`` goes into the row's own quantization scale (free with per-channel
+    scales: the rounding pattern is unchanged), so the consumer keeps its precision. The
+    mean error it leaves is removed by bias correction against ``reference``.
+    """
+    w = weight_of(m)
+    q = quantize_weight(w, bits)
+    nw = inner_products(m, reference, reference, x, full=False)
+    nq = inner_products(m, q, q, x, full=False)
+    gain = torch.where(nq > _EPS, (nw / nq.clamp_min(_EPS)).sqrt(), torch.ones_like(nq))
+    w.mul_(gain.to(w.dtype).reshape(-1, *[1] * (w.dim() - 1)))
+
+
 def compensate_all(
     chain: Chain, bits: dict[str, int], pruned: Mapping[str, Collection[int]] | None = None,
     merge_into: Collection[str] = (), skip: Collection[str] = (), rescale: bool = False,
-    bias: bool = True,
+    bias: bool = True, reference: Mapping[str, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
     """One pass in graph order: bias-correct every layer's rounding, compensate every pair.
 
     ``pruned`` (by producer) channels are folded into kept ones where the producer is in
     ``merge_into`` and into the consumer's bias otherwise; producers in ``skip`` get bias
-    correction only. Layers are visited after their producer, so a consumer's columns are
-    final before its own rows are rounded.
+    correction only. ``reference`` (by layer): the weights the rounding is measured
+    against where the current ones were already changed (clamped, rescaled); the BN
+    statistics describe those. Layers are visited after their producer, so a consumer's
+    columns are final before its own rows are rounded.
     """
     pruned = pruned or {}
+    reference = reference or {}
     rounded: dict[str, Stats] = {}
     for fqn in chain.order:
         m = chain.layer(fqn)
         x = quantized_input(chain, fqn, rounded)
-        w = m.weight.detach().clone()
-        q = quantize_weight(w, bits[fqn])
+        current = m.weight.detach().clone()
+        w = reference.get(fqn, current)
+        q = quantize_weight(current, bits[fqn])
         if bias:
             correct_bias(m, w, q, x)
         pair = chain.pairs.get(fqn)

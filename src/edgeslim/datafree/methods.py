@@ -7,8 +7,9 @@ A method is ``(chain, spec, bits) -> None``: it may rescale, merge, prune and bi
 - ``rtn``: nothing (per-channel round-to-nearest of the BN-folded weights).
 - ``dfq``: cross-layer equalization over the ReLU pairs, then analytic bias correction
   (Nagel et al. 2019; high-bias absorption is not done).
-- ``dfmpc``: every pair's rounding compensated in the consumer (:mod:`.compensate`), with
-  the low/high bit-widths alternating along the pairs (:func:`assign_bits`).
+- ``dfmpc``: the low-bit layers clamped and rescaled to keep their output variance, every
+  pair's rounding compensated in the consumer (:mod:`.compensate`), with the low/high
+  bit-widths alternating along the pairs (:func:`assign_bits`).
 - ``naive``: prune the lowest-``criterion`` channels of every safely prunable group, RTN.
 - ``merge``: neuron merging (Kim et al. 2020): each pruned filter is merged into the kept
   filter most like it (cosine plus normalised-bias distance), scaled by the norm ratio; RTN.
@@ -25,7 +26,12 @@ from dataclasses import dataclass, field
 import torch
 
 from edgeslim.datafree.chain import Chain, Pair, input_stats
-from edgeslim.datafree.compensate import compensate_all, correct_bias, input_variance
+from edgeslim.datafree.compensate import (
+    compensate_all,
+    correct_bias,
+    input_variance,
+    match_variance,
+)
 from edgeslim.datafree.gaussian import IDENTITY, RELU
 from edgeslim.datafree.ops import columns, mse_clip, quantize_weight, scale_channels, scale_rows
 from edgeslim.graph.coupling import CouplingGroup, fx_coupling_groups
@@ -131,25 +137,34 @@ def dfq(chain: Chain, args: MethodArgs) -> None:
 
 
 @torch.no_grad()
-def clip_low_bits(chain: Chain, bits: dict[str, int], low: int) -> list[str]:
-    """Clamp every layer at ``low`` bits or fewer to its MSE-optimal range (:func:`mse_clip`)."""
-    clipped = [fqn for fqn in chain.order if bits[fqn] <= low]
-    for fqn in clipped:
+def clip_low_bits(chain: Chain, bits: dict[str, int], low: int) -> dict[str, torch.Tensor]:
+    """Clamp every layer at ``low`` bits or fewer to its MSE-optimal range (:func:`mse_clip`),
+    then restore its output variance (:func:`~.compensate.match_variance`).
+
+    Returns the original weights of the layers changed, to measure their rounding against.
+    """
+    original: dict[str, torch.Tensor] = {}
+    for fqn in chain.order:
+        if bits[fqn] > low:
+            continue
         m = chain.layer(fqn)
-        v = input_variance(m, input_stats(chain, fqn))
-        m.weight.copy_(mse_clip(m.weight, bits[fqn], weights=v))
-    return clipped
+        x = input_stats(chain, fqn)
+        original[fqn] = m.weight.detach().clone()
+        m.weight.copy_(mse_clip(m.weight, bits[fqn], weights=input_variance(m, x)))
+        match_variance(m, original[fqn], x, bits[fqn])
+    return original
 
 
 def dfmpc(chain: Chain, args: MethodArgs) -> None:
     """Mixed-precision compensation (see the module doc for the measured choices).
 
-    The low-bit layers are clamped to their MSE-optimal ranges; then, in graph order,
-    every layer's rounding is bias-corrected and every pair's consumer absorbs the change
-    of its input's mean (``E[a] - E[aq]``, :func:`~.compensate.compensate`).
+    The low-bit layers are clamped to their MSE-optimal ranges and rescaled to keep their
+    output variance; then, in graph order, every layer's rounding is bias-corrected against
+    its original weights and every pair's consumer absorbs the change of its input's mean
+    (``E[a] - E[aq]``, :func:`~.compensate.compensate`).
     """
-    clip_low_bits(chain, args.bits, min(args.bits.values()))
-    compensate_all(chain, args.bits, rescale=False, bias=True)
+    original = clip_low_bits(chain, args.bits, min(args.bits.values()))
+    compensate_all(chain, args.bits, rescale=False, bias=True, reference=original)
 
 
 # --- pruning ------------------------------------------------------------------------------
