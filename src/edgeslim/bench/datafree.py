@@ -12,6 +12,9 @@ shapes):
 - prune + quantize: ``naive``, ``merge`` (neuron merging) and ``udfc`` at 30% and 50% of the
   channels removed in every safely prunable group, x 6- and 4-bit weights;
 
+- DF-MPC's steps one at a time at 2/6 (``edgeslim:dfmpc[variant]``, see
+  :func:`ablation`), so the report shows what each adds;
+
 first conv and last linear at 8 bits (``edge_bits``), every weight per-channel symmetric
 uniform, activations at 8 bits with dynamic per-tensor ranges
 (:func:`edgeslim.datafree.quantized_model`), scored as fake-quant in torch. Top-1 is on the
@@ -47,7 +50,8 @@ from edgeslim.train.loop import evaluate
 from edgeslim.zoo import load_zoo_model
 
 if TYPE_CHECKING:
-    from edgeslim.datafree import DataFreeSpec
+    from edgeslim.datafree import Chain, DataFreeSpec
+    from edgeslim.datafree.methods import Method, MethodArgs
 
 DEFAULT_MODELS = ["resnet20", "vgg-small", "mobilenetv2-small"]
 QUICK_MODELS = ["resnet20"]
@@ -67,10 +71,55 @@ DEMO_ROWS = (("rtn", 2, 6), ("dfmpc", 2, 6), ("rtn", 4, 4), ("dfq", 4, 4))
 
 @dataclass(frozen=True)
 class Config:
-    """One row of the suite: a method of :data:`edgeslim.datafree.METHODS` and its spec."""
+    """One row of the suite: a method of :data:`edgeslim.datafree.METHODS` and its spec;
+    ``variant``: one of :func:`ablation` instead of the method itself."""
 
     method: str
     spec: DataFreeSpec
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"edgeslim:{self.method}" + (f"[{self.variant}]" if self.variant else "")
+
+
+ABLATION_SETTING = (2, 6)  # (low_bits, high_bits) of the DF-MPC ablation rows
+
+
+def ablation() -> dict[str, Method]:
+    """DF-MPC's steps, each row adding one (the full method is the ``dfmpc`` row):
+
+    - ``bias``: bias correction alone (no clamp), what DFQ does besides equalization;
+    - ``clamp``: the low-bit layers clamped to their MSE-optimal range, nothing else;
+    - ``clamp+correct-clamped``: the clamp, then bias correction and the consumers' mean
+      compensation measured against the clamped weights (DF-MPC before 2026-11-28);
+    - ``clamp+correct-original``: the same measured against the original weights.
+
+    ``dfmpc`` adds to the last the variance match of the clamped rows.
+    """
+    from edgeslim.datafree.compensate import compensate_all
+    from edgeslim.datafree.methods import bias_correct_all, clip_low_bits
+
+    def bias(chain: Chain, args: MethodArgs) -> None:
+        bias_correct_all(chain, args.bits)
+
+    def clamp(chain: Chain, args: MethodArgs) -> None:
+        clip_low_bits(chain, args.bits, min(args.bits.values()), match=False)
+
+    def clamp_correct_clamped(chain: Chain, args: MethodArgs) -> None:
+        clamp(chain, args)
+        compensate_all(chain, args.bits)
+
+    def clamp_correct_original(chain: Chain, args: MethodArgs) -> None:
+        original = clip_low_bits(chain, args.bits, min(args.bits.values()), match=False)
+        compensate_all(chain, args.bits, reference=original)
+
+    return {
+        "bias": bias,
+        "clamp": clamp,
+        "clamp+correct-clamped": clamp_correct_clamped,
+        "clamp+correct-original": clamp_correct_original,
+    }
 
 
 def configs(quick: bool) -> list[Config]:
@@ -89,6 +138,10 @@ def configs(quick: bool) -> list[Config]:
         for ratio, bits in prune
         for m in PRUNE_METHODS
     ]
+    if not quick:
+        low, high = ABLATION_SETTING
+        spec = DataFreeSpec(low_bits=low, high_bits=high)
+        out += [Config("dfmpc", spec, variant) for variant in ablation()]
     return out
 
 
@@ -131,7 +184,8 @@ def datafree_model(
     fp32_config = {"w_bits": 32, "a_bits": 32}
     records = [record("edgeslim:fp32", fp32_config, fp32_top1, fp32, base_macs, None, 0.0, {})]
     for row in rows:
-        result = compress_datafree(fp32, row.method, row.spec, x1)
+        method = ablation()[row.variant] if row.variant else row.method
+        result = compress_datafree(fp32, method, row.spec, x1)
         top1 = evaluate(quantized_model(result, act_bits=ACT_BITS), test)
         macs = total_macs(layer_table(result.model, x1))
         extra = {
@@ -140,10 +194,11 @@ def datafree_model(
             "macs_reduction": round(1.0 - macs / base_macs, 4),
         }
         config = {"method": row.method, **row.spec.to_dict(), "a_bits": ACT_BITS}
-        method = f"edgeslim:{row.method}"
+        if row.variant:
+            config["variant"] = row.variant
         bits = result.weight_bits
         records.append(
-            record(method, config, top1, result.model, macs, bits, result.seconds, extra)
+            record(row.label, config, top1, result.model, macs, bits, result.seconds, extra)
         )
     return records
 

@@ -23,6 +23,7 @@ from edgeslim.datafree.methods import (
     METHODS,
     PRUNE_CRITERIA,
     PRUNING_METHODS,
+    Method,
     MethodArgs,
     assign_bits,
 )
@@ -97,12 +98,20 @@ def _input_ranges(chain: Chain) -> dict[str, tuple[float, float] | None]:
 
 
 def compress_datafree(
-    model: nn.Module, method: str, spec: DataFreeSpec, example: torch.Tensor
+    model: nn.Module, method: str | Method, spec: DataFreeSpec, example: torch.Tensor
 ) -> DataFreeResult:
-    """Run data-free ``method`` on a copy of ``model`` (``example``: an input, for tracing)."""
-    if method not in METHODS:
+    """Run data-free ``method`` on a copy of ``model`` (``example``: an input, for tracing).
+
+    ``method``: a name of :data:`METHODS`, or any ``(chain, MethodArgs) -> None`` that
+    rewrites ``chain.model`` in place (a variant to compare, e.g. an ablation).
+    """
+    if callable(method):
+        run = method
+    elif method in METHODS:
+        run = METHODS[method]
+    else:
         raise DataFreeError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if spec.prune_ratio > 0 and method not in PRUNING_METHODS:
+    if spec.prune_ratio > 0 and not callable(method) and method not in PRUNING_METHODS:
         raise DataFreeError(
             f"method {method!r} does not prune; prune_ratio > 0 needs one of "
             f"{', '.join(PRUNING_METHODS)}"
@@ -111,7 +120,7 @@ def compress_datafree(
     with torch.no_grad():
         chain = analyze(model, example)
         bits = assign_bits(chain, spec.low_bits, spec.high_bits, spec.edge_bits)
-        METHODS[method](chain, MethodArgs(bits, spec.prune_ratio, spec.criterion))
+        run(chain, MethodArgs(bits, spec.prune_ratio, spec.criterion))
         ranges = _input_ranges(chain)
     return DataFreeResult(chain.model, bits, chain.notes, time.perf_counter() - start, ranges)
 

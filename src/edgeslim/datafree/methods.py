@@ -137,9 +137,11 @@ def dfq(chain: Chain, args: MethodArgs) -> None:
 
 
 @torch.no_grad()
-def clip_low_bits(chain: Chain, bits: dict[str, int], low: int) -> dict[str, torch.Tensor]:
+def clip_low_bits(
+    chain: Chain, bits: dict[str, int], low: int, match: bool = True
+) -> dict[str, torch.Tensor]:
     """Clamp every layer at ``low`` bits or fewer to its MSE-optimal range (:func:`mse_clip`),
-    then restore its output variance (:func:`~.compensate.match_variance`).
+    then (``match``) restore its output variance (:func:`~.compensate.match_variance`).
 
     Returns the original weights of the layers changed, to measure their rounding against.
     """
@@ -151,7 +153,8 @@ def clip_low_bits(chain: Chain, bits: dict[str, int], low: int) -> dict[str, tor
         x = input_stats(chain, fqn)
         original[fqn] = m.weight.detach().clone()
         m.weight.copy_(mse_clip(m.weight, bits[fqn], weights=input_variance(m, x)))
-        match_variance(m, original[fqn], x, bits[fqn])
+        if match:
+            match_variance(m, original[fqn], x, bits[fqn])
     return original
 
 
