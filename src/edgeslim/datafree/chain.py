@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,19 +29,15 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeslim.datafree.gaussian import IDENTITY, RELU, RELU6, Act, act_mean, act_var
+from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES
 from edgeslim.graph.trace import trace
 from edgeslim.quant.fold import fold_batchnorm
 
 COMPUTE = (nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
-_PASS_MODULES = (nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
-                 nn.Flatten)  # fmt: skip
-_PASS_FUNCS = {
-    torch.flatten, nn.functional.dropout, nn.functional.max_pool2d,
-    nn.functional.adaptive_avg_pool2d, nn.functional.avg_pool2d,
-}  # fmt: skip
-_PASS_METHODS = {"flatten", "view", "reshape", "contiguous"}
-_ADDS = {operator.add, operator.iadd, torch.add}
+# per-channel statistics pass unchanged through these (pooling keeps each channel's mean;
+# its variance is taken as kept too: neighbouring positions are strongly correlated)
+_PASSES = MOVES_VALUES | AVERAGES
 
 
 @dataclass
@@ -119,14 +114,6 @@ def _act_of(gm: fx.GraphModule, node: fx.Node) -> Act | None:
     return None
 
 
-def _passes(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), _PASS_MODULES)
-    if node.op == "call_function":
-        return node.target in _PASS_FUNCS
-    return node.op == "call_method" and node.target in _PASS_METHODS
-
-
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -187,7 +174,7 @@ class _Propagator:
             if isinstance(m, COMPUTE):
                 self.inputs[str(node.target)] = x
                 return None if x is None else layer_output(m, x)
-        if node.op == "call_function" and node.target in _ADDS:
+        if node.op == "call_function" and node.target in ADDS:
             y = self._arg(node, 1)
             if x is None or y is None or x.mean.shape != y.mean.shape:
                 return None
@@ -202,7 +189,7 @@ class _Propagator:
                 return None
             return Stats(torch.cat([v.mean for v in vals if v is not None]),
                          torch.cat([v.var for v in vals if v is not None]))  # fmt: skip
-        if _passes(self.gm, node) and x is not None:
+        if _PASSES.matches(self.gm, node) and x is not None:
             src = node.args[0]
             before = _shape(src) if isinstance(src, fx.Node) else None
             if before is not None and shape is not None and len(before) == 4 and len(shape) == 2:
@@ -229,7 +216,7 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | None
         if len(cur.users) != 1:
             return None
         nxt = next(iter(cur.users))
-    while _passes(gm, nxt):
+    while _PASSES.matches(gm, nxt):
         before, after = _shape(cur), _shape(nxt)
         if before is not None and after is not None and len(before) == 4 and len(after) == 2:
             repeat *= before[2] * before[3]

@@ -12,33 +12,20 @@ Returns a new ``fx.GraphModule`` (with the same submodule FQNs), like PT2E's ``p
 
 from __future__ import annotations
 
-import operator
-
-import torch
 import torch.fx as fx
 from torch import nn
 
+from edgeslim.graph.ops import ADDS, MOVES_VALUES
 from edgeslim.graph.trace import trace
 from edgeslim.quant.modules import ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantSpec
 
-ADDS = {operator.add, operator.iadd, torch.add}
 # integer kernels exist for these too (QLinearGlobalAveragePool): quantize their inputs
 POOLS_FUNCS = {nn.functional.adaptive_avg_pool2d}
 POOL_MODULES = (nn.AdaptiveAvgPool2d,)
-# ops that only move or select values: the edge before them shares the quantizer of the edge
-# after them, so ONNX Runtime can run them on integers (DQ -> MaxPool -> Q)
-TRANSPARENT_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
-TRANSPARENT_FUNCS = {torch.flatten, nn.functional.max_pool2d, nn.functional.dropout}
-TRANSPARENT_METHODS = {"flatten", "view", "reshape"}
-
-
-def _transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), TRANSPARENT_MODULES)
-    if node.op == "call_function":
-        return node.target in TRANSPARENT_FUNCS
-    return node.op == "call_method" and node.target in TRANSPARENT_METHODS
+# Ops that only move or select values (MOVES_VALUES): the edge before them shares the
+# quantizer of the edge after them, so ONNX Runtime can run them on integers (DQ -> MaxPool
+# -> Q).
 
 
 def _act_spec(model: nn.Module) -> QuantSpec | None:
@@ -78,7 +65,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         gm.add_submodule(name, takeover.get(src) or ActQuant(spec))
         edges.append((src, users, name))
         node = src
-        while _transparent(gm, node) and node.all_input_nodes:  # share through pool/flatten
+        while MOVES_VALUES.matches(gm, node) and node.all_input_nodes:  # share through pool/flatten
             prev = node.all_input_nodes[0]
             edges.append((prev, [node], name))
             node = prev
