@@ -11,7 +11,6 @@ shapes):
   and uniform 4-bit weights;
 - prune + quantize: ``naive``, ``merge`` (neuron merging) and ``udfc`` at 30% and 50% of the
   channels removed in every safely prunable group, x 6- and 4-bit weights;
-
 - DF-MPC's steps one at a time at 2/6 (``edgeslim:dfmpc[variant]``, see
   :func:`ablation`), so the report shows what each adds;
 
