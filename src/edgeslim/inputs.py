@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from edgeslim.errors import TaskError
 from edgeslim.graph.trace import example_input
 
 
@@ -21,11 +24,29 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def example_args_for(
-    name: str, input_shape: tuple[int, ...] | None = None
+    name: str, input_shape: tuple[int, ...] | Sequence[tuple[int, ...]] | None = None
 ) -> tuple[torch.Tensor, ...]:
-    """One example input batch: MiniLM gets 1 x 128 tokens, CNNs a 1x1x28x28 image."""
-    if name == "minilm":
-        from edgeslim.bench.tasks import EmbeddingTask
+    """Example inputs (random values: shapes only) for ``info`` and data-free stages.
 
-        return tuple(a[:1] for a in EmbeddingTask(n_sentences=1).latency_feeds())
-    return (example_input(input_shape or (1, 1, 28, 28)),)
+    ``input_shape``: one shape, or one per input. Without it, a zoo model's own input
+    (MiniLM 1 x 128 tokens, the 28x28 zoo CNNs 1x1x28x28, ``mobilenetv2-imagenet``
+    1x3x224x224); any other model needs the shapes.
+    """
+    if input_shape:
+        shapes = [input_shape] if isinstance(input_shape[0], int) else list(input_shape)
+        return tuple(example_input(tuple(s)) for s in shapes)  # type: ignore[arg-type]
+    if name == "minilm":
+        from edgeslim.task.builtin import minilm_task
+
+        task = minilm_task(n_sentences=2, latency_batch=1)
+        return tuple(a[:1] for a in task.latency_feeds())
+    from edgeslim.task.resolve import zoo_data
+
+    if name == "mobilenetv2-imagenet":
+        return (example_input((1, 3, 224, 224)),)
+    if zoo_data(name) == "fashion-mnist":
+        return (example_input((1, 1, 28, 28)),)
+    raise TaskError(
+        f"{name} is not a zoo model, so its input shape is unknown: pass --input-shape "
+        "(e.g. 1,3,224,224; repeat it for several inputs) or --data"
+    )

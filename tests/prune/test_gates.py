@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from edgeslim.data import TensorBatches
 from edgeslim.errors import PruneError
 from edgeslim.graph import CouplingGroup, analyze, example_input, layer_table, total_macs, trace
 from edgeslim.prune import group_key, prune_groups
@@ -150,9 +151,11 @@ def test_train_gates_meets_the_budget(fmnist_test_small) -> None:  # type: ignor
     model = load_zoo_model("resnet20")
     teacher = load_zoo_model("resnet20")
     before = total_macs(layer_table(model, *EX))
-    config = TrainConfig(epochs=1, batch_size=128, lr=0.01, augment=False)
+    config = TrainConfig(epochs=1, batch_size=128, lr=0.01)
+    data = fmnist_test_small
+    train = TensorBatches(data.images, data.labels, 128, shuffle=True)
     pruned, plan, history = train_gates(
-        model, EX, fmnist_test_small, config, macs_reduction=0.5, teacher=teacher
+        model, EX, train, config, macs_reduction=0.5, teacher=teacher
     )
     assert pruned is model and _hooks(model) == 0 and _hooks(teacher) == 0
     after = total_macs(layer_table(pruned, *EX))

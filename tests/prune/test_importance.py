@@ -94,7 +94,7 @@ def test_each_criterion_scores_every_prunable_cnn_group(
     kwargs: dict[str, Any] = {}
     if criterion in ("taylor", "fluctuation"):
         x, y = fmnist_test_small.images, fmnist_test_small.labels
-        kwargs["batches"] = [(x[:4], y[:4]), (x[4:8], y[4:8])]
+        kwargs["batches"] = [((x[:4],), y[:4]), ((x[4:8],), y[4:8])]  # (inputs, target)
     scores = get_importance(criterion, **kwargs).scores(graph.model, graph.groups)
     check_scores(scores, graph.groups)
     assert len(graph.prunable_groups) >= 7

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import copy
 import random
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from edgeslim.data import TensorBatches
+from edgeslim.data.batching import augmented_batches
 from edgeslim.errors import PruneError
 from edgeslim.graph import analyze, example_input, layer_table, total_macs
 from edgeslim.prune import apply_plan, prune_groups
 from edgeslim.prune.planner import (
     MacModel,
     PruneWarning,
+    build_importance,
     measure_plan,
     plan_keep,
     plan_pruning,
@@ -141,3 +145,35 @@ def test_bad_requests_are_refused(models: dict[str, nn.Module]) -> None:
         plan_keep(model, (X,), "l1", macs_reduction=0.99)
     with pytest.raises(PruneError, match="must be in"):
         plan_keep(model, (X,), "l1", ratio=0.95)
+
+
+def test_taylor_from_a_list_of_batches_and_seeded_from_tensor_batches(
+    models: dict[str, nn.Module], fmnist_test_small: Any
+) -> None:
+    model = models["resnet20"]
+    groups = analyze(model, X).prunable_groups
+    x, y = fmnist_test_small.images, fmnist_test_small.labels
+    listed = [((x[i : i + 8],), y[i : i + 8]) for i in range(0, 64, 8)]
+    crit = build_importance("taylor", listed, batches=2)
+    assert len(crit.batches) == 2  # type: ignore[attr-defined]
+    scores = crit.scores(model, groups)
+    assert set(scores) == {g.id for g in groups}
+    assert all(torch.isfinite(s).all() and s.abs().sum() > 0 for s in scores.values())
+
+    # a TensorBatches is re-cut by the seed alone: its augmentation, batch size and
+    # iteration history do not matter
+    source = augmented_batches(x, y, 32, seed=5)
+    next(iter(source))
+    got = build_importance("taylor", source, seed=1, batches=2, batch_size=8)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))[:16]
+    want = [((x[i],), y[i]) for i in order.split(8)]
+    for (gx, gy), (wx, wy) in zip(got.batches, want, strict=True):  # type: ignore[attr-defined]
+        assert torch.equal(gx[0], wx[0]) and torch.equal(gy, wy)
+
+    with pytest.raises(PruneError, match="needs labels"):
+        build_importance("taylor", [((x[:8],), None)])
+    with pytest.raises(PruneError, match="needs training data"):
+        build_importance("taylor", [])
+    unlabelled = TensorBatches(x, None, 8, pairs=False)
+    fluct = build_importance("fluctuation", unlabelled, batches=2)
+    assert len(fluct.batches) == 2  # type: ignore[attr-defined]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 
-from edgeslim.data import load_fashion_mnist
+from edgeslim.data import TensorBatches, load_fashion_mnist
+from edgeslim.data.batching import augmented_batches
 from edgeslim.quant import QuantConfig, QuantSpec, calibrate, quantize_
 from edgeslim.quant.qat import qat_train
 from edgeslim.train.loop import TrainConfig, evaluate
@@ -20,9 +21,11 @@ def _w2a4(estimator: str) -> QuantConfig:
 
 def test_qat_with_kd_recovers_low_bit_accuracy() -> None:
     fp32 = load_zoo_model("vgg-small")
-    train = load_fashion_mnist("train", limit=3000)
+    split = load_fashion_mnist("train", limit=3000)
+    train = augmented_batches(split.images, split.labels, 64)
     calib = load_fashion_mnist("val", limit=256).images
-    test = load_fashion_mnist("test", limit=1000)
+    test_split = load_fashion_mnist("test", limit=1000)
+    test = TensorBatches(test_split.images, test_split.labels, 500)
     model = copy.deepcopy(fp32)
     quantize_(model, _w2a4("ste"), select={"features.0": None, "classifier.3": None})
     calibrate(model, [calib[i : i + 64] for i in range(0, 256, 64)], progress=False)

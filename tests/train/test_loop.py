@@ -1,35 +1,114 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
 import torch
 from torch import nn
 
-from edgeslim.data import load_digits_split
-from edgeslim.train.loop import TrainConfig, augment_batch, evaluate, train_classifier
+from edgeslim.data import TensorBatches, load_digits_split
+from edgeslim.train.loop import TrainConfig, evaluate, steps_per_epoch, train_classifier
+
+CFG = TrainConfig(epochs=3, lr=0.1, batch_size=64, channels_last=False)
 
 
-def test_augment_is_a_shift_or_flip_of_the_input() -> None:
-    x = torch.arange(2 * 36, dtype=torch.float32).reshape(2, 1, 6, 6)  # min 0 = pad value
-    out = augment_batch(x, 1, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape
-    for i in range(2):
-        nonzero = set(out[i][out[i] > 0].tolist())
-        assert nonzero <= set(x[i].flatten().tolist())
-        assert len(nonzero) >= 24  # at most one row and one column dropped
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
 def test_training_learns_digits_and_is_reproducible() -> None:
     train, test = load_digits_split("train"), load_digits_split("test")
+    test_batches = TensorBatches(test.images, test.labels, 500)
 
-    def make() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    def batches() -> TensorBatches:
+        return TensorBatches(train.images, train.labels, 64, shuffle=True, seed=0)
 
-    cfg = TrainConfig(epochs=3, lr=0.1, batch_size=64, augment=False, channels_last=False)
-    a, b = make(), make()
-    before = evaluate(a, test)
-    hist = train_classifier(a, train, cfg, val=test)
-    train_classifier(b, train, cfg)
-    assert before < 30 and evaluate(a, test) > 85
-    assert hist[-1]["loss"] < hist[0]["loss"]
+    a, b = mlp(), mlp()
+    before = evaluate(a, test_batches)
+    hist = train_classifier(a, batches(), CFG, val=test_batches)
+    train_classifier(b, batches(), CFG)
+    assert before < 30 and evaluate(a, test_batches) > 85
+    assert evaluate(a, test) == evaluate(a, test_batches)  # a Split is batched for you
+    assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["val_top1"] > 85
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+class TwoInputs(nn.Module):
+    """Digits split into top and bottom halves, one input each; logits plus an extra output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.top, self.bottom = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, top: torch.Tensor, bottom: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = torch.relu(self.top(top.flatten(1)) + self.bottom(bottom.flatten(1)))
+        return self.head(h), h
+
+
+def halves(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return images[:, :, :4], images[:, :, 4:]
+
+
+def test_a_two_input_model_trains_from_a_list_of_batches() -> None:
+    train, test = load_digits_split("train"), load_digits_split("test")
+    data = [
+        (halves(train.images[i : i + 64]), train.labels[i : i + 64])
+        for i in range(0, len(train), 64)
+    ]
+    model = TwoInputs()
+    val = [(halves(test.images), test.labels)]
+    hist = train_classifier(model, data, CFG, val=val)
+    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
+    assert evaluate(model, val) > 85  # the first output is the logits
+
+
+class NoLength:
+    """Re-iterable batches without ``__len__`` (a streaming source)."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+        self.served = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            self.served += 1
+            yield batch
+
+
+def test_steps_are_counted_by_one_pass_without_a_length() -> None:
+    train = load_digits_split("train")
+    data = NoLength([((train.images[i : i + 100],), train.labels[i : i + 100]) for i in (0, 100)])
+    assert steps_per_epoch(data) == 2 and data.served == 2
+    hist = train_classifier(mlp(), data, TrainConfig(epochs=2, channels_last=False))
+    assert len(hist) == 2 and data.served == 2 + 2 + 2 * 2  # one pass to count, two epochs
+
+
+def test_a_one_shot_generator_is_refused() -> None:
+    train = load_digits_split("train")
+    gen = (((x,), y) for x, y in zip(train.images.split(64), train.labels.split(64), strict=True))
+    with pytest.raises(ValueError, match="one-shot"):
+        train_classifier(mlp(), gen, CFG)
+    data = [((train.images[:64],), train.labels[:64])]
+    with pytest.raises(ValueError, match="one-shot"):
+        train_classifier(mlp(), data, CFG, val=iter(data))
+    with pytest.raises(ValueError, match="no batches"):
+        train_classifier(mlp(), [], CFG)
+
+
+def test_unlabelled_batches_need_a_loss_that_needs_no_labels() -> None:
+    x = load_digits_split("train").images[:64]
+    with pytest.raises(ValueError, match="needs labels"):
+        train_classifier(mlp(), [((x,), None)], CFG)
+    seen: list[Any] = []
+
+    def loss(outputs: torch.Tensor, target: Any, inputs: tuple[torch.Tensor, ...]) -> Any:
+        seen.append((target, inputs))
+        return outputs.pow(2).mean()
+
+    train_classifier(mlp(), [((x,), None)], TrainConfig(epochs=1), loss_fn=loss)
+    assert seen[0][0] is None and torch.equal(seen[0][1][0], x)

@@ -43,7 +43,7 @@ from torch import nn
 from edgeslim.bench.records import Record, save_records
 from edgeslim.bench.suites import per_model, register_suite
 from edgeslim.cost import size_bytes
-from edgeslim.data import load_fashion_mnist
+from edgeslim.data import TensorBatches, load_fashion_mnist
 from edgeslim.graph import example_input, layer_table, total_macs
 from edgeslim.train.loop import evaluate
 from edgeslim.zoo import load_zoo_model
@@ -165,7 +165,8 @@ def datafree_model(
     test = load_fashion_mnist("test", limit=n_test)
     x1 = example_input((1, 1, 28, 28))  # shapes only: no image reaches the methods
     base_macs = total_macs(layer_table(fp32, x1))
-    fp32_top1 = evaluate(fp32, test)
+    test_batches = TensorBatches(test.images, test.labels, 500)
+    fp32_top1 = evaluate(fp32, test_batches)
 
     def record(
         method: str, config: dict[str, Any], value: float, module: nn.Module, macs: int,
@@ -185,7 +186,7 @@ def datafree_model(
     for row in rows:
         method = ablation()[row.variant] if row.variant else row.method
         result = compress_datafree(fp32, method, row.spec, x1)
-        top1 = evaluate(quantized_model(result, act_bits=ACT_BITS), test)
+        top1 = evaluate(quantized_model(result, act_bits=ACT_BITS), test_batches)
         macs = total_macs(layer_table(result.model, x1))
         extra = {
             "notes": list(result.notes),

@@ -21,7 +21,7 @@ edgeslim's layer table on the pruned model), next to the target in ``config``.
 Methods are entries of :data:`METHODS`, ``name -> (model, PruneJob) -> pruned copy``; the
 suite adds the fine-tune, evaluation and latency around them. A method that trains
 (``edgeslim:gates``, learned gates) gets the suite's fine-tune budget in ``job``
-(``job.train``, ``job.finetune``).
+(``job.train_batches()``, ``job.finetune``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from torch import nn
 from edgeslim.bench.records import Record
 from edgeslim.bench.suites import per_model, register_suite
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
-from edgeslim.data import Split, load_fashion_mnist
+from edgeslim.data import Split, TensorBatches, load_fashion_mnist
+from edgeslim.data.batching import augmented_batches
 from edgeslim.export import export_onnx
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.runtime.ort import ort_session, ort_top1
@@ -76,10 +77,15 @@ class PruneJob:
     macs_reduction: float
     round_to: int
     example: torch.Tensor
-    train: Split  # the fine-tune subset; a method that trains (gates) uses this budget
+    train: TensorBatches  # the fine-tune subset; a method that trains (gates) uses this budget
     finetune: TrainConfig
     seed: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # a method's notes, kept in the record
+
+    def train_batches(self) -> TensorBatches:
+        """``train`` afresh: its shuffling and augmentation restart from its seed, so every
+        training run sees the same batches whichever method trained before it."""
+        return self.train.rebatched(self.train.batch_size)
 
 
 PruneMethod = Callable[[nn.Module, PruneJob], nn.Module]
@@ -139,8 +145,8 @@ def _gates(model: nn.Module, job: PruneJob) -> nn.Module:
     from edgeslim.prune.gates import train_gates
 
     result = train_gates(
-        copy.deepcopy(model), (job.example,), job.train, job.finetune, job.macs_reduction,
-        teacher=model, description="gates", round_to=job.round_to,
+        copy.deepcopy(model), (job.example,), job.train_batches(), job.finetune,
+        job.macs_reduction, teacher=model, description="gates", round_to=job.round_to,
     )  # fmt: skip
     job.info["kept"] = {k: f"{len(v)}/{result.plan.sizes[k]}" for k, v in result.plan.keep.items()}
     return result.model
@@ -158,7 +164,12 @@ def finetune_copy(model: nn.Module, teacher: nn.Module, job: PruneJob) -> nn.Mod
 
     tuned = copy.deepcopy(model)
     finetune_pruned(
-        tuned, job.train, job.finetune, teacher=teacher, alpha=KD_ALPHA, description="prune ft"
+        tuned,
+        job.train_batches(),
+        job.finetune,
+        teacher=teacher,
+        alpha=KD_ALPHA,
+        description="prune ft",
     )
     return tuned.eval()
 
@@ -204,6 +215,7 @@ def prune_variants(
     """Prune, evaluate, fine-tune, evaluate and export every (target, method) of one model."""
     x1 = test.images[:1].contiguous()
     base_macs = total_macs(layer_table(fp32, x1))
+    test_batches = TensorBatches(test.images, test.labels, 500)
     out: list[_Variant] = []
     for target in targets:
         for method, fn in methods.items():
@@ -213,7 +225,7 @@ def prune_variants(
                 pruned = fn(fp32, job).eval()
             prune_s = time.perf_counter() - t0
             macs = total_macs(layer_table(pruned, x1))
-            top1 = evaluate(pruned, test)
+            top1 = evaluate(pruned, test_batches)
             t0 = time.perf_counter()
             tuned = finetune_copy(pruned, fp32, job)
             ft_s = time.perf_counter() - t0
@@ -223,8 +235,8 @@ def prune_variants(
             extra = {**job.info, "macs_reduction": round(1.0 - macs / base_macs, 4)}
             ort = ort_top1(session, test.images, test.labels)
             v = _Variant(
-                method, target, pruned, tuned, top1, evaluate(tuned, test), ort, session, macs,
-                prune_s, ft_s, extra,
+                method, target, pruned, tuned, top1, evaluate(tuned, test_batches), ort, session,
+                macs, prune_s, ft_s, extra,
             )  # fmt: skip
             out.append(v)
     return out
@@ -250,12 +262,14 @@ def prune_model(
     x1 = test.images[:1].contiguous()
     onnx_dir = out / "onnx"
     base_macs = total_macs(layer_table(fp32, x1))
-    fp32_top1 = evaluate(fp32, test)
+    fp32_top1 = evaluate(fp32, TensorBatches(test.images, test.labels, 500))
     fp32_sess = ort_session(export_onnx(fp32, (x1,), onnx_dir / f"{name}_fp32.onnx"))
     fp32_ort_top1 = ort_top1(fp32_sess, test.images, test.labels)
 
+    batches = augmented_batches(train.images, train.labels, FINETUNE.batch_size, FINETUNE.seed)
+
     def job_for(target: float) -> PruneJob:
-        return PruneJob(name, target, ROUND_TO, x1, train, FINETUNE)
+        return PruneJob(name, target, ROUND_TO, x1, batches, FINETUNE)
 
     variants = prune_variants(name, fp32, test, job_for, methods, targets, onnx_dir)
 

@@ -29,7 +29,8 @@ from edgeslim.bench.quant_qat import VARIANTS, QatVariant, qat_variant
 from edgeslim.bench.records import Record
 from edgeslim.bench.suites import per_model, register_suite
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
-from edgeslim.data import load_fashion_mnist
+from edgeslim.data import TensorBatches, load_fashion_mnist
+from edgeslim.data.batching import augmented_batches
 from edgeslim.export import export_onnx
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.runtime.ort import ort_session, ort_top1
@@ -82,11 +83,12 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
     fp32 = load_zoo_model(name)
     test = load_fashion_mnist("test", limit=2000 if quick else None)
     calib = load_fashion_mnist("val", limit=CALIBRATION).images
+    test_batches = TensorBatches(test.images, test.labels, 500)
     x1, x32 = test.images[:1].contiguous(), test.images[:32].contiguous()
     onnx_dir = out / "onnx"
     macs = total_macs(layer_table(fp32, x1))
     params = sum(p.numel() for p in fp32.parameters())
-    fp32_top1 = evaluate(fp32, test)
+    fp32_top1 = evaluate(fp32, test_batches)
     fp32_path = export_onnx(fp32, (x1,), onnx_dir / f"{name}_fp32.onnx")
 
     variants: dict[str, dict[str, Any]] = {}
@@ -141,11 +143,14 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
 
         timed(f"w3_{quantizer}", wonly)
 
-    qat_train_split = load_fashion_mnist("train", limit=QAT_IMAGES_QUICK if quick else QAT_IMAGES)
+    qat_split = load_fashion_mnist("train", limit=QAT_IMAGES_QUICK if quick else QAT_IMAGES)
     for variant in VARIANTS[:3] if quick else VARIANTS:  # quick: W4A4 and W2A2 ste/aqe
 
         def qat(v: QatVariant = variant) -> dict[str, Any]:
-            res = qat_variant(fp32, v, calib, qat_train_split, test, QAT_CONFIG)
+            train = augmented_batches(  # afresh per variant: each sees the same batches
+                qat_split.images, qat_split.labels, QAT_CONFIG.batch_size, QAT_CONFIG.seed
+            )
+            res = qat_variant(fp32, v, calib, train, test_batches, QAT_CONFIG)
             return {
                 "method": "edgeslim:qat", "runtime": "torch", "top1": res["top1"],
                 "no_latency": True, "data_used": "train",
@@ -163,9 +168,10 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
         variants[key]["top1"] = ort_top1(sess, test.images, test.labels)
     for row in variants.values():
         if "module" in row:
-            row["top1"] = evaluate(row["module"], test)
+            row["top1"] = evaluate(row["module"], test_batches)
         if "fake_quant" in row:  # the torch simulation, to check ONNX Runtime agrees with it
-            row["extra"]["torch_fake_quant_top1"] = round(evaluate(row["fake_quant"], test), 4)
+            fake_top1 = evaluate(row["fake_quant"], test_batches)
+            row["extra"]["torch_fake_quant_top1"] = round(fake_top1, 4)
     fp32_ort_top1 = ort_top1(fp32_sess, test.images, test.labels)
 
     repeats = 30 if quick else 200

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from edgeslim.data.fashion_mnist import Split
+from edgeslim.data.batching import Batch, TensorBatches
 from edgeslim.quant import QuantConfig, QuantSpec
 from edgeslim.quant.config import Selection
 from edgeslim.train.loop import TrainConfig, evaluate
@@ -69,11 +70,14 @@ def qat_variant(
     fp32: nn.Module,
     variant: QatVariant,
     calib: torch.Tensor,
-    train: Split,
-    test: Split,
+    train: TensorBatches,
+    test: Iterable[Batch],
     config: TrainConfig,
 ) -> dict[str, Any]:
-    """PTQ -> QAT (KD from ``fp32``) of one variant; returns top-1 before and after."""
+    """PTQ -> QAT (KD from ``fp32``) of one variant; returns top-1 before and after.
+
+    ``train`` is consumed by this run (its shuffling goes on where it stopped), so give each
+    variant fresh batches for them to see the same ones."""
     from edgeslim.quant import w8a8
     from edgeslim.quant.ptq import ptq
     from edgeslim.quant.qat import qat_train
@@ -93,7 +97,7 @@ def qat_variant(
             "activation_estimator": "ste",
             "weight_quantizer": variant.config().weight.quantizer,  # type: ignore[union-attr]
             "w8a8_layers": sorted(select),
-            "qat_images": len(train),
+            "qat_images": train.num_samples,
             "qat_epochs": config.epochs,
             "qat_lr": config.lr,
             "kd": True,

@@ -1,5 +1,6 @@
 """Real datasets, all offline: Fashion-MNIST, sklearn digits and a small text corpus."""
 
+from edgeslim.data.batching import TensorBatches, crop_flip
 from edgeslim.data.digits import load_digits_split
 from edgeslim.data.fashion_mnist import (
     FASHION_MNIST_MEAN,
@@ -8,14 +9,14 @@ from edgeslim.data.fashion_mnist import (
     fashion_mnist_dir,
     load_fashion_mnist,
 )
-from edgeslim.data.loaders import batches
 from edgeslim.data.text import load_sentences
 
 __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "Split",
-    "batches",
+    "TensorBatches",
+    "crop_flip",
     "fashion_mnist_dir",
     "load_digits_split",
     "load_fashion_mnist",

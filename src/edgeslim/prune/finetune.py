@@ -8,33 +8,46 @@ thousand labels cannot (Hinton et al. 2015; Torch-Pruning's and NNCF's recipes d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
 from torch import nn
 
-from edgeslim.data.fashion_mnist import Split
-from edgeslim.quant.qat import kd_loss
-from edgeslim.train.loop import TrainConfig, train_classifier
+from edgeslim.data.batching import Batch
+from edgeslim.train.distill import kd_loss
+from edgeslim.train.loop import LossFn, TrainConfig, train_classifier
 
 
 def finetune_pruned(
     model: nn.Module,
-    train_split: Split,
+    train: Iterable[Batch],
     config: TrainConfig,
     teacher: nn.Module | None = None,
     alpha: float = 0.9,
     temperature: float = 4.0,
-    val: Split | None = None,
+    val: Iterable[Batch] | None = None,
     description: str = "finetune",
+    hard_loss: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> list[dict[str, float]]:
-    """Train the pruned ``model`` in place (SGD, OneCycle, progress bar); returns the history.
+    """Train the pruned ``model`` in place on ``(inputs, target)`` batches (SGD, OneCycle,
+    progress bar; see :func:`~edgeslim.train.loop.train_classifier`); returns the history.
 
     With ``teacher`` (the unpruned model) the loss is ``kd_loss(teacher, alpha,
     temperature)``: ``alpha`` of the temperature-softened KL to the teacher plus
-    ``1 - alpha`` of cross-entropy on the labels; without, plain cross-entropy. The default
-    leans on the teacher (resnet20 at -50% MACs, 10k images: 92.61% at 0.9, 92.53% at 0.5).
+    ``1 - alpha`` of cross-entropy on the labels (the KL alone where ``target`` is None);
+    without, plain cross-entropy. The default leans on the teacher (resnet20 at -50% MACs,
+    10k images: 92.61% at 0.9, 92.53% at 0.5). ``hard_loss(outputs, target)`` replaces
+    cross-entropy (a task's own loss).
     """
-    loss_fn = kd_loss(teacher, alpha, temperature) if teacher is not None else None
+    loss_fn: LossFn | None = None
+    if teacher is not None:
+        loss_fn = kd_loss(teacher, alpha, temperature, hard_loss=hard_loss)
+    elif hard_loss is not None:
+        hard = hard_loss
+        loss_fn = lambda outputs, target, _inputs: hard(outputs, target)  # noqa: E731
     history = train_classifier(
-        model, train_split, config, val=val, loss_fn=loss_fn, description=description
+        model, train, config, val=val, loss_fn=loss_fn, description=description
     )
     model.eval()
     return history

@@ -40,7 +40,7 @@ penalty: pruning more than asked is never penalised, only resisted by the task l
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -48,18 +48,22 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from edgeslim.data.fashion_mnist import Split
+from edgeslim.data.batching import Batch, Inputs
 from edgeslim.errors import PruneError
 from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.graph.layers import layer_table, total_macs
 from edgeslim.graph.model_graph import analyze
 from edgeslim.prune.plan import PrunePlan, apply_plan
 from edgeslim.prune.surgery import KeepIndices, check_kept, describe_group, round_keep
-from edgeslim.quant.qat import kd_loss
-from edgeslim.train.loop import TrainConfig, train_classifier
+from edgeslim.train.distill import kd_loss
+from edgeslim.train.loop import (
+    TrainConfig,
+    classification_loss,
+    steps_per_epoch,
+    train_classifier,
+)
 
 GateMode = Literal["hard", "soft"]
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _carrier(t: torch.Tensor) -> torch.Tensor:
@@ -447,7 +451,7 @@ class GateResult(NamedTuple):
 def train_gates(
     model: nn.Module,
     example_args: Sequence[Any],
-    train_split: Split,
+    train: Iterable[Batch],
     config: TrainConfig,
     macs_reduction: float,
     teacher: nn.Module | None = None,
@@ -459,13 +463,15 @@ def train_gates(
     mode: GateMode = "hard",
     k0: float | None = None,
     k_max: float = 200.0,
-    val: Split | None = None,
+    val: Iterable[Batch] | None = None,
     description: str = "gates",
     round_to: int = 1,
 ) -> GateResult:
     """Train weights and gates jointly, then remove the off channels; ``model`` in place.
 
-    Loss: cross-entropy (or :func:`~edgeslim.quant.qat.kd_loss` from ``teacher``) plus
+    ``train`` is re-iterable ``(inputs, target)`` batches, as for
+    :func:`~edgeslim.train.loop.train_classifier` (``target`` may be None with a teacher).
+    Loss: cross-entropy (or :func:`~edgeslim.train.distill.kd_loss` from ``teacher``) plus
     ``lam * relu(E/T - (1 - macs_reduction))``. The weights use ``config``'s SGD and
     OneCycle schedule; the gates their own SGD (``gate_lr``, ``gate_momentum``), stepped
     from ``on_step``: their gradients are ~1e-3 (a channel's share of the MACs, a
@@ -497,41 +503,34 @@ def train_gates(
     """
     if not 0.0 <= macs_reduction < 1.0:
         raise PruneError(f"macs_reduction must be in [0, 1); got {macs_reduction}")
-    task: LossFn = (  # before the hooks exist, so a copied teacher is never gated
-        kd_loss(teacher)
-        if teacher is not None
-        else lambda logits, labels, _: nn.functional.cross_entropy(
-            logits, labels, label_smoothing=config.label_smoothing
-        )
-    )
+    # before the hooks exist, so a copied teacher is never gated
+    task = kd_loss(teacher) if teacher is not None else classification_loss(config.label_smoothing)
     gates = attach_gates(
         model, example_args, groups, k0=k0, k_max=k_max, mode=mode, round_to=round_to
     )
     target = math.floor((1.0 - macs_reduction) * gates.total_macs)
-    steps_per_epoch = max(math.ceil(len(train_split) / config.batch_size), 1)
+    per_epoch_steps = max(steps_per_epoch(train), 1)
     per_epoch: list[dict[str, float]] = []
     counts = {"step": 0, "projected": 0}
     with gates:
         gate_opt = torch.optim.SGD(gates.parameters(), lr=gate_lr, momentum=gate_momentum)
 
-        def loss_fn(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> Any:
-            return task(logits, labels, images) + lam * gates.macs_penalty(macs_reduction)
+        def loss_fn(outputs: Any, labels: Any, inputs: Inputs) -> torch.Tensor:
+            return task(outputs, labels, inputs) + lam * gates.macs_penalty(macs_reduction)
 
         def on_step(progress: float) -> None:
             step = counts["step"]
             if step > 0:  # the previous backward left the gates' gradients
                 gate_opt.step()
                 gate_opt.zero_grad(set_to_none=True)
-                if step % steps_per_epoch == 0:
+                if step % per_epoch_steps == 0:
                     per_epoch.append(gates.stats())
             gates.set_progress(progress)
             if enforce_at is not None and progress >= enforce_at:
                 counts["projected"] += gates.project(target)
             counts["step"] = step + 1
 
-        history = train_classifier(
-            model, train_split, config, val, loss_fn, description, on_step=on_step
-        )
+        history = train_classifier(model, train, config, val, loss_fn, description, on_step=on_step)
         per_epoch.append(gates.stats())  # the last gradient is dropped: weights saw these gates
         keep = gates.kept(target)
         topped = sum(

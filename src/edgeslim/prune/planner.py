@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.data.fashion_mnist import Split
+from edgeslim.data.batching import Batch, TensorBatches
 from edgeslim.errors import PruneError
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.coupling import CouplingGroup
@@ -366,18 +367,28 @@ def _resolve(importance: Importance | str) -> Importance:
 
 
 def build_importance(
-    name: str, data: Split | None = None, seed: int = 0, batches: int = 8, batch_size: int = 64
+    name: str,
+    data: Iterable[Batch] | None = None,
+    seed: int = 0,
+    batches: int = 8,
+    batch_size: int = 64,
 ) -> Importance:
-    """A registered criterion ready to score: Taylor gets ``batches`` seeded batches of
-    ``data`` (images and labels), fluctuation the images alone; ``random`` and ``epruner``
-    get ``seed``."""
+    """A registered criterion ready to score: ``taylor`` and ``fluctuation`` get the first
+    ``batches`` batches of ``data`` (``(inputs, target)`` pairs; fluctuation ignores the
+    targets), ``random`` and ``epruner`` get ``seed``.
+
+    A :class:`TensorBatches` is first re-cut into ``batch_size`` batches shuffled by
+    ``seed``, without its augmentation, so the scores depend on the seed alone, not on how
+    the data source was set up for training or how often it was iterated.
+    """
     if name in ("taylor", "fluctuation"):
-        if data is None or len(data) == 0:
+        if isinstance(data, TensorBatches):
+            data = data.rebatched(batch_size, shuffle=True, seed=seed)
+            data.transform = None  # scores from the data as it is, not a random augmentation
+        chunks = list(itertools.islice(data, batches)) if data is not None else []
+        if not chunks:
             raise PruneError(f"the {name} criterion needs training data to run batches on")
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(data), generator=gen)[: batches * batch_size]
-        chunks = [(data.images[i], data.labels[i]) for i in idx.split(batch_size)]
-        return get_importance(name, batches=chunks)  # fluctuation ignores the labels
+        return get_importance(name, batches=chunks)
     if name in ("random", "epruner"):
         return get_importance(name, seed=seed)
     return get_importance(name)

@@ -14,12 +14,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.data.batching import as_inputs
 from edgeslim.quant.config import QuantConfig, Selection, check_selectors, resolve
 from edgeslim.quant.fold import _set_submodule
 from edgeslim.quant.modules import FLOAT_TO_QUANT, ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantConfigError
 
 COMPUTE_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding)
+
+
+def _no_fused_encoder_path(model: nn.Module) -> None:
+    """Keep ``nn.TransformerEncoderLayer`` off its fused inference kernel when it holds
+    quantized layers: under ``no_grad`` in eval mode that kernel reads ``linear1``/``linear2``
+    weights directly and never calls their ``forward``, so the fake-quant layers would be
+    skipped (never calibrated, and measured as float). The flag only chooses the path."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and any(
+            isinstance(c, QuantMixin) for c in m.modules()
+        ):
+            m.activation_relu_or_gelu = 0
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantMixin]:
@@ -64,6 +77,7 @@ def quantize_(
     for fqn, cfg in chosen.items():
         module = model.get_submodule(fqn)
         _set_submodule(model, fqn, FLOAT_TO_QUANT[type(module)].from_float(module, cfg))
+    _no_fused_encoder_path(model)
     if skipped:
         warnings.warn(
             "quantize_: layer types without a quantized implementation were left in float: "
@@ -75,7 +89,8 @@ def quantize_(
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any], progress: bool = True) -> int:
-    """PTQ: observe input activations on ``batches`` (tensors or tuples), set their ranges.
+    """PTQ: observe input activations on input ``batches`` (each a tensor or a tuple of
+    tensors, one per model input; see :mod:`edgeslim.data.batching`), set their ranges.
 
     Returns the number of batches seen. The model runs in eval mode without gradients.
     """
@@ -91,8 +106,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], progress: bool = True) -
     with progress_bar(transient=True) as bar:
         task = bar.add_task("calibrate", total=len(items)) if progress else None
         for batch in items:
-            args = batch if isinstance(batch, (tuple, list)) else (batch,)
-            model(*args)
+            model(*as_inputs(batch))
             n += 1
             if task is not None:
                 bar.advance(task)

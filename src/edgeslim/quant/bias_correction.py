@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.data.batching import input_batches
 from edgeslim.quant.modules import QuantConv2d, QuantLinear, QuantMixin
 
 
@@ -25,8 +26,12 @@ def _forward_with(m: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def correct_bias(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Adjust the bias of every weight-quantized layer in place; returns how many changed."""
+def correct_bias(model: nn.Module, batches: Iterable[Any]) -> int:
+    """Adjust the bias of every weight-quantized layer in place; returns how many changed.
+
+    ``batches`` are input batches (a tensor or a tuple of tensors each, ``(inputs, target)``
+    pairs too), run as ``model(*inputs)``.
+    """
     layers = {
         n: m for n, m in model.named_modules()
         if isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_quantizer is not None
@@ -61,8 +66,8 @@ def correct_bias(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            model(batch)
+        for inputs in input_batches(batches):
+            model(*inputs)
     finally:
         for h in handles:
             h.remove()

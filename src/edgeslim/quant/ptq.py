@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
+from edgeslim.data.batching import Inputs, input_batches
 from edgeslim.errors import TraceError
 from edgeslim.quant.api import calibrate, quantize_
 from edgeslim.quant.config import QuantConfig, Selection
@@ -18,7 +21,7 @@ from edgeslim.quant.fold import fold_batchnorm
 def ptq(
     model: nn.Module,
     config: QuantConfig,
-    calibration: torch.Tensor | None,
+    calibration: Iterable[Any] | torch.Tensor | None,
     select: Selection | None = None,
     batch_size: int = 64,
     bias_correction: bool = False,
@@ -29,7 +32,11 @@ def ptq(
     onto graph edges (so ONNX Runtime can run integer kernels end to end) and calibrated on
     ``calibration``. Models that do not trace keep per-layer input quantizers. Weight-only
     configs need no calibration data. ``bias_correction`` then removes the mean output
-    shift that weight rounding causes, measured on the same calibration images.
+    shift that weight rounding causes, measured on the same calibration batches.
+
+    ``calibration`` is an iterable of input batches (a tensor or a tuple of tensors, one per
+    model input; ``(inputs, target)`` pairs work too, the target is ignored), or a single
+    tensor of samples, split into batches of ``batch_size``.
     """
     from edgeslim.quant.edges import quantize_edges
 
@@ -44,13 +51,21 @@ def ptq(
         out = quantize_edges(m)
     except TraceError:
         out = m
-    batches = [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
+    batches = calibration_batches(calibration, batch_size)
     calibrate(out, batches, progress=False)
     if bias_correction:
         from edgeslim.quant.bias_correction import correct_bias
 
         correct_bias(out, batches)
     return out
+
+
+def calibration_batches(calibration: Iterable[Any] | torch.Tensor, batch_size: int) -> list[Inputs]:
+    """Input tuples from calibration data: a tensor of samples is cut into ``batch_size``
+    batches; an iterable is read once, so calibration and bias correction see the same."""
+    if isinstance(calibration, torch.Tensor):
+        return [(calibration[i : i + batch_size],) for i in range(0, len(calibration), batch_size)]
+    return list(input_batches(calibration))
 
 
 def ptq_transformer(

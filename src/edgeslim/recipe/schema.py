@@ -18,13 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from edgeslim.errors import RecipeError
+from edgeslim.errors import RecipeError, TaskError
+
+if TYPE_CHECKING:
+    from edgeslim.task import Task
 
 
 class Stage(BaseModel):
@@ -36,13 +39,21 @@ class Stage(BaseModel):
 
 @dataclass
 class StageContext:
-    """What a stage may use besides the model: the output directory and a log of notes."""
+    """What a stage may use besides the model: the task (its data), the output directory
+    and a log of notes."""
 
     out: Path
     model_name: str
     quick: bool = False
     notes: list[str] = field(default_factory=list)
     data_used: str = "none"
+    task: Task | None = None
+
+    def need_task(self, stage: str) -> Task:
+        """The task, or a clear error naming the stage that needs data."""
+        if self.task is None:
+            raise TaskError(f"the {stage} stage needs a task (data) and none was given")
+        return self.task
 
 
 StageHandler = Callable[[nn.Module, Any, StageContext], nn.Module]
@@ -83,10 +94,7 @@ class Recipe(BaseModel):
 
 
 def _load_builtin_stages() -> None:
-    import edgeslim.datafree.stage
-    import edgeslim.prune.stage
-    import edgeslim.quant.stage
-    import edgeslim.train.stage  # noqa: F401  (registers "finetune", ...)
+    import edgeslim.stages  # noqa: F401  (registers "finetune", "quantize", "prune", ...)
 
 
 def _loc(prefix: str, loc: tuple[Any, ...]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgeslim.bench.records import Record
+from edgeslim.records import Record
 
 
 def _fmt_config(config: dict[str, object]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgeslim.bench.records import Record, weight_bits_label
+from edgeslim.records import Record, weight_bits_label
 from edgeslim.report.pareto import pareto_front
 
 AXES = (("latency_ms", "latency (ms, median)"), ("size_bytes", "size (KiB)"))

@@ -60,3 +60,26 @@ def ort_fused_ops(path: Path) -> dict[str, int]:
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         graph = onnx.load(opts.optimized_model_filepath).graph
     return dict(Counter(n.op_type for n in graph.node))
+
+
+class OrtModel(torch.nn.Module):
+    """An ONNX Runtime session behind the ``nn.Module`` call a task's metric expects.
+
+    ``model(*inputs)`` feeds the session's inputs in order and returns its outputs as tensors
+    (one tensor, or a tuple for several outputs), so the same ``evaluate(model)`` measures
+    the torch model and the exported file.
+    """
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        if len(inputs) != len(self.input_names):
+            raise TypeError(
+                f"the ONNX model takes {len(self.input_names)} inputs; got {len(inputs)}"
+            )
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs, strict=True)}
+        outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds)]
+        return outs[0] if len(outs) == 1 else tuple(outs)

@@ -1,21 +1,43 @@
-"""A seeded classification training loop with augmentation, OneCycle LR and a progress bar."""
+"""A seeded training loop over plain batch iterables, with OneCycle LR and a progress bar.
+
+The loop takes ``(inputs, target)`` batches as they come (see :mod:`edgeslim.data.batching`):
+shuffling and augmentation are the data source's business (``TensorBatches(...,
+shuffle=True, transform=crop_flip())``), so one loop serves images, several inputs and
+label-free distillation alike.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from edgeslim.data.batching import (
+    Batch,
+    Inputs,
+    TensorBatches,
+    as_batch,
+    batch_size_of,
+    is_one_shot,
+)
 from edgeslim.data.fashion_mnist import Split
-from edgeslim.data.loaders import batches
 from edgeslim.progress import progress_bar
+
+LossFn = Callable[[Any, Any, Inputs], torch.Tensor]
+"""``loss(outputs, target, inputs)``: the model's outputs, the batch target, its inputs."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one training run (frozen so a card can record them)."""
+    """Hyper-parameters of one training run (frozen so a card can record them).
+
+    ``batch_size`` is not read by the loop (it trains on the batches it is given); it is
+    the size callers build their batches with (zoo training, recipe stages), kept here so a
+    card records it.
+    """
 
     epochs: int = 10
     batch_size: int = 128
@@ -23,56 +45,130 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    augment: bool = True
-    pad: int = 2
     seed: int = 0
     channels_last: bool = True
 
 
-def augment_batch(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Random crop after zero-padding by ``pad`` pixels, and a random horizontal flip."""
-    n, _, h, w = x.shape
-    padded = nn.functional.pad(x, (pad, pad, pad, pad), value=float(x.min()))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]
-    out = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols]
-    out = out.permute(0, 3, 1, 2).contiguous()
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(3)
-    return out
+def first_output(outputs: Any) -> torch.Tensor:
+    """The logits of a model's outputs: the tensor itself, or the first of a tuple/list."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TypeError(
+        "expected a tensor or a tuple/list of tensors as model output; "
+        f"got {type(outputs).__name__}"
+    )
+
+
+def class_logits(outputs: Any) -> torch.Tensor:
+    """The first output as ``(samples, classes)``: classes on the last dimension, every
+    other dimension (a sequence's positions) flattened into samples."""
+    logits = first_output(outputs)
+    return logits if logits.dim() <= 2 else logits.reshape(-1, logits.shape[-1])
+
+
+def cross_entropy(outputs: Any, target: Any, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the first output against class-index targets."""
+    if target is None:
+        raise ValueError(
+            "cross-entropy needs labels, but the batch target is None; pass a loss_fn that "
+            "needs none (e.g. edgeslim.train.distill.kd_loss(teacher))"
+        )
+    return nn.functional.cross_entropy(
+        class_logits(outputs), target.reshape(-1), label_smoothing=label_smoothing
+    )
+
+
+def classification_loss(label_smoothing: float = 0.0) -> LossFn:
+    """The default training loss: :func:`cross_entropy` on the first output."""
+
+    def loss(outputs: Any, target: Any, inputs: Inputs) -> torch.Tensor:
+        return cross_entropy(outputs, target, label_smoothing)
+
+    return loss
+
+
+def _as_batches(data: Iterable[Any] | Split, batch_size: int) -> Iterable[Any]:
+    """A :class:`Split` as in-order batches; anything else as it is."""
+    if isinstance(data, Split):
+        return TensorBatches(data.images, data.labels, batch_size)
+    return data
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent; restores the model's train/eval mode afterwards."""
+def evaluate(model: nn.Module, data: Iterable[Batch] | Split, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent of the first output (argmax over its last dimension) on
+    ``(inputs, target)`` batches; restores the model's train/eval mode afterwards.
+
+    A :class:`Split` is accepted for convenience (batched by ``batch_size``).
+    """
     was_training = model.training
     model.eval()
-    correct = 0
-    for x, y in batches(split, batch_size):
-        correct += int((model(x).argmax(1) == y).sum())
+    correct = total = 0
+    for item in _as_batches(data, batch_size):
+        inputs, target = as_batch(item)
+        pred = first_output(model(*inputs)).argmax(-1)
+        correct += int((pred == target).sum())
+        total += int(target.numel())
     model.train(was_training)
-    return 100.0 * correct / max(len(split), 1)
+    return 100.0 * correct / max(total, 1)
+
+
+def _refuse_one_shot(data: Iterable[Any], name: str) -> None:
+    if is_one_shot(data):
+        raise ValueError(
+            f"{name} is a one-shot iterator (a generator?): it would be empty after the first "
+            "pass. Pass a re-iterable source: a list of batches, a DataLoader or a "
+            "edgeslim.data.batching.TensorBatches."
+        )
+
+
+def steps_per_epoch(data: Iterable[Any]) -> int:
+    """``len(data)`` when it has one (a list, a DataLoader, TensorBatches), else the batches
+    counted by one pass over ``data`` (which then costs an extra epoch of loading)."""
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return sum(1 for _ in data)
+
+
+def _channels_last(inputs: Inputs) -> Inputs:
+    """4-D (image) inputs in channels_last memory format; other inputs unchanged."""
+    return tuple(
+        t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs
+    )
 
 
 def train_classifier(
     model: nn.Module,
-    train: Split,
+    train: Iterable[Batch],
     config: TrainConfig,
-    val: Split | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    val: Iterable[Batch] | None = None,
+    loss_fn: LossFn | None = None,
     description: str = "train",
     on_step: Callable[[float], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place; returns one ``{epoch, loss, val_top1}`` dict per epoch.
+    """Train ``model`` in place on ``(inputs, target)`` batches; returns one ``{epoch, loss,
+    val_top1}`` dict per epoch.
 
-    ``loss_fn(logits, labels, images)`` replaces cross-entropy when given (distillation).
-    ``on_step(progress)`` is called before every step with the fraction of training done
-    (QAT uses it to sharpen AQE/tanh estimators and advance the n-BQ blend).
+    ``train`` is iterated once per epoch, so it must be re-iterable (a one-shot generator
+    is refused with a ValueError). Steps per epoch, which size the OneCycle schedule, are
+    ``len(train)`` or, without a length, counted by one extra pass. The model is called as
+    ``model(*inputs)``. ``loss_fn(outputs, target, inputs)`` replaces cross-entropy on the
+    first output (with ``config.label_smoothing``) when given, e.g. for distillation, where
+    ``target`` may be None. ``val`` batches are scored with :func:`evaluate` after each
+    epoch. ``on_step(progress)`` is called before every step with the fraction of training
+    done (QAT uses it to sharpen AQE/tanh estimators and advance the n-BQ blend).
     """
+    _refuse_one_shot(train, "train")
+    if val is not None:
+        _refuse_one_shot(val, "val")
+    per_epoch = steps_per_epoch(train)
+    if per_epoch == 0:
+        raise ValueError("train has no batches")
+    loss_fn = loss_fn if loss_fn is not None else classification_loss(config.label_smoothing)
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.SGD(
@@ -82,8 +178,7 @@ def train_classifier(
         weight_decay=config.weight_decay,
         nesterov=True,
     )
-    steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = config.epochs * per_epoch
     sched: torch.optim.lr_scheduler.LRScheduler
     if total_steps >= 8:
         sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -91,7 +186,6 @@ def train_classifier(
         )
     else:  # too few steps for a warm-up and an anneal: keep the learning rate constant
         sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    ce = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history: list[dict[str, float]] = []
     model.train()
     step = 0
@@ -99,22 +193,22 @@ def train_classifier(
         task = bar.add_task(description, total=total_steps)
         for epoch in range(config.epochs):
             total, seen = 0.0, 0
-            for x, y in batches(train, config.batch_size, shuffle=True, generator=gen):
+            for item in train:
+                inputs, target = as_batch(item)
                 if on_step is not None:
-                    on_step(step / max(total_steps - 1, 1))
+                    on_step(min(step / max(total_steps - 1, 1), 1.0))
                 step += 1
-                if config.augment:
-                    x = augment_batch(x, config.pad, gen)
                 if config.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                logits = model(x)
-                loss = loss_fn(logits, y, x) if loss_fn is not None else ce(logits, y)
+                    inputs = _channels_last(inputs)
+                loss = loss_fn(model(*inputs), target, inputs)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(y)
-                seen += len(y)
+                if step <= total_steps:  # an iterable may yield more batches than counted
+                    sched.step()
+                n = batch_size_of(inputs)
+                total += float(loss.detach()) * n
+                seen += n
                 bar.update(task, advance=1, description=f"{description} ep{epoch + 1}")
             row = {"epoch": float(epoch + 1), "loss": total / max(seen, 1)}
             if val is not None:

@@ -83,10 +83,11 @@ def make_pruned(
     base: str, recipe_path: Path, name: str, out: Path | None = None, command: str = ""
 ) -> dict[str, Any]:
     """Run ``recipe_path`` on zoo model ``base``; write ``name``'s plan, weights and card."""
-    from edgeslim.data import load_fashion_mnist
+    from edgeslim.data import TensorBatches, load_fashion_mnist
     from edgeslim.graph import example_input, layer_table, total_macs
     from edgeslim.prune.plan import PrunePlan, save_pruned
     from edgeslim.recipe import STAGES, StageContext, load_recipe
+    from edgeslim.task import fashion_mnist_task
     from edgeslim.train.loop import evaluate
 
     if base not in ZOO:
@@ -97,7 +98,7 @@ def make_pruned(
     base_macs = total_macs(layer_table(model, x))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = StageContext(out=Path(tmp), model_name=base)
+        ctx = StageContext(out=Path(tmp), model_name=base, task=fashion_mnist_task())
         for stage in recipe.stages:
             model = STAGES[stage.kind].handler(model, stage, ctx)
         plans = sorted(Path(tmp).glob("model.plan*.json"))
@@ -120,7 +121,7 @@ def make_pruned(
         "command": command or f"edgeslim zoo prune {base} --recipe {recipe_path} --name {name}",
         "recipe": recipe_dict(recipe),
         "notes": ctx.notes,
-        "test_top1": round(evaluate(model, test), 4),
+        "test_top1": round(evaluate(model, TensorBatches(test.images, test.labels, 500)), 4),
         "base_test_top1": load_card(base)["test_top1"],
         "params": sum(p.numel() for p in model.parameters()),
         "macs": macs,

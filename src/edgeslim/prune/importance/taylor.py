@@ -6,9 +6,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from edgeslim.data.batching import as_inputs, input_batches
+from edgeslim.errors import PruneError
 from edgeslim.graph.coupling import CouplingGroup, GroupMember
 from edgeslim.prune.importance.base import (
     Importance,
@@ -18,17 +19,38 @@ from edgeslim.prune.importance.base import (
     scored_members,
     unit_view,
 )
+from edgeslim.train.loop import cross_entropy
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 def _forward(model: nn.Module, inputs: Any) -> Any:
-    """Call the model on a tensor, a tuple of positional tensors, or a dict of keyword ones."""
+    """Call the model on an input batch (``model(*inputs)``) or a dict of keyword tensors."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    return model(*as_inputs(inputs))
+
+
+def model_inputs(item: Any) -> Any:
+    """The inputs of one batch: a dict of keyword tensors as it is (also as the first of an
+    ``(inputs, target)`` pair), anything else read by :func:`~edgeslim.data.batching.
+    input_batches` (a tensor, a tuple of tensors, or a pair whose target is dropped)."""
+    if isinstance(item, Mapping):
+        return item
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], Mapping):
+        return item[0]
+    return next(input_batches([item]))
+
+
+def _labelled(item: Any) -> tuple[Any, Any]:
+    """One ``(inputs, target)`` batch, inputs a dict or an input tuple."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise TypeError(
+            "taylor importance batches are (inputs, target) pairs, inputs a tensor, a tuple "
+            f"of tensors or a dict of keyword tensors; got {type(item).__name__}"
+        )
+    inputs, target = item
+    return (inputs if isinstance(inputs, Mapping) else as_inputs(inputs)), target
 
 
 def _channel_params(module: nn.Module, member: GroupMember) -> list[torch.Tensor]:
@@ -49,9 +71,10 @@ class Taylor(Importance):
     That sum is the first-order change of the loss when the unit's parameters are zeroed,
     so units whose removal the loss barely notices score low. Each batch is
     ``(inputs, target)``; ``inputs`` is a tensor, a tuple of positional tensors or a dict of
-    keyword tensors, and the loss is ``loss_fn(model(inputs), target)`` (cross-entropy by
-    default; a ``loss_fn`` for an encoder may ignore ``target``). ``batches`` is stored as a
-    list, so a generator can be passed.
+    keyword tensors, and the loss is ``loss_fn(model(*inputs), target)`` (cross-entropy on
+    the first output by default, which needs labels: a None target is refused; a
+    ``loss_fn`` for an encoder may ignore ``target``). ``batches`` is stored as a list, so a
+    generator can be passed.
 
     Members are the producers (``out``/``depthwise``: weight and bias rows) and, with
     ``include_consumers``, the consumers' weight columns. Per-member sums are *not*
@@ -64,13 +87,19 @@ class Taylor(Importance):
     def __init__(
         self,
         batches: Iterable[tuple[Any, Any]],
-        loss_fn: LossFn = F.cross_entropy,
+        loss_fn: LossFn = cross_entropy,
         include_consumers: bool = False,
         normalize: bool = False,
     ) -> None:
-        self.batches = list(batches)
+        self.batches = [_labelled(b) for b in batches]
         if not self.batches:
             raise ValueError("taylor importance needs at least one (inputs, target) batch")
+        if loss_fn is cross_entropy and any(t is None for _, t in self.batches):
+            raise PruneError(
+                "taylor importance needs labels: its default loss is cross-entropy, but a "
+                "batch has target None. Pass labelled (inputs, target) batches, or a loss_fn "
+                "that needs no labels (loss_fn(outputs, target) may ignore target)."
+            )
         self.loss_fn = loss_fn
         self.include_consumers = include_consumers
         self.normalize = normalize

@@ -11,8 +11,9 @@ from edgeslim.checkpoint import save_state
 from edgeslim.errors import RecipeError
 from edgeslim.graph import example_input, layer_table, total_macs
 from edgeslim.prune import IMPORTANCE, load_pruned
-from edgeslim.prune.stage import PruneStage, run_prune
 from edgeslim.recipe import STAGES, StageContext, load_recipe, parse_recipe
+from edgeslim.stages.prune import PruneStage, run_prune
+from edgeslim.task import fashion_mnist_task
 from edgeslim.zoo import load_zoo_model
 from edgeslim.zoo.resnet import resnet20
 
@@ -66,7 +67,7 @@ def test_prune_stage_end_to_end_and_rebuild_from_its_plan(tmp_path: Path) -> Non
     model = load_zoo_model("resnet20")
     base = total_macs(layer_table(model, X))
     stage = _parse(macs_reduction=0.4, round_to=8, criterion="taylor", limit=256, batch_size=64)
-    ctx = StageContext(out=tmp_path, model_name="resnet20")
+    ctx = StageContext(out=tmp_path, model_name="resnet20", task=fashion_mnist_task(test_limit=100))
     pruned = run_prune(model, stage, ctx)
     reduction = 1 - total_macs(layer_table(pruned, X)) / base
     assert 0.4 <= reduction <= 0.42
@@ -82,10 +83,10 @@ def test_prune_stage_with_learned_gates_meets_the_target(tmp_path: Path) -> None
     model = load_zoo_model("resnet20")
     base = total_macs(layer_table(model, X))
     stage = _parse(method="gates", macs_reduction=0.3, limit=256, batch_size=64, finetune_epochs=0)
-    ctx = StageContext(out=tmp_path, model_name="resnet20")
+    ctx = StageContext(out=tmp_path, model_name="resnet20", task=fashion_mnist_task(test_limit=100))
     pruned = run_prune(model, stage, ctx)
     assert 1 - total_macs(layer_table(pruned, X)) / base >= 0.3
-    assert any(n.startswith("prune: learned gates, 1 epoch(s) on 256 images") for n in ctx.notes)
+    assert any(n.startswith("prune: learned gates, 1 epoch(s) on 256 samples") for n in ctx.notes)
     save_state(pruned, tmp_path / "model.safetensors")
     rebuilt = load_pruned(resnet20().eval(), tmp_path / "model", (X,))
     torch.testing.assert_close(rebuilt(X), pruned(X))

@@ -12,8 +12,8 @@
   criterion: l2        # which channels naive / merge / udfc remove (data-free criteria only)
 ```
 
-The stage reads no image: the method sees the weights and a random example input (for
-shapes), and the activation ranges of the returned fake-quant model are predicted from the
+The stage reads no data: the method sees the weights and the task's example input (for
+shapes only), and the activation ranges of the returned fake-quant model are predicted from the
 BN statistics (``act_ranges: statistics``, the default, so a QDQ export carries data-free
 scales) or taken from each tensor as it flows (``dynamic``, torch only: a QDQ export would
 freeze the ranges of the last batch). There is nothing to calibrate.
@@ -115,9 +115,20 @@ def stage_spec(stage: DataFreeStage) -> DataFreeSpec:
 @register_stage("datafree", DataFreeStage, data_used="none")
 def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> nn.Module:
     from edgeslim.datafree import compress_datafree, quantized_model
+    from edgeslim.errors import TaskError
+    from edgeslim.graph import example_input
     from edgeslim.inputs import example_args_for
 
-    example = example_args_for(ctx.model_name)[0]  # a random tensor: shapes only
+    if ctx.task is not None:
+        if len(ctx.task.example_inputs) != 1:
+            raise TaskError(
+                "the data-free methods handle single-input models today; this model takes "
+                f"{len(ctx.task.example_inputs)} inputs (use a quantize stage with calibration)"
+            )
+        # a random tensor of the task's input shape: the methods read no sample
+        example = example_input(tuple(ctx.task.example_inputs[0].shape))
+    else:
+        example = example_args_for(ctx.model_name)[0]
     result = compress_datafree(model, stage.method, stage_spec(stage), example)
     bits = sorted(set(result.weight_bits.values()))
     pruned = f", {stage.prune_ratio:.0%} of prunable channels removed" if stage.prune_ratio else ""

@@ -13,10 +13,10 @@ import edgeslim.data
 import edgeslim.data.fashion_mnist
 from edgeslim.cli import app
 from edgeslim.data import Split
-from edgeslim.datafree.stage import DataFreeStage, run_datafree
 from edgeslim.errors import RecipeError
 from edgeslim.graph import example_input
 from edgeslim.recipe import STAGES, StageContext, load_recipe, parse_recipe
+from edgeslim.stages.datafree import DataFreeStage, run_datafree
 from edgeslim.train.loop import evaluate
 from edgeslim.zoo import load_zoo_model
 

@@ -1,4 +1,16 @@
-"""Recipe stage ``finetune``: train the (compressed) model on the Fashion-MNIST train split."""
+"""Recipe stage ``finetune``: train the (compressed) model on the task's training data.
+
+```yaml
+- kind: finetune
+  epochs: 1
+  lr: 0.01
+  batch_size: 128    # in-memory data is rebatched; a user's DataLoader keeps its own
+  limit: null        # cap the training samples (in-memory data)
+```
+
+The loss is the task's (cross-entropy of the first output by default); augmentation is the
+task's too (the Fashion-MNIST task crops and flips).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +19,6 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from edgeslim.data import load_fashion_mnist
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.train.loop import TrainConfig, train_classifier
 
@@ -25,10 +36,16 @@ class FinetuneStage(Stage):
 
 @register_stage("finetune", FinetuneStage, data_used="train")
 def run_finetune(model: nn.Module, stage: FinetuneStage, ctx: StageContext) -> nn.Module:
-    train = load_fashion_mnist("train", limit=stage.limit)
+    task = ctx.need_task("finetune")
+    train = task.train_batches(stage.batch_size, stage.limit, stage.seed)
     config = TrainConfig(
         epochs=stage.epochs, lr=stage.lr, batch_size=stage.batch_size, seed=stage.seed
     )
-    history = train_classifier(model, train, config, description="finetune")
-    ctx.notes.append(f"finetune: {stage.epochs} epoch(s), final loss {history[-1]['loss']:.4f}")
+    loss = task.train_loss()
+    history = train_classifier(
+        model, train, config, loss_fn=lambda out, y, _x: loss(out, y), description="finetune"
+    )
+    ctx.notes.append(
+        f"finetune: {stage.epochs} epoch(s) on {task.name}, final loss {history[-1]['loss']:.4f}"
+    )
     return model.eval()

@@ -12,7 +12,7 @@
   batch_size: 32
   kd: true               # distil from the unpruned model while fine-tuning
   kd_alpha: 0.9          # weight of the distillation term (the rest is cross-entropy)
-  limit: 10000           # training images for the fine-tune (null: all 55k)
+  limit: 10000           # training samples of the task for the fine-tune (null: all)
 ```
 
 ``method: gates`` trains one binary gate per channel jointly with the weights
@@ -20,6 +20,11 @@
 ``batch_size``, ``limit`` and KD as the fine-tune) to the ``macs_reduction`` target, removes
 the channels whose gates end off, then fine-tunes as usual; ``criterion``, ``ratio`` and
 ``global_ranking`` do not apply to it (gates choose every width, rounded to ``round_to``).
+
+Data comes from the run's task: its example inputs (tracing), its training batches (the
+importance criteria that need data, the gates, the fine-tune) and its loss. When the task's
+training data has no labels (``target`` None), the fine-tune and the gates learn from the
+unpruned model's soft targets alone (KD), so ``kd`` must stay on.
 
 The plan is written to ``<out>/model.plan.json`` so the pruned weights can be rebuilt
 with :func:`edgeslim.prune.load_pruned` (``<out>/model`` as the stem).
@@ -29,14 +34,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from edgeslim.data.fashion_mnist import Split
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.train.loop import TrainConfig
 
@@ -105,10 +110,15 @@ def _train_config(stage: PruneStage, epochs: int) -> TrainConfig:
     return TrainConfig(epochs=epochs, lr=stage.lr, batch_size=stage.batch_size, seed=stage.seed)
 
 
+def _samples(train: Iterable[Any]) -> str:
+    n = getattr(train, "num_samples", None)
+    return f"{n} samples" if n is not None else "the task's training batches"
+
+
 def _prune_by_gates(
     model: nn.Module,
-    example: tuple[torch.Tensor],
-    train: Split,
+    example: tuple[torch.Tensor, ...],
+    train: Iterable[Any],
     stage: PruneStage,
     teacher: nn.Module | None,
     ctx: StageContext,
@@ -127,7 +137,7 @@ def _prune_by_gates(
     plan_path = plan.save(_plan_path(Path(ctx.out)))
     reached = result.history[-1].get("macs_reduction", float("nan")) if result.history else 0.0
     ctx.notes.append(
-        f"prune: learned gates, {stage.gate_epochs} epoch(s) on {len(train)} images; MACs "
+        f"prune: learned gates, {stage.gate_epochs} epoch(s) on {_samples(train)}; MACs "
         f"-{reached:.1%} (target {stage.macs_reduction:.0%}); {len(plan.keep)} group(s) "
         f"narrowed; plan {plan_path.name}"
     )
@@ -136,18 +146,24 @@ def _prune_by_gates(
 
 @register_stage("prune", PruneStage, data_used="train")
 def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Module:
-    from edgeslim.data import load_fashion_mnist
     from edgeslim.prune.finetune import finetune_pruned
     from edgeslim.prune.plan import PrunePlan
     from edgeslim.prune.planner import apply_keep, build_importance, plan_keep
 
-    train = load_fashion_mnist("train", limit=stage.limit)
-    example = (train.images[:1].contiguous(),)
+    task = ctx.need_task("prune")
+    example = task.example_inputs
+    needs_data = (
+        stage.method == "gates"
+        or stage.finetune_epochs > 0
+        or stage.criterion in ("taylor", "fluctuation")
+    )
+    train = task.train_batches(stage.batch_size, stage.limit, stage.seed) if needs_data else None
     wants_teacher = stage.kd and (stage.finetune_epochs or stage.method == "gates")
     teacher = copy.deepcopy(model).eval() if wants_teacher else None
     model.eval()
     ctx.out.mkdir(parents=True, exist_ok=True)
     if stage.method == "gates":
+        assert train is not None
         plan_path = _prune_by_gates(model, example, train, stage, teacher, ctx)
     else:
         criterion = build_importance(stage.criterion, train, stage.seed)
@@ -169,12 +185,14 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
             f"{len(keep)} group(s) narrowed; plan {plan_path.name}"
         )
     if stage.finetune_epochs:
+        assert train is not None
         config = _train_config(stage, stage.finetune_epochs)
         history = finetune_pruned(
-            model, train, config, teacher=teacher, alpha=stage.kd_alpha, description="prune ft"
-        )
+            model, train, config, teacher=teacher, alpha=stage.kd_alpha, description="prune ft",
+            hard_loss=task.train_loss(),
+        )  # fmt: skip
         ctx.notes.append(
-            f"prune fine-tune: {stage.finetune_epochs} epoch(s) on {len(train)} images"
+            f"prune fine-tune: {stage.finetune_epochs} epoch(s) on {_samples(train)}"
             f"{' with KD from the unpruned model' if teacher is not None else ''}, "
             f"final loss {history[-1]['loss']:.4f}"
         )

@@ -1,4 +1,4 @@
-"""Recipe stage ``quantize``: prepare + PTQ calibration on the validation split.
+"""Recipe stage ``quantize``: prepare + PTQ calibration on the task's calibration data.
 
 ```yaml
 - kind: quantize
@@ -6,7 +6,8 @@
   a_bits: 8            # null: weight-only
   quantizer: uniform   # uniform | pow2 | binary | ternary | codebook
   granularity: channel
-  calibration: 256     # validation images used to set activation ranges
+  calibration: 256     # calibration samples of the task used to set activation ranges
+  bias_correction: false  # remove the mean output shift of rounded weights (same samples)
   select:              # per-layer overrides (FQN / glob / re: / type:Name); null keeps float
     fc: null
 ```
@@ -34,7 +35,8 @@ class QuantizeStage(Stage):
     group_size: int = Field(64, ge=1)
     weight_observer: str = "minmax"
     activation_observer: str = "percentile"
-    calibration: int = Field(256, ge=1, le=5000)
+    calibration: int = Field(256, ge=1, le=100_000)
+    bias_correction: bool = False
     select: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -67,7 +69,6 @@ def stage_config(stage: QuantizeStage) -> Any:
 
 @register_stage("quantize", QuantizeStage, data_used="calibration")
 def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> nn.Module:
-    from edgeslim.data import load_fashion_mnist
     from edgeslim.quant import QuantConfig
     from edgeslim.quant.ptq import ptq
 
@@ -75,11 +76,21 @@ def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> n
         k: None if v is None else QuantConfig.from_dict(v) for k, v in stage.select.items()
     }
     calib = None
-    if stage.a_bits is not None:
-        calib = load_fashion_mnist("val", limit=stage.calibration).images
-    quantized = ptq(model, stage_config(stage), calib, select=select)
+    seen = 0
+    if stage.a_bits is not None or stage.bias_correction:
+        task = ctx.need_task("quantize")
+        calib = task.calibration_batches(stage.calibration)
+        seen = sum(int(b[0].shape[task.dims[0]]) for b in calib)
+    quantized = ptq(
+        model, stage_config(stage), calib, select=select, bias_correction=stage.bias_correction
+    )
+    where = f"; calibration on {seen} samples of {ctx.task.name}" if ctx.task and seen else ""
     ctx.notes.append(
         f"quantize: W{stage.w_bits}A{stage.a_bits or 32} ({stage.quantizer}, "
-        f"{stage.granularity}); calibration on {stage.calibration} val images"
+        f"{stage.granularity}){where}{', bias-corrected' if stage.bias_correction else ''}"
     )
+    if seen and seen < stage.calibration:
+        ctx.notes.append(
+            f"quantize: the task holds {seen} calibration samples, not {stage.calibration}"
+        )
     return quantized

@@ -1,0 +1,239 @@
+"""Suite ``imagenet``: a real ImageNet edge model, ``mobilenetv2-imagenet``, at 224x224.
+
+In one process, on torchvision's pretrained MobileNetV2 (about 300 MMACs, where MACs and
+not per-op overhead set latency) and the ``photos`` task (natural-photo crops; no labelled
+ImageNet image exists offline, so the metric is **agreement** with the fp32 model, counted
+on held crops where fp32 is at least 40% sure; ``extra.metrics`` also holds
+``agreement_all``, ``top5_agreement`` and ``cosine``):
+
+- fp32 in torch and ONNX Runtime;
+- ``edgeslim:ptq`` W8A8 (per-channel weights, percentile activation ranges, bias
+  correction) exported as QDQ and run in ONNX Runtime (``extra.int8_ops``: the integer
+  kernels ONNX Runtime fused); the peers ``onnxruntime:quantize_static`` (QDQ,
+  per-channel, the same calibration crops) and ``torch:fx_int8``;
+- data-free rows (no crop read; fake-quant in torch): RTN and DFQ at W8A8 and W4A8, DF-MPC
+  at mixed 3/8 and 2/6 bits;
+- pruning rows (:mod:`edgeslim.bench.imagenet_prune`) at -30% and -50% MACs.
+
+Latency: medians at batch 1, 2 threads, each variant interleaved with its fp32 baseline in
+the same runtime. Calibration: ``CALIBRATION`` crops not in the held-out set.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edgeslim.bench.suites import register_suite
+from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
+from edgeslim.graph import layer_table, total_macs
+from edgeslim.records import Record
+from edgeslim.runtime.ort import OrtModel, ort_fused_ops, ort_session
+from edgeslim.task import Task
+
+MODEL = "mobilenetv2-imagenet"
+CALIBRATION = 256
+INT8_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool",
+            "ConvInteger", "MatMulInteger", "QGemm", "QLinearMul", "QLinearSigmoid")  # fmt: skip
+DATAFREE_ROWS = (("rtn", 8, 8), ("dfq", 8, 8), ("rtn", 4, 4), ("dfq", 4, 4),
+                 ("rtn", 3, 8), ("dfmpc", 3, 8), ("rtn", 2, 6), ("dfmpc", 2, 6))  # fmt: skip
+
+
+def _quant_bits(model: nn.Module, bits: int) -> dict[str, int]:
+    from edgeslim.quant.modules import QuantMixin
+
+    return {n: bits for n, m in model.named_modules() if isinstance(m, QuantMixin)}
+
+
+def int8_ops(path: Path) -> dict[str, int]:
+    """Integer kernels and float convs in the graph ONNX Runtime actually runs."""
+    ops = ort_fused_ops(path)
+    keep = {k: v for k, v in ops.items() if k in INT8_OPS or k in ("Conv", "Gemm", "MatMul")}
+    return dict(sorted(keep.items()))
+
+
+class Bench:
+    """The shared state of one run: model, task, fp32 files and record fields."""
+
+    def __init__(self, out: Path, quick: bool) -> None:
+        from edgeslim.task import photos_task
+        from edgeslim.zoo import resolve_model
+
+        self.out = out
+        self.quick = quick
+        self.fp32 = resolve_model(MODEL)
+        self.task: Task = photos_task()
+        self.task.bind_reference(self.fp32)
+        self.x1 = self.task.example_inputs
+        self.calib = self.task.calibration_batches(64 if quick else CALIBRATION)
+        self.onnx_dir = out / "onnx"
+        self.onnx_dir.mkdir(parents=True, exist_ok=True)
+        self.macs = total_macs(layer_table(self.fp32, *self.x1))
+        self.params = sum(p.numel() for p in self.fp32.parameters())
+        self.fp32_path = self._export(self.fp32, "fp32")
+        self.fp32_sess = ort_session(self.fp32_path)
+        self.repeats = 10 if quick else 40
+
+    def _export(self, model: nn.Module, tag: str) -> Path:
+        from edgeslim.export.verify import export_axes, export_module
+
+        axes = export_axes(self.task.names, self.task.dims, [0])
+        return export_module(model, self.x1, self.onnx_dir / f"{MODEL}_{tag}.onnx", axes)
+
+    def record(self, method: str, runtime: str, metrics: dict[str, float], **kw: Any) -> Record:
+        extra = {"metrics": {k: round(v, 4) for k, v in metrics.items()}, **kw.pop("extra", {})}
+        fields: dict[str, Any] = {
+            "suite": "imagenet", "model": MODEL, "method": method, "config": {},
+            "metric": "agreement", "value": round(metrics["agreement"], 4),
+            "baseline_value": 100.0, "params": self.params, "macs": self.macs,
+            "size_bytes": size_bytes(self.fp32), "latency_ms": None,
+            "baseline_latency_ms": None, "runtime": runtime, "seconds": 0.0,
+            "data_used": "none", "extra": extra,
+        }  # fmt: skip
+        fields.update(kw)
+        return Record(**fields)
+
+    def ort_latency(self, path: Path) -> tuple[float, float]:
+        feeds = {"input": self.x1[0].numpy()}
+        sess = ort_session(path)
+        lat = compare_latency(
+            {"base": ort_runner(self.fp32_sess, feeds), "model": ort_runner(sess, feeds)},
+            repeats=self.repeats,
+        )
+        return lat["model"].median_ms, lat["base"].median_ms
+
+    def torch_latency(self, model: nn.Module) -> tuple[float, float]:
+        lat = compare_latency(
+            {"base": torch_runner(self.fp32, *self.x1), "model": torch_runner(model, *self.x1)},
+            repeats=self.repeats,
+        )
+        return lat["model"].median_ms, lat["base"].median_ms
+
+
+def fp32_rows(b: Bench) -> list[Record]:
+    t_ms, _ = b.torch_latency(b.fp32)
+    o_ms, _ = b.ort_latency(b.fp32_path)
+    metrics = b.task.measure(b.fp32)
+    ort_metrics = b.task.measure(OrtModel(b.fp32_sess), wrapped=True)
+    return [
+        b.record("edgeslim:fp32", "torch", metrics, latency_ms=round(t_ms, 4),
+                 baseline_latency_ms=round(t_ms, 4)),
+        b.record("edgeslim:fp32", "onnxruntime", ort_metrics, latency_ms=round(o_ms, 4),
+                 baseline_latency_ms=round(o_ms, 4)),
+    ]  # fmt: skip
+
+
+def edgeslim_w8a8(b: Bench) -> Record:
+    from edgeslim.quant import QuantConfig, QuantSpec
+    from edgeslim.quant.ptq import ptq
+
+    t0 = time.perf_counter()
+    act = QuantSpec(bits=8, granularity="tensor", symmetric=False, observer="percentile")
+    config = QuantConfig(QuantSpec(bits=8, observer="minmax"), act)
+    gm = ptq(b.fp32, config, b.calib, bias_correction=True)
+    path = b._export(copy.deepcopy(gm), "edgeslim_w8a8")
+    seconds = time.perf_counter() - t0
+    metrics = b.task.measure(OrtModel(ort_session(path)), wrapped=True)
+    torch_metrics = b.task.measure(gm)
+    ms, base_ms = b.ort_latency(path)
+    return b.record(
+        "edgeslim:ptq", "onnxruntime", metrics, config={"w_bits": 8, "a_bits": 8,
+        "granularity": "channel"}, size_bytes=size_bytes(gm, _quant_bits(gm, 8)),
+        latency_ms=round(ms, 4), baseline_latency_ms=round(base_ms, 4),
+        seconds=round(seconds, 2), data_used="calibration",
+        extra={"int8_ops": int8_ops(path), "torch_fake_quant_metrics": torch_metrics,
+               "calibration_crops": sum(int(x[0].shape[0]) for x in b.calib),
+               "observer": "percentile", "bias_correction": True},
+    )  # fmt: skip
+
+
+def peer_rows(b: Bench) -> list[Record]:
+    import torch
+
+    from edgeslim.bench.peers import ort_quantize_static, torch_fx_int8
+
+    calib = torch.cat([x[0] for x in b.calib])
+    t0 = time.perf_counter()
+    path = ort_quantize_static(b.fp32_path, b.onnx_dir / f"{MODEL}_ort_static.onnx", calib, "input")
+    seconds = time.perf_counter() - t0
+    ms, base_ms = b.ort_latency(path)
+    cfg = {"w_bits": 8, "a_bits": 8, "granularity": "channel"}
+    rows = [
+        b.record(
+            "onnxruntime:quantize_static", "onnxruntime",
+            b.task.measure(OrtModel(ort_session(path)), wrapped=True), config=cfg,
+            size_bytes=size_bytes(b.fp32, 8), latency_ms=round(ms, 4),
+            baseline_latency_ms=round(base_ms, 4), seconds=round(seconds, 2),
+            data_used="calibration", extra={"int8_ops": int8_ops(path)},
+        )
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    fx = torch_fx_int8(b.fp32, calib)
+    seconds = time.perf_counter() - t0
+    ms, base_ms = b.torch_latency(fx)
+    rows.append(
+        b.record(
+            "torch:fx_int8", "torch", b.task.measure(fx), config=cfg,
+            size_bytes=size_bytes(b.fp32, 8), latency_ms=round(ms, 4),
+            baseline_latency_ms=round(base_ms, 4), seconds=round(seconds, 2),
+            data_used="calibration",
+        )
+    )  # fmt: skip
+    return rows
+
+
+def datafree_rows(b: Bench) -> list[Record]:
+    from edgeslim.datafree import DataFreeSpec, compress_datafree, quantized_model
+
+    rows = []
+    settings = DATAFREE_ROWS[:2] if b.quick else DATAFREE_ROWS
+    for method, low, high in settings:
+        spec = DataFreeSpec(low_bits=low, high_bits=high, edge_bits=8)
+        result = compress_datafree(b.fp32, method, spec, b.x1[0])
+        model = quantized_model(result, act_bits=8, act_ranges="dynamic").eval()
+        bits = result.weight_bits
+        cfg: dict[str, Any] = {"w_bits": high, "a_bits": 8}
+        if low != high:
+            cfg.update(low_bits=low, high_bits=high)
+        rows.append(
+            b.record(
+                f"edgeslim:{method}", "torch", b.task.measure(model), config=cfg,
+                size_bytes=size_bytes(result.model, bits), seconds=round(result.seconds, 2),
+                extra={"notes": result.notes, "bits_assigned": dict(sorted(
+                    {str(v): sum(1 for x in bits.values() if x == v) for v in set(bits.values())}
+                    .items()))},
+            )
+        )  # fmt: skip
+    return rows
+
+
+@register_suite("imagenet")
+def imagenet_suite(out: Path, quick: bool, models: list[str] | None) -> list[Record]:
+    """fp32, W8A8 vs peers, data-free and pruning rows on ``mobilenetv2-imagenet``."""
+    from edgeslim.bench.imagenet_prune import prune_rows
+    from edgeslim.progress import progress_bar
+
+    if models and models != [MODEL]:
+        from edgeslim.errors import EdgeslimError
+
+        raise EdgeslimError(f"the imagenet suite runs {MODEL} only; got {models}")
+    b = Bench(Path(out), quick)
+    records: list[Record] = []
+    steps = (
+        ("fp32", lambda: fp32_rows(b)),
+        ("edgeslim W8A8", lambda: [edgeslim_w8a8(b)]),
+        ("peers", lambda: peer_rows(b)),
+        ("data-free", lambda: datafree_rows(b)),
+        ("pruning", lambda: prune_rows(b)),
+    )
+    with progress_bar() as bar:
+        task = bar.add_task("imagenet", total=len(steps))
+        for label, step in steps:
+            bar.update(task, description=f"imagenet: {label}")
+            records += step()
+            bar.advance(task)
+    return records

@@ -1,0 +1,231 @@
+"""The shapes data takes on its way to an algorithm: input tuples and ``(inputs, target)``.
+
+Every algorithm that reads data (PTQ calibration, bias correction, fine-tuning, QAT,
+learned gates, data-driven importance, distillation) takes plain iterables of these, so a
+``torch.utils.data.DataLoader``, a list of tuples or a :class:`TensorBatches` all work:
+
+- an **input batch** is a tuple of tensors, one per model input (a bare tensor is read as
+  a one-input tuple);
+- a **training batch** is ``(inputs, target)``; ``target`` may be ``None`` when the loss
+  needs no labels (distillation from a teacher).
+
+Iterables used for training are iterated once per epoch, so they must be re-iterable (a
+list, a DataLoader, a :class:`TensorBatches`), never a one-shot generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+Inputs = tuple[torch.Tensor, ...]
+Batch = tuple[Inputs, Any]
+Transform = Callable[[Inputs, torch.Generator], Inputs]
+
+
+def as_inputs(item: Any) -> Inputs:
+    """One input batch as a tuple of tensors (a bare tensor is one input)."""
+    if isinstance(item, torch.Tensor):
+        return (item,)
+    if isinstance(item, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in item):
+        return tuple(item)
+    raise TypeError(
+        "an input batch must be a tensor or a tuple of tensors (one per model input); "
+        f"got {type(item).__name__}"
+    )
+
+
+def as_batch(item: Any) -> Batch:
+    """One training batch as ``(inputs, target)``."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise TypeError(
+            "a training batch must be a pair (inputs, target), inputs a tensor or a tuple of "
+            f"tensors; got {type(item).__name__}"
+        )
+    return as_inputs(item[0]), item[1]
+
+
+def input_batches(data: Iterable[Any]) -> Iterator[Inputs]:
+    """Input tuples from an iterable of input batches or of ``(inputs, target)`` pairs.
+
+    A pair whose first element is itself a tuple/list of tensors, or whose second element is
+    not a tensor, is read as ``(inputs, target)`` and the target dropped; anything else is
+    read as input tensors.
+    """
+    for item in data:
+        if (
+            isinstance(item, (tuple, list))
+            and len(item) == 2
+            and (isinstance(item[0], (tuple, list)) or not isinstance(item[1], torch.Tensor))
+        ):
+            yield as_inputs(item[0])
+        else:
+            yield as_inputs(item)
+
+
+def batch_size_of(inputs: Inputs, batch_dims: Sequence[int] | None = None) -> int:
+    """How many samples an input batch holds (along each input's batch dimension)."""
+    dim = batch_dims[0] if batch_dims else 0
+    return int(inputs[0].shape[dim])
+
+
+def take_samples(
+    data: Iterable[Any], limit: int | None, batch_dims: Sequence[int] | None = None
+) -> list[Inputs]:
+    """The first input batches of ``data`` holding at least ``limit`` samples (all: None).
+
+    The last batch is cut so exactly ``limit`` samples are taken when ``data`` has them.
+    """
+    out: list[Inputs] = []
+    seen = 0
+    dims = list(batch_dims) if batch_dims else None
+    for inputs in input_batches(data):
+        n = batch_size_of(inputs, dims)
+        if limit is not None and seen + n > limit:
+            keep = limit - seen
+            inputs = tuple(t.narrow(dims[i] if dims else 0, 0, keep) for i, t in enumerate(inputs))
+            n = keep
+        if n > 0:
+            out.append(inputs)
+        seen += n
+        if limit is not None and seen >= limit:
+            break
+    return out
+
+
+def is_one_shot(data: Iterable[Any]) -> bool:
+    """True for an iterator (a generator): it would be empty from the second epoch on."""
+    return iter(data) is data
+
+
+class TensorBatches:
+    """In-memory tensors served as batches, re-iterable, seeded and optionally augmented.
+
+    ``inputs`` share their batch dimension (``batch_dims``, default 0 for each: a recurrent
+    state may carry its batch on dimension 1); ``target`` (optional) has it first. Iterating
+    yields ``(inputs, target)`` when ``target`` is given (or ``pairs=True``), else input
+    tuples. ``shuffle`` draws a new order each epoch from a generator seeded once, so two
+    runs with the same seed see the same batches. ``transform(inputs, generator)`` is the
+    task's augmentation, applied per batch while iterating.
+    """
+
+    def __init__(
+        self,
+        inputs: Inputs | torch.Tensor,
+        target: torch.Tensor | None = None,
+        batch_size: int = 64,
+        shuffle: bool = False,
+        seed: int = 0,
+        transform: Transform | None = None,
+        pairs: bool | None = None,
+        batch_dims: tuple[int, ...] | None = None,
+    ) -> None:
+        raw = as_inputs(inputs)
+        self.batch_dims = tuple(batch_dims) if batch_dims is not None else (0,) * len(raw)
+        if len(self.batch_dims) != len(raw):
+            raise ValueError(f"{len(raw)} inputs but {len(self.batch_dims)} batch dimensions")
+        # stored batch-first; moved back to each input's batch dimension when served
+        self.inputs = tuple(t.movedim(d, 0) for t, d in zip(raw, self.batch_dims, strict=True))
+        n = int(self.inputs[0].shape[0])
+        if any(int(t.shape[0]) != n for t in self.inputs) or (
+            target is not None and len(target) != n
+        ):
+            raise ValueError("every input (and the target) needs the same number of samples")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.target = target
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.transform = transform
+        self.pairs = target is not None if pairs is None else pairs
+        self._gen = torch.Generator().manual_seed(seed)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def __len__(self) -> int:
+        return (self.num_samples + self.batch_size - 1) // self.batch_size
+
+    def _served(self, inputs: Inputs) -> Inputs:
+        return tuple(
+            t.movedim(0, d).contiguous() for t, d in zip(inputs, self.batch_dims, strict=True)
+        )
+
+    def rebatched(
+        self, batch_size: int, shuffle: bool | None = None, seed: int | None = None
+    ) -> TensorBatches:
+        """The same data with another batch size (shuffling, seed), freshly seeded."""
+        return TensorBatches(
+            self._served(self.inputs), self.target, batch_size,
+            self.shuffle if shuffle is None else shuffle, self.seed if seed is None else seed,
+            self.transform, self.pairs, self.batch_dims,
+        )  # fmt: skip
+
+    def limited(self, limit: int | None) -> TensorBatches:
+        """The first ``limit`` samples only (all when None)."""
+        if limit is None or limit >= self.num_samples:
+            return self
+        target = None if self.target is None else self.target[:limit]
+        inputs = self._served(tuple(t[:limit] for t in self.inputs))
+        return TensorBatches(
+            inputs,
+            target,
+            self.batch_size,
+            self.shuffle,
+            self.seed,
+            self.transform,
+            self.pairs,
+            self.batch_dims,
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        n = self.num_samples
+        order = torch.randperm(n, generator=self._gen) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            inputs = self._served(tuple(t[idx] for t in self.inputs))
+            if self.transform is not None:
+                inputs = self.transform(inputs, self._gen)
+            if self.pairs:
+                yield inputs, None if self.target is None else self.target[idx]
+            else:
+                yield inputs
+
+
+def crop_flip(pad: int = 2) -> Transform:
+    """Augmentation for image inputs (N, C, H, W): random crop after padding by ``pad``
+    pixels with the image minimum, and a random horizontal flip (the zoo CNNs' recipe)."""
+
+    def apply(inputs: Inputs, gen: torch.Generator) -> Inputs:
+        x = inputs[0]
+        n, _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=float(x.min()))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        rows = (dy[:, None] + torch.arange(h))[:, :, None]
+        cols = (dx[:, None] + torch.arange(w))[:, None, :]
+        out = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols]
+        out = out.permute(0, 3, 1, 2).contiguous()
+        flip = torch.rand(n, generator=gen) < 0.5
+        out[flip] = out[flip].flip(3)
+        return (out, *inputs[1:])
+
+    return apply
+
+
+def augmented_batches(
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    batch_size: int,
+    seed: int = 0,
+    pad: int = 2,
+) -> TensorBatches:
+    """Shuffled, seeded ``(images, labels)`` batches augmented by :func:`crop_flip`: how the
+    zoo CNNs train, and how their fine-tunes (pruning, QAT, recipes) train too."""
+    return TensorBatches(
+        images, labels, batch_size, shuffle=True, seed=seed, transform=crop_flip(pad), pairs=True
+    )

@@ -1,0 +1,106 @@
+"""Agreement with the uncompressed model: an honest metric that needs no labels.
+
+- ``agreement``: top-1 agreement (%) of the first output's argmax over its last dimension,
+  counted on rows where the reference is at least ``min_confidence`` sure of its top-1
+  (softmax); ``agreement_all`` counts every row when a threshold is set.
+- ``top5_agreement``: the reference's top-1 is among the compressed model's top 5 (outputs
+  with at least 10 classes only).
+- ``cosine``: mean per-row cosine similarity of every output, averaged over the outputs.
+
+A row is one vector along an output's last dimension (so a state shaped
+``(layers, batch, hidden)`` contributes ``layers * batch`` rows); outputs with fewer than
+two dimensions count as one vector per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.data.batching import Inputs
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a model's output (tensor, tuple/list, dict, nested), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in flat_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flat_outputs(v)]
+    return []
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().float()
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(-1, t.shape[-1])
+
+
+@torch.no_grad()
+def model_outputs(module: nn.Module | Any, batches: Sequence[Inputs]) -> list[torch.Tensor]:
+    """Every output of ``module`` over ``batches``, as rows concatenated over the batches."""
+    if isinstance(module, nn.Module):
+        was = module.training
+        module.eval()
+    per: list[list[torch.Tensor]] = []
+    try:
+        for inputs in batches:
+            outs = flat_outputs(module(*inputs))
+            if not outs:
+                raise TypeError("the model returned no tensor")
+            if not per:
+                per = [[] for _ in outs]
+            for acc, t in zip(per, outs, strict=False):
+                acc.append(_rows(t))
+    finally:
+        if isinstance(module, nn.Module):
+            module.train(was)
+    return [torch.cat(acc) for acc in per]
+
+
+@dataclass(frozen=True)
+class AgreementReference:
+    """The uncompressed model's outputs on the held inputs."""
+
+    batches: list[Inputs]
+    outputs: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, module: nn.Module, batches: list[Inputs]) -> AgreementReference:
+        return cls(batches, model_outputs(module, batches))
+
+
+def agreement_metrics(
+    ref: AgreementReference, outputs: list[torch.Tensor], min_confidence: float = 0.0
+) -> dict[str, float]:
+    """Agreement (%), top-5 agreement (%) and cosine of ``outputs`` against the reference."""
+    if len(outputs) != len(ref.outputs) or any(
+        a.shape != b.shape for a, b in zip(outputs, ref.outputs, strict=False)
+    ):
+        got = [list(o.shape) for o in outputs]
+        want = [list(o.shape) for o in ref.outputs]
+        raise ValueError(f"outputs {got} do not match the reference's {want}")
+    r, o = ref.outputs[0], outputs[0]
+    ref_top = r.argmax(-1)
+    hit = (o.argmax(-1) == ref_top).float()
+    metrics: dict[str, float] = {}
+    if min_confidence > 0:
+        sure = r.softmax(-1).amax(-1) >= min_confidence
+        metrics["agreement"] = 100.0 * float(hit[sure].mean()) if bool(sure.any()) else 0.0
+        metrics["agreement_all"] = 100.0 * float(hit.mean())
+        metrics["confident_rows"] = float(sure.sum())
+    else:
+        metrics["agreement"] = 100.0 * float(hit.mean())
+    if r.shape[-1] >= 10:
+        top5 = o.topk(5, dim=-1).indices
+        metrics["top5_agreement"] = 100.0 * float((top5 == ref_top[:, None]).any(-1).float().mean())
+    cos = [
+        float(nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).mean())
+        for a, b in zip(outputs, ref.outputs, strict=True)
+    ]
+    metrics["cosine"] = sum(cos) / len(cos)
+    return metrics

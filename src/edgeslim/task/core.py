@@ -1,0 +1,249 @@
+"""``Task``: the one object through which a user's data and metric reach every algorithm.
+
+A task carries example inputs (a tuple, several inputs allowed, each with its batch
+dimension), calibration batches (any iterable of input tuples: a ``DataLoader`` works),
+optional training batches ``(inputs, target)`` with their loss, and an optional metric
+``evaluate(model) -> float | dict``. Without a metric, the task measures **agreement**
+with the uncompressed model on held validation inputs (:mod:`edgeslim.task.agreement`), so
+unlabelled data still gives an honest figure. Augmentation belongs to the task's training
+iterable, never to the training loop.
+
+Decision — validation inputs: agreement is measured on ``validation`` when given, else on
+the calibration inputs (the figure then says so in its notes: inputs the compression saw).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.data.batching import Inputs, TensorBatches, as_inputs, is_one_shot, take_samples
+from edgeslim.errors import TaskError
+from edgeslim.task.agreement import AgreementReference, agreement_metrics, model_outputs
+
+Metric = Callable[[nn.Module], "float | Mapping[str, float]"]
+Loss = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass
+class Task:
+    """What a model is compressed and measured on. Only ``example_inputs`` is required.
+
+    - ``example_inputs``: one tensor per model input, at batch 1.
+    - ``batch_dims``: each input's batch dimension (default 0 for every input; a recurrent
+      state may have it on 1). Export's dynamic axes and batching use it.
+    - ``calibration``: any iterable of input batches (a tensor or a tuple of tensors each).
+    - ``train``: re-iterable ``(inputs, target)`` batches, augmented as the task wants;
+      ``target`` may be None when the loss is distillation. ``loss(outputs, target)``
+      defaults to cross-entropy of the first output.
+    - ``evaluate``: ``model -> float`` (named by ``metric``) or ``dict[str, float]`` (the
+      first key is the headline metric). Without it: agreement with the uncompressed model.
+    - ``validation``: held input batches for agreement (default: the calibration batches).
+    - ``wrap``: turns the model into one that takes ``example_inputs`` positionally and
+      returns tensors (a Hugging Face encoder into its pooled embedding), for export,
+      latency and agreement; identity by default.
+    - ``latency_inputs``: what latency is measured on (default: ``example_inputs``).
+    - ``min_confidence``: agreement counts only rows where the reference's softmax top-1 is
+      at least this sure (the rest flip under any noise); ``agreement_all`` keeps them all.
+    - ``primary``: which measured metric is the headline (e.g. ``cosine`` for an embedding
+      or regression model, where argmax agreement means nothing); default the first.
+    """
+
+    example_inputs: tuple[torch.Tensor, ...]
+    batch_dims: tuple[int, ...] | None = None
+    calibration: Iterable[Any] | None = None
+    train: Iterable[Any] | None = None
+    loss: Loss | None = None
+    evaluate: Metric | None = None
+    metric: str = "metric"
+    validation: Iterable[Any] | None = None
+    name: str = "task"
+    input_names: tuple[str, ...] | None = None
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+    latency_inputs: tuple[torch.Tensor, ...] | None = None
+    min_confidence: float = 0.0
+    primary: str | None = None
+    description: str = ""
+    _reference: AgreementReference | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.example_inputs = as_inputs(self.example_inputs)
+        n = len(self.example_inputs)
+        dims = tuple(self.batch_dims) if self.batch_dims is not None else (0,) * n
+        if len(dims) != n:
+            raise TaskError(
+                f"task {self.name!r}: {n} example input(s) but {len(dims)} batch dimension(s); "
+                "give one batch dimension per input"
+            )
+        for i, (t, d) in enumerate(zip(self.example_inputs, dims, strict=True)):
+            if not 0 <= d < max(t.dim(), 1):
+                raise TaskError(
+                    f"task {self.name!r}: input {i} has shape {list(t.shape)}, so batch "
+                    f"dimension {d} does not exist"
+                )
+        self.batch_dims = dims
+        if self.train is not None and is_one_shot(self.train):
+            raise TaskError(
+                f"task {self.name!r}: train is a one-shot iterator (a generator); training "
+                "iterates it once per epoch, so pass a list, a DataLoader or a TensorBatches"
+            )
+
+    # ---- inputs -------------------------------------------------------------------------
+    @property
+    def dims(self) -> tuple[int, ...]:
+        assert self.batch_dims is not None  # set in __post_init__
+        return self.batch_dims
+
+    @property
+    def names(self) -> list[str]:
+        """ONNX input names: given, or ``input``, ``input1``, ..."""
+        if self.input_names is not None:
+            return list(self.input_names)
+        return [f"input{i}" if i else "input" for i in range(len(self.example_inputs))]
+
+    def inputs_at(self, batch: int) -> Inputs:
+        """The example inputs repeated to ``batch`` samples along each batch dimension."""
+        return tuple(
+            t.narrow(d, 0, 1).repeat_interleave(batch, dim=d)
+            for t, d in zip(self.example_inputs, self.dims, strict=True)
+        )
+
+    def latency_feeds(self) -> Inputs:
+        return self.latency_inputs if self.latency_inputs is not None else self.example_inputs
+
+    def module(self, model: nn.Module) -> nn.Module:
+        """The model as export, latency and agreement see it (``wrap`` applied)."""
+        return model if self.wrap is None else self.wrap(model)
+
+    # ---- data for algorithms -----------------------------------------------------------
+    def calibration_batches(self, limit: int | None = None) -> list[Inputs]:
+        """Input batches holding ``limit`` calibration samples (all when None)."""
+        if self.calibration is None:
+            raise TaskError(
+                f"task {self.name!r} has no calibration data; this step needs input samples "
+                "(pass --data, or give the Task a calibration iterable)"
+            )
+        out = take_samples(self.calibration, limit, self.dims)
+        if not out:
+            raise TaskError(f"task {self.name!r}: the calibration data is empty")
+        return out
+
+    def train_batches(
+        self, batch_size: int | None = None, limit: int | None = None, seed: int | None = None
+    ) -> Iterable[Any]:
+        """The training batches; in-memory sources are rebatched to ``batch_size``, cut to
+        ``limit`` samples and reseeded; a user's iterable (a DataLoader) keeps its own."""
+        if self.train is None:
+            raise TaskError(
+                f"task {self.name!r} has no training data; fine-tuning, QAT, learned gates "
+                "and data-driven importance need (inputs, target) batches (give the Task a "
+                "train iterable, or use a method that needs none)"
+            )
+        if isinstance(self.train, TensorBatches):
+            src = self.train.limited(limit)
+            return src.rebatched(batch_size or src.batch_size, seed=seed)
+        return self.train
+
+    def train_loss(self) -> Loss:
+        """``loss(outputs, target)``: the task's, or cross-entropy of the first output."""
+        from edgeslim.train.loop import cross_entropy
+
+        return self.loss if self.loss is not None else cross_entropy
+
+    def validation_batches(self) -> list[Inputs]:
+        data = self.validation if self.validation is not None else self.calibration
+        if data is None:
+            raise TaskError(
+                f"task {self.name!r} has neither a metric (evaluate) nor validation or "
+                "calibration inputs to measure agreement on; pass --data (or --metric)"
+            )
+        batches = take_samples(data, None, self.dims)
+        if not batches:
+            raise TaskError(f"task {self.name!r}: the validation data is empty")
+        return batches
+
+    # ---- checks and metrics ------------------------------------------------------------
+    def check(self, model: nn.Module) -> Any:
+        """Run the (wrapped) model on the example inputs; a clear error when they do not fit."""
+        module = self.module(model)
+        was = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                return module(*self.example_inputs)
+        except Exception as exc:  # the user's model: any error means the inputs do not fit
+            shapes = ", ".join(str(list(t.shape)) for t in self.example_inputs)
+            raise TaskError(
+                f"the model does not run on the task's example inputs ({shapes}): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+                "Give the shapes the model expects (--input-shape, repeated for several "
+                "inputs) or data that matches it (--data)."
+            ) from None
+        finally:
+            module.train(was)
+
+    def bind_reference(self, model: nn.Module) -> None:
+        """Record the uncompressed model's outputs for agreement (no-op with a metric)."""
+        if self.evaluate is None:
+            batches = self.validation_batches()
+            self._reference = AgreementReference.of(self.module(model), batches)
+
+    def measure(self, model: nn.Module, wrapped: bool = False) -> dict[str, float]:
+        """The task's metrics of ``model`` (``wrapped``: already through :meth:`module`,
+        e.g. an ONNX Runtime session). The first key is the headline metric."""
+        if self.evaluate is not None:
+            try:
+                value = self.evaluate(model)
+            except Exception as exc:
+                raise TaskError(
+                    f"the task's metric function raised {type(exc).__name__}: {exc}. Fix the "
+                    "function (it is called with the model and must return a float or a dict "
+                    "of floats)."
+                ) from None
+            return self._ordered(_as_metrics(value, self.metric))
+        if self._reference is None:
+            raise TaskError(
+                f"task {self.name!r} measures agreement with the uncompressed model: call "
+                "bind_reference(uncompressed_model) first"
+            )
+        module = model if wrapped else self.module(model)
+        outs = model_outputs(module, self._reference.batches)
+        return self._ordered(agreement_metrics(self._reference, outs, self.min_confidence))
+
+    def _ordered(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.primary is None:
+            return metrics
+        if self.primary not in metrics:
+            raise TaskError(
+                f"task {self.name!r}: metric {self.primary!r} was not measured; measured: "
+                f"{', '.join(metrics)}"
+            )
+        return {self.primary: metrics[self.primary], **metrics}
+
+    @property
+    def headline(self) -> str:
+        """The name of the headline metric (before any measurement)."""
+        if self.primary is not None:
+            return self.primary
+        return "agreement" if self.evaluate is None else self.metric
+
+
+def _as_metrics(value: Any, name: str) -> dict[str, float]:
+    if isinstance(value, Mapping):
+        if not value:
+            raise TaskError("the task's metric function returned an empty dict")
+        try:
+            return {str(k): float(v) for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise TaskError("the task's metric function must return float values") from None
+    try:
+        return {name: float(value)}
+    except (TypeError, ValueError):
+        raise TaskError(
+            f"the task's metric function returned {type(value).__name__}; it must return a "
+            "float or a dict of floats"
+        ) from None

@@ -1,0 +1,205 @@
+"""Tasks from files and code: an ``.npz``, an image folder, ``module:function``; and the
+resolution of the command line's ``--data`` / ``--metric`` / ``--input-shape``.
+
+Decisions:
+- **.npz**: arrays ``x`` (one input) or ``x0, x1, ...`` (several), samples along each
+  input's batch dimension (array ``batch_dims``, default 0 for all), optional ``y``. The
+  last 20% of the samples (at least one) are held out: with integer ``y`` the metric is
+  top-1 on them, otherwise agreement with the uncompressed model on them; the rest
+  calibrate and train (float ``y``: mean-squared-error loss).
+- **Image folder**: ``DIR/<class>/*.jpg|png`` is labelled (class index = the folder name
+  when every folder name is an integer, e.g. ImageNet's ``285/``, else the position in the
+  sorted names); a flat folder of images is unlabelled (agreement). Images are resized
+  (shorter side), center-cropped and normalised, ImageNet defaults. Every fifth image is
+  held out for the metric.
+- ``module:function`` returns a :class:`Task`; the current directory is importable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeslim.data.batching import TensorBatches
+from edgeslim.errors import TaskError
+from edgeslim.task.builtin import top1
+from edgeslim.task.core import Task
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _held_mask(n: int, every: int | None = None, fraction: float = 0.2) -> torch.Tensor:
+    held = torch.zeros(n, dtype=torch.bool)
+    if every is not None:
+        held[::every] = True
+    else:
+        held[n - max(1, round(n * fraction)) :] = True
+    if n > 1 and bool(held.all()):
+        held[0] = False
+    return held
+
+
+def _split_task(
+    name: str,
+    inputs: tuple[torch.Tensor, ...],
+    dims: tuple[int, ...],
+    target: torch.Tensor | None,
+    held: torch.Tensor,
+    batch_size: int,
+    description: str,
+) -> Task:
+    """Calibration/training on the kept samples, the metric on the held ones."""
+    if len(held) < 2:
+        raise TaskError(f"{name}: need at least 2 samples (one to calibrate, one to measure)")
+    moved = [t.movedim(d, 0) for t, d in zip(inputs, dims, strict=True)]
+
+    def pick(mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t[mask].movedim(0, d) for t, d in zip(moved, dims, strict=True))
+
+    keep = ~held
+    example = tuple(t.narrow(d, 0, 1).contiguous() for t, d in zip(inputs, dims, strict=True))
+    common: dict[str, Any] = {"batch_dims": dims}
+    calib = TensorBatches(pick(keep), batch_size=batch_size, **common)
+    valid = TensorBatches(pick(held), batch_size=batch_size, **common)
+    labelled = target is not None and not torch.is_floating_point(target)
+    train = None
+    loss = None
+    if target is not None:
+        train = TensorBatches(pick(keep), target[keep], batch_size, shuffle=True, **common)
+        if not labelled:
+            loss = _mse
+    else:
+        train = TensorBatches(pick(keep), None, batch_size, shuffle=True, pairs=True, **common)
+    evaluate = None
+    if labelled:
+        assert target is not None
+        test = TensorBatches(pick(held), target[held], batch_size, **common)
+        evaluate = lambda m: top1(m, test)  # noqa: E731
+    return Task(
+        example_inputs=example, batch_dims=dims, calibration=calib, train=train, loss=loss,
+        evaluate=evaluate, metric="top1", validation=valid, name=name,
+        description=description,
+    )  # fmt: skip
+
+
+def _mse(outputs: Any, target: Any) -> torch.Tensor:
+    from edgeslim.task.agreement import flat_outputs
+
+    return torch.nn.functional.mse_loss(flat_outputs(outputs)[0], target)
+
+
+def npz_task(path: Path, batch_size: int = 32) -> Task:
+    """A task from an ``.npz`` file (see the module docstring for its layout)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"--data {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise TaskError(f"{path} is not a readable .npz file: {exc}") from None
+    if "x" in arrays:
+        names = ["x"]
+    else:
+        names = []
+        while f"x{len(names)}" in arrays:
+            names.append(f"x{len(names)}")
+    if not names:
+        raise TaskError(
+            f"{path} holds arrays {sorted(arrays)} but no input: name the model's input "
+            "array `x` (one input) or `x0`, `x1`, ... (several inputs), samples along the "
+            "batch dimension; an optional `y` holds targets"
+        )
+    inputs = tuple(torch.from_numpy(np.ascontiguousarray(arrays[n])) for n in names)
+    inputs = tuple(t.float() if torch.is_floating_point(t) else t for t in inputs)
+    dims = tuple(int(d) for d in arrays.get("batch_dims", np.zeros(len(names), dtype=int)))
+    if len(dims) != len(names):
+        raise TaskError(f"{path}: batch_dims has {len(dims)} entries for {len(names)} inputs")
+    sizes = {int(t.shape[d]) for t, d in zip(inputs, dims, strict=True) if d < t.dim()}
+    if len(sizes) != 1 or any(d >= t.dim() for t, d in zip(inputs, dims, strict=True)):
+        shapes = {n: list(t.shape) for n, t in zip(names, inputs, strict=True)}
+        raise TaskError(
+            f"{path}: the inputs {shapes} do not hold the same number of samples along their "
+            f"batch dimensions {list(dims)}"
+        )
+    n = sizes.pop()
+    target = None
+    if "y" in arrays:
+        target = torch.from_numpy(np.ascontiguousarray(arrays["y"]))
+        target = target.long() if not torch.is_floating_point(target) else target.float()
+        if len(target) != n:
+            raise TaskError(f"{path}: y has {len(target)} samples but the inputs have {n}")
+    held = _held_mask(n)
+    kind = "top-1" if target is not None and not torch.is_floating_point(target) else "agreement"
+    return _split_task(
+        path.stem, inputs, dims, target, held, batch_size,
+        f"{path.name}: {n} samples, {len(names)} input(s); {kind} on the last "
+        f"{int(held.sum())}",
+    )  # fmt: skip
+
+
+def image_folder_task(
+    directory: Path,
+    size: int = 224,
+    resize: int = 256,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    batch_size: int = 32,
+) -> Task:
+    """A task from a folder of images (labelled by sub-folder, or flat for agreement)."""
+    from edgeslim.data.photos import image_preprocess
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise TaskError(f"--data {root}: no such folder")
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    files: list[tuple[Path, int]] = []
+    if classes:
+        numeric = all(p.name.isdigit() for p in classes)
+        for i, c in enumerate(classes):
+            label = int(c.name) if numeric else i
+            files += [(f, label) for f in sorted(c.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if len(files) < 2:
+        raise TaskError(
+            f"--data {root}: found {len(files)} image(s); give a folder of at least 2 images "
+            f"({', '.join(IMAGE_SUFFIXES)}), flat or in one sub-folder per class"
+        )
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for f, _ in files:
+        try:
+            with Image.open(f) as img:
+                images.append(image_preprocess(img.convert("RGB"), size, resize, mean, std))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise TaskError(f"{f} is not a readable image: {exc}") from None
+    x = torch.stack(images)
+    target = torch.tensor([lab for _, lab in files]) if classes else None
+    held = _held_mask(len(files), every=5)
+    kind = f"top-1 over {len(classes)} classes" if classes else "agreement"
+    return _split_task(
+        root.name, (x,), (0,), target, held, batch_size,
+        f"{root}: {len(files)} images at {size}x{size}; {kind} on {int(held.sum())} held",
+    )  # fmt: skip
+
+
+def task_from_function(spec: str) -> Task:
+    """``package.module:function`` returning a :class:`Task` (the current dir importable)."""
+    from edgeslim.imports import load_callable
+
+    fn = load_callable(spec, "function() returns an edgeslim.Task", TaskError)
+    try:
+        task = fn()
+    except Exception as exc:
+        raise TaskError(f"the task function {spec} raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(task, Task):
+        raise TaskError(f"{spec} returned {type(task).__name__}, not an edgeslim.Task")
+    return task

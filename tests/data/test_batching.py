@@ -1,0 +1,63 @@
+"""The data shapes algorithms take: crop/flip augmentation and seeded augmented batches."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeslim.data.batching import TensorBatches, augmented_batches, crop_flip, take_samples
+
+
+def test_crop_flip_is_a_shift_or_flip_of_the_input() -> None:
+    x = torch.arange(2 * 36, dtype=torch.float32).reshape(2, 1, 6, 6)  # min 0 = pad value
+    (out,) = crop_flip(1)((x,), torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    for i in range(2):
+        nonzero = set(out[i][out[i] > 0].tolist())
+        assert nonzero <= set(x[i].flatten().tolist())
+        assert len(nonzero) >= 24  # at most one row and one column dropped
+
+
+def test_augmented_batches_are_seeded_pairs() -> None:
+    x, y = torch.randn(10, 1, 6, 6), torch.arange(10)
+    a, b = (list(augmented_batches(x, y, 4, seed=3)) for _ in range(2))
+    assert [len(t) for (_,), t in a] == [4, 4, 2]
+    for ((xa,), ya), ((xb,), yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert sorted(torch.cat([t for _, t in a]).tolist()) == list(range(10))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    batch_size=st.integers(1, 50),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**16),
+    limit=st.none() | st.integers(0, 45),
+)
+def test_tensor_batches_with_batch_dims_serve_every_sample_once(
+    n: int, batch_size: int, shuffle: bool, seed: int, limit: int | None
+) -> None:
+    """An input (batch first) and a state with its batch on dimension 1, tagged with each
+    sample's index: every epoch serves each sample exactly once, the two inputs aligned."""
+    ids = torch.arange(n, dtype=torch.float32)
+    x = ids[:, None].repeat(1, 3)  # (n, 3)
+    h = ids[None, :, None].repeat(2, 1, 4)  # (2, n, 4)
+    data = TensorBatches((x, h), ids.long(), batch_size, shuffle, seed, batch_dims=(0, 1))
+    assert len(data) == -(-n // batch_size)
+    for _ in range(2):  # a second epoch (reshuffled) too
+        seen: list[int] = []
+        for (bx, bh), target in data:
+            assert bx.shape[1:] == (3,) and bh.shape[0] == 2 and bh.shape[2] == 4
+            assert 1 <= bx.shape[0] <= batch_size and bh.shape[1] == bx.shape[0]
+            assert torch.equal(bh, bx[None, :, :1].expand(2, -1, 4))
+            assert torch.equal(target, bx[:, 0].long())
+            seen += bx[:, 0].long().tolist()
+        assert sorted(seen) == list(range(n))
+    taken = take_samples(data, limit, (0, 1))
+    got = [int(i) for bx, bh in taken for i in bx[:, 0]]
+    assert len(got) == (n if limit is None else min(limit, n))
+    assert all(bh.shape[1] == bx.shape[0] for bx, bh in taken)
+    limited = data.limited(limit)
+    assert limited.num_samples == (n if limit is None else min(limit, n))

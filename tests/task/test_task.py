@@ -1,0 +1,412 @@
+"""Tasks: agreement metrics, ``Task`` validation, ``.npz`` / image-folder / function sources and
+the command line's ``--data`` / ``--metric`` / ``--input-shape`` resolution."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.data.batching import TensorBatches
+from edgeslim.errors import TaskError
+from edgeslim.task import (
+    Task,
+    agreement_metrics,
+    flat_outputs,
+    image_folder_task,
+    npz_task,
+    resolve_task,
+)
+from edgeslim.task.agreement import AgreementReference
+from edgeslim.task.resolve import check_shapes
+
+# ---- agreement metrics ---------------------------------------------------------------------
+
+
+def _ref(*outputs: torch.Tensor) -> AgreementReference:
+    return AgreementReference(batches=[], outputs=list(outputs))
+
+
+def _logits(rows: int = 4, classes: int = 10) -> torch.Tensor:
+    return torch.randn(rows, classes, generator=torch.Generator().manual_seed(0))
+
+
+def test_identical_outputs_agree_fully() -> None:
+    ref = _logits()
+    m = agreement_metrics(_ref(ref), [ref.clone()])
+    assert m["agreement"] == 100.0 and m["top5_agreement"] == 100.0
+    assert m["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert "agreement_all" not in m and "confident_rows" not in m
+
+
+def test_one_flipped_row_of_four_is_75_percent() -> None:
+    ref = _logits()
+    out = ref.clone()
+    out[2, ref[2].argmax()] = ref[2].min() - 1.0  # the reference's top-1 drops to last place
+    m = agreement_metrics(_ref(ref), [out])
+    assert m["agreement"] == 75.0 and m["top5_agreement"] == 75.0
+    assert m["cosine"] < 1.0
+
+
+def test_top5_agreement_only_with_ten_classes_or_more() -> None:
+    ref = _logits(classes=9)
+    assert "top5_agreement" not in agreement_metrics(_ref(ref), [ref])
+
+
+def test_cosine_is_averaged_over_every_output() -> None:
+    logits, values = _logits(), torch.randn(4, 3)
+    m = agreement_metrics(_ref(logits, values), [logits, -values])
+    assert m["agreement"] == 100.0  # argmax: the first output only
+    assert m["cosine"] == pytest.approx(0.0, abs=1e-6)  # (1 + -1) / 2
+
+
+def test_outputs_not_matching_the_reference_are_an_error() -> None:
+    with pytest.raises(ValueError, match="do not match"):
+        agreement_metrics(_ref(_logits()), [_logits(rows=3)])
+    with pytest.raises(ValueError, match="do not match"):
+        agreement_metrics(_ref(_logits()), [_logits(), _logits()])
+
+
+def test_min_confidence_counts_only_rows_the_reference_is_sure_of() -> None:
+    ref = torch.zeros(4, 10)
+    ref[0, 1] = ref[1, 2] = 10.0  # sure (softmax top-1 ~ 1)
+    ref[2, 3] = ref[3, 4] = 0.1  # unsure (softmax top-1 ~ 0.11)
+    out = ref.clone()
+    out[2, 5] = 1.0  # an unsure row flips
+    m = agreement_metrics(_ref(ref), [out], min_confidence=0.5)
+    assert m["agreement"] == 100.0 and m["agreement_all"] == 75.0
+    assert m["confident_rows"] == 2.0
+    out[1, 6] = 20.0  # and a sure one
+    m = agreement_metrics(_ref(ref), [out], min_confidence=0.5)
+    assert m["agreement"] == 50.0 and m["agreement_all"] == 50.0
+
+
+def test_min_confidence_with_no_sure_row_gives_zero() -> None:
+    ref = torch.zeros(3, 10)
+    m = agreement_metrics(_ref(ref), [ref], min_confidence=0.9)
+    assert m["agreement"] == 0.0 and m["agreement_all"] == 100.0 and m["confident_rows"] == 0.0
+
+
+def test_flat_outputs_walks_tuples_and_dicts_in_order() -> None:
+    a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    assert flat_outputs({"x": a, "y": (b, [c]), "n": None}) == [a, b, c]
+
+
+# ---- Task ----------------------------------------------------------------------------------
+
+
+class TwoInputs(nn.Module):
+    """``x`` (batch, 4) and a state ``h`` (2, batch, 3) -> (batch, 5) logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(h.sum(0))
+
+
+def test_task_rejects_a_generator_as_train() -> None:
+    x = torch.randn(8, 4)
+    with pytest.raises(TaskError, match="generator"):
+        Task(example_inputs=(x[:1],), train=((x, None) for _ in range(2)))
+    Task(example_inputs=(x[:1],), train=[(x, None)])  # a list is re-iterable
+
+
+def test_task_batch_dims_are_validated() -> None:
+    x, h = torch.randn(1, 4), torch.randn(2, 1, 3)
+    with pytest.raises(TaskError, match=r"2 example input.*1 batch dimension"):
+        Task(example_inputs=(x, h), batch_dims=(0,))
+    with pytest.raises(TaskError, match="batch dimension 3 does not exist"):
+        Task(example_inputs=(x, h), batch_dims=(0, 3))
+    task = Task(example_inputs=(x, h), batch_dims=(0, 1))
+    assert task.dims == (0, 1) and task.names == ["input", "input1"]
+    assert [tuple(t.shape) for t in task.inputs_at(3)] == [(3, 4), (2, 3, 3)]
+
+
+def test_task_without_metric_measures_agreement_with_the_bound_model() -> None:
+    torch.manual_seed(0)
+    x, h = torch.randn(16, 4), torch.randn(2, 16, 3)
+    task = Task(
+        example_inputs=(x[:1], h[:, :1]),
+        batch_dims=(0, 1),
+        calibration=TensorBatches((x, h), batch_size=5, batch_dims=(0, 1)),
+    )
+    model = TwoInputs().eval()
+    with pytest.raises(TaskError, match="bind_reference"):
+        task.measure(model)
+    task.bind_reference(model)
+    assert task.headline == "agreement"
+    m = task.measure(model)
+    assert next(iter(m)) == "agreement" and m["agreement"] == 100.0
+    with torch.no_grad():
+        model.a.bias.add_(100.0 * torch.arange(5.0))  # now always class 4
+    assert task.measure(model)["cosine"] < 0.99
+
+
+def test_task_calibration_batches_cut_at_the_limit_along_batch_dims() -> None:
+    x, h = torch.randn(10, 4), torch.randn(2, 10, 3)
+    task = Task(
+        example_inputs=(x[:1], h[:, :1]),
+        batch_dims=(0, 1),
+        calibration=TensorBatches((x, h), batch_size=4, batch_dims=(0, 1)),
+    )
+    batches = task.calibration_batches(6)
+    assert [(tuple(a.shape), tuple(b.shape)) for a, b in batches] == [
+        ((4, 4), (2, 4, 3)),
+        ((2, 4), (2, 2, 3)),
+    ]
+    assert torch.equal(torch.cat([b for _, b in batches], dim=1), h[:, :6])
+
+
+def test_task_metric_errors_are_task_errors() -> None:
+    x = torch.randn(4, 4)
+
+    def bad(model: nn.Module) -> float:
+        raise RuntimeError("boom")
+
+    task = Task(example_inputs=(x[:1],), evaluate=bad, metric="m")
+    with pytest.raises(TaskError, match="raised RuntimeError: boom"):
+        task.measure(nn.Linear(4, 2))
+
+    def wordy(model: nn.Module) -> Any:
+        return "high"
+
+    task = Task(example_inputs=(x[:1],), evaluate=wordy, metric="m")
+    with pytest.raises(TaskError, match="returned str"):
+        task.measure(nn.Linear(4, 2))
+
+
+def test_task_check_names_the_shapes_when_inputs_do_not_fit() -> None:
+    task = Task(example_inputs=(torch.randn(1, 7),))
+    with pytest.raises(TaskError, match=r"\[1, 7\].*--input-shape"):
+        task.check(nn.Linear(4, 2))
+
+
+# ---- .npz ----------------------------------------------------------------------------------
+
+
+def _save(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+def test_npz_with_several_inputs_and_batch_dims(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((10, 4)).astype(np.float32)
+    x1 = rng.standard_normal((2, 10, 3)).astype(np.float32)
+    task = npz_task(_save(tmp_path / "state.npz", x0=x0, x1=x1, batch_dims=np.array([0, 1])))
+    assert task.dims == (0, 1) and task.name == "state"
+    assert [tuple(t.shape) for t in task.example_inputs] == [(1, 4), (2, 1, 3)]
+    assert task.evaluate is None and task.headline == "agreement"
+    # the last 20% (2 of 10) are held for the metric, the rest calibrate
+    held = task.validation_batches()
+    assert torch.equal(torch.cat([a for a, _ in held]), torch.from_numpy(x0[8:]))
+    assert torch.equal(torch.cat([b for _, b in held], dim=1), torch.from_numpy(x1[:, 8:]))
+    calib = task.calibration_batches()
+    assert sum(a.shape[0] for a, _ in calib) == 8
+    assert torch.equal(torch.cat([b for _, b in calib], dim=1), torch.from_numpy(x1[:, :8]))
+    model = TwoInputs().eval()
+    task.bind_reference(model)
+    assert task.measure(model)["agreement"] == 100.0
+
+
+def test_npz_with_integer_labels_measures_top1(tmp_path: Path) -> None:
+    x = np.eye(10, 4, dtype=np.float32)
+    y = np.zeros(10, dtype=np.int64)
+    task = npz_task(_save(tmp_path / "lab.npz", x=x, y=y))
+    assert task.headline == "top1" and task.metric == "top1"
+    always0 = nn.Linear(4, 3)
+    with torch.no_grad():
+        always0.weight.zero_()
+        always0.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    assert task.measure(always0) == {"top1": 100.0}
+    batches = list(task.train_batches())
+    assert sum(len(t) for _, t in batches) == 8
+
+
+def test_npz_with_float_targets_trains_on_mse(tmp_path: Path) -> None:
+    x = np.ones((5, 4), np.float32)
+    task = npz_task(_save(tmp_path / "reg.npz", x=x, y=np.zeros((5, 2), np.float32)))
+    assert task.evaluate is None  # agreement: no labels to count
+    (_inputs, target), *_ = list(task.train_batches())
+    out = torch.ones_like(target)
+    assert float(task.train_loss()(out, target)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"images": np.zeros((4, 2), np.float32)}, "x0"),
+        ({"x": np.zeros((4, 2), np.float32), "y": np.zeros(3, np.int64)}, "y has 3 samples"),
+        ({"x0": np.zeros((4, 2)), "x1": np.zeros((5, 2))}, "same number of samples"),
+        ({"x": np.zeros((4, 2)), "batch_dims": np.array([0, 1])}, "batch_dims has 2 entries"),
+        ({"x": np.zeros((1, 2))}, "at least 2 samples"),
+    ],
+    ids=["no-x", "y-length", "sample-counts", "batch-dims", "one-sample"],
+)
+def test_npz_errors_say_what_to_fix(
+    tmp_path: Path, arrays: dict[str, np.ndarray], message: str
+) -> None:
+    with pytest.raises(TaskError, match=message):
+        npz_task(_save(tmp_path / "bad.npz", **arrays))
+
+
+def test_npz_missing_or_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(TaskError, match="no such file"):
+        npz_task(tmp_path / "none.npz")
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(TaskError, match=r"not a readable \.npz"):
+        npz_task(tmp_path / "junk.npz")
+
+
+# ---- image folders -------------------------------------------------------------------------
+
+
+def _png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (24, 20)) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+class MeanColour(nn.Module):
+    """Class = the channel with the largest mean (red 0, green 1, blue 2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def test_image_folder_labelled_by_sub_folder(tmp_path: Path) -> None:
+    for i in range(3):
+        _png(tmp_path / "imgs" / "a_red" / f"{i}.png", (250, 0, 0))
+        _png(tmp_path / "imgs" / "b_green" / f"{i}.png", (0, 250, 0))
+    (tmp_path / "imgs" / "a_red" / "notes.txt").write_text("not an image")
+    task = image_folder_task(tmp_path / "imgs", size=16, resize=18)
+    assert [tuple(t.shape) for t in task.example_inputs] == [(1, 3, 16, 16)]
+    assert task.headline == "top1" and task.evaluate is not None
+    # every fifth image (0 and 5 of the sorted six) is held; the rest train with labels
+    assert isinstance(task.train, TensorBatches) and task.train.target is not None
+    assert task.train.target.tolist() == [0, 0, 1, 1]
+    assert task.measure(MeanColour()) == {"top1": 100.0}
+    # ImageNet normalisation of a uniform colour
+    red = task.example_inputs[0][0, :, 0, 0]
+    expected = [(250 / 255 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225]
+    assert red.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_image_folder_numeric_class_folders_are_the_labels(tmp_path: Path) -> None:
+    for i in range(3):
+        _png(tmp_path / "imgs" / "7" / f"{i}.png", (0, 0, 250))
+        _png(tmp_path / "imgs" / "3" / f"{i}.png", (0, 250, 0))
+    task = image_folder_task(tmp_path / "imgs", size=8, resize=8)
+    assert isinstance(task.train, TensorBatches) and task.train.target is not None
+    assert task.train.target.tolist() == [3, 3, 7, 7]
+
+
+def test_flat_image_folder_measures_agreement(tmp_path: Path) -> None:
+    for i, c in enumerate([(250, 0, 0), (0, 250, 0), (0, 0, 250), (90, 90, 90), (0, 9, 0)]):
+        _png(tmp_path / "flat" / f"{i}.jpg", c, size=(20, 30))
+    task = image_folder_task(tmp_path / "flat", size=8, resize=10)
+    assert task.evaluate is None and task.headline == "agreement"
+    assert sum(b[0].shape[0] for b in task.validation_batches()) == 1  # every fifth of five
+    task.bind_reference(MeanColour())
+    assert task.measure(MeanColour())["agreement"] == 100.0
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(TaskError, match="no such folder"):
+        image_folder_task(tmp_path / "missing")
+    _png(tmp_path / "one" / "0.png", (1, 2, 3))
+    with pytest.raises(TaskError, match="found 1 image"):
+        image_folder_task(tmp_path / "one")
+    _png(tmp_path / "bad" / "0.png", (1, 2, 3))
+    (tmp_path / "bad" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(TaskError, match="not a readable image"):
+        image_folder_task(tmp_path / "bad")
+
+
+# ---- the command line's task ---------------------------------------------------------------
+
+
+@pytest.fixture
+def unlabelled_npz(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    return _save(tmp_path / "data.npz", x=rng.standard_normal((10, 4)).astype(np.float32))
+
+
+def test_metric_module_function(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unlabelled_npz: Path
+) -> None:
+    (tmp_path / "my_metrics.py").write_text(
+        textwrap.dedent(
+            """
+            def score(model):
+                return {"score": 42.0, "params": sum(p.numel() for p in model.parameters())}
+
+            def weight_norm(model):
+                return float(model.weight.detach().norm())
+
+            NOT_A_FUNCTION = 3
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = nn.Linear(4, 3)
+    task = resolve_task("my_models:net", str(unlabelled_npz), "my_metrics:score")
+    assert task.headline == "score"
+    assert task.measure(model) == {"score": 42.0, "params": 15.0}
+    task = resolve_task("my_models:net", str(unlabelled_npz), "my_metrics:weight_norm")
+    assert task.measure(model) == {
+        "weight_norm": pytest.approx(float(model.weight.detach().norm()))
+    }
+    with pytest.raises(TaskError, match="cannot load .my_metrics:missing"):
+        resolve_task("my_models:net", str(unlabelled_npz), "my_metrics:missing")
+    with pytest.raises(TaskError, match="not a function"):
+        resolve_task("my_models:net", str(unlabelled_npz), "my_metrics:NOT_A_FUNCTION")
+
+
+def test_metric_by_name_picks_the_headline(unlabelled_npz: Path) -> None:
+    task = resolve_task("my_models:net", str(unlabelled_npz), "cosine")
+    model = nn.Linear(4, 12)
+    task.bind_reference(model)
+    m = task.measure(model)
+    assert next(iter(m)) == "cosine" and math.isclose(m["cosine"], 1.0, abs_tol=1e-6)
+    with pytest.raises(TaskError, match="allowed names: agreement"):
+        resolve_task("my_models:net", str(unlabelled_npz), "top1")
+
+
+def test_user_model_without_data_names_data() -> None:
+    with pytest.raises(TaskError, match=r"Pass --data.*--input-shape 1,4 alone"):
+        resolve_task("my_models:net", None, None, [(1, 4)])
+
+
+def test_data_as_a_module_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_task.py").write_text(
+        "import torch\n"
+        "from edgeslim.task import Task\n"
+        "def make():\n"
+        "    return Task(example_inputs=(torch.zeros(1, 4),), name='mine')\n"
+        "def broken():\n"
+        "    return 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_task("my_models:net", "my_task:make").name == "mine"
+    with pytest.raises(TaskError, match=r"returned int, not an edgeslim\.Task"):
+        resolve_task("my_models:net", "my_task:broken")
+
+
+def test_input_shape_must_match_the_data_outside_batch_dims() -> None:
+    task = Task(example_inputs=(torch.zeros(1, 8, 32), torch.zeros(1, 1, 16)), batch_dims=(0, 1))
+    check_shapes(task, [(1, 8, 32), (1, 1, 16)])
+    check_shapes(task, [(5, 8, 32), (1, 5, 16)])  # batch dimensions aside
+    with pytest.raises(TaskError, match="does not match the data"):
+        check_shapes(task, [(1, 8, 32), (1, 1, 17)])
+    with pytest.raises(TaskError, match="does not match the data"):
+        check_shapes(task, [(1, 8, 32)])
