@@ -42,6 +42,8 @@ def test_w8a8_qdq_matches_the_fake_quant_model(tmp_path: Path) -> None:
     fused = ort_fused_ops(path)
     assert fused["QLinearConv"] == 21 and fused["QLinearAdd"] == 9
     assert fused.get("QLinearGlobalAveragePool") == 1
+    # the classifier too: its bias is stored as int32, so the Gemm fuses into QGemm
+    assert fused.get("QGemm") == 1 and "Gemm" not in fused
 
 
 def test_non_uniform_quantizers_are_refused_for_qdq(tmp_path: Path) -> None:
@@ -64,3 +66,25 @@ def test_w4_weights_export_as_int8_codes_and_are_restored(tmp_path: Path) -> Non
         numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8
     ]
     assert len(codes) == 22 and all(abs(c).max() <= 7 for c in codes)
+
+
+def test_a_classifier_head_runs_as_qgemm_and_matches_torch(tmp_path: Path) -> None:
+    from edgeslim.quant.ptq import ptq
+    from edgeslim.runtime.ort import ort_session
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)
+    ).eval()
+    x = torch.randn(64, 12)
+    config = QuantConfig(
+        QuantSpec(bits=8), QuantSpec(bits=8, granularity="tensor", symmetric=False)
+    )
+    gm = ptq(model, config, [(x[i : i + 16],) for i in range(0, 64, 16)])
+    path = export_qdq(gm, (x[:1],), tmp_path / "mlp.onnx")
+    fused = ort_fused_ops(path)
+    assert fused.get("QGemm") == 2 and "Gemm" not in fused
+    got = ort_session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = gm(x).numpy()
+    assert abs(got - ref).max() < 0.05 * abs(ref).max()

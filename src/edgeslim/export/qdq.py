@@ -103,6 +103,7 @@ def export_qdq(
     proto = onnx.load(str(out))
     fold_weight_quantizers(proto)
     drop_relu_before_quantize(proto)
+    quantize_gemm_bias(proto)
     onnx.save(proto, str(out))
     return out
 
@@ -218,3 +219,53 @@ def drop_relu_before_quantize(model: Any) -> int:
     del graph.node[:]
     graph.node.extend(keep)
     return removed
+
+
+def quantize_gemm_bias(model: Any) -> int:
+    """Store a quantized ``Gemm``'s float bias as int32 behind a DequantizeLinear.
+
+    ONNX Runtime fuses ``DQ(x), DQ(W), DQ(int32 bias) -> Gemm`` into one integer ``QGemm``
+    (with a float output when no quantizer follows, as for a classifier's logits); with a
+    float bias it keeps the Gemm in float and dequantizes the int8 weight at every run
+    (mobilenetv2-imagenet: 1.28M MACs of float GEMV over 5 MB of weights at batch 1). The
+    bias scale is ``scale(x) * scale(W)`` (per output channel), zero point 0, as the
+    integer kernel accumulates. Returns the count.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    consts = _constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    added = []
+    for node in graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in consts:
+            continue
+        a, b = producer.get(node.input[0]), producer.get(node.input[1])
+        if (
+            a is None
+            or b is None
+            or any(p.op_type != "DequantizeLinear" or p.input[1] not in consts for p in (a, b))
+        ):
+            continue
+        trans_b = next((at.i for at in node.attribute if at.name == "transB"), 0)
+        bias = consts[node.input[2]].astype(np.float64).reshape(-1)
+        scale = (consts[a.input[1]].astype(np.float64) * consts[b.input[1]]).reshape(-1)
+        if scale.size not in (1, bias.size) or (scale.size > 1 and not trans_b):
+            continue  # per-channel weights along an axis the bias does not follow
+        scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
+        q = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        name = node.input[2]
+        graph.initializer.extend([
+            numpy_helper.from_array(q, f"{name}_int32"),
+            numpy_helper.from_array(scale, f"{name}_int32_scale"),
+            numpy_helper.from_array(np.zeros(bias.shape, np.int32), f"{name}_int32_zp"),
+        ])  # fmt: skip
+        added.append(helper.make_node(
+            "DequantizeLinear", [f"{name}_int32", f"{name}_int32_scale", f"{name}_int32_zp"],
+            [f"{name}_dequantized"], axis=0,
+        ))  # fmt: skip
+        node.input[2] = f"{name}_dequantized"
+    for n in added:
+        graph.node.insert(0, n)
+    return len(added)

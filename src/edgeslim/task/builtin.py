@@ -124,7 +124,8 @@ def photos_task(
     ``min_confidence`` sure of its top-1 (``agreement_all`` counts them all).
 
     Decision: every second crop calibrates and trains (without labels: a training loss on
-    this task must be distillation); the metric is on **all** crops by default (526, the
+    this task must be distillation; each epoch sees them shifted by up to 16 pixels and
+    flipped); the metric is on **all** crops by default (526, the
     set the data card describes), so calibration sees half of the measured crops, as the
     peers' calibration does in the benchmark. ``held_only`` measures on the other half only,
     for methods that train on the crops (fine-tuning would otherwise be scored on its own
@@ -140,7 +141,9 @@ def photos_task(
     return Task(
         example_inputs=(crops.images[:1].contiguous(),),
         calibration=TensorBatches(seen, batch_size=32),
-        train=TensorBatches(seen, None, batch_size=32, shuffle=True, pairs=True),
+        train=TensorBatches(
+            seen, None, batch_size=32, shuffle=True, pairs=True, transform=crop_flip(16)
+        ),
         validation=TensorBatches(measured, batch_size=50),
         min_confidence=min_confidence,
         name="photos",
