@@ -26,6 +26,7 @@ from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
 from edgeslim.errors import EdgeslimError, RecipeError
 from edgeslim.export.verify import check_parity, export_axes, export_module, output_batch_dims
 from edgeslim.graph import layer_table, total_macs
+from edgeslim.progress import log_step
 from edgeslim.quant.modules import QuantMixin
 from edgeslim.recipe import STAGES, Recipe, StageContext, load_recipe, parse_recipe
 from edgeslim.records import Record, save_records
@@ -138,6 +139,7 @@ def _run(
     base: nn.Module, recipe: Recipe, task: Task, out: Path, name: str, quick: bool
 ) -> CompressResult:
     (out / "recipe.yaml").write_text(_recipe_yaml(recipe))
+    log_step(f"compress {name}: measuring the uncompressed model on {task.name}")
     task.bind_reference(base)
     base_metrics = task.measure(base)
     start = time.perf_counter()
@@ -146,6 +148,7 @@ def _run(
     data_used = "none"
     for i, stage in enumerate(recipe.stages):
         kind = STAGES[stage.kind]
+        log_step(f"compress {name}: stage {i + 1}/{len(recipe.stages)} ({stage.kind})")
         try:
             model = kind.handler(model, stage, ctx)
         except EdgeslimError:
@@ -162,9 +165,11 @@ def _run(
             data_used = kind.data_used
     seconds = time.perf_counter() - start
     model.eval()
+    log_step(f"compress {name}: measuring the compressed model")
     metrics = task.measure(model)
     save_state(model, out / "model.safetensors")
 
+    log_step(f"compress {name}: exporting to ONNX and checking it against torch")
     base_mod, comp_mod = task.module(base).eval(), task.module(model).eval()
     example = task.example_inputs
     out_dims = output_batch_dims(base_mod, task.inputs_at(1), task.inputs_at(2))
@@ -182,6 +187,7 @@ def _run(
         )
     parity = check_parity(comp_mod, comp_sess, checks)
     ort_metrics = task.measure(OrtModel(comp_sess), wrapped=True)
+    log_step(f"compress {name}: timing torch and ONNX Runtime, compressed vs uncompressed")
     feeds = task.latency_feeds()
     np_feeds = {n: a.numpy() for n, a in zip(OrtModel(comp_sess).input_names, feeds, strict=True)}
     lat = compare_latency(

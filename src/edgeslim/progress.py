@@ -22,3 +22,17 @@ def progress_bar(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         transient=transient,
     )
+
+
+_console = None
+
+
+def log_step(message: str) -> None:
+    """One line saying which step of a long run starts (stderr, with the time), so a run
+    never sits silent; nested loops keep their own progress bars."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(stderr=True)
+    _console.log(message)

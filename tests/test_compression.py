@@ -1,0 +1,96 @@
+"""``edgeslim.compress``: the Python API on a model and task the project did not make."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import edgeslim
+from edgeslim import Task, TensorBatches
+from edgeslim.errors import EdgeslimError, RecipeError, TaskError
+from edgeslim.task import digits_task
+
+W8A8 = {"name": "w8a8", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8}]}
+
+
+def _digits_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 10),
+    ).eval()  # fmt: skip
+
+
+def test_compress_returns_model_records_and_the_files_it_wrote(tmp_path: Path) -> None:
+    task = digits_task()
+    out = tmp_path / "run"
+    result = edgeslim.compress(_digits_cnn(), W8A8, task, out=out, quick=True)
+    assert set(result.paths) >= {"onnx", "weights", "results", "report", "recipe"}
+    assert all(p.is_file() and p.parent == out for p in result.paths.values())
+    records = json.loads((out / "results.json").read_text())
+    assert [r["runtime"] for r in records] == ["torch", "onnxruntime"]
+    assert all(r["metric"] == "top1" and r["extra"]["task"] == "digits" for r in records)
+    assert records[0]["config"] == {"w_bits": 8, "a_bits": 8}
+    # no stray temporary folder beside the output
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_compress_without_out_keeps_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = edgeslim.compress(_digits_cnn(), W8A8, digits_task(), quick=True)
+    assert result.paths == {} and len(result.records) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_replaces_the_output_folder_whole(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.plan.json").write_text("{}")  # stale file of an earlier prune run
+    edgeslim.compress(_digits_cnn(), W8A8, digits_task(), out=out, quick=True)
+    assert not (out / "model.plan.json").exists() and (out / "model.onnx").is_file()
+
+
+def test_a_failing_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    def broken(model: nn.Module) -> float:
+        raise RuntimeError("metric service down")
+
+    x = torch.rand(16, 1, 8, 8)
+    task = Task((x[:1],), calibration=TensorBatches(x, batch_size=8), evaluate=broken)
+    with pytest.raises(TaskError, match="metric function raised RuntimeError"):
+        edgeslim.compress(_digits_cnn(), W8A8, task, out=out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inputs_that_do_not_fit_the_model_are_one_clear_error() -> None:
+    x = torch.rand(8, 3, 8, 8)  # three channels for a one-channel model
+    task = Task((x[:1],), calibration=TensorBatches(x, batch_size=8))
+    with pytest.raises(
+        TaskError, match=r"does not run on the task's example inputs \(\[1, 3, 8, 8\]\)"
+    ):
+        edgeslim.compress(_digits_cnn(), W8A8, task)
+
+
+def test_a_stage_error_names_the_stage(tmp_path: Path) -> None:
+    x = torch.rand(8, 1, 8, 8)
+    task = Task((x[:1],), calibration=TensorBatches(x, batch_size=8))  # no train data
+    recipe = {"stages": [{"kind": "finetune", "epochs": 1}]}
+    with pytest.raises(TaskError, match="fine-tuning, QAT, learned gates"):
+        edgeslim.compress(_digits_cnn(), recipe, task, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_recipes_and_file_outputs_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="no stages"):
+        edgeslim.compress(_digits_cnn(), {"stages": []}, digits_task())
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(EdgeslimError, match="not a folder"):
+        edgeslim.compress(_digits_cnn(), W8A8, digits_task(), out=path)
