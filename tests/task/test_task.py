@@ -366,7 +366,7 @@ def test_metric_module_function(
     assert task.measure(model) == {
         "weight_norm": pytest.approx(float(model.weight.detach().norm()))
     }
-    with pytest.raises(TaskError, match="cannot load .my_metrics:missing"):
+    with pytest.raises(TaskError, match="cannot load 'my_metrics:missing'"):
         resolve_task("my_models:net", str(unlabelled_npz), "my_metrics:missing")
     with pytest.raises(TaskError, match="not a function"):
         resolve_task("my_models:net", str(unlabelled_npz), "my_metrics:NOT_A_FUNCTION")
