@@ -33,6 +33,7 @@ from typing import Any
 
 from torch import nn
 
+from edgeslim.bench.quant import _quant_bits
 from edgeslim.bench.suites import register_suite
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
 from edgeslim.graph import layer_table, total_macs
@@ -47,12 +48,6 @@ INT8_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAverageP
             "ConvInteger", "MatMulInteger", "QGemm", "QLinearMul", "QLinearSigmoid")  # fmt: skip
 DATAFREE_ROWS = (("rtn", 8, 8), ("dfq", 8, 8), ("rtn", 4, 4), ("dfq", 4, 4),
                  ("rtn", 3, 8), ("dfmpc", 3, 8), ("rtn", 2, 6), ("dfmpc", 2, 6))  # fmt: skip
-
-
-def _quant_bits(model: nn.Module, bits: int) -> dict[str, int]:
-    from edgeslim.quant.modules import QuantMixin
-
-    return {n: bits for n, m in model.named_modules() if isinstance(m, QuantMixin)}
 
 
 def int8_ops(path: Path) -> dict[str, int]:

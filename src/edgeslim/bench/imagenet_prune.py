@@ -105,7 +105,8 @@ def prune_rows(b: Bench) -> list[Record]:
 
 
 def _pruned_w8a8(b: Bench, pruned: nn.Module, task: Any, macs: int, fp32_ms: float) -> Record:
-    from edgeslim.bench.imagenet import _quant_bits, int8_ops
+    from edgeslim.bench.imagenet import int8_ops
+    from edgeslim.bench.quant import _quant_bits
     from edgeslim.cost import size_bytes
     from edgeslim.quant import QuantConfig, QuantSpec
     from edgeslim.quant.ptq import ptq

@@ -27,8 +27,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SKIMAGE_HINT = "`pip install 'scikit-image>=0.22'` (in an edgeslim checkout: `make setup`)"
 # Box side as a fraction of the photo's shorter side; positions start, centre, end per axis.
 CROP_SCALES = (1.0, 0.75, 0.5)
-# Bump when the recipe changes, so cached crops built the old way are not reused.
-RECIPE_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from edgeslim.task.builtin import (
     labelled_task,
     minilm_task,
     photos_task,
-    top1,
 )
 from edgeslim.task.core import Task
 from edgeslim.task.resolve import BUILTIN_DATA, load_data, resolve_task
@@ -28,5 +27,4 @@ __all__ = [
     "photos_task",
     "resolve_task",
     "task_from_function",
-    "top1",
 ]

@@ -10,29 +10,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
 
 from edgeslim.data.batching import TensorBatches, crop_flip
 from edgeslim.task.core import Task
-
-
-def top1(model: nn.Module, data: Any) -> float:
-    """Top-1 (%) of the first output over labelled ``(inputs, target)`` batches."""
-    from edgeslim.task.agreement import flat_outputs
-
-    was = model.training
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for inputs, target in data:
-            pred = flat_outputs(model(*inputs))[0].argmax(-1)
-            correct += int((pred == target).sum())
-            total += int(target.numel())
-    model.train(was)
-    return 100.0 * correct / max(total, 1)
+from edgeslim.train.loop import evaluate
 
 
 def labelled_task(
@@ -58,7 +40,7 @@ def labelled_task(
             shuffle=True,
             transform=crop_flip(2) if augment else None,
         ),
-        evaluate=lambda m: top1(m, test),
+        evaluate=lambda m: evaluate(m, test),
         metric="top1",
         name=name,
         description=description,

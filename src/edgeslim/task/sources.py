@@ -26,8 +26,9 @@ import torch
 
 from edgeslim.data.batching import TensorBatches
 from edgeslim.errors import TaskError
-from edgeslim.task.builtin import top1
 from edgeslim.task.core import Task
+from edgeslim.train.loop import evaluate as evaluate_top1
+from edgeslim.train.loop import first_output
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,7 +81,7 @@ def _split_task(
     if labelled:
         assert target is not None
         test = TensorBatches(pick(held), target[held], batch_size, **common)
-        evaluate = lambda m: top1(m, test)  # noqa: E731
+        evaluate = lambda m: evaluate_top1(m, test)  # noqa: E731
     return Task(
         example_inputs=example, batch_dims=dims, calibration=calib, train=train, loss=loss,
         evaluate=evaluate, metric="top1", validation=valid, name=name,
@@ -89,9 +90,7 @@ def _split_task(
 
 
 def _mse(outputs: Any, target: Any) -> torch.Tensor:
-    from edgeslim.task.agreement import flat_outputs
-
-    return torch.nn.functional.mse_loss(flat_outputs(outputs)[0], target)
+    return torch.nn.functional.mse_loss(first_output(outputs), target)
 
 
 def npz_task(path: Path, batch_size: int = 32) -> Task:
