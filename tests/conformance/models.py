@@ -124,6 +124,28 @@ class ConvLstm(nn.Module):
         return self.fc(out[:, -1]), h_n, c_n
 
 
+class ConvLstmCell(nn.Module):
+    """A streaming audio step, as keyword spotters are written: a Conv1d with BatchNorm over
+    ``(batch, 8, time=32)`` frames, mean over time, one ``nn.LSTMCell`` step from the state
+    ``(h, c)`` (each ``(batch, 24)``), 6 logits: returns ``(logits, h, c)``."""
+
+    hidden = 24
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(8, 32, 5, padding=2, bias=False)
+        self.bn = nn.BatchNorm1d(32)
+        self.cell = nn.LSTMCell(32, self.hidden)
+        self.fc = nn.Linear(self.hidden, 6)
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = torch.relu(self.bn(self.conv(x))).mean(dim=2)
+        h, c = self.cell(feats, (h, c))
+        return self.fc(h), h, c
+
+
 class TinyEncoder(nn.Module):
     """One ``nn.TransformerEncoderLayer`` over ``(batch, seq=16, d=32)`` floats (no
     embedding), mean-pooled over the sequence, then 10 logits."""
@@ -191,6 +213,10 @@ def conv_lstm() -> nn.Module:
     return _seeded(ConvLstm)
 
 
+def conv_lstm_cell() -> nn.Module:
+    return _seeded(ConvLstmCell)
+
+
 def tiny_encoder() -> nn.Module:
     return _seeded(TinyEncoder)
 
@@ -235,6 +261,14 @@ SPECS: dict[str, Spec] = {
             conv_lstm,
             ((1, 8, 32), (1, 1, 16), (1, 1, 16)),
             (0, 1, 1),
+            ("logits", "float", "float"),
+            labelled=False,
+        ),
+        Spec(
+            "conv_lstm_cell",
+            conv_lstm_cell,
+            ((1, 8, 32), (1, 24), (1, 24)),
+            (0, 0, 0),
             ("logits", "float", "float"),
             labelled=False,
         ),

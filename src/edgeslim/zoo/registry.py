@@ -14,6 +14,7 @@ from torch import nn
 from edgeslim.checkpoint import load_state
 from edgeslim.errors import CheckpointError, UnknownModelError
 from edgeslim.train.loop import TrainConfig
+from edgeslim.zoo.edge import mobilenetv3_small, prelu_cnn
 from edgeslim.zoo.mobilenetv2 import mobilenetv2_small
 from edgeslim.zoo.resnet import resnet20
 from edgeslim.zoo.vgg import vgg_small
@@ -53,6 +54,20 @@ ZOO: dict[str, ZooEntry] = {
             TrainConfig(epochs=15, lr=0.1),
             91.0,
             "MobileNetV2-small (depthwise convs, inverted residuals)",
+        ),
+        ZooEntry(
+            "mobilenetv3-small",
+            mobilenetv3_small,
+            TrainConfig(epochs=4, lr=0.05),
+            88.0,
+            "MobileNetV3-small (hardswish, squeeze-excite gates, 5x5 depthwise; 26 MMACs)",
+        ),
+        ZooEntry(
+            "prelu-cnn",
+            prelu_cnn,
+            TrainConfig(epochs=5, lr=0.02),
+            89.0,
+            "PReLU CNN (per-channel PReLU, no BatchNorm, max pools; 25 MMACs)",
         ),
     )
 }
