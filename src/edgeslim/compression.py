@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -186,6 +187,7 @@ def _run(
             "an op the exporter mistranslates. Report this with the model."
         )
     parity = check_parity(comp_mod, comp_sess, checks)
+    kernels = _integer_kernels(comp_mod, comp_path, example, ctx.notes)
     ort_metrics = task.measure(OrtModel(comp_sess), wrapped=True)
     log_step(f"compress {name}: timing torch and ONNX Runtime, compressed vs uncompressed")
     feeds = task.latency_feeds()
@@ -226,7 +228,7 @@ def _run(
                baseline_latency_ms=round(lat["ort_base"].median_ms, 4),
                extra={**extra, "metrics": ort_metrics,
                       "onnx_max_abs_diff": parity.max_abs_diff,
-                      "onnx_parity_inputs": parity.inputs_checked}),
+                      "onnx_parity_inputs": parity.inputs_checked, **kernels}),
     ]  # fmt: skip
     save_records(records, out / "results.json")
     write_report(records, out, title=f"edgeslim compress {name} ({recipe.name})")
@@ -239,6 +241,21 @@ def _run(
         "recipe": out / "recipe.yaml",
     }
     return CompressResult(model, records, paths, ctx.notes)
+
+
+def _integer_kernels(
+    module: nn.Module, path: Path, example: tuple[torch.Tensor, ...], notes: list[str]
+) -> dict[str, Any]:
+    """``int8_mac_share`` of a quantized export (empty for a float one); a share below
+    ``MIN_INT8_MAC_SHARE`` warns and is noted."""
+    from edgeslim.runtime.kernels import MIN_INT8_MAC_SHARE, check_integer_kernels, coverage_extra
+
+    if not any(isinstance(m, QuantMixin) for m in module.modules()):
+        return {}
+    coverage = check_integer_kernels(path, example)
+    if coverage.int8_mac_share < MIN_INT8_MAC_SHARE:
+        notes.append(f"export: integer kernels run only part of the model: {coverage.summary()}")
+    return coverage_extra(coverage)
 
 
 def compress_model(

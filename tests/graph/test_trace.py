@@ -47,3 +47,21 @@ def test_leaf_types_keep_an_untraceable_module_whole() -> None:
     except TraceError as exc:
         graph_error = exc
     assert graph_error is not None
+
+
+def test_iterating_a_chunk_traces() -> None:
+    """``for t in x.chunk(3)`` (hand-written attention) traces: the count is in the graph."""
+    import torch
+    from torch import nn
+
+    from edgeslim.graph.trace import trace
+
+    class Split(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b, c = (t * 2 for t in x.chunk(3, dim=-1))
+            d, e = (t + 1 for t in torch.split(x, [4, 2], dim=-1))
+            return a + b + c + d[..., :2] + e
+
+    x = torch.randn(2, 6)
+    gm = trace(Split())
+    torch.testing.assert_close(gm(x), Split()(x))

@@ -46,3 +46,56 @@ def test_edge_ptq_keeps_accuracy_on_real_data() -> None:
     val = load_fashion_mnist("val", limit=256)
     calibrate(gm, [val.images[i : i + 64] for i in range(0, 256, 64)], progress=False)
     assert abs(evaluate(gm, test) - fp32) <= 0.5
+
+
+def _act_quant_inputs(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The nodes whose output passes through an ActQuant."""
+    return {
+        n.all_input_nodes[0]
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), ActQuant)
+    }
+
+
+def test_conv_outputs_are_quantized_before_ops_without_integer_kernels() -> None:
+    """A conv read by PReLU gets a quantizer on its own output (ORT then fuses
+    DQ -> Conv -> Q); a conv read by a ReLU alone is quantized after the ReLU."""
+    from edgeslim.zoo.edge import mobilenetv3_small, prelu_cnn
+
+    for factory, act in ((prelu_cnn, torch.nn.PReLU), (mobilenetv3_small, torch.nn.Hardswish)):
+        model = factory().eval()
+        fold_batchnorm(model)
+        quantize_(model, w8a8())
+        gm = quantize_edges(model)
+        quantized = _act_quant_inputs(gm)
+        convs = [
+            n
+            for n in gm.graph.nodes
+            if n.op == "call_module"
+            and isinstance(gm.get_submodule(str(n.target)), torch.nn.Conv2d)
+        ]
+        assert convs
+        for n in convs:
+            (user,) = n.users
+            reader = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+            if isinstance(reader, torch.nn.ReLU):
+                assert user in quantized, n.target
+            else:
+                assert n in quantized or isinstance(reader, ActQuant), n.target
+        assert any(isinstance(m, act) for m in gm.modules())
+
+
+def test_gate_products_have_both_operands_quantized() -> None:
+    """Squeeze-excite ``x * gate``: both operands quantized, so ORT runs QLinearMul."""
+    from edgeslim.zoo.edge import mobilenetv3_small
+
+    model = mobilenetv3_small().eval()
+    fold_batchnorm(model)
+    quantize_(model, w8a8())
+    gm = quantize_edges(model)
+    quantized = _act_quant_inputs(gm)
+    products = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.mul]
+    assert len(products) == 9  # one per SE block
+    for n in products:
+        assert all(a.op == "call_module" for a in n.all_input_nodes)
+        assert all(a.all_input_nodes[0] in quantized for a in n.all_input_nodes)

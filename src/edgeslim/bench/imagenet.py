@@ -9,8 +9,9 @@ on held crops where fp32 is at least 40% sure; ``extra.metrics`` also holds
 - fp32 in torch and ONNX Runtime;
 - ``edgeslim:ptq`` W8A8 (per-channel weights, percentile activation ranges, bias
   correction) exported as QDQ and run in ONNX Runtime (``extra.int8_ops``: the integer
-  kernels ONNX Runtime fused); the peers ``onnxruntime:quantize_static`` (QDQ,
-  per-channel, the same calibration crops) and ``torch:fx_int8``;
+  kernels ONNX Runtime fused; ``extra.int8_mac_share``: the share of MACs they run); the
+  peers ``onnxruntime:quantize_static`` (QDQ, per-channel, the same calibration crops) and
+  ``torch:fx_int8``;
 - data-free rows (no crop read; fake-quant in torch): RTN and DFQ at W8A8 and W4A8, DF-MPC
   at mixed 3/8 and 2/6 bits; activation ranges predicted from the BN statistics (the
   ``datafree`` stage's default, exportable as QDQ). Decision: not dynamic per-batch ranges
@@ -55,6 +56,14 @@ def int8_ops(path: Path) -> dict[str, int]:
     ops = ort_fused_ops(path)
     keep = {k: v for k, v in ops.items() if k in INT8_OPS or k in ("Conv", "Gemm", "MatMul")}
     return dict(sorted(keep.items()))
+
+
+def int8_fields(path: Path, inputs: Any) -> dict[str, Any]:
+    """Record fields of an int8 file: its fused op counts and ``int8_mac_share`` (the MACs
+    ONNX Runtime runs in integer kernels) with the largest float compute nodes."""
+    from edgeslim.runtime.kernels import coverage_extra, kernel_coverage
+
+    return {"int8_ops": int8_ops(path), **coverage_extra(kernel_coverage(path, inputs))}
 
 
 class Bench:
@@ -146,7 +155,8 @@ def edgeslim_w8a8(b: Bench) -> Record:
         "granularity": "channel"}, size_bytes=size_bytes(gm, _quant_bits(gm, 8)),
         latency_ms=round(ms, 4), baseline_latency_ms=round(base_ms, 4),
         seconds=round(seconds, 2), data_used="calibration",
-        extra={"int8_ops": int8_ops(path), "torch_fake_quant_metrics": torch_metrics,
+        extra={**int8_fields(path, b.task.example_inputs),
+               "torch_fake_quant_metrics": torch_metrics,
                "calibration_crops": sum(int(x[0].shape[0]) for x in b.calib),
                "observer": "percentile", "bias_correction": True},
     )  # fmt: skip
@@ -169,7 +179,7 @@ def peer_rows(b: Bench) -> list[Record]:
             b.task.measure(OrtModel(ort_session(path)), wrapped=True), config=cfg,
             size_bytes=size_bytes(b.fp32, 8), latency_ms=round(ms, 4),
             baseline_latency_ms=round(base_ms, 4), seconds=round(seconds, 2),
-            data_used="calibration", extra={"int8_ops": int8_ops(path)},
+            data_used="calibration", extra=int8_fields(path, b.task.example_inputs),
         )
     ]  # fmt: skip
     t0 = time.perf_counter()

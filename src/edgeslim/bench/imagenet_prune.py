@@ -105,7 +105,7 @@ def prune_rows(b: Bench) -> list[Record]:
 
 
 def _pruned_w8a8(b: Bench, pruned: nn.Module, task: Any, macs: int, fp32_ms: float) -> Record:
-    from edgeslim.bench.imagenet import int8_ops
+    from edgeslim.bench.imagenet import int8_fields
     from edgeslim.bench.quant import _quant_bits
     from edgeslim.cost import size_bytes
     from edgeslim.quant import QuantConfig, QuantSpec
@@ -121,5 +121,6 @@ def _pruned_w8a8(b: Bench, pruned: nn.Module, task: Any, macs: int, fp32_ms: flo
         params=sum(p.numel() for p in pruned.parameters()), macs=macs,
         size_bytes=size_bytes(gm, _quant_bits(gm, 8)), latency_ms=round(ms, 4),
         baseline_latency_ms=round(base_ms, 4), data_used="train",
-        extra={"int8_ops": int8_ops(path), "measured_on": "held half of the crops"},
+        extra={**int8_fields(path, task.example_inputs),
+               "measured_on": "held half of the crops"},
     )  # fmt: skip

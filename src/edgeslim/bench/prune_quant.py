@@ -27,6 +27,7 @@ from edgeslim.cost import compare_latency, ort_runner, size_bytes
 from edgeslim.data import load_fashion_mnist
 from edgeslim.export import export_onnx
 from edgeslim.graph import layer_table, total_macs
+from edgeslim.runtime.kernels import coverage_extra, kernel_coverage
 from edgeslim.runtime.ort import ort_session, ort_top1
 from edgeslim.zoo import load_card, load_zoo_model
 
@@ -76,6 +77,8 @@ def prune_quant_model(name: str, out: Path, quick: bool) -> list[Record]:
         config = {"macs_reduction": card["macs_reduction"] if pruned else 0.0,
                   "w_bits": row["bits"], "a_bits": row["bits"]}  # fmt: skip
         extra: dict[str, Any] = {"test_images": len(test)}
+        if row["bits"] == 8:  # the share of MACs ONNX Runtime runs in integer kernels
+            extra |= coverage_extra(kernel_coverage(row["path"], (x1,)))
         if pruned:
             extra |= {"pruned_model": pruned_name, "pruned_by": card["command"]}
         data_used = "train" if pruned else ("calibration" if row["bits"] == 8 else "none")

@@ -33,6 +33,7 @@ from edgeslim.data import TensorBatches, load_fashion_mnist
 from edgeslim.data.batching import augmented_batches
 from edgeslim.export import export_onnx
 from edgeslim.graph import layer_table, total_macs
+from edgeslim.runtime.kernels import coverage_extra, kernel_coverage
 from edgeslim.runtime.ort import ort_session, ort_top1
 from edgeslim.train.loop import TrainConfig, evaluate
 from edgeslim.zoo import load_zoo_model
@@ -166,6 +167,9 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
     fp32_sess = ort_session(fp32_path)
     for key, sess in sessions.items():
         variants[key]["top1"] = ort_top1(sess, test.images, test.labels)
+        if variants[key]["config"].get("a_bits") == 8:  # the share ONNX Runtime runs on ints
+            cover = kernel_coverage(variants[key]["path"], (x1,))
+            variants[key]["extra"] = {**variants[key]["extra"], **coverage_extra(cover)}
     for row in variants.values():
         if "module" in row:
             row["top1"] = evaluate(row["module"], test_batches)

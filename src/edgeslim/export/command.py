@@ -29,6 +29,7 @@ class ExportCheck:
     ort_value: float
     max_abs_diff: list[float]
     inputs_checked: int
+    int8_mac_share: float | None = None  # MACs in ONNX Runtime's integer kernels (int8 only)
 
 
 def export_checked(
@@ -74,7 +75,12 @@ def export_checked(
     finally:
         tmp.unlink(missing_ok=True)
     quantized = any(isinstance(m, QuantMixin) for m in module.modules())
+    share = None
+    if quantized:
+        from edgeslim.runtime.kernels import check_integer_kernels
+
+        share = check_integer_kernels(out, task.example_inputs).int8_mac_share
     return ExportCheck(
         out, quantized, name, torch_m[name], ort_m[name], parity.max_abs_diff,
-        parity.inputs_checked,
+        parity.inputs_checked, share,
     )  # fmt: skip

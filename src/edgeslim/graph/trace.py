@@ -27,6 +27,15 @@ class _PathTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def iter(self, obj: fx.Proxy) -> Any:
+        """Iterate a proxy whose length the graph says: ``chunk(n)`` and ``split`` with a
+        list of sizes, as in ``for t in qkv.chunk(3, dim=-1)`` (fx only unpacks
+        ``a, b, c = ...`` itself)."""
+        n = _known_length(obj.node)
+        if n is None:
+            return super().iter(obj)
+        return (obj[i] for i in range(n))  # type: ignore[index]
+
     def call_module(
         self,
         m: nn.Module,
@@ -43,6 +52,19 @@ class _PathTracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
+
+
+def _known_length(node: fx.Node) -> int | None:
+    """The number of tensors a ``chunk``/``split`` node returns, when its arguments fix it."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or name not in ("chunk", "split"):
+        return None
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+    if name == "chunk" and isinstance(arg, int):
+        return arg
+    if name == "split" and isinstance(arg, (list, tuple)):
+        return len(arg)
+    return None
 
 
 def _user_frame(exc: BaseException) -> str:

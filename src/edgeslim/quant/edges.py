@@ -1,28 +1,51 @@
 """Activation quantizers on graph edges: one quantizer per tensor, shared by its consumers.
 
-Layer-input quantizers leave two gaps that integer runtimes cannot bridge: a tensor read by
-several quantized layers gets several (different) quantizers, and the operands and result
-of a residual add stay in float. ``quantize_edges`` traces the prepared model with torch.fx
-and places exactly one :class:`ActQuant` on every edge that feeds a quantized layer or an
-add, taking over the layers' own input quantizers. The simulation then quantizes the same
-tensors that ONNX Runtime's integer kernels (QLinearConv, QLinearAdd) do.
+Layer-input quantizers leave gaps that integer runtimes cannot bridge: a tensor read by
+several quantized layers gets several (different) quantizers, the operands and result of a
+residual add stay in float, and a conv whose output feeds an op with no integer kernel
+(PReLU, hardswish, a sigmoid gate) has no quantizer after it, so ONNX Runtime cannot fuse
+``DQ -> Conv -> Q`` and runs it in float. ``quantize_edges`` traces the prepared model with
+torch.fx and places exactly one :class:`ActQuant` on every edge that feeds a quantized
+layer, an add, a tensor-by-tensor product (squeeze-excite gates, attention matmuls) or an
+average pool, and on
+the output of every quantized conv (after its ReLU when a ReLU is its only reader, which
+export then folds away), taking over the layers' own input quantizers. The simulation then
+quantizes the same tensors that ONNX Runtime's integer kernels (QLinearConv, QLinearAdd,
+QLinearMul, QLinearAveragePool) do; the ops between (PReLU, hardswish) run in float on
+dequantized values, a cheap element-wise pass, while every conv runs on integers.
 
 Returns a new ``fx.GraphModule`` (with the same submodule FQNs), like PT2E's ``prepare``.
 """
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 from torch import nn
 
-from edgeslim.graph.ops import ADDS, MOVES_VALUES
+from edgeslim.graph.ops import ADDS, MOVES_VALUES, OpSet
 from edgeslim.graph.trace import trace
 from edgeslim.quant.modules import ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantSpec
 
-# integer kernels exist for these too (QLinearGlobalAveragePool): quantize their inputs
-POOLS_FUNCS = {nn.functional.adaptive_avg_pool2d}
-POOL_MODULES = (nn.AdaptiveAvgPool2d,)
+# integer kernels exist for these too (QLinearGlobalAveragePool, QLinearAveragePool):
+# quantize their inputs
+POOLS_FUNCS = {nn.functional.adaptive_avg_pool2d, nn.functional.avg_pool2d}
+POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+# a product of two tensors runs as QLinearMul when both operands and the result are quantized;
+# a matrix product of two activations (attention scores, weighted values) as an integer
+# matmul when both operands are
+MULS = frozenset({operator.mul, operator.imul, torch.mul})
+MATMULS = frozenset({operator.matmul, torch.matmul, torch.bmm})
+# a ReLU reading a conv's output alone is folded into the quantizer after it (see
+# export.qdq.drop_relu_before_quantize): quantize after it, not between
+RELUS = OpSet(
+    modules=(nn.ReLU, nn.ReLU6),
+    functions=frozenset({torch.relu, nn.functional.relu, nn.functional.relu6}),
+    methods=frozenset({"relu"}),
+)
 # Ops that only move or select values (MOVES_VALUES): the edge before them shares the
 # quantizer of the edge after them, so ONNX Runtime can run them on integers (DQ -> MaxPool
 # -> Q).
@@ -44,13 +67,16 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     graph = gm.graph
     consumers: dict[fx.Node, list[fx.Node]] = {}
     takeover: dict[fx.Node, ActQuant] = {}
+    convs: list[fx.Node] = []
     for node in graph.nodes:
         layer = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         is_add = node.op == "call_function" and node.target in ADDS | POOLS_FUNCS
-        is_add = is_add or isinstance(layer, POOL_MODULES)
+        is_add = is_add or isinstance(layer, POOL_MODULES) or _is_tensor_product(node)
         quant_layer = isinstance(layer, QuantMixin) and layer.input_quant is not None
         if not (is_add or quant_layer):
             continue
+        if quant_layer and isinstance(layer, nn.modules.conv._ConvNd):
+            convs.append(node)
         for src in node.all_input_nodes:
             if "tensor_meta" in src.meta or src.op != "get_attr":
                 consumers.setdefault(src, []).append(node)
@@ -69,6 +95,15 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             prev = node.all_input_nodes[0]
             edges.append((prev, [node], name))
             node = prev
+    covered = {src for src, _, _ in edges}
+    for j, conv in enumerate(convs):
+        out = _conv_output(gm, conv)
+        if out in covered or not out.users:
+            continue
+        name = f"output_quant_{j}"
+        gm.add_submodule(name, ActQuant(spec))
+        edges.append((out, list(out.users), name))
+        covered.add(out)
     for src, users, name in edges:
         with graph.inserting_after(src):
             q = graph.call_module(name, (src,))
@@ -77,3 +112,19 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _is_tensor_product(node: fx.Node) -> bool:
+    """``a * b`` of two traced tensors (a gate), not a tensor scaled by a constant."""
+    if node.op != "call_function" or node.target not in MULS | MATMULS:
+        return False
+    return sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2
+
+
+def _conv_output(gm: fx.GraphModule, conv: fx.Node) -> fx.Node:
+    """The tensor to quantize after ``conv``: its ReLU's output when a ReLU is its only
+    reader (export folds that ReLU into the quantizer), else the conv's own output."""
+    users = list(conv.users)
+    if len(users) == 1 and RELUS.matches(gm, users[0]):
+        return users[0]
+    return conv
