@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from edgeslim.errors import EdgeslimError
+from edgeslim.export.rewrite import constants
 from edgeslim.quant.base import Quantizer
 from edgeslim.quant.quantizers import UniformQuantizer
 
@@ -104,21 +105,9 @@ def export_qdq(
     fold_weight_quantizers(proto)
     drop_relu_before_quantize(proto)
     quantize_gemm_bias(proto)
+    __import__("edgeslim.export.recurrent").export.recurrent.finish_qdq(proto)
     onnx.save(proto, str(out))
     return out
-
-
-def _constants(graph: Any) -> dict[str, Any]:
-    """Every constant value of an ONNX graph (initializers and Constant nodes) by name."""
-    from onnx import numpy_helper
-
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
-    return consts
 
 
 def fold_weight_quantizers(model: Any) -> int:
@@ -132,7 +121,7 @@ def fold_weight_quantizers(model: Any) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    consts = _constants(graph)
+    consts = constants(graph)
     folded = 0
     keep = []
     for node in graph.node:
@@ -175,7 +164,7 @@ def drop_relu_before_quantize(model: Any) -> int:
     import onnx
 
     graph = model.graph
-    consts = _constants(graph)
+    consts = constants(graph)
     users: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -235,7 +224,7 @@ def quantize_gemm_bias(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    consts = _constants(graph)
+    consts = constants(graph)
     producer = {o: n for n in graph.node for o in n.output}
     added = []
     for node in graph.node:
