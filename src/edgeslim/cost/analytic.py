@@ -1,8 +1,11 @@
 """Analytic costs predicted from the model's structure (no timing).
 
 Conventions (stated so that numbers compare across tools):
-- MACs count conv and linear layers (plus BERT attention matmuls), per forward pass of
-  the example input, batch included; normalisation, activations and pooling count 0.
+- MACs count conv, linear and recurrent layers (plus BERT attention matmuls), per forward
+  pass of the example input, batch included; an RNN/LSTM/GRU layer or cell counts each
+  gate's input and hidden matmul per time step and sequence (``G*H*(I+H)`` for one layer,
+  see :func:`edgeslim.graph.layers.recurrent_macs`); normalisation, activations, pooling
+  and the element-wise gate arithmetic count 0.
 - BOPs = sum over layers of MACs * weight bits * activation bits (fp32 = 32 x 32).
 - size counts parameters only (BatchNorm running statistics fold into the convs at
   deployment): each layer's ``weight`` at its bit-width, packed and rounded up to whole

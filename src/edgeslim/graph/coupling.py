@@ -7,6 +7,17 @@ its operands; a concatenation lays spaces side by side; a flatten spreads each c
 over ``H*W`` consecutive features. A group is a union of spaces; every module that reads
 or writes those channels is a member with its role and offset, keyed by FQN.
 
+A value's channel axis is tracked through transposes, permutes, indexing and reshapes that
+only add or drop size-1 dims, so ``(batch, C, T) -> (batch, T, C)`` feeds a recurrent layer
+or a linear on its feature axis. A gate broadcast over the other dims (squeeze-excite's
+``x * gate`` with ``gate`` shaped ``(N, C, 1, 1)``) couples the gate's producer with ``x``.
+PReLU slopes are members (``channelwise``). A recurrent layer (RNN/LSTM/GRU and their
+cells, single layer and unidirectional) consumes its input features (``in``: columns of
+``weight_ih``) and produces its own hidden-unit space (``out``: the gate-strided rows of
+``weight_ih``/``weight_hh``, the columns of ``weight_hh``, the biases); a state created
+inside ``forward`` (``x.new_zeros(n, self.rnn.hidden_size)``) is free, a state passed in by
+the caller or returned to it fixes the hidden units (the model's interface would change).
+
 Spaces that reach the model input or output, an op edgeslim does not understand, or a
 misaligned coupling are marked not prunable, with the reason.
 """
@@ -22,9 +33,10 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from edgeslim.graph.layers import recurrent_gates
 from edgeslim.graph.trace import trace
 
-Role = Literal["out", "in", "bn", "depthwise"]
+Role = Literal["out", "in", "bn", "depthwise", "channelwise"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +46,11 @@ class GroupMember:
     ``out``: weight dim 0 (and bias) of a conv/linear; ``in``: weight dim 1 of a conv or
     linear, each group index spanning ``repeat`` consecutive input features (``H*W`` after
     a flatten); ``bn``: every per-channel tensor of a norm layer; ``depthwise``: dim 0 of a
-    depthwise conv (its groups shrink with it). ``offset`` is where the group's channel 0
-    sits in the member's channel axis (non-zero after a concatenation).
+    depthwise conv (its groups shrink with it); ``channelwise``: the per-channel parameters
+    of an element-wise layer (PReLU slopes). On a recurrent layer, ``out`` is its hidden
+    units (gate-strided rows of ``weight_ih``/``weight_hh``, columns of ``weight_hh``) and
+    ``in`` its input features (columns of ``weight_ih``). ``offset`` is where the group's
+    channel 0 sits in the member's channel axis (non-zero after a concatenation).
     """
 
     fqn: str
@@ -80,6 +95,7 @@ class _Space:
     size: int
     members: list[GroupMember] = field(default_factory=list)
     fixed: str = ""
+    rnn: str = ""  # "`fqn` (LSTM)" when this is a recurrent layer's hidden-unit space
 
 
 @dataclass(frozen=True)
@@ -151,47 +167,107 @@ class _Builder:
             self.union(x.space, y.space)
 
 
-PASS_MODULES: tuple[type[nn.Module], ...] = (
+F = nn.functional
+
+ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.GELU,
     nn.SiLU,
+    nn.Mish,
     nn.Sigmoid,
     nn.Tanh,
     nn.Hardswish,
     nn.Hardsigmoid,
+    nn.Hardtanh,
     nn.LeakyReLU,
     nn.ELU,
-    nn.PReLU,
+    nn.SELU,
+    nn.CELU,
+    nn.Softplus,
+    nn.Softsign,
     nn.Identity,
     nn.Dropout,
+    nn.Dropout1d,
     nn.Dropout2d,
+)
+"""Modules that act on each value alone: channels pass through on any axis."""
+POOL_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d,
     nn.MaxPool2d,
     nn.AvgPool1d,
     nn.AvgPool2d,
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
 )
+"""Modules that pool the dims after axis 1: channels pass through only on axis 1."""
+PASS_MODULES = ELEMENTWISE_MODULES + POOL_MODULES
 NORM_MODULES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-PASS_FUNCS: set[Any] = {
+ELEMENTWISE_FUNCS: set[Any] = {
     torch.relu,
-    torch.nn.functional.relu,
-    torch.nn.functional.relu6,
-    torch.nn.functional.gelu,
-    torch.nn.functional.silu,
+    torch.relu_,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.mish,
     torch.sigmoid,
+    F.sigmoid,
     torch.tanh,
-    torch.nn.functional.hardswish,
-    torch.nn.functional.dropout,
-    torch.nn.functional.adaptive_avg_pool2d,
-    torch.nn.functional.max_pool2d,
-    torch.nn.functional.avg_pool2d,
+    F.tanh,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.softplus,
+    F.softsign,
+    F.dropout,
+    torch.clamp,
+    torch.abs,
     operator.neg,
-    torch.nn.functional.leaky_relu,
 }
-PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "neg", "to"}
+POOL_FUNCS: set[Any] = {
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+}
+PASS_FUNCS = ELEMENTWISE_FUNCS | POOL_FUNCS
+PASS_METHODS = {
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "clamp",
+    "clamp_",
+    "abs",
+    "contiguous",
+    "clone",
+    "float",
+    "neg",
+    "to",
+}
+CREATE_FUNCS: set[Any] = {torch.zeros, torch.ones, torch.full, torch.empty}
+CREATE_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
+"""Ops that make a tensor from sizes alone: it carries no channels of its own (a recurrent
+state built in ``forward`` from ``self.rnn.hidden_size`` follows the pruned width)."""
+LIKE_FUNCS: set[Any] = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like}
+MOVE_FUNCS: set[Any] = {torch.transpose, torch.permute, torch.movedim, torch.swapaxes}
+MOVE_METHODS = {"transpose", "permute", "movedim", "swapaxes"}
+RESHAPE_FUNCS: set[Any] = {torch.unsqueeze, torch.squeeze, torch.reshape}
+REDUCE_FUNCS: set[Any] = {torch.mean, torch.sum, torch.amax, torch.amin}
+REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 BINARY = {
     operator.add,
     operator.sub,
@@ -205,7 +281,7 @@ BINARY = {
     operator.imul,
 }
 BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div"}
-FLATTEN_METHODS = {"flatten", "view", "reshape"}
+FLATTEN_METHODS = {"flatten", "view", "reshape", "unsqueeze", "squeeze"}
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -216,14 +292,145 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape) if shape is not None else None
 
 
+def _full_slice(i: slice, length: int) -> bool:
+    start, stop, step = i.start, i.stop, i.step
+    return (
+        start in (None, 0)
+        and step in (None, 1)
+        and (stop is None or (isinstance(stop, int) and stop >= length))
+    )
+
+
+def _indexed_dim(index: Any, shape: tuple[int, ...], dim: int) -> int | None:
+    """Where axis ``dim`` lands after ``tensor[index]``; None if the index selects along it
+    (or is one edgeslim does not follow: a tensor or a symbolic bound)."""
+    idx = index if isinstance(index, tuple) else (index,)
+    consuming = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    if sum(1 for i in idx if i is Ellipsis) > 1:
+        return None
+    in_d = out_d = 0
+    for i in idx:
+        if i is Ellipsis:
+            n = len(shape) - consuming
+            if in_d <= dim < in_d + n:
+                return out_d + dim - in_d
+            in_d, out_d = in_d + n, out_d + n
+        elif i is None:
+            out_d += 1
+        elif isinstance(i, slice):
+            if in_d == dim:
+                return out_d if _full_slice(i, shape[dim]) else None
+            in_d, out_d = in_d + 1, out_d + 1
+        elif isinstance(i, int) and not isinstance(i, bool):
+            if in_d == dim:
+                return None
+            in_d += 1
+        else:
+            return None
+    return out_d + dim - in_d
+
+
+def _moved_dim(name: str, args: tuple[Any, ...], ndim: int, dim: int) -> int | None:
+    """Where axis ``dim`` lands after ``transpose``/``swapaxes``/``permute``/``movedim``."""
+    rest = list(args[1:])
+    try:
+        if name in ("transpose", "swapaxes"):
+            a, b = int(rest[0]) % ndim, int(rest[1]) % ndim
+            return b if dim == a else a if dim == b else dim
+        if name == "permute":
+            perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+            return [int(o) % ndim for o in perm].index(dim)
+        if name == "movedim":
+            src = [rest[0]] if isinstance(rest[0], int) else list(rest[0])
+            dst = [rest[1]] if isinstance(rest[1], int) else list(rest[1])
+            src, dst = [int(d) % ndim for d in src], [int(d) % ndim for d in dst]
+            order: list[int | None] = [None] * ndim
+            for a, b in zip(src, dst, strict=True):
+                order[b] = a
+            others = iter(d for d in range(ndim) if d not in src)
+            return [o if o is not None else next(others) for o in order].index(dim)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reshaped_dim(in_shape: tuple[int, ...], out_shape: tuple[int, ...], dim: int) -> int | None:
+    """Where axis ``dim`` lands after a reshape that only adds or drops size-1 dims."""
+    ins = [i for i, n in enumerate(in_shape) if n != 1]
+    outs = [i for i, n in enumerate(out_shape) if n != 1]
+    if in_shape[dim] == 1 or [in_shape[i] for i in ins] != [out_shape[i] for i in outs]:
+        return None
+    return outs[ins.index(dim)]
+
+
+def _reduced_dims(node: fx.Node, ndim: int) -> tuple[set[int], bool] | None:
+    """``(reduced axes, keepdim)`` of a mean/sum/amax call; None for a full reduction."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if dims is None:
+        return None
+    seq = dims if isinstance(dims, (list, tuple)) else [dims]
+    ints = [d for d in seq if isinstance(d, int)]
+    if len(ints) != len(seq) or not isinstance(keepdim, bool):
+        return None
+    return {d % ndim for d in ints}, keepdim
+
+
+def _recurrent_unsupported(m: nn.Module) -> str:
+    """Why edgeslim cannot slice this recurrent layer's hidden units ("" if it can)."""
+    if not isinstance(m, nn.RNNBase):
+        return ""
+    parts = []
+    if m.num_layers != 1:
+        parts.append(f"num_layers={m.num_layers}")
+    if m.bidirectional:
+        parts.append("bidirectional=True")
+    if getattr(m, "proj_size", 0):
+        parts.append(f"proj_size={m.proj_size}")
+    return ", ".join(parts)
+
+
+_MOVE_NAMES = {
+    torch.transpose: "transpose",
+    torch.swapaxes: "swapaxes",
+    torch.permute: "permute",
+    torch.movedim: "movedim",
+}
+
+
 class _Analyzer:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.b = _Builder()
         self.vals: dict[fx.Node, _Val | None] = {}
+        # nodes whose value is a (nested) tuple of tensors, e.g. an LSTM's (out, (h, c))
+        self.struct: dict[fx.Node, tuple[Any, ...]] = {}
+        self.created: set[fx.Node] = set()  # tensors made from sizes alone (zeros, new_zeros)
+        self.rnn_space: dict[str, int] = {}  # recurrent layer FQN -> its hidden-unit space
 
     def val(self, a: Any) -> _Val | None:
         return self.vals.get(a) if isinstance(a, fx.Node) else None
+
+    def struct_vals(self, a: Any) -> list[_Val]:
+        """Every tracked value inside a tuple-valued node (empty for a plain tensor)."""
+        out: list[_Val] = []
+
+        def walk(t: Any) -> None:
+            if isinstance(t, _Val):
+                out.append(t)
+            elif isinstance(t, tuple):
+                for u in t:
+                    walk(u)
+
+        if isinstance(a, fx.Node) and a in self.struct:
+            walk(self.struct[a])
+        return out
+
+    def fix_node(self, a: Any, reason: str) -> None:
+        """Fix the channels of ``a``, a tensor or a tuple-valued node."""
+        self.b.fix(self.val(a), reason)
+        for v in self.struct_vals(a):
+            self.b.fix(v, reason)
 
     def produce(self, node: fx.Node, dim: int, fixed: str = "") -> _Val | None:
         shape = _shape(node)
@@ -246,12 +453,13 @@ class _Analyzer:
             return
         offset = 0
         for s in v.segs:
-            self.b.spaces[s.space].members.append(GroupMember(fqn, role, offset))
+            repeat = s.repeat if role == "channelwise" else 1
+            self.b.spaces[s.space].members.append(GroupMember(fqn, role, offset, repeat))
             offset += s.length * s.repeat
 
     def opaque(self, node: fx.Node, what: str) -> _Val | None:
         for a in node.all_input_nodes:
-            self.b.fix(self.val(a), f"feeds {what}, which edgeslim cannot prune through")
+            self.fix_node(a, f"feeds {what}, which edgeslim cannot prune through")
         return self.produce(node, 1, f"produced by {what}")
 
     def run(self) -> None:
@@ -263,7 +471,7 @@ class _Analyzer:
             return self.produce(node, 1, "model input")
         if node.op == "output":
             for a in node.all_input_nodes:
-                self.b.fix(self.val(a), "model output")
+                self.fix_node(a, "model output")
             return None
         if node.op == "get_attr":
             return None
@@ -276,9 +484,24 @@ class _Analyzer:
             return self.method(node, str(node.target), x)
         return self.opaque(node, f"`{node.name}`")
 
+    def on_axis1(self, node: fx.Node, x: _Val | None, what: str) -> bool:
+        """Whether ``x``'s channels are on axis 1, where convs, norms and pools read them;
+        if not, ``node`` is made opaque (its input channels were moved by a transpose,
+        permute or index, and the layer would read another axis as channels)."""
+        if x is None or x.dim == 1:
+            return True
+        self.opaque(node, f"{what} reading axis 1 while the channels sit on axis {x.dim} "
+                    "(moved by a transpose/permute/index)")  # fmt: skip
+        return False
+
     def module(self, node: fx.Node, fqn: str, x: _Val | None) -> _Val | None:
         m = self.gm.get_submodule(fqn)
+        what = f"`{fqn}` ({type(m).__name__})"
+        if recurrent_gates(m):
+            return self.recurrent(node, fqn, m, x)
         if isinstance(m, nn.modules.conv._ConvNd):
+            if not self.on_axis1(node, x, f"conv {what}"):
+                return self.produce(node, 1, f"produced by conv {what} on a moved axis")
             if m.groups == 1:
                 self.consume(fqn, x)
                 out = self.produce(node, 1)
@@ -296,36 +519,136 @@ class _Analyzer:
             out = self.produce(node, -1)
             self.member(fqn, out, "out")
             return out
+        if isinstance(m, nn.PReLU):
+            return self.prelu(node, fqn, int(m.num_parameters), x)
         if isinstance(m, NORM_MODULES):
+            if not self.on_axis1(node, x, f"norm {what}"):
+                return None
             self.member(fqn, x, "bn")
             return x
-        if isinstance(m, PASS_MODULES):
+        if isinstance(m, ELEMENTWISE_MODULES):
             return x
+        if isinstance(m, POOL_MODULES):
+            return x if self.on_axis1(node, x, f"pool {what}") else None
         if isinstance(m, nn.Flatten):
             return self.flatten(node, x, f"`{fqn}`")
-        return self.opaque(node, f"module `{fqn}` ({type(m).__name__})")
+        return self.opaque(node, f"module {what}")
+
+    def prelu(self, node: fx.Node, fqn: str, n: int, x: _Val | None) -> _Val | None:
+        """PReLU: one slope per channel of axis 1 (sliced with the group), or one shared."""
+        if n == 1:
+            return x
+        if x is None or x.dim != 1 or x.length != n:
+            return self.opaque(
+                node, f"PReLU `{fqn}` whose {n} slopes do not run along the tracked channels"
+            )
+        self.member(fqn, x, "channelwise")
+        return x
+
+    # --- recurrent layers ----------------------------------------------------------------
+
+    def recurrent(self, node: fx.Node, fqn: str, m: nn.Module, x: _Val | None) -> _Val | None:
+        what = f"`{fqn}` ({type(m).__name__})"
+        why = _recurrent_unsupported(m)
+        if why:
+            reason = (
+                f"{what} with {why}: edgeslim prunes single-layer unidirectional recurrent "
+                f"layers only (pass `{fqn}` in skip=)"
+            )
+            self.consume(fqn, x)  # a member, so a forced request names this layer
+            for a in node.all_input_nodes:
+                self.fix_node(a, f"feeds {reason}")
+            return self.outputs(node, lambda d, n: _Val(d, (_Seg(self.b.new(n, reason), n),)))
+        shape = _shape(node.args[0])
+        if x is not None:
+            if shape is None or x.dim != len(shape) - 1:
+                self.b.fix(x, f"reaches {what} on an axis other than its input features")
+            else:
+                self.consume(fqn, x)
+        hidden = m.hidden_size
+        assert isinstance(hidden, int)
+        space = self.rnn_space.get(fqn)
+        if space is None:
+            space = self.b.new(hidden)
+            self.b.spaces[space].rnn = what
+            self.b.spaces[space].members.append(GroupMember(fqn, "out"))
+            self.rnn_space[fqn] = space
+        hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
+        for state in hx if isinstance(hx, (tuple, list)) else [hx]:
+            self.state_in(state, space, hidden, what, fqn)
+        return self.outputs(node, lambda d, n: _Val(d, (_Seg(space, n),)) if n == hidden else None)
+
+    def outputs(self, node: fx.Node, make: Any) -> _Val | None:
+        """The node's value from its (possibly nested tuple) metadata: ``make(dim, size)``
+        per tensor, on its last axis; tuples are kept in :attr:`struct` for ``getitem``."""
+
+        def convert(meta: Any) -> Any:
+            shape = getattr(meta, "shape", None)  # TensorMetadata is itself a NamedTuple
+            if shape is not None:
+                return make(len(shape) - 1, int(shape[-1])) if len(shape) >= 1 else None
+            if isinstance(meta, (tuple, list)):
+                return tuple(convert(t) for t in meta)
+            return None
+
+        out = convert(node.meta.get("tensor_meta"))
+        if isinstance(out, tuple):
+            self.struct[node] = out
+            return None
+        return out if isinstance(out, _Val) else None
+
+    def state_in(self, s: Any, space: int, hidden: int, what: str, fqn: str) -> None:
+        """Couple an initial state with the layer's hidden units, or fix them if it is
+        passed in by the caller or made by an op edgeslim cannot slice."""
+        if not isinstance(s, fx.Node) or s in self.created:
+            return  # no state, or zeros sized in forward (they follow hidden_size)
+        sp = self.b.spaces[space]
+        if s.op == "placeholder":
+            sp.fixed = sp.fixed or "model input"
+            return
+        shape = _shape(s)
+        v = self.val(s)
+        vals = self.struct_vals(s) if s in self.struct else [v] if v is not None else []
+        if not vals or (v is not None and (shape is None or v.dim != len(shape) - 1)):
+            sp.fixed = sp.fixed or (
+                f"the initial state of {what} comes from `{s.name}`, which edgeslim cannot "
+                f"slice with it (build it in forward from `{fqn}.hidden_size`, or pass "
+                f"`{fqn}` in skip=)"
+            )
+            return
+        for val in vals:
+            self.b.unite(val, _Val(val.dim, (_Seg(space, hidden),)), f"state of {what}")
+
+    # --- functions and methods -----------------------------------------------------------
 
     def binary(self, node: fx.Node) -> _Val | None:
         tensors = [a for a in node.args if isinstance(a, fx.Node) and _shape(a) is not None]
         out_shape = _shape(node)
         full = [a for a in tensors if _shape(a) == out_shape]
-        if not full:
+        if not full or out_shape is None:
             return self.opaque(node, f"`{node.name}`")
-        first = self.val(full[0])
-        for a in tensors[1:] if tensors[0] is full[0] else tensors:
-            if a is full[0]:
+        lead = next((a for a in full if self.val(a) is not None), full[0])
+        first = self.val(lead)
+        for a in tensors:
+            if a is lead or a in self.created:
                 continue
-            va = self.val(a)
-            sa = _shape(a)
-            if a in full and first is not None and va is not None:
-                self.b.unite(first, va, f"`{node.name}`")
-            elif (
-                sa is not None and first is not None and len(sa) > first.dim and sa[first.dim] == 1
-            ):
-                continue  # broadcast along the channel axis: channels stay independent
-            else:
-                self.b.fix(first, f"broadcast op `{node.name}`")
-                self.b.fix(va, f"broadcast op `{node.name}`")
+            va, sa = self.val(a), _shape(a)
+            assert sa is not None
+            if first is None:
+                self.b.fix(va, f"broadcast op `{node.name}` with an untracked operand")
+                continue
+            pos = first.dim - (len(out_shape) - len(sa))  # broadcasting aligns from the right
+            if pos < 0 or sa[pos] == 1:
+                # broadcast along the channel axis: channels stay independent, but an
+                # operand's own channels must not sit on a non-channel axis of the result
+                if va is not None and va.length > 1:
+                    self.b.fix(va, f"broadcast op `{node.name}` on a non-channel axis")
+                continue
+            if va is not None and va.dim == pos and sa[pos] == out_shape[first.dim]:
+                # same shape, or a gate broadcast over the other axes (squeeze-excite)
+                self.b.unite(first, _Val(first.dim, va.segs), f"`{node.name}`")
+                continue
+            self.b.fix(first, f"broadcast op `{node.name}`")
+            self.b.fix(va, f"broadcast op `{node.name}`")
         return first
 
     def flatten(self, node: fx.Node, x: _Val | None, what: str) -> _Val | None:
@@ -339,7 +662,46 @@ class _Analyzer:
             return _Val(1, tuple(_Seg(s.space, s.length, s.repeat * spatial) for s in x.segs))
         if out_shape == in_shape:
             return x
+        moved = _reshaped_dim(in_shape, out_shape, x.dim)
+        if moved is not None:
+            return _Val(moved, x.segs)
+        if x.dim == len(in_shape) - 1 and out_shape[-1] == in_shape[-1]:
+            return _Val(len(out_shape) - 1, x.segs)  # leading axes merged, features stay last
         return self.opaque(node, f"reshape {what} {in_shape}->{out_shape}")
+
+    def move(self, node: fx.Node, name: str, x: _Val | None) -> _Val | None:
+        shape = _shape(node.args[0])
+        if x is None or shape is None or node.kwargs:
+            return self.opaque(node, f"`.{name}`")
+        d = _moved_dim(name, tuple(node.args), len(shape), x.dim)
+        return _Val(d, x.segs) if d is not None else self.opaque(node, f"`.{name}`")
+
+    def index(self, node: fx.Node, x: _Val | None) -> _Val | None:
+        shape = _shape(node.args[0])
+        d = None if x is None or shape is None else _indexed_dim(node.args[1], shape, x.dim)
+        if x is None or d is None:
+            return self.opaque(node, f"indexing `{node.name}` along the channel axis")
+        return _Val(d, x.segs)
+
+    def reduce(self, node: fx.Node, x: _Val | None, what: str) -> _Val | None:
+        shape = _shape(node.args[0])
+        red = None if x is None or shape is None else _reduced_dims(node, len(shape))
+        if x is None or red is None or x.dim in red[0]:
+            return self.opaque(node, what)
+        dims, keepdim = red
+        return x if keepdim else _Val(x.dim - sum(d < x.dim for d in dims), x.segs)
+
+    def expand(self, node: fx.Node, x: _Val | None) -> _Val | None:
+        in_shape, out_shape = _shape(node.args[0]), _shape(node)
+        if (
+            x is not None
+            and in_shape is not None
+            and out_shape is not None
+            and len(in_shape) == len(out_shape)
+            and in_shape[x.dim] == out_shape[x.dim]
+        ):
+            return x
+        return self.opaque(node, f"`{node.name}`")
 
     def cat(self, node: fx.Node) -> _Val | None:
         tensors = node.args[0]
@@ -358,27 +720,48 @@ class _Analyzer:
         return known[0]
 
     def function(self, node: fx.Node, fn: Any, x: _Val | None) -> _Val | None:
-        if fn in PASS_FUNCS:
+        if fn in ELEMENTWISE_FUNCS or fn in LIKE_FUNCS:
             return x
+        if fn in POOL_FUNCS:
+            return x if self.on_axis1(node, x, f"pool `{node.name}`") else None
         if fn in BINARY:
             return self.binary(node)
-        if fn is torch.flatten:
-            return self.flatten(node, x, "`torch.flatten`")
+        if fn is torch.flatten or fn in RESHAPE_FUNCS:
+            return self.flatten(node, x, f"`{getattr(fn, '__name__', fn)}`")
         if fn is torch.cat:
             return self.cat(node)
-        if fn in (getattr, operator.getitem) and _shape(node) is None:
+        if fn in _MOVE_NAMES:
+            return self.move(node, _MOVE_NAMES[fn], x)
+        if fn in CREATE_FUNCS:
+            self.created.add(node)
             return None
-        if fn is torch.mean:
-            return (
-                x
-                if _shape(node) is not None and x is not None and self._keeps(node, x)
-                else self.opaque(node, "mean")
+        if fn is torch.prelu:  # F.prelu is torch.prelu
+            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            ws = _shape(w)
+            if ws is not None and all(n == 1 for n in ws):
+                return x
+            return self.opaque(
+                node,
+                f"functional prelu `{node.name}` with a per-channel weight (edgeslim slices "
+                "the slopes of nn.PReLU modules only: use nn.PReLU)",
             )
+        if fn is operator.getitem:
+            src = node.args[0]
+            key = node.args[1]
+            if isinstance(src, fx.Node) and src in self.struct and isinstance(key, int):
+                item = self.struct[src][key]
+                if isinstance(item, tuple):
+                    self.struct[node] = item
+                    return None
+                return item if isinstance(item, _Val) else None
+            if _shape(node) is None:
+                return None
+            return self.index(node, x)
+        if fn is getattr and _shape(node) is None:
+            return None
+        if fn in REDUCE_FUNCS:
+            return self.reduce(node, x, getattr(fn, "__name__", str(fn)))
         return self.opaque(node, f"function `{getattr(fn, '__name__', fn)}`")
-
-    def _keeps(self, node: fx.Node, x: _Val) -> bool:
-        out = _shape(node)
-        return out is not None and len(out) > x.dim and out[x.dim] == x.length
 
     def method(self, node: fx.Node, name: str, x: _Val | None) -> _Val | None:
         if name in PASS_METHODS:
@@ -387,10 +770,17 @@ class _Analyzer:
             return self.binary(node)
         if name in FLATTEN_METHODS:
             return self.flatten(node, x, f"`.{name}`")
+        if name in MOVE_METHODS:
+            return self.move(node, name, x)
+        if name in CREATE_METHODS:
+            self.created.add(node)
+            return None
+        if name in ("expand", "expand_as"):
+            return self.expand(node, x)
         if name == "size" or _shape(node) is None:
             return None
-        if name == "mean" and x is not None and self._keeps(node, x):
-            return x
+        if name in REDUCE_METHODS:
+            return self.reduce(node, x, f"`.{name}`")
         return self.opaque(node, f"method `.{name}`")
 
     def groups(self) -> list[CouplingGroup]:
@@ -404,6 +794,13 @@ class _Analyzer:
             if not members:
                 continue
             reasons = [s.fixed for s in spaces if s.fixed]
+            rnn = next((s.rnn for s in spaces if s.rnn), "")
+            if rnn and reasons and reasons[0] in ("model input", "model output"):
+                # not a natural boundary: the caller passes or receives this state
+                reasons[0] = (
+                    f"hidden units of {rnn} reach the {reasons[0]} (a state passed in or "
+                    "returned): pruning them would change the model's interface"
+                )
             sizes = {s.size for s in spaces}
             if len(sizes) > 1:
                 reasons.append(f"coupled spaces differ in size {sorted(sizes)}")

@@ -44,14 +44,58 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
     return None
 
 
+RECURRENT_GATES: dict[type[nn.Module], int] = {
+    nn.LSTM: 4,
+    nn.LSTMCell: 4,
+    nn.GRU: 3,
+    nn.GRUCell: 3,
+    nn.RNN: 1,
+    nn.RNNCell: 1,
+}
+"""Gates per recurrent layer type: its ``weight_ih``/``weight_hh`` stack that many
+``hidden_size``-row blocks (LSTM: i, f, g, o; GRU: r, z, n)."""
+
+
+def recurrent_gates(module: nn.Module) -> int:
+    """Gate count of a recurrent layer (0 if ``module`` is not one edgeslim knows)."""
+    for cls, gates in RECURRENT_GATES.items():
+        if isinstance(module, cls):
+            return gates
+    return 0
+
+
+def recurrent_weights(module: nn.Module) -> list[torch.Tensor]:
+    """Every matrix a recurrent layer multiplies a vector by once per step and sequence:
+    ``weight_ih*``/``weight_hh*`` of every layer and direction (and LSTM projections)."""
+    return [
+        p
+        for name, p in module.named_parameters(recurse=False)
+        if name.startswith(("weight_ih", "weight_hh", "weight_hr"))
+    ]
+
+
+def recurrent_macs(module: nn.Module, out: torch.Tensor) -> int:
+    """MACs of one call of an RNN/LSTM/GRU (layer or cell): per time step and sequence, each
+    gate's input and hidden matmul, i.e. ``G*H*(I+H)`` for one layer (biases and the
+    element-wise gate arithmetic count 0, as for conv/linear).
+
+    ``out`` is the first output: the output sequence ``(..., D*H_out)`` of a layer (its
+    leading dims are batch x time in either order) or the new hidden state of a cell.
+    """
+    steps = int(out.numel()) // int(out.shape[-1]) if out.dim() else 1
+    return steps * sum(int(w.numel()) for w in recurrent_weights(module))
+
+
 def module_macs(module: nn.Module, out: torch.Tensor | None) -> int:
-    """Multiply-accumulates of one call (batch included). Conv and linear only.
+    """Multiply-accumulates of one call (batch included): conv, linear and recurrent layers.
 
     Normalisation, activations and pooling are counted as 0, the usual convention
     (Torch-Pruning, fvcore); attention matmuls are added by :func:`attention_macs`.
     """
     if out is None:
         return 0
+    if recurrent_gates(module):
+        return recurrent_macs(module, out)
     if isinstance(module, nn.modules.conv._ConvNd):
         k = 1
         for s in module.kernel_size:

@@ -163,8 +163,8 @@ class GateSet:
                     f"can be gated ({why})."
                 )
             for mem in g.members:
-                if mem.role == "bn":
-                    continue
+                if mem.role in ("bn", "channelwise"):
+                    continue  # follows the gated channels; nothing to gate
                 try:
                     m = self.model.get_submodule(mem.fqn)
                 except AttributeError:
@@ -173,7 +173,10 @@ class GateSet:
                         "comes from another model; re-run analyze on this one)."
                     ) from None
                 if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-                    raise PruneError(f"cannot gate {name}: `{mem.fqn}` is not a conv/linear")
+                    raise PruneError(
+                        f"cannot gate {name}: `{mem.fqn}` ({type(m).__name__}) is not a "
+                        f"conv/linear; leave the group out of `groups` (prune_ slices it)."
+                    )
                 s = _Slice(i, mem.offset, g.unit * mem.repeat, g.size)
                 if mem.fqn not in costs:
                     out_w, in_w = _widths(m)
@@ -410,6 +413,16 @@ class GateSet:
         self.remove()
 
 
+def _gateable(model: nn.Module, group: CouplingGroup) -> bool:
+    """Whether every sliced member is a conv/linear (gates scale their inputs and count their
+    MACs); groups of recurrent layers are left whole by learned gates."""
+    return all(
+        m.role in ("bn", "channelwise")
+        or isinstance(model.get_submodule(m.fqn), (nn.modules.conv._ConvNd, nn.Linear))
+        for m in group.members
+    )
+
+
 def attach_gates(
     model: nn.Module,
     example_args: Sequence[Any],
@@ -427,7 +440,11 @@ def attach_gates(
     """
     if groups is None:
         graph = analyze(model, *example_args)
-        groups = [g for g in graph.prunable_groups if g.kind == "channel" and g.producers]
+        groups = [
+            g
+            for g in graph.prunable_groups
+            if g.kind == "channel" and g.producers and _gateable(model, g)
+        ]
         layers = graph.layers
     else:
         layers = layer_table(model, *example_args)  # the groups are known: skip the trace

@@ -21,7 +21,9 @@ natural ones (the model input and output) are not worth a warning.
 Decision — MACs are computed by an exact model of the surgery, not estimated: a conv or
 linear layer's MACs scale with the fraction of its input columns and output rows that stay
 (a depthwise conv's with its channels, an attention block's matmuls with its heads), which
-is exactly how :func:`~edgeslim.graph.layers.module_macs` counts them. The chosen plan is
+is exactly how :func:`~edgeslim.graph.layers.module_macs` counts them; a recurrent layer's
+input matmuls scale with its input and hidden fractions, its hidden matmuls with the square
+of the hidden fraction. The chosen plan is
 then applied to a copy and counted with the layer table; if that real count disagrees with
 the model (an op the model does not cover), the search runs again on a corrected target.
 Global ranking lands in ``[target, target + 1 point]``: a step that would overshoot that
@@ -57,6 +59,7 @@ from edgeslim.data.batching import Batch, TensorBatches
 from edgeslim.errors import PruneError
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.coupling import CouplingGroup
+from edgeslim.graph.layers import recurrent_gates
 from edgeslim.graph.model_graph import ModelGraph, analyze
 from edgeslim.prune.importance import Importance, get_importance
 from edgeslim.prune.plan import PrunePlan
@@ -105,7 +108,9 @@ class MacModel:
 
     Built from one layer table: a conv/linear layer's MACs are proportional to its input
     columns (``in`` members, ``unit * repeat`` per unit) times its output rows (``out``),
-    a depthwise conv's to its channels, a BERT attention block's matmuls to its heads.
+    a depthwise conv's to its channels, a BERT attention block's matmuls to its heads; a
+    recurrent layer's are split into its input matmuls (input x hidden) and its hidden
+    matmuls (hidden x hidden).
     """
 
     def __init__(
@@ -129,7 +134,11 @@ class MacModel:
                 terms = axes.get((fqn, axis))
                 if terms:
                     row_axes.append(_Axis(_axis_length(model, fqn, axis), tuple(terms)))
-            if row_axes and info.macs:
+            module = model.get_submodule(fqn)
+            if row_axes and info.macs and recurrent_gates(module):
+                self.rows.extend(_recurrent_rows(module, info.macs, axes.get((fqn, "in"), []),
+                                                 axes.get((fqn, "out"), [])))  # fmt: skip
+            elif row_axes and info.macs:
                 self.rows.append(_Row(info.macs, tuple(row_axes)))
             else:
                 self.fixed += info.macs
@@ -149,8 +158,25 @@ class MacModel:
         return 1.0 - self.macs(removed) / self.base if self.base else 0.0
 
 
+def _recurrent_rows(
+    m: nn.Module, macs: int, ins: list[tuple[int, int]], outs: list[tuple[int, int]]
+) -> list[_Row]:
+    """A single-layer recurrent layer as two rows: ``x @ W_ih`` (MACs ~ input x hidden) and
+    ``h @ W_hh`` (~ hidden x hidden, so the hidden axis appears twice)."""
+    i_size, h_size = m.input_size, m.hidden_size
+    assert isinstance(i_size, int) and isinstance(h_size, int)
+    ih = macs * i_size // (i_size + h_size)
+    hidden = _Axis(h_size, tuple(outs))
+    rows = [_Row(ih, (_Axis(i_size, tuple(ins)), hidden)), _Row(macs - ih, (hidden, hidden))]
+    return [_Row(r.macs, tuple(a for a in r.axes if a.terms)) for r in rows]
+
+
 def _axis_length(model: nn.Module, fqn: str, axis: str) -> int:
     m = model.get_submodule(fqn)
+    if recurrent_gates(m) and axis in ("in", "out"):
+        size = m.input_size if axis == "in" else m.hidden_size
+        assert isinstance(size, int)
+        return size
     if axis == "heads":
         heads = m.num_attention_heads
         assert isinstance(heads, int)
@@ -477,9 +503,21 @@ def measure_plan(
     if base_macs is None:
         base_macs = total_macs(layer_table(model, *example_args))
     pruned = prune_groups(copy.deepcopy(model), keep)
+    try:
+        macs = total_macs(layer_table(pruned, *example_args))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        # e.g. a recurrent state built in forward() with a literal width: the trace cannot
+        # tell it from `self.rnn.hidden_size`, so the pruned copy is the check
+        layers = ", ".join(group_key(g) for g in keep)
+        raise PruneError(
+            f"the pruned model no longer runs ({type(exc).__name__}: {exc}); forward() "
+            "probably hard-codes a width (e.g. a recurrent state made with a literal size "
+            "instead of `self.<rnn>.hidden_size`). Read widths from the layers, or pass the "
+            f"affected layers in skip= (pruned groups: {layers}). The model is unchanged."
+        ) from exc
     return PlanStats(
         base_macs=base_macs,
-        macs=total_macs(layer_table(pruned, *example_args)),
+        macs=macs,
         kept={group_key(g): len(k) for g, k in keep.items()},
         sizes={group_key(g): g.size for g in keep},
     )

@@ -3,7 +3,11 @@
 Given ``{group: kept unit indices}`` (groups from :func:`edgeslim.graph.analyze`), every
 member module is rebuilt smaller: new ``nn.Parameter`` tensors, sliced BatchNorm statistics
 and updated ``in_channels``/``out_features``/``groups``/``num_features`` attributes, so the
-result is an ordinary, smaller ``nn.Module`` that still traces and exports.
+result is an ordinary, smaller ``nn.Module`` that still traces and exports. PReLU slopes
+shrink with their channels (``num_parameters``); a recurrent layer (RNN/LSTM/GRU, single
+layer and unidirectional, or a cell) loses input columns of ``weight_ih`` (``input_size``)
+and, for its hidden units, the rows ``g*H + i`` of every gate ``g`` in ``weight_ih``,
+``weight_hh`` and both biases plus the columns of ``weight_hh`` (``hidden_size``).
 
 All groups of a request are applied together. A module's channel axis may hold several
 groups side by side (a concatenation), and each member's ``offset`` refers to the *original*
@@ -26,11 +30,12 @@ from torch import nn
 
 from edgeslim.errors import PruneError
 from edgeslim.graph.coupling import CouplingGroup, GroupMember
+from edgeslim.graph.layers import recurrent_gates
 
 KeepIndices = Sequence[int] | torch.Tensor
 KeepMap = Mapping[CouplingGroup, KeepIndices]
 
-_AXIS = {"out": 0, "bn": 0, "depthwise": 0, "in": 1}
+_AXIS = {"out": 0, "bn": 0, "depthwise": 0, "channelwise": 0, "in": 1}
 _UNIT_WORD = {"channel": "channels", "head": "heads", "ffn": "neurons", "hidden": "features"}
 
 
@@ -111,7 +116,39 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
 
 
+def _recurrent_problem(m: nn.Module) -> str:
+    """Why a recurrent layer cannot be sliced ("" if it can, or if it is not one)."""
+    if not isinstance(m, nn.RNNBase):
+        return ""
+    bad = [
+        f"{k}={v}"
+        for k, v, ok in (
+            ("num_layers", m.num_layers, m.num_layers == 1),
+            ("bidirectional", m.bidirectional, not m.bidirectional),
+            ("proj_size", getattr(m, "proj_size", 0), not getattr(m, "proj_size", 0)),
+        )
+        if not ok
+    ]
+    return ", ".join(bad)
+
+
+def _is_recurrent(m: nn.Module) -> bool:
+    return recurrent_gates(m) > 0 and not _recurrent_problem(m)
+
+
+def _rnn_names(m: nn.Module) -> dict[str, str]:
+    """``{"weight_ih": "weight_ih_l0", ...}`` for a layer, identity names for a cell."""
+    suffix = "_l0" if isinstance(m, nn.RNNBase) else ""
+    return {k: k + suffix for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+
+
 def _axis_len(m: nn.Module, axis: int) -> int:
+    if recurrent_gates(m):
+        size = m.hidden_size if axis == 0 else m.input_size
+        assert isinstance(size, int)
+        return size
+    if isinstance(m, nn.PReLU):
+        return int(m.num_parameters)
     if isinstance(m, nn.LayerNorm):
         return int(m.normalized_shape[0])
     if isinstance(m, nn.modules.batchnorm._NormBase):
@@ -122,18 +159,30 @@ def _axis_len(m: nn.Module, axis: int) -> int:
 
 
 def _check_role(m: nn.Module, fqn: str, role: str, name: str) -> None:
-    plain = isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1)
+    if recurrent_gates(m) and _recurrent_problem(m):
+        raise PruneError(
+            f"cannot prune {name}: member `{fqn}` ({type(m).__name__}) has "
+            f"{_recurrent_problem(m)}; edgeslim slices single-layer unidirectional recurrent "
+            f"layers only. Pass `{fqn}` in skip= to leave its group whole."
+        )
+    plain = (
+        isinstance(m, nn.Linear)
+        or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1)
+        or _is_recurrent(m)
+    )
     ok = {
         "out": plain,
         "in": plain,
         "depthwise": _is_depthwise(m),
         "bn": _is_norm(m),
+        "channelwise": isinstance(m, nn.PReLU) and m.num_parameters > 1,
     }.get(role, False)
     if not ok:
         raise PruneError(
             f"cannot prune {name}: member `{fqn}` ({type(m).__name__}) cannot be sliced as "
-            f"role {role!r}; edgeslim slices Conv/Linear (groups=1), depthwise convs and "
-            "BatchNorm/LayerNorm layers."
+            f"role {role!r}; edgeslim slices Conv/Linear (groups=1), depthwise convs, "
+            "BatchNorm/LayerNorm, PReLU and single-layer RNN/LSTM/GRU layers and cells. Pass "
+            f"`{fqn}` in skip= to leave its group whole."
         )
 
 
@@ -147,6 +196,13 @@ def _sliced(
     """New tensors and attributes of ``m`` after keeping ``out_idx`` / ``in_idx`` (None = all)."""
     tensors: dict[str, torch.Tensor] = {}
     attrs: dict[str, Any] = {}
+    if recurrent_gates(m):
+        return _sliced_recurrent(m, out_idx, in_idx)
+    if isinstance(m, nn.PReLU):
+        if out_idx is not None:
+            tensors["weight"] = _take(m.weight, 0, out_idx)
+            attrs["num_parameters"] = int(out_idx.numel())
+        return tensors, attrs
     if _is_norm(m):
         n = _axis_len(m, 0)
         own = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
@@ -173,6 +229,40 @@ def _sliced(
         attrs.update(out_channels=n, in_channels=n, groups=n)
     else:
         attrs.update(out_channels=int(w.shape[0]), in_channels=int(w.shape[1]))
+    return tensors, attrs
+
+
+def _sliced_recurrent(
+    m: nn.Module, hidden_idx: torch.Tensor | None, in_idx: torch.Tensor | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A recurrent layer keeping hidden units ``hidden_idx`` and input features ``in_idx``.
+
+    Its gate weights are stacked ``G`` blocks of ``H`` rows, so hidden unit ``i`` owns rows
+    ``g*H + i`` of every gate ``g`` (and column ``i`` of ``weight_hh``, which reads h).
+    """
+    gates = recurrent_gates(m)
+    size = m.hidden_size
+    assert isinstance(size, int)
+    names = _rnn_names(m)
+    rows = None
+    if hidden_idx is not None:
+        rows = torch.cat([hidden_idx + g * size for g in range(gates)])
+    tensors: dict[str, torch.Tensor] = {}
+    for key, name in names.items():
+        t = getattr(m, name, None)
+        if not isinstance(t, torch.Tensor):
+            continue  # bias=False
+        t = _take(t, 0, rows)
+        if key == "weight_ih":
+            t = _take(t, 1, in_idx)
+        elif key == "weight_hh":
+            t = _take(t, 1, hidden_idx)
+        tensors[name] = t
+    attrs: dict[str, Any] = {}
+    if hidden_idx is not None:
+        attrs["hidden_size"] = int(hidden_idx.numel())
+    if in_idx is not None:
+        attrs["input_size"] = int(in_idx.numel())
     return tensors, attrs
 
 
@@ -222,6 +312,8 @@ class Surgery:
                         setattr(e.module, name, t)
                 for name, value in e.attrs.items():
                     setattr(e.module, name, value)
+                if isinstance(e.module, nn.RNNBase):
+                    e.module._init_flat_weights()  # refresh its cached weight list
         self.applied = True
         return self.model
 
@@ -282,7 +374,7 @@ def prepare_surgery(model: nn.Module, keep: KeepMap) -> Surgery:
     edits: list[_Edit] = []
     for fqn, m in modules.items():
         out_idx, in_idx = (_kept_positions(masks.get((fqn, a))) for a in (0, 1))
-        if in_idx is not None and (_is_depthwise(m) or _is_norm(m)):
+        if in_idx is not None and (_is_depthwise(m) or _is_norm(m) or isinstance(m, nn.PReLU)):
             raise PruneError(f"`{fqn}` is asked to drop input channels, which it cannot do")
         if out_idx is None and in_idx is None:
             continue

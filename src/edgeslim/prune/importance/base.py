@@ -25,6 +25,7 @@ from torch import nn
 
 from edgeslim.errors import EdgeslimError
 from edgeslim.graph.coupling import CouplingGroup, GroupMember, Role
+from edgeslim.graph.layers import recurrent_gates
 from edgeslim.registry import Registry
 
 PRODUCER_ROLES: tuple[Role, ...] = ("out", "depthwise")
@@ -108,9 +109,50 @@ def unit_view(tensor: torch.Tensor, member: GroupMember, group: CouplingGroup) -
     return part.movedim(dim, 0).reshape(group.size, -1)
 
 
+def recurrent_unit_rows(tensor: torch.Tensor, gates: int) -> torch.Tensor:
+    """A recurrent layer's gate-stacked rows regrouped per hidden unit: ``(G*H, ...)`` ->
+    ``(H, G*...)``, row i holding rows ``g*H + i`` of every gate ``g``."""
+    hidden = tensor.shape[0] // gates
+    return tensor.reshape(gates, hidden, -1).transpose(0, 1).reshape(hidden, -1)
+
+
+def recurrent_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``weight_ih``/``weight_hh``/``bias_ih``/``bias_hh`` of a recurrent layer or cell."""
+    t = getattr(module, name if isinstance(module, nn.RNNCellBase) else f"{name}_l0", None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def member_units(
+    module: nn.Module, member: GroupMember, group: CouplingGroup, tensor: torch.Tensor
+) -> torch.Tensor:
+    """``tensor`` (one of the member's parameters, or a gradient of one) as ``(size, -1)``.
+
+    A recurrent layer's hidden units (role ``out``) are gate-strided; everything else is
+    :func:`unit_view`.
+    """
+    gates = recurrent_gates(module)
+    if gates and member.role == "out":
+        return recurrent_unit_rows(tensor, gates)
+    return unit_view(tensor, member, group)
+
+
 def member_weight(model: nn.Module, member: GroupMember) -> torch.Tensor | None:
-    """The member module's ``weight`` tensor, or None (e.g. a norm layer without affine)."""
-    weight = getattr(model.get_submodule(member.fqn), "weight", None)
+    """The member module's ``weight`` tensor, or None (e.g. a norm layer without affine).
+
+    A recurrent layer has no ``weight``: its hidden units (role ``out``) are scored by their
+    rows of every gate in ``weight_ih`` and ``weight_hh``, regrouped to ``(H, G*(I+H))``;
+    its input features (role ``in``) by the columns of ``weight_ih``.
+    """
+    module = model.get_submodule(member.fqn)
+    gates = recurrent_gates(module)
+    if gates:
+        w_ih, w_hh = recurrent_tensor(module, "weight_ih"), recurrent_tensor(module, "weight_hh")
+        if w_ih is None or w_hh is None:
+            return None
+        if member.role == "in":
+            return w_ih
+        return torch.cat([recurrent_unit_rows(w_ih, gates), recurrent_unit_rows(w_hh, gates)], 1)
+    weight = getattr(module, "weight", None)
     return weight if isinstance(weight, torch.Tensor) else None
 
 

@@ -11,13 +11,15 @@ from torch import nn
 from edgeslim.data.batching import as_inputs, input_batches
 from edgeslim.errors import PruneError
 from edgeslim.graph.coupling import CouplingGroup, GroupMember
+from edgeslim.graph.layers import recurrent_gates
 from edgeslim.prune.importance.base import (
     Importance,
     combine,
     finish,
+    member_units,
+    recurrent_tensor,
     register,
     scored_members,
-    unit_view,
 )
 from edgeslim.train.loop import cross_entropy
 
@@ -54,7 +56,14 @@ def _labelled(item: Any) -> tuple[Any, Any]:
 
 
 def _channel_params(module: nn.Module, member: GroupMember) -> list[torch.Tensor]:
-    """The member's tensors indexed by the group's channels: weight, plus bias unless a consumer."""
+    """The member's tensors indexed by the group's channels: weight, plus bias unless a consumer
+    (a recurrent layer's ``weight_ih``, plus ``weight_hh`` and both biases for its hidden units)."""
+    if recurrent_gates(module):
+        keys = ["weight_ih"]
+        if member.role != "in":
+            keys += ["weight_hh", "bias_ih", "bias_hh"]
+        found = [recurrent_tensor(module, k) for k in keys]
+        return [p for p in found if isinstance(p, nn.Parameter)]
     names = ("weight",) if member.role == "in" else ("weight", "bias")
     out: list[torch.Tensor] = []
     for n in names:
@@ -132,7 +141,8 @@ class Taylor(Importance):
                         grad = grads[index[id(p)]]
                         if grad is None:
                             continue
-                        part = unit_view((p.detach() * grad).double(), m, g).sum(dim=1)
+                        mod = model.get_submodule(m.fqn)
+                        part = member_units(mod, m, g, (p.detach() * grad).double()).sum(dim=1)
                         batch[key] = batch[key] + part if key in batch else part
                     for key, value in batch.items():
                         acc[key] = acc[key] + value.abs() if key in acc else value.abs()

@@ -1,0 +1,203 @@
+"""Coupling through the operators of edge models: activations, PReLU, squeeze-excite gates,
+moved channel axes (transpose, indexing) and recurrent layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from coupling_check import check_group
+from torch import nn
+from torch.nn import functional as F
+
+from edgeslim.graph import analyze
+
+X = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
+class ActNet(nn.Module):
+    """conv a -> activation -> conv b: a's channels must pass the activation untouched."""
+
+    def __init__(self, act: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = act
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.act(self.a(x)))
+
+
+ACTIVATIONS: dict[str, nn.Module | Callable[[torch.Tensor], torch.Tensor]] = {
+    "Hardswish": nn.Hardswish(),
+    "Hardsigmoid": nn.Hardsigmoid(),
+    "SiLU": nn.SiLU(),
+    "GELU": nn.GELU(),
+    "ReLU6": nn.ReLU6(),
+    "LeakyReLU": nn.LeakyReLU(0.1),
+    "Sigmoid": nn.Sigmoid(),
+    "Tanh": nn.Tanh(),
+    "Mish": nn.Mish(),
+    "PReLU(1)": nn.PReLU(),
+    "F.hardswish": F.hardswish,
+    "F.hardsigmoid": F.hardsigmoid,
+    "F.silu": F.silu,
+    "F.gelu": F.gelu,
+    "F.relu6": F.relu6,
+    "F.leaky_relu": F.leaky_relu,
+    "torch.sigmoid": torch.sigmoid,
+    "torch.tanh": torch.tanh,
+    "F.sigmoid": F.sigmoid,
+    "F.tanh": F.tanh,
+    "Tensor.sigmoid": lambda t: t.sigmoid(),
+    "Tensor.tanh": lambda t: t.tanh(),
+    "F.prelu(1)": lambda t: F.prelu(t, torch.tensor([0.25])),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_activation_passes_channels_through(name: str) -> None:
+    model = ActNet(ACTIVATIONS[name]).eval()
+    group = next(g for g in analyze(model, X).groups if "a" in g.producers)
+    assert group.prunable, group.reason
+    assert group.consumers == ["b"]
+    check_group(model, group, (X,))
+
+
+class PReLUChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.PReLU(8)
+        self.fc = nn.Linear(8 * 12 * 12, 16)
+        self.act_fc = nn.PReLU(16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act_fc(self.fc(torch.flatten(self.act(self.a(x)), 1))))
+
+
+def test_prelu_slopes_are_group_members_and_the_group_is_complete() -> None:
+    model = PReLUChain().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.PReLU):
+                m.weight.uniform_(-0.5, 0.5)  # distinct slopes, so a missing slice would leak
+    graph = analyze(model, X)
+    for producer, prelu in (("a", "act"), ("fc", "act_fc")):
+        group = next(g for g in graph.groups if producer in g.producers)
+        assert (prelu, "channelwise") in {(m.fqn, m.role) for m in group.members}
+        check_group(model, group, (X,))
+
+
+class FunctionalPReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.slope = nn.Parameter(torch.full((8,), 0.25))
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.prelu(self.a(x), self.slope))
+
+
+def test_functional_prelu_with_per_channel_slopes_is_left_whole_naming_it() -> None:
+    group = next(g for g in analyze(FunctionalPReLU(), X).groups if "a" in g.producers)
+    assert not group.prunable
+    assert "prelu" in group.reason and "nn.PReLU" in group.reason
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1 = nn.Conv2d(16, 4, 1)
+        self.fc2 = nn.Conv2d(4, 16, 1)
+        self.b = nn.Conv2d(16, 8, 1)
+        self.lin1 = nn.Linear(8, 4)
+        self.lin2 = nn.Linear(4, 8)
+        self.c = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.a(x))
+        x = x * F.hardsigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        x = self.b(x)
+        s = torch.sigmoid(self.lin2(F.relu(self.lin1(x.mean((2, 3))))))
+        return self.c(s[:, :, None, None] * x)
+
+
+def test_squeeze_excite_gates_couple_with_the_gated_channels() -> None:
+    model = SqueezeExcite().eval()
+    graph = analyze(model, X)
+    block = next(g for g in graph.groups if "a" in g.producers)
+    assert block.prunable and set(block.producers) == {"a", "fc2"}
+    assert set(block.consumers) == {"fc1", "b"}
+    linear_gate = next(g for g in graph.groups if "b" in g.producers)
+    assert linear_gate.prunable and set(linear_gate.producers) == {"b", "lin2"}
+    squeeze = next(g for g in graph.groups if "fc1" in g.producers)
+    assert squeeze.prunable and squeeze.consumers == ["fc2"]  # its own group
+    for group in graph.prunable_groups:
+        check_group(model, group, (X,))
+
+
+class PerChannelScale(nn.Module):
+    """A learned (1, C, 1, 1) scale edgeslim does not slice: the channels stay whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) * self.scale)
+
+
+def test_broadcast_with_an_unsliceable_operand_fixes_the_channels() -> None:
+    group = next(g for g in analyze(PerChannelScale(), X).groups if "a" in g.producers)
+    assert not group.prunable and "broadcast" in group.reason
+
+
+class Sequence1d(nn.Module):
+    """(batch, C, T) -> transpose -> a linear over the features of every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.conv(x).transpose(1, 2)  # (batch, T, 8)
+        return self.fc(seq[:, 1:]).reshape(-1, 5)
+
+
+def test_channel_axis_is_followed_through_transpose_and_indexing() -> None:
+    model = Sequence1d().eval()
+    x = torch.randn(1, 4, 10)
+    group = next(g for g in analyze(model, x).groups if "conv" in g.producers)
+    assert group.prunable and group.consumers == ["fc"]
+    check_group(model, group, (x,))
+
+
+class Rnn(nn.Module):
+    def __init__(self, kind: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.rnn = kind(8, 6, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.conv(x).transpose(1, 2))
+        return self.fc(out.reshape(-1, 6))
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layer_reads_its_input_group_and_owns_its_hidden_group(
+    kind: type[nn.Module],
+) -> None:
+    graph = analyze(Rnn(kind), torch.randn(2, 4, 10))
+    features = next(g for g in graph.groups if "conv" in g.producers)
+    assert features.prunable and features.consumers == ["rnn"]
+    hidden = next(g for g in graph.groups if "rnn" in g.producers)
+    assert hidden.prunable and hidden.size == 6 and hidden.consumers == ["fc"]
