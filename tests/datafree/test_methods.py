@@ -202,9 +202,13 @@ class NoStats(nn.Module):
         return self.c(torch.relu(self.b(h)))
 
 
-def test_layers_without_statistics_are_named_and_left_to_rtn() -> None:
-    result = compress_datafree(NoStats(), "dfmpc", DataFreeSpec(3, 8), torch.zeros(2, 4))
-    assert any(n.startswith("b:") and "RTN" in n for n in result.notes)
+def test_layers_without_statistics_are_named_and_nothing_lowered_raises() -> None:
+    from edgeslim.datafree import NothingToCompressError
+
+    with pytest.raises(NothingToCompressError, match=r"dfmpc: no layer can take 3 bits") as err:
+        compress_datafree(NoStats(), "dfmpc", DataFreeSpec(3, 8), torch.zeros(2, 4))
+    assert "b -> c: no statistics of its output are known" in str(err.value)
+    result = compress_datafree(NoStats(), "rtn", DataFreeSpec(3, 8), torch.zeros(2, 4))
     out = quantized_model(result)(torch.randn(5, 4))
     assert torch.isfinite(out).all()
 

@@ -122,3 +122,38 @@ def test_compress_runs_the_example_recipe_end_to_end(tmp_path: Path) -> None:
     assert torch_rec["size_bytes"] < 0.35 * 4 * torch_rec["params"]
     for name in ("model.onnx", "model.safetensors", "report.md", "recipe.yaml"):
         assert (out / name).is_file()
+
+
+def test_datafree_stage_reports_what_it_did(tmp_path: Path) -> None:
+    from edgeslim.zoo.edge import prelu_cnn
+
+    torch.manual_seed(0)
+    stage = _parse(method="dfq", low_bits=4, high_bits=4)
+    ctx = StageContext(out=tmp_path, model_name="prelu-cnn")
+    run_datafree(prelu_cnn().eval(), stage, ctx)
+    assert "6 layer(s) changed" in ctx.notes[0]
+    assert any(n.startswith("datafree: features.0 -> features.2: equalized") for n in ctx.notes)
+    report = json.loads((tmp_path / "datafree.json").read_text())
+    assert report["method"] == "dfq" and report["weight_bits"]["features.2"] == 4
+    assert report["pairs"]["features.2 -> features.5"].startswith("equalized through prelu")
+
+
+def _hardswish_net() -> torch.nn.Module:
+    """conv -> BN -> hardswish -> conv -> BN -> hardswish -> pool -> linear."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+
+
+def test_datafree_stage_with_nothing_to_do_fails_the_stage(tmp_path: Path) -> None:
+    from edgeslim.datafree import NothingToCompressError
+    from edgeslim.errors import EdgeslimError
+
+    stage = _parse(method="udfc", low_bits=6, high_bits=6, prune_ratio=0.3)
+    ctx = StageContext(out=tmp_path, model_name="prelu-cnn")  # 1x1x28x28 inputs
+    with pytest.raises(NothingToCompressError, match=r"stage datafree \(udfc\) failed") as err:
+        run_datafree(_hardswish_net(), stage, ctx)
+    assert isinstance(err.value, EdgeslimError) and "no channel group" in str(err.value)

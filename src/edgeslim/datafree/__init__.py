@@ -7,11 +7,17 @@ data access fail). Methods (:mod:`.methods`): ``rtn`` and ``dfq`` (baselines), `
 (mixed-precision compensation), ``naive`` (prune + RTN), ``merge`` (neuron merging) and
 ``udfc`` (pruning and rounding compensated together). The shared closed form is in
 :mod:`.compensate`, the statistics and safe pairs in :mod:`.chain`.
+
+Every result carries a :class:`DataFreeReport` (``result.report``): the layers changed,
+the bits per layer, the MACs removed against the requested fraction, and per pair or
+layer what the method did or why not. A method that finds nothing to act on raises
+:class:`NothingToCompressError` rather than return the model unchanged.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +25,9 @@ import torch
 from torch import nn
 
 from edgeslim.datafree.chain import Chain, Pair, Stats, analyze
+from edgeslim.datafree.errors import DataFreeError, DataFreeWarning, NothingToCompressError
 from edgeslim.datafree.methods import (
+    MACS_TOLERANCE,
     METHODS,
     PRUNE_CRITERIA,
     PRUNING_METHODS,
@@ -28,16 +36,14 @@ from edgeslim.datafree.methods import (
     assign_bits,
 )
 from edgeslim.datafree.ops import weight_spec
-from edgeslim.errors import EdgeslimError
-
-
-class DataFreeError(EdgeslimError, ValueError):
-    """An invalid data-free request; the message names the field and the allowed values."""
+from edgeslim.datafree.report import DataFreeReport
 
 
 @dataclass(frozen=True)
 class DataFreeSpec:
-    """What to compress to: weight bits (low/high alternate along pairs), pruning ratio."""
+    """What to compress to: weight bits (low/high alternate along pairs), and the fraction
+    of the model's MACs to remove (``prune_ratio``, as the prune stage's
+    ``macs_reduction``)."""
 
     low_bits: int = 4
     high_bits: int = 4
@@ -74,6 +80,7 @@ class DataFreeResult:
     seconds: float = 0.0
     # per layer: the input range the BN statistics predict (None where they are unknown)
     input_ranges: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    report: DataFreeReport = field(default_factory=DataFreeReport)
 
 
 RANGE_STDS = 4.0  # an input range is mean +- RANGE_STDS std per channel, over the channels
@@ -120,9 +127,57 @@ def compress_datafree(
     with torch.no_grad():
         chain = analyze(model, example)
         bits = assign_bits(chain, spec.low_bits, spec.high_bits, spec.edge_bits)
-        run(chain, MethodArgs(bits, spec.prune_ratio, spec.criterion))
+        before = _snapshot(chain.model, chain.order)
+        run(chain, MethodArgs(bits, spec.prune_ratio, spec.criterion, spec.low_bits))
         ranges = _input_ranges(chain)
-    return DataFreeResult(chain.model, bits, chain.notes, time.perf_counter() - start, ranges)
+    seconds = time.perf_counter() - start
+    report = chain.report
+    report.method = method if isinstance(method, str) else getattr(method, "__name__", "custom")
+    report.weight_bits = dict(bits)
+    report.changed = _changed(chain.model, before)
+    _measure_macs(report, model, chain.model, example, spec.prune_ratio)
+    notes = [*chain.notes, *report.lines()]
+    return DataFreeResult(chain.model, bits, notes, seconds, ranges, report)
+
+
+def _snapshot(model: nn.Module, order: list[str]) -> dict[str, list[torch.Tensor]]:
+    out: dict[str, list[torch.Tensor]] = {}
+    for fqn in order:
+        m = model.get_submodule(fqn)
+        out[fqn] = [p.detach().clone() for p in (m.weight, getattr(m, "bias", None))
+                    if isinstance(p, torch.Tensor)]  # fmt: skip
+    return out
+
+
+def _changed(model: nn.Module, before: dict[str, list[torch.Tensor]]) -> list[str]:
+    """Layers whose weight or bias differs from the BN-folded original (shape or values)."""
+    now = _snapshot(model, list(before))
+    return [f for f, old in before.items() if len(old) != len(now[f])
+            or any(a.shape != b.shape or not torch.equal(a, b)
+                   for a, b in zip(old, now[f], strict=True))]  # fmt: skip
+
+
+def _measure_macs(
+    report: DataFreeReport, original: nn.Module, result: nn.Module, example: torch.Tensor,
+    requested: float,
+) -> None:  # fmt: skip
+    """MACs before and after, by :func:`~edgeslim.cost.analytic.cost_report` (what the prune
+    stage's ``macs_reduction`` measures); a target missed by more than ``MACS_TOLERANCE``
+    is warned about and written into the report."""
+    from edgeslim.graph import layer_table, total_macs
+
+    # cost_report(...).macs is exactly this sum; its other costs are not needed here
+    report.macs_before = total_macs(layer_table(original, example))
+    report.macs_after = total_macs(layer_table(result, example))
+    if requested <= 0:
+        return
+    achieved = report.macs_reduction
+    if abs(achieved - requested) > MACS_TOLERANCE:
+        msg = (f"{report.method}: removed {achieved:.1%} of the MACs, requested "
+               f"{requested:.1%} (prune_ratio): only the groups listed as pruned can be "
+               "pruned with compensation; see the 'not pruned' entries for the rest")  # fmt: skip
+        report.warnings.append(msg)
+        warnings.warn(msg, DataFreeWarning, stacklevel=3)
 
 
 def quantized_model(
@@ -168,8 +223,11 @@ __all__ = [
     "METHODS",
     "Chain",
     "DataFreeError",
+    "DataFreeReport",
     "DataFreeResult",
     "DataFreeSpec",
+    "DataFreeWarning",
+    "NothingToCompressError",
     "Pair",
     "Stats",
     "analyze",

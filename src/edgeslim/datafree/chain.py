@@ -6,14 +6,20 @@
 - **Statistics.** The input is taken as standardised (mean 0, variance 1 per channel: what
   edgeslim's loaders feed). A BatchNorm's output is ``N(beta, gamma^2)`` whatever its input
   (that is what makes the methods data-free); a conv/linear maps means exactly and
-  variances assuming independent inputs; ReLU/ReLU6 use the clipped-Gaussian moments of
-  :mod:`edgeslim.datafree.gaussian`; an add sums both; pooling, dropout and flatten keep
-  them (flatten repeats each channel over its positions). Any other op gives "unknown".
-- **Safe pairs** ``producer -> [BN] -> [ReLU|ReLU6] -> [pool, dropout, flatten] ->
-  consumer``: every tensor on the way has exactly one user, so a per-channel change of the
-  producer's output can be undone in the consumer's input columns. A producer whose output
-  also feeds a residual add (or anything else) is not a pair: its channels are shared, and
-  compensating one consumer would leave the other wrong.
+  variances assuming independent inputs; ReLU/ReLU6/PReLU/LeakyReLU use the Gaussian
+  moments of :mod:`edgeslim.datafree.gaussian`; an add sums both; pooling, dropout and
+  flatten keep them (flatten repeats each channel over its positions). Any other op gives
+  "unknown". Statistics that went through a conv/linear with no BatchNorm after it are
+  *estimated* (``Stats.estimated``): they rest on the independence assumption, not on
+  statistics the training data left in a BN, and methods that need exact means say so and
+  skip them.
+- **Safe pairs** ``producer -> [BN] -> [act] -> [pool, dropout, flatten] -> consumer``,
+  ``act`` one of ReLU, ReLU6, Hardtanh, PReLU, LeakyReLU or none: every tensor on the way
+  has exactly one user, so a per-channel change of the producer's output can be undone in
+  the consumer's input columns. A producer whose output also feeds a residual add (or
+  anything else) is not a pair: its channels are shared, and compensating one consumer
+  would leave the other wrong. Every other producer is recorded in ``Chain.blocked`` with
+  the reason (``"hardswish is not positively homogeneous"``), for the methods' notes.
 - **Folding.** Each conv -> BN becomes one conv with a bias; the pair keeps the BN's
   statistics as the producer's pre-activation statistics.
 """
@@ -22,13 +28,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeslim.datafree.gaussian import IDENTITY, RELU, RELU6, Act, act_mean, act_var
+from edgeslim.datafree.gaussian import IDENTITY, RELU, RELU6, Act, act_mean, act_var, leaky
+from edgeslim.datafree.report import DataFreeReport
 from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES
 from edgeslim.graph.trace import trace
 from edgeslim.quant.fold import fold_batchnorm
@@ -46,13 +54,14 @@ class Stats:
 
     mean: torch.Tensor
     var: torch.Tensor
+    estimated: bool = False  # derived through a conv/linear without a BN after it
 
     @property
     def std(self) -> torch.Tensor:
         return self.var.clamp_min(0).sqrt()
 
     def repeat(self, n: int) -> Stats:
-        return Stats(self.mean.repeat_interleave(n), self.var.repeat_interleave(n))
+        return Stats(self.mean.repeat_interleave(n), self.var.repeat_interleave(n), self.estimated)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,18 @@ class Pair:
     act: Act
     repeat: int = 1  # consumer input features per producer channel (H*W after a flatten)
     depthwise: bool = False  # consumer is depthwise: channel k only feeds its output k
+    act_name: str = "relu"  # for notes: relu, relu6, hardtanh, prelu, leaky_relu, none
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A producer that is not a safe pair: its consumer (if one was reached) and why."""
+
+    consumer: str | None
+    reason: str
+
+    def describe(self, producer: str) -> str:
+        return f"{producer} -> {self.consumer or '?'}: {self.reason}"
 
 
 @dataclass
@@ -77,6 +98,20 @@ class Chain:
     pairs: dict[str, Pair]  # by producer
     example: torch.Tensor  # an input of the right shape (for tracing the folded copy)
     notes: list[str] = field(default_factory=list)
+    blocked: dict[str, Blocked] = field(default_factory=dict)  # producers that are no pair
+    unmeasured: dict[str, Pair] = field(default_factory=dict)  # pairs without statistics
+    report: DataFreeReport = field(default_factory=DataFreeReport)  # what the method did
+
+    def why_not(self, producer: str) -> str:
+        """Why ``producer`` is not a usable pair, in a note's words."""
+        if producer in self.pairs:
+            return "is a pair"
+        if producer in self.unmeasured:
+            p = self.unmeasured[producer]
+            return (f"{producer} -> {p.consumer}: no statistics of its output are known "
+                    "(no BatchNorm and an input edgeslim cannot follow)")  # fmt: skip
+        blocked = self.blocked.get(producer)
+        return blocked.describe(producer) if blocked else f"{producer}: not analysed"
 
     def pair_into(self, consumer: str) -> Pair | None:
         for p in self.pairs.values():
@@ -94,24 +129,68 @@ def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def _act_of(gm: fx.GraphModule, node: fx.Node) -> Act | None:
+def _act_of(gm: fx.GraphModule, node: fx.Node) -> tuple[Act, str] | None:
+    """The activation at ``node`` whose Gaussian moments are known, and its name."""
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
         if isinstance(m, nn.ReLU):
-            return RELU
+            return RELU, "relu"
         if isinstance(m, nn.ReLU6):
-            return RELU6
+            return RELU6, "relu6"
         if isinstance(m, nn.Hardtanh):
-            return Act(float(m.min_val), float(m.max_val))
+            return Act(float(m.min_val), float(m.max_val)), "hardtanh"
+        if isinstance(m, nn.PReLU):
+            return leaky(tuple(m.weight.detach().flatten().tolist())), "prelu"
+        if isinstance(m, nn.LeakyReLU):
+            return leaky((float(m.negative_slope),)), "leaky_relu"
         return None
     if node.op == "call_function":
         if node.target in (nn.functional.relu, torch.relu):
-            return RELU
+            return RELU, "relu"
         if node.target is nn.functional.relu6:
-            return RELU6
+            return RELU6, "relu6"
+        if node.target is nn.functional.leaky_relu:
+            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+            return (leaky((float(slope),)), "leaky_relu") if isinstance(slope, float) else None
     if node.op == "call_method" and node.target == "relu":
-        return RELU
+        return RELU, "relu"
     return None
+
+
+# elementwise activations that are not positively homogeneous (f(s z) != s f(z), s > 0)
+_OTHER_MODULES: dict[type[nn.Module], str] = {
+    nn.Hardswish: "hardswish", nn.SiLU: "silu", nn.GELU: "gelu", nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh", nn.Hardsigmoid: "hardsigmoid", nn.ELU: "elu", nn.Mish: "mish",
+    nn.Softplus: "softplus", nn.SELU: "selu", nn.CELU: "celu",
+}  # fmt: skip
+_OTHER_FUNCTIONS: dict[Any, str] = {
+    nn.functional.hardswish: "hardswish", nn.functional.silu: "silu",
+    nn.functional.gelu: "gelu", torch.sigmoid: "sigmoid", nn.functional.sigmoid: "sigmoid",
+    torch.tanh: "tanh", nn.functional.hardsigmoid: "hardsigmoid", nn.functional.elu: "elu",
+    nn.functional.mish: "mish", nn.functional.softplus: "softplus",
+}  # fmt: skip
+
+
+def _other_act(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The name of a non-homogeneous elementwise activation at ``node`` (else None)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        return next((n for t, n in _OTHER_MODULES.items() if isinstance(m, t)), None)
+    if node.op == "call_function":
+        return _OTHER_FUNCTIONS.get(node.target)
+    if node.op == "call_method" and node.target in ("sigmoid", "tanh"):
+        return str(node.target)
+    return None
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A node in a note's words: ``layer1.0.bn2 (BatchNorm2d)``, ``add``, ``the output``."""
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
+    if node.op == "output":
+        return "the model output"
+    target = node.target
+    return str(getattr(target, "__name__", target))
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -161,10 +240,12 @@ class _Propagator:
             return Stats(torch.zeros(shape[1], dtype=torch.float64),
                          torch.ones(shape[1], dtype=torch.float64))  # fmt: skip
         x = self._arg(node)
-        act = _act_of(self.gm, node)
-        if act is not None:
-            return None if x is None else Stats(act_mean(x.mean, x.std, act),
-                                                act_var(x.mean, x.std, act))  # fmt: skip
+        found = _act_of(self.gm, node)
+        if found is not None:
+            act = found[0]
+            if x is None:
+                return None
+            return Stats(act_mean(x.mean, x.std, act), act_var(x.mean, x.std, act), x.estimated)
         if node.op == "call_module":
             m = self.gm.get_submodule(str(node.target))
             if isinstance(m, NORMS) and m.running_mean is not None:
@@ -173,12 +254,15 @@ class _Propagator:
                 return Stats(beta.to(torch.float64), (gamma * gamma).to(torch.float64))
             if isinstance(m, COMPUTE):
                 self.inputs[str(node.target)] = x
-                return None if x is None else layer_output(m, x)
+                out = None if x is None else layer_output(m, x)
+                if out is not None:
+                    out.estimated = True  # a BN after it replaces these with its own
+                return out
         if node.op == "call_function" and node.target in ADDS:
             y = self._arg(node, 1)
             if x is None or y is None or x.mean.shape != y.mean.shape:
                 return None
-            return Stats(x.mean + y.mean, x.var + y.var)
+            return Stats(x.mean + y.mean, x.var + y.var, x.estimated or y.estimated)
         if node.op == "call_function" and node.target is torch.cat:
             parts = node.args[0]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -188,7 +272,8 @@ class _Propagator:
             if any(v is None for v in vals):
                 return None
             return Stats(torch.cat([v.mean for v in vals if v is not None]),
-                         torch.cat([v.var for v in vals if v is not None]))  # fmt: skip
+                         torch.cat([v.var for v in vals if v is not None]),
+                         any(v.estimated for v in vals if v is not None))  # fmt: skip
         if _PASSES.matches(self.gm, node) and x is not None:
             src = node.args[0]
             before = _shape(src) if isinstance(src, fx.Node) else None
@@ -198,38 +283,56 @@ class _Propagator:
         return None
 
 
-def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | None:
-    """The pair starting at compute ``node``, and the node holding its pre-activation."""
-    producer = str(node.target)
-    cur, pre_node, act, repeat = node, node, IDENTITY, 1
-    if len(cur.users) != 1:
+def _fan_out(gm: fx.GraphModule, cur: fx.Node, what: str) -> Blocked | None:
+    """Why the channels at ``cur`` cannot be changed for one consumer alone (if so)."""
+    if len(cur.users) == 1:
         return None
+    users = ", ".join(_describe(gm, u) for u in cur.users)
+    return Blocked(None, f"{what} is read by {len(cur.users)} ops ({users}): its channels are "
+                         "shared, so no single consumer can undo a per-channel change")  # fmt: skip
+
+
+def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Blocked:
+    """The pair starting at compute ``node`` and the node holding its pre-activation, or
+    why there is none (see the module doc)."""
+    producer = str(node.target)
+    cur, pre_node, act, name, repeat = node, node, IDENTITY, "none", 1
+    other: str | None = None
+    if (fan := _fan_out(gm, cur, "its output")) is not None:
+        return fan
     nxt = next(iter(cur.users))
     if nxt.op == "call_module" and isinstance(gm.get_submodule(str(nxt.target)), NORMS):
         cur = pre_node = nxt
-        if len(cur.users) != 1:
-            return None
+        if (fan := _fan_out(gm, cur, f"its BatchNorm {nxt.target}")) is not None:
+            return fan
         nxt = next(iter(cur.users))
     found = _act_of(gm, nxt)
-    if found is not None:
-        act, cur = found, nxt
-        if len(cur.users) != 1:
-            return None
+    other = _other_act(gm, nxt) if found is None else None
+    if found is not None or other is not None:
+        if found is not None:
+            act, name = found
+        cur = nxt
+        if (fan := _fan_out(gm, cur, f"its activation {_describe(gm, nxt)}")) is not None:
+            return fan
         nxt = next(iter(cur.users))
     while _PASSES.matches(gm, nxt):
         before, after = _shape(cur), _shape(nxt)
         if before is not None and after is not None and len(before) == 4 and len(after) == 2:
             repeat *= before[2] * before[3]
         cur = nxt
-        if len(cur.users) != 1:
-            return None
+        if (fan := _fan_out(gm, cur, _describe(gm, nxt))) is not None:
+            return fan
         nxt = next(iter(cur.users))
-    if nxt.op != "call_module" or nxt.args[0] is not cur:
-        return None
-    consumer = gm.get_submodule(str(nxt.target))
-    if not isinstance(consumer, COMPUTE):
-        return None
-    pair = Pair(producer, str(nxt.target), act, repeat, is_depthwise(consumer))
+    consumer = gm.get_submodule(str(nxt.target)) if nxt.op == "call_module" else None
+    if nxt.op == "output":
+        return Blocked(None, "its output is the model's output (no consumer to compensate in)")
+    if not isinstance(consumer, COMPUTE) or nxt.args[0] is not cur:
+        return Blocked(None, f"its output reaches {_describe(gm, nxt)} before any conv/linear")
+    if other is not None:
+        return Blocked(str(nxt.target), f"{other} is not positively homogeneous")
+    if isinstance(consumer, nn.Conv2d) and consumer.groups != 1 and not is_depthwise(consumer):
+        return Blocked(str(nxt.target), "the consumer is a grouped conv")
+    pair = Pair(producer, str(nxt.target), act, repeat, is_depthwise(consumer), name)
     return pair, pre_node
 
 
@@ -246,24 +349,25 @@ def analyze(model: nn.Module, example: torch.Tensor) -> Chain:
     prop.run()
     order: list[str] = []
     pairs: dict[str, Pair] = {}
+    unmeasured: dict[str, Pair] = {}
+    blocked: dict[str, Blocked] = {}
     pre: dict[str, Stats] = {}
-    notes: list[str] = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), COMPUTE):
             continue
         order.append(str(node.target))
         found = _find_pair(gm, node)
-        if found is None:
+        if isinstance(found, Blocked):
+            blocked[str(node.target)] = found
             continue
         pair, pre_node = found
         stats = prop.values.get(pre_node)
         if stats is None:
-            notes.append(f"{pair.producer}: no statistics of its output are known (no "
-                         "BatchNorm and unknown input); its pair is left to RTN")  # fmt: skip
+            unmeasured[pair.producer] = pair
             continue
         pairs[pair.producer], pre[pair.producer] = pair, stats
     fold_batchnorm(folded)
-    return Chain(folded, order, pre, dict(prop.inputs), pairs, example, notes)
+    return Chain(folded, order, pre, dict(prop.inputs), pairs, example, [], blocked, unmeasured)
 
 
 def input_stats(chain: Chain, fqn: str) -> Stats | None:
@@ -277,5 +381,5 @@ def input_stats(chain: Chain, fqn: str) -> Stats | None:
     if pair is None:
         return chain.inputs.get(fqn)
     s = chain.pre[pair.producer]
-    out = Stats(act_mean(s.mean, s.std, pair.act), act_var(s.mean, s.std, pair.act))
+    out = Stats(act_mean(s.mean, s.std, pair.act), act_var(s.mean, s.std, pair.act), s.estimated)
     return out.repeat(pair.repeat) if pair.repeat > 1 else out

@@ -165,9 +165,12 @@ def compensate(
     new[:, kept] = cols[:, kept] * coef[kept].reshape(1, -1, 1)
     if drop.any() and merging and corr.dim() == 2:
         gone = drop.nonzero().flatten()
+        slopes = act.slopes().expand(n) if act.leaky else None  # one per channel
         cov = act_cov(
             pre.mean[gone, None], pre.std[gone, None], qstats.mean[None, kept],
             qstats.std[None, kept], corr[gone][:, kept], act, act,
+            None if slopes is None else slopes[gone, None],
+            None if slopes is None else slopes[None, kept],
         )  # fmt: skip
         vk = var_q[kept].clamp_min(_EPS)[None, :]
         best = (cov * cov / vk).argmax(1)
@@ -218,6 +221,7 @@ def compensate_all(
     chain: Chain, bits: dict[str, int], pruned: Mapping[str, Collection[int]] | None = None,
     merge_into: Collection[str] = (), skip: Collection[str] = (), rescale: bool = False,
     bias: bool = True, reference: Mapping[str, torch.Tensor] | None = None,
+    bn_only: bool = False,
 ) -> None:  # fmt: skip
     """One pass in graph order: bias-correct every layer's rounding, compensate every pair.
 
@@ -226,7 +230,9 @@ def compensate_all(
     correction only. ``reference`` (by layer): the weights the rounding is measured
     against where the current ones were already changed (clamped, rescaled); the BN
     statistics describe those. Layers are visited after their producer, so a consumer's
-    columns are final before its own rows are rounded.
+    columns are final before its own rows are rounded. ``bn_only``: no correction from
+    estimated statistics (no BatchNorm): measured on prelu-cnn they guess the means badly
+    enough that compensating made the rounding error worse, not better.
     """
     pruned = pruned or {}
     reference = reference or {}
@@ -237,10 +243,10 @@ def compensate_all(
         current = m.weight.detach().clone()
         w = reference.get(fqn, current)
         q = quantize_weight(current, bits[fqn])
-        if bias:
+        if bias and not (bn_only and x is not None and x.estimated):
             correct_bias(m, w, q, x)
         pair = chain.pairs.get(fqn)
-        if pair is None or fqn in skip:
+        if pair is None or fqn in skip or (bn_only and chain.pre[fqn].estimated):
             continue
         rounded[fqn] = compensate(
             chain, pair, w, q, x, pruned.get(fqn, ()), merge=fqn in merge_into,

@@ -26,15 +26,34 @@ _TAIL = 10.0  # standard deviations covered by the integral over u
 
 @dataclass(frozen=True)
 class Act:
-    """A clipping activation ``clip(z, lo, hi)`` (use +-inf for an open side)."""
+    """A clipping activation ``clip(z, lo, hi)`` (use +-inf for an open side), or, with
+    ``slope``, a leaky ReLU ``z if z >= 0 else slope_k * z`` (PReLU: one slope per channel,
+    LeakyReLU: one for all). Both are positively homogeneous where it matters: a leaky
+    ReLU always, a clip where its bounds are 0 or infinite."""
 
     lo: float = 0.0
     hi: float = math.inf
+    slope: tuple[float, ...] | None = None
+
+    @property
+    def leaky(self) -> bool:
+        return self.slope is not None
+
+    def slopes(self) -> torch.Tensor:
+        """The slope per channel (a single value for a shared slope), float64."""
+        return torch.tensor(self.slope or (0.0,), dtype=torch.float64)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self.slope is not None:
+            return torch.where(z >= 0, z, self.slopes().to(z.dtype) * z)
         lo = None if math.isinf(self.lo) else self.lo
         hi = None if math.isinf(self.hi) else self.hi
         return z if lo is None and hi is None else z.clamp(min=lo, max=hi)
+
+
+def leaky(slope: tuple[float, ...]) -> Act:
+    """A PReLU / LeakyReLU with these slopes (unbounded on both sides)."""
+    return Act(-math.inf, math.inf, tuple(float(a) for a in slope))
 
 
 RELU = Act(0.0, math.inf)
@@ -61,8 +80,22 @@ def _const_term(c: float, p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p) if math.isinf(c) else c * p
 
 
-def act_mean(mu: torch.Tensor, sigma: torch.Tensor, act: Act = RELU) -> torch.Tensor:
-    """``E[clip(z)]`` for ``z ~ N(mu, sigma^2)``, elementwise."""
+def _slope(act: Act, slope: torch.Tensor | None) -> torch.Tensor:
+    return _f64(slope) if slope is not None else act.slopes()
+
+
+def act_mean(
+    mu: torch.Tensor, sigma: torch.Tensor, act: Act = RELU, slope: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``E[act(z)]`` for ``z ~ N(mu, sigma^2)``, elementwise.
+
+    A leaky ReLU is ``(1 - a) relu(z) + a z``, so its moments are the ReLU's combined with
+    the Gaussian's own (``slope`` overrides ``act.slopes()`` where the caller's channel axis
+    is not the last one).
+    """
+    if act.leaky:
+        a = _slope(act, slope)
+        return (1 - a) * act_mean(mu, sigma, RELU) + a * _f64(mu)
     mu, sigma = _f64(mu), _f64(sigma).clamp_min(1e-12)
     a, b = _bounds(mu, sigma, act)
     ca, cb = _cdf(a), _cdf(b)
@@ -83,8 +116,20 @@ def act_second(mu: torch.Tensor, sigma: torch.Tensor, act: Act = RELU) -> torch.
     return _const_term(act.lo**2, ca) + inner + _const_term(act.hi**2, 1.0 - cb)
 
 
-def act_var(mu: torch.Tensor, sigma: torch.Tensor, act: Act = RELU) -> torch.Tensor:
-    """``Var[clip(z)]``, elementwise (clamped at 0 against rounding)."""
+def act_var(
+    mu: torch.Tensor, sigma: torch.Tensor, act: Act = RELU, slope: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Var[act(z)]``, elementwise (clamped at 0 against rounding).
+
+    Leaky: ``(1-a)^2 Var[relu z] + a^2 sigma^2 + 2 a (1-a) Cov[relu z, z]`` with
+    ``Cov[relu z, z] = sigma^2 Phi(mu / sigma)`` (Stein's lemma).
+    """
+    if act.leaky:
+        a = _slope(act, slope)
+        mu64, s64 = _f64(mu), _f64(sigma).clamp_min(1e-12)
+        cov_rz = s64 * s64 * _cdf(mu64 / s64)
+        var = (1 - a) ** 2 * act_var(mu64, s64, RELU) + a * a * s64 * s64
+        return (var + 2 * a * (1 - a) * cov_rz).clamp_min(0.0)
     m = act_mean(mu, sigma, act)
     return (act_second(mu, sigma, act) - m * m).clamp_min(0.0)
 
@@ -131,8 +176,23 @@ def act_cross(
 def act_cov(
     mu_u: torch.Tensor, sigma_u: torch.Tensor, mu_v: torch.Tensor, sigma_v: torch.Tensor,
     rho: torch.Tensor, act_u: Act = RELU, act_v: Act = RELU,
+    slope_u: torch.Tensor | None = None, slope_v: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """``Cov[clip_u(u), clip_v(v)]`` (see :func:`act_cross`)."""
+    """``Cov[act_u(u), act_v(v)]`` (see :func:`act_cross`).
+
+    Two leaky ReLUs: ``(1-a)(1-b) Cov[relu u, relu v]`` plus the Stein terms
+    ``Cov[relu u, v] = rho sigma_u sigma_v Phi(mu_u / sigma_u)`` weighted by the slopes.
+    """
+    if act_u.leaky or act_v.leaky:
+        if not (act_u.leaky and act_v.leaky):
+            raise ValueError("act_cov: a leaky ReLU pairs only with another leaky ReLU")
+        a, b = _slope(act_u, slope_u), _slope(act_v, slope_v)
+        mu_u64, mu_v64, r64 = _f64(mu_u), _f64(mu_v), _f64(rho).clamp(-1.0, 1.0)
+        su, sv = _f64(sigma_u).clamp_min(1e-12), _f64(sigma_v).clamp_min(1e-12)
+        cov_uv = r64 * su * sv
+        relu = act_cov(mu_u, sigma_u, mu_v, sigma_v, rho, RELU, RELU)
+        return ((1 - a) * (1 - b) * relu + (1 - a) * b * cov_uv * _cdf(mu_u64 / su)
+                + a * (1 - b) * cov_uv * _cdf(mu_v64 / sv) + a * b * cov_uv)  # fmt: skip
     cross = act_cross(mu_u, sigma_u, mu_v, sigma_v, rho, act_u, act_v)
     return cross - act_mean(mu_u, sigma_u, act_u) * act_mean(mu_v, sigma_v, act_v)
 

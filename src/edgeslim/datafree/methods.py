@@ -5,21 +5,29 @@ A method is ``(chain, spec, bits) -> None``: it may rescale, merge, prune and bi
 :func:`edgeslim.datafree.quantized_model` with the quantizer the methods assumed.
 
 - ``rtn``: nothing (per-channel round-to-nearest of the BN-folded weights).
-- ``dfq``: cross-layer equalization over the ReLU pairs, then analytic bias correction
-  (Nagel et al. 2019; high-bias absorption is not done).
+- ``dfq``: cross-layer equalization over every pair whose activation is positively
+  homogeneous (ReLU, PReLU, LeakyReLU, none; ReLU6 only on the channels its BN statistics
+  say never reach the clip), high-bias absorption and analytic bias correction where BN
+  statistics give the means (Nagel et al. 2019).
 - ``dfmpc``: the low-bit layers clamped and rescaled to keep their output variance, every
   pair's rounding compensated in the consumer (:mod:`.compensate`), with the low/high
   bit-widths alternating along the pairs (:func:`assign_bits`).
 - ``naive``: prune the lowest-``criterion`` channels of every safely prunable group, RTN.
+  ``prune_ratio`` is a fraction of the model's MACs (as the ``prune`` stage's
+  ``macs_reduction``): one channel ratio for every prunable group, searched to meet it.
 - ``merge``: neuron merging (Kim et al. 2020): each pruned filter is merged into the kept
   filter most like it (cosine plus normalised-bias distance), scaled by the norm ratio; RTN.
 - ``udfc``: prune and round in one pass; each pruned channel is represented by the kept
   channel that explains most of it, each kept channel compensated for its rounding, the
   rest of every channel's mean moved into the bias (:mod:`.compensate`).
+
+Every method records what it did in ``chain.report`` (per pair, per layer, channels
+removed) and raises :class:`~.errors.NothingToCompressError` when it finds nothing to act on.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,12 +40,27 @@ from edgeslim.datafree.compensate import (
     input_variance,
     match_variance,
 )
-from edgeslim.datafree.gaussian import IDENTITY, RELU
-from edgeslim.datafree.ops import columns, mse_clip, quantize_weight, scale_channels, scale_rows
+from edgeslim.datafree.errors import NothingToCompressError
+from edgeslim.datafree.gaussian import IDENTITY, RELU, _cdf
+from edgeslim.datafree.ops import (
+    add_bias,
+    channel_effect,
+    columns,
+    mse_clip,
+    quantize_weight,
+    scale_channels,
+    scale_rows,
+    weight_of,
+)
 from edgeslim.graph.coupling import CouplingGroup, fx_coupling_groups
 
 CLE_ITERATIONS = 8
 PRUNE_CRITERIA = ("l1", "l2", "fpgm", "random")
+CLIP_TOL = 1e-3  # a clip (ReLU6) is "active" on a channel where P(z > hi) exceeds this
+CLIP_STDS = 4.0  # equalized ReLU6 channels keep mean + CLIP_STDS std below the clip
+ABSORB_STDS = 3.0  # high-bias absorption moves max(0, mean - ABSORB_STDS std) (DFQ's 3)
+MAX_GROUP_RATIO = 0.9  # at most this fraction of a group's channels is removed
+MACS_TOLERANCE = 0.02  # a MACs target missed by more than this is said loudly
 
 
 @dataclass(frozen=True)
@@ -55,8 +78,13 @@ Method = Callable[[Chain, "MethodArgs"], None]
 @dataclass(frozen=True)
 class MethodArgs:
     bits: dict[str, int]
-    prune_ratio: float
+    prune_ratio: float  # fraction of the model's MACs to remove (naive, merge, udfc)
     criterion: str
+    low_bits: int | None = None  # the spec's low bits (None: the lowest of ``bits``)
+
+    @property
+    def low(self) -> int:
+        return self.low_bits if self.low_bits is not None else min(self.bits.values())
 
 
 def assign_bits(chain: Chain, low: int, high: int, edge: int) -> dict[str, int]:
@@ -79,28 +107,98 @@ def assign_bits(chain: Chain, low: int, high: int, edge: int) -> dict[str, int]:
     return bits
 
 
+def explain_bits(chain: Chain, bits: dict[str, int], low: int, edge: int) -> dict[str, str]:
+    """Per layer, why it has its bit-width (the DF-MPC notes): low and compensated where,
+    or which rule kept it higher."""
+    first, last = chain.order[0], chain.order[-1]
+    out: dict[str, str] = {}
+    for fqn in chain.order:
+        b = bits[fqn]
+        pair = chain.pairs.get(fqn)
+        feeding = chain.pair_into(fqn)
+        if fqn in (first, last):
+            out[fqn] = f"{b} bits: {'first' if fqn == first else 'last'} layer (edge_bits {edge})"
+        elif b <= low and pair is not None and chain.pre[fqn].estimated:
+            out[fqn] = (f"{b} bits (low): clipped and rescaled; its consumer {pair.consumer} is "
+                        "high-bit but no mean compensation: no BatchNorm statistics for its "
+                        "output (estimated ones made it worse)")  # fmt: skip
+        elif b <= low and pair is not None:
+            out[fqn] = (f"{b} bits (low): clipped, rescaled and compensated in "
+                        f"{pair.consumer} through {pair.act_name}")  # fmt: skip
+        elif feeding is not None and bits[feeding.producer] <= low < b:
+            out[fqn] = f"{b} bits (high): compensates the low-bit {feeding.producer}"
+        elif pair is not None and bits[pair.consumer] <= low:
+            out[fqn] = f"{b} bits: its consumer {pair.consumer} is low-bit, nothing compensates"
+        else:
+            out[fqn] = f"{b} bits: " + chain.why_not(fqn)
+    return out
+
+
 def rtn(chain: Chain, args: MethodArgs) -> None:
     """Round-to-nearest: the weights are rounded as they are."""
 
 
-def _equalizable(pair: Pair) -> bool:
-    return pair.act in (RELU, IDENTITY)
+def _homogeneity(pair: Pair) -> str | None:
+    """None if ``act(s z) = s act(z)`` for ``s > 0`` (exactly, or for ReLU6 where the clip is
+    inactive: checked per channel), else why not."""
+    act = pair.act
+    if act.leaky or act in (RELU, IDENTITY):
+        return None
+    if act.lo == 0.0 and not math.isinf(act.hi):
+        return None  # ReLU6 / Hardtanh(0, hi): per channel, see _clip_bounds
+    return f"{pair.act_name} clips at {act.lo:g} and {act.hi:g}: not positively homogeneous"
+
+
+def _clip_bounds(chain: Chain, pair: Pair) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """For a ``clip(z, 0, hi)`` pair: which channels may be scaled (the clip is inactive, by
+    the BN statistics) and how far; a reason where nothing is known."""
+    pre = chain.pre.get(pair.producer)
+    if pre is None:
+        return f"{pair.act_name} clips at {pair.act.hi:g} and no statistics say how often"
+    hi = pair.act.hi
+    active = (1.0 - _cdf((hi - pre.mean) / pre.std.clamp_min(1e-12))) > CLIP_TOL
+    return active, pre.mean.new_zeros(len(active))
 
 
 @torch.no_grad()
-def cross_layer_equalize(chain: Chain, iterations: int = CLE_ITERATIONS) -> list[str]:
-    """DFQ's CLE over every pair whose activation commutes with scaling (ReLU, none).
+def cross_layer_equalize(chain: Chain, iterations: int = CLE_ITERATIONS) -> dict[str, str]:
+    """DFQ's CLE over every pair whose activation commutes with positive scaling.
 
     Channel k of the producer is divided by ``s_k = sqrt(r1_k / r2_k)`` and the consumer's
     columns multiplied by it (``r1``, ``r2``: the producer row's and the consumer columns'
     absolute maxima), which leaves both at ``sqrt(r1 r2)``; the BN statistics follow.
-    Returns the producers skipped (ReLU6 does not commute with scaling).
+    PReLU/LeakyReLU commute exactly (``prelu(z / s) = prelu(z) / s`` per channel). ReLU6
+    commutes only below its clip: a channel whose BN statistics reach 6 (``P > CLIP_TOL``)
+    is not scaled, the others only so far that ``mean + 4 std`` stays below 6 (the paper
+    replaces ReLU6 by ReLU instead, which changes the model).
+    Returns, per ``"producer -> consumer"``, what was done or why not.
     """
-    skipped = [p.producer for p in chain.pairs.values() if not _equalizable(p)]
-    for _ in range(iterations):
-        for pair in chain.pairs.values():
-            if not _equalizable(pair):
+    out: dict[str, str] = {}
+    todo: list[tuple[Pair, torch.Tensor | None]] = []
+    for fqn in chain.order:
+        pair = chain.pairs.get(fqn) or chain.unmeasured.get(fqn)
+        if pair is None:
+            continue
+        key = f"{pair.producer} -> {pair.consumer}"
+        why = _homogeneity(pair)
+        if why is not None:
+            out[key] = f"not equalized: {why}"
+            continue
+        frozen: torch.Tensor | None = None
+        if not (pair.act.leaky or pair.act in (RELU, IDENTITY)):
+            bounds = _clip_bounds(chain, pair)
+            if isinstance(bounds, str):
+                out[key] = f"not equalized: {bounds}"
                 continue
+            frozen = bounds[0]
+            if bool(frozen.all()):
+                out[key] = (f"not equalized: {pair.act_name} clip at {pair.act.hi:g} is active "
+                            f"(P > {CLIP_TOL:g}) on every channel")  # fmt: skip
+                continue
+        todo.append((pair, frozen))
+    scaled: dict[str, torch.Tensor] = {}
+    for _ in range(iterations):
+        for pair, frozen in todo:
             prod, cons = chain.layer(pair.producer), chain.layer(pair.consumer)
             r1 = prod.weight.detach().abs().reshape(prod.weight.shape[0], -1).amax(1)
             if pair.depthwise:
@@ -109,31 +207,103 @@ def cross_layer_equalize(chain: Chain, iterations: int = CLE_ITERATIONS) -> list
                 r2 = columns(cons, pair.repeat).abs().amax(dim=(0, 2))
             ok = (r1 > 0) & (r2 > 0)
             s = torch.where(ok, torch.sqrt(r1 / r2.clamp_min(1e-12)), torch.ones_like(r1))
+            pre = chain.pre.get(pair.producer)
+            if frozen is not None and pre is not None:  # keep z / s below the clip
+                floor = ((pre.mean + CLIP_STDS * pre.std) / pair.act.hi).clamp_min(1e-6)
+                s = torch.where(frozen, torch.ones_like(s), torch.maximum(s, floor.to(s.dtype)))
             scale_rows(prod, s)
             scale_channels(cons, s, pair)
-            pre = chain.pre[pair.producer]
-            s64 = s.to(torch.float64)
-            pre.mean, pre.var = pre.mean / s64, pre.var / (s64 * s64)
-    return skipped
+            if pre is not None:
+                s64 = s.to(torch.float64)
+                pre.mean, pre.var = pre.mean / s64, pre.var / (s64 * s64)
+            total = scaled.get(pair.producer, torch.ones_like(s))
+            scaled[pair.producer] = total * s
+    for pair, frozen in todo:
+        s = scaled[pair.producer]
+        spread = f"scales {float(s.min()):.3g}..{float(s.max()):.3g}"
+        text = f"equalized through {pair.act_name} ({spread})"
+        if frozen is not None and bool(frozen.any()):
+            text += (f"; clip at {pair.act.hi:g} active on {int(frozen.sum())}/{len(frozen)} "
+                     "channels, those left unscaled")  # fmt: skip
+        elif frozen is not None:
+            text += f"; clip at {pair.act.hi:g} inactive on every channel (BN statistics)"
+        out[f"{pair.producer} -> {pair.consumer}"] = text
+    return out
 
 
 @torch.no_grad()
-def bias_correct_all(chain: Chain, bits: dict[str, int]) -> None:
-    """Analytic bias correction of every layer whose input statistics are known."""
+def absorb_high_bias(chain: Chain) -> dict[str, str]:
+    """DFQ's high-bias absorption: ``c = max(0, mean - 3 std)`` of each channel's
+    pre-activation leaves the producer's bias for the consumer's (``relu(z) = relu(z - c) + c``
+    while ``z >= c``; the same for a leaky ReLU), shrinking the activation range to
+    quantize. Needs BN statistics: estimated ones would guess ``c``."""
+    out: dict[str, str] = {}
+    for fqn in chain.order:
+        pair = chain.pairs.get(fqn)
+        if pair is None or not (pair.act.leaky or pair.act == RELU):
+            continue
+        key = f"{pair.producer} -> {pair.consumer}"
+        pre = chain.pre[fqn]
+        if pre.estimated:
+            out[key] = "no high-bias absorption: no BatchNorm statistics for its output"
+            continue
+        c = (pre.mean - ABSORB_STDS * pre.std).clamp_min(0.0)
+        if not bool((c > 0).any()):
+            continue
+        prod, cons = chain.layer(fqn), chain.layer(pair.consumer)
+        add_bias(cons, channel_effect(cons, c, pair.repeat))
+        add_bias(prod, -c)
+        pre.mean = pre.mean - c
+        out[key] = f"high bias absorbed on {int((c > 0).sum())}/{len(c)} channels"
+    return out
+
+
+@torch.no_grad()
+def bias_correct_all(chain: Chain, bits: dict[str, int], bn_only: bool = False) -> dict[str, str]:
+    """Analytic bias correction of every layer whose input statistics are known
+    (``bn_only``: known from BatchNorm, not estimated). Returns the layers skipped, why."""
+    skipped: dict[str, str] = {}
     for fqn in chain.order:
         m = chain.layer(fqn)
+        x = input_stats(chain, fqn)
+        if x is None:
+            skipped[fqn] = "no bias correction: the statistics of its input are unknown"
+            continue
+        if bn_only and x.estimated:
+            skipped[fqn] = ("no bias correction: no BatchNorm statistics for its input "
+                            "(estimated ones would guess the mean)")  # fmt: skip
+            continue
         w = m.weight.detach().clone()
-        correct_bias(m, w, quantize_weight(w, bits[fqn]), input_stats(chain, fqn))
+        correct_bias(m, w, quantize_weight(w, bits[fqn]), x)
+    return skipped
+
+
+def _nothing(method: str, what: str, reasons: list[str]) -> NothingToCompressError:
+    shown = reasons[:8] + ([f"... and {len(reasons) - 8} more"] if len(reasons) > 8 else [])
+    return NothingToCompressError(
+        f"{method}: {what}; the model is unchanged, so no {method} result is returned. "
+        + "Per layer: "
+        + "; ".join(shown)
+    )
 
 
 def dfq(chain: Chain, args: MethodArgs) -> None:
-    """Cross-layer equalization + bias correction."""
-    skipped = cross_layer_equalize(chain)
-    if skipped:
-        chain.notes.append(
-            "dfq: no equalization across ReLU6 (not scale-equivariant) after: " + ", ".join(skipped)
-        )
-    bias_correct_all(chain, args.bits)
+    """Cross-layer equalization, high-bias absorption and bias correction (BN statistics)."""
+    pairs = cross_layer_equalize(chain)
+    done = [k for k, v in pairs.items() if v.startswith("equalized")]
+    blocked = [chain.why_not(f) for f in chain.order[:-1] if f not in chain.pairs
+               and f not in chain.unmeasured]  # fmt: skip
+    if not done:
+        reasons = [f"{k}: {v.removeprefix('not equalized: ')}" for k, v in pairs.items()]
+        raise _nothing("dfq", "nothing to equalize (no positively homogeneous pair)",
+                       reasons + blocked)  # fmt: skip
+    for key, text in absorb_high_bias(chain).items():
+        pairs[key] = f"{pairs[key]}; {text}"
+    chain.report.pairs.update(pairs)
+    for line in blocked:
+        key, _, why = line.partition(": ")
+        chain.report.pairs[key] = f"not a pair: {why}"
+    chain.report.layers.update(bias_correct_all(chain, args.bits, bn_only=True))
 
 
 @torch.no_grad()
@@ -164,10 +334,25 @@ def dfmpc(chain: Chain, args: MethodArgs) -> None:
     The low-bit layers are clamped to their MSE-optimal ranges and rescaled to keep their
     output variance; then, in graph order, every layer's rounding is bias-corrected against
     its original weights and every pair's consumer absorbs the change of its input's mean
-    (``E[a] - E[aq]``, :func:`~.compensate.compensate`).
+    (``E[a] - E[aq]``, :func:`~.compensate.compensate`). Pairs without BatchNorm (e.g.
+    conv -> PReLU -> conv) still alternate bits and get the clamp and rescale, which need
+    no means; their mean compensation is skipped and the notes say so per layer. Raises
+    :class:`NothingToCompressError` when no layer can take the low bits.
     """
-    original = clip_low_bits(chain, args.bits, min(args.bits.values()))
-    compensate_all(chain, args.bits, rescale=False, bias=True, reference=original)
+    low = args.low
+    lowered = [f for f in chain.order if args.bits[f] <= low]
+    if not lowered:
+        edge = args.bits[chain.order[0]]
+        raise _nothing("dfmpc", f"no layer can take {low} bits", [
+            f"{f}: {why}" for f, why in explain_bits(chain, args.bits, low, edge).items()
+        ])  # fmt: skip
+    if not chain.pairs:
+        raise _nothing("dfmpc", "no pair to compensate the rounding in",
+                       [chain.why_not(f) for f in chain.order])  # fmt: skip
+    original = clip_low_bits(chain, args.bits, low)
+    compensate_all(chain, args.bits, rescale=False, bias=True, reference=original, bn_only=True)
+    edge = args.bits[chain.order[0]]
+    chain.report.layers.update(explain_bits(chain, args.bits, low, edge))
 
 
 # --- pruning ------------------------------------------------------------------------------
@@ -191,42 +376,134 @@ def _group_pair(chain: Chain, group: CouplingGroup) -> tuple[str, bool] | None:
     return None
 
 
-def choose_pruned(chain: Chain, ratio: float, criterion: str) -> PruneSet:
+class _MacModel:
+    """Total MACs (conv/linear, as ``cost_report`` counts them) as a function of how many
+    channels each chosen group loses: a layer's MACs scale with its kept input columns
+    times its kept output rows (a depthwise conv: with its channels)."""
+
+    def __init__(self, chain: Chain, groups: list[CouplingGroup]) -> None:
+        from edgeslim.graph import layer_table
+
+        table = layer_table(chain.model, chain.example)
+        axes: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for gi, g in enumerate(groups):
+            for mem in g.members:
+                dim = {"out": 0, "depthwise": 0, "in": 1}.get(mem.role)
+                if dim is not None:
+                    axes.setdefault((mem.fqn, dim), []).append((gi, mem.repeat if dim else 1))
+        self.rows: list[tuple[int, list[tuple[int, list[tuple[int, int]]]]]] = []
+        self.base = 0
+        for fqn, info in table.items():
+            self.base += info.macs
+            mine = [(d, t) for (f, d), t in axes.items() if f == fqn]
+            if mine and info.macs:
+                w = weight_of(chain.model.get_submodule(fqn))
+                self.rows.append((info.macs, [(int(w.shape[d]), t) for d, t in mine]))
+        self.fixed = self.base - sum(m for m, _ in self.rows)
+
+    def reduction(self, removed: list[int]) -> float:
+        total = float(self.fixed)
+        for macs, row_axes in self.rows:
+            m = float(macs)
+            for length, terms in row_axes:
+                m *= (length - sum(removed[gi] * w for gi, w in terms)) / length
+            total += m
+        return 1.0 - total / self.base if self.base else 0.0
+
+
+def _widths(groups: list[CouplingGroup], ratio: float) -> list[int]:
+    """Channels removed per group at one channel ratio (at least one channel kept)."""
+    return [g.size - max(1, round(g.size * (1.0 - ratio))) for g in groups]
+
+
+def _ratio_for(macs: _MacModel, groups: list[CouplingGroup], target: float) -> float:
+    """The channel ratio whose MACs reduction is closest to ``target`` (bisection over a
+    monotone step function, then the nearer of the two ends)."""
+    lo, hi = 0.0, MAX_GROUP_RATIO
+    if macs.reduction(_widths(groups, hi)) <= target:
+        return hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if macs.reduction(_widths(groups, mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    err_lo = abs(macs.reduction(_widths(groups, lo)) - target)
+    return lo if err_lo < abs(macs.reduction(_widths(groups, hi)) - target) else hi
+
+
+def choose_pruned(chain: Chain, ratio: float, criterion: str, method: str = "pruning") -> PruneSet:
     """The channels every pruning method removes: the same set for a fair comparison.
 
-    Only groups that are a safe pair (or a pair through a depthwise conv) are pruned, each
-    by ``ratio`` of its channels (at least one kept), lowest ``criterion`` scores first.
+    ``ratio`` is the fraction of the model's MACs to remove. Only groups that are a safe
+    pair (or a pair through a depthwise conv) are pruned, all by one channel ratio (searched
+    so that the MACs drop by ``ratio``; at most ``MAX_GROUP_RATIO``, at least one channel
+    kept), lowest ``criterion`` scores first. Records the choice in ``chain.report``;
+    raises :class:`NothingToCompressError` if no group can be pruned.
     """
+    report = chain.report
+    report.prune_ratio = ratio
     if ratio <= 0:
         return PruneSet()
     from edgeslim.prune.importance import get_importance
 
     groups = fx_coupling_groups(chain.model, chain.example)
     chosen = {g: found for g in groups if (found := _group_pair(chain, g)) is not None}
-    scores = get_importance(criterion).scores(chain.model, list(chosen))
+    covered = {f for found in chosen.values() for f in (found[0],)}
+    covered |= {m.fqn for g in chosen for m in g.members if m.role in ("out", "depthwise")}
+    for fqn in chain.order[:-1]:
+        if fqn not in covered:
+            why = (
+                chain.why_not(fqn)
+                if fqn not in chain.pairs
+                else f"{fqn}: its channels are coupled beyond its pair (not prunable safely)"
+            )
+            key, _, text = why.partition(": ")
+            report.pairs[key] = f"not pruned: {text}"
+    if not chosen:
+        raise _nothing(method, "no channel group can be removed safely",
+                       [f"{k}: {v}" for k, v in report.pairs.items()])  # fmt: skip
+    order_groups = list(chosen)
+    macs = _MacModel(chain, order_groups)
+    channel_ratio = _ratio_for(macs, order_groups, ratio)
+    removed = _widths(order_groups, channel_ratio)
+    report.predicted_reduction = macs.reduction(removed)
+    scores = get_importance(criterion).scores(chain.model, order_groups)
     by_producer: dict[str, list[int]] = {}
     keep: dict[CouplingGroup, list[int]] = {}
     simple: set[str] = set()
-    for group, (producer, is_simple) in chosen.items():
-        n_keep = max(1, round(group.size * (1.0 - ratio)))
+    for group, n_removed in zip(order_groups, removed, strict=True):
+        producer, is_simple = chosen[group]
+        if n_removed == 0:
+            continue
         order = torch.argsort(scores[group.id], descending=True)
-        keep[group] = sorted(order[:n_keep].tolist())
-        by_producer[producer] = sorted(order[n_keep:].tolist())
+        keep[group] = sorted(order[: group.size - n_removed].tolist())
+        by_producer[producer] = sorted(order[group.size - n_removed :].tolist())
+        report.channels_removed[producer] = n_removed
         if is_simple:
             simple.add(producer)
+        pair = chain.pairs[producer]
+        report.pairs[f"{producer} -> {pair.consumer}"] = (
+            f"pruned {n_removed}/{group.size} channels ({criterion})"
+        )
+    if not keep:
+        raise _nothing(method, f"a MACs target of {ratio:.1%} removes no channel",
+                       [f"{k}: {v}" for k, v in report.pairs.items()])  # fmt: skip
     return PruneSet(by_producer, keep, frozenset(simple))
 
 
+@torch.no_grad()
 def _surgery(chain: Chain, prune: PruneSet) -> None:
+    """Remove the chosen channels with the shared surgery (PReLU slopes included)."""
     from edgeslim.prune.surgery import prune_groups
 
     if prune.keep:
-        prune_groups(chain.model, prune.keep)
+        prune_groups(chain.model, dict(prune.keep))
 
 
 def naive(chain: Chain, args: MethodArgs) -> None:
     """Prune by the criterion, then round to nearest."""
-    _surgery(chain, choose_pruned(chain, args.prune_ratio, args.criterion))
+    _surgery(chain, choose_pruned(chain, args.prune_ratio, args.criterion, "naive"))
 
 
 @torch.no_grad()
@@ -252,7 +529,7 @@ def _merge_neurons(chain: Chain, producer: str, pruned: list[int]) -> None:
 
 def merge(chain: Chain, args: MethodArgs) -> None:
     """Neuron merging (pruning only), then round to nearest."""
-    prune = choose_pruned(chain, args.prune_ratio, args.criterion)
+    prune = choose_pruned(chain, args.prune_ratio, args.criterion, "merge")
     for producer in chain.order:  # graph order: a merge edits the next producer's columns
         if producer in prune.simple:
             _merge_neurons(chain, producer, prune.by_producer[producer])
@@ -261,7 +538,7 @@ def merge(chain: Chain, args: MethodArgs) -> None:
 
 def udfc(chain: Chain, args: MethodArgs) -> None:
     """Unified data-free compression: prune and round, compensated in one closed form."""
-    prune = choose_pruned(chain, args.prune_ratio, args.criterion)
+    prune = choose_pruned(chain, args.prune_ratio, args.criterion, "udfc")
     compensate_all(chain, args.bits, prune.by_producer, merge_into=prune.simple, bias=False)
     _surgery(chain, prune)
 

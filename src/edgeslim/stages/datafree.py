@@ -5,7 +5,7 @@
   method: dfmpc        # rtn | dfq | dfmpc (quantize) | naive | merge | udfc (prune + quantize)
   low_bits: 2          # weight bits of the "low" layers (DF-MPC alternates low/high)
   high_bits: 6         # weight bits of the other layers; equal to low_bits: uniform
-  prune_ratio: 0.0     # naive, merge, udfc: fraction of channels removed per prunable group
+  prune_ratio: 0.0     # naive, merge, udfc: fraction of the MACs to remove (as macs_reduction)
   edge_bits: 8         # first conv and last linear
   act_bits: 8          # activation bits; null: weight-only
   act_ranges: statistics  # fixed ranges from the BN statistics (exportable); or dynamic
@@ -17,10 +17,18 @@ shapes only), and the activation ranges of the returned fake-quant model are pre
 BN statistics (``act_ranges: statistics``, the default, so a QDQ export carries data-free
 scales) or taken from each tensor as it flows (``dynamic``, torch only: a QDQ export would
 freeze the ranges of the last batch). There is nothing to calibrate.
+
+What the method did goes into the notes (the summary line, then one line per pair and
+layer: equalized or why not, bits and why, channels removed) and, as data, into
+``datafree.json`` in the stage's output directory (:class:`~edgeslim.datafree.DataFreeReport`).
+A MACs target missed by more than 2 points is a ``WARNING:`` note and a warning; a method
+with nothing to act on fails the stage (:class:`~edgeslim.datafree.NothingToCompressError`).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -112,9 +120,18 @@ def stage_spec(stage: DataFreeStage) -> DataFreeSpec:
     )  # fmt: skip
 
 
+def _report_path(out: Path) -> Path:
+    """``datafree.json``, or ``datafree.<k>.json`` for a later datafree stage."""
+    out.mkdir(parents=True, exist_ok=True)
+    path, k = out / "datafree.json", 2
+    while path.exists():
+        path, k = out / f"datafree.{k}.json", k + 1
+    return path
+
+
 @register_stage("datafree", DataFreeStage, data_used="none")
 def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> nn.Module:
-    from edgeslim.datafree import compress_datafree, quantized_model
+    from edgeslim.datafree import NothingToCompressError, compress_datafree, quantized_model
     from edgeslim.errors import TaskError
     from edgeslim.graph import example_input
     from edgeslim.inputs import example_args_for
@@ -129,16 +146,30 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
         example = example_input(tuple(ctx.task.example_inputs[0].shape))
     else:
         example = example_args_for(ctx.model_name)[0]
-    result = compress_datafree(model, stage.method, stage_spec(stage), example)
+    try:
+        result = compress_datafree(model, stage.method, stage_spec(stage), example)
+    except NothingToCompressError as exc:
+        raise NothingToCompressError(
+            f"stage datafree ({stage.method}) failed on {ctx.model_name or 'the model'}: {exc}"
+        ) from exc
     bits = sorted(set(result.weight_bits.values()))
-    pruned = f", {stage.prune_ratio:.0%} of prunable channels removed" if stage.prune_ratio else ""
+    report = result.report
+    pruned = (
+        f", MACs -{report.macs_reduction:.1%} (requested -{stage.prune_ratio:.0%})"
+        if stage.prune_ratio
+        else ""
+    )
     ctx.notes.append(
         f"datafree: {stage.method}, weights at {'/'.join(map(str, bits))} bits "
         f"(low {stage.low_bits}, high {stage.high_bits}, edges {stage.edge_bits}), "
         f"activations {'float' if stage.act_bits is None else f'{stage.act_bits}-bit'}"
         f"{'' if stage.act_bits is None else f' ({stage.act_ranges} ranges)'}"
-        f"{pruned}; {result.seconds:.1f} s, no data read"
+        f"{pruned}; {len(report.changed)} layer(s) changed; {result.seconds:.1f} s, "
+        "no data read"
     )
+    path = _report_path(Path(ctx.out))
+    path.write_text(json.dumps(report.to_dict(), indent=1))
+    ctx.notes.append(f"datafree: per-layer report {path.name}")
     ctx.notes += [f"datafree: {n}" for n in result.notes]
     if stage.act_bits is not None and stage.act_ranges == "dynamic":
         ctx.notes.append(
