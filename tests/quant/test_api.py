@@ -57,8 +57,8 @@ def test_low_bits_hurt_more_than_high_bits() -> None:
 
 
 def test_unsupported_layers_warn_and_nan_weights_are_refused() -> None:
-    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.warns(UserWarning, match=r"left in float: 0 \(Conv1d\)"):
+    model = nn.Sequential(nn.ConvTranspose3d(1, 2, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"left in float: 0 \(ConvTranspose3d\)"):
         quantize_(model, QuantConfig(QuantSpec(bits=8)))
     assert isinstance(model[2], QuantLinear) and len(quant_layers(model)) == 1
     bad = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))

@@ -96,6 +96,7 @@ def export_qdq(
 ) -> Path:
     """Export a calibrated fake-quant model to a QDQ ONNX file (opset 17)."""
     from edgeslim.export.onnx import export_onnx
+    from edgeslim.export.recurrent import finish_qdq
 
     with export_mode(model):
         out = export_onnx(model, example_args, path, **kwargs)  # type: ignore[arg-type]
@@ -105,7 +106,7 @@ def export_qdq(
     fold_weight_quantizers(proto)
     drop_relu_before_quantize(proto)
     quantize_gemm_bias(proto)
-    __import__("edgeslim.export.recurrent").export.recurrent.finish_qdq(proto)
+    finish_qdq(proto)
     onnx.save(proto, str(out))
     return out
 

@@ -1,7 +1,8 @@
 """The quantization lifecycle: ``quantize_`` (prepare) -> ``calibrate`` / train -> ``convert``.
 
-``quantize_(model, config, select=...)`` swaps every selected ``Conv2d``/``Linear`` for its
-fake-quant twin in place. Weights are calibrated at once (they are known); activation
+``quantize_(model, config, select=...)`` swaps every selected layer that has a fake-quant twin
+(Conv1d/2d/3d, ConvTranspose1d/2d, Linear, LSTM/GRU/RNN and their cells: see :data:`TWINS`)
+in place. Weights are calibrated at once (they are known); activation
 ranges need :func:`calibrate` (PTQ) or observation before QAT.
 """
 
@@ -15,12 +16,71 @@ import torch
 from torch import nn
 
 from edgeslim.data.batching import as_inputs
+from edgeslim.quant.attention import QuantMultiheadAttention
 from edgeslim.quant.config import QuantConfig, Selection, check_selectors, resolve
 from edgeslim.quant.fold import _set_submodule
 from edgeslim.quant.modules import FLOAT_TO_QUANT, ActQuant, QuantMixin
+from edgeslim.quant.recurrent import RECURRENT_TO_QUANT
 from edgeslim.quant.spec import QuantConfigError
 
-COMPUTE_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding)
+COMPUTE_TYPES = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.Bilinear,
+    nn.Embedding,
+    nn.RNNBase,
+    nn.RNNCellBase,
+    nn.MultiheadAttention,
+)
+"""Layer types that carry weights worth quantizing: reported when they stay float."""
+
+TWINS: dict[type[nn.Module], Any] = {
+    **FLOAT_TO_QUANT,
+    **RECURRENT_TO_QUANT,
+    nn.MultiheadAttention: QuantMultiheadAttention,
+}
+"""Float layer type (exact) -> its fake-quant twin."""
+
+
+def _no_twin_reason(module: nn.Module) -> str | None:
+    """Why a selected compute layer stays float (None: it has a twin and can be swapped)."""
+    cls = TWINS.get(type(module))
+    if cls is None:
+        name = type(module).__name__
+        if isinstance(module, nn.Linear) and name == "NonDynamicallyQuantizableLinear":
+            return "its nn.MultiheadAttention reads the weight directly, not through forward()"
+        return f"no quantized implementation of {name}"
+    why_not = getattr(cls, "why_not", None)
+    reason = why_not(module) if why_not is not None else None
+    return str(reason) if reason else None
+
+
+def left_in_float(
+    model: nn.Module, config: QuantConfig | None = None, select: Selection | None = None
+) -> dict[str, str]:
+    """``{fqn: reason}`` of every compute layer that ``quantize_(model, config, select)``
+    leaves in float (selected ``None``, nothing to quantize, or no quantized twin)."""
+    config = config if config is not None else QuantConfig()
+    out: dict[str, str] = {}
+    inside: tuple[str, ...] = ()
+    for fqn, module in model.named_modules():
+        if not fqn or isinstance(module, QuantMixin) or fqn.startswith(inside):
+            continue
+        if not isinstance(module, COMPUTE_TYPES) and type(module) not in TWINS:
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            inside = (*inside, fqn + ".")  # its out_proj is reported as part of it
+        cfg = resolve(fqn, module, select, config)
+        kind = type(module).__name__
+        if cfg is None:
+            out[fqn] = f"{kind}: selected None (kept float on purpose)"
+        elif cfg.weight is None and cfg.activation is None:
+            out[fqn] = f"{kind}: its config quantizes neither weight nor activation"
+        else:
+            reason = _no_twin_reason(module)
+            if reason is not None:
+                out[fqn] = f"{kind}: {reason}"
+    return out
 
 
 def _no_fused_encoder_path(model: nn.Module) -> None:
@@ -46,45 +106,76 @@ def quantize_(
 ) -> dict[str, QuantConfig]:
     """Prepare ``model`` in place for fake-quant; returns ``{fqn: config}`` of what changed.
 
-    ``config`` is the default for every Conv2d/Linear; ``select`` overrides it per layer
-    (see :mod:`edgeslim.quant.config`). Layers of other compute types are skipped with a
-    warning that lists them; NaN/Inf weights are refused with the layer's name.
+    ``config`` is the default for every layer with a twin (:data:`TWINS`); ``select``
+    overrides it per layer (see :mod:`edgeslim.quant.config`). Selected compute layers with
+    no twin stay float with a warning per layer that says why and how to silence it;
+    NaN/Inf weights are refused with the layer's name.
     """
     config = config if config is not None else QuantConfig()
     names = [n for n, _ in model.named_modules()]
     for key in check_selectors(select, names):
         warnings.warn(f"quantize_: selector {key!r} matches no layer", stacklevel=2)
     chosen: dict[str, QuantConfig] = {}
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
+    inside: tuple[str, ...] = ()  # FQN prefixes of swapped layers: their children go with them
     for fqn, module in list(model.named_modules()):
-        if isinstance(module, QuantMixin) or not fqn:
+        if isinstance(module, QuantMixin) or not fqn or fqn.startswith(inside):
             continue
         cfg = resolve(fqn, module, select, config)
-        cls = FLOAT_TO_QUANT.get(type(module))
-        if cls is None:
-            if isinstance(module, COMPUTE_TYPES) and cfg is not None:
-                skipped.append(f"{fqn} ({type(module).__name__})")
-            continue
+        if isinstance(module, nn.MultiheadAttention):
+            inside = (*inside, fqn + ".")
         if cfg is None or (cfg.weight is None and cfg.activation is None):
             continue
-        weight = module.weight
-        if not torch.isfinite(weight).all():
-            raise QuantConfigError(
-                f"layer {fqn} ({type(module).__name__}) has NaN or Inf weights; fix or "
-                "retrain the model before quantizing (nothing was changed after this layer)"
-            )
+        reason = _no_twin_reason(module)
+        if reason is not None:
+            if isinstance(module, COMPUTE_TYPES):
+                skipped[fqn] = f"{type(module).__name__}: {reason}"
+            continue
+        for name, weight in module.named_parameters():
+            if name.startswith("weight") and not torch.isfinite(weight).all():
+                raise QuantConfigError(
+                    f"layer {fqn} ({type(module).__name__}) has NaN or Inf weights; fix or "
+                    "retrain the model before quantizing (nothing was changed after this layer)"
+                )
         chosen[fqn] = cfg
+        inside = (*inside, fqn + ".")
+    _check_activations_possible(model, config, select, chosen)
     for fqn, cfg in chosen.items():
         module = model.get_submodule(fqn)
-        _set_submodule(model, fqn, FLOAT_TO_QUANT[type(module)].from_float(module, cfg))
+        _set_submodule(model, fqn, TWINS[type(module)].from_float(module, cfg))
     _no_fused_encoder_path(model)
-    if skipped:
+    for fqn, why in skipped.items():
+        kind, _, reason = why.partition(": ")
         warnings.warn(
             "quantize_: layer types without a quantized implementation were left in float: "
-            + ", ".join(skipped),
+            f"{fqn} ({kind}): {reason}. To keep it float on purpose and silence this, select "
+            f"it with None (recipe: `select: {{{fqn}: null}}`; Python: `select={{{fqn!r}: None}}`)",
             stacklevel=2,
         )
     return chosen
+
+
+def _check_activations_possible(
+    model: nn.Module,
+    config: QuantConfig,
+    select: Selection | None,
+    chosen: dict[str, QuantConfig],
+) -> None:
+    """Refuse, naming the float layers and why, a request for activation quantization that
+    no layer can carry (PTQ would otherwise fail later with no hint of the cause)."""
+    values = [config, *(select or {}).values()]
+    requested = any(c is not None and c.activation is not None for c in values)
+    carried = any(c.activation is not None for c in chosen.values())
+    if not requested or carried or any(isinstance(m, ActQuant) for m in model.modules()):
+        return
+    floats = left_in_float(model, config, select)
+    listed = "; ".join(f"{k} ({v})" for k, v in floats.items()) or "the model has no such layer"
+    raise QuantConfigError(
+        "activation quantization was requested but no layer could be quantized, so no "
+        f"activation can be. Left in float: {listed}. Quantize at least one layer with a "
+        f"twin ({', '.join(sorted(t.__name__ for t in TWINS))}), or use a weight-only "
+        "config (activation=None; recipe: `a_bits: null`)."
+    )
 
 
 @torch.no_grad()

@@ -1,5 +1,8 @@
 """BatchNorm folding: ``conv -> BN`` (or ``linear -> BN1d``) becomes one layer with a bias.
 
+Conv1d/2d/3d pair with BatchNorm1d/2d/3d, transposed convs too (their output channels are
+weight axis 1, per group); Linear pairs with BatchNorm1d.
+
 Found from the fx graph, so only BNs whose single input is a conv used by nothing else are
 folded; each folded BN is replaced by ``nn.Identity`` so FQNs of other modules stay put.
 """
@@ -11,16 +14,39 @@ from torch import nn
 
 from edgeslim.graph.trace import trace
 
+# which BatchNorm may follow which layer type (the BN normalises the layer's channel axis 1)
+_BN_AFTER: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
+    nn.Linear: (nn.BatchNorm1d,),
+    nn.Conv1d: (nn.BatchNorm1d,),
+    nn.Conv2d: (nn.BatchNorm2d,),
+    nn.Conv3d: (nn.BatchNorm3d,),
+    nn.ConvTranspose1d: (nn.BatchNorm1d,),
+    nn.ConvTranspose2d: (nn.BatchNorm2d,),
+    nn.ConvTranspose3d: (nn.BatchNorm3d,),
+}
+Foldable = nn.Linear | nn.modules.conv._ConvNd
+
+
+def _scale_output_channels(layer: Foldable, g: torch.Tensor) -> None:
+    """Multiply every output channel's weights by ``g`` (transposed convs: axis 1 per group)."""
+    w = layer.weight
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        groups, cin, opg = layer.groups, w.shape[0], w.shape[1]
+        view = w.view(groups, cin // groups, opg, *w.shape[2:])
+        view.mul_(g.reshape(groups, 1, opg, *([1] * (w.dim() - 2))))
+        return
+    w.mul_(g.reshape(-1, *([1] * (w.dim() - 1))))
+
 
 @torch.no_grad()
-def fold_conv_bn(conv: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d) -> None:
+def fold_conv_bn(conv: Foldable, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold ``bn`` into ``conv`` in place: W' = W g, b' = (b - mean) g + beta, g = gamma/std."""
     assert bn.running_var is not None and bn.running_mean is not None
     std = torch.sqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
     beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
     g = gamma / std
-    conv.weight.mul_(g.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+    _scale_output_channels(conv, g)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
     new_bias = (bias - bn.running_mean) * g + beta
     conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
@@ -40,21 +66,19 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         if node.op != "call_module":
             continue
         bn = gm.get_submodule(str(node.target))
-        if not isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm1d)) or not bn.track_running_stats:
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
             continue
         src = node.args[0]
         if getattr(src, "op", None) != "call_module" or len(src.users) != 1:
             continue
         conv = gm.get_submodule(str(src.target))
-        if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or (
-            isinstance(conv, nn.Linear) and isinstance(bn, nn.BatchNorm1d)
-        ):
+        if isinstance(bn, _BN_AFTER.get(type(conv), ())):
             pairs.append((str(src.target), str(node.target)))
     for conv_name, bn_name in pairs:
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
-        assert isinstance(conv, (nn.Conv2d, nn.Linear))
-        assert isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm1d))
+        assert isinstance(conv, (nn.Linear, nn.modules.conv._ConvNd))
+        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
         fold_conv_bn(conv, bn)
         _set_submodule(model, bn_name, nn.Identity())
     return pairs

@@ -141,26 +141,120 @@ class QuantMixin:
         return x if self.input_quant is None else self.input_quant(x)
 
 
-class QuantConv2d(QuantMixin, nn.Conv2d):
-    """``nn.Conv2d`` with fake-quantized weight and input."""
+def _copy_params(new: Any, old: Any) -> None:
+    """Copy ``weight``/``bias`` of the float layer into its fresh twin (same device/dtype)."""
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        if getattr(old, "bias", None) is not None and getattr(new, "bias", None) is not None:
+            new.bias.copy_(old.bias)
+    new.train(old.training)
+
+
+class _QuantConvNd(QuantMixin):
+    """Shared ``from_float``/``forward`` of ``QuantConv{1,2,3}d`` (weights ``(out, in/g, *k)``:
+    per-output-channel quantization is along axis 0, as ONNX's QLinearConv expects)."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, qconfig: QuantConfig) -> QuantConv2d:
-        new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,  # type: ignore[arg-type]
-            conv.padding, conv.dilation, conv.groups, conv.bias is not None,  # type: ignore[arg-type]
+    def from_float(cls, conv: nn.modules.conv._ConvNd, qconfig: QuantConfig) -> Any:
+        new = cls(  # type: ignore[call-arg]
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+            conv.padding, conv.dilation, conv.groups, conv.bias is not None,
             conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
         )  # fmt: skip
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            if conv.bias is not None and new.bias is not None:
-                new.bias.copy_(conv.bias)
-        new.train(conv.training)
+        _copy_params(new, conv)
         new._setup(qconfig)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+        conv: Any = self
+        out = conv._conv_forward(self.quant_input(x), self.quant_weight(), conv.bias)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+
+class QuantConv1d(_QuantConvNd, nn.Conv1d):
+    """``nn.Conv1d`` with fake-quantized weight and input (ONNX Runtime: QLinearConv)."""
+
+
+class QuantConv2d(_QuantConvNd, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight and input (ONNX Runtime: QLinearConv)."""
+
+
+class QuantConv3d(_QuantConvNd, nn.Conv3d):
+    """``nn.Conv3d`` with fake-quantized weight and input (ONNX Runtime: QLinearConv)."""
+
+
+def out_major(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A transposed conv's weight ``(in, out/g, *k)`` as ``(out, in/g, *k)``: one row per
+    output channel, so per-channel quantization (axis 0) follows the output channels."""
+    cin, opg, *k = w.shape
+    return w.reshape(groups, cin // groups, opg, *k).transpose(1, 2).reshape(groups * opg, -1, *k)
+
+
+def in_major(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`out_major`."""
+    cout, ipg, *k = w.shape
+    return w.reshape(groups, cout // groups, ipg, *k).transpose(1, 2).reshape(groups * ipg, -1, *k)
+
+
+class _QuantConvTransposeNd(QuantMixin):
+    """Shared code of ``QuantConvTranspose{1,2}d``.
+
+    The weight is quantized per *output* channel: the quantizer sees it through
+    :func:`out_major` (torch stores it as ``(in, out/groups, *k)``), so ``qdq_weight`` keeps
+    its axis-0 convention; the export writes ``int8 -> DequantizeLinear -> Reshape/Transpose
+    -> ConvTranspose``. ONNX Runtime (1.32, CPU) has no QDQ fusion for ConvTranspose: it runs
+    in float on dequantized weights (int8 storage only); see docs/quantization.md.
+    """
+
+    @classmethod
+    def from_float(cls, conv: nn.modules.conv._ConvTransposeNd, qconfig: QuantConfig) -> Any:
+        new = cls(  # type: ignore[call-arg]
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+            conv.padding, conv.output_padding, conv.groups, conv.bias is not None,
+            conv.dilation, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+        )  # fmt: skip
+        _copy_params(new, conv)
+        new._setup(qconfig)
+        return new
+
+    @property
+    def _weight(self) -> torch.Tensor:
+        return out_major(getattr(self, "weight"), getattr(self, "groups"))  # noqa: B009
+
+    def quant_weight(self) -> torch.Tensor:
+        q = self.weight_quantizer
+        if self.mode == "export" and q is not None and (q.spec.bits < 8 or not q.spec.symmetric):
+            from edgeslim.export.qdq import qdq_weight
+
+            # export_mode snaps sub-8-bit weights in place; this view may be a copy: snap here
+            w = qdq_weight(q, q.quantize(self._weight).detach())
+            return in_major(w, getattr(self, "groups"))  # noqa: B009
+        return in_major(super().quant_weight(), getattr(self, "groups"))  # noqa: B009
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        conv: Any = self
+        nd = len(conv.kernel_size)
+        pad = conv._output_padding(
+            x, output_size, conv.stride, conv.padding, conv.kernel_size, nd, conv.dilation
+        )
+        fn = nn.functional.conv_transpose1d if nd == 1 else nn.functional.conv_transpose2d
+        if nd == 3:
+            fn = nn.functional.conv_transpose3d
+        out = fn(
+            self.quant_input(x), self.quant_weight(), conv.bias, conv.stride, conv.padding,
+            pad, conv.groups, conv.dilation,
+        )  # fmt: skip
+        assert isinstance(out, torch.Tensor)
+        return out
+
+
+class QuantConvTranspose1d(_QuantConvTransposeNd, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with fake-quantized weight (per output channel) and input."""
+
+
+class QuantConvTranspose2d(_QuantConvTransposeNd, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with fake-quantized weight (per output channel) and input."""
 
 
 class QuantLinear(QuantMixin, nn.Linear):
@@ -172,11 +266,7 @@ class QuantLinear(QuantMixin, nn.Linear):
             linear.in_features, linear.out_features, linear.bias is not None,
             device=linear.weight.device, dtype=linear.weight.dtype,
         )  # fmt: skip
-        with torch.no_grad():
-            new.weight.copy_(linear.weight)
-            if linear.bias is not None and new.bias is not None:
-                new.bias.copy_(linear.bias)
-        new.train(linear.training)
+        _copy_params(new, linear)
         new._setup(qconfig)
         return new
 
@@ -184,4 +274,13 @@ class QuantLinear(QuantMixin, nn.Linear):
         return nn.functional.linear(self.quant_input(x), self.quant_weight(), self.bias)
 
 
-FLOAT_TO_QUANT: dict[type[nn.Module], Any] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+FLOAT_TO_QUANT: dict[type[nn.Module], Any] = {
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Conv3d: QuantConv3d,
+    nn.ConvTranspose1d: QuantConvTranspose1d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.Linear: QuantLinear,
+}
+"""Float layer type -> its fake-quant twin (exact type; recurrent twins are registered by
+:mod:`edgeslim.quant.recurrent`)."""
