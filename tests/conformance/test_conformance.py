@@ -42,6 +42,7 @@ FP32_REL_TOL = 1e-4
 MIN_AGREEMENT = 90.0
 MAX_TOP1_DROP = 10.0
 MIN_METRIC_COSINE = 0.99
+MIN_INT8_MAC_SHARE = 0.95  # the issue's bar; measured 1.0 on every model here
 
 runner = CliRunner()
 
@@ -120,6 +121,14 @@ def test_compress_writes_an_int8_onnx_file(compressed: Compressed) -> None:
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops, f"model.onnx is not int8 QDQ: {ops}"
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".out")], "temp left"
+
+
+def test_every_layer_runs_in_integer_kernels(compressed: Compressed) -> None:
+    """The W8A8 record states the MACs ONNX Runtime runs on integers: at least 95% for
+    every shape users bring (convs, Conv1d, recurrent cells and layers, attention)."""
+    (ort_record,) = [r for r in compressed.result.records if r.runtime == "onnxruntime"]
+    share = ort_record.extra["int8_mac_share"]
+    assert share >= MIN_INT8_MAC_SHARE, ort_record.extra["float_compute"]
 
 
 def test_onnx_batch_axes_are_each_inputs_batch_dim(compressed: Compressed) -> None:

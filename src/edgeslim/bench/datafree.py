@@ -193,6 +193,7 @@ def datafree_model(
             "layer_bits": _bits_histogram(result.weight_bits),
             "macs_reduction": round(1.0 - macs / base_macs, 4),
         }
+        extra["report"] = result.report.to_dict()  # what it changed, per layer, or why not
         config = {"method": row.method, **row.spec.to_dict(), "a_bits": ACT_BITS}
         if row.variant:
             config["variant"] = row.variant

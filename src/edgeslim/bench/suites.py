@@ -66,6 +66,7 @@ def _load_builtin_suites() -> None:
     import edgeslim.bench.baseline
     import edgeslim.bench.datafree
     import edgeslim.bench.imagenet
+    import edgeslim.bench.operators
     import edgeslim.bench.prune
     import edgeslim.bench.prune_quant
     import edgeslim.bench.quant  # noqa: F401  (registers "quant", "prune", "prune_quant", ...)

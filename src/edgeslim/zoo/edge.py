@@ -5,9 +5,12 @@
   torchvision's (``features.i.block.j``, ``block.k.fc1``/``fc2``, ``classifier.0``/``3``).
 - :class:`PReLUNet`: a plain PReLU CNN without BatchNorm, as face detectors (MTCNN-style)
   are written: per-channel PReLU slopes, max pools, a PReLU fully connected layer.
+- :class:`ConvLSTM`: a sequence model as audio front ends are written: the image's 28 rows
+  are 28 time steps of 28 features; Conv1d + BatchNorm over time, an ``nn.LSTM``, the last
+  step's hidden state classified.
 
-Both are sized above 20 MMACs at 1x28x28, the scale where integer kernels, not per-layer
-overhead, decide latency.
+The two CNNs are sized above 20 MMACs at 1x28x28, the scale where integer kernels, not
+per-layer overhead, decide latency.
 """
 
 from __future__ import annotations
@@ -145,10 +148,31 @@ class PReLUNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Sequential(nn.Linear(widths[3], 128), nn.PReLU(128))
         self.classifier = nn.Linear(128, num_classes)
+        for m in self.modules():  # no BN to rescale activations: start them at unit gain
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight, a=0.25, mode="fan_in")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.features(x)), 1)
         return self.classifier(self.fc(x))
+
+
+class ConvLSTM(nn.Module):
+    """Conv1d(28 -> 48, k=3) + BN + ReLU over the 28 rows, LSTM(48 -> 64), linear head."""
+
+    def __init__(self, num_classes: int = 10, features: int = 28, hidden: int = 64) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(features, 48, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm1d(48)
+        self.rnn = nn.LSTM(48, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = torch.relu(self.bn(self.conv(x.flatten(1, 2))))  # (batch, 48, time)
+        out, _ = self.rnn(seq.transpose(1, 2))
+        return self.fc(out[:, -1])
 
 
 def mobilenetv3_small(num_classes: int = 10, in_channels: int = 1) -> MobileNetV3Small:
@@ -157,3 +181,7 @@ def mobilenetv3_small(num_classes: int = 10, in_channels: int = 1) -> MobileNetV
 
 def prelu_cnn(num_classes: int = 10, in_channels: int = 1) -> PReLUNet:
     return PReLUNet(num_classes=num_classes, in_channels=in_channels)
+
+
+def conv_lstm(num_classes: int = 10) -> ConvLSTM:
+    return ConvLSTM(num_classes=num_classes)

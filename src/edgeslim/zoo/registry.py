@@ -14,7 +14,7 @@ from torch import nn
 from edgeslim.checkpoint import load_state
 from edgeslim.errors import CheckpointError, UnknownModelError
 from edgeslim.train.loop import TrainConfig
-from edgeslim.zoo.edge import mobilenetv3_small, prelu_cnn
+from edgeslim.zoo.edge import conv_lstm, mobilenetv3_small, prelu_cnn
 from edgeslim.zoo.mobilenetv2 import mobilenetv2_small
 from edgeslim.zoo.resnet import resnet20
 from edgeslim.zoo.vgg import vgg_small
@@ -68,6 +68,13 @@ ZOO: dict[str, ZooEntry] = {
             TrainConfig(epochs=5, lr=0.02),
             89.0,
             "PReLU CNN (per-channel PReLU, no BatchNorm, max pools; 25 MMACs)",
+        ),
+        ZooEntry(
+            "conv-lstm",
+            conv_lstm,
+            TrainConfig(epochs=4, lr=0.05),
+            88.0,
+            "Conv1d + LSTM over the image's rows as 28 time steps (a sequence model)",
         ),
     )
 }
