@@ -65,14 +65,14 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "prelu-cnn",
             prelu_cnn,
-            TrainConfig(epochs=5, lr=0.02),
+            TrainConfig(epochs=8, lr=0.03),
             89.0,
             "PReLU CNN (per-channel PReLU, no BatchNorm, max pools; 25 MMACs)",
         ),
         ZooEntry(
             "conv-lstm",
             conv_lstm,
-            TrainConfig(epochs=4, lr=0.05),
+            TrainConfig(epochs=15, lr=0.05),
             88.0,
             "Conv1d + LSTM over the image's rows as 28 time steps (a sequence model)",
         ),
