@@ -130,13 +130,35 @@ def datafree_rows(name: str, quick: bool) -> list[Record]:
 
 
 def prune_rows(name: str, out: Path, quick: bool) -> list[Record]:
+    """edgeslim l1 and the peer at ``PRUNE_TARGET``. A peer that raises on the model is
+    measured without, and its error is written into edgeslim's records
+    (``extra.peer_failed``), never hidden."""
     from edgeslim.bench.prune import METHODS, prune_model
 
-    methods = {k: METHODS[k] for k in ("edgeslim:l1", "torch-pruning:magnitude")}
-    records = prune_model(name, out, quick, methods=methods, targets=(PRUNE_TARGET,))
-    return [
-        r.model_copy(update={"suite": "operators"}) for r in records if r.method != "edgeslim:fp32"
-    ]
+    ours, peer = "edgeslim:l1", "torch-pruning:magnitude"
+    failed: dict[str, str] = {}
+
+    def guarded(model: Any, job: Any) -> Any:
+        try:
+            return METHODS[peer](model, job)
+        except Exception as exc:
+            failed[peer] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            raise
+
+    try:
+        records = prune_model(
+            name, out, quick, methods={ours: METHODS[ours], peer: guarded},
+            targets=(PRUNE_TARGET,),
+        )  # fmt: skip
+    except Exception:
+        if not failed:
+            raise
+        records = prune_model(
+            name, out, quick, methods={ours: METHODS[ours]}, targets=(PRUNE_TARGET,)
+        )
+    note = {"peer_failed": dict(failed)} if failed else {}
+    kept = [r for r in records if r.method != "edgeslim:fp32"]  # fp32 is in the int8 rows
+    return [r.model_copy(update={"suite": "operators", "extra": {**r.extra, **note}}) for r in kept]
 
 
 def operators_model(name: str, out: Path, quick: bool) -> list[Record]:
