@@ -74,6 +74,7 @@ class Pair:
     repeat: int = 1  # consumer input features per producer channel (H*W after a flatten)
     depthwise: bool = False  # consumer is depthwise: channel k only feeds its output k
     act_name: str = "relu"  # for notes: relu, relu6, hardtanh, prelu, leaky_relu, none
+    max_pool: bool = False  # a max pool on the way: only positive slopes commute with it
 
 
 @dataclass(frozen=True)
@@ -315,7 +316,11 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
         if (fan := _fan_out(gm, cur, f"its activation {_describe(gm, nxt)}")) is not None:
             return fan
         nxt = next(iter(cur.users))
+    max_pool = False
     while _PASSES.matches(gm, nxt):
+        if nxt.op == "call_module":
+            max_pool |= isinstance(gm.get_submodule(str(nxt.target)), nn.MaxPool2d)
+        max_pool |= nxt.target is nn.functional.max_pool2d
         before, after = _shape(cur), _shape(nxt)
         if before is not None and after is not None and len(before) == 4 and len(after) == 2:
             repeat *= before[2] * before[3]
@@ -332,7 +337,7 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
         return Blocked(str(nxt.target), f"{other} is not positively homogeneous")
     if isinstance(consumer, nn.Conv2d) and consumer.groups != 1 and not is_depthwise(consumer):
         return Blocked(str(nxt.target), "the consumer is a grouped conv")
-    pair = Pair(producer, str(nxt.target), act, repeat, is_depthwise(consumer), name)
+    pair = Pair(producer, str(nxt.target), act, repeat, is_depthwise(consumer), name, max_pool)
     return pair, pre_node
 
 

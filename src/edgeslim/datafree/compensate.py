@@ -176,7 +176,8 @@ def compensate(
         best = (cov * cov / vk).argmax(1)
         s = cov.gather(1, best[:, None]).squeeze(1) / vk[0, best]
         for i, j, si in zip(gone.tolist(), kept[best].tolist(), s.tolist(), strict=True):
-            new[:, j] += si * cols[:, i]
+            if si > 0 or not pair.max_pool:  # max(s a) = s min(a) for s < 0
+                new[:, j] += si * cols[:, i]
     old_effect = channel_effect(consumer, mean_a, pair.repeat)
     weight = consumer.weight
     weight.copy_(new.reshape(weight.shape).to(weight.dtype))
