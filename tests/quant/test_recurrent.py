@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,13 @@ from edgeslim.quant import QuantConfig, QuantSpec, quant_layers, quantize_
 from edgeslim.quant.config import w8a8
 from edgeslim.quant.modules import ActQuant, QuantMixin
 from edgeslim.quant.ptq import ptq
-from edgeslim.quant.recurrent import RECURRENT_TO_QUANT, QuantLSTMCell, QuantRNN
+from edgeslim.quant.recurrent import (
+    KEEP_GRU_RNN_FLOAT,
+    RECURRENT_TO_QUANT,
+    UNROLLED_SLOWDOWN,
+    QuantLSTMCell,
+    QuantRNN,
+)
 
 FLOAT_ATOL = 1e-5  # quantization off: the twin computes torch's layer
 MAX_REL_L2 = 0.05  # W8A8, calibrated ranges, random inputs
@@ -106,6 +113,15 @@ class Holder3(Holder):
         return self.layer(x, (h, c))
 
 
+def _forced(model: Holder) -> Holder:
+    """A copy of ``model`` whose GRU/RNN is already its twin: default PTQ keeps them float
+    (:data:`KEEP_GRU_RNN_FLOAT`), and ``ptq`` calibrates a twin it finds in place."""
+    model = copy.deepcopy(model)
+    if type(model.layer) in (nn.GRU, nn.RNN):
+        model.layer = QuantRNN.from_float(model.layer, w8a8())
+    return model
+
+
 def _flat_inputs(args: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(_flat(list(args)))
 
@@ -118,7 +134,7 @@ def test_w8a8_is_close_to_fp32(name: str) -> None:
     make, inputs = CASES[name]
     arity = len(_flat_inputs(inputs(1)))
     model = {1: Holder, 2: Holder2, 3: Holder3}[arity](make()).eval()
-    q = ptq(model, w8a8(), [_flat_inputs(inputs(32)) for _ in range(2)])
+    q = ptq(_forced(model), w8a8(), [_flat_inputs(inputs(32)) for _ in range(2)])
     assert {"layer.ih", "layer.hh"} <= set(quant_layers(q)) or isinstance(q.layer, QuantRNN)
     assert isinstance(q, torch.fx.GraphModule)  # traced: activations on graph edges
     args = _flat_inputs(inputs(16))
@@ -149,3 +165,42 @@ def test_lstm_with_projection_stays_float_with_a_reason() -> None:
     with pytest.warns(UserWarning, match=r"layer \(LSTM\): LSTM with proj_size > 0"):
         quantize_(model, QuantConfig(QuantSpec(bits=8)))
     assert type(model.layer) is nn.LSTM
+
+
+@pytest.mark.parametrize("make", [lambda: nn.GRU(4, 6), lambda: nn.RNN(4, 6)], ids=["gru", "rnn"])
+def test_gru_and_rnn_stay_float_by_default_and_say_why(make: Callable[[], nn.Module]) -> None:
+    assert KEEP_GRU_RNN_FLOAT
+    layer = make()
+    kind = type(layer).__name__
+    model = Holder(layer)
+    msg = (
+        rf"layer \({kind}\): ONNX Runtime has no integer {kind} kernel; the unrolled int8 "
+        rf"form measured {UNROLLED_SLOWDOWN[kind]:.1f}x slower than its fused float {kind}"
+    )
+    with pytest.warns(UserWarning, match=msg):
+        quantize_(model, QuantConfig(QuantSpec(bits=8)))
+    assert type(model.layer) is type(layer)
+    assert QuantRNN.why_not(layer, selected=True) is None  # a select entry can force it
+    assert QuantRNN.why_not(nn.LSTM(4, 6)) is None  # LSTM: DynamicQuantizeLSTM, quantized
+
+
+def test_lstm_export_mode_runs_torch_lstm_on_the_int8_grid() -> None:
+    """Export mode (what the ONNX file holds): torch's LSTM on the dequantized weights, with
+    float x/h (ONNX Runtime quantizes them per call): close to the quant-mode simulation."""
+    torch.manual_seed(0)
+    make, inputs = CASES["lstm_2layer_bidir"]
+    model = Holder(make()).eval()
+    q = ptq(model, w8a8(), [_flat_inputs(inputs(32)) for _ in range(2)])
+    twin = q.layer
+    assert isinstance(twin, QuantRNN) and twin.fused_export()
+    args = _flat_inputs(inputs(16))
+    with torch.no_grad():
+        sim = _flat(q(*args))
+        for m in q.modules():
+            if isinstance(m, (QuantMixin, ActQuant)):
+                m.mode = "export"
+        exported = _flat(q(*args))
+        fp32 = _flat(model(*args))
+    for s, e, f in zip(sim, exported, fp32, strict=True):
+        assert float((e - s).norm() / s.norm()) < MAX_REL_L2
+        assert float((e - f).norm() / f.norm()) < MAX_REL_L2

@@ -20,7 +20,7 @@ from edgeslim.quant.attention import QuantMultiheadAttention
 from edgeslim.quant.config import QuantConfig, Selection, check_selectors, resolve
 from edgeslim.quant.fold import _set_submodule
 from edgeslim.quant.modules import FLOAT_TO_QUANT, ActQuant, QuantMixin
-from edgeslim.quant.recurrent import RECURRENT_TO_QUANT
+from edgeslim.quant.recurrent import RECURRENT_TO_QUANT, QuantRNN
 from edgeslim.quant.spec import QuantConfigError
 
 COMPUTE_TYPES = (
@@ -42,7 +42,7 @@ TWINS: dict[type[nn.Module], Any] = {
 """Float layer type (exact) -> its fake-quant twin."""
 
 
-def _no_twin_reason(module: nn.Module) -> str | None:
+def _no_twin_reason(module: nn.Module, selected: bool = False) -> str | None:
     """Why a selected compute layer stays float (None: it has a twin and can be swapped)."""
     cls = TWINS.get(type(module))
     if cls is None:
@@ -51,8 +51,18 @@ def _no_twin_reason(module: nn.Module) -> str | None:
             return "its nn.MultiheadAttention reads the weight directly, not through forward()"
         return f"no quantized implementation of {name}"
     why_not = getattr(cls, "why_not", None)
-    reason = why_not(module) if why_not is not None else None
+    if why_not is None:
+        reason = None
+    elif cls is QuantRNN:  # GRU/RNN stay float by default; a `select` entry forces them
+        reason = why_not(module, selected=selected)
+    else:
+        reason = why_not(module)
     return str(reason) if reason else None
+
+
+def _explicit(fqn: str, module: nn.Module, select: Selection | None) -> bool:
+    """Whether a ``select`` entry (not the default config) chose a config for the layer."""
+    return resolve(fqn, module, select, None) is not None
 
 
 def left_in_float(
@@ -77,7 +87,7 @@ def left_in_float(
         elif cfg.weight is None and cfg.activation is None:
             out[fqn] = f"{kind}: its config quantizes neither weight nor activation"
         else:
-            reason = _no_twin_reason(module)
+            reason = _no_twin_reason(module, _explicit(fqn, module, select))
             if reason is not None:
                 out[fqn] = f"{kind}: {reason}"
     return out
@@ -126,7 +136,7 @@ def quantize_(
             inside = (*inside, fqn + ".")
         if cfg is None or (cfg.weight is None and cfg.activation is None):
             continue
-        reason = _no_twin_reason(module)
+        reason = _no_twin_reason(module, _explicit(fqn, module, select))
         if reason is not None:
             if isinstance(module, COMPUTE_TYPES):
                 skipped[fqn] = f"{type(module).__name__}: {reason}"

@@ -211,9 +211,10 @@ def check_integer_kernels(path: Path, inputs: Feeds) -> KernelCoverage:
     if coverage.int8_mac_share < MIN_INT8_MAC_SHARE:
         warnings.warn(
             f"{Path(path).name}: ONNX Runtime runs only {coverage.int8_mac_share:.1%} of the "
-            f"MACs in integer kernels ({coverage.summary()}). Layers left in float by a "
-            "`select` entry are expected here; any other is a layer meant to be int8 that "
-            "ONNX Runtime could not fuse, please report it with the model.",
+            f"MACs in integer kernels ({coverage.summary()}). Layers kept float on purpose "
+            "are expected here: a `select` entry set to null, or a GRU/RNN (float by "
+            "default, see the quantize warning); any other is a layer meant to be int8 that "
+            "ONNX Runtime could not fuse: please report it with the model.",
             FloatKernelWarning,
             stacklevel=2,
         )
