@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgeslim-installed
 
-.PHONY: setup data demo test lint bench-baseline clean
+.PHONY: setup data demo test lint fuzz reliability bench-baseline clean
 
 setup: $(STAMP) data
 
@@ -32,6 +32,16 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -q
+
+# Hypothesis fuzzing of the loaders, readers and quantizers with the long profile (2,000
+# examples per target; EDGESLIM_FUZZ_EXAMPLES=N to change); `make test` runs a fast profile.
+fuzz: setup
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/fuzz \
+		--hypothesis-show-statistics
+
+# the exit-code / first-line table of docs/reliability.md
+reliability: setup
+	$(BIN)/python scripts/reliability_cases.py
 
 bench-baseline: setup
 	$(BIN)/edgeslim bench baseline --out benchmarks/baseline

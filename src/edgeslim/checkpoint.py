@@ -19,6 +19,25 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_checkpoint_path(path: Path) -> None:
+    """Refuse a folder or a missing path with a message saying which, and what to give."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = (
+            f"it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}: give one "
+            f"of them, e.g. --checkpoint {path / inside[0]}"
+            if inside
+            else "give the .safetensors file itself"
+        )
+        if (path / "manifest.json").is_file():  # a `compress` output: plan and quantizers too
+            hint += f", or rebuild the compressed model it holds with --from {path}"
+        raise CheckpointError(f"checkpoint {path} is a folder, not a safetensors file; {hint}.")
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; give the path of a .safetensors file."
+        )
+
+
 def save_state(model: nn.Module, path: Path) -> None:
     """Write the model's state dict (parameters and buffers) as safetensors."""
     from safetensors.torch import save_file
@@ -38,8 +57,7 @@ def load_state(model: nn.Module, path: Path, expected_sha256: str | None = None)
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist.")
+    check_checkpoint_path(path)
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
         raise CheckpointError(
             f"checkpoint {path} does not match the SHA-256 recorded in its card; it is "
@@ -75,6 +93,27 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
         raise CheckpointError(
             f"checkpoint {source} does not fit the model ({'; '.join(parts)}); nothing was loaded."
         )
+    # cast and check every tensor before the first copy, so a failure leaves the model as it was
+    params = {k for k, _ in model.named_parameters()}
+    cast: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if v.is_complex() and not own[k].is_complex():
+            raise CheckpointError(
+                f"checkpoint {source}: `{k}` is complex ({v.dtype}) but the model's is "
+                f"{own[k].dtype}; nothing was loaded."
+            )
+        try:
+            cast[k] = v.to(own[k].dtype)
+        except (RuntimeError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {source}: `{k}` has dtype {v.dtype}, which cannot become the "
+                f"model's {own[k].dtype} ({exc}); nothing was loaded."
+            ) from None
+        if k in params and cast[k].is_floating_point() and not bool(cast[k].isfinite().all()):
+            raise CheckpointError(
+                f"checkpoint {source}: `{k}` holds NaN or infinite values (a diverged or "
+                "damaged training run); nothing was loaded."
+            )
     with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(cast, strict=True)
     return model

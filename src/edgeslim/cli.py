@@ -23,6 +23,29 @@ if not console.is_terminal:  # logs and CI: wide enough for the tables
     console = Console(width=160)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from edgeslim.exits import versions
+
+        console.print(versions(), highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="print the edgeslim, torch and onnxruntime versions and exit",
+        ),
+    ] = False,
+) -> None:
+    """Compress PyTorch models for edge hardware, and measure it."""
+
+
 InputShapes = Annotated[
     list[str] | None,
     typer.Option(
@@ -112,12 +135,16 @@ def zoo_train(
     epochs: Annotated[int | None, typer.Option(help="override the recipe's epochs")] = None,
     seed: Annotated[int | None, typer.Option(help="override the recipe's seed")] = None,
     out: Annotated[
-        Path | None, typer.Option(help="output directory (default: the shipped checkpoints)")
+        Path | None,
+        typer.Option(help="output directory (default: ./zoo-out; never the installed package)"),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     train_limit: Annotated[
         int | None, typer.Option(help="train on the first N samples only")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace NAME's files if --out already has them")
+    ] = False,
 ) -> None:
     """Train a zoo CNN reproducibly and write NAME.safetensors + NAME.json."""
     from edgeslim.zoo import ZOO
@@ -128,7 +155,7 @@ def zoo_train(
 
         fail(_unknown(name))
     try:
-        card = train_zoo_model(name, epochs, seed, out, threads, train_limit)
+        card = train_zoo_model(name, epochs, seed, out, threads, train_limit, force=force)
     except EdgeslimError as exc:
         fail(exc)
     console.print(f"{name}: test top-1 {card['test_top1']:.2f}% (target {card['target_top1']}%)")
@@ -140,15 +167,19 @@ def zoo_prune(
     recipe: Annotated[Path, typer.Option(help="YAML recipe with one prune stage")],
     name: Annotated[str, typer.Option(help="name of the pruned model, e.g. resnet20-pruned50")],
     out: Annotated[
-        Path | None, typer.Option(help="output directory (default: the shipped checkpoints)")
+        Path | None,
+        typer.Option(help="output directory (default: ./zoo-out; never the installed package)"),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace NAME's files if --out already has them")
+    ] = False,
 ) -> None:
     """Prune a zoo CNN by a recipe; write NAME.plan.json + NAME.safetensors + NAME.json."""
     from edgeslim.zoo.pruned import make_pruned
 
     command = f"edgeslim zoo prune {base} --recipe {recipe} --name {name}"
     try:
-        card = make_pruned(base, recipe, name, out, command)
+        card = make_pruned(base, recipe, name, out, command, force=force)
     except EdgeslimError as exc:
         fail(exc)
     console.print(
@@ -167,22 +198,31 @@ def _human(n: float) -> str:
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="zoo name, 'minilm' or module:factory")],
+    model: Annotated[
+        str | None, typer.Argument(help="zoo name, 'minilm' or module:factory")
+    ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
     input_shape: InputShapes = None,
     data: DataOpt = None,
     groups: Annotated[bool, typer.Option(help="also list the channel-coupling groups")] = True,
+    from_dir: Annotated[
+        Path | None,
+        typer.Option("--from", help="a folder written by `compress`: its compressed model"),
+    ] = None,
 ) -> None:
     """Print the layer table (shapes, params, MACs) and the channel-coupling groups."""
     from edgeslim.cost import peak_activation_bytes, size_bytes
     from edgeslim.graph import analyze
     from edgeslim.inputs import example_args_for
-    from edgeslim.zoo import resolve_model
 
     try:
         shapes = _shapes(input_shape)
-        net = resolve_model(model, checkpoint, pretrained=False)  # structure only
-        if data is not None:
+        from edgeslim.compression import info_model
+
+        model, net, loaded = info_model(model, checkpoint, from_dir)
+        if loaded is not None and data is None and not shapes:
+            args = loaded
+        elif data is not None:
             from edgeslim.task import resolve_task
 
             args = resolve_task(model, data, None, shapes).example_inputs
@@ -274,10 +314,21 @@ def report(
     from edgeslim.report import write_report
 
     records = []
+    seen: dict[Path, Path] = {}
     for run in runs:
         path = run / "results.json" if run.is_dir() else run
         if not path.is_file():
             fail(EdgeslimError(f"{path} does not exist; give directories written by `bench`"))
+        if path.resolve() in seen:  # its records would be counted twice in every table
+            first = seen[path.resolve()]
+            spelled = "" if str(first) == str(run) else f" (as {first} and {run})"
+            fail(
+                EdgeslimError(
+                    f"{run} is given twice{spelled}; its records would count twice. Give "
+                    "each run folder once."
+                )
+            )
+        seen[path.resolve()] = run
         try:
             records += load_records(path)
         except ValueError as exc:
@@ -289,22 +340,48 @@ def report(
 
 @app.command()
 def compress(
-    model: Annotated[str, typer.Argument(help="zoo name, 'minilm' or module:factory")],
     recipe: Annotated[Path, typer.Option(help="YAML recipe")],
+    model: Annotated[
+        str | None, typer.Argument(help="zoo name, 'minilm' or module:factory")
+    ] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("compress-out"),
     checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
     data: DataOpt = None,
     metric: MetricOpt = None,
     input_shape: InputShapes = None,
     quick: Annotated[bool, typer.Option("--quick", help="fewer latency repeats")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace a non-empty --out folder whole")
+    ] = False,
+    trace_by_example: Annotated[
+        bool,
+        typer.Option(
+            "--trace-by-example",
+            help="export a model torch.fx cannot trace as its example input runs it (checked "
+            "on calibration, validation and perturbed inputs)",
+        ),
+    ] = False,
+    from_dir: Annotated[
+        Path | None,
+        typer.Option("--from", help="start from the compressed model a `compress` wrote there"),
+    ] = None,
 ) -> None:
     """Run a recipe's stages in order, then evaluate, export to ONNX and write a report."""
+    # printed before torch and the data load (tens of seconds), so the user sees it started
+    console.print(
+        f"[bold]edgeslim compress[/] {model} with {recipe} -> {out}: loading torch, the model "
+        "and its data...",
+        highlight=False,
+    )
+    import sys
+
     from edgeslim.compression import compress_model
 
     try:
         records = compress_model(
             model, recipe, out, checkpoint=checkpoint, quick=quick, data=data, metric=metric,
-            input_shapes=_shapes(input_shape),
+            input_shapes=_shapes(input_shape), force=force, trace_by_example=trace_by_example,
+            from_dir=from_dir, command=["edgeslim", *sys.argv[1:]],
         )  # fmt: skip
     except (EdgeslimError, ValueError) as exc:
         fail(exc)
@@ -363,7 +440,7 @@ def demo(
 
 @export_app.command("onnx")
 def export_onnx_cmd(
-    model: Annotated[str, typer.Argument(help="zoo name or module:factory")],
+    model: Annotated[str | None, typer.Argument(help="zoo name or module:factory")] = None,
     out: Annotated[Path, typer.Option(help="ONNX file to write")] = Path("model.onnx"),
     recipe: Annotated[
         Path | None, typer.Option(help="YAML recipe run first (e.g. quantize)")
@@ -372,28 +449,31 @@ def export_onnx_cmd(
     data: DataOpt = None,
     metric: MetricOpt = None,
     input_shape: InputShapes = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out file")] = False,
+    trace_by_example: Annotated[
+        bool,
+        typer.Option(
+            "--trace-by-example",
+            help="export a model torch.fx cannot trace as its example input runs it (checked "
+            "on calibration, validation and perturbed inputs)",
+        ),
+    ] = False,
+    from_dir: Annotated[
+        Path | None,
+        typer.Option("--from", help="export the compressed model a `compress` wrote there"),
+    ] = None,
 ) -> None:
     """Write ONNX (int8 QDQ for quantized models) and check it against torch on several inputs."""
-    from edgeslim.export.command import export_checked
-    from edgeslim.recipe import STAGES, StageContext, load_recipe
-    from edgeslim.task import resolve_task
-    from edgeslim.zoo import resolve_model
+    import sys
+
+    from edgeslim.export.command import export_command
 
     try:
-        r = load_recipe(recipe) if recipe is not None else None
-        task = resolve_task(model, data, metric, _shapes(input_shape), quick=True)
-        base = resolve_model(model, checkpoint)
-        net = base
-        if r is not None:
-            import copy
-            import tempfile
-
-            net = copy.deepcopy(base)
-            with tempfile.TemporaryDirectory() as tmp:
-                ctx = StageContext(out=Path(tmp), model_name=model, task=task)
-                for stage in r.stages:
-                    net = STAGES[stage.kind].handler(net, stage, ctx)
-        check = export_checked(net.eval(), task, out, reference=base)
+        check = export_command(
+            model, out, recipe, checkpoint, data, metric, _shapes(input_shape), force=force,
+            trace_by_example=trace_by_example, from_dir=from_dir,
+            command=["edgeslim", *sys.argv[1:]],
+        )  # fmt: skip
     except (EdgeslimError, ValueError) as exc:
         fail(exc)
     kind = "int8 QDQ" if check.quantized else "fp32"
@@ -409,8 +489,23 @@ def export_onnx_cmd(
     )
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: exit 0 / 2 (user error, one paragraph) / 1 (internal error, with
+    a log file) / 130 (Ctrl-C, saying what was kept); see :mod:`edgeslim.exits`."""
+    import sys
+
+    from rich.markup import escape
+
+    from edgeslim.exits import run
+
+    err = Console(stderr=True, width=None if console.is_terminal else 160)
+
+    def say(text: str) -> None:
+        head, _, rest = text.partition(": ")
+        err.print(f"[bold red]{escape(head)}:[/] {escape(rest)}", soft_wrap=True)
+
+    args = sys.argv[1:] if argv is None else argv
+    sys.exit(run(typer.main.get_command(app), args, say))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ class DataNotFoundError(EdgeslimError, FileNotFoundError):
     """A dataset's files are missing; the message names the command that installs them."""
 
 
+class DataCorruptError(DataNotFoundError):
+    """A dataset file exists but is truncated or corrupt; the message names the file and how
+    to reinstall it (a subclass of :class:`DataNotFoundError`: the remedy is the same)."""
+
+
 class UnknownModelError(EdgeslimError, KeyError):
     """A model name is neither in the zoo nor a ``module:factory`` reference."""
 

@@ -23,6 +23,12 @@ def load_callable(spec: str, what: str, error: type[EdgeslimError]) -> Callable[
     module_name, _, attr = spec.partition(":")
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")
+    if not module_name or not attr:
+        raise error(
+            f"{spec!r} is not a `package.module:function` reference; give the module and the "
+            f"function separated by a colon, e.g. mymodels:build, where {what}."
+        )
+    importlib.invalidate_caches()  # a module file written after start-up is found too
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
@@ -30,6 +36,11 @@ def load_callable(spec: str, what: str, error: type[EdgeslimError]) -> Callable[
             f"cannot load {spec!r}: {exc}. Give `package.module:function` where the module is "
             f"importable (the current directory or PYTHONPATH) and {what}."
         ) from None
+    except Exception as exc:  # the user's module failed while importing (SyntaxError, ...)
+        raise error(
+            f"importing {module_name} (for {spec}) raised {type(exc).__name__}: {exc}. Fix the "
+            "module so that it imports cleanly."
+        ) from exc
     if not callable(obj):
         raise error(f"{spec} is a {type(obj).__name__}, not a function; {what}.")
     return obj

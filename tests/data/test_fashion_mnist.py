@@ -8,7 +8,7 @@ import torch
 
 from edgeslim.data import fashion_mnist as fm
 from edgeslim.data import load_digits_split, load_fashion_mnist, load_sentences
-from edgeslim.errors import DataNotFoundError
+from edgeslim.errors import DataCorruptError, DataNotFoundError
 
 
 def test_splits_have_official_sizes_and_val_is_disjoint() -> None:
@@ -82,3 +82,53 @@ def test_digits_and_sentences_are_real_and_fixed() -> None:
     assert len(shipped) >= 60
     with pytest.raises(ValueError, match="source must be"):
         load_sentences(source="web")
+
+
+def _real_labels_gz() -> bytes:
+    return (fm.fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").read_bytes()
+
+
+def test_a_cut_gzip_file_names_the_file_and_how_to_reinstall(tmp_path: Path) -> None:
+    good = _real_labels_gz()
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(good[: len(good) // 2])  # the download or copy stopped half-way
+    with pytest.raises(DataCorruptError) as err:
+        fm._read_idx(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path} is truncated or corrupt (the gzip stream ends early)")
+    assert "apt-get install --reinstall dataset-fashion-mnist" in msg and "EDGESLIM_DATA" in msg
+    assert isinstance(err.value, DataNotFoundError)  # callers that catch the old type still do
+
+
+def test_a_bad_crc_is_a_corrupt_file_error_not_a_traceback(tmp_path: Path) -> None:
+    data = bytearray(_real_labels_gz())
+    data[-6] ^= 0xFF  # inside the CRC-32 trailer: the payload decompresses, the check fails
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataCorruptError, match=r"truncated or corrupt .*CRC"):
+        fm._read_idx(path)
+    data = bytearray(_real_labels_gz())
+    data[len(data) // 2] ^= 0x55  # inside the deflate stream
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataCorruptError, match="truncated or corrupt"):
+        fm._read_idx(path)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "file"])
+def test_edgeslim_data_that_is_unusable_is_an_error_not_ignored(
+    kind: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("EDGESLIM_DATA", raising=False)
+    assert fm.fashion_mnist_dir() == fm.DEBIAN_DIR  # the system copy exists: no fallback to it
+    target = tmp_path / "data"
+    if kind == "empty":
+        target.mkdir()
+    elif kind == "file":
+        target.write_text("x")
+    monkeypatch.setenv("EDGESLIM_DATA", str(target))
+    with pytest.raises(DataNotFoundError) as err:
+        fm.fashion_mnist_dir()
+    msg = str(err.value)
+    assert f"EDGESLIM_DATA={target}" in msg and "to use the system copy" in msg
+    if kind == "empty":
+        assert "lacks train-images-idx3-ubyte[.gz]" in msg

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from edgeslim.errors import DataNotFoundError
+from edgeslim.errors import DataCorruptError, DataNotFoundError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "EDGESLIM_DATA"
@@ -75,38 +76,85 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def fashion_mnist_dir() -> Path:
-    """The directory that holds the four IDX files, or a :class:`DataNotFoundError`."""
-    candidates: list[Path] = []
-    env = os.environ.get(ENV_VAR)
-    if env:
-        candidates += [Path(env), Path(env) / "fashion-mnist"]
-    candidates.append(DEBIAN_DIR)
-    stems = [s for pair in _FILES.values() for s in pair]
-    for directory in candidates:
+def _env_dir(env: str, stems: list[str]) -> Path:
+    """The folder ``$EDGESLIM_DATA`` names; an error (never a silent fallback to the system
+    copy) when it is missing or lacks the files, since the user asked for that copy."""
+    base = Path(env).expanduser()
+    if not base.is_dir():
+        what = "is a file, not a folder" if base.exists() else "does not exist"
+        raise DataNotFoundError(
+            f"{ENV_VAR}={env} {what}. Point {ENV_VAR} at the folder holding the Fashion-MNIST "
+            f"files, or unset it to use the system copy. {INSTALL_HINT}"
+        )
+    for directory in (base, base / "fashion-mnist"):
         if all(_find(directory, s) is not None for s in stems):
             return directory
-    looked = ", ".join(str(c) for c in candidates)
-    raise DataNotFoundError(f"Fashion-MNIST was not found (looked in: {looked}). {INSTALL_HINT}")
+    missing = [s for s in stems if _find(base, s) is None]
+    raise DataNotFoundError(
+        f"{ENV_VAR}={env} is set but the folder {base} (or {base / 'fashion-mnist'}) lacks "
+        f"{', '.join(m + '[.gz]' for m in missing)}. Put the four files there, or unset "
+        f"{ENV_VAR} to use the system copy. {INSTALL_HINT}"
+    )
+
+
+def fashion_mnist_dir() -> Path:
+    """The directory that holds the four IDX files, or a :class:`DataNotFoundError`."""
+    stems = [s for pair in _FILES.values() for s in pair]
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _env_dir(env, stems)
+    if all(_find(DEBIAN_DIR, s) is not None for s in stems):
+        return DEBIAN_DIR
+    raise DataNotFoundError(
+        f"Fashion-MNIST was not found (looked in: {DEBIAN_DIR}; {ENV_VAR} is not set). "
+        f"{INSTALL_HINT}"
+    )
+
+
+def _corrupt(path: Path, why: str) -> DataCorruptError:
+    return DataCorruptError(
+        f"{path} is truncated or corrupt ({why}). Reinstall it: `sudo apt-get install "
+        f"--reinstall dataset-fashion-mnist` for the system copy, or copy the file again into "
+        f"the folder {ENV_VAR} names. {INSTALL_HINT}"
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's (decompressed) bytes; a truncated or damaged gzip stream is a
+    :class:`DataCorruptError` naming the file, not an ``EOFError`` (which the command line
+    would show as "Aborted.") or a zlib traceback."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except EOFError:
+        raise _corrupt(path, "the gzip stream ends early") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise _corrupt(path, f"gzip: {exc}") from None
+    except OSError as exc:
+        raise _corrupt(path, f"cannot be read: {exc.strerror or exc}") from None
 
 
 def _read_idx(path: Path) -> torch.Tensor:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    data = _read_bytes(path)
     if len(data) < 8:
-        raise DataNotFoundError(f"{path} is truncated (only {len(data)} bytes). {INSTALL_HINT}")
+        raise _corrupt(path, f"only {len(data)} bytes")
     magic, count = struct.unpack(">II", data[:8])
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):
-        raise DataNotFoundError(f"{path} is not an unsigned-byte IDX file. {INSTALL_HINT}")
-    dims = [count, *struct.unpack(f">{ndim - 1}I", data[8 : 4 + 4 * ndim])]
+        raise _corrupt(path, "not an unsigned-byte IDX file of 1 or 3 dimensions")
     offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise _corrupt(path, f"the header needs {offset} bytes, the file has {len(data)}")
+    dims = [count, *struct.unpack(f">{ndim - 1}I", data[8:offset])]
     expected = 1
     for d in dims:
         expected *= d
     if len(data) - offset != expected:
-        raise DataNotFoundError(f"{path} is truncated or corrupt. {INSTALL_HINT}")
+        raise _corrupt(path, f"{len(data) - offset} data bytes where the header says {expected}")
+    if expected == 0:  # torch.frombuffer refuses an empty buffer
+        raise _corrupt(path, f"the header says {dims}: no samples")
     return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).reshape(dims)
 
 
@@ -118,7 +166,10 @@ def _raw(part: Literal["train", "test"], directory: str) -> tuple[torch.Tensor, 
     assert img_path is not None and lbl_path is not None
     images, labels = _read_idx(img_path), _read_idx(lbl_path)
     if images.shape[0] != labels.shape[0]:
-        raise DataNotFoundError(f"Fashion-MNIST {part} images and labels differ in count in {d}.")
+        raise DataCorruptError(
+            f"Fashion-MNIST {part} images ({images.shape[0]}) and labels ({labels.shape[0]}) "
+            f"differ in count in {d}; a file was replaced or is damaged. {INSTALL_HINT}"
+        )
     return images, labels.long()
 
 

@@ -181,6 +181,8 @@ class PrunePlan:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PlanError(f"prune plan is not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise PlanError("prune plan is not valid JSON (nested too deeply)") from None
         return cls.from_dict(data)
 
     def save(self, path: Path | str) -> Path:
@@ -195,7 +197,9 @@ class PrunePlan:
         if not path.is_file():
             raise PlanError(f"prune plan {path} does not exist")
         try:
-            return cls.from_json(path.read_text())
+            return cls.from_json(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"{path}: not a UTF-8 JSON file ({exc.reason})") from None
         except PlanError as exc:
             raise PlanError(f"{path}: {exc}") from None
 
@@ -293,8 +297,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist.")
+    from edgeslim.checkpoint import check_checkpoint_path
+
+    check_checkpoint_path(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

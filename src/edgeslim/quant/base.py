@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from edgeslim.quant.spec import QuantSpec
+from edgeslim.quant.spec import QuantConfigError, QuantInputError, QuantSpec
 
 
 class Quantizer(nn.Module):
@@ -34,6 +34,11 @@ class Quantizer(nn.Module):
 
     def __init__(self, spec: QuantSpec, is_weight: bool = True) -> None:
         super().__init__()
+        if is_weight and spec.granularity == "token":
+            raise QuantConfigError(
+                "granularity 'token' groups an activation by its last dimension; weights take "
+                "tensor, channel or group"
+            )
         self.spec = spec
         self.bits = spec.bits
         self.is_weight = is_weight
@@ -56,6 +61,14 @@ class Quantizer(nn.Module):
     def to_groups(self, x: torch.Tensor) -> torch.Tensor:
         """View ``x`` as ``(G, M)`` (activations: one group, or one per token)."""
         g = self.spec.granularity
+        no_dim = g == "token" or (self.is_weight and g != "tensor")
+        if isinstance(x, torch.Tensor) and (  # not under fx tracing (a Proxy has no size)
+            x.numel() == 0 or (x.dim() == 0 and no_dim)
+        ):
+            raise QuantInputError(
+                f"cannot quantize a tensor of shape {list(x.shape)} with granularity {g!r}: "
+                + ("it is empty" if x.numel() == 0 else "it has no channel dimension")
+            )
         if g == "token" and not self.is_weight:
             return x.reshape(-1, x.shape[-1])
         if g == "tensor" or not self.is_weight:

@@ -33,15 +33,19 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
-        unknown = set(data) - {"weight", "activation"}
+        if not isinstance(data, Mapping):
+            raise QuantConfigError(
+                f"a QuantConfig is a mapping with weight and activation; got {type(data).__name__}"
+            )
+        unknown = {str(k) for k in data} - {"weight", "activation"}
         if unknown:
             raise QuantConfigError(
                 f"unknown QuantConfig field(s) {sorted(unknown)}; valid: weight, activation"
             )
         w, a = data.get("weight"), data.get("activation")
         return cls(
-            weight=None if w is None else QuantSpec.from_dict(dict(w)),
-            activation=None if a is None else QuantSpec.from_dict(dict(a)),
+            weight=None if w is None else QuantSpec.from_dict(w),
+            activation=None if a is None else QuantSpec.from_dict(a),
         )
 
 

@@ -87,6 +87,7 @@ class RangeQuantizer(Quantizer):
         """Set a range tensor; a Parameter is updated in place when the shape allows, so an
         optimizer that holds it keeps training the same object."""
         cur = getattr(self, name)
+        value = value.to(cur.dtype)  # ranges are computed in float64 (see _masked_groups)
         if isinstance(cur, nn.Parameter):
             if cur.shape == value.shape:
                 with torch.no_grad():
@@ -107,9 +108,11 @@ class RangeQuantizer(Quantizer):
             )
 
     def _masked_groups(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(G, M)`` float view of ``x`` and a mask that is False on group padding (so the
-        zero padding of the last group of a channel does not bias means or quantiles)."""
-        g = self.to_groups(x.detach().float())
+        """``(G, M)`` float64 view of ``x`` and a mask that is False on group padding (so the
+        zero padding of the last group of a channel does not bias means or quantiles).
+        float64: sums of large float32 values (means, k-means) would overflow to inf (found
+        by fuzzing: four values of 1e38 gave a binary alpha of inf)."""
+        g = self.to_groups(x.detach().double())
         valid = self.to_groups(torch.ones_like(g.new_empty(x.shape))) > 0
         return g, valid
 
@@ -176,8 +179,9 @@ class UniformQuantizer(RangeQuantizer):
         self.set_range(g.amin(1), g.amax(1))
 
     def set_range(self, lo: torch.Tensor | float, hi: torch.Tensor | float) -> None:
-        """Set the range from per-group bounds (observers call this)."""
-        lo_t, hi_t = _per_group(lo), _per_group(hi)
+        """Set the range from per-group bounds (observers call this); float64 so that
+        ``hi - lo`` of bounds near the float32 maximum does not overflow."""
+        lo_t, hi_t = _per_group(lo).double(), _per_group(hi).double()
         if self.symmetric:
             scale = torch.maximum(lo_t.abs(), hi_t.abs()) / self.qmax
             zp = torch.zeros_like(scale)

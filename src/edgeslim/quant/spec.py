@@ -7,6 +7,7 @@ names fail at construction with the list of valid ones.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -18,6 +19,11 @@ GRANULARITIES = ("tensor", "channel", "group", "token")
 
 class QuantConfigError(EdgeslimError, ValueError):
     """An invalid quantization setting; the message lists the valid values."""
+
+
+class QuantInputError(EdgeslimError, ValueError):
+    """A tensor a quantizer cannot take (empty, or without the dimension its granularity
+    groups by); the message names the shape and the granularity."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,15 @@ class QuantSpec:
 
         ensure_builtins()
 
+        for name in ("quantizer", "estimator", "observer", "granularity"):
+            if not isinstance(getattr(self, name), str):
+                raise QuantConfigError(
+                    f"{name} must be a name (a string); got {getattr(self, name)!r}"
+                )
+        if not isinstance(self.symmetric, bool):
+            raise QuantConfigError(f"symmetric must be true or false; got {self.symmetric!r}")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
+            raise QuantConfigError(f"group_size must be an integer >= 1; got {self.group_size!r}")
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise QuantConfigError(f"bits must be an integer in 1..8; got {self.bits!r}")
         if self.granularity not in GRANULARITIES:
@@ -78,11 +93,16 @@ class QuantSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
-        unknown = set(data) - set(cls.__dataclass_fields__)
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
+        if not isinstance(data, Mapping):
+            raise QuantConfigError(
+                f"a QuantSpec is a mapping of {', '.join(cls.__dataclass_fields__)}; "
+                f"got {type(data).__name__}"
+            )
+        unknown = {str(k) for k in data} - set(cls.__dataclass_fields__)
         if unknown:
             raise QuantConfigError(
                 f"unknown QuantSpec field(s) {sorted(unknown)}; valid: "
                 f"{', '.join(cls.__dataclass_fields__)}"
             )
-        return cls(**data)
+        return cls(**dict(data))

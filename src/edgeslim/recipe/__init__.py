@@ -7,6 +7,7 @@ from edgeslim.recipe.schema import (
     StageContext,
     load_recipe,
     parse_recipe,
+    parse_recipe_text,
     register_stage,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "StageContext",
     "load_recipe",
     "parse_recipe",
+    "parse_recipe_text",
     "register_stage",
 ]

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from types import UnionType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -104,66 +105,151 @@ def _loc(prefix: str, loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _explain(exc: ValidationError, prefix: str, schema: type[BaseModel]) -> str:
+_TYPE_WORDS: dict[Any, str] = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "a mapping",
+    list: "a list",
+    tuple: "a list",
+}
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _describe_type(annotation: Any) -> str | None:
+    """Plain words for a field type (``one of a, b``, ``an integer``), or None if exotic."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(annotation))
+    if origin in (Union, UnionType):
+        parts = [a for a in get_args(annotation) if a is not type(None)]
+        words = [_describe_type(a) for a in parts]
+        if any(w is None for w in words):
+            return None
+        text = " or ".join(w for w in words if w)
+        return text + " or null" if len(parts) < len(get_args(annotation)) else text
+    return _TYPE_WORDS.get(origin or annotation)
+
+
+def _allowed(schema: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """What a top-level field of ``schema`` accepts: its type in words and its bounds."""
+    if len(loc) != 1 or not isinstance(loc[0], str) or loc[0] not in schema.model_fields:
+        return None
+    info = schema.model_fields[loc[0]]
+    words = _describe_type(info.annotation)
+    if words is None:
+        return None
+    bounds = [
+        f"{sign} {getattr(m, attr)}"
+        for m in info.metadata
+        for attr, sign in _BOUNDS
+        if getattr(m, attr, None) is not None
+    ]
+    nullable = words.endswith(" or null")
+    words = words.removesuffix(" or null") + (f" {' and '.join(bounds)}" if bounds else "")
+    return words + (", or null" if nullable else "")
+
+
+def _explain(exc: ValidationError, prefix: str, schema: type[BaseModel]) -> list[str]:
+    """One message per invalid field: where, what is wrong, what was given, what is allowed."""
     msgs = []
     for err in exc.errors():
-        where = _loc(prefix, tuple(err["loc"]))
+        loc = tuple(err["loc"])
+        where = _loc(prefix, loc)
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(k for k in schema.model_fields if k != "kind")
             msgs.append(f"{where}: unknown field; allowed fields: {allowed or '(none)'}")
-        else:
-            msgs.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(msgs)
+            continue
+        msg = f"{where}: {err['msg']} (got {err.get('input')!r})"
+        words = _allowed(schema, loc)
+        if words is not None and "allowed" not in err["msg"]:
+            msg += f"; allowed: {words}"
+        msgs.append(msg)
+    return msgs
+
+
+def _refuse(source: str, errors: list[str]) -> RecipeError:
+    """All the problems of a recipe in one paragraph, so one edit fixes them all."""
+    if len(errors) == 1:
+        return RecipeError(f"{source}: {errors[0]}")
+    return RecipeError(f"{source}: {len(errors)} errors: " + "; ".join(errors))
+
+
+def _parse_stage(i: int, raw: Any, errors: list[str]) -> Stage | None:
+    """Validate one stage, appending its problems to ``errors``."""
+    where = f"stages[{i}]"
+    kinds = ", ".join(sorted(STAGES))
+    if not isinstance(raw, dict) or "kind" not in raw:
+        errors.append(f"{where} must be a mapping with a kind; kinds: {kinds}")
+        return None
+    kind = raw["kind"]
+    if not isinstance(kind, str) or kind not in STAGES:
+        errors.append(f"{where}.kind: {kind!r} is not a stage kind; allowed values: {kinds}")
+        return None
+    schema = STAGES[kind].schema
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        errors += _explain(exc, where, schema)
+    except (ValueError, KeyError, TypeError) as exc:  # a stage's own checks (registry names)
+        errors.append(f"{where}: {exc}")
+    return None
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    """Validate recipe data (already parsed from YAML/JSON); raise :class:`RecipeError`."""
+    """Validate recipe data (already parsed from YAML/JSON); raise :class:`RecipeError`
+    listing every invalid field, not only the first."""
     _load_builtin_stages()
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with keys name, description, stages")
-    unknown = [k for k in data if k not in Recipe.KEYS]
-    if unknown:
-        raise RecipeError(
-            f"{source}: unknown top-level field {unknown[0]!r}; allowed: {', '.join(Recipe.KEYS)}"
-        )
+    errors = [
+        f"unknown top-level field {k!r}; allowed: {', '.join(Recipe.KEYS)}"
+        for k in data
+        if k not in Recipe.KEYS
+    ]
     raw_stages = data.get("stages") or []
     if not isinstance(raw_stages, list):
-        raise RecipeError(f"{source}: stages must be a list of mappings, each with a kind")
-    stages: list[Stage] = []
-    kinds = ", ".join(sorted(STAGES))
-    for i, raw in enumerate(raw_stages):
-        where = f"stages[{i}]"
-        if not isinstance(raw, dict) or "kind" not in raw:
-            raise RecipeError(f"{source}: {where} must be a mapping with a kind; kinds: {kinds}")
-        kind = raw["kind"]
-        if kind not in STAGES:
-            raise RecipeError(
-                f"{source}: {where}.kind: {kind!r} is not a stage kind; allowed values: {kinds}"
-            )
-        schema = STAGES[kind].schema
-        try:
-            stages.append(schema.model_validate(raw))
-        except ValidationError as exc:
-            raise RecipeError(f"{source}: {_explain(exc, where, schema)}") from None
-        except (ValueError, KeyError) as exc:  # a stage's own checks (e.g. registry names)
-            raise RecipeError(f"{source}: {where}: {exc}") from None
+        errors.append("stages must be a list of mappings, each with a kind")
+        raw_stages = []
+    stages = [_parse_stage(i, raw, errors) for i, raw in enumerate(raw_stages)]
+    head = {"name": data.get("name", "recipe"), "description": data.get("description", "")}
     try:
-        return Recipe(
-            name=data.get("name", "recipe"),
-            description=data.get("description", ""),
-            stages=tuple(stages),
-        )
+        Recipe.model_validate(head)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {_explain(exc, '', Recipe)}") from None
+        errors += _explain(exc, "", Recipe)
+    if errors:
+        raise _refuse(source, errors)
+    return Recipe(**head, stages=tuple(s for s in stages if s is not None))
 
 
 def load_recipe(path: Path) -> Recipe:
     """Load a YAML recipe file (``yaml.safe_load``: no code execution)."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder; give a YAML file (e.g. recipe.yaml)")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        where = f"{exc.reason} at byte {exc.start}"
+        raise RecipeError(f"{path}: not a UTF-8 text file ({where})") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return parse_recipe_text(text, source=str(path))
+
+
+def parse_recipe_text(text: str, source: str = "recipe") -> Recipe:
+    """Parse and validate YAML text; any problem, including a value YAML itself rejects
+    (an impossible date, nesting deeper than the parser allows), is a :class:`RecipeError`."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
-    return parse_recipe(data, source=str(path))
+        raise RecipeError(f"{source}: not valid YAML ({exc})") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: not valid YAML (nested too deeply)") from None
+    except Exception as exc:  # PyYAML's constructors on odd values: a timestamp with month 13
+        # (ValueError), `!!timestamp ''` (AttributeError); safe_load runs no user code
+        raise RecipeError(f"{source}: not valid YAML ({type(exc).__name__}: {exc})") from None
+    return parse_recipe(data, source=source)

@@ -93,16 +93,51 @@ def _mse(outputs: Any, target: Any) -> torch.Tensor:
     return torch.nn.functional.mse_loss(first_output(outputs), target)
 
 
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``; any failure to parse the user's bytes (a bad zip, a bad
+    CRC, a truncated member, an .npy instead of an .npz) is a :class:`TaskError`."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:  # zipfile, zlib, numpy header errors: all mean a bad file
+        raise TaskError(
+            f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); write it with "
+            "numpy.savez(path, x=inputs, y=targets)"
+        ) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise TaskError(
+            f"{path} holds a single array (.npy format), not an .npz archive; write it with "
+            "numpy.savez(path, x=inputs, y=targets)"
+        )
+    try:
+        with loaded as f:
+            return {k: f[k] for k in f.files}
+    except Exception as exc:
+        raise TaskError(
+            f"{path} is a damaged .npz file ({type(exc).__name__}: {exc}); write it again "
+            "with numpy.savez(path, x=inputs, y=targets)"
+        ) from None
+
+
+def _numeric_tensor(a: np.ndarray, name: str, path: Path) -> torch.Tensor:
+    """A tensor of a bool/int/float array (native byte order); other dtypes are refused."""
+    if a.dtype.kind not in "biuf":
+        raise TaskError(
+            f"{path}: array {name!r} has dtype {a.dtype}; give numbers (float for inputs, "
+            "integer class labels or float targets for y)"
+        )
+    try:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")))
+    except TypeError as exc:  # a numeric dtype torch lacks
+        raise TaskError(f"{path}: array {name!r}: dtype {a.dtype} is unsupported ({exc})") from None
+
+
 def npz_task(path: Path, batch_size: int = 32) -> Task:
     """A task from an ``.npz`` file (see the module docstring for its layout)."""
     path = Path(path)
     if not path.is_file():
-        raise TaskError(f"--data {path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as exc:
-        raise TaskError(f"{path} is not a readable .npz file: {exc}") from None
+        what = "is a folder, not an .npz file" if path.is_dir() else "no such file"
+        raise TaskError(f"--data {path}: {what}")
+    arrays = _read_npz(path)
     if "x" in arrays:
         names = ["x"]
     else:
@@ -115,9 +150,15 @@ def npz_task(path: Path, batch_size: int = 32) -> Task:
             "array `x` (one input) or `x0`, `x1`, ... (several inputs), samples along the "
             "batch dimension; an optional `y` holds targets"
         )
-    inputs = tuple(torch.from_numpy(np.ascontiguousarray(arrays[n])) for n in names)
+    inputs = tuple(_numeric_tensor(arrays[n], n, path) for n in names)
     inputs = tuple(t.float() if torch.is_floating_point(t) else t for t in inputs)
-    dims = tuple(int(d) for d in arrays.get("batch_dims", np.zeros(len(names), dtype=int)))
+    raw_dims = arrays.get("batch_dims", np.zeros(len(names), dtype=int))
+    if raw_dims.ndim != 1 or raw_dims.dtype.kind not in "iu" or (raw_dims < 0).any():
+        raise TaskError(
+            f"{path}: batch_dims must be a 1-D array of non-negative integers (one batch "
+            f"dimension per input); got dtype {raw_dims.dtype} shape {list(raw_dims.shape)}"
+        )
+    dims = tuple(int(d) for d in raw_dims)
     if len(dims) != len(names):
         raise TaskError(f"{path}: batch_dims has {len(dims)} entries for {len(names)} inputs")
     sizes = {int(t.shape[d]) for t, d in zip(inputs, dims, strict=True) if d < t.dim()}
@@ -128,9 +169,15 @@ def npz_task(path: Path, batch_size: int = 32) -> Task:
             f"batch dimensions {list(dims)}"
         )
     n = sizes.pop()
+    if n < 2:
+        raise TaskError(
+            f"{path}: {n} sample(s); need at least 2 samples (one to calibrate, one to measure)"
+        )
     target = None
     if "y" in arrays:
-        target = torch.from_numpy(np.ascontiguousarray(arrays["y"]))
+        target = _numeric_tensor(arrays["y"], "y", path)
+        if target.dim() == 0:
+            raise TaskError(f"{path}: y is a single value; give one target per sample")
         target = target.long() if not torch.is_floating_point(target) else target.float()
         if len(target) != n:
             raise TaskError(f"{path}: y has {len(target)} samples but the inputs have {n}")
@@ -180,6 +227,10 @@ def image_folder_task(
                 images.append(image_preprocess(img.convert("RGB"), size, resize, mean, std))
         except (OSError, UnidentifiedImageError) as exc:
             raise TaskError(f"{f} is not a readable image: {exc}") from None
+        except Exception as exc:  # Pillow decoders raise SyntaxError, ValueError, ... on bad bytes
+            raise TaskError(
+                f"{f} is not a readable image ({type(exc).__name__}: {exc}); remove or replace it"
+            ) from None
     x = torch.stack(images)
     target = torch.tensor([lab for _, lab in files]) if classes else None
     held = _held_mask(len(files), every=5)
