@@ -48,12 +48,30 @@ def test_compress_without_out_keeps_no_file(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_rerun_replaces_the_output_folder_whole(tmp_path: Path) -> None:
+def test_a_rerun_with_force_replaces_the_output_folder_whole(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "model.plan.json").write_text("{}")  # stale file of an earlier prune run
-    edgeslim.compress(_digits_cnn(), W8A8, digits_task(), out=out, quick=True)
+    edgeslim.compress(_digits_cnn(), W8A8, digits_task(), out=out, quick=True, force=True)
     assert not (out / "model.plan.json").exists() and (out / "model.onnx").is_file()
+
+
+def test_mixed_bits_are_labelled_from_the_layers_not_the_request(tmp_path: Path) -> None:
+    """W8 requested, the last layer selected at 4 bits: every label says W4/8A8."""
+    act = {"bits": 8, "granularity": "tensor", "symmetric": False}
+    recipe = {"name": "mixed", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8,
+              "select": {"4": {"weight": {"bits": 4}, "activation": act}}}]}  # fmt: skip
+    out = tmp_path / "run"
+    result = edgeslim.compress(_digits_cnn(), recipe, digits_task(), out=out, quick=True)
+    config = result.records[0].config
+    assert config == {"w_bits": "4/8", "a_bits": 8, "low_bits": 4, "high_bits": 8}
+    assert result.records[0].extra["weight_bits"] == {"0": 8, "4": 4}
+    from edgeslim.records import precision_label
+    from edgeslim.report.plots import _label
+
+    assert precision_label(config) == "W4/8A8" and _label(result.records[0]) == "mixed W4/8A8"
+    report = (out / "report.md").read_text()
+    assert "w_bits=4/8" in report and "w_bits=8" not in report
 
 
 def test_a_failing_run_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from edgeslim.bench import load_records
 from edgeslim.cli import app
+from edgeslim.zoo import ZOO
 
 
 def test_demo_shows_baseline_quantized_pruned_then_datafree_resnet20(tmp_path: Path) -> None:
@@ -17,7 +18,7 @@ def test_demo_shows_baseline_quantized_pruned_then_datafree_resnet20(tmp_path: P
     assert all(f"{k}/4" in result.output for k in (1, 2, 3, 4))
     base = load_records(tmp_path / "baseline" / "results.json")
     quant = load_records(tmp_path / "quant" / "results.json")
-    assert {r.model for r in base} == {"resnet20", "vgg-small", "mobilenetv2-small", "minilm"}
+    assert {r.model for r in base} == {*ZOO, "minilm"}  # every zoo CNN, then MiniLM
     methods = {(r.method, r.config.get("w_bits")) for r in quant}
     assert ("edgeslim:ptq", 8) in methods and ("edgeslim:fp32", 32) in methods
     assert "W8A8" in result.output

@@ -1,7 +1,8 @@
 """edgeslim: make trained PyTorch models small and fast for edge hardware, and measure it.
 
 Start here: ``edgeslim.compress(model, recipe, task)`` with an ``edgeslim.Task`` carrying
-your example inputs, data and (optionally) metric. The public API is re-exported lazily,
+your example inputs, data and (optionally) metric; ``edgeslim.load(out_dir)`` rebuilds the
+compressed model a run wrote. The public API is re-exported lazily,
 so ``import edgeslim`` stays fast and loads no optional heavy dependency (onnxruntime,
 transformers, matplotlib) until it is used.
 """
@@ -27,6 +28,8 @@ _EXPORTS = {
     "compress": "edgeslim.compression",
     "compress_model": "edgeslim.compression",
     "CompressResult": "edgeslim.compression",
+    "load": "edgeslim.artifacts",
+    "load_artifact": "edgeslim.artifacts",
     "Task": "edgeslim.task",
     "TensorBatches": "edgeslim.data.batching",
     "load_fashion_mnist": "edgeslim.data",

@@ -2,21 +2,24 @@
 export and report.
 
 The uncompressed model is measured in the same run (the task's metric, and latency in torch
-and in ONNX Runtime in one process), so every record carries its own baseline. Output is
-written into a temporary sibling folder and moved into place at the end: an interrupted or
-failed run leaves the previous contents of ``out`` (if any) untouched and no half-written
-folder behind.
+and in ONNX Runtime in one process), so every record carries its own baseline. Everything is
+validated before ``out`` is touched; output is written into a temporary sibling folder and
+moved into place at the end: an interrupted or failed run leaves the previous contents of
+``out`` (if any) untouched and no half-written folder behind (a killed run's sibling is
+removed by the next run). ``manifest.json`` lists every file with its SHA-256 and says how
+:func:`edgeslim.load` rebuilds the compressed model (see :mod:`edgeslim.artifacts`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -35,6 +38,9 @@ from edgeslim.report import write_report
 from edgeslim.runtime.ort import OrtModel, ort_session
 from edgeslim.task import Task
 
+if TYPE_CHECKING:
+    from edgeslim.artifacts import Lineage
+
 DATA_ORDER = ("none", "calibration", "train")
 # an fp32 export must compute what torch computes: relative to the output's largest value
 FP32_REL_TOLERANCE = 1e-3
@@ -48,6 +54,7 @@ class CompressResult:
     records: list[Record]
     paths: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # what reload replays
 
 
 def as_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Recipe:
@@ -62,36 +69,40 @@ def as_recipe(recipe: Recipe | dict[str, Any] | str | Path) -> Recipe:
 
 
 def _recipe_yaml(recipe: Recipe) -> str:
-    stages = [s.model_dump(mode="json") for s in recipe.stages]
-    data = {"name": recipe.name, "description": recipe.description, "stages": stages}
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(recipe_data(recipe), sort_keys=False)
+
+
+def _bits_label(values: list[int]) -> int | str:
+    """``8`` when uniform, ``"3/8"`` (lowest/highest) when mixed."""
+    low, high = min(values), max(values)
+    return low if low == high else f"{low}/{high}"
 
 
 def _bits_config(module: nn.Module) -> tuple[dict[str, Any], dict[str, int]]:
-    """The bits actually in ``module``: w/a bits, and low/high when weights are mixed."""
+    """The bits actually in ``module``, read from its quantized layers (never from the
+    recipe's request): ``w_bits`` (``"3/8"`` when mixed, with ``low_bits``/``high_bits``) and
+    ``a_bits`` (``32`` when no activation is quantized); plus the per-layer weight bits."""
     quantized = {n: m for n, m in module.named_modules() if isinstance(m, QuantMixin)}
     w_bits = {n: m.qconfig.weight.bits for n, m in quantized.items() if m.qconfig.weight}
     if not w_bits:
         return {}, {}
-    a_specs = [m.qconfig.activation for m in quantized.values() if m.qconfig.activation]
+    a_bits = sorted({m.qconfig.activation.bits for m in quantized.values() if m.qconfig.activation})
     config: dict[str, Any] = {
-        "w_bits": max(w_bits.values()),
-        "a_bits": a_specs[0].bits if a_specs else 32,
+        "w_bits": _bits_label(list(w_bits.values())),
+        "a_bits": _bits_label(a_bits) if a_bits else 32,
     }
     if min(w_bits.values()) != max(w_bits.values()):
         config.update(low_bits=min(w_bits.values()), high_bits=max(w_bits.values()))
     return config, w_bits
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp`` whole (the old contents are removed only once the new are in)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _parity_sources(task: Task, per_source: int = 2) -> list[tuple[str, Any]]:
+    """Named input batches the exports are checked on: example, calibration, validation and
+    perturbed inputs (see :func:`edgeslim.export.verify.parity_inputs`)."""
+    from edgeslim.export.verify import parity_inputs
+
+    calib = task.calibration_batches(64)[:per_source] if task.calibration is not None else []
+    return parity_inputs(task.example_inputs, calib, task.validation_batches()[:per_source])
 
 
 def compress(
@@ -101,34 +112,60 @@ def compress(
     out: str | Path | None = None,
     name: str | None = None,
     quick: bool = False,
+    *,
+    force: bool = False,
+    trace_by_example: bool = False,
+    source: Lineage | None = None,
+    command: list[str] | None = None,
 ) -> CompressResult:
     """Compress ``model`` (not changed: a copy is) by ``recipe`` on ``task``.
 
     Writes into ``out`` (when given): ``model.onnx`` (int8 QDQ when quantized),
-    ``baseline.onnx``, ``model.safetensors``, ``results.json`` (one record per runtime,
-    with every metric of the task), ``report.md`` with plots, and the ``recipe.yaml`` run.
-    ``out=None`` measures the same way in a temporary folder and keeps no file.
+    ``baseline.onnx``, ``model.safetensors``, the prune plans, ``results.json`` (one record
+    per runtime, with every metric of the task), ``report.md`` with plots, the
+    ``recipe.yaml`` run, ``reload_check.safetensors`` and ``manifest.json`` (files with
+    SHA-256, versions, recipe, command line and how :func:`edgeslim.load` rebuilds the
+    model). ``out=None`` measures the same way in a temporary folder and keeps no file.
+
+    Everything is validated before ``out`` is touched: the recipe (no stages: refused), the
+    folder (a non-empty one needs ``force``, which replaces it whole), the inputs, and that
+    torch.fx can trace the model (what ``edgeslim info`` checks; ``trace_by_example`` exports
+    an untraceable model as its example input runs it, checked on perturbed inputs).
+    ``source`` (from :func:`edgeslim.artifacts.load_artifact`) continues the lineage of a
+    model reloaded from an earlier output; ``command`` is recorded in the manifest.
     """
+    from edgeslim.artifacts import Lineage, check_out_folder, temp_sibling
+    from edgeslim.export.verify import check_traceable
+
     recipe = as_recipe(recipe)  # validate before any heavy work
     if not recipe.stages:
         raise RecipeError("the recipe has no stages: there is nothing to compress")
     name = name or type(model).__name__
+    target = None if out is None else Path(out)
+    if target is not None:
+        check_out_folder(target, force)
     base = model.eval()
     task.check(base)
-    target = None if out is None else Path(out)
-    if target is not None and target.exists() and not target.is_dir():
-        raise EdgeslimError(f"--out {target} exists and is not a folder; give a folder path")
-    parent = target.parent if target is not None else None
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-" if target else "edgeslim-",
-                                 dir=parent))  # fmt: skip
+    if not trace_by_example:
+        check_traceable(base, name)
+    lineage = copy.copy(source) if source is not None else Lineage(base_class=type(base).__name__)
+    if lineage.base_sha256 is None and target is not None:
+        from edgeslim.artifacts import state_sha256
+
+        lineage.base_sha256 = state_sha256(base)
+    if target is not None:
+        work = temp_sibling(target)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="edgeslim-"))
     try:
-        result = _run(base, recipe, task, work, name, quick)
+        result = _run(base, recipe, task, work, name, quick, trace_by_example)
         if target is None:
             result.paths = {}
             return result
-        _move_into_place(work, target)
+        _finish_folder(result, recipe, task, work, lineage, command)
+        from edgeslim.artifacts import move_into_place
+
+        move_into_place(work, target)
         result.paths = {k: target / p.name for k, p in result.paths.items()}
         return result
     finally:
@@ -136,9 +173,66 @@ def compress(
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _finish_folder(
+    result: CompressResult,
+    recipe: Recipe,
+    task: Task,
+    out: Path,
+    lineage: Lineage,
+    command: list[str] | None,
+) -> None:
+    """Write what reload needs (prior steps' files, the check file) and the manifest."""
+    from edgeslim.artifacts import Lineage, save_check, write_manifest
+    from edgeslim.task.agreement import flat_outputs
+
+    steps: list[dict[str, Any]] = []
+    for step in lineage.steps:  # a model reloaded with --from: carry its files along
+        files = dict(step.get("files") or {})
+        for key, fname in files.items():
+            assert lineage.folder is not None
+            copied = f"from.{fname}"
+            shutil.copyfile(lineage.folder / fname, out / copied)
+            files[key] = copied
+        steps.append({**step, "files": files})
+    steps += result.steps
+    if task.wrap is None:
+        with torch.no_grad():
+            outputs = flat_outputs(result.model(*task.example_inputs))
+        save_check(out, task.example_inputs, outputs)
+    else:  # the raw model does not take the example inputs: record them alone
+        save_check(out, task.example_inputs, [])
+    rebuild = Lineage(
+        lineage.spec, lineage.checkpoint, lineage.base_class, lineage.base_sha256, steps
+    ).to_dict()
+    path = write_manifest(
+        out, recipe=json.loads(json.dumps(recipe_data(recipe))), command=command,
+        rebuild=rebuild, name=result.records[0].model if result.records else None,
+    )  # fmt: skip
+    result.paths["check"] = out / "reload_check.safetensors"
+    result.paths["manifest"] = path
+
+
+def recipe_data(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data, every stage with all its fields."""
+    stages = [s.model_dump(mode="json") for s in recipe.stages]
+    return {"name": recipe.name, "description": recipe.description, "stages": stages}
+
+
+def _plan_files(out: Path) -> set[str]:
+    return {p.name for p in out.glob("model.plan*.json")}
+
+
 def _run(
-    base: nn.Module, recipe: Recipe, task: Task, out: Path, name: str, quick: bool
+    base: nn.Module,
+    recipe: Recipe,
+    task: Task,
+    out: Path,
+    name: str,
+    quick: bool,
+    trace_by_example: bool = False,
 ) -> CompressResult:
+    from edgeslim.export.verify import Parity
+
     (out / "recipe.yaml").write_text(_recipe_yaml(recipe))
     log_step(f"compress {name}: measuring the uncompressed model on {task.name}")
     task.bind_reference(base)
@@ -147,9 +241,11 @@ def _run(
     model = copy.deepcopy(base)
     ctx = StageContext(out=out, model_name=name, quick=quick, task=task)
     data_used = "none"
+    steps: list[dict[str, Any]] = []
     for i, stage in enumerate(recipe.stages):
         kind = STAGES[stage.kind]
         log_step(f"compress {name}: stage {i + 1}/{len(recipe.stages)} ({stage.kind})")
+        plans_before = _plan_files(out)
         try:
             model = kind.handler(model, stage, ctx)
         except EdgeslimError:
@@ -162,10 +258,19 @@ def _run(
                 "in a quantize stage, `skip` in a prune stage); otherwise report this with "
                 "the model."
             ) from exc
+        step: dict[str, Any] = {"kind": stage.kind, "stage": stage.model_dump(mode="json")}
+        new_plans = sorted(_plan_files(out) - plans_before)
+        step["files"] = {"plan": new_plans[0]} if new_plans else {}
+        steps.append(step)
         if DATA_ORDER.index(kind.data_used) > DATA_ORDER.index(data_used):
             data_used = kind.data_used
     seconds = time.perf_counter() - start
     model.eval()
+    if trace_by_example:
+        ctx.notes.append(
+            "export: traced by example (trace_by_example): torch.fx was not required to trace "
+            "the model; the files were checked on calibration, validation and perturbed inputs"
+        )
     log_step(f"compress {name}: measuring the compressed model")
     metrics = task.measure(model)
     save_state(model, out / "model.safetensors")
@@ -178,15 +283,13 @@ def _run(
     base_path = export_module(base_mod, example, out / "baseline.onnx", axes)
     comp_path = export_module(comp_mod, example, out / "model.onnx", axes)
     base_sess, comp_sess = ort_session(base_path), ort_session(comp_path)
-    checks = [example, *task.validation_batches()[:3]]
+    checks = _parity_sources(task)
     base_parity = check_parity(base_mod, base_sess, checks)
-    if max(base_parity.max_rel_diff) > FP32_REL_TOLERANCE:
-        raise EdgeslimError(
-            f"the fp32 ONNX export of {name} does not compute what torch computes "
-            f"({base_parity.describe()}); the model may depend on data (control flow) or use "
-            "an op the exporter mistranslates. Report this with the model."
-        )
-    parity = check_parity(comp_mod, comp_sess, checks)
+    _refuse_mismatch(base_parity, f"the fp32 ONNX export of {name}", trace_by_example)
+    parity: Parity = check_parity(comp_mod, comp_sess, checks)
+    quantized = any(isinstance(m, QuantMixin) for m in comp_mod.modules())
+    if not quantized:  # a float model (pruned, fine-tuned) must match torch as closely
+        _refuse_mismatch(parity, f"the ONNX export of compressed {name}", trace_by_example)
     kernels = _integer_kernels(comp_mod, comp_path, example, ctx.notes)
     ort_metrics = task.measure(OrtModel(comp_sess), wrapped=True)
     log_step(f"compress {name}: timing torch and ONNX Runtime, compressed vs uncompressed")
@@ -203,6 +306,7 @@ def _run(
     )
     macs = total_macs(layer_table(comp_mod, *example))
     config, w_bits = _bits_config(comp_mod)
+    config.update(_macs_config(recipe, base_mod, example, macs))
     headline = next(iter(base_metrics))
     common: dict[str, Any] = {
         "suite": "compress",
@@ -217,7 +321,12 @@ def _run(
         "seconds": round(seconds, 2),
         "data_used": data_used,
     }
-    extra = {"task": task.name, "notes": ctx.notes, "baseline_metrics": base_metrics}
+    extra: dict[str, Any] = {
+        "task": task.name, "notes": ctx.notes, "baseline_metrics": base_metrics,
+        "trace_by_example": trace_by_example,
+    }  # fmt: skip
+    if w_bits:
+        extra["weight_bits"] = w_bits
     records = [
         Record(**common, value=round(metrics[headline], 4), runtime="torch",
                latency_ms=round(lat["torch"].median_ms, 4),
@@ -228,7 +337,8 @@ def _run(
                baseline_latency_ms=round(lat["ort_base"].median_ms, 4),
                extra={**extra, "metrics": ort_metrics,
                       "onnx_max_abs_diff": parity.max_abs_diff,
-                      "onnx_parity_inputs": parity.inputs_checked, **kernels}),
+                      "onnx_parity_inputs": parity.inputs_checked,
+                      "onnx_parity_sources": parity.sources, **kernels}),
     ]  # fmt: skip
     save_records(records, out / "results.json")
     write_report(records, out, title=f"edgeslim compress {name} ({recipe.name})")
@@ -240,7 +350,56 @@ def _run(
         "report": out / "report.md",
         "recipe": out / "recipe.yaml",
     }
-    return CompressResult(model, records, paths, ctx.notes)
+    for step in steps:
+        if "plan" in step["files"]:
+            key = "plan" if "plan" not in paths else f"plan{len(paths)}"
+            paths[key] = out / step["files"]["plan"]
+    result = CompressResult(model, records, paths, ctx.notes)
+    result.steps = steps
+    return result
+
+
+def _refuse_mismatch(parity: Any, what: str, trace_by_example: bool) -> None:
+    """An fp32 file that differs from torch beyond ``FP32_REL_TOLERANCE`` is an error naming
+    the output, the difference and the input source it was found on."""
+    failures = parity.failures(FP32_REL_TOLERANCE)
+    if not failures:
+        return
+    cause = (
+        "The model was traced by example (trace_by_example): its data-dependent control flow "
+        "took another branch on these inputs than on the example, so the file computes "
+        "something else. Rewrite that op with tensor ops (e.g. torch.where) so torch.fx can "
+        "trace it, and drop --trace-by-example."
+        if trace_by_example
+        else "The model may depend on data (control flow) or use an op the exporter "
+        "mistranslates. Report this with the model."
+    )
+    raise EdgeslimError(
+        f"{what} does not compute what torch computes: {'; '.join(failures)} (allowed "
+        f"{FP32_REL_TOLERANCE:g} of the output's scale; checked on {parity.inputs_checked} "
+        f"input batches: example, calibration, validation and perturbed inputs). {cause}"
+    )
+
+
+def _macs_config(
+    recipe: Recipe, base_mod: nn.Module, example: tuple[torch.Tensor, ...], macs: int
+) -> dict[str, Any]:
+    """The measured MACs reduction (when the recipe prunes), the requested target and
+    whether a miss was allowed: what the record and the report show."""
+    targets = [getattr(s, "macs_reduction", None) or getattr(s, "prune_ratio", None)
+               for s in recipe.stages]  # fmt: skip
+    prunes = [s for s, t in zip(recipe.stages, targets, strict=True)
+              if s.kind == "prune" or t]  # fmt: skip
+    if not prunes:
+        return {}
+    base_macs = total_macs(layer_table(base_mod, *example))
+    out: dict[str, Any] = {"macs_reduction": round(1 - macs / max(base_macs, 1), 4)}
+    wanted = [t for t in targets if t]
+    if wanted:
+        out["macs_target"] = wanted[0] if len(wanted) == 1 else wanted
+    if any(getattr(s, "allow_target_miss", False) for s in prunes):
+        out["allow_target_miss"] = True
+    return out
 
 
 def _integer_kernels(
@@ -259,7 +418,7 @@ def _integer_kernels(
 
 
 def compress_model(
-    model_name: str,
+    model_name: str | None,
     recipe_path: Path,
     out: Path,
     checkpoint: Path | None = None,
@@ -267,13 +426,88 @@ def compress_model(
     data: str | None = None,
     metric: str | None = None,
     input_shapes: tuple[tuple[int, ...], ...] = (),
+    *,
+    force: bool = False,
+    trace_by_example: bool = False,
+    from_dir: Path | None = None,
+    command: list[str] | None = None,
 ) -> list[Record]:
-    """The command line's ``compress``: a zoo name or ``module:factory``, its task from
-    ``--data`` (or the zoo model's own), then :func:`compress`."""
+    """The command line's ``compress``: a zoo name or ``module:factory`` (or, with
+    ``from_dir``, the model an earlier ``compress`` wrote), its task from ``--data`` (or the
+    zoo model's own), then :func:`compress`. Recipe, output folder, model, checkpoint and data
+    are all validated before anything is written."""
+    from edgeslim.artifacts import Lineage, check_out_folder, load_artifact
     from edgeslim.task import resolve_task
-    from edgeslim.zoo import resolve_model
 
     recipe = load_recipe(recipe_path)
+    if not recipe.stages:
+        raise RecipeError(f"{recipe_path}: the recipe has no stages: there is nothing to compress")
+    check_out_folder(out, force)
+    if from_dir is not None:
+        if checkpoint is not None:
+            raise EdgeslimError("give either --from or --checkpoint, not both")
+        artifact = load_artifact(from_dir)
+        lineage = artifact.lineage
+        if model_name is not None and lineage.spec is not None and model_name != lineage.spec:
+            raise EdgeslimError(
+                f"--from {from_dir} holds a compressed {lineage.spec}, not {model_name}; "
+                "leave the model name out with --from"
+            )
+        model_name = model_name or lineage.spec
+        if model_name is None:
+            raise EdgeslimError(
+                f"--from {from_dir} was written by edgeslim.compress from Python; name the "
+                "model's factory (module:factory) so its task can be resolved"
+            )
+        base = artifact.model
+    else:
+        if model_name is None:
+            raise EdgeslimError("name a model (zoo name or module:factory) or pass --from OUT_DIR")
+        base = resolve_base(model_name, checkpoint)
+        lineage = Lineage(
+            model_name, None if checkpoint is None else str(Path(checkpoint).resolve()),
+            type(base).__name__,
+        )  # fmt: skip
     task = resolve_task(model_name, data, metric, input_shapes, quick)
-    base = resolve_model(model_name, checkpoint)
-    return compress(base, recipe, task, out, name=model_name, quick=quick).records
+    return compress(
+        base, recipe, task, out, name=model_name, quick=quick, force=force,
+        trace_by_example=trace_by_example, source=lineage, command=command,
+    ).records  # fmt: skip
+
+
+def resolve_base(model_name: str, checkpoint: Path | None, pretrained: bool = True) -> nn.Module:
+    """:func:`edgeslim.zoo.resolve_model`, with a hint when ``checkpoint`` is the
+    ``model.safetensors`` of a compress output (that folder reloads with ``--from``)."""
+    from edgeslim.artifacts import compress_output_hint
+    from edgeslim.errors import CheckpointError
+    from edgeslim.zoo import resolve_model
+
+    try:
+        return resolve_model(model_name, checkpoint, pretrained=pretrained)
+    except CheckpointError as exc:
+        hint = compress_output_hint(checkpoint) if checkpoint is not None else None
+        if hint is None:
+            raise
+        raise CheckpointError(f"{exc} {hint}") from exc
+
+
+def info_model(
+    model_name: str | None, checkpoint: Path | None, from_dir: Path | None
+) -> tuple[str, nn.Module, tuple[torch.Tensor, ...] | None]:
+    """The model ``edgeslim info`` describes: ``(name, module, example inputs or None)``;
+    with ``from_dir`` the compressed model of that folder (quantizers in float mode: the
+    table shows structure) and its recorded example inputs."""
+    if from_dir is None:
+        if model_name is None:
+            raise EdgeslimError("name a model (zoo name or module:factory) or pass --from OUT_DIR")
+        return model_name, resolve_base(model_name, checkpoint, pretrained=False), None
+    from edgeslim.artifacts import load_artifact
+
+    if checkpoint is not None:
+        raise EdgeslimError("give either --from or --checkpoint, not both")
+    from edgeslim.export.verify import float_view
+
+    artifact = load_artifact(from_dir)
+    lineage = artifact.lineage
+    name = model_name or lineage.spec or lineage.base_class or "model"
+    return name, float_view(artifact.model), artifact.example_inputs

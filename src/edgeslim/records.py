@@ -62,6 +62,15 @@ def weight_bits_label(config: dict[str, Any]) -> str | None:
     return None if "w_bits" not in config else str(config["w_bits"])
 
 
+def precision_label(config: dict[str, Any]) -> str | None:
+    """``"W8A8"``, ``"W3/8A8"`` (mixed weight bits), ``"W4A32"`` (float activations): from
+    the bits the config records, which ``compress`` measures on the compressed layers."""
+    w_bits = weight_bits_label(config)
+    if w_bits is None:
+        return None
+    return f"W{w_bits}A{config.get('a_bits', 32)}"
+
+
 def save_records(records: list[Record], path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,14 +3,16 @@
 The batch axis of every input comes from the task (a recurrent state may carry it on
 dimension 1); the batch axis of every output is found by running the model at batch 1 and
 batch 2 and seeing which dimension grows (an output that does not grow gets no dynamic
-axis). Parity is checked on the example inputs and on held input batches, output by output,
-so a file that matches one input but not others is caught.
+axis). Parity is checked output by output on inputs from several sources (:func:`parity_inputs`:
+the example inputs, calibration and validation batches of the task, and perturbed copies of
+them), so a file that matches the inputs it was traced on but not others is caught: a
+tracing exporter bakes in the branch of data-dependent control flow that the example took.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,28 +59,86 @@ def export_module(module: nn.Module, example: Inputs, path: Path, axes: dict[str
     return export_onnx(module, example, path, **axes)
 
 
+def perturbed(inputs: Inputs, seed: int, noise: float = 0.1, scale: float = 1.0) -> Inputs:
+    """``inputs`` scaled by ``scale`` plus Gaussian noise of ``noise`` times each float
+    tensor's standard deviation (integer inputs, e.g. token ids, are kept as they are):
+    inputs the model was not traced on, that still look like its data."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in inputs:
+        if not t.is_floating_point():
+            out.append(t)
+            continue
+        std = float(t.float().std()) if t.numel() > 1 else 1.0
+        jitter = torch.randn(t.shape, generator=gen, dtype=t.dtype) * noise * max(std, 1e-3)
+        out.append(t * scale + jitter)
+    return tuple(out)
+
+
+def parity_inputs(
+    example: Inputs, calibration: list[Inputs], validation: list[Inputs], per_source: int = 2
+) -> list[tuple[str, Inputs]]:
+    """Named input batches to check an export on: the example inputs, ``per_source``
+    calibration and validation batches, and perturbed copies (noise, then scaled by 0.5 and
+    1.5 with noise) of the first held batch."""
+    sources: list[tuple[str, Inputs]] = [("example inputs", example)]
+    sources += [(f"calibration batch {i}", b) for i, b in enumerate(calibration[:per_source])]
+    sources += [(f"validation batch {i}", b) for i, b in enumerate(validation[:per_source])]
+    held = (validation or calibration or [example])[0]
+    for k, (noise, scale) in enumerate(((0.1, 1.0), (0.1, 0.5), (0.1, 1.5))):
+        label = f"perturbed input (x{scale:g} + {noise:g} sd noise)"
+        sources.append((label, perturbed(held, k, noise, scale)))
+    return sources
+
+
 @dataclass(frozen=True)
 class Parity:
-    """Largest differences between torch and ONNX Runtime, per output, over every input."""
+    """Largest differences between torch and ONNX Runtime, per output, over every input;
+    ``worst`` names the input source of each output's largest relative difference."""
 
     max_abs_diff: list[float]
     max_rel_diff: list[float]
     inputs_checked: int
+    worst: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         diffs = ", ".join(f"{d:.3g}" for d in self.max_abs_diff)
-        return f"max |torch - onnx| per output {diffs} over {self.inputs_checked} input batches"
+        text = f"max |torch - onnx| per output {diffs} over {self.inputs_checked} input batches"
+        if self.worst:
+            text += f" (largest on: {', '.join(dict.fromkeys(self.worst))})"
+        return text
+
+    def failures(self, tolerance: float) -> list[str]:
+        """One phrase per output whose relative difference exceeds ``tolerance``."""
+        worst = self.worst or ["an input"] * len(self.max_abs_diff)
+        rows = zip(self.max_abs_diff, self.max_rel_diff, worst, strict=True)
+        return [
+            f"output {i} differs by {a:.3g} ({r:.2%} of its scale) on {w}"
+            for i, (a, r, w) in enumerate(rows)
+            if r > tolerance
+        ]
 
 
-def check_parity(module: nn.Module, session: Any, batches: list[Inputs]) -> Parity:
-    """Run every batch through torch and ONNX Runtime; compare every output."""
+def check_parity(
+    module: nn.Module, session: Any, batches: list[Inputs] | list[tuple[str, Inputs]]
+) -> Parity:
+    """Run every batch (plain, or ``(source name, batch)``) through torch and ONNX Runtime;
+    compare every output."""
     from edgeslim.runtime.ort import OrtModel
 
     ort = OrtModel(session)
     module.eval()
     abs_d: list[float] = []
     rel_d: list[float] = []
-    for inputs in batches:
+    worst: list[str] = []
+    named: list[tuple[str, Inputs]] = []
+    for i, b in enumerate(batches):
+        if len(b) == 2 and isinstance(b[0], str):
+            named.append((b[0], b[1]))  # type: ignore[arg-type]
+        else:
+            named.append((f"input batch {i}", b))  # type: ignore[arg-type]
+    for source, inputs in named:
         with torch.no_grad():
             ref = flat_outputs(module(*inputs))
         got = flat_outputs(ort(*inputs))
@@ -98,6 +158,56 @@ def check_parity(module: nn.Module, session: Any, batches: list[Inputs]) -> Pari
             if len(abs_d) <= i:
                 abs_d.append(0.0)
                 rel_d.append(0.0)
+                worst.append(source)
+            rel = d / max(scale, 1e-12)
+            if rel > rel_d[i]:
+                worst[i] = source
             abs_d[i] = max(abs_d[i], d)
-            rel_d[i] = max(rel_d[i], d / max(scale, 1e-12))
-    return Parity(abs_d, rel_d, len(batches))
+            rel_d[i] = max(rel_d[i], rel)
+    return Parity(abs_d, rel_d, len(named), worst, [s for s, _ in named])
+
+
+def check_traceable(model: nn.Module, name: str | None = None) -> None:
+    """Refuse a model torch.fx cannot trace (the check ``edgeslim info`` makes).
+
+    Why: the ONNX exporter records the ops the example input runs through, so data-dependent
+    control flow (``if h.mean() > 0.1:``) is baked in as the branch the example took, and the
+    file computes something else on other inputs. Transformers (analysed structurally, not
+    fx-traced) are not refused here; their exports are still checked on perturbed inputs.
+    """
+    from edgeslim.errors import TraceError
+    from edgeslim.graph.trace import trace
+    from edgeslim.graph.transformer import is_transformer
+
+    if is_transformer(model):
+        return
+    try:
+        trace(float_view(model))
+    except TraceError as exc:
+        raise TraceError(
+            f"{exc} Exporting {name or 'this model'} would record only the branch its example "
+            "input takes, so the ONNX file could compute something else on other inputs. To "
+            "export anyway by tracing the example (the file is then compared with torch on "
+            "calibration, validation and perturbed inputs and refused if it differs), pass "
+            "--trace-by-example (Python: trace_by_example=True)."
+        ) from None
+
+
+def float_view(model: nn.Module) -> nn.Module:
+    """``model`` itself, or for a fake-quant model a copy in which every quantized layer is
+    its plain torch layer (same weights) and every activation quantizer an identity: same
+    structure, shapes and MACs, traceable by torch.fx (a fake-quant layer reads its
+    quantizer's state in Python). For structure checks and tables only."""
+    from edgeslim.quant.modules import ActQuant, QuantMixin
+
+    if not any(isinstance(m, (ActQuant, QuantMixin)) for m in model.modules()):
+        return model
+    view = copy.deepcopy(model)
+    for m in view.modules():
+        if isinstance(m, ActQuant):
+            m.__class__ = nn.Identity  # type: ignore[assignment]
+        elif isinstance(m, QuantMixin):
+            plain = next((c for c in type(m).__mro__ if c.__module__.startswith("torch.nn")), None)
+            if plain is not None and plain is not nn.Module:
+                m.__class__ = plain
+    return view

@@ -36,6 +36,13 @@ def records_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def _warnings(records: Sequence[Record]) -> list[str]:
+    """``WARNING:`` notes of the records (e.g. a MACs target missed on purpose), once each."""
+    notes = [n for r in records for n in r.extra.get("notes", []) if isinstance(n, str)]
+    return list(dict.fromkeys(n.removeprefix("WARNING:").strip() for n in notes
+                              if n.startswith("WARNING")))  # fmt: skip
+
+
 def write_report(records: Sequence[Record], out: Path, title: str = "edgeslim report") -> Path:
     """Write ``report.md`` and the plots for ``records`` into ``out``."""
     from edgeslim.report.plots import plot_tradeoffs
@@ -54,6 +61,9 @@ def write_report(records: Sequence[Record], out: Path, title: str = "edgeslim re
     for suite in dict.fromkeys(r.suite for r in records):
         rows = [r for r in records if r.suite == suite]
         parts += [f"## {suite}", "", records_table(rows), ""]
+    warnings = _warnings(records)
+    if warnings:
+        parts += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     for p in plots:
         parts += [f"![{p.stem}]({p.name})", ""]
     path = out / "report.md"

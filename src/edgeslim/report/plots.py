@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgeslim.records import Record, weight_bits_label
+from edgeslim.records import Record, precision_label, weight_bits_label
 from edgeslim.report.pareto import pareto_front
 
 AXES = (("latency_ms", "latency (ms, median)"), ("size_bytes", "size (KiB)"))
@@ -19,7 +19,8 @@ def _label(r: Record) -> str:
         name += f" -{r.config['prune_ratio']:.0%}"
     w_bits = weight_bits_label(r.config)
     if w_bits is not None and w_bits != "32":
-        name += f" W{w_bits}" + (f"A{r.config['a_bits']}" if "a_bits" in r.config else "")
+        label = precision_label(r.config) if "a_bits" in r.config else None
+        name += f" {label or f'W{w_bits}'}"
     return name
 
 

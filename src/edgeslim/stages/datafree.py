@@ -10,6 +10,7 @@
   act_bits: 8          # activation bits; null: weight-only
   act_ranges: statistics  # fixed ranges from the BN statistics (exportable); or dynamic
   criterion: l2        # which channels naive / merge / udfc remove (data-free criteria only)
+  allow_target_miss: false  # true: keep a result more than 2 points off prune_ratio
 ```
 
 The stage reads no data: the method sees the weights and the task's example input (for
@@ -21,15 +22,17 @@ freeze the ranges of the last batch). There is nothing to calibrate.
 What the method did goes into the notes (the summary line, then one line per pair and
 layer: equalized or why not, bits and why, channels removed) and, as data, into
 ``datafree.json`` in the stage's output directory (:class:`~edgeslim.datafree.DataFreeReport`).
-A MACs target missed by more than 2 points is a ``WARNING:`` note and a warning; a method
-with nothing to act on fails the stage (:class:`~edgeslim.datafree.NothingToCompressError`).
+A MACs target (measured) missed by more than 2 points fails the stage, naming requested vs
+achieved, unless ``allow_target_miss: true`` (then a ``WARNING:`` note the record and the
+report show); a method with nothing to act on fails the stage
+(:class:`~edgeslim.datafree.NothingToCompressError`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from torch import nn
@@ -74,6 +77,7 @@ class DataFreeStage(Stage):
     act_bits: int | None = Field(8, ge=2, le=8)
     act_ranges: Literal["statistics", "dynamic"] = "statistics"
     criterion: str = "l2"
+    allow_target_miss: bool = False
 
     @field_validator("method")
     @classmethod
@@ -129,11 +133,43 @@ def _report_path(out: Path) -> Path:
     return path
 
 
+def _check_target(stage: DataFreeStage, achieved: float, ctx: StageContext) -> None:
+    """A MACs reduction more than 2 points off ``prune_ratio`` fails the stage, unless
+    ``allow_target_miss`` (then a ``WARNING:`` note the report shows)."""
+    from edgeslim.errors import PruneError
+    from edgeslim.stages.prune import TARGET_TOLERANCE
+
+    if abs(achieved - stage.prune_ratio) <= TARGET_TOLERANCE:
+        return
+    text = (
+        f"the datafree stage ({stage.method}) asked for -{stage.prune_ratio:.1%} MACs on "
+        f"{ctx.model_name or 'the model'} and achieved -{achieved:.1%} (measured)"
+    )
+    if stage.allow_target_miss:
+        ctx.notes.append(f"WARNING: prune target missed: {text}; kept (allow_target_miss)")
+        return
+    raise PruneError(
+        f"{text}. Change prune_ratio, or set `allow_target_miss: true` on the stage to keep "
+        "the result (the report then shows the miss)."
+    )
+
+
+def rebuild_datafree(model: nn.Module, stage: DataFreeStage, example: tuple[Any, ...]) -> nn.Module:
+    """Re-run a data-free stage (it reads no data, so it repeats exactly on the same base
+    weights): reload then loads the saved weights and ranges over the result."""
+    from edgeslim.datafree import compress_datafree, quantized_model
+    from edgeslim.graph import example_input
+
+    x = example_input(tuple(example[0].shape))
+    result = compress_datafree(model, stage.method, stage_spec(stage), x)
+    return quantized_model(result, stage.act_bits, stage.act_ranges).eval()
+
+
 @register_stage("datafree", DataFreeStage, data_used="none")
 def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> nn.Module:
     from edgeslim.datafree import NothingToCompressError, compress_datafree, quantized_model
     from edgeslim.errors import TaskError
-    from edgeslim.graph import example_input
+    from edgeslim.graph import example_input, layer_table, total_macs
     from edgeslim.inputs import example_args_for
 
     if ctx.task is not None:
@@ -146,6 +182,7 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
         example = example_input(tuple(ctx.task.example_inputs[0].shape))
     else:
         example = example_args_for(ctx.model_name)[0]
+    macs_before = total_macs(layer_table(model, example))
     try:
         result = compress_datafree(model, stage.method, stage_spec(stage), example)
     except NothingToCompressError as exc:
@@ -154,11 +191,11 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
         ) from exc
     bits = sorted(set(result.weight_bits.values()))
     report = result.report
-    pruned = (
-        f", MACs -{report.macs_reduction:.1%} (requested -{stage.prune_ratio:.0%})"
-        if stage.prune_ratio
-        else ""
-    )
+    pruned = ""
+    if stage.prune_ratio:
+        achieved = 1.0 - total_macs(layer_table(result.model, example)) / max(macs_before, 1)
+        pruned = f", MACs -{achieved:.1%} measured (requested -{stage.prune_ratio:.0%})"
+        _check_target(stage, achieved, ctx)
     ctx.notes.append(
         f"datafree: {stage.method}, weights at {'/'.join(map(str, bits))} bits "
         f"(low {stage.low_bits}, high {stage.high_bits}, edges {stage.edge_bits}), "

@@ -13,7 +13,14 @@
   kd: true               # distil from the unpruned model while fine-tuning
   kd_alpha: 0.9          # weight of the distillation term (the rest is cross-entropy)
   limit: 10000           # training samples of the task for the fine-tune (null: all)
+  allow_target_miss: false  # true: a MACs reduction more than 2 points off target is kept
 ```
+
+The MACs reduction is measured on the model before and after the surgery (the layer
+table), never taken from the planner's estimate. When it misses ``macs_reduction`` by
+more than :data:`TARGET_TOLERANCE` (2 points) the stage fails, naming requested vs
+achieved, unless ``allow_target_miss: true``: the miss is then a ``WARNING:`` note that
+the record and ``report.md`` carry.
 
 ``method: gates`` trains one binary gate per channel jointly with the weights
 (:func:`edgeslim.prune.gates.train_gates`, ``gate_epochs`` epochs with the same ``lr``,
@@ -42,8 +49,12 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from edgeslim.errors import PruneError
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.train.loop import TrainConfig
+
+TARGET_TOLERANCE = 0.02
+"""Largest allowed gap between requested and achieved MACs reduction (2 points)."""
 
 
 class PruneStage(Stage):
@@ -66,6 +77,7 @@ class PruneStage(Stage):
     kd_alpha: float = Field(0.9, ge=0.0, le=1.0)
     limit: int | None = Field(None, ge=1)
     seed: int = 0
+    allow_target_miss: bool = False
 
     @field_validator("criterion")
     @classmethod
@@ -135,13 +147,48 @@ def _prune_by_gates(
     if ctx.model_name:
         plan = dataclasses.replace(plan, name=ctx.model_name)
     plan_path = plan.save(_plan_path(Path(ctx.out)))
-    reached = result.history[-1].get("macs_reduction", float("nan")) if result.history else 0.0
     ctx.notes.append(
-        f"prune: learned gates, {stage.gate_epochs} epoch(s) on {_samples(train)}; MACs "
-        f"-{reached:.1%} (target {stage.macs_reduction:.0%}); {len(plan.keep)} group(s) "
-        f"narrowed; plan {plan_path.name}"
+        f"prune: learned gates, {stage.gate_epochs} epoch(s) on {_samples(train)}; "
+        f"{len(plan.keep)} group(s) narrowed; plan {plan_path.name}"
     )
     return plan_path
+
+
+def _macs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
+    from edgeslim.graph import layer_table, total_macs
+
+    return int(total_macs(layer_table(model, *example)))
+
+
+def _check_target(stage: PruneStage, achieved: float, name: str) -> str:
+    """The note on the measured MACs reduction; a miss beyond 2 points fails the stage
+    unless ``allow_target_miss`` (then the note starts with ``WARNING:``)."""
+    if stage.macs_reduction is None:
+        return f"prune: MACs -{achieved:.1%} measured (ratio budget, no MACs target)"
+    requested = stage.macs_reduction
+    if abs(achieved - requested) <= TARGET_TOLERANCE:
+        return f"prune: MACs -{achieved:.1%} measured (target -{requested:.0%})"
+    text = (
+        f"the prune stage asked for -{requested:.1%} MACs on {name or 'the model'} and "
+        f"achieved -{achieved:.1%} (measured; allowed gap {TARGET_TOLERANCE * 100:.0f} points)"
+    )
+    if stage.allow_target_miss:
+        return f"WARNING: prune target missed: {text}; kept because allow_target_miss is true"
+    raise PruneError(
+        f"{text}. Coupled channels, round_to {stage.round_to}, max_group_ratio "
+        f"{stage.max_group_ratio} and skipped layers limit what can be removed: adjust them "
+        "or the target, or set `allow_target_miss: true` on the stage to keep the result "
+        "(the report then shows the miss)."
+    )
+
+
+def rebuild_prune(
+    model: nn.Module, plan_path: Path, example: tuple[torch.Tensor, ...]
+) -> nn.Module:
+    """Re-apply a saved plan to a model of the original shape (reload: weights come after)."""
+    from edgeslim.prune.plan import PrunePlan, apply_plan
+
+    return apply_plan(model, PrunePlan.load(plan_path), example).eval()
 
 
 @register_stage("prune", PruneStage, data_used="train")
@@ -162,28 +209,27 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     teacher = copy.deepcopy(model).eval() if wants_teacher else None
     model.eval()
     ctx.out.mkdir(parents=True, exist_ok=True)
+    macs_before = _macs(model, example)
     if stage.method == "gates":
         assert train is not None
         plan_path = _prune_by_gates(model, example, train, stage, teacher, ctx)
     else:
         criterion = build_importance(stage.criterion, train, stage.seed)
-        keep, stats = plan_keep(
+        keep, _stats = plan_keep(
             model, example, criterion, stage.macs_reduction, stage.ratio, stage.global_ranking,
             stage.round_to, stage.skip, stage.max_group_ratio,
         )  # fmt: skip
         plan = PrunePlan.from_groups(model, keep, example, name=ctx.model_name)
         apply_keep(model, keep, criterion)
         plan_path = plan.save(_plan_path(Path(ctx.out)))
-        budget = (
-            f"MACs -{stats.macs_reduction:.1%} (target {stage.macs_reduction:.0%})"
-            if stage.macs_reduction is not None
-            else f"ratio {stage.ratio}, MACs -{stats.macs_reduction:.1%}"
-        )
+        budget = "" if stage.ratio is None else f"ratio {stage.ratio}; "
         mode = "global ranking" if stage.global_ranking else "uniform"
         ctx.notes.append(
-            f"prune: {stage.criterion}, {mode}, round_to {stage.round_to}; {budget}; "
+            f"prune: {stage.criterion}, {mode}, round_to {stage.round_to}; {budget}"
             f"{len(keep)} group(s) narrowed; plan {plan_path.name}"
         )
+    achieved = 1.0 - _macs(model, example) / max(macs_before, 1)
+    ctx.notes.append(_check_target(stage, achieved, ctx.model_name))
     if stage.finetune_epochs:
         assert train is not None
         config = _train_config(stage, stage.finetune_epochs)

@@ -15,7 +15,9 @@ takes minutes on 2 cores, and the demo must stay under 5 minutes in total.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.artifacts import ZOO_OUT, check_named_outputs, temp_file
 from edgeslim.checkpoint import sha256_file
-from edgeslim.errors import CheckpointError, UnknownModelError
+from edgeslim.errors import CheckpointError, RecipeError, UnknownModelError
 from edgeslim.recipe.schema import Recipe
 from edgeslim.zoo.registry import ZOO, card_path, checkpoint_dir, load_card, load_zoo_model
 
@@ -80,9 +83,19 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def make_pruned(
-    base: str, recipe_path: Path, name: str, out: Path | None = None, command: str = ""
+    base: str,
+    recipe_path: Path,
+    name: str,
+    out: Path | None = None,
+    command: str = "",
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Run ``recipe_path`` on zoo model ``base``; write ``name``'s plan, weights and card."""
+    """Run ``recipe_path`` on zoo model ``base``; write ``name``'s plan, weights and card.
+
+    ``out`` defaults to ``./zoo-out`` (never the installed package; pass the checkpoints
+    folder explicitly to ship a model). The recipe, the names and the folder are checked
+    before any work; existing files of ``name`` need ``force``. Files are written under
+    temporary names and renamed at the end, the card last."""
     from edgeslim.data import TensorBatches, load_fashion_mnist
     from edgeslim.graph import example_input, layer_table, total_macs
     from edgeslim.prune.plan import PrunePlan, save_pruned
@@ -93,6 +106,13 @@ def make_pruned(
     if base not in ZOO:
         raise UnknownModelError(f"{base!r} is not a zoo CNN; zoo: {', '.join(ZOO)}")
     recipe = load_recipe(recipe_path)
+    if [s.kind for s in recipe.stages].count("prune") != 1:
+        raise RecipeError(
+            f"recipe {recipe_path} must hold exactly one prune stage to make a shipped pruned model"
+        )
+    target = out if out is not None else ZOO_OUT
+    files = [f"{name}.plan.json", f"{name}.safetensors", f"{name}.json"]
+    check_named_outputs(target, files, force)
     x = example_input(INPUT_SHAPE)
     model = load_zoo_model(base)
     base_macs = total_macs(layer_table(model, x))
@@ -109,30 +129,33 @@ def make_pruned(
             )
         plan = PrunePlan.load(plans[0])
         seconds = time.perf_counter() - t0
-        target = out if out is not None else checkpoint_dir()
-        target.mkdir(parents=True, exist_ok=True)
-        plan_path, weights = save_pruned(model.eval(), plan, target / name)
-    test = load_fashion_mnist("test")
-    macs = total_macs(layer_table(model, x))
-    card: dict[str, Any] = {
-        "name": name,
-        "base": base,
-        "description": f"{base} pruned by {recipe_path.name}",
-        "command": command or f"edgeslim zoo prune {base} --recipe {recipe_path} --name {name}",
-        "recipe": recipe_dict(recipe),
-        "notes": ctx.notes,
-        "test_top1": round(evaluate(model, TensorBatches(test.images, test.labels, 500)), 4),
-        "base_test_top1": load_card(base)["test_top1"],
-        "params": sum(p.numel() for p in model.parameters()),
-        "macs": macs,
-        "base_macs": base_macs,
-        "macs_reduction": round(1 - macs / base_macs, 4),
-        "seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "sha256": sha256_file(weights),
-        "files": [plan_path.name, weights.name],
-    }
-    (target / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
-    return card
+        staged = Path(tmp) / "out"
+        plan_tmp, weights_tmp = save_pruned(model.eval(), plan, staged / name)
+        test = load_fashion_mnist("test")
+        macs = total_macs(layer_table(model, x))
+        card: dict[str, Any] = {
+            "name": name,
+            "base": base,
+            "description": f"{base} pruned by {recipe_path.name}",
+            "command": command or f"edgeslim zoo prune {base} --recipe {recipe_path} --name {name}",
+            "recipe": recipe_dict(recipe),
+            "notes": ctx.notes,
+            "test_top1": round(evaluate(model, TensorBatches(test.images, test.labels, 500)), 4),
+            "base_test_top1": load_card(base)["test_top1"],
+            "params": sum(p.numel() for p in model.parameters()),
+            "macs": macs,
+            "base_macs": base_macs,
+            "macs_reduction": round(1 - macs / base_macs, 4),
+            "seconds": round(seconds, 1),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "sha256": sha256_file(weights_tmp),
+            "files": [plan_tmp.name, weights_tmp.name],
+        }
+        (staged / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+        for fname in files:  # same file system: a temporary name beside, then rename
+            tmp_path = temp_file(target / fname)
+            shutil.copyfile(staged / fname, tmp_path)
+            os.replace(tmp_path, target / fname)
+        return card

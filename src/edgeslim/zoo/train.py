@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -11,11 +12,12 @@ from typing import Any
 
 import torch
 
+from edgeslim.artifacts import ZOO_OUT, check_named_outputs, temp_file
 from edgeslim.checkpoint import save_state, sha256_file
 from edgeslim.data import load_fashion_mnist
 from edgeslim.data.batching import TensorBatches, augmented_batches
 from edgeslim.train.loop import evaluate, train_classifier
-from edgeslim.zoo.registry import ZOO, checkpoint_dir
+from edgeslim.zoo.registry import ZOO
 
 PAD = 2  # crop/flip augmentation: random crops of the image padded by PAD pixels
 
@@ -27,13 +29,21 @@ def train_zoo_model(
     out_dir: Path | None = None,
     threads: int | None = None,
     train_limit: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train ``name`` from scratch on the Fashion-MNIST train split and write its card.
+
+    Writes ``NAME.safetensors`` and ``NAME.json`` into ``out_dir`` (default ``./zoo-out``,
+    never the installed package: pass the checkpoints folder explicitly to replace a shipped
+    model). Existing files of ``name`` are refused unless ``force``, checked before training;
+    each file is written under a temporary name and renamed, the card last.
 
     The training batches are shuffled and crop/flip-augmented with ``PAD``
     (:func:`~edgeslim.data.batching.augmented_batches`), seeded by the config's seed. The
     validation split is monitored; the reported top-1 is on the official test set.
     """
+    out = Path(out_dir) if out_dir is not None else ZOO_OUT
+    check_named_outputs(out, [f"{name}.safetensors", f"{name}.json"], force)
     entry = ZOO[name]
     config = entry.train
     if epochs is not None:
@@ -54,9 +64,9 @@ def train_zoo_model(
     seconds = time.time() - start
     model.eval()
     test_top1 = evaluate(model, TensorBatches(test.images, test.labels, 500))
-    out = Path(out_dir) if out_dir is not None else checkpoint_dir()
     weights = out / f"{name}.safetensors"
-    save_state(model, weights)
+    tmp_weights = temp_file(weights)
+    save_state(model, tmp_weights)
     command = f"edgeslim zoo train {name} --epochs {config.epochs} --seed {config.seed}"
     if train_limit is not None:
         command += f" --train-limit {train_limit}"
@@ -77,8 +87,12 @@ def train_zoo_model(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "sha256": sha256_file(weights),
+        "sha256": sha256_file(tmp_weights),
         "history": history,
     }
-    (out / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    card_file = out / f"{name}.json"
+    tmp_card = temp_file(card_file)
+    tmp_card.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp_weights, weights)
+    os.replace(tmp_card, card_file)
     return card

@@ -1,0 +1,99 @@
+"""Verified export: untraceable models refused, parity checked on inputs of several sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import edgeslim
+from edgeslim import Task, TensorBatches
+from edgeslim.errors import EdgeslimError, TraceError
+from edgeslim.export.command import export_checked
+from edgeslim.export.verify import check_traceable, parity_inputs, perturbed
+
+W8A8 = {"name": "w8a8", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8}]}
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: inputs above 1.3 take another branch. The example,
+    calibration and validation inputs (uniform in [0, 1)) never do; inputs scaled by 1.5 do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        if x.abs().max() > 1.3:
+            h = -h
+        return self.fc(h.flatten(1))
+
+
+def _task() -> Task:
+    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    return Task(
+        (x[:1],),
+        calibration=TensorBatches(x[:32], batch_size=8),
+        validation=TensorBatches(x[32:], batch_size=8),
+    )
+
+
+def test_perturbed_inputs_differ_but_integer_inputs_are_kept() -> None:
+    x = torch.rand(4, 3)
+    ids = torch.arange(6).reshape(2, 3)
+    a, b = perturbed((x, ids), seed=0, noise=0.1, scale=1.5)
+    assert not torch.allclose(a, x * 1.5) and torch.allclose(a, x * 1.5, atol=0.2)
+    assert torch.equal(b, ids)
+
+
+def test_parity_inputs_come_from_every_source() -> None:
+    x = torch.rand(4, 1, 8, 8)
+    names = [n for n, _ in parity_inputs((x[:1],), [(x,)] * 3, [(x,)] * 3)]
+    assert names[0] == "example inputs"
+    assert sum(n.startswith("calibration") for n in names) == 2
+    assert sum(n.startswith("validation") for n in names) == 2
+    assert sum(n.startswith("perturbed") for n in names) == 3
+
+
+def test_an_untraceable_model_is_refused_naming_the_op_and_the_opt_in() -> None:
+    with pytest.raises(TraceError, match=r"Branchy.*--trace-by-example"):
+        check_traceable(Branchy())
+
+
+def test_compress_refuses_it_before_writing_anything(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(TraceError, match="data-dependent"):
+        edgeslim.compress(Branchy(), W8A8, _task(), out=out, quick=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trace_by_example_is_caught_by_the_perturbed_inputs(tmp_path: Path) -> None:
+    """The export bakes in the example's branch; only the x1.5 perturbed input takes the
+    other one, and that is enough to refuse the file."""
+    with pytest.raises(EdgeslimError, match=r"perturbed input \(x1\.5.*traced by example"):
+        edgeslim.compress(
+            Branchy(), W8A8, _task(), out=tmp_path / "run", quick=True, trace_by_example=True
+        )
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(EdgeslimError, match=r"perturbed input \(x1\.5"):
+        export_checked(Branchy(), _task(), tmp_path / "m.onnx", trace_by_example=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_checked_writes_a_manifest_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).eval()
+    out = tmp_path / "m.onnx"
+    check = export_checked(net, _task(), out)
+    assert check.inputs_checked == 8  # example, 2 calibration, 2 validation, 3 perturbed
+    side = tmp_path / "m.onnx.manifest.json"
+    assert out.is_file() and side.is_file() and "sha256" in side.read_text()
+    with pytest.raises(EdgeslimError, match="exists; pass --force"):
+        export_checked(net, _task(), out)
+    export_checked(net, _task(), out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.manifest.json"]
