@@ -317,7 +317,9 @@ def _rebuild_step(
     model: nn.Module, step: dict[str, Any], example: tuple[torch.Tensor, ...], folder: Path
 ) -> nn.Module:
     from edgeslim.recipe import STAGES, parse_recipe
+    from edgeslim.recipe.schema import _load_builtin_stages
 
+    _load_builtin_stages()  # a reload may be the first thing a process does
     kind = step.get("kind")
     if kind not in STAGES:
         raise CheckpointError(
