@@ -436,13 +436,29 @@ def compress_model(
     ``from_dir``, the model an earlier ``compress`` wrote), its task from ``--data`` (or the
     zoo model's own), then :func:`compress`. Recipe, output folder, model, checkpoint and data
     are all validated before anything is written."""
-    from edgeslim.artifacts import Lineage, check_out_folder, load_artifact
+    from edgeslim.artifacts import check_out_folder
     from edgeslim.task import resolve_task
 
     recipe = load_recipe(recipe_path)
     if not recipe.stages:
         raise RecipeError(f"{recipe_path}: the recipe has no stages: there is nothing to compress")
     check_out_folder(out, force)
+    model_name, base, lineage = starting_model(model_name, checkpoint, from_dir)
+    task = resolve_task(model_name, data, metric, input_shapes, quick)
+    return compress(
+        base, recipe, task, out, name=model_name, quick=quick, force=force,
+        trace_by_example=trace_by_example, source=lineage, command=command,
+    ).records  # fmt: skip
+
+
+def starting_model(
+    model_name: str | None, checkpoint: Path | None, from_dir: Path | None
+) -> tuple[str, nn.Module, Any]:
+    """``(model name, model, lineage)`` a command starts from: the compressed model a
+    ``compress`` wrote to ``from_dir`` (named by the spec it was made from), or
+    ``model_name`` with its optional ``checkpoint``. Shared by ``compress`` and ``export``."""
+    from edgeslim.artifacts import Lineage, load_artifact
+
     if from_dir is not None:
         if checkpoint is not None:
             raise EdgeslimError("give either --from or --checkpoint, not both")
@@ -453,26 +469,21 @@ def compress_model(
                 f"--from {from_dir} holds a compressed {lineage.spec}, not {model_name}; "
                 "leave the model name out with --from"
             )
-        model_name = model_name or lineage.spec
-        if model_name is None:
+        name = model_name or lineage.spec
+        if name is None:
             raise EdgeslimError(
                 f"--from {from_dir} was written by edgeslim.compress from Python; name the "
                 "model's factory (module:factory) so its task can be resolved"
             )
-        base = artifact.model
-    else:
-        if model_name is None:
-            raise EdgeslimError("name a model (zoo name or module:factory) or pass --from OUT_DIR")
-        base = resolve_base(model_name, checkpoint)
-        lineage = Lineage(
-            model_name, None if checkpoint is None else str(Path(checkpoint).resolve()),
-            type(base).__name__,
-        )  # fmt: skip
-    task = resolve_task(model_name, data, metric, input_shapes, quick)
-    return compress(
-        base, recipe, task, out, name=model_name, quick=quick, force=force,
-        trace_by_example=trace_by_example, source=lineage, command=command,
-    ).records  # fmt: skip
+        return name, artifact.model, lineage
+    if model_name is None:
+        raise EdgeslimError("name a model (zoo name or module:factory) or pass --from OUT_DIR")
+    base = resolve_base(model_name, checkpoint)
+    lineage = Lineage(
+        model_name, None if checkpoint is None else str(Path(checkpoint).resolve()),
+        type(base).__name__,
+    )  # fmt: skip
+    return model_name, base, lineage
 
 
 def resolve_base(model_name: str, checkpoint: Path | None, pretrained: bool = True) -> nn.Module:

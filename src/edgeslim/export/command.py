@@ -176,7 +176,7 @@ def export_command(
     import copy
     import tempfile
 
-    from edgeslim.compression import recipe_data, resolve_base
+    from edgeslim.compression import recipe_data, starting_model
     from edgeslim.export.verify import check_traceable
     from edgeslim.recipe import STAGES, StageContext, load_recipe
     from edgeslim.task import resolve_task
@@ -184,24 +184,7 @@ def export_command(
     recipe = load_recipe(recipe_path) if recipe_path is not None else None
     check_export_target(out, force)
     reference: nn.Module | None = None
-    if from_dir is not None:
-        from edgeslim.artifacts import load_artifact
-
-        if checkpoint is not None:
-            raise EdgeslimError("give either --from or --checkpoint, not both")
-        artifact = load_artifact(from_dir)
-        spec = artifact.lineage.spec
-        model_name = model_name or spec
-        if model_name is None:
-            raise EdgeslimError(
-                f"--from {from_dir} was written by edgeslim.compress from Python; name the "
-                "model's factory (module:factory) so its task can be resolved"
-            )
-        base = artifact.model
-    else:
-        if model_name is None:
-            raise EdgeslimError("name a model (zoo name or module:factory) or pass --from OUT_DIR")
-        base = resolve_base(model_name, checkpoint)
+    model_name, base, _ = starting_model(model_name, checkpoint, from_dir)
     task = resolve_task(model_name, data, metric, input_shapes, quick=True)
     task.check(base)
     if not trace_by_example:
