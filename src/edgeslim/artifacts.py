@@ -67,11 +67,10 @@ def versions() -> dict[str, str | None]:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The file's sha256 (one implementation: :func:`edgeslim.checkpoint.sha256_file`)."""
+    from edgeslim.checkpoint import sha256_file
+
+    return sha256_file(path)
 
 
 def state_sha256(model: nn.Module) -> str:
@@ -193,7 +192,12 @@ def check_out_folder(target: Path, force: bool) -> None:
             f"--out {target} is not empty ({shown}); pass --force (Python: force=True) to "
             "replace it whole, or choose a new folder"
         )
-    parent = target.parent
+    check_writable(target)
+
+
+def check_writable(target: Path) -> None:
+    """Refuse a ``--out`` whose nearest existing parent folder is not writable, before work."""
+    parent = Path(target).parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not os.access(parent, os.W_OK):

@@ -149,11 +149,9 @@ def check_export_target(out: Path, force: bool) -> None:
             f"--out {out} exists; pass --force to replace it (and its manifest), or choose "
             "another path"
         )
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise EdgeslimError(f"cannot write --out {out}: {parent} is not writable")
+    from edgeslim.artifacts import check_writable
+
+    check_writable(out)
 
 
 def export_command(
