@@ -46,6 +46,8 @@ RELUS = OpSet(
     functions=frozenset({torch.relu, nn.functional.relu, nn.functional.relu6}),
     methods=frozenset({"relu"}),
 )
+# no-ops in eval: a folded BatchNorm becomes nn.Identity, a Dropout does nothing
+PASSES = OpSet(modules=(nn.Identity, nn.Dropout))
 # Ops that only move or select values (MOVES_VALUES): the edge before them shares the
 # quantizer of the edge after them, so ONNX Runtime can run them on integers (DQ -> MaxPool
 # -> Q).
@@ -123,8 +125,17 @@ def _is_tensor_product(node: fx.Node) -> bool:
 
 def _conv_output(gm: fx.GraphModule, conv: fx.Node) -> fx.Node:
     """The tensor to quantize after ``conv``: its ReLU's output when a ReLU is its only
-    reader (export folds that ReLU into the quantizer), else the conv's own output."""
-    users = list(conv.users)
+    reader (export folds that ReLU into the quantizer), else the conv's own output.
+
+    Lone ``nn.Identity``/``Dropout`` readers are looked through: a folded BatchNorm stays in
+    the module tree as ``nn.Identity`` (``Conv -> Identity -> ReLU6``). Quantizing before it
+    as well as after the ReLU rounds every activation twice, the first time on the wider
+    pre-ReLU range, and leaves a float requantize step between the integer kernels.
+    """
+    node = conv
+    while len(node.users) == 1 and PASSES.matches(gm, next(iter(node.users))):
+        node = next(iter(node.users))
+    users = list(node.users)
     if len(users) == 1 and RELUS.matches(gm, users[0]):
         return users[0]
-    return conv
+    return node
