@@ -1,0 +1,71 @@
+"""Knowledge distillation (Hinton et al. 2015): learn a teacher's softened outputs.
+
+One loss for every trainer that distils (QAT, fine-tuning after pruning, learned gates):
+the KL divergence of temperature-softened first outputs, mixed with a hard loss on the
+labels when the batch has them. Without labels (``target`` None) the soft term alone
+trains, so unlabelled data is enough to distil.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.distill.config import KDConfig
+from edgeslim.distill.loss import DistillBatch, DistillLoss, DistillTerm, register_term
+from edgeslim.train.loop import LossFn, class_logits
+
+
+def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, batch mean over rows of ``(samples,
+    classes)`` logits; the ``T^2`` keeps its gradients on a hard loss's scale whatever T."""
+    kl = nn.functional.kl_div(
+        nn.functional.log_softmax(student / temperature, -1),
+        nn.functional.softmax(teacher / temperature, -1),
+        reduction="batchmean",
+    )
+    return temperature**2 * kl
+
+
+class KDTerm(DistillTerm):
+    """``alpha * soft`` with labels, ``soft`` alone without (the hard part is the loss's)."""
+
+    name = "kd"
+
+    def __init__(self, config: KDConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+        soft = soft_kl(
+            class_logits(batch.student_out),
+            class_logits(batch.teacher_out),
+            self.config.temperature,
+        )
+        return {"kd": self.config.alpha * soft if batch.labelled else soft}
+
+
+@register_term(KDConfig)
+def _kd(config: KDConfig) -> DistillTerm:
+    return KDTerm(config)
+
+
+def kd_loss(
+    teacher: nn.Module,
+    alpha: float = 0.5,
+    temperature: float = 4.0,
+    hard_loss: Callable[[Any, Any], torch.Tensor] | None = None,
+) -> LossFn:
+    """``loss(outputs, target, inputs)``: ``alpha * soft + (1 - alpha) * hard_loss``.
+
+    ``soft = T^2 * KL(softmax(t/T) || softmax(s/T))`` of the first outputs (batch mean; the
+    ``T^2`` keeps its gradients on a hard loss's scale whatever the temperature), ``t`` from
+    a frozen copy of ``teacher`` run once per batch as ``teacher(*inputs)`` without
+    gradients. ``hard_loss(outputs, target)`` defaults to cross-entropy on the first output.
+    With ``target`` None the loss is ``soft`` alone. The same as
+    ``DistillLoss(teacher, None, [KDConfig(alpha, temperature)], hard_loss=hard_loss)``.
+    """
+    return DistillLoss(teacher, None, [KDConfig(alpha, temperature)], hard_loss=hard_loss)

@@ -1,0 +1,130 @@
+"""The factorized layers: a weight ``W ~ A B`` run as two ordinary layers.
+
+A conv becomes a k x k conv with ``rank`` outputs (the original stride, padding, dilation)
+followed by a 1x1 conv back to the original outputs (the channel scheme: ``W`` reshaped to
+``N x (C k k)``); a linear becomes two linears. Both halves are plain ``nn.Conv2d`` /
+``nn.Linear`` inside an ``nn.Sequential``, so the model still fx-traces, exports to ONNX and
+can be quantized or pruned like any other; the subclass only marks what was factorized.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from edgeslim.errors import EdgeslimError
+
+
+class LowRankError(EdgeslimError, ValueError):
+    """A factorization request cannot be carried out; the message says why and what to do."""
+
+
+class LowRankLinear(nn.Sequential):
+    """``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``: ``reduce`` then ``expand``."""
+
+    reduce: nn.Linear
+    expand: nn.Linear
+
+
+class LowRankConv2d(nn.Sequential):
+    """A k x k ``Conv2d(C, rank)`` then a 1x1 ``Conv2d(rank, N)``: ``reduce`` then ``expand``."""
+
+    reduce: nn.Conv2d
+    expand: nn.Conv2d
+
+
+LowRank = LowRankLinear | LowRankConv2d
+Factorizable = nn.Linear | nn.Conv2d
+
+
+def why_not_factorizable(module: nn.Module) -> str | None:
+    """None for a layer :func:`factorize_layer` handles, else the reason it is left alone."""
+    if type(module) is nn.Linear:
+        return None
+    if type(module) is nn.Conv2d:
+        if module.groups != 1:
+            return (
+                f"grouped conv (groups={module.groups}): each group is its own small matrix "
+                "and a 1x1 expansion would mix the groups; left dense"
+            )
+        return None
+    return f"{type(module).__name__} is not a plain nn.Linear or nn.Conv2d"
+
+
+def weight_matrix(module: Factorizable) -> torch.Tensor:
+    """The weight as the 2-D matrix that is factorized: ``out x in`` (linear) or
+    ``N x (C k k)`` (conv, channel scheme), detached, in float64 for an accurate SVD."""
+    w = module.weight.detach()
+    return w.reshape(w.shape[0], -1).to(torch.float64)
+
+
+def max_rank(module: Factorizable) -> int:
+    m, n = weight_matrix(module).shape
+    return min(m, n)
+
+
+def inner_size(module: Factorizable) -> int:
+    """MACs per output value of the dense layer (``in`` or ``C k k``)."""
+    return int(weight_matrix(module).shape[1])
+
+
+def factorized_macs_ratio(module: Factorizable, rank: int) -> float:
+    """MACs of the factorized layer over those of the dense one, at ``rank``:
+    ``rank (C k k + N) / (N C k k)`` (same positions, so the ratio is exact)."""
+    out, inner = weight_matrix(module).shape
+    return rank * (inner + out) / (out * inner)
+
+
+def factorize_layer(
+    module: Factorizable,
+    rank: int,
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> LowRank:
+    """The rank-``rank`` truncated SVD of ``module``'s weight as two layers (exact at full
+    rank up to float rounding). The singular values are split evenly (``sqrt(S)`` on each
+    side) so both halves have the same scale, which keeps later quantization fair to both.
+
+    ``svd`` is ``torch.linalg.svd(weight_matrix(module), full_matrices=False)`` if already
+    computed. The bias stays on the second layer; the module's dtype and device are kept.
+    """
+    reason = why_not_factorizable(module)
+    if reason is not None:
+        raise LowRankError(f"cannot factorize: {reason}")
+    full = max_rank(module)
+    if not 1 <= rank <= full:
+        raise LowRankError(f"rank must be in [1, {full}] for this layer; got {rank}")
+    if svd is None:
+        svd = torch.linalg.svd(weight_matrix(module), full_matrices=False)
+    u, s, vh = svd
+    root = s[:rank].sqrt()
+    first = (root[:, None] * vh[:rank]).to(module.weight.dtype)  # rank x in
+    second = (u[:, :rank] * root[None, :]).to(module.weight.dtype)  # out x rank
+    bias = module.bias is not None
+    layer: LowRank
+    if isinstance(module, nn.Linear):
+        layer = LowRankLinear(
+            OrderedDict(
+                reduce=nn.Linear(module.in_features, rank, bias=False),
+                expand=nn.Linear(rank, module.out_features, bias=bias),
+            )
+        )
+    else:
+        reduce = nn.Conv2d(
+            module.in_channels, rank, module.kernel_size, module.stride,  # type: ignore[arg-type]
+            module.padding, module.dilation, bias=False,  # type: ignore[arg-type]
+            padding_mode=module.padding_mode,
+        )  # fmt: skip
+        expand = nn.Conv2d(rank, module.out_channels, 1, bias=bias)
+        layer = LowRankConv2d(OrderedDict(reduce=reduce, expand=expand))
+        first = first.reshape(rank, *module.weight.shape[1:])
+        second = second.reshape(module.out_channels, rank, 1, 1)
+    layer.to(device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        layer.reduce.weight.copy_(first)
+        layer.expand.weight.copy_(second)
+        if module.bias is not None and layer.expand.bias is not None:
+            layer.expand.bias.copy_(module.bias.detach())
+    layer.train(module.training)
+    return layer
