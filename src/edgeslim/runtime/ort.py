@@ -11,8 +11,9 @@ import torch
 DEFAULT_THREADS = 2
 
 
-def ort_session(path: Path, threads: int = DEFAULT_THREADS) -> Any:
-    """A CPU ``InferenceSession`` with ``threads`` intra-op threads and full optimisation.
+def ort_session(path: Path | bytes, threads: int = DEFAULT_THREADS) -> Any:
+    """A CPU ``InferenceSession`` with ``threads`` intra-op threads and full optimisation;
+    ``path`` may also be a serialized model (bytes).
 
     Decision: intra-op threads do not spin-wait. Benchmarks interleave two or more sessions
     in one process (compressed and fp32); a spinning pool of the session that just ran
@@ -29,7 +30,8 @@ def ort_session(path: Path, threads: int = DEFAULT_THREADS) -> Any:
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # as torch does in timing
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def ort_predict(session: Any, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:

@@ -1,0 +1,338 @@
+"""A per-layer ONNX Runtime latency table: measured once per machine, cached, summed.
+
+A search scores thousands of policies; exporting and timing each whole model would cost
+seconds apiece. Instead each conv / linear layer shape is timed once, alone, as the very
+kernel ONNX Runtime runs after fusing our QDQ export (``Conv``/``Gemm`` in float,
+``QLinearConv``/``QGemm`` in int8), and a policy's latency is the sum over its layers plus
+a **residual**: what the whole model costs beyond its layers (adds, pools, activations,
+quantize steps at the edges), measured once on the float and the all-int8 model and
+interpolated by the share of MACs that run in int8. :func:`check_prediction` measures
+whole models to report the table's error instead of trusting it.
+
+Decisions:
+- A layer runs in int8 when its weights have <= 8 bits *and* its input is quantized
+  (ONNX Runtime has no int4/int2 kernel: 4- and 2-bit weights run as int8); weight-only
+  quantization runs the float kernel.
+- Each timing subtracts the cost of an empty ``session.run`` (measured the same way), so
+  the per-call overhead is counted once per model, in the residual, not once per layer.
+- Layers the table does not model (recurrent, attention, transposed convs) fall into the
+  residual: constant across policies; ``LatencyTable.unmodelled`` names them.
+- The cache is a JSON file per machine fingerprint (CPU model, ONNX Runtime version,
+  threads) in ``cache_dir`` (``EDGESLIM_CACHE``, else ``~/.cache/edgeslim``); entries are
+  added as new shapes are asked, and the file is rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.cost.latency import DEFAULT_THREADS
+from edgeslim.graph.layers import LayerInfo
+
+FP32, INT8 = "fp32", "int8"
+
+
+@dataclass(frozen=True)
+class LayerKey:
+    """One timed kernel: a conv (1-D or 2-D) or a linear layer at one shape and precision."""
+
+    kind: str  # "conv" or "linear"
+    cin: int
+    cout: int
+    spatial: tuple[int, ...]  # input spatial size (conv) or () (linear)
+    rows: int  # batch (conv) or batch x tokens (linear)
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    precision: str = FP32
+
+    def id(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def layer_key(module: nn.Module, row: LayerInfo, precision: str) -> LayerKey | None:
+    """The table key of a layer, or None when the table does not model its type."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and isinstance(module.padding, tuple):
+        n = module.weight.dim() - 2
+        return LayerKey(
+            "conv", module.in_channels, module.out_channels, tuple(row.in_shape[2:]),
+            int(row.in_shape[0]), _tuple(module.kernel_size, n), _tuple(module.stride, n),
+            _tuple(module.padding, n), _tuple(module.dilation, n), module.groups, precision,
+        )  # fmt: skip
+    if isinstance(module, nn.Linear):
+        rows = int(np.prod(row.in_shape[:-1])) if len(row.in_shape) > 1 else 1
+        return LayerKey("linear", module.in_features, module.out_features, (), rows,
+                        precision=precision)  # fmt: skip
+    return None
+
+
+def _kernel_model(key: LayerKey) -> tuple[bytes, dict[str, np.ndarray]]:
+    """A one-node ONNX model running ``key``'s kernel, and its feeds."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    int8 = key.precision == INT8
+    inits: list[Any] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    if key.kind == "conv":
+        shape = [key.rows, key.cin, *key.spatial]
+        wshape = [key.cout, key.cin // key.groups, *key.kernel]
+        attrs: dict[str, Any] = {"kernel_shape": list(key.kernel), "strides": list(key.stride),
+                 "pads": list(key.padding) * 2, "dilations": list(key.dilation),
+                 "group": key.groups}  # fmt: skip
+    else:
+        shape = [key.rows, key.cin]
+        wshape = [key.cout, key.cin]
+        attrs = {"transB": 1}
+    domain = ""
+    if int8:
+        x = rng.integers(0, 255, shape, dtype=np.uint8)
+        w = const("w", rng.integers(-127, 127, wshape, dtype=np.int8))
+        qparams = [const("xs", np.array(0.02, np.float32)), const("xz", np.array(0, np.uint8))]
+        bias = const("b", np.zeros(key.cout, np.int32))
+        yparams = [const("ys", np.array(0.05, np.float32)), const("yz", np.array(0, np.uint8))]
+        if key.kind == "conv":  # per-channel weight scales, as our export writes them
+            wparams = [const("ws", np.full(key.cout, 0.01, np.float32)),
+                       const("wz", np.zeros(key.cout, np.int8))]  # fmt: skip
+            op, inputs = "QLinearConv", ["x", *qparams, w, *wparams, *yparams, bias]
+        else:  # the kernel ORT fuses DQ -> Gemm -> Q into
+            wparams = [const("ws", np.array(0.01, np.float32)), const("wz", np.array(0, np.int8))]
+            op, domain = "QGemm", "com.microsoft"
+            inputs = ["x", *qparams, w, *wparams, bias, *yparams]
+        elem_in, elem_out = TensorProto.UINT8, TensorProto.UINT8
+    else:
+        x = rng.standard_normal(shape).astype(np.float32)
+        w = const("w", rng.standard_normal(wshape).astype(np.float32))
+        bias = const("b", np.zeros(key.cout, np.float32))
+        op, inputs = ("Conv" if key.kind == "conv" else "Gemm"), ["x", w, bias]
+        elem_in = elem_out = TensorProto.FLOAT
+    node = helper.make_node(op, inputs, ["y"], domain=domain, **attrs)
+    graph = helper.make_graph(
+        [node], "kernel", [helper.make_tensor_value_info("x", elem_in, shape)],
+        [helper.make_tensor_value_info("y", elem_out, None)], inits,
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model.SerializeToString(), {"x": x}
+
+
+def _empty_model() -> tuple[bytes, dict[str, np.ndarray]]:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "empty",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), {"x": np.zeros(1, np.float32)}
+
+
+def _time_ms(model: bytes, feeds: Mapping[str, np.ndarray], threads: int, repeats: int) -> float:
+    from edgeslim.runtime.ort import ort_session
+
+    sess = ort_session(model, threads)
+    for _ in range(max(3, repeats // 5)):
+        sess.run(None, dict(feeds))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, dict(feeds))
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(samples))
+
+
+def machine_fingerprint(threads: int) -> str:
+    """CPU model, ONNX Runtime version and thread count: what a timing depends on."""
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    text = f"{cpu}|{os.cpu_count()}|onnxruntime {ort.__version__}|threads {threads}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("EDGESLIM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "edgeslim"
+
+
+class LatencyTable:
+    """Per-layer kernel latencies (ms) for this machine, measured on demand and cached."""
+
+    def __init__(
+        self,
+        threads: int = DEFAULT_THREADS,
+        repeats: int = 30,
+        cache_dir: Path | str | None = None,
+    ) -> None:
+        self.threads = threads
+        self.repeats = repeats
+        self.fingerprint = machine_fingerprint(threads)
+        base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.path = base / f"latency-{self.fingerprint}.json"
+        self._entries: dict[str, float] = {}
+        self._overhead: float | None = None
+        self.measured = 0  # kernels timed by this instance (the rest came from the cache)
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                self._entries = {str(k): float(v) for k, v in data["layers"].items()}
+                self._overhead = float(data["overhead_ms"])
+            except (ValueError, KeyError, TypeError):
+                self._entries, self._overhead = {}, None  # unreadable: measure afresh
+
+    @property
+    def overhead_ms(self) -> float:
+        """The cost of one empty ``session.run`` (subtracted from every kernel timing)."""
+        if self._overhead is None:
+            self._overhead = _time_ms(*_empty_model(), self.threads, self.repeats * 3)
+        return self._overhead
+
+    def layer_ms(self, key: LayerKey) -> float:
+        """The kernel's latency alone, in ms (measured once, then read from the cache)."""
+        k = key.id()
+        if k not in self._entries:
+            model, feeds = _kernel_model(key)
+            ms = _time_ms(model, feeds, self.threads, self.repeats)
+            self._entries[k] = max(0.0, ms - self.overhead_ms)
+            self.measured += 1
+        return self._entries[k]
+
+    def save(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        payload = {"fingerprint": self.fingerprint, "threads": self.threads,
+                   "overhead_ms": self.overhead_ms, "layers": self._entries}  # fmt: skip
+        tmp.write_text(json.dumps(payload, indent=0, sort_keys=True))
+        tmp.replace(self.path)
+        return self.path
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """A model's predicted latency split into its modelled layers."""
+
+    layers: dict[str, float]  # fqn -> ms
+    int8_macs: int
+    macs: int
+    unmodelled: tuple[str, ...]
+
+    @property
+    def total_ms(self) -> float:
+        return float(sum(self.layers.values()))
+
+    @property
+    def int8_share(self) -> float:
+        return self.int8_macs / self.macs if self.macs else 0.0
+
+
+def runs_int8(w_bits: int | None, a_bits: int | None) -> bool:
+    """Whether ONNX Runtime runs the layer on an integer kernel (see module doc)."""
+    return w_bits is not None and w_bits <= 8 and a_bits is not None and a_bits <= 8
+
+
+def layer_times(
+    table: LatencyTable,
+    model: nn.Module,
+    rows: Mapping[str, LayerInfo],
+    w_bits: Mapping[str, int | None],
+    a_bits: Mapping[str, int | None],
+) -> LayerTime:
+    """Per-layer kernel latencies of ``model`` (its layer table ``rows``) at these bits."""
+    times: dict[str, float] = {}
+    unmodelled: list[str] = []
+    int8_macs = macs = 0
+    for fqn, row in rows.items():
+        if not row.macs:
+            continue
+        int8 = runs_int8(w_bits.get(fqn), a_bits.get(fqn))
+        key = layer_key(model.get_submodule(fqn), row, INT8 if int8 else FP32)
+        macs += row.macs
+        if key is None:
+            unmodelled.append(fqn)
+            continue
+        times[fqn] = table.layer_ms(key) * row.calls
+        int8_macs += row.macs if int8 else 0
+    return LayerTime(times, int8_macs, macs, tuple(unmodelled))
+
+
+@dataclass(frozen=True)
+class Residual:
+    """Whole-model latency beyond the modelled layers, float and all-int8 (ms)."""
+
+    fp32_ms: float
+    int8_ms: float
+
+    def at(self, int8_share: float) -> float:
+        return self.fp32_ms + (self.int8_ms - self.fp32_ms) * int8_share
+
+
+def measure_onnx_ms(path: Path, example_inputs: Sequence[torch.Tensor], threads: int,
+                    repeats: int = 50) -> float:  # fmt: skip
+    """Median whole-model latency of an ONNX file on ``example_inputs``."""
+    from edgeslim.runtime.ort import ort_session
+
+    sess = ort_session(path, threads)
+    names = [i.name for i in sess.get_inputs()]
+    feeds = {n: x.detach().numpy() for n, x in zip(names, example_inputs, strict=False)}
+    return _time_ms(Path(path).read_bytes(), feeds, threads, repeats)
+
+
+@dataclass(frozen=True)
+class PredictionCheck:
+    """Predicted against measured whole-model latency, per checked policy."""
+
+    rows: tuple[tuple[str, float, float], ...]  # (label, predicted ms, measured ms)
+
+    @property
+    def errors(self) -> list[float]:
+        return [abs(p - m) / m for _, p, m in self.rows if m > 0]
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors, default=0.0)
+
+    @property
+    def mean_error(self) -> float:
+        errs = self.errors
+        return sum(errs) / len(errs) if errs else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": [{"policy": lbl, "predicted_ms": round(p, 4), "measured_ms": round(m, 4)}
+                         for lbl, p, m in self.rows],
+                "max_error": round(self.max_error, 4),
+                "mean_error": round(self.mean_error, 4)}  # fmt: skip

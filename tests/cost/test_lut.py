@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.cost.lut import (
+    FP32,
+    INT8,
+    LatencyTable,
+    _kernel_model,
+    layer_key,
+    layer_times,
+    runs_int8,
+)
+from edgeslim.graph import layer_table
+from edgeslim.runtime.ort import ort_session
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
+        self.conv1d = nn.Conv1d(8, 4, 5, padding=2)
+        self.lstm = nn.LSTM(4, 6, batch_first=True)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(self.conv(x).relu())
+        seq = self.conv1d(y.flatten(2))  # (N, 4, L)
+        out, _ = self.lstm(seq.transpose(1, 2))
+        return self.fc(out[:, -1])
+
+
+@pytest.fixture
+def model() -> tuple[nn.Module, dict]:
+    m = Mixed().eval()
+    return m, layer_table(m, torch.randn(1, 3, 12, 12))
+
+
+@pytest.mark.parametrize("precision", [FP32, INT8])
+def test_kernel_models_run_the_layer_shape(model: tuple[nn.Module, dict], precision: str) -> None:
+    """Each timed kernel is the layer at its real shape: same output shape as torch."""
+    m, rows = model
+    for fqn in ("conv", "dw", "conv1d", "fc"):
+        key = layer_key(m.get_submodule(fqn), rows[fqn], precision)
+        assert key is not None
+        data, feeds = _kernel_model(key)
+        (y,) = ort_session(data).run(None, feeds)
+        assert tuple(y.shape) == tuple(rows[fqn].out_shape), fqn
+        assert y.dtype == (np.uint8 if precision == INT8 else np.float32)
+
+
+def test_unmodelled_layers_are_named_and_int8_follows_the_bits(
+    model: tuple[nn.Module, dict], tmp_path
+) -> None:
+    m, rows = model
+    table = LatencyTable(repeats=3, cache_dir=tmp_path)
+    w = {"conv": 8, "dw": 4, "conv1d": 8, "fc": 8}
+    a = {"conv": 8, "dw": 8, "conv1d": None, "fc": 8}
+    lt = layer_times(table, m, rows, w, a)
+    assert lt.unmodelled == ("lstm",)
+    assert set(lt.layers) == {"conv", "dw", "conv1d", "fc"}
+    # conv1d is weight-only (float kernel), the 4-bit dw runs as int8
+    assert lt.int8_macs == rows["conv"].macs + rows["dw"].macs + rows["fc"].macs
+    assert lt.macs == sum(r.macs for r in rows.values() if r.macs)
+    assert runs_int8(4, 8) and not runs_int8(8, None) and not runs_int8(None, 8)
+    assert not runs_int8(16, 8)
+
+
+def test_cache_is_reused_across_instances(model: tuple[nn.Module, dict], tmp_path) -> None:
+    m, rows = model
+    first = LatencyTable(repeats=3, cache_dir=tmp_path)
+    bits = dict.fromkeys(rows, 8)
+    before = layer_times(first, m, rows, bits, bits)
+    assert first.measured == 4
+    path = first.save()
+    assert path.parent == tmp_path and path.is_file()
+    second = LatencyTable(repeats=3, cache_dir=tmp_path)
+    again = layer_times(second, m, rows, bits, bits)
+    assert second.measured == 0 and again.layers == before.layers
+    path.write_text("{not json")  # a corrupt cache is measured afresh, not trusted
+    third = LatencyTable(repeats=3, cache_dir=tmp_path)
+    layer_times(third, m, rows, bits, bits)
+    assert third.measured == 4
