@@ -33,6 +33,7 @@ _EXPORTS = {
     "Task": "edgeslim.task",
     "TensorBatches": "edgeslim.data.batching",
     "load_fashion_mnist": "edgeslim.data",
+    "SearchSpace": "edgeslim.search",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,0 +1,153 @@
+"""The ask/tell interface every strategy implements, its registry and shared helpers.
+
+A strategy proposes policies (``ask``) and learns from their results (``tell``); the search
+loop decides how results are obtained (screened, measured, replayed from a journal), so a
+strategy never evaluates anything itself. The loop may ask several policies before telling
+any (a batch, evaluated in parallel by an executor) and always tells results in ask order,
+so a seeded strategy makes the same choices whatever executor runs the batch.
+
+``ask`` returns None when the strategy must hear pending results before proposing more, or
+has ``finished`` (greedy, dp and accuracy_aware end on their own). ``is_probe(policy)``
+(asked right after ``ask``) marks a measurement the strategy needs that is not a candidate
+answer (a per-layer sensitivity probe): it is measured even when it breaks an analytic
+constraint, and never reported as the best policy; any other policy that breaks one is
+rejected unmeasured.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from edgeslim.registry import Registry
+from edgeslim.search.constraints import Check, Constraints
+from edgeslim.search.errors import SearchError
+from edgeslim.search.evaluate import EvalResult
+from edgeslim.search.policy import Policy
+from edgeslim.search.space import SearchSpace
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """Ask/tell search strategy (see the module doc)."""
+
+    name: str
+    notes: dict[str, Any]
+
+    def ask(self) -> Policy | None: ...
+
+    def tell(self, policy: Policy, result: EvalResult) -> None: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def is_probe(self, policy: Policy) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a strategy is built with: the space, the constraints, the seed, and a cheap
+    analytic check of a policy (no accuracy measured)."""
+
+    space: SearchSpace
+    constraints: Constraints
+    seed: int
+    checks: Callable[[Policy], tuple[Check, ...]]
+
+
+StrategyFactory = Callable[..., Strategy]
+STRATEGIES: Registry[StrategyFactory] = Registry("search strategy")
+S = TypeVar("S")
+
+
+def register(name: str) -> Callable[[S], S]:
+    """Class decorator: register a strategy class (called as ``cls(ctx, **options)``)."""
+
+    def add(cls: S) -> S:
+        STRATEGIES.register(name, cls)  # type: ignore[arg-type]
+        return cls
+
+    return add
+
+
+def make_strategy(name: str, ctx: Context, **options: Any) -> Strategy:
+    """Build the strategy registered as ``name``; unknown names and options fail clearly."""
+    from edgeslim.search import strategies  # noqa: F401  (registers the built-ins)
+
+    try:
+        factory = STRATEGIES.get(name)
+    except KeyError as exc:
+        raise SearchError(str(exc.args[0])) from None
+    try:
+        return factory(ctx, **options)
+    except TypeError as exc:
+        raise SearchError(f"strategy {name!r}: {exc}") from None
+
+
+def reward(result: EvalResult) -> float:
+    """One scalar every strategy ranks by: feasibility first, then the metric.
+
+    A feasible policy scores its metric relative to the uncompressed model's (1.0 = no
+    loss); an infeasible one scores that minus 1 minus its total excess over the limits
+    (a policy rejected unmeasured counts metric 0), so any feasible policy with a positive
+    metric outranks every infeasible one, and among infeasible ones the closer wins.
+    """
+    scale = max(abs(result.baseline), 1e-9)
+    rel = result.metric / scale if result.metric is not None else 0.0
+    return rel if result.feasible else rel - 1.0 - result.violation
+
+
+def sensitivity(probe: EvalResult, ref: EvalResult) -> float:
+    """How much worse ``probe`` is than ``ref``: the loss increase when both losses were
+    measured (smoother than top-1 on small data), else the metric drop."""
+    if probe.loss is not None and ref.loss is not None:
+        return probe.loss - ref.loss
+    if probe.metric is None or ref.metric is None:
+        raise SearchError("a sensitivity probe was not measured")
+    return ref.metric - probe.metric
+
+
+class GeneStrategy:
+    """Shared plumbing of the built-ins: policies as choice indices (genes) over
+    ``space.dims``, a seeded ``random.Random``, and the set of policies already asked."""
+
+    name = "base"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.space = ctx.space
+        self.sizes = [len(d.choices) for d in self.space.dims]
+        self.rng = random.Random(ctx.seed)
+        self.notes: dict[str, Any] = {}
+        self.seen: set[str] = set()
+        self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def is_probe(self, policy: Policy) -> bool:
+        return False
+
+    def policy(self, genes: Sequence[int]) -> Policy:
+        return self.space.decode(genes)
+
+    def random_genes(self) -> list[int]:
+        return [self.rng.randrange(n) for n in self.sizes]
+
+    def unseen(self, make: Callable[[], list[int]], tries: int = 50) -> list[int] | None:
+        """Genes from ``make`` not asked before (None when ``tries`` draws all were)."""
+        if len(self.seen) >= self.space.cardinality:
+            return None
+        for _ in range(tries):
+            genes = make()
+            if self.policy(genes).id not in self.seen:
+                return genes
+        return None
+
+    def mark(self, genes: Sequence[int]) -> Policy:
+        p = self.policy(genes)
+        self.seen.add(p.id)
+        return p

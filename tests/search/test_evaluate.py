@@ -1,0 +1,85 @@
+"""The evaluator: validation data only (never the task's test metric), a cache by policy
+id, agreement when the validation data has no labels, and optional short fine-tuning."""
+
+from __future__ import annotations
+
+import pytest
+from search_helpers import N_TRAIN, CountingTestMetric, make_task
+from torch import nn
+
+from edgeslim.data import TensorBatches, load_digits_split
+from edgeslim.errors import TaskError
+from edgeslim.search import EvalResult, Evaluator, SearchSpace
+from edgeslim.task import Task
+from edgeslim.train.loop import TrainConfig, evaluate
+
+
+def test_scores_on_validation_never_on_the_test_split(
+    space: SearchSpace, digits_task: Task
+) -> None:
+    test_metric = digits_task.evaluate
+    assert isinstance(test_metric, CountingTestMetric)
+    before = test_metric.calls
+    ev = Evaluator(space, ["size<=0.2x"])
+    policy = space.uniform(4)
+    result = ev.evaluate(policy)
+    train = load_digits_split("train")
+    val = TensorBatches(train.images[N_TRAIN:], train.labels[N_TRAIN:], batch_size=100)
+    assert result.metric == evaluate(space.apply(policy), val)  # top-1 on the 300 held images
+    assert ev.baseline == evaluate(space.model, val)
+    assert ev.metric_name == "val_top1" and result.loss is not None and result.loss > 0
+    assert result.feasible and result.evaluated and result.drop == ev.baseline - result.metric
+    assert test_metric.calls == before
+
+
+def test_results_are_cached_by_policy_id(space: SearchSpace) -> None:
+    calls: list[nn.Module] = []
+
+    def metric(model: nn.Module) -> float:
+        calls.append(model)
+        return 50.0
+
+    ev = Evaluator(space, metric=metric, metric_name="custom")
+    first = ev.evaluate(space.uniform(4))
+    second = ev.evaluate(space.uniform(4))
+    assert second is first and len(calls) == 2  # the baseline and one measurement
+    assert first.metrics == {"custom": 50.0} and first.loss is None
+    again = EvalResult.from_dict(first.to_dict())
+    assert again == first
+
+
+def test_max_drop_decides_feasibility(space: SearchSpace) -> None:
+    ev = Evaluator(space, "drop<=1")
+    ok = ev.evaluate(space.uniform(8))
+    broken = ev.evaluate(space.uniform(2))  # 2-bit weights everywhere: the network collapses
+    assert ok.feasible and ok.drop is not None and ok.drop <= 1
+    assert not broken.feasible and broken.drop is not None and broken.drop > 50
+    (check,) = broken.checks
+    assert check.constraint == "drop<=1" and check.achieved == broken.drop and not check.ok
+
+
+def test_agreement_when_validation_has_no_labels(digits_model: nn.Module) -> None:
+    task = make_task(labelled=False)
+    sp = SearchSpace.build(digits_model, task, w_bits=(2, 8), keep=(1.0,), calibration=128)
+    ev = Evaluator(sp)
+    assert ev.metric_name == "agreement" and ev.baseline == 100.0
+    assert "validation inputs" in ev.notes[0]
+    w8, w2 = ev.evaluate(sp.uniform(8)), ev.evaluate(sp.uniform(2))
+    assert w8.metric is not None and w2.metric is not None
+    assert w8.metric >= 97.0 > w2.metric
+    assert w8.loss is not None and w2.loss is not None and w8.loss < w2.loss  # 1 - cosine
+
+
+def test_short_finetuning_recovers_accuracy(digits_model: nn.Module, digits_task: Task) -> None:
+    sp = SearchSpace.build(digits_model, digits_task, w_bits=(2, 8), keep=(1.0,), calibration=128)
+    policy = sp.uniform(8).replace(w_bits={"conv2": 2})
+    plain = Evaluator(sp).evaluate(policy)
+    cfg = TrainConfig(epochs=2, lr=0.005, batch_size=64, seed=0, channels_last=False)
+    tuned = Evaluator(sp, finetune=cfg, finetune_limit=512).evaluate(policy)
+    assert tuned.finetuned and not plain.finetuned
+    assert plain.metric is not None and tuned.metric is not None
+    assert tuned.metric > plain.metric + 10
+    bare = Task(example_inputs=digits_task.example_inputs, calibration=digits_task.calibration)
+    untrainable = Evaluator(SearchSpace.build(digits_model, bare, keep=(1.0,)), finetune=cfg)
+    with pytest.raises(TaskError, match="no training data"):
+        untrainable.evaluate(untrainable.space.uniform(8))

@@ -1,0 +1,137 @@
+"""Every strategy returns a feasible policy on the digits CNN; seeded strategies repeat
+themselves exactly; accuracy-aware mode gives layers back until ``max_drop`` holds."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from edgeslim.search import (
+    STRATEGIES,
+    Context,
+    Evaluator,
+    SearchError,
+    SearchResult,
+    SearchSpace,
+    make_strategy,
+    search,
+)
+from edgeslim.task import Task
+
+CONSTRAINTS = ["size<=0.2x"]
+MAX_DROP = 2.0
+STOCHASTIC = ["random", "evolutionary", "abc", "reinforce"]
+
+
+@pytest.fixture(scope="module")
+def space46(digits_model: nn.Module, digits_task: Task) -> SearchSpace:
+    """Weight bits 4/6/8 and keep 0.75/1 per group: 1,944 policies, about a quarter of the
+    size-feasible ones within 2 points (pruning conv1's or conv2's group costs more)."""
+    return SearchSpace.build(
+        digits_model, digits_task, w_bits=(4, 6, 8), keep=(0.75, 1.0), calibration=128
+    )
+
+
+_runs: dict[str, SearchResult] = {}
+
+
+def _run(space: SearchSpace, name: str) -> SearchResult:
+    if name not in _runs:
+        _runs[name] = search(
+            space.model, space.task, space, CONSTRAINTS, name, budget=20, seed=0,
+            max_drop=MAX_DROP, batch=1, progress=False,
+        )  # fmt: skip
+    return _runs[name]
+
+
+def test_every_builtin_strategy_is_registered() -> None:
+    import edgeslim.search.strategies  # noqa: F401
+
+    assert set(STRATEGIES) == {*STOCHASTIC, "greedy", "dp", "accuracy_aware"}
+
+
+@pytest.mark.parametrize("name", [*STOCHASTIC, "greedy", "dp"])
+def test_strategy_returns_a_feasible_policy(
+    space46: SearchSpace, digits_task: Task, name: str
+) -> None:
+    calls = digits_task.evaluate.calls  # type: ignore[union-attr]
+    result = _run(space46, name)
+    assert result.feasible, result.summary()
+    assert result.best is not None and not result.best.probe and result.best.counted
+    assert result.measured <= 20 and result.first_feasible is not None
+    # re-checked from scratch: the constraints really hold for the returned policy
+    fresh = Evaluator(space46, CONSTRAINTS, max_drop=MAX_DROP)
+    assert all(c.ok for c in fresh.checks(result.best.policy))
+    size = space46.costs(result.best.policy).size / space46.baseline_costs().size
+    assert size <= 0.2
+    drop = result.best.result.drop
+    assert drop is not None and drop <= MAX_DROP
+    assert digits_task.evaluate.calls == calls  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_same_seed_asks_the_same_sequence(space46: SearchSpace, name: str) -> None:
+    """A fresh strategy with the same seed, told the recorded results, asks exactly the
+    recorded policies (batch 1: ask, tell, ask ...)."""
+    result = _run(space46, name)
+    ev = Evaluator(space46, CONSTRAINTS, max_drop=MAX_DROP)
+    strat = make_strategy(name, Context(space46, ev.constraints, 0, ev.checks))
+    for e in result.evaluations:
+        policy = strat.ask()
+        assert policy is not None and policy.id == e.policy.id
+        strat.tell(policy, e.result)
+    other = make_strategy(name, Context(space46, ev.constraints, 1, ev.checks))
+    first = make_strategy(name, Context(space46, ev.constraints, 0, ev.checks)).ask()
+    assert first is not None and other.ask() != first
+
+
+def test_sensitivity_strategies_measure_then_decide(space46: SearchSpace) -> None:
+    greedy, dp = _run(space46, "greedy"), _run(space46, "dp")
+    dims = len(space46.dims)
+    for result in (greedy, dp):
+        probes = [e for e in result.evaluations if e.probe]
+        assert len(probes) == dims + 1  # the least compressed policy and one per coordinate
+        assert result.evaluations[-1].policy == result.best.policy  # type: ignore[union-attr]
+        assert len(result.notes["sensitivity"]) == dims
+    # pruning conv1's group alone costs more than pruning conv4's (measured, not assumed)
+    s = greedy.notes["sensitivity"]
+    assert s["keep[conv1]"] > s["keep[conv4]"]
+    assert dp.notes["dp_constraint"] == "size<=0.2x"
+
+
+def test_accuracy_aware_gives_layers_back_until_max_drop_holds(
+    digits_model: nn.Module, digits_task: Task
+) -> None:
+    """From 2-bit weights everywhere (the network collapses), 8-bit is given back to the
+    most sensitive layers one at a time; it stops at the first policy within 3 points."""
+    sp = SearchSpace.build(digits_model, digits_task, w_bits=(2, 8), keep=(1.0,), calibration=128)
+    result = search(
+        digits_model, digits_task, sp, None, "accuracy_aware", budget=20, max_drop=3.0,
+        progress=False,
+    )  # fmt: skip
+    notes = result.notes
+    assert result.feasible and notes["max_drop_met"], result.summary()
+    assert notes["start_drop"] > 50
+    back = notes["given_back"]
+    assert 0 < notes["given_back_count"] == len(back) < len(sp.layers)
+    order = sorted(notes["sensitivity"], key=lambda u: -notes["sensitivity"][u])
+    assert back == order[: len(back)]  # most sensitive first
+    steps = [e for e in result.evaluations if not e.probe]
+    assert len(steps) == 1 + len(back)  # the start, then one measurement per layer back
+    assert [e.result.feasible for e in steps] == [False] * len(back) + [True]
+    best = result.best
+    assert best is not None and best.policy == steps[-1].policy
+    assert best.result.drop is not None and best.result.drop <= 3.0
+    restored = {f"layer:{k}" for k, b in best.policy.weight_bits.items() if b == 8}
+    assert restored == set(back)
+
+
+def test_unknown_strategy_and_options_fail_clearly(space46: SearchSpace) -> None:
+    ev = Evaluator(space46, CONSTRAINTS)
+    ctx = Context(space46, ev.constraints, 0, ev.checks)
+    with pytest.raises(SearchError, match="unknown search strategy 'nsga'; registered: abc"):
+        make_strategy("nsga", ctx)
+    with pytest.raises(SearchError, match=r"strategy 'evolutionary'.*population_size"):
+        make_strategy("evolutionary", ctx, population_size=4)
+    with pytest.raises(SearchError, match="needs an accuracy limit"):
+        make_strategy("accuracy_aware", ctx)
