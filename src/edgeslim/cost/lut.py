@@ -70,17 +70,25 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
 
 
 def layer_key(module: nn.Module, row: LayerInfo, precision: str) -> LayerKey | None:
-    """The table key of a layer, or None when the table does not model its type."""
+    """The table key of a layer, or None when the table does not model its type.
+
+    Channel counts come from ``row`` (the layer table of the model as it runs), not from
+    the module, so the key of a pruned layer can be read off the unpruned module's kernel
+    geometry with the pruned table's shapes (a depthwise conv stays depthwise).
+    """
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and isinstance(module.padding, tuple):
         n = module.weight.dim() - 2
+        cin, cout = int(row.in_shape[1]), int(row.out_shape[1])
+        depthwise = module.groups == module.in_channels and module.groups > 1
+        groups = cin if depthwise else module.groups
         return LayerKey(
-            "conv", module.in_channels, module.out_channels, tuple(row.in_shape[2:]),
-            int(row.in_shape[0]), _tuple(module.kernel_size, n), _tuple(module.stride, n),
-            _tuple(module.padding, n), _tuple(module.dilation, n), module.groups, precision,
+            "conv", cin, cout, tuple(row.in_shape[2:]), int(row.in_shape[0]),
+            _tuple(module.kernel_size, n), _tuple(module.stride, n), _tuple(module.padding, n),
+            _tuple(module.dilation, n), groups, precision,
         )  # fmt: skip
     if isinstance(module, nn.Linear):
         rows = int(np.prod(row.in_shape[:-1])) if len(row.in_shape) > 1 else 1
-        return LayerKey("linear", module.in_features, module.out_features, (), rows,
+        return LayerKey("linear", int(row.in_shape[-1]), int(row.out_shape[-1]), (), rows,
                         precision=precision)  # fmt: skip
     return None
 

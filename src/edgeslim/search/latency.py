@@ -1,0 +1,128 @@
+"""ONNX Runtime latency of a policy, predicted from the per-layer table (:mod:`edgeslim.cost.lut`).
+
+``LutLatency(space)`` is the :class:`~edgeslim.search.constraints.LatencyPredictor` a search
+uses for ``latency<=...`` constraints: a policy's latency is the sum of its layers' kernel
+timings (each conv / linear at its pruned shape and the precision ONNX Runtime will run it
+in) plus the model's residual. :meth:`LutLatency.calibrate` measures the residual once, on
+the exported float model and on the exported all-int8 policy, so both anchors are exact;
+:meth:`LutLatency.check` exports and times other policies to report how far the table is
+off (``PredictionCheck.max_error``), which the search record carries.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from edgeslim.cost.lut import (
+    LatencyTable,
+    LayerTime,
+    PredictionCheck,
+    Residual,
+    layer_times,
+    measure_onnx_ms,
+)
+from edgeslim.graph import layer_table
+from edgeslim.graph.layers import LayerInfo
+from edgeslim.search.policy import Policy
+from edgeslim.search.space import SearchSpace
+
+
+class LutLatency:
+    """Predicted ONNX Runtime milliseconds of a policy at the task's example batch."""
+
+    unit = "ms"
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        table: LatencyTable | None = None,
+        *,
+        repeats: int = 50,
+    ) -> None:
+        self.space = space
+        self.table = table if table is not None else LatencyTable(threads=_threads())
+        self.repeats = repeats
+        self.residual: Residual | None = None
+        self.anchors: dict[str, float] = {}  # measured whole-model ms of the anchors
+        self._base_rows: dict[str, LayerInfo] | None = None
+
+    # --- the layer sum ---------------------------------------------------------------------
+
+    def layers(self, policy: Policy | None) -> LayerTime:
+        """Per-layer kernel times of ``policy`` (None: the float model)."""
+        space = self.space
+        if policy is None:
+            if self._base_rows is None:
+                self._base_rows = layer_table(space.model, *space.task.example_inputs)
+            none: dict[str, int | None] = {}
+            return layer_times(self.table, space.model, self._base_rows, none, none)
+        rows = space.layer_table(policy)
+        w: dict[str, int | None] = dict(policy.weight_bits)
+        return layer_times(self.table, space.model, rows, w, policy.act_bits)
+
+    def predict(self, policy: Policy | None) -> float:
+        if self.residual is None:
+            self.calibrate()
+        assert self.residual is not None
+        lt = self.layers(policy)
+        return lt.total_ms + self.residual.at(lt.int8_share)
+
+    # --- measuring whole models --------------------------------------------------------------
+
+    def export(self, policy: Policy | None, path: Path) -> Path:
+        """The ONNX file ``policy`` deploys as (QDQ when anything is quantized)."""
+        from edgeslim.export import export_onnx
+        from edgeslim.export.qdq import export_qdq
+
+        example = tuple(self.space.task.example_inputs)
+        if policy is None:
+            return export_onnx(self.space.model, example, path)
+        model: nn.Module = self.space.apply(policy)
+        return export_qdq(model, example, path)
+
+    def measure(self, policy: Policy | None) -> float:
+        """Measured whole-model milliseconds of ``policy`` in ONNX Runtime."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.export(policy, Path(tmp) / "model.onnx")
+            example = self.space.task.example_inputs
+            return measure_onnx_ms(path, example, self.table.threads, self.repeats)
+
+    def _int8_anchor(self) -> Policy | None:
+        """The least-pruned policy with every layer at 8-bit weights and activations."""
+        if not self.space.layers or not all(8 in lc.a_bits for lc in self.space.layers):
+            return None
+        if not all(8 in lc.w_bits for lc in self.space.layers):
+            return None
+        return self.space.uniform(w_bits=8, a_bits=8, keep=1.0)
+
+    def calibrate(self) -> Residual:
+        """Measure the float and all-int8 models whole; the residual is what they cost
+        beyond their layers. Saves the table's new entries to its cache."""
+        fp32_ms = self.measure(None)
+        fp32 = fp32_ms - self.layers(None).total_ms
+        self.anchors = {"fp32": fp32_ms}
+        anchor = self._int8_anchor()
+        int8 = fp32
+        if anchor is not None:
+            int8_ms = self.measure(anchor)
+            self.anchors["int8"] = int8_ms
+            int8 = int8_ms - self.layers(anchor).total_ms
+        self.residual = Residual(fp32, int8)
+        self.table.save()
+        return self.residual
+
+    def check(self, policies: Sequence[Policy]) -> PredictionCheck:
+        """Predicted against measured whole-model latency on ``policies`` (not anchors)."""
+        rows = [(p.id, self.predict(p), self.measure(p)) for p in policies]
+        self.table.save()
+        return PredictionCheck(tuple(rows))
+
+
+def _threads() -> int:
+    from edgeslim.cost.latency import DEFAULT_THREADS
+
+    return DEFAULT_THREADS

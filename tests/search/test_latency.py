@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import math
+import random
+
+from edgeslim.cost.lut import LatencyTable
+from edgeslim.search import SearchSpace
+from edgeslim.search.latency import LutLatency
+
+
+def test_lut_latency_is_anchored_on_measured_models_and_checked(
+    space: SearchSpace, tmp_path
+) -> None:
+    """After calibration the float and all-int8 predictions equal their whole-model
+    measurements (the residual makes them exact); other policies get a measured error."""
+    lut = LutLatency(space, LatencyTable(repeats=5, cache_dir=tmp_path), repeats=10)
+    residual = lut.calibrate()
+    assert set(lut.anchors) == {"fp32", "int8"}
+    assert math.isclose(lut.predict(None), lut.anchors["fp32"], rel_tol=1e-9)
+    int8 = space.uniform(w_bits=8, a_bits=8, keep=1.0)
+    assert math.isclose(lut.predict(int8), lut.anchors["int8"], rel_tol=1e-9)
+    assert residual.fp32_ms != residual.int8_ms
+    # the half-kept policy's kernels are timed at their pruned shapes (new table entries)
+    half = space.uniform(w_bits=8, a_bits=8, keep=0.5)
+    before = len(lut.table)
+    assert lut.layers(half).macs < lut.layers(int8).macs and len(lut.table) > before
+    rng = random.Random(0)
+    policies = [space.decode([rng.randrange(len(d.choices)) for d in space.dims]) for _ in range(2)]
+    check = lut.check(policies)
+    assert len(check.rows) == 2 and all(m > 0 and p > 0 for _, p, m in check.rows)
+    assert math.isfinite(check.max_error) and check.to_dict()["rows"][0]["policy"] == policies[0].id
+    assert lut.table.path.is_file()  # the measured kernels are cached for the next run
