@@ -564,6 +564,13 @@ class SearchSpace:
             return self._baseline
         return replace(self._baseline, latency=float(latency.predict(None)))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the traced graph (an fx GraphModule does not pickle; it is
+        retraced when needed), so a parallel executor can ship the space to its workers."""
+        state = dict(self.__dict__)
+        state["_traced"] = None
+        return state
+
     # --- identity -------------------------------------------------------------------------------
 
     @property
