@@ -148,6 +148,7 @@ def train_classifier(
     loss_fn: LossFn | None = None,
     description: str = "train",
     on_step: Callable[[float], None] | None = None,
+    no_decay: Callable[[str], bool] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``(inputs, target)`` batches; returns one ``{epoch, loss,
     val_top1}`` dict per epoch.
@@ -160,6 +161,8 @@ def train_classifier(
     ``target`` may be None. ``val`` batches are scored with :func:`evaluate` after each
     epoch. ``on_step(progress)`` is called before every step with the fraction of training
     done (QAT uses it to sharpen AQE/tanh estimators and advance the n-BQ blend).
+    ``no_decay(name)`` True exempts that parameter from weight decay (QAT: learned
+    quantizer scales, which decay would shrink toward zero).
     """
     _refuse_one_shot(train, "train")
     if val is not None:
@@ -171,8 +174,15 @@ def train_classifier(
     torch.manual_seed(config.seed)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    params: Any = model.parameters()
+    if no_decay is not None:
+        named = list(model.named_parameters())
+        params = [
+            {"params": [p for n, p in named if not no_decay(n)]},
+            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+        ]
     opt = torch.optim.SGD(
-        model.parameters(),
+        params,
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
