@@ -47,7 +47,8 @@ def _run(space: SearchSpace, name: str) -> SearchResult:
 def test_every_builtin_strategy_is_registered() -> None:
     import edgeslim.search.strategies  # noqa: F401
 
-    assert set(STRATEGIES) == {*STOCHASTIC, "greedy", "dp", "accuracy_aware"}
+    peers = {"optuna-tpe", "optuna-nsga2"}  # registered when optuna is installed
+    assert set(STRATEGIES) - peers == {*STOCHASTIC, "greedy", "dp", "accuracy_aware"}
 
 
 @pytest.mark.parametrize("name", [*STOCHASTIC, "greedy", "dp"])

@@ -6,7 +6,13 @@
 - ``reinforce``: REINFORCE controller with a moving-average baseline (DNQ).
 - ``greedy`` / ``dp``: allocation from per-layer sensitivity, greedy or knapsack (GBA).
 - ``accuracy_aware``: most compressed first, precision given back until ``max_drop`` holds.
+
+Peers (registered only when optuna is installed, ``pip install 'edgeslim[peers]'``):
+``optuna-tpe`` and ``optuna-nsga2``, Optuna's samplers as off-the-shelf baselines
+(:mod:`edgeslim.search.optuna_peer`).
 """
+
+import importlib.util
 
 from edgeslim.search.strategies import (  # noqa: F401  (each module registers itself)
     accuracy_aware,
@@ -26,6 +32,12 @@ from edgeslim.search.strategies.base import (
     reward,
     sensitivity,
 )
+
+if importlib.util.find_spec("optuna") is not None:  # found without importing it
+    from edgeslim.search.optuna_peer import PEERS
+
+    for _name, _cls in PEERS.items():
+        STRATEGIES.register(_name, _cls)
 
 __all__ = [
     "STRATEGIES",
