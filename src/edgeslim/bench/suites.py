@@ -69,7 +69,8 @@ def _load_builtin_suites() -> None:
     import edgeslim.bench.operators
     import edgeslim.bench.prune
     import edgeslim.bench.prune_quant
-    import edgeslim.bench.quant  # noqa: F401  (registers "quant", "prune", "prune_quant", ...)
+    import edgeslim.bench.quant
+    import edgeslim.bench.train  # noqa: F401  (registers "quant", "prune", "train", ...)
 
 
 def run_suite(
