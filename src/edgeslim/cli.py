@@ -389,6 +389,84 @@ def compress(
     console.print(f"wrote {out}/model.onnx, {out}/results.json and {out}/report.md")
 
 
+def _ints(text: str, what: str) -> tuple[int | None, ...]:
+    out: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part in ("float", "none", "32"):
+            out.append(None)
+        elif part.isdigit():
+            out.append(int(part))
+        else:
+            fail(EdgeslimError(f"{what}: {part!r} is not a bit-width; write e.g. 4,6,8"))
+    return tuple(out)
+
+
+@app.command("search")
+def search_cmd(
+    model: Annotated[str, typer.Argument(help="zoo name or module:factory")],
+    constraint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--constraint",
+            help="COST<=LIMIT, repeatable: size<=0.25x, latency<=0.6x (ONNX Runtime, batch 1), "
+            "macs<=0.5x, bops<=0.1x, memory<=2MB",
+        ),
+    ] = None,
+    max_drop: Annotated[
+        float | None, typer.Option(help="largest drop of the validation metric, in points")
+    ] = None,
+    budget: Annotated[int, typer.Option(help="policies measured at most")] = 40,
+    strategy: Annotated[
+        str,
+        typer.Option(help="random, evolutionary, abc, reinforce, greedy, dp, accuracy_aware"),
+    ] = "evolutionary",
+    seed: Annotated[int, typer.Option(help="same seed, same search")] = 0,
+    w_bits: Annotated[str, typer.Option(help="weight bit choices per layer")] = "4,6,8",
+    a_bits: Annotated[str, typer.Option(help="activation bit choices (float allowed)")] = "8",
+    keep: Annotated[str, typer.Option(help="keep-ratio choices per channel group")] = "0.5,0.75,1",
+    executor: Annotated[str, typer.Option(help="local or ray")] = "local",
+    workers: Annotated[int, typer.Option(help="Ray workers (with --executor ray)")] = 2,
+    out: Annotated[Path, typer.Option(help="output directory (rerun to resume)")] = Path(
+        "search-out"
+    ),
+    checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
+    data: DataOpt = None,
+    metric: MetricOpt = None,
+    input_shape: InputShapes = None,
+    quick: Annotated[bool, typer.Option("--quick", help="fewer samples and repeats")] = False,
+    force: Annotated[bool, typer.Option("--force", help="start over in a used --out")] = False,
+    finetune_epochs: Annotated[
+        int, typer.Option(help="short fine-tuning of each measured policy (0: none)")
+    ] = 0,
+) -> None:
+    """Search per-layer bits and pruning ratios under constraints; apply, export and plot
+    the best policy. Rerunning the same command after an interruption resumes the search."""
+    console.print(f"[bold]edgeslim search[/] {model} -> {out}: loading...", highlight=False)
+    from edgeslim.search.command import run_search
+
+    try:
+        keeps = tuple(float(k) for k in keep.split(","))
+    except ValueError:
+        fail(EdgeslimError(f"--keep: {keep!r} is not a list of ratios; write e.g. 0.5,0.75,1"))
+    w = tuple(b for b in _ints(w_bits, "--w-bits") if b is not None)
+    try:
+        outcome = run_search(
+            model, out, constraint or [], checkpoint=checkpoint, data=data, metric=metric,
+            input_shapes=_shapes(input_shape), strategy=strategy, budget=budget, seed=seed,
+            max_drop=max_drop, w_bits=w, a_bits=_ints(a_bits, "--a-bits"), keep=keeps,
+            executor=executor, workers=workers, force=force, quick=quick,
+            finetune_epochs=finetune_epochs,
+        )  # fmt: skip
+    except (EdgeslimError, ValueError) as exc:
+        fail(exc)
+    console.print(outcome.summary, highlight=False)
+    if outcome.test_metrics:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.test_metrics.items())
+        console.print(f"chosen policy on the task's test data: {shown}", highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in outcome.files.values()), highlight=False)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo-out"),

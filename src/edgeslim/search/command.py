@@ -1,0 +1,197 @@
+"""``edgeslim search``: search a model's per-layer policy, apply it, export it, report it.
+
+The output folder holds ``journal.jsonl`` (written as the search runs: rerunning the same
+command after a kill resumes from it), then ``policy.json`` (the chosen policy, when one
+meets the constraints), ``model.onnx`` (that policy applied and exported, checked against
+torch on several inputs), ``search.json`` (every evaluation, the uniform policies, the
+latency table's measured error, the test metric of the chosen model) and one Pareto plot per
+constrained cost.
+
+Decisions: a non-empty ``--out`` with a journal is a run to resume (the journal refuses a
+different model, space, strategy or seed); one without is refused unless ``--force``, which
+starts over. The uniform policies (same bits and keep ratio everywhere) are measured with
+the same evaluator besides the budget, as the baselines the plots and ``search.json`` show.
+The test metric (``task.measure``) is taken once, on the chosen model only; the search
+itself reads validation data alone. ``finetune_epochs`` (default 0) fine-tunes each measured
+policy briefly on the task's training data before scoring it (a small learning rate: BatchNorm
+is folded by then); without it, pruned policies are scored as cut.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeslim.errors import EdgeslimError
+from edgeslim.search.constraints import Constraints
+
+JOURNAL = "journal.jsonl"
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class SearchOutcome:
+    """What ``edgeslim search`` wrote and measured."""
+
+    summary: str
+    feasible: bool
+    files: dict[str, Path] = field(default_factory=dict)
+    uniform: list[dict[str, Any]] = field(default_factory=list)
+    test_metrics: dict[str, float] | None = None
+
+
+def _check_out(out: Path, force: bool) -> None:
+    from edgeslim.artifacts import check_out_folder, check_writable
+
+    if out.exists() and force:
+        if not out.is_dir():
+            raise EdgeslimError(f"--out {out} exists and is not a folder; give a folder path")
+        shutil.rmtree(out)
+    if out.is_dir() and (out / JOURNAL).is_file():
+        check_writable(out)  # resume: the journal is checked by the search itself
+        return
+    check_out_folder(out, force=False)
+
+
+def _executor(name: str, workers: int) -> Any:
+    if name not in EXECUTORS:
+        raise EdgeslimError(f"--executor must be one of {', '.join(EXECUTORS)}; got {name!r}")
+    if name == "local":
+        return None
+    if workers < 1:
+        raise EdgeslimError(f"--workers must be >= 1; got {workers}")
+    from edgeslim.search.ray_executor import RayExecutor
+
+    return RayExecutor(workers=workers)
+
+
+def _uniform_rows(evaluator: Any, space: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+    results, rows = [], []
+    for policy in space.uniforms():
+        r = evaluator.evaluate(policy)
+        results.append(r)
+        w = sorted(set(policy.weight_bits.values()))
+        a = sorted({str(v) for v in policy.act_bits.values()})
+        k = sorted(set(policy.keep.values()))
+        measured = {key: v for key, v in r.to_dict().items() if key != "policy_id"}
+        rows.append({"policy": policy.id, "w_bits": w, "a_bits": a, "keep": k, **measured})
+    return results, rows
+
+
+def run_search(
+    model_name: str,
+    out: Path,
+    constraints: Sequence[str],
+    *,
+    checkpoint: Path | None = None,
+    data: str | None = None,
+    metric: str | None = None,
+    input_shapes: tuple[tuple[int, ...], ...] = (),
+    strategy: str = "evolutionary",
+    budget: int = 40,
+    seed: int = 0,
+    max_drop: float | None = None,
+    w_bits: Sequence[int] = (4, 6, 8),
+    a_bits: Sequence[int | None] = (8,),
+    keep: Sequence[float] = (0.5, 0.75, 1.0),
+    executor: str = "local",
+    workers: int = 2,
+    force: bool = False,
+    quick: bool = False,
+    finetune_epochs: int = 0,
+    finetune_lr: float = 0.005,
+) -> SearchOutcome:
+    """The command line's ``search`` (see module doc); validates everything first."""
+    from edgeslim.compression import resolve_base
+    from edgeslim.search import SearchSpace, search
+    from edgeslim.search.evaluate import Evaluator
+    from edgeslim.search.strategies import STRATEGIES
+    from edgeslim.task import resolve_task
+
+    parsed = Constraints.parse(list(constraints), max_drop)
+    if not parsed.limits and parsed.max_drop is None:
+        raise EdgeslimError(
+            "give at least one --constraint (e.g. size<=0.25x, latency<=0.6x) or --max-drop"
+        )
+    if strategy not in STRATEGIES:
+        raise EdgeslimError(
+            f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES.names())}"
+        )
+    if budget < 1:
+        raise EdgeslimError(f"--budget must be >= 1; got {budget}")
+    out = Path(out)
+    _check_out(out, force)
+    runner = _executor(executor, workers)
+    model = resolve_base(model_name, checkpoint)
+    task = resolve_task(model_name, data, metric, input_shapes, quick)
+    space = SearchSpace.build(model, task, w_bits=w_bits, a_bits=a_bits, keep=keep, seed=seed)
+    latency = None
+    if parsed.needs_latency:
+        from edgeslim.search.latency import LutLatency
+
+        latency = LutLatency(space, repeats=20 if quick else 50)
+    finetune = None
+    if finetune_epochs < 0:
+        raise EdgeslimError(f"--finetune-epochs must be >= 0; got {finetune_epochs}")
+    if finetune_epochs:
+        if task.train is None:
+            raise EdgeslimError(
+                "--finetune-epochs needs training data; this task has none (give --data with "
+                "training samples, or leave fine-tuning off)"
+            )
+        from edgeslim.train.loop import TrainConfig
+
+        finetune = TrainConfig(epochs=finetune_epochs, lr=finetune_lr, weight_decay=0.0)
+    evaluator = Evaluator(space, parsed, latency=latency, finetune=finetune)
+    out.mkdir(parents=True, exist_ok=True)
+    result = search(
+        model, task, space, strategy=strategy, budget=budget, seed=seed,
+        journal=out / JOURNAL, executor=runner, evaluator=evaluator,
+    )  # fmt: skip
+    uniform_results, uniform_rows = _uniform_rows(evaluator, space)
+    payload: dict[str, Any] = {"search": result.to_dict(), "uniform": uniform_rows,
+                               "command": {"model": model_name, "data": data,
+                                           "constraints": parsed.to_list(), "budget": budget,
+                                           "strategy": strategy, "seed": seed,
+                                           "executor": executor}}  # fmt: skip
+    outcome = SearchOutcome(result.summary(), result.feasible, uniform=uniform_rows)
+    if latency is not None:
+        check = latency.check([result.best.policy] if result.best is not None else [])
+        payload["latency_table"] = {"anchors_ms": latency.anchors, "check": check.to_dict(),
+                                    "kernels_cached": len(latency.table)}  # fmt: skip
+    if result.policy is not None:
+        outcome.files["policy"] = result.policy.save(out / "policy.json")
+        compressed = space.apply(result.policy)
+        onnx_path, parity = _export(compressed, task, out / "model.onnx")
+        outcome.files["onnx"] = onnx_path
+        payload["export"] = {"file": onnx_path.name, "parity": parity}
+        outcome.test_metrics = task.measure(compressed)
+        payload["test_metrics"] = outcome.test_metrics
+        payload["test_metrics_uncompressed"] = task.measure(model)
+    from edgeslim.search.plots import plot_search
+
+    for path in plot_search(result, uniform_results, out):
+        outcome.files[path.stem] = path
+    (out / "search.json").write_text(json.dumps(payload, indent=1, default=str))
+    outcome.files["search"] = out / "search.json"
+    outcome.files["journal"] = out / JOURNAL
+    return outcome
+
+
+def _export(model: Any, task: Any, path: Path) -> tuple[Path, dict[str, Any]]:
+    """The chosen model as ONNX (int8 QDQ when quantized), with dynamic batch axes, checked
+    against torch on the example, calibration, validation and perturbed inputs."""
+    from edgeslim.compression import _parity_sources
+    from edgeslim.export.verify import check_parity, export_axes, export_module, output_batch_dims
+    from edgeslim.runtime.ort import ort_session
+
+    module = task.module(model).eval()
+    dims = output_batch_dims(module, task.inputs_at(1), task.inputs_at(2))
+    export_module(module, task.example_inputs, path, export_axes(task.names, task.dims, dims))
+    parity = check_parity(module, ort_session(path), _parity_sources(task))
+    return path, {"inputs_checked": parity.inputs_checked, "max_abs_diff": parity.max_abs_diff,
+                  "max_rel_diff": parity.max_rel_diff, "sources": parity.sources}  # fmt: skip

@@ -1,0 +1,91 @@
+"""``edgeslim search`` end to end on a small CNN trained on sklearn digits (real data)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from edgeslim.cli import app
+
+runner = CliRunner()
+
+FACTORY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from edgeslim.data import TensorBatches, load_digits_split
+    from edgeslim.train.loop import TrainConfig, train_classifier
+
+    def make() -> nn.Module:
+        train = load_digits_split("train")
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )
+        batches = TensorBatches(train.images, train.labels, 64, shuffle=True)
+        train_classifier(model, batches, TrainConfig(epochs=6, lr=0.05, channels_last=False),
+                         description="digits")
+        return model.eval()
+    """
+)
+
+
+@pytest.fixture
+def factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "digits_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "digits_factory:make"
+
+
+def _search(factory: str, out: Path, *extra: str) -> Result:
+    args = ["search", factory, "--data", "digits", "--constraint", "size<=0.2x", "--max-drop",
+            "3", "--w-bits", "4,8", "--keep", "1", "--out", str(out), *extra]  # fmt: skip
+    return runner.invoke(app, args)
+
+
+def test_search_writes_policy_onnx_plot_and_resumes(factory: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = _search(factory, out, "--budget", "3", "--strategy", "random")
+    assert first.exit_code == 0, first.output
+    journal = (out / "journal.jsonl").read_text().splitlines()
+    data = json.loads((out / "search.json").read_text())
+    assert data["search"]["measured"] == 3 and len(journal) >= 4  # a header, then results
+    assert len(data["uniform"]) == 2  # W4 and W8 everywhere, drawn beside the search
+    assert data["search"]["feasible"]  # mixed 4/8-bit weights fit in a fifth of the bytes
+    assert (out / "policy.json").is_file() and (out / "model.onnx").is_file()
+    assert data["export"]["inputs_checked"] >= 2  # checked on more than one input
+    assert data["search"]["best"]["result"]["relative"]["size"] <= 0.2
+    assert "top1" in data["test_metrics"]  # the test split, read once for the chosen model
+    assert (out / "search_size.png").is_file()
+    # a rerun with a larger budget continues the journal: finished lines stay as they were
+    again = _search(factory, out, "--budget", "5", "--strategy", "random")
+    assert again.exit_code == 0, again.output
+    lines = (out / "journal.jsonl").read_text().splitlines()
+    assert lines[: len(journal)] == journal and len(lines) > len(journal)
+    assert json.loads((out / "search.json").read_text())["search"]["measured"] > 3
+    # another strategy in the same folder is refused (the journal names what differs)
+    other = _search(factory, out, "--budget", "5", "--strategy", "evolutionary")
+    assert other.exit_code == 2 and "strategy" in other.output
+
+
+def test_search_refuses_bad_input_before_writing(factory: str, tmp_path: Path) -> None:
+    out = tmp_path / "bad"
+    bad = runner.invoke(app, ["search", factory, "--data", "digits", "--constraint",
+                              "speed<=2x", "--out", str(out)])  # fmt: skip
+    assert bad.exit_code == 2 and "allowed" in bad.output and "size" in bad.output
+    assert not out.exists()
+    none = runner.invoke(app, ["search", factory, "--data", "digits", "--out", str(out)])
+    assert none.exit_code == 2 and "--constraint" in none.output
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("keep me")
+    refused = _search(factory, used, "--budget", "2")
+    assert refused.exit_code == 2 and "--force" in refused.output
+    assert (used / "notes.txt").read_text() == "keep me"
