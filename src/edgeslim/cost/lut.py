@@ -43,6 +43,7 @@ from edgeslim.cost.latency import DEFAULT_THREADS
 from edgeslim.graph.layers import LayerInfo
 
 FP32, INT8 = "fp32", "int8"
+MS = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,15 @@ def _kernel_model(key: LayerKey) -> tuple[bytes, dict[str, np.ndarray]]:
         if key.kind == "conv":  # per-channel weight scales, as our export writes them
             wparams = [const("ws", np.full(key.cout, 0.01, np.float32)),
                        const("wz", np.zeros(key.cout, np.int8))]  # fmt: skip
-            op, inputs = "QLinearConv", ["x", *qparams, w, *wparams, *yparams, bias]
+            # the channels-last kernel ORT's NHWC transformer runs inside a model: a lone
+            # NCHW QLinearConv would be timed with a Transpose on each side
+            op, inputs, domain = "QLinearConv", ["x", *qparams, w, *wparams, *yparams, bias], MS
+            attrs["channels_last"] = 1
+            shape = [key.rows, *key.spatial, key.cin]
+            x = rng.integers(0, 255, shape, dtype=np.uint8)
         else:  # the kernel ORT fuses DQ -> Gemm -> Q into
             wparams = [const("ws", np.array(0.01, np.float32)), const("wz", np.array(0, np.int8))]
-            op, domain = "QGemm", "com.microsoft"
+            op, domain = "QGemm", MS
             inputs = ["x", *qparams, w, *wparams, bias, *yparams]
         elem_in, elem_out = TensorProto.UINT8, TensorProto.UINT8
     else:
