@@ -16,6 +16,7 @@ def test_the_examples_of_the_search_page_run(
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
     assert len(blocks) >= 4
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "cache"))  # the latency table's cache
     namespace: dict[str, object] = {}
     for block in blocks:
         exec(compile(block, str(DOC), "exec"), namespace)
