@@ -70,6 +70,7 @@ def _load_builtin_suites() -> None:
     import edgeslim.bench.prune
     import edgeslim.bench.prune_quant
     import edgeslim.bench.quant
+    import edgeslim.bench.search
     import edgeslim.bench.train  # noqa: F401  (registers "quant", "prune", "train", ...)
 
 

@@ -1,0 +1,291 @@
+"""Suite ``search``: automated per-layer bits + pruning under three constraints at once.
+
+On ``resnet20`` (Fashion-MNIST), in one process:
+
+- constraints together: ONNX Runtime latency at batch 1 <= 0.6x the fp32 model (predicted
+  by :class:`~edgeslim.search.latency.LutLatency`, the per-layer kernel table), size <=
+  0.2x the fp32 bytes, and at most 1 point of validation top-1 lost;
+- the search sees only the **validation** split (scoring) and training images
+  (calibration); the **test** split is read once per final row, for the chosen policy;
+- rows: the best uniform policy that meets the constraints (or a row saying none does),
+  every edgeslim strategy and the Optuna peers (``optuna-tpe``, ``optuna-nsga2``) at the
+  same measurement budget and seed;
+- per row: validation top-1, test top-1, size, predicted latency, the chosen policy
+  exported (QDQ) and timed in ONNX Runtime next to the fp32 export, measurements until the
+  first feasible policy, seconds;
+- the Ray executor (2 workers) against in-process on the same strategy and seed: the same
+  policy? the wall-time speed-up;
+- the latency table's prediction error on a few measured policies.
+
+Budgets (module constants) keep the full run near 30 minutes on 2 cores (a measurement
+is about 7 s there: prune, PTQ with 256 calibration images, 1,000 validation images);
+``--quick`` runs two strategies at a tiny budget in a few minutes (once the machine's
+kernel table is cached; the first run also times every kernel shape).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.bench.records import Record
+from edgeslim.bench.suites import per_model, register_suite
+from edgeslim.data import TensorBatches, load_fashion_mnist
+from edgeslim.search import Evaluator, Policy, SearchError, SearchResult, SearchSpace, search
+from edgeslim.search.latency import LutLatency
+from edgeslim.task import Task
+from edgeslim.train.loop import evaluate
+from edgeslim.zoo import load_zoo_model
+
+MODEL = "resnet20"
+CONSTRAINTS = ("latency<=0.6x", "size<=0.2x")
+MAX_DROP = 1.0
+SEED = 0
+BATCH = 4  # policies asked per round, measured in parallel by the Ray executor
+# keep 0.5 without fine-tuning cost resnet20 about 80 points of val top-1 (quick run), so
+# the space stops at a quarter of the channels; bits 4/6/8 let size<=0.2x be mixed
+W_BITS, A_BITS, KEEP, ROUND_TO = (4, 6, 8), (8,), (0.75, 1.0), 4
+CALIBRATION = 256  # training images PTQ calibrates a policy on
+STRATEGIES = (
+    "random", "evolutionary", "abc", "reinforce", "greedy", "dp", "accuracy_aware",
+    "optuna-tpe", "optuna-nsga2",
+)  # fmt: skip
+PEERS = ("optuna-tpe", "optuna-nsga2")
+RAY_STRATEGY, RAY_WORKERS = "evolutionary", 2
+LATENCY_CHECKS = 4  # measured policies whose exported latency is compared with the table's
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much the suite measures (full or ``--quick``)."""
+
+    budget: int
+    val_images: int
+    test_images: int | None
+    strategies: tuple[str, ...]
+    latency_repeats: int
+
+
+# 9 searches x 24 measurements + the Ray pair + 6 uniforms, about 7 s each: ~30 min
+FULL = Sizes(24, 1000, None, STRATEGIES, 100)
+QUICK = Sizes(4, 300, 2000, ("evolutionary", "optuna-tpe"), 20)
+
+
+def search_task(val_images: int) -> Task:
+    """Fashion-MNIST for the search: calibration from the train split, scores on the val
+    split; the test split is deliberately absent (it scores the final rows only)."""
+    train = load_fashion_mnist("train", limit=max(CALIBRATION, 512))
+    val = load_fashion_mnist("val", limit=val_images)
+    return Task(
+        example_inputs=(val.images[:1].contiguous(),),
+        calibration=TensorBatches(train.images[:CALIBRATION], batch_size=64),
+        train=TensorBatches(train.images, train.labels, 64, shuffle=True),
+        validation=TensorBatches(val.images, val.labels, batch_size=500),
+        metric="val_top1",
+        name="fashion-mnist-search",
+        description=f"Fashion-MNIST: val top-1 on {len(val)} images, calibration on train",
+    )
+
+
+def _available(names: tuple[str, ...]) -> tuple[str, ...]:
+    from edgeslim.search import STRATEGIES as REGISTRY
+
+    return tuple(n for n in names if n in REGISTRY)
+
+
+@dataclass
+class _Bench:
+    """What every row shares: the space, the latency table, the test split, fp32 figures."""
+
+    name: str
+    out: Path
+    sizes: Sizes
+    model: nn.Module
+    space: SearchSpace
+    latency: LutLatency
+    test: TensorBatches
+    test_count: int
+    fp32_test: float
+    fp32_ms: float
+
+    def record(
+        self, method: str, policy: Policy | None, seconds: float, extra: dict[str, Any],
+        config: dict[str, Any] | None = None,
+    ) -> Record:  # fmt: skip
+        """One row for ``policy`` (None: no policy; test top-1 NaN): exported and timed."""
+        sp = self.space
+        if policy is None:
+            model, costs = self.model, sp.baseline_costs()
+            test, ms, predicted = math.nan, None, None
+        else:
+            model, costs = sp.apply(policy), sp.costs(policy)
+            test = evaluate(model, self.test)
+            ms = round(self.latency.measure(policy), 4)
+            predicted = round(self.latency.predict(policy), 4)
+        base = sp.baseline_costs()
+        cfg = {"budget": self.sizes.budget, "seed": SEED, "constraints": self.constraints}
+        if policy is not None:
+            cfg.update(_bits(policy))
+        return Record(
+            suite="search", model=self.name, method=method, config={**cfg, **(config or {})},
+            metric="top1", value=round(test, 4), baseline_value=round(self.fp32_test, 4),
+            params=sum(p.numel() for p in model.parameters()), macs=costs.macs,
+            size_bytes=costs.size, latency_ms=ms, baseline_latency_ms=round(self.fp32_ms, 4),
+            runtime="onnxruntime", seconds=round(seconds, 2), data_used="calibration",
+            extra={
+                "test_images": self.test_count, "policy": None if policy is None else policy.id,
+                "policy_summary": None if policy is None else policy.describe(),
+                "size_ratio": round(costs.size / base.size, 4),
+                "predicted_latency_ms": predicted,
+                "predicted_latency_ratio": None if predicted is None
+                else round(predicted / self.latency.predict(None), 4),
+                "measured_latency_ratio": None if ms is None else round(ms / self.fp32_ms, 4),
+                **extra,
+            },
+        )  # fmt: skip
+
+    @property
+    def constraints(self) -> list[str]:
+        return [*CONSTRAINTS, f"drop<={MAX_DROP:g}"]
+
+    def run(self, strategy: str, executor: Any = None) -> tuple[SearchResult, float]:
+        t0 = time.perf_counter()
+        result = search(
+            self.model, self.space.task, self.space, list(CONSTRAINTS), strategy,
+            budget=self.sizes.budget, seed=SEED, batch=BATCH, max_drop=MAX_DROP,
+            latency=self.latency, executor=executor, progress=False,
+        )  # fmt: skip
+        return result, time.perf_counter() - t0
+
+
+def _bits(policy: Policy) -> dict[str, Any]:
+    ws = sorted(set(policy.weight_bits.values()))
+    as_ = sorted({32 if b is None else b for b in policy.act_bits.values()})
+    return {"w_bits": "/".join(map(str, ws)), "a_bits": "/".join(map(str, as_))}
+
+
+def _search_extra(result: SearchResult) -> dict[str, Any]:
+    best = result.best or result.closest
+    r = None if best is None else best.result
+    return {
+        "feasible": result.feasible,
+        "val_top1": None if r is None or r.metric is None else round(r.metric, 4),
+        "val_top1_fp32": round(result.baseline_metric, 4),
+        "measured": result.measured,
+        "rejected": result.rejected,
+        "first_feasible": result.first_feasible,
+        "checks": [] if r is None else [str(c) for c in r.checks],
+        "message": result.message,
+        "notes": {k: v for k, v in result.notes.items() if k in ("stopped", "given_back_count")},
+    }
+
+
+def _uniform_row(b: _Bench) -> tuple[Record, list[Policy]]:
+    """Every uniform policy screened and (when it passes) measured; the best feasible one."""
+    t0 = time.perf_counter()
+    ev = Evaluator(b.space, list(CONSTRAINTS), max_drop=MAX_DROP, latency=b.latency)
+    results = [(p, ev.evaluate(p)) for p in b.space.uniforms()]
+    seconds = time.perf_counter() - t0
+    feasible = [(p, r) for p, r in results if r.feasible and r.metric is not None]
+    listing = {
+        p.describe(): {"val_top1": r.metric, "feasible": r.feasible,
+                       "checks": [str(c) for c in r.checks]}
+        for p, r in results
+    }  # fmt: skip
+    measured = [p for p, r in results if r.evaluated]
+    extra: dict[str, Any] = {"uniforms": listing, "measured": len(measured)}
+    if not feasible:
+        extra.update(feasible=False, message="none of the uniform policies meets them")
+        return b.record("edgeslim:uniform-best", None, seconds, extra), measured
+    p, r = max(feasible, key=lambda pr: pr[1].metric or 0.0)
+    extra.update(feasible=True, val_top1=r.metric, checks=[str(c) for c in r.checks])
+    return b.record("edgeslim:uniform-best", p, seconds, extra), measured
+
+
+def _ray_row(b: _Bench) -> Record:
+    """The same strategy and seed in-process and on 2 Ray workers: the same evaluations
+    and policy? the wall-time speed-up? Both timed after the other searches warmed the
+    latency table, so neither pays for timing kernels; Ray's start-up is reported apart."""
+    from edgeslim.search.ray_executor import RayExecutor
+
+    local, local_s = b.run(RAY_STRATEGY)
+    t0 = time.perf_counter()
+    with RayExecutor(workers=RAY_WORKERS) as ex:
+        threads = ex.worker_threads()  # the workers are up before the clock starts
+        startup = time.perf_counter() - t0
+        remote, remote_s = b.run(RAY_STRATEGY, ex)
+    ids = [[e.policy.id for e in r.evaluations] for r in (local, remote)]
+    metrics = [[e.result.metric for e in r.evaluations] for r in (local, remote)]
+    extra = {
+        **_search_extra(remote), "same_policy": local.policy == remote.policy,
+        "same_evaluations": ids[0] == ids[1], "same_metrics": metrics[0] == metrics[1],
+        "workers": RAY_WORKERS, "in_process_seconds": round(local_s, 2),
+        "ray_seconds": round(remote_s, 2), "ray_startup_seconds": round(startup, 2),
+        "speedup": round(local_s / remote_s, 3),
+        "in_process_torch_threads": torch.get_num_threads(), "worker_torch_threads": threads,
+    }  # fmt: skip
+    return b.record(f"edgeslim:{RAY_STRATEGY}@ray{RAY_WORKERS}", remote.policy, remote_s, extra)
+
+
+def _latency_row(b: _Bench, candidates: list[Policy]) -> Record:
+    """The table's predictions against exported, timed models on a few measured policies."""
+    seen: dict[str, Policy] = {}
+    for p in candidates:
+        seen.setdefault(p.id, p)
+    picks = list(seen.values())[:LATENCY_CHECKS]
+    t0 = time.perf_counter()
+    check = b.latency.check(picks)
+    extra = {**check.to_dict(), "anchors_ms": b.latency.anchors}
+    rec = b.record("edgeslim:latency-table", None, time.perf_counter() - t0, extra)
+    return rec.model_copy(update={"metric": "latency_max_error", "value": check.max_error,
+                                  "baseline_value": 0.0})  # fmt: skip
+
+
+def search_model(name: str, out: Path, quick: bool) -> list[Record]:
+    """Every row of the suite for one model (see the module doc)."""
+    sizes = QUICK if quick else FULL
+    model = load_zoo_model(name).eval()
+    task = search_task(sizes.val_images)
+    space = SearchSpace.build(
+        model, task, w_bits=W_BITS, a_bits=A_BITS, keep=KEEP, round_to=ROUND_TO,
+        calibration=CALIBRATION, seed=SEED,
+    )  # fmt: skip
+    latency = LutLatency(space, repeats=sizes.latency_repeats)
+    latency.calibrate()
+    test = load_fashion_mnist("test", limit=sizes.test_images)
+    test_batches = TensorBatches(test.images, test.labels, batch_size=500)
+    b = _Bench(
+        name, out, sizes, model, space, latency, test_batches, len(test),
+        evaluate(model, test_batches), latency.anchors["fp32"],
+    )  # fmt: skip
+    records: list[Record] = []
+    uniform, uniform_measured = _uniform_row(b)
+    records.append(uniform)
+    results: dict[str, tuple[SearchResult, float]] = {}
+    for strategy in _available(sizes.strategies):
+        result, seconds = b.run(strategy)
+        results[strategy] = (result, seconds)
+        tool = "optuna" if strategy in PEERS else "edgeslim"
+        method = f"{tool}:{strategy.removeprefix('optuna-')}"
+        records.append(
+            b.record(method, result.policy, seconds, _search_extra(result),
+                     {"strategy": strategy})
+        )  # fmt: skip
+    try:
+        records.append(_ray_row(b))
+    except SearchError as exc:  # ray is an optional extra: say so in the report
+        records.append(b.record(f"edgeslim:{RAY_STRATEGY}@ray", None, 0.0, {"skipped": str(exc)}))
+    chosen = [r.policy for r, _ in results.values() if r.policy is not None]
+    records.append(_latency_row(b, chosen + uniform_measured))
+    return records
+
+
+@register_suite("search")
+def search_suite(out: Path, quick: bool, models: list[str] | None) -> list[Record]:
+    return per_model("search", models or [MODEL], lambda n: search_model(n, out, quick))
