@@ -344,6 +344,11 @@ def _rebuild_step(
         return rebuild_datafree(model, stage, example)  # type: ignore[arg-type]
     if kind == "finetune":
         return model  # weights only: the saved state carries them
+    if kind == "search":
+        raise CheckpointError(
+            "reloading a compress output with a search stage is not supported yet; deploy its "
+            "model.onnx, or apply its search.policy.json with edgeslim.search"
+        )
     raise CheckpointError(f"reloading a {kind} stage is not supported yet")
 
 

@@ -1,0 +1,134 @@
+"""Recipe stage ``search``: let :mod:`edgeslim.search` pick per-layer bits and keep ratios.
+
+```yaml
+- kind: search
+  constraints: ["size<=0.2x", "latency<=0.6x"]   # any of size, macs, bops, memory, latency
+  max_drop: 1.0           # points of the task's validation metric (null: no accuracy limit)
+  strategy: evolutionary  # random | evolutionary | abc | reinforce | greedy | dp | accuracy_aware
+  budget: 40              # policies measured at most
+  seed: 0
+  w_bits: [4, 6, 8]       # weight-bit choices of every quantizable layer
+  a_bits: [8]             # activation-bit choices (null: float activations)
+  keep: [0.5, 0.75, 1.0]  # keep-ratio choices of every prunable channel group
+  finetune_epochs: 0      # short fine-tune of each measured policy (0: scored as cut)
+```
+
+The stage returns the chosen policy applied (pruned, quantized, calibrated). A search that
+finds no policy meeting the constraints fails the stage with the closest policy named:
+never an infeasible model passed on as the result. Written to the stage's folder:
+``search.policy.json`` (the policy), ``search.json`` (every evaluation) and
+``search.journal.jsonl``. Decision: a compress run writes into a temporary folder that it
+renames at the end, so an interrupted compress does not resume its search; for a long
+search use ``edgeslim search`` (resumable), then a ``quantize``/``prune`` recipe or the
+saved policy. Reloading a compress output with a search stage (``--from``,
+``edgeslim.load``) is not supported yet; its ``model.onnx`` is the deployable artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import Field, field_validator
+from torch import nn
+
+from edgeslim.errors import EdgeslimError
+from edgeslim.recipe.schema import Stage, StageContext, register_stage
+
+
+def _strategies() -> list[str]:
+    from edgeslim.search.strategies import STRATEGIES
+
+    return list(STRATEGIES.names())
+
+
+def _int8() -> list[int | None]:
+    return [8]
+
+
+class SearchStage(Stage):
+    """Search bits and keep ratios under constraints, then apply the chosen policy."""
+
+    kind: Literal["search"] = "search"
+    constraints: list[str] = Field(default_factory=list)
+    max_drop: float | None = Field(None, ge=0.0)
+    strategy: str = "evolutionary"
+    budget: int = Field(40, ge=1)
+    seed: int = 0
+    w_bits: list[int] = Field(default_factory=lambda: [4, 6, 8], min_length=1)
+    a_bits: list[int | None] = Field(default_factory=lambda: _int8(), min_length=1)
+    keep: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0], min_length=1)
+    finetune_epochs: int = Field(0, ge=0)
+
+    @field_validator("constraints")
+    @classmethod
+    def _parse(cls, v: list[str]) -> list[str]:
+        from edgeslim.search.constraints import Constraints
+
+        return Constraints.parse(v).to_list()  # a ConstraintError names what is allowed
+
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        allowed = _strategies()
+        if v not in allowed:
+            raise ValueError(f"allowed values: {', '.join(allowed)}")
+        return v
+
+    @field_validator("w_bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= b <= 16 for b in v):
+            raise ValueError("weight bits must be in 1..16")
+        return v
+
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < k <= 1.0 for k in v):
+            raise ValueError("keep ratios must be in (0, 1]")
+        return v
+
+
+@register_stage("search", SearchStage, data_used="calibration")
+def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) -> nn.Module:
+    from edgeslim.search import SearchSpace, search
+    from edgeslim.search.constraints import Constraints
+    from edgeslim.search.evaluate import Evaluator
+    from edgeslim.train.loop import TrainConfig
+
+    task = ctx.need_task("search")
+    parsed = Constraints.parse(stage.constraints, stage.max_drop)
+    if not parsed.limits and parsed.max_drop is None:
+        raise EdgeslimError("the search stage needs constraints or max_drop; it has neither")
+    model = model.eval()
+    space = SearchSpace.build(model, task, w_bits=stage.w_bits, a_bits=stage.a_bits,
+                              keep=stage.keep, seed=stage.seed)  # fmt: skip
+    latency = None
+    if parsed.needs_latency:
+        from edgeslim.search.latency import LutLatency
+
+        latency = LutLatency(space, repeats=20 if ctx.quick else 50)
+    finetune = None
+    if stage.finetune_epochs:
+        finetune = TrainConfig(epochs=stage.finetune_epochs, lr=0.005, weight_decay=0.0)
+    evaluator = Evaluator(space, parsed, latency=latency, finetune=finetune)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    result = search(
+        model, task, space, strategy=stage.strategy, budget=stage.budget, seed=stage.seed,
+        journal=ctx.out / "search.journal.jsonl", evaluator=evaluator,
+    )  # fmt: skip
+    (ctx.out / "search.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
+    if result.policy is None:
+        raise EdgeslimError(f"stage search: {result.message}")
+    result.policy.save(ctx.out / "search.policy.json")
+    best = result.best
+    assert best is not None
+    checks = "; ".join(str(c) for c in best.result.checks)
+    ctx.notes.append(
+        f"search ({stage.strategy}, {result.measured} measured of budget {stage.budget}): "
+        f"policy {result.policy.id}: {checks}"
+    )
+    if latency is not None and latency.anchors:
+        ctx.notes.append(f"search: latency table anchors (ms, measured): {latency.anchors}")
+    return space.apply(result.policy)

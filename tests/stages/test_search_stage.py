@@ -1,0 +1,63 @@
+"""Recipe stage ``search`` on a small CNN trained on sklearn digits (real data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import edgeslim
+from edgeslim.data import TensorBatches, load_digits_split
+from edgeslim.errors import CheckpointError, RecipeError
+from edgeslim.recipe import parse_recipe
+from edgeslim.task.resolve import builtin_task
+from edgeslim.train.loop import TrainConfig, train_classifier
+
+
+def _digits_cnn() -> nn.Module:
+    train = load_digits_split("train")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+    batches = TensorBatches(train.images, train.labels, 64, shuffle=True)
+    cfg = TrainConfig(epochs=6, lr=0.05, channels_last=False)
+    train_classifier(model, batches, cfg, description="digits")
+    return model.eval()
+
+
+def _recipe(**fields: object) -> dict[str, object]:
+    stage = {"kind": "search", "constraints": ["size<=0.2x"], "max_drop": 6.0,
+             "strategy": "random", "budget": 3, "w_bits": [4, 8], "keep": [1.0]}  # fmt: skip
+    return {"name": "searched", "stages": [{**stage, **fields}]}
+
+
+def test_invalid_search_stage_names_the_field_and_allowed_values() -> None:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(_recipe(strategy="annealing", constraints=["speed<=2x"]))
+    text = str(info.value)
+    assert "strategy" in text and "evolutionary" in text  # every error at once
+    assert "speed" in text and "size" in text
+
+
+def test_search_stage_applies_a_feasible_policy(tmp_path: Path) -> None:
+    model = _digits_cnn()
+    task = builtin_task("digits")
+    out = tmp_path / "run"
+    result = edgeslim.compress(model, _recipe(), task, out)
+    policy = json.loads((out / "search.policy.json").read_text())
+    assert set(policy["layers"]) and (out / "search.json").is_file()
+    record = result.records[0]
+    assert record.size_bytes <= 0.2 * edgeslim.cost_report(model, *task.example_inputs).size_bytes
+    assert any("search (random" in n for n in result.notes)
+    with pytest.raises(CheckpointError, match="search stage"):
+        edgeslim.load(out, model)
+    # nothing meets an impossible target: the stage fails, no model is passed on
+    with pytest.raises(edgeslim.errors.EdgeslimError, match="NO FEASIBLE POLICY"):
+        edgeslim.compress(model, _recipe(constraints=["size<=0.01x"]), task, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
