@@ -109,3 +109,52 @@ def test_repeated_kills_never_leave_a_corrupt_or_stale_output(tmp_path: Path) ->
         _kill_during_work(tmp_path, force=True, rng=rng)
         _assert_whole_or_absent(tmp_path / "out")
     _complete(tmp_path, force=True)
+
+
+BENCH_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from edgeslim.bench.records import Record
+from edgeslim.bench.suites import register_suite, resumable_steps, run_suite
+
+out = Path(sys.argv[1])
+log = out.parent / "steps.log"
+
+def row(step):
+    with open(log, "a") as f:
+        f.write(step + "\\n")
+    if step == "second" and not (out.parent / "killed").exists():
+        (out.parent / "killed").write_text("")
+        os.kill(os.getpid(), signal.SIGKILL)  # killed mid-suite, after "first" finished
+    return [Record(suite="crash", model="m", method=f"edgeslim:{step}", metric="top1",
+                   value=1.0, baseline_value=1.0, params=1, macs=1, size_bytes=1,
+                   latency_ms=None, baseline_latency_ms=None, runtime="torch", seconds=0.0,
+                   data_used="none")]
+
+@register_suite("crash")
+def crash_suite(out, quick, models):
+    steps = [(s, (lambda s: lambda: row(s))(s)) for s in ("first", "second", "third")]
+    return resumable_steps("crash", steps, out / "progress.json")
+
+run_suite("crash", out)
+"""
+
+
+def test_a_killed_bench_resumes_without_redoing_finished_steps(tmp_path: Path) -> None:
+    """SIGKILL in the middle of a suite; the rerun replays the finished step from its
+    progress file and measures only the rest; the finished run leaves no progress file."""
+    script = tmp_path / "bench_crash.py"
+    script.write_text(BENCH_SCRIPT)
+    out = tmp_path / "out"
+    first = subprocess.run([sys.executable, str(script), str(out)], capture_output=True)
+    assert first.returncode == -signal.SIGKILL
+    assert (out / "progress.json").is_file() and not (out / "results.json").exists()
+    second = subprocess.run([sys.executable, str(script), str(out)], capture_output=True)
+    assert second.returncode == 0, second.stderr.decode()[-2000:]
+    steps = (tmp_path / "steps.log").read_text().split()
+    assert steps == ["first", "second", "second", "third"]  # "first" measured once
+    import json
+
+    methods = [r["method"] for r in json.loads((out / "results.json").read_text())]
+    assert methods == ["edgeslim:first", "edgeslim:second", "edgeslim:third"]
+    assert not (out / "progress.json").exists()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from edgeslim.bench.records import Record, load_records
+from edgeslim.bench.records import Record
 from edgeslim.bench.suites import per_model
 
 
@@ -30,7 +31,7 @@ def test_killed_suite_resumes_without_redoing_finished_models(tmp_path: Path) ->
 
     with pytest.raises(KeyboardInterrupt):
         per_model("t", ["a", "b", "c"], dies_on_b, progress=progress)
-    assert [r.model for r in load_records(progress)] == ["a"]
+    assert list(json.loads(progress.read_text())["steps"]) == ["a"]
 
     def works(name: str) -> list[Record]:
         calls.append(name)

@@ -226,14 +226,13 @@ def datafree_rows(b: Bench) -> list[Record]:
 def imagenet_suite(out: Path, quick: bool, models: list[str] | None) -> list[Record]:
     """fp32, W8A8 vs peers, data-free and pruning rows on ``mobilenetv2-imagenet``."""
     from edgeslim.bench.imagenet_prune import prune_rows
-    from edgeslim.progress import progress_bar
+    from edgeslim.bench.suites import resumable_steps
 
     if models and models != [MODEL]:
         from edgeslim.errors import EdgeslimError
 
         raise EdgeslimError(f"the imagenet suite runs {MODEL} only; got {models}")
     b = Bench(Path(out), quick)
-    records: list[Record] = []
     steps = (
         ("fp32", lambda: fp32_rows(b)),
         ("edgeslim W8A8", lambda: [edgeslim_w8a8(b)]),
@@ -241,10 +240,6 @@ def imagenet_suite(out: Path, quick: bool, models: list[str] | None) -> list[Rec
         ("data-free", lambda: datafree_rows(b)),
         ("pruning", lambda: prune_rows(b)),
     )
-    with progress_bar() as bar:
-        task = bar.add_task("imagenet", total=len(steps))
-        for label, step in steps:
-            bar.update(task, description=f"imagenet: {label}")
-            records += step()
-            bar.advance(task)
-    return records
+    # a killed run resumes after its last finished step (the file goes once all are done)
+    progress = Path(out) / ("progress-quick.json" if quick else "progress.json")
+    return resumable_steps("imagenet", steps, progress)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from edgeslim.bench.records import Record, load_records, save_records
+from edgeslim.bench.records import Record, save_records
 from edgeslim.registry import Registry
 
 
@@ -35,27 +37,66 @@ def per_model(
 
     With ``progress`` (a JSON file), each finished model's records are saved there at once
     and a rerun with the same file skips the models it already holds, so a long suite
-    killed half-way resumes where it stopped. The file is a plain record list
-    (:func:`load_records`), removed once every model is done; delete it to start over.
+    killed half-way resumes where it stopped (see :func:`resumable_steps`).
+    """
+    steps = [(name, (lambda n: lambda: measure(n))(name)) for name in names]
+    return resumable_steps(label, steps, progress)
+
+
+def _read_progress(path: Path | None) -> dict[str, list[Record]]:
+    """Finished steps of an earlier run; an unreadable file (killed mid-write before the
+    atomic rename existed, or edited) is ignored, so the run starts over."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+        return {str(k): [Record(**r) for r in v] for k, v in data["steps"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _write_progress(path: Path, done: dict[str, list[Record]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    payload = {"steps": {k: [r.model_dump(mode="json") for r in v] for k, v in done.items()}}
+    with open(tmp, "w") as f:
+        f.write(json.dumps(payload))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)  # atomic: a kill leaves the old file or the new one, never half of one
+
+
+def resumable_steps(
+    label: str,
+    steps: Sequence[tuple[str, Callable[[], list[Record]]]],
+    progress: Path | None = None,
+) -> list[Record]:
+    """Run named steps in order under one progress bar; concatenate their records.
+
+    With ``progress`` (a JSON file), each finished step's records are written there at once
+    (atomically), and a rerun with the same file replays the steps it holds instead of
+    measuring them again: a suite killed half-way resumes where it stopped. The file is
+    removed once every step is done, so the next run measures afresh; delete it to start
+    over. Step names must be unique.
     """
     from edgeslim.progress import progress_bar
 
-    done: dict[str, list[Record]] = {}
-    if progress is not None and Path(progress).is_file():
-        for r in load_records(progress):
-            done.setdefault(r.model, []).append(r)
+    names = [name for name, _ in steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"step names must be unique; got {names}")
+    done = _read_progress(progress)
     records: list[Record] = []
     with progress_bar() as bar:
-        task = bar.add_task(label, total=len(names))
-        for name in names:
+        task = bar.add_task(label, total=len(steps))
+        for name, run in steps:
             if name in done:
                 records += done[name]
                 bar.advance(task)
                 continue
             bar.update(task, description=f"{label} {name}")
-            records += measure(name)
+            done[name] = run()
+            records += done[name]
             if progress is not None:
-                save_records(records, progress)
+                _write_progress(Path(progress), done)
             bar.advance(task)
     if progress is not None:
         Path(progress).unlink(missing_ok=True)  # complete: the next run starts afresh
