@@ -101,4 +101,6 @@ def measure_fp32(name: str, out: Path, quick: bool, suite: str = "baseline") -> 
 
 @register_suite("baseline")
 def baseline(out: Path, quick: bool, models: list[str] | None) -> list[Record]:
-    return per_model("baseline", models or ALL_MODELS, lambda n: measure_fp32(n, out, quick))
+    progress = out / ("progress-quick.json" if quick else "progress.json")  # resume after a kill
+    names = models or ALL_MODELS
+    return per_model("baseline", names, lambda n: measure_fp32(n, out, quick), progress=progress)

@@ -241,4 +241,5 @@ def quant_suite(out: Path, quick: bool, models: list[str] | None) -> list[Record
     def measure(name: str) -> list[Record]:
         return quant_minilm(out, quick) if name == "minilm" else quant_model(name, out, quick)
 
-    return per_model("quant", models or DEFAULT_MODELS, measure)
+    progress = out / ("progress-quick.json" if quick else "progress.json")  # resume after a kill
+    return per_model("quant", models or DEFAULT_MODELS, measure, progress=progress)
