@@ -3,8 +3,9 @@
 The search loop hands an executor the evaluator's ``measure`` function and the batch's
 policies that need measuring; the executor returns their results **in the same order**,
 however it schedules them. Batches are formed by the loop (``batch`` policies asked before
-any result is told), not by the executor, so a parallel executor (a Ray pool, to come)
-gives the same search as :class:`LocalExecutor` for the same seed and batch.
+any result is told), not by the executor, so a parallel executor
+(:class:`~edgeslim.search.ray_executor.RayExecutor`, optional) gives the same search as
+:class:`LocalExecutor` for the same seed and batch.
 
 An executor for other processes must ship ``fn`` there: the evaluator pickles with its
 model, task and space (use cloudpickle for tasks holding lambdas).
