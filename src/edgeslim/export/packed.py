@@ -52,6 +52,7 @@ def save_packed(model: nn.Module, path: Path) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
     path = Path(path).with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)  # as export_onnx does
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     packed_weights = set()
