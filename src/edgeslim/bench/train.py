@@ -108,7 +108,7 @@ def load_data(quick: bool) -> Data:
 def _macs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
     from edgeslim.graph import layer_table, total_macs
 
-    return int(total_macs(layer_table(model, example)))
+    return int(total_macs(layer_table(model, *example)))
 
 
 def _params(model: nn.Module) -> int:
@@ -124,13 +124,15 @@ def _packed_bytes(model: nn.Module) -> int:
         return st.stat().st_size
 
 
-def train_suite_records(quick: bool) -> list[Record]:
-    """Every row of the suite (see the module doc)."""
+def train_suite_records(quick: bool, partial: Path | None = None) -> list[Record]:
+    """Every row of the suite (see the module doc); with ``partial``, the rows so far are
+    saved there after each one (a long run that fails late still leaves its numbers)."""
+    from edgeslim.bench.records import save_records
     from edgeslim.cost import size_bytes
     from edgeslim.distill import DCCDConfig, DistillConfig, KDConfig
     from edgeslim.quant.lowbit import LowBitRecipe, LowBitResult, lowbit_qat
     from edgeslim.train.loop import evaluate
-    from edgeslim.zoo import load_zoo_model
+    from edgeslim.zoo import load_zoo_model, resolve_model
 
     torch.manual_seed(0)
     data = load_data(quick)
@@ -181,6 +183,8 @@ def train_suite_records(quick: bool) -> list[Record]:
                 extra=ex,
             )
         )
+        if partial is not None:
+            save_records(records, partial)
 
     record(
         "edgeslim:fp32",
@@ -277,7 +281,7 @@ def train_suite_records(quick: bool) -> list[Record]:
     )
 
     # distillation on the -50% MACs pruned student (float fine-tune)
-    pruned0 = load_zoo_model(PRUNED)
+    pruned0 = resolve_model(PRUNED)  # a pruned zoo entry (its card names the base)
     p_params, p_macs = _params(pruned0), _macs(pruned0, data.example)
     p_start = evaluate(pruned0, data.test)
     pruned_losses: tuple[tuple[str, tuple[DistillConfig, ...]], ...] = (
@@ -426,4 +430,7 @@ def train_suite(out: Path, quick: bool, models: list[str] | None) -> list[Record
         from edgeslim.errors import EdgeslimError
 
         raise EdgeslimError(f"suite train runs on {MODEL} only; got {models}")
-    return train_suite_records(quick)
+    partial = Path(out) / "partial.json"
+    records = train_suite_records(quick, partial=partial)
+    partial.unlink(missing_ok=True)  # complete: results.json holds them
+    return records

@@ -1,0 +1,66 @@
+"""The ``train`` suite end to end, in quick mode on tiny Fashion-MNIST subsets."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import edgeslim.bench.train as suite
+from edgeslim.bench.records import load_records
+from edgeslim.bench.suites import SUITES, _load_builtin_suites, run_suite
+
+
+def test_train_is_a_registered_suite() -> None:
+    _load_builtin_suites()
+    assert "train" in SUITES
+
+
+@pytest.mark.slow  # 17 short training runs, ONNX export and latency: minutes on 2 cores
+def test_quick_run_writes_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(suite, "TRAIN_IMAGES_QUICK", 64)
+    monkeypatch.setattr(suite, "VAL_IMAGES_QUICK", 100)
+    monkeypatch.setattr(suite, "TEST_IMAGES_QUICK", 200)
+    monkeypatch.setattr(suite, "CALIBRATION", 64)
+    run_suite("train", tmp_path, quick=True)
+    records = load_records(tmp_path / "results.json")
+    assert (tmp_path / "report.md").is_file()
+    methods = Counter(r.method for r in records)
+    assert methods == {
+        "edgeslim:fp32": 1,
+        "edgeslim:qat_recipe": 4,
+        "edgeslim:qat_ste": 4,
+        "edgeslim:qat_recipe_aqe": 2,
+        "edgeslim:qat_recipe_progressive": 1,
+        "edgeslim:distill": 6,
+        "edgeslim:svd_finetune": 1,
+        "edgeslim:trp": 1,
+    }
+    fp32 = next(r for r in records if r.method == "edgeslim:fp32")
+    assert fp32.value > 85 and fp32.data_used == "none"
+    for r in records:
+        assert r.suite == "train" and r.baseline_value == fp32.value and r.seconds >= 0
+        if r.method != "edgeslim:fp32":
+            assert r.data_used == "train" and r.extra["epochs"] >= 1 and r.seconds > 0
+    qat = [r for r in records if r.method.startswith("edgeslim:qat")]
+    assert {r.config["setting"] for r in qat} == {"w4a4", "w2a2", "tw_a8", "w1a1"}
+    for r in qat:  # first conv and last linear at 8 bits, stated in the record
+        assert r.config["edge_layers_w8a8"] == ["conv1", "fc"]
+        assert r.extra["first_last_layer_bits"] == 8
+        assert r.size_bytes < fp32.size_bytes / 3  # packed codes, not float weights
+    w1 = next(r for r in qat if r.config["setting"] == "w1a1" and r.method == "edgeslim:qat_ste")
+    w4 = next(r for r in qat if r.config["setting"] == "w4a4" and r.method == "edgeslim:qat_ste")
+    assert w1.size_bytes < w4.size_bytes
+    prog = next(r for r in qat if r.method == "edgeslim:qat_recipe_progressive")
+    assert prog.config["progressive"] == [8, 4, 2]
+    distill = [r for r in records if r.method == "edgeslim:distill"]
+    assert Counter((r.config["student"], r.config["distill"]) for r in distill) == Counter(
+        (s, d) for s in ("w2a2", "resnet20-pruned50") for d in ("none", "kd", "dccd")
+    )
+    pruned = [r for r in distill if r.config["student"] == "resnet20-pruned50"]
+    assert all(r.macs <= 0.55 * fp32.macs for r in pruned)
+    for method in ("edgeslim:svd_finetune", "edgeslim:trp"):
+        r = next(x for x in records if x.method == method)
+        assert r.runtime == "onnxruntime" and r.latency_ms and r.baseline_latency_ms
+        assert r.macs <= 0.52 * fp32.macs and r.extra["layers_factorized"] > 0
