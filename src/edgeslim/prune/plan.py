@@ -25,6 +25,7 @@ from edgeslim.checkpoint import load_checked, save_state
 from edgeslim.errors import CheckpointError, PlanError
 from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.graph.model_graph import analyze
+from edgeslim.jsonfile import load_document, save_text
 from edgeslim.prune.surgery import (
     KeepMap,
     PruneError,
@@ -186,22 +187,11 @@ class PrunePlan:
         return cls.from_dict(data)
 
     def save(self, path: Path | str) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
-        return path
+        return save_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path | str) -> PrunePlan:
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"prune plan {path} does not exist")
-        try:
-            return cls.from_json(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise PlanError(f"{path}: not a UTF-8 JSON file ({exc.reason})") from None
-        except PlanError as exc:
-            raise PlanError(f"{path}: {exc}") from None
+        return load_document(path, "prune plan", PlanError, cls.from_json)
 
 
 def match_plan(

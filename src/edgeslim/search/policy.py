@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeslim.jsonfile import load_document, save_text
 from edgeslim.search.errors import PolicyError
 
 POLICY_FORMAT = "edgeslim-search-policy"
@@ -179,22 +180,11 @@ class Policy:
         return cls.from_dict(data)
 
     def save(self, path: Path | str) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
-        return path
+        return save_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path | str) -> Policy:
-        path = Path(path)
-        if not path.is_file():
-            raise PolicyError(f"policy file {path} does not exist")
-        try:
-            return cls.from_json(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise PolicyError(f"{path}: not a UTF-8 JSON file ({exc.reason})") from None
-        except PolicyError as exc:
-            raise PolicyError(f"{path}: {exc}") from None
+        return load_document(path, "policy file", PolicyError, cls.from_json)
 
     def describe(self) -> str:
         """``W4/8A8, keep 0.5-1`` style one-liner for tables and logs."""
