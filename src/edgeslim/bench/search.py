@@ -186,7 +186,7 @@ def _search_extra(result: SearchResult) -> dict[str, Any]:
     }
 
 
-def _uniform_row(b: _Bench) -> tuple[Record, list[Policy]]:
+def _uniform_row(b: _Bench) -> Record:
     """Every uniform policy screened and (when it passes) measured; the best feasible one."""
     t0 = time.perf_counter()
     ev = Evaluator(b.space, list(CONSTRAINTS), max_drop=MAX_DROP, latency=b.latency)
@@ -198,14 +198,13 @@ def _uniform_row(b: _Bench) -> tuple[Record, list[Policy]]:
                        "checks": [str(c) for c in r.checks]}
         for p, r in results
     }  # fmt: skip
-    measured = [p for p, r in results if r.evaluated]
-    extra: dict[str, Any] = {"uniforms": listing, "measured": len(measured)}
+    extra: dict[str, Any] = {"uniforms": listing, "measured": sum(r.evaluated for _, r in results)}
     if not feasible:
         extra.update(feasible=False, message="none of the uniform policies meets them")
-        return b.record("edgeslim:uniform-best", None, seconds, extra), measured
+        return b.record("edgeslim:uniform-best", None, seconds, extra)
     p, r = max(feasible, key=lambda pr: pr[1].metric or 0.0)
     extra.update(feasible=True, val_top1=r.metric, checks=[str(c) for c in r.checks])
-    return b.record("edgeslim:uniform-best", p, seconds, extra), measured
+    return b.record("edgeslim:uniform-best", p, seconds, extra)
 
 
 def _ray_row(b: _Bench) -> Record:
@@ -265,8 +264,7 @@ def search_model(name: str, out: Path, quick: bool) -> list[Record]:
         evaluate(model, test_batches), latency.anchors["fp32"],
     )  # fmt: skip
     records: list[Record] = []
-    uniform, uniform_measured = _uniform_row(b)
-    records.append(uniform)
+    records.append(_uniform_row(b))
     results: dict[str, tuple[SearchResult, float]] = {}
     for strategy in _available(sizes.strategies):
         result, seconds = b.run(strategy)
@@ -281,8 +279,9 @@ def search_model(name: str, out: Path, quick: bool) -> list[Record]:
         records.append(_ray_row(b))
     except SearchError as exc:  # ray is an optional extra: say so in the report
         records.append(b.record(f"edgeslim:{RAY_STRATEGY}@ray", None, 0.0, {"skipped": str(exc)}))
+    # the chosen policies first, then the uniform ones (a check needs no feasible policy)
     chosen = [r.policy for r, _ in results.values() if r.policy is not None]
-    records.append(_latency_row(b, chosen + uniform_measured))
+    records.append(_latency_row(b, chosen + space.uniforms()))
     return records
 
 
