@@ -266,7 +266,7 @@ def train_suite_records(quick: bool, partial: Path | None = None) -> list[Record
         record(
             "edgeslim:distill",
             evaluate(res.model, data.test),
-            {"student": "w2a2", "distill": name, **r.to_dict()},
+            {**r.to_dict(), "student": "w2a2", "distill": name},
             res.seconds,
             {"bn_reestimated": res.bn_reestimated},
             size=_packed_bytes(res.model),
