@@ -21,7 +21,6 @@ from edgeslim.quant.lowbit import (
     float_weights,
     is_quantizer_param,
     lowbit_qat,
-    reestimate_bn,
 )
 from edgeslim.quant.spec import QuantConfigError
 from edgeslim.train.loop import evaluate
@@ -121,19 +120,6 @@ def test_float_weights_round_trip_into_the_float_architecture(data: dict[str, ob
     latent.load_state_dict(float_weights(res.model, latent))  # type: ignore[attr-defined]
     assert torch.equal(latent.layer2[0].conv1.weight, res.model.layer2[0].conv1.weight)  # type: ignore[attr-defined]
     assert not torch.equal(latent.layer2[0].conv1.weight, fp32.layer2[0].conv1.weight)
-
-
-def test_bn_reestimation_recomputes_running_stats() -> None:
-    model = load_zoo_model("resnet20")
-    images = load_fashion_mnist("val", limit=128).images
-    bn = model.bn1
-    bn.running_mean.fill_(5.0)
-    used = reestimate_bn(model, [(images[:64], None), (images[64:], None)], max_batches=1)
-    assert used == 1 and bn.momentum == 0.1  # momentum restored
-    with torch.no_grad():
-        x = model.conv1(images[:64])
-    assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
-    assert not model.training
 
 
 def test_progressive_schedule_trains_each_stage(data: dict[str, object]) -> None:

@@ -83,3 +83,18 @@ def test_short_finetuning_recovers_accuracy(digits_model: nn.Module, digits_task
     untrainable = Evaluator(SearchSpace.build(digits_model, bare, keep=(1.0,)), finetune=cfg)
     with pytest.raises(TaskError, match="no training data"):
         untrainable.evaluate(untrainable.space.uniform(8))
+
+
+def test_bn_recalibration_after_pruning_scores_the_cut_model_fairly(
+    digits_model: nn.Module, digits_task: Task
+) -> None:
+    """Pruned without re-estimated BatchNorm statistics, a model is scored far below what
+    its widths allow; the space re-estimates them on the calibration samples by default."""
+    scores = {}
+    for recal in (False, True):
+        sp = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 1.0),
+                               bn_recalibration=recal)  # fmt: skip
+        scores[recal] = Evaluator(sp, ["size<=1x"]).evaluate(sp.uniform(keep=0.5)).metric
+        assert sp.to_dict()["bn_recalibration"] is recal  # part of the journal's identity
+    assert scores[True] is not None and scores[False] is not None
+    assert scores[True] > scores[False]

@@ -32,6 +32,7 @@ from edgeslim.distill import DistillConfig, DistillLoss, config_to_dict
 from edgeslim.quant.api import calibrate, quantize_, set_progress
 from edgeslim.quant.config import QuantConfig, Selection
 from edgeslim.quant.spec import QuantConfigError, QuantSpec
+from edgeslim.train.batchnorm import reestimate_bn
 from edgeslim.train.loop import TrainConfig, evaluate, train_classifier
 
 
@@ -142,33 +143,6 @@ def float_weights(quantized: nn.Module, like: nn.Module) -> dict[str, torch.Tens
     return {k: v.detach().clone() for k, v in quantized.state_dict().items() if k in keys}
 
 
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: Iterable[Batch], max_batches: int) -> int:
-    """Recompute every BatchNorm's running mean/var as a plain average over training
-    batches, through the final quantized weights (the running statistics gathered during
-    training lag the weights that moved). Returns the batches used."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-    was_training = model.training
-    model.train()
-    n = 0
-    for item in batches:
-        if n >= max_batches:
-            break
-        inputs, _ = as_batch(item)
-        model(*(x.contiguous() for x in inputs))
-        n += 1
-    for bn, mom in zip(bns, momenta, strict=True):
-        bn.momentum = mom
-    model.train(was_training)
-    return n
-
-
 def _stages(recipe: LowBitRecipe) -> list[tuple[int, int, int]]:
     """``(w_bits, a_bits, epochs)`` per stage, the target last."""
     early = [(max(b, recipe.w_bits), max(b, recipe.a_bits), recipe.stage_epochs)
@@ -226,7 +200,7 @@ def lowbit_qat(
     if recipe.bn_reestimate:
         result.val_before_bn = evaluate(model, val) if val is not None else None
         saved = copy.deepcopy(model.state_dict())
-        reestimate_bn(model, train, recipe.bn_batches)
+        reestimate_bn(model, (as_batch(b)[0] for b in train), recipe.bn_batches)  # inputs only
         result.val_after_bn = evaluate(model, val) if val is not None else None
         before, after = result.val_before_bn, result.val_after_bn
         keep = before is None or after is None or after >= before

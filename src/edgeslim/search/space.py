@@ -205,6 +205,7 @@ class SearchSpace:
         seed: int,
         base_table: dict[str, LayerInfo],
         traced: Any,
+        bn_recalibration: bool = True,
     ) -> None:
         self.model = model
         self.task = task
@@ -217,6 +218,7 @@ class SearchSpace:
         self.round_to = round_to
         self.calibration = calibration
         self.seed = seed
+        self.bn_recalibration = bn_recalibration
         self._importance = importance
         self._scores = list(scores)
         self._cands = list(candidates)
@@ -247,6 +249,7 @@ class SearchSpace:
         weight_spec: QuantSpec | None = None,
         act_spec: QuantSpec | None = None,
         seed: int = 0,
+        bn_recalibration: bool = True,
     ) -> SearchSpace:
         """The space of ``model`` on ``task``'s example inputs.
 
@@ -256,6 +259,11 @@ class SearchSpace:
         ``skip``: layers whose groups are never pruned. ``weight_spec``/``act_spec``: the
         quantizer settings the bits are put into (default: :func:`~edgeslim.quant.w8a8`'s).
         ``calibration``: calibration samples used when a policy is applied.
+        ``bn_recalibration``: after pruning, re-estimate every BatchNorm's statistics on those
+        samples (EagleEye's adaptive BN). Cutting channels shifts the statistics the next
+        layers see; without it a pruned resnet20 scored chance (9.5% validation top-1 at
+        keep 0.75 everywhere) and the search could not tell good widths from bad ones (87.5%
+        with it). A task without calibration data (costs only) skips it.
         """
         w_choices = tuple(sorted(set(w_bits)))
         a_choices = _sorted_bits(a_bits)
@@ -325,7 +333,7 @@ class SearchSpace:
             model, task, layers, groups, excluded=excluded, weight_spec=wspec, act_spec=aspec,
             criterion=criterion, importance=importance, scores=scores, candidates=cands,
             round_to=round_to, calibration=calibration, seed=seed, base_table=graph.layers,
-            traced=graph.traced,
+            traced=graph.traced, bn_recalibration=bn_recalibration,
         )  # fmt: skip
 
     def _make_dims(self) -> Iterator[Dim]:
@@ -455,6 +463,12 @@ class SearchSpace:
             assert self._importance is not None  # groups are only searched with a criterion
             keep_map = _keep_map(self._cands, self._scores, widths)
             model = apply_keep(copy.deepcopy(self.model), keep_map, self._importance).eval()
+            if self.bn_recalibration and self.task.calibration is not None:
+                from edgeslim.train.batchnorm import reestimate_bn
+
+                batches = self.calibration_batches()
+                if reestimate_bn(model, batches, len(batches)):
+                    model.eval()
             table = layer_table(model, *self.task.example_inputs)
         else:
             model, table = self.model, self._base_table
@@ -597,6 +611,7 @@ class SearchSpace:
             "weight_spec": self.weight_spec.to_dict(),
             "act_spec": self.act_spec.to_dict(),
             "seed": self.seed,
+            "bn_recalibration": self.bn_recalibration,
         }
 
     @property
