@@ -16,6 +16,7 @@ def test_train_writes_weights_and_an_honest_card(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "vgg-small.json").read_text())
     assert on_disk == card
     assert card["sha256"] == sha256_file(weights)
+    assert card["versions"]["edgeslim"] and card["versions"]["torch"] == torch.__version__
     assert card["command"] == "edgeslim zoo train vgg-small --epochs 1 --seed 3 --train-limit 1024"
     assert 20.0 < card["test_top1"] <= 100.0  # 1 epoch on 1k images: well above chance
     model = load_state(ZOO["vgg-small"].factory(), weights)

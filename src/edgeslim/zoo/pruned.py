@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.artifacts import ZOO_OUT, check_named_outputs, temp_file
+from edgeslim.artifacts import ZOO_OUT, check_named_outputs, temp_file, versions
 from edgeslim.checkpoint import sha256_file
 from edgeslim.errors import CheckpointError, RecipeError, UnknownModelError
 from edgeslim.recipe.schema import Recipe
@@ -150,6 +150,8 @@ def make_pruned(
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
+            # the card is the model's manifest: command, recipe, versions and file hashes
+            "versions": versions(),
             "sha256": sha256_file(weights_tmp),
             "files": [plan_tmp.name, weights_tmp.name],
         }

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from edgeslim.artifacts import ZOO_OUT, check_named_outputs, temp_file
+from edgeslim.artifacts import ZOO_OUT, check_named_outputs, temp_file, versions
 from edgeslim.checkpoint import save_state, sha256_file
 from edgeslim.data import load_fashion_mnist
 from edgeslim.data.batching import TensorBatches, augmented_batches
@@ -87,6 +87,8 @@ def train_zoo_model(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        # the card is the model's manifest: command, recipe, versions and file hashes
+        "versions": versions(),
         "sha256": sha256_file(tmp_weights),
         "history": history,
     }
