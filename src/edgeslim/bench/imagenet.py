@@ -162,6 +162,24 @@ def edgeslim_w8a8(b: Bench) -> Record:
     )  # fmt: skip
 
 
+def head_to_head(b: Bench, peer: Path) -> dict[str, Any]:
+    """The peer's int8 file against edgeslim's, interleaved in one comparison (each row's
+    own latency is measured against fp32 separately, so two rows differ by the machine's
+    drift too): ``extra.head_to_head`` with both medians and edgeslim's speed-up over it."""
+    ours = b.onnx_dir / f"{MODEL}_edgeslim_w8a8.onnx"
+    if not ours.is_file():
+        return {}
+    feeds = {"input": b.x1[0].numpy()}
+    lat = compare_latency(
+        {"edgeslim": ort_runner(ort_session(ours), feeds),
+         "peer": ort_runner(ort_session(peer), feeds)},
+        repeats=b.repeats,
+    )  # fmt: skip
+    e_ms, p_ms = lat["edgeslim"].median_ms, lat["peer"].median_ms
+    return {"head_to_head": {"edgeslim_ms": round(e_ms, 4), "peer_ms": round(p_ms, 4),
+                             "edgeslim_speedup_over_peer": round(p_ms / e_ms, 3)}}  # fmt: skip
+
+
 def peer_rows(b: Bench) -> list[Record]:
     import torch
 
@@ -173,13 +191,14 @@ def peer_rows(b: Bench) -> list[Record]:
     seconds = time.perf_counter() - t0
     ms, base_ms = b.ort_latency(path)
     cfg = {"w_bits": 8, "a_bits": 8, "granularity": "channel"}
+    extra = {**int8_fields(path, b.task.example_inputs), **head_to_head(b, path)}
     rows = [
         b.record(
             "onnxruntime:quantize_static", "onnxruntime",
             b.task.measure(OrtModel(ort_session(path)), wrapped=True), config=cfg,
             size_bytes=size_bytes(b.fp32, 8), latency_ms=round(ms, 4),
             baseline_latency_ms=round(base_ms, 4), seconds=round(seconds, 2),
-            data_used="calibration", extra=int8_fields(path, b.task.example_inputs),
+            data_used="calibration", extra=extra,
         )
     ]  # fmt: skip
     t0 = time.perf_counter()
