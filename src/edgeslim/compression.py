@@ -28,7 +28,13 @@ from torch import nn
 from edgeslim.checkpoint import save_state
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
 from edgeslim.errors import EdgeslimError, RecipeError
-from edgeslim.export.verify import check_parity, export_axes, export_module, output_batch_dims
+from edgeslim.export.verify import (
+    check_parity,
+    export_axes,
+    export_module,
+    output_batch_dims,
+    widen_axes,
+)
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.progress import log_step
 from edgeslim.quant.modules import QuantMixin
@@ -280,6 +286,7 @@ def _run(
     example = task.example_inputs
     out_dims = output_batch_dims(base_mod, task.inputs_at(1), task.inputs_at(2))
     axes = export_axes(task.names, task.dims, out_dims)
+    axes = widen_axes(axes, base_mod, example, task.latency_feeds())
     base_path = export_module(base_mod, example, out / "baseline.onnx", axes)
     comp_path = export_module(comp_mod, example, out / "model.onnx", axes)
     base_sess, comp_sess = ort_session(base_path), ort_session(comp_path)

@@ -68,6 +68,7 @@ def export_checked(
         export_axes,
         export_module,
         output_batch_dims,
+        widen_axes,
     )
     from edgeslim.quant.modules import QuantMixin
     from edgeslim.runtime.ort import OrtModel, ort_session
@@ -80,7 +81,8 @@ def export_checked(
     task.bind_reference(reference if reference is not None else model)
     module = task.module(model).eval()
     dims = output_batch_dims(module, task.inputs_at(1), task.inputs_at(2))
-    axes = export_axes(task.names, task.dims, dims)
+    axes = widen_axes(export_axes(task.names, task.dims, dims), module, task.example_inputs,
+                      task.latency_feeds())  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_siblings(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-onnx")
