@@ -70,6 +70,16 @@ MetricOpt = Annotated[
 ]
 
 
+TraceByExample = Annotated[
+    bool,
+    typer.Option(
+        "--trace-by-example",
+        help="export a model torch.fx cannot trace as its example input runs it (checked "
+        "on calibration, validation and perturbed inputs)",
+    ),
+]
+
+
 def _shapes(texts: list[str] | None) -> tuple[tuple[int, ...], ...]:
     from edgeslim.inputs import parse_shape
 
@@ -353,14 +363,7 @@ def compress(
     force: Annotated[
         bool, typer.Option("--force", help="replace a non-empty --out folder whole")
     ] = False,
-    trace_by_example: Annotated[
-        bool,
-        typer.Option(
-            "--trace-by-example",
-            help="export a model torch.fx cannot trace as its example input runs it (checked "
-            "on calibration, validation and perturbed inputs)",
-        ),
-    ] = False,
+    trace_by_example: TraceByExample = False,
     from_dir: Annotated[
         Path | None,
         typer.Option("--from", help="start from the compressed model a `compress` wrote there"),
@@ -528,14 +531,7 @@ def export_onnx_cmd(
     metric: MetricOpt = None,
     input_shape: InputShapes = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out file")] = False,
-    trace_by_example: Annotated[
-        bool,
-        typer.Option(
-            "--trace-by-example",
-            help="export a model torch.fx cannot trace as its example input runs it (checked "
-            "on calibration, validation and perturbed inputs)",
-        ),
-    ] = False,
+    trace_by_example: TraceByExample = False,
     from_dir: Annotated[
         Path | None,
         typer.Option("--from", help="export the compressed model a `compress` wrote there"),

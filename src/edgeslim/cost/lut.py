@@ -170,7 +170,11 @@ def _empty_model() -> tuple[bytes, dict[str, np.ndarray]]:
 def _time_ms(model: bytes, feeds: Mapping[str, np.ndarray], threads: int, repeats: int) -> float:
     from edgeslim.runtime.ort import ort_session
 
-    sess = ort_session(model, threads)
+    return _run_ms(ort_session(model, threads), feeds, repeats)
+
+
+def _run_ms(sess: Any, feeds: Mapping[str, np.ndarray], repeats: int) -> float:
+    """Median milliseconds of ``sess.run`` after a warm-up."""
     for _ in range(max(3, repeats // 5)):
         sess.run(None, dict(feeds))
     samples = []
@@ -317,13 +321,13 @@ class Residual:
 
 def measure_onnx_ms(path: Path, example_inputs: Sequence[torch.Tensor], threads: int,
                     repeats: int = 50) -> float:  # fmt: skip
-    """Median whole-model latency of an ONNX file on ``example_inputs``."""
+    """Median whole-model latency of an ONNX file on ``example_inputs`` (one session)."""
     from edgeslim.runtime.ort import ort_session
 
     sess = ort_session(path, threads)
     names = [i.name for i in sess.get_inputs()]
     feeds = {n: x.detach().numpy() for n, x in zip(names, example_inputs, strict=False)}
-    return _time_ms(Path(path).read_bytes(), feeds, threads, repeats)
+    return _run_ms(sess, feeds, repeats)
 
 
 @dataclass(frozen=True)

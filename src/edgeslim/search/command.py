@@ -82,6 +82,58 @@ def _uniform_rows(evaluator: Any, space: Any) -> tuple[list[Any], list[dict[str,
     return results, rows
 
 
+def search_task(
+    model: Any,
+    task: Any,
+    constraints: Constraints,
+    *,
+    strategy: str,
+    budget: int,
+    seed: int,
+    w_bits: Sequence[int],
+    a_bits: Sequence[int | None],
+    keep: Sequence[float],
+    finetune_epochs: int = 0,
+    finetune_lr: float = 0.005,
+    quick: bool = False,
+    journal: Path | None = None,
+    executor: Any = None,
+) -> tuple[Any, Any, Any, Any]:
+    """``(space, evaluator, latency predictor or None, SearchResult)``: the search the
+    command line and the recipe stage both run (latency table when a constraint needs it,
+    optional short fine-tune of each measured policy)."""
+    from edgeslim.search import SearchSpace, search
+    from edgeslim.search.evaluate import Evaluator
+    from edgeslim.train.loop import TrainConfig
+
+    if not constraints.limits and constraints.max_drop is None:
+        raise EdgeslimError(
+            "give at least one constraint (e.g. size<=0.25x, latency<=0.6x) or a max drop"
+        )
+    if finetune_epochs < 0:
+        raise EdgeslimError(f"finetune_epochs must be >= 0; got {finetune_epochs}")
+    if finetune_epochs and task.train is None:
+        raise EdgeslimError(
+            "fine-tuning policies needs training data; this task has none (give data with "
+            "training samples, or leave fine-tuning off)"
+        )
+    space = SearchSpace.build(model, task, w_bits=w_bits, a_bits=a_bits, keep=keep, seed=seed)
+    latency = None
+    if constraints.needs_latency:
+        from edgeslim.search.latency import LutLatency
+
+        latency = LutLatency(space, repeats=20 if quick else 50)
+    finetune = None
+    if finetune_epochs:
+        finetune = TrainConfig(epochs=finetune_epochs, lr=finetune_lr, weight_decay=0.0)
+    evaluator = Evaluator(space, constraints, latency=latency, finetune=finetune)
+    result = search(
+        model, task, space, strategy=strategy, budget=budget, seed=seed, journal=journal,
+        executor=executor, evaluator=evaluator,
+    )  # fmt: skip
+    return space, evaluator, latency, result
+
+
 def run_search(
     model_name: str,
     out: Path,
@@ -107,8 +159,6 @@ def run_search(
 ) -> SearchOutcome:
     """The command line's ``search`` (see module doc); validates everything first."""
     from edgeslim.compression import resolve_base
-    from edgeslim.search import SearchSpace, search
-    from edgeslim.search.evaluate import Evaluator
     from edgeslim.search.strategies import STRATEGIES
     from edgeslim.task import resolve_task
 
@@ -123,34 +173,18 @@ def run_search(
         )
     if budget < 1:
         raise EdgeslimError(f"--budget must be >= 1; got {budget}")
+    if finetune_epochs < 0:
+        raise EdgeslimError(f"--finetune-epochs must be >= 0; got {finetune_epochs}")
     out = Path(out)
     _check_out(out, force)
     runner = _executor(executor, workers)
     model = resolve_base(model_name, checkpoint)
     task = resolve_task(model_name, data, metric, input_shapes, quick)
-    space = SearchSpace.build(model, task, w_bits=w_bits, a_bits=a_bits, keep=keep, seed=seed)
-    latency = None
-    if parsed.needs_latency:
-        from edgeslim.search.latency import LutLatency
-
-        latency = LutLatency(space, repeats=20 if quick else 50)
-    finetune = None
-    if finetune_epochs < 0:
-        raise EdgeslimError(f"--finetune-epochs must be >= 0; got {finetune_epochs}")
-    if finetune_epochs:
-        if task.train is None:
-            raise EdgeslimError(
-                "--finetune-epochs needs training data; this task has none (give --data with "
-                "training samples, or leave fine-tuning off)"
-            )
-        from edgeslim.train.loop import TrainConfig
-
-        finetune = TrainConfig(epochs=finetune_epochs, lr=finetune_lr, weight_decay=0.0)
-    evaluator = Evaluator(space, parsed, latency=latency, finetune=finetune)
     out.mkdir(parents=True, exist_ok=True)
-    result = search(
-        model, task, space, strategy=strategy, budget=budget, seed=seed,
-        journal=out / JOURNAL, executor=runner, evaluator=evaluator,
+    space, evaluator, latency, result = search_task(
+        model, task, parsed, strategy=strategy, budget=budget, seed=seed, w_bits=w_bits,
+        a_bits=a_bits, keep=keep, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+        quick=quick, journal=out / JOURNAL, executor=runner,
     )  # fmt: skip
     uniform_results, uniform_rows = _uniform_rows(evaluator, space)
     payload: dict[str, Any] = {"search": result.to_dict(), "uniform": uniform_rows,

@@ -92,31 +92,16 @@ class SearchStage(Stage):
 
 @register_stage("search", SearchStage, data_used="calibration")
 def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) -> nn.Module:
-    from edgeslim.search import SearchSpace, search
+    from edgeslim.search.command import search_task
     from edgeslim.search.constraints import Constraints
-    from edgeslim.search.evaluate import Evaluator
-    from edgeslim.train.loop import TrainConfig
 
     task = ctx.need_task("search")
-    parsed = Constraints.parse(stage.constraints, stage.max_drop)
-    if not parsed.limits and parsed.max_drop is None:
-        raise EdgeslimError("the search stage needs constraints or max_drop; it has neither")
-    model = model.eval()
-    space = SearchSpace.build(model, task, w_bits=stage.w_bits, a_bits=stage.a_bits,
-                              keep=stage.keep, seed=stage.seed)  # fmt: skip
-    latency = None
-    if parsed.needs_latency:
-        from edgeslim.search.latency import LutLatency
-
-        latency = LutLatency(space, repeats=20 if ctx.quick else 50)
-    finetune = None
-    if stage.finetune_epochs:
-        finetune = TrainConfig(epochs=stage.finetune_epochs, lr=0.005, weight_decay=0.0)
-    evaluator = Evaluator(space, parsed, latency=latency, finetune=finetune)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    result = search(
-        model, task, space, strategy=stage.strategy, budget=stage.budget, seed=stage.seed,
-        journal=ctx.out / "search.journal.jsonl", evaluator=evaluator,
+    space, _, latency, result = search_task(
+        model.eval(), task, Constraints.parse(stage.constraints, stage.max_drop),
+        strategy=stage.strategy, budget=stage.budget, seed=stage.seed, w_bits=stage.w_bits,
+        a_bits=stage.a_bits, keep=stage.keep, finetune_epochs=stage.finetune_epochs,
+        quick=ctx.quick, journal=ctx.out / "search.journal.jsonl",
     )  # fmt: skip
     (ctx.out / "search.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     if result.policy is None:
