@@ -256,6 +256,26 @@ def test_activations_are_one_group_and_set_range_works_with_observers() -> None:
     assert q.levels().shape == (1, 4)
 
 
+def test_one_bit_activations_get_a_low_threshold_from_the_wide_mse_search() -> None:
+    """ReLU outputs of real data (digits pixels through a random layer): at 1 bit the
+    percentile range zeroes nearly everything; ``mse_wide`` keeps a useful share of ones."""
+    g = torch.Generator().manual_seed(0)
+    acts = torch.relu(
+        load_digits_split("train").images.flatten(1)[:256] @ torch.randn(64, 32, generator=g)
+    )
+    ones, errs = {}, {}
+    for obs_name in ("percentile", "mse", "mse_wide"):
+        q = make("uniform", 1, "tensor", symmetric=False, is_weight=False)
+        obs = OBSERVERS.get(obs_name)()
+        obs.update(q.to_groups(acts))
+        obs.apply(q)
+        out = q.quantize(acts)
+        ones[obs_name] = float((out > 0).float().mean())
+        errs[obs_name] = float((out - acts).pow(2).mean())
+    assert errs["mse_wide"] <= errs["mse"] <= errs["percentile"]
+    assert ones["mse_wide"] > 2 * ones["percentile"]
+
+
 def test_binary_and_ternary_ranges_follow_xnor_and_twn() -> None:
     w = torch.randn(4, 40, generator=torch.Generator().manual_seed(0))
     b = make("binary", 1, "channel")

@@ -9,8 +9,9 @@ Rows (``--quick`` keeps every row, on fewer images):
   the fp32 model, BN re-estimation kept if the validation split prefers it, no decay on
   scales) against ``edgeslim:qat_ste`` (STE on weights and activations, calibrated ranges
   fixed, cross-entropy, same 8-bit edges and epochs); ``edgeslim:qat_recipe_aqe`` at 1 and
-  2 bits (AQE on the weights); ``edgeslim:qat_recipe_progressive`` W1A1 after 8 -> 4 -> 2
-  bit stages, with the same total epochs.
+  2 bits (AQE on the weights); ``edgeslim:qat_recipe_progressive`` W1A1 after the last
+  stages of 8 -> 4 -> 2 bits that fit the same total epochs (3 epochs: W4A4, W2A2, W1A1;
+  the quick run's single epoch cannot hold a stage, so it runs 2).
 - ``edgeslim:distill``: none vs KD vs DCCD (+KD) on the W2A2 student (the KD row is the
   recipe run itself) and on ``resnet20-pruned50`` (-50% MACs, float fine-tune).
 - ``edgeslim:trp`` vs ``edgeslim:svd_finetune`` at -50% MACs (ranks rounded to 8), top-1 and
@@ -243,16 +244,17 @@ def train_suite_records(quick: bool, partial: Path | None = None) -> list[Record
         )
         if s.key in ("w2a2", "w1a1"):
             qat("edgeslim:qat_recipe_aqe", replace(target, estimator="aqe"), s.key)
-    stage = max(1, data.epochs // 4)
+    # the last stages of 8 -> 4 -> 2 -> 1 that fit the same total epochs (3: 4, 2, 1)
+    stages = (8, 4, 2)[-max(1, data.epochs - 1) :]
     qat(
         "edgeslim:qat_recipe_progressive",
         replace(
             recipe,
             w_bits=1,
             a_bits=1,
-            progressive=(8, 4, 2),
-            stage_epochs=stage,
-            epochs=max(1, data.epochs - 3 * stage),
+            progressive=stages,
+            stage_epochs=1,
+            epochs=max(1, data.epochs - len(stages)),
         ),
         "w1a1",
     )

@@ -89,8 +89,9 @@ class LowBitRecipe:
         observer = "mse" if quantizer == "uniform" else "minmax"
         weight = QuantSpec(quantizer=quantizer, bits=w_bits, estimator=self.estimator,
                            observer=observer)  # fmt: skip
+        act_observer = "mse_wide" if a_bits == 1 else "percentile"  # see observers' doc
         act = QuantSpec(bits=a_bits, granularity="tensor", symmetric=False,
-                        estimator=self.act_estimator, observer="percentile")  # fmt: skip
+                        estimator=self.act_estimator, observer=act_observer)  # fmt: skip
         return QuantConfig(weight, act)
 
     def to_dict(self) -> dict[str, Any]:
