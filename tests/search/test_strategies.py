@@ -81,23 +81,50 @@ def test_same_seed_asks_the_same_sequence(space46: SearchSpace, name: str) -> No
         policy = strat.ask()
         assert policy is not None and policy.id == e.policy.id
         strat.tell(policy, e.result)
-    other = make_strategy(name, Context(space46, ev.constraints, 1, ev.checks))
-    first = make_strategy(name, Context(space46, ev.constraints, 0, ev.checks)).ask()
+    # the seed matters (the warm start, when on, asks the same uniform policies first)
+    cold = {} if name == "random" else {"warm_start": False}
+    other = make_strategy(name, Context(space46, ev.constraints, 1, ev.checks), **cold)
+    first = make_strategy(name, Context(space46, ev.constraints, 0, ev.checks), **cold).ask()
     assert first is not None and other.ask() != first
 
 
+@pytest.mark.parametrize("name", ["evolutionary", "abc", "reinforce"])
+def test_a_warm_start_asks_the_analytically_feasible_uniform_policies_first(
+    space46: SearchSpace, name: str
+) -> None:
+    ev = Evaluator(space46, CONSTRAINTS, max_drop=MAX_DROP)
+    strat = make_strategy(name, Context(space46, ev.constraints, 0, ev.checks))
+    ok = [p for p in space46.uniforms() if all(c.ok for c in ev.checks(p))]
+    assert ok and len(ok) < len(space46.uniforms())  # the constraints rule some out
+    asked = [strat.ask() for _ in range(min(len(ok), 4))]
+    assert [p.id for p in asked if p is not None] == [p.id for p in ok[:4]]
+    assert len(strat.notes["warm_start"]) == len(asked)
+
+
 def test_sensitivity_strategies_measure_then_decide(space46: SearchSpace) -> None:
-    greedy, dp = _run(space46, "greedy"), _run(space46, "dp")
+    """Hessian mode (greedy's default) probes only the keep coordinates; probe mode (dp
+    here) one probe per coordinate; both decide after the probes."""
+    greedy = _run(space46, "greedy")
+    dp = search(
+        space46.model, space46.task, space46, CONSTRAINTS, "dp", budget=20, seed=0,
+        max_drop=MAX_DROP, batch=1, progress=False, options={"sensitivity": "probe"},
+    )  # fmt: skip
     dims = len(space46.dims)
-    for result in (greedy, dp):
+    keeps = sum(d.kind == "keep" for d in space46.dims)
+    assert 0 < keeps < dims
+    for result, probed in ((greedy, keeps), (dp, dims)):
+        assert result.feasible, result.summary()
         probes = [e for e in result.evaluations if e.probe]
-        assert len(probes) == dims + 1  # the least compressed policy and one per coordinate
+        assert len(probes) == probed + 1  # the least compressed policy and one per probe
         assert result.evaluations[-1].policy == result.best.policy  # type: ignore[union-attr]
         assert len(result.notes["sensitivity"]) == dims
     # pruning conv1's group alone costs more than pruning conv4's (measured, not assumed)
     s = greedy.notes["sensitivity"]
     assert s["keep[conv1]"] > s["keep[conv4]"]
     assert dp.notes["dp_constraint"] == "size<=0.2x"
+    assert set(greedy.notes["hessian_trace_per_weight"]) == {
+        d.name for d in space46.dims if d.kind == "w_bits"
+    }
 
 
 def test_accuracy_aware_gives_layers_back_until_max_drop_holds(

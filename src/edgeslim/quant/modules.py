@@ -29,6 +29,28 @@ def make_quantizer(spec: QuantSpec, is_weight: bool) -> Quantizer:
     return q
 
 
+@torch.no_grad()
+def calibrate_weight_quantizer(q: Quantizer, spec: QuantSpec, weight: torch.Tensor) -> None:
+    """Set ``q``'s range from the weight itself with ``spec``'s observer (weights are known
+    before any data is seen)."""
+    w = weight.detach()
+    obs = OBSERVERS.get(spec.observer)()
+    obs.update(q.to_groups(w))
+    q.init_range(w)
+    if hasattr(q, "set_range"):
+        obs.apply(q)
+    q.calibrated.fill_(True)
+
+
+@torch.no_grad()
+def fake_quantized_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``weight`` rounded as a layer quantized with ``spec`` would round it (its quantizer,
+    granularity and observer), without building the layer."""
+    q = make_quantizer(spec, is_weight=True)
+    calibrate_weight_quantizer(q, spec, weight)
+    return q.quantize(weight.detach())
+
+
 class ActQuant(nn.Module):
     """Fake-quant of an activation tensor: a quantizer, its estimator and an observer.
 
@@ -115,13 +137,7 @@ class QuantMixin:
     def _init_weight_range(self) -> None:
         """Weights are known: calibrate their range now with the spec's observer."""
         assert self.weight_quantizer is not None and self.qconfig.weight is not None
-        q = self.weight_quantizer
-        obs = OBSERVERS.get(self.qconfig.weight.observer)()
-        obs.update(q.to_groups(self._weight.detach()))
-        q.init_range(self._weight.detach())
-        if hasattr(q, "set_range"):
-            obs.apply(q)
-        q.calibrated.fill_(True)
+        calibrate_weight_quantizer(self.weight_quantizer, self.qconfig.weight, self._weight)
 
     def quant_weight(self) -> torch.Tensor:
         if self.mode == "export" and self.weight_quantizer is not None:

@@ -151,3 +151,21 @@ class GeneStrategy:
         p = self.policy(genes)
         self.seen.add(p.id)
         return p
+
+    def warm_start(self, limit: int) -> list[list[int]]:
+        """Up to ``limit`` uniform policies of the space (same bits and keep ratio
+        everywhere) that pass every analytic constraint, most compressed first, not asked
+        before: the starting points a practitioner tries first. A population seeded with
+        them holds a feasible policy from the start when any uniform one is, where random
+        draws of a space with pruning choices are almost never within an accuracy limit
+        without fine-tuning (resnet20: 0 of 24)."""
+        out: list[list[int]] = []
+        for policy in self.space.uniforms():
+            if len(out) >= limit:
+                break
+            if policy.id in self.seen or not all(c.ok for c in self.ctx.checks(policy)):
+                continue
+            out.append(list(self.space.encode(policy)))
+            self.seen.add(policy.id)
+        self.notes["warm_start"] = [self.policy(g).describe() for g in out]
+        return out

@@ -13,7 +13,9 @@ cycle has three phases, each asked as one batch:
 
 ABCPruner searches keep ratios only; here every coordinate of the space (keep ratios and
 bit-widths alike, all ordered from most to least compressed) is searched the same way.
-Fitness is :func:`~.base.reward` (feasibility first, then the metric).
+Fitness is :func:`~.base.reward` (feasibility first, then the metric). The first sources
+are the uniform policies that pass the analytic constraints (``warm_start``, default on;
+see :meth:`~.base.GeneStrategy.warm_start`), the rest drawn uniformly.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ class BeeColony(GeneStrategy):
 
     name = "abc"
 
-    def __init__(self, ctx: Context, sources: int = 4, limit: int = 5, moves: int = 2) -> None:
+    def __init__(
+        self, ctx: Context, sources: int = 4, limit: int = 5, moves: int = 2,
+        warm_start: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__(ctx)
         if sources < 2 or limit < 1 or moves < 1:
             raise SearchError("abc: sources must be >= 2, limit >= 1 and moves >= 1")
@@ -45,8 +50,10 @@ class BeeColony(GeneStrategy):
         self.asked: list[tuple[int, list[int]]] = []
         self.results: list[float] = []
         self.cycles = 0
+        seeds = self.warm_start(sources) if warm_start else []
         for i in range(sources):
-            genes = self.unseen(self.random_genes) or self.random_genes()
+            genes = seeds[i] if i < len(seeds) else self.unseen(self.random_genes)
+            genes = genes or self.random_genes()
             self.mark(genes)
             self.queue.append((i, genes))
 

@@ -5,7 +5,9 @@ seen so far (feasibility first, then the metric: :func:`~.base.reward`), picked 
 ``tournament``-way tournaments; a child takes each coordinate from either parent (uniform
 crossover, probability ``crossover``) and then each coordinate mutates to another choice
 with probability ``mutation`` (default one coordinate per child on average; a child equal
-to a parent always gets one mutation). The first generation is drawn uniformly.
+to a parent always gets one mutation). The first generation is drawn uniformly, after the
+uniform policies that pass the analytic constraints (``warm_start``, default on; see
+:meth:`~.base.GeneStrategy.warm_start`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Evolutionary(GeneStrategy):
         tournament: int = 2,
         crossover: float = 0.9,
         mutation: float | None = None,
+        warm_start: bool = True,
     ) -> None:
         super().__init__(ctx)
         if population < 2 or tournament < 1:
@@ -45,10 +48,12 @@ class Evolutionary(GeneStrategy):
         self.told: list[tuple[float, int, list[int]]] = []
         self.generation = 0
         self._order = 0
-        self._fill(self.random_genes)
+        if warm_start:
+            self.queue = self.warm_start(population)
+        self._fill(self.random_genes, population - len(self.queue))
 
-    def _fill(self, make: Callable[[], list[int]]) -> None:
-        for _ in range(self.population):
+    def _fill(self, make: Callable[[], list[int]], count: int | None = None) -> None:
+        for _ in range(self.population if count is None else count):
             genes = self.unseen(make)
             if genes is None:
                 break

@@ -11,6 +11,10 @@ metric relative to the uncompressed model, with a penalty for breaking a constra
 DNQ's controller is recurrent (an LSTM reading the layers in order); independent
 per-coordinate logits are the simplest unbiased form of the same estimator and need no
 training of a network between evaluations.
+
+With ``warm_start`` (default on) the first asks are the uniform policies that pass the
+analytic constraints (:meth:`~.base.GeneStrategy.warm_start`, up to ``warm`` of them), told
+like any sample, so the controller learns from them before it samples on its own.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ class Reinforce(GeneStrategy):
 
     name = "reinforce"
 
-    def __init__(self, ctx: Context, lr: float = 0.5, decay: float = 0.8) -> None:
+    def __init__(
+        self, ctx: Context, lr: float = 0.5, decay: float = 0.8, warm_start: bool = True,
+        warm: int = 4,
+    ) -> None:  # fmt: skip
         super().__init__(ctx)
         if lr <= 0 or not 0.0 <= decay < 1.0:
             raise SearchError("reinforce: lr must be > 0 and decay in [0, 1)")
@@ -46,8 +53,11 @@ class Reinforce(GeneStrategy):
         self.baseline: float | None = None
         self.scale: float | None = None
         self.updates = 0
+        self.seeds = self.warm_start(warm) if warm_start else []
 
     def ask(self) -> Policy | None:
+        if self.seeds:
+            return self.policy(self.seeds.pop(0))
         genes = [self._sample(softmax(t)) for t in self.theta]
         return self.mark(genes)
 
