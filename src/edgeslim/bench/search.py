@@ -15,7 +15,9 @@ On ``resnet20`` (Fashion-MNIST), in one process:
   first feasible policy, seconds;
 - the Ray executor (2 workers) against in-process on the same strategy and seed: the same
   policy? the wall-time speed-up;
-- the latency table's prediction error on a few measured policies.
+- the latency table's prediction error on a few measured policies;
+- the accuracy-aware mode from uniform W4A4 (bits-only space) against NNCF's "revert one
+  layer at a time by sensitivity" ranking, budget ``Sizes.aa_budget``: layers given back.
 
 Budgets (module constants) keep the full run near 30 minutes on 2 cores (a measurement
 is about 7 s there: prune, PTQ with 256 calibration images, 1,000 validation images);
@@ -70,11 +72,12 @@ class Sizes:
     test_images: int | None
     strategies: tuple[str, ...]
     latency_repeats: int
+    aa_budget: int  # accuracy-aware from W4A4: 21 layer probes + start + top, give-backs
 
 
 # 9 searches x 24 measurements + the Ray pair + 6 uniforms, about 7 s each: ~30 min
-FULL = Sizes(24, 1000, None, STRATEGIES, 100)
-QUICK = Sizes(4, 300, 2000, ("evolutionary", "optuna-tpe"), 20)
+FULL = Sizes(24, 1000, None, STRATEGIES, 100, 40)
+QUICK = Sizes(4, 300, 2000, ("evolutionary", "optuna-tpe"), 20, 4)
 
 
 def search_task(val_images: int) -> Task:
@@ -232,6 +235,55 @@ def _ray_row(b: _Bench) -> Record:
     return b.record(f"edgeslim:{RAY_STRATEGY}@ray{RAY_WORKERS}", remote.policy, remote_s, extra)
 
 
+def _accuracy_aware_rows(b: _Bench) -> list[Record]:
+    """From uniform W4A4 on a bits-only space (weights and activations 4 or 8 per layer),
+    give layers back until the drop is within ``MAX_DROP``: edgeslim's ranking (each layer
+    compressed alone, GBA probes) against NNCF's (each layer restored alone from the start)
+    at the same budget. Fewer layers given back is better; test top-1 in torch (fake-quant:
+    ONNX Runtime has no 4-bit kernels)."""
+    space = SearchSpace.build(
+        b.model, b.space.task, w_bits=(4, 8), a_bits=(4, 8), keep=(1.0,),
+        calibration=CALIBRATION, seed=SEED,
+    )  # fmt: skip
+    start = space.uniform(4, 4)
+    fp32_size = space.baseline_costs().size
+    rows = []
+    for method, rank in (("edgeslim:accuracy_aware", "alone"), ("nncf-style:revert", "restore")):
+        t0 = time.perf_counter()
+        result = search(
+            b.model, space.task, space, None, "accuracy_aware", budget=b.sizes.aa_budget, seed=SEED,
+            batch=1, max_drop=MAX_DROP, options={"start": start, "rank": rank},
+            progress=False,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        policy = result.policy
+        model = b.model if policy is None else space.apply(policy)
+        costs = space.baseline_costs() if policy is None else space.costs(policy)
+        notes = result.notes
+        rows.append(Record(
+            suite="search", model=b.name, method=method,
+            config={"start": "W4A4", "rank": rank, "budget": b.sizes.aa_budget, "seed": SEED,
+                    "constraints": [f"drop<={MAX_DROP:g}"],
+                    **({} if policy is None else _bits(policy))},
+            metric="top1", value=round(math.nan if policy is None else evaluate(model, b.test), 4),
+            baseline_value=round(b.fp32_test, 4), params=sum(p.numel() for p in model.parameters()),
+            macs=costs.macs, size_bytes=costs.size, latency_ms=None, baseline_latency_ms=None,
+            runtime="torch", seconds=round(seconds, 2),
+            data_used="calibration",
+            extra={
+                **_search_extra(result), "test_images": b.test_count,
+                "policy": None if policy is None else policy.id,
+                "policy_summary": None if policy is None else policy.describe(),
+                "size_ratio": round(costs.size / fp32_size, 4),
+                "start_drop": notes.get("start_drop"),
+                "given_back_count": notes.get("given_back_count"),
+                "given_back": notes.get("given_back"), "layers": len(space.layers),
+                "max_drop_met": notes.get("max_drop_met"),
+            },
+        ))  # fmt: skip
+    return rows
+
+
 def _latency_row(b: _Bench, candidates: list[Policy]) -> Record:
     """The table's predictions against exported, timed models on a few measured policies."""
     seen: dict[str, Policy] = {}
@@ -279,6 +331,7 @@ def search_model(name: str, out: Path, quick: bool) -> list[Record]:
         records.append(_ray_row(b))
     except SearchError as exc:  # ray is an optional extra: say so in the report
         records.append(b.record(f"edgeslim:{RAY_STRATEGY}@ray", None, 0.0, {"skipped": str(exc)}))
+    records += _accuracy_aware_rows(b)
     # the chosen policies first, then the uniform ones (a check needs no feasible policy)
     chosen = [r.policy for r, _ in results.values() if r.policy is not None]
     records.append(_latency_row(b, chosen + space.uniforms()))
