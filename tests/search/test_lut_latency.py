@@ -29,4 +29,13 @@ def test_lut_latency_is_anchored_on_measured_models_and_checked(
     check = lut.check(policies)
     assert len(check.rows) == 2 and all(m > 0 and p > 0 for _, p, m in check.rows)
     assert math.isfinite(check.max_error) and check.to_dict()["rows"][0]["policy"] == policies[0].id
+    # errors are of the ratio to the float model timed in the same interleaved run
+    d = check.to_dict()
+    assert d["errors_of"] == "ratio" and check.reference is not None
+    pred_ref, meas_ref = check.reference
+    assert math.isclose(pred_ref, lut.predict(None))
+    row = d["rows"][0]
+    assert math.isclose(row["measured_ratio"], round(check.rows[0][2] / meas_ref, 4), abs_tol=1e-4)
+    assert math.isclose(check.errors[0], abs(row["predicted_ratio"] - row["measured_ratio"])
+                        / row["measured_ratio"], rel_tol=1e-2)  # fmt: skip
     assert lut.table.path.is_file()  # the measured kernels are cached for the next run

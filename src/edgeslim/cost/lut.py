@@ -332,13 +332,27 @@ def measure_onnx_ms(path: Path, example_inputs: Sequence[torch.Tensor], threads:
 
 @dataclass(frozen=True)
 class PredictionCheck:
-    """Predicted against measured whole-model latency, per checked policy."""
+    """Predicted against measured whole-model latency, per checked policy.
+
+    ``reference``: the float model's (predicted, measured) milliseconds, measured in the
+    same interleaved timing as the rows. The errors compare **ratios to it**, which is what
+    a relative constraint (``latency<=0.6x``) reads, and which cancels the 10-30% drift
+    between timing sessions of this machine that milliseconds taken at different moments
+    carry. Without a reference, the errors compare milliseconds.
+    """
 
     rows: tuple[tuple[str, float, float], ...]  # (label, predicted ms, measured ms)
+    reference: tuple[float, float] | None = None
+
+    def _ratios(self) -> list[tuple[float, float]]:
+        if self.reference is None:
+            return [(p, m) for _, p, m in self.rows]
+        rp, rm = self.reference
+        return [(p / rp, m / rm) for _, p, m in self.rows if rp > 0 and rm > 0]
 
     @property
     def errors(self) -> list[float]:
-        return [abs(p - m) / m for _, p, m in self.rows if m > 0]
+        return [abs(p - m) / m for p, m in self._ratios() if m > 0]
 
     @property
     def max_error(self) -> float:
@@ -350,7 +364,14 @@ class PredictionCheck:
         return sum(errs) / len(errs) if errs else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": [{"policy": lbl, "predicted_ms": round(p, 4), "measured_ms": round(m, 4)}
-                         for lbl, p, m in self.rows],
+        ratios = self._ratios() if self.reference is not None else [(None, None)] * len(self.rows)
+        rows = [
+            {"policy": lbl, "predicted_ms": round(p, 4), "measured_ms": round(m, 4),
+             "predicted_ratio": None if pr is None else round(pr, 4),
+             "measured_ratio": None if mr is None else round(mr, 4)}
+            for (lbl, p, m), (pr, mr) in zip(self.rows, ratios, strict=True)
+        ]  # fmt: skip
+        ref = None if self.reference is None else [round(v, 4) for v in self.reference]
+        return {"rows": rows, "reference_ms": ref, "errors_of": "ratio" if ref else "ms",
                 "max_error": round(self.max_error, 4),
                 "mean_error": round(self.mean_error, 4)}  # fmt: skip

@@ -5,8 +5,9 @@ uses for ``latency<=...`` constraints: a policy's latency is the sum of its laye
 timings (each conv / linear at its pruned shape and the precision ONNX Runtime will run it
 in) plus the model's residual. :meth:`LutLatency.calibrate` measures the residual once, on
 the exported float model and on the exported all-int8 policy, so both anchors are exact;
-:meth:`LutLatency.check` exports and times other policies to report how far the table is
-off (``PredictionCheck.max_error``), which the search record carries.
+:meth:`LutLatency.check` exports other policies and times them interleaved with the float
+model to report how far the table's ratio to it is off (``PredictionCheck.max_error``),
+which the search record carries.
 """
 
 from __future__ import annotations
@@ -115,11 +116,35 @@ class LutLatency:
         self.table.save()
         return self.residual
 
+    def measure_many(self, policies: Sequence[Policy | None]) -> list[float]:
+        """Whole-model milliseconds of each policy (None: the float model), all timed
+        interleaved in one run (:func:`edgeslim.cost.compare_latency`), so their ratios do
+        not carry the drift between separate timing sessions."""
+        from edgeslim.cost.latency import compare_latency, ort_runner
+        from edgeslim.runtime.ort import ort_session
+
+        example = self.space.task.example_inputs
+        with tempfile.TemporaryDirectory() as tmp:
+            runners = {}
+            for i, p in enumerate(policies):
+                sess = ort_session(self.export(p, Path(tmp) / f"m{i}.onnx"), self.table.threads)
+                names = [x.name for x in sess.get_inputs()]
+                feeds = {n: x.detach().numpy() for n, x in zip(names, example, strict=False)}
+                runners[str(i)] = ort_runner(sess, feeds)
+            stats = compare_latency(
+                runners, repeats=self.repeats, threads=self.table.threads, min_seconds=2.0
+            )
+        return [stats[str(i)].median_ms for i in range(len(policies))]
+
     def check(self, policies: Sequence[Policy]) -> PredictionCheck:
-        """Predicted against measured whole-model latency on ``policies`` (not anchors)."""
-        rows = [(p.id, self.predict(p), self.measure(p)) for p in policies]
+        """Predicted against measured whole-model latency on ``policies``, timed interleaved
+        with the float model; errors are of the ratio to it (see :class:`PredictionCheck`)."""
+        if not policies:
+            return PredictionCheck(())
+        ms = self.measure_many([None, *policies])
+        rows = [(p.id, self.predict(p), m) for p, m in zip(policies, ms[1:], strict=True)]
         self.table.save()
-        return PredictionCheck(tuple(rows))
+        return PredictionCheck(tuple(rows), (self.predict(None), ms[0]))
 
 
 def _threads() -> int:
