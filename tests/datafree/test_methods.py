@@ -294,3 +294,41 @@ def test_dfmpc_keeps_the_output_mean_and_variance_of_the_original(chain_model: C
     torch.testing.assert_close(got.mean(0), ref.mean(0), atol=0.1 * float(ref.std()), rtol=0)
     ratio = got.std(0) / ref.std(0)
     assert float((ratio - 1).abs().max()) < 0.15, ratio
+
+
+@torch.no_grad()
+def test_dfq_clamps_low_bit_layers_and_keeps_their_output_statistics(chain_model: Chain) -> None:
+    """DFQ's low-bit layers are clamped and variance-matched (reported per layer); the bias
+    correction is measured against the weights before the clamp, so the rounded layer keeps
+    the mean and the variance of the equalized float one."""
+    x = torch.zeros(2, IN)
+    spec = DataFreeSpec(low_bits=4, high_bits=4, edge_bits=8)
+    result = compress_datafree(chain_model, "dfq", spec, x)
+    assert result.weight_bits["mid"] == 4 and result.weight_bits["first"] == 8
+    assert "clipped to its MSE-optimal range" in result.report.layers["mid"]
+    assert "first" not in result.report.layers or "clipped" not in result.report.layers["first"]
+    folded = analyze(chain_model, x).model
+    quant = quantized_model(DataFreeResult(result.model, result.weight_bits), act_bits=None)
+    samples = _samples(50_000)
+    # CLE rescales mid's rows and last's columns: compare what the consumer outputs
+    ref = folded.last(torch.relu(folded.mid(_hidden(folded, samples))))
+    got = quant.last(torch.relu(quant.mid(torch.relu(quant.first(samples)))))
+    torch.testing.assert_close(got.mean(0), ref.mean(0), atol=0.1 * float(ref.std()), rtol=0)
+    ratio = got.std(0) / ref.std(0)
+    assert float((ratio - 1).abs().max()) < 0.15, ratio
+
+
+def test_assign_bits_keeps_depthwise_convs_high() -> None:
+    from edgeslim.datafree.chain import is_depthwise
+    from edgeslim.zoo import load_zoo_model
+
+    chain = analyze(load_zoo_model("mobilenetv2-small"), torch.zeros(1, 1, 28, 28))
+    depthwise = [f for f in chain.order if is_depthwise(chain.layer(f))]
+    assert depthwise
+    bits = assign_bits(chain, 3, 8, 8)
+    assert all(bits[f] == 8 for f in depthwise), {f: bits[f] for f in depthwise}
+    assert 3 in bits.values()
+    for fqn, b in bits.items():
+        if b == 3:
+            assert bits[chain.pairs[fqn].consumer] == 8
+    assert all(assign_bits(chain, 4, 4, 8)[f] == 4 for f in depthwise)  # uniform: all low
