@@ -60,7 +60,7 @@ STRATEGIES = (
 )  # fmt: skip
 PEERS = ("optuna-tpe", "optuna-nsga2")
 RAY_STRATEGY, RAY_WORKERS = "evolutionary", 2
-LATENCY_CHECKS = 4  # measured policies whose exported latency is compared with the table's
+LATENCY_CHECKS = 6  # measured policies whose exported latency is compared with the table's
 
 
 @dataclass(frozen=True)
@@ -286,12 +286,20 @@ def _accuracy_aware_rows(b: _Bench) -> list[Record]:
     return rows
 
 
-def _latency_row(b: _Bench, candidates: list[Policy]) -> Record:
-    """The table's predictions against exported, timed models on a few measured policies."""
+def _latency_row(b: _Bench, chosen: list[Policy]) -> Record:
+    """The table's predictions against exported models timed interleaved with fp32: half
+    the checks on policies the searches chose, the rest on the space's uniform policies
+    (pruned ones included), so the figure covers the space, not only where searches went."""
     seen: dict[str, Policy] = {}
-    for p in candidates:
+    for p in chosen:
+        if len(seen) >= LATENCY_CHECKS // 2:
+            break
         seen.setdefault(p.id, p)
-    picks = list(seen.values())[:LATENCY_CHECKS]
+    for p in b.space.uniforms():
+        if len(seen) >= LATENCY_CHECKS:
+            break
+        seen.setdefault(p.id, p)
+    picks = list(seen.values())
     t0 = time.perf_counter()
     check = b.latency.check(picks)
     extra = {**check.to_dict(), "anchors_ms": b.latency.anchors}
@@ -334,9 +342,8 @@ def search_model(name: str, out: Path, quick: bool) -> list[Record]:
     except SearchError as exc:  # ray is an optional extra: say so in the report
         records.append(b.record(f"edgeslim:{RAY_STRATEGY}@ray", None, 0.0, {"skipped": str(exc)}))
     records += _accuracy_aware_rows(b)
-    # the chosen policies first, then the uniform ones (a check needs no feasible policy)
     chosen = [r.policy for r, _ in results.values() if r.policy is not None]
-    records.append(_latency_row(b, chosen + space.uniforms()))
+    records.append(_latency_row(b, chosen))
     return records
 
 
