@@ -98,3 +98,18 @@ def test_bn_recalibration_after_pruning_scores_the_cut_model_fairly(
         assert sp.to_dict()["bn_recalibration"] is recal  # part of the journal's identity
     assert scores[True] is not None and scores[False] is not None
     assert scores[True] > scores[False]
+
+
+def test_the_notes_say_what_happens_to_batchnorm_after_pruning(
+    space: SearchSpace, digits_model: nn.Module, digits_task: Task
+) -> None:
+    assert any("BatchNorm statistics re-estimated" in n for n in Evaluator(space).notes)
+    off = SearchSpace.build(digits_model, digits_task, keep=(0.5, 1.0), bn_recalibration=False)
+    assert any("not re-estimated: turned off" in n for n in Evaluator(off).notes)
+    no_bn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(),
+                          nn.LazyLinear(10))  # fmt: skip
+    no_bn(digits_task.example_inputs[0])  # materialise the lazy layer
+    plain = SearchSpace.build(no_bn.eval(), digits_task, keep=(0.5, 1.0))
+    assert any("not re-estimated: the model has no BatchNorm" in n for n in Evaluator(plain).notes)
+    bits_only = SearchSpace.build(digits_model, digits_task, w_bits=(4, 8), keep=(1.0,))
+    assert not any("BatchNorm" in n for n in Evaluator(bits_only).notes)

@@ -164,6 +164,10 @@ class Evaluator:
                 + ("" if where == "validation" else " (the task has no validation split)")
             )
 
+        bn = space.bn_note()
+        if bn is not None:
+            self.notes.append(bn)
+
     # --- measuring ------------------------------------------------------------------------
 
     def _score(self, model: nn.Module) -> tuple[float, dict[str, float], float | None]:

@@ -478,6 +478,23 @@ class SearchSpace:
             self._pruned.popitem(last=False)
         return entry
 
+    def bn_note(self) -> str | None:
+        """What happens to BatchNorm statistics after pruning, said once (None when the
+        space prunes nothing): re-estimated, or why not."""
+        if not any(len(g.keep) > 1 or g.keep[0] < 1.0 for g in self.groups):
+            return None
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if not self.bn_recalibration:
+            why = "turned off (bn_recalibration=False)"
+        elif not has_bn:
+            why = "the model has no BatchNorm"
+        elif self.task.calibration is None:
+            why = "the task has no calibration data"
+        else:
+            return (f"pruned policies: BatchNorm statistics re-estimated on {self.calibration} "
+                    "calibration samples")  # fmt: skip
+        return f"pruned policies: BatchNorm statistics not re-estimated: {why}"
+
     def layer_table(self, policy: Policy) -> dict[str, LayerInfo]:
         """The layer table of the model pruned as ``policy`` says (cached; do not modify):
         what a per-layer latency predictor reads, with the policy's bits per FQN."""
