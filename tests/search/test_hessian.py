@@ -63,3 +63,24 @@ def test_predicted_increase_falls_with_bits_and_tracks_the_measured_loss(
         measured[fqn], predicted[fqn] = kl / len(batches), s.loss_increase[2]
     most = max(measured, key=lambda f: measured[f])
     assert predicted[most] >= sorted(predicted.values())[len(predicted) // 2], (measured, predicted)
+
+
+def test_layers_without_one_weight_parameter_are_left_to_probes() -> None:
+    """An LSTM's weights are several parameters: the Hessian prices only the conv and
+    linear layers, and greedy probes the LSTM's coordinate instead of failing."""
+    from edgeslim.search import search
+    from edgeslim.task.builtin import fashion_mnist_task
+    from edgeslim.zoo.edge import conv_lstm
+
+    torch.manual_seed(0)
+    model = conv_lstm().eval()
+    task = fashion_mnist_task(test_limit=200, calibration=128)
+    sp = SearchSpace.build(model, task, w_bits=(4, 8), keep=(1.0,), calibration=64)
+    lstm = [lc.fqn for lc in sp.layers if isinstance(dict(model.named_modules())[lc.fqn], nn.LSTM)]
+    assert lstm
+    sens = weight_bits_sensitivity(sp)
+    assert sens and not set(lstm) & set(sens)
+    result = search(model, task, sp, ["size<=0.5x"], "greedy", budget=6, progress=False)
+    probed = {e.policy.id for e in result.evaluations if e.probe}
+    assert len(probed) == 1 + len(lstm)  # the reference and one probe per LSTM coordinate
+    assert "hessian_unavailable" not in result.notes

@@ -108,22 +108,27 @@ def hessian_traces(
 def weight_bits_sensitivity(
     space: SearchSpace, samples: int = HUTCHINSON_SAMPLES, batches: int = HESSIAN_BATCHES
 ) -> dict[str, LayerSensitivity]:
-    """The predicted loss increase of every searched layer at each of its weight bit-widths
-    (the other layers in float), from one Hutchinson estimate on ``batches`` calibration
-    batches of the space's task."""
+    """The predicted loss increase of every searched layer with a ``weight`` parameter at
+    each of its weight bit-widths (the other layers in float), from one Hutchinson estimate
+    on ``batches`` calibration batches of the space's task."""
     from edgeslim.errors import TraceError
     from edgeslim.quant.fold import fold_batchnorm
     from edgeslim.quant.modules import fake_quantized_weight
 
-    layers = [lc for lc in space.layers if len(lc.w_bits) > 1]
-    if not layers:
-        return {}
     model = copy.deepcopy(space.model).eval()
     with contextlib.suppress(TraceError):  # an untraceable model keeps its BN
         fold_batchnorm(model)
+    modules = dict(model.named_modules())
+    # layers with one ``weight`` parameter (conv, linear); recurrent layers and the like
+    # are left out, so a strategy probes them instead
+    layers = [
+        lc for lc in space.layers
+        if len(lc.w_bits) > 1 and isinstance(getattr(modules[lc.fqn], "weight", None), nn.Parameter)
+    ]  # fmt: skip
+    if not layers:
+        return {}
     data = [tuple(b) for b in space.calibration_batches()[:batches]]
     traces = hessian_traces(model, [lc.fqn for lc in layers], data, samples, space.seed)
-    modules = dict(model.named_modules())
     out: dict[str, LayerSensitivity] = {}
     for lc in layers:
         w = modules[lc.fqn].weight.detach()

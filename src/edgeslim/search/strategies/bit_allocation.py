@@ -89,7 +89,11 @@ class _Probing(GeneStrategy):
         least compressed one."""
         from edgeslim.search.hessian import weight_bits_sensitivity
 
-        layers = weight_bits_sensitivity(self.space)
+        try:
+            layers = weight_bits_sensitivity(self.space)
+        except (SearchError, RuntimeError) as exc:  # e.g. an op without a second derivative
+            self.notes["hessian_unavailable"] = f"{exc}; every coordinate is probed instead"
+            return {}
         out: dict[int, list[float]] = {}
         for d, dim in enumerate(self.space.dims):
             if dim.kind == "w_bits" and dim.name in layers:
