@@ -57,6 +57,21 @@ def test_kernel_models_run_the_layer_shape(model: tuple[nn.Module, dict], precis
         assert y.dtype == (np.uint8 if precision == INT8 else np.float32)
 
 
+def test_the_many_copy_model_runs_the_same_kernel_on_one_input(
+    model: tuple[nn.Module, dict],
+) -> None:
+    """The differential timing's second model: COPIES identical outputs of one input."""
+    from edgeslim.cost.lut import COPIES
+
+    m, rows = model
+    key = layer_key(m.get_submodule("conv"), rows["conv"], INT8)
+    assert key is not None
+    (one,) = ort_session(_kernel_model(key)[0]).run(None, _kernel_model(key)[1])
+    data, feeds = _kernel_model(key, COPIES)
+    outs = ort_session(data).run(None, feeds)
+    assert len(outs) == COPIES and all(np.array_equal(o, one) for o in outs)
+
+
 def test_unmodelled_layers_are_named_and_int8_follows_the_bits(
     model: tuple[nn.Module, dict], tmp_path
 ) -> None:
