@@ -331,15 +331,10 @@ class Residual:
         return self.fp32_ms + (self.int8_ms - self.fp32_ms) * int8_share
 
 
-def measure_onnx_ms(path: Path, example_inputs: Sequence[torch.Tensor], threads: int,
-                    repeats: int = 50) -> float:  # fmt: skip
-    """Median whole-model latency of an ONNX file on ``example_inputs`` (one session)."""
-    from edgeslim.runtime.ort import ort_session
-
-    sess = ort_session(path, threads)
+def session_feeds(sess: Any, example_inputs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+    """``example_inputs`` as numpy feeds named by the session's inputs, in order."""
     names = [i.name for i in sess.get_inputs()]
-    feeds = {n: x.detach().numpy() for n, x in zip(names, example_inputs, strict=False)}
-    return _run_ms(sess, feeds, repeats)
+    return {n: x.detach().numpy() for n, x in zip(names, example_inputs, strict=False)}
 
 
 @dataclass(frozen=True)
@@ -359,8 +354,8 @@ class PredictionCheck:
     def _ratios(self) -> list[tuple[float, float]]:
         if self.reference is None:
             return [(p, m) for _, p, m in self.rows]
-        rp, rm = self.reference
-        return [(p / rp, m / rm) for _, p, m in self.rows if rp > 0 and rm > 0]
+        rp, rm = (max(v, 1e-12) for v in self.reference)
+        return [(p / rp, m / rm) for _, p, m in self.rows]
 
     @property
     def errors(self) -> list[float]:

@@ -47,6 +47,15 @@ def export_axes(
     return {"input_names": names, "output_names": outs, "dynamic_axes": axes}
 
 
+def _mark_differing(dyn: dict[str, dict[int, str]], names: Any, xs: Any, ys: Any) -> None:
+    """Make dynamic every dimension of each named tensor whose size differs between the
+    ``xs`` and ``ys`` runs (and is not dynamic already)."""
+    for name, a, b in zip(names, xs, ys, strict=False):
+        for d in range(min(a.dim(), b.dim())):
+            if a.shape[d] != b.shape[d] and d not in dyn.get(name, {}):
+                dyn.setdefault(name, {})[d] = f"{name}_{d}"
+
+
 def widen_axes(
     axes: dict[str, Any], module: nn.Module, example: Inputs, other: Inputs
 ) -> dict[str, Any]:
@@ -54,21 +63,14 @@ def widen_axes(
     (a sequence length: MiniLM is timed on 128 tokens but traced on its example's 25) made
     dynamic too, on the inputs and on the outputs that follow it; otherwise ONNX Runtime
     refuses the file on any input shaped unlike the example."""
-    names, outs = axes["input_names"], axes["output_names"]
     dyn = {k: dict(v) for k, v in axes["dynamic_axes"].items()}
-    for name, a, b in zip(names, example, other, strict=False):
-        for d in range(min(a.dim(), b.dim())):
-            if a.shape[d] != b.shape[d] and d not in dyn.get(name, {}):
-                dyn.setdefault(name, {})[d] = f"{name}_{d}"
+    _mark_differing(dyn, axes["input_names"], example, other)
     if dyn == axes["dynamic_axes"]:
         return axes
     module.eval()
     with torch.no_grad():
         ya, yb = flat_outputs(module(*example)), flat_outputs(module(*other))
-    for name, a, b in zip(outs, ya, yb, strict=False):
-        for d in range(min(a.dim(), b.dim())):
-            if a.shape[d] != b.shape[d] and d not in dyn.get(name, {}):
-                dyn.setdefault(name, {})[d] = f"{name}_{d}"
+    _mark_differing(dyn, axes["output_names"], ya, yb)
     return {**axes, "dynamic_axes": dyn}
 
 

@@ -4,7 +4,8 @@
 uses for ``latency<=...`` constraints: a policy's latency is the sum of its layers' kernel
 timings (each conv / linear at its pruned shape and the precision ONNX Runtime will run it
 in) plus the model's residual. :meth:`LutLatency.calibrate` measures the residual once, on
-the exported float model and on the exported all-int8 policy, so both anchors are exact;
+the exported float model and on the exported all-int8 policy timed interleaved, so both
+anchors are exact;
 :meth:`LutLatency.check` exports other policies and times them interleaved with the float
 model to report how far the table's ratio to it is off (``PredictionCheck.max_error``),
 which the search record carries.
@@ -24,7 +25,7 @@ from edgeslim.cost.lut import (
     PredictionCheck,
     Residual,
     layer_times,
-    measure_onnx_ms,
+    session_feeds,
 )
 from edgeslim.graph import layer_table
 from edgeslim.graph.layers import LayerInfo
@@ -85,13 +86,6 @@ class LutLatency:
         model: nn.Module = self.space.apply(policy)
         return export_qdq(model, example, path)
 
-    def measure(self, policy: Policy | None) -> float:
-        """Measured whole-model milliseconds of ``policy`` in ONNX Runtime."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = self.export(policy, Path(tmp) / "model.onnx")
-            example = self.space.task.example_inputs
-            return measure_onnx_ms(path, example, self.table.threads, self.repeats)
-
     def _int8_anchor(self) -> Policy | None:
         """The least-pruned policy with every layer at 8-bit weights and activations."""
         if not self.space.layers or not all(8 in lc.a_bits for lc in self.space.layers):
@@ -103,15 +97,16 @@ class LutLatency:
     def calibrate(self) -> Residual:
         """Measure the float and all-int8 models whole; the residual is what they cost
         beyond their layers. Saves the table's new entries to its cache."""
-        fp32_ms = self.measure(None)
-        fp32 = fp32_ms - self.layers(None).total_ms
-        self.anchors = {"fp32": fp32_ms}
         anchor = self._int8_anchor()
+        # both anchors timed interleaved: apart, each carries its session's drift, and
+        # every prediction shares their difference
+        ms = self.measure_many([None] if anchor is None else [None, anchor])
+        fp32 = ms[0] - self.layers(None).total_ms
+        self.anchors = {"fp32": ms[0]}
         int8 = fp32
         if anchor is not None:
-            int8_ms = self.measure(anchor)
-            self.anchors["int8"] = int8_ms
-            int8 = int8_ms - self.layers(anchor).total_ms
+            self.anchors["int8"] = ms[1]
+            int8 = ms[1] - self.layers(anchor).total_ms
         self.residual = Residual(fp32, int8)
         self.table.save()
         return self.residual
@@ -128,9 +123,7 @@ class LutLatency:
             runners = {}
             for i, p in enumerate(policies):
                 sess = ort_session(self.export(p, Path(tmp) / f"m{i}.onnx"), self.table.threads)
-                names = [x.name for x in sess.get_inputs()]
-                feeds = {n: x.detach().numpy() for n, x in zip(names, example, strict=False)}
-                runners[str(i)] = ort_runner(sess, feeds)
+                runners[str(i)] = ort_runner(sess, session_feeds(sess, example))
             stats = compare_latency(
                 runners, repeats=self.repeats, threads=self.table.threads, min_seconds=2.0
             )

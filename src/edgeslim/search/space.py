@@ -467,8 +467,7 @@ class SearchSpace:
                 from edgeslim.train.batchnorm import reestimate_bn
 
                 batches = self.calibration_batches()
-                if reestimate_bn(model, batches, len(batches)):
-                    model.eval()
+                reestimate_bn(model, batches, len(batches))  # restores eval mode
             table = layer_table(model, *self.task.example_inputs)
         else:
             model, table = self.model, self._base_table
