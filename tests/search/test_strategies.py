@@ -8,14 +8,19 @@ from torch import nn
 
 from edgeslim.search import (
     STRATEGIES,
+    Constraints,
     Context,
+    EvalResult,
     Evaluator,
+    Policy,
     SearchError,
     SearchResult,
     SearchSpace,
     make_strategy,
     search,
 )
+from edgeslim.search.constraints import Check
+from edgeslim.search.strategies.accuracy_aware import AccuracyAware
 from edgeslim.task import Task
 
 CONSTRAINTS = ["size<=0.2x"]
@@ -131,15 +136,17 @@ def test_accuracy_aware_gives_layers_back_until_max_drop_holds(
     digits_model: nn.Module, digits_task: Task
 ) -> None:
     """From 2-bit weights everywhere (the network collapses), 8-bit is given back to the
-    most sensitive layers one at a time; it stops at the first policy within 3 points."""
+    most sensitive layers one at a time (NNCF's steps, no trim); it stops at the first
+    policy within 3 points."""
     sp = SearchSpace.build(digits_model, digits_task, w_bits=(2, 8), keep=(1.0,), calibration=128)
     result = search(
         digits_model, digits_task, sp, None, "accuracy_aware", budget=20, max_drop=3.0,
-        progress=False,
+        progress=False, options={"steps": "linear", "trim": False},
     )  # fmt: skip
     notes = result.notes
     assert result.feasible and notes["max_drop_met"], result.summary()
     assert notes["start_drop"] > 50
+    assert notes["rank"] == "alone"  # auto: the collapsed start has no restore signal
     back = notes["given_back"]
     assert 0 < notes["given_back_count"] == len(back) < len(sp.layers)
     order = sorted(notes["sensitivity"], key=lambda u: -notes["sensitivity"][u])
@@ -152,6 +159,87 @@ def test_accuracy_aware_gives_layers_back_until_max_drop_holds(
     assert best.result.drop is not None and best.result.drop <= 3.0
     restored = {f"layer:{k}" for k, b in best.policy.weight_bits.items() if b == 8}
     assert restored == set(back)
+
+
+def test_accuracy_aware_gallops_then_trims_to_fewer_layers_within_max_drop(
+    digits_model: nn.Module, digits_task: Task
+) -> None:
+    """The default procedure (1, 2, 4, ... layers back, bisect, then compress again every
+    layer not needed) ends within max_drop with no more layers back than NNCF's steps,
+    and reports that last policy, not the most accurate one it met on the way."""
+    sp = SearchSpace.build(digits_model, digits_task, w_bits=(2, 8), keep=(1.0,), calibration=128)
+    runs = {
+        name: search(
+            digits_model, digits_task, sp, None, "accuracy_aware", budget=30, max_drop=3.0,
+            progress=False, options=opts,
+        )
+        for name, opts in (("nncf", {"steps": "linear", "trim": False}), ("default", {}))
+    }  # fmt: skip
+    nncf, ours = runs["nncf"], runs["default"]
+    assert ours.feasible and ours.notes["max_drop_met"], ours.summary()
+    back = ours.notes["given_back"]
+    assert len(back) <= nncf.notes["given_back_count"]
+    best = ours.best
+    assert best is not None and best.result.drop is not None and best.result.drop <= 3.0
+    restored = {f"layer:{k}" for k, b in best.policy.weight_bits.items() if b == 8}
+    assert restored == set(back)
+    for unit in ours.notes["trimmed"]:  # compressed again, so not in the answer
+        assert unit not in back
+    feasible = [e for e in ours.evaluations if not e.probe and e.result.feasible]
+    assert best.policy == feasible[-1].policy  # the last within max_drop: fewest back
+
+
+def _scripted(space: SearchSpace, opts: dict[str, object]) -> tuple[AccuracyAware, list[str]]:
+    """Drive accuracy_aware by hand on a scripted drop: conv1 and conv2 cost 4 points only
+    when both are compressed, conv3 costs 1 alone; max_drop 1.5. Each layer alone looks
+    harmless except conv3, so ``alone`` ranks conv3 first: its give-back is wasted."""
+    cons = Constraints.parse(None, 1.5)
+    strat = AccuracyAware(Context(space, cons, 0, lambda p: ()), **opts)  # type: ignore[arg-type]
+    asked = []
+    while (policy := strat.ask()) is not None:
+        low = {k for k, b in policy.weight_bits.items() if b == 2}
+        drop = 4.0 * ({"conv1", "conv2"} <= low) + 1.0 * ("conv3" in low)
+        result = EvalResult(
+            policy.id, True, 100.0 - drop, 100.0, space.baseline_costs(), {}, (),
+            drop <= 1.5, max(0.0, drop - 1.5),
+        )  # fmt: skip
+        asked.append(policy.id)
+        strat.tell(policy, result)
+    assert strat.finished
+    return strat, asked
+
+
+def test_accuracy_aware_trim_compresses_again_a_layer_given_back_in_vain(
+    digits_model: nn.Module, digits_task: Task
+) -> None:
+    sp = SearchSpace.build(digits_model, digits_task, w_bits=(2, 8), keep=(1.0,), calibration=64)
+    nncf, _ = _scripted(sp, {"rank": "alone", "steps": "linear", "trim": False})
+    ours, _ = _scripted(sp, {"rank": "alone"})
+    assert nncf.notes["given_back"][0] == "layer:conv3"
+    assert len(nncf.notes["given_back"]) == 2 and nncf.notes["max_drop_met"]
+    assert ours.notes["trimmed"] == ["layer:conv3"]
+    assert len(ours.notes["given_back"]) == 1 and ours.notes["max_drop_met"]
+    assert ours.answer is not None and ours.answer.weight_bits["conv3"] == 2
+    restore, _ = _scripted(sp, {})  # auto: the start keeps 95 of 100, so restore
+    assert restore.notes["rank"] == "restore" and restore.notes["given_back_count"] == 1
+
+
+def test_accuracy_aware_starts_from_a_uniform_policy_when_the_most_compressed_breaks_a_limit(
+    space46: SearchSpace,
+) -> None:
+    """A limit that pruning breaks (as latency can on a small model): the start moves to
+    the most compressed uniform policy within it, instead of stopping with nothing."""
+
+    def no_pruning(policy: Policy) -> tuple[Check, ...]:
+        ok = all(k == 1.0 for k in policy.keep.values())
+        return (Check("latency<=0.6x", "latency", 0.5 if ok else 0.7, 0.6, ok, 0.0),)
+
+    cons = Constraints.parse(None, MAX_DROP)
+    strat = AccuracyAware(Context(space46, cons, 0, no_pruning))
+    first = strat.ask()
+    assert first is not None and all(k == 1.0 for k in first.keep.values())
+    assert set(first.weight_bits.values()) == {4}  # still the fewest bits
+    assert "started from" in strat.notes["start_moved"]
 
 
 def test_unknown_strategy_and_options_fail_clearly(space46: SearchSpace) -> None:

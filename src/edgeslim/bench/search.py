@@ -17,7 +17,7 @@ On ``resnet20`` (Fashion-MNIST), in one process:
   policy? the wall-time speed-up;
 - the latency table's prediction error on a few measured policies;
 - the accuracy-aware mode from uniform W4A4 (bits-only space) against NNCF's "revert one
-  layer at a time by sensitivity" ranking, budget ``Sizes.aa_budget``: layers given back.
+  layer at a time by sensitivity", budget ``Sizes.aa_budget``: layers given back.
 
 Budgets (module constants) keep the full run near 30 minutes on 2 cores (a measurement
 is about 7 s there: prune, PTQ with 256 calibration images, 1,000 validation images);
@@ -239,10 +239,11 @@ def _ray_row(b: _Bench) -> Record:
 
 def _accuracy_aware_rows(b: _Bench) -> list[Record]:
     """From uniform W4A4 on a bits-only space (weights and activations 4 or 8 per layer),
-    give layers back until the drop is within ``MAX_DROP``: edgeslim's ranking (each layer
-    compressed alone, GBA probes) against NNCF's (each layer restored alone from the start)
-    at the same budget. Fewer layers given back is better; test top-1 in torch (fake-quant:
-    ONNX Runtime has no 4-bit kernels)."""
+    give layers back until the drop is within ``MAX_DROP``: edgeslim's procedure (ranking
+    chosen by the start, galloping give-back, then every layer not needed compressed again)
+    against NNCF's (each layer restored alone from the start ranks them, given back one at
+    a time) at the same budget. Fewer layers given back is better; test top-1 in torch
+    (fake-quant: ONNX Runtime has no 4-bit kernels)."""
     space = SearchSpace.build(
         b.model, b.space.task, w_bits=(4, 8), a_bits=(4, 8), keep=(1.0,),
         calibration=CALIBRATION, seed=SEED,
@@ -250,11 +251,15 @@ def _accuracy_aware_rows(b: _Bench) -> list[Record]:
     start = space.uniform(4, 4)
     fp32_size = space.baseline_costs().size
     rows = []
-    for method, rank in (("edgeslim:accuracy_aware", "alone"), ("nncf-style:revert", "restore")):
+    procedures = (
+        ("edgeslim:accuracy_aware", {"rank": "auto", "steps": "gallop", "trim": True}),
+        ("nncf-style:revert", {"rank": "restore", "steps": "linear", "trim": False}),
+    )
+    for method, procedure in procedures:
         t0 = time.perf_counter()
         result = search(
             b.model, space.task, space, None, "accuracy_aware", budget=b.sizes.aa_budget, seed=SEED,
-            batch=1, max_drop=MAX_DROP, options={"start": start, "rank": rank},
+            batch=1, max_drop=MAX_DROP, options={"start": start, **procedure},
             progress=False,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
@@ -264,7 +269,7 @@ def _accuracy_aware_rows(b: _Bench) -> list[Record]:
         notes = result.notes
         rows.append(Record(
             suite="search", model=b.name, method=method,
-            config={"start": "W4A4", "rank": rank, "budget": b.sizes.aa_budget, "seed": SEED,
+            config={"start": "W4A4", **procedure, "budget": b.sizes.aa_budget, "seed": SEED,
                     "constraints": [f"drop<={MAX_DROP:g}"],
                     **({} if policy is None else _bits(policy))},
             metric="top1", value=round(math.nan if policy is None else evaluate(model, b.test), 4),
@@ -280,6 +285,7 @@ def _accuracy_aware_rows(b: _Bench) -> list[Record]:
                 "start_drop": notes.get("start_drop"),
                 "given_back_count": notes.get("given_back_count"),
                 "given_back": notes.get("given_back"), "layers": len(space.layers),
+                "rank_used": notes.get("rank"), "trimmed": notes.get("trimmed"),
                 "max_drop_met": notes.get("max_drop_met"),
             },
         ))  # fmt: skip

@@ -50,7 +50,8 @@ class Evaluation:
 
 @dataclass
 class SearchResult:
-    """What a search found. ``best`` is the best **feasible** measured policy, or None when
+    """What a search found. ``best`` is the best **feasible** measured policy (the
+    strategy's own ``answer`` when it names one, see :mod:`.strategies.base`), or None when
     no measured policy met every constraint (then ``closest`` is the least violating one,
     clearly not a solution, and ``message`` says so)."""
 
@@ -377,6 +378,9 @@ def _result(
     candidates = [e for e in evals if not e.probe]
     feasible = [e for e in candidates if e.result.feasible and e.result.metric is not None]
     best = max(feasible, key=lambda e: (e.result.metric or 0.0, -e.index)) if feasible else None
+    answer = getattr(strat, "answer", None)  # a strategy's own pick among feasible ones
+    if answer is not None:
+        best = next((e for e in reversed(feasible) if e.policy.id == answer.id), best)
     closest = None
     if best is None and evals:
         closest = min(

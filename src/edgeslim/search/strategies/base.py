@@ -11,7 +11,10 @@ has ``finished`` (greedy, dp and accuracy_aware end on their own). ``is_probe(po
 (asked right after ``ask``) marks a measurement the strategy needs that is not a candidate
 answer (a per-layer sensitivity probe): it is measured even when it breaks an analytic
 constraint, and never reported as the best policy; any other policy that breaks one is
-rejected unmeasured.
+rejected unmeasured. A strategy whose goal is not the best metric may set an ``answer``
+attribute (a policy it asked): when that one was measured feasible it is the search's
+result instead of the most accurate feasible policy (``accuracy_aware``: fewest layers
+given back within ``max_drop``).
 """
 
 from __future__ import annotations
