@@ -67,7 +67,6 @@ def prune_rows(b: Bench) -> list[Record]:
 
     task = photos_task(held_only=True)
     task.bind_reference(b.fp32)
-    train = task.train_batches()
     fp32_ms, _ = b.ort_latency(b.fp32_path)
     rows: list[Record] = []
     methods = ("edgeslim:l1", "edgeslim:gates", "torch-pruning:magnitude")
@@ -75,6 +74,9 @@ def prune_rows(b: Bench) -> list[Record]:
     for target in targets:
         for method in methods:
             t0 = time.perf_counter()
+            # afresh per row, so every method trains on the same shuffled, shifted batches
+            # (one shared iterable would hand each row the next draws of one generator)
+            train = task.train_batches()
             pruned = _prune(b.fp32, method, target, b, train)
             before = task.measure(pruned)
             finetune_pruned(pruned, train, _config(b.quick), teacher=b.fp32, alpha=1.0,
