@@ -141,12 +141,11 @@ def test_accuracy_aware_gives_layers_back_until_max_drop_holds(
     sp = SearchSpace.build(digits_model, digits_task, w_bits=(2, 8), keep=(1.0,), calibration=128)
     result = search(
         digits_model, digits_task, sp, None, "accuracy_aware", budget=20, max_drop=3.0,
-        progress=False, options={"steps": "linear", "trim": False},
+        progress=False, options={"steps": "linear", "trim": False, "rank": "alone"},
     )  # fmt: skip
     notes = result.notes
     assert result.feasible and notes["max_drop_met"], result.summary()
     assert notes["start_drop"] > 50
-    assert notes["rank"] == "alone"  # auto: the collapsed start has no restore signal
     back = notes["given_back"]
     assert 0 < notes["given_back_count"] == len(back) < len(sp.layers)
     order = sorted(notes["sensitivity"], key=lambda u: -notes["sensitivity"][u])
@@ -177,6 +176,9 @@ def test_accuracy_aware_gallops_then_trims_to_fewer_layers_within_max_drop(
     }  # fmt: skip
     nncf, ours = runs["nncf"], runs["default"]
     assert ours.feasible and ours.notes["max_drop_met"], ours.summary()
+    # auto: weights-only compression is ranked by the Hessian estimate, with no probe
+    assert ours.notes["rank"] == "hessian"
+    assert not any(e.probe for e in ours.evaluations)
     back = ours.notes["given_back"]
     assert len(back) <= nncf.notes["given_back_count"]
     best = ours.best
@@ -212,7 +214,9 @@ def _scripted(space: SearchSpace, opts: dict[str, object]) -> tuple[AccuracyAwar
 def test_accuracy_aware_trim_compresses_again_a_layer_given_back_in_vain(
     digits_model: nn.Module, digits_task: Task
 ) -> None:
-    sp = SearchSpace.build(digits_model, digits_task, w_bits=(2, 8), keep=(1.0,), calibration=64)
+    sp = SearchSpace.build(
+        digits_model, digits_task, w_bits=(2, 8), a_bits=(4, 8), keep=(1.0,), calibration=64
+    )
     nncf, _ = _scripted(sp, {"rank": "alone", "steps": "linear", "trim": False})
     ours, _ = _scripted(sp, {"rank": "alone"})
     assert nncf.notes["given_back"][0] == "layer:conv3"
@@ -220,7 +224,9 @@ def test_accuracy_aware_trim_compresses_again_a_layer_given_back_in_vain(
     assert ours.notes["trimmed"] == ["layer:conv3"]
     assert len(ours.notes["given_back"]) == 1 and ours.notes["max_drop_met"]
     assert ours.answer is not None and ours.answer.weight_bits["conv3"] == 2
-    restore, _ = _scripted(sp, {})  # auto: the start keeps 95 of 100, so restore
+    # auto: activation bits are compressed too (no Hessian price for them) and the start
+    # keeps 95 of 100, so restore
+    restore, _ = _scripted(sp, {})
     assert restore.notes["rank"] == "restore" and restore.notes["given_back_count"] == 1
 
 

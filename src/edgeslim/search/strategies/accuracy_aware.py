@@ -26,9 +26,14 @@ back), not the most accurate one measured on the way: that is what this mode is 
 (GBA's probes: a clean signal even when the start has collapsed, e.g. 2-bit);
 ``rank="restore"`` measures the start with only that unit restored (NNCF's ranking, which
 sees the interactions between compressed layers but is noise when the start is at chance);
-``rank="auto"`` (default) takes ``restore`` when the start keeps at least half of the
-uncompressed metric, ``alone`` otherwise. Sensitivity is the validation loss change (the
-metric's when no loss is measured). ``notes`` list the units given back and trimmed.
+``rank="hessian"`` prices a unit whose only compressed coordinates are weight bits from
+one Hessian-trace estimate (HAWQ-V2, :mod:`edgeslim.search.hessian`; no measurement) and
+probes the others alone. ``rank="auto"`` (default) takes ``hessian`` when it prices any
+unit (compressed weight bits alone: those cost no measurement, which a small budget
+needs; resnet20 with pruning has 34 units for a budget of 24), else ``restore`` when the
+start keeps at least half of the uncompressed metric, else ``alone``. Sensitivity is the
+validation loss change (the metric's when no loss is measured). ``notes`` list the units
+given back and trimmed.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from edgeslim.search.evaluate import EvalResult
 from edgeslim.search.policy import Policy
 from edgeslim.search.strategies.base import Context, GeneStrategy, register, sensitivity
 
-RANKS = ("auto", "alone", "restore")
+RANKS = ("auto", "alone", "restore", "hessian")
 STEPS = ("gallop", "linear")
 
 
@@ -90,6 +95,7 @@ class AccuracyAware(GeneStrategy):
         self.results: dict[str, EvalResult] = {}
         self.stage = "start"
         self.probes: set[str] = set()
+        self.priced: dict[str, float] = {}  # units ranked by the Hessian estimate
         self.queue: list[Policy] = [self.mark(genes)]
         # give-back state: prefixes[k] = the start with the first k movable units back
         self.prefixes: list[list[int]] = []
@@ -124,9 +130,32 @@ class AccuracyAware(GeneStrategy):
         return out
 
     def _probe(self, unit: str) -> list[int]:
-        if self.rank == "alone":
-            return self._set(self.top, unit, self.start)
-        return self._set(self.start, unit, self.top)
+        if self.rank == "restore":
+            return self._set(self.start, unit, self.top)
+        return self._set(self.top, unit, self.start)
+
+    def _hessian_prices(self) -> dict[str, float]:
+        """Predicted loss increase of each unit at its start choices over the least
+        compressed ones, for units whose compressed coordinates are all weight bits."""
+        from edgeslim.search.hessian import weight_bits_sensitivity
+
+        try:
+            layers = weight_bits_sensitivity(self.space)
+        except (SearchError, RuntimeError) as exc:  # e.g. an op without a second derivative
+            self.notes["hessian_unavailable"] = f"{exc}; units are probed instead"
+            return {}
+        prices: dict[str, float] = {}
+        for unit, dims in self.units.items():
+            total = 0.0
+            for d in dims:
+                dim = self.space.dims[d]
+                if dim.kind != "w_bits" or dim.name not in layers:
+                    break
+                inc = layers[dim.name].loss_increase
+                total += max(inc[dim.choices[self.start[d]]] - inc[dim.choices[self.top[d]]], 0.0)
+            else:
+                prices[unit] = total
+        return prices
 
     def is_probe(self, policy: Policy) -> bool:
         return self.stage == "probe" and policy.id in self.probes
@@ -141,10 +170,7 @@ class AccuracyAware(GeneStrategy):
         elif self.stage == "probe":
             if self.queue or any(pid not in self.results for pid in self.probes):
                 return
-            self._rank()
-            self._plan()
-            self.stage = "give_back"
-            self._step(None)
+            self._probes_done()
         elif self.stage == "give_back":
             self._step(result.feasible)
         else:
@@ -161,22 +187,38 @@ class AccuracyAware(GeneStrategy):
                 self.answer = self.policy(self.start)
             self._done(result.feasible)
             return
-        if self.rank == "auto":
-            kept = result.metric is not None and result.metric >= 0.5 * result.baseline
-            self.rank = "restore" if kept else "alone"
+        if self.rank in ("auto", "hessian"):
+            self.priced = self._hessian_prices()
+            if self.rank == "auto" and not self.priced:
+                self.priced = {}
+                kept = result.metric is not None and result.metric >= 0.5 * result.baseline
+                self.rank = "restore" if kept else "alone"
+            else:
+                self.rank = "hessian"
         self.notes["rank"] = self.rank
-        probes = [self.mark(self._probe(u)) for u in self.units]
-        if self.rank == "alone":
+        probes = [self.mark(self._probe(u)) for u in self.units if u not in self.priced]
+        if probes and self.rank != "restore":
             probes.append(self.mark(self.top))
         self.probes.update(p.id for p in probes)
         self.queue = probes
         self.stage = "probe"
+        if not probes:  # every unit priced without measuring
+            self._probes_done()
+
+    def _probes_done(self) -> None:
+        self._rank()
+        self._plan()
+        self.stage = "give_back"
+        self._step(None)
 
     def _rank(self) -> None:
         gain: dict[str, float] = {}
         for u in self.units:
+            if u in self.priced:  # predicted damage alone
+                gain[u] = self.priced[u]
+                continue
             probe = self.results[self.policy(self._probe(u)).id]
-            if self.rank == "alone":  # damage the unit does alone
+            if self.rank != "restore":  # damage the unit does alone
                 gain[u] = sensitivity(probe, self.results[self.policy(self.top).id])
             else:  # what restoring it recovers
                 gain[u] = sensitivity(self.results[self.policy(self.start).id], probe)
