@@ -34,7 +34,10 @@ from edgeslim.prune.importance import (
 )
 from edgeslim.zoo.registry import load_zoo_model
 
-ALL = ["l1", "l2", "fpgm", "taylor", "nisp", "filtersketch", "epruner", "random", "fluctuation"]
+ALL = [
+    "l1", "l1_group", "l2", "fpgm", "taylor", "nisp", "filtersketch", "epruner", "random",
+    "fluctuation",
+]  # fmt: skip
 CNNS = ["resnet20", "vgg-small", "mobilenetv2-small"]
 
 
@@ -151,6 +154,9 @@ def test_l1_equals_hand_computation_on_a_tiny_conv() -> None:
     cols = w3.abs().sum(dim=(0, 2, 3))
     both = L1Norm(include_consumers=True).scores(model, [g])[g.id]
     torch.testing.assert_close(both, own / own.mean() + cols / cols.mean())
+    group = get_importance("l1_group").scores(model, [g])[g.id]
+    torch.testing.assert_close(group, both)
+    assert not torch.allclose(group, L1Norm().scores(model, [g])[g.id])
 
 
 def test_consumer_columns_follow_the_flatten_repeat() -> None:

@@ -1,13 +1,15 @@
 """Pruning rows of the ``imagenet`` suite: ``mobilenetv2-imagenet`` at -30% and -50% MACs.
 
-Methods: the ``l1`` criterion (global ranking), learned gates, and the peer
+Methods: the ``l1`` criterion (producers' filters) and ``l1_group`` (producer rows and
+consumer columns, Torch-Pruning's group magnitude), both ranked globally, learned gates,
+and the peer
 ``torch-pruning:magnitude`` at the same MACs; every one fine-tuned by distillation from the
 fp32 model on the same unlabelled crops with the same budget (``EPOCHS`` epochs over the
 263 training crops, shifted and flipped; no label: the loss is KD alone), widths rounded to
 8. Agreement is measured on the **other** half of the crops
 (``photos_task(held_only=True)``), never on the crops the fine-tune saw. Each pruned model
-is exported and timed in ONNX Runtime at batch 1 against fp32; the -30% l1 model is also
-quantized to W8A8 (pruned + int8).
+is exported and timed in ONNX Runtime at batch 1 against fp32; the -30% ``l1_group`` model
+is also quantized to W8A8 (pruned + int8).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ TARGETS = (0.3, 0.5)
 ROUND_TO = 8
 EPOCHS, EPOCHS_QUICK = 6, 1
 LR = 0.005
+CRITERIA = {"edgeslim:l1": "l1", "edgeslim:l1_group": "l1_group"}  # planner criteria
+QUANTIZED = "edgeslim:l1_group"  # the -30% model also quantized to W8A8
 
 
 def _config(quick: bool) -> TrainConfig:
@@ -40,11 +44,12 @@ def _config(quick: bool) -> TrainConfig:
 def _prune(model: nn.Module, method: str, target: float, b: Bench, train: Any) -> nn.Module:
     """A pruned copy of ``model`` (before the shared fine-tune)."""
     m = copy.deepcopy(model).eval()
-    if method == "edgeslim:l1":
+    if method in CRITERIA:
         from edgeslim.prune.planner import apply_keep, plan_keep
 
-        keep, _ = plan_keep(m, b.x1, "l1", macs_reduction=target, round_to=ROUND_TO)
-        apply_keep(m, keep, "l1")
+        criterion = CRITERIA[method]
+        keep, _ = plan_keep(m, b.x1, criterion, macs_reduction=target, round_to=ROUND_TO)
+        apply_keep(m, keep, criterion)
         return m
     if method == "edgeslim:gates":
         from edgeslim.prune.gates import train_gates
@@ -69,7 +74,7 @@ def prune_rows(b: Bench) -> list[Record]:
     task.bind_reference(b.fp32)
     fp32_ms, _ = b.ort_latency(b.fp32_path)
     rows: list[Record] = []
-    methods = ("edgeslim:l1", "edgeslim:gates", "torch-pruning:magnitude")
+    methods = (*CRITERIA, "edgeslim:gates", "torch-pruning:magnitude")
     targets = TARGETS[:1] if b.quick else TARGETS
     for target in targets:
         for method in methods:
@@ -101,7 +106,7 @@ def prune_rows(b: Bench) -> list[Record]:
                            "kd": "soft targets of the fp32 model, no labels"},
                 )
             )  # fmt: skip
-            if method == "edgeslim:l1" and target == TARGETS[0]:
+            if method == QUANTIZED and target == TARGETS[0]:
                 rows.append(_pruned_w8a8(b, pruned, task, macs, fp32_ms))
     return rows
 
@@ -115,11 +120,12 @@ def _pruned_w8a8(b: Bench, pruned: nn.Module, task: Any, macs: int, fp32_ms: flo
 
     act = QuantSpec(bits=8, granularity="tensor", symmetric=False, observer="percentile")
     gm = ptq(pruned, QuantConfig(QuantSpec(bits=8), act), b.calib, bias_correction=True)
-    path = b._export(copy.deepcopy(gm), "l1_30_w8a8")
+    path = b._export(copy.deepcopy(gm), f"{CRITERIA[QUANTIZED]}_30_w8a8")
     ms, base_ms = b.ort_latency(path)
     return b.record(
-        "edgeslim:l1+ptq", "onnxruntime", task.measure(OrtModel(ort_session(path)), wrapped=True),
-        config={"macs_reduction": TARGETS[0], "w_bits": 8, "a_bits": 8, "criterion": "l1"},
+        f"{QUANTIZED}+ptq", "onnxruntime", task.measure(OrtModel(ort_session(path)), wrapped=True),
+        config={"macs_reduction": TARGETS[0], "w_bits": 8, "a_bits": 8,
+                "criterion": CRITERIA[QUANTIZED]},
         params=sum(p.numel() for p in pruned.parameters()), macs=macs,
         size_bytes=size_bytes(gm, _quant_bits(gm, 8)), latency_ms=round(ms, 4),
         baseline_latency_ms=round(base_ms, 4), data_used="train",
