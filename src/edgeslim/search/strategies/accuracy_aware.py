@@ -43,7 +43,13 @@ from collections.abc import Mapping, Sequence
 from edgeslim.search.errors import SearchError
 from edgeslim.search.evaluate import EvalResult
 from edgeslim.search.policy import Policy
-from edgeslim.search.strategies.base import Context, GeneStrategy, register, sensitivity
+from edgeslim.search.strategies.base import (
+    Context,
+    GeneStrategy,
+    hessian_prices,
+    register,
+    sensitivity,
+)
 
 RANKS = ("auto", "alone", "restore", "hessian")
 STEPS = ("gallop", "linear")
@@ -135,27 +141,14 @@ class AccuracyAware(GeneStrategy):
         return self._set(self.top, unit, self.start)
 
     def _hessian_prices(self) -> dict[str, float]:
-        """Predicted loss increase of each unit at its start choices over the least
-        compressed ones, for units whose compressed coordinates are all weight bits."""
-        from edgeslim.search.hessian import weight_bits_sensitivity
-
-        try:
-            layers = weight_bits_sensitivity(self.space)
-        except (SearchError, RuntimeError) as exc:  # e.g. an op without a second derivative
-            self.notes["hessian_unavailable"] = f"{exc}; units are probed instead"
-            return {}
-        prices: dict[str, float] = {}
-        for unit, dims in self.units.items():
-            total = 0.0
-            for d in dims:
-                dim = self.space.dims[d]
-                if dim.kind != "w_bits" or dim.name not in layers:
-                    break
-                inc = layers[dim.name].loss_increase
-                total += max(inc[dim.choices[self.start[d]]] - inc[dim.choices[self.top[d]]], 0.0)
-            else:
-                prices[unit] = total
-        return prices
+        """Predicted loss increase of each unit at its start choices, for units whose
+        compressed coordinates are all priced weight bits."""
+        per_dim = hessian_prices(self.space, self.notes)
+        return {
+            unit: sum(per_dim[d][self.start[d]] for d in dims)
+            for unit, dims in self.units.items()
+            if all(d in per_dim for d in dims)
+        }
 
     def is_probe(self, policy: Policy) -> bool:
         return self.stage == "probe" and policy.id in self.probes
@@ -190,7 +183,6 @@ class AccuracyAware(GeneStrategy):
         if self.rank in ("auto", "hessian"):
             self.priced = self._hessian_prices()
             if self.rank == "auto" and not self.priced:
-                self.priced = {}
                 kept = result.metric is not None and result.metric >= 0.5 * result.baseline
                 self.rank = "restore" if kept else "alone"
             else:

@@ -112,6 +112,28 @@ def sensitivity(probe: EvalResult, ref: EvalResult) -> float:
     return ref.metric - probe.metric
 
 
+def hessian_prices(space: SearchSpace, notes: dict[str, Any]) -> dict[int, list[float]]:
+    """Per weight-bit coordinate (index into ``space.dims``), the loss increase each choice
+    is predicted to cost over the least compressed one, from one Hessian-trace estimate
+    (:mod:`edgeslim.search.hessian`); no measurement. Coordinates it cannot price (layers
+    with several weight tensors) are absent; when it is unavailable altogether the result
+    is empty and ``notes["hessian_unavailable"]`` says why."""
+    from edgeslim.search.hessian import weight_bits_sensitivity
+
+    try:
+        layers = weight_bits_sensitivity(space)
+    except (SearchError, RuntimeError) as exc:  # e.g. an op without a second derivative
+        notes["hessian_unavailable"] = f"{exc}; those coordinates are probed instead"
+        return {}
+    out: dict[int, list[float]] = {}
+    for d, dim in enumerate(space.dims):
+        if dim.kind == "w_bits" and dim.name in layers:
+            inc = layers[dim.name].loss_increase
+            out[d] = [max(inc[b] - inc[dim.choices[-1]], 0.0) for b in dim.choices]
+    notes["hessian_trace_per_weight"] = {f: round(s.trace_per_weight, 6) for f, s in layers.items()}
+    return out
+
+
 class GeneStrategy:
     """Shared plumbing of the built-ins: policies as choice indices (genes) over
     ``space.dims``, a seeded ``random.Random``, and the set of policies already asked."""

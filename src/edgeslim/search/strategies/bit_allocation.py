@@ -35,7 +35,13 @@ from edgeslim.search.errors import SearchError
 from edgeslim.search.evaluate import EvalResult
 from edgeslim.search.policy import Policy
 from edgeslim.search.space import Dim
-from edgeslim.search.strategies.base import Context, GeneStrategy, register, sensitivity
+from edgeslim.search.strategies.base import (
+    Context,
+    GeneStrategy,
+    hessian_prices,
+    register,
+    sensitivity,
+)
 
 _EPS = 1e-12
 SENSITIVITIES = ("hessian", "probe")
@@ -75,7 +81,7 @@ class _Probing(GeneStrategy):
         self.top = list(self.space.top())
         self.hessian: dict[int, list[float]] = {}
         if sensitivity == "hessian":
-            self.hessian = self._hessian()
+            self.hessian = hessian_prices(self.space, self.notes)
         probed = [d for d in range(len(self.sizes)) if d not in self.hessian]
         probes = [self.top] + [self._with(self.top, d, 0) for d in probed]
         self.queue = [self.mark(g) for g in probes]
@@ -83,26 +89,6 @@ class _Probing(GeneStrategy):
         self.results: dict[str, EvalResult] = {}
         self.stage = "probe"
         self.sens: list[list[float]] = []
-
-    def _hessian(self) -> dict[int, list[float]]:
-        """Per weight-bit coordinate, the predicted loss increase of each choice over the
-        least compressed one."""
-        from edgeslim.search.hessian import weight_bits_sensitivity
-
-        try:
-            layers = weight_bits_sensitivity(self.space)
-        except (SearchError, RuntimeError) as exc:  # e.g. an op without a second derivative
-            self.notes["hessian_unavailable"] = f"{exc}; every coordinate is probed instead"
-            return {}
-        out: dict[int, list[float]] = {}
-        for d, dim in enumerate(self.space.dims):
-            if dim.kind == "w_bits" and dim.name in layers:
-                inc = layers[dim.name].loss_increase
-                out[d] = [max(inc[b] - inc[dim.choices[-1]], 0.0) for b in dim.choices]
-        self.notes["hessian_trace_per_weight"] = {
-            f: round(s.trace_per_weight, 6) for f, s in layers.items()
-        }
-        return out
 
     @staticmethod
     def _with(genes: Sequence[int], d: int, value: int) -> list[int]:
