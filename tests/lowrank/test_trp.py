@@ -110,6 +110,22 @@ def test_truncation_every_period(digits) -> None:  # type: ignore[no-untyped-def
         assert torch.linalg.matrix_rank(w.detach().reshape(w.shape[0], -1)).item() == rank
 
 
+def test_truncation_with_a_macs_target_keeps_the_target_ranks(digits) -> None:  # type: ignore[no-untyped-def]
+    model = cnn()
+    example = (digits[1].images[:1],)
+    trp = TrainedRankPruning(model, example, TRPConfig(period=3, macs_reduction=0.5))
+    before = total_macs(layer_table(model, *example))
+    for _ in range(4):
+        trp.on_step()
+    (ranks,) = trp.rank_history
+    svd = copy.deepcopy(model)
+    report = factorize_(svd, example, SVDConfig(macs_reduction=0.5), ranks=ranks)
+    assert report.macs_after <= 0.5 * before
+    for fqn, rank in ranks.items():
+        w = model.get_submodule(fqn).weight
+        assert torch.linalg.matrix_rank(w.detach().reshape(w.shape[0], -1)).item() == rank
+
+
 def test_trp_lowers_nuclear_norm_and_rank(trained, plain: nn.Module) -> None:  # type: ignore[no-untyped-def]
     _, dense = trained
     for fqn in LAYERS:

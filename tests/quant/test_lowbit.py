@@ -14,6 +14,7 @@ from edgeslim.data import TensorBatches, load_fashion_mnist
 from edgeslim.data.batching import augmented_batches
 from edgeslim.distill import KDConfig
 from edgeslim.export.packed import load_packed, save_packed
+from edgeslim.quant import lowbit
 from edgeslim.quant.api import quant_layers
 from edgeslim.quant.lowbit import (
     LowBitRecipe,
@@ -129,6 +130,38 @@ def test_progressive_schedule_trains_each_stage(data: dict[str, object]) -> None
     assert [(h["w_bits"], h["a_bits"]) for h in res.history] == [(4, 4), (2, 2), (1, 1)]  # type: ignore[attr-defined]
     with pytest.raises(QuantConfigError, match="must not go below"):
         LowBitRecipe(w_bits=4, a_bits=4, progressive=(2,))
+
+
+def test_progressive_stage_calibrates_on_reestimated_batchnorm(
+    data: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later stage calibrates its activation ranges with BN statistics re-estimated for
+    the latent weights, not those carried over (gathered on the previous stage's quantized
+    forward; on resnet20 W2A2 -> W1A1 they made the 1-bit steps 5x too wide). Here the
+    carried statistics are made wrong on purpose (running variances x50), the weights are
+    kept (lr 0) and the variance each stage calibrates with is recorded."""
+    seen: list[float] = []
+    real = lowbit.calibrate
+
+    def spy(model: nn.Module, *args: object, **kw: object) -> object:
+        seen.append(float(model.layer2[0].bn1.running_var.mean()))  # type: ignore[index]
+        return real(model, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lowbit, "calibrate", spy)
+    fp32 = load_zoo_model("resnet20")
+    true_var = float(fp32.layer2[0].bn1.running_var.mean())  # type: ignore[index]
+    for m in fp32.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.mul_(50.0)
+    train = data["train"]
+    lowbit_qat(
+        fp32,
+        LowBitRecipe(w_bits=2, a_bits=2, progressive=(4,), bn_reestimate=False, lr=0.0),
+        augmented_batches(train.images, train.labels, 64),  # type: ignore[attr-defined]
+        data["calib"],  # type: ignore[arg-type]
+    )
+    assert len(seen) == 2 and seen[0] > 20 * true_var
+    assert seen[1] < 5 * true_var, (seen, true_var)
 
 
 def test_invalid_recipe_fails_at_construction() -> None:

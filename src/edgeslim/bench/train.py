@@ -21,14 +21,12 @@ The validation split makes the run's choices (keep the BN re-estimation or not);
 reported are on the test split. Top-1 of the QAT rows is fake-quant in torch (no runtime has
 kernels below int8); their ``size_bytes`` is the packed checkpoint (1 or 2 bits per weight).
 
-Budget (an estimate, not a measured full run): the quick run (384 images, 1 epoch per row)
-spent 11.7 min of CPU time (user) on its 16 QAT rows, measured on 2 cores shared with other
-jobs (load ~6): ~44 s of CPU per row, most of it the fake-quant steps with LSQ activations,
-i.e. roughly 33 ms of 2-core wall time per training image-epoch. The non-quick run gives
-each of its 17 training rows ``EPOCHS`` x ``TRAIN_IMAGES`` = 7,500 image-epochs (~4 min),
-DCCD rows ~2x, plus evaluation on the 10k test split: ~80-90 minutes on a quiet 2-core
-machine, with +-30% uncertainty. That is far less training than the papers use (hundreds of
-epochs); the accuracy targets of issue 16 need more, which does not fit the budget.
+Budget: the run of commit 4411275 (2,500 training images, 3 epochs per row) took 51
+minutes with its first half sharing the 2 cores with other jobs; its rows measured alone
+took 40-60 s of training each (a DCCD row ~1.5x), the rest being evaluation on the 10k test
+split. Training images were then raised to 10,000 (4x the steps per row, ~3 minutes per QAT
+row alone): about 50 minutes on a quiet 2-core machine. That is still far less training
+than the papers use (hundreds of epochs).
 """
 
 from __future__ import annotations
@@ -49,7 +47,7 @@ from edgeslim.bench.suites import register_suite
 
 MODEL = "resnet20"
 PRUNED = "resnet20-pruned50"
-TRAIN_IMAGES, TRAIN_IMAGES_QUICK = 2500, 384
+TRAIN_IMAGES, TRAIN_IMAGES_QUICK = 10000, 384
 VAL_IMAGES, VAL_IMAGES_QUICK = 2000, 500
 TEST_IMAGES, TEST_IMAGES_QUICK = None, 1000  # None: the full 10k test split
 EPOCHS, EPOCHS_QUICK = 3, 1

@@ -7,7 +7,8 @@ During training, every factorizable weight ``W`` (reshaped ``N x C k k``, the ch
   left/right singular vectors of the ranks kept at ``energy``), which pushes the small
   singular values down;
 - is replaced every ``period`` steps by its SVD truncation keeping ``energy`` of the squared
-  singular values, so the network keeps learning on low-rank weights;
+  singular values (or, with a MACs target, at the ranks that meet it), so the network keeps
+  learning on low-rank weights;
 - from ``freeze_at`` of training on, is kept at the final ranks (projected every step).
 
 At the end :meth:`TrainedRankPruning.factorize` turns each layer into two (a k x k conv with
@@ -169,8 +170,23 @@ class TrainedRankPruning:
     # ---- the periodic truncation ---------------------------------------------------------
     @torch.no_grad()
     def truncate(self) -> dict[str, int]:
-        """Replace every layer's weight by its truncation at ``energy``; returns the ranks."""
-        ranks: dict[str, int] = {}
+        """Replace every layer's weight by its truncation at ``energy``, or, with a
+        ``macs_reduction`` target, at the ranks meeting it chosen on the current weights;
+        returns the ranks.
+
+        Decision — with a MACs target every truncation is at the target's ranks (re-chosen
+        each time, so ranks move between layers as the spectra change): truncating at 90%
+        energy every 10 steps and cutting to the target ranks only at ``freeze_at`` left
+        resnet20 (-50% MACs, 3 epochs on 2,500 Fashion-MNIST images, KD) at 88.08% top-1
+        against post-hoc SVD + the same fine-tune's 92.86%; at the target's ranks from the
+        first truncation, 92.88-92.96% over periods 5, 10 and 20 and ``lam`` 3e-4 and 1e-3.
+        """
+        if self.config.macs_reduction is not None:
+            ranks = self._target_ranks(self.config.macs_reduction)
+            self.project(ranks)
+            self.rank_history.append(ranks)
+            return dict(ranks)
+        ranks = {}
         for fqn, module in self.layers.items():
             w = module.weight
             assert isinstance(w, torch.Tensor)
@@ -190,13 +206,18 @@ class TrainedRankPruning:
             u, s, vh = torch.linalg.svd(w.detach().reshape(w.shape[0], -1).double(), False)
             w.copy_(((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(w.shape).to(w.dtype))
 
+    def _target_ranks(self, macs_reduction: float) -> dict[str, int]:
+        """The ranks removing ``macs_reduction`` of the MACs, chosen on the current weights."""
+        table = layer_table(self.model, *self.example_inputs)
+        cands, _ = candidates(self.model, table, self.config.skip)
+        ranks, _ = ranks_for_target(cands, total_macs(table), macs_reduction, self.config.round_to)
+        return dict(ranks)
+
     def freeze(self) -> dict[str, int]:
         """Fix the final ranks (see :class:`TRPConfig`) and project the weights onto them."""
         cfg = self.config
         if cfg.macs_reduction is not None:
-            table = layer_table(self.model, *self.example_inputs)
-            cands, _ = candidates(self.model, table, cfg.skip)
-            ranks, _ = ranks_for_target(cands, total_macs(table), cfg.macs_reduction, cfg.round_to)
+            ranks = self._target_ranks(cfg.macs_reduction)
         else:
             last = self.rank_history[-1] if self.rank_history else self.truncate()
             full = {fqn: _full_rank(m) for fqn, m in self.layers.items()}
