@@ -257,3 +257,34 @@ def test_unknown_strategy_and_options_fail_clearly(space46: SearchSpace) -> None
         make_strategy("evolutionary", ctx, population_size=4)
     with pytest.raises(SearchError, match="needs an accuracy limit"):
         make_strategy("accuracy_aware", ctx)
+
+
+def test_accuracy_aware_gives_back_one_choice_at_a_time_when_a_limit_binds(
+    digits_model: nn.Module, digits_task: Task
+) -> None:
+    """A limit that holds conv1 at 8 bits or three layers at 4: the full plan moves conv1
+    to 8 bits and can move nothing else; the step plan moves the three most sensitive
+    layers 2 -> 4 bits."""
+    sp = SearchSpace.build(digits_model, digits_task, w_bits=(2, 4, 8), keep=(1.0,), calibration=64)
+
+    def budget(policy: Policy) -> tuple[Check, ...]:
+        extra = sum({2: 0, 4: 1, 8: 3}[b] for b in policy.weight_bits.values())
+        return (Check("size<=x", "size", float(extra), 2.0, extra <= 3, 0.0),)
+
+    cons = Constraints.parse(None, 1.0)
+    order = ["layer:conv1", "layer:conv2", "layer:conv3"]
+    for give, want in (("full", "full"), ("auto", "step"), ("step", "step")):
+        strat = AccuracyAware(Context(sp, cons, 0, budget), rank="restore", give=give)
+        assert set(order) <= set(strat.units)
+        strat.order = [*order, *(u for u in strat.units if u not in order)]
+        strat._plan()
+        assert strat.notes["give"] == want
+        last = strat.policy(strat.prefixes[-1]).weight_bits
+        if want == "full":
+            assert strat.moved == ["layer:conv1"] and last["conv1"] == 8
+            assert "layer:conv2" in strat.skipped
+        else:
+            assert strat.moved == order
+            assert last["conv1"] == last["conv2"] == last["conv3"] == 4
+    with pytest.raises(SearchError, match="give must be one of"):
+        AccuracyAware(Context(sp, cons, 0, budget), give="half")

@@ -11,7 +11,10 @@ two additions that give back fewer layers for the same measurements:
 3. give the most sensitive units back until the drop is within ``max_drop``. A unit goes
    back to its least compressed choice, or, when that would break an analytic constraint
    (checked without measuring), to the highest choice that keeps them; a unit that cannot
-   move at all is skipped. ``steps="linear"`` measures after each unit (NNCF);
+   move at all is skipped. When such a limit binds, ``give="step"`` (what ``auto`` picks
+   then) gives back one choice per unit per pass over the order instead, so the limit's
+   room is shared by the sensitive units rather than spent on the first ones (see
+   :meth:`AccuracyAware._plan`). ``steps="linear"`` measures after each unit (NNCF);
    ``steps="gallop"`` (default) measures the first 1, 2, 4, 8, ... units back, then bisects
    between the last two, finding the same number of units (when accuracy only grows with
    what is given back) in about ``2 log2(k)`` measurements instead of ``k``;
@@ -53,6 +56,7 @@ from edgeslim.search.strategies.base import (
 
 RANKS = ("auto", "alone", "restore", "hessian")
 STEPS = ("gallop", "linear")
+GIVES = ("auto", "full", "step")
 
 
 @register("accuracy_aware")
@@ -68,6 +72,7 @@ class AccuracyAware(GeneStrategy):
         rank: str = "auto",
         steps: str = "gallop",
         trim: bool = True,
+        give: str = "auto",
     ) -> None:
         super().__init__(ctx)
         if ctx.constraints.max_drop is None:
@@ -79,12 +84,14 @@ class AccuracyAware(GeneStrategy):
             raise SearchError(f"accuracy_aware: rank must be one of {RANKS}; got {rank!r}")
         if steps not in STEPS:
             raise SearchError(f"accuracy_aware: steps must be one of {STEPS}; got {steps!r}")
+        if give not in GIVES:
+            raise SearchError(f"accuracy_aware: give must be one of {GIVES}; got {give!r}")
         if start is None:
             genes = self._compressed_start()
         else:
             policy = start if isinstance(start, Policy) else Policy.from_dict(start)
             genes = list(self.space.encode(policy))
-        self.rank, self.steps, self.trim = rank, steps, trim
+        self.rank, self.steps, self.trim, self.give = rank, steps, trim, give
         self.start = genes
         self.top = list(self.space.top())
         units: dict[str, list[int]] = {}
@@ -105,7 +112,8 @@ class AccuracyAware(GeneStrategy):
         self.queue: list[Policy] = [self.mark(genes)]
         # give-back state: prefixes[k] = the start with the first k movable units back
         self.prefixes: list[list[int]] = []
-        self.moved: list[str] = []
+        self.moved: list[str] = []  # the unit moved by each prefix (step: once per choice)
+        self._blocked: list[str] = []
         self.lo = 0  # largest k measured outside max_drop
         self.hi: int | None = None  # smallest k measured within it
         self.k = 0  # the k being measured
@@ -217,27 +225,64 @@ class AccuracyAware(GeneStrategy):
         self.order = sorted(self.units, key=lambda u: -gain[u])
         self.notes["sensitivity"] = gain
 
+    def _raise(self, genes: Sequence[int], unit: str, steps: int | None) -> list[int] | None:
+        """``genes`` with ``unit`` up to ``steps`` choices back (None: to its top), the most
+        that stays within the analytic limits; None when it cannot move at all."""
+        dims = self.units[unit]
+        most = max(self.top[d] - genes[d] for d in dims)
+        for s in range(most if steps is None else min(steps, most), 0, -1):
+            trial = list(genes)
+            for d in dims:
+                trial[d] = min(genes[d] + s, self.top[d])
+            if all(c.ok for c in self.ctx.checks(self.policy(trial))):
+                return trial
+        return None
+
     def _plan(self) -> None:
-        """Every prefix of the give-back order, each unit as far back as the analytic
-        limits allow (giving back only adds cost, so a unit that cannot move now cannot
-        move after more are back either)."""
-        current = list(self.start)
-        self.prefixes = [list(current)]
+        """Every prefix of the give-back sequence. ``give="full"``: each unit in order, as
+        far back as the analytic limits allow. ``give="step"``: passes over the order, each
+        unit one choice back per pass, so a limit (size, latency) is shared among the
+        sensitive units instead of spent on the first ones. ``auto``: full, unless the
+        full plan meets a limit (a unit it cannot move). Giving back only adds cost, so a
+        unit that cannot move now cannot move after more are back either."""
+        full = self._prefixes(self._full_moves())
+        if self.give == "full" or (self.give == "auto" and not self._blocked):
+            self.notes["give"] = "full"
+            self.moved, self.prefixes = full
+            self.skipped = list(self._blocked)
+            return
+        self.notes["give"] = "step"
+        self.moved, self.prefixes = self._prefixes(self._step_moves())
+        back = set(self.moved)
+        self.skipped = [u for u in self.order if u not in back]
+
+    def _full_moves(self) -> list[tuple[str, list[int]]]:
+        current, moves = list(self.start), []
+        self._blocked = []
         for unit in self.order:
-            dims = self.units[unit]
-            steps = max(self.top[d] - current[d] for d in dims)
-            for s in range(steps, 0, -1):
-                trial = list(current)
-                for d in dims:
-                    trial[d] = min(current[d] + s, self.top[d])
-                if all(c.ok for c in self.ctx.checks(self.policy(trial))):
-                    break
-            else:
-                self.skipped.append(unit)
+            trial = self._raise(current, unit, None)
+            if trial is None:
+                self._blocked.append(unit)
                 continue
             current = trial
-            self.moved.append(unit)
-            self.prefixes.append(list(current))
+            moves.append((unit, current))
+        return moves
+
+    def _step_moves(self) -> list[tuple[str, list[int]]]:
+        current, moves = list(self.start), []
+        open_units = list(self.order)
+        while open_units:
+            for unit in list(open_units):
+                trial = self._raise(current, unit, 1)
+                if trial is None:  # at its top choice, or blocked by a limit for good
+                    open_units.remove(unit)
+                    continue
+                current = trial
+                moves.append((unit, current))
+        return moves
+
+    def _prefixes(self, moves: list[tuple[str, list[int]]]) -> tuple[list[str], list[list[int]]]:
+        return [u for u, _ in moves], [list(self.start), *(g for _, g in moves)]
 
     def _step(self, feasible: bool | None) -> None:
         """Record the last give-back measurement (``k`` units back) and ask the next."""
@@ -259,11 +304,11 @@ class AccuracyAware(GeneStrategy):
             k = (self.lo + self.hi) // 2
         self.k = k
         self.queue = [self.mark(self.prefixes[k])]
-        self._note_back(self.moved[:k])
+        self._note_back(list(dict.fromkeys(self.moved[:k])))
 
     def _found(self, k: int) -> None:
         self.current = list(self.prefixes[k])
-        self.given_back = list(self.moved[:k])
+        self.given_back = list(dict.fromkeys(self.moved[:k]))
         self.answer = self.policy(self.current)
         self.notes["max_drop_met"] = True
         self._note_back(self.given_back)
