@@ -119,30 +119,37 @@ class _Bench:
 
     def record(
         self, method: str, policy: Policy | None, seconds: float, extra: dict[str, Any],
-        config: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None, space: SearchSpace | None = None,
     ) -> Record:  # fmt: skip
-        """One row for ``policy`` (None: no policy; test top-1 NaN): exported and timed."""
-        sp = self.space
+        """One row for ``policy`` (None: no policy; test top-1 NaN). On the suite's space it
+        is exported and timed in ONNX Runtime; on another ``space`` (bits below 8, which no
+        runtime runs) it is fake-quant top-1 in torch, untimed."""
+        sp = space if space is not None else self.space
+        timed = space is None
+        ms = predicted = None
+        base_ms = self.fp32_ms if timed else None
         if policy is None:
-            model, costs = self.model, sp.baseline_costs()
-            test, ms, predicted, base_ms = math.nan, None, None, self.fp32_ms
+            model, costs, test = self.model, sp.baseline_costs(), math.nan
         else:
             model, costs = sp.apply(policy), sp.costs(policy)
             test = evaluate(model, self.test)
-            base_ms, policy_ms = self.latency.measure_many([None, policy])  # interleaved
-            ms = round(policy_ms, 4)
-            predicted = round(self.latency.predict(policy), 4)
+            if timed:
+                base_ms, policy_ms = self.latency.measure_many([None, policy])  # interleaved
+                ms = round(policy_ms, 4)
+                predicted = round(self.latency.predict(policy), 4)
         base = sp.baseline_costs()
-        cfg = {"budget": self.sizes.budget, "seed": SEED, "constraints": self.constraints}
+        cfg = {"budget": self.sizes.budget, "seed": SEED, "constraints": self.constraints,
+               **(config or {})}  # fmt: skip
         if policy is not None:
             cfg.update(_bits(policy))
         return Record(
-            suite="search", model=self.name, method=method, config={**cfg, **(config or {})},
+            suite="search", model=self.name, method=method, config=cfg,
             metric="top1", value=round(test, 4), baseline_value=round(self.fp32_test, 4),
             params=sum(p.numel() for p in model.parameters()), macs=costs.macs,
             size_bytes=costs.size, latency_ms=ms,
-            baseline_latency_ms=round(base_ms, 4),
-            runtime="onnxruntime", seconds=round(seconds, 2), data_used="calibration",
+            baseline_latency_ms=None if base_ms is None else round(base_ms, 4),
+            runtime="onnxruntime" if timed else "torch", seconds=round(seconds, 2),
+            data_used="calibration",
             extra={
                 "test_images": self.test_count, "policy": None if policy is None else policy.id,
                 "policy_summary": None if policy is None else policy.describe(),
@@ -150,7 +157,8 @@ class _Bench:
                 "predicted_latency_ms": predicted,
                 "predicted_latency_ratio": None if predicted is None
                 else round(predicted / self.latency.predict(None), 4),
-                "measured_latency_ratio": None if ms is None else round(ms / base_ms, 4),
+                "measured_latency_ratio": None if ms is None or base_ms is None
+                else round(ms / base_ms, 4),
                 **extra,
             },
         )  # fmt: skip
@@ -249,7 +257,6 @@ def _accuracy_aware_rows(b: _Bench) -> list[Record]:
         calibration=CALIBRATION, seed=SEED,
     )  # fmt: skip
     start = space.uniform(4, 4)
-    fp32_size = space.baseline_costs().size
     rows = []
     procedures = (
         ("edgeslim:accuracy_aware", {"rank": "auto", "steps": "gallop", "trim": True}),
@@ -263,32 +270,17 @@ def _accuracy_aware_rows(b: _Bench) -> list[Record]:
             progress=False,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-        policy = result.policy
-        model = b.model if policy is None else space.apply(policy)
-        costs = space.baseline_costs() if policy is None else space.costs(policy)
         notes = result.notes
-        rows.append(Record(
-            suite="search", model=b.name, method=method,
-            config={"start": "W4A4", **procedure, "budget": b.sizes.aa_budget, "seed": SEED,
-                    "constraints": [f"drop<={MAX_DROP:g}"],
-                    **({} if policy is None else _bits(policy))},
-            metric="top1", value=round(math.nan if policy is None else evaluate(model, b.test), 4),
-            baseline_value=round(b.fp32_test, 4), params=sum(p.numel() for p in model.parameters()),
-            macs=costs.macs, size_bytes=costs.size, latency_ms=None, baseline_latency_ms=None,
-            runtime="torch", seconds=round(seconds, 2),
-            data_used="calibration",
-            extra={
-                **_search_extra(result), "test_images": b.test_count,
-                "policy": None if policy is None else policy.id,
-                "policy_summary": None if policy is None else policy.describe(),
-                "size_ratio": round(costs.size / fp32_size, 4),
-                "start_drop": notes.get("start_drop"),
-                "given_back_count": notes.get("given_back_count"),
-                "given_back": notes.get("given_back"), "layers": len(space.layers),
-                "rank_used": notes.get("rank"), "trimmed": notes.get("trimmed"),
-                "max_drop_met": notes.get("max_drop_met"),
-            },
-        ))  # fmt: skip
+        config = {"start": "W4A4", **procedure, "budget": b.sizes.aa_budget,
+                  "constraints": [f"drop<={MAX_DROP:g}"]}  # fmt: skip
+        extra = {
+            **_search_extra(result), "start_drop": notes.get("start_drop"),
+            "given_back_count": notes.get("given_back_count"),
+            "given_back": notes.get("given_back"), "layers": len(space.layers),
+            "rank_used": notes.get("rank"), "trimmed": notes.get("trimmed"),
+            "max_drop_met": notes.get("max_drop_met"),
+        }  # fmt: skip
+        rows.append(b.record(method, result.policy, seconds, extra, config, space=space))
     return rows
 
 
