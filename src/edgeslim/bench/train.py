@@ -21,12 +21,10 @@ The validation split makes the run's choices (keep the BN re-estimation or not);
 reported are on the test split. Top-1 of the QAT rows is fake-quant in torch (no runtime has
 kernels below int8); their ``size_bytes`` is the packed checkpoint (1 or 2 bits per weight).
 
-Budget: the run of commit 4411275 (2,500 training images, 3 epochs per row) took 51
-minutes with its first half sharing the 2 cores with other jobs; its rows measured alone
-took 40-60 s of training each (a DCCD row ~1.5x), the rest being evaluation on the 10k test
-split. Training images were then raised to 10,000 (4x the steps per row, ~3 minutes per QAT
-row alone): about 50 minutes on a quiet 2-core machine. That is still far less training
-than the papers use (hundreds of epochs).
+Budget, measured: with 10,000 training images per row the run of commit caf292f took 52
+minutes (its first 30 minutes shared the 2 cores with other jobs; QAT rows alone took 35-200
+s of training each, a DCCD row about 2x its KD row), the rest being evaluation on the 10k
+test split. That is still far less training than the papers use (hundreds of epochs).
 """
 
 from __future__ import annotations
