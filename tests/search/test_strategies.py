@@ -288,3 +288,25 @@ def test_accuracy_aware_gives_back_one_choice_at_a_time_when_a_limit_binds(
             assert last["conv1"] == last["conv2"] == last["conv3"] == 4
     with pytest.raises(SearchError, match="give must be one of"):
         AccuracyAware(Context(sp, cons, 0, budget), give="half")
+
+
+def test_accuracy_aware_step_plan_retries_a_unit_a_limit_blocked_earlier(
+    digits_model: nn.Module, digits_task: Task
+) -> None:
+    """Latency is not monotonic in what is given back (restoring one pruned group while
+    the others stay pruned can be slower than restoring them all): a unit blocked on one
+    pass is tried again on the next."""
+    sp = SearchSpace.build(digits_model, digits_task, w_bits=(2, 4, 8), keep=(1.0,), calibration=64)
+
+    def coupled(policy: Policy) -> tuple[Check, ...]:
+        bits = policy.weight_bits
+        ok = not (bits["conv2"] > 2 and bits["conv1"] == 2)  # conv2 waits for conv1
+        return (Check("latency<=x", "latency", 0.0 if ok else 1.0, 0.5, ok, 0.0),)
+
+    strat = AccuracyAware(Context(sp, Constraints.parse(None, 1.0), 0, coupled), give="step")
+    strat.order = ["layer:conv2", "layer:conv1", *(u for u in strat.units if u not in
+                   ("layer:conv1", "layer:conv2"))]  # fmt: skip
+    strat._plan()
+    assert "layer:conv2" in strat.moved and "layer:conv2" not in strat.skipped
+    assert strat.moved.index("layer:conv1") < strat.moved.index("layer:conv2")
+    assert strat.policy(strat.prefixes[-1]).weight_bits["conv2"] == 8
