@@ -11,9 +11,10 @@ statistics on the final quantized weights, kept only if the validation split pre
 Decision — between progressive stages the float latent model's BatchNorm statistics are
 re-estimated before the next stage calibrates its activation ranges: the statistics
 carried over were gathered on the previous stage's quantized forward, and calibrating the
-float forward with them put resnet20's 1-bit activation steps 5-7x too wide (W2A2 -> W1A1,
-one epoch each, 2,500 images: the W1A1 stage started at 11.8% and ended at chance, 10.0%;
-with the re-estimation it ended at 68.95%).
+float forward with them put resnet20's 1-bit activation steps about 5x too wide (W2A2 ->
+W1A1, one epoch each, 2,500 images: ``layer1.0.conv1``'s input step 5.0 against 0.92 with
+the re-estimation; the W1A1 stage started at 11.8% and ended at chance, 10.0%; with the
+re-estimation it started at 14.4% and ended at 68.95%).
 
 Binary weights are the XNOR-Net scaled sign (``binary``: ``±α`` with one α per output
 channel, learned by LSQ); ternary weights are ``{-α, 0, α}`` per channel whose threshold
@@ -27,7 +28,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +152,11 @@ def float_weights(quantized: nn.Module, like: nn.Module) -> dict[str, torch.Tens
     return {k: v.detach().clone() for k, v in quantized.state_dict().items() if k in keys}
 
 
+def _inputs(train: Iterable[Batch]) -> Iterator[Inputs]:
+    """The inputs of each training batch (no label: BatchNorm re-estimation)."""
+    return (as_batch(b)[0] for b in train)
+
+
 def _stages(recipe: LowBitRecipe) -> list[tuple[int, int, int]]:
     """``(w_bits, a_bits, epochs)`` per stage, the target last."""
     early = [(max(b, recipe.w_bits), max(b, recipe.a_bits), recipe.stage_epochs)
@@ -183,7 +189,7 @@ def lowbit_qat(
     model: nn.Module = latent
     for i, (w_bits, a_bits, epochs) in enumerate(_stages(recipe)):
         if i:  # the latent BN statistics describe the previous stage's quantized forward
-            reestimate_bn(latent, (as_batch(b)[0] for b in train), recipe.bn_batches)
+            reestimate_bn(latent, _inputs(train), recipe.bn_batches)
         model = copy.deepcopy(latent)
         quantize_(model, recipe.stage_config(w_bits, a_bits), select=select)
         calibrate(model, calibration, progress=False)
@@ -210,7 +216,7 @@ def lowbit_qat(
     if recipe.bn_reestimate:
         result.val_before_bn = evaluate(model, val) if val is not None else None
         saved = copy.deepcopy(model.state_dict())
-        reestimate_bn(model, (as_batch(b)[0] for b in train), recipe.bn_batches)  # inputs only
+        reestimate_bn(model, _inputs(train), recipe.bn_batches)
         result.val_after_bn = evaluate(model, val) if val is not None else None
         before, after = result.val_before_bn, result.val_after_bn
         keep = before is None or after is None or after >= before

@@ -113,7 +113,6 @@ class AccuracyAware(GeneStrategy):
         # give-back state: prefixes[k] = the start with the first k movable units back
         self.prefixes: list[list[int]] = []
         self.moved: list[str] = []  # the unit moved by each prefix (step: once per choice)
-        self._blocked: list[str] = []
         self.lo = 0  # largest k measured outside max_drop
         self.hi: int | None = None  # smallest k measured within it
         self.k = 0  # the k being measured
@@ -244,27 +243,27 @@ class AccuracyAware(GeneStrategy):
         unit one choice back per pass, so a limit (size, latency) is shared among the
         sensitive units instead of spent on the first ones. ``auto``: full, unless the
         full plan meets a limit (a unit it cannot move)."""
-        full = self._prefixes(self._full_moves())
-        if self.give == "full" or (self.give == "auto" and not self._blocked):
-            self.notes["give"] = "full"
-            self.moved, self.prefixes = full
-            self.skipped = list(self._blocked)
-            return
-        self.notes["give"] = "step"
-        self.moved, self.prefixes = self._prefixes(self._step_moves())
+        moves: list[tuple[str, list[int]]] = []
+        if self.give != "step":
+            moves = self._full_moves()
+        full = self.give == "full" or (
+            self.give == "auto" and len({u for u, _ in moves}) == len(self.order)
+        )
+        if not full:
+            moves = self._step_moves()
+        self.notes["give"] = "full" if full else "step"
+        self.moved = [u for u, _ in moves]
+        self.prefixes = [list(self.start), *(g for _, g in moves)]
         back = set(self.moved)
         self.skipped = [u for u in self.order if u not in back]
 
     def _full_moves(self) -> list[tuple[str, list[int]]]:
         current, moves = list(self.start), []
-        self._blocked = []
         for unit in self.order:
             trial = self._raise(current, unit, None)
-            if trial is None:
-                self._blocked.append(unit)
-                continue
-            current = trial
-            moves.append((unit, current))
+            if trial is not None:
+                current = trial
+                moves.append((unit, current))
         return moves
 
     def _step_moves(self) -> list[tuple[str, list[int]]]:
@@ -282,9 +281,6 @@ class AccuracyAware(GeneStrategy):
                     current, moved = trial, True
                     moves.append((unit, current))
         return moves
-
-    def _prefixes(self, moves: list[tuple[str, list[int]]]) -> tuple[list[str], list[list[int]]]:
-        return [u for u, _ in moves], [list(self.start), *(g for _, g in moves)]
 
     def _step(self, feasible: bool | None) -> None:
         """Record the last give-back measurement (``k`` units back) and ask the next."""
