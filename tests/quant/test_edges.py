@@ -62,11 +62,12 @@ def _module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.nn.Module | 
 
 
 def test_conv_outputs_are_quantized_before_ops_without_integer_kernels() -> None:
-    """A conv read by PReLU gets a quantizer on its own output (ORT then fuses
+    """A conv read by PReLU or hardswish gets a quantizer on its own output (ORT then fuses
     DQ -> Conv -> Q); a conv read by a ReLU alone is quantized after the ReLU."""
+    from edgeslim.quant.integer_gates import IntegerHardswish
     from edgeslim.zoo.edge import mobilenetv3_small, prelu_cnn
 
-    for factory, act in ((prelu_cnn, torch.nn.PReLU), (mobilenetv3_small, torch.nn.Hardswish)):
+    for factory, act in ((prelu_cnn, torch.nn.PReLU), (mobilenetv3_small, IntegerHardswish)):
         model = factory().eval()
         fold_batchnorm(model)
         quantize_(model, w8a8())
@@ -92,7 +93,8 @@ def test_conv_outputs_are_quantized_before_ops_without_integer_kernels() -> None
 
 
 def test_gate_products_have_both_operands_quantized() -> None:
-    """Squeeze-excite ``x * gate``: both operands quantized, so ORT runs QLinearMul."""
+    """Squeeze-excite ``x * gate``: both operands quantized (the gate by its integer
+    hardsigmoid), so ORT runs QLinearMul."""
     from edgeslim.zoo.edge import mobilenetv3_small
 
     model = mobilenetv3_small().eval()
@@ -102,9 +104,13 @@ def test_gate_products_have_both_operands_quantized() -> None:
     quantized = _act_quant_inputs(gm)
     products = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.mul]
     assert len(products) == 9  # one per SE block
+    from edgeslim.quant.integer_gates import IntegerHardsigmoid
+
     for n in products:
         assert all(a.op == "call_module" for a in n.all_input_nodes)
-        assert all(a.all_input_nodes[0] in quantized for a in n.all_input_nodes)
+        for a in n.all_input_nodes:  # an edge quantizer, or a gate on its fixed 8-bit grid
+            gate = type(_module(gm, a)) is IntegerHardsigmoid
+            assert a.all_input_nodes[0] in quantized or gate
 
 
 def test_folded_batchnorm_does_not_quantize_a_conv_output_twice() -> None:

@@ -105,6 +105,8 @@ def export_qdq(
     proto = onnx.load(str(out))
     fold_weight_quantizers(proto)
     drop_relu_before_quantize(proto)
+    quantize_add_constants(proto)
+    fold_scale_into_dequantize(proto)
     quantize_gemm_bias(proto)
     finish_qdq(proto)
     onnx.save(proto, str(out))
@@ -259,3 +261,105 @@ def quantize_gemm_bias(model: Any) -> int:
     for n in added:
         graph.node.insert(0, n)
     return len(added)
+
+
+def _readers(graph: Any) -> dict[str, list[Any]]:
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _scalar(consts: dict[str, Any], name: str) -> float | None:
+    value = consts.get(name)
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+
+def quantize_add_constants(model: Any) -> int:
+    """Put a scalar constant added to a dequantized tensor behind its own DequantizeLinear.
+
+    ``Add(DQ(x), 3.0) -> Q`` (the integer hardsigmoid's ``x + 3``) runs in float; with the
+    constant as ``DQ(uint8 255, scale 3/255)`` ONNX Runtime fuses the three into one
+    ``QLinearAdd``. A positive ``c`` is code 255 at scale ``c/255``, a negative one code 0
+    at zero point 255: exact up to float32 rounding. Returns the count.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    consts = constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    users = _readers(graph)
+    added = []
+    for node in graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        readers = users.get(node.output[0], [])
+        if not readers or any(r.op_type != "QuantizeLinear" for r in readers):
+            continue
+        for i in (0, 1):
+            c, other = _scalar(consts, node.input[i]), producer.get(node.input[1 - i])
+            if c is None or c == 0.0 or other is None or other.op_type != "DequantizeLinear":
+                continue
+            name = f"{node.name or node.output[0]}_const"
+            code, zp = (255, 0) if c > 0 else (0, 255)
+            graph.initializer.extend([
+                numpy_helper.from_array(np.array(code, np.uint8), f"{name}_q"),
+                numpy_helper.from_array(np.array(abs(c) / 255, np.float32), f"{name}_scale"),
+                numpy_helper.from_array(np.array(zp, np.uint8), f"{name}_zp"),
+            ])  # fmt: skip
+            added.append(helper.make_node(
+                "DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zp"], [name]
+            ))  # fmt: skip
+            node.input[i] = name
+            break
+    for n in added:
+        graph.node.insert(0, n)
+    return len(added)
+
+
+def fold_scale_into_dequantize(model: Any) -> int:
+    """``DQ(q, s) * c`` (or ``/ c``) becomes ``DQ(q, s * c)`` for a positive scalar ``c``.
+
+    The integer hardsigmoid's ``/ 6``: folded, its gate is a plain quantized tensor that
+    ``QLinearMul`` (the squeeze-excite product, hardswish's ``x * gate``) reads directly.
+    Only a per-tensor DQ whose one reader is the Mul/Div is folded; it gets a scale of its
+    own (the exporter shares a scale constant between a Q and its DQ). Returns the count.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    users = _readers(graph)
+    outputs = {o.name for o in graph.output}
+    drop = set()
+    for node in graph.node:
+        if node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+            continue
+        sides = (0, 1) if node.op_type == "Mul" else (0,)
+        for i in sides:
+            dq, c = producer.get(node.input[i]), _scalar(consts, node.input[1 - i])
+            if dq is None or dq.op_type != "DequantizeLinear" or c is None or c <= 0.0:
+                continue
+            scale = _scalar(consts, dq.input[1])
+            if scale is None or len(users[dq.output[0]]) != 1 or node.output[0] in outputs:
+                continue
+            factor = c if node.op_type == "Mul" else 1.0 / c
+            name = f"{dq.output[0]}_scaled"
+            graph.initializer.append(
+                numpy_helper.from_array(np.array(scale * factor, np.float32), name)
+            )
+            dq.input[1] = name
+            for reader in users.get(node.output[0], []):
+                for j, inp in enumerate(reader.input):
+                    if inp == node.output[0]:
+                        reader.input[j] = dq.output[0]
+            drop.add(id(node))
+            break
+    keep = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(drop)

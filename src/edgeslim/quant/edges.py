@@ -11,8 +11,11 @@ average pool, and on
 the output of every quantized conv (after its ReLU when a ReLU is its only reader, which
 export then folds away), taking over the layers' own input quantizers. The simulation then
 quantizes the same tensors that ONNX Runtime's integer kernels (QLinearConv, QLinearAdd,
-QLinearMul, QLinearAveragePool) do; the ops between (PReLU, hardswish) run in float on
+QLinearMul, QLinearAveragePool) do; the ops between (PReLU, SiLU) run in float on
 dequantized values, a cheap element-wise pass, while every conv runs on integers.
+Hardswish and hardsigmoid are first replaced by their integer forms
+(:mod:`edgeslim.quant.integer_gates`): their input is quantized like an add's, and a
+hardsigmoid's output, already on a fixed 8-bit grid, gets no second quantizer.
 
 Returns a new ``fx.GraphModule`` (with the same submodule FQNs), like PT2E's ``prepare``.
 """
@@ -27,6 +30,7 @@ from torch import nn
 
 from edgeslim.graph.ops import ADDS, MOVES_VALUES, OpSet
 from edgeslim.graph.trace import trace
+from edgeslim.quant.integer_gates import INTEGER_GATES, IntegerHardswish, integer_gate
 from edgeslim.quant.modules import ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantSpec
 
@@ -67,19 +71,23 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         raise ValueError("quantize_edges needs activation quantization (a_bits) on some layer")
     gm = trace(model, leaf_types=(QuantMixin, ActQuant))
     graph = gm.graph
+    _integer_gates(gm)
     consumers: dict[fx.Node, list[fx.Node]] = {}
     takeover: dict[fx.Node, ActQuant] = {}
     convs: list[fx.Node] = []
     for node in graph.nodes:
         layer = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         is_add = node.op == "call_function" and node.target in ADDS | POOLS_FUNCS
-        is_add = is_add or isinstance(layer, POOL_MODULES) or _is_tensor_product(node)
+        is_add = is_add or isinstance(layer, POOL_MODULES + INTEGER_GATES)
+        is_add = is_add or _is_tensor_product(node)
         quant_layer = isinstance(layer, QuantMixin) and layer.input_quant is not None
         if not (is_add or quant_layer):
             continue
         if quant_layer and isinstance(layer, nn.modules.conv._ConvNd):
             convs.append(node)
         for src in node.all_input_nodes:
+            if _is_integer_hardsigmoid(gm, src):
+                continue  # already on its fixed 8-bit grid
             if "tensor_meta" in src.meta or src.op != "get_attr":
                 consumers.setdefault(src, []).append(node)
         if quant_layer:
@@ -114,6 +122,38 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _integer_gates(gm: fx.GraphModule) -> int:
+    """Replace every hardswish/hardsigmoid (module or function) by its integer form."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            gate = integer_gate(gm.get_submodule(str(node.target)))
+        elif node.op == "call_function" and len(node.all_input_nodes) == 1:
+            gate = integer_gate(node.target)
+        else:
+            gate = None
+        if gate is None:
+            continue
+        name = f"integer_gate_{count}"
+        gm.add_submodule(name, gate)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node.all_input_nodes[0],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        target = str(node.target) if node.op == "call_module" else None
+        if target and not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+            gm.delete_submodule(target)  # the float module is gone from the graph
+        count += 1
+    return count
+
+
+def _is_integer_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    m = gm.get_submodule(str(node.target))
+    return isinstance(m, INTEGER_GATES) and not isinstance(m, IntegerHardswish)
 
 
 def _is_tensor_product(node: fx.Node) -> bool:

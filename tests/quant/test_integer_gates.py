@@ -1,0 +1,115 @@
+"""Hardswish / hardsigmoid with an integer gate: exact up to the gate's 8-bit step, placed
+by the edge pass, exported so that ONNX Runtime runs no float op between integer kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from edgeslim.export.qdq import export_qdq
+from edgeslim.quant import calibrate, fold_batchnorm, quantize_, w8a8
+from edgeslim.quant.edges import quantize_edges
+from edgeslim.quant.integer_gates import IntegerHardsigmoid, IntegerHardswish
+from edgeslim.quant.modules import ActQuant
+from edgeslim.runtime.kernels import optimized_graph
+from edgeslim.runtime.ort import ort_session
+
+STEP = 1.0 / 255  # the gate's grid on [0, 1]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-12.0, 12.0, allow_nan=False, width=32), min_size=1, max_size=64))
+def test_integer_gates_are_within_half_a_gate_step(values: list[float]) -> None:
+    x = torch.tensor(values)
+    sig, swish = IntegerHardsigmoid(), IntegerHardswish()
+    gate = sig(x)
+    assert torch.all((gate - nn.functional.hardsigmoid(x)).abs() <= STEP / 2 + 1e-6)
+    assert torch.all(torch.isclose(gate * 255, (gate * 255).round(), atol=1e-3))  # on the grid
+    bound = x.abs() * (STEP / 2) + 1e-6
+    assert torch.all((swish(x) - nn.functional.hardswish(x)).abs() <= bound)
+
+
+def test_the_gate_range_survives_calibration() -> None:
+    """Calibration on inputs far outside [-3, 3] must not move the fixed [0, 6] grid."""
+    model = nn.Sequential(IntegerHardswish())
+    q = model[0].gate
+    scale = float(q.quantizer.scale)
+    calibrate(model, [(torch.linspace(-50, 50, 101),)], progress=False)
+    assert float(q.quantizer.scale) == scale == np.float32(6 / 255)
+    assert q.mode == "quant"
+
+
+class _SE(nn.Module):
+    """conv -> hardswish -> conv, a squeeze-excite gate (F.hardsigmoid), a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.act = nn.Hardswish()
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc1 = nn.Conv2d(16, 4, 1)
+        self.fc2 = nn.Conv2d(4, 16, 1)
+        self.head = nn.Linear(16, 5)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.act(self.conv1(x)))
+        gate = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
+        x = nn.functional.hardswish(x * gate)
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+def _quantized(model: nn.Module, data: torch.Tensor) -> torch.fx.GraphModule:
+    model = model.eval()
+    fold_batchnorm(model)
+    quantize_(model, w8a8())
+    gm = quantize_edges(model)
+    calibrate(gm, [(data,)], progress=False)
+    return gm.eval()
+
+
+def test_edge_pass_replaces_the_gates_and_quantizes_their_inputs_once() -> None:
+    torch.manual_seed(0)
+    gm = _quantized(_SE(), torch.randn(16, 3, 12, 12))
+    kinds = [type(gm.get_submodule(str(n.target))) for n in gm.graph.nodes if n.op == "call_module"]
+    assert kinds.count(IntegerHardswish) == 2 and kinds.count(IntegerHardsigmoid) == 1
+    assert not any(isinstance(m, (nn.Hardswish, nn.Hardsigmoid)) for m in gm.modules())
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        m = gm.get_submodule(str(n.target))
+        if isinstance(m, IntegerHardsigmoid):  # input quantized like an add's
+            assert isinstance(gm.get_submodule(str(n.args[0].target)), ActQuant)
+        if type(m) is IntegerHardsigmoid:  # its output already on a grid: no second quantizer
+            assert not any(
+                u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), ActQuant)
+                for u in n.users
+            )
+
+
+def test_exported_gates_run_as_integer_kernels(tmp_path: Path) -> None:
+    """ONNX Runtime's optimised graph has no float op left between the input's quantizer
+    and the head; its output matches the torch simulation."""
+    torch.manual_seed(0)
+    model = _SE()
+    data = torch.randn(32, 3, 12, 12)
+    gm = _quantized(model, data)
+    x = data[:4]
+    path = export_qdq(gm, (x[:1],), tmp_path / "int8.onnx")
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(optimized_graph(path, tmp_path / "o.onnx"))).graph.node]
+    assert "HardSigmoid" not in ops and "HardSwish" not in ops and "Mul" not in ops, ops
+    assert ops.count("QLinearAdd") == 3 and ops.count("QLinearMul") == 3, ops
+    assert ops.count("DequantizeLinear") == 0, ops
+    sess = ort_session(path)
+    with torch.no_grad():
+        expected = gm(x).numpy()
+    for i in range(len(x)):  # more than one input
+        got = sess.run(None, {sess.get_inputs()[0].name: x[i : i + 1].numpy()})[0]
+        assert np.abs(got - expected[i : i + 1]).max() <= 0.05 * np.abs(expected).max()
