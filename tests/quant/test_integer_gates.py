@@ -75,7 +75,10 @@ def _quantized(model: nn.Module, data: torch.Tensor) -> torch.fx.GraphModule:
 
 def test_edge_pass_replaces_the_gates_and_quantizes_their_inputs_once() -> None:
     torch.manual_seed(0)
-    gm = _quantized(_SE(), torch.randn(16, 3, 12, 12))
+    model = _SE()
+    bias = model.fc2.bias.detach().clone()
+    gm = _quantized(model, torch.randn(16, 3, 12, 12))
+    assert torch.allclose(gm.fc2.bias, bias + 3.0)
     kinds = [type(gm.get_submodule(str(n.target))) for n in gm.graph.nodes if n.op == "call_module"]
     assert kinds.count(IntegerHardswish) == 2 and kinds.count(IntegerHardsigmoid) == 1
     assert not any(isinstance(m, (nn.Hardswish, nn.Hardsigmoid)) for m in gm.modules())
@@ -83,8 +86,13 @@ def test_edge_pass_replaces_the_gates_and_quantizes_their_inputs_once() -> None:
         if n.op != "call_module":
             continue
         m = gm.get_submodule(str(n.target))
-        if isinstance(m, IntegerHardsigmoid):  # input quantized like an add's
-            assert isinstance(gm.get_submodule(str(n.args[0].target)), ActQuant)
+        if not isinstance(m, IntegerHardsigmoid):
+            continue
+        src = gm.get_submodule(str(n.args[0].target))
+        if isinstance(m, IntegerHardswish):  # input quantized like an add's
+            assert isinstance(src, ActQuant)
+        else:  # + 3 folded into the bias of fc2 alone
+            assert src is gm.fc2 and m.shift == 0.0
         if type(m) is IntegerHardsigmoid:  # its output already on a grid: no second quantizer
             assert not any(
                 u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), ActQuant)
@@ -105,7 +113,7 @@ def test_exported_gates_run_as_integer_kernels(tmp_path: Path) -> None:
 
     ops = [n.op_type for n in onnx.load(str(optimized_graph(path, tmp_path / "o.onnx"))).graph.node]
     assert "HardSigmoid" not in ops and "HardSwish" not in ops and "Mul" not in ops, ops
-    assert ops.count("QLinearAdd") == 3 and ops.count("QLinearMul") == 3, ops
+    assert ops.count("QLinearAdd") == 2 and ops.count("QLinearMul") == 3, ops  # SE gate folded
     assert ops.count("DequantizeLinear") == 0, ops
     sess = ort_session(path)
     with torch.no_grad():

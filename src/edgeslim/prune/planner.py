@@ -101,6 +101,7 @@ class _Axis:
 class _Row:
     macs: int
     axes: tuple[_Axis, ...]
+    fqn: str = ""
 
 
 class MacModel:
@@ -139,7 +140,7 @@ class MacModel:
                 self.rows.extend(_recurrent_rows(module, info.macs, axes.get((fqn, "in"), []),
                                                  axes.get((fqn, "out"), [])))  # fmt: skip
             elif row_axes and info.macs:
-                self.rows.append(_Row(info.macs, tuple(row_axes)))
+                self.rows.append(_Row(info.macs, tuple(row_axes), fqn))
             else:
                 self.fixed += info.macs
         self.base = self.fixed + sum(r.macs for r in self.rows)

@@ -30,7 +30,13 @@ from torch import nn
 
 from edgeslim.graph.ops import ADDS, MOVES_VALUES, OpSet
 from edgeslim.graph.trace import trace
-from edgeslim.quant.integer_gates import INTEGER_GATES, IntegerHardswish, integer_gate
+from edgeslim.quant.integer_gates import (
+    INTEGER_GATES,
+    IntegerHardsigmoid,
+    IntegerHardswish,
+    fold_shift,
+    integer_gate,
+)
 from edgeslim.quant.modules import ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantSpec
 
@@ -72,13 +78,17 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     gm = trace(model, leaf_types=(QuantMixin, ActQuant))
     graph = gm.graph
     _integer_gates(gm)
+    gated = _fold_gate_shifts(gm)  # layers whose output quantizer is a hardsigmoid's gate
     consumers: dict[fx.Node, list[fx.Node]] = {}
     takeover: dict[fx.Node, ActQuant] = {}
     convs: list[fx.Node] = []
     for node in graph.nodes:
         layer = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         is_add = node.op == "call_function" and node.target in ADDS | POOLS_FUNCS
-        is_add = is_add or isinstance(layer, POOL_MODULES + INTEGER_GATES)
+        is_add = is_add or isinstance(layer, POOL_MODULES)
+        is_add = is_add or (
+            isinstance(layer, INTEGER_GATES) and node.all_input_nodes[0] not in gated
+        )
         is_add = is_add or _is_tensor_product(node)
         quant_layer = isinstance(layer, QuantMixin) and layer.input_quant is not None
         if not (is_add or quant_layer):
@@ -108,7 +118,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     covered = {src for src, _, _ in edges}
     for j, conv in enumerate(convs):
         out = _conv_output(gm, conv)
-        if out in covered or not out.users:
+        if out in covered or not out.users or out in gated:
             continue
         name = f"output_quant_{j}"
         gm.add_submodule(name, ActQuant(spec))
@@ -147,6 +157,25 @@ def _integer_gates(gm: fx.GraphModule) -> int:
             gm.delete_submodule(target)  # the float module is gone from the graph
         count += 1
     return count
+
+
+def _fold_gate_shifts(gm: fx.GraphModule) -> set[fx.Node]:
+    """Fold each hardsigmoid's ``+ 3`` into the quantized layer that feeds it alone (see
+    :func:`~edgeslim.quant.integer_gates.fold_shift`); returns those layers' nodes."""
+    folded: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if not _is_integer_hardsigmoid(gm, node):
+            continue
+        src = node.all_input_nodes[0]
+        if src.op != "call_module" or len(src.users) != 1:
+            continue
+        layer = gm.get_submodule(str(src.target))
+        gate = gm.get_submodule(str(node.target))
+        if not (isinstance(layer, QuantMixin) and isinstance(gate, IntegerHardsigmoid)):
+            continue
+        if fold_shift(gate, layer):
+            folded.add(src)
+    return folded
 
 
 def _is_integer_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
