@@ -1,7 +1,8 @@
 """Pruning rows of the ``imagenet`` suite: ``mobilenetv2-imagenet`` at -30% and -50% MACs.
 
 Methods: the ``l1`` criterion (producers' filters) and ``l1_group`` (producer rows and
-consumer columns, Torch-Pruning's group magnitude), both ranked globally, learned gates,
+consumer columns, Torch-Pruning's group magnitude), both ranked globally, ``l1_group``
+tilted towards MACs that are slow on this machine (``+latency``), learned gates,
 and the peer
 ``torch-pruning:magnitude`` at the same MACs; every one fine-tuned by distillation from the
 fp32 model on the same unlabelled crops with the same budget (``EPOCHS`` epochs over the
@@ -37,7 +38,11 @@ TARGETS = (0.3, 0.5)
 ROUND_TO = 16
 EPOCHS, EPOCHS_QUICK = 6, 1
 LR = 0.005
-CRITERIA = {"edgeslim:l1": "l1", "edgeslim:l1_group": "l1_group"}  # planner criteria
+CRITERIA = {"edgeslim:l1": "l1", "edgeslim:l1_group": "l1_group",
+            "edgeslim:l1_group+latency": "l1_group"}  # planner criteria  # fmt: skip
+# the latency-aware row: l1_group ranking tilted by fp32 kernel time per MAC (weight 1; see
+# edgeslim.prune.latency_rank), the machine's latency table timed once and cached
+LATENCY_WEIGHT = {"edgeslim:l1_group+latency": 1.0}
 QUANTIZED = "edgeslim:l1_group"  # the -30% model also quantized to W8A8
 
 
@@ -53,7 +58,8 @@ def _prune(model: nn.Module, method: str, target: float, b: Bench, train: Any) -
         from edgeslim.prune.planner import apply_keep, plan_keep
 
         criterion = CRITERIA[method]
-        keep, _ = plan_keep(m, b.x1, criterion, macs_reduction=target, round_to=ROUND_TO)
+        keep, _ = plan_keep(m, b.x1, criterion, macs_reduction=target, round_to=ROUND_TO,
+                            latency_weight=LATENCY_WEIGHT.get(method, 0.0))  # fmt: skip
         apply_keep(m, keep, criterion)
         return m
     if method == "edgeslim:gates":
@@ -101,7 +107,8 @@ def prune_rows(b: Bench) -> list[Record]:
                 b.record(
                     method, "onnxruntime", metrics,
                     config={"macs_reduction": target, "finetune_epochs": _config(b.quick).epochs,
-                            "criterion": method.split(":")[1]},
+                            "criterion": method.split(":")[1],
+                            "latency_weight": LATENCY_WEIGHT.get(method, 0.0)},
                     params=sum(p.numel() for p in pruned.parameters()), macs=macs,
                     size_bytes=size_bytes(pruned), latency_ms=round(ms, 4),
                     baseline_latency_ms=round(base_ms, 4), seconds=round(seconds, 2),

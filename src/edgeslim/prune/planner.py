@@ -29,6 +29,11 @@ the model (an op the model does not cover), the search runs again on a corrected
 Global ranking lands in ``[target, target + 1 point]``: a step that would overshoot that
 window is skipped (and its group frozen) while cheaper steps of other groups fill the gap.
 
+Latency-aware ranking (``latency_weight > 0``): each group's scores are divided by its
+fp32 kernel time per MAC relative to the model's, to the power ``latency_weight``, so the
+same MACs target removes more of the MACs that are slow on this machine (see
+:mod:`edgeslim.prune.latency_rank`, with the figures measured).
+
 Decision — normalisation: scores are divided by their group's mean before global
 ranking (Torch-Pruning's ``normalizer="mean"``), so a residual group whose score sums
 three producers is not ranked three times more important than a plain one, and Taylor's
@@ -50,7 +55,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -64,6 +69,9 @@ from edgeslim.graph.model_graph import ModelGraph, analyze
 from edgeslim.prune.importance import Importance, get_importance
 from edgeslim.prune.plan import PrunePlan
 from edgeslim.prune.surgery import group_key, prune_groups, round_keep
+
+if TYPE_CHECKING:
+    from edgeslim.cost.lut import LatencyTable
 
 NATURAL_REASONS = ("model input", "model output")
 TOLERANCE = 0.01  # a MACs target is met when the reduction lands in [target, target + 1 point]
@@ -431,11 +439,16 @@ def plan_keep(
     round_to: int = 1,
     skip: Iterable[str] = (),
     max_group_ratio: float = 0.9,
+    latency_weight: float = 0.0,
+    latency_table: LatencyTable | None = None,
 ) -> tuple[dict[CouplingGroup, list[int]], PlanStats]:
     """The planner's core: ``({group: kept indices}, stats)`` for :func:`plan_pruning`.
 
     Only groups that lose channels appear in the map. ``stats`` are measured on a pruned
-    copy of ``model``; ``model`` itself is not changed.
+    copy of ``model``; ``model`` itself is not changed. ``latency_weight > 0`` tilts the
+    global ranking towards groups whose MACs are slow on this machine (see
+    :mod:`edgeslim.prune.latency_rank`; ``latency_table`` defaults to the machine's cached
+    table, timed on first use).
     """
     if (macs_reduction is None) == (ratio is None):
         raise PruneError("give exactly one of macs_reduction (a MACs target) or ratio")
@@ -445,6 +458,8 @@ def plan_keep(
         raise PruneError(f"max_group_ratio must be in (0, 1); got {max_group_ratio}")
     if macs_reduction is not None:
         _check_target(macs_reduction)
+    if not latency_weight >= 0.0:
+        raise PruneError(f"latency_weight must be >= 0; got {latency_weight}")
     criterion = _resolve(importance)
     graph = analyze(model, *example_args)
     _warn_fixed(graph.groups)
@@ -454,6 +469,8 @@ def plan_keep(
     macs = MacModel(model, graph, cands)
     raw = criterion.scores(model, graph.groups)
     scores = [_normalised(raw[g.id]) for g in cands]
+    if latency_weight > 0:
+        scores = _latency_tilted(model, example_args, macs, scores, latency_weight, latency_table)
 
     def choose(target: float) -> list[int]:
         if global_ranking:
@@ -481,6 +498,24 @@ def plan_keep(
             keep = _keep_map(cands, scores, widths)
             stats = measure_plan(model, example_args, keep, macs.base)
     return keep, stats
+
+
+def _latency_tilted(
+    model: nn.Module,
+    example_args: Sequence[Any],
+    macs: MacModel,
+    scores: list[torch.Tensor],
+    weight: float,
+    table: LatencyTable | None,
+) -> list[torch.Tensor]:
+    from edgeslim.cost.lut import LatencyTable
+    from edgeslim.prune.latency_rank import group_latency_factors, layer_ms_per_mac, tilt_scores
+
+    lut = table if table is not None else LatencyTable()
+    per_mac = layer_ms_per_mac(model, layer_table(model, *example_args), lut)
+    if lut.measured:
+        lut.save()
+    return tilt_scores(scores, group_latency_factors(macs, per_mac, len(scores)), weight)
 
 
 def _keep_map(
@@ -534,17 +569,18 @@ def plan_pruning(
     round_to: int = 1,
     skip: Iterable[str] = (),
     max_group_ratio: float = 0.9,
+    latency_weight: float = 0.0,
 ) -> PrunePlan:
     """A :class:`PrunePlan` for ``model`` (unchanged); see the module docstring for the modes.
 
     ``importance`` is a criterion or a registered name that needs no arguments (``l1``,
     ``fpgm``, ...; Taylor needs batches, so pass ``get_importance("taylor", batches=...)``).
     ``skip`` names layers (FQNs or globs) whose shapes must not change: every group with
-    such a member is left whole.
+    such a member is left whole. ``latency_weight``: see :func:`plan_keep`.
     """
     keep, _ = plan_keep(
         model, example_args, importance, macs_reduction, ratio, global_ranking, round_to,
-        skip, max_group_ratio,
+        skip, max_group_ratio, latency_weight,
     )  # fmt: skip
     return PrunePlan.from_groups(model, keep, example_args)
 
@@ -559,6 +595,7 @@ def prune_(
     round_to: int = 1,
     skip: Iterable[str] = (),
     max_group_ratio: float = 0.9,
+    latency_weight: float = 0.0,
 ) -> tuple[nn.Module, PrunePlan]:
     """Plan and apply in place: ``(model, plan)``; save both with ``save_pruned``.
 
@@ -567,7 +604,7 @@ def prune_(
     weights do."""
     keep, _ = plan_keep(
         model, example_args, importance, macs_reduction, ratio, global_ranking, round_to,
-        skip, max_group_ratio,
+        skip, max_group_ratio, latency_weight,
     )  # fmt: skip
     plan = PrunePlan.from_groups(model, keep, example_args)
     apply_keep(model, keep, importance)

@@ -68,6 +68,7 @@ class PruneStage(Stage):
     global_ranking: bool = True
     round_to: int = Field(1, ge=1, le=256)
     max_group_ratio: float = Field(0.9, gt=0.0, lt=1.0)
+    latency_weight: float = Field(0.0, ge=0.0, le=4.0)
     skip: tuple[str, ...] = ()
     gate_epochs: int = Field(1, ge=1, le=200)
     finetune_epochs: int = Field(1, ge=0, le=200)
@@ -107,6 +108,12 @@ class PruneStage(Stage):
             raise ValueError("give exactly one of macs_reduction (0 < x < 1) or ratio")
         if self.method == "gates" and self.macs_reduction is None:
             raise ValueError("method gates needs macs_reduction (gates learn the widths)")
+        ranked = self.method == "rank" and self.global_ranking and self.macs_reduction is not None
+        if self.latency_weight and not ranked:
+            raise ValueError(
+                "latency_weight tilts the global ranking under a MACs target: it needs method "
+                "rank, global_ranking true and macs_reduction"
+            )
         return self
 
 
@@ -217,13 +224,15 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
         criterion = build_importance(stage.criterion, train, stage.seed)
         keep, _stats = plan_keep(
             model, example, criterion, stage.macs_reduction, stage.ratio, stage.global_ranking,
-            stage.round_to, stage.skip, stage.max_group_ratio,
+            stage.round_to, stage.skip, stage.max_group_ratio, stage.latency_weight,
         )  # fmt: skip
         plan = PrunePlan.from_groups(model, keep, example, name=ctx.model_name)
         apply_keep(model, keep, criterion)
         plan_path = plan.save(_plan_path(Path(ctx.out)))
         budget = "" if stage.ratio is None else f"ratio {stage.ratio}; "
         mode = "global ranking" if stage.global_ranking else "uniform"
+        if stage.latency_weight:
+            mode += f" tilted by fp32 latency per MAC (weight {stage.latency_weight})"
         ctx.notes.append(
             f"prune: {stage.criterion}, {mode}, round_to {stage.round_to}; {budget}"
             f"{len(keep)} group(s) narrowed; plan {plan_path.name}"
