@@ -14,7 +14,7 @@ from edgeslim.errors import PruneError
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.model_graph import analyze
 from edgeslim.prune.latency_rank import group_latency_factors, layer_ms_per_mac
-from edgeslim.prune.planner import MacModel, _candidates, apply_keep, plan_keep
+from edgeslim.prune.planner import MacModel, apply_keep, candidate_groups, plan_keep
 
 
 class _Net(nn.Module):
@@ -53,7 +53,7 @@ def test_factors_are_relative_to_the_model_mean(table: LatencyTable) -> None:
     torch.manual_seed(0)
     model, x = _Net().eval(), torch.randn(1, 3, 32, 32)
     graph = analyze(model, x)
-    cands, _ = _candidates(graph, [])
+    cands, _ = candidate_groups(graph, [])
     macs = MacModel(model, graph, cands)
     per_mac = layer_ms_per_mac(model, layer_table(model, x), table)
     assert set(per_mac) >= {"stem", "dw", "pw", "down", "dense"}

@@ -221,7 +221,7 @@ def _warn_fixed(groups: Sequence[CouplingGroup]) -> list[str]:
     return lines
 
 
-def _candidates(
+def candidate_groups(
     graph: ModelGraph, skip: Sequence[str]
 ) -> tuple[list[CouplingGroup], list[CouplingGroup]]:
     """``(prunable groups the planner may shrink, groups skipped by request)``."""
@@ -247,7 +247,8 @@ def _candidates(
     return cands, skipped
 
 
-def _normalised(scores: torch.Tensor) -> torch.Tensor:
+def normalised_scores(scores: torch.Tensor) -> torch.Tensor:
+    """One group's scores over their mean (see the module doc's normalisation decision)."""
     s = scores.double()
     mean = float(s.abs().mean())
     return s / mean if mean > 0 else torch.ones_like(s)
@@ -363,7 +364,7 @@ def _uniform_widths(
     return widths(hi)
 
 
-def _ratio_widths(
+def ratio_widths(
     cands: Sequence[CouplingGroup],
     ratio: float | Mapping[str, float],
     max_group_ratio: float,
@@ -463,12 +464,12 @@ def plan_keep(
     criterion = _resolve(importance)
     graph = analyze(model, *example_args)
     _warn_fixed(graph.groups)
-    cands, _ = _candidates(graph, list(skip))
+    cands, _ = candidate_groups(graph, list(skip))
     if not cands:
         raise PruneError("no prunable channel group is left to prune in this model")
     macs = MacModel(model, graph, cands)
     raw = criterion.scores(model, graph.groups)
-    scores = [_normalised(raw[g.id]) for g in cands]
+    scores = [normalised_scores(raw[g.id]) for g in cands]
     if latency_weight > 0:
         scores = _latency_tilted(model, example_args, macs, scores, latency_weight, latency_table)
 
@@ -478,11 +479,11 @@ def plan_keep(
         return _uniform_widths(macs, cands, target, max_group_ratio, round_to)
 
     if ratio is not None:
-        widths = _ratio_widths(cands, ratio, max_group_ratio, round_to)
+        widths = ratio_widths(cands, ratio, max_group_ratio, round_to)
     else:
         assert macs_reduction is not None
         widths = choose(macs_reduction)
-    keep = _keep_map(cands, scores, widths)
+    keep = keep_map(cands, scores, widths)
     stats = measure_plan(model, example_args, keep, macs.base)
     if macs_reduction is not None:
         # The layer table is the truth: if it disagrees with the MAC model (an op the model
@@ -495,7 +496,7 @@ def plan_keep(
                 break
             target = min(max(target + gap, 1e-4), 0.999)
             widths = choose(target)
-            keep = _keep_map(cands, scores, widths)
+            keep = keep_map(cands, scores, widths)
             stats = measure_plan(model, example_args, keep, macs.base)
     return keep, stats
 
@@ -518,9 +519,11 @@ def _latency_tilted(
     return tilt_scores(scores, group_latency_factors(macs, per_mac, len(scores)), weight)
 
 
-def _keep_map(
+def keep_map(
     cands: Sequence[CouplingGroup], scores: Sequence[torch.Tensor], widths: Sequence[int]
 ) -> dict[CouplingGroup, list[int]]:
+    """``{group: kept indices}``: each group keeps its ``width`` highest-scored units (groups
+    kept whole are left out)."""
     keep: dict[CouplingGroup, list[int]] = {}
     for g, s, w in zip(cands, scores, widths, strict=True):
         if w < g.size:

@@ -50,12 +50,12 @@ from edgeslim.graph.layers import LayerInfo
 from edgeslim.graph.model_graph import analyze
 from edgeslim.prune.importance import Importance
 from edgeslim.prune.planner import (
-    _candidates,
-    _keep_map,
-    _normalised,
-    _ratio_widths,
     apply_keep,
     build_importance,
+    candidate_groups,
+    keep_map,
+    normalised_scores,
+    ratio_widths,
 )
 from edgeslim.prune.surgery import group_key
 from edgeslim.quant.config import QuantConfig, w8a8
@@ -308,7 +308,7 @@ class SearchSpace:
             for n in names
             if n not in excluded
         ]
-        cands, _ = _candidates(graph, list(skip))
+        cands, _ = candidate_groups(graph, list(skip))
         groups: list[GroupChoices] = []
         scores: list[torch.Tensor] = []
         importance: Importance | None = None
@@ -316,9 +316,9 @@ class SearchSpace:
             data = task.train if criterion in ("taylor", "fluctuation") else None
             importance = build_importance(criterion, data, seed)
             raw = importance.scores(model, graph.groups)
-            scores = [_normalised(raw[g.id]) for g in cands]
+            scores = [normalised_scores(raw[g.id]) for g in cands]
             max_ratio = max(1.0 - k_choices[0], 0.0)
-            per_keep = [_ratio_widths(cands, 1.0 - k, max_ratio, round_to) for k in k_choices]
+            per_keep = [ratio_widths(cands, 1.0 - k, max_ratio, round_to) for k in k_choices]
             for i, g in enumerate(cands):
                 widths = tuple(w[i] for w in per_keep)
                 groups.append(GroupChoices(group_key(g), g.size, k_choices, widths))
@@ -461,8 +461,8 @@ class SearchSpace:
             return hit
         if any(w < g.size for w, g in zip(widths, self.groups, strict=True)):
             assert self._importance is not None  # groups are only searched with a criterion
-            keep_map = _keep_map(self._cands, self._scores, widths)
-            model = apply_keep(copy.deepcopy(self.model), keep_map, self._importance).eval()
+            kept = keep_map(self._cands, self._scores, widths)
+            model = apply_keep(copy.deepcopy(self.model), kept, self._importance).eval()
             if self.bn_recalibration and self.task.calibration is not None:
                 from edgeslim.train.batchnorm import reestimate_bn
 
