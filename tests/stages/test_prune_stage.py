@@ -125,3 +125,17 @@ def test_a_missed_macs_target_fails_naming_requested_and_achieved(tmp_path: Path
     assert config["macs_target"] == 0.2 and config["allow_target_miss"] is True
     report = (out / "report.md").read_text()
     assert "## Warnings" in report and "prune target missed" in report
+
+
+def test_prune_stage_with_latency_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``latency_weight`` reaches the planner: the target holds, the note says how the
+    ranking was tilted, and the machine's latency table is cached where the user said."""
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "cache"))
+    model = load_zoo_model("resnet20")
+    base = total_macs(layer_table(model, X))
+    stage = _parse(macs_reduction=0.3, round_to=8, latency_weight=1.0, finetune_epochs=0)
+    ctx = StageContext(out=tmp_path, model_name="resnet20", task=fashion_mnist_task(test_limit=100))
+    pruned = run_prune(model, stage, ctx)
+    assert 0.3 <= 1 - total_macs(layer_table(pruned, X)) / base <= 0.32
+    assert any("tilted by fp32 latency per MAC (weight 1.0)" in n for n in ctx.notes)
+    assert list((tmp_path / "cache").glob("latency-*.json"))
