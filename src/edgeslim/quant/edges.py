@@ -18,6 +18,9 @@ Hardswish and hardsigmoid are first replaced by their integer forms
 hardsigmoid's output, already on a fixed 8-bit grid, gets no second quantizer.
 
 Returns a new ``fx.GraphModule`` (with the same submodule FQNs), like PT2E's ``prepare``.
+It shares the model's layers and changes them (their input quantizers move onto edges, a
+hardsigmoid's ``+ 3`` goes into its conv's bias): pass a copy to keep the original, as
+:func:`~edgeslim.quant.ptq.ptq` does.
 """
 
 from __future__ import annotations
