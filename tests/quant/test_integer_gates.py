@@ -121,3 +121,32 @@ def test_exported_gates_run_as_integer_kernels(tmp_path: Path) -> None:
     for i in range(len(x)):  # more than one input
         got = sess.run(None, {sess.get_inputs()[0].name: x[i : i + 1].numpy()})[0]
         assert np.abs(got - expected[i : i + 1]).max() <= 0.05 * np.abs(expected).max()
+
+
+def test_compress_a_user_hardswish_model_to_integer_onnx(tmp_path: Path) -> None:
+    """The public path on a model the project did not make: ``edgeslim.compress`` with a
+    W8A8 recipe exports a file whose every MAC and gate runs on integers in ONNX Runtime;
+    the hardsigmoid's shift is folded through the folded BatchNorm into the conv."""
+    import json
+
+    import edgeslim
+    from edgeslim.task import digits_task
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Hardswish(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Hardsigmoid(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    recipe = {"name": "w8a8", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8}]}
+    out = tmp_path / "run"
+    edgeslim.compress(model, recipe, digits_task(), out=out, quick=True)
+    import onnx
+
+    optimized = onnx.load(str(optimized_graph(out / "model.onnx", tmp_path / "o.onnx")))
+    ops = [n.op_type for n in optimized.graph.node]
+    assert not {"HardSwish", "HardSigmoid", "Mul", "Conv"} & set(ops), ops
+    assert ops.count("QLinearAdd") == 1, ops  # hardsigmoid's + 3 went into the conv's bias
+    records = json.loads((out / "results.json").read_text())
+    ort_record = next(r for r in records if r["runtime"] == "onnxruntime")
+    assert ort_record["extra"]["int8_mac_share"] >= 0.95

@@ -164,15 +164,18 @@ def _integer_gates(gm: fx.GraphModule) -> int:
 
 def _fold_gate_shifts(gm: fx.GraphModule) -> set[fx.Node]:
     """Fold each hardsigmoid's ``+ 3`` into the quantized layer that feeds it alone (see
-    :func:`~edgeslim.quant.integer_gates.fold_shift`); returns those layers' nodes."""
+    :func:`~edgeslim.quant.integer_gates.fold_shift`), looking through a folded BatchNorm
+    (``nn.Identity``) or a Dropout; returns the gates' input nodes."""
     folded: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if not _is_integer_hardsigmoid(gm, node):
             continue
-        src = node.all_input_nodes[0]
-        if src.op != "call_module" or len(src.users) != 1:
+        src = producer = node.all_input_nodes[0]
+        while PASSES.matches(gm, producer) and len(producer.users) == 1:
+            producer = producer.all_input_nodes[0]
+        if producer.op != "call_module" or len(producer.users) != 1:
             continue
-        layer = gm.get_submodule(str(src.target))
+        layer = gm.get_submodule(str(producer.target))
         gate = gm.get_submodule(str(node.target))
         if not (isinstance(layer, QuantMixin) and isinstance(gate, IntegerHardsigmoid)):
             continue
