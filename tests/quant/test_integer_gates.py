@@ -14,7 +14,7 @@ from torch import nn
 from edgeslim.export.qdq import export_qdq
 from edgeslim.quant import calibrate, fold_batchnorm, quantize_, w8a8
 from edgeslim.quant.edges import quantize_edges
-from edgeslim.quant.integer_gates import IntegerHardsigmoid, IntegerHardswish
+from edgeslim.quant.integer_gates import IntegerGate, IntegerHardsigmoid, IntegerHardswish
 from edgeslim.quant.modules import ActQuant
 from edgeslim.runtime.kernels import optimized_graph
 from edgeslim.runtime.ort import ort_session
@@ -86,7 +86,7 @@ def test_edge_pass_replaces_the_gates_and_quantizes_their_inputs_once() -> None:
         if n.op != "call_module":
             continue
         m = gm.get_submodule(str(n.target))
-        if not isinstance(m, IntegerHardsigmoid):
+        if not isinstance(m, IntegerGate):
             continue
         src = gm.get_submodule(str(n.args[0].target))
         if isinstance(m, IntegerHardswish):  # input quantized like an add's
@@ -150,3 +150,22 @@ def test_compress_a_user_hardswish_model_to_integer_onnx(tmp_path: Path) -> None
     records = json.loads((out / "results.json").read_text())
     ort_record = next(r for r in records if r["runtime"] == "onnxruntime")
     assert ort_record["extra"]["int8_mac_share"] >= 0.95
+
+
+def test_int8_activations_keep_float_gates_and_every_integer_conv(tmp_path: Path) -> None:
+    """With symmetric (int8) activations the uint8 gate would mix types in ONNX Runtime's
+    integer kernels (a conv writing the gate lost its QLinearConv): the gates stay float."""
+    import onnx
+
+    from edgeslim.quant import QuantConfig, QuantSpec
+
+    torch.manual_seed(0)
+    model, data = _SE().eval(), torch.randn(32, 3, 12, 12)
+    act = QuantSpec(bits=8, granularity="tensor", symmetric=True)
+    quantize_(model, QuantConfig(QuantSpec(bits=8), act))
+    gm = quantize_edges(model)
+    assert not any(isinstance(m, IntegerGate) for m in gm.modules())
+    calibrate(gm, [(data,)], progress=False)
+    path = export_qdq(gm.eval(), (data[:1],), tmp_path / "int8.onnx")
+    ops = [n.op_type for n in onnx.load(str(optimized_graph(path, tmp_path / "o.onnx"))).graph.node]
+    assert ops.count("QLinearConv") == 2, ops

@@ -38,8 +38,11 @@ TARGETS = (0.3, 0.5)
 ROUND_TO = 16
 EPOCHS, EPOCHS_QUICK = 6, 1
 LR = 0.005
-CRITERIA = {"edgeslim:l1": "l1", "edgeslim:l1_group": "l1_group",
-            "edgeslim:l1_group+latency": "l1_group"}  # planner criteria  # fmt: skip
+CRITERIA = {  # planner criteria
+    "edgeslim:l1": "l1",
+    "edgeslim:l1_group": "l1_group",
+    "edgeslim:l1_group+latency": "l1_group",
+}
 # the latency-aware row: l1_group ranking tilted by fp32 kernel time per MAC (weight 1; see
 # edgeslim.prune.latency_rank), the machine's latency table timed once and cached
 LATENCY_WEIGHT = {"edgeslim:l1_group+latency": 1.0}

@@ -168,10 +168,7 @@ def drop_relu_before_quantize(model: Any) -> int:
 
     graph = model.graph
     consts = constants(graph)
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    users = _readers(graph)
     outputs = {o.name for o in graph.output}
 
     def clamps_at_zero(q: onnx.NodeProto) -> bool:
@@ -228,7 +225,7 @@ def quantize_gemm_bias(model: Any) -> int:
 
     graph = model.graph
     consts = constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = _producers(graph)
     added = []
     for node in graph.node:
         if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in consts:
@@ -263,7 +260,13 @@ def quantize_gemm_bias(model: Any) -> int:
     return len(added)
 
 
+def _producers(graph: Any) -> dict[str, Any]:
+    """The node that writes each tensor, by tensor name."""
+    return {o: n for n in graph.node for o in n.output}
+
+
 def _readers(graph: Any) -> dict[str, list[Any]]:
+    """The nodes that read each tensor, by tensor name."""
     users: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
@@ -289,7 +292,7 @@ def quantize_add_constants(model: Any) -> int:
 
     graph = model.graph
     consts = constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = _producers(graph)
     users = _readers(graph)
     added = []
     for node in graph.node:
@@ -332,7 +335,7 @@ def fold_scale_into_dequantize(model: Any) -> int:
 
     graph = model.graph
     consts = constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = _producers(graph)
     users = _readers(graph)
     outputs = {o.name for o in graph.output}
     drop = set()

@@ -461,6 +461,12 @@ def plan_keep(
         _check_target(macs_reduction)
     if not latency_weight >= 0.0:
         raise PruneError(f"latency_weight must be >= 0; got {latency_weight}")
+    if latency_weight and not (global_ranking and macs_reduction is not None):
+        raise PruneError(
+            "latency_weight tilts the global ranking under a MACs target: it needs "
+            "macs_reduction and global_ranking=True (a ratio or a uniform plan has no ranking "
+            "to tilt)"
+        )
     criterion = _resolve(importance)
     graph = analyze(model, *example_args)
     _warn_fixed(graph.groups)
@@ -471,7 +477,7 @@ def plan_keep(
     raw = criterion.scores(model, graph.groups)
     scores = [normalised_scores(raw[g.id]) for g in cands]
     if latency_weight > 0:
-        scores = _latency_tilted(model, example_args, macs, scores, latency_weight, latency_table)
+        scores = _latency_tilted(model, graph, macs, scores, latency_weight, latency_table)
 
     def choose(target: float) -> list[int]:
         if global_ranking:
@@ -503,7 +509,7 @@ def plan_keep(
 
 def _latency_tilted(
     model: nn.Module,
-    example_args: Sequence[Any],
+    graph: ModelGraph,
     macs: MacModel,
     scores: list[torch.Tensor],
     weight: float,
@@ -513,7 +519,7 @@ def _latency_tilted(
     from edgeslim.prune.latency_rank import group_latency_factors, layer_ms_per_mac, tilt_scores
 
     lut = table if table is not None else LatencyTable()
-    per_mac = layer_ms_per_mac(model, layer_table(model, *example_args), lut)
+    per_mac = layer_ms_per_mac(model, graph.layers, lut)  # the layer table of the analysis
     if lut.measured:
         lut.save()
     return tilt_scores(scores, group_latency_factors(macs, per_mac, len(scores)), weight)

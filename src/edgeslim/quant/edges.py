@@ -14,8 +14,9 @@ quantizes the same tensors that ONNX Runtime's integer kernels (QLinearConv, QLi
 QLinearMul, QLinearAveragePool) do; the ops between (PReLU, SiLU) run in float on
 dequantized values, a cheap element-wise pass, while every conv runs on integers.
 Hardswish and hardsigmoid are first replaced by their integer forms
-(:mod:`edgeslim.quant.integer_gates`): their input is quantized like an add's, and a
-hardsigmoid's output, already on a fixed 8-bit grid, gets no second quantizer.
+(:mod:`edgeslim.quant.integer_gates`; uint8 activations only): their input is quantized
+like an add's, and a hardsigmoid's output, already on a fixed 8-bit grid, gets no second
+quantizer.
 
 Returns a new ``fx.GraphModule`` (with the same submodule FQNs), like PT2E's ``prepare``.
 It shares the model's layers and changes them (their input quantizers move onto edges, a
@@ -33,13 +34,7 @@ from torch import nn
 
 from edgeslim.graph.ops import ADDS, MOVES_VALUES, OpSet
 from edgeslim.graph.trace import trace
-from edgeslim.quant.integer_gates import (
-    INTEGER_GATES,
-    IntegerHardsigmoid,
-    IntegerHardswish,
-    fold_shift,
-    integer_gate,
-)
+from edgeslim.quant.integer_gates import IntegerGate, IntegerHardsigmoid, fold_shift, integer_gate
 from edgeslim.quant.modules import ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantSpec
 
@@ -80,19 +75,24 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         raise ValueError("quantize_edges needs activation quantization (a_bits) on some layer")
     gm = trace(model, leaf_types=(QuantMixin, ActQuant))
     graph = gm.graph
-    _integer_gates(gm)
-    gated = _fold_gate_shifts(gm)  # layers whose output quantizer is a hardsigmoid's gate
+    gated: set[fx.Node] = set()  # layers whose output quantizer is a hardsigmoid's gate
+    if not spec.symmetric:
+        # the gate's grid is uint8; ONNX Runtime's QLinearAdd/Mul/Conv take one type for
+        # their operands, so with int8 activations the gates stay float (measured: a conv
+        # whose output was the uint8 gate lost its integer kernel)
+        _integer_gates(gm)
+        gated = _fold_gate_shifts(gm)
     consumers: dict[fx.Node, list[fx.Node]] = {}
     takeover: dict[fx.Node, ActQuant] = {}
     convs: list[fx.Node] = []
     for node in graph.nodes:
         layer = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        is_add = node.op == "call_function" and node.target in ADDS | POOLS_FUNCS
-        is_add = is_add or isinstance(layer, POOL_MODULES)
-        is_add = is_add or (
-            isinstance(layer, INTEGER_GATES) and node.all_input_nodes[0] not in gated
+        is_add = (
+            (node.op == "call_function" and node.target in ADDS | POOLS_FUNCS)
+            or isinstance(layer, POOL_MODULES)
+            or (isinstance(layer, IntegerGate) and node.all_input_nodes[0] not in gated)
+            or _is_tensor_product(node)
         )
-        is_add = is_add or _is_tensor_product(node)
         quant_layer = isinstance(layer, QuantMixin) and layer.input_quant is not None
         if not (is_add or quant_layer):
             continue
@@ -177,9 +177,8 @@ def _fold_gate_shifts(gm: fx.GraphModule) -> set[fx.Node]:
             continue
         layer = gm.get_submodule(str(producer.target))
         gate = gm.get_submodule(str(node.target))
-        if not (isinstance(layer, QuantMixin) and isinstance(gate, IntegerHardsigmoid)):
-            continue
-        if fold_shift(gate, layer):
+        assert isinstance(gate, IntegerHardsigmoid)
+        if isinstance(layer, QuantMixin) and fold_shift(gate, layer):
             folded.add(src)
     return folded
 
@@ -187,8 +186,7 @@ def _fold_gate_shifts(gm: fx.GraphModule) -> set[fx.Node]:
 def _is_integer_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_module":
         return False
-    m = gm.get_submodule(str(node.target))
-    return isinstance(m, INTEGER_GATES) and not isinstance(m, IntegerHardswish)
+    return isinstance(gm.get_submodule(str(node.target)), IntegerHardsigmoid)
 
 
 def _is_tensor_product(node: fx.Node) -> bool:
