@@ -64,3 +64,12 @@ def test_quick_run_writes_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         r = next(x for x in records if x.method == method)
         assert r.runtime == "onnxruntime" and r.latency_ms and r.baseline_latency_ms
         assert r.macs <= 0.52 * fp32.macs and r.extra["layers_factorized"] > 0
+
+
+def test_w1a1_rows_train_longer_than_the_others() -> None:
+    data = suite.Data(train=None, val=None, test=None, example=(), calibration=(), epochs=3)
+    epochs = {s.key: s.epochs(data) for s in suite.SETTINGS}
+    assert epochs == {"w4a4": 3, "w2a2": 3, "tw_a8": 3, "w1a1": suite.W1A1_EPOCHS}
+    assert suite.W1A1_EPOCHS > suite.EPOCHS
+    quick = suite.Data(train=None, val=None, test=None, example=(), calibration=(), epochs=1)
+    assert {s.epochs(quick) for s in suite.SETTINGS} == {1}  # the quick run stays short
