@@ -241,10 +241,15 @@ def train_suite_records(quick: bool, partial: Path | None = None) -> list[Record
         return res
 
     for s in SETTINGS:
-        bits = {"w_bits": s.w_bits, "a_bits": s.a_bits, "weight_quantizer": s.weight_quantizer}
-        target = replace(recipe, epochs=s.epochs(data), **bits)
+        target, ste = (
+            replace(
+                r, w_bits=s.w_bits, a_bits=s.a_bits, weight_quantizer=s.weight_quantizer,
+                epochs=s.epochs(data),
+            )
+            for r in (recipe, plain)
+        )  # fmt: skip
         qat("edgeslim:qat_recipe", target, s.key)
-        qat("edgeslim:qat_ste", replace(plain, epochs=s.epochs(data), **bits), s.key)
+        qat("edgeslim:qat_ste", ste, s.key)
         if s.key in ("w2a2", "w1a1"):
             qat("edgeslim:qat_recipe_aqe", replace(target, estimator="aqe"), s.key)
     # the last stages of 8 -> 4 -> 2 -> 1 that fit the same total epochs (12: one epoch at

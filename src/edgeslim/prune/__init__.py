@@ -1,6 +1,7 @@
 """Structured pruning: importance criteria, surgery on coupled channel groups, prune plans,
 the planner (global ranking under a MACs target), learned gates and fine-tuning."""
 
+from edgeslim.prune.config import PruneConfig
 from edgeslim.prune.finetune import finetune_pruned
 from edgeslim.prune.gates import GateResult, GateSet, attach_gates, train_gates
 from edgeslim.prune.importance import IMPORTANCE, Importance, get_importance
@@ -39,6 +40,7 @@ __all__ = [
     "Importance",
     "PlanError",
     "PlanStats",
+    "PruneConfig",
     "PruneError",
     "PrunePlan",
     "PruneWarning",

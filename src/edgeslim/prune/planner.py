@@ -66,6 +66,7 @@ from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.graph.layers import recurrent_gates
 from edgeslim.graph.model_graph import ModelGraph, analyze
+from edgeslim.prune.config import PruneConfig
 from edgeslim.prune.importance import Importance, get_importance
 from edgeslim.prune.plan import PrunePlan
 from edgeslim.prune.surgery import group_key, prune_groups, round_keep
@@ -268,11 +269,6 @@ def _ratio_keep(size: int, ratio: float, min_keep: int, round_to: int) -> int:
     return max(min_keep, round_keep(math.ceil(size * (1.0 - ratio) - _EPS), size, round_to))
 
 
-def _check_target(macs_reduction: float) -> None:
-    if not 0.0 < macs_reduction < 1.0:
-        raise PruneError(f"macs_reduction must be in (0, 1); got {macs_reduction}")
-
-
 def _global_widths(
     macs: MacModel,
     cands: Sequence[CouplingGroup],
@@ -434,50 +430,35 @@ def plan_keep(
     model: nn.Module,
     example_args: Sequence[Any],
     importance: Importance | str,
-    macs_reduction: float | None = None,
-    ratio: float | Mapping[str, float] | None = None,
-    global_ranking: bool = True,
-    round_to: int = 1,
-    skip: Iterable[str] = (),
-    max_group_ratio: float = 0.9,
-    latency_weight: float = 0.0,
+    config: PruneConfig | None = None,
+    *,
     latency_table: LatencyTable | None = None,
+    **options: Any,
 ) -> tuple[dict[CouplingGroup, list[int]], PlanStats]:
     """The planner's core: ``({group: kept indices}, stats)`` for :func:`plan_pruning`.
 
+    The budget and ranking come from ``config`` (a :class:`PruneConfig`) with ``options``
+    (its field names as keywords, e.g. ``macs_reduction=0.3``) replacing its fields.
     Only groups that lose channels appear in the map. ``stats`` are measured on a pruned
     copy of ``model``; ``model`` itself is not changed. ``latency_weight > 0`` tilts the
     global ranking towards groups whose MACs are slow on this machine (see
     :mod:`edgeslim.prune.latency_rank`; ``latency_table`` defaults to the machine's cached
     table, timed on first use).
     """
-    if (macs_reduction is None) == (ratio is None):
-        raise PruneError("give exactly one of macs_reduction (a MACs target) or ratio")
-    if round_to < 1:
-        raise PruneError(f"round_to must be >= 1; got {round_to}")
-    if not 0.0 < max_group_ratio < 1.0:
-        raise PruneError(f"max_group_ratio must be in (0, 1); got {max_group_ratio}")
-    if macs_reduction is not None:
-        _check_target(macs_reduction)
-    if not latency_weight >= 0.0:
-        raise PruneError(f"latency_weight must be >= 0; got {latency_weight}")
-    if latency_weight and not (global_ranking and macs_reduction is not None):
-        raise PruneError(
-            "latency_weight tilts the global ranking under a MACs target: it needs "
-            "macs_reduction and global_ranking=True (a ratio or a uniform plan has no ranking "
-            "to tilt)"
-        )
+    cfg = PruneConfig.build(config, **options)
+    macs_reduction, ratio, round_to = cfg.macs_reduction, cfg.ratio, cfg.round_to
+    global_ranking, max_group_ratio = cfg.global_ranking, cfg.max_group_ratio
     criterion = _resolve(importance)
     graph = analyze(model, *example_args)
     _warn_fixed(graph.groups)
-    cands, _ = candidate_groups(graph, list(skip))
+    cands, _ = candidate_groups(graph, list(cfg.skip))
     if not cands:
         raise PruneError("no prunable channel group is left to prune in this model")
     macs = MacModel(model, graph, cands)
     raw = criterion.scores(model, graph.groups)
     scores = [normalised_scores(raw[g.id]) for g in cands]
-    if latency_weight > 0:
-        scores = _latency_tilted(model, graph, macs, scores, latency_weight, latency_table)
+    if cfg.latency_weight > 0:
+        scores = _latency_tilted(model, graph, macs, scores, cfg.latency_weight, latency_table)
 
     def choose(target: float) -> list[int]:
         if global_ranking:
@@ -572,25 +553,18 @@ def plan_pruning(
     model: nn.Module,
     example_args: Sequence[Any],
     importance: Importance | str,
-    macs_reduction: float | None = None,
-    ratio: float | dict[str, float] | None = None,
-    global_ranking: bool = True,
-    round_to: int = 1,
-    skip: Iterable[str] = (),
-    max_group_ratio: float = 0.9,
-    latency_weight: float = 0.0,
+    config: PruneConfig | None = None,
+    **options: Any,
 ) -> PrunePlan:
     """A :class:`PrunePlan` for ``model`` (unchanged); see the module docstring for the modes.
 
     ``importance`` is a criterion or a registered name that needs no arguments (``l1``,
     ``fpgm``, ...; Taylor needs batches, so pass ``get_importance("taylor", batches=...)``).
-    ``skip`` names layers (FQNs or globs) whose shapes must not change: every group with
-    such a member is left whole. ``latency_weight``: see :func:`plan_keep`.
+    ``config``/``options``: the budget and ranking (:class:`PruneConfig` and its fields as
+    keywords, e.g. ``macs_reduction=0.5, round_to=8``; ``skip`` names layers, FQNs or
+    globs, whose shapes must not change: every group with such a member is left whole).
     """
-    keep, _ = plan_keep(
-        model, example_args, importance, macs_reduction, ratio, global_ranking, round_to,
-        skip, max_group_ratio, latency_weight,
-    )  # fmt: skip
+    keep, _ = plan_keep(model, example_args, importance, config, **options)
     return PrunePlan.from_groups(model, keep, example_args)
 
 
@@ -598,23 +572,16 @@ def prune_(
     model: nn.Module,
     example_args: Sequence[Any],
     importance: Importance | str,
-    macs_reduction: float | None = None,
-    ratio: float | dict[str, float] | None = None,
-    global_ranking: bool = True,
-    round_to: int = 1,
-    skip: Iterable[str] = (),
-    max_group_ratio: float = 0.9,
-    latency_weight: float = 0.0,
+    config: PruneConfig | None = None,
+    **options: Any,
 ) -> tuple[nn.Module, PrunePlan]:
-    """Plan and apply in place: ``(model, plan)``; save both with ``save_pruned``.
+    """Plan (as :func:`plan_pruning`) and apply in place: ``(model, plan)``; save both with
+    ``save_pruned``.
 
     A criterion with a ``compensate(model, keep)`` method (``fluctuation``) adjusts the
     kept layers before surgery; the plan alone does not carry that change, the saved
     weights do."""
-    keep, _ = plan_keep(
-        model, example_args, importance, macs_reduction, ratio, global_ranking, round_to,
-        skip, max_group_ratio, latency_weight,
-    )  # fmt: skip
+    keep, _ = plan_keep(model, example_args, importance, config, **options)
     plan = PrunePlan.from_groups(model, keep, example_args)
     apply_keep(model, keep, importance)
     return model, plan

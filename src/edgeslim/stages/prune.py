@@ -43,7 +43,7 @@ import copy
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -52,6 +52,9 @@ from torch import nn
 from edgeslim.errors import PruneError
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.train.loop import TrainConfig
+
+if TYPE_CHECKING:
+    from edgeslim.prune.config import PruneConfig
 
 TARGET_TOLERANCE = 0.02
 """Largest allowed gap between requested and achieved MACs reduction (2 points)."""
@@ -101,6 +104,14 @@ class PruneStage(Stage):
         if bad:
             raise ValueError(f"a pruning ratio must be in [0, 1); got {bad[0]}")
         return v
+
+    def prune_config(self) -> PruneConfig:
+        """The planner's options this stage declares, as the planner's own config."""
+        from edgeslim.prune.config import PruneConfig
+
+        return PruneConfig(
+            **{name: getattr(self, name) for name in PruneConfig.names()}  # same field names
+        )
 
     @model_validator(mode="after")
     def _one_budget(self) -> PruneStage:
@@ -222,10 +233,7 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
         plan_path = _prune_by_gates(model, example, train, stage, teacher, ctx)
     else:
         criterion = build_importance(stage.criterion, train, stage.seed)
-        keep, _stats = plan_keep(
-            model, example, criterion, stage.macs_reduction, stage.ratio, stage.global_ranking,
-            stage.round_to, stage.skip, stage.max_group_ratio, stage.latency_weight,
-        )  # fmt: skip
+        keep, _stats = plan_keep(model, example, criterion, stage.prune_config())
         plan = PrunePlan.from_groups(model, keep, example, name=ctx.model_name)
         apply_keep(model, keep, criterion)
         plan_path = plan.save(_plan_path(Path(ctx.out)))
