@@ -61,3 +61,21 @@ def test_the_prune_stage_hands_the_planner_its_own_config() -> None:
     assert stage.prune_config() == PruneConfig(
         macs_reduction=0.3, round_to=4, skip=("fc",), latency_weight=0.5
     )
+
+
+def test_gate_config_builds_from_keywords_and_refuses_bad_values() -> None:
+    from edgeslim.prune import GateConfig
+
+    cfg = GateConfig.build(macs_reduction=0.5, round_to=8)
+    assert cfg == GateConfig(0.5, round_to=8) and cfg.mode == "hard"
+    assert GateConfig.build(cfg, mode="soft").mode == "soft"
+    assert json.loads(json.dumps(cfg.to_dict()))["round_to"] == 8
+    for options, message in (
+        ({"macs_reduction": 1.0}, r"macs_reduction must be in \[0, 1\)"),
+        ({"macs_reduction": 0.5, "mode": "fuzzy"}, "mode must be hard or soft"),
+        ({"macs_reduction": 0.5, "enforce_at": 2.0}, "enforce_at"),
+        ({"macs_reduction": 0.5, "gate_lr": 0.0}, "gate_lr > 0"),
+        ({"macs_reduction": 0.5, "lr": 0.1}, "unknown gate option.*lr.*allowed:"),
+    ):
+        with pytest.raises(PruneError, match=message):
+            GateConfig.build(**options)

@@ -69,7 +69,7 @@ def _prune(model: nn.Module, method: str, target: float, b: Bench, train: Any) -
         from edgeslim.prune.gates import train_gates
 
         result = train_gates(
-            m, b.x1, train, _config(b.quick), target, teacher=model,
+            m, b.x1, train, _config(b.quick), macs_reduction=target, teacher=model,
             description="gates", round_to=ROUND_TO,
         )  # fmt: skip
         return result.model

@@ -146,7 +146,8 @@ def _gates(model: nn.Module, job: PruneJob) -> nn.Module:
 
     result = train_gates(
         copy.deepcopy(model), (job.example,), job.train_batches(), job.finetune,
-        job.macs_reduction, teacher=model, description="gates", round_to=job.round_to,
+        macs_reduction=job.macs_reduction, teacher=model, description="gates",
+        round_to=job.round_to,
     )  # fmt: skip
     job.info["kept"] = {k: f"{len(v)}/{result.plan.sizes[k]}" for k, v in result.plan.keep.items()}
     return result.model

@@ -1,7 +1,7 @@
 """Structured pruning: importance criteria, surgery on coupled channel groups, prune plans,
 the planner (global ranking under a MACs target), learned gates and fine-tuning."""
 
-from edgeslim.prune.config import PruneConfig
+from edgeslim.prune.config import GateConfig, PruneConfig
 from edgeslim.prune.finetune import finetune_pruned
 from edgeslim.prune.gates import GateResult, GateSet, attach_gates, train_gates
 from edgeslim.prune.importance import IMPORTANCE, Importance, get_importance
@@ -35,6 +35,7 @@ from edgeslim.prune.surgery import (
 
 __all__ = [
     "IMPORTANCE",
+    "GateConfig",
     "GateResult",
     "GateSet",
     "Importance",

@@ -1,13 +1,15 @@
-"""``PruneConfig``: the planner's choices as one frozen value.
+"""``PruneConfig`` and ``GateConfig``: the planner's and the learned gates' choices, each
+one frozen value.
 
 :func:`~edgeslim.prune.planner.plan_keep`, :func:`~edgeslim.prune.planner.plan_pruning` and
-:func:`~edgeslim.prune.planner.prune_` read their budget and ranking options from it, so the
-options are declared and checked in one place, and a search or a recipe can hold, compare
-and save them as data (:meth:`PruneConfig.to_dict` is JSON).
+:func:`~edgeslim.prune.planner.prune_` read their budget and ranking options from a
+:class:`PruneConfig`, :func:`~edgeslim.prune.gates.train_gates` from a :class:`GateConfig`,
+so the options are declared and checked in one place, and a search or a recipe can hold,
+compare and save them as data (``to_dict()`` is JSON).
 
 Decision — keyword options stay: ``prune_(model, x, "l1", macs_reduction=0.3)`` builds the
-config from the keywords (:meth:`PruneConfig.build`), as Torch-Pruning's keywords do; an
-unknown keyword is refused naming the allowed ones.
+config from the keywords (``build``), as Torch-Pruning's keywords do; an unknown keyword is
+refused naming the allowed ones.
 """
 
 from __future__ import annotations
@@ -15,13 +17,44 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from edgeslim.errors import PruneError
 
+GateMode = Literal["hard", "soft"]
+
+
+class _Options:
+    """Keyword building and JSON for the frozen option dataclasses below."""
+
+    KIND = "pruning"
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names (what :meth:`build` accepts as keywords)."""
+        return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    @classmethod
+    def build(cls, config: Any = None, **options: Any) -> Any:
+        """``config`` with ``options`` replaced, or a new config from ``options`` alone."""
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            raise PruneError(
+                f"unknown {cls.KIND} option(s) {', '.join(unknown)}; allowed: "
+                f"{', '.join(cls.names())}"
+            )
+        if config is None:
+            return cls(**options)
+        return dataclasses.replace(config, **options) if options else config
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples as lists)."""
+        out = {name: getattr(self, name) for name in self.names()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(_Options):
     """How much to prune and how to choose the channels (see :mod:`edgeslim.prune.planner`).
 
     Exactly one budget: ``macs_reduction`` (a fraction of the model's MACs, in (0, 1)) or
@@ -71,24 +104,56 @@ class PruneConfig:
             )
 
     @classmethod
-    def names(cls) -> tuple[str, ...]:
-        """The option names (what :meth:`build` accepts as keywords)."""
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
     def build(cls, config: PruneConfig | None = None, **options: Any) -> PruneConfig:
         """``config`` with ``options`` replaced, or a new config from ``options`` alone."""
-        unknown = sorted(set(options) - set(cls.names()))
-        if unknown:
-            raise PruneError(
-                f"unknown pruning option(s) {', '.join(unknown)}; allowed: {', '.join(cls.names())}"
-            )
-        if config is None:
-            return cls(**options)
-        return dataclasses.replace(config, **options) if options else config
+        out: PruneConfig = super().build(config, **options)
+        return out
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (``skip`` as a list)."""
-        out = {name: getattr(self, name) for name in self.names()}
-        out["skip"] = list(self.skip)
+
+@dataclass(frozen=True)
+class GateConfig(_Options):
+    """Learned gates (:func:`~edgeslim.prune.gates.train_gates`): the budget and how the
+    gates learn it.
+
+    ``macs_reduction``: the fraction of the MACs to remove, in [0, 1). ``lam``: weight of
+    the MACs penalty. ``gate_lr``/``gate_momentum``: the gates' own SGD (their gradients
+    are ~1e-3). ``enforce_at``: training progress from which the budget is a hard
+    projection (None: the penalty alone). ``mode``: ``hard`` (straight-through 0/1) or
+    ``soft`` gates; ``k0``/``k_max``: the surrogate's sharpness schedule (``k0`` None: the
+    gate set's default). ``round_to``: kept widths are multiples of it.
+    """
+
+    KIND = "gate"
+
+    macs_reduction: float
+    lam: float = 1.0
+    gate_lr: float = 10.0
+    gate_momentum: float = 0.9
+    enforce_at: float | None = 0.5
+    mode: GateMode = "hard"
+    k0: float | None = None
+    k_max: float = 200.0
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.macs_reduction < 1.0:
+            raise PruneError(f"macs_reduction must be in [0, 1); got {self.macs_reduction}")
+        if self.mode not in ("hard", "soft"):
+            raise PruneError(f"mode must be hard or soft; got {self.mode!r}")
+        if self.enforce_at is not None and not 0.0 <= self.enforce_at <= 1.0:
+            raise PruneError(f"enforce_at must be in [0, 1] or None; got {self.enforce_at}")
+        if not (self.lam >= 0.0 and self.gate_lr > 0.0 and 0.0 <= self.gate_momentum < 1.0):
+            raise PruneError(
+                "lam must be >= 0, gate_lr > 0 and gate_momentum in [0, 1); got "
+                f"{self.lam}, {self.gate_lr}, {self.gate_momentum}"
+            )
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int):
+            raise PruneError(f"round_to must be an integer >= 1; got {self.round_to!r}")
+        if self.round_to < 1:
+            raise PruneError(f"round_to must be >= 1; got {self.round_to}")
+
+    @classmethod
+    def build(cls, config: GateConfig | None = None, **options: Any) -> GateConfig:
+        """``config`` with ``options`` replaced, or a new config from ``options`` alone."""
+        out: GateConfig = super().build(config, **options)
         return out

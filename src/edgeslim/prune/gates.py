@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ from edgeslim.errors import PruneError
 from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.graph.layers import layer_table, total_macs
 from edgeslim.graph.model_graph import analyze
+from edgeslim.prune.config import GateConfig, GateMode
 from edgeslim.prune.plan import PrunePlan, apply_plan
 from edgeslim.prune.surgery import KeepIndices, check_kept, describe_group, round_keep
 from edgeslim.train.distill import kd_loss
@@ -62,8 +63,6 @@ from edgeslim.train.loop import (
     steps_per_epoch,
     train_classifier,
 )
-
-GateMode = Literal["hard", "soft"]
 
 
 def _carrier(t: torch.Tensor) -> torch.Tensor:
@@ -470,21 +469,19 @@ def train_gates(
     example_args: Sequence[Any],
     train: Iterable[Batch],
     config: TrainConfig,
-    macs_reduction: float,
+    gating: GateConfig | None = None,
+    *,
     teacher: nn.Module | None = None,
-    lam: float = 1.0,
-    gate_lr: float = 10.0,
-    gate_momentum: float = 0.9,
-    enforce_at: float | None = 0.5,
     groups: Sequence[CouplingGroup] | None = None,
-    mode: GateMode = "hard",
-    k0: float | None = None,
-    k_max: float = 200.0,
     val: Iterable[Batch] | None = None,
     description: str = "gates",
-    round_to: int = 1,
+    **options: Any,
 ) -> GateResult:
     """Train weights and gates jointly, then remove the off channels; ``model`` in place.
+
+    ``gating``: the budget and the gates' options (:class:`~edgeslim.prune.config.GateConfig`),
+    with ``options`` (its field names as keywords, e.g. ``macs_reduction=0.5``) replacing
+    its fields.
 
     ``train`` is re-iterable ``(inputs, target)`` batches, as for
     :func:`~edgeslim.train.loop.train_classifier` (``target`` may be None with a teacher).
@@ -518,22 +515,23 @@ def train_gates(
     also gets ``projected`` (switch-offs by the projection, a channel may count twice),
     ``topped_up`` (on-gate channels removed at the end) and the measured ``macs_reduction``.
     """
-    if not 0.0 <= macs_reduction < 1.0:
-        raise PruneError(f"macs_reduction must be in [0, 1); got {macs_reduction}")
+    cfg = GateConfig.build(gating, **options)
+    macs_reduction, enforce_at = cfg.macs_reduction, cfg.enforce_at
     # before the hooks exist, so a copied teacher is never gated
     task = kd_loss(teacher) if teacher is not None else classification_loss(config.label_smoothing)
     gates = attach_gates(
-        model, example_args, groups, k0=k0, k_max=k_max, mode=mode, round_to=round_to
-    )
+        model, example_args, groups, k0=cfg.k0, k_max=cfg.k_max, mode=cfg.mode,
+        round_to=cfg.round_to,
+    )  # fmt: skip
     target = math.floor((1.0 - macs_reduction) * gates.total_macs)
     per_epoch_steps = max(steps_per_epoch(train), 1)
     per_epoch: list[dict[str, float]] = []
     counts = {"step": 0, "projected": 0}
     with gates:
-        gate_opt = torch.optim.SGD(gates.parameters(), lr=gate_lr, momentum=gate_momentum)
+        gate_opt = torch.optim.SGD(gates.parameters(), lr=cfg.gate_lr, momentum=cfg.gate_momentum)
 
         def loss_fn(outputs: Any, labels: Any, inputs: Inputs) -> torch.Tensor:
-            return task(outputs, labels, inputs) + lam * gates.macs_penalty(macs_reduction)
+            return task(outputs, labels, inputs) + cfg.lam * gates.macs_penalty(macs_reduction)
 
         def on_step(progress: float) -> None:
             step = counts["step"]

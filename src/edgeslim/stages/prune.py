@@ -158,8 +158,9 @@ def _prune_by_gates(
 
     assert stage.macs_reduction is not None  # the validator guarantees it
     result = train_gates(
-        model, example, train, _train_config(stage, stage.gate_epochs), stage.macs_reduction,
-        teacher=teacher, description="gates", round_to=stage.round_to,
+        model, example, train, _train_config(stage, stage.gate_epochs),
+        macs_reduction=stage.macs_reduction, teacher=teacher, description="gates",
+        round_to=stage.round_to,
     )  # fmt: skip
     plan = result.plan
     if ctx.model_name:
