@@ -35,7 +35,13 @@ from torch import nn
 from edgeslim.data.batching import Batch
 from edgeslim.graph.layers import layer_table, total_macs
 from edgeslim.lowrank.modules import LowRankError
-from edgeslim.lowrank.ranks import candidates, cumulative_energy, rank_for_energy, ranks_for_target
+from edgeslim.lowrank.ranks import (
+    Candidate,
+    candidates,
+    cumulative_energy,
+    rank_for_energy,
+    ranks_for_target,
+)
 from edgeslim.lowrank.report import LowRankReport
 from edgeslim.lowrank.svd import SVDConfig, factorize_
 from edgeslim.train.loop import LossFn, TrainConfig, train_classifier
@@ -95,6 +101,19 @@ def nuclear_norm(weight: torch.Tensor) -> float:
 def energy_rank(weight: torch.Tensor, energy: float) -> int:
     """The rank that keeps ``energy`` of ``weight``'s squared singular values."""
     return int(_low_rank_svd(weight, energy)[1].numel())
+
+
+@torch.no_grad()
+def _truncate(cands: Sequence[Candidate], ranks: Mapping[str, int]) -> None:
+    """Replace each candidate's weight by its truncation at ``ranks`` (layers not listed stay
+    dense), from the candidate's own SVD."""
+    for c in cands:
+        r = ranks.get(c.fqn)
+        if r is None:
+            continue
+        u, sv, vh = c.svd
+        w = c.module.weight
+        w.copy_(((u[:, :r] * sv[:r]) @ vh[:r]).reshape(w.shape).to(w.dtype))
 
 
 class TrainedRankPruning:
@@ -184,7 +203,8 @@ class TrainedRankPruning:
         (period 40: 92.60; ``lam`` 1e-2: 92.82).
         """
         if self.config.macs_reduction is not None:
-            ranks = self._target_ranks(self.config.macs_reduction, project=True)
+            ranks, cands = self._target_ranks(self.config.macs_reduction)
+            _truncate(cands, ranks)  # from the SVD the ranks were chosen on
             self.rank_history.append(ranks)
             return dict(ranks)
         ranks = {}
@@ -208,28 +228,19 @@ class TrainedRankPruning:
             w.copy_(((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(w.shape).to(w.dtype))
 
     @torch.no_grad()
-    def _target_ranks(self, macs_reduction: float, project: bool = False) -> dict[str, int]:
-        """The ranks removing ``macs_reduction`` of the MACs, chosen on the current weights;
-        with ``project``, each weight is replaced by its truncation at them, from the same
-        SVD the choice was made on."""
+    def _target_ranks(self, macs_reduction: float) -> tuple[dict[str, int], list[Candidate]]:
+        """The ranks removing ``macs_reduction`` of the MACs, chosen on the current weights,
+        and the candidates (with their SVDs) they were chosen from."""
         table = self._table
         cands, _ = candidates(self.model, table, self.config.skip)
         ranks, _ = ranks_for_target(cands, total_macs(table), macs_reduction, self.config.round_to)
-        if project:
-            for c in cands:
-                r = ranks.get(c.fqn)
-                if r is None:  # left dense
-                    continue
-                u, sv, vh = c.svd
-                w = c.module.weight
-                w.copy_(((u[:, :r] * sv[:r]) @ vh[:r]).reshape(w.shape).to(w.dtype))
-        return dict(ranks)
+        return dict(ranks), cands
 
     def freeze(self) -> dict[str, int]:
         """Fix the final ranks (see :class:`TRPConfig`) and project the weights onto them."""
         cfg = self.config
         if cfg.macs_reduction is not None:
-            ranks = self._target_ranks(cfg.macs_reduction)
+            ranks, _ = self._target_ranks(cfg.macs_reduction)
         else:
             last = self.rank_history[-1] if self.rank_history else self.truncate()
             full = {fqn: _full_rank(m) for fqn, m in self.layers.items()}
