@@ -5,12 +5,13 @@ nothing looks like one that works; this record (and the notes made from it) is t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+
+from edgeslim.cost.change import MacsChange
 
 
 @dataclass
-class DataFreeReport:
+class DataFreeReport(MacsChange):
     """Filled by the method (``pairs``, ``layers``, pruning fields) and by
     :func:`edgeslim.datafree.compress_datafree` (``changed``, ``weight_bits``, MACs)."""
 
@@ -27,16 +28,6 @@ class DataFreeReport:
     macs_before: int = 0
     macs_after: int = 0
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def macs_reduction(self) -> float:
-        """Achieved fraction of the MACs removed (``cost_report``, as the prune stage)."""
-        return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["macs_reduction"] = round(self.macs_reduction, 6)
-        return out
 
     def summary(self) -> str:
         """One line: what changed, the bits, and (pruning) requested vs achieved MACs."""

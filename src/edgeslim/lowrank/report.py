@@ -4,8 +4,9 @@ the request, so the report shows what was achieved."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+
+from edgeslim.cost.change import MacsChange
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class LayerRank:
 
 
 @dataclass
-class LowRankReport:
+class LowRankReport(MacsChange):
     """Filled by :func:`edgeslim.lowrank.factorize_` (``method`` "svd") and by TRP ("trp")."""
 
     method: str
@@ -37,16 +38,6 @@ class LowRankReport:
     macs_after: int = 0
     requested_macs_reduction: float | None = None
     energy: float | None = None  # the per-layer energy threshold, if that was the rule
-
-    @property
-    def macs_reduction(self) -> float:
-        """Achieved fraction of the whole model's MACs removed (layer table)."""
-        return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["macs_reduction"] = round(self.macs_reduction, 6)
-        return out
 
     def summary(self) -> str:
         """One line: layers factorized, the rule and the MACs achieved."""
