@@ -50,6 +50,7 @@ def test_invalid_options_are_refused_by_name(options: dict[str, object], message
 def test_config_is_frozen_and_json_round_trips() -> None:
     cfg = PruneConfig(ratio={"layer1.*": 0.25}, skip=["conv1"])  # type: ignore[arg-type]
     assert cfg.skip == ("conv1",)
+    assert PruneConfig(ratio=0.2, skip="layer3.*").skip == ("layer3.*",)  # type: ignore[arg-type]
     with pytest.raises(AttributeError):
         cfg.round_to = 4  # type: ignore[misc]
     text = json.dumps(cfg.to_dict())

@@ -76,7 +76,8 @@ class PruneConfig(_Options):
     latency_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "skip", tuple(self.skip))
+        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)  # one glob
+        object.__setattr__(self, "skip", skip)
         if isinstance(self.ratio, Mapping):
             object.__setattr__(self, "ratio", dict(self.ratio))
         if (self.macs_reduction is None) == (self.ratio is None):
