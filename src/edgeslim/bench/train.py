@@ -22,11 +22,11 @@ The validation split makes the run's choices (keep the BN re-estimation or not);
 reported are on the test split. Top-1 of the QAT rows is fake-quant in torch (no runtime has
 kernels below int8); their ``size_bytes`` is the packed checkpoint (1 or 2 bits per weight).
 
-Budget, measured: with 10,000 training images per row the run of commit caf292f took 52
-minutes (its first 30 minutes shared the 2 cores with other jobs; QAT rows alone took 35-200
-s of training each, a DCCD row about 2x its KD row), the rest being evaluation on the 10k
-test split. The W1A1 rows at 12 epochs instead of 3 add about 20 minutes (about 30 s per
-epoch each). That is still far less training than the papers use (hundreds of epochs).
+Budget, measured: with 10,000 training images per row the run of commit ef42e9f took 53
+minutes on 2 cores (its first 9 minutes shared them with other jobs): 35-150 s of training
+per 3-epoch QAT row, 150-425 s per 12-epoch W1A1 row (about 30 s per epoch), a DCCD row
+about 2x its KD row, the rest evaluation on the 10k test split. That is still far less
+training than the papers use (hundreds of epochs).
 """
 
 from __future__ import annotations
