@@ -77,6 +77,7 @@ def test_gate_config_builds_from_keywords_and_refuses_bad_values() -> None:
         ({"macs_reduction": 0.5, "enforce_at": 2.0}, "enforce_at"),
         ({"macs_reduction": 0.5, "gate_lr": 0.0}, "gate_lr > 0"),
         ({"macs_reduction": 0.5, "lr": 0.1}, "unknown gate option.*lr.*allowed:"),
+        ({"round_to": 8}, "GateConfig needs macs_reduction"),
     ):
         with pytest.raises(PruneError, match=message):
             GateConfig.build(**options)

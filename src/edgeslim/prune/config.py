@@ -44,6 +44,13 @@ class _Options:
                 f"{', '.join(cls.names())}"
             )
         if config is None:
+            missing = [
+                f.name
+                for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                if f.default is dataclasses.MISSING and f.name not in options
+            ]
+            if missing:
+                raise PruneError(f"{cls.__name__} needs {', '.join(missing)} (no default)")
             return cls(**options)
         return dataclasses.replace(config, **options) if options else config
 
