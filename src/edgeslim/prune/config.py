@@ -24,6 +24,21 @@ from edgeslim.errors import PruneError
 GateMode = Literal["hard", "soft"]
 
 
+def check_ratios(ratio: float | Mapping[str, float] | None) -> None:
+    """Every pruning ratio (one, or one per group key / glob) is in [0, 1)."""
+    ratios = list(ratio.values()) if isinstance(ratio, Mapping) else [ratio]
+    bad = [r for r in ratios if r is not None and not 0.0 <= r < 1.0]
+    if bad:
+        raise PruneError(f"a pruning ratio must be in [0, 1); got {bad[0]}")
+
+
+def _check_round_to(round_to: object) -> None:
+    if isinstance(round_to, bool) or not isinstance(round_to, int):
+        raise PruneError(f"round_to must be an integer >= 1; got {round_to!r}")
+    if round_to < 1:
+        raise PruneError(f"round_to must be >= 1; got {round_to}")
+
+
 class _Options:
     """Keyword building and JSON for the frozen option dataclasses below."""
 
@@ -91,15 +106,8 @@ class PruneConfig(_Options):
             raise PruneError("give exactly one of macs_reduction (a MACs target) or ratio")
         if self.macs_reduction is not None and not 0.0 < self.macs_reduction < 1.0:
             raise PruneError(f"macs_reduction must be in (0, 1); got {self.macs_reduction}")
-        ratio = self.ratio
-        ratios = list(ratio.values()) if isinstance(ratio, Mapping) else [ratio]
-        bad = [r for r in ratios if r is not None and not 0.0 <= r < 1.0]
-        if bad:
-            raise PruneError(f"a pruning ratio must be in [0, 1); got {bad[0]}")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int):
-            raise PruneError(f"round_to must be an integer >= 1; got {self.round_to!r}")
-        if self.round_to < 1:
-            raise PruneError(f"round_to must be >= 1; got {self.round_to}")
+        check_ratios(self.ratio)
+        _check_round_to(self.round_to)
         if not 0.0 < self.max_group_ratio < 1.0:
             raise PruneError(f"max_group_ratio must be in (0, 1); got {self.max_group_ratio}")
         if not self.latency_weight >= 0.0:
@@ -155,10 +163,7 @@ class GateConfig(_Options):
                 "lam must be >= 0, gate_lr > 0 and gate_momentum in [0, 1); got "
                 f"{self.lam}, {self.gate_lr}, {self.gate_momentum}"
             )
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int):
-            raise PruneError(f"round_to must be an integer >= 1; got {self.round_to!r}")
-        if self.round_to < 1:
-            raise PruneError(f"round_to must be >= 1; got {self.round_to}")
+        _check_round_to(self.round_to)
 
     @classmethod
     def build(cls, config: GateConfig | None = None, **options: Any) -> GateConfig:

@@ -99,10 +99,12 @@ class PruneStage(Stage):
     @field_validator("ratio")
     @classmethod
     def _ratio_range(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
-        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
-        bad = [r for r in values if not 0.0 <= r < 1.0]
-        if bad:
-            raise ValueError(f"a pruning ratio must be in [0, 1); got {bad[0]}")
+        from edgeslim.prune.config import check_ratios
+
+        try:
+            check_ratios(v)
+        except PruneError as exc:  # as a pydantic error, located at the field
+            raise ValueError(str(exc)) from None
         return v
 
     def prune_config(self) -> PruneConfig:
@@ -115,16 +117,14 @@ class PruneStage(Stage):
 
     @model_validator(mode="after")
     def _one_budget(self) -> PruneStage:
-        if (self.macs_reduction is None) == (self.ratio is None):
-            raise ValueError("give exactly one of macs_reduction (0 < x < 1) or ratio")
+        try:
+            self.prune_config()  # the planner's own checks: one budget, ranges, the tilt
+        except PruneError as exc:
+            raise ValueError(str(exc)) from None
         if self.method == "gates" and self.macs_reduction is None:
             raise ValueError("method gates needs macs_reduction (gates learn the widths)")
-        ranked = self.method == "rank" and self.global_ranking and self.macs_reduction is not None
-        if self.latency_weight and not ranked:
-            raise ValueError(
-                "latency_weight tilts the global ranking under a MACs target: it needs method "
-                "rank, global_ranking true and macs_reduction"
-            )
+        if self.latency_weight and self.method != "rank":
+            raise ValueError("latency_weight tilts the planner's ranking: it needs method rank")
         return self
 
 
