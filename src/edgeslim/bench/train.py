@@ -256,7 +256,7 @@ def train_suite_records(quick: bool, partial: Path | None = None) -> list[Record
         if s.key in ("w2a2", "w1a1"):
             qat("edgeslim:qat_recipe_aqe", replace(target, estimator="aqe"), s.key)
     # the last stages of 8 -> 4 -> 2 -> 1 that fit the same total epochs (12: one epoch at
-    # 8, 4 and 2 bits, then 9 at W1A1; the quick run's single epoch: 2 stages)
+    # 8, 4 and 2 bits, then 9 at W1A1; the quick run: one epoch at 2 bits, then one at W1A1)
     w1a1 = next(s for s in SETTINGS if s.key == "w1a1").epochs(data)
     stages = (8, 4, 2)[-max(1, w1a1 - 1) :]
     qat(
