@@ -49,3 +49,65 @@ def test_prelu_becomes_max_min_or_where_and_stays_exact(
     with torch.no_grad():
         want = model(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _graph(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_drop_dead_removes_unread_chains_and_constants_but_keeps_outputs() -> None:
+    from onnx import helper
+
+    from edgeslim.export.rewrite import drop_dead
+
+    model = _graph(
+        [
+            helper.make_node("Relu", ["x"], ["y"]),
+            helper.make_node("Neg", ["c"], ["dead1"]),  # read by dead2 only
+            helper.make_node("Abs", ["dead1"], ["dead2"]),  # read by nothing
+        ],
+        {"c": np.ones(4, np.float32), "unused": np.zeros(2, np.float32)},
+    )
+    assert drop_dead(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["Relu"]
+    assert not model.graph.initializer  # "c" was read by the dead Neg alone
+
+
+def test_requantize_on_the_same_grid_is_bypassed_and_exact() -> None:
+    from onnx import helper
+
+    from edgeslim.export.qdq import bypass_requantize
+
+    s, z = np.array(0.05, np.float32), np.array(100, np.uint8)
+    other = np.array(0.04, np.float32)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q1"]),
+        helper.make_node("DequantizeLinear", ["q1", "s", "z"], ["d1"]),
+        helper.make_node("QuantizeLinear", ["d1", "s", "z"], ["q2"]),  # same grid: bypassed
+        helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["d2"]),
+        helper.make_node("QuantizeLinear", ["d2", "o", "z"], ["q3"]),  # another grid: kept
+        helper.make_node("DequantizeLinear", ["q3", "o", "z"], ["y"]),
+    ]
+    model = _graph(nodes, {"s": s, "z": z, "o": other})
+    x = np.linspace(-6, 8, 4).astype(np.float32)
+    before = _run(model, x)
+    assert bypass_requantize(model) == 1
+    assert [n.op_type for n in model.graph.node].count("QuantizeLinear") == 2
+    np.testing.assert_array_equal(_run(model, x), before)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out: np.ndarray = sess.run(None, {"x": x})[0]
+    return out

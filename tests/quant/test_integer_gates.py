@@ -45,9 +45,13 @@ def test_the_gate_range_survives_calibration() -> None:
 
 
 class _SE(nn.Module):
-    """conv -> hardswish -> conv, a squeeze-excite gate (F.hardsigmoid), a linear head."""
+    """conv -> hardswish -> conv, a squeeze-excite gate (F.hardsigmoid), a linear head.
 
-    def __init__(self) -> None:
+    ``gain`` scales the convs' weights: at 4 the hardswish inputs reach below -3 as a
+    trained network's do (their grids then put -3 on a code); at 1 they stay within
+    about [-2.3, 2.2] and keep the fixed-grid gates."""
+
+    def __init__(self, gain: float = 1.0) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
         self.act = nn.Hardswish()
@@ -56,6 +60,9 @@ class _SE(nn.Module):
         self.fc2 = nn.Conv2d(4, 16, 1)
         self.head = nn.Linear(16, 5)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        with torch.no_grad():
+            self.conv1.weight.mul_(gain)
+            self.conv2.weight.mul_(gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv2(self.act(self.conv1(x)))
@@ -104,7 +111,7 @@ def test_exported_gates_run_as_integer_kernels(tmp_path: Path) -> None:
     """ONNX Runtime's optimised graph has no float op left between the input's quantizer
     and the head; its output matches the torch simulation."""
     torch.manual_seed(0)
-    model = _SE()
+    model = _SE(gain=4.0)
     data = torch.randn(32, 3, 12, 12)
     gm = _quantized(model, data)
     x = data[:4]
@@ -113,7 +120,9 @@ def test_exported_gates_run_as_integer_kernels(tmp_path: Path) -> None:
 
     ops = [n.op_type for n in onnx.load(str(optimized_graph(path, tmp_path / "o.onnx"))).graph.node]
     assert "HardSigmoid" not in ops and "HardSwish" not in ops and "Mul" not in ops, ops
-    assert ops.count("QLinearAdd") == 2 and ops.count("QLinearMul") == 3, ops  # SE gate folded
+    # each hardswish: a Clip on its input's codes and a QLinearMul; the SE gate folded
+    assert ops.count("Clip") == 2 and ops.count("QLinearMul") == 3, ops
+    assert "QLinearAdd" not in ops, ops
     assert ops.count("DequantizeLinear") == 0, ops
     sess = ort_session(path)
     with torch.no_grad():
@@ -146,7 +155,9 @@ def test_compress_a_user_hardswish_model_to_integer_onnx(tmp_path: Path) -> None
     optimized = onnx.load(str(optimized_graph(out / "model.onnx", tmp_path / "o.onnx")))
     ops = [n.op_type for n in optimized.graph.node]
     assert not {"HardSwish", "HardSigmoid", "Mul", "Conv"} & set(ops), ops
-    assert ops.count("QLinearAdd") == 1, ops  # hardsigmoid's + 3 went into the conv's bias
+    # hardsigmoid's + 3 went into the conv's bias; this untrained hardswish's input stays
+    # above -3, so its gate keeps the fixed grid (one QLinearAdd), not a Clip on its codes
+    assert ops.count("QLinearAdd") == 1 and "Clip" not in ops, ops
     records = json.loads((out / "results.json").read_text())
     ort_record = next(r for r in records if r["runtime"] == "onnxruntime")
     assert ort_record["extra"]["int8_mac_share"] >= 0.95
@@ -169,3 +180,60 @@ def test_int8_activations_keep_float_gates_and_every_integer_conv(tmp_path: Path
     path = export_qdq(gm.eval(), (data[:1],), tmp_path / "int8.onnx")
     ops = [n.op_type for n in onnx.load(str(optimized_graph(path, tmp_path / "o.onnx"))).graph.node]
     assert ops.count("QLinearConv") == 2, ops
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(-40.0, 0.0), st.floats(0.0, 700.0))
+def test_a_hardswish_input_grid_puts_minus_3_on_a_code_and_covers_the_range(
+    lo: float, hi: float
+) -> None:
+    from edgeslim.quant import QuantSpec
+    from edgeslim.quant.integer_gates import ShiftGridActQuant, on_shift_grid
+
+    spec = QuantSpec(bits=8, granularity="tensor", symmetric=False)
+    plain, act = ActQuant(spec), ShiftGridActQuant(spec)
+    for a in (plain, act):
+        a.mode = "observe"
+        a(torch.tensor([lo, hi]))
+        a.finish_observing()
+    p, q = plain.quantizer, act.quantizer
+    top = float((255 - p.zero_point) * p.scale)  # what the calibrated grid covered
+    zp, scale = int(q.zero_point.item()), float(q.scale.item())
+    if not on_shift_grid(q):  # refused: it would have coarsened a range that stops above -3
+        assert torch.equal(q.scale, p.scale) and torch.equal(q.zero_point, p.zero_point)
+        assert float(p.zero_point * p.scale) < 3.0
+        return
+    assert 1 <= zp <= 255
+    assert np.isclose(zp * scale, 3.0)  # code 0 is -3: hardswish is 0 below it anyway
+    assert (255 - zp) * scale >= top - 1e-9  # the calibrated top is still covered
+    # and the step is at most one code coarser than the range [-3, top] needs
+    assert scale <= (top + 3.0) / 255 * (zp + 1) / zp + 1e-12
+
+
+def test_hardswish_off_the_shifted_grid_falls_back_to_the_fixed_grid_gate(
+    tmp_path: Path,
+) -> None:
+    """A grid without -3 on a code (moved after calibration, as QAT's learned ranges may)
+    makes that gate use the fixed [0, 6] grid again: still no float op, still what torch
+    computes."""
+    import onnx
+
+    from edgeslim.quant.integer_gates import ShiftGridActQuant
+
+    torch.manual_seed(0)
+    data = torch.randn(32, 3, 12, 12)
+    gm = _quantized(_SE(gain=4.0), data)
+    aligned = [m for m in gm.modules() if isinstance(m, ShiftGridActQuant)]
+    gates = [m for m in gm.modules() if isinstance(m, IntegerHardswish)]
+    assert len(aligned) == 2 and all(g.on_codes for g in gates)
+    aligned[0].quantizer.set_range(-2.5, 4.0)  # no longer has -3 on a code
+    assert sum(g.on_codes for g in gates) == 1
+    path = export_qdq(gm, (data[:1],), tmp_path / "int8.onnx")
+    ops = [n.op_type for n in onnx.load(str(optimized_graph(path, tmp_path / "o.onnx"))).graph.node]
+    assert "HardSwish" not in ops and "Mul" not in ops and "DequantizeLinear" not in ops, ops
+    assert ops.count("Clip") == 1 and ops.count("QLinearAdd") == 1, ops
+    sess = ort_session(path)
+    with torch.no_grad():
+        expected = gm(data[:4]).numpy()
+    got = np.concatenate([sess.run(None, {"input": data[i : i + 1].numpy()})[0] for i in range(4)])
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from edgeslim.errors import EdgeslimError
-from edgeslim.export.rewrite import constants
+from edgeslim.export.rewrite import constants, drop_dead
 from edgeslim.quant.base import Quantizer
 from edgeslim.quant.quantizers import UniformQuantizer
 
@@ -108,7 +108,10 @@ def export_qdq(
     quantize_add_constants(proto)
     fold_scale_into_dequantize(proto)
     quantize_gemm_bias(proto)
+    bypass_requantize(proto)
+    hardswish_on_codes(proto)
     finish_qdq(proto)
+    drop_dead(proto)
     onnx.save(proto, str(out))
     return out
 
@@ -366,3 +369,108 @@ def fold_scale_into_dequantize(model: Any) -> int:
     del graph.node[:]
     graph.node.extend(keep)
     return len(drop)
+
+
+def _same_grid(consts: dict[str, Any], a: Any, b: Any) -> bool:
+    """Whether two Q/DQ nodes have the same constant scale and zero point (and type)."""
+    import numpy as np
+
+    for i in (1, 2):
+        x = consts.get(a.input[i]) if len(a.input) > i else None
+        y = consts.get(b.input[i]) if len(b.input) > i else None
+        if x is None or y is None or x.dtype != y.dtype or not np.array_equal(x, y):
+            return False
+    return True
+
+
+def bypass_requantize(model: Any) -> int:
+    """``Q(DQ(codes))`` on the same grid is ``codes``: its readers read ``codes`` directly.
+
+    The exporter writes such pairs where one quantizer covers an edge and the value-moving
+    op after it (a folded BatchNorm's Identity). ONNX Runtime removes a pair itself only
+    when DequantizeLinear nodes alone read it; a ``Clip`` on the codes
+    (:func:`hardswish_on_codes`) would keep it as two float passes. Returns the count."""
+    graph = model.graph
+    consts = constants(graph)
+    producer = _producers(graph)
+    users = _readers(graph)
+    outputs = {o.name for o in graph.output}
+    count = 0
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or node.output[0] in outputs:
+            continue
+        if not _same_grid(consts, node, dq):
+            continue
+        for reader in users.get(node.output[0], []):
+            for j, name in enumerate(reader.input):
+                if name == node.output[0]:
+                    reader.input[j] = dq.input[0]
+        count += 1
+    drop_dead(model)
+    return count
+
+
+def _uint8_grid(consts: dict[str, Any], dq: Any) -> tuple[float, int] | None:
+    """``(scale, zero point)`` of a per-tensor uint8 DequantizeLinear with constants."""
+    import numpy as np
+
+    if dq.op_type != "DequantizeLinear" or len(dq.input) != 3:
+        return None
+    scale, zp = _scalar(consts, dq.input[1]), consts.get(dq.input[2])
+    if scale is None or zp is None or zp.dtype != np.uint8 or zp.size != 1:
+        return None
+    return scale, int(zp.reshape(-1)[0])
+
+
+def hardswish_on_codes(model: Any) -> int:
+    """``HardSwish(DQ(codes))`` whose grid has ``-3`` on a code (uint8 zero point ``k``,
+    scale ``3 / k``; see :func:`~edgeslim.quant.integer_gates.align_to_shift`) becomes
+    ``Mul(DQ(codes), DQ(Clip(codes, 0, 2k), scale / 6))``.
+
+    ``x + 3`` is the codes read at zero point 0, ``relu6`` the clip at ``6 / scale = 2k``:
+    the gate is exact, and ONNX Runtime runs an integer ``Clip`` and one ``QLinearMul``
+    where the fixed-grid gate needs a ``QLinearAdd`` and a ``QLinearMul``. Other grids keep
+    ``HardSwish`` (a float pass, still correct). Returns the count."""
+    import math
+
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    consts = constants(graph)
+    producer = _producers(graph)
+    nodes = []
+    count = 0
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "HardSwish" else None
+        grid = _uint8_grid(consts, dq) if dq is not None else None
+        if grid is None or not math.isclose(grid[1] * grid[0], 3.0, rel_tol=1e-5):
+            nodes.append(node)
+            continue
+        assert dq is not None
+        scale, k = grid
+        base = node.name or node.output[0]
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array(0, np.uint8), f"{base}_lo"),
+            numpy_helper.from_array(np.array(min(2 * k, 255), np.uint8), f"{base}_hi"),
+            numpy_helper.from_array(np.array(scale / 6.0, np.float32), f"{base}_gate_scale"),
+        ])  # fmt: skip
+        nodes += [
+            helper.make_node(
+                "Clip", [dq.input[0], f"{base}_lo", f"{base}_hi"], [f"{base}_codes"],
+                name=f"{base}_clip",
+            ),
+            helper.make_node(
+                "DequantizeLinear", [f"{base}_codes", f"{base}_gate_scale", f"{base}_lo"],
+                [f"{base}_gate"], name=f"{base}_gate",
+            ),
+            helper.make_node(
+                "Mul", [node.input[0], f"{base}_gate"], [node.output[0]], name=f"{base}_mul"
+            ),
+        ]  # fmt: skip
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count

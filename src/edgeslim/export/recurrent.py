@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from edgeslim.errors import EdgeslimError
-from edgeslim.export.rewrite import constants
+from edgeslim.export.rewrite import constants, drop_dead
 
 MS_DOMAIN = "com.microsoft"
 # gate rows of torch (i, f, g, o) taken in ONNX's order (i, o, f, c)
@@ -159,7 +159,6 @@ def quantize_lstm(model: Any) -> int:
     consts = constants(graph)
     names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
     replaced = 0
-    old: set[str] = set()
     for node in lstms:
         if len(node.input) < 3 or any(a.name == "layout" and a.i for a in node.attribute):
             continue
@@ -195,30 +194,13 @@ def quantize_lstm(model: Any) -> int:
             domain=MS_DOMAIN,
             **attrs,
         )  # fmt: skip
-        old.update(node.input[1:3])
         node.CopyFrom(new)
         replaced += 1
     if replaced:
-        _drop_unused(model, old)
+        drop_dead(model)  # the float W and R
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return replaced
-
-
-def _drop_unused(model: Any, names: set[str]) -> None:
-    """Remove the float ``W``/``R`` ``names`` once nothing reads them (Constant nodes or
-    initializers)."""
-    graph = model.graph
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    dead = names - used
-    keep = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in dead)]
-    if len(keep) != len(graph.node):
-        del graph.node[:]
-        graph.node.extend(keep)
-    live = [i for i in graph.initializer if i.name not in dead]
-    if len(live) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(live)
 
 
 def finish_qdq(model: Any) -> None:

@@ -68,3 +68,27 @@ def fast_prelu(model: Any) -> int:
 def rewrite_for_speed(model: Any) -> int:
     """Every rewrite of this module; returns the number of nodes rewritten."""
     return fast_prelu(model)
+
+
+def drop_dead(model: Any) -> int:
+    """Remove nodes whose outputs nothing reads (not even the graph's outputs), repeatedly,
+    and initializers no node reads. Returns the number of nodes removed.
+
+    Rewrites leave such nodes behind (a constant's DequantizeLinear whose Add is gone); ONNX
+    Runtime runs a dead node at every inference all the same, and warns about each unused
+    constant when it loads the file."""
+    graph = model.graph
+    before = len(graph.node)
+    while True:
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        live = [n for n in graph.node if any(o in read for o in n.output)]
+        if len(live) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(live)
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    used = [i for i in graph.initializer if i.name in read]
+    if len(used) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(used)
+    return before - len(graph.node)

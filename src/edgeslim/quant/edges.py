@@ -34,7 +34,15 @@ from torch import nn
 
 from edgeslim.graph.ops import ADDS, MOVES_VALUES, OpSet
 from edgeslim.graph.trace import trace
-from edgeslim.quant.integer_gates import IntegerGate, IntegerHardsigmoid, fold_shift, integer_gate
+from edgeslim.quant.integer_gates import (
+    IntegerGate,
+    IntegerHardsigmoid,
+    IntegerHardswish,
+    ShiftGridActQuant,
+    fold_shift,
+    integer_gate,
+    shift_grid_eligible,
+)
 from edgeslim.quant.modules import ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantSpec
 
@@ -111,7 +119,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     edges: list[tuple[fx.Node, list[fx.Node], str]] = []
     for i, (src, users) in enumerate(consumers.items()):
         name = f"edge_quant_{i}"
-        gm.add_submodule(name, takeover.get(src) or ActQuant(spec))
+        gm.add_submodule(name, takeover.get(src) or _edge_quantizer(gm, users, spec))
         edges.append((src, users, name))
         node = src
         while MOVES_VALUES.matches(gm, node) and node.all_input_nodes:  # share through pool/flatten
@@ -160,6 +168,19 @@ def _integer_gates(gm: fx.GraphModule) -> int:
             gm.delete_submodule(target)  # the float module is gone from the graph
         count += 1
     return count
+
+
+def _edge_quantizer(gm: fx.GraphModule, users: list[fx.Node], spec: QuantSpec) -> ActQuant:
+    """A new edge quantizer; for the input of a hardswish read by it alone, one whose grid
+    puts hardswish's ``-3`` on a code, and the gate then runs on those codes (see
+    :class:`~edgeslim.quant.integer_gates.IntegerHardswish`)."""
+    if len(users) == 1 and users[0].op == "call_module" and shift_grid_eligible(spec):
+        gate = gm.get_submodule(str(users[0].target))
+        if isinstance(gate, IntegerHardswish):
+            act = ShiftGridActQuant(spec)
+            gate.input_grid = (act,)
+            return act
+    return ActQuant(spec)
 
 
 def _fold_gate_shifts(gm: fx.GraphModule) -> set[fx.Node]:

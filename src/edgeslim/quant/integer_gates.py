@@ -26,6 +26,7 @@ activation), whatever the activation bit-width of the model.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -64,6 +65,62 @@ class FixedActQuant(ActQuant):
         self.mode = "quant"
 
 
+def shift_grid_eligible(spec: QuantSpec) -> bool:
+    """Whether an activation grid of ``spec`` can be aligned so that ``-SHIFT`` is a code:
+    8-bit asymmetric (uint8) per-tensor uniform, the grid ONNX Runtime's kernels read."""
+    return (
+        spec.quantizer == "uniform"
+        and spec.bits == 8
+        and not spec.symmetric
+        and spec.granularity == "tensor"
+        and spec.observer != "dynamic"
+    )
+
+
+@torch.no_grad()
+def align_to_shift(q: UniformQuantizer, shift: float = SHIFT, coarser: bool = True) -> bool:
+    """Set ``q``'s range to ``[-shift, hi']`` with ``-shift`` exactly on a code: zero point
+    ``k`` and scale ``shift / k``, ``k`` the largest whose top code ``hi' = shift (qmax - k)
+    / k`` still covers the calibrated top ``hi``. Returns whether it did: with ``coarser``
+    False, not when the step would grow by more than the rounding of ``k`` (a calibrated
+    range whose bottom is above ``-shift``).
+
+    Below ``-shift`` hardswish is 0 and clipping its input there changes nothing; above,
+    the grid keeps the calibrated range. Then ``x + shift`` is the codes themselves at zero
+    point 0, so hardswish's gate ``relu6(x + shift) / 6`` is ``clip(codes, 0, 2k)`` read
+    at scale ``s / 6``: no add, no requantization."""
+    scale = float(q.scale.max())
+    hi = float((q.qmax - q.zero_point.max()) * scale)
+    k = min(int(q.qmax), max(1, math.floor(shift * q.qmax / (max(hi, 0.0) + shift))))
+    if not coarser and shift > scale * (k + 1) * (1 + 1e-6):  # beyond k's rounding
+        return False
+    q.set_range(-shift, shift * (q.qmax - k) / k)
+    return True
+
+
+class ShiftGridActQuant(ActQuant):
+    """The input quantizer of a hardswish read by it alone: its calibrated range is aligned
+    (:func:`align_to_shift`) so that the gate runs on the input's own codes, unless that
+    would coarsen its step.
+
+    Decision — never coarser: on the zoo's MobileNetV3-small (ad hoc, 10,000 test images,
+    W8A8 in ONNX Runtime) aligning every hardswish input gave 98.97% agreement with fp32
+    against 99.29% for the fixed-grid gates: 18 of 19 grids got 7-25% finer, but the
+    classifier's, calibrated on ``[-1.65, 2.68]``, 32% coarser. That one keeps the
+    fixed-grid gate."""
+
+    def constrain_range(self) -> None:
+        q = self.quantizer
+        assert isinstance(q, UniformQuantizer)
+        align_to_shift(q, coarser=False)
+
+
+def on_shift_grid(q: UniformQuantizer, shift: float = SHIFT) -> bool:
+    """Whether ``-shift`` is a code of ``q`` (zero point times scale equals ``shift``)."""
+    zp, scale = float(q.zero_point.max()), float(q.scale.max())
+    return zp > 0 and math.isclose(zp * scale, shift, rel_tol=1e-5)
+
+
 class IntegerGate(nn.Module):
     """The gate ``relu6(x + shift)`` on the fixed 8-bit grid of ``[0, 6]``, times 1/6.
 
@@ -91,9 +148,29 @@ class IntegerHardsigmoid(IntegerGate):
 
 
 class IntegerHardswish(IntegerGate):
-    """``x * hardsigmoid(x)`` with the gate on the 8-bit grid (see module doc)."""
+    """``x * hardsigmoid(x)`` with the gate on the 8-bit grid (see module doc).
+
+    When its input quantizer (``input_grid``, set by the edge pass) has ``-3`` on a code,
+    the gate is exact on the input's own grid: the plain ``hardswish`` of the quantized
+    input is what ONNX Runtime computes (export writes it as a ``Clip`` on the codes and
+    one ``QLinearMul``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # a tuple, so the quantizer (a module of the graph already) is not registered twice
+        self.input_grid: tuple[ActQuant, ...] = ()
+
+    @property
+    def on_codes(self) -> bool:
+        """Whether the gate runs on its input's codes (see class doc)."""
+        if not self.input_grid:
+            return False
+        q = self.input_grid[0].quantizer
+        return isinstance(q, UniformQuantizer) and bool(q.calibrated) and on_shift_grid(q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_codes:
+            return torch.nn.functional.hardswish(x)
         return x * self.hardsigmoid(x)
 
 

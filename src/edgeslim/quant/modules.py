@@ -94,9 +94,14 @@ class ActQuant(nn.Module):
     def finish_observing(self) -> None:
         if self.observer is not None:
             self.observer.apply(self.quantizer)
+            self.constrain_range()
             self.estimator.prepare(self.quantizer)  # LSQ/PACT: range now learnable
         self.observer = None
         self.mode = "quant"
+
+    def constrain_range(self) -> None:
+        """Adjust the observed range before it becomes final (a hook for subclasses whose
+        grid must contain a given value; none here)."""
 
     def extra_repr(self) -> str:
         return f"{self.spec.quantizer}, bits={self.spec.bits}, mode={self.mode}"
