@@ -53,7 +53,9 @@ def test_quick_run_writes_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     w4 = next(r for r in qat if r.config["setting"] == "w4a4" and r.method == "edgeslim:qat_ste")
     assert w1.size_bytes < w4.size_bytes
     prog = next(r for r in qat if r.method == "edgeslim:qat_recipe_progressive")
-    assert prog.config["progressive"] == [8, 4, 2]
+    # quick: W1A1 gets the suite's one epoch, so the schedule keeps its last stage (one
+    # epoch at 2 bits, then one at W1A1); the full run: 8, 4 and 2 bits, then W1A1
+    assert prog.config["progressive"] == [2] and prog.extra["epochs"] >= 1
     distill = [r for r in records if r.method == "edgeslim:distill"]
     assert Counter((r.config["student"], r.config["distill"]) for r in distill) == Counter(
         (s, d) for s in ("w2a2", "resnet20-pruned50") for d in ("none", "kd", "dccd")

@@ -33,6 +33,20 @@ def test_prune_stage_is_registered_with_its_defaults() -> None:
     assert _parse(ratio={"layer1.0.conv1": 0.5}).ratio == {"layer1.0.conv1": 0.5}
 
 
+def test_the_stage_declares_every_planner_option_with_the_planners_default() -> None:
+    """Decision: a recipe's prune stage stays flat (``macs_reduction: 0.5``, not a nested
+    ``planner:`` block) and builds :class:`PruneConfig` from the same names; this keeps the
+    two declarations from drifting apart."""
+    import dataclasses
+
+    from edgeslim.prune.config import PruneConfig
+
+    for f in dataclasses.fields(PruneConfig):
+        assert f.name in PruneStage.model_fields, f.name
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        assert PruneStage.model_fields[f.name].default == default, f.name
+
+
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [

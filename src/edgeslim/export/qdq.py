@@ -426,12 +426,15 @@ def _uint8_grid(consts: dict[str, Any], dq: Any) -> tuple[float, int] | None:
 def hardswish_on_codes(model: Any) -> int:
     """``HardSwish(DQ(codes))`` whose grid has ``-3`` on a code (uint8 zero point ``k``,
     scale ``3 / k``; see :func:`~edgeslim.quant.integer_gates.align_to_shift`) becomes
-    ``Mul(DQ(codes), DQ(Clip(codes, 0, 2k), scale / 6))``.
+    ``Mul(DQ(codes), DQ(Clip(codes, max=2k), scale / 6))``.
 
-    ``x + 3`` is the codes read at zero point 0, ``relu6`` the clip at ``6 / scale = 2k``:
-    the gate is exact, and ONNX Runtime runs an integer ``Clip`` and one ``QLinearMul``
-    where the fixed-grid gate needs a ``QLinearAdd`` and a ``QLinearMul``. Other grids keep
-    ``HardSwish`` (a float pass, still correct). Returns the count."""
+    ``x + 3`` is the codes read at zero point 0 (never below it: code 0 is -3), ``relu6``'s
+    top the clip at ``6 / scale = 2k``: the gate is exact, and ONNX Runtime runs an
+    integer ``Clip`` and one ``QLinearMul`` where the fixed-grid gate needs a ``QLinearAdd``
+    and a ``QLinearMul``. Measured on the zoo's MobileNetV3-small (W8A8, batch 1, 2
+    threads, median of 5 interleaved rounds): ``Clip`` with its upper bound alone 1.248x
+    over fp32, with both bounds 1.235x, ``Min`` 1.210x. Other grids keep ``HardSwish`` (a
+    float pass, still correct). Returns the count."""
     import math
 
     import numpy as np
@@ -452,17 +455,19 @@ def hardswish_on_codes(model: Any) -> int:
         scale, k = grid
         base = node.name or node.output[0]
         graph.initializer.extend([
-            numpy_helper.from_array(np.array(0, np.uint8), f"{base}_lo"),
-            numpy_helper.from_array(np.array(min(2 * k, 255), np.uint8), f"{base}_hi"),
+            numpy_helper.from_array(np.array(0, np.uint8), f"{base}_zero"),
+            numpy_helper.from_array(np.array(min(2 * k, 255), np.uint8), f"{base}_top"),
             numpy_helper.from_array(np.array(scale / 6.0, np.float32), f"{base}_gate_scale"),
         ])  # fmt: skip
+        codes = dq.input[0]
+        if 2 * k < 255:  # code 0 is -3 already: only relu6's top needs a clip
+            nodes.append(helper.make_node(
+                "Clip", [codes, "", f"{base}_top"], [f"{base}_codes"], name=f"{base}_clip"
+            ))  # fmt: skip
+            codes = f"{base}_codes"
         nodes += [
             helper.make_node(
-                "Clip", [dq.input[0], f"{base}_lo", f"{base}_hi"], [f"{base}_codes"],
-                name=f"{base}_clip",
-            ),
-            helper.make_node(
-                "DequantizeLinear", [f"{base}_codes", f"{base}_gate_scale", f"{base}_lo"],
+                "DequantizeLinear", [codes, f"{base}_gate_scale", f"{base}_zero"],
                 [f"{base}_gate"], name=f"{base}_gate",
             ),
             helper.make_node(
