@@ -22,6 +22,13 @@ folded into their conv's bias (:func:`fold_shift`); 1.27x in the committed
 Decision — the gate's grid is fixed, never calibrated: its range is known exactly, and 8
 bits give it a step of 1/255 (at most half a step of error, the same as any 8-bit
 activation), whatever the activation bit-width of the model.
+
+A hardswish whose input quantizer feeds it alone needs no gate grid at all: that input
+grid is aligned at calibration so that -3 is a code (:class:`ShiftGridActQuant`), and the
+gate is then the input's own codes clipped at ``2k`` (export:
+:func:`edgeslim.export.qdq.hardswish_on_codes`), one ``Clip`` where the fixed grid needs a
+``QLinearAdd``. On the same model (ad hoc, median of 5 interleaved rounds): 1.25x over
+fp32 against 1.14x for the fixed-grid gates, agreement with fp32 99.09% against 99.29%.
 """
 
 from __future__ import annotations
