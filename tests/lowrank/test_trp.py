@@ -192,3 +192,36 @@ def test_trp_train_exports_to_onnx(digits, tmp_path: Path) -> None:  # type: ign
         got = torch.from_numpy(session.run(None, {"input": batch.numpy()})[0])
         with torch.no_grad():
             torch.testing.assert_close(got, model(batch), atol=1e-4, rtol=1e-4)
+
+
+def test_a_ramp_reaches_the_macs_target_gradually(digits) -> None:  # type: ignore[no-untyped-def]
+    """Early truncations keep more rank than the target's; from the ramp's end on, the
+    target's ranks (the same as without a ramp on the same weights)."""
+    example = (digits[1].images[:1],)
+    trp = TrainedRankPruning(
+        cnn(), example, TRPConfig(period=3, macs_reduction=0.5, ramp=0.5, freeze_at=0.9)
+    )
+    for i in range(30):  # truncations at progress 0.1, 0.2, ... 0.8, then frozen at 0.9
+        trp.on_step(i / 30)
+    full = 32  # both factorizable convs have 32 outputs; a layer not listed is not cut
+
+    def total(ranks: dict[str, int]) -> int:
+        return sum(ranks.get(fqn, full) for fqn in LAYERS)
+
+    sums = [total(r) for r in trp.rank_history]
+    assert len(sums) == 8 and sums[0] > sums[-1]
+    assert sums == sorted(sums, reverse=True)  # never more rank later
+    plain = TrainedRankPruning(cnn(), example, TRPConfig(period=3, macs_reduction=0.5))
+    for _ in range(4):
+        plain.on_step()
+    assert sums[0] > total(plain.rank_history[0])  # the first cut is milder
+    assert trp._ramped(0.5) == 0.5  # past the ramp: the target itself
+    trp._progress = 0.25  # half-way: 1 - 0.5^3 of it
+    assert trp._ramped(0.5) == pytest.approx(0.5 * 0.875)
+
+
+def test_ramp_must_end_before_the_ranks_freeze() -> None:
+    from edgeslim.lowrank.modules import LowRankError
+
+    with pytest.raises(LowRankError, match="ramp must be in"):
+        TRPConfig(macs_reduction=0.5, ramp=0.95, freeze_at=0.9)
