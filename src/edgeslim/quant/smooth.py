@@ -31,18 +31,22 @@ def input_absmax(
 ) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
     """Per-input-channel ``max|x|`` of each layer, and the layers grouped by shared input.
 
-    Layers fed the very same tensor (same storage and shape) in the first batch share a
-    group, so they get one divisor and the runtime computes the division once.
+    Layers fed the very same tensor in the first batch share a group, so they get one
+    divisor and the runtime computes the division once. The first inputs are held until
+    the grouping is done: a tensor freed during the batch could otherwise hand its address
+    to a later one of the same shape, and two unrelated layers would share a divisor (it
+    happened on MiniLM, depending on the allocator's state: the W8A8 cosine varied from
+    0.953 to 0.996 between processes with the same seed).
     """
     stats: dict[str, torch.Tensor] = {}
-    first: dict[str, tuple[int, tuple[int, ...]]] = {}
+    first: dict[str, torch.Tensor] = {}
     hooks = []
     for fqn, layer in layers.items():
 
         def hook(_m: nn.Module, args: tuple[Any, ...], fqn: str = fqn) -> None:
             x = args[0]
             if fqn not in first:
-                first[fqn] = (x.data_ptr(), tuple(x.shape))
+                first[fqn] = x  # held: its address stays its own (see above)
             cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
             stats[fqn] = torch.maximum(stats[fqn], cur) if fqn in stats else cur
 
@@ -60,10 +64,12 @@ def input_absmax(
         for h in hooks:
             h.remove()
         model.train(was_training)
-    by_input: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    by_input: dict[tuple[int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
     for fqn in layers:
         if fqn in first:
-            by_input.setdefault(first[fqn], []).append(fqn)
+            x = first[fqn]
+            by_input.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), []).append(fqn)
+    first.clear()
     return stats, list(by_input.values())
 
 
