@@ -169,6 +169,10 @@ def test_report_merges_runs_in_order(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert [r.model for r in load_records(out / "results.json")] == ["a", "b", "c"]
-    assert "| c | edgeslim:fp32 |" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "| c | edgeslim:fp32 |" in text
+    # the merge says where its records were measured, not that it measured them
+    assert "from 2 run(s) (1 from `one`, 2 from `two`)" in text
+    assert "measured in the run that wrote" not in text
     missing = runner.invoke(app, ["report", str(tmp_path / "none"), "--out", str(out)])
     assert missing.exit_code == 2 and "does not exist" in missing.output

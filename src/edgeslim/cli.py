@@ -325,6 +325,7 @@ def report(
 
     records = []
     seen: dict[Path, Path] = {}
+    counts: list[str] = []
     for run in runs:
         path = run / "results.json" if run.is_dir() else run
         if not path.is_file():
@@ -340,11 +341,17 @@ def report(
             )
         seen[path.resolve()] = run
         try:
-            records += load_records(path)
+            loaded = load_records(path)
         except ValueError as exc:
             fail(EdgeslimError(f"{path} is not a valid results file: {exc}"))
+        records += loaded
+        counts.append(f"{len(loaded)} from `{(run if run.is_dir() else run.parent).name}`")
     save_records(records, out / "results.json")
-    write_report(records, out, title=title)
+    provenance = (
+        f"Merged by `edgeslim report` from {len(runs)} run(s) ({', '.join(counts)}); every "
+        "number below was measured in its own run, as recorded there."
+    )
+    write_report(records, out, title=title, provenance=provenance)
     console.print(f"wrote {out / 'results.json'} ({len(records)} records), {out / 'report.md'}")
 
 

@@ -43,8 +43,15 @@ def _warnings(records: Sequence[Record]) -> list[str]:
                               if n.startswith("WARNING")))  # fmt: skip
 
 
-def write_report(records: Sequence[Record], out: Path, title: str = "edgeslim report") -> Path:
-    """Write ``report.md`` and the plots for ``records`` into ``out``."""
+def write_report(
+    records: Sequence[Record],
+    out: Path,
+    title: str = "edgeslim report",
+    provenance: str | None = None,
+) -> Path:
+    """Write ``report.md`` and the plots for ``records`` into ``out``. ``provenance`` says
+    where the records come from when they were not all measured in the run writing the
+    file (a merge of several runs); by default, that run."""
     from edgeslim.report.plots import plot_tradeoffs
 
     out = Path(out)
@@ -52,11 +59,12 @@ def write_report(records: Sequence[Record], out: Path, title: str = "edgeslim re
     plots = plot_tradeoffs(records, out)
     parts = [f"# {title}", ""]
     parts.append(
-        "Every number below was measured in the run that wrote `results.json` beside this "
-        "file. Latencies are medians at a fixed thread count; `baseline ms` is the "
+        (provenance or "Every number below was measured in the run that wrote `results.json` "
+         "beside this file.")
+        + " Latencies are medians at a fixed thread count; `baseline ms` is the "
         "uncompressed fp32 model in the same runtime and process, so `speed-up` shows what "
         "compression gained, not what the runtime gained."
-    )
+    )  # fmt: skip
     parts.append("")
     for suite in dict.fromkeys(r.suite for r in records):
         rows = [r for r in records if r.suite == suite]
