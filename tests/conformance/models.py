@@ -186,6 +186,56 @@ class TinyAttention(nn.Module):
         return self.fc(h.mean(dim=1))
 
 
+class HardswishSe(nn.Module):
+    """A MobileNetV3-style net on 3 x 32 x 32 images: conv-BN-hardswish stem, an inverted
+    residual block (1x1 expand, depthwise 3x3, squeeze-excite gated by ``F.hardsigmoid``,
+    1x1 project, residual add), a hardswish head, 10 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
+            nn.Hardswish(),
+        )  # fmt: skip
+        self.expand = nn.Sequential(
+            nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48), nn.Hardswish()
+        )
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False), nn.BatchNorm2d(48),
+            nn.Hardswish(),
+        )  # fmt: skip
+        self.squeeze = nn.Conv2d(48, 12, 1)
+        self.excite = nn.Conv2d(12, 48, 1)
+        self.project = nn.Sequential(nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Sequential(nn.Linear(16, 32), nn.Hardswish(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h = self.depthwise(self.expand(x))
+        gate = nn.functional.hardsigmoid(
+            self.excite(torch.relu(self.squeeze(h.mean((2, 3), keepdim=True))))
+        )
+        x = x + self.project(h * gate)
+        return self.head(x.mean((2, 3)))
+
+
+class PreluCnn(nn.Module):
+    """3 x 32 x 32 images through convs with per-channel PReLU and no BatchNorm (a face
+    detector's backbone), global average pool, 10 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.PReLU(16),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.PReLU(32),
+            nn.Conv2d(32, 32, 3, padding=1), nn.PReLU(32),
+        )  # fmt: skip
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
 def _seeded(cls: type[nn.Module]) -> nn.Module:
     torch.manual_seed(SEED)
     model = cls()
@@ -215,6 +265,14 @@ def conv_lstm() -> nn.Module:
 
 def conv_lstm_cell() -> nn.Module:
     return _seeded(ConvLstmCell)
+
+
+def hardswish_se() -> nn.Module:
+    return _seeded(HardswishSe)
+
+
+def prelu_cnn() -> nn.Module:
+    return _seeded(PreluCnn)
 
 
 def tiny_encoder() -> nn.Module:
@@ -272,6 +330,8 @@ SPECS: dict[str, Spec] = {
             ("logits", "float", "float"),
             labelled=False,
         ),
+        Spec("hardswish_se", hardswish_se, ((1, 3, 32, 32),), (0,), ("logits",), labelled=True),
+        Spec("prelu_cnn", prelu_cnn, ((1, 3, 32, 32),), (0,), ("logits",), labelled=False),
         Spec("tiny_encoder", tiny_encoder, ((1, 16, 32),), (0,), ("logits",), labelled=True),
         Spec("tiny_attention", tiny_attention, ((1, 16, 32),), (0,), ("logits",), False),
     )

@@ -111,3 +111,19 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     out: np.ndarray = sess.run(None, {"x": x})[0]
     return out
+
+
+def test_prelus_with_equal_slopes_are_all_rewritten(tmp_path: Path) -> None:
+    """The exporter writes the second of two equal slope tensors as ``Identity`` of the
+    first; it is still a constant, so that PReLU is rewritten too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8), nn.Conv2d(8, 8, 3, padding=1), nn.PReLU(8)
+    ).eval()  # both slopes at PReLU's initial 0.25
+    x = torch.randn(4, 3, 10, 10)
+    path = export_onnx(model, (x[:1],), tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "PRelu" not in ops and ops.count("Max") == 2, ops
+    got = ort_session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-5, atol=1e-6)

@@ -16,7 +16,11 @@ from typing import Any
 
 
 def constants(graph: Any) -> dict[str, Any]:
-    """Every constant value of an ONNX graph (initializers and Constant nodes) by name."""
+    """Every constant value of an ONNX graph (initializers, Constant nodes, and Identity
+    nodes of either) by name.
+
+    The exporter writes a parameter equal to an earlier one (two PReLUs with the same
+    slopes) as ``Identity`` of the first: it is as constant as the first."""
     from onnx import numpy_helper
 
     consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -25,6 +29,8 @@ def constants(graph: Any) -> dict[str, Any]:
             for attr in node.attribute:
                 if attr.name == "value":
                     consts[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == "Identity" and node.input and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
     return consts
 
 
