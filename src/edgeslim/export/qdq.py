@@ -110,6 +110,7 @@ def export_qdq(
     quantize_gemm_bias(proto)
     bypass_requantize(proto)
     hardswish_on_codes(proto)
+    mean_as_global_pool(proto)
     finish_qdq(proto)
     drop_dead(proto)
     onnx.save(proto, str(out))
@@ -474,6 +475,77 @@ def hardswish_on_codes(model: Any) -> int:
                 "Mul", [node.input[0], f"{base}_gate"], [node.output[0]], name=f"{base}_mul"
             ),
         ]  # fmt: skip
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def _ranks(model: Any) -> dict[str, int]:
+    """The rank of every tensor ONNX shape inference can tell, by name."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    ranks = {}
+    for v in [*inferred.value_info, *inferred.input, *inferred.output]:
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            ranks[v.name] = len(t.shape.dim)
+    return ranks
+
+
+def mean_as_global_pool(model: Any) -> int:
+    """``ReduceMean`` over the two spatial axes of a dequantized 4-D tensor becomes
+    ``GlobalAveragePool`` (then ``Squeeze`` of those axes without ``keepdims``).
+
+    The same values; but ONNX Runtime has an integer kernel for the pool
+    (``QLinearGlobalAveragePool``) and none for ``ReduceMean``, which would run in float and
+    leave the ops around it (a squeeze-excite product, a residual add) in float too.
+    Returns the count."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producer = _producers(graph)
+    consts = constants(graph)
+    ranks: dict[str, int] | None = None
+    nodes = []
+    count = 0
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "ReduceMean" else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1:  # opset 18: axes as an input
+            axes = consts.get(node.input[1])
+            axes = None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+        if ranks is None:
+            ranks = _ranks(model)
+        rank = ranks.get(node.input[0])
+        if axes is None or rank != 4 or {int(a) % 4 for a in axes} != {2, 3}:
+            nodes.append(node)
+            continue
+        base = node.name or node.output[0]
+        if attrs.get("keepdims", 1):
+            nodes.append(helper.make_node(
+                "GlobalAveragePool", [node.input[0]], [node.output[0]], name=f"{base}_pool"
+            ))  # fmt: skip
+        else:
+            graph.initializer.append(
+                numpy_helper.from_array(np.array([2, 3], np.int64), f"{base}_axes")
+            )
+            nodes += [
+                helper.make_node(
+                    "GlobalAveragePool", [node.input[0]], [f"{base}_pooled"], name=f"{base}_pool"
+                ),
+                helper.make_node(
+                    "Squeeze", [f"{base}_pooled", f"{base}_axes"], [node.output[0]],
+                    name=f"{base}_squeeze",
+                ),
+            ]  # fmt: skip
         count += 1
     if count:
         del graph.node[:]

@@ -7,7 +7,7 @@ residual add stay in float, and a conv whose output feeds an op with no integer 
 ``DQ -> Conv -> Q`` and runs it in float. ``quantize_edges`` traces the prepared model with
 torch.fx and places exactly one :class:`ActQuant` on every edge that feeds a quantized
 layer, an add, a tensor-by-tensor product (squeeze-excite gates, attention matmuls) or an
-average pool, and on
+average pool (a ``mean`` over the two spatial axes included), and on
 the output of every quantized conv (after its ReLU when a ReLU is its only reader, which
 export then folds away), taking over the layers' own input quantizers. The simulation then
 quantizes the same tensors that ONNX Runtime's integer kernels (QLinearConv, QLinearAdd,
@@ -100,6 +100,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             or isinstance(layer, POOL_MODULES)
             or (isinstance(layer, IntegerGate) and node.all_input_nodes[0] not in gated)
             or _is_tensor_product(node)
+            or is_spatial_mean(node)
         )
         quant_layer = isinstance(layer, QuantMixin) and layer.input_quant is not None
         if not (is_add or quant_layer):
@@ -208,6 +209,24 @@ def _is_integer_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_module":
         return False
     return isinstance(gm.get_submodule(str(node.target)), IntegerHardsigmoid)
+
+
+SPATIAL_AXES = (frozenset({2, 3}), frozenset({-2, -1}))
+
+
+def is_spatial_mean(node: fx.Node) -> bool:
+    """``x.mean((2, 3))`` / ``torch.mean(x, dim=(-2, -1), keepdim=True)``: the global
+    average pool written by hand (squeeze-excite blocks, classifier heads). Quantized like
+    an average pool; export turns it into ``GlobalAveragePool`` where the input is 4-D
+    (:func:`edgeslim.export.qdq.mean_as_global_pool`), which ONNX Runtime runs on uint8."""
+    if node.op == "call_method" and node.target == "mean":
+        pass
+    elif node.op != "call_function" or node.target is not torch.mean:
+        return False
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if isinstance(dims, int) or not isinstance(dims, (tuple, list)):
+        return False
+    return all(isinstance(d, int) for d in dims) and frozenset(dims) in SPATIAL_AXES
 
 
 def _is_tensor_product(node: fx.Node) -> bool:
