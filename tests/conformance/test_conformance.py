@@ -139,6 +139,23 @@ def test_every_layer_runs_in_integer_kernels(compressed: Compressed) -> None:
         assert share >= MIN_INT8_MAC_SHARE, ort_record.extra["float_compute"]
 
 
+# float ops ONNX Runtime may run between integer kernels, per model, by design: PReLU
+# (as Max/Mul on dequantized values; its own kernel is slower), sigmoid/GELU/softmax/LayerNorm
+NO_FLOAT_OPS = ("cnn32", "hardswish_se")
+
+
+def test_conv_nets_run_without_a_float_op(compressed: Compressed, tmp_path: Path) -> None:
+    """Beyond MACs: in the conv nets every op ONNX Runtime runs is an integer one (hardswish
+    gates, squeeze-excite, the residual add and the hand-written mean pools included)."""
+    if compressed.spec.name not in NO_FLOAT_OPS:
+        pytest.skip("this model has float element-wise ops by design")
+    from edgeslim.runtime.kernels import optimized_graph
+
+    graph = onnx.load(str(optimized_graph(compressed.out / "model.onnx", tmp_path / "o.onnx")))
+    ops = {n.op_type for n in graph.graph.node}
+    assert not ops & {"DequantizeLinear", "Mul", "Add", "ReduceMean", "HardSwish"}, ops
+
+
 def test_onnx_batch_axes_are_each_inputs_batch_dim(compressed: Compressed) -> None:
     spec = compressed.spec
     for file in ("model.onnx", "baseline.onnx"):
