@@ -101,6 +101,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             or (isinstance(layer, IntegerGate) and node.all_input_nodes[0] not in gated)
             or _is_tensor_product(node)
             or is_spatial_mean(node)
+            or (node.op == "call_function" and node.target in CATS)
         )
         quant_layer = isinstance(layer, QuantMixin) and layer.input_quant is not None
         if not (is_add or quant_layer):
@@ -123,7 +124,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         gm.add_submodule(name, takeover.get(src) or _edge_quantizer(gm, users, spec))
         edges.append((src, users, name))
         node = src
-        while MOVES_VALUES.matches(gm, node) and node.all_input_nodes:  # share through pool/flatten
+        while _moves_values(gm, node) and node.all_input_nodes:  # share through pool/flatten
             prev = node.all_input_nodes[0]
             edges.append((prev, [node], name))
             node = prev
@@ -209,6 +210,27 @@ def _is_integer_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_module":
         return False
     return isinstance(gm.get_submodule(str(node.target)), IntegerHardsigmoid)
+
+
+# a concatenation runs as QLinearConcat when every operand and the result are quantized
+CATS = frozenset({torch.cat, torch.concat, torch.concatenate})
+NEAREST_UPSAMPLE = (nn.Upsample, nn.UpsamplingNearest2d)
+
+
+def _moves_values(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """:data:`MOVES_VALUES`, and nearest-neighbour upsampling (``F.interpolate``,
+    ``nn.Upsample`` in mode ``nearest``): it copies values, so one quantizer serves before
+    and after it and ONNX Runtime runs the ``Resize`` on uint8. Bilinear upsampling
+    averages: it stays float between quantizers (ONNX Runtime has no uint8 linear Resize
+    in QDQ graphs)."""
+    if MOVES_VALUES.matches(gm, node):
+        return True
+    if node.op == "call_module":
+        layer = gm.get_submodule(str(node.target))
+        return isinstance(layer, NEAREST_UPSAMPLE) and getattr(layer, "mode", "") == "nearest"
+    if node.op == "call_function" and node.target is nn.functional.interpolate:
+        return node.kwargs.get("mode", "nearest") == "nearest" and len(node.args) < 4
+    return False
 
 
 SPATIAL_AXES = (frozenset({2, 3}), frozenset({-2, -1}))
