@@ -111,6 +111,7 @@ def export_qdq(
     bypass_requantize(proto)
     hardswish_on_codes(proto)
     mean_as_global_pool(proto)
+    shape_of_codes(proto)
     finish_qdq(proto)
     drop_dead(proto)
     onnx.save(proto, str(out))
@@ -550,4 +551,18 @@ def mean_as_global_pool(model: Any) -> int:
     if count:
         del graph.node[:]
         graph.node.extend(nodes)
+    return count
+
+
+def shape_of_codes(model: Any) -> int:
+    """``Shape(DQ(codes))`` reads ``Shape(codes)``: the same shape, without dequantizing a
+    tensor only to measure it (a channel shuffle's ``view`` sizes, a chunk's split point).
+    Returns the count; the DequantizeLinear nodes left unread go with :func:`drop_dead`."""
+    producer = _producers(graph := model.graph)
+    count = 0
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type in ("Shape", "Size") else None
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            node.input[0] = dq.input[0]
+            count += 1
     return count

@@ -119,6 +119,8 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             takeover.setdefault(src, layer.input_quant)
             layer.input_quant = None
     edges: list[tuple[fx.Node, list[fx.Node], str]] = []
+    shared: dict[tuple[fx.Node, fx.Node], str] = {}  # (value-moving op's input, op): quantizer
+    alias: dict[str, str] = {}
     for i, (src, users) in enumerate(consumers.items()):
         name = f"edge_quant_{i}"
         gm.add_submodule(name, takeover.get(src) or _edge_quantizer(gm, users, spec))
@@ -126,8 +128,17 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         node = src
         while _moves_values(gm, node) and node.all_input_nodes:  # share through pool/flatten
             prev = node.all_input_nodes[0]
-            edges.append((prev, [node], name))
+            owner = shared.setdefault((prev, node), name)
+            if owner != name:  # two halves of one split: the first one's quantizer serves both
+                alias[name] = _root(alias, owner)
+                break
+            if not _splits(gm, prev):  # a split's output is a tuple: quantize its input
+                edges.append((prev, [node], name))
             node = prev
+    if alias:
+        edges = [(src, users, _root(alias, name)) for src, users, name in edges]
+        for name in alias:
+            gm.delete_submodule(name)
     covered = {src for src, _, _ in edges}
     for j, conv in enumerate(convs):
         out = _conv_output(gm, conv)
@@ -142,9 +153,36 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             q = graph.call_module(name, (src,))
         for user in dict.fromkeys(users):
             user.replace_input_with(src, q)
+        for user in list(src.users):  # the same shape: read it after the quantizer, so
+            if _reads_shape(user):  # the float tensor has no reader left beside it
+                user.replace_input_with(src, q)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.dim()``: reads a tensor's shape, not its values.
+
+    Exported, a shape read is a ``Shape`` node; left on the float tensor before a
+    quantizer, it is a second reader that keeps ONNX Runtime from fusing the op that
+    wrote the tensor (a concat in a channel shuffle stayed float)."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] == "shape"
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
+def _root(alias: dict[str, str], name: str) -> str:
+    while name in alias:
+        name = alias[name]
+    return name
+
+
+def _splits(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``chunk``/``split``: several outputs, read through ``getitem``."""
+    return (node.op == "call_method" and node.target in ("chunk", "split")) or (
+        node.op == "call_function" and node.target in (torch.chunk, torch.split)
+    )
 
 
 def _integer_gates(gm: fx.GraphModule) -> int:
@@ -215,6 +253,13 @@ def _is_integer_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
 # a concatenation runs as QLinearConcat when every operand and the result are quantized
 CATS = frozenset({torch.cat, torch.concat, torch.concatenate})
 NEAREST_UPSAMPLE = (nn.Upsample, nn.UpsamplingNearest2d)
+# ops that rearrange or select values along any axis (a channel shuffle, a channel split):
+# one per-tensor grid serves before and after them (not so for per-channel statistics,
+# which is why they are not in the shared MOVES_VALUES)
+REARRANGES = OpSet(
+    functions=frozenset({torch.transpose, torch.permute, torch.chunk, torch.split}),
+    methods=frozenset({"transpose", "permute", "chunk", "split"}),
+)  # fmt: skip
 
 
 def _moves_values(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -223,7 +268,12 @@ def _moves_values(gm: fx.GraphModule, node: fx.Node) -> bool:
     and after it and ONNX Runtime runs the ``Resize`` on uint8. Bilinear upsampling
     averages: it stays float between quantizers (ONNX Runtime has no uint8 linear Resize
     in QDQ graphs)."""
-    if MOVES_VALUES.matches(gm, node):
+    if node.op == "call_function" and node.target is operator.getitem:
+        # one part of a chunk/split; indexing a tensor (a recurrent cell's gate slices)
+        # keeps a grid per slice
+        src = node.args[0]
+        return isinstance(src, fx.Node) and _splits(gm, src)
+    if MOVES_VALUES.matches(gm, node) or REARRANGES.matches(gm, node):
         return True
     if node.op == "call_module":
         layer = gm.get_submodule(str(node.target))
