@@ -237,3 +237,40 @@ def test_hardswish_off_the_shifted_grid_falls_back_to_the_fixed_grid_gate(
         expected = gm(data[:4]).numpy()
     got = np.concatenate([sess.run(None, {"input": data[i : i + 1].numpy()})[0] for i in range(4)])
     assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-12.0, 12.0, allow_nan=False, width=32), min_size=1, max_size=64))
+def test_integer_silu_is_within_half_a_gate_step(values: list[float]) -> None:
+    from edgeslim.quant.integer_gates import IntegerSiLU
+
+    x = torch.tensor(values)
+    got = IntegerSiLU()(x)
+    assert torch.all((got - nn.functional.silu(x)).abs() <= x.abs() * (STEP / 2) + 1e-6)
+
+
+def test_silu_runs_as_qlinear_sigmoid_and_mul(tmp_path: Path) -> None:
+    """``nn.SiLU`` and ``F.silu`` between convs: no float op in ONNX Runtime's graph."""
+    import onnx
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.act, self.head = nn.SiLU(), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(nn.functional.silu(self.b(self.act(self.a(x)))))
+
+    torch.manual_seed(0)
+    data = torch.randn(32, 3, 12, 12)
+    gm = _quantized(Net(), data)
+    path = export_qdq(gm, (data[:1],), tmp_path / "int8.onnx")
+    ops = [n.op_type for n in onnx.load(str(optimized_graph(path, tmp_path / "o.onnx"))).graph.node]
+    assert ops.count("QLinearSigmoid") == 2 and ops.count("QLinearMul") == 2, ops
+    assert not {"Sigmoid", "Mul"} & set(ops) and ops.count("DequantizeLinear") == 1, ops
+    sess = ort_session(path)
+    with torch.no_grad():
+        want = gm(data[:4]).numpy()
+    got = np.concatenate([sess.run(None, {"input": data[i : i + 1].numpy()})[0] for i in range(4)])
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
