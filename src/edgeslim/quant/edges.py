@@ -34,6 +34,7 @@ from torch import nn
 
 from edgeslim.graph.ops import ADDS, MOVES_VALUES, OpSet
 from edgeslim.graph.trace import trace
+from edgeslim.quant.gate_patterns import normalize_gates
 from edgeslim.quant.integer_gates import (
     IntegerGate,
     IntegerHardsigmoid,
@@ -88,6 +89,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         # the gate's grid is uint8; ONNX Runtime's QLinearAdd/Mul/Conv take one type for
         # their operands, so with int8 activations the gates stay float (measured: a conv
         # whose output was the uint8 gate lost its integer kernel)
+        normalize_gates(gm)  # hardswish/hardsigmoid written by hand
         _integer_gates(gm)
         gated = _fold_gate_shifts(gm)
     consumers: dict[fx.Node, list[fx.Node]] = {}
