@@ -191,12 +191,13 @@ def drop_relu_before_quantize(model: Any) -> int:
             return False
         if node.op_type == "Relu":
             return True
-        # Clip(0, hi) (ReLU6) is redundant when no quantizer can represent values above hi
-        lo = consts.get(node.input[1]) if len(node.input) > 1 else None
-        hi = consts.get(node.input[2]) if len(node.input) > 2 else None
-        if lo is None or hi is None or float(lo) != 0.0:
+        # Clip(0, hi) (ReLU6) is redundant when no quantizer can represent values above hi;
+        # Clip(0) (clamp(min=0)) is a Relu
+        lo = consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        hi = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if lo is None or float(lo) != 0.0:
             return False
-        return all(q_max(c) <= float(hi) + 1e-6 for c in consumers)
+        return hi is None or all(q_max(c) <= float(hi) + 1e-6 for c in consumers)
 
     removed = 0
     keep = []

@@ -51,3 +51,37 @@ AVERAGES = OpSet(
     functions=frozenset({nn.functional.adaptive_avg_pool2d, nn.functional.avg_pool2d}),
 )
 ADDS = frozenset({operator.add, operator.iadd, torch.add})
+
+
+def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float | None] | None:
+    """``(lo, hi)`` when ``node`` clamps its first input to constant bounds (None: that
+    side open): ``nn.ReLU6``/``nn.Hardtanh``, ``F.relu6``/``F.hardtanh``, ``torch.clamp``
+    and ``x.clamp``; None for anything else."""
+    rest, kw = node.args[1:], node.kwargs
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if isinstance(m, nn.ReLU6):
+            return 0.0, 6.0
+        if isinstance(m, nn.Hardtanh):
+            return float(m.min_val), float(m.max_val)
+        return None
+    if node.op == "call_function" and node.target is nn.functional.relu6:
+        return 0.0, 6.0
+    if node.op == "call_function" and node.target is nn.functional.hardtanh:
+        lo, hi = (*rest, None, None)[:2]
+        lo = kw.get("min_val", -1.0) if lo is None else lo
+        hi = kw.get("max_val", 1.0) if hi is None else hi
+    elif (node.op == "call_function" and node.target is torch.clamp) or (
+        node.op == "call_method" and node.target == "clamp"
+    ):
+        lo, hi = (*rest, None, None)[:2]
+        lo = kw.get("min") if lo is None else lo
+        hi = kw.get("max") if hi is None else hi
+    else:
+        return None
+    out: list[float | None] = []
+    for b in (lo, hi):
+        if b is not None and not isinstance(b, (int, float)):
+            return None  # a tensor bound
+        out.append(None if b is None else float(b))
+    return out[0], out[1]

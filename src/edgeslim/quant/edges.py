@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from edgeslim.graph.ops import ADDS, MOVES_VALUES, OpSet
+from edgeslim.graph.ops import ADDS, MOVES_VALUES, OpSet, clamp_bounds
 from edgeslim.graph.trace import trace
 from edgeslim.quant.gate_patterns import normalize_gates
 from edgeslim.quant.integer_gates import (
@@ -161,6 +161,15 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _relu_like(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ReLU, or a clamp whose lower bound is 0 (``x.clamp(min=0)``, ``clamp(0, 6)``,
+    ``hardtanh(0, 6)``): export folds it into the quantizer after it the same way."""
+    if RELUS.matches(gm, node):
+        return True
+    bounds = clamp_bounds(gm, node)
+    return bounds is not None and bounds[0] == 0.0
 
 
 def _reads_shape(node: fx.Node) -> bool:
@@ -323,6 +332,6 @@ def _conv_output(gm: fx.GraphModule, conv: fx.Node) -> fx.Node:
     while len(node.users) == 1 and PASSES.matches(gm, next(iter(node.users))):
         node = next(iter(node.users))
     users = list(node.users)
-    if len(users) == 1 and RELUS.matches(gm, users[0]):
+    if len(users) == 1 and _relu_like(gm, users[0]):
         return users[0]
     return node

@@ -20,6 +20,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from edgeslim.graph.ops import clamp_bounds
+
 F = nn.functional
 _ADD = (operator.add, torch.add)
 _MUL = (operator.mul, torch.mul)
@@ -34,26 +36,9 @@ def _relu6_input(gm: fx.GraphModule, node: Any) -> fx.Node | None:
     """``x`` when ``node`` is ``relu6(x)`` in any of its spellings, else None."""
     if not isinstance(node, fx.Node) or not node.args:
         return None
-    x, rest, kw = node.args[0], node.args[1:], node.kwargs
-    if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
-        six = isinstance(m, nn.ReLU6) or (
-            isinstance(m, nn.Hardtanh) and _is(m.min_val, 0.0) and _is(m.max_val, 6.0)
-        )
-    elif node.op == "call_function" and node.target is F.relu6:
-        six = True
-    elif (node.op == "call_function" and node.target in (F.hardtanh, torch.clamp)) or (
-        node.op == "call_method" and node.target == "clamp"
-    ):
-        tanh = node.target is F.hardtanh  # its defaults are -1 and 1
-        names, defaults = (
-            (("min_val", "max_val"), (-1.0, 1.0)) if tanh else (("min", "max"), (None, None))
-        )
-        lo = rest[0] if rest else kw.get(names[0], defaults[0])
-        hi = rest[1] if len(rest) > 1 else kw.get(names[1], defaults[1])
-        six = _is(lo, 0.0) and _is(hi, 6.0)
-    else:
-        six = False
+    bounds = clamp_bounds(gm, node)
+    x = node.args[0]
+    six = bounds is not None and _is(bounds[0], 0.0) and _is(bounds[1], 6.0)
     return x if six and isinstance(x, fx.Node) else None
 
 
