@@ -1,4 +1,4 @@
-"""Hardswish / hardsigmoid written by hand are recognised, and only those."""
+"""Hardswish / hardsigmoid / SiLU written by hand are recognised, and only those."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ SPELLINGS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], object]] = {
     "x*hardtanh(x+3,0,6)/6": (lambda x: x * F.hardtanh(x + 3, 0.0, 6.0) / 6, F.hardswish),
     "x*F.hardsigmoid(x)": (lambda x: x * F.hardsigmoid(x), F.hardswish),
     "relu6(x+3)/6": (lambda x: F.relu6(x + 3) / 6, F.hardsigmoid),
+    "x*torch.sigmoid(x)": (lambda x: x * torch.sigmoid(x), F.silu),
+    "x.sigmoid()*x": (lambda x: x.sigmoid() * x, F.silu),
     "(x+3).clamp(min=0,max=6)/6": (lambda x: (x + 3).clamp(min=0, max=6) / 6, F.hardsigmoid),
 }
 
@@ -54,6 +56,7 @@ def test_each_spelling_becomes_the_function_and_computes_the_same(name: str) -> 
     assert normalize_gates(gm) == 1
     calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert target in calls and F.relu6 not in calls and torch.clamp not in calls, calls
+    assert torch.sigmoid not in calls, calls
     with torch.no_grad():
         torch.testing.assert_close(gm(x), before)
 
@@ -65,8 +68,9 @@ def test_each_spelling_becomes_the_function_and_computes_the_same(name: str) -> 
         lambda x: x * F.relu6(x + 2) / 6,  # not 3
         lambda x: x * torch.clamp(x + 3, 0, 5) / 6,
         lambda x: x.flip(1) * F.relu6(x + 3) / 6,  # a different tensor
+        lambda x: x * torch.sigmoid(x * 2),  # a gate of another tensor (squeeze-excite)
     ],
-    ids=["div5", "plus2", "clamp5", "other-tensor"],
+    ids=["div5", "plus2", "clamp5", "other-tensor", "sigmoid-of-other"],
 )
 def test_near_misses_are_left_alone(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     gm = fx.symbolic_trace(_Wrap(fn).eval())

@@ -1,13 +1,14 @@
-"""Hardswish and hardsigmoid written by hand, recognised so they run on integers too.
+"""Hardswish, hardsigmoid and SiLU written by hand, recognised so they run on integers too.
 
 Many MobileNetV3 implementations predate ``nn.Hardswish`` and write the functions out::
 
     h_sigmoid(x) = relu6(x + 3) / 6             h_swish(x) = x * relu6(x + 3) / 6
 
 (``relu6`` as ``nn.ReLU6``, ``F.relu6``, ``clamp(0, 6)`` or ``hardtanh(0, 6)``; ``/ 6`` or
-``* (1/6)``; ``x * h_sigmoid(x)``). Traced, that is four float ops between two integer
-convs. :func:`normalize_gates` rewrites each match into ``F.hardsigmoid``/``F.hardswish``
-of the same input (exactly the same function), which the edge pass then replaces by its
+``* (1/6)``; ``x * h_sigmoid(x)``), and EfficientNet code writes swish as
+``x * torch.sigmoid(x)``. Traced, that is four float ops between two integer
+convs. :func:`normalize_gates` rewrites each match into ``F.hardsigmoid``/``F.hardswish``/
+``F.silu`` of the same input (exactly the same function), which the edge pass then replaces by its
 integer gate (:mod:`edgeslim.quant.integer_gates`).
 """
 
@@ -103,6 +104,20 @@ def _hardswish_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _silu_input(node: fx.Node) -> fx.Node | None:
+    """``x`` when ``node`` computes ``x * sigmoid(x)`` (swish written by hand)."""
+    pair = _product(node)
+    if pair is None:
+        return None
+    for x, other in (pair, pair[::-1]):
+        sigmoid = (other.op == "call_function" and other.target in (torch.sigmoid, F.sigmoid)) or (
+            other.op == "call_method" and other.target == "sigmoid"
+        )
+        if sigmoid and other.args and other.args[0] is x:
+            return x
+    return None
+
+
 def _replace(gm: fx.GraphModule, node: fx.Node, fn: Any, x: fx.Node, gone: set[fx.Node]) -> None:
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(fn, (x,))
@@ -124,8 +139,8 @@ def _erase_unused(gm: fx.GraphModule, node: fx.Node, gone: set[fx.Node]) -> None
 
 
 def normalize_gates(gm: fx.GraphModule) -> int:
-    """Rewrite hand-written hardswish/hardsigmoid (see module doc) into ``F.hardswish`` /
-    ``F.hardsigmoid``; returns how many. The graph is recompiled when any was found."""
+    """Rewrite hand-written hardswish/hardsigmoid/SiLU (see module doc) into ``F.hardswish`` /
+    ``F.hardsigmoid`` / ``F.silu``; returns how many. The graph is recompiled when any was found."""
     count = 0
     gone: set[fx.Node] = set()
     for node in list(gm.graph.nodes):  # the products first: they contain the sigmoid
@@ -133,6 +148,12 @@ def normalize_gates(gm: fx.GraphModule) -> int:
             x = _hardswish_input(gm, node)
             if x is not None:
                 _replace(gm, node, F.hardswish, x, gone)
+                count += 1
+    for node in list(gm.graph.nodes):
+        if node not in gone and node.op == "call_function":
+            x = _silu_input(node)
+            if x is not None:
+                _replace(gm, node, F.silu, x, gone)
                 count += 1
     for node in list(gm.graph.nodes):
         if node not in gone and node.op == "call_function":
