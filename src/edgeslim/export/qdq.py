@@ -108,6 +108,7 @@ def export_qdq(
     quantize_add_constants(proto)
     fold_scale_into_dequantize(proto)
     quantize_gemm_bias(proto)
+    fold_pad_into_conv(proto)
     bypass_requantize(proto)
     hardswish_on_codes(proto)
     mean_as_global_pool(proto)
@@ -567,3 +568,99 @@ def shape_of_codes(model: Any) -> int:
             node.input[0] = dq.input[0]
             count += 1
     return count
+
+
+def _evaluate(model: Any, name: str, consts: dict[str, Any]) -> Any:
+    """The value of tensor ``name`` when only constants feed it (the subgraph the exporter
+    writes to compute ``F.pad``'s pads), else None."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    if name in consts:
+        return consts[name]
+    producer = _producers(model.graph)
+    needed, stack, leaves = [], [name], set()
+    while stack:
+        t = stack.pop()
+        if t in consts or not t:
+            leaves.add(t)
+            continue
+        node = producer.get(t)
+        if node is None or node in needed:
+            if node is None:
+                return None  # a graph input: not constant
+            continue
+        needed.append(node)
+        stack.extend(node.input)
+    order = [n for n in model.graph.node if n in needed]
+    graph = helper.make_graph(
+        order, "pads", [], [helper.make_tensor_value_info(name, 0, None)],
+        [numpy_helper.from_array(consts[t], t) for t in leaves if t],
+    )  # fmt: skip
+    sub = helper.make_model(graph, opset_imports=model.opset_import)
+    try:
+        result: Any = ReferenceEvaluator(sub).run(None, {})
+    except Exception:  # an op the reference runtime lacks: leave the Pad alone
+        return None
+    return result[0]
+
+
+def fold_pad_into_conv(model: Any) -> int:
+    """A zero ``Pad`` of the spatial axes before a ``Conv`` (through its quantizer) becomes the
+    conv's own padding: ``Conv(DQ(Q(Pad(x))))`` is ``Conv_padded(DQ(Q(x)))``, since 0 is a code
+    of every grid. "Same" padding written with ``F.pad``/``nn.ZeroPad2d`` (EfficientNet
+    ports) otherwise runs as a float ``Pad`` between integer kernels: ONNX Runtime has no
+    integer rule for it. Returns the count."""
+    import numpy as np
+    from onnx import helper
+
+    graph = model.graph
+    consts = constants(graph)
+    users = _readers(graph)
+    outputs = {o.name for o in graph.output}
+    drop = set()
+    for node in graph.node:
+        if node.op_type != "Pad" or node.output[0] in outputs:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        mode = attrs.get("mode", b"constant")
+        value = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if mode not in (b"constant", "constant") or (value is not None and np.any(value != 0)):
+            continue
+        q = users.get(node.output[0], [])
+        if len(q) != 1 or q[0].op_type != "QuantizeLinear":
+            continue
+        dq = users.get(q[0].output[0], [])
+        conv = [u for d in dq for u in users.get(d.output[0], [])] if dq else []
+        if not dq or any(d.op_type != "DequantizeLinear" for d in dq) or not conv:
+            continue
+        if any(c.op_type != "Conv" or c.input[0] != dq[0].output[0] for c in conv):
+            continue
+        pads = _evaluate(model, node.input[1], consts) if len(node.input) > 1 else None
+        if pads is None or np.asarray(pads).size != 8:
+            continue
+        p = [int(v) for v in np.asarray(pads).reshape(-1)]
+        if any(p[i] for i in (0, 1, 4, 5)) or min(p) < 0:
+            continue  # batch/channel padding, or cropping
+        ok = True
+        for c in conv:
+            cattrs = {a.name: helper.get_attribute_value(a) for a in c.attribute}
+            if cattrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                ok = False
+        if not ok:
+            continue
+        for c in conv:
+            old = next((a for a in c.attribute if a.name == "pads"), None)
+            base = list(old.ints) if old is not None else [0, 0, 0, 0]
+            new = [base[0] + p[2], base[1] + p[3], base[2] + p[6], base[3] + p[7]]
+            if old is not None:
+                c.attribute.remove(old)
+            c.attribute.append(helper.make_attribute("pads", new))
+        q[0].input[0] = node.input[0]
+        drop.add(id(node))
+    if drop:
+        keep = [n for n in graph.node if id(n) not in drop]
+        del graph.node[:]
+        graph.node.extend(keep)
+        drop_dead(model)
+    return len(drop)

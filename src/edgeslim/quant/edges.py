@@ -291,7 +291,24 @@ def _moves_values(gm: fx.GraphModule, node: fx.Node) -> bool:
         return isinstance(layer, NEAREST_UPSAMPLE) and getattr(layer, "mode", "") == "nearest"
     if node.op == "call_function" and node.target is nn.functional.interpolate:
         return node.kwargs.get("mode", "nearest") == "nearest" and len(node.args) < 4
-    return False
+    return _zero_pad(gm, node)
+
+
+def _zero_pad(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Padding with zeros (``F.pad``, ``nn.ZeroPad2d``, ``nn.ConstantPad2d(.., 0)``): 0 is
+    a code of every activation grid, so one quantizer serves before and after it, and
+    export folds the padding into the conv that follows
+    (:func:`edgeslim.export.qdq.fold_pad_into_conv`)."""
+    if node.op == "call_module":
+        layer = gm.get_submodule(str(node.target))
+        return isinstance(layer, nn.ZeroPad2d) or (
+            isinstance(layer, nn.ConstantPad2d) and float(layer.value) == 0.0
+        )
+    if node.op != "call_function" or node.target is not nn.functional.pad:
+        return False
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+    return mode == "constant" and value in (None, 0, 0.0)
 
 
 SPATIAL_AXES = (frozenset({2, 3}), frozenset({-2, -1}))

@@ -1,0 +1,66 @@
+"""Zero padding before a conv ("same" padding written by hand, as EfficientNet ports do)
+becomes the conv's own padding in the int8 export; other paddings stay, and agree."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeslim.export.qdq import export_qdq
+from edgeslim.quant import calibrate, quantize_, w8a8
+from edgeslim.quant.edges import quantize_edges
+from edgeslim.runtime.kernels import optimized_graph
+from edgeslim.runtime.ort import ort_session
+
+PADS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {
+    "F.pad symmetric": (lambda x: F.pad(x, (1, 1, 1, 1)), True),
+    "F.pad asymmetric (TF same)": (lambda x: F.pad(x, (0, 1, 0, 1)), True),
+    "nn.ZeroPad2d": (nn.ZeroPad2d((2, 1, 0, 1)), True),
+    "F.pad value 0.5": (lambda x: F.pad(x, (1, 1, 1, 1), value=0.5), False),
+    "F.pad reflect": (lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"), False),
+}
+
+
+class _Net(nn.Module):
+    def __init__(self, pad: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, stride=2)  # padding 0: the pad before it is its own
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.pad(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("name", list(PADS))
+def test_zero_padding_folds_into_the_conv(name: str, tmp_path: Path) -> None:
+    pad, folds = PADS[name]
+    torch.manual_seed(0)
+    data = torch.randn(32, 3, 11, 11)
+    model = _Net(pad).eval()
+    quantize_(model, w8a8())
+    gm = quantize_edges(model)
+    calibrate(gm, [(data,)], progress=False)
+    gm.eval()
+    path = export_qdq(gm, (data[:1],), tmp_path / "int8.onnx")
+    written = [n.op_type for n in onnx.load(str(path)).graph.node]
+    ops = [n.op_type for n in onnx.load(str(optimized_graph(path, tmp_path / "o.onnx"))).graph.node]
+    assert ops.count("QLinearConv") == 2, ops
+    if folds:
+        assert "Pad" not in written, written
+        assert ops.count("DequantizeLinear") == 1 and ops.count("QuantizeLinear") == 1, ops
+    else:
+        assert "Pad" in ops, ops
+    sess = ort_session(path)
+    with torch.no_grad():
+        want = gm(data[:4]).numpy()
+    got = np.concatenate([sess.run(None, {"input": data[i : i + 1].numpy()})[0] for i in range(4)])
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
