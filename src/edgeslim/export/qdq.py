@@ -624,9 +624,10 @@ def fold_pad_into_conv(model: Any) -> int:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         mode = attrs.get("mode", b"constant")
-        value = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if mode not in (b"constant", "constant") or (value is not None and np.any(value != 0)):
-            continue
+        has_value = len(node.input) > 2 and bool(node.input[2])
+        value = consts.get(node.input[2]) if has_value else np.zeros(())
+        if mode not in (b"constant", "constant") or value is None or np.any(value != 0):
+            continue  # another mode, a value computed at run time, or not zero
         q = users.get(node.output[0], [])
         if len(q) != 1 or q[0].op_type != "QuantizeLinear":
             continue
