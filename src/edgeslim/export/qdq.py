@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from edgeslim.errors import EdgeslimError
-from edgeslim.export.rewrite import constants, drop_dead
+from edgeslim.export.rewrite import constants, drop_dead, set_nodes
 from edgeslim.quant.base import Quantizer
 from edgeslim.quant.quantizers import UniformQuantizer
 
@@ -151,8 +151,7 @@ def fold_weight_quantizers(model: Any) -> int:
             folded += 1
             continue
         keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
+    set_nodes(graph, keep)
     used = {i for n in graph.node for i in n.input}
     live = [
         i for i in graph.initializer if i.name in used or i.name in {o.name for o in graph.output}
@@ -212,8 +211,7 @@ def drop_relu_before_quantize(model: Any) -> int:
                 removed += 1
                 continue
         keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
+    set_nodes(graph, keep)
     return removed
 
 
@@ -370,8 +368,7 @@ def fold_scale_into_dequantize(model: Any) -> int:
             drop.add(id(node))
             break
     keep = [n for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(keep)
+    set_nodes(graph, keep)
     return len(drop)
 
 
@@ -480,8 +477,7 @@ def hardswish_on_codes(model: Any) -> int:
         ]  # fmt: skip
         count += 1
     if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
+        set_nodes(graph, nodes)
     return count
 
 
@@ -551,8 +547,7 @@ def mean_as_global_pool(model: Any) -> int:
             ]  # fmt: skip
         count += 1
     if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
+        set_nodes(graph, nodes)
     return count
 
 
@@ -661,7 +656,6 @@ def fold_pad_into_conv(model: Any) -> int:
         drop.add(id(node))
     if drop:
         keep = [n for n in graph.node if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(keep)
+        set_nodes(graph, keep)
         drop_dead(model)
     return len(drop)

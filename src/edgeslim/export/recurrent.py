@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from edgeslim.errors import EdgeslimError
-from edgeslim.export.rewrite import constants, drop_dead
+from edgeslim.export.rewrite import constants, drop_dead, set_nodes
 
 MS_DOMAIN = "com.microsoft"
 # gate rows of torch (i, f, g, o) taken in ONNX's order (i, o, f, c)
@@ -81,8 +81,7 @@ def dedupe_shared_definitions(model: Any) -> int:
     if removed:
         del graph.initializer[:]
         graph.initializer.extend(keep_init)
-        del graph.node[:]
-        graph.node.extend(keep_nodes)
+        set_nodes(graph, keep_nodes)
     return removed
 
 

@@ -34,6 +34,12 @@ def constants(graph: Any) -> dict[str, Any]:
     return consts
 
 
+def set_nodes(graph: Any, nodes: list[Any]) -> None:
+    """Make ``nodes`` the graph's node list, in that order (a rewrite's result)."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def fast_prelu(model: Any) -> int:
     """Rewrite each ``PRelu`` with constant slopes as ``Max``/``Min``/``Where`` of ``x`` and
     ``x * slope`` (see module doc). Returns the number rewritten."""
@@ -66,8 +72,7 @@ def fast_prelu(model: Any) -> int:
             ]
         count += 1
     if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
+        set_nodes(graph, nodes)
     return count
 
 
@@ -90,8 +95,7 @@ def drop_dead(model: Any) -> int:
         live = [n for n in graph.node if any(o in read for o in n.output)]
         if len(live) == len(graph.node):
             break
-        del graph.node[:]
-        graph.node.extend(live)
+        set_nodes(graph, live)
     read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     used = [i for i in graph.initializer if i.name in read]
     if len(used) != len(graph.initializer):
