@@ -144,11 +144,10 @@ def test_every_layer_runs_in_integer_kernels(compressed: Compressed) -> None:
 NO_FLOAT_OPS = ("cnn32", "hardswish_se")
 
 
+@pytest.mark.parametrize("compressed", NO_FLOAT_OPS, indirect=True)
 def test_conv_nets_run_without_a_float_op(compressed: Compressed, tmp_path: Path) -> None:
     """Beyond MACs: in the conv nets every op ONNX Runtime runs is an integer one (hardswish
     gates, squeeze-excite, the residual add and the hand-written mean pools included)."""
-    if compressed.spec.name not in NO_FLOAT_OPS:
-        pytest.skip("this model has float element-wise ops by design")
     from edgeslim.runtime.kernels import optimized_graph
 
     graph = onnx.load(str(optimized_graph(compressed.out / "model.onnx", tmp_path / "o.onnx")))
