@@ -52,6 +52,23 @@ AVERAGES = OpSet(
 )
 ADDS = frozenset({operator.add, operator.iadd, torch.add})
 
+SPATIAL_AXES = (frozenset({2, 3}), frozenset({-2, -1}))
+
+
+def is_spatial_mean(node: fx.Node) -> bool:
+    """``x.mean((2, 3))`` / ``torch.mean(x, dim=(-2, -1), keepdim=True)``: the global
+    average pool written by hand (squeeze-excite blocks, classifier heads). The edge pass
+    quantizes it like an average pool; export turns it into ``GlobalAveragePool`` where the
+    input is 4-D (:func:`edgeslim.export.qdq.mean_as_global_pool`), run on uint8."""
+    if node.op == "call_method" and node.target == "mean":
+        pass
+    elif node.op != "call_function" or node.target is not torch.mean:
+        return False
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if isinstance(dims, int) or not isinstance(dims, (tuple, list)):
+        return False
+    return all(isinstance(d, int) for d in dims) and frozenset(dims) in SPATIAL_AXES
+
 
 def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float | None] | None:
     """``(lo, hi)`` when ``node`` clamps its first input to constant bounds (None: that

@@ -117,16 +117,19 @@ def energy_rank(weight: torch.Tensor, energy: float) -> int:
 
 
 @torch.no_grad()
+def _set_truncated(
+    w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
+) -> None:
+    """Replace ``w`` by ``U_r S_r V_r^T`` at ``rank`` from its SVD ``(u, s, vh)``."""
+    w.copy_(((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(w.shape).to(w.dtype))
+
+
 def _truncate(cands: Sequence[Candidate], ranks: Mapping[str, int]) -> None:
     """Replace each candidate's weight by its truncation at ``ranks`` (layers not listed stay
     dense), from the candidate's own SVD."""
     for c in cands:
-        r = ranks.get(c.fqn)
-        if r is None:
-            continue
-        u, sv, vh = c.svd
-        w = c.module.weight
-        w.copy_(((u[:, :r] * sv[:r]) @ vh[:r]).reshape(w.shape).to(w.dtype))
+        if c.fqn in ranks:
+            _set_truncated(c.module.weight, *c.svd, ranks[c.fqn])
 
 
 class TrainedRankPruning:
@@ -226,8 +229,8 @@ class TrainedRankPruning:
             w = module.weight
             assert isinstance(w, torch.Tensor)
             u, s, vh = _low_rank_svd(w, self.config.energy)
-            w.copy_(((u * s) @ vh).reshape(w.shape).to(w.dtype))
             ranks[fqn] = int(s.numel())
+            _set_truncated(w, u, s, vh, ranks[fqn])
         self.rank_history.append(ranks)
         return ranks
 
@@ -239,7 +242,7 @@ class TrainedRankPruning:
             w = self.layers[fqn].weight
             assert isinstance(w, torch.Tensor)
             u, s, vh = torch.linalg.svd(w.detach().reshape(w.shape[0], -1).double(), False)
-            w.copy_(((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(w.shape).to(w.dtype))
+            _set_truncated(w, u, s, vh, rank)
 
     @torch.no_grad()
     def _target_ranks(self, macs_reduction: float) -> tuple[dict[str, int], list[Candidate]]:

@@ -32,7 +32,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from edgeslim.graph.ops import ADDS, MOVES_VALUES, OpSet, clamp_bounds
+from edgeslim.graph.ops import (
+    ADDS,
+    AVERAGES,
+    MOVES_VALUES,
+    OpSet,
+    clamp_bounds,
+    is_spatial_mean,
+)
 from edgeslim.graph.trace import trace
 from edgeslim.quant.gate_patterns import normalize_gates
 from edgeslim.quant.integer_gates import (
@@ -47,10 +54,6 @@ from edgeslim.quant.integer_gates import (
 from edgeslim.quant.modules import ActQuant, QuantMixin
 from edgeslim.quant.spec import QuantSpec
 
-# integer kernels exist for these too (QLinearGlobalAveragePool, QLinearAveragePool):
-# quantize their inputs
-POOLS_FUNCS = {nn.functional.adaptive_avg_pool2d, nn.functional.avg_pool2d}
-POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 # a product of two tensors runs as QLinearMul when both operands and the result are quantized;
 # a matrix product of two activations (attention scores, weighted values) as an integer
 # matmul when both operands are
@@ -98,11 +101,12 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     for node in graph.nodes:
         layer = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         is_add = (
-            (node.op == "call_function" and node.target in ADDS | POOLS_FUNCS)
-            or isinstance(layer, POOL_MODULES)
+            (node.op == "call_function" and node.target in ADDS)
+            # integer kernels exist for pools too (QLinear(Global)AveragePool)
+            or AVERAGES.matches(gm, node)
+            or is_spatial_mean(node)
             or (isinstance(layer, IntegerGate) and node.all_input_nodes[0] not in gated)
             or _is_tensor_product(node)
-            or is_spatial_mean(node)
             or (node.op == "call_function" and node.target in CATS)
         )
         quant_layer = isinstance(layer, QuantMixin) and layer.input_quant is not None
@@ -309,24 +313,6 @@ def _zero_pad(gm: fx.GraphModule, node: fx.Node) -> bool:
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
     value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
     return mode == "constant" and value in (None, 0, 0.0)
-
-
-SPATIAL_AXES = (frozenset({2, 3}), frozenset({-2, -1}))
-
-
-def is_spatial_mean(node: fx.Node) -> bool:
-    """``x.mean((2, 3))`` / ``torch.mean(x, dim=(-2, -1), keepdim=True)``: the global
-    average pool written by hand (squeeze-excite blocks, classifier heads). Quantized like
-    an average pool; export turns it into ``GlobalAveragePool`` where the input is 4-D
-    (:func:`edgeslim.export.qdq.mean_as_global_pool`), which ONNX Runtime runs on uint8."""
-    if node.op == "call_method" and node.target == "mean":
-        pass
-    elif node.op != "call_function" or node.target is not torch.mean:
-        return False
-    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    if isinstance(dims, int) or not isinstance(dims, (tuple, list)):
-        return False
-    return all(isinstance(d, int) for d in dims) and frozenset(dims) in SPATIAL_AXES
 
 
 def _is_tensor_product(node: fx.Node) -> bool:
