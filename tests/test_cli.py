@@ -163,6 +163,9 @@ def test_report_merges_runs_in_order(tmp_path: Path) -> None:
 
     save_records([rec("a")], tmp_path / "one" / "results.json")
     save_records([rec("b"), rec("c")], tmp_path / "two" / "results.json")
+    from edgeslim.runtime.machine import machine_info, save_machine
+
+    save_machine(tmp_path / "two", {**machine_info(), "cpu": "Test CPU 9000"})
     out = tmp_path / "merged"
     result = runner.invoke(
         app, ["report", str(tmp_path / "one"), str(tmp_path / "two"), "--out", str(out)]
@@ -174,5 +177,8 @@ def test_report_merges_runs_in_order(tmp_path: Path) -> None:
     # the merge says where its records were measured, not that it measured them
     assert "from 2 run(s) (1 from `one`, 2 from `two`)" in text
     assert "measured in the run that wrote" not in text
+    # each run's machine is named from its machine.json, an older run's as not recorded
+    assert "`one`: not recorded" in text and "`two`: Test CPU 9000 (" in text
+    assert not (out / "machine.json").exists()  # the merge measured nothing here
     missing = runner.invoke(app, ["report", str(tmp_path / "none"), "--out", str(out)])
     assert missing.exit_code == 2 and "does not exist" in missing.output

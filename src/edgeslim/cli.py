@@ -322,10 +322,12 @@ def report(
     DIR/results.json, report.md and plots; records are kept as measured, in the given order."""
     from edgeslim.bench.records import load_records, save_records
     from edgeslim.report import write_report
+    from edgeslim.runtime.machine import describe_machine, load_machine
 
     records = []
     seen: dict[Path, Path] = {}
     counts: list[str] = []
+    machines: dict[str, list[str]] = {}
     for run in runs:
         path = run / "results.json" if run.is_dir() else run
         if not path.is_file():
@@ -345,13 +347,20 @@ def report(
         except ValueError as exc:
             fail(EdgeslimError(f"{path} is not a valid results file: {exc}"))
         records += loaded
-        counts.append(f"{len(loaded)} from `{(run if run.is_dir() else run.parent).name}`")
+        name = (run if run.is_dir() else run.parent).name
+        counts.append(f"{len(loaded)} from `{name}`")
+        info = load_machine(path.parent)
+        machines.setdefault(describe_machine(info) if info else "not recorded", []).append(name)
     save_records(records, out / "results.json")
     provenance = (
         f"Merged by `edgeslim report` from {len(runs)} run(s) ({', '.join(counts)}); every "
         "number below was measured in its own run, as recorded there."
     )
-    write_report(records, out, title=title, provenance=provenance)
+    measured_on = "; ".join(
+        f"{', '.join(f'`{n}`' for n in names)}: {machine}" for machine, names in machines.items()
+    )
+    write_report(records, out, title=title, provenance=provenance,
+                 machines=f"Measured on (per run): {measured_on}.")  # fmt: skip
     console.print(f"wrote {out / 'results.json'} ({len(records)} records), {out / 'report.md'}")
 
 

@@ -355,6 +355,7 @@ def _run(
         "weights": out / "model.safetensors",
         "results": out / "results.json",
         "report": out / "report.md",
+        "machine": out / "machine.json",
         "recipe": out / "recipe.yaml",
     }
     for step in steps:

@@ -37,6 +37,8 @@ def test_records_round_trip_and_report_is_made_from_them(tmp_path: Path) -> None
     text = (tmp_path / "report.md").read_text()
     assert "| a | edgeslim:x | w_bits=8 | onnxruntime | top1 | 89.50 | 90.00 | -0.50 |" in text
     assert "2.00x" in text and "70.25" in text
+    # the run writing the report measured it: it names this machine and records it
+    assert "Measured on " in text and (tmp_path / "machine.json").is_file()
     pngs = list(tmp_path.glob("*.png"))
     assert pngs and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 

@@ -48,11 +48,14 @@ def write_report(
     out: Path,
     title: str = "edgeslim report",
     provenance: str | None = None,
+    machines: str | None = None,
 ) -> Path:
     """Write ``report.md`` and the plots for ``records`` into ``out``. ``provenance`` says
     where the records come from when they were not all measured in the run writing the
-    file (a merge of several runs); by default, that run."""
+    file (a merge of several runs, ``machines`` then says where each was measured); by
+    default, that run, on this machine, which ``out/machine.json`` records."""
     from edgeslim.report.plots import plot_tradeoffs
+    from edgeslim.runtime.machine import describe_machine, save_machine
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,6 +68,10 @@ def write_report(
         "uncompressed fp32 model in the same runtime and process, so `speed-up` shows what "
         "compression gained, not what the runtime gained."
     )  # fmt: skip
+    if provenance is None:
+        machines = "Measured on " + describe_machine(save_machine(out)) + "."
+    if machines:
+        parts += ["", machines]
     parts.append("")
     for suite in dict.fromkeys(r.suite for r in records):
         rows = [r for r in records if r.suite == suite]

@@ -1,0 +1,98 @@
+"""The machine a measurement ran on, written beside every report that holds latencies.
+
+Speed ratios depend on the CPU more than on run-to-run noise: ONNX Runtime's integer kernels
+use whichever dot-product instructions the CPU has (AVX2, AVX-512 VNNI, Arm dotprod): the
+int8 MobileNetV3-style model of ``benchmarks/operators`` measured 1.20x over fp32 on the
+machine of one run and 1.38x on another (``benchmarks/README.md``). A latency figure without
+its machine cannot be compared or reproduced, so the reports name it: CPU model, logical
+cores, the SIMD extensions integer kernels use, and the versions of the runtimes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from edgeslim.jsonfile import save_text
+
+MACHINE_FILE = "machine.json"
+# SIMD extensions that decide integer-kernel speed (x86: VNNI/AMX dot products; Arm: dotprod,
+# i8mm), in the order they are listed
+INT8_ISA = (
+    "sse4_1", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "amx_int8",
+    "asimd", "asimddp", "i8mm", "sve",
+)  # fmt: skip
+
+
+def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, set[str]]:
+    """CPU model name and feature flags from ``/proc/cpuinfo`` (Linux); (None, {}) elsewhere."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None, set()
+    model: str | None = None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and model is None:
+            model = value.strip() or None
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def machine_info() -> dict[str, Any]:
+    """What a latency measured here depends on (see the module doc)."""
+    import torch
+
+    model, flags = _cpuinfo()
+    info: dict[str, Any] = {
+        "cpu": model or platform.processor() or "unknown",
+        "arch": platform.machine(),
+        "logical_cores": os.cpu_count(),
+        "int8_isa": [f for f in INT8_ISA if f in flags],
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One line for a report: ``AMD EPYC (x86_64, 2 logical cores; avx2, avx512_vnni), ...``."""
+    isa = ", ".join(info.get("int8_isa") or []) or "no SIMD extension listed"
+    runtimes = f"torch {info.get('torch')}"
+    if info.get("onnxruntime"):
+        runtimes += f", onnxruntime {info['onnxruntime']}"
+    return (
+        f"{info.get('cpu', 'unknown')} ({info.get('arch')}, {info.get('logical_cores')} "
+        f"logical cores; {isa}), torch threads {info.get('torch_threads')}, {runtimes}"
+    )
+
+
+def save_machine(out: Path, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``out/machine.json`` (this machine unless ``info`` is given); returns the info."""
+    info = machine_info() if info is None else info
+    save_text(Path(out) / MACHINE_FILE, json.dumps(info, indent=1))
+    return info
+
+
+def load_machine(run: Path) -> dict[str, Any] | None:
+    """The ``machine.json`` a run folder holds, or None (older runs, or unreadable)."""
+    path = Path(run) / MACHINE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

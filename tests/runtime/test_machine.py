@@ -1,0 +1,61 @@
+"""The machine record beside every report: parsed from /proc/cpuinfo, saved, described."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeslim.runtime.machine import (
+    _cpuinfo,
+    describe_machine,
+    load_machine,
+    machine_info,
+    save_machine,
+)
+
+X86 = """processor\t: 0
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu sse4_1 avx2 avx512f avx512bw avx512_vnni
+processor\t: 1
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu sse4_1 avx2 avx512f avx512bw avx512_vnni
+"""
+ARM = """processor\t: 0
+Features\t: fp asimd evtstrm asimddp i8mm
+CPU implementer\t: 0x41
+"""
+
+
+def test_cpuinfo_reads_the_model_and_flags_of_x86_and_arm(tmp_path: Path) -> None:
+    (tmp_path / "x86").write_text(X86)
+    (tmp_path / "arm").write_text(ARM)
+    model, flags = _cpuinfo(tmp_path / "x86")
+    assert model == "AMD EPYC 9R14" and {"avx2", "avx512_vnni"} <= flags
+    model, flags = _cpuinfo(tmp_path / "arm")
+    assert model is None and {"asimddp", "i8mm"} <= flags
+    assert _cpuinfo(tmp_path / "absent") == (None, set())
+
+
+def test_machine_info_names_this_machine_and_round_trips(tmp_path: Path) -> None:
+    import torch
+
+    info = machine_info()
+    assert info["torch"] == torch.__version__ and info["torch_threads"] == torch.get_num_threads()
+    assert info["logical_cores"] and info["cpu"]
+    line = describe_machine(info)
+    assert f"torch {torch.__version__}" in line and "logical cores" in line
+    save_machine(tmp_path, info)
+    assert load_machine(tmp_path) == info
+    assert load_machine(tmp_path / "nowhere") is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "machine.json").write_text("[1, 2")
+    assert load_machine(tmp_path / "bad") is None
+
+
+def test_describe_lists_the_int8_extensions_or_says_none() -> None:
+    info = {"cpu": "X", "arch": "x86_64", "logical_cores": 2, "int8_isa": ["avx2", "avx512_vnni"],
+            "torch_threads": 2, "torch": "2.13.0", "onnxruntime": "1.32.0"}  # fmt: skip
+    assert describe_machine(info) == (
+        "X (x86_64, 2 logical cores; avx2, avx512_vnni), torch threads 2, torch 2.13.0, "
+        "onnxruntime 1.32.0"
+    )
+    assert "no SIMD extension listed" in describe_machine({**info, "int8_isa": []})
