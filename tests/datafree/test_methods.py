@@ -140,6 +140,33 @@ def test_method_beats_its_baseline_on_gaussian_inputs(
     assert errs[method] < errs[baseline], errs
 
 
+def test_per_tensor_weights_are_what_cross_layer_equalization_repairs() -> None:
+    """DFQ's own case: one channel 30x wider than the others (moved there through BN and
+    ReLU, so the function is unchanged). With one scale per layer, rounding that layer
+    flushes the narrow channels to zero unless CLE balances them first; with per-channel
+    scales there is little for it to do."""
+    model = _calibrated(Chain())
+    with torch.no_grad():
+        model.bn1.weight[0] *= 30.0
+        model.bn1.bias[0] *= 30.0
+        model.last.weight[:, 0] /= 30.0
+        ref = model(_samples(20_000))
+    x = torch.zeros(2, IN)
+    errs: dict[str, float] = {}
+    for gran in ("tensor", "channel"):
+        for name in ("rtn", "dfq"):
+            spec = DataFreeSpec(low_bits=4, high_bits=4, edge_bits=4, granularity=gran)
+            result = compress_datafree(model, name, spec, x)
+            assert result.granularity == gran
+            q = quantized_model(result, act_bits=None)
+            scale = q.get_submodule("mid").weight_quantizer.scale  # type: ignore[union-attr]
+            assert scale.numel() == (1 if gran == "tensor" else HID)
+            with torch.no_grad():
+                errs[f"{name}/{gran}"] = float((q(_samples(20_000)) - ref).pow(2).mean())
+    assert errs["dfq/tensor"] < 0.25 * errs["rtn/tensor"], errs
+    assert errs["rtn/channel"] < 0.25 * errs["rtn/tensor"], errs
+
+
 def test_assign_bits_alternates_along_pairs() -> None:
     from edgeslim.zoo import load_zoo_model
 
@@ -216,7 +243,7 @@ def test_layers_without_statistics_are_named_and_nothing_lowered_raises() -> Non
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"low_bits": 1}, "low_bits"), ({"high_bits": 9}, "high_bits"),
     ({"low_bits": 6, "high_bits": 4}, "low_bits"), ({"prune_ratio": 1.0}, "prune_ratio"),
-    ({"criterion": "taylor"}, "criterion"),
+    ({"criterion": "taylor"}, "criterion"), ({"granularity": "group"}, "granularity"),
 ])  # fmt: skip
 def test_invalid_spec_names_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(DataFreeError, match=field):

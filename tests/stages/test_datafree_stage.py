@@ -16,7 +16,7 @@ from edgeslim.data import Split
 from edgeslim.errors import RecipeError
 from edgeslim.graph import example_input
 from edgeslim.recipe import STAGES, StageContext, load_recipe, parse_recipe
-from edgeslim.stages.datafree import DataFreeStage, run_datafree
+from edgeslim.stages.datafree import DataFreeStage, run_datafree, stage_spec
 from edgeslim.train.loop import evaluate
 from edgeslim.zoo import load_zoo_model
 
@@ -37,6 +37,8 @@ def test_datafree_stage_is_registered_with_its_defaults() -> None:
     assert stage.prune_ratio == 0.0 and stage.act_bits == 8 and stage.criterion == "l2"
     assert _parse(act_bits=None).act_bits is None  # weight-only
     assert _parse(method="udfc", prune_ratio=0.5, criterion="fpgm").prune_ratio == 0.5
+    assert stage.granularity == "channel"
+    assert stage_spec(_parse(method="dfq", granularity="tensor")).granularity == "tensor"
 
 
 @pytest.mark.parametrize(
@@ -68,6 +70,7 @@ def test_datafree_stage_is_registered_with_its_defaults() -> None:
             "stages[0]: Value error, low_bits (6) must not exceed high_bits (4)",
         ),
         ({"criterion": "l3"}, "'l3' is not a data-free pruning criterion; allowed values:"),
+        ({"granularity": "group"}, "stages[0].granularity: Input should be 'channel' or 'tensor'"),
         ({"bits": 4}, "stages[0].bits: unknown field; allowed fields: method, low_bits"),
     ],
 )

@@ -12,12 +12,14 @@ on held crops where fp32 is at least 40% sure; ``extra.metrics`` also holds
   kernels ONNX Runtime fused; ``extra.int8_mac_share``: the share of MACs they run); the
   peers ``onnxruntime:quantize_static`` (QDQ, per-channel, the same calibration crops) and
   ``torch:fx_int8``;
-- data-free rows (no crop read; fake-quant in torch): RTN and DFQ at W8A8 and W4A8, DF-MPC
-  at mixed 3/8 and 2/6 bits; activation ranges predicted from the BN statistics (the
-  ``datafree`` stage's default, exportable as QDQ). Decision: not dynamic per-batch ranges
-  (the ``datafree`` suite's choice): on this model DFQ W8A8 scored 97.0% agreement with
-  dynamic ranges and 99.2% with statistics ranges, while its weights alone at 8 bits
-  score 100%, so the dynamic ranges, not the method, set that figure;
+- data-free rows (no crop read; fake-quant in torch): RTN and DFQ at W8A8 and W4A8, DF-MPC at
+  mixed 3/8 and 2/6 bits, with per-channel weight scales; RTN and DFQ at W8A8 with one weight
+  scale per layer as well (``granularity=tensor``, DFQ's own setting: a layer's widest channel
+  sets every channel's step, which cross-layer equalization evens out); activation ranges
+  predicted from the BN statistics (the ``datafree`` stage's default, exportable as QDQ).
+  Decision: not dynamic per-batch ranges (the ``datafree`` suite's choice): on this model DFQ
+  W8A8 scored 97.0% agreement with dynamic ranges and 99.2% with statistics ranges, while its
+  weights alone at 8 bits score 100%, so the dynamic ranges, not the method, set that figure;
 - pruning rows (:mod:`edgeslim.bench.imagenet_prune`) at -30% and -50% MACs.
 
 Latency: medians at batch 1, 2 threads, each variant interleaved with its fp32 baseline in
@@ -37,6 +39,7 @@ from torch import nn
 from edgeslim.bench.quant import _quant_bits
 from edgeslim.bench.suites import register_suite
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
+from edgeslim.datafree.ops import WeightGranularity
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.records import Record
 from edgeslim.runtime.ort import OrtModel, ort_fused_ops, ort_session
@@ -47,8 +50,15 @@ CALIBRATION = 256
 ACT_RANGES = "statistics"  # data-free activation ranges, from the BN statistics
 INT8_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool",
             "ConvInteger", "MatMulInteger", "QGemm", "QLinearMul", "QLinearSigmoid")  # fmt: skip
-DATAFREE_ROWS = (("rtn", 8, 8), ("dfq", 8, 8), ("rtn", 4, 4), ("dfq", 4, 4),
-                 ("rtn", 3, 8), ("dfmpc", 3, 8), ("rtn", 2, 6), ("dfmpc", 2, 6))  # fmt: skip
+# (method, low bits, high bits, weight granularity)
+DataFreeRow = tuple[str, int, int, WeightGranularity]
+DATAFREE_ROWS: tuple[DataFreeRow, ...] = (
+    ("rtn", 8, 8, "channel"), ("dfq", 8, 8, "channel"),
+    ("rtn", 8, 8, "tensor"), ("dfq", 8, 8, "tensor"),
+    ("rtn", 4, 4, "channel"), ("dfq", 4, 4, "channel"),
+    ("rtn", 3, 8, "channel"), ("dfmpc", 3, 8, "channel"),
+    ("rtn", 2, 6, "channel"), ("dfmpc", 2, 6, "channel"),
+)  # fmt: skip
 
 
 def int8_ops(path: Path) -> dict[str, int]:
@@ -223,14 +233,16 @@ def datafree_rows(b: Bench) -> list[Record]:
 
     rows = []
     settings = DATAFREE_ROWS[:2] if b.quick else DATAFREE_ROWS
-    for method, low, high in settings:
-        spec = DataFreeSpec(low_bits=low, high_bits=high, edge_bits=8)
+    for method, low, high, granularity in settings:
+        spec = DataFreeSpec(low_bits=low, high_bits=high, edge_bits=8, granularity=granularity)
         result = compress_datafree(b.fp32, method, spec, b.x1[0])
         model = quantized_model(result, act_bits=8, act_ranges=ACT_RANGES).eval()
         bits = result.weight_bits
         cfg: dict[str, Any] = {"w_bits": high, "a_bits": 8}
         if low != high:
             cfg.update(low_bits=low, high_bits=high)
+        if granularity != "channel":
+            cfg.update(granularity=granularity)
         assigned = Counter(str(v) for v in bits.values())
         rows.append(
             b.record(

@@ -35,7 +35,7 @@ from edgeslim.datafree.methods import (
     MethodArgs,
     assign_bits,
 )
-from edgeslim.datafree.ops import weight_spec
+from edgeslim.datafree.ops import WEIGHT_GRANULARITIES, WeightGranularity, weight_spec
 from edgeslim.datafree.report import DataFreeReport
 
 
@@ -50,6 +50,9 @@ class DataFreeSpec:
     prune_ratio: float = 0.0
     edge_bits: int = 8  # the first and the last layer
     criterion: str = "l2"
+    # weight scales per output channel, or one per layer ("tensor": runtimes and
+    # accelerators without per-channel weights; DFQ's own setting, where CLE matters most)
+    granularity: WeightGranularity = "channel"
 
     def __post_init__(self) -> None:
         for name in ("low_bits", "high_bits", "edge_bits"):
@@ -62,6 +65,11 @@ class DataFreeSpec:
             )
         if not 0.0 <= self.prune_ratio < 1.0:
             raise DataFreeError(f"prune_ratio must be in [0, 1); got {self.prune_ratio!r}")
+        if self.granularity not in WEIGHT_GRANULARITIES:
+            raise DataFreeError(
+                f"granularity must be one of {', '.join(WEIGHT_GRANULARITIES)}; "
+                f"got {self.granularity!r}"
+            )
         if self.criterion not in PRUNE_CRITERIA:
             raise DataFreeError(
                 f"criterion must be one of {', '.join(PRUNE_CRITERIA)} (data-free criteria); "
@@ -81,6 +89,7 @@ class DataFreeResult:
     # per layer: the input range the BN statistics predict (None where they are unknown)
     input_ranges: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     report: DataFreeReport = field(default_factory=DataFreeReport)
+    granularity: WeightGranularity = "channel"  # of the weight scales (the spec's)
 
 
 # An input range is mean +- RANGE_STDS std per channel, over the channels. Chosen on the
@@ -132,6 +141,7 @@ def compress_datafree(
     start = time.perf_counter()
     with torch.no_grad():
         chain = analyze(model, example)
+        chain.granularity = spec.granularity
         bits = assign_bits(chain, spec.low_bits, spec.high_bits, spec.edge_bits)
         before = _snapshot(chain.model, chain.order)
         run(chain, MethodArgs(bits, spec.prune_ratio, spec.criterion, spec.low_bits))
@@ -143,7 +153,7 @@ def compress_datafree(
     report.changed = _changed(chain.model, before)
     _measure_macs(report, model, chain.model, example, spec.prune_ratio)
     notes = [*chain.notes, *report.lines()]
-    return DataFreeResult(chain.model, bits, notes, seconds, ranges, report)
+    return DataFreeResult(chain.model, bits, notes, seconds, ranges, report, spec.granularity)
 
 
 def _snapshot(model: nn.Module, order: list[str]) -> dict[str, list[torch.Tensor]]:
@@ -211,7 +221,8 @@ def quantized_model(
     select: dict[str, QuantConfig | None] = {}
     for fqn, b in result.weight_bits.items():
         known = result.input_ranges.get(fqn) is not None
-        select[fqn] = QuantConfig(weight_spec(b), act if known or not static else None)
+        weights = weight_spec(b, result.granularity)
+        select[fqn] = QuantConfig(weights, act if known or not static else None)
     m = copy.deepcopy(result.model).eval()
     quantize_(m, QuantConfig(weight=None), select=select)  # type: ignore[arg-type]
     if static and act is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -37,6 +37,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeslim.datafree.gaussian import IDENTITY, RELU, RELU6, Act, act_mean, act_var, leaky
 from edgeslim.datafree.report import DataFreeReport
+
+if TYPE_CHECKING:
+    from edgeslim.datafree.ops import WeightGranularity
 from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES
 from edgeslim.graph.trace import trace
 from edgeslim.quant.fold import fold_batchnorm
@@ -102,6 +105,7 @@ class Chain:
     blocked: dict[str, Blocked] = field(default_factory=dict)  # producers that are no pair
     unmeasured: dict[str, Pair] = field(default_factory=dict)  # pairs without statistics
     report: DataFreeReport = field(default_factory=DataFreeReport)  # what the method did
+    granularity: WeightGranularity = "channel"  # of the weight scales the rounding is modelled with
 
     def why_not(self, producer: str) -> str:
         """Why ``producer`` is not a usable pair, in a note's words."""

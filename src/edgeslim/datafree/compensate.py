@@ -42,6 +42,7 @@ from torch import nn
 from edgeslim.datafree.chain import Chain, Pair, Stats, input_stats
 from edgeslim.datafree.gaussian import act_cov, act_mean, act_var
 from edgeslim.datafree.ops import (
+    WeightGranularity,
     add_bias,
     channel_effect,
     columns,
@@ -201,17 +202,22 @@ def quantized_input(chain: Chain, fqn: str, rounded: dict[str, Stats]) -> Stats 
 
 
 @torch.no_grad()
-def match_variance(m: nn.Module, reference: torch.Tensor, x: Stats | None, bits: int) -> None:
+def match_variance(
+    m: nn.Module, reference: torch.Tensor, x: Stats | None, bits: int,
+    granularity: WeightGranularity = "channel",
+) -> None:  # fmt: skip
     """Scale each row of ``m`` so that its rounding has the output variance of ``reference``.
 
     Rounding to few levels (and clamping before it) shrinks a row's output energy,
     ``|q|_v < |w|_v`` under the input prior; the loss compounds layer after layer. The gain
     ``|w|_v / |q|_v`` goes into the row's own quantization scale (free with per-channel
     scales: the rounding pattern is unchanged), so the consumer keeps its precision. The
-    mean error it leaves is removed by bias correction against ``reference``.
+    mean error it leaves is removed by bias correction against ``reference``. With one scale
+    per layer (``granularity="tensor"``) the gain moves the row on the shared grid instead,
+    so its rounding changes; the bias correction measures the rounding that results.
     """
     w = weight_of(m)
-    q = quantize_weight(w, bits)
+    q = quantize_weight(w, bits, granularity)
     nw = inner_products(m, reference, reference, x, full=False)
     nq = inner_products(m, q, q, x, full=False)
     gain = torch.where(nq > _EPS, (nw / nq.clamp_min(_EPS)).sqrt(), torch.ones_like(nq))
@@ -243,7 +249,7 @@ def compensate_all(
         x = quantized_input(chain, fqn, rounded)
         current = m.weight.detach().clone()
         w = reference.get(fqn, current)
-        q = quantize_weight(current, bits[fqn])
+        q = quantize_weight(current, bits[fqn], chain.granularity)
         if bias and not (bn_only and x is not None and x.estimated):
             correct_bias(m, w, q, x)
         pair = chain.pairs.get(fqn)

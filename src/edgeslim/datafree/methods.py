@@ -295,7 +295,7 @@ def bias_correct_all(
                             "(estimated ones would guess the mean)")  # fmt: skip
             continue
         w = m.weight.detach().clone()
-        correct_bias(m, reference.get(fqn, w), quantize_weight(w, bits[fqn]), x)
+        correct_bias(m, reference.get(fqn, w), quantize_weight(w, bits[fqn], chain.granularity), x)
     return skipped
 
 
@@ -361,7 +361,7 @@ def clip_low_bits(
         original[fqn] = m.weight.detach().clone()
         m.weight.copy_(mse_clip(m.weight, bits[fqn], weights=input_variance(m, x)))
         if match:
-            match_variance(m, original[fqn], x, bits[fqn])
+            match_variance(m, original[fqn], x, bits[fqn], chain.granularity)
     return original
 
 

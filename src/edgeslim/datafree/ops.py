@@ -9,6 +9,8 @@ the repeated positions after a flatten, and one-to-one for a depthwise conv.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
@@ -16,16 +18,22 @@ from edgeslim.datafree.chain import Pair, is_depthwise
 from edgeslim.quant.modules import make_quantizer
 from edgeslim.quant.spec import QuantSpec
 
+WeightGranularity = Literal["channel", "tensor"]
+WEIGHT_GRANULARITIES: tuple[str, ...] = get_args(WeightGranularity)
 
-def weight_spec(bits: int) -> QuantSpec:
-    """The weight quantization every data-free method assumes (and evaluates with)."""
-    return QuantSpec(bits=bits, granularity="channel", symmetric=True)
+
+def weight_spec(bits: int, granularity: WeightGranularity = "channel") -> QuantSpec:
+    """The weight quantization every data-free method assumes (and evaluates with):
+    symmetric min-max, one scale per output channel or (``"tensor"``) per layer."""
+    return QuantSpec(bits=bits, granularity=granularity, symmetric=True)
 
 
 @torch.no_grad()
-def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """``w`` rounded to ``bits`` (per output channel, symmetric min-max), same dtype."""
-    q = make_quantizer(weight_spec(bits), True)
+def quantize_weight(
+    w: torch.Tensor, bits: int, granularity: WeightGranularity = "channel"
+) -> torch.Tensor:
+    """``w`` rounded to ``bits`` as :func:`weight_spec` says, same dtype."""
+    q = make_quantizer(weight_spec(bits, granularity), True)
     q.init_range(w.detach())
     q.calibrated.fill_(True)
     return q.quantize(w.detach())

@@ -3,7 +3,7 @@
 Speed ratios depend on the CPU more than on run-to-run noise: ONNX Runtime's integer kernels
 use whichever dot-product instructions the CPU has (AVX2, AVX-512 VNNI, Arm dotprod): the
 int8 MobileNetV3-style model of ``benchmarks/operators`` measured 1.20x over fp32 on the
-machine of one run and 1.38x on another (``benchmarks/README.md``). A latency figure without
+machine of one run and 1.36x on another (``benchmarks/README.md``). A latency figure without
 its machine cannot be compared or reproduced, so the reports name it: CPU model, logical
 cores, the SIMD extensions integer kernels use, and the versions of the runtimes.
 """

@@ -7,6 +7,7 @@
   high_bits: 6         # weight bits of the other layers; equal to low_bits: uniform
   prune_ratio: 0.0     # naive, merge, udfc: fraction of the MACs to remove (as macs_reduction)
   edge_bits: 8         # first conv and last linear
+  granularity: channel # weight scales per output channel, or tensor (one per layer)
   act_bits: 8          # activation bits; null: weight-only
   act_ranges: statistics  # fixed ranges from the BN statistics (exportable); or dynamic
   criterion: l2        # which channels naive / merge / udfc remove (data-free criteria only)
@@ -74,6 +75,7 @@ class DataFreeStage(Stage):
     high_bits: int = Field(4, ge=2, le=8)
     prune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     edge_bits: int = Field(8, ge=2, le=8)
+    granularity: Literal["channel", "tensor"] = "channel"
     act_bits: int | None = Field(8, ge=2, le=8)
     act_ranges: Literal["statistics", "dynamic"] = "statistics"
     criterion: str = "l2"
@@ -120,7 +122,7 @@ def stage_spec(stage: DataFreeStage) -> DataFreeSpec:
 
     return DataFreeSpec(
         low_bits=stage.low_bits, high_bits=stage.high_bits, prune_ratio=stage.prune_ratio,
-        edge_bits=stage.edge_bits, criterion=stage.criterion,
+        edge_bits=stage.edge_bits, criterion=stage.criterion, granularity=stage.granularity,
     )  # fmt: skip
 
 
@@ -198,7 +200,8 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
         _check_target(stage, achieved, ctx)
     ctx.notes.append(
         f"datafree: {stage.method}, weights at {'/'.join(map(str, bits))} bits "
-        f"(low {stage.low_bits}, high {stage.high_bits}, edges {stage.edge_bits}), "
+        f"(low {stage.low_bits}, high {stage.high_bits}, edges {stage.edge_bits}; one scale "
+        f"per {'output channel' if stage.granularity == 'channel' else 'layer'}), "
         f"activations {'float' if stage.act_bits is None else f'{stage.act_bits}-bit'}"
         f"{'' if stage.act_bits is None else f' ({stage.act_ranges} ranges)'}"
         f"{pruned}; {len(report.changed)} layer(s) changed; {result.seconds:.1f} s, "
