@@ -128,3 +128,34 @@ def test_channel_mixing_op_fixes_its_groups_with_a_reason() -> None:
     assert by_producer["a"].prunable
     assert not by_producer["b"].prunable
     assert "transpose" in by_producer["b"].reason
+
+
+class ChunkNet(nn.Module):
+    """A YOLO C3/C2f-style split: ``cv1``'s output cut in two halves along the channels, one
+    half through ``m``, both concatenated; then a spatial chunk the channels pass through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Conv2d(3, 16, 1)
+        self.m = nn.Conv2d(8, 8, 3, padding=1)
+        self.cv2 = nn.Conv2d(16, 12, 1)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.cv1(x).chunk(2, 1)
+        y = torch.relu(self.cv2(torch.cat([a, self.m(b) + b], 1)))
+        top, bottom = torch.split(y, 4, dim=2)  # along H: the channels pass through
+        return self.head(top + bottom)
+
+
+def test_a_channel_chunk_fixes_its_producer_and_a_spatial_one_keeps_the_channels() -> None:
+    torch.manual_seed(0)
+    model = ChunkNet().eval()
+    x = example_input((1, 3, 8, 8))
+    graph = analyze(model, x)
+    by_producer = {p: g for g in graph.groups for p in g.producers}
+    # pruning cv1 would move the cut: m would read other channels (it crashed before)
+    assert not by_producer["cv1"].prunable and "chunk" in by_producer["cv1"].reason
+    assert by_producer["cv2"].prunable and "head" in by_producer["cv2"].consumers
+    for group in graph.prunable_groups:
+        check_group(model, group, (x,))

@@ -30,6 +30,25 @@ from edgeslim.zoo.resnet import resnet20
 from edgeslim.zoo.torchvision_style import TinyDenseNet, mobilenet_v2, resnet18, resnet50
 from edgeslim.zoo.vgg import vgg_small
 
+
+class TinyUNet(nn.Module):
+    """Encoder conv, pool, a ConvTranspose up (its weight is ``(in, out, kh, kw)``), the
+    skip concatenated, a 1x1 head: ConvTranspose as consumer and as producer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.dec = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.enc(x)
+        b = self.mid(nn.functional.max_pool2d(a, 2))
+        return self.head(self.dec(torch.cat([self.up(b), a], 1)))
+
+
 CNNS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet20": (resnet20, (1, 1, 28, 28)),
     "vgg-small": (vgg_small, (1, 1, 28, 28)),
@@ -38,6 +57,7 @@ CNNS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "tv-resnet50": (resnet50, (1, 3, 32, 32)),
     "tv-mobilenet_v2": (mobilenet_v2, (1, 3, 32, 32)),
     "densenet-block": (TinyDenseNet, (1, 1, 16, 16)),
+    "unet-convtranspose": (TinyUNet, (1, 3, 16, 16)),
 }
 
 
@@ -92,7 +112,10 @@ def _silence_producers(model: nn.Module, keep: dict[CouplingGroup, list[int]]) -
                 continue
             mod = model.get_submodule(mem.fqn)
             rows = _positions(group, mem.offset, 1, drop)
-            mod.weight[rows] = 0
+            if isinstance(mod, nn.ConvTranspose2d):  # (in, out, ...): outputs are columns
+                mod.weight[:, rows] = 0
+            else:
+                mod.weight[rows] = 0
             if mod.bias is not None:
                 mod.bias[rows] = 0
 
@@ -104,8 +127,12 @@ def _silence_consumers(model: nn.Module, keep: dict[CouplingGroup, list[int]]) -
         drop = _dropped(group, kept)
         for mem in group.members:
             if mem.role == "in" and drop:
-                w = model.get_submodule(mem.fqn).weight
-                w[:, _positions(group, mem.offset, mem.repeat, drop)] = 0
+                mod = model.get_submodule(mem.fqn)
+                cols = _positions(group, mem.offset, mem.repeat, drop)
+                if isinstance(mod, nn.ConvTranspose2d):  # its inputs are weight rows
+                    mod.weight[cols] = 0
+                else:
+                    mod.weight[:, cols] = 0
 
 
 @pytest.mark.parametrize("name", list(CNNS))

@@ -390,6 +390,21 @@ def _recurrent_unsupported(m: nn.Module) -> str:
     return ", ".join(parts)
 
 
+# ops returning pieces of their input along one dim (default 0), with the position of that
+# dim among the node's args (the same for ``x.chunk(2, 1)`` and ``torch.chunk(x, 2, 1)``)
+SPLIT_METHODS = {"chunk": 2, "split": 2, "tensor_split": 2, "unbind": 1}
+SPLIT_FUNCS: dict[Any, str] = {
+    torch.chunk: "chunk", torch.split: "split", torch.tensor_split: "tensor_split",
+    torch.unbind: "unbind",
+}  # fmt: skip
+
+
+def _returns_tuple(node: fx.Node) -> bool:
+    """Whether ``node`` returns several tensors (its metadata is a tuple of tensor metas)."""
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "shape", None) is None and isinstance(meta, (tuple, list))
+
+
 _MOVE_NAMES = {
     torch.transpose: "transpose",
     torch.swapaxes: "swapaxes",
@@ -719,7 +734,32 @@ class _Analyzer:
             self.b.unite(known[0], v, f"`{node.name}`")
         return known[0]
 
+    def split(self, node: fx.Node, name: str, dim_pos: int, x: _Val | None) -> _Val | None:
+        """``chunk``/``split``/``tensor_split``/``unbind``: pieces along another axis carry the
+        channels on; pieces along the channel axis fix them, since forward() sets the
+        pieces' sizes (pruning would move the cut and hand each consumer other channels)."""
+        meta = node.meta.get("tensor_meta")
+        shape = _shape(node.args[0])
+        pieces = len(meta) if isinstance(meta, (tuple, list)) else 0
+        dim = node.args[dim_pos] if len(node.args) > dim_pos else node.kwargs.get("dim", 0)
+        if x is None or shape is None or not isinstance(dim, int) or not pieces:
+            self.fix_node(node.args[0], f"feeds `{name}` `{node.name}`, which edgeslim "
+                          "cannot prune through")  # fmt: skip
+            return None
+        d = dim % len(shape)
+        if d == x.dim:
+            self.b.fix(x, f"cut into pieces along the channel axis by `{name}` `{node.name}`, "
+                       "whose sizes forward() sets")  # fmt: skip
+            self.struct[node] = (None,) * pieces
+            return None
+        out = x if name != "unbind" or d > x.dim else _Val(x.dim - 1, x.segs)
+        self.struct[node] = (out,) * pieces
+        return None
+
     def function(self, node: fx.Node, fn: Any, x: _Val | None) -> _Val | None:
+        if fn in SPLIT_FUNCS:
+            name = SPLIT_FUNCS[fn]
+            return self.split(node, name, SPLIT_METHODS[name], x)
         if fn in ELEMENTWISE_FUNCS or fn in LIKE_FUNCS:
             return x
         if fn in POOL_FUNCS:
@@ -759,11 +799,17 @@ class _Analyzer:
             return self.index(node, x)
         if fn is getattr and _shape(node) is None:
             return None
+        if _returns_tuple(node):
+            return self.opaque(node, f"function `{getattr(fn, '__name__', fn)}`")
         if fn in REDUCE_FUNCS:
             return self.reduce(node, x, getattr(fn, "__name__", str(fn)))
         return self.opaque(node, f"function `{getattr(fn, '__name__', fn)}`")
 
     def method(self, node: fx.Node, name: str, x: _Val | None) -> _Val | None:
+        if name in SPLIT_METHODS:
+            return self.split(node, name, SPLIT_METHODS[name], x)
+        if _returns_tuple(node):
+            return self.opaque(node, f"method `.{name}`")
         if name in PASS_METHODS:
             return x
         if name in BINARY_METHODS:

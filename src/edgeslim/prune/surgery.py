@@ -142,6 +142,12 @@ def _rnn_names(m: nn.Module) -> dict[str, str]:
     return {k: k + suffix for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
 
 
+def is_transposed_conv(m: nn.Module) -> bool:
+    """A ConvTranspose: its weight is ``(in, out / groups, ...)``, the other way round from a
+    conv's, so its output channels are weight axis 1 and its input channels axis 0."""
+    return isinstance(m, nn.modules.conv._ConvTransposeNd)
+
+
 def _axis_len(m: nn.Module, axis: int) -> int:
     if recurrent_gates(m):
         size = m.hidden_size if axis == 0 else m.input_size
@@ -155,7 +161,7 @@ def _axis_len(m: nn.Module, axis: int) -> int:
         return int(m.num_features)
     weight = m.weight
     assert isinstance(weight, torch.Tensor)
-    return int(weight.shape[axis])
+    return int(weight.shape[1 - axis if is_transposed_conv(m) else axis])
 
 
 def _check_role(m: nn.Module, fqn: str, role: str, name: str) -> None:
@@ -218,6 +224,13 @@ def _sliced(
     weight = m.weight
     bias = m.bias
     assert isinstance(weight, torch.Tensor)
+    if is_transposed_conv(m):  # (in, out, ...): keep the kept outputs' columns
+        w = _take(_take(weight, 1, out_idx), 0, in_idx)
+        tensors["weight"] = w
+        if isinstance(bias, torch.Tensor) and out_idx is not None:
+            tensors["bias"] = _take(bias, 0, out_idx)
+        attrs.update(out_channels=int(w.shape[1]), in_channels=int(w.shape[0]))
+        return tensors, attrs
     w = _take(_take(weight, 0, out_idx), 1, in_idx)
     tensors["weight"] = w
     if isinstance(bias, torch.Tensor) and out_idx is not None:

@@ -153,6 +153,8 @@ def member_weight(model: nn.Module, member: GroupMember) -> torch.Tensor | None:
             return w_ih
         return torch.cat([recurrent_unit_rows(w_ih, gates), recurrent_unit_rows(w_hh, gates)], 1)
     weight = getattr(module, "weight", None)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and isinstance(weight, torch.Tensor):
+        return weight.transpose(0, 1)  # (in, out, ...) -> (out, in, ...), as a conv's
     return weight if isinstance(weight, torch.Tensor) else None
 
 
