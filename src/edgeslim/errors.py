@@ -45,3 +45,7 @@ class PlanError(PruneError):
 
 class TaskError(EdgeslimError, ValueError):
     """A task's data does not fit the model (or is missing); the message says what to pass."""
+
+
+class ExportError(EdgeslimError):
+    """ONNX export refused the model; the message names the node and what to change."""

@@ -5,6 +5,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from torch import nn
 
 from edgeslim.export import export_onnx, onnx_parity
 from edgeslim.runtime.ort import ort_predict, ort_session
@@ -30,3 +31,15 @@ def test_parity_detects_a_different_model(tmp_path: Path) -> None:
     a, b = resnet20().eval(), resnet20().eval()
     path = export_onnx(a, (torch.randn(1, 1, 28, 28),), tmp_path / "a.onnx")
     assert not onnx_parity(b, path, (torch.randn(2, 1, 28, 28),)).ok
+
+
+def test_export_names_a_size_that_must_be_constant(tmp_path: Path) -> None:
+    """torch's exporter refuses a kernel size read from a shape; the error says what to use."""
+    from edgeslim.errors import ExportError
+
+    class ShapePooled(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.avg_pool2d(x, x.shape[2:]).flatten(1)
+
+    with pytest.raises(ExportError, match=r"must be a constant in ONNX: use `nn.AdaptiveAvgPool2d"):
+        export_onnx(ShapePooled().eval(), (torch.randn(1, 2, 10, 6),), tmp_path / "m.onnx")

@@ -137,3 +137,34 @@ def test_folded_batchnorm_does_not_quantize_a_conv_output_twice() -> None:
             assert not twice, f"{q.target} after {node.target}"  # one shared quantizer is exact
             checked += 1
     assert checked > 10  # the model does have Conv -> Identity -> ReLU6 chains
+
+
+class ShapePooled(torch.nn.Module):
+    """A global pool written with its input's own shape, as keyword-spotting and SE code
+    does: ``F.avg_pool2d(y, y.shape[2:])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.fc(torch.nn.functional.avg_pool2d(y, y.shape[2:]).flatten(1))
+
+
+def test_a_size_read_from_a_shape_gets_no_quantizer() -> None:
+    torch.manual_seed(0)
+    model = ShapePooled().eval()
+    x = torch.randn(16, 1, 10, 6)
+    quantize_(model, w8a8())
+    gm = quantize_edges(model)  # put a quantizer on the torch.Size before (AttributeError)
+    calibrate(gm, [x])
+    with torch.no_grad():
+        out = gm(x)
+    assert out.shape == (16, 4) and torch.isfinite(out).all()
+    pools = [n for n in gm.graph.nodes if n.target is torch.nn.functional.avg_pool2d]
+    assert pools and all(
+        not isinstance(_module(gm, a), ActQuant) for p in pools for a in p.args[1:]
+        if isinstance(a, torch.fx.Node)
+    )  # fmt: skip

@@ -33,3 +33,33 @@ def test_bn_after_a_shared_conv_is_not_folded() -> None:
             return self.bn(y) + y
 
     assert fold_batchnorm(Shared()) == []
+
+
+class CalledTwice(nn.Module):
+    """A conv->BN block run twice (on two inputs), and a conv run twice with its BN after one
+    call only: folding changes the module for every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        for bn in (self.block[1], self.bn):
+            bn.running_mean.uniform_(-1, 1)  # type: ignore[operator]
+            bn.running_var.uniform_(0.5, 2)  # type: ignore[operator]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.block(x), self.block(-x)  # both calls are the same pair: foldable
+        return self.bn(self.conv(a)) + self.conv(b)  # conv's second call has no BN
+
+
+def test_a_module_called_twice_is_folded_only_when_every_call_is_the_pair() -> None:
+    torch.manual_seed(0)
+    model = CalledTwice().eval()
+    x = torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    assert fold_batchnorm(model) == [("block.0", "block.1")]  # raised AssertionError before
+    assert isinstance(model.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-5)

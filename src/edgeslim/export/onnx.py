@@ -20,6 +20,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeslim.errors import ExportError
+
+NOT_CONSTANT_HINT = (
+    "A size computed from a tensor's shape at run time (e.g. `F.avg_pool2d(x, x.shape[2:])` "
+    "or `x.size(2)` as a kernel size) must be a constant in ONNX: use "
+    "`nn.AdaptiveAvgPool2d(1)` or `x.mean((2, 3), keepdim=True)` for a global pool, or a "
+    "fixed size."
+)
+
+
+def _export_advice(model: nn.Module, exc: Exception) -> str:
+    """One paragraph from torch's export error: its first lines, and what to change."""
+    first = " ".join(str(exc).split())[:400]
+    hint = NOT_CONSTANT_HINT if "not constant" in str(exc) else (
+        "Keep the failing op's layer out of the model or rewrite it with standard ops; the "
+        "node's scope above names the module."
+    )  # fmt: skip
+    return f"ONNX export of {type(model).__name__} failed: {first} {hint}"
+
 
 def export_onnx(
     model: nn.Module,
@@ -67,6 +86,8 @@ def export_onnx(
                     dynamic_shapes=shapes,
                     external_data=False,
                 )
+    except torch.onnx.errors.OnnxExporterError as exc:  # SymbolicValueError and friends
+        raise ExportError(_export_advice(model, exc)) from exc
     finally:
         model.train(was_training)
     _rewrite(path)

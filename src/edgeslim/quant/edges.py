@@ -117,6 +117,8 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         for src in node.all_input_nodes:
             if _is_integer_hardsigmoid(gm, src):
                 continue  # already on its fixed 8-bit grid
+            if _is_shape_value(src):
+                continue  # e.g. ``F.avg_pool2d(x, x.shape[2:])``: a size, not a tensor
             if "tensor_meta" in src.meta or src.op != "get_attr":
                 consumers.setdefault(src, []).append(node)
         if quant_layer:
@@ -185,6 +187,18 @@ def _reads_shape(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return len(node.args) > 1 and node.args[1] == "shape"
     return node.op == "call_method" and node.target in ("size", "dim")
+
+
+def _is_shape_value(node: fx.Node) -> bool:
+    """A shape read or a piece of one (``x.shape[2:]``, ``x.size(1)``): sizes, not values."""
+    if _reads_shape(node):
+        return True
+    return (
+        node.op == "call_function"
+        and node.target is operator.getitem
+        and isinstance(node.args[0], fx.Node)
+        and _is_shape_value(node.args[0])
+    )
 
 
 def _root(alias: dict[str, str], name: str) -> str:

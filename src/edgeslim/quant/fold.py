@@ -10,6 +10,7 @@ folded; each folded BN is replaced by ``nn.Identity`` so FQNs of other modules s
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from edgeslim.graph.trace import trace
@@ -58,10 +59,24 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _only_with(calls: dict[str, list[fx.Node]], conv: str, bn: str) -> bool:
+    """Whether every call of ``conv`` feeds ``bn`` alone and every call of ``bn`` reads
+    ``conv``: a module called twice (``self.f(x)`` run twice, a layer shared by two
+    branches) is folded only when each of its calls is the same conv->BN pair, since
+    folding changes the module for all of them."""
+    return all(len(n.users) == 1 and next(iter(n.users)).target == bn for n in calls[conv]) and all(
+        isinstance(n.args[0], fx.Node) and n.args[0].target == conv for n in calls[bn]
+    )
+
+
 def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every foldable conv->BN pair of ``model`` in place; returns the (conv, bn) FQNs."""
     gm = trace(model)
     pairs: list[tuple[str, str]] = []
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(node)
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
@@ -72,8 +87,10 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         if getattr(src, "op", None) != "call_module" or len(src.users) != 1:
             continue
         conv = gm.get_submodule(str(src.target))
-        if isinstance(bn, _BN_AFTER.get(type(conv), ())):
-            pairs.append((str(src.target), str(node.target)))
+        pair = (str(src.target), str(node.target))
+        if (isinstance(bn, _BN_AFTER.get(type(conv), ())) and pair not in pairs
+                and _only_with(calls, *pair)):  # fmt: skip
+            pairs.append(pair)
     for conv_name, bn_name in pairs:
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
