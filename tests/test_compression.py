@@ -112,3 +112,17 @@ def test_empty_recipes_and_file_outputs_are_refused(tmp_path: Path) -> None:
     path.write_text("x")
     with pytest.raises(EdgeslimError, match="not a folder"):
         edgeslim.compress(_digits_cnn(), W8A8, digits_task(), out=path)
+
+
+def test_a_compressed_model_slower_than_its_original_is_said() -> None:
+    from edgeslim.compression import slower_warnings
+
+    prune = [{"kind": "prune", "round_to": 1}]
+    notes = slower_warnings({"torch": (1.0, 1.02), "onnxruntime": (0.99, 0.52)}, prune)
+    assert len(notes) == 1 and notes[0].startswith("WARNING: the compressed model runs slower")
+    assert "onnxruntime (0.990 ms vs 0.520 ms, 0.53x)" in notes[0] and "round_to: 8" in notes[0]
+    # rounded widths, or a quantized model: the slowdown is said without the pruning hint
+    for stages in ([{"kind": "prune", "round_to": 8}], [{"kind": "quantize"}]):
+        (note,) = slower_warnings({"onnxruntime": (2.0, 1.0)}, stages)
+        assert "round_to" not in note
+    assert slower_warnings({"onnxruntime": (1.04, 1.0)}, prune) == []  # within the noise
