@@ -90,6 +90,8 @@ class DataFreeResult:
     input_ranges: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     report: DataFreeReport = field(default_factory=DataFreeReport)
     granularity: WeightGranularity = "channel"  # of the weight scales (the spec's)
+    # per layer: its output's range before the activation, from BN statistics (where known)
+    output_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 # An input range is mean +- RANGE_STDS std per channel, over the channels. Chosen on the
@@ -116,6 +118,18 @@ def _input_ranges(chain: Chain) -> dict[str, tuple[float, float] | None]:
         if pair is not None:  # the activation clips: its bounds are exact
             lo, hi = max(lo, pair.act.lo), min(hi, pair.act.hi)
         out[fqn] = (lo, hi)
+    return out
+
+
+def _output_ranges(chain: Chain) -> dict[str, tuple[float, float]]:
+    """Each layer's output range before its activation, where BatchNorm statistics give it
+    (mean +- ``RANGE_STDS`` std, over the channels); estimated statistics are left out."""
+    out: dict[str, tuple[float, float]] = {}
+    for fqn in chain.order:
+        s = chain.pre.get(fqn) or chain.bn_outputs.get(fqn)
+        if s is not None and not s.estimated:
+            out[fqn] = (float((s.mean - RANGE_STDS * s.std).min()),
+                        float((s.mean + RANGE_STDS * s.std).max()))  # fmt: skip
     return out
 
 
@@ -146,6 +160,7 @@ def compress_datafree(
         before = _snapshot(chain.model, chain.order)
         run(chain, MethodArgs(bits, spec.prune_ratio, spec.criterion, spec.low_bits))
         ranges = _input_ranges(chain)
+        outputs = _output_ranges(chain)
     seconds = time.perf_counter() - start
     report = chain.report
     report.method = method if isinstance(method, str) else getattr(method, "__name__", "custom")
@@ -153,7 +168,9 @@ def compress_datafree(
     report.changed = _changed(chain.model, before)
     _measure_macs(report, model, chain.model, example, spec.prune_ratio)
     notes = [*chain.notes, *report.lines()]
-    return DataFreeResult(chain.model, bits, notes, seconds, ranges, report, spec.granularity)
+    return DataFreeResult(
+        chain.model, bits, notes, seconds, ranges, report, spec.granularity, outputs
+    )
 
 
 def _snapshot(model: nn.Module, order: list[str]) -> dict[str, list[torch.Tensor]]:
@@ -197,14 +214,20 @@ def _measure_macs(
 
 
 def quantized_model(
-    result: DataFreeResult, act_bits: int | None = 8, act_ranges: str = "dynamic"
-) -> nn.Module:
+    result: DataFreeResult, act_bits: int | None = 8, act_ranges: str = "dynamic",
+    edges: bool = False,
+) -> nn.Module:  # fmt: skip
     """A fake-quant copy of ``result.model``: weights at their bits, activations at ``act_bits``.
 
     ``act_ranges="dynamic"``: per-tensor ranges of each tensor as it flows (ONNX Runtime's
     dynamic quantization). ``"statistics"``: fixed ranges predicted by the BN statistics
     (``result.input_ranges``), so a QDQ export carries data-free scales too; a layer whose
     input statistics are unknown keeps a float input. Neither needs calibration data.
+
+    ``edges`` (statistics ranges only): quantize the graph's edges as PTQ does
+    (:func:`edgeslim.quant.edges.quantize_edges`: residual adds, pools, conv outputs), with
+    ranges carried from the BN statistics (:mod:`.edge_ranges`), so ONNX Runtime runs the
+    export on integer kernels throughout instead of leaving a float conv before each add.
     """
     import copy
 
@@ -233,6 +256,13 @@ def quantized_model(
                 set_range = getattr(quantizer, "set_range", None)
                 assert callable(set_range)
                 set_range(*bounds)
+    if edges and static and act is not None:
+        from edgeslim.datafree.edge_ranges import fill_edge_ranges
+        from edgeslim.quant.edges import quantize_edges
+
+        gm = quantize_edges(m)
+        fill_edge_ranges(gm, result.output_ranges)
+        return gm
     return m
 
 

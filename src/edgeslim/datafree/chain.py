@@ -106,6 +106,9 @@ class Chain:
     unmeasured: dict[str, Pair] = field(default_factory=dict)  # pairs without statistics
     report: DataFreeReport = field(default_factory=DataFreeReport)  # what the method did
     granularity: WeightGranularity = "channel"  # of the weight scales the rounding is modelled with
+    # layer FQN -> statistics of its BatchNorm's output, for every layer a BN follows (pairs
+    # or not: a conv before a residual add too); what the methods change is in ``pre``
+    bn_outputs: dict[str, Stats] = field(default_factory=dict)
 
     def why_not(self, producer: str) -> str:
         """Why ``producer`` is not a usable pair, in a note's words."""
@@ -361,10 +364,21 @@ def analyze(model: nn.Module, example: torch.Tensor) -> Chain:
     unmeasured: dict[str, Pair] = {}
     blocked: dict[str, Blocked] = {}
     pre: dict[str, Stats] = {}
+    bn_outputs: dict[str, Stats] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), COMPUTE):
             continue
         order.append(str(node.target))
+        (user, *more) = list(node.users) or [None]
+        if (
+            user is not None
+            and not more
+            and user.op == "call_module"
+            and isinstance(gm.get_submodule(str(user.target)), nn.modules.batchnorm._BatchNorm)
+        ):
+            bn = prop.values.get(user)
+            if bn is not None and not bn.estimated:
+                bn_outputs[str(node.target)] = bn
         found = _find_pair(gm, node)
         if isinstance(found, Blocked):
             blocked[str(node.target)] = found
@@ -376,7 +390,9 @@ def analyze(model: nn.Module, example: torch.Tensor) -> Chain:
             continue
         pairs[pair.producer], pre[pair.producer] = pair, stats
     fold_batchnorm(folded)
-    return Chain(folded, order, pre, dict(prop.inputs), pairs, example, [], blocked, unmeasured)
+    chain = Chain(folded, order, pre, dict(prop.inputs), pairs, example, [], blocked, unmeasured)
+    chain.bn_outputs = bn_outputs
+    return chain
 
 
 def input_stats(chain: Chain, fqn: str) -> Stats | None:

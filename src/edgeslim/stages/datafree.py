@@ -164,7 +164,9 @@ def rebuild_datafree(model: nn.Module, stage: DataFreeStage, example: tuple[Any,
 
     x = example_input(tuple(example[0].shape))
     result = compress_datafree(model, stage.method, stage_spec(stage), x)
-    return quantized_model(result, stage.act_bits, stage.act_ranges).eval()
+    return quantized_model(
+        result, stage.act_bits, stage.act_ranges, edges=stage.act_ranges == "statistics"
+    ).eval()
 
 
 @register_stage("datafree", DataFreeStage, data_used="none")
@@ -223,4 +225,6 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
             + ", ".join(unknown)
             + "; their activations stay float"
         )
-    return quantized_model(result, stage.act_bits, stage.act_ranges).eval()
+    return quantized_model(
+        result, stage.act_bits, stage.act_ranges, edges=stage.act_ranges == "statistics"
+    ).eval()

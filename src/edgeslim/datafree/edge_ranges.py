@@ -1,0 +1,128 @@
+"""Data-free ranges for the quantizers the edge pass adds (residual adds, pools, outputs).
+
+:func:`edgeslim.quant.edges.quantize_edges` puts a quantizer on every edge ONNX Runtime
+needs quantized to fuse its integer kernels: the operands and output of a residual add, a
+pool's input, a conv's output before an op without an integer kernel. PTQ calibrates those
+on data. Without data, their ranges come from what the BN statistics already give, carried
+through the graph as intervals: a layer's input range (:func:`~edgeslim.datafree.
+quantized_model`'s statistics ranges), a conv's output (its pre-activation statistics,
+mean +- ``RANGE_STDS`` std), and per op: ReLU/ReLU6/clamps clip, pools, flattens and
+folded BatchNorm pass, an add sums its operands' bounds, a concat takes their union. A
+quantizer whose input interval stays unknown is removed (that edge stays float, and the
+export's integer-coverage check says so).
+
+Measured through ``compress`` (DFQ W8A8, ad hoc): resnet20 ran 47% of its MACs on integer
+kernels with input quantizers alone (0.78x the fp32 speed in ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from edgeslim.graph.ops import AVERAGES, is_spatial_mean
+from edgeslim.quant.modules import ActQuant, QuantMixin
+
+Interval = tuple[float, float]
+_PASS_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d,
+                 nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveMaxPool2d)  # fmt: skip
+_PASS_FUNCS = {torch.flatten, torch.reshape, nn.functional.max_pool2d,
+               nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d}  # fmt: skip
+_PASS_METHODS = {"flatten", "view", "reshape", "mean", "contiguous", "squeeze", "unsqueeze"}
+_RELU_FUNCS = {torch.relu, nn.functional.relu}
+_ADDS = {operator.add, operator.iadd, torch.add}
+_CATS = {torch.cat, torch.concat}
+
+
+def _clip(iv: Interval | None, lo: float, hi: float) -> Interval | None:
+    return None if iv is None else (min(max(iv[0], lo), hi), max(min(iv[1], hi), lo))
+
+
+def _bounds(q: ActQuant) -> Interval:
+    """The range a calibrated per-tensor quantizer represents."""
+    qz: Any = q.quantizer  # a uniform quantizer (activation specs are uniform)
+    scale, zp = qz.scale, qz.zero_point
+    assert isinstance(scale, torch.Tensor) and isinstance(zp, torch.Tensor)
+    s, z = float(scale.flatten()[0]), float(zp.flatten()[0])
+    return (qz.qmin - z) * s, (qz.qmax - z) * s
+
+
+def _module_interval(mod: nn.Module, src: Interval | None) -> Interval | None:
+    if isinstance(mod, nn.ReLU):
+        return _clip(src, 0.0, float("inf"))
+    if isinstance(mod, nn.ReLU6):
+        return _clip(src, 0.0, 6.0)
+    if isinstance(mod, nn.Hardtanh):
+        return _clip(src, float(mod.min_val), float(mod.max_val))
+    if isinstance(mod, _PASS_MODULES):
+        return src
+    return None
+
+
+def _function_interval(
+    gm: fx.GraphModule, node: fx.Node, iv: Mapping[fx.Node, Interval | None]
+) -> Interval | None:
+    ins = [iv.get(a) for a in node.all_input_nodes]
+    src = ins[0] if ins else None
+    if node.op == "call_method":
+        if node.target in ("relu", "relu_"):
+            return _clip(src, 0.0, float("inf"))
+        return src if node.target in _PASS_METHODS else None
+    if node.target in _ADDS and len(ins) == 2:
+        a, b = ins
+        return None if a is None or b is None else (a[0] + b[0], a[1] + b[1])
+    if node.target in _CATS:
+        known = [i for i in ins if i is not None]
+        if len(known) != len(ins) or not known:
+            return None
+        return min(i[0] for i in known), max(i[1] for i in known)
+    if node.target in _RELU_FUNCS:
+        return _clip(src, 0.0, float("inf"))
+    if node.target in _PASS_FUNCS or AVERAGES.matches(gm, node) or is_spatial_mean(node):
+        return src
+    return None
+
+
+def fill_edge_ranges(gm: fx.GraphModule, outputs: Mapping[str, Interval]) -> list[str]:
+    """Give every uncalibrated edge quantizer of ``gm`` a range carried from the known ones
+    and from ``outputs`` (layer FQN -> its output's range); remove those left unknown.
+    Returns the names of the quantizers removed."""
+    iv: dict[fx.Node, Interval | None] = {}
+    removed: list[str] = []
+    for node in list(gm.graph.nodes):
+        r: Interval | None = None
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            src = iv.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+            if isinstance(mod, ActQuant):
+                if bool(mod.quantizer.calibrated):
+                    r = _bounds(mod)
+                elif src is not None and src[1] > src[0]:
+                    quantizer: Any = mod.quantizer
+                    quantizer.set_range(*src)
+                    r = _bounds(mod)
+                else:
+                    node.replace_all_uses_with(node.args[0])
+                    gm.graph.erase_node(node)
+                    removed.append(str(node.target))
+                    continue
+            elif isinstance(mod, QuantMixin):
+                r = outputs.get(str(node.target))
+            else:
+                r = _module_interval(mod, src)
+        elif node.op in ("call_function", "call_method"):
+            r = _function_interval(gm, node, iv)
+        iv[node] = r
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for name in dict.fromkeys(removed):
+        if name not in used:  # one quantizer may serve several nodes (a split's halves)
+            gm.delete_submodule(name)
+    gm.graph.lint()
+    gm.recompile()
+    return removed
