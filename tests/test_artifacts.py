@@ -195,6 +195,7 @@ def test_a_gates_pruned_output_reloads_bit_exactly(tmp_path: Path) -> None:
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow  # 75 s on a 2-core machine; the CNN reload tests cover the mechanism
 def test_a_minilm_w8a8_output_reloads_bit_exactly(tmp_path: Path) -> None:
     """The encoder path: compress MiniLM (its latency is timed on 128-token inputs, so the
     export must leave the sequence length dynamic), then rebuild it bit for bit."""

@@ -10,6 +10,10 @@ from edgeslim.bench import load_records, run_suite
 from edgeslim.bench.records import CONFIG_KEYS
 from edgeslim.zoo import ZOO
 
+# the quick suite runs every zoo CNN in both runtimes: 89 s of the default run on a 2-core
+# machine; `edgeslim bench baseline` is the benchmark it checks
+pytestmark = pytest.mark.slow
+
 FIELDS = {
     "suite", "model", "method", "config", "metric", "value", "baseline_value", "params", "macs",
     "size_bytes", "latency_ms", "baseline_latency_ms", "runtime", "seconds", "data_used",

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from edgeslim.bench import load_records, run_suite
 
 
+@pytest.mark.slow  # 67 s on a 2-core machine; `edgeslim bench quant` is what it checks
 def test_quant_suite_rows_on_vgg_small(tmp_path: Path) -> None:
     run_suite("quant", tmp_path, quick=True, models=["vgg-small"])
     records = load_records(tmp_path / "results.json")
