@@ -17,7 +17,6 @@ kernels with input quantizers alone (0.78x the fp32 speed in ONNX Runtime).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from edgeslim.graph.ops import AVERAGES, is_spatial_mean
+from edgeslim.graph.ops import ADDS, AVERAGES, is_spatial_mean
+from edgeslim.quant.edges import CATS
 from edgeslim.quant.modules import ActQuant, QuantMixin
 
 Interval = tuple[float, float]
@@ -36,8 +36,6 @@ _PASS_FUNCS = {torch.flatten, torch.reshape, nn.functional.max_pool2d,
                nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d}  # fmt: skip
 _PASS_METHODS = {"flatten", "view", "reshape", "mean", "contiguous", "squeeze", "unsqueeze"}
 _RELU_FUNCS = {torch.relu, nn.functional.relu}
-_ADDS = {operator.add, operator.iadd, torch.add}
-_CATS = {torch.cat, torch.concat}
 
 
 def _clip(iv: Interval | None, lo: float, hi: float) -> Interval | None:
@@ -74,10 +72,10 @@ def _function_interval(
         if node.target in ("relu", "relu_"):
             return _clip(src, 0.0, float("inf"))
         return src if node.target in _PASS_METHODS else None
-    if node.target in _ADDS and len(ins) == 2:
+    if node.target in ADDS and len(ins) == 2:
         a, b = ins
         return None if a is None or b is None else (a[0] + b[0], a[1] + b[1])
-    if node.target in _CATS:
+    if node.target in CATS:
         known = [i for i in ins if i is not None]
         if len(known) != len(ins) or not known:
             return None
