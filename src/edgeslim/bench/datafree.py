@@ -92,9 +92,12 @@ def ablation() -> dict[str, Method]:
     - ``clamp``: the low-bit layers clamped to their MSE-optimal range, nothing else;
     - ``clamp+correct-clamped``: the clamp, then bias correction and the consumers' mean
       compensation measured against the clamped weights (DF-MPC before 2026-11-28);
-    - ``clamp+correct-original``: the same measured against the original weights.
+    - ``clamp+correct-original``: the same measured against the original weights;
+    - ``clamp+match+correct``: the last with the variance match of the clamped rows (DF-MPC
+      before 2026-11-30).
 
-    ``dfmpc`` adds to the last the variance match of the clamped rows.
+    ``dfmpc`` rounds the clamped rows against their modelled input covariance before the
+    variance match.
     """
     from edgeslim.datafree.compensate import compensate_all
     from edgeslim.datafree.methods import bias_correct_all, clip_low_bits
@@ -113,11 +116,16 @@ def ablation() -> dict[str, Method]:
         original = clip_low_bits(chain, args.bits, min(args.bits.values()), match=False)
         compensate_all(chain, args.bits, reference=original)
 
+    def clamp_match_correct(chain: Chain, args: MethodArgs) -> None:
+        original = clip_low_bits(chain, args.bits, min(args.bits.values()))
+        compensate_all(chain, args.bits, reference=original, bn_only=True)
+
     return {
         "bias": bias,
         "clamp": clamp,
         "clamp+correct-clamped": clamp_correct_clamped,
         "clamp+correct-original": clamp_correct_original,
+        "clamp+match+correct": clamp_match_correct,
     }
 
 

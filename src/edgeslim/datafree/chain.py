@@ -109,6 +109,9 @@ class Chain:
     # layer FQN -> statistics of its BatchNorm's output, for every layer a BN follows (pairs
     # or not: a conv before a residual add too); what the methods change is in ``pre``
     bn_outputs: dict[str, Stats] = field(default_factory=dict)
+    # the model as given (unfolded, unchanged): what further analyses (the channel
+    # covariances of :mod:`.covariance`) trace, with its BatchNorms in place
+    source: nn.Module | None = None
 
     def why_not(self, producer: str) -> str:
         """Why ``producer`` is not a usable pair, in a note's words."""
@@ -392,6 +395,7 @@ def analyze(model: nn.Module, example: torch.Tensor) -> Chain:
     fold_batchnorm(folded)
     chain = Chain(folded, order, pre, dict(prop.inputs), pairs, example, [], blocked, unmeasured)
     chain.bn_outputs = bn_outputs
+    chain.source = model
     return chain
 
 

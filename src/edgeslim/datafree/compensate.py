@@ -108,16 +108,27 @@ def inner_products(
 
 
 def rounded_stats(
-    m: nn.Module, w: torch.Tensor, q: torch.Tensor, x: Stats | None, pre: Stats, full: bool
-) -> tuple[Stats, torch.Tensor]:
+    m: nn.Module, w: torch.Tensor, q: torch.Tensor, x: Stats | None, pre: Stats, full: bool,
+    gram: torch.Tensor | None = None,
+) -> tuple[Stats, torch.Tensor]:  # fmt: skip
     """Statistics of the rounded producer's pre-activations and ``corr(z_i, zq_j)``.
 
-    The correlation is ``(O, O)`` with ``full`` (else ``(O,)``, the diagonal).
+    The correlation is ``(O, O)`` with ``full`` (else ``(O,)``, the diagonal). ``gram``:
+    the input covariance in weight-row order (:func:`~.rounding.row_gram`), where known,
+    instead of the independent-channel prior.
     """
-    nw = inner_products(m, w, w, x, full=False).clamp_min(_EPS).sqrt()
-    nq = inner_products(m, q, q, x, full=False).clamp_min(_EPS).sqrt()
     depthwise = w.dim() == 4 and w.shape[1] == 1 and getattr(m, "groups", 1) == w.shape[0] > 1
-    cross = inner_products(m, w, q, x, full=full and not depthwise)
+    if gram is not None and not depthwise:
+        wf = w.reshape(w.shape[0], -1).to(torch.float64)
+        qf = q.reshape(q.shape[0], -1).to(torch.float64)
+        g = gram.to(torch.float64)
+        nw = ((wf @ g) * wf).sum(1).clamp_min(_EPS).sqrt()
+        nq = ((qf @ g) * qf).sum(1).clamp_min(_EPS).sqrt()
+        cross = (wf @ g) @ qf.T if full else ((wf @ g) * qf).sum(1)
+    else:
+        nw = inner_products(m, w, w, x, full=False).clamp_min(_EPS).sqrt()
+        nq = inner_products(m, q, q, x, full=False).clamp_min(_EPS).sqrt()
+        cross = inner_products(m, w, q, x, full=full and not depthwise)
     corr = cross / (nw[:, None] * nq[None, :]) if cross.dim() == 2 else cross / (nw * nq)
     sq = pre.std * nq / nw
     return Stats(pre.mean.clone(), sq * sq), corr
@@ -134,7 +145,7 @@ def correct_bias(m: nn.Module, w: torch.Tensor, q: torch.Tensor, x: Stats | None
 def compensate(
     chain: Chain, pair: Pair, w: torch.Tensor, q: torch.Tensor, x: Stats | None,
     pruned: Collection[int] = (), merge: bool = True, rescale: bool = False,
-    bias: bool = True,
+    bias: bool = True, gram: torch.Tensor | None = None,
 ) -> Stats:  # fmt: skip
     """Rewrite ``pair.consumer`` for the producer's rounding (``w -> q``) and ``pruned``.
 
@@ -145,7 +156,7 @@ def compensate(
     consumer = chain.layer(pair.consumer)
     pre = chain.pre[pair.producer]
     merging = merge and not pair.depthwise and len(pruned) > 0
-    qstats, corr = rounded_stats(chain.layer(pair.producer), w, q, x, pre, full=merging)
+    qstats, corr = rounded_stats(chain.layer(pair.producer), w, q, x, pre, merging, gram)
     act, n = pair.act, w.shape[0]
     drop = torch.zeros(n, dtype=torch.bool)
     drop[list(pruned)] = True
@@ -228,7 +239,7 @@ def compensate_all(
     chain: Chain, bits: dict[str, int], pruned: Mapping[str, Collection[int]] | None = None,
     merge_into: Collection[str] = (), skip: Collection[str] = (), rescale: bool = False,
     bias: bool = True, reference: Mapping[str, torch.Tensor] | None = None,
-    bn_only: bool = False,
+    bn_only: bool = False, grams: Mapping[str, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
     """One pass in graph order: bias-correct every layer's rounding, compensate every pair.
 
@@ -239,7 +250,9 @@ def compensate_all(
     statistics describe those. Layers are visited after their producer, so a consumer's
     columns are final before its own rows are rounded. ``bn_only``: no correction from
     estimated statistics (no BatchNorm): measured on prelu-cnn they guess the means badly
-    enough that compensating made the rounding error worse, not better.
+    enough that compensating made the rounding error worse, not better. ``grams`` (by
+    layer): input covariances that model the rounded layers' statistics (see
+    :func:`rounded_stats`).
     """
     pruned = pruned or {}
     reference = reference or {}
@@ -257,5 +270,5 @@ def compensate_all(
             continue
         rounded[fqn] = compensate(
             chain, pair, w, q, x, pruned.get(fqn, ()), merge=fqn in merge_into,
-            rescale=rescale, bias=bias,
+            rescale=rescale, bias=bias, gram=(grams or {}).get(fqn),
         )  # fmt: skip

@@ -10,8 +10,9 @@ A method is ``(chain, spec, bits) -> None``: it may rescale, merge, prune and bi
   say never reach the clip), high-bias absorption and analytic bias correction where BN
   statistics give the means (Nagel et al. 2019); the layers at the spec's low bits are
   clamped to their MSE-optimal range and variance-matched first, as in ``dfmpc``.
-- ``dfmpc``: the low-bit layers clamped and rescaled to keep their output variance, every
-  pair's rounding compensated in the consumer (:mod:`.compensate`), with the low/high
+- ``dfmpc``: the low-bit layers clamped, rounded against their modelled input covariance
+  (:mod:`.rounding`) and rescaled to keep their output variance, every pair's rounding
+  compensated in the consumer (:mod:`.compensate`), with the low/high
   bit-widths alternating along the pairs (:func:`assign_bits`).
 - ``naive``: prune the lowest-``criterion`` channels of every safely prunable group, RTN.
   ``prune_ratio`` is a fraction of the model's MACs (as the ``prune`` stage's
@@ -41,6 +42,7 @@ from edgeslim.datafree.compensate import (
     input_variance,
     match_variance,
 )
+from edgeslim.datafree.covariance import input_moments
 from edgeslim.datafree.errors import NothingToCompressError
 from edgeslim.datafree.gaussian import IDENTITY, RELU, _cdf
 from edgeslim.datafree.ops import (
@@ -53,6 +55,7 @@ from edgeslim.datafree.ops import (
     scale_rows,
     weight_of,
 )
+from edgeslim.datafree.rounding import round_with_covariance, row_gram
 from edgeslim.graph.coupling import CouplingGroup, fx_coupling_groups
 
 CLE_ITERATIONS = 8
@@ -365,11 +368,45 @@ def clip_low_bits(
     return original
 
 
+@torch.no_grad()
+def round_low_bits(
+    chain: Chain, bits: dict[str, int], low: int, original: dict[str, torch.Tensor]
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Round every layer at ``low`` bits or fewer against its input covariance
+    (:mod:`.rounding`), onto the grid its current (clipped) weights set; ``original``: its
+    weights before the clamp, the ones rounded. Returns per layer what was done or why not,
+    and the input covariance (in weight-row order) of each layer so rounded.
+    """
+    layers = [f for f in chain.order if bits[f] <= low and f in original]
+    found = input_moments(chain.source, chain.example, layers) if chain.source else {}
+    out: dict[str, str] = {}
+    grams: dict[str, torch.Tensor] = {}
+    for fqn in layers:
+        m = chain.layer(fqn)
+        x = found.get(fqn)
+        h = None if x is None else row_gram(m, x)
+        if h is None or x is None:
+            out[fqn] = "rounded to nearest: the covariance of its input is unknown"
+            continue
+        q, short = round_with_covariance(original[fqn], m.weight, h, bits[fqn], chain.granularity)
+        m.weight.copy_(q)
+        centred = row_gram(m, x, centred=True)
+        if centred is not None:
+            grams[fqn] = centred
+        out[fqn] = "rounded against its input covariance" + (
+            f" ({short} rows to nearest: their rounding left the grid's end)" if short else ""
+        )
+    return out, grams
+
+
 def dfmpc(chain: Chain, args: MethodArgs) -> None:
     """Mixed-precision compensation (see the module doc for the measured choices).
 
-    The low-bit layers are clamped to their MSE-optimal ranges and rescaled to keep their
-    output variance; then, in graph order, every layer's rounding is bias-corrected against
+    The low-bit layers are clamped to their MSE-optimal ranges, rounded against the channel
+    covariance of their input (modelled from the BN statistics, :mod:`.covariance` and
+    :mod:`.rounding`; nearest rounding where it cannot be followed or with one scale per
+    layer) and rescaled to keep their output variance; then, in graph order, every layer's
+    rounding is bias-corrected against
     its original weights and every pair's consumer absorbs the change of its input's mean
     (``E[a] - E[aq]``, :func:`~.compensate.compensate`). Pairs without BatchNorm (e.g.
     conv -> PReLU -> conv) still alternate bits and get the clamp and rescale, which need
@@ -386,10 +423,23 @@ def dfmpc(chain: Chain, args: MethodArgs) -> None:
     if not chain.pairs:
         raise _nothing("dfmpc", "no pair to compensate the rounding in",
                        [chain.why_not(f) for f in chain.order])  # fmt: skip
-    original = clip_low_bits(chain, args.bits, low)
-    compensate_all(chain, args.bits, rescale=False, bias=True, reference=original, bn_only=True)
+    if chain.granularity == "channel":
+        original = clip_low_bits(chain, args.bits, low, match=False)
+        rounding, grams = round_low_bits(chain, args.bits, low, original)
+        for fqn, ref in original.items():  # a row's gain goes into its own scale: still on grid
+            m = chain.layer(fqn)
+            match_variance(m, ref, input_stats(chain, fqn), args.bits[fqn], chain.granularity)
+    else:  # one scale per layer: a row's gain would move it off the grid it was rounded to
+        original = clip_low_bits(chain, args.bits, low)
+        rounding = dict.fromkeys(original, "rounded to nearest: one weight scale per layer")
+        grams = {}
+    compensate_all(chain, args.bits, rescale=False, bias=True, reference=original,
+                   bn_only=True, grams=grams)  # fmt: skip
     edge = args.bits[chain.order[0]]
-    chain.report.layers.update(explain_bits(chain, args.bits, low, edge))
+    notes = explain_bits(chain, args.bits, low, edge)
+    for fqn, text in rounding.items():
+        notes[fqn] = f"{notes[fqn]}; {text}"
+    chain.report.layers.update(notes)
 
 
 # --- pruning ------------------------------------------------------------------------------

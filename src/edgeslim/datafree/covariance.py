@@ -1,0 +1,201 @@
+"""Channel covariances from the weights and BatchNorm statistics alone.
+
+Rounding a layer well needs more than each input channel's variance: a low-bit layer's
+error ``(q - w) x`` is small when the error pattern runs along directions the input rarely
+takes, and those directions are set by how the input channels move *together*. Real
+activations are strongly correlated (a block input of MobileNetV2 is a projection of
+hundreds of channels onto a few dozen), so a diagonal model of the input misses most of it.
+
+:func:`propagate_covariance` carries a Gaussian model of every tensor through the traced
+graph, as :mod:`.chain` carries means and variances, but with the full channel covariance:
+
+- a conv/linear maps it exactly, ``W S W^T`` (a ``k x k`` conv sums over the kernel window
+  with the spatial prior of :func:`~.compensate.spatial_kernel`; a depthwise conv keeps each
+  pair of channels, weighted by their two kernels);
+- a BatchNorm keeps the **correlation** that arrived and takes its **variances** (and
+  means) from its own statistics: what training data left behind re-anchors the model at
+  every BN, so errors of the approximations below do not compound;
+- ReLU/ReLU6/PReLU: exact variances from the clipped-Gaussian moments, covariances
+  linearised by Stein's lemma, ``Cov(f(u), f(v)) ~ E[f'(u)] E[f'(v)] Cov(u, v)`` (exact to
+  first order in the correlation, and never larger than the exact variances allow, so the
+  matrix stays positive semi-definite);
+- an add sums the two covariances (its operands taken as uncorrelated), a concat stacks
+  them block-diagonally, pooling, dropout and flatten pass them on; anything else:
+  unknown.
+
+The input is taken as standardised and uncorrelated, as in :mod:`.chain`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from edgeslim.datafree.chain import _PASSES, COMPUTE, NORMS, _act_of, _shape, is_depthwise
+from edgeslim.datafree.compensate import spatial_kernel
+from edgeslim.datafree.gaussian import Act, _cdf, act_mean, act_var
+from edgeslim.graph.ops import ADDS
+from edgeslim.graph.trace import trace
+
+MAX_CHANNELS = 4096  # a covariance larger than this many channels is not carried (memory)
+
+
+@dataclass
+class Moments:
+    """Per-channel mean ``(C,)`` and channel covariance ``(C, C)``, float64."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+
+    @property
+    def var(self) -> torch.Tensor:
+        return torch.diagonal(self.cov).clamp_min(0.0)
+
+    def second(self) -> torch.Tensor:
+        """``E[x x^T]``: what a layer's output error under this input depends on."""
+        return self.cov + torch.outer(self.mean, self.mean)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def _correlation(cov: torch.Tensor) -> torch.Tensor:
+    d = torch.diagonal(cov).clamp_min(1e-12).sqrt()
+    return (cov / d[:, None] / d[None, :]).clamp(-1.0, 1.0)
+
+
+def _slope_gain(mu: torch.Tensor, sigma: torch.Tensor, act: Act) -> torch.Tensor:
+    """``E[f'(z)]`` for ``z ~ N(mu, sigma^2)``: the share of the mass where ``f`` passes."""
+    s = sigma.clamp_min(1e-12)
+    inside = _cdf((act.hi - mu) / s) - _cdf((act.lo - mu) / s)
+    if act.leaky:
+        a = act.slopes().to(torch.float64).expand_as(mu)
+        return a + (1 - a) * inside
+    return inside
+
+
+def through_act(x: Moments, act: Act) -> Moments:
+    """Moments after an elementwise activation (Stein-linearised covariances)."""
+    std = x.var.sqrt()
+    g = _slope_gain(x.mean, std, act)
+    cov = g[:, None] * x.cov * g[None, :]
+    cov.diagonal().copy_(act_var(x.mean, std, act))
+    return Moments(act_mean(x.mean, std, act), cov)
+
+
+def through_layer(m: nn.Module, x: Moments) -> Moments | None:
+    """Moments of a conv/linear output (a ``groups`` conv other than depthwise: unknown)."""
+    w = _f64(m.weight)  # type: ignore[arg-type]
+    bias = _f64(m.bias) if getattr(m, "bias", None) is not None else torch.zeros(w.shape[0])  # type: ignore[arg-type]
+    if w.dim() == 2:
+        return Moments(w @ x.mean + bias, w @ x.cov @ w.T)
+    if is_depthwise(m):
+        flat = w.reshape(w.shape[0], -1)
+        k = spatial_kernel(w.shape[2], w.shape[3])
+        return Moments(flat.sum(1) * x.mean + bias, x.cov * (flat @ k @ flat.T))
+    if getattr(m, "groups", 1) != 1:
+        return None
+    o, c, kh, kw = w.shape
+    k = spatial_kernel(kh, kw)
+    taps = w.reshape(o, c, kh * kw).permute(2, 0, 1)  # (P, O, C)
+    left = torch.einsum("poc,cd->pod", taps, x.cov)  # W_p S
+    mixed = torch.einsum("pq,qod->pod", k, left)  # sum_p K_pq W_p S (q-indexed)
+    cov = torch.einsum("pod,pjd->oj", mixed, taps)
+    return Moments(w.sum((2, 3)) @ x.mean + bias, (cov + cov.T) / 2)
+
+
+def _renormalise(x: Moments, mean: torch.Tensor, var: torch.Tensor) -> Moments:
+    d = var.clamp_min(0.0).sqrt()
+    return Moments(mean, _correlation(x.cov) * d[:, None] * d[None, :])
+
+
+class CovariancePropagator:
+    """Moments through a traced (unfolded) model; ``inputs[fqn]``: of the input of each
+    conv/linear in ``layers`` (all when None). A node's moments are dropped once its last
+    user is visited, so memory holds the live tensors' covariances only."""
+
+    def __init__(self, gm: fx.GraphModule, layers: Collection[str] | None = None) -> None:
+        self.gm = gm
+        self.layers = None if layers is None else set(layers)
+        self.values: dict[fx.Node, Moments | None] = {}
+        self.inputs: dict[str, Moments | None] = {}
+
+    def run(self) -> dict[str, Moments | None]:
+        last: dict[fx.Node, fx.Node] = {}
+        for node in self.gm.graph.nodes:
+            for arg in node.all_input_nodes:
+                last[arg] = node
+        for node in self.gm.graph.nodes:
+            self.values[node] = self._visit(node)
+            for arg in node.all_input_nodes:
+                if last.get(arg) is node:
+                    self.values.pop(arg, None)
+        return self.inputs
+
+    def _arg(self, node: fx.Node, i: int = 0) -> Moments | None:
+        a = node.args[i] if len(node.args) > i else None
+        return self.values.get(a) if isinstance(a, fx.Node) else None
+
+    def _visit(self, node: fx.Node) -> Moments | None:
+        shape = _shape(node)
+        if node.op == "placeholder":
+            if shape is None or len(shape) < 2 or shape[1] > MAX_CHANNELS:
+                return None
+            n = shape[1]
+            return Moments(torch.zeros(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64))
+        x = self._arg(node)
+        found = _act_of(self.gm, node)
+        if found is not None:
+            return None if x is None else through_act(x, found[0])
+        if node.op == "call_module":
+            m = self.gm.get_submodule(str(node.target))
+            if isinstance(m, NORMS) and m.running_mean is not None and x is not None:
+                beta = _f64(m.bias) if m.bias is not None else torch.zeros(m.num_features)
+                gamma = _f64(m.weight) if m.weight is not None else torch.ones(m.num_features)
+                return _renormalise(x, beta, gamma * gamma)
+            if isinstance(m, COMPUTE):
+                if self.layers is None or str(node.target) in self.layers:
+                    self.inputs[str(node.target)] = x
+                return None if x is None else through_layer(m, x)
+            return None
+        if node.op == "call_function" and node.target in ADDS:
+            y = self._arg(node, 1)
+            if x is None or y is None or x.mean.shape != y.mean.shape:
+                return None
+            return Moments(x.mean + y.mean, x.cov + y.cov)
+        if node.op == "call_function" and node.target is torch.cat:
+            parts = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if dim != 1 or not isinstance(parts, (list, tuple)):
+                return None
+            vals = [self.values.get(p) if isinstance(p, fx.Node) else None for p in parts]
+            if any(v is None for v in vals):
+                return None
+            ms = [v for v in vals if v is not None]
+            return Moments(torch.cat([v.mean for v in ms]), torch.block_diag(*[v.cov for v in ms]))
+        if _PASSES.matches(self.gm, node) and x is not None:
+            src = node.args[0]
+            before = _shape(src) if isinstance(src, fx.Node) else None
+            if before is not None and shape is not None and len(before) == 4 and len(shape) == 2:
+                return None  # a flatten over positions: the positions' covariance is unknown
+            return x
+        return None
+
+
+def input_moments(
+    model: nn.Module, example: torch.Tensor, layers: Collection[str] | None = None
+) -> dict[str, Moments]:
+    """The input moments of the conv/linear layers ``layers`` (all when None) of ``model``
+    (BN not folded: its statistics are what the model is re-anchored to), by FQN; a layer
+    whose input cannot be followed is left out."""
+    gm = trace(copy.deepcopy(model).eval())
+    ShapeProp(gm).propagate(example)
+    found = CovariancePropagator(gm, layers).run()
+    return {k: v for k, v in found.items() if v is not None}
