@@ -164,7 +164,6 @@ class CovariancePropagator:
                 if self.layers is None or str(node.target) in self.layers:
                     self.inputs[str(node.target)] = x
                 return None if x is None else through_layer(m, x)
-            return None
         if node.op == "call_function" and node.target in ADDS:
             y = self._arg(node, 1)
             if x is None or y is None or x.mean.shape != y.mean.shape:
@@ -184,6 +183,8 @@ class CovariancePropagator:
             src = node.args[0]
             before = _shape(src) if isinstance(src, fx.Node) else None
             if before is not None and shape is not None and len(before) == 4 and len(shape) == 2:
+                if shape[1] == before[1]:  # global pooling: one value per channel
+                    return x
                 return None  # a flatten over positions: the positions' covariance is unknown
             return x
         return None
