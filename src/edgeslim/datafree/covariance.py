@@ -82,7 +82,13 @@ def _slope_gain(mu: torch.Tensor, sigma: torch.Tensor, act: Act) -> torch.Tensor
 
 
 def through_act(x: Moments, act: Act) -> Moments:
-    """Moments after an elementwise activation (Stein-linearised covariances)."""
+    """Moments after an elementwise activation (Stein-linearised covariances).
+
+    Decision: first order, not the exact covariance. The full Hermite (Mehler) series
+    matches sampled covariances even at correlation 0.9, yet DF-MPC 3/8 on
+    mobilenetv2-imagenet scored 75.0% agreement with it against 81.8% with the first order,
+    which shrinks the strong correlations this model of the data overstates.
+    """
     std = x.var.sqrt()
     g = _slope_gain(x.mean, std, act)
     cov = g[:, None] * x.cov * g[None, :]

@@ -8,6 +8,12 @@ is pushed onto the columns not yet rounded, in proportion to how their inputs co
 (optimal brain compression, as GPTQ does with real data; here ``H`` is a model of the
 data, not a measurement). Every weight stays on the grid of the quantizer that will round
 the layer afterwards (:func:`~.ops.quantize_weight`), so that rounding changes nothing.
+
+Measured on mobilenetv2-imagenet, DF-MPC 3/8 (agreement on 236 crops, about +-3 points of
+noise): nearest rounding 66.1%, this 81.8%; with the *measured* input second moment of 64
+calibration crops instead of the modelled one, 87.3%. Tried and dropped: choosing each
+row's range by the modelled error among 0.8-1.25x the MSE range (72.5%), GPTQ's column
+order (59.3%), shrinking the modelled correlations halfway to zero (no gain).
 """
 
 from __future__ import annotations
