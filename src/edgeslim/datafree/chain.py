@@ -27,8 +27,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 import torch.fx as fx
@@ -229,69 +230,139 @@ def layer_output(m: nn.Module, x: Stats) -> Stats | None:
     return Stats(s @ x.mean + bias, s2 @ x.var)
 
 
-class _Propagator:
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.values: dict[fx.Node, Stats | None] = {}
-        self.inputs: dict[str, Stats | None] = {}
+V = TypeVar("V")
 
-    def run(self) -> None:
+
+class GraphWalk(Generic[V]):
+    """A per-channel model of every tensor, carried through a traced (unfolded) graph.
+
+    The walk is shared; what a value is and how each op maps it is the subclass's:
+    :class:`_Propagator` (means and variances) here, the channel covariances of
+    :mod:`.covariance`. ``inputs[fqn]``: the value at each conv/linear's input, for the
+    layers in ``layers`` (all when None). ``free``: drop a node's value once its last user
+    is visited (only the live tensors are held).
+    """
+
+    def __init__(
+        self, gm: fx.GraphModule, layers: Collection[str] | None = None, free: bool = False
+    ) -> None:
+        self.gm = gm
+        self.layers = None if layers is None else set(layers)
+        self.free = free
+        self.values: dict[fx.Node, V | None] = {}
+        self.inputs: dict[str, V | None] = {}
+
+    def run(self) -> dict[str, V | None]:
+        last: dict[fx.Node, fx.Node] = {}
+        for node in self.gm.graph.nodes:
+            for arg in node.all_input_nodes:
+                last[arg] = node
         for node in self.gm.graph.nodes:
             self.values[node] = self._visit(node)
+            if self.free:
+                for arg in node.all_input_nodes:
+                    if last.get(arg) is node:
+                        self.values.pop(arg, None)
+        return self.inputs
 
-    def _arg(self, node: fx.Node, i: int = 0) -> Stats | None:
+    # what subclasses define
+    def source(self, channels: int) -> V | None:
+        """The model's input: standardised, independent channels."""
+        raise NotImplementedError
+
+    def act(self, x: V, act: Act) -> V:
+        raise NotImplementedError
+
+    def norm(self, x: V | None, mean: torch.Tensor, var: torch.Tensor) -> V:
+        """A BatchNorm's output: its statistics, whatever arrived (``x``, maybe unknown)."""
+        raise NotImplementedError
+
+    def layer(self, m: nn.Module, x: V) -> V | None:
+        raise NotImplementedError
+
+    def add(self, x: V, y: V) -> V | None:
+        raise NotImplementedError
+
+    def cat(self, parts: list[V]) -> V:
+        raise NotImplementedError
+
+    def positions_to_features(self, x: V, positions: int) -> V | None:
+        """A flatten of ``(N, C, H, W)`` into ``(N, C * positions)`` features."""
+        raise NotImplementedError
+
+    def _arg(self, node: fx.Node, i: int = 0) -> V | None:
         a = node.args[i] if len(node.args) > i else None
         return self.values.get(a) if isinstance(a, fx.Node) else None
 
-    def _visit(self, node: fx.Node) -> Stats | None:
+    def _visit(self, node: fx.Node) -> V | None:
         shape = _shape(node)
         if node.op == "placeholder":
-            if shape is None or len(shape) < 2:
-                return None
-            return Stats(torch.zeros(shape[1], dtype=torch.float64),
-                         torch.ones(shape[1], dtype=torch.float64))  # fmt: skip
+            return None if shape is None or len(shape) < 2 else self.source(shape[1])
         x = self._arg(node)
         found = _act_of(self.gm, node)
         if found is not None:
-            act = found[0]
-            if x is None:
-                return None
-            return Stats(act_mean(x.mean, x.std, act), act_var(x.mean, x.std, act), x.estimated)
+            return None if x is None else self.act(x, found[0])
         if node.op == "call_module":
             m = self.gm.get_submodule(str(node.target))
             if isinstance(m, NORMS) and m.running_mean is not None:
                 beta = _f64(m.bias) if m.bias is not None else torch.zeros(m.num_features)
                 gamma = _f64(m.weight) if m.weight is not None else torch.ones(m.num_features)
-                return Stats(beta.to(torch.float64), (gamma * gamma).to(torch.float64))
+                return self.norm(x, beta.to(torch.float64), (gamma * gamma).to(torch.float64))
             if isinstance(m, COMPUTE):
-                self.inputs[str(node.target)] = x
-                out = None if x is None else layer_output(m, x)
-                if out is not None:
-                    out.estimated = True  # a BN after it replaces these with its own
-                return out
+                if self.layers is None or str(node.target) in self.layers:
+                    self.inputs[str(node.target)] = x
+                return None if x is None else self.layer(m, x)
         if node.op == "call_function" and node.target in ADDS:
             y = self._arg(node, 1)
-            if x is None or y is None or x.mean.shape != y.mean.shape:
-                return None
-            return Stats(x.mean + y.mean, x.var + y.var, x.estimated or y.estimated)
+            return None if x is None or y is None else self.add(x, y)
         if node.op == "call_function" and node.target is torch.cat:
             parts = node.args[0]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if dim != 1 or not isinstance(parts, (list, tuple)):
                 return None
             vals = [self.values.get(p) if isinstance(p, fx.Node) else None for p in parts]
-            if any(v is None for v in vals):
-                return None
-            return Stats(torch.cat([v.mean for v in vals if v is not None]),
-                         torch.cat([v.var for v in vals if v is not None]),
-                         any(v.estimated for v in vals if v is not None))  # fmt: skip
+            known = [v for v in vals if v is not None]
+            return self.cat(known) if len(known) == len(vals) else None
         if _PASSES.matches(self.gm, node) and x is not None:
             src = node.args[0]
             before = _shape(src) if isinstance(src, fx.Node) else None
             if before is not None and shape is not None and len(before) == 4 and len(shape) == 2:
-                return x.repeat(before[2] * before[3])
+                positions = before[2] * before[3]
+                return x if positions == 1 else self.positions_to_features(x, positions)
             return x
         return None
+
+
+class _Propagator(GraphWalk[Stats]):
+    """Per-channel means and variances (independent inputs assumed through a conv/linear)."""
+
+    def source(self, channels: int) -> Stats:
+        return Stats(torch.zeros(channels, dtype=torch.float64),
+                     torch.ones(channels, dtype=torch.float64))  # fmt: skip
+
+    def act(self, x: Stats, act: Act) -> Stats:
+        return Stats(act_mean(x.mean, x.std, act), act_var(x.mean, x.std, act), x.estimated)
+
+    def norm(self, x: Stats | None, mean: torch.Tensor, var: torch.Tensor) -> Stats:
+        return Stats(mean, var)
+
+    def layer(self, m: nn.Module, x: Stats) -> Stats | None:
+        out = layer_output(m, x)
+        if out is not None:
+            out.estimated = True  # a BN after it replaces these with its own
+        return out
+
+    def add(self, x: Stats, y: Stats) -> Stats | None:
+        if x.mean.shape != y.mean.shape:
+            return None
+        return Stats(x.mean + y.mean, x.var + y.var, x.estimated or y.estimated)
+
+    def cat(self, parts: list[Stats]) -> Stats:
+        return Stats(torch.cat([v.mean for v in parts]), torch.cat([v.var for v in parts]),
+                     any(v.estimated for v in parts))  # fmt: skip
+
+    def positions_to_features(self, x: Stats, positions: int) -> Stats:
+        return x.repeat(positions)
 
 
 def _fan_out(gm: fx.GraphModule, cur: fx.Node, what: str) -> Blocked | None:

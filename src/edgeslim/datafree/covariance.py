@@ -37,10 +37,9 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeslim.datafree.chain import _PASSES, COMPUTE, NORMS, _act_of, _shape, is_depthwise
+from edgeslim.datafree.chain import GraphWalk, _f64, is_depthwise
 from edgeslim.datafree.compensate import spatial_kernel
 from edgeslim.datafree.gaussian import Act, _cdf, act_mean, act_var
-from edgeslim.graph.ops import ADDS
 from edgeslim.graph.trace import trace
 
 MAX_CHANNELS = 4096  # a covariance larger than this many channels is not carried (memory)
@@ -60,10 +59,6 @@ class Moments:
     def second(self) -> torch.Tensor:
         """``E[x x^T]``: what a layer's output error under this input depends on."""
         return self.cov + torch.outer(self.mean, self.mean)
-
-
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float64)
 
 
 def _correlation(cov: torch.Tensor) -> torch.Tensor:
@@ -122,78 +117,42 @@ def _renormalise(x: Moments, mean: torch.Tensor, var: torch.Tensor) -> Moments:
     return Moments(mean, _correlation(x.cov) * d[:, None] * d[None, :])
 
 
-class CovariancePropagator:
-    """Moments through a traced (unfolded) model; ``inputs[fqn]``: of the input of each
-    conv/linear in ``layers`` (all when None). A node's moments are dropped once its last
-    user is visited, so memory holds the live tensors' covariances only."""
+class CovariancePropagator(GraphWalk[Moments]):
+    """Means and channel covariances through a traced (unfolded) model (see the module
+    doc); values are freed once no later node reads them."""
 
     def __init__(self, gm: fx.GraphModule, layers: Collection[str] | None = None) -> None:
-        self.gm = gm
-        self.layers = None if layers is None else set(layers)
-        self.values: dict[fx.Node, Moments | None] = {}
-        self.inputs: dict[str, Moments | None] = {}
+        super().__init__(gm, layers, free=True)
 
-    def run(self) -> dict[str, Moments | None]:
-        last: dict[fx.Node, fx.Node] = {}
-        for node in self.gm.graph.nodes:
-            for arg in node.all_input_nodes:
-                last[arg] = node
-        for node in self.gm.graph.nodes:
-            self.values[node] = self._visit(node)
-            for arg in node.all_input_nodes:
-                if last.get(arg) is node:
-                    self.values.pop(arg, None)
-        return self.inputs
+    def source(self, channels: int) -> Moments | None:
+        if channels > MAX_CHANNELS:
+            return None
+        return Moments(torch.zeros(channels, dtype=torch.float64),
+                       torch.eye(channels, dtype=torch.float64))  # fmt: skip
 
-    def _arg(self, node: fx.Node, i: int = 0) -> Moments | None:
-        a = node.args[i] if len(node.args) > i else None
-        return self.values.get(a) if isinstance(a, fx.Node) else None
+    def act(self, x: Moments, act: Act) -> Moments:
+        return through_act(x, act)
 
-    def _visit(self, node: fx.Node) -> Moments | None:
-        shape = _shape(node)
-        if node.op == "placeholder":
-            if shape is None or len(shape) < 2 or shape[1] > MAX_CHANNELS:
-                return None
-            n = shape[1]
-            return Moments(torch.zeros(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64))
-        x = self._arg(node)
-        found = _act_of(self.gm, node)
-        if found is not None:
-            return None if x is None else through_act(x, found[0])
-        if node.op == "call_module":
-            m = self.gm.get_submodule(str(node.target))
-            if isinstance(m, NORMS) and m.running_mean is not None and x is not None:
-                beta = _f64(m.bias) if m.bias is not None else torch.zeros(m.num_features)
-                gamma = _f64(m.weight) if m.weight is not None else torch.ones(m.num_features)
-                return _renormalise(x, beta, gamma * gamma)
-            if isinstance(m, COMPUTE):
-                if self.layers is None or str(node.target) in self.layers:
-                    self.inputs[str(node.target)] = x
-                return None if x is None else through_layer(m, x)
-        if node.op == "call_function" and node.target in ADDS:
-            y = self._arg(node, 1)
-            if x is None or y is None or x.mean.shape != y.mean.shape:
-                return None
-            return Moments(x.mean + y.mean, x.cov + y.cov)
-        if node.op == "call_function" and node.target is torch.cat:
-            parts = node.args[0]
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if dim != 1 or not isinstance(parts, (list, tuple)):
-                return None
-            vals = [self.values.get(p) if isinstance(p, fx.Node) else None for p in parts]
-            if any(v is None for v in vals):
-                return None
-            ms = [v for v in vals if v is not None]
-            return Moments(torch.cat([v.mean for v in ms]), torch.block_diag(*[v.cov for v in ms]))
-        if _PASSES.matches(self.gm, node) and x is not None:
-            src = node.args[0]
-            before = _shape(src) if isinstance(src, fx.Node) else None
-            if before is not None and shape is not None and len(before) == 4 and len(shape) == 2:
-                if shape[1] == before[1]:  # global pooling: one value per channel
-                    return x
-                return None  # a flatten over positions: the positions' covariance is unknown
-            return x
-        return None
+    def norm(self, x: Moments | None, mean: torch.Tensor, var: torch.Tensor) -> Moments:
+        if x is None or x.cov.shape[0] != len(var):
+            return Moments(mean, torch.diag(var))  # nothing known of the correlation
+        return _renormalise(x, mean, var)
+
+    def layer(self, m: nn.Module, x: Moments) -> Moments | None:
+        return through_layer(m, x)
+
+    def add(self, x: Moments, y: Moments) -> Moments | None:
+        if x.mean.shape != y.mean.shape:
+            return None
+        return Moments(x.mean + y.mean, x.cov + y.cov)
+
+    def cat(self, parts: list[Moments]) -> Moments:
+        return Moments(
+            torch.cat([v.mean for v in parts]), torch.block_diag(*[v.cov for v in parts])
+        )
+
+    def positions_to_features(self, x: Moments, positions: int) -> None:
+        return None  # the covariance between positions is unknown
 
 
 def input_moments(
