@@ -18,6 +18,11 @@ cells, single layer and unidirectional) consumes its input features (``in``: col
 inside ``forward`` (``x.new_zeros(n, self.rnn.hidden_size)``) is free, a state passed in by
 the caller or returned to it fixes the hidden units (the model's interface would change).
 
+A linear reads the last axis: an axis it does not mix (a sequence's tokens) is fixed, and
+its output features are a new space, so a transformer's feed-forward units form a group.
+LayerNorm/GroupNorm fix the channels they normalise together; torch's own transformer
+layers (leaves to torch.fx) contribute one feed-forward group per layer by structure.
+
 Spaces that reach the model input or output, an op edgeslim does not understand, or a
 misaligned coupling are marked not prunable, with the reason.
 """
@@ -205,6 +210,16 @@ POOL_MODULES: tuple[type[nn.Module], ...] = (
 """Modules that pool the dims after axis 1: channels pass through only on axis 1."""
 PASS_MODULES = ELEMENTWISE_MODULES + POOL_MODULES
 NORM_MODULES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+FFN_LAYERS: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+TRANSFORMER_MODULES: tuple[type[nn.Module], ...] = (
+    *FFN_LAYERS,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
+"""torch's transformer modules, leaves to torch.fx (see :meth:`_Analyzer.transformer`)."""
+JOINT_NORM_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm)
+"""Norms whose statistics span the channels (see :meth:`_Analyzer.joint_norm`)."""
 ELEMENTWISE_FUNCS: set[Any] = {
     torch.relu,
     torch.relu_,
@@ -529,13 +544,21 @@ class _Analyzer:
         if isinstance(m, nn.Linear):
             shape = _shape(node.args[0])
             if x is not None and shape is not None and x.dim != len(shape) - 1:
-                return self.opaque(node, f"linear `{fqn}` on a non-feature axis")
+                # the tracked axis (e.g. a sequence's positions) is not what the linear
+                # mixes: fix it, and the linear's own output features are a new space
+                self.b.fix(x, f"reaches linear `{fqn}` on an axis other than its features")
+                x = None
             self.consume(fqn, x)
             out = self.produce(node, -1)
             self.member(fqn, out, "out")
             return out
         if isinstance(m, nn.PReLU):
             return self.prelu(node, fqn, int(m.num_parameters), x)
+        if isinstance(m, JOINT_NORM_MODULES):
+            trailing = len(m.normalized_shape) if isinstance(m, nn.LayerNorm) else None
+            return self.joint_norm(node, what, trailing, x)
+        if isinstance(m, TRANSFORMER_MODULES):
+            return self.transformer(node, fqn, m)
         if isinstance(m, NORM_MODULES):
             if not self.on_axis1(node, x, f"norm {what}"):
                 return None
@@ -548,6 +571,42 @@ class _Analyzer:
         if isinstance(m, nn.Flatten):
             return self.flatten(node, x, f"`{fqn}`")
         return self.opaque(node, f"module {what}")
+
+    def transformer(self, node: fx.Node, fqn: str, m: nn.Module) -> _Val | None:
+        """torch's own transformer layers (leaves to torch.fx: their forward branches on
+        tensor properties): the feed-forward hidden units of each layer are a group of their
+        own (``linear1`` rows, ``linear2`` columns); the residual width is fixed, and so is
+        everything read or produced by the attention, which torch computes from the packed
+        ``in_proj_weight`` where no slice of edgeslim's reaches."""
+        what = f"`{fqn}` ({type(m).__name__})"
+        for a in node.all_input_nodes:
+            self.fix_node(a, f"feeds the residual stream of {what}")
+        for name, sub in m.named_modules():
+            if isinstance(sub, FFN_LAYERS):
+                prefix = f"{fqn}.{name}." if name else f"{fqn}."
+                linear1 = sub.get_submodule("linear1")
+                assert isinstance(linear1, nn.Linear)
+                space = self.b.new(linear1.out_features)
+                self.b.spaces[space].members.extend(
+                    [GroupMember(prefix + "linear1", "out"), GroupMember(prefix + "linear2", "in")]
+                )
+        return self.produce(node, -1, f"produced by {what}")
+
+    def joint_norm(
+        self, node: fx.Node, what: str, trailing: int | None, x: _Val | None
+    ) -> _Val | None:
+        """LayerNorm/GroupNorm (``trailing``: how many last axes are normalised together;
+        None: axis 1 and all after, GroupNorm): statistics shared across channels. Channels
+        on a normalised axis are fixed (removing some would change the others' mean and
+        variance); on any other axis they pass through untouched."""
+        shape = _shape(node.args[0])
+        if x is None or shape is None:
+            return x
+        first = 1 if trailing is None else len(shape) - trailing
+        if x.dim >= first:
+            self.b.fix(x, f"normalised jointly by {what}: removing channels would change the "
+                       "statistics of the others")  # fmt: skip
+        return x
 
     def prelu(self, node: fx.Node, fqn: str, n: int, x: _Val | None) -> _Val | None:
         """PReLU: one slope per channel of axis 1 (sliced with the group), or one shared."""
@@ -764,6 +823,12 @@ class _Analyzer:
             return x
         if fn in POOL_FUNCS:
             return x if self.on_axis1(node, x, f"pool `{node.name}`") else None
+        if fn is F.layer_norm or fn is F.group_norm:
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+            trailing = len(size) if isinstance(size, (list, tuple)) else 1
+            return self.joint_norm(
+                node, f"`{node.name}`", None if fn is F.group_norm else trailing, x
+            )
         if fn in BINARY:
             return self.binary(node)
         if fn is torch.flatten or fn in RESHAPE_FUNCS:

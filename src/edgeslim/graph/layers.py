@@ -106,6 +106,26 @@ def module_macs(module: nn.Module, out: torch.Tensor | None) -> int:
     return 0
 
 
+def mha_macs(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """MACs of one ``nn.MultiheadAttention`` call: the q/k/v and output projections and the
+    two attention matmuls. torch computes all of them from the packed weights inside one
+    function, so no hook on a child module sees them."""
+    names = ("query", "key", "value")
+    q, k, v = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return 0
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+    assert isinstance(v, torch.Tensor)
+    e = int(module.embed_dim)
+    batched = q.dim() == 3
+    tokens_q = int(q.numel()) // int(q.shape[-1])  # batch x target length
+    tokens_k = int(k.numel()) // int(k.shape[-1])  # batch x source length
+    batch = int(q.shape[0 if module.batch_first else 1]) if batched else 1
+    source = tokens_k // batch
+    projections = tokens_q * e * e * 2 + tokens_k * e * (int(k.shape[-1]) + int(v.shape[-1]))
+    return projections + 2 * tokens_q * source * e
+
+
 def attention_macs(module: nn.Module, inp: torch.Tensor | None) -> int:
     """QK^T and AV matmuls of a BERT-style self-attention module (B*T*T*D each)."""
     heads = getattr(module, "num_attention_heads", None)
@@ -132,6 +152,8 @@ def layer_table(
             inp = _first_tensor(args) if args else _first_tensor(kwargs)
             o = _first_tensor(out)
             macs = module_macs(mod, o) + attention_macs(mod, inp)
+            if isinstance(mod, nn.MultiheadAttention):
+                macs += mha_macs(mod, args, kwargs)
             if name in rows:
                 rows[name]["macs"] += macs
                 rows[name]["calls"] += 1
@@ -150,7 +172,8 @@ def layer_table(
     for name, mod in model.named_modules():
         leaf = next(iter(mod.children()), None) is None
         compute = isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))  # also wrapped ones
-        if (leaf or compute or hasattr(mod, "num_attention_heads")) and name:
+        attention = hasattr(mod, "num_attention_heads") or isinstance(mod, nn.MultiheadAttention)
+        if (leaf or compute or attention) and name:
             handles.append(mod.register_forward_hook(hook(name), with_kwargs=True))
     was_training = model.training
     model.eval()

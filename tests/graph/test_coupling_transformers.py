@@ -1,0 +1,224 @@
+"""Coupling groups of transformer-shaped models: features on the last axis, LayerNorm and
+GroupNorm, torch's own ``nn.TransformerEncoderLayer`` and ConvNeXt's channels-last block.
+
+What must hold: the feed-forward hidden units are a prunable group whose channels are
+isolated (:func:`check_group`: scrambling one in its producer and cutting it from its
+consumer changes nothing else), the residual width is fixed with the reason named, and
+pruning the group gives a model that runs, with the zeroed units removed at no change of
+output.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from coupling_check import check_group
+from torch import nn
+
+from edgeslim.graph import analyze
+from edgeslim.graph.layers import layer_table
+from edgeslim.prune import prune_
+
+torch.manual_seed(0)
+
+
+class HandAttention(nn.Module):
+    """Self-attention and a GELU feed-forward net, written by hand, over ``(B, T, D)``."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.norm2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (
+            t.unflatten(-1, (self.heads, self.dh)).transpose(1, 2)
+            for t in self.qkv(x).chunk(3, dim=-1)
+        )
+        att = torch.softmax(q @ k.transpose(-2, -1) * self.dh**-0.5, dim=-1)
+        h = self.norm1(x + self.proj((att @ v).transpose(1, 2).flatten(2)))
+        h = self.norm2(h + self.ffn(h))
+        return self.fc(h.mean(dim=1))
+
+
+class TorchEncoder(nn.Module):
+    """Two ``nn.TransformerEncoderLayer`` (a leaf to torch.fx) in an ``nn.TransformerEncoder``."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=48, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.fc = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.encoder(x).mean(dim=1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, channels-last LayerNorm and MLP, a learned layer scale, a residual."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.norm = nn.LayerNorm(d)
+        self.pw1 = nn.Linear(d, 4 * d)
+        self.pw2 = nn.Linear(4 * d, d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.pw2(nn.functional.gelu(self.pw1(y))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, d, 4, stride=4)
+        self.norm = nn.GroupNorm(1, d)
+        self.blocks = nn.Sequential(ConvNeXtBlock(d), ConvNeXtBlock(d))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.norm(self.stem(x))).mean((2, 3)))
+
+
+SEQ = torch.randn(2, 6, 16)
+IMG = torch.randn(2, 3, 16, 16)
+CASES = {
+    "hand_attention": (HandAttention, SEQ, [("ffn.0", "ffn.2")]),
+    "torch_encoder": (
+        TorchEncoder,
+        SEQ,
+        [(f"encoder.layers.{i}.linear1", f"encoder.layers.{i}.linear2") for i in (0, 1)],
+    ),
+    "convnext": (ConvNeXt, IMG, [(f"blocks.{i}.pw1", f"blocks.{i}.pw2") for i in (0, 1)]),
+}
+
+
+def _ffn_groups(model: nn.Module, x: torch.Tensor) -> dict[tuple[str, str], object]:
+    found = {}
+    for g in analyze(model, x).groups:
+        fqns = tuple(m.fqn for m in g.members)
+        if g.prunable:
+            found[fqns] = g
+    return found
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_feed_forward_hidden_units_are_isolated_prunable_groups(name: str) -> None:
+    cls, x, expected = CASES[name]
+    model = cls().eval()
+    groups = _ffn_groups(model, x)
+    assert sorted(groups) == sorted(expected), f"prunable groups: {sorted(groups)}"
+    if name != "torch_encoder":  # its fused kernel ignores the scrambled-channel probe's hooks
+        for g in groups.values():
+            check_group(model, g, (x,))  # type: ignore[arg-type]
+
+
+FIXED_BECAUSE = {
+    "hand_attention": ("proj", "out", "broadcast op"),  # the residual add meets the input
+    "torch_encoder": ("fc", "in", "TransformerEncoder"),
+    "convnext": ("blocks.0.pw2", "out", "normalised jointly by `norm` (GroupNorm)"),
+}
+
+
+def _group(graph: Any, fqn: str, role: str) -> Any:
+    (group,) = [g for g in graph.groups if any(m.fqn == fqn and m.role == role for m in g.members)]
+    return group
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_residual_width_is_fixed_naming_why(name: str) -> None:
+    cls, x, _ = CASES[name]
+    fqn, role, why = FIXED_BECAUSE[name]
+    group = _group(analyze(cls().eval(), x), fqn, role)
+    assert not group.prunable and why in group.reason, group.reason
+
+
+def test_layernorm_over_the_channels_fixes_them_and_a_layernorm_elsewhere_does_not() -> None:
+    class Norms(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.ln_w = nn.LayerNorm(5)  # over the width axis: channels pass through
+            self.b = nn.Conv2d(8, 8, 1)
+            self.ln_c = nn.LayerNorm(8)  # over the channels (moved last)
+            self.c = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.b(torch.relu(self.ln_w(self.a(x))))
+            return self.c(self.ln_c(y.permute(0, 2, 3, 1))).mean((1, 2))
+
+    x = torch.randn(2, 3, 5, 5)
+    model = Norms().eval()
+    graph = analyze(model, x)
+    first = _group(graph, "a", "out")
+    assert first.prunable
+    check_group(model, first, (x,))
+    second = _group(graph, "b", "out")
+    assert not second.prunable and "`ln_c` (LayerNorm)" in second.reason
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pruning_the_units_a_model_does_not_use_leaves_its_output_unchanged(name: str) -> None:
+    """Zero a quarter of each feed-forward layer's hidden units (their rows and biases in
+    the producer, their columns in the consumer): removing exactly those by the L1
+    criterion must not change the output, and the layers must shrink by as many."""
+    cls, x, expected = CASES[name]
+    model = cls().eval()
+    widths = {}
+    with torch.no_grad():
+        for producer, consumer in expected:
+            lin, out = model.get_submodule(producer), model.get_submodule(consumer)
+            assert isinstance(lin, nn.Linear) and isinstance(out, nn.Linear)
+            widths[producer] = lin.out_features
+            dead = torch.arange(0, lin.out_features, 4)
+            lin.weight[dead] = 0
+            lin.bias[dead] = 0
+            out.weight[:, dead] = 0
+        before = model(x)
+    pruned, _ = prune_(copy.deepcopy(model), (x[:1],), "l1", ratio=0.25, global_ranking=False)
+    with torch.no_grad():
+        after = pruned(x)
+    for producer, consumer in expected:
+        kept = widths[producer] - len(range(0, widths[producer], 4))
+        assert pruned.get_submodule(producer).out_features == kept
+        assert pruned.get_submodule(consumer).in_features == kept
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+class Attend(nn.Module):
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.att = mha
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return self.att(q, kv, kv, need_weights=True)[0]  # explicit bmm: counted
+
+
+@pytest.mark.parametrize(("batch_first", "kdim"), [(True, None), (False, 8)])
+def test_multihead_attention_macs_match_torchs_flop_counter(
+    batch_first: bool, kdim: int | None
+) -> None:
+    """``nn.MultiheadAttention`` computes its projections from packed weights inside one
+    function; the layer table must count them (and the two attention matmuls) all the
+    same, as torch's own FLOP counter does (FLOPs = 2 x MACs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = Attend(nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=kdim))
+    q = torch.randn(3, 7, 16) if batch_first else torch.randn(7, 3, 16)
+    kv = torch.randn(3, 5, kdim or 16) if batch_first else torch.randn(5, 3, kdim or 16)
+    table = layer_table(model, q, kv)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(q, kv)
+    assert table["att"].macs == counter.get_total_flops() // 2 > 0
