@@ -232,6 +232,41 @@ def test_headline_metric_is_close_to_the_baseline(compressed: Compressed) -> Non
             assert r.extra["metrics"]["cosine"] >= MIN_METRIC_COSINE, (r.runtime, r.extra)
 
 
+# ---- pruning the transformer-shaped models ------------------------------------------------
+
+PRUNE_RECIPE: dict[str, Any] = {
+    "name": "prune30",
+    "stages": [{"kind": "prune", "macs_reduction": 0.3, "finetune_epochs": 1}],
+}
+
+
+@pytest.mark.parametrize("name", ["tiny_encoder", "tiny_attention"])
+def test_compress_prunes_a_transformer_block_and_its_onnx_runs(name: str, tmp_path: Path) -> None:
+    """Users' transformers (torch's ``nn.TransformerEncoderLayer``, or attention by hand)
+    prune to a MACs target through their feed-forward units; the record states the MACs
+    reached, and the ONNX file of the narrower model computes what torch does."""
+    spec = SPECS[name]
+    task = npz_task(write_npz(spec, tmp_path / f"{name}.npz"))
+    base = spec.factory()
+    out = tmp_path / "out"
+    result = edgeslim.compress(base, PRUNE_RECIPE, task, out=out, name=name, quick=True)
+    widths = {
+        n: m.out_features for n, m in result.model.named_modules() if isinstance(m, nn.Linear)
+    }
+    before = {n: m.out_features for n, m in base.named_modules() if isinstance(m, nn.Linear)}
+    ffn = "encoder.linear1" if name == "tiny_encoder" else "ffn.0"
+    assert widths[ffn] < before[ffn]
+    assert {k: v for k, v in widths.items() if k != ffn} == {
+        k: v for k, v in before.items() if k != ffn
+    }
+    for r in result.records:
+        assert r.config["macs_reduction"] >= 0.28, r.config  # achieved, measured
+    inputs = _narrow(spec, sample_inputs(spec, NUM_SAMPLES), 4)
+    (want,) = _torch_outputs(result.model, inputs)
+    (got,) = _ort_outputs(_session(out / "model.onnx"), inputs)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 # ---- the command line ----------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ kernel table is cached; the first run also times every kernel shape).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ STRATEGIES = (
 )  # fmt: skip
 PEERS = ("optuna-tpe", "optuna-nsga2")
 RAY_STRATEGY, RAY_WORKERS = "evolutionary", 2
+CEILING_PROBES = 4  # policies measured in-process and on one thread for the Ray ceiling
 LATENCY_CHECKS = 6  # measured policies whose exported latency is compared with the table's
 
 
@@ -220,6 +222,34 @@ def _uniform_row(b: _Bench) -> Record:
     return b.record("edgeslim:uniform-best", p, seconds, extra)
 
 
+def _parallel_ceiling(b: _Bench, policies: list[Policy]) -> dict[str, Any]:
+    """The most ``RAY_WORKERS`` one-thread workers can gain over in-process measurement on
+    this machine: a measurement's median seconds in-process (torch's threads, as the
+    search ran) and on one thread, each policy measured both ways, interleaved; the
+    ceiling is ``workers x t_in_process / t_one_thread`` (perfect balance, no overhead).
+    On a machine with as many cores as workers it says how much of the cores the
+    in-process measurement already used."""
+    ev = Evaluator(b.space, list(CONSTRAINTS), max_drop=MAX_DROP, latency=b.latency)
+    threads = torch.get_num_threads()
+    times: dict[int, list[float]] = {threads: [], 1: []}
+    try:
+        for p in policies:
+            for n in (threads, 1):
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                ev.measure(p)  # uncached: every call applies, calibrates and scores
+                times[n].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    t_in, t_one = statistics.median(times[threads]), statistics.median(times[1])
+    return {
+        "measurement_seconds_in_process": round(t_in, 3),
+        "measurement_seconds_one_thread": round(t_one, 3),
+        "ceiling_speedup": round(RAY_WORKERS * t_in / t_one, 3),
+        "ceiling_probes": len(policies),
+    }
+
+
 def _ray_row(b: _Bench) -> Record:
     """The same strategy and seed in-process and on 2 Ray workers: the same evaluations
     and policy? the wall-time speed-up? Both timed after the other searches warmed the
@@ -232,6 +262,7 @@ def _ray_row(b: _Bench) -> Record:
         threads = ex.worker_threads()  # the workers are up before the clock starts
         startup = time.perf_counter() - t0
         remote, remote_s = b.run(RAY_STRATEGY, ex)
+    ceiling = _parallel_ceiling(b, [e.policy for e in local.evaluations[-CEILING_PROBES:]])
     ids = [[e.policy.id for e in r.evaluations] for r in (local, remote)]
     metrics = [[e.result.metric for e in r.evaluations] for r in (local, remote)]
     extra = {
@@ -241,6 +272,7 @@ def _ray_row(b: _Bench) -> Record:
         "ray_seconds": round(remote_s, 2), "ray_startup_seconds": round(startup, 2),
         "speedup": round(local_s / remote_s, 3),
         "in_process_torch_threads": torch.get_num_threads(), "worker_torch_threads": threads,
+        **ceiling,
     }  # fmt: skip
     return b.record(f"edgeslim:{RAY_STRATEGY}@ray{RAY_WORKERS}", remote.policy, remote_s, extra)
 
