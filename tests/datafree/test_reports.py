@@ -205,3 +205,36 @@ def test_leaky_moments_match_monte_carlo() -> None:
                   torch.tensor(r), leaky((0.25,)), leaky((0.05,)))  # fmt: skip
     expect = ((yu - yu.mean()) * (yv - yv.mean())).mean()
     assert float(got) == pytest.approx(float(expect), abs=0.01)
+
+
+class TokenMlp(nn.Module):
+    """Linears over ``(batch, tokens, features)`` with ReLU between: axis 1 is the tokens,
+    which the walk's per-channel statistics must not take for the linears' features."""
+
+    def __init__(self, tokens: int = 6, d: int = 8) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(d, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.tokens = tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))).mean(dim=1))
+
+
+@pytest.mark.parametrize("method", ["dfq", "dfmpc"])
+def test_linears_over_tokens_do_not_read_the_token_axis_as_channels(method: str) -> None:
+    """Was a RuntimeError (a 6-token axis multiplied by 8 input features): now the inputs
+    of those linears are unknown to the walk, and each method either works without them or
+    says what it could not do; it never crashes."""
+    x = torch.randn(1, 6, 8)
+    torch.manual_seed(0)
+    model = TokenMlp().eval()
+    chain = analyze(model, x)
+    for stats in chain.pre.values():  # whatever is tracked has the width its layer reads
+        assert stats is None or stats.mean.shape[0] in (16,)
+    try:
+        result = compress_datafree(model, method, DataFreeSpec(4, 8), x)
+    except NothingToCompressError as err:
+        assert method in str(err)
+    else:
+        with torch.no_grad():
+            assert result.model(torch.randn(3, 6, 8)).shape == (3, 4)

@@ -233,6 +233,18 @@ def layer_output(m: nn.Module, x: Stats) -> Stats | None:
 V = TypeVar("V")
 
 
+def _reads_tracked_channels(m: nn.Module, node: fx.Node, x: Any) -> bool:
+    """Whether ``m`` reads the channels a walk value describes (those of axis 1): a conv
+    always does; a linear only on a ``(batch, features)`` input (on ``(batch, tokens,
+    features)`` axis 1 is the tokens). Widths must agree either way."""
+    width = int(x.mean.shape[0])
+    if isinstance(m, nn.Linear):
+        src = node.args[0] if node.args else None
+        shape = _shape(src) if isinstance(src, fx.Node) else None
+        return shape is not None and len(shape) == 2 and m.in_features == width
+    return int(getattr(m, "in_channels", -1)) == width
+
+
 class GraphWalk(Generic[V]):
     """A per-channel model of every tensor, carried through a traced (unfolded) graph.
 
@@ -309,6 +321,8 @@ class GraphWalk(Generic[V]):
                 gamma = _f64(m.weight) if m.weight is not None else torch.ones(m.num_features)
                 return self.norm(x, beta.to(torch.float64), (gamma * gamma).to(torch.float64))
             if isinstance(m, COMPUTE):
+                if x is not None and not _reads_tracked_channels(m, node, x):
+                    x = None  # what is tracked (axis 1) is not what this layer reads
                 if self.layers is None or str(node.target) in self.layers:
                     self.inputs[str(node.target)] = x
                 return None if x is None else self.layer(m, x)
