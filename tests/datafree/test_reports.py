@@ -238,3 +238,21 @@ def test_linears_over_tokens_do_not_read_the_token_axis_as_channels(method: str)
     else:
         with torch.no_grad():
             assert result.model(torch.randn(3, 6, 8)).shape == (3, 4)
+
+
+def test_nothing_visible_is_said_not_left_blank() -> None:
+    """torch's transformer layers are leaves to torch.fx: the walk sees one linear, no pair,
+    and the refusal says why instead of ending on an empty per-layer list."""
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.layer(x).mean(dim=1))
+
+    with pytest.raises(NothingToCompressError, match="dfq: nothing to equalize") as err:
+        compress_datafree(Encoder().eval(), "dfq", DataFreeSpec(8, 8), torch.randn(1, 5, 8))
+    assert "keeps whole" in str(err.value)

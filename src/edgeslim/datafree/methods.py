@@ -304,6 +304,10 @@ def bias_correct_all(
 
 def _nothing(method: str, what: str, reasons: list[str]) -> NothingToCompressError:
     shown = reasons[:8] + ([f"... and {len(reasons) - 8} more"] if len(reasons) > 8 else [])
+    if not shown:  # e.g. every layer sits inside a module torch.fx keeps whole
+        shown = ["no pair of conv/linear layers is visible in the traced graph (layers "
+                 "inside modules torch.fx keeps whole, such as torch's transformer layers, "
+                 "are not analysed)"]  # fmt: skip
     return NothingToCompressError(
         f"{method}: {what}; the model is unchanged, so no {method} result is returned. "
         + "Per layer: "
