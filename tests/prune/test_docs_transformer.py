@@ -1,0 +1,20 @@
+"""docs/pruning.md's transformer example runs and prints what it says."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "pruning.md"
+
+
+def test_the_transformer_example_of_the_pruning_page_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    section = DOC.read_text().split("## Transformer blocks and ConvNeXt", 1)[1]
+    (block,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
+    namespace: dict[str, object] = {}
+    exec(compile(block, str(DOC), "exec"), namespace)
+    assert "Linear(in_features=32, out_features=64, bias=True)" in capsys.readouterr().out
