@@ -91,6 +91,24 @@ class ConvNeXt(nn.Module):
         return self.head(self.blocks(self.norm(self.stem(x))).mean((2, 3)))
 
 
+class MixerBlock(nn.Module):
+    """MLP-Mixer: a token-mixing MLP over the transposed ``(batch, d, tokens)`` tensor, then
+    a channel-mixing MLP; the token MLP's hidden units are a group of their own."""
+
+    def __init__(self, tokens: int = 6, d: int = 16) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.tok1, self.tok2 = nn.Linear(tokens, 12), nn.Linear(12, tokens)
+        self.ch1, self.ch2 = nn.Linear(d, 32), nn.Linear(32, d)
+        self.fc = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tok2(nn.functional.gelu(self.tok1(self.norm1(x).transpose(1, 2))))
+        x = x + y.transpose(1, 2)
+        x = x + self.ch2(torch.relu(self.ch1(self.norm2(x))))
+        return self.fc(x.mean(dim=1))
+
+
 SEQ = torch.randn(2, 6, 16)
 IMG = torch.randn(2, 3, 16, 16)
 CASES = {
@@ -101,6 +119,7 @@ CASES = {
         [(f"encoder.layers.{i}.linear1", f"encoder.layers.{i}.linear2") for i in (0, 1)],
     ),
     "convnext": (ConvNeXt, IMG, [(f"blocks.{i}.pw1", f"blocks.{i}.pw2") for i in (0, 1)]),
+    "mixer": (MixerBlock, SEQ, [("tok1", "tok2"), ("ch1", "ch2")]),
 }
 
 
@@ -128,6 +147,7 @@ FIXED_BECAUSE = {
     "hand_attention": ("proj", "out", "broadcast op"),  # the residual add meets the input
     "torch_encoder": ("fc", "in", "TransformerEncoder"),
     "convnext": ("blocks.0.pw2", "out", "normalised jointly by `norm` (GroupNorm)"),
+    "mixer": ("ch2", "out", ""),
 }
 
 
