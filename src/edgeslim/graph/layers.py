@@ -7,7 +7,7 @@ traceable or not (e.g. Hugging Face transformers).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -44,6 +44,8 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
     return None
 
 
+MHA = nn.MultiheadAttention
+MHA_ARGS = ("query", "key", "value")  # its forward's first three parameters
 RECURRENT_GATES: dict[type[nn.Module], int] = {
     nn.LSTM: 4,
     nn.LSTMCell: 4,
@@ -106,30 +108,29 @@ def module_macs(module: nn.Module, out: torch.Tensor | None) -> int:
     return 0
 
 
-def mha_macs(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    """MACs of one ``nn.MultiheadAttention`` call: the q/k/v and output projections and the
-    two attention matmuls. torch computes all of them from the packed weights inside one
-    function, so no hook on a child module sees them."""
-    names = ("query", "key", "value")
-    q, k, v = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+def _mha_macs(module: MHA, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The q/k/v and output projections and both attention matmuls of one call."""
+    qkv = [args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(MHA_ARGS)]
+    if not all(isinstance(t, torch.Tensor) for t in qkv):
         return 0
-    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
-    assert isinstance(v, torch.Tensor)
+    q, k, v = cast(list[torch.Tensor], qkv)
     e = int(module.embed_dim)
-    batched = q.dim() == 3
     tokens_q = int(q.numel()) // int(q.shape[-1])  # batch x target length
     tokens_k = int(k.numel()) // int(k.shape[-1])  # batch x source length
-    batch = int(q.shape[0 if module.batch_first else 1]) if batched else 1
-    source = tokens_k // batch
+    batch = int(q.shape[0 if module.batch_first else 1]) if q.dim() == 3 else 1
     projections = tokens_q * e * e * 2 + tokens_k * e * (int(k.shape[-1]) + int(v.shape[-1]))
-    return projections + 2 * tokens_q * source * e
+    return projections + 2 * tokens_q * (tokens_k // batch) * e
 
 
-def attention_macs(module: nn.Module, inp: torch.Tensor | None) -> int:
-    """QK^T and AV matmuls of a BERT-style self-attention module (B*T*T*D each)."""
+def attention_macs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """MACs an attention module computes outside any child a hook sees: all of
+    ``nn.MultiheadAttention``'s (torch runs its projections from the packed weights in one
+    function), or QK^T and AV of a BERT-style self-attention (B*T*T*D each)."""
+    if isinstance(module, MHA):
+        return _mha_macs(module, args, kwargs)
     heads = getattr(module, "num_attention_heads", None)
     head_dim = getattr(module, "attention_head_size", None)
+    inp = _first_tensor(args) if args else _first_tensor(kwargs)
     if heads is None or head_dim is None or inp is None or inp.dim() != 3:
         return 0
     b, t, _ = inp.shape
@@ -151,9 +152,7 @@ def layer_table(
         def fn(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             inp = _first_tensor(args) if args else _first_tensor(kwargs)
             o = _first_tensor(out)
-            macs = module_macs(mod, o) + attention_macs(mod, inp)
-            if isinstance(mod, nn.MultiheadAttention):
-                macs += mha_macs(mod, args, kwargs)
+            macs = module_macs(mod, o) + attention_macs(mod, args, kwargs)
             if name in rows:
                 rows[name]["macs"] += macs
                 rows[name]["calls"] += 1
@@ -162,7 +161,8 @@ def layer_table(
                 "type": type(mod).__name__,
                 "in_shape": tuple(inp.shape) if inp is not None else (),
                 "out_shape": tuple(o.shape) if o is not None else (),
-                "params": sum(p.numel() for p in mod.parameters(recurse=False)),
+                # an MHA's out_proj is never called as a module: its weights are this row's
+                "params": sum(p.numel() for p in mod.parameters(recurse=isinstance(mod, MHA))),
                 "macs": macs,
                 "calls": 1,
             }
@@ -172,7 +172,7 @@ def layer_table(
     for name, mod in model.named_modules():
         leaf = next(iter(mod.children()), None) is None
         compute = isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))  # also wrapped ones
-        attention = hasattr(mod, "num_attention_heads") or isinstance(mod, nn.MultiheadAttention)
+        attention = hasattr(mod, "num_attention_heads") or isinstance(mod, MHA)
         if (leaf or compute or attention) and name:
             handles.append(mod.register_forward_hook(hook(name), with_kwargs=True))
     was_training = model.training
