@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.runtime.denormal import denormal_mode
+
 DEFAULT_THREADS = 2
 Runner = Callable[[], Any]
 
@@ -76,29 +78,28 @@ def compare_latency(
     torch.set_num_threads(threads)
     # Denormal floats make CPU kernels 5-10x slower on some inputs (measured: vgg-small at
     # batch 1, 3.2 ms vs 1.3 ms depending on the image); deployments flush them, so do we.
-    torch.set_flush_denormal(True)
     try:
-        for run in runners.values():
-            for _ in range(warmup):
-                run()
-        samples: dict[str, list[float]] = {k: [] for k in runners}
-        start = time.perf_counter()
-        done = 0
-        per_block = max(1, min(block, repeats))
-        while done < repeats or time.perf_counter() - start < min_seconds:
-            for name, run in runners.items():
-                for _ in range(settle if len(runners) > 1 else 0):
+        with denormal_mode(flush=True):
+            for run in runners.values():
+                for _ in range(warmup):
                     run()
-                for _ in range(per_block):
-                    t0 = time.perf_counter()
-                    run()
-                    samples[name].append((time.perf_counter() - t0) * 1e3)
-            done += per_block
-            if done >= 10 * repeats:
-                break
+            samples: dict[str, list[float]] = {k: [] for k in runners}
+            start = time.perf_counter()
+            done = 0
+            per_block = max(1, min(block, repeats))
+            while done < repeats or time.perf_counter() - start < min_seconds:
+                for name, run in runners.items():
+                    for _ in range(settle if len(runners) > 1 else 0):
+                        run()
+                    for _ in range(per_block):
+                        t0 = time.perf_counter()
+                        run()
+                        samples[name].append((time.perf_counter() - t0) * 1e3)
+                done += per_block
+                if done >= 10 * repeats:
+                    break
     finally:
         torch.set_num_threads(previous)
-        torch.set_flush_denormal(False)
     return {k: _stats(v) for k, v in samples.items()}
 
 

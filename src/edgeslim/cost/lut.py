@@ -47,6 +47,7 @@ from torch import nn
 
 from edgeslim.cost.latency import DEFAULT_THREADS
 from edgeslim.graph.layers import LayerInfo
+from edgeslim.runtime.denormal import denormal_mode
 
 FP32, INT8 = "fp32", "int8"
 MS = "com.microsoft"
@@ -184,14 +185,16 @@ def _time_ms(model: bytes, feeds: Mapping[str, np.ndarray], threads: int, repeat
 
 
 def _run_ms(sess: Any, feeds: Mapping[str, np.ndarray], repeats: int) -> float:
-    """Median milliseconds of ``sess.run`` after a warm-up."""
-    for _ in range(max(3, repeats // 5)):
-        sess.run(None, dict(feeds))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, dict(feeds))
-        samples.append((time.perf_counter() - t0) * 1e3)
+    """Median milliseconds of ``sess.run`` after a warm-up, denormals flushed as in
+    :func:`~edgeslim.cost.latency.compare_latency`."""
+    with denormal_mode(flush=True):
+        for _ in range(max(3, repeats // 5)):
+            sess.run(None, dict(feeds))
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sess.run(None, dict(feeds))
+            samples.append((time.perf_counter() - t0) * 1e3)
     return float(statistics.median(samples))
 
 

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgeslim.runtime.denormal import denormal_mode
+
 DEFAULT_THREADS = 2
 
 
@@ -31,7 +33,8 @@ def ort_session(path: Path | bytes, threads: int = DEFAULT_THREADS) -> Any:
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # as torch does in timing
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    with denormal_mode():  # the option would otherwise leave this thread flushing for good
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def ort_predict(session: Any, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
