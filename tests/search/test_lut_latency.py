@@ -39,3 +39,25 @@ def test_lut_latency_is_anchored_on_measured_models_and_checked(
     assert math.isclose(check.errors[0], abs(row["predicted_ratio"] - row["measured_ratio"])
                         / row["measured_ratio"], rel_tol=1e-2)  # fmt: skip
     assert lut.table.path.is_file()  # the measured kernels are cached for the next run
+
+
+def test_check_reanchors_on_the_anchors_timed_with_it(space: SearchSpace, tmp_path) -> None:
+    """The check times the all-int8 anchor with the checked policies: under the residual
+    re-derived there, the anchor and the float model predict their own timings exactly,
+    and the errors differ from the start-of-run calibration's only by that residual."""
+    lut = LutLatency(space, LatencyTable(repeats=5, cache_dir=tmp_path), repeats=10)
+    lut.calibrate()
+    int8 = space.uniform(w_bits=8, a_bits=8, keep=1.0)
+    half = space.uniform(w_bits=8, a_bits=8, keep=0.5)
+    check = lut.check([int8, half])
+    again = check.reanchored
+    assert again is not None and again.reference is not None
+    assert [r[0] for r in again.rows] == [r[0] for r in check.rows]
+    assert [r[2] for r in again.rows] == [r[2] for r in check.rows]  # the same timings
+    assert math.isclose(again.reference[0], again.reference[1], rel_tol=1e-6)
+    # the anchor, timed in the same run as its copy in the rows, is predicted near that copy
+    assert again.errors[0] < 0.5
+    # the kernels' sum is shared: only the residual moved
+    shift = again.rows[1][1] - check.rows[1][1]
+    assert math.isclose(again.rows[0][1] - check.rows[0][1], shift, rel_tol=0.05, abs_tol=1e-3)
+    assert "reanchored" in check.to_dict() and "reanchored" not in again.to_dict()

@@ -353,6 +353,7 @@ class PredictionCheck:
 
     rows: tuple[tuple[str, float, float], ...]  # (label, predicted ms, measured ms)
     reference: tuple[float, float] | None = None
+    reanchored: PredictionCheck | None = None  # the same rows, residual re-timed with them
 
     def _ratios(self) -> list[tuple[float, float]]:
         if self.reference is None:
@@ -384,4 +385,6 @@ class PredictionCheck:
         ref = None if self.reference is None else [round(v, 4) for v in self.reference]
         return {"rows": rows, "reference_ms": ref, "errors_of": "ratio" if ref else "ms",
                 "max_error": round(self.max_error, 4),
-                "mean_error": round(self.mean_error, 4)}  # fmt: skip
+                "mean_error": round(self.mean_error, 4),
+                **({} if self.reanchored is None
+                   else {"reanchored": self.reanchored.to_dict()})}  # fmt: skip

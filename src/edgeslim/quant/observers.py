@@ -27,7 +27,14 @@ SAMPLE = 1 << 18
 
 
 class Observer:
-    """Collects statistics of one tensor stream, in the quantizer's group layout."""
+    """Collects statistics of one tensor stream, in the quantizer's group layout.
+
+    The sample is a uniform draw (with replacement) of every value seen, at most
+    ``sample_size`` per tensor, and each batch weighs by how many values it held, so the
+    first batches are not washed out by the last. Drawing indices costs O(sample), not
+    O(values): a permutation of each activation tensor cost resnet20's PTQ calibration more
+    than its forward passes (measured: 3.5 s of 8 s for two search measurements).
+    """
 
     def __init__(self, sample_size: int = SAMPLE, seed: int = 0) -> None:
         self.lo: torch.Tensor | None = None
@@ -36,6 +43,11 @@ class Observer:
         self.sample_size = sample_size
         self.gen = torch.Generator().manual_seed(seed)
         self.seen = 0
+        self.values = 0  # values per group observed so far
+        self.exact = True  # the sample is every value seen (nothing drawn yet)
+
+    def _draw(self, t: torch.Tensor, k: int) -> torch.Tensor:
+        return t[:, torch.randint(t.shape[1], (k,), generator=self.gen)]
 
     def update(self, groups: torch.Tensor) -> None:
         """Observe a batch already viewed as ``(G, M)``."""
@@ -43,15 +55,20 @@ class Observer:
         lo, hi = g.amin(1), g.amax(1)
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
-        per_group = max(1, self.sample_size // g.shape[0])
-        take = min(g.shape[1], per_group)
-        idx = torch.randperm(g.shape[1], generator=self.gen)[:take]
-        part = g[:, idx]
-        self.sample = part if self.sample is None else torch.cat([self.sample, part], 1)
-        if self.sample.shape[1] > per_group:
-            keep = torch.randperm(self.sample.shape[1], generator=self.gen)[:per_group]
-            self.sample = self.sample[:, keep]
+        cap = max(1, self.sample_size // g.shape[0])
+        n = g.shape[1]
+        old, before = self.sample, self.values
+        self.values += n
         self.seen += 1
+        if old is None or (self.exact and old.shape[1] + n <= cap):
+            self.sample = g if old is None else torch.cat([old, g], 1)
+            if self.sample.shape[1] > cap:
+                self.sample, self.exact = self._draw(self.sample, cap), False
+            return
+        size = min(cap, self.values)
+        from_old = round(size * before / self.values)
+        self.sample = torch.cat([self._draw(old, from_old), self._draw(g, size - from_old)], 1)
+        self.exact = False
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lo is None or self.hi is None:
@@ -85,10 +102,26 @@ class PercentileObserver(Observer):
         assert self.sample is not None
         s = self.sample
         lo_seen, _ = self.bounds()
-        hi = torch.quantile(s, self.q, dim=1)
-        lo = torch.quantile(s, 1 - self.q, dim=1)
+        hi = upper_quantile(s, self.q)
+        lo = -upper_quantile(-s, self.q)
         lo = torch.where(lo_seen >= 0, torch.zeros_like(lo), lo)  # keep ReLU outputs at 0
         _set(quantizer, lo, hi, s)
+
+
+def upper_quantile(s: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(s, q, dim=1)`` (linear interpolation) for ``q`` near 1, from the
+    row's top values only: a partial selection instead of sorting every row (the sort was
+    a third of resnet20's PTQ calibration)."""
+    n = s.shape[1]
+    pos = q * (n - 1)
+    below = int(pos)
+    k = n - below  # the order statistics ``below`` and ``below + 1`` are among the top k
+    if k > n // 2:
+        return torch.quantile(s, q, dim=1)
+    top = torch.topk(s, k, dim=1, sorted=True).values  # descending
+    lower = top[:, k - 1]
+    upper = top[:, max(k - 2, 0)]
+    return lower + (upper - lower) * (pos - below)
 
 
 class MSEObserver(Observer):
