@@ -12,6 +12,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from edgeslim.graph.functional_macs import FunctionalMacs
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -142,7 +144,9 @@ def layer_table(
 ) -> dict[str, LayerInfo]:
     """Run ``model(*example_args, **example_kwargs)`` once and describe every leaf module.
 
-    Attention modules that compute matmuls outside any leaf are included too, so that the
+    Attention modules that compute matmuls outside any leaf are included too, and so are
+    the products a ``forward`` computes by hand (``q @ k^T``, ``F.scaled_dot_product_attention``,
+    ``einsum``; :mod:`.functional_macs`), on the row of the module that ran them, so that the
     MACs total covers them. Modules called several times have their MACs summed.
     """
     rows: dict[str, dict[str, Any]] = {}
@@ -171,21 +175,50 @@ def layer_table(
 
     for name, mod in model.named_modules():
         leaf = next(iter(mod.children()), None) is None
-        compute = isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))  # also wrapped ones
-        attention = hasattr(mod, "num_attention_heads") or isinstance(mod, MHA)
-        if (leaf or compute or attention) and name:
+        if leaf or counts_own_macs(mod):  # the model itself too: a bare conv has MACs
             handles.append(mod.register_forward_hook(hook(name), with_kwargs=True))
+    functional = FunctionalMacs(counts_own_macs)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), functional.track(model):
             model(*example_args, **example_kwargs)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    _add_functional(model, rows, functional)
     order = [n for n, _ in model.named_modules() if n in rows]
     return {n: LayerInfo(n, **rows[n]) for n in order}
+
+
+def counts_own_macs(module: nn.Module) -> bool:
+    """Whether :func:`module_macs`/:func:`attention_macs` count this module's products (so
+    a matmul inside it is not counted again): convs, linears, recurrent and attention."""
+    return (
+        isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, MHA))
+        or hasattr(module, "num_attention_heads")
+        or bool(recurrent_gates(module))
+    )
+
+
+def _add_functional(model: nn.Module, rows: dict[str, dict[str, Any]], f: FunctionalMacs) -> None:
+    """Fold the products counted outside counted modules into their modules' rows; a module
+    with no row yet (a block whose ``forward`` does ``q @ k^T``; ``""``: the model itself)
+    gets one, holding only its own parameters (its children's are in their rows)."""
+    for name, macs in f.macs.items():
+        if not macs:
+            continue
+        if name in rows:
+            rows[name]["macs"] += macs
+            continue
+        mod = model.get_submodule(name)
+        in_shape, out_shape = f.shapes.get(name, ((), ()))
+        rows[name] = {
+            "type": type(mod).__name__, "in_shape": in_shape, "out_shape": out_shape,
+            "params": sum(p.numel() for p in mod.parameters(recurse=False)),
+            "macs": macs, "calls": max(1, f.calls.get(name, 1)),
+        }  # fmt: skip
 
 
 def total_macs(table: dict[str, LayerInfo]) -> int:
