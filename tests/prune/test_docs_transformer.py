@@ -17,4 +17,6 @@ def test_the_transformer_example_of_the_pruning_page_runs(
     (block,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
     namespace: dict[str, object] = {}
     exec(compile(block, str(DOC), "exec"), namespace)
-    assert "Linear(in_features=32, out_features=64, bias=True)" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Linear(in_features=32, out_features=64, bias=True)")
+    assert lines[1].split()[0] == "2"  # heads of the encoder's nn.MultiheadAttention

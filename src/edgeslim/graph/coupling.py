@@ -38,6 +38,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.graph.layers import recurrent_gates
 from edgeslim.graph.trace import trace
 
@@ -101,6 +102,8 @@ class _Space:
     members: list[GroupMember] = field(default_factory=list)
     fixed: str = ""
     rnn: str = ""  # "`fqn` (LSTM)" when this is a recurrent layer's hidden-unit space
+    kind: str = "channel"  # "head": attention heads, ``unit`` rows each
+    unit: int = 1
 
 
 @dataclass(frozen=True)
@@ -559,6 +562,14 @@ class _Analyzer:
             return self.joint_norm(node, what, trailing, x)
         if isinstance(m, TRANSFORMER_MODULES):
             return self.transformer(node, fqn, m)
+        if isinstance(m, SplitMultiheadAttention):
+            return self.attention(node, fqn, m)
+        if isinstance(m, nn.MultiheadAttention):
+            return self.opaque(
+                node,
+                f"{what}: its heads are packed in one projection; "
+                "edgeslim.prune.split_attention(model) makes them prunable",
+            )
         if isinstance(m, NORM_MODULES):
             if not self.on_axis1(node, x, f"norm {what}"):
                 return None
@@ -582,6 +593,8 @@ class _Analyzer:
         for a in node.all_input_nodes:
             self.fix_node(a, f"feeds the residual stream of {what}")
         for name, sub in m.named_modules():
+            if isinstance(sub, SplitMultiheadAttention):
+                self.heads(f"{fqn}.{name}" if name else fqn, sub)
             if isinstance(sub, FFN_LAYERS):
                 prefix = f"{fqn}.{name}." if name else f"{fqn}."
                 linear1 = sub.get_submodule("linear1")
@@ -591,6 +604,26 @@ class _Analyzer:
                     [GroupMember(prefix + "linear1", "out"), GroupMember(prefix + "linear2", "in")]
                 )
         return self.produce(node, -1, f"produced by {what}")
+
+    def heads(self, fqn: str, m: SplitMultiheadAttention) -> None:
+        """One group of ``m``'s heads: q/k/v rows and ``out_proj`` columns, ``head_dim``
+        at a time (surgery updates ``num_attention_heads``)."""
+        space = self.b.new(m.num_attention_heads)
+        sp = self.b.spaces[space]
+        sp.kind, sp.unit = "head", m.head_dim
+        sp.members.extend(GroupMember(f"{fqn}.{p}", "out") for p in ("q_proj", "k_proj", "v_proj"))
+        sp.members.append(GroupMember(f"{fqn}.out_proj", "in"))
+
+    def attention(self, node: fx.Node, fqn: str, m: SplitMultiheadAttention) -> _Val | None:
+        """An attention called on its own: its heads are a group; what it reads (the q/k/v
+        projections' input features) and what it returns (``embed_dim`` wide, usually a
+        residual stream) keep their widths."""
+        what = f"attention `{fqn}`"
+        for a in node.all_input_nodes:
+            self.fix_node(a, f"feeds {what} (its input width is fixed; prune its heads)")
+        self.heads(fqn, m)
+        reason = f"produced by {what} (its output width is fixed; prune its heads)"
+        return self.outputs(node, lambda d, n: _Val(d, (_Seg(self.b.new(n, reason), n),)))
 
     def joint_norm(
         self, node: fx.Node, what: str, trailing: int | None, x: _Val | None
@@ -918,6 +951,7 @@ class _Analyzer:
             has_out = any(m.role == "out" for m in members)
             if not has_out and not reasons:
                 reasons.append("no producing layer")
+            heads = next((sp for sp in spaces if sp.kind == "head"), None)
             out.append(
                 CouplingGroup(
                     id=len(out),
@@ -925,6 +959,8 @@ class _Analyzer:
                     members=members,
                     prunable=not reasons,
                     reason=reasons[0] if reasons else "",
+                    kind="head" if heads is not None else "channel",
+                    unit=heads.unit if heads is not None else 1,
                 )
             )
         return out
@@ -944,4 +980,5 @@ def graph_coupling_groups(gm: fx.GraphModule, *example_args: Any) -> list[Coupli
 
 def fx_coupling_groups(model: nn.Module, *example_args: Any) -> list[CouplingGroup]:
     """Coupling groups of a traceable model, from its fx graph with propagated shapes."""
-    return graph_coupling_groups(trace(model), *example_args)
+    gm = trace(model, leaf_types=(SplitMultiheadAttention,))  # its heads: one group
+    return graph_coupling_groups(gm, *example_args)

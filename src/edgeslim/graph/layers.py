@@ -197,7 +197,7 @@ def counts_own_macs(module: nn.Module) -> bool:
     a matmul inside it is not counted again): convs, linears, recurrent and attention."""
     return (
         isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, MHA))
-        or hasattr(module, "num_attention_heads")
+        or (hasattr(module, "num_attention_heads") and hasattr(module, "attention_head_size"))
         or bool(recurrent_gates(module))
     )
 

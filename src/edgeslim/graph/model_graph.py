@@ -8,6 +8,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.graph.coupling import CouplingGroup, graph_coupling_groups
 from edgeslim.graph.layers import LayerInfo, layer_table
 from edgeslim.graph.trace import trace
@@ -49,5 +50,6 @@ def analyze(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> Mode
     layers = layer_table(model, *example_args, **example_kwargs)
     if is_transformer(model):
         return ModelGraph(model, layers, transformer_groups(model), None)
-    gm = trace(model)
+    # a split attention is analysed whole, as its heads (quantization traces into it)
+    gm = trace(model, leaf_types=(SplitMultiheadAttention,))
     return ModelGraph(model, layers, graph_coupling_groups(gm, *example_args), gm)

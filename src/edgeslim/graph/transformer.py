@@ -23,7 +23,9 @@ def _linear(model: nn.Module, fqn: str) -> nn.Linear | None:
 
 
 def is_transformer(model: nn.Module) -> bool:
-    return any(hasattr(m, "num_attention_heads") for m in model.modules())
+    """A BERT-style model: a self-attention with ``num_attention_heads`` and a ``query``
+    linear (edgeslim's split ``nn.MultiheadAttention`` has heads too, but is traced)."""
+    return any(hasattr(m, "num_attention_heads") and hasattr(m, "query") for m in model.modules())
 
 
 def transformer_groups(model: nn.Module) -> list[CouplingGroup]:

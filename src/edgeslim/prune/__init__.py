@@ -1,6 +1,7 @@
 """Structured pruning: importance criteria, surgery on coupled channel groups, prune plans,
 the planner (global ranking under a MACs target), learned gates and fine-tuning."""
 
+from edgeslim.graph.attention import SplitMultiheadAttention, split_attention
 from edgeslim.prune.config import GateConfig, PruneConfig
 from edgeslim.prune.finetune import finetune_pruned
 from edgeslim.prune.gates import GateResult, GateSet, attach_gates, train_gates
@@ -45,6 +46,7 @@ __all__ = [
     "PruneError",
     "PrunePlan",
     "PruneWarning",
+    "SplitMultiheadAttention",
     "Surgery",
     "apply_plan",
     "attach_gates",
@@ -64,5 +66,6 @@ __all__ = [
     "pruned_paths",
     "round_keep",
     "save_pruned",
+    "split_attention",
     "train_gates",
 ]

@@ -12,8 +12,9 @@ a layer's output axis belongs to exactly one group, so its FQN is unique and sta
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,14 @@ from torch import nn
 
 from edgeslim.checkpoint import load_checked, save_state
 from edgeslim.errors import CheckpointError, PlanError
+from edgeslim.graph.attention import attention_named, split_attention
 from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.graph.model_graph import analyze
 from edgeslim.jsonfile import load_document, save_text
 from edgeslim.prune.surgery import (
     KeepMap,
     PruneError,
+    Surgery,
     check_kept,
     describe_group,
     group_key,
@@ -245,7 +248,31 @@ def match_plan(
 
 def apply_plan(model: nn.Module, plan: PrunePlan, example_args: Sequence[Any]) -> nn.Module:
     """Prune a freshly built ``model`` as ``plan`` says, in place, all or nothing."""
-    return prepare_surgery(model, match_plan(model, plan, example_args)).apply()
+    return _prepared(model, plan, example_args).apply()
+
+
+def _prepared(
+    model: nn.Module,
+    plan: PrunePlan,
+    example_args: Sequence[Any],
+    check: Callable[[Surgery], None] | None = None,
+) -> Surgery:
+    """The plan's surgery on ``model`` after ``check`` (if given) accepted it. A plan made
+    on a model whose ``nn.MultiheadAttention`` were split (to prune heads) names their
+    linears: those attentions are split here too, once the plan (and ``check``) passed on
+    a split copy, so a refusal still leaves ``model`` untouched."""
+    attention = attention_named(model, plan.signature)
+    if attention:
+        trial = copy.deepcopy(model)
+        split_attention(trial, only=attention)
+        surgery = prepare_surgery(trial, match_plan(trial, plan, example_args))
+        if check is not None:
+            check(surgery)
+        split_attention(model, only=attention)
+    surgery = prepare_surgery(model, match_plan(model, plan, example_args))
+    if check is not None:
+        check(surgery)
+    return surgery
 
 
 def pruned_paths(path_stem: Path | str) -> tuple[Path, Path]:
@@ -330,7 +357,9 @@ def load_pruned(
     plan_path, weights_path = pruned_paths(path_stem)
     plan = PrunePlan.load(plan_path)
     state = _read_state(weights_path)
-    surgery = prepare_surgery(fresh_model, match_plan(fresh_model, plan, example_args))
-    _check_state(surgery.state_shapes(), state, weights_path)
+    surgery = _prepared(
+        fresh_model, plan, example_args,
+        lambda s: _check_state(s.state_shapes(), state, weights_path),
+    )  # fmt: skip
     surgery.apply()
     return load_checked(fresh_model, state, str(weights_path))

@@ -63,6 +63,7 @@ from torch import nn
 from edgeslim.data.batching import Batch, TensorBatches
 from edgeslim.errors import PruneError
 from edgeslim.graph import layer_table, total_macs
+from edgeslim.graph.attention import split_attention
 from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.graph.layers import recurrent_gates
 from edgeslim.graph.model_graph import ModelGraph, analyze
@@ -563,9 +564,15 @@ def plan_pruning(
     ``config``/``options``: the budget and ranking (:class:`PruneConfig` and its fields as
     keywords, e.g. ``macs_reduction=0.5, round_to=8``; ``skip`` names layers, FQNs or
     globs, whose shapes must not change: every group with such a member is left whole).
+    ``nn.MultiheadAttention`` heads are planned on a split copy; :func:`apply_plan` splits
+    the attentions the plan names before pruning them.
     """
-    keep, _ = plan_keep(model, example_args, importance, config, **options)
-    return PrunePlan.from_groups(model, keep, example_args)
+    target = model
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        target = copy.deepcopy(model)  # heads are planned too, on a split copy
+        split_attention(target)
+    keep, _ = plan_keep(target, example_args, importance, config, **options)
+    return PrunePlan.from_groups(target, keep, example_args)
 
 
 def prune_(
@@ -580,7 +587,10 @@ def prune_(
 
     A criterion with a ``compensate(model, keep)`` method (``fluctuation``) adjusts the
     kept layers before surgery; the plan alone does not carry that change, the saved
-    weights do."""
+    weights do. Every ``nn.MultiheadAttention`` is first split into four linears
+    (:func:`~edgeslim.graph.attention.split_attention`, same outputs) so its heads can be
+    pruned."""
+    split_attention(model)
     keep, _ = plan_keep(model, example_args, importance, config, **options)
     plan = PrunePlan.from_groups(model, keep, example_args)
     apply_keep(model, keep, importance)

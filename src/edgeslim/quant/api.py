@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from edgeslim.data.batching import as_inputs
-from edgeslim.quant.attention import QuantMultiheadAttention
+from edgeslim.graph.attention import SplitMultiheadAttention
+from edgeslim.quant.attention import QuantMultiheadAttention, QuantSplitAttention
 from edgeslim.quant.config import QuantConfig, Selection, check_selectors, resolve
 from edgeslim.quant.fold import _set_submodule
 from edgeslim.quant.modules import FLOAT_TO_QUANT, ActQuant, QuantMixin
@@ -38,6 +39,7 @@ TWINS: dict[type[nn.Module], Any] = {
     **FLOAT_TO_QUANT,
     **RECURRENT_TO_QUANT,
     nn.MultiheadAttention: QuantMultiheadAttention,
+    SplitMultiheadAttention: QuantSplitAttention,
 }
 """Float layer type (exact) -> its fake-quant twin."""
 

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.quant.config import QuantConfig
 from edgeslim.quant.modules import ActQuant, QuantLinear, QuantMixin
 from edgeslim.quant.spec import QuantConfigError
@@ -181,3 +182,33 @@ def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             mask, float("-inf")
         )
     return mask.to(dtype)
+
+
+class QuantSplitAttention(SplitMultiheadAttention):
+    """A split attention (:class:`~edgeslim.graph.attention.SplitMultiheadAttention`, e.g.
+    after its heads were pruned) with its four projections as :class:`QuantLinear` and
+    quantizers on the operands of both attention matmuls, as :class:`QuantMultiheadAttention`
+    has, so ONNX Runtime runs every matmul of the block on integers. The projections keep
+    their own input quantizers (the module is a leaf to edge placement)."""
+
+    @classmethod
+    def from_float(
+        cls, split: SplitMultiheadAttention, qconfig: QuantConfig
+    ) -> QuantSplitAttention:
+        new = cls(
+            split.embed_dim, split.num_attention_heads, split.head_dim,
+            kdim=split.k_proj.in_features, vdim=split.v_proj.in_features,
+            bias=split.q_proj.bias is not None, dropout=split.dropout,
+            batch_first=split.batch_first,
+        )  # fmt: skip
+        new.built_heads = split.built_heads
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            layer = split.get_submodule(name)
+            assert isinstance(layer, nn.Linear)
+            setattr(new, name, QuantLinear.from_float(layer, qconfig))
+        spec = qconfig.activation
+        if spec is not None:
+            new.q_quant, new.k_quant = ActQuant(spec), ActQuant(spec)
+            new.v_quant, new.attn_quant = ActQuant(spec), ActQuant(spec)
+        new.train(split.training)
+        return new

@@ -41,6 +41,7 @@ from edgeslim.graph.ops import (
     is_spatial_mean,
 )
 from edgeslim.graph.trace import trace
+from edgeslim.quant.attention import QuantSplitAttention
 from edgeslim.quant.gate_patterns import normalize_gates
 from edgeslim.quant.integer_gates import (
     IntegerGate,
@@ -85,7 +86,8 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     spec = spec or _act_spec(model)
     if spec is None:
         raise ValueError("quantize_edges needs activation quantization (a_bits) on some layer")
-    gm = trace(model, leaf_types=(QuantMixin, ActQuant))
+    # a quantized split attention quantizes its own matmuls and projections' inputs
+    gm = trace(model, leaf_types=(QuantMixin, ActQuant, QuantSplitAttention))
     graph = gm.graph
     gated: set[fx.Node] = set()  # layers whose output quantizer is a hardsigmoid's gate
     if not spec.symmetric:

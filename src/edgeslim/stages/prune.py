@@ -212,6 +212,7 @@ def rebuild_prune(
 
 @register_stage("prune", PruneStage, data_used="train")
 def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Module:
+    from edgeslim.graph.attention import split_attention
     from edgeslim.prune.finetune import finetune_pruned
     from edgeslim.prune.plan import PrunePlan
     from edgeslim.prune.planner import apply_keep, build_importance, plan_keep
@@ -229,6 +230,12 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     model.eval()
     ctx.out.mkdir(parents=True, exist_ok=True)
     macs_before = _macs(model, example)
+    split = [f for f, what in split_attention(model).items() if what == "split"]
+    if split:
+        ctx.notes.append(
+            f"prune: {len(split)} nn.MultiheadAttention split into q/k/v/out linears (same "
+            f"outputs) so their heads can be pruned: {', '.join(split)}"
+        )
     if stage.method == "gates":
         assert train is not None
         plan_path = _prune_by_gates(model, example, train, stage, teacher, ctx)
