@@ -98,6 +98,14 @@ def search_task(val_images: int) -> Task:
     )
 
 
+def build_space(model: nn.Module, task: Task) -> SearchSpace:
+    """The suite's search space (bits, keep ratios, calibration) on ``model``."""
+    return SearchSpace.build(
+        model, task, w_bits=W_BITS, a_bits=A_BITS, keep=KEEP, round_to=ROUND_TO,
+        calibration=CALIBRATION, seed=SEED,
+    )  # fmt: skip
+
+
 def _available(names: tuple[str, ...]) -> tuple[str, ...]:
     from edgeslim.search import STRATEGIES as REGISTRY
 
@@ -169,10 +177,12 @@ class _Bench:
     def constraints(self) -> list[str]:
         return [*CONSTRAINTS, f"drop<={MAX_DROP:g}"]
 
-    def run(self, strategy: str, executor: Any = None) -> tuple[SearchResult, float]:
+    def run(
+        self, strategy: str, executor: Any = None, space: SearchSpace | None = None
+    ) -> tuple[SearchResult, float]:
         t0 = time.perf_counter()
         result = search(
-            self.model, self.space.task, self.space, list(CONSTRAINTS), strategy,
+            self.model, self.space.task, space or self.space, list(CONSTRAINTS), strategy,
             budget=self.sizes.budget, seed=SEED, batch=BATCH, max_drop=MAX_DROP,
             latency=self.latency, executor=executor, progress=False,
         )  # fmt: skip
@@ -257,12 +267,15 @@ def _ray_row(b: _Bench) -> Record:
     latency table, so neither pays for timing kernels; Ray's start-up is reported apart."""
     from edgeslim.search.ray_executor import RayExecutor
 
-    local, local_s = b.run(RAY_STRATEGY)
+    # each run on a space built afresh: the suite's own space holds the pruned copies the
+    # earlier searches made, which would spare the in-process run work the workers redo
+    local, local_s = b.run(RAY_STRATEGY, space=build_space(b.model, b.space.task))
+    fresh = build_space(b.model, b.space.task)
     t0 = time.perf_counter()
     with RayExecutor(workers=RAY_WORKERS) as ex:
         threads = ex.worker_threads()  # the workers are up before the clock starts
         startup = time.perf_counter() - t0
-        remote, remote_s = b.run(RAY_STRATEGY, ex)
+        remote, remote_s = b.run(RAY_STRATEGY, ex, space=fresh)
     ceiling = _parallel_ceiling(b, [e.policy for e in local.evaluations[-CEILING_PROBES:]])
     ids = [[e.policy.id for e in r.evaluations] for r in (local, remote)]
     metrics = [[e.result.metric for e in r.evaluations] for r in (local, remote)]
@@ -344,10 +357,7 @@ def search_model(name: str, out: Path, quick: bool) -> list[Record]:
     sizes = QUICK if quick else FULL
     model = load_zoo_model(name).eval()
     task = search_task(sizes.val_images)
-    space = SearchSpace.build(
-        model, task, w_bits=W_BITS, a_bits=A_BITS, keep=KEEP, round_to=ROUND_TO,
-        calibration=CALIBRATION, seed=SEED,
-    )  # fmt: skip
+    space = build_space(model, task)
     latency = LutLatency(space, repeats=sizes.latency_repeats)
     latency.calibrate()
     test = load_fashion_mnist("test", limit=sizes.test_images)
