@@ -187,3 +187,20 @@ def test_pruned_heads_quantize_to_integer_kernels(tmp_path) -> None:
     path = export_qdq(q, (x[:1],), tmp_path / "int8.onnx")
     coverage = kernel_coverage(path, (x[:1],))
     assert coverage.int8_mac_share >= 0.95, coverage.summary()
+
+
+def test_a_decoder_layer_prunes_the_heads_of_both_its_attentions() -> None:
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dec = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+            self.fc = nn.Linear(32, 5)
+
+        def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.dec(x, memory).mean(1))
+
+    x, memory = torch.randn(1, 6, 32), torch.randn(1, 9, 32)
+    pruned, _ = prune_(Decoder().eval(), (x, memory), "l1", ratio=0.5)
+    assert pruned.dec.self_attn.num_heads == pruned.dec.multihead_attn.num_heads == 2
+    assert pruned.dec.multihead_attn.k_proj.out_features == 16
+    assert pruned(x, memory).shape == (1, 5)

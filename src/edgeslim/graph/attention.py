@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 
 class SplitMultiheadAttention(nn.Module):
@@ -120,7 +120,7 @@ class SplitMultiheadAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # traced (torch.fx, for quantization), the call is taken to be batched: a traced
         # value's rank cannot steer Python
-        unbatched = not is_fx_tracing() and query.dim() == 2
+        unbatched = not is_fx_symbolic_tracing() and query.dim() == 2
         if unbatched:  # (L, E): one sequence
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
             if key_padding_mask is not None:
