@@ -46,6 +46,7 @@ from torch import nn
 
 from edgeslim.cost.analytic import bops, peak_activation_bytes, size_bytes
 from edgeslim.graph import layer_table, total_macs
+from edgeslim.graph.attention import split_attention
 from edgeslim.graph.layers import LayerInfo
 from edgeslim.graph.model_graph import analyze
 from edgeslim.prune.importance import Importance
@@ -259,6 +260,9 @@ class SearchSpace:
         ``skip``: layers whose groups are never pruned. ``weight_spec``/``act_spec``: the
         quantizer settings the bits are put into (default: :func:`~edgeslim.quant.w8a8`'s).
         ``calibration``: calibration samples used when a policy is applied.
+        When ``keep`` prunes and the model has ``nn.MultiheadAttention``, the space holds a
+        copy with each split into four linears
+        (:func:`~edgeslim.graph.attention.split_attention`), so heads are groups too.
         ``bn_recalibration``: after pruning, re-estimate every BatchNorm's statistics on those
         samples (EagleEye's adaptive BN). Cutting channels shifts the statistics the next
         layers see; without it a pruned resnet20 scored chance (9.5% validation top-1 at
@@ -286,6 +290,12 @@ class SearchSpace:
             raise SearchError(f"round_to must be >= 1; got {round_to}")
         example = task.example_inputs
         model.eval()
+        if k_choices != (1.0,) and any(
+            isinstance(m, nn.MultiheadAttention) for m in model.modules()
+        ):
+            # heads are searched too: on a split copy (same outputs; the caller's model stays)
+            model = copy.deepcopy(model)
+            split_attention(model)
         graph = analyze(model, *example)
         exclude = list(exclude)
         names = _quantizable(model, replace(wspec, bits=w_choices[-1]))

@@ -1,0 +1,44 @@
+"""A search space over a transformer searches the heads of its nn.MultiheadAttention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeslim.data import TensorBatches
+from edgeslim.graph.attention import SplitMultiheadAttention
+from edgeslim.search import SearchSpace
+from edgeslim.task import Task
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.enc(x).mean(1))
+
+
+def test_heads_are_searched_on_a_split_copy() -> None:
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x = torch.randn(96, 6, 16)
+    task = Task(
+        example_inputs=(x[:1],),
+        calibration=TensorBatches(x[:32], batch_size=32),
+        validation=TensorBatches(x[32:], batch_size=64),
+        name="tokens",
+    )
+    space = SearchSpace.build(model, task, w_bits=(8,), keep=(0.5, 1.0), calibration=32)
+    assert isinstance(model.enc.self_attn, nn.MultiheadAttention)  # the caller's model
+    keys = {g.key for g in space.groups}
+    assert "enc.self_attn.q_proj" in keys and "enc.linear1" in keys
+    pruned = space.apply(space.uniform(w_bits=8, a_bits=8, keep=0.5))
+    attn = pruned.get_submodule("enc.self_attn")
+    assert isinstance(attn, SplitMultiheadAttention) and attn.num_heads == 2
+    assert pruned(x[:3]).shape == (3, 5)
+    full, half = space.costs(space.uniform(8, 8, 1.0)), space.costs(space.uniform(8, 8, 0.5))
+    assert half.macs < full.macs
+    assert full.macs == space.baseline_costs().macs
