@@ -114,3 +114,12 @@ def test_matmul_forms_count_n_k_m_per_batch(b: int, n: int, k: int, m: int, form
 
     a, c = torch.randn(b, n, k), torch.randn(b, k, m)
     assert total_macs(layer_table(Product(), a, c)) == b * n * k * m
+
+
+def test_einsum_with_an_ellipsis_counts_the_summed_letters() -> None:
+    class Product(nn.Module):
+        def forward(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("...nk,...km->...nm", a, c)
+
+    a, c = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 5, 6)
+    assert total_macs(layer_table(Product(), a, c)) == 2 * 3 * 4 * 5 * 6

@@ -131,20 +131,19 @@ class SplitMultiheadAttention(nn.Module):
         q = self._heads(query, self.q_proj)
         k = self._heads(key, self.k_proj)
         v = self._heads(value, self.v_proj)
-        q = _maybe(self.q_quant, q * (1.0 / math.sqrt(self.head_dim)))
-        k, v = _maybe(self.k_quant, k), _maybe(self.v_quant, v)
+        q = maybe_quant(self.q_quant, q * (1.0 / math.sqrt(self.head_dim)))
+        k, v = maybe_quant(self.k_quant, k), maybe_quant(self.v_quant, v)
         scores = q @ k.transpose(-2, -1)  # (N, H, L, S)
-        if attn_mask is None and is_causal:
-            s = k.shape[2]
-            attn_mask = torch.ones(length, s, dtype=torch.bool, device=q.device).triu(1)
-        if attn_mask is not None:
-            scores = _masked(scores, self._per_head(attn_mask, n))
-        if key_padding_mask is not None:
-            scores = _masked(scores, key_padding_mask[:, None, None, :])
+        if attn_mask is not None and attn_mask.dim() == 3:
+            self._check_per_head(attn_mask)
+        scores = scores + additive_mask(
+            attn_mask, key_padding_mask, is_causal, n, self.num_attention_heads, length,
+            k.shape[2], scores.dtype, scores.device,
+        )  # fmt: skip
         weights = scores.softmax(-1)
         if self.training and self.dropout > 0:
             weights = F.dropout(weights, self.dropout)
-        out = (_maybe(self.attn_quant, weights) @ v).transpose(1, 2).reshape(n, length, -1)
+        out = (maybe_quant(self.attn_quant, weights) @ v).transpose(1, 2).reshape(n, length, -1)
         out = self.out_proj(out)
         if unbatched:
             out = out.squeeze(0)
@@ -155,27 +154,54 @@ class SplitMultiheadAttention(nn.Module):
         w = weights.mean(1) if average_attn_weights else weights
         return out, w.squeeze(0) if unbatched else w
 
-    def _per_head(self, mask: torch.Tensor, n: int) -> torch.Tensor:
-        if mask.dim() != 3:
-            return mask  # (L, S): broadcast over batch and heads
+    def _check_per_head(self, mask: torch.Tensor) -> None:
         if self.num_attention_heads != self.built_heads:
             raise ValueError(
                 f"a per-head attn_mask {tuple(mask.shape)} was given to an attention pruned "
                 f"from {self.built_heads} to {self.num_attention_heads} heads; which heads it "
                 "meant is no longer known: pass an (L, S) mask"
             )
-        return mask.reshape(n, self.num_attention_heads, *mask.shape[1:])
 
 
-def _maybe(quant: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+def maybe_quant(quant: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """``quant(x)``, or ``x`` when there is no quantizer (float)."""
     return x if quant is None else quant(x)
 
 
-def _masked(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``True`` (bool) positions may not be attended; a float mask is added."""
+def additive_mask(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    is_causal: bool,
+    batch: int,
+    heads: int,
+    tgt: int,
+    src: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """``nn.MultiheadAttention``'s masks as one term added to the scores, broadcast to
+    ``(batch, heads, tgt, src)``: boolean ``True`` (not allowed) becomes ``-inf``, a float
+    mask is added as it is; 0 when there is none. ``is_causal`` without a mask builds the
+    causal one; a 3-D ``attn_mask`` is ``(batch * heads, tgt, src)``."""
+    total = torch.zeros((), dtype=dtype, device=device)
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(tgt, src, dtype=torch.bool, device=device).triu(1)
+    if attn_mask is not None:
+        m = _as_additive(attn_mask, dtype)
+        if m.dim() == 3:
+            m = m.reshape(batch, heads, tgt, src)
+        total = total + m
+    if key_padding_mask is not None:
+        total = total + _as_additive(key_padding_mask, dtype).reshape(batch, 1, 1, src)
+    return total
+
+
+def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
-        return scores.masked_fill(mask, float("-inf"))
-    return scores + mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf")
+        )
+    return mask.to(dtype)
 
 
 def unsplittable(mha: nn.MultiheadAttention) -> str:
@@ -213,6 +239,12 @@ def split_attention(model: nn.Module, only: Collection[str] | None = None) -> di
         if isinstance(mod, nn.TransformerEncoder):
             mod.use_nested_tensor = False
     return done
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` holds an ``nn.MultiheadAttention`` (one :func:`split_attention`
+    could split)."""
+    return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
 
 
 def attention_named(model: nn.Module, fqns: Iterable[str]) -> list[str]:

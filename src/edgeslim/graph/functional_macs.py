@@ -58,7 +58,8 @@ def _sdpa(args: tuple[Any, ...], out: torch.Tensor) -> int:
 
 
 def _einsum(args: tuple[Any, ...], out: torch.Tensor) -> int:
-    """``out.numel()`` times the sizes of the indices summed over (two or more operands)."""
+    """``out.numel()`` times the sizes of the indices summed over (two or more operands);
+    letters before and after an ellipsis name an operand's first and last dims."""
     if not args or not isinstance(args[0], str):
         return 0
     operands = args[1:]
@@ -70,14 +71,13 @@ def _einsum(args: tuple[Any, ...], out: torch.Tensor) -> int:
     lhs, rhs = equation.split("->")
     sizes: dict[str, int] = {}
     for spec, t in zip(lhs.split(","), operands, strict=False):
-        if not isinstance(t, torch.Tensor) or "..." in spec:
-            spec = spec.split("...")[-1] if "..." in spec else spec
-            letters = spec[-t.dim() :] if isinstance(t, torch.Tensor) and spec else ""
-            dims = t.shape[t.dim() - len(letters) :] if letters else ()
-        else:
-            letters, dims = spec, t.shape
-        sizes.update({c: int(d) for c, d in zip(letters, dims, strict=False)})
-    reduced = [sizes[c] for c in sizes if c not in rhs]
+        if not isinstance(t, torch.Tensor):
+            continue
+        head, _, tail = spec.partition("...")
+        sizes.update(zip(head, (int(d) for d in t.shape[: len(head)]), strict=False))
+        if tail:
+            sizes.update(zip(tail, (int(d) for d in t.shape[t.dim() - len(tail) :]), strict=False))
+    reduced = [size for c, size in sizes.items() if c not in rhs]
     return int(out.numel()) * int(math.prod(reduced))
 
 
@@ -117,14 +117,15 @@ class FunctionalMacs(TorchFunctionMode):
         self.macs: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-        self._stack: list[tuple[str, bool]] = []
+        self._stack: list[str] = []  # the modules running, innermost last
+        self._counted = 0  # how many of them count their own MACs
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         out = func(*args, **(kwargs or {}))
         rule = RULES.get(func)
-        if rule is None or not self._stack or any(c for _, c in self._stack):
+        if rule is None or not self._stack or self._counted:
             return out
         if isinstance(out, torch.Tensor):
             merged = args + tuple((kwargs or {}).values())
@@ -132,7 +133,7 @@ class FunctionalMacs(TorchFunctionMode):
                 macs = rule(merged, out)
             except (AttributeError, IndexError, TypeError, ValueError):
                 macs = 0  # an unusual call form: counted as nothing rather than failing
-            name = self._stack[-1][0]
+            name = self._stack[-1]
             self.macs[name] = self.macs.get(name, 0) + macs
         return out
 
@@ -141,8 +142,9 @@ class FunctionalMacs(TorchFunctionMode):
         """Active during the block, with every module of ``model`` on the stack while it runs."""
         handles = []
         for name, mod in model.named_modules():
-            handles.append(mod.register_forward_pre_hook(self._enter(name, self.counted(mod))))
-            handles.append(mod.register_forward_hook(self._leave(name), always_call=True))
+            counted = self.counted(mod)
+            handles.append(mod.register_forward_pre_hook(self._enter(name, counted)))
+            handles.append(mod.register_forward_hook(self._leave(name, counted), always_call=True))
         try:
             with self:
                 yield self
@@ -152,17 +154,19 @@ class FunctionalMacs(TorchFunctionMode):
 
     def _enter(self, name: str, counted: bool) -> Callable[..., None]:
         def fn(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            self._stack.append((name, counted))
+            self._stack.append(name)
+            self._counted += counted
             if name not in self.shapes:
                 t = next((a for a in args if isinstance(a, torch.Tensor)), None)
                 self.shapes[name] = (tuple(t.shape) if t is not None else (), ())
 
         return fn
 
-    def _leave(self, name: str) -> Callable[..., None]:
+    def _leave(self, name: str, counted: bool) -> Callable[..., None]:
         def fn(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if self._stack and self._stack[-1][0] == name:
+            if self._stack and self._stack[-1] == name:
                 self._stack.pop()
+                self._counted -= counted
             if name in self.macs:
                 self.calls[name] = self.calls.get(name, 0) + 1
                 if isinstance(out, torch.Tensor) and not self.shapes[name][1]:

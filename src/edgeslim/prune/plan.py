@@ -259,20 +259,20 @@ def _prepared(
 ) -> Surgery:
     """The plan's surgery on ``model`` after ``check`` (if given) accepted it. A plan made
     on a model whose ``nn.MultiheadAttention`` were split (to prune heads) names their
-    linears: those attentions are split here too, once the plan (and ``check``) passed on
-    a split copy, so a refusal still leaves ``model`` untouched."""
+    linears: the plan is matched and checked on a split copy, and only then are those
+    attentions split in ``model`` too, so a refusal still leaves ``model`` untouched."""
     attention = attention_named(model, plan.signature)
+    probe = copy.deepcopy(model) if attention else model
     if attention:
-        trial = copy.deepcopy(model)
-        split_attention(trial, only=attention)
-        surgery = prepare_surgery(trial, match_plan(trial, plan, example_args))
-        if check is not None:
-            check(surgery)
-        split_attention(model, only=attention)
-    surgery = prepare_surgery(model, match_plan(model, plan, example_args))
+        split_attention(probe, only=attention)
+    request = match_plan(probe, plan, example_args)  # its groups name layers by FQN
+    surgery = prepare_surgery(probe, request)
     if check is not None:
         check(surgery)
-    return surgery
+    if probe is model:
+        return surgery
+    split_attention(model, only=attention)
+    return prepare_surgery(model, request)
 
 
 def pruned_paths(path_stem: Path | str) -> tuple[Path, Path]:

@@ -63,7 +63,7 @@ from torch import nn
 from edgeslim.data.batching import Batch, TensorBatches
 from edgeslim.errors import PruneError
 from edgeslim.graph import layer_table, total_macs
-from edgeslim.graph.attention import split_attention
+from edgeslim.graph.attention import has_attention, split_attention
 from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.graph.layers import recurrent_gates
 from edgeslim.graph.model_graph import ModelGraph, analyze
@@ -568,7 +568,7 @@ def plan_pruning(
     the attentions the plan names before pruning them.
     """
     target = model
-    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+    if has_attention(model):
         target = copy.deepcopy(model)  # heads are planned too, on a split copy
         split_attention(target)
     keep, _ = plan_keep(target, example_args, importance, config, **options)

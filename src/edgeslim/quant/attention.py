@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from edgeslim.graph.attention import SplitMultiheadAttention
+from edgeslim.graph.attention import SplitMultiheadAttention, additive_mask, maybe_quant
 from edgeslim.quant.config import QuantConfig
 from edgeslim.quant.modules import ActQuant, QuantLinear, QuantMixin
 from edgeslim.quant.spec import QuantConfigError
@@ -83,10 +83,6 @@ class QuantMultiheadAttention(QuantMixin, nn.MultiheadAttention):
         new.attn_quant = ActQuant(spec) if spec is not None else None
         return new
 
-    @staticmethod
-    def _maybe(q: ActQuant | None, x: torch.Tensor) -> torch.Tensor:
-        return x if q is None else q(x)
-
     def forward(
         self,
         query: torch.Tensor,
@@ -115,11 +111,11 @@ class QuantMultiheadAttention(QuantMixin, nn.MultiheadAttention):
             qkv = nn.functional.linear(xq, w, b)
             q, k, v = qkv[..., :embed], qkv[..., embed : 2 * embed], qkv[..., 2 * embed :]
         else:
-            xk = xq if key is query else self._maybe(self.kv_quant, key)
+            xk = xq if key is query else maybe_quant(self.kv_quant, key)
             xv = (
                 xk
                 if value is key
-                else (xq if value is query else self._maybe(self.kv_quant, value))
+                else (xq if value is query else maybe_quant(self.kv_quant, value))
             )
             bq = bk = bv = None
             if b is not None:
@@ -131,17 +127,18 @@ class QuantMultiheadAttention(QuantMixin, nn.MultiheadAttention):
         q = q.reshape(tgt, bsz * heads, dh).transpose(0, 1).reshape(bsz, heads, tgt, dh)
         k = k.reshape(src, bsz * heads, dh).transpose(0, 1).reshape(bsz, heads, src, dh)
         v = v.reshape(src, bsz * heads, dh).transpose(0, 1).reshape(bsz, heads, src, dh)
-        q = self._maybe(self.q_quant, q * (1.0 / math.sqrt(dh)))
-        k = self._maybe(self.k_quant, k)
-        v = self._maybe(self.v_quant, v)
+        q = maybe_quant(self.q_quant, q * (1.0 / math.sqrt(dh)))
+        k = maybe_quant(self.k_quant, k)
+        v = maybe_quant(self.v_quant, v)
         scores = q @ k.transpose(-2, -1)
-        scores = scores + self._additive_mask(
-            attn_mask, key_padding_mask, is_causal, bsz, tgt, src, scores.dtype, scores.device
-        )
+        scores = scores + additive_mask(
+            attn_mask, key_padding_mask, is_causal, bsz, self.num_heads, tgt, src, scores.dtype,
+            scores.device,
+        )  # fmt: skip
         attn = torch.softmax(scores, dim=-1)
         if self.training and self.dropout > 0:
             attn = nn.functional.dropout(attn, self.dropout)
-        out = self._maybe(self.attn_quant, attn) @ v  # (batch, heads, tgt, head_dim)
+        out = maybe_quant(self.attn_quant, attn) @ v  # (batch, heads, tgt, head_dim)
         out = out.permute(2, 0, 1, 3).reshape(tgt, bsz, embed)
         out = self.out_proj(out)
         if self.batch_first:
@@ -149,39 +146,6 @@ class QuantMultiheadAttention(QuantMixin, nn.MultiheadAttention):
         if not need_weights:
             return out, None
         return out, attn.mean(dim=1) if average_attn_weights else attn
-
-    def _additive_mask(
-        self,
-        attn_mask: torch.Tensor | None,
-        key_padding_mask: torch.Tensor | None,
-        is_causal: bool,
-        bsz: int,
-        tgt: int,
-        src: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> torch.Tensor:
-        """Masks as one additive term broadcast to (batch, heads, tgt, src); 0 when none."""
-        total = torch.zeros((), dtype=dtype, device=device)
-        if attn_mask is None and is_causal:
-            attn_mask = torch.ones(tgt, src, dtype=torch.bool, device=device).triu(1)
-        if attn_mask is not None:
-            m = _as_additive(attn_mask, dtype)
-            if m.dim() == 3:  # (batch * heads, tgt, src)
-                m = m.reshape(bsz, self.num_heads, tgt, src)
-            total = total + m
-        if key_padding_mask is not None:
-            total = total + _as_additive(key_padding_mask, dtype).reshape(bsz, 1, 1, src)
-        return total
-
-
-def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask (True = not allowed) as ``-inf``/0; a float mask as it is."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            mask, float("-inf")
-        )
-    return mask.to(dtype)
 
 
 class QuantSplitAttention(SplitMultiheadAttention):

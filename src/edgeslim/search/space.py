@@ -46,7 +46,7 @@ from torch import nn
 
 from edgeslim.cost.analytic import bops, peak_activation_bytes, size_bytes
 from edgeslim.graph import layer_table, total_macs
-from edgeslim.graph.attention import split_attention
+from edgeslim.graph.attention import has_attention, split_attention
 from edgeslim.graph.layers import LayerInfo
 from edgeslim.graph.model_graph import analyze
 from edgeslim.prune.importance import Importance
@@ -290,9 +290,7 @@ class SearchSpace:
             raise SearchError(f"round_to must be >= 1; got {round_to}")
         example = task.example_inputs
         model.eval()
-        if k_choices != (1.0,) and any(
-            isinstance(m, nn.MultiheadAttention) for m in model.modules()
-        ):
+        if k_choices != (1.0,) and has_attention(model):
             # heads are searched too: on a split copy (same outputs; the caller's model stays)
             model = copy.deepcopy(model)
             split_attention(model)

@@ -230,12 +230,16 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     model.eval()
     ctx.out.mkdir(parents=True, exist_ok=True)
     macs_before = _macs(model, example)
-    split = [f for f, what in split_attention(model).items() if what == "split"]
+    attention = split_attention(model)
+    split = [f for f, what in attention.items() if what == "split"]
     if split:
         ctx.notes.append(
             f"prune: {len(split)} nn.MultiheadAttention split into q/k/v/out linears (same "
             f"outputs) so their heads can be pruned: {', '.join(split)}"
         )
+    for fqn, why in attention.items():
+        if why != "split":
+            ctx.notes.append(f"prune: the heads of {fqn} stay whole: {why}")
     if stage.method == "gates":
         assert train is not None
         plan_path = _prune_by_gates(model, example, train, stage, teacher, ctx)
