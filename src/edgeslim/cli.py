@@ -496,8 +496,8 @@ def demo(
     from edgeslim.bench.suites import run_suite
 
     console.print(
-        "[bold]edgeslim demo[/] 1/4: fp32 reference models on real Fashion-MNIST / text, "
-        "torch vs ONNX Runtime, 2 threads"
+        "[bold]edgeslim demo[/] 1/4: fp32 reference models on real Fashion-MNIST (the first "
+        "2,000 test images) / text, torch vs ONNX Runtime, 2 threads"
     )
     try:
         records = run_suite("baseline", out / "baseline", quick=True)

@@ -10,8 +10,8 @@ from edgeslim.bench import load_records, run_suite
 from edgeslim.bench.records import CONFIG_KEYS
 from edgeslim.zoo import ZOO
 
-# the quick suite runs every zoo CNN in both runtimes: 89 s of the default run on a 2-core
-# machine; `edgeslim bench baseline` is the benchmark it checks
+# the quick suite runs every zoo CNN in both runtimes (on the first 2,000 test images): 29 s
+# on a 2-core machine; `edgeslim bench baseline` is the benchmark it checks
 pytestmark = pytest.mark.slow
 
 FIELDS = {
@@ -47,7 +47,7 @@ def test_torch_and_onnx_agree_on_accuracy(baseline_out: Path) -> None:
     for m in ZOO:
         t = next(r for r in records if r.model == m and r.runtime == "torch")
         o = next(r for r in records if r.model == m and r.runtime == "onnxruntime")
-        assert abs(t.value - o.value) <= 0.02  # at most 2 of 10k predictions flip
+        assert abs(t.value - o.value) <= 0.02  # no flip in the quick run's 2,000 images
         assert t.macs == o.macs
 
 
