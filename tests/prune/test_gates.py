@@ -200,3 +200,36 @@ def test_rounded_widths_meet_the_budget_and_keep_the_highest_gates(
             dropped = [i for i in range(g.size) if i not in keep[g]]
             if dropped:
                 assert kept_min >= float(lat.detach()[dropped].max())
+
+
+class _TinyUNet(nn.Module):
+    """An encoder-decoder whose decoder upsamples with a transposed conv (weight
+    ``(in, out, k, k)``, the other way round from a conv's) and concatenates a skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 8, 2, 2)
+        self.dec = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU())
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.enc(x)
+        return self.out(self.dec(torch.cat([self.up(self.mid(a)), a], 1)))
+
+
+def test_gates_of_a_transposed_conv_are_surgery(batch: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = _TinyUNet().eval()
+    gates = attach_gates(model, EX)
+    assert any(m.fqn == "up" for g in gates.groups for m in g.members)
+    gates.set_progress(1.0)
+    keep = _switch_off(gates, _random_half(gates))
+    with torch.no_grad():
+        gated = model(batch)
+    gates.remove()
+    pruned = prune_groups(copy.deepcopy(model), keep)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(batch), gated, atol=1e-5, rtol=1e-5)
+    assert gates.macs_of(keep) == total_macs(layer_table(pruned, *EX))

@@ -92,12 +92,16 @@ class _Cost:
 
 
 def _widths(m: nn.Module) -> tuple[int, int]:
-    """``(output rows, input rows)`` of a conv/linear; a depthwise conv's input is its out."""
-    weight = m.weight
-    assert isinstance(weight, torch.Tensor)
-    if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:
-        return int(m.out_channels), int(m.out_channels)
-    return int(weight.shape[0]), int(weight.shape[1])
+    """``(output rows, input rows)`` of a conv/linear; a depthwise conv's input is its out.
+
+    Read from the module's channel counts, not its weight: a transposed conv's weight is
+    ``(in, out / groups, ...)``, the other way round from a conv's."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if m.groups > 1:
+            return int(m.out_channels), int(m.out_channels)
+        return int(m.out_channels), int(m.in_channels)
+    assert isinstance(m, nn.Linear)
+    return int(m.out_features), int(m.in_features)
 
 
 class GateSet:
