@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -41,15 +42,24 @@ from edgeslim.datafree.report import DataFreeReport
 
 if TYPE_CHECKING:
     from edgeslim.datafree.ops import WeightGranularity
-from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES
+from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, OpSet
 from edgeslim.graph.trace import trace
 from edgeslim.quant.fold import fold_batchnorm
 
-COMPUTE = (nn.Conv2d, nn.Linear)
+CONVS = (nn.Conv1d, nn.Conv2d)  # a 1-D conv is a 2-D one whose window is one row
+COMPUTE = (*CONVS, nn.Linear)
 NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 # per-channel statistics pass unchanged through these (pooling keeps each channel's mean;
 # its variance is taken as kept too: neighbouring positions are strongly correlated)
-_PASSES = MOVES_VALUES | AVERAGES
+# (the 1-D pools of audio and sensor CNNs too: local here, the quantizer's edge pass keeps
+# the shared sets it was measured with)
+_POOLS_1D = OpSet(
+    modules=(nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d),
+    functions=frozenset({nn.functional.max_pool1d, nn.functional.avg_pool1d,
+                         nn.functional.adaptive_avg_pool1d}),
+)  # fmt: skip
+_PASSES = MOVES_VALUES | AVERAGES | _POOLS_1D
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
 
 
 @dataclass
@@ -131,14 +141,20 @@ class Chain:
                 return p
         return None
 
-    def layer(self, fqn: str) -> nn.Conv2d | nn.Linear:
+    def layer(self, fqn: str) -> nn.Conv1d | nn.Conv2d | nn.Linear:
         m = self.model.get_submodule(fqn)
         assert isinstance(m, COMPUTE)
         return m
 
 
 def is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    return isinstance(m, CONVS) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def kernel_window(w: torch.Tensor) -> tuple[int, int]:
+    """``(kh, kw)`` of a conv weight ``(out, in, *kernel)``: a 1-D conv's window is one row
+    ``(1, k)``, so the spatial prior of a 2-D window applies to it unchanged."""
+    return (1, int(w.shape[2])) if w.dim() == 3 else (int(w.shape[2]), int(w.shape[3]))
 
 
 def _act_of(gm: fx.GraphModule, node: fx.Node) -> tuple[Act, str] | None:
@@ -220,13 +236,13 @@ def layer_output(m: nn.Module, x: Stats) -> Stats | None:
     bias = _f64(m.bias) if getattr(m, "bias", None) is not None else torch.zeros(w.shape[0])  # type: ignore[arg-type]
     if isinstance(m, nn.Linear):
         return Stats(w @ x.mean + bias, (w * w) @ x.var)
-    assert isinstance(m, nn.Conv2d)
+    assert isinstance(m, CONVS)
     if is_depthwise(m):
         flat = w.reshape(w.shape[0], -1)
         return Stats(flat.sum(1) * x.mean + bias, (flat * flat).sum(1) * x.var)
     if m.groups != 1:
         return None
-    s, s2 = w.sum((2, 3)), (w * w).sum((2, 3))
+    s, s2 = w.flatten(2).sum(-1), (w * w).flatten(2).sum(-1)
     return Stats(s @ x.mean + bias, s2 @ x.var)
 
 
@@ -414,11 +430,11 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
     max_pool = False
     while _PASSES.matches(gm, nxt):
         if nxt.op == "call_module":
-            max_pool |= isinstance(gm.get_submodule(str(nxt.target)), nn.MaxPool2d)
-        max_pool |= nxt.target is nn.functional.max_pool2d
+            max_pool |= isinstance(gm.get_submodule(str(nxt.target)), _MAX_POOLS)
+        max_pool |= nxt.target in (nn.functional.max_pool1d, nn.functional.max_pool2d)
         before, after = _shape(cur), _shape(nxt)
-        if before is not None and after is not None and len(before) == 4 and len(after) == 2:
-            repeat *= before[2] * before[3]
+        if before is not None and after is not None and len(before) > 2 and len(after) == 2:
+            repeat *= math.prod(before[2:])  # a flatten: each channel feeds this many
         cur = nxt
         if (fan := _fan_out(gm, cur, _describe(gm, nxt))) is not None:
             return fan
@@ -430,7 +446,7 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
         return Blocked(None, f"its output reaches {_describe(gm, nxt)} before any conv/linear")
     if other is not None:
         return Blocked(str(nxt.target), f"{other} is not positively homogeneous")
-    if isinstance(consumer, nn.Conv2d) and consumer.groups != 1 and not is_depthwise(consumer):
+    if isinstance(consumer, CONVS) and consumer.groups != 1 and not is_depthwise(consumer):
         return Blocked(str(nxt.target), "the consumer is a grouped conv")
     pair = Pair(producer, str(nxt.target), act, repeat, is_depthwise(consumer), name, max_pool)
     return pair, pre_node

@@ -39,7 +39,7 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import nn
 
-from edgeslim.datafree.chain import Chain, Pair, Stats, input_stats
+from edgeslim.datafree.chain import Chain, Pair, Stats, input_stats, kernel_window
 from edgeslim.datafree.gaussian import act_cov, act_mean, act_var
 from edgeslim.datafree.ops import (
     WeightGranularity,
@@ -77,8 +77,8 @@ def input_variance(m: nn.Module, x: Stats | None) -> torch.Tensor:
     if w.dim() == 2:
         return _channel_var(x, w.shape[1]).reshape(1, -1).expand(w.shape)
     if w.shape[1] == 1 and w.shape[0] > 1 and getattr(m, "groups", 1) == w.shape[0]:
-        return _channel_var(x, w.shape[0]).reshape(-1, 1, 1, 1).expand(w.shape)
-    return _channel_var(x, w.shape[1]).reshape(1, -1, 1, 1).expand(w.shape)
+        return _channel_var(x, w.shape[0]).reshape(-1, *[1] * (w.dim() - 1)).expand(w.shape)
+    return _channel_var(x, w.shape[1]).reshape(1, -1, *[1] * (w.dim() - 2)).expand(w.shape)
 
 
 def inner_products(
@@ -94,8 +94,8 @@ def inner_products(
     if a64.dim() == 2:
         v = _channel_var(x, a64.shape[1])
         return (a64 * v) @ b64.T if full else (a64 * b64 * v).sum(1)
-    o, c, kh, kw = a64.shape
-    k = spatial_kernel(kh, kw)
+    o, c = a64.shape[:2]
+    k = spatial_kernel(*kernel_window(a64))
     ak = torch.einsum("ocp,pq->ocq", a64.reshape(o, c, -1), k)
     bf = b64.reshape(o, c, -1)
     if c == 1 and o > 1 and getattr(m, "groups", 1) == o:  # depthwise: own channel per row
@@ -117,7 +117,7 @@ def rounded_stats(
     the input covariance in weight-row order (:func:`~.rounding.row_gram`), where known,
     instead of the independent-channel prior.
     """
-    depthwise = w.dim() == 4 and w.shape[1] == 1 and getattr(m, "groups", 1) == w.shape[0] > 1
+    depthwise = w.dim() >= 3 and w.shape[1] == 1 and getattr(m, "groups", 1) == w.shape[0] > 1
     if gram is not None and not depthwise:
         wf = w.reshape(w.shape[0], -1).to(torch.float64)
         qf = q.reshape(q.shape[0], -1).to(torch.float64)

@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeslim.datafree.chain import GraphWalk, _f64, is_depthwise
+from edgeslim.datafree.chain import GraphWalk, _f64, is_depthwise, kernel_window
 from edgeslim.datafree.compensate import spatial_kernel
 from edgeslim.datafree.gaussian import Act, _cdf, act_mean, act_var
 from edgeslim.graph.trace import trace
@@ -99,17 +99,17 @@ def through_layer(m: nn.Module, x: Moments) -> Moments | None:
         return Moments(w @ x.mean + bias, w @ x.cov @ w.T)
     if is_depthwise(m):
         flat = w.reshape(w.shape[0], -1)
-        k = spatial_kernel(w.shape[2], w.shape[3])
+        k = spatial_kernel(*kernel_window(w))
         return Moments(flat.sum(1) * x.mean + bias, x.cov * (flat @ k @ flat.T))
     if getattr(m, "groups", 1) != 1:
         return None
-    o, c, kh, kw = w.shape
-    k = spatial_kernel(kh, kw)
-    taps = w.reshape(o, c, kh * kw).permute(2, 0, 1)  # (P, O, C)
+    o, c = w.shape[:2]
+    k = spatial_kernel(*kernel_window(w))
+    taps = w.reshape(o, c, -1).permute(2, 0, 1)  # (P, O, C)
     left = torch.einsum("poc,cd->pod", taps, x.cov)  # W_p S
     mixed = torch.einsum("pq,qod->pod", k, left)  # sum_p K_pq W_p S (q-indexed)
     cov = torch.einsum("pod,pjd->oj", mixed, taps)
-    return Moments(w.sum((2, 3)) @ x.mean + bias, (cov + cov.T) / 2)
+    return Moments(w.flatten(2).sum(-1) @ x.mean + bias, (cov + cov.T) / 2)
 
 
 def _renormalise(x: Moments, mean: torch.Tensor, var: torch.Tensor) -> Moments:

@@ -75,7 +75,7 @@ def weight_shift(m: nn.Module, delta: torch.Tensor, x_mean: torch.Tensor) -> tor
         return d @ x_mean.to(torch.float64)
     if is_depthwise(m):
         return d.reshape(d.shape[0], -1).sum(1) * x_mean.to(torch.float64)
-    return d.sum((2, 3)) @ x_mean.to(torch.float64)
+    return d.flatten(2).sum(-1) @ x_mean.to(torch.float64)
 
 
 @torch.no_grad()
@@ -100,7 +100,7 @@ def scale_channels(m: nn.Module, c: torch.Tensor, pair: Pair) -> None:
     elif w.dim() == 2:
         w.mul_(cf.repeat_interleave(pair.repeat).reshape(1, -1))
     else:
-        w.mul_(cf.reshape(1, -1, 1, 1))
+        w.mul_(cf.reshape(1, -1, *[1] * (w.dim() - 2)))
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgeslim.datafree.chain import kernel_window
 from edgeslim.datafree.compensate import spatial_kernel
 from edgeslim.datafree.covariance import Moments
 from edgeslim.datafree.ops import WeightGranularity, quantize_weight, weight_of
@@ -43,7 +44,7 @@ def row_gram(m: nn.Module, x: Moments, centred: bool = False) -> torch.Tensor | 
         return cov + mean if cov.shape[0] == w.shape[1] else None
     if getattr(m, "groups", 1) != 1 or cov.shape[0] != w.shape[1]:
         return None
-    k = spatial_kernel(w.shape[2], w.shape[3])
+    k = spatial_kernel(*kernel_window(w))
     # E[x_c(p) x_d(q)] = cov_cd K_pq + mean_c mean_d (the mean is the same at every position)
     return torch.kron(cov, k) + torch.kron(mean, torch.ones_like(k))
 

@@ -24,7 +24,7 @@ from edgeslim.recipe.schema import Stage, StageContext, register_stage
 
 
 class QuantizeStage(Stage):
-    """Post-training quantization of every Conv2d/Linear (with per-layer overrides)."""
+    """Post-training quantization of every conv/linear (with per-layer overrides)."""
 
     kind: Literal["quantize"] = "quantize"
     w_bits: int = Field(8, ge=1, le=8)
