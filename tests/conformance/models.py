@@ -236,6 +236,25 @@ class PreluCnn(nn.Module):
         return self.fc(self.features(x).mean((2, 3)))
 
 
+class UNetSkip(nn.Module):
+    """3 x 32 x 32 -> 4 x 32 x 32 per-pixel logits: an encoder-decoder whose skip tensor is
+    read twice (concatenated into the decoder, and max-pooled into the next encoder conv)
+    and whose decoder upsamples with a transposed conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(_conv_bn_relu(3, 16), _conv_bn_relu(16, 16))
+        self.mid = _conv_bn_relu(16, 32)
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.dec = nn.Sequential(_conv_bn_relu(32, 16), _conv_bn_relu(16, 16))
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.enc(x)
+        low = self.mid(nn.functional.max_pool2d(skip, 2))
+        return self.head(self.dec(torch.cat([self.up(low), skip], 1)))
+
+
 def _seeded(cls: type[nn.Module]) -> nn.Module:
     torch.manual_seed(SEED)
     model = cls()
@@ -281,6 +300,10 @@ def tiny_encoder() -> nn.Module:
 
 def tiny_attention() -> nn.Module:
     return _seeded(TinyAttention)
+
+
+def unet_skip() -> nn.Module:
+    return _seeded(UNetSkip)
 
 
 @dataclass(frozen=True)
@@ -334,6 +357,7 @@ SPECS: dict[str, Spec] = {
         Spec("prelu_cnn", prelu_cnn, ((1, 3, 32, 32),), (0,), ("logits",), labelled=False),
         Spec("tiny_encoder", tiny_encoder, ((1, 16, 32),), (0,), ("logits",), labelled=True),
         Spec("tiny_attention", tiny_attention, ((1, 16, 32),), (0,), ("logits",), False),
+        Spec("unet_skip", unet_skip, ((1, 3, 32, 32),), (0,), ("float",), labelled=False),
     )
 }
 

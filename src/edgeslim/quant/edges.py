@@ -149,6 +149,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         edges = [(src, users, _root(alias, name)) for src, users, name in edges]
         for name in alias:
             gm.delete_submodule(name)
+    edges = _one_quantizer_per_source(gm, edges)
     covered = {src for src, _, _ in edges}
     for j, conv in enumerate(convs):
         out = _conv_output(gm, conv)
@@ -158,9 +159,12 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         gm.add_submodule(name, ActQuant(spec))
         edges.append((out, list(out.users), name))
         covered.add(out)
+    inserted: dict[tuple[fx.Node, str], fx.Node] = {}
     for src, users, name in edges:
-        with graph.inserting_after(src):
-            q = graph.call_module(name, (src,))
+        if (src, name) not in inserted:
+            with graph.inserting_after(src):
+                inserted[src, name] = graph.call_module(name, (src,))
+        q = inserted[src, name]
         for user in dict.fromkeys(users):
             user.replace_input_with(src, q)
         for user in list(src.users):  # the same shape: read it after the quantizer, so
@@ -169,6 +173,41 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _one_quantizer_per_source(
+    gm: fx.GraphModule, edges: list[tuple[fx.Node, list[fx.Node], str]]
+) -> list[tuple[fx.Node, list[fx.Node], str]]:
+    """Edges on one tensor share the first one's quantizer when both are fresh and alike.
+
+    A tensor read directly by one quantized op and, through a value-moving op, by another
+    (a UNet's skip: a concat and a max pool before the next conv) got a quantizer per path:
+    two Q nodes on one conv's output, which keeps ONNX Runtime from fusing that conv
+    (measured: both encoder convs of a small UNet ran in float, 23% of its MACs). Both
+    observe the same values, so with the same spec they would calibrate to the same grid;
+    quantizers with different specs (mixed precision) or already calibrated stay apart.
+    """
+    first: dict[fx.Node, str] = {}
+    renamed: dict[str, str] = {}  # a dropped quantizer -> the one serving its edges now
+    for src, _, name in edges:
+        name = _root(renamed, name)
+        owner = _root(renamed, first.setdefault(src, name))
+        if owner != name and _same_fresh_grid(gm.get_submodule(owner), gm.get_submodule(name)):
+            renamed[name] = owner  # every edge of it: the whole pool/flatten chain shares
+    if not renamed:
+        return edges
+    for name in renamed:
+        gm.delete_submodule(name)
+    return [(src, users, _root(renamed, name)) for src, users, name in edges]
+
+
+def _same_fresh_grid(a: nn.Module, b: nn.Module) -> bool:
+    return (
+        type(a) is type(b) is ActQuant
+        and a.spec == b.spec
+        and not bool(a.quantizer.calibrated)
+        and not bool(b.quantizer.calibrated)
+    )
 
 
 def _relu_like(gm: fx.GraphModule, node: fx.Node) -> bool:
