@@ -233,3 +233,21 @@ def test_gates_of_a_transposed_conv_are_surgery(batch: torch.Tensor) -> None:
     with torch.no_grad():
         torch.testing.assert_close(pruned(batch), gated, atol=1e-5, rtol=1e-5)
     assert gates.macs_of(keep) == total_macs(layer_table(pruned, *EX))
+
+
+def test_an_unreachable_target_is_refused_before_training() -> None:
+    """Heads are not gated: most of a transformer's MACs are out of the gates' reach. The
+    run must say so before any training step, leave no hook and no changed weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), nn.Flatten(),
+        nn.Linear(8 * 32, 4),
+    ).eval()  # fmt: skip
+    x = torch.randn(16, 8, 32)
+    before = copy.deepcopy(model.state_dict())
+    data = TensorBatches(x, torch.zeros(16, dtype=torch.long), batch_size=8)
+    with pytest.raises(PruneError, match=r"cannot remove 90%.*not gated.*method: rank"):
+        train_gates(model, (x[:1],), data, TrainConfig(epochs=1), macs_reduction=0.9)
+    assert _hooks(model) == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

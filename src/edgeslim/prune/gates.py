@@ -426,6 +426,29 @@ def _gateable(model: nn.Module, group: CouplingGroup) -> bool:
     )
 
 
+def _refuse_unreachable(gates: GateSet, target: int, reduction: float, round_to: int) -> None:
+    """Fail before training when the gated groups cannot hold the target even at their
+    narrowest, naming how much of the model the gates cannot reach (a ViT's heads: its
+    prune stage with gates trained an epoch, then said only that the MACs were unreachable)."""
+    narrowest = {i: min(g.size, max(1, round_to)) for i, g in enumerate(gates.groups)}
+    floor = gates._count_macs(narrowest)
+    if floor <= target:
+        return
+    gates.remove()
+    total = gates.total_macs
+    reach = sum(c.macs for c in gates._costs.values())
+    raise PruneError(
+        f"learned gates cannot remove {reduction:.0%} of the MACs: with every gated group at "
+        f"its narrowest ({max(1, round_to)} channel(s)), {floor:,} of {total:,} MACs remain "
+        f"(at most -{1 - floor / total:.1%}). {total - reach:,} MACs ({1 - reach / total:.0%}) "
+        "are in layers no gated group narrows: attention heads, the FFN groups of Hugging "
+        "Face transformers and layers outside any prunable channel group are not gated. "
+        "Rank them instead "
+        "(a prune stage's `method: rank`; `plan_pruning` in Python), or lower "
+        "macs_reduction."
+    )
+
+
 def attach_gates(
     model: nn.Module,
     example_args: Sequence[Any],
@@ -528,6 +551,7 @@ def train_gates(
         round_to=cfg.round_to,
     )  # fmt: skip
     target = math.floor((1.0 - macs_reduction) * gates.total_macs)
+    _refuse_unreachable(gates, target, macs_reduction, cfg.round_to)
     per_epoch_steps = max(steps_per_epoch(train), 1)
     per_epoch: list[dict[str, float]] = []
     counts = {"step": 0, "projected": 0}
