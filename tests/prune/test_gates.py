@@ -251,3 +251,12 @@ def test_an_unreachable_target_is_refused_before_training() -> None:
     assert _hooks(model) == 0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_model_without_gateable_groups_is_told_why() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)
+    )
+    model(EX[0])
+    with pytest.raises(PruneError, match=r"no prunable channel group to gate.*GroupNorm"):
+        attach_gates(model.eval(), EX)

@@ -160,3 +160,36 @@ def test_datafree_stage_with_nothing_to_do_fails_the_stage(tmp_path: Path) -> No
     with pytest.raises(NothingToCompressError, match=r"stage datafree \(udfc\) failed") as err:
         run_datafree(_hardswish_net(), stage, ctx)
     assert isinstance(err.value, EdgeslimError) and "no channel group" in str(err.value)
+
+
+class _TokenConvNet(torch.nn.Module):
+    """Token ids (int64) -> embedding -> Conv1d/BN/ReLU x2 -> linear: a text classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv1d(8, 16, 3, padding=1), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+            torch.nn.Conv1d(16, 16, 3, padding=1), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+            torch.nn.Conv1d(16, 16, 3, padding=1), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+        )  # fmt: skip
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(self.emb(ids).transpose(1, 2)).mean(-1))
+
+
+def test_datafree_stage_traces_integer_inputs_with_their_dtype(tmp_path: Path) -> None:
+    """A token-id model was traced on a random float tensor of its input's shape and
+    crashed inside the embedding; the example now keeps the input's dtype (zeros)."""
+    from edgeslim import Task, TensorBatches
+
+    torch.manual_seed(0)
+    model = _TokenConvNet().eval()
+    ids = torch.randint(0, 50, (32, 12), generator=torch.Generator().manual_seed(1))
+    task = Task(example_inputs=(ids[:1],), calibration=TensorBatches(ids, batch_size=16))
+    ctx = StageContext(out=tmp_path, model_name="tokens", task=task)
+    quantized = run_datafree(model, _parse(method="dfmpc", low_bits=4, high_bits=8), ctx)
+    assert ctx.notes[0].startswith("datafree: dfmpc, weights at 4/8 bits")
+    with torch.no_grad():
+        assert quantized(ids).shape == (32, 3)

@@ -110,3 +110,12 @@ def is_traceable(model: nn.Module) -> bool:
 def example_input(shape: tuple[int, ...] = (1, 1, 28, 28)) -> torch.Tensor:
     """A deterministic example input for shape propagation."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def example_like(sample: torch.Tensor) -> torch.Tensor:
+    """An input of ``sample``'s shape and dtype that carries none of its values: random
+    floats, or zeros for integer and boolean inputs (token ids: 0 is an index every
+    embedding has, a random one may not be)."""
+    if sample.is_floating_point():
+        return example_input(tuple(sample.shape)).to(sample.dtype)
+    return torch.zeros_like(sample)

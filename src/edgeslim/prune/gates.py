@@ -464,6 +464,7 @@ def attach_gates(
     ``groups`` must come from :func:`~edgeslim.graph.analyze` on this (unpruned) model.
     Head/FFN groups of transformers are not gated.
     """
+    why: list[str] = []
     if groups is None:
         graph = analyze(model, *example_args)
         groups = [
@@ -472,12 +473,15 @@ def attach_gates(
             if g.kind == "channel" and g.producers and _gateable(model, g)
         ]
         layers = graph.layers
+        why = [f"{describe_group(g)}: {g.reason}" for g in graph.groups if g.reason]
     else:
         layers = layer_table(model, *example_args)  # the groups are known: skip the trace
     if not groups:
+        shown = "; ".join(list(dict.fromkeys(why))[:4])
         raise PruneError(
-            f"{type(model).__name__} has no prunable channel groups to gate "
-            "(transformers' head/FFN groups are not supported by learned gates)."
+            f"{type(model).__name__} has no prunable channel group to gate (learned gates take "
+            "channel groups with a producing layer; heads and Hugging Face FFN groups are "
+            "ranked instead, `method: rank`)" + (f". Fixed groups: {shown}" if shown else ".")
         )
     macs = {fqn: info.macs for fqn, info in layers.items()}
     return GateSet(model, groups, macs, init=init, k0=k0, k_max=k_max, mode=mode, round_to=round_to)

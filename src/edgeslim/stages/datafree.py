@@ -160,9 +160,9 @@ def rebuild_datafree(model: nn.Module, stage: DataFreeStage, example: tuple[Any,
     """Re-run a data-free stage (it reads no data, so it repeats exactly on the same base
     weights): reload then loads the saved weights and ranges over the result."""
     from edgeslim.datafree import compress_datafree, quantized_model
-    from edgeslim.graph import example_input
+    from edgeslim.graph import example_like
 
-    x = example_input(tuple(example[0].shape))
+    x = example_like(example[0])
     result = compress_datafree(model, stage.method, stage_spec(stage), x)
     return quantized_model(
         result, stage.act_bits, stage.act_ranges, edges=stage.act_ranges == "statistics"
@@ -173,7 +173,7 @@ def rebuild_datafree(model: nn.Module, stage: DataFreeStage, example: tuple[Any,
 def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> nn.Module:
     from edgeslim.datafree import NothingToCompressError, compress_datafree, quantized_model
     from edgeslim.errors import TaskError
-    from edgeslim.graph import example_input, layer_table, total_macs
+    from edgeslim.graph import example_like, layer_table, total_macs
     from edgeslim.inputs import example_args_for
 
     if ctx.task is not None:
@@ -182,8 +182,8 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
                 "the data-free methods handle single-input models today; this model takes "
                 f"{len(ctx.task.example_inputs)} inputs (use a quantize stage with calibration)"
             )
-        # a random tensor of the task's input shape: the methods read no sample
-        example = example_input(tuple(ctx.task.example_inputs[0].shape))
+        # a random tensor of the task's input shape and dtype: the methods read no sample
+        example = example_like(ctx.task.example_inputs[0])
     else:
         example = example_args_for(ctx.model_name)[0]
     macs_before = total_macs(layer_table(model, example))
