@@ -327,7 +327,9 @@ NEAREST_UPSAMPLE = (nn.Upsample, nn.UpsamplingNearest2d)
 # one per-tensor grid serves before and after them (not so for per-channel statistics,
 # which is why they are not in the shared MOVES_VALUES)
 REARRANGES = OpSet(
-    functions=frozenset({torch.transpose, torch.permute, torch.chunk, torch.split}),
+    modules=(nn.PixelShuffle, nn.PixelUnshuffle),  # ONNX DepthToSpace/SpaceToDepth on uint8
+    functions=frozenset({torch.transpose, torch.permute, torch.chunk, torch.split,
+                         nn.functional.pixel_shuffle, nn.functional.pixel_unshuffle}),
     methods=frozenset({"transpose", "permute", "chunk", "split"}),
 )  # fmt: skip
 

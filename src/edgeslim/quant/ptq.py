@@ -40,10 +40,7 @@ def ptq(
     """
     from edgeslim.quant.edges import quantize_edges
 
-    m = copy.deepcopy(model).eval()
-    with contextlib.suppress(TraceError):  # untraceable: BN stays, layers still quantized
-        fold_batchnorm(m)
-    quantize_(m, config, select=select)
+    m = prepare_ptq(model, config, select)
     if config.activation is None or calibration is None:
         return m
     out: nn.Module = m
@@ -58,6 +55,16 @@ def ptq(
 
         correct_bias(out, batches)
     return out
+
+
+def prepare_ptq(model: nn.Module, config: QuantConfig, select: Selection | None) -> nn.Module:
+    """A copy of ``model`` with BatchNorm folded and every selected layer quantized; no edge
+    quantizer yet. PTQ and the rebuild of a saved quantize stage share it."""
+    m = copy.deepcopy(model).eval()
+    with contextlib.suppress(TraceError):  # untraceable: BN stays, layers still quantized
+        fold_batchnorm(m)
+    quantize_(m, config, select=select)
+    return m
 
 
 def calibration_batches(calibration: Iterable[Any] | torch.Tensor, batch_size: int) -> list[Inputs]:

@@ -99,22 +99,16 @@ def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> n
 def rebuild_quantize(model: nn.Module, stage: QuantizeStage) -> nn.Module:
     """The structure :func:`~edgeslim.quant.ptq.ptq` gives (BN folded, fake-quant layers,
     edge quantizers) without calibration: reload then loads the calibrated ranges."""
-    import contextlib
-    import copy
-
     from edgeslim.errors import TraceError
-    from edgeslim.quant import QuantConfig, quantize_
+    from edgeslim.quant import QuantConfig
     from edgeslim.quant.edges import quantize_edges
-    from edgeslim.quant.fold import fold_batchnorm
+    from edgeslim.quant.ptq import prepare_ptq
 
     select: dict[Any, QuantConfig | None] = {
         k: None if v is None else QuantConfig.from_dict(v) for k, v in stage.select.items()
     }
     config = stage_config(stage)
-    m = copy.deepcopy(model).eval()
-    with contextlib.suppress(TraceError):
-        fold_batchnorm(m)
-    quantize_(m, config, select=select)
+    m = prepare_ptq(model, config, select)
     if config.activation is None:
         return m
     try:
