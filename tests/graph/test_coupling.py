@@ -33,7 +33,26 @@ def _randomize_bn(model: nn.Module) -> None:
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
 
 
+class _ViewPooled(nn.Module):
+    """Pools written as a reshape that keeps the channel axis (``x.view(b, c, -1)``,
+    ``x.flatten(2)``), and a patch embedding read channels-last by a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(16, 24, 3, 2, 1), nn.BatchNorm2d(24), nn.ReLU())
+        self.proj = nn.Linear(24, 32)
+        self.fc = nn.Linear(16 + 32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.c1(x)
+        pooled = a.view(a.shape[0], a.shape[1], -1).mean(-1)
+        tokens = self.proj(self.c2(a).flatten(2).transpose(1, 2))  # (b, positions, 32)
+        return self.fc(torch.cat([pooled, tokens.mean(1)], 1))
+
+
 CNNS = {
+    "view-pooled": (_ViewPooled, (1, 3, 16, 16)),
     "resnet20": (resnet20, (1, 1, 28, 28)),
     "vgg-small": (vgg_small, (1, 1, 28, 28)),
     "mobilenetv2-small": (mobilenetv2_small, (1, 1, 28, 28)),
@@ -159,3 +178,9 @@ def test_a_channel_chunk_fixes_its_producer_and_a_spatial_one_keeps_the_channels
     assert by_producer["cv2"].prunable and "head" in by_producer["cv2"].consumers
     for group in graph.prunable_groups:
         check_group(model, group, (x,))
+
+
+def test_a_reshape_after_the_channel_axis_keeps_the_group_prunable() -> None:
+    graph = analyze(_ViewPooled().eval(), example_input((1, 3, 16, 16)))
+    prunable = {p for g in graph.prunable_groups for p in g.producers}
+    assert {"c1.0", "c2.0", "proj"} <= prunable

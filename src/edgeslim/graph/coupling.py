@@ -769,6 +769,11 @@ class _Analyzer:
             return _Val(1, tuple(_Seg(s.space, s.length, s.repeat * spatial) for s in x.segs))
         if out_shape == in_shape:
             return x
+        keep = x.dim + 1
+        if len(out_shape) >= keep and tuple(out_shape[:keep]) == tuple(in_shape[:keep]):
+            # only axes after the channel axis merge or split (``x.flatten(2)``, ``x.view(b,
+            # c, -1)``): in row-major order each channel keeps its own block of values
+            return x
         moved = _reshaped_dim(in_shape, out_shape, x.dim)
         if moved is not None:
             return _Val(moved, x.segs)
