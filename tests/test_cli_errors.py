@@ -189,6 +189,20 @@ def test_bad_module_factory_exits_2(
     assert expected in text and "Traceback" not in text
 
 
+def test_an_embedding_model_given_only_shapes_is_told_to_pass_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = (
+        "import torch\n\ndef text():\n"
+        "    return torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Flatten(), "
+        "torch.nn.Linear(8 * 12, 3))\n"
+    )
+    mod = _module(tmp_path, f"textnet_{tmp_path.name}", body, monkeypatch)
+    code, text = _run(["info", f"{mod}:text", "--input-shape", "1,12"], capsys)
+    assert code == 2, text
+    assert "integer ids" in text and "--data" in text and "Traceback" not in text
+
+
 def test_a_folder_as_checkpoint_is_called_a_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -223,7 +223,7 @@ def info(
     """Print the layer table (shapes, params, MACs) and the channel-coupling groups."""
     from edgeslim.cost import peak_activation_bytes, size_bytes
     from edgeslim.graph import analyze
-    from edgeslim.inputs import example_args_for
+    from edgeslim.inputs import example_args_for, refuse_float_ids
 
     try:
         shapes = _shapes(input_shape)
@@ -237,6 +237,8 @@ def info(
 
             args = resolve_task(model, data, None, shapes).example_inputs
         else:
+            if shapes:
+                refuse_float_ids(net)
             args = example_args_for(model, shapes)
         graph = analyze(net, *args)
         peak = peak_activation_bytes(net, *args, traced=graph.traced)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from edgeslim.errors import TaskError
 from edgeslim.graph.trace import example_input
@@ -50,3 +51,23 @@ def example_args_for(
         f"{name} is not a zoo model, so its input shape is unknown: pass --input-shape "
         "(e.g. 1,3,224,224; repeat it for several inputs) or --data"
     )
+
+
+def refuse_float_ids(model: nn.Module) -> None:
+    """``--input-shape`` builds float inputs; a model that looks up integer ids (an
+    ``Embedding``) would crash inside torch on them. Say what to pass instead."""
+    found = next(
+        (
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+        ),
+        None,
+    )
+    if found is not None:
+        name, layer = found
+        raise TaskError(
+            f"the model reads integer ids (`{name}` is an {type(layer).__name__}), and "
+            "--input-shape only gives shapes: it makes float inputs. Pass --data with an .npz "
+            "whose arrays hold the ids as integers (x, or x0, x1, ... for several inputs)."
+        )
