@@ -56,18 +56,11 @@ def example_args_for(
 def refuse_float_ids(model: nn.Module) -> None:
     """``--input-shape`` builds float inputs; a model that looks up integer ids (an
     ``Embedding``) would crash inside torch on them. Say what to pass instead."""
-    found = next(
-        (
-            (n, m)
-            for n, m in model.named_modules()
-            if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-        ),
-        None,
-    )
-    if found is not None:
-        name, layer = found
-        raise TaskError(
-            f"the model reads integer ids (`{name}` is an {type(layer).__name__}), and "
-            "--input-shape only gives shapes: it makes float inputs. Pass --data with an .npz "
-            "whose arrays hold the ids as integers (x, or x0, x1, ... for several inputs)."
-        )
+    for name, layer in model.named_modules():
+        if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
+            raise TaskError(
+                f"the model reads integer ids (`{name}` is an {type(layer).__name__}), and "
+                "--input-shape only gives shapes: it makes float inputs. Pass --data with an "
+                ".npz whose arrays hold the ids as integers (x, or x0, x1, ... for several "
+                "inputs)."
+            )

@@ -168,3 +168,27 @@ def test_a_size_read_from_a_shape_gets_no_quantizer() -> None:
         not isinstance(_module(gm, a), ActQuant) for p in pools for a in p.args[1:]
         if isinstance(a, torch.fx.Node)
     )  # fmt: skip
+
+
+def test_1d_pools_share_their_input_quantizer_and_run_on_uint8(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An audio CNN's max and average pools over time: no float op between the integer
+    kernels (each pool once left a DequantizeLinear -> MaxPool -> QuantizeLinear island)."""
+    import copy
+
+    from torch import nn
+
+    from edgeslim.export.verify import export_module
+    from edgeslim.quant.ptq import ptq
+    from edgeslim.runtime.ort import ort_fused_ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 8, 9, 2), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(4),
+        nn.Conv1d(8, 16, 3, padding=1), nn.ReLU(), nn.AvgPool1d(2),
+        nn.Conv1d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+        nn.Linear(16, 4),
+    ).eval()  # fmt: skip
+    x = torch.randn(32, 1, 400, generator=torch.Generator().manual_seed(1))
+    gm = ptq(model, w8a8("tensor"), x)
+    ops = ort_fused_ops(export_module(copy.deepcopy(gm), (x[:1],), tmp_path / "m.onnx", {}))
+    assert ops.get("QLinearConv") == 3 and "DequantizeLinear" not in ops, ops

@@ -42,6 +42,7 @@ from torch import nn
 
 from edgeslim.bench.records import Record, save_records
 from edgeslim.bench.suites import per_model, register_suite
+from edgeslim.bench.tasks import QUICK_TEST_IMAGES
 from edgeslim.cost import size_bytes
 from edgeslim.data import TensorBatches, load_fashion_mnist
 from edgeslim.graph import example_input, layer_table, total_macs
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MODELS = ["resnet20", "vgg-small", "mobilenetv2-small"]
 QUICK_MODELS = ["resnet20"]
-QUICK_TEST_IMAGES = 2_000
 ACT_BITS = 8
 QUANT_METHODS = ("rtn", "dfq", "dfmpc")
 PRUNE_METHODS = ("naive", "merge", "udfc")

@@ -28,6 +28,7 @@ import torch
 
 from edgeslim.bench.quant import CALIBRATION, _quant_bits, edgeslim_ptq
 from edgeslim.bench.suites import per_model, register_suite
+from edgeslim.bench.tasks import QUICK_TEST_IMAGES
 from edgeslim.cost import compare_latency, ort_runner, size_bytes
 from edgeslim.data import load_fashion_mnist
 from edgeslim.export import export_onnx
@@ -40,7 +41,6 @@ from edgeslim.zoo import load_zoo_model
 DEFAULT_MODELS = ["mobilenetv3-small", "prelu-cnn", "conv-lstm"]
 CNNS = ("mobilenetv3-small", "prelu-cnn")
 PRUNE_TARGET = 0.3
-QUICK_TEST_IMAGES = 2000
 
 
 def _datafree_rows() -> list[Any]:

@@ -39,6 +39,7 @@ from torch import nn
 
 from edgeslim.bench.records import Record
 from edgeslim.bench.suites import per_model, register_suite
+from edgeslim.bench.tasks import QUICK_TEST_IMAGES
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
 from edgeslim.data import Split, TensorBatches, load_fashion_mnist
 from edgeslim.data.batching import augmented_batches
@@ -62,7 +63,6 @@ QUICK_METHODS = (
 # `edgeslim zoo prune` and the recipes use 10k.
 FINETUNE_IMAGES = 5_000
 QUICK_FINETUNE_IMAGES = 2_000
-QUICK_TEST_IMAGES = 2_000
 KD_ALPHA = 0.9
 # Measured on resnet20 at -50% MACs (l1, 10k images): batch 32 / lr 0.005 gave 92.96% top-1,
 # batch 64 / lr 0.01 92.61%, and 20k images at batch 32 no better (92.91%).

@@ -23,6 +23,7 @@ from torch import nn
 
 from edgeslim.bench.records import Record
 from edgeslim.bench.suites import per_model, register_suite
+from edgeslim.bench.tasks import QUICK_TEST_IMAGES
 from edgeslim.cost import compare_latency, ort_runner, size_bytes
 from edgeslim.data import load_fashion_mnist
 from edgeslim.export import export_onnx
@@ -33,7 +34,6 @@ from edgeslim.zoo import load_card, load_zoo_model
 
 DEFAULT_MODELS = ["resnet20"]
 PRUNED_SUFFIX = "-pruned50"
-QUICK_TEST_IMAGES = 2000
 
 
 def prune_quant_model(name: str, out: Path, quick: bool) -> list[Record]:

@@ -28,6 +28,7 @@ from torch import nn
 from edgeslim.bench.quant_qat import VARIANTS, QatVariant, qat_variant
 from edgeslim.bench.records import Record
 from edgeslim.bench.suites import per_model, register_suite
+from edgeslim.bench.tasks import QUICK_TEST_IMAGES
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
 from edgeslim.data import TensorBatches, load_fashion_mnist
 from edgeslim.data.batching import augmented_batches
@@ -82,7 +83,7 @@ def quant_model(name: str, out: Path, quick: bool) -> list[Record]:
     from edgeslim.export.qdq import export_qdq
 
     fp32 = load_zoo_model(name)
-    test = load_fashion_mnist("test", limit=2000 if quick else None)
+    test = load_fashion_mnist("test", limit=QUICK_TEST_IMAGES if quick else None)
     calib = load_fashion_mnist("val", limit=CALIBRATION).images
     test_batches = TensorBatches(test.images, test.labels, 500)
     x1, x32 = test.images[:1].contiguous(), test.images[:32].contiguous()

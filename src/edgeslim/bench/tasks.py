@@ -128,7 +128,7 @@ class EmbeddingTask:
 Task = ClassificationTask | EmbeddingTask
 
 
-QUICK_TEST_IMAGES = 2000  # a quick run's CNN test images (as the quick quant suite's)
+QUICK_TEST_IMAGES = 2000  # the CNN test images of every suite's quick run
 
 
 def task_for(model_name: str, quick: bool = False) -> Task:

@@ -42,7 +42,7 @@ from edgeslim.datafree.report import DataFreeReport
 
 if TYPE_CHECKING:
     from edgeslim.datafree.ops import WeightGranularity
-from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, OpSet
+from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES
 from edgeslim.graph.trace import trace
 from edgeslim.quant.fold import fold_batchnorm
 
@@ -51,14 +51,7 @@ COMPUTE = (*CONVS, nn.Linear)
 NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 # per-channel statistics pass unchanged through these (pooling keeps each channel's mean;
 # its variance is taken as kept too: neighbouring positions are strongly correlated)
-# (the 1-D pools of audio and sensor CNNs too: local here, the quantizer's edge pass keeps
-# the shared sets it was measured with)
-_POOLS_1D = OpSet(
-    modules=(nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d),
-    functions=frozenset({nn.functional.max_pool1d, nn.functional.avg_pool1d,
-                         nn.functional.adaptive_avg_pool1d}),
-)  # fmt: skip
-_PASSES = MOVES_VALUES | AVERAGES | _POOLS_1D
+_PASSES = MOVES_VALUES | AVERAGES
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
 
 

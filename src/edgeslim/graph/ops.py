@@ -41,15 +41,18 @@ class OpSet:
         return node.op == "call_method" and node.target in self.methods
 
 
+# (1-D pools too: audio and sensor CNNs pool over time the way image CNNs pool over space)
 MOVES_VALUES = OpSet(
-    modules=(nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity),
-    functions=frozenset({torch.flatten, nn.functional.max_pool2d, nn.functional.dropout}),
+    modules=(nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity),
+    functions=frozenset({torch.flatten, nn.functional.max_pool1d, nn.functional.max_pool2d,
+                         nn.functional.dropout}),
     methods=frozenset({"flatten", "view", "reshape", "contiguous"}),
-)
+)  # fmt: skip
 AVERAGES = OpSet(
-    modules=(nn.AdaptiveAvgPool2d, nn.AvgPool2d),
-    functions=frozenset({nn.functional.adaptive_avg_pool2d, nn.functional.avg_pool2d}),
-)
+    modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d),
+    functions=frozenset({nn.functional.adaptive_avg_pool1d, nn.functional.adaptive_avg_pool2d,
+                         nn.functional.avg_pool1d, nn.functional.avg_pool2d}),
+)  # fmt: skip
 ADDS = frozenset({operator.add, operator.iadd, torch.add})
 
 SPATIAL_AXES = (frozenset({2, 3}), frozenset({-2, -1}))

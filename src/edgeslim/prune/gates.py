@@ -273,6 +273,16 @@ class GateSet:
         counts = {i: len(check_kept(g, keep[g])) for i, g in enumerate(self.groups) if g in keep}
         return self._count_macs(counts)
 
+    def macs_at_width(self, width: int) -> int:
+        """Exact MACs with every gated group cut to ``width`` units (groups already narrower
+        stay whole): the least the gates can reach at that rounding."""
+        return self._count_macs({i: min(g.size, width) for i, g in enumerate(self.groups)})
+
+    @property
+    def gated_macs(self) -> int:
+        """MACs of the layers some gated group narrows (the rest no gate can change)."""
+        return sum(c.macs for c in self._costs.values())
+
     def _count_macs(self, counts: Mapping[int, int]) -> int:
         return round(self._macs(lambda s: counts.get(s.group, s.size) * s.step))
 
@@ -430,21 +440,19 @@ def _refuse_unreachable(gates: GateSet, target: int, reduction: float, round_to:
     """Fail before training when the gated groups cannot hold the target even at their
     narrowest, naming how much of the model the gates cannot reach (a ViT's heads: its
     prune stage with gates trained an epoch, then said only that the MACs were unreachable)."""
-    narrowest = {i: min(g.size, max(1, round_to)) for i, g in enumerate(gates.groups)}
-    floor = gates._count_macs(narrowest)
+    width = max(1, round_to)
+    floor = gates.macs_at_width(width)
     if floor <= target:
         return
     gates.remove()
-    total = gates.total_macs
-    reach = sum(c.macs for c in gates._costs.values())
+    total, reach = gates.total_macs, gates.gated_macs
     raise PruneError(
         f"learned gates cannot remove {reduction:.0%} of the MACs: with every gated group at "
-        f"its narrowest ({max(1, round_to)} channel(s)), {floor:,} of {total:,} MACs remain "
-        f"(at most -{1 - floor / total:.1%}). {total - reach:,} MACs ({1 - reach / total:.0%}) "
-        "are in layers no gated group narrows: attention heads, the FFN groups of Hugging "
-        "Face transformers and layers outside any prunable channel group are not gated. "
-        "Rank them instead "
-        "(a prune stage's `method: rank`; `plan_pruning` in Python), or lower "
+        f"its narrowest ({width} channel(s)), {floor:,} of {total:,} MACs remain (at most "
+        f"-{1 - floor / total:.1%}). {total - reach:,} MACs ({1 - reach / total:.0%}) are in "
+        "layers no gated group narrows: attention heads, the FFN groups of Hugging Face "
+        "transformers and layers outside any prunable channel group are not gated. Rank them "
+        "instead (a prune stage's `method: rank`; `plan_pruning` in Python), or lower "
         "macs_reduction."
     )
 
