@@ -293,6 +293,41 @@ def test_statistics_ranges_quantize_activations_without_data(chain_model: Chain)
         quantized_model(result, act_ranges="calibrated")
 
 
+class _ImageMLP(nn.Module):
+    """A flatten of the image straight into a linear: the input's range reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3 * 4 * 4, HID)
+        self.bn = nn.BatchNorm1d(HID)
+        self.last = nn.Linear(HID, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.bn(self.first(x.flatten(1)))))
+
+
+def test_a_known_input_range_sets_the_first_layers_input_range() -> None:
+    """The model's input is modelled as standardised (+-6 std) unless the task knows its
+    format; then the first layer's input range is exactly that interval, carried through
+    the flatten, and the other layers' ranges do not move."""
+    model = _ImageMLP().eval()
+    x = torch.zeros(1, 3, 4, 4)
+    spec = DataFreeSpec(6, 6)
+    guessed = compress_datafree(model, "rtn", spec, x)
+    known = compress_datafree(model, "rtn", spec, x, input_range=(-2.0, 2.5))
+    assert guessed.input_ranges["first"] == (-6.0, 6.0)
+    assert known.input_ranges["first"] == (-2.0, 2.5)
+    assert known.input_ranges["last"] == guessed.input_ranges["last"]
+    q = quantized_model(known, act_ranges="statistics")
+    lo, hi = known.input_ranges["first"]  # type: ignore[misc]
+    from edgeslim.quant.modules import QuantMixin
+
+    first = q.get_submodule("first")
+    assert isinstance(first, QuantMixin) and first.input_quant is not None
+    step = float(first.input_quant.quantizer.scale.flatten()[0])  # type: ignore[union-attr]
+    assert step == pytest.approx((hi - lo) / 255, rel=1e-3)
+
+
 @torch.no_grad()
 def test_match_variance_restores_output_energy_without_changing_the_rounding() -> None:
     layer = nn.Linear(64, 8)

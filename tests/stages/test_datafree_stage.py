@@ -193,3 +193,27 @@ def test_datafree_stage_traces_integer_inputs_with_their_dtype(tmp_path: Path) -
     assert ctx.notes[0].startswith("datafree: dfmpc, weights at 4/8 bits")
     with torch.no_grad():
         assert quantized(ids).shape == (32, 3)
+
+
+def test_datafree_stage_takes_the_first_layers_input_range_from_the_task(
+    tmp_path: Path,
+) -> None:
+    """A task that knows its input's format (normalised pixels) gives the first layer's
+    input quantizer that exact range; one that does not leaves the +-6 std guess."""
+    from edgeslim.quant.modules import ActQuant
+    from edgeslim.task import Task
+    from edgeslim.zoo.edge import prelu_cnn
+
+    torch.manual_seed(0)
+    model = prelu_cnn().eval()
+    x = torch.zeros(1, 1, 28, 28)
+    stage = _parse(method="dfq", low_bits=8, high_bits=8)
+    steps = []
+    for ranges in (None, ((-0.5, 2.0),)):
+        ctx = StageContext(out=tmp_path, model_name="", task=Task((x,), input_ranges=ranges))
+        quantized = run_datafree(model, stage, ctx)
+        # the edge pass moved layer input quantizers onto the graph: the first reads the input
+        first = next(m for m in quantized.modules() if isinstance(m, ActQuant))
+        steps.append(float(first.quantizer.scale.flatten()[0]))  # type: ignore[union-attr]
+    assert steps[0] == pytest.approx(12.0 / 255, rel=1e-3)
+    assert steps[1] == pytest.approx(2.5 / 255, rel=1e-3)

@@ -20,6 +20,7 @@ from edgeslim.task import (
     agreement_metrics,
     flat_outputs,
     image_folder_task,
+    normalised_range,
     npz_task,
     resolve_task,
 )
@@ -128,6 +129,23 @@ def test_task_batch_dims_are_validated() -> None:
     task = Task(example_inputs=(x, h), batch_dims=(0, 1))
     assert task.dims == (0, 1) and task.names == ["input", "input1"]
     assert [tuple(t.shape) for t in task.inputs_at(3)] == [(3, 4), (2, 3, 3)]
+
+
+def test_task_input_ranges_are_validated_and_normalised_pixels_give_theirs() -> None:
+    x, h = torch.randn(1, 4), torch.randn(2, 1, 3)
+    with pytest.raises(TaskError, match=r"2 example input.*1 input range"):
+        Task(example_inputs=(x, h), input_ranges=((0.0, 1.0),))
+    with pytest.raises(TaskError, match="input range 1 is"):
+        Task(example_inputs=(x, h), input_ranges=(None, (2.0, 2.0)))
+    task = Task(example_inputs=(x, h), input_ranges=(None, (-1, 3)))
+    assert task.input_range(0) is None and task.input_range(1) == (-1.0, 3.0)
+    assert Task(example_inputs=(x,)).input_range(0) is None
+    # pixels in [0, 1] normalised per channel: the widest ends over the channels
+    lo, hi = normalised_range((0.5, 0.25), (0.5, 0.25))
+    assert (lo, hi) == pytest.approx((-1.0, 3.0))
+    assert normalised_range(0.0, 2.0, 0.0, 255.0) == pytest.approx((0.0, 127.5))
+    with pytest.raises(TaskError, match="pair up"):
+        normalised_range((0.5, 0.5), (0.5,))
 
 
 def test_task_without_metric_measures_agreement_with_the_bound_model() -> None:
@@ -299,6 +317,11 @@ def test_image_folder_labelled_by_sub_folder(tmp_path: Path) -> None:
     red = task.example_inputs[0][0, :, 0, 0]
     expected = [(250 / 255 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225]
     assert red.tolist() == pytest.approx(expected, abs=1e-4)
+    # the interval no normalised pixel can leave, for the data-free methods
+    lo, hi = task.input_range(0)  # type: ignore[misc]
+    assert lo == pytest.approx(-0.485 / 0.229) and hi == pytest.approx((1 - 0.406) / 0.225)
+    values = torch.cat([b[0].flatten() for b in task.calibration_batches()])
+    assert lo - 1e-5 <= float(values.min()) and float(values.max()) <= hi + 1e-5
 
 
 def test_image_folder_numeric_class_folders_are_the_labels(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ on held crops where fp32 is at least 40% sure; ``extra.metrics`` also holds
   mixed 3/8 and 2/6 bits, with per-channel weight scales; RTN and DFQ at W8A8 with one weight
   scale per layer as well (``granularity=tensor``, DFQ's own setting: a layer's widest channel
   sets every channel's step, which cross-layer equalization evens out); activation ranges
-  predicted from the BN statistics (the ``datafree`` stage's default, exportable as QDQ).
+  predicted from the BN statistics (the ``datafree`` stage's default, exportable as QDQ),
+  the first layer's from the task's input format (normalised pixels, ``Task.input_ranges``).
   Decision: not dynamic per-batch ranges (the ``datafree`` suite's choice): on this model DFQ
   W8A8 scored 97.0% agreement with dynamic ranges and 99.2% with statistics ranges, while its
   weights alone at 8 bits score 100%, so the dynamic ranges, not the method, set that figure;
@@ -235,7 +236,7 @@ def datafree_rows(b: Bench) -> list[Record]:
     settings = DATAFREE_ROWS[:2] if b.quick else DATAFREE_ROWS
     for method, low, high, granularity in settings:
         spec = DataFreeSpec(low_bits=low, high_bits=high, edge_bits=8, granularity=granularity)
-        result = compress_datafree(b.fp32, method, spec, b.x1[0])
+        result = compress_datafree(b.fp32, method, spec, b.x1[0], b.task.input_range(0))
         model = quantized_model(result, act_bits=8, act_ranges=ACT_RANGES).eval()
         bits = result.weight_bits
         cfg: dict[str, Any] = {"w_bits": high, "a_bits": 8}
@@ -248,7 +249,8 @@ def datafree_rows(b: Bench) -> list[Record]:
             b.record(
                 f"edgeslim:{method}", "torch", b.task.measure(model), config=cfg,
                 size_bytes=size_bytes(result.model, bits), seconds=round(result.seconds, 2),
-                extra={"act_ranges": ACT_RANGES, "notes": result.notes,
+                extra={"act_ranges": ACT_RANGES, "input_range": b.task.input_range(0),
+                       "notes": result.notes,
                        "bits_assigned": dict(sorted(assigned.items()))},
             )
         )  # fmt: skip

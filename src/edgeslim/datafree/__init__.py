@@ -115,6 +115,8 @@ def _input_ranges(chain: Chain) -> dict[str, tuple[float, float] | None]:
         pair = chain.pair_into(fqn)
         lo = float((s.mean - RANGE_STDS * s.std).min())
         hi = float((s.mean + RANGE_STDS * s.std).max())
+        if s.bounds is not None:  # the model's input, of a known format: exact
+            lo, hi = s.bounds
         if pair is not None:  # the activation clips: its bounds are exact
             lo, hi = max(lo, pair.act.lo), min(hi, pair.act.hi)
         out[fqn] = (lo, hi)
@@ -134,9 +136,17 @@ def _output_ranges(chain: Chain) -> dict[str, tuple[float, float]]:
 
 
 def compress_datafree(
-    model: nn.Module, method: str | Method, spec: DataFreeSpec, example: torch.Tensor
+    model: nn.Module,
+    method: str | Method,
+    spec: DataFreeSpec,
+    example: torch.Tensor,
+    input_range: tuple[float, float] | None = None,
 ) -> DataFreeResult:
     """Run data-free ``method`` on a copy of ``model`` (``example``: an input, for tracing).
+
+    ``input_range``: the interval the model's input cannot leave, known from its format
+    (:attr:`edgeslim.Task.input_ranges`); it sets the first layer's input range, which is
+    otherwise predicted for a standardised input (mean 0, std 1: +-``RANGE_STDS``).
 
     ``method``: a name of :data:`METHODS`, or any ``(chain, MethodArgs) -> None`` that
     rewrites ``chain.model`` in place (a variant to compare, e.g. an ablation).
@@ -154,7 +164,7 @@ def compress_datafree(
         )
     start = time.perf_counter()
     with torch.no_grad():
-        chain = analyze(model, example)
+        chain = analyze(model, example, input_range)
         chain.granularity = spec.granularity
         bits = assign_bits(chain, spec.low_bits, spec.high_bits, spec.edge_bits)
         before = _snapshot(chain.model, chain.order)

@@ -62,13 +62,17 @@ class Stats:
     mean: torch.Tensor
     var: torch.Tensor
     estimated: bool = False  # derived through a conv/linear without a BN after it
+    # the interval the values cannot leave, where known exactly (the model's input, from the
+    # task's input format); only ops that move values unchanged (flatten, view) keep it
+    bounds: tuple[float, float] | None = None
 
     @property
     def std(self) -> torch.Tensor:
         return self.var.clamp_min(0).sqrt()
 
     def repeat(self, n: int) -> Stats:
-        return Stats(self.mean.repeat_interleave(n), self.var.repeat_interleave(n), self.estimated)
+        return Stats(self.mean.repeat_interleave(n), self.var.repeat_interleave(n),
+                     self.estimated, self.bounds)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -357,11 +361,17 @@ class GraphWalk(Generic[V]):
 
 
 class _Propagator(GraphWalk[Stats]):
-    """Per-channel means and variances (independent inputs assumed through a conv/linear)."""
+    """Per-channel means and variances (independent inputs assumed through a conv/linear).
+    ``input_range``: the model input's known interval, carried as its ``bounds``."""
+
+    def __init__(self, gm: fx.GraphModule, input_range: tuple[float, float] | None = None) -> None:
+        super().__init__(gm)
+        self.input_range = input_range
 
     def source(self, channels: int) -> Stats:
         return Stats(torch.zeros(channels, dtype=torch.float64),
-                     torch.ones(channels, dtype=torch.float64))  # fmt: skip
+                     torch.ones(channels, dtype=torch.float64),
+                     bounds=self.input_range)  # fmt: skip
 
     def act(self, x: Stats, act: Act) -> Stats:
         return Stats(act_mean(x.mean, x.std, act), act_var(x.mean, x.std, act), x.estimated)
@@ -445,8 +455,13 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
     return pair, pre_node
 
 
-def analyze(model: nn.Module, example: torch.Tensor) -> Chain:
+def analyze(
+    model: nn.Module, example: torch.Tensor, input_range: tuple[float, float] | None = None
+) -> Chain:
     """Statistics, safe pairs and a BN-folded copy of ``model`` (``model`` is untouched).
+
+    ``input_range``: the interval the model's input cannot leave (from the task's input
+    format); the input is otherwise modelled as standardised (mean 0, std 1 per channel).
 
     Raises :class:`~edgeslim.errors.TraceError` (naming the op and module) if the model
     does not trace.
@@ -454,7 +469,7 @@ def analyze(model: nn.Module, example: torch.Tensor) -> Chain:
     folded = copy.deepcopy(model).eval()
     gm = trace(folded)
     ShapeProp(gm).propagate(example)
-    prop = _Propagator(gm)
+    prop = _Propagator(gm, input_range)
     prop.run()
     order: list[str] = []
     pairs: dict[str, Pair] = {}

@@ -184,11 +184,13 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
             )
         # a random tensor of the task's input shape and dtype: the methods read no sample
         example = example_like(ctx.task.example_inputs[0])
+        input_range = ctx.task.input_range(0)
     else:
         example = example_args_for(ctx.model_name)[0]
+        input_range = None
     macs_before = total_macs(layer_table(model, example))
     try:
-        result = compress_datafree(model, stage.method, stage_spec(stage), example)
+        result = compress_datafree(model, stage.method, stage_spec(stage), example, input_range)
     except NothingToCompressError as exc:
         raise NothingToCompressError(
             f"stage datafree ({stage.method}) failed on {ctx.model_name or 'the model'}: {exc}"

@@ -8,7 +8,7 @@ from edgeslim.task.builtin import (
     minilm_task,
     photos_task,
 )
-from edgeslim.task.core import Task
+from edgeslim.task.core import Task, normalised_range
 from edgeslim.task.resolve import BUILTIN_DATA, load_data, resolve_task
 from edgeslim.task.sources import image_folder_task, npz_task, task_from_function
 
@@ -23,6 +23,7 @@ __all__ = [
     "labelled_task",
     "load_data",
     "minilm_task",
+    "normalised_range",
     "npz_task",
     "photos_task",
     "resolve_task",

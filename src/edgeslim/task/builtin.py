@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from edgeslim.data.batching import TensorBatches, crop_flip
-from edgeslim.task.core import Task
+from edgeslim.task.core import Task, normalised_range
 from edgeslim.train.loop import evaluate
 
 
@@ -27,8 +27,10 @@ def labelled_task(
     augment: bool = False,
     batch_size: int = 128,
     description: str = "",
+    input_range: tuple[float, float] | None = None,
 ) -> Task:
-    """An image-classification task from in-memory tensors: top-1 on the test tensors."""
+    """An image-classification task from in-memory tensors: top-1 on the test tensors
+    (``input_range``: the interval the inputs' format bounds them to, when known)."""
     test = TensorBatches(test_x, test_y, batch_size=500)
     return Task(
         example_inputs=(calib_x[:1].contiguous(),),
@@ -44,12 +46,13 @@ def labelled_task(
         metric="top1",
         name=name,
         description=description,
+        input_ranges=(input_range,),
     )
 
 
 def fashion_mnist_task(test_limit: int | None = None, calibration: int = 5000) -> Task:
     """The zoo CNNs' task: Fashion-MNIST 28x28 (train 55k / val 5k / test 10k)."""
-    from edgeslim.data import load_fashion_mnist
+    from edgeslim.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 
     train, val = load_fashion_mnist("train"), load_fashion_mnist("val", limit=calibration)
     test = load_fashion_mnist("test", limit=test_limit)
@@ -58,6 +61,7 @@ def fashion_mnist_task(test_limit: int | None = None, calibration: int = 5000) -
         "fashion-mnist", train.images, train.labels, val.images, test.images, test.labels,
         augment=True, description=f"Fashion-MNIST: top-1 on {n} test images, calibration "
         "on the validation split, training on the train split with crop + flip",
+        input_range=normalised_range(FASHION_MNIST_MEAN, FASHION_MNIST_STD),
     )  # fmt: skip
 
 
@@ -69,6 +73,7 @@ def digits_task() -> Task:
     return labelled_task(
         "digits", train.images, train.labels, train.images, test.images, test.labels,
         batch_size=64, description="sklearn digits: top-1 on its fixed 25% test part",
+        input_range=(0.0, 1.0),  # pixel counts 0..16, scaled by 1/16
     )  # fmt: skip
 
 
@@ -113,7 +118,7 @@ def photos_task(
     for methods that train on the crops (fine-tuning would otherwise be scored on its own
     training inputs).
     """
-    from edgeslim.data.photos import load_photo_crops
+    from edgeslim.data.photos import IMAGENET_MEAN, IMAGENET_STD, load_photo_crops
 
     crops = load_photo_crops(limit)
     held = torch.zeros(len(crops.images), dtype=torch.bool)
@@ -129,6 +134,7 @@ def photos_task(
         validation=TensorBatches(measured, batch_size=50),
         min_confidence=min_confidence,
         name="photos",
+        input_ranges=(normalised_range(IMAGENET_MEAN, IMAGENET_STD),),
         description=f"{len(crops.images)} natural-photo crops (224x224; data card "
         f"docs/data/photos.md); agreement on {len(measured)} crops, calibration and training "
         f"on {len(seen)}",

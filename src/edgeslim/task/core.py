@@ -14,7 +14,7 @@ the calibration inputs (the figure then says so in its notes: inputs the compres
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,11 @@ class Task:
       at least this sure (the rest flip under any noise); ``agreement_all`` keeps them all.
     - ``primary``: which measured metric is the headline (e.g. ``cosine`` for an embedding
       or regression model, where argmax agreement means nothing); default the first.
+    - ``input_ranges``: per input, the interval its values cannot leave, known from the
+      input's format, not measured (pixels in [0, 1] normalised by a mean and std:
+      :func:`normalised_range`); None where unknown. Data-free methods read no sample, so
+      this is the only way they learn the first layer's input range; without it they
+      assume a standardised input (mean 0, std 1).
     """
 
     example_inputs: tuple[torch.Tensor, ...]
@@ -68,6 +73,7 @@ class Task:
     min_confidence: float = 0.0
     primary: str | None = None
     description: str = ""
+    input_ranges: tuple[tuple[float, float] | None, ...] | None = None
     _reference: AgreementReference | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,11 +92,32 @@ class Task:
                     f"dimension {d} does not exist"
                 )
         self.batch_dims = dims
+        self._check_input_ranges(n)
         if self.train is not None and is_one_shot(self.train):
             raise TaskError(
                 f"task {self.name!r}: train is a one-shot iterator (a generator); training "
                 "iterates it once per epoch, so pass a list, a DataLoader or a TensorBatches"
             )
+
+    def _check_input_ranges(self, n: int) -> None:
+        if self.input_ranges is None:
+            return
+        ranges = tuple(self.input_ranges)
+        if len(ranges) != n:
+            raise TaskError(
+                f"task {self.name!r}: {n} example input(s) but {len(ranges)} input range(s); "
+                "give one (lo, hi) or None per input"
+            )
+        for i, r in enumerate(ranges):
+            if r is not None and not (len(r) == 2 and float(r[0]) < float(r[1])):
+                raise TaskError(
+                    f"task {self.name!r}: input range {i} is {r!r}; give (lo, hi), lo < hi"
+                )
+        self.input_ranges = tuple(None if r is None else (float(r[0]), float(r[1])) for r in ranges)
+
+    def input_range(self, i: int = 0) -> tuple[float, float] | None:
+        """The known value range of input ``i`` (None when the task does not know it)."""
+        return None if self.input_ranges is None else self.input_ranges[i]
 
     # ---- inputs -------------------------------------------------------------------------
     @property
@@ -247,3 +274,16 @@ def _as_metrics(value: Any, name: str) -> dict[str, float]:
             f"the task's metric function returned {type(value).__name__}; it must return a "
             "float or a dict of floats"
         ) from None
+
+
+def normalised_range(
+    mean: Sequence[float] | float, std: Sequence[float] | float, lo: float = 0.0, hi: float = 1.0
+) -> tuple[float, float]:
+    """The interval of ``(x - mean) / std`` for ``x`` in ``[lo, hi]``, over the channels:
+    what a task whose inputs are normalised pixels puts in ``input_ranges``."""
+    means = [mean] if isinstance(mean, (int, float)) else list(mean)
+    stds = [std] if isinstance(std, (int, float)) else list(std)
+    if len(means) != len(stds) or any(s <= 0 for s in stds):
+        raise TaskError(f"normalisation: mean {means} and std {stds} must pair up, std > 0")
+    ends = [(v - m) / s for m, s in zip(means, stds, strict=True) for v in (lo, hi)]
+    return min(ends), max(ends)

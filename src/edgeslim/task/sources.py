@@ -25,14 +25,13 @@ import numpy as np
 import torch
 
 from edgeslim.data.batching import TensorBatches
+from edgeslim.data.photos import IMAGENET_MEAN, IMAGENET_STD
 from edgeslim.errors import TaskError
-from edgeslim.task.core import Task
+from edgeslim.task.core import Task, normalised_range
 from edgeslim.train.loop import evaluate as evaluate_top1
 from edgeslim.train.loop import first_output
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _held_mask(n: int, every: int | None = None, fraction: float = 0.2) -> torch.Tensor:
@@ -54,6 +53,7 @@ def _split_task(
     held: torch.Tensor,
     batch_size: int,
     description: str,
+    input_ranges: tuple[tuple[float, float] | None, ...] | None = None,
 ) -> Task:
     """Calibration/training on the kept samples, the metric on the held ones."""
     if len(held) < 2:
@@ -85,7 +85,7 @@ def _split_task(
     return Task(
         example_inputs=example, batch_dims=dims, calibration=calib, train=train, loss=loss,
         evaluate=evaluate, metric="top1", validation=valid, name=name,
-        description=description,
+        description=description, input_ranges=input_ranges,
     )  # fmt: skip
 
 
@@ -238,6 +238,7 @@ def image_folder_task(
     return _split_task(
         root.name, (x,), (0,), target, held, batch_size,
         f"{root}: {len(files)} images at {size}x{size}; {kind} on {int(held.sum())} held",
+        (normalised_range(mean, std),),
     )  # fmt: skip
 
 
