@@ -20,7 +20,8 @@ def test_compare_latency_orders_and_counts() -> None:
         time.sleep(0.004)
 
     stats = compare_latency({"fast": fast, "slow": slow}, warmup=2, repeats=5, threads=1, settle=1)
-    assert calls == {"a": 8, "b": 8}  # 2 warm-up + 1 settling + 5 timed
+    # 2 warm-up + two rounds (one in each order) of 1 settling + 5 timed
+    assert calls == {"a": 14, "b": 14}
     assert stats["slow"].median_ms >= 4.0 > stats["fast"].median_ms
     assert stats["slow"].p10_ms <= stats["slow"].median_ms <= stats["slow"].p90_ms
 
@@ -30,11 +31,12 @@ def test_torch_runner_runs_the_model_in_eval_mode() -> None:
     run = torch_runner(model, example_input())
     assert not model.training
     assert run().shape == (1, 10)
-    assert measure_latency(run, warmup=1, repeats=3).repeats == 3
+    assert measure_latency(run, warmup=1, repeats=3).repeats == 3  # one runner: one round
 
 
 def test_runners_alternate_in_blocks() -> None:
     order: list[str] = []
     runners = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
     compare_latency(runners, warmup=1, repeats=6, threads=1, block=3, settle=0)
-    assert order[2:] == list("aaabbbaaabbb")  # after one warm-up call each
+    # after one warm-up call each; every other round in reverse order
+    assert order[2:] == list("aaabbbbbbaaa")

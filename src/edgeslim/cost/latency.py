@@ -73,6 +73,12 @@ def compare_latency(
 
     Each runner gets at least ``repeats`` timed calls; the rounds go on until
     ``min_seconds`` have passed, so that very fast models still get a stable median.
+    Every other round runs the runners in reverse order (a b, b a, ...), and rounds come in
+    pairs, so no runner is always the one timed right after the same other: whatever one
+    leaves behind (caches, the frequency it ran the cores at) falls on each alike. Why: two
+    int8 MobileNetV2 files that fuse to the same graph (edgeslim's and ONNX Runtime's own),
+    timed in a fixed order, came out 3% apart in two runs of ``bench imagenet``; whatever
+    the cause, the order of the runners must not be one.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -87,8 +93,17 @@ def compare_latency(
             start = time.perf_counter()
             done = 0
             per_block = max(1, min(block, repeats))
-            while done < repeats or time.perf_counter() - start < min_seconds:
-                for name, run in runners.items():
+            forward = list(runners.items())
+            rounds = 0
+            paired = len(forward) > 1  # then rounds come in pairs: each order as often
+
+            def more() -> bool:
+                if paired and rounds % 2:
+                    return True
+                return done < repeats or time.perf_counter() - start < min_seconds
+
+            while more():
+                for name, run in forward if rounds % 2 == 0 else forward[::-1]:
                     for _ in range(settle if len(runners) > 1 else 0):
                         run()
                     for _ in range(per_block):
@@ -96,7 +111,8 @@ def compare_latency(
                         run()
                         samples[name].append((time.perf_counter() - t0) * 1e3)
                 done += per_block
-                if done >= 10 * repeats:
+                rounds += 1
+                if done >= 10 * repeats and not (paired and rounds % 2):
                     break
     finally:
         torch.set_num_threads(previous)
