@@ -146,7 +146,7 @@ def test_feed_forward_hidden_units_are_isolated_prunable_groups(name: str) -> No
 FIXED_BECAUSE = {
     "hand_attention": ("proj", "out", "broadcast op"),  # the residual add meets the input
     "torch_encoder": ("fc", "in", "TransformerEncoder"),
-    "convnext": ("blocks.0.pw2", "out", "normalised jointly by `norm` (GroupNorm)"),
+    "convnext": ("blocks.0.pw2", "out", "normalised jointly by `norm` (GroupNorm, 1 group)"),
     "mixer": ("ch2", "out", ""),
 }
 

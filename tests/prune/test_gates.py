@@ -235,6 +235,28 @@ def test_gates_of_a_transposed_conv_are_surgery(batch: torch.Tensor) -> None:
     _half_off_is_surgery(model, gates, batch)
 
 
+class _GroupNormNet(nn.Module):
+    """Convs under GroupNorms (2 channels per group): gated and pruned in whole groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.GroupNorm(8, 16), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(self.a(x)).mean((2, 3)))
+
+
+def test_gates_of_groupnorm_groups_are_surgery(batch: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = _GroupNormNet().eval()
+    gates = attach_gates(model, EX)
+    assert {(g.size, g.unit) for g in gates.groups} == {(4, 2), (8, 2)}
+    gates.set_progress(1.0)
+    _half_off_is_surgery(model, gates, batch)
+
+
 def test_an_unreachable_target_is_refused_before_training() -> None:
     """Heads are not gated: most of a transformer's MACs are out of the gates' reach. The
     run must say so before any training step, leave no hook and no changed weight."""
@@ -255,7 +277,7 @@ def test_an_unreachable_target_is_refused_before_training() -> None:
 
 def test_a_model_without_gateable_groups_is_told_why() -> None:
     model = nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)
+        nn.Conv2d(1, 8, 3), nn.GroupNorm(1, 8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)
     )
     model(EX[0])
     with pytest.raises(PruneError, match=r"no prunable channel group to gate.*GroupNorm"):

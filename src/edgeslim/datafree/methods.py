@@ -451,7 +451,12 @@ def dfmpc(chain: Chain, args: MethodArgs) -> None:
 
 def _group_pair(chain: Chain, group: CouplingGroup) -> tuple[str, bool] | None:
     """The producer whose channels ``group`` is, and whether the group is just its pair."""
-    if not group.prunable or group.kind != "channel" or len(group.producers) != 1:
+    if (
+        not group.prunable
+        or group.kind != "channel"
+        or group.unit != 1
+        or len(group.producers) != 1
+    ):
         return None
     producer = group.producers[0]
     pair = chain.pairs.get(producer)

@@ -20,8 +20,10 @@ the caller or returned to it fixes the hidden units (the model's interface would
 
 A linear reads the last axis: an axis it does not mix (a sequence's tokens) is fixed, and
 its output features are a new space, so a transformer's feed-forward units form a group.
-LayerNorm/GroupNorm fix the channels they normalise together; torch's own transformer
-layers (leaves to torch.fx) contribute one feed-forward group per layer by structure.
+LayerNorm fixes the channels it normalises together; a GroupNorm module makes its channels
+prunable in whole groups (the group's ``unit`` is ``C / G`` channels: removing a whole
+group leaves the others' statistics exact). torch's own transformer layers (leaves to
+torch.fx) contribute one feed-forward group per layer by structure.
 
 Spaces that reach the model input or output, an op edgeslim does not understand, or a
 misaligned coupling are marked not prunable, with the reason.
@@ -104,6 +106,9 @@ class _Space:
     rnn: str = ""  # "`fqn` (LSTM)" when this is a recurrent layer's hidden-unit space
     kind: str = "channel"  # "head": attention heads, ``unit`` rows each
     unit: int = 1
+    # channels per group of a GroupNorm that normalises this space: it is pruned in whole
+    # groups: ``(channels per group, "`fqn` (GroupNorm, G groups)")``; None when none does
+    norm_unit: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -557,6 +562,8 @@ class _Analyzer:
             return out
         if isinstance(m, nn.PReLU):
             return self.prelu(node, fqn, int(m.num_parameters), x)
+        if isinstance(m, nn.GroupNorm):
+            return self.group_norm(node, fqn, m, x)
         if isinstance(m, JOINT_NORM_MODULES):
             trailing = len(m.normalized_shape) if isinstance(m, nn.LayerNorm) else None
             return self.joint_norm(node, what, trailing, x)
@@ -639,6 +646,36 @@ class _Analyzer:
         if x.dim >= first:
             self.b.fix(x, f"normalised jointly by {what}: removing channels would change the "
                        "statistics of the others")  # fmt: skip
+        return x
+
+    def group_norm(self, node: fx.Node, fqn: str, m: nn.GroupNorm, x: _Val | None) -> _Val | None:
+        """A GroupNorm module: each of its groups of ``C / G`` channels has its own mean and
+        variance, so removing whole groups leaves the others exact. The channels it reads are
+        pruned a group at a time (the space's ``norm_unit``; surgery lowers ``num_groups``).
+        Fixed instead when one group holds every channel, or a group would straddle
+        concatenated inputs, or the channels are not on axis 1."""
+        what = f"`{fqn}` (GroupNorm, {m.num_groups} group{'s' if m.num_groups > 1 else ''})"
+        if x is None:
+            return x
+        per = m.num_channels // m.num_groups
+        plain = x.dim == 1 and x.length == m.num_channels and all(s.repeat == 1 for s in x.segs)
+        if not plain:
+            return self.joint_norm(node, what, None, x)
+        if m.num_groups == 1:
+            self.b.fix(x, f"normalised jointly by {what}: its one group holds every channel")
+            return x
+        if any(s.length % per for s in x.segs):
+            self.b.fix(x, f"normalised by {what}, whose groups of {per} channels straddle "
+                       "the concatenated tensors it reads")  # fmt: skip
+            return x
+        for seg in x.segs:
+            sp = self.b.spaces[seg.space]
+            if sp.norm_unit is not None and sp.norm_unit[0] != per:
+                self.b.fix(x, f"normalised by {sp.norm_unit[1]} and {what}, whose groups "
+                           f"differ ({sp.norm_unit[0]} vs {per} channels)")  # fmt: skip
+                return x
+            sp.norm_unit = (per, what)
+        self.member(fqn, x, "bn")
         return x
 
     def prelu(self, node: fx.Node, fqn: str, n: int, x: _Val | None) -> _Val | None:
@@ -957,15 +994,27 @@ class _Analyzer:
             if not has_out and not reasons:
                 reasons.append("no producing layer")
             heads = next((sp for sp in spaces if sp.kind == "head"), None)
+            size, unit = spaces[0].size, heads.unit if heads is not None else 1
+            norms = sorted({sp.norm_unit for sp in spaces if sp.norm_unit is not None})
+            if norms:
+                per = norms[0][0]
+                if len({u for u, _ in norms}) > 1:
+                    reasons.append("normalised by GroupNorms whose groups differ: " + ", ".join(
+                        f"{w} ({u} channels each)" for u, w in norms))  # fmt: skip
+                elif heads is not None or size % per:
+                    reasons.append(f"normalised by {norms[0][1]}, whose groups of {per} "
+                                   f"channels do not divide these {size}")  # fmt: skip
+                else:
+                    size, unit = size // per, per  # pruned in whole GroupNorm groups
             out.append(
                 CouplingGroup(
                     id=len(out),
-                    size=spaces[0].size,
+                    size=size,
                     members=members,
                     prunable=not reasons,
                     reason=reasons[0] if reasons else "",
                     kind="head" if heads is not None else "channel",
-                    unit=heads.unit if heads is not None else 1,
+                    unit=unit,
                 )
             )
         return out

@@ -111,7 +111,7 @@ def _is_depthwise(m: nn.Module) -> bool:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    if isinstance(m, nn.modules.batchnorm._NormBase):
+    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
         return True
     return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
 
@@ -157,6 +157,8 @@ def _axis_len(m: nn.Module, axis: int) -> int:
         return int(m.num_parameters)
     if isinstance(m, nn.LayerNorm):
         return int(m.normalized_shape[0])
+    if isinstance(m, nn.GroupNorm):
+        return int(m.num_channels)
     if isinstance(m, nn.modules.batchnorm._NormBase):
         return int(m.num_features)
     weight = m.weight
@@ -215,11 +217,23 @@ def _sliced(
         for name, t in own:
             if out_idx is not None and t.dim() >= 1 and t.shape[0] == n:
                 tensors[name] = _take(t, 0, out_idx)
-        if out_idx is not None:
-            k = int(out_idx.numel())
-            attrs["normalized_shape" if isinstance(m, nn.LayerNorm) else "num_features"] = (
-                (k,) if isinstance(m, nn.LayerNorm) else k
+        if out_idx is None:
+            return tensors, attrs
+        k = int(out_idx.numel())
+        if isinstance(m, nn.GroupNorm):
+            per = m.num_channels // m.num_groups
+            kept = out_idx.view(-1, per) if k % per == 0 else None
+            whole = kept is not None and bool(
+                ((kept - kept[:, :1]) == torch.arange(per)).all() and (kept[:, 0] % per == 0).all()
             )
+            if not whole:  # coupling prunes GroupNorm channels in whole groups only
+                raise PruneError(f"GroupNorm ({m.num_groups} groups of {per}) can only lose "
+                                 "whole groups; the kept channels split one")  # fmt: skip
+            attrs.update(num_channels=k, num_groups=k // per)
+        elif isinstance(m, nn.LayerNorm):
+            attrs["normalized_shape"] = (k,)
+        else:
+            attrs["num_features"] = k
         return tensors, attrs
     weight = m.weight
     bias = m.bias
