@@ -93,6 +93,17 @@ def test_prune_by_criterion_keeps_whole_groups_and_runs() -> None:
     assert pruned(X).shape == (2, 5)
 
 
+def test_round_to_counts_channels_not_groupnorm_groups() -> None:
+    """round_to=4 on groups of 2 channels keeps an even number of GroupNorm groups (it
+    would keep every group if it counted groups: 8 of 8 and 4 of 4 are both "multiples")."""
+    model = GNNet().eval()
+    pruned, _ = prune_(
+        copy.deepcopy(model), (X[:1],), "l1", ratio=0.5, global_ranking=False, round_to=4
+    )
+    widths = [pruned.get_submodule(n).num_channels for n in ("gn_a", "gn_b")]
+    assert widths == [4, 8]
+
+
 @pytest.mark.parametrize(
     ("build", "why"),
     [

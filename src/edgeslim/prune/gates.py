@@ -55,7 +55,13 @@ from edgeslim.graph.layers import layer_table, total_macs
 from edgeslim.graph.model_graph import analyze
 from edgeslim.prune.config import GateConfig, GateMode
 from edgeslim.prune.plan import PrunePlan, apply_plan
-from edgeslim.prune.surgery import KeepIndices, check_kept, describe_group, round_keep
+from edgeslim.prune.surgery import (
+    KeepIndices,
+    check_kept,
+    describe_group,
+    round_keep,
+    unit_round,
+)
 from edgeslim.train.distill import kd_loss
 from edgeslim.train.loop import (
     TrainConfig,
@@ -273,10 +279,16 @@ class GateSet:
         counts = {i: len(check_kept(g, keep[g])) for i, g in enumerate(self.groups) if g in keep}
         return self._count_macs(counts)
 
-    def macs_at_width(self, width: int) -> int:
-        """Exact MACs with every gated group cut to ``width`` units (groups already narrower
-        stay whole): the least the gates can reach at that rounding."""
-        return self._count_macs({i: min(g.size, width) for i, g in enumerate(self.groups)})
+    def macs_at_narrowest(self) -> int:
+        """Exact MACs with every gated group cut to its narrowest width at ``round_to``
+        (groups already narrower stay whole): the least the gates can reach."""
+        return self._count_macs({i: min(g.size, s) for i, (g, s) in enumerate(
+            zip(self.groups, self._unit_steps(), strict=True))})  # fmt: skip
+
+    def _unit_steps(self) -> list[int]:
+        """``round_to`` in each group's units (a GroupNorm group of 4 channels at
+        ``round_to=8``: 2)."""
+        return [unit_round(g, self.round_to) for g in self.groups]
 
     @property
     def gated_macs(self) -> int:
@@ -326,7 +338,7 @@ class GateSet:
     def _rounded(
         self, on: list[torch.Tensor], target_macs: int | None
     ) -> dict[CouplingGroup, list[int]]:
-        """``on`` with every group's count a multiple of ``round_to`` (or its full size).
+        """``on`` with every group's width a multiple of ``round_to`` channels (or whole).
 
         Each count is first rounded down (to at least ``round_to``); then groups are
         rounded back up, the one whose re-added gates are highest first, while the MACs
@@ -334,13 +346,13 @@ class GateSet:
         steps are taken from the groups with the lowest gates. A group keeps its highest
         gates. Without rounding, ``on`` as it is.
         """
-        r = self.round_to
-        if r <= 1:
+        if self.round_to <= 1:
             return self._as_keep(on)
+        rs = self._unit_steps()
         counts = {i: int(m.sum()) for i, m in enumerate(on)}
-        up = {i: round_keep(n, len(on[i]), r) for i, n in counts.items()}
+        up = {i: round_keep(n, len(on[i]), rs[i]) for i, n in counts.items()}
         down = {
-            i: n if n == len(on[i]) or len(on[i]) <= r else max(r, n // r * r)
+            i: n if n == len(on[i]) or len(on[i]) <= rs[i] else max(rs[i], n // rs[i] * rs[i])
             for i, n in counts.items()
         }
         order = [torch.argsort(g.detach().cpu(), descending=True, stable=True) for g in self.latent]
@@ -357,19 +369,19 @@ class GateSet:
         # A group the gates cut below round_to was raised to round_to: pay for it by taking
         # whole steps of round_to from the groups whose lowest kept gates are lowest.
         while target_macs is not None and self._count_macs(chosen) > target_macs:
-            steps = [i for i in chosen if chosen[i] - r >= r and chosen[i] % r == 0]
+            steps = [i for i in chosen if chosen[i] - rs[i] >= rs[i] and chosen[i] % rs[i] == 0]
             if not steps:
                 raise PruneError(
                     f"cannot reach {target_macs} MACs with widths that are multiples of "
-                    f"round_to={r}; use a smaller round_to or a smaller reduction."
+                    f"round_to={self.round_to}; use a smaller round_to or a smaller reduction."
                 )
 
             def loss(i: int) -> float:  # mean latent of the step that would go
-                part = order[i][chosen[i] - r : chosen[i]]
+                part = order[i][chosen[i] - rs[i] : chosen[i]]
                 return float(self.latent[i].detach().cpu()[part].mean())
 
             i = min(steps, key=loss)
-            chosen[i] -= r
+            chosen[i] -= rs[i]
         masks = []
         for i, m in enumerate(on):
             mask = torch.zeros_like(m)
@@ -441,7 +453,7 @@ def _refuse_unreachable(gates: GateSet, target: int, reduction: float, round_to:
     narrowest, naming how much of the model the gates cannot reach (a ViT's heads: its
     prune stage with gates trained an epoch, then said only that the MACs were unreachable)."""
     width = max(1, round_to)
-    floor = gates.macs_at_width(width)
+    floor = gates.macs_at_narrowest()
     if floor <= target:
         return
     gates.remove()

@@ -70,7 +70,7 @@ from edgeslim.graph.model_graph import ModelGraph, analyze
 from edgeslim.prune.config import PruneConfig
 from edgeslim.prune.importance import Importance, get_importance
 from edgeslim.prune.plan import PrunePlan
-from edgeslim.prune.surgery import group_key, prune_groups, round_keep
+from edgeslim.prune.surgery import group_key, prune_groups, round_keep, unit_round
 
 if TYPE_CHECKING:
     from edgeslim.cost.lut import LatencyTable
@@ -288,7 +288,8 @@ def _global_widths(
     steps: list[tuple[float, int, int]] = []
     widths: list[list[int]] = []
     for ci, (g, s) in enumerate(zip(cands, scores, strict=True)):
-        ws = _widths(g.size, _min_keep(g.size, max_group_ratio, round_to), round_to)
+        r = unit_round(g, round_to)
+        ws = _widths(g.size, _min_keep(g.size, max_group_ratio, r), r)
         widths.append(ws)
         ranked = torch.sort(s).values
         for j in range(1, len(ws)):
@@ -338,10 +339,11 @@ def _uniform_widths(
     round_to: int,
 ) -> list[int]:
     """Kept widths at the smallest uniform ratio that meets ``target`` (bisection)."""
-    mins = [_min_keep(g.size, max_group_ratio, round_to) for g in cands]
+    steps = [unit_round(g, round_to) for g in cands]
+    mins = [_min_keep(g.size, max_group_ratio, k) for g, k in zip(cands, steps, strict=True)]
 
     def widths(r: float) -> list[int]:
-        return [_ratio_keep(g.size, r, m, round_to) for g, m in zip(cands, mins, strict=True)]
+        return [_ratio_keep(g.size, r, m, k) for g, m, k in zip(cands, mins, steps, strict=True)]
 
     def reduction(r: float) -> float:
         return macs.reduction([g.size - w for g, w in zip(cands, widths(r), strict=True)])
@@ -390,8 +392,8 @@ def ratio_widths(
                 f"{max_group_ratio}]; got {r}"
             )
     return [
-        _ratio_keep(g.size, r, _min_keep(g.size, max_group_ratio, round_to), round_to)
-        for g, r in zip(cands, per, strict=True)
+        _ratio_keep(g.size, r, _min_keep(g.size, max_group_ratio, k), k)
+        for g, r, k in zip(cands, per, [unit_round(g, round_to) for g in cands], strict=True)
     ]
 
 

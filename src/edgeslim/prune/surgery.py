@@ -20,6 +20,7 @@ half-pruned.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,13 @@ def round_keep(n_keep: int, size: int, round_to: int = 1) -> int:
     n = min(max(int(n_keep), 1), size)
     n = -(-n // round_to) * round_to
     return min(n, size)
+
+
+def unit_round(group: CouplingGroup, round_to: int) -> int:
+    """``round_to`` (a width in channels) in ``group``'s units: the fewest units whose width
+    is a multiple of it (a GroupNorm group of 4 channels, ``round_to=8``: 2 units; a head
+    of 64: 1)."""
+    return round_to // math.gcd(round_to, max(group.unit, 1))
 
 
 def check_kept(group: CouplingGroup, kept: KeepIndices) -> list[int]:
