@@ -209,11 +209,14 @@ def test_datafree_stage_takes_the_first_layers_input_range_from_the_task(
     x = torch.zeros(1, 1, 28, 28)
     stage = _parse(method="dfq", low_bits=8, high_bits=8)
     steps = []
+    guessed = []
     for ranges in (None, ((-0.5, 2.0),)):
         ctx = StageContext(out=tmp_path, model_name="", task=Task((x,), input_ranges=ranges))
         quantized = run_datafree(model, stage, ctx)
+        guessed.append(any("input's range is not known" in n for n in ctx.notes))
         # the edge pass moved layer input quantizers onto the graph: the first reads the input
         first = next(m for m in quantized.modules() if isinstance(m, ActQuant))
         steps.append(float(first.quantizer.scale.flatten()[0]))  # type: ignore[union-attr]
     assert steps[0] == pytest.approx(12.0 / 255, rel=1e-3)
     assert steps[1] == pytest.approx(2.5 / 255, rel=1e-3)
+    assert guessed == [True, False]  # the guess is said, never silent

@@ -220,6 +220,12 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
             "datafree: activation ranges are dynamic in torch; a QDQ export (e.g. compress's "
             "model.onnx) fixes them at the ranges of the last batch the model ran on"
         )
+    if stage.act_bits is not None and stage.act_ranges == "statistics" and input_range is None:
+        ctx.notes.append(
+            "datafree: the model input's range is not known, so the first layer's input "
+            "quantizer assumes a standardised input (mean 0, std 1: +-6); a Task with "
+            "input_ranges (the image tasks set it from their normalisation) gives the exact one"
+        )
     unknown = [f for f, r in result.input_ranges.items() if r is None]
     if stage.act_bits is not None and stage.act_ranges == "statistics" and unknown:
         ctx.notes.append(
