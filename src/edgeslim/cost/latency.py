@@ -95,14 +95,7 @@ def compare_latency(
             per_block = max(1, min(block, repeats))
             forward = list(runners.items())
             rounds = 0
-            paired = len(forward) > 1  # then rounds come in pairs: each order as often
-
-            def more() -> bool:
-                if paired and rounds % 2:
-                    return True
-                return done < repeats or time.perf_counter() - start < min_seconds
-
-            while more():
+            while True:
                 for name, run in forward if rounds % 2 == 0 else forward[::-1]:
                     for _ in range(settle if len(runners) > 1 else 0):
                         run()
@@ -112,7 +105,10 @@ def compare_latency(
                         samples[name].append((time.perf_counter() - t0) * 1e3)
                 done += per_block
                 rounds += 1
-                if done >= 10 * repeats and not (paired and rounds % 2):
+                if len(forward) > 1 and rounds % 2:
+                    continue  # finish the pair: each order as often
+                enough = done >= repeats and time.perf_counter() - start >= min_seconds
+                if enough or done >= 10 * repeats:
                     break
     finally:
         torch.set_num_threads(previous)

@@ -113,10 +113,11 @@ def _input_ranges(chain: Chain) -> dict[str, tuple[float, float] | None]:
             out[fqn] = None
             continue
         pair = chain.pair_into(fqn)
-        lo = float((s.mean - RANGE_STDS * s.std).min())
-        hi = float((s.mean + RANGE_STDS * s.std).max())
         if s.bounds is not None:  # the model's input, of a known format: exact
             lo, hi = s.bounds
+        else:
+            lo = float((s.mean - RANGE_STDS * s.std).min())
+            hi = float((s.mean + RANGE_STDS * s.std).max())
         if pair is not None:  # the activation clips: its bounds are exact
             lo, hi = max(lo, pair.act.lo), min(hi, pair.act.hi)
         out[fqn] = (lo, hi)

@@ -106,9 +106,9 @@ class _Space:
     rnn: str = ""  # "`fqn` (LSTM)" when this is a recurrent layer's hidden-unit space
     kind: str = "channel"  # "head": attention heads, ``unit`` rows each
     unit: int = 1
-    # channels per group of a GroupNorm that normalises this space: it is pruned in whole
-    # groups: ``(channels per group, "`fqn` (GroupNorm, G groups)")``; None when none does
-    norm_unit: tuple[int, str] | None = None
+    # the GroupNorms that normalise this space, ``(channels per group, "`fqn` (GroupNorm,
+    # G groups)")``: it is pruned in whole groups when they all agree (see ``groups``)
+    norms: set[tuple[int, str]] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -651,7 +651,7 @@ class _Analyzer:
     def group_norm(self, node: fx.Node, fqn: str, m: nn.GroupNorm, x: _Val | None) -> _Val | None:
         """A GroupNorm module: each of its groups of ``C / G`` channels has its own mean and
         variance, so removing whole groups leaves the others exact. The channels it reads are
-        pruned a group at a time (the space's ``norm_unit``; surgery lowers ``num_groups``).
+        pruned a group at a time (the space's ``norms``; surgery lowers ``num_groups``).
         Fixed instead when one group holds every channel, or a group would straddle
         concatenated inputs, or the channels are not on axis 1."""
         what = f"`{fqn}` (GroupNorm, {m.num_groups} group{'s' if m.num_groups > 1 else ''})"
@@ -669,12 +669,7 @@ class _Analyzer:
                        "the concatenated tensors it reads")  # fmt: skip
             return x
         for seg in x.segs:
-            sp = self.b.spaces[seg.space]
-            if sp.norm_unit is not None and sp.norm_unit[0] != per:
-                self.b.fix(x, f"normalised by {sp.norm_unit[1]} and {what}, whose groups "
-                           f"differ ({sp.norm_unit[0]} vs {per} channels)")  # fmt: skip
-                return x
-            sp.norm_unit = (per, what)
+            self.b.spaces[seg.space].norms.add((per, what))
         self.member(fqn, x, "bn")
         return x
 
@@ -995,7 +990,7 @@ class _Analyzer:
                 reasons.append("no producing layer")
             heads = next((sp for sp in spaces if sp.kind == "head"), None)
             size, unit = spaces[0].size, heads.unit if heads is not None else 1
-            norms = sorted({sp.norm_unit for sp in spaces if sp.norm_unit is not None})
+            norms = sorted(set().union(*(sp.norms for sp in spaces)))
             if norms:
                 per = norms[0][0]
                 if len({u for u, _ in norms}) > 1:

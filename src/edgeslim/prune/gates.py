@@ -448,11 +448,11 @@ def _gateable(model: nn.Module, group: CouplingGroup) -> bool:
     )
 
 
-def _refuse_unreachable(gates: GateSet, target: int, reduction: float, round_to: int) -> None:
+def _refuse_unreachable(gates: GateSet, target: int, reduction: float) -> None:
     """Fail before training when the gated groups cannot hold the target even at their
     narrowest, naming how much of the model the gates cannot reach (a ViT's heads: its
     prune stage with gates trained an epoch, then said only that the MACs were unreachable)."""
-    width = max(1, round_to)
+    width = max(1, gates.round_to)
     floor = gates.macs_at_narrowest()
     if floor <= target:
         return
@@ -575,7 +575,7 @@ def train_gates(
         round_to=cfg.round_to,
     )  # fmt: skip
     target = math.floor((1.0 - macs_reduction) * gates.total_macs)
-    _refuse_unreachable(gates, target, macs_reduction, cfg.round_to)
+    _refuse_unreachable(gates, target, macs_reduction)
     per_epoch_steps = max(steps_per_epoch(train), 1)
     per_epoch: list[dict[str, float]] = []
     counts = {"step": 0, "projected": 0}
