@@ -462,7 +462,9 @@ def search_cmd(
     ] = 0,
 ) -> None:
     """Search per-layer bits and pruning ratios under constraints; apply, export and plot
-    the best policy. Rerunning the same command after an interruption resumes the search."""
+    the best policy. Rerunning the same command after an interruption resumes the search.
+    With a latency limit, the best candidates are exported and timed whole; the one kept
+    meets the limit as measured. Exit status 1 when no policy meets every constraint."""
     console.print(f"[bold]edgeslim search[/] {model} -> {out}: loading...", highlight=False)
     from edgeslim.search.command import run_search
 
@@ -486,6 +488,8 @@ def search_cmd(
         shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.test_metrics.items())
         console.print(f"chosen policy on the task's test data: {shown}", highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in outcome.files.values()), highlight=False)
+    if not outcome.feasible:
+        raise typer.Exit(1)  # a result, not a usage error (2): no policy met the constraints
 
 
 @app.command()

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import time
 
-from edgeslim.cost import compare_latency, measure_latency, torch_runner
+import pytest
+
+from edgeslim.cost import (
+    LatencyStats,
+    compare_latency,
+    measure_latency,
+    ratio_over_rounds,
+    torch_runner,
+)
 from edgeslim.graph import example_input
 from edgeslim.zoo.resnet import resnet20
 
@@ -40,3 +48,29 @@ def test_runners_alternate_in_blocks() -> None:
     compare_latency(runners, warmup=1, repeats=6, threads=1, block=3, settle=0)
     # after one warm-up call each; every other round in reverse order
     assert order[2:] == list("aaabbbbbbaaa")
+
+
+def test_ratio_over_rounds_pairs_blocks_of_the_same_round() -> None:
+    state = {"slow_phase": False}
+
+    def base() -> None:
+        time.sleep(0.002 * (3 if state["slow_phase"] else 1))
+
+    def half() -> None:  # the machine's phase changes after each of its blocks
+        time.sleep(0.001 * (3 if state["slow_phase"] else 1))
+
+    def flip() -> None:
+        state["slow_phase"] = not state["slow_phase"]
+
+    runners = {"base": base, "half": half, "flip": flip}
+    stats = compare_latency(runners, warmup=0, repeats=12, threads=1, block=3, settle=0)
+    r = ratio_over_rounds(stats["half"], stats["base"])
+    assert r.rounds == len(stats["base"].blocks) == 4
+    assert 0.35 < r.median < 0.7  # 0.5 in every round, whatever the phase
+    assert r.p10 <= r.median <= r.p90
+
+
+def test_ratio_over_rounds_refuses_unpaired_stats() -> None:
+    lone = LatencyStats(1.0, 1.0, 1.0, 3)
+    with pytest.raises(ValueError, match="one compare_latency run"):
+        ratio_over_rounds(lone, lone)

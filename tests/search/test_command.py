@@ -89,3 +89,17 @@ def test_search_refuses_bad_input_before_writing(factory: str, tmp_path: Path) -
     refused = _search(factory, used, "--budget", "2")
     assert refused.exit_code == 2 and "--force" in refused.output
     assert (used / "notes.txt").read_text() == "keep me"
+
+
+def test_search_with_no_feasible_policy_writes_its_files_and_exits_1(
+    factory: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "none"
+    args = ["search", factory, "--data", "digits", "--constraint", "size<=0.01x",
+            "--w-bits", "4,8", "--keep", "1", "--budget", "2", "--strategy", "random",
+            "--out", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output  # a result, not a usage error (2)
+    assert "NO FEASIBLE POLICY" in result.output
+    data = json.loads((out / "search.json").read_text())
+    assert not data["search"]["feasible"] and not (out / "policy.json").exists()

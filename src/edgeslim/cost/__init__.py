@@ -9,21 +9,25 @@ from edgeslim.cost.analytic import (
 )
 from edgeslim.cost.latency import (
     LatencyStats,
+    RatioStats,
     compare_latency,
     measure_latency,
     ort_runner,
+    ratio_over_rounds,
     torch_runner,
 )
 
 __all__ = [
     "CostReport",
     "LatencyStats",
+    "RatioStats",
     "bops",
     "compare_latency",
     "cost_report",
     "measure_latency",
     "ort_runner",
     "peak_activation_bytes",
+    "ratio_over_rounds",
     "size_bytes",
     "torch_runner",
 ]

@@ -29,18 +29,54 @@ Runner = Callable[[], Any]
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Milliseconds per call: median and the 10th/90th percentiles of ``repeats`` calls."""
+    """Milliseconds per call: median and the 10th/90th percentiles of ``repeats`` calls;
+    ``blocks``: the median of each block of calls, in round order (see
+    :func:`ratio_over_rounds`)."""
 
     median_ms: float
     p10_ms: float
     p90_ms: float
     repeats: int
+    blocks: tuple[float, ...] = ()
 
 
-def _stats(samples: list[float]) -> LatencyStats:
+def _quantile(s: list[float], f: float) -> float:
+    return s[min(len(s) - 1, int(f * len(s)))]
+
+
+def _stats(samples: list[float], block: int) -> LatencyStats:
     s = sorted(samples)
-    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]  # noqa: E731
-    return LatencyStats(statistics.median(s), q(0.1), q(0.9), len(s))
+    blocks = tuple(statistics.median(samples[i : i + block]) for i in range(0, len(samples), block))
+    return LatencyStats(statistics.median(s), _quantile(s, 0.1), _quantile(s, 0.9), len(s), blocks)
+
+
+@dataclass(frozen=True)
+class RatioStats:
+    """One runner's latency over another's, round by round: the median and 10th/90th
+    percentiles of the per-round ratios, over ``rounds`` rounds."""
+
+    median: float
+    p10: float
+    p90: float
+    rounds: int
+
+
+def ratio_over_rounds(stats: LatencyStats, base: LatencyStats) -> RatioStats:
+    """``stats`` over ``base`` as the median of the ratios of their blocks timed in the same
+    round of one :func:`compare_latency` run, with the spread of those ratios.
+
+    Why per round: on a shared machine the int8/float ratio itself moves with the machine's
+    state (measured on a 2-core VM: resnet20's all-int8 over fp32 between 0.57 and 0.87 from
+    one second to the next, while two int8 files of the same kernels stayed within 2% of
+    each other). A ratio of whole-run medians mixes the states in whatever proportion each
+    runner met them; the per-round ratios pair like with like, and their spread says how far
+    one figure can be trusted.
+    """
+    pairs = [a / b for a, b in zip(stats.blocks, base.blocks, strict=False) if b > 0]
+    if not pairs:
+        raise ValueError("ratio_over_rounds needs two runners timed in one compare_latency run")
+    s = sorted(pairs)
+    return RatioStats(statistics.median(s), _quantile(s, 0.1), _quantile(s, 0.9), len(s))
 
 
 def torch_runner(model: nn.Module, *inputs: Any, **kwargs: Any) -> Runner:
@@ -80,6 +116,7 @@ def compare_latency(
     timed in a fixed order, came out 3% apart in two runs of ``bench imagenet``; whatever
     the cause, the order of the runners must not be one.
     """
+    per_block = max(1, min(block, repeats))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     # Denormal floats make CPU kernels 5-10x slower on some inputs (measured: vgg-small at
@@ -92,7 +129,6 @@ def compare_latency(
             samples: dict[str, list[float]] = {k: [] for k in runners}
             start = time.perf_counter()
             done = 0
-            per_block = max(1, min(block, repeats))
             forward = list(runners.items())
             rounds = 0
             while True:
@@ -112,7 +148,7 @@ def compare_latency(
                     break
     finally:
         torch.set_num_threads(previous)
-    return {k: _stats(v) for k, v in samples.items()}
+    return {k: _stats(v, per_block) for k, v in samples.items()}
 
 
 def measure_latency(

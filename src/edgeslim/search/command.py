@@ -5,7 +5,9 @@ command after a kill resumes from it), then ``policy.json`` (the chosen policy, 
 meets the constraints), ``model.onnx`` (that policy applied and exported, checked against
 torch on several inputs), ``search.json`` (every evaluation, the uniform policies, the
 latency table's measured error, the test metric of the chosen model) and one Pareto plot per
-constrained cost.
+constrained cost. With a latency limit, the policy kept is the best one whose exported model
+meets the limit when timed whole (:mod:`edgeslim.search.verify`), not only by the table; the
+command exits with status 1 when no policy is feasible (the files are written all the same).
 
 Decisions: a non-empty ``--out`` with a journal is a run to resume (the journal refuses a
 different model, space, strategy or seed); one without is refused unless ``--force``, which
@@ -101,6 +103,7 @@ def search_task(
 ) -> tuple[Any, Any, Any, Any]:
     """``(space, evaluator, latency predictor or None, SearchResult)``: the search the
     command line and the recipe stage both run (latency table when a constraint needs it,
+    its best candidates then timed whole by :func:`~edgeslim.search.verify.verify_latency`;
     optional short fine-tune of each measured policy)."""
     from edgeslim.search import SearchSpace, search
     from edgeslim.search.evaluate import Evaluator
@@ -131,6 +134,10 @@ def search_task(
         model, task, space, strategy=strategy, budget=budget, seed=seed, journal=journal,
         executor=executor, evaluator=evaluator,
     )  # fmt: skip
+    if latency is not None:  # the table screened; the exported models decide
+        from edgeslim.search.verify import verify_latency
+
+        result = verify_latency(result, latency)
     return space, evaluator, latency, result
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
+from edgeslim.cost.latency import LatencyStats, RatioStats, ratio_over_rounds
 from edgeslim.cost.lut import (
     LatencyTable,
     LayerTime,
@@ -123,6 +124,9 @@ class LutLatency:
         """Whole-model milliseconds of each policy (None: the float model), all timed
         interleaved in one run (:func:`edgeslim.cost.compare_latency`), so their ratios do
         not carry the drift between separate timing sessions."""
+        return [s.median_ms for s in self._time(policies)]
+
+    def _time(self, policies: Sequence[Policy | None]) -> list[LatencyStats]:
         from edgeslim.cost.latency import compare_latency, ort_runner
         from edgeslim.runtime.ort import ort_session
 
@@ -135,7 +139,16 @@ class LutLatency:
             stats = compare_latency(
                 runners, repeats=self.repeats, threads=self.table.threads, min_seconds=2.0
             )
-        return [stats[str(i)].median_ms for i in range(len(policies))]
+        return [stats[str(i)] for i in range(len(policies))]
+
+    def measure_against_float(
+        self, policies: Sequence[Policy]
+    ) -> tuple[LatencyStats, list[tuple[LatencyStats, RatioStats]]]:
+        """The float model's timing, and each policy's timing with its round-by-round ratio
+        to the float model (:func:`~edgeslim.cost.latency.ratio_over_rounds`), all in one
+        interleaved run."""
+        stats = self._time([None, *policies])
+        return stats[0], [(s, ratio_over_rounds(s, stats[0])) for s in stats[1:]]
 
     def check(self, policies: Sequence[Policy]) -> PredictionCheck:
         """Predicted against measured whole-model latency on ``policies``, timed interleaved

@@ -15,8 +15,9 @@
 
 The stage returns the chosen policy applied (pruned, quantized, calibrated). A search that
 finds no policy meeting the constraints fails the stage with the closest policy named:
-never an infeasible model passed on as the result. Written to the stage's folder:
-``search.policy.json`` (the policy), ``search.json`` (every evaluation) and
+never an infeasible model passed on as the result. A latency limit is met as measured: the
+best candidates are exported and timed whole (:mod:`edgeslim.search.verify`). Written to
+the stage's folder: ``search.policy.json`` (the policy), ``search.json`` (every evaluation) and
 ``search.journal.jsonl``. Decision: a compress run writes into a temporary folder that it
 renames at the end, so an interrupted compress does not resume its search; for a long
 search use ``edgeslim search`` (resumable), then a ``quantize``/``prune`` recipe or the
