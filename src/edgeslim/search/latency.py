@@ -120,12 +120,6 @@ class LutLatency:
         self.table.save()
         return self.residual
 
-    def measure_many(self, policies: Sequence[Policy | None]) -> list[float]:
-        """Whole-model milliseconds of each policy (None: the float model), all timed
-        interleaved in one run (:func:`edgeslim.cost.compare_latency`), so their ratios do
-        not carry the drift between separate timing sessions."""
-        return [s.median_ms for s in self._time(policies)]
-
     def _time(self, policies: Sequence[Policy | None]) -> list[LatencyStats]:
         from edgeslim.cost.latency import compare_latency, ort_runner
         from edgeslim.runtime.ort import ort_session
@@ -140,6 +134,21 @@ class LutLatency:
                 runners, repeats=self.repeats, threads=self.table.threads, min_seconds=2.0
             )
         return [stats[str(i)] for i in range(len(policies))]
+
+    def measure_many(self, policies: Sequence[Policy | None]) -> list[float]:
+        """Milliseconds of ``policies`` (None: the float model), all timed interleaved in one
+        run (:func:`edgeslim.cost.compare_latency`), so their ratios do not carry the drift
+        between separate timing sessions. The first is the reference: its median; each
+        other is that median times its median per-round ratio to the first
+        (:func:`~edgeslim.cost.latency.ratio_over_rounds`), so the ratios the table is
+        anchored on and checked against are the ones a latency limit is verified on."""
+        if not policies:
+            return []
+        stats = self._time(policies)
+        base = stats[0]
+        return [base.median_ms] + [
+            base.median_ms * ratio_over_rounds(s, base).median for s in stats[1:]
+        ]
 
     def measure_against_float(
         self, policies: Sequence[Policy]
