@@ -99,8 +99,29 @@ def test_cache_is_reused_across_instances(model: tuple[nn.Module, dict], tmp_pat
     assert path.parent == tmp_path and path.is_file()
     second = LatencyTable(repeats=3, cache_dir=tmp_path)
     again = layer_times(second, m, rows, bits, bits)
-    assert second.measured == 0 and again.layers == before.layers
+    assert second.measured == 0  # no kernel timed again; only the int8 probe, for its scale
+    scale = second.probe_ms(INT8) / first.probe_ms(INT8)
+    assert again.layers == pytest.approx({k: v * scale for k, v in before.layers.items()})
     path.write_text("{not json")  # a corrupt cache is measured afresh, not trusted
     third = LatencyTable(repeats=3, cache_dir=tmp_path)
     layer_times(third, m, rows, bits, bits)
     assert third.measured == 4
+
+
+def test_entries_are_relative_to_a_probe_timed_with_them(tmp_path) -> None:
+    """An entry is the kernel over its precision's probe; the probe itself reads 1, and
+    the same kernel's milliseconds follow whatever the probe measures now."""
+    from edgeslim.cost.lut import probe_key
+
+    table = LatencyTable(repeats=10, cache_dir=tmp_path)
+    assert table.relative(probe_key(INT8)) == pytest.approx(1.0, rel=0.5)
+    big = layer_key(nn.Conv2d(16, 64, 3, padding=1), _row(16, 64, 28), INT8)
+    assert big is not None
+    assert table.relative(big) > 2.0  # 16x the probe's MACs: not within noise of it
+    table._probes[INT8] = 0.5
+    assert table.layer_ms(big) == pytest.approx(0.5 * table.relative(big))
+
+
+def _row(cin: int, cout: int, hw: int):  # type: ignore[no-untyped-def]
+    conv = nn.Conv2d(cin, cout, 3, padding=1)
+    return layer_table(conv, torch.randn(1, cin, hw, hw))[""]

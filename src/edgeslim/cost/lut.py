@@ -21,6 +21,16 @@ Decisions:
   model (0.36 ms), and predicted pruned policies faster than unpruned ones while inside
   the model they are slower; the differential sum is 0.24 ms, and pruned > unpruned as
   measured. The per-call overhead is counted once per model, in the residual.
+- Entries are stored **relative to a probe kernel** of the same precision (a 3x3 conv,
+  16 -> 16 channels at 14x14), timed in the same interleaved run as the kernel, and turned
+  back into milliseconds with the probe as this table instance times it. Why: the entries
+  of one table are timed minutes or sessions apart, and on a shared machine a kernel's
+  time moves by up to +-50% with the machine's state. A table whose 16-channel entries
+  were timed in a fast phase and 12-channel ones in a slow phase put a pruned resnet20
+  (12/24/48 channels) at 1.10x fp32 where it measured 0.80x, while both kernels, timed
+  together, differ as they do inside the model (differential 24 us and 39 us; in-model,
+  profiled interleaved, 28 us and 40 us; ad hoc, 2026-12-01). The probe is per precision
+  because the machine's state moves int8 and float kernels differently.
 - Layers the table does not model (recurrent, attention, transposed convs) fall into the
   residual: constant across policies; ``LatencyTable.unmodelled`` names them.
 - The cache is a JSON file per machine fingerprint (CPU model, ONNX Runtime version,
@@ -52,7 +62,7 @@ from edgeslim.runtime.denormal import denormal_mode
 FP32, INT8 = "fp32", "int8"
 MS = "com.microsoft"
 COPIES = 8  # nodes in the many-copy model of a differential timing
-TABLE_VERSION = 2  # bumped when what an entry means changes (2: differential timing)
+TABLE_VERSION = 3  # bumped when what an entry means changes (2: differential, 3: per probe)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,11 @@ class LayerKey:
 
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
     return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def probe_key(precision: str) -> LayerKey:
+    """The reference kernel entries of ``precision`` are stored relative to."""
+    return LayerKey("conv", 16, 16, (14, 14), 1, (3, 3), (1, 1), (1, 1), (1, 1), 1, precision)
 
 
 def layer_key(module: nn.Module, row: LayerInfo, precision: str) -> LayerKey | None:
@@ -184,6 +199,24 @@ def _time_ms(model: bytes, feeds: Mapping[str, np.ndarray], threads: int, repeat
     return _run_ms(ort_session(model, threads), feeds, repeats)
 
 
+def _differentials(keys: Sequence[LayerKey], threads: int, repeats: int) -> list[float]:
+    """Each kernel's differential milliseconds (``COPIES`` copies minus one, over
+    ``COPIES - 1``), every model timed interleaved in one run."""
+    from edgeslim.cost.latency import compare_latency, ort_runner
+    from edgeslim.runtime.ort import ort_session
+
+    runners = {}
+    for i, key in enumerate(keys):
+        for copies in (1, COPIES):
+            model, feeds = _kernel_model(key, copies)
+            runners[f"{i}x{copies}"] = ort_runner(ort_session(model, threads), feeds)
+    stats = compare_latency(runners, warmup=3, repeats=repeats, threads=threads)
+    return [
+        max(0.0, (stats[f"{i}x{COPIES}"].median_ms - stats[f"{i}x1"].median_ms) / (COPIES - 1))
+        for i in range(len(keys))
+    ]
+
+
 def _run_ms(sess: Any, feeds: Mapping[str, np.ndarray], repeats: int) -> float:
     """Median milliseconds of ``sess.run`` after a warm-up, denormals flushed as in
     :func:`~edgeslim.cost.latency.compare_latency`."""
@@ -234,6 +267,7 @@ class LatencyTable:
         self.path = base / f"latency-v{TABLE_VERSION}-{self.fingerprint}.json"
         self._entries: dict[str, float] = {}
         self._overhead: float | None = None
+        self._probes: dict[str, float] = {}
         self.measured = 0  # kernels timed by this instance (the rest came from the cache)
         if self.path.is_file():
             try:
@@ -250,16 +284,35 @@ class LatencyTable:
             self._overhead = _time_ms(*_empty_model(), self.threads, self.repeats * 3)
         return self._overhead
 
-    def layer_ms(self, key: LayerKey) -> float:
-        """The kernel's latency inside a model, in ms: differential (see the module doc),
-        measured once, then read from the cache."""
+    def probe_ms(self, precision: str) -> float:
+        """The probe kernel's differential milliseconds now (timed once per instance, or
+        again by :meth:`refresh_probes`): the scale of every entry of ``precision``."""
+        if precision not in self._probes:
+            self.refresh_probes()
+        return self._probes[precision]
+
+    def refresh_probes(self) -> None:
+        """Time both probes again, together: call right before the whole-model timings a
+        prediction is anchored on, so both see the same state of the machine."""
+        keys = [probe_key(FP32), probe_key(INT8)]
+        fp32, int8 = _differentials(keys, self.threads, self.repeats)
+        self._probes = {FP32: max(fp32, 1e-6), INT8: max(int8, 1e-6)}
+
+    def relative(self, key: LayerKey) -> float:
+        """The kernel's differential time over its precision's probe, timed together once,
+        then read from the cache."""
         k = key.id()
         if k not in self._entries:
-            one = _time_ms(*_kernel_model(key), self.threads, self.repeats)
-            many = _time_ms(*_kernel_model(key, COPIES), self.threads, self.repeats)
-            self._entries[k] = max(0.0, (many - one) / (COPIES - 1))
+            kernel, probe = _differentials([key, probe_key(key.precision)], self.threads,
+                                           self.repeats)  # fmt: skip
+            self._entries[k] = kernel / max(probe, 1e-6)
             self.measured += 1
         return self._entries[k]
+
+    def layer_ms(self, key: LayerKey) -> float:
+        """The kernel's latency inside a model, in ms: its cached time relative to the probe
+        (see the module doc) times the probe as this instance timed it."""
+        return self.relative(key) * self.probe_ms(key.precision)
 
     def save(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)

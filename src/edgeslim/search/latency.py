@@ -110,8 +110,10 @@ class LutLatency:
         """Measure the float and all-int8 models whole; the residual is what they cost
         beyond their layers. Saves the table's new entries to its cache."""
         anchor = self._int8_anchor()
-        # both anchors timed interleaved: apart, each carries its session's drift, and
-        # every prediction shares their difference
+        # the probes the cached entries are relative to, then both anchors timed
+        # interleaved: apart, each carries its session's drift, and every prediction
+        # shares their difference
+        self.table.refresh_probes()
         ms = self.measure_many([None] if anchor is None else [None, anchor])
         self.anchors = {"fp32": ms[0]}
         if anchor is not None:
