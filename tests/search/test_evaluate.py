@@ -4,6 +4,7 @@ id, agreement when the validation data has no labels, and optional short fine-tu
 from __future__ import annotations
 
 import pytest
+import torch
 from search_helpers import N_TRAIN, CountingTestMetric, make_task
 from torch import nn
 
@@ -98,6 +99,33 @@ def test_bn_recalibration_after_pruning_scores_the_cut_model_fairly(
         assert sp.to_dict()["bn_recalibration"] is recal  # part of the journal's identity
     assert scores[True] is not None and scores[False] is not None
     assert scores[True] > scores[False]
+
+
+def test_screening_costs_does_not_re_estimate_batchnorm_measuring_does(
+    digits_model: nn.Module, digits_task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search screens many policies for each it measures: their costs read shapes only,
+    so BatchNorm is re-estimated when a pruned model is first measured, once, and the
+    measured model is the same as when it was re-estimated up front."""
+    import edgeslim.train.batchnorm as bn
+
+    calls = []
+    real = bn.reestimate_bn
+    monkeypatch.setattr(bn, "reestimate_bn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sp = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 1.0))
+    half = sp.uniform(keep=0.5)
+    sp.costs(half)
+    sp.layer_table(half)
+    assert calls == []
+    first = sp.pruned(half)
+    again = sp.pruned(half)
+    assert len(calls) == 1
+    fresh = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 1.0))
+    other = fresh.pruned(fresh.uniform(keep=0.5))
+    for a, b in zip(first.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                  again.state_dict().values(), strict=True))  # fmt: skip
 
 
 def test_the_notes_say_what_happens_to_batchnorm_after_pruning(

@@ -152,6 +152,7 @@ class _Pruned:
     model: nn.Module
     table: dict[str, LayerInfo]
     peak: int | None = None
+    bn_pending: bool = False  # BatchNorm statistics still to re-estimate before measuring
 
 
 def _sorted_bits(values: Iterable[int | None]) -> tuple[int | None, ...]:
@@ -471,19 +472,30 @@ class SearchSpace:
             assert self._importance is not None  # groups are only searched with a criterion
             kept = keep_map(self._cands, self._scores, widths)
             model = apply_keep(copy.deepcopy(self.model), kept, self._importance).eval()
-            if self.bn_recalibration and self.task.calibration is not None:
-                from edgeslim.train.batchnorm import reestimate_bn
-
-                batches = self.calibration_batches()
-                reestimate_bn(model, batches, len(batches))  # restores eval mode
             table = layer_table(model, *self.task.example_inputs)
+            # BatchNorm is re-estimated when the model is first measured (_measurable), not
+            # here: screening a policy's costs reads its shapes only, and a search screens
+            # many more policies than it measures (a bench run asked 580 of which the latency
+            # limit let none through)
+            pending = self.bn_recalibration and self.task.calibration is not None
         else:
-            model, table = self.model, self._base_table
-        entry = _Pruned(model, table)
+            model, table, pending = self.model, self._base_table, False
+        entry = _Pruned(model, table, bn_pending=pending)
         self._pruned[widths] = entry
         if len(self._pruned) > _CACHE:
             self._pruned.popitem(last=False)
         return entry
+
+    def _measurable(self, policy: Policy) -> nn.Module:
+        """The pruned float model with its BatchNorm statistics re-estimated (once)."""
+        entry = self._prune(policy)
+        if entry.bn_pending:
+            from edgeslim.train.batchnorm import reestimate_bn
+
+            batches = self.calibration_batches()
+            reestimate_bn(entry.model, batches, len(batches))  # restores eval mode
+            entry.bn_pending = False
+        return entry.model
 
     def bn_note(self) -> str | None:
         """What happens to BatchNorm statistics after pruning, said once (None when the
@@ -511,7 +523,7 @@ class SearchSpace:
     def pruned(self, policy: Policy) -> nn.Module:
         """A float copy of the model pruned as ``policy`` says (its bits not applied)."""
         self.check(policy)
-        return copy.deepcopy(self._prune(policy).model)
+        return copy.deepcopy(self._measurable(policy))
 
     def calibration_batches(self) -> list[Any]:
         if self._calib is None:
@@ -529,7 +541,7 @@ class SearchSpace:
         from edgeslim.quant.ptq import ptq
 
         self.check(policy)
-        base = self._prune(policy).model
+        base = self._measurable(policy)
         w, a = policy.weight_bits, policy.act_bits
         select: dict[Any, QuantConfig | None] = {}
         for fqn, bits in w.items():
