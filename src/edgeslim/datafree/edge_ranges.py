@@ -24,17 +24,21 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from edgeslim.graph.ops import ADDS, AVERAGES, is_spatial_mean
+from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, OpSet, is_spatial_mean
 from edgeslim.quant.edges import CATS
 from edgeslim.quant.modules import ActQuant, QuantMixin
 
 Interval = tuple[float, float]
-_PASS_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d,
-                 nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                 nn.AdaptiveMaxPool2d)  # fmt: skip
-_PASS_FUNCS = {torch.flatten, torch.reshape, nn.functional.max_pool2d,
-               nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d}  # fmt: skip
-_PASS_METHODS = {"flatten", "view", "reshape", "mean", "contiguous", "squeeze", "unsqueeze"}
+# ops whose output stays inside its input's interval: the shared sets of ops that move or
+# average values, and these, which select or reshape values but which the other passes
+# (edge placement, channel statistics) treat apart
+_ALSO_IN_RANGE = OpSet(
+    modules=(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
+    functions=frozenset({torch.reshape, nn.functional.adaptive_max_pool1d,
+                         nn.functional.adaptive_max_pool2d}),
+    methods=frozenset({"mean", "squeeze", "unsqueeze"}),
+)  # fmt: skip
+_IN_RANGE = MOVES_VALUES | AVERAGES | _ALSO_IN_RANGE
 _RELU_FUNCS = {torch.relu, nn.functional.relu}
 
 
@@ -51,16 +55,16 @@ def _bounds(q: ActQuant) -> Interval:
     return (qz.qmin - z) * s, (qz.qmax - z) * s
 
 
-def _module_interval(mod: nn.Module, src: Interval | None) -> Interval | None:
+def _module_interval(
+    gm: fx.GraphModule, node: fx.Node, mod: nn.Module, src: Interval | None
+) -> Interval | None:
     if isinstance(mod, nn.ReLU):
         return _clip(src, 0.0, float("inf"))
     if isinstance(mod, nn.ReLU6):
         return _clip(src, 0.0, 6.0)
     if isinstance(mod, nn.Hardtanh):
         return _clip(src, float(mod.min_val), float(mod.max_val))
-    if isinstance(mod, _PASS_MODULES):
-        return src
-    return None
+    return src if _IN_RANGE.matches(gm, node) else None
 
 
 def _function_interval(
@@ -71,7 +75,7 @@ def _function_interval(
     if node.op == "call_method":
         if node.target in ("relu", "relu_"):
             return _clip(src, 0.0, float("inf"))
-        return src if node.target in _PASS_METHODS else None
+        return src if _IN_RANGE.matches(gm, node) else None
     if node.target in ADDS and len(ins) == 2:
         a, b = ins
         return None if a is None or b is None else (a[0] + b[0], a[1] + b[1])
@@ -82,7 +86,7 @@ def _function_interval(
         return min(i[0] for i in known), max(i[1] for i in known)
     if node.target in _RELU_FUNCS:
         return _clip(src, 0.0, float("inf"))
-    if node.target in _PASS_FUNCS or AVERAGES.matches(gm, node) or is_spatial_mean(node):
+    if _IN_RANGE.matches(gm, node) or is_spatial_mean(node):
         return src
     return None
 
@@ -113,7 +117,7 @@ def fill_edge_ranges(gm: fx.GraphModule, outputs: Mapping[str, Interval]) -> lis
             elif isinstance(mod, QuantMixin):
                 r = outputs.get(str(node.target))
             else:
-                r = _module_interval(mod, src)
+                r = _module_interval(gm, node, mod, src)
         elif node.op in ("call_function", "call_method"):
             r = _function_interval(gm, node, iv)
         iv[node] = r
