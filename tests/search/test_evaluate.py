@@ -124,8 +124,8 @@ def test_screening_costs_does_not_re_estimate_batchnorm_measuring_does(
     other = fresh.pruned(fresh.uniform(keep=0.5))
     for a, b in zip(first.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
-                                                  again.state_dict().values(), strict=True))  # fmt: skip
+    pairs = zip(first.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_the_notes_say_what_happens_to_batchnorm_after_pruning(
