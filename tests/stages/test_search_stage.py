@@ -61,3 +61,20 @@ def test_search_stage_applies_a_feasible_policy(tmp_path: Path) -> None:
     with pytest.raises(edgeslim.errors.EdgeslimError, match="NO FEASIBLE POLICY"):
         edgeslim.compress(model, _recipe(constraints=["size<=0.01x"]), task, tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+def test_search_stage_with_a_latency_limit_times_its_policy_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A limit every policy meets: the stage's notes give the kept policy's measured ratio
+    beside the table's (the limit was checked on the exported model, not only predicted)."""
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "cache"))
+    model = _digits_cnn()
+    recipe = _recipe(constraints=["latency<=10x"], budget=2)
+    result = edgeslim.compress(model, recipe, builtin_task("digits"), tmp_path / "run")
+    timed = [n for n in result.notes if "timed whole" in n]
+    assert len(timed) == 1 and "x fp32" in timed[0] and "table" in timed[0]
+    data = json.loads((tmp_path / "run" / "search.json").read_text())
+    verdict = data["notes"]["latency_measured"]
+    assert verdict["chosen"] == data["best"]["result"]["policy_id"]
+    assert verdict["candidates"][0]["ok"]

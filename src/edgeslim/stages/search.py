@@ -117,4 +117,12 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
     )
     if latency is not None and latency.anchors:
         ctx.notes.append(f"search: latency table anchors (ms, measured): {latency.anchors}")
+    measured = result.notes.get("latency_measured")
+    if measured:
+        row = next(c for c in measured["candidates"] if c["policy"] == measured["chosen"])
+        ctx.notes.append(
+            f"search: policy {row['policy']} timed whole: {row['measured_ratio']}x fp32 "
+            f"(rounds p10-p90 {row['ratio_p10']}-{row['ratio_p90']}; table "
+            f"{row['predicted_ratio']}x)"
+        )
     return space.apply(result.policy)
