@@ -66,11 +66,11 @@ def ratio_over_rounds(stats: LatencyStats, base: LatencyStats) -> RatioStats:
     round of one :func:`compare_latency` run, with the spread of those ratios.
 
     Why per round: on a shared machine the int8/float ratio itself moves with the machine's
-    state (measured on a 2-core VM: resnet20's all-int8 over fp32 between 0.57 and 0.87 from
-    one second to the next, while two int8 files of the same kernels stayed within 2% of
-    each other). A ratio of whole-run medians mixes the states in whatever proportion each
-    runner met them; the per-round ratios pair like with like, and their spread says how far
-    one figure can be trusted.
+    state (measured on a 2-core VM, 2 threads: resnet20's all-int8 over fp32 between 0.66
+    and 0.87 from one second to the next, while two int8 files of the same kernels timed in
+    the same runs stayed within 4% of each other). A ratio of whole-run medians mixes the
+    states in whatever proportion each runner met them; the per-round ratios pair like with
+    like, and their spread says how far one figure can be trusted.
     """
     pairs = [a / b for a, b in zip(stats.blocks, base.blocks, strict=False) if b > 0]
     if not pairs:

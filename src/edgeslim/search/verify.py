@@ -3,7 +3,8 @@
 The per-layer table (:mod:`edgeslim.cost.lut`) lets a search screen thousands of policies
 for the cost of a sum, but a user deploys a whole ONNX file, and on a shared machine the
 int8/float ratio itself moves by more than the table's error (measured on a 2-core VM:
-resnet20's all-int8 model between 0.57x and 0.87x of fp32 from one second to the next;
+resnet20's all-int8 model between 0.66x and 0.87x of fp32 from one second to the next on
+2 threads;
 see :func:`~edgeslim.cost.latency.ratio_over_rounds`). So a search with a latency limit
 ends by timing candidates whole: its best feasible policy, then the next best feasible
 ones by the metric, up to ``candidates``, interleaved with the float model in one run.
@@ -49,6 +50,13 @@ class MeasuredLatency:
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
 
+    @property
+    def table_error(self) -> float | None:
+        """How far the table's ratio is from the measured one, relative to the measured."""
+        if self.predicted_ratio is None or self.ratio.median <= 0:
+            return None
+        return round(abs(self.predicted_ratio - self.ratio.median) / self.ratio.median, 4)
+
     def describe(self) -> str:
         table = "" if self.predicted_ratio is None else f"table {self.predicted_ratio:.3f}x, "
         return (
@@ -61,7 +69,7 @@ class MeasuredLatency:
         return {
             "policy": self.policy_id, "metric": self.metric,
             "predicted_ratio": self.predicted_ratio, "measured_ms": round(self.measured_ms, 4),
-            "measured_ratio": round(self.ratio.median, 4),
+            "measured_ratio": round(self.ratio.median, 4), "table_error": self.table_error,
             "ratio_p10": round(self.ratio.p10, 4), "ratio_p90": round(self.ratio.p90, 4),
             "rounds": self.ratio.rounds, "ok": self.ok,
             "checks": [c.to_dict() for c in self.checks],
