@@ -486,7 +486,12 @@ def search_cmd(
     console.print(outcome.summary, highlight=False)
     if outcome.test_metrics:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.test_metrics.items())
-        console.print(f"chosen policy on the task's test data: {shown}", highlight=False)
+        where = (
+            "the task's test data"
+            if outcome.test_data != "validation"
+            else "the validation inputs it was chosen on (the task has no held-out metric)"
+        )
+        console.print(f"chosen policy on {where}: {shown}", highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in outcome.files.values()), highlight=False)
     if not outcome.feasible:
         raise typer.Exit(1)  # a result, not a usage error (2): no policy met the constraints

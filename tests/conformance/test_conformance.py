@@ -329,6 +329,26 @@ def test_cli_export_a_two_output_model(quantized: bool, tmp_path: Path, recipe_y
 
 
 @pytest.mark.usefixtures("on_path")
+@pytest.mark.parametrize("name", ["two_input", "conv_gru"])
+def test_cli_search_under_a_latency_limit_on_an_unlabelled_npz(name: str, tmp_path: Path) -> None:
+    """Several inputs (one with its batch on dim 1), no labels: the candidates are exported
+    and timed whole on the task's own inputs, and the final figure says which data it is."""
+    spec = SPECS[name]
+    data = write_npz(spec, tmp_path / "data.npz")
+    out = tmp_path / "out"
+    args = ["search", spec.spec, "--data", str(data), *_shape_args(spec), "--constraint",
+            "latency<=5x", "--w-bits", "8", "--keep", "1", "--budget", "2", "--strategy",
+            "random", "--quick", "--out", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "search.json").read_text())
+    timed = saved["latency_table"]["measured"]["candidates"]
+    assert timed and all(r["measured_ratio"] > 0 and r["rounds"] >= 2 for r in timed)
+    assert saved["test_metrics_data"] == "validation" and "agreement" in saved["test_metrics"]
+    assert "chosen on" in result.output and (out / "model.onnx").is_file()
+
+
+@pytest.mark.usefixtures("on_path")
 def test_cli_info_of_a_two_input_model() -> None:
     spec = SPECS["two_input"]
     result = runner.invoke(app, ["info", spec.spec, *_shape_args(spec)])
