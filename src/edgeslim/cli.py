@@ -489,7 +489,7 @@ def search_cmd(
         where = (
             "the task's test data"
             if outcome.test_data != "validation"
-            else "the validation inputs it was chosen on (the task has no held-out metric)"
+            else "the validation samples it was chosen on (the task holds no test data)"
         )
         console.print(f"chosen policy on {where}: {shown}", highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in outcome.files.values()), highlight=False)

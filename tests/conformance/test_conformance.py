@@ -330,9 +330,10 @@ def test_cli_export_a_two_output_model(quantized: bool, tmp_path: Path, recipe_y
 
 @pytest.mark.usefixtures("on_path")
 @pytest.mark.parametrize("name", ["two_input", "conv_gru"])
-def test_cli_search_under_a_latency_limit_on_an_unlabelled_npz(name: str, tmp_path: Path) -> None:
-    """Several inputs (one with its batch on dim 1), no labels: the candidates are exported
-    and timed whole on the task's own inputs, and the final figure says which data it is."""
+def test_cli_search_under_a_latency_limit_on_an_npz(name: str, tmp_path: Path) -> None:
+    """Several inputs (one with its batch on dim 1): the candidates are exported and timed
+    whole on the task's own inputs; the final figure says it is on the validation samples
+    (an .npz has no third, held-out part)."""
     spec = SPECS[name]
     data = write_npz(spec, tmp_path / "data.npz")
     out = tmp_path / "out"
@@ -344,7 +345,7 @@ def test_cli_search_under_a_latency_limit_on_an_unlabelled_npz(name: str, tmp_pa
     saved = json.loads((out / "search.json").read_text())
     timed = saved["latency_table"]["measured"]["candidates"]
     assert timed and all(r["measured_ratio"] > 0 and r["rounds"] >= 2 for r in timed)
-    assert saved["test_metrics_data"] == "validation" and "agreement" in saved["test_metrics"]
+    assert saved["test_metrics_data"] == "validation"
     assert "chosen on" in result.output and (out / "model.onnx").is_file()
 
 

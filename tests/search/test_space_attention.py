@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from edgeslim.data import TensorBatches
 from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.search import SearchSpace
+from edgeslim.search.errors import SearchError
 from edgeslim.task import Task
 
 
@@ -42,3 +44,26 @@ def test_heads_are_searched_on_a_split_copy() -> None:
     full, half = space.costs(space.uniform(8, 8, 1.0)), space.costs(space.uniform(8, 8, 0.5))
     assert half.macs < full.macs
     assert full.macs == space.baseline_costs().macs
+
+
+def test_search_accepts_the_model_it_was_given() -> None:
+    """``search(model, ...)`` on a transformer with pruning searches a split copy; it must
+    still take the caller's model (it refused it as "another model object")."""
+    from edgeslim.search import search
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x = torch.randn(96, 6, 16)
+    task = Task(
+        example_inputs=(x[:1],),
+        calibration=TensorBatches(x[:32], batch_size=32),
+        validation=TensorBatches(x[32:], batch_size=64),
+        name="tokens",
+    )
+    space = SearchSpace.build(model, task, w_bits=(8,), keep=(0.5, 1.0), calibration=32)
+    assert space.model is not model and space.source is model
+    result = search(model, task, space, ["macs<=0.9x"], "random", budget=2, progress=False)
+    assert result.evaluations and isinstance(model.enc.self_attn, nn.MultiheadAttention)
+    other = Encoder().eval()
+    with pytest.raises(SearchError, match="another model"):
+        search(other, task, space, ["macs<=0.9x"], "random", budget=1, progress=False)

@@ -247,6 +247,9 @@ def test_npz_with_integer_labels_measures_top1(tmp_path: Path) -> None:
     assert task.measure(always0) == {"top1": 100.0}
     batches = list(task.train_batches())
     assert sum(len(t) for _, t in batches) == 8
+    # its top-1 reads the held samples, which are the validation ones: not a test figure
+    assert task.evaluate_on_validation
+    assert not npz_task(_save(tmp_path / "unl.npz", x=x)).evaluate_on_validation
 
 
 def test_npz_with_float_targets_trains_on_mse(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ class SearchOutcome:
     files: dict[str, Path] = field(default_factory=dict)
     uniform: list[dict[str, Any]] = field(default_factory=list)
     test_metrics: dict[str, float] | None = None
-    test_data: str = "held-out metric"  # or "validation": agreement on the search's inputs
+    test_data: str = "held-out metric"  # or "validation": the samples the search chose on
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -212,11 +212,12 @@ def run_search(
         onnx_path, parity = _export(compressed, task, out / "model.onnx")
         outcome.files["onnx"] = onnx_path
         payload["export"] = {"file": onnx_path.name, "parity": parity}
-        # an agreement task scores against the uncompressed model's outputs on its
-        # validation inputs, the ones the search chose on: the record says so
+        # agreement, or a metric on the validation samples themselves, scores the data the
+        # search chose on: the record says so instead of calling it a test figure
         task.bind_reference(model)
         outcome.test_metrics = task.measure(compressed)
-        outcome.test_data = "held-out metric" if task.evaluate is not None else "validation"
+        held_out = task.evaluate is not None and not task.evaluate_on_validation
+        outcome.test_data = "held-out metric" if held_out else "validation"
         payload["test_metrics"] = outcome.test_metrics
         payload["test_metrics_data"] = outcome.test_data
         payload["test_metrics_uncompressed"] = task.measure(model)

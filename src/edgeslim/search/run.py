@@ -192,7 +192,7 @@ def search(
     """
     _check_counts(budget, batch)
     space = space if space is not None else SearchSpace.build(model, task, seed=seed)
-    if space.model is not model:
+    if model is not space.model and model is not space.source:
         raise SearchError("the search space was built for another model object")
     if evaluator is None:
         evaluator = Evaluator(space, Constraints.parse(constraints, max_drop), latency=latency)

@@ -208,8 +208,12 @@ class SearchSpace:
         base_table: dict[str, LayerInfo],
         traced: Any,
         bn_recalibration: bool = True,
+        source: nn.Module | None = None,
     ) -> None:
         self.model = model
+        # the model the caller built the space from: ``model`` itself, or the model an
+        # equivalent copy was made of (attention split into linears, so heads are groups)
+        self.source = source if source is not None else model
         self.task = task
         self.layers = tuple(layers)
         self.groups = tuple(groups)
@@ -291,6 +295,7 @@ class SearchSpace:
             raise SearchError(f"round_to must be >= 1; got {round_to}")
         example = task.example_inputs
         model.eval()
+        source = model
         if k_choices != (1.0,) and has_attention(model):
             # heads are searched too: on a split copy (same outputs; the caller's model stays)
             model = copy.deepcopy(model)
@@ -342,7 +347,7 @@ class SearchSpace:
             model, task, layers, groups, excluded=excluded, weight_spec=wspec, act_spec=aspec,
             criterion=criterion, importance=importance, scores=scores, candidates=cands,
             round_to=round_to, calibration=calibration, seed=seed, base_table=graph.layers,
-            traced=graph.traced, bn_recalibration=bn_recalibration,
+            traced=graph.traced, bn_recalibration=bn_recalibration, source=source,
         )  # fmt: skip
 
     def _make_dims(self) -> Iterator[Dim]:

@@ -56,6 +56,9 @@ class Task:
       :func:`normalised_range`); None where unknown. Data-free methods read no sample, so
       this is the only way they learn the first layer's input range; without it they
       assume a standardised input (mean 0, std 1).
+    - ``evaluate_on_validation``: ``evaluate`` scores the validation samples themselves
+      (an ``.npz`` or an image folder split in two parts, not three), so a figure of a
+      model chosen on validation, e.g. by a search, is not a held-out one.
     """
 
     example_inputs: tuple[torch.Tensor, ...]
@@ -74,6 +77,7 @@ class Task:
     primary: str | None = None
     description: str = ""
     input_ranges: tuple[tuple[float, float] | None, ...] | None = None
+    evaluate_on_validation: bool = False
     _reference: AgreementReference | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -71,7 +71,11 @@ def _with_metric(task: Task, metric: str) -> Task:
         from edgeslim.imports import load_callable
 
         fn = load_callable(metric, "function(model) returns a float or a dict of floats", TaskError)
-        return replace(task, evaluate=fn, metric=metric.partition(":")[2], primary=None)
+        # the user's function reads the data it chooses: not known to be the validation
+        return replace(
+            task, evaluate=fn, metric=metric.partition(":")[2], primary=None,
+            evaluate_on_validation=False,
+        )  # fmt: skip
     allowed = AGREEMENT_METRICS if task.evaluate is None else (task.metric,)
     if task.evaluate is None and metric not in AGREEMENT_METRICS:
         raise TaskError(

@@ -86,6 +86,7 @@ def _split_task(
         example_inputs=example, batch_dims=dims, calibration=calib, train=train, loss=loss,
         evaluate=evaluate, metric="top1", validation=valid, name=name,
         description=description, input_ranges=input_ranges,
+        evaluate_on_validation=evaluate is not None,  # the held samples are both
     )  # fmt: skip
 
 
