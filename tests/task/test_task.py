@@ -118,6 +118,25 @@ def test_task_rejects_a_generator_as_train() -> None:
     with pytest.raises(TaskError, match="generator"):
         Task(example_inputs=(x[:1],), train=((x, None) for _ in range(2)))
     Task(example_inputs=(x[:1],), train=[(x, None)])  # a list is re-iterable
+    for what in ("calibration", "validation"):  # read several times too
+        with pytest.raises(TaskError, match=f"{what} is a one-shot"):
+            Task(example_inputs=(x[:1],), **{what: (x for _ in range(2))})
+
+
+def test_data_of_another_shape_than_the_example_is_refused_naming_both() -> None:
+    """Only the batch dimension may differ (the export fixes the others); caught when the
+    data is read, not inside ONNX Runtime."""
+    x, h = torch.randn(1, 4), torch.randn(2, 1, 3)
+    ok = Task(example_inputs=(x, h), batch_dims=(0, 1), calibration=[(torch.randn(5, 4),
+              torch.randn(2, 5, 3))])  # fmt: skip
+    assert len(ok.calibration_batches()) == 1
+    wrong = Task(example_inputs=(x, h), batch_dims=(0, 1), validation=[(torch.randn(5, 4),
+                 torch.randn(3, 5, 3))])  # fmt: skip
+    with pytest.raises(TaskError, match=r"validation batch 0, input 1 has shape \[3, 5, 3\]"):
+        wrong.validation_batches()
+    one = Task(example_inputs=(x, h), batch_dims=(0, 1), calibration=[torch.randn(5, 4)])
+    with pytest.raises(TaskError, match="holds 1 input"):
+        one.calibration_batches()
 
 
 def test_task_batch_dims_are_validated() -> None:

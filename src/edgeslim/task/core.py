@@ -97,11 +97,15 @@ class Task:
                 )
         self.batch_dims = dims
         self._check_input_ranges(n)
-        if self.train is not None and is_one_shot(self.train):
-            raise TaskError(
-                f"task {self.name!r}: train is a one-shot iterator (a generator); training "
-                "iterates it once per epoch, so pass a list, a DataLoader or a TensorBatches"
-            )
+        for what in ("calibration", "validation", "train"):
+            data = getattr(self, what)
+            if data is not None and is_one_shot(data):
+                raise TaskError(
+                    f"task {self.name!r}: {what} is a one-shot iterator (a generator); it is "
+                    "read more than once (the uncompressed model's figures, calibration, "
+                    "every epoch, the final figures), so pass a list, a DataLoader or a "
+                    "TensorBatches"
+                )
 
     def _check_input_ranges(self, n: int) -> None:
         if self.input_ranges is None:
@@ -161,6 +165,7 @@ class Task:
         out = take_samples(self.calibration, limit, self.dims)
         if not out:
             raise TaskError(f"task {self.name!r}: the calibration data is empty")
+        self._check_shapes(out, "calibration")
         return out
 
     def train_batches(
@@ -195,7 +200,31 @@ class Task:
         batches = take_samples(data, None, self.dims)
         if not batches:
             raise TaskError(f"task {self.name!r}: the validation data is empty")
+        self._check_shapes(batches, "validation" if self.validation is not None else "calibration")
         return batches
+
+    def _check_shapes(self, batches: list[Inputs], what: str) -> None:
+        """Every batch holds one tensor per example input, of the example's shape but on its
+        batch dimension: the exported model fixes every other dimension, so data of another
+        shape would fail later, inside ONNX Runtime, with its message instead of this one."""
+        want = [list(t.shape) for t in self.example_inputs]
+        for b, inputs in enumerate(batches):
+            if len(inputs) != len(want):
+                raise TaskError(
+                    f"task {self.name!r}: {what} batch {b} holds {len(inputs)} input(s), the "
+                    f"example {len(want)}; give one tensor per model input"
+                )
+            for i, (t, shape, d) in enumerate(zip(inputs, want, self.dims, strict=True)):
+                got = list(t.shape)
+                if len(got) != len(shape) or any(
+                    g != s for k, (g, s) in enumerate(zip(got, shape, strict=False)) if k != d
+                ):
+                    raise TaskError(
+                        f"task {self.name!r}: {what} batch {b}, input {i} has shape {got} but "
+                        f"the example input {shape}: only the batch dimension ({d}) may "
+                        "differ, since the exported model fixes the others. Give data of the "
+                        "example's shape, or an --input-shape (example) matching the data."
+                    )
 
     # ---- checks and metrics ------------------------------------------------------------
     def check(self, model: nn.Module) -> Any:
