@@ -342,6 +342,10 @@ def _rebuild_step(
         from edgeslim.stages.datafree import rebuild_datafree
 
         return rebuild_datafree(model, stage, example)  # type: ignore[arg-type]
+    if kind == "lowrank":
+        from edgeslim.stages.lowrank import rebuild_lowrank
+
+        return rebuild_lowrank(model, folder / step["files"]["plan"], example)
     if kind == "finetune":
         return model  # weights only: the saved state carries them
     if kind == "search":

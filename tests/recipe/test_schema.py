@@ -23,7 +23,7 @@ def test_valid_recipe_round_trips(tmp_path: Path) -> None:
         (
             {"stages": [{"kind": "magic"}]},
             "stages[0].kind: 'magic' is not a stage kind; "
-            "allowed values: datafree, finetune, prune, quantize",
+            "allowed values: datafree, finetune, lowrank, prune, quantize",
         ),
         ({"stages": [{"kind": "finetune", "epochs": 0}]}, "stages[0].epochs"),
         (

@@ -7,6 +7,7 @@ The recipe layer imports this package only, never ``quant``/``prune``/``datafree
 
 import edgeslim.stages.datafree
 import edgeslim.stages.finetune
+import edgeslim.stages.lowrank
 import edgeslim.stages.prune
 import edgeslim.stages.quantize
 import edgeslim.stages.search  # noqa: F401  (each module registers its stage kind)

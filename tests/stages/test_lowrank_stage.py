@@ -1,0 +1,95 @@
+"""Recipe stage ``lowrank`` on a small CNN trained on sklearn digits (real data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import edgeslim
+from edgeslim.data import TensorBatches, load_digits_split
+from edgeslim.errors import RecipeError
+from edgeslim.graph.layers import layer_table, total_macs
+from edgeslim.lowrank import LowRankConv2d
+from edgeslim.recipe import parse_recipe
+from edgeslim.task import Task
+from edgeslim.task.resolve import builtin_task
+from edgeslim.train.loop import TrainConfig, train_classifier
+
+
+@pytest.fixture(scope="module")
+def digits_cnn() -> nn.Module:
+    train = load_digits_split("train")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+    batches = TensorBatches(train.images, train.labels, 64, shuffle=True)
+    train_classifier(model, batches, TrainConfig(epochs=6, lr=0.05, channels_last=False))
+    return model.eval()
+
+
+def _macs(model: nn.Module, task: Task) -> int:
+    return total_macs(layer_table(model, *task.example_inputs))
+
+
+def _recipe(*extra: dict[str, object], **fields: object) -> dict[str, object]:
+    stage = {"kind": "lowrank", "macs_reduction": 0.4, "epochs": 1, "lr": 0.01, **fields}
+    return {"name": "lowrank", "stages": [stage, *extra]}
+
+
+def test_invalid_lowrank_stage_names_the_field_and_allowed_values() -> None:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(_recipe(method="tucker", macs_reduction=1.5))
+    text = str(info.value)
+    assert "method" in text and "svd" in text and "trp" in text
+    assert "macs_reduction" in text
+
+
+def test_svd_stage_then_w8a8_meets_the_target_and_reloads(
+    digits_cnn: nn.Module, tmp_path: Path
+) -> None:
+    task = builtin_task("digits")
+    base_macs = _macs(digits_cnn, task)
+    quantize = {"kind": "quantize", "w_bits": 8, "a_bits": 8, "calibration": 128}
+    out = tmp_path / "svd"
+    result = edgeslim.compress(digits_cnn, _recipe(quantize), task, out)
+    torch_row = next(r for r in result.records if r.runtime == "torch")
+    assert torch_row.macs <= 0.6 * base_macs + 1  # -40% MACs, measured on the result
+    assert torch_row.value >= torch_row.baseline_value - 5.0  # KD fine-tune recovers it
+    plan = json.loads((out / "model.plan.lowrank.json").read_text())
+    assert plan["ranks"] and all(r > 0 for r in plan["ranks"].values())
+    assert any(n.startswith("lowrank: svd:") for n in result.notes)
+    reloaded = edgeslim.load(out, digits_cnn)  # factorized at the saved ranks, then weights
+    x = task.example_inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), result.model(x), atol=1e-5)
+
+
+def test_trp_stage_trains_low_rank_and_meets_the_target(
+    digits_cnn: nn.Module, tmp_path: Path
+) -> None:
+    task = builtin_task("digits")
+    result = edgeslim.compress(digits_cnn, _recipe(method="trp"), task, tmp_path / "trp")
+    torch_row = next(r for r in result.records if r.runtime == "torch")
+    assert torch_row.macs <= 0.6 * _macs(digits_cnn, task) + 1
+    assert torch_row.value >= torch_row.baseline_value - 10.0
+    assert any("trained with TRP" in n for n in result.notes)
+
+
+def test_svd_without_epochs_reads_no_training_data(digits_cnn: nn.Module, tmp_path: Path) -> None:
+    full = builtin_task("digits")
+    task = Task(  # no train iterable: factorizing alone must not ask for one
+        example_inputs=full.example_inputs, calibration=full.calibration, name="unlabelled"
+    )
+    result = edgeslim.compress(digits_cnn, _recipe(epochs=0), task, tmp_path / "nodata")
+    assert any(isinstance(m, LowRankConv2d) for m in result.model.modules())
+    with pytest.raises(RecipeError, match="epochs"):
+        edgeslim.compress(digits_cnn, _recipe(method="trp", epochs=0), task, tmp_path / "t0")
+    assert not (tmp_path / "t0").exists()
