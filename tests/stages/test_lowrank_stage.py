@@ -59,7 +59,7 @@ def test_svd_stage_then_w8a8_meets_the_target_and_reloads(
     base_macs = _macs(digits_cnn, task)
     quantize = {"kind": "quantize", "w_bits": 8, "a_bits": 8, "calibration": 128}
     out = tmp_path / "svd"
-    result = edgeslim.compress(digits_cnn, _recipe(quantize), task, out)
+    result = edgeslim.compress(digits_cnn, _recipe(quantize), task, out, quick=True)
     torch_row = next(r for r in result.records if r.runtime == "torch")
     assert torch_row.macs <= 0.6 * base_macs + 1  # -40% MACs, measured on the result
     assert torch_row.value >= torch_row.baseline_value - 5.0  # KD fine-tune recovers it
@@ -76,7 +76,9 @@ def test_trp_stage_trains_low_rank_and_meets_the_target(
     digits_cnn: nn.Module, tmp_path: Path
 ) -> None:
     task = builtin_task("digits")
-    result = edgeslim.compress(digits_cnn, _recipe(method="trp"), task, tmp_path / "trp")
+    result = edgeslim.compress(
+        digits_cnn, _recipe(method="trp"), task, tmp_path / "trp", quick=True
+    )
     torch_row = next(r for r in result.records if r.runtime == "torch")
     assert torch_row.macs <= 0.6 * _macs(digits_cnn, task) + 1
     assert torch_row.value >= torch_row.baseline_value - 10.0
@@ -88,7 +90,7 @@ def test_svd_without_epochs_reads_no_training_data(digits_cnn: nn.Module, tmp_pa
     task = Task(  # no train iterable: factorizing alone must not ask for one
         example_inputs=full.example_inputs, calibration=full.calibration, name="unlabelled"
     )
-    result = edgeslim.compress(digits_cnn, _recipe(epochs=0), task, tmp_path / "nodata")
+    result = edgeslim.compress(digits_cnn, _recipe(epochs=0), task, tmp_path / "nodata", quick=True)
     assert any(isinstance(m, LowRankConv2d) for m in result.model.modules())
     with pytest.raises(RecipeError, match="epochs"):
         edgeslim.compress(digits_cnn, _recipe(method="trp", epochs=0), task, tmp_path / "t0")

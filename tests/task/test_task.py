@@ -377,6 +377,23 @@ def test_image_folder_errors(tmp_path: Path) -> None:
         image_folder_task(tmp_path / "bad")
 
 
+def test_input_shape_sets_an_image_folders_crop(tmp_path: Path) -> None:
+    """``--data DIR --input-shape 1,3,S,S`` reads the folder at the model's input size (the
+    default, 224, would not fit a 32x32 model); an input a folder cannot give is refused."""
+    from edgeslim.task.resolve import resolve_task
+
+    for i in range(3):
+        _png(tmp_path / "imgs" / f"{i}.png", (40 * i, 0, 0), size=(50, 40))
+    task = resolve_task("models:net", str(tmp_path / "imgs"), input_shapes=[(1, 3, 32, 32)])
+    assert [tuple(t.shape) for t in task.example_inputs] == [(1, 3, 32, 32)]
+    assert tuple(resolve_task("m:f", str(tmp_path / "imgs")).example_inputs[0].shape) == (
+        1, 3, 224, 224,
+    )  # fmt: skip
+    for shape in [(1, 1, 32, 32), (1, 3, 32, 24)]:
+        with pytest.raises(TaskError, match="square RGB crops"):
+            resolve_task("m:f", str(tmp_path / "imgs"), input_shapes=[shape])
+
+
 # ---- the command line's task ---------------------------------------------------------------
 
 

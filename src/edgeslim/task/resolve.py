@@ -47,8 +47,25 @@ def zoo_data(model_name: str) -> str | None:
     return None
 
 
-def load_data(spec: str, quick: bool = False) -> Task:
-    """``--data``: a built-in name, an ``.npz`` file, an image folder or ``module:function``."""
+def image_crop(path: Path, input_shapes: Sequence[tuple[int, ...]]) -> int | None:
+    """The crop an image folder is read at: the side of ``--input-shape 1,3,S,S`` when given
+    (the model's input states it), else None (ImageNet's 224 after a resize to 256)."""
+    if not input_shapes:
+        return None
+    shapes = [tuple(s) for s in input_shapes]
+    if len(shapes) != 1 or len(shapes[0]) != 4 or shapes[0][1] != 3 or shapes[0][2] != shapes[0][3]:
+        given = " ".join(f"--input-shape {','.join(map(str, s))}" for s in shapes)
+        raise TaskError(
+            f"--data {path} is a folder of images, read as square RGB crops; {given} is not "
+            "one such input. Give --input-shape 1,3,S,S (S the crop side), or an .npz holding "
+            "the inputs the model takes"
+        )
+    return int(shapes[0][2])
+
+
+def load_data(spec: str, quick: bool = False, image_size: int | None = None) -> Task:
+    """``--data``: a built-in name, an ``.npz`` file, an image folder (square crops of side
+    ``image_size``, default 224) or ``module:function``."""
     from edgeslim.task.sources import image_folder_task, npz_task, task_from_function
 
     if spec in BUILTIN_DATA:
@@ -57,7 +74,10 @@ def load_data(spec: str, quick: bool = False) -> Task:
     if path.suffix == ".npz":
         return npz_task(path)
     if path.is_dir():
-        return image_folder_task(path)
+        if image_size is None:
+            return image_folder_task(path)
+        # ImageNet's evaluation ratio: shorter side to 256/224 of the crop, then the crop
+        return image_folder_task(path, size=image_size, resize=round(image_size * 256 / 224))
     if ":" in spec and not path.exists():
         return task_from_function(spec)
     raise TaskError(
@@ -119,7 +139,9 @@ def resolve_task(
                 "built-in (" + ", ".join(BUILTIN_DATA) + ") or module:function returning an "
                 f"edgeslim.Task{hint}."
             )
-    task = load_data(data, quick)
+    folder = Path(data).is_dir() and data not in BUILTIN_DATA
+    size = image_crop(Path(data), input_shapes) if folder else None
+    task = load_data(data, quick, size)
     if input_shapes:
         check_shapes(task, input_shapes)
     return _with_metric(task, metric) if metric else task
