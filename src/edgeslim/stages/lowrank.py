@@ -148,7 +148,9 @@ def run_lowrank(model: nn.Module, stage: LowRankStage, ctx: StageContext) -> nn.
     path = _save_ranks(Path(ctx.out), ranks, stage.method)
     ctx.notes.append(f"lowrank: {report.summary()}; ranks {path.name}")
     if report.skipped:
-        shown = "; ".join(f"{k}: {v}" for k, v in list(report.skipped.items())[:4])
+        shown = "; ".join(
+            f"{k}: {v.removeprefix('left dense: ')}" for k, v in list(report.skipped.items())[:4]
+        )
         more = len(report.skipped) - 4
         ctx.notes.append(f"lowrank: left dense: {shown}" + (f"; {more} more" if more > 0 else ""))
     if stage.epochs:
