@@ -272,7 +272,7 @@ def _run(
     base_metrics = task.measure(base)
     start = time.perf_counter()
     model = copy.deepcopy(base)
-    ctx = StageContext(out=out, model_name=name, quick=quick, task=task)
+    ctx = StageContext(out=out, model_name=name, quick=quick, task=task, reference=base)
     data_used = "none"
     steps: list[dict[str, Any]] = []
     for i, stage in enumerate(recipe.stages):

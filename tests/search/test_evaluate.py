@@ -86,6 +86,26 @@ def test_short_finetuning_recovers_accuracy(digits_model: nn.Module, digits_task
         untrainable.evaluate(untrainable.space.uniform(8))
 
 
+def test_short_finetuning_without_labels_distils_from_the_uncompressed_model(
+    digits_model: nn.Module,
+) -> None:
+    """Unlabelled training data (an .npz without y): the fine-tune is KD from the model
+    searched, not cross-entropy (which refused the missing labels)."""
+    from dataclasses import replace
+
+    x = load_digits_split("train").images[:N_TRAIN]
+    task = replace(
+        make_task(labelled=False), train=TensorBatches(x, None, 64, shuffle=True, pairs=True)
+    )
+    sp = SearchSpace.build(digits_model, task, w_bits=(2, 8), keep=(1.0,), calibration=128)
+    policy = sp.uniform(8).replace(w_bits={"conv2": 2})
+    plain = Evaluator(sp).evaluate(policy)
+    cfg = TrainConfig(epochs=2, lr=0.005, batch_size=64, seed=0, channels_last=False)
+    tuned = Evaluator(sp, finetune=cfg, finetune_limit=512).evaluate(policy)
+    assert plain.metric is not None and tuned.metric is not None and tuned.finetuned
+    assert tuned.metric > plain.metric + 5  # agreement with the uncompressed model
+
+
 def test_bn_recalibration_after_pruning_scores_the_cut_model_fairly(
     digits_model: nn.Module, digits_task: Task
 ) -> None:

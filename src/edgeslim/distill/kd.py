@@ -69,3 +69,20 @@ def kd_loss(
     ``DistillLoss(teacher, None, [KDConfig(alpha, temperature)], hard_loss=hard_loss)``.
     """
     return DistillLoss(teacher, None, [KDConfig(alpha, temperature)], hard_loss=hard_loss)
+
+
+def labels_or_teacher(
+    hard_loss: Callable[[Any, Any], torch.Tensor], teacher: nn.Module, temperature: float = 4.0
+) -> LossFn:
+    """``loss(outputs, target, inputs)``: ``hard_loss`` on a labelled batch, KD from
+    ``teacher`` (:func:`kd_loss`'s soft term alone) on a batch whose target is None.
+
+    Why: a task whose training data has no labels (an unlabelled ``.npz``, a flat image
+    folder) can still fine-tune, towards the uncompressed model's outputs; labelled data
+    keeps the task's own loss unchanged."""
+    soft = kd_loss(teacher, 1.0, temperature, hard_loss=hard_loss)
+
+    def loss(outputs: Any, target: Any, inputs: Any) -> torch.Tensor:
+        return hard_loss(outputs, target) if target is not None else soft(outputs, None, inputs)
+
+    return loss

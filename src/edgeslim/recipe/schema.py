@@ -40,8 +40,9 @@ class Stage(BaseModel):
 
 @dataclass
 class StageContext:
-    """What a stage may use besides the model: the task (its data), the output directory
-    and a log of notes."""
+    """What a stage may use besides the model: the task (its data), the output directory,
+    a log of notes and the uncompressed model (``reference``: a teacher when the training
+    data has no labels)."""
 
     out: Path
     model_name: str
@@ -49,6 +50,7 @@ class StageContext:
     notes: list[str] = field(default_factory=list)
     data_used: str = "none"
     task: Task | None = None
+    reference: nn.Module | None = None
 
     def need_task(self, stage: str) -> Task:
         """The task, or a clear error naming the stage that needs data."""

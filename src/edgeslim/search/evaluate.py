@@ -265,16 +265,18 @@ class Evaluator:
 
     def _finetune(self, model: nn.Module) -> None:
         """A short QAT pass on the task's training batches (estimators sharpen to the end)."""
+        from edgeslim.distill import labels_or_teacher
         from edgeslim.quant.api import set_progress
         from edgeslim.train.loop import train_classifier
 
         assert self.finetune is not None
         cfg = self.finetune
         batches = self.task.train_batches(cfg.batch_size, self.finetune_limit, cfg.seed)
-        task_loss = self.task.train_loss()
+        # unlabelled batches are distilled from the uncompressed model
+        loss = labels_or_teacher(self.task.train_loss(), self.space.model)
         train_classifier(
-            model, batches, cfg, loss_fn=lambda out, target, _inputs: task_loss(out, target),
-            description="search ft", on_step=lambda p: set_progress(model, p),
+            model, batches, cfg, loss_fn=loss, description="search ft",
+            on_step=lambda p: set_progress(model, p),
         )  # fmt: skip
         set_progress(model, 1.0)
         model.eval()

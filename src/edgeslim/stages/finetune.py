@@ -8,12 +8,14 @@
   limit: null        # cap the training samples (in-memory data)
 ```
 
-The loss is the task's (cross-entropy of the first output by default); augmentation is the
-task's too (the Fashion-MNIST task crops and flips).
+The loss is the task's (cross-entropy of the first output by default); a batch without
+labels (an unlabelled ``.npz`` or image folder) is distilled from the uncompressed model
+instead (KD). Augmentation is the task's (the Fashion-MNIST task crops and flips).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 from pydantic import Field
@@ -41,10 +43,12 @@ def run_finetune(model: nn.Module, stage: FinetuneStage, ctx: StageContext) -> n
     config = TrainConfig(
         epochs=stage.epochs, lr=stage.lr, batch_size=stage.batch_size, seed=stage.seed
     )
-    loss = task.train_loss()
-    history = train_classifier(
-        model, train, config, loss_fn=lambda out, y, _x: loss(out, y), description="finetune"
-    )
+    from edgeslim.distill import labels_or_teacher
+
+    # unlabelled batches distil from the uncompressed model (or the model as it came in)
+    teacher = ctx.reference if ctx.reference is not None else copy.deepcopy(model).eval()
+    loss = labels_or_teacher(task.train_loss(), teacher)
+    history = train_classifier(model, train, config, loss_fn=loss, description="finetune")
     ctx.notes.append(
         f"finetune: {stage.epochs} epoch(s) on {task.name}, final loss {history[-1]['loss']:.4f}"
     )
