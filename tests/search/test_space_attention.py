@@ -23,9 +23,8 @@ class Encoder(nn.Module):
         return self.fc(self.enc(x).mean(1))
 
 
-def test_heads_are_searched_on_a_split_copy() -> None:
+def _encoder_and_tokens() -> tuple[Encoder, torch.Tensor, Task]:
     torch.manual_seed(0)
-    model = Encoder().eval()
     x = torch.randn(96, 6, 16)
     task = Task(
         example_inputs=(x[:1],),
@@ -33,6 +32,11 @@ def test_heads_are_searched_on_a_split_copy() -> None:
         validation=TensorBatches(x[32:], batch_size=64),
         name="tokens",
     )
+    return Encoder().eval(), x, task
+
+
+def test_heads_are_searched_on_a_split_copy() -> None:
+    model, x, task = _encoder_and_tokens()
     space = SearchSpace.build(model, task, w_bits=(8,), keep=(0.5, 1.0), calibration=32)
     assert isinstance(model.enc.self_attn, nn.MultiheadAttention)  # the caller's model
     keys = {g.key for g in space.groups}
@@ -51,15 +55,7 @@ def test_search_accepts_the_model_it_was_given() -> None:
     still take the caller's model (it refused it as "another model object")."""
     from edgeslim.search import search
 
-    torch.manual_seed(0)
-    model = Encoder().eval()
-    x = torch.randn(96, 6, 16)
-    task = Task(
-        example_inputs=(x[:1],),
-        calibration=TensorBatches(x[:32], batch_size=32),
-        validation=TensorBatches(x[32:], batch_size=64),
-        name="tokens",
-    )
+    model, _, task = _encoder_and_tokens()
     space = SearchSpace.build(model, task, w_bits=(8,), keep=(0.5, 1.0), calibration=32)
     assert space.model is not model and space.source is model
     result = search(model, task, space, ["macs<=0.9x"], "random", budget=2, progress=False)
