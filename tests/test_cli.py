@@ -76,7 +76,7 @@ def test_invalid_recipe_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert (
-        "stages[0].kind: 'magic' is not a stage kind; allowed values: datafree, finetune, "
+        "stages[0].kind: 'magic' is not a stage kind; allowed values: datafree, finetune, lowrank, "
         "prune, quantize" in _one_paragraph(result.output)
     )
 
