@@ -218,12 +218,20 @@ def test_task_metric_errors_are_task_errors() -> None:
     task = Task(example_inputs=(x[:1],), evaluate=wordy, metric="m")
     with pytest.raises(TaskError, match="returned str"):
         task.measure(nn.Linear(4, 2))
+    # a NaN passes every limit it is compared with (all comparisons are false): refused
+    for value in (float("nan"), {"top1": 90.0, "loss": float("inf")}):
+        task = Task(example_inputs=(x[:1],), evaluate=lambda _m, v=value: v, metric="m")
+        with pytest.raises(TaskError, match="finite number"):
+            task.measure(nn.Linear(4, 2))
 
 
 def test_task_check_names_the_shapes_when_inputs_do_not_fit() -> None:
     task = Task(example_inputs=(torch.randn(1, 7),))
     with pytest.raises(TaskError, match=r"\[1, 7\].*--input-shape"):
         task.check(nn.Linear(4, 2))
+    ints = Task(example_inputs=(torch.zeros(1, 4, dtype=torch.int64),))  # an int .npz array
+    with pytest.raises(TaskError, match=r"\[1, 4\] torch.int64.*dtype is kept"):
+        ints.check(nn.Linear(4, 2))
 
 
 # ---- .npz ----------------------------------------------------------------------------------
@@ -288,8 +296,10 @@ def test_npz_with_float_targets_trains_on_mse(tmp_path: Path) -> None:
         ({"x0": np.zeros((4, 2)), "x1": np.zeros((5, 2))}, "same number of samples"),
         ({"x": np.zeros((4, 2)), "batch_dims": np.array([0, 1])}, "batch_dims has 2 entries"),
         ({"x": np.zeros((1, 2))}, "at least 2 samples"),
+        ({"x": np.array([[0.0, np.nan], [1.0, 2.0]])}, "1 NaN or infinite value"),
+        ({"x": np.zeros((2, 2)), "y": np.array([0.0, np.inf])}, "'y' holds 1 NaN"),
     ],
-    ids=["no-x", "y-length", "sample-counts", "batch-dims", "one-sample"],
+    ids=["no-x", "y-length", "sample-counts", "batch-dims", "one-sample", "nan-x", "inf-y"],
 )
 def test_npz_errors_say_what_to_fix(
     tmp_path: Path, arrays: dict[str, np.ndarray], message: str

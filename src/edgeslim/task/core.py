@@ -14,6 +14,7 @@ the calibration inputs (the figure then says so in its notes: inputs the compres
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,12 +237,16 @@ class Task:
             with torch.no_grad():
                 return module(*self.example_inputs)
         except Exception as exc:  # the user's model: any error means the inputs do not fit
-            shapes = ", ".join(str(list(t.shape)) for t in self.example_inputs)
+            shapes = ", ".join(
+                str(list(t.shape)) + ("" if t.dtype == torch.float32 else f" {t.dtype}")
+                for t in self.example_inputs
+            )
             raise TaskError(
                 f"the model does not run on the task's example inputs ({shapes}): "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
                 "Give the shapes the model expects (--input-shape, repeated for several "
-                "inputs) or data that matches it (--data)."
+                "inputs) or data that matches it (--data; an .npz array's dtype is kept: "
+                "float for values, integer for indices such as token ids)."
             ) from None
         finally:
             module.train(was)
@@ -297,16 +302,24 @@ def _as_metrics(value: Any, name: str) -> dict[str, float]:
         if not value:
             raise TaskError("the task's metric function returned an empty dict")
         try:
-            return {str(k): float(v) for k, v in value.items()}
+            out = {str(k): float(v) for k, v in value.items()}
         except (TypeError, ValueError):
             raise TaskError("the task's metric function must return float values") from None
-    try:
-        return {name: float(value)}
-    except (TypeError, ValueError):
+    else:
+        try:
+            out = {name: float(value)}
+        except (TypeError, ValueError):
+            raise TaskError(
+                f"the task's metric function returned {type(value).__name__}; it must return "
+                "a float or a dict of floats"
+            ) from None
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:  # a NaN compares false with every limit: it would pass for a result
         raise TaskError(
-            f"the task's metric function returned {type(value).__name__}; it must return a "
-            "float or a dict of floats"
-        ) from None
+            f"the task's metric function returned {', '.join(f'{k}={out[k]}' for k in bad)}; "
+            "a metric must be a finite number (check the model's outputs and the function)"
+        )
+    return out
 
 
 def normalised_range(

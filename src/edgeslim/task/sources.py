@@ -126,6 +126,12 @@ def _numeric_tensor(a: np.ndarray, name: str, path: Path) -> torch.Tensor:
             f"{path}: array {name!r} has dtype {a.dtype}; give numbers (float for inputs, "
             "integer class labels or float targets for y)"
         )
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise TaskError(
+            f"{path}: array {name!r} holds {bad} NaN or infinite value(s) of {a.size}; "
+            "inputs and targets must be finite numbers"
+        )
     try:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")))
     except TypeError as exc:  # a numeric dtype torch lacks
