@@ -497,12 +497,16 @@ def starting_model(
     """``(model name, model, lineage)`` a command starts from: the compressed model a
     ``compress`` wrote to ``from_dir`` (named by the spec it was made from), or
     ``model_name`` with its optional ``checkpoint``. Shared by ``compress`` and ``export``."""
-    from edgeslim.artifacts import Lineage, load_artifact
+    from edgeslim.artifacts import Lineage, load_artifact, read_manifest
 
     if from_dir is not None:
         if checkpoint is not None:
             raise EdgeslimError("give either --from or --checkpoint, not both")
-        artifact = load_artifact(from_dir)
+        rebuild = read_manifest(Path(from_dir), verify=False).get("rebuild") or {}
+        made_in_python = isinstance(rebuild, dict) and not (rebuild.get("model") or {}).get("spec")
+        # a model compressed from Python is rebuilt on the factory the command names
+        given = resolve_base(model_name, None) if made_in_python and model_name else None
+        artifact = load_artifact(from_dir, given)
         lineage = artifact.lineage
         if model_name is not None and lineage.spec is not None and model_name != lineage.spec:
             raise EdgeslimError(

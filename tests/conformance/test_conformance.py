@@ -350,6 +350,24 @@ def test_cli_search_under_a_latency_limit_on_an_npz(name: str, tmp_path: Path) -
 
 
 @pytest.mark.usefixtures("on_path")
+def test_cli_export_from_an_output_compressed_in_python(tmp_path: Path) -> None:
+    """``edgeslim.compress`` from Python records no factory; the command line's MODEL
+    names it, and the output is rebuilt on it (it said to call edgeslim.load instead)."""
+    spec = SPECS["cnn32"]
+    data = write_npz(spec, tmp_path / "data.npz")
+    edgeslim.compress(spec.factory(), W8A8_RECIPE, npz_task(data), tmp_path / "out", quick=True)
+    args = ["export", "onnx", "--from", str(tmp_path / "out"), "--data", str(data)]
+    result = runner.invoke(
+        app, [*args[:2], spec.spec, *args[2:], "--out", str(tmp_path / "m.onnx")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.onnx").is_file() and "int8 QDQ" in result.output
+    wrong = runner.invoke(app, [*args[:2], SPECS["prelu_cnn"].spec, *args[2:], "--out",
+                                str(tmp_path / "w.onnx")])  # fmt: skip
+    assert wrong.exit_code == 2 and not (tmp_path / "w.onnx").exists()
+
+
+@pytest.mark.usefixtures("on_path")
 def test_cli_info_of_a_two_input_model() -> None:
     spec = SPECS["two_input"]
     result = runner.invoke(app, ["info", spec.spec, *_shape_args(spec)])
