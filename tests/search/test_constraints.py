@@ -97,6 +97,11 @@ def test_constraints_collect_drop_and_refuse_two_values() -> None:
     assert cons.to_list() == ["size<=0.25x", "macs<=0.5x", "drop<=1"]
     assert Constraints.parse(cons.to_list()) == cons
     assert Constraints.parse("bops<=0.1x", max_drop=2).max_drop == 2
+    as_int = Constraints.parse("bops<=0.1x", max_drop=2)  # an int from Python: a float
+    assert isinstance(as_int.max_drop, float) and as_int.to_list() == ["bops<=0.1x", "drop<=2"]
+    for bad in (-1, float("nan"), "one"):
+        with pytest.raises(ConstraintError, match="max_drop must be a number"):
+            Constraints.parse("bops<=0.1x", max_drop=bad)  # type: ignore[arg-type]
     with pytest.raises(ConstraintError, match="max_drop given twice"):
         Constraints.parse(["drop<=1"], max_drop=2.0)
     drop = cons.check_drop(99.0, 97.5)

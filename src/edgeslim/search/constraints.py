@@ -63,7 +63,8 @@ class LatencyPredictor(Protocol):
 
 
 def _num(v: float) -> str:
-    """Shortest text that parses back to exactly ``v``."""
+    """Shortest text that parses back to exactly ``v`` (an int too)."""
+    v = float(v)
     return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
 
 
@@ -201,8 +202,15 @@ class Constraints:
     def __post_init__(self) -> None:
         if any(c.cost == "drop" for c in self.limits):
             raise ConstraintError("give drop as max_drop, not among the analytic limits")
-        if self.max_drop is not None and (not math.isfinite(self.max_drop) or self.max_drop < 0):
-            raise ConstraintError(f"max_drop must be a number >= 0; got {self.max_drop}")
+        if self.max_drop is None:
+            return
+        try:  # an int from Python (max_drop=1) is a float here, as the command line's is
+            drop = float(self.max_drop)
+        except (TypeError, ValueError):
+            drop = math.nan
+        if not math.isfinite(drop) or drop < 0:
+            raise ConstraintError(f"max_drop must be a number >= 0; got {self.max_drop!r}")
+        object.__setattr__(self, "max_drop", drop)
 
     @classmethod
     def parse(
