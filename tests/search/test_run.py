@@ -75,6 +75,14 @@ def test_an_impossible_request_returns_no_policy(sp: SearchSpace) -> None:
     json.dumps(result.to_dict())  # the result serialises (for records and reports)
 
 
+def test_a_budget_spent_on_probes_says_so(sp: SearchSpace) -> None:
+    """dp measures sensitivity probes before it asks its policy; a budget that ends among
+    them is not "no measured policy met every constraint" (the probes were not candidates)."""
+    result = search(sp.model, sp.task, sp, ["size<=0.9x"], "dp", budget=2, progress=False)
+    assert result.best is None and all(e.probe for e in result.evaluations)
+    assert "sensitivity probe" in result.message and "Raise the budget" in result.message
+
+
 def test_infeasible_by_accuracy_is_reported_with_the_closest(sp: SearchSpace) -> None:
     result = search(
         sp.model, sp.task, sp, ["size<=0.12x"], "greedy", budget=12, max_drop=0.0,

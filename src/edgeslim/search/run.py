@@ -137,7 +137,20 @@ def _pareto(evals: list[Evaluation], costs: Iterable[str]) -> dict[str, list[Eva
     return out
 
 
-def _message(best: Evaluation | None, closest: Evaluation | None, metric: str, n: int) -> str:
+def _message(
+    best: Evaluation | None,
+    closest: Evaluation | None,
+    metric: str,
+    n: int,
+    probes: int = 0,
+    strategy: str = "",
+) -> str:
+    if best is None and probes and probes == n:  # the budget ended before any candidate
+        return (
+            f"NO FEASIBLE POLICY: the budget went on {strategy}'s {probes} sensitivity "
+            "probe(s); no candidate policy was asked. Raise the budget (the strategy asks its "
+            "probes, then its policy)"
+        )
     if best is not None:
         r = best.result
         return (
@@ -402,5 +415,6 @@ def _result(
         constraints=cons, evaluations=evals, best=best, closest=closest, first_feasible=first,
         pareto=_pareto(evals, costs), notes=dict(strat.notes),
         evaluator_notes=list(evaluator.notes),
-        message=_message(best, closest, evaluator.metric_name, len(evals)),
+        message=_message(best, closest, evaluator.metric_name, len(evals),
+                         sum(e.probe for e in evals), strat.name),
     )  # fmt: skip
