@@ -74,6 +74,27 @@ def test_mixed_bits_are_labelled_from_the_layers_not_the_request(tmp_path: Path)
     assert "w_bits=4/8" in report and "w_bits=8" not in report
 
 
+def test_select_takes_the_stages_own_fields_and_refuses_what_matches_nothing(
+    tmp_path: Path,
+) -> None:
+    """``select: {fc: {w_bits: 4}}`` reads like the stage; a selector that matches no layer
+    fails naming the layers (a typo would otherwise quantize what it meant to keep float)."""
+    from edgeslim.recipe import parse_recipe
+
+    def recipe(select: dict[str, object]) -> dict[str, object]:
+        stage = {"kind": "quantize", "w_bits": 8, "a_bits": 8, "select": select}
+        return {"name": "sel", "stages": [stage]}
+
+    result = edgeslim.compress(_digits_cnn(), recipe({"4": {"w_bits": 4}}), digits_task(),
+                               tmp_path / "ok", quick=True)  # fmt: skip
+    assert result.records[0].extra["weight_bits"] == {"0": 8, "4": 4}
+    with pytest.raises(RecipeError, match=r"select\['4'\].*w_bits.*weight"):
+        parse_recipe(recipe({"4": {"w_bits": 4, "weight": {"bits": 4}}}))
+    with pytest.raises(RecipeError, match=r"'fc' matches no layer.*its conv/linear layers: 0, 4"):
+        edgeslim.compress(_digits_cnn(), recipe({"fc": None}), digits_task(), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_failing_run_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "run"
 

@@ -10,7 +10,11 @@
   bias_correction: false  # remove the mean output shift of rounded weights (same samples)
   select:              # per-layer overrides (FQN / glob / re: / type:Name); null keeps float
     fc: null
+    "layer1.*": {w_bits: 4}   # the stage's own fields, or {weight: {...}, activation: {...}}
 ```
+
+A selector that matches no layer of the model fails the stage, naming the layers (a typo
+would otherwise quantize the layer it meant to keep float).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from torch import nn
 
+from edgeslim.errors import RecipeError
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 
 
@@ -42,13 +47,35 @@ class QuantizeStage(Stage):
     @model_validator(mode="after")
     def _names_exist(self) -> QuantizeStage:
         """Unknown quantizer/estimator/observer names fail at load time, listing valid ones."""
-        from edgeslim.quant import QuantConfig
-
         stage_config(self)
-        for v in self.select.values():
+        for key, v in self.select.items():
             if v is not None:
-                QuantConfig.from_dict(v)
+                select_config(self, key, v)
         return self
+
+
+# what a ``select`` entry may set in the stage's own terms (the rest of the stage applies)
+SHORTHAND = ("w_bits", "a_bits", "quantizer", "estimator", "granularity", "group_size",
+             "weight_observer", "activation_observer")  # fmt: skip
+
+
+def select_config(stage: QuantizeStage, key: str, entry: dict[str, Any]) -> Any:
+    """The :class:`~edgeslim.quant.QuantConfig` of one ``select`` entry: the stage's own
+    fields (``{w_bits: 4}``: the stage with those changed) or a ``QuantConfig`` dict
+    (``{weight: {...}, activation: {...}}``)."""
+    from edgeslim.quant import QuantConfig
+
+    keys = set(entry)
+    if keys and keys <= set(SHORTHAND):
+        fields = {**stage.model_dump(exclude={"select"}), **entry}
+        return stage_config(QuantizeStage.model_validate(fields))
+    if keys <= {"weight", "activation"}:
+        return QuantConfig.from_dict(entry)
+    unknown = sorted(keys - set(SHORTHAND) - {"weight", "activation"}) or sorted(keys)
+    raise ValueError(
+        f"select[{key!r}]: field(s) {unknown} not allowed; give the stage's own fields "
+        f"({', '.join(SHORTHAND)}), or weight/activation specs, not both"
+    )
 
 
 def stage_config(stage: QuantizeStage) -> Any:
@@ -67,14 +94,29 @@ def stage_config(stage: QuantizeStage) -> Any:
     return QuantConfig(weight, act)
 
 
+def _unmatched(keys: list[str], model: nn.Module, name: str) -> str:
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d,
+              nn.Conv3d, nn.Linear))]  # fmt: skip
+    more = f", ... ({len(layers)} in all)" if len(layers) > 12 else ""
+    return (
+        f"quantize: select {', '.join(repr(k) for k in keys)} matches no layer of {name}; its "
+        f"conv/linear layers: {', '.join(layers[:12])}{more} (FQNs, globs like 'layer1.*', "
+        "'re:' patterns or 'type:Conv2d')"
+    )
+
+
 @register_stage("quantize", QuantizeStage, data_used="calibration")
 def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> nn.Module:
     from edgeslim.quant import QuantConfig
+    from edgeslim.quant.config import check_selectors
     from edgeslim.quant.ptq import ptq
 
     select: dict[Any, QuantConfig | None] = {
-        k: None if v is None else QuantConfig.from_dict(v) for k, v in stage.select.items()
+        k: None if v is None else select_config(stage, k, v) for k, v in stage.select.items()
     }
+    unmatched = check_selectors(select, [n for n, _ in model.named_modules()])
+    if unmatched:
+        raise RecipeError(_unmatched(unmatched, model, ctx.model_name))
     calib = None
     seen = 0
     if stage.a_bits is not None or stage.bias_correction:
@@ -105,7 +147,7 @@ def rebuild_quantize(model: nn.Module, stage: QuantizeStage) -> nn.Module:
     from edgeslim.quant.ptq import prepare_ptq
 
     select: dict[Any, QuantConfig | None] = {
-        k: None if v is None else QuantConfig.from_dict(v) for k, v in stage.select.items()
+        k: None if v is None else select_config(stage, k, v) for k, v in stage.select.items()
     }
     config = stage_config(stage)
     m = prepare_ptq(model, config, select)
