@@ -8,6 +8,7 @@ from torch import nn
 from edgeslim.cost.lut import (
     FP32,
     INT8,
+    WONLY,
     LatencyTable,
     _kernel_model,
     layer_key,
@@ -41,7 +42,7 @@ def model() -> tuple[nn.Module, dict]:
     return m, layer_table(m, torch.randn(1, 3, 12, 12))
 
 
-@pytest.mark.parametrize("precision", [FP32, INT8])
+@pytest.mark.parametrize("precision", [FP32, INT8, WONLY])
 def test_kernel_models_run_the_layer_shape(model: tuple[nn.Module, dict], precision: str) -> None:
     """Each timed kernel is the layer at its real shape: same output shape as torch (int8
     convs channels-last, as ONNX Runtime runs them inside a model)."""
@@ -88,6 +89,33 @@ def test_unmodelled_layers_are_named_and_int8_follows_the_bits(
     assert lt.macs == sum(r.macs for r in rows.values() if r.macs)
     assert runs_int8(4, 8) and not runs_int8(8, None) and not runs_int8(None, 8)
     assert not runs_int8(16, 8)
+
+
+def test_weight_only_layers_are_timed_with_their_dequantize(
+    model: tuple[nn.Module, dict], monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A weight-only layer keeps a DequantizeLinear at run time (and loses the float
+    model's pre-reordered kernel): its key is its own precision, and its timed model holds
+    one dequantized int8 weight per copy (distinct, so none is merged away)."""
+    from onnx import load_from_string
+
+    from edgeslim.cost.lut import COPIES
+
+    m, rows = model
+    asked: list[str] = []
+    table = LatencyTable(repeats=3, cache_dir=tmp_path)
+    monkeypatch.setattr(table, "relative", lambda key: asked.append(key.precision) or 1.0)
+    monkeypatch.setattr(table, "probe_ms", lambda precision: 1.0)
+    w = {"conv": 8, "dw": 8, "conv1d": 4, "fc": None}
+    a = {"conv": 8, "dw": None, "conv1d": None, "fc": None}
+    layer_times(table, m, rows, w, a)
+    assert asked == [INT8, WONLY, WONLY, FP32]  # conv, dw, conv1d, fc in graph order
+    key = layer_key(m.get_submodule("conv"), rows["conv"], WONLY)
+    assert key is not None
+    graph = load_from_string(_kernel_model(key, COPIES)[0]).graph
+    dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == COPIES and len({n.input[0] for n in dq}) == COPIES
+    assert {i.name for i in graph.initializer} >= {n.input[0] for n in dq}
 
 
 def test_cache_is_reused_across_instances(model: tuple[nn.Module, dict], tmp_path) -> None:
