@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 import edgeslim
 from edgeslim.cli import app
+from edgeslim.data import TensorBatches
 from edgeslim.task import Task, npz_task
 
 HERE = Path(__file__).parent
@@ -365,6 +366,24 @@ def test_cli_export_from_an_output_compressed_in_python(tmp_path: Path) -> None:
     wrong = runner.invoke(app, [*args[:2], SPECS["prelu_cnn"].spec, *args[2:], "--out",
                                 str(tmp_path / "w.onnx")])  # fmt: skip
     assert wrong.exit_code == 2 and not (tmp_path / "w.onnx").exists()
+
+
+def test_pruning_a_model_with_value_outputs_fine_tunes_towards_its_outputs() -> None:
+    """A U-Net's image output on unlabelled samples, cosine headline: the prune fine-tune
+    matches the unpruned model's outputs (softmax KD over the image's last axis, measured
+    ad hoc on this very run: cosine 0.02 after 3 epochs; matched: 0.59)."""
+    torch.manual_seed(0)
+    x = torch.randn(120, 3, 32, 32)
+    task = Task(
+        example_inputs=(x[:1],), calibration=TensorBatches(x[:64], batch_size=16),
+        train=TensorBatches(x[:96], None, 16, shuffle=True, pairs=True),
+        validation=TensorBatches(x[96:], batch_size=24), primary="cosine", name="unet",
+    )  # fmt: skip
+    stage = {"kind": "prune", "method": "rank", "macs_reduction": 0.2, "round_to": 1,
+             "allow_target_miss": True, "finetune_epochs": 3}  # fmt: skip
+    result = edgeslim.compress(SPECS["unet_skip"].factory(), {"name": "p", "stages": [stage]},
+                               task, None, quick=True)  # fmt: skip
+    assert result.records[0].metric == "cosine" and result.records[0].value > 0.4
 
 
 @pytest.mark.usefixtures("on_path")

@@ -1,14 +1,16 @@
-"""``labels_or_teacher``: the task's loss on labelled batches, KD from the teacher on
-unlabelled ones (what fine-tuning on an unlabelled ``.npz`` or image folder trains on)."""
+"""``labels_or_teacher``: the task's loss on labelled batches, the teacher's outputs on
+unlabelled ones (what fine-tuning on an unlabelled ``.npz`` or image folder trains on): KD
+for class scores, ``output_match_loss`` for outputs that are values."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
-from edgeslim.distill import kd_loss, labels_or_teacher
+from edgeslim.distill import kd_loss, labels_or_teacher, output_match_loss
 from edgeslim.train.loop import cross_entropy
 
 
@@ -30,3 +32,34 @@ def test_labelled_batches_keep_the_task_loss_unlabelled_ones_distil() -> None:
     assert torch.allclose(soft, kd_loss(teacher, 1.0)(out, None, (x,)))
     soft.backward()  # it trains the student
     assert student.weight.grad is not None and float(student.weight.grad.abs().sum()) > 0
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), 100.0 * self.b(x)  # outputs of very different scales
+
+
+def test_outputs_that_are_values_are_matched_each_at_its_own_scale() -> None:
+    torch.manual_seed(0)
+    teacher = TwoOutputs().eval()
+    student = copy.deepcopy(teacher)
+    x = torch.randn(16, 6)
+    loss = labels_or_teacher(cross_entropy, teacher, values=True)
+    assert float(loss(student(x), None, (x,))) < 1e-10
+    with torch.no_grad():  # the same relative change to each output: the same share of loss
+        student.a.weight.mul_(1.1)
+        student.a.bias.mul_(1.1)
+    one = float(output_match_loss(teacher)(student(x), None, (x,)))
+    with torch.no_grad():
+        student.b.weight.mul_(1.1)
+        student.b.bias.mul_(1.1)
+    both = float(output_match_loss(teacher)(student(x), None, (x,)))
+    assert both == pytest.approx(2 * one, rel=1e-4)  # the 100x output does not dominate
+    out = student(x)
+    value = loss(out, None, (x,))
+    value.backward()
+    assert student.b.weight.grad is not None and float(student.b.weight.grad.abs().sum()) > 0

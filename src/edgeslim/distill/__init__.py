@@ -23,7 +23,7 @@ from edgeslim.distill.config import (
 )
 from edgeslim.distill.dccd import VIEWS, DCCDTerm, channel_contrastive, dynamic_difference
 from edgeslim.distill.feature import FeatureTerm
-from edgeslim.distill.kd import KDTerm, kd_loss, labels_or_teacher, soft_kl
+from edgeslim.distill.kd import KDTerm, kd_loss, labels_or_teacher, output_match_loss, soft_kl
 from edgeslim.distill.loss import (
     TERMS,
     DistillBatch,
@@ -62,6 +62,7 @@ __all__ = [
     "dynamic_difference",
     "kd_loss",
     "labels_or_teacher",
+    "output_match_loss",
     "register_term",
     "soft_kl",
     "tap_module",

@@ -29,6 +29,7 @@ def finetune_pruned(
     val: Iterable[Batch] | None = None,
     description: str = "finetune",
     hard_loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> list[dict[str, float]]:
     """Train the pruned ``model`` in place on ``(inputs, target)`` batches (SGD, OneCycle,
     progress bar; see :func:`~edgeslim.train.loop.train_classifier`); returns the history.
@@ -38,12 +39,12 @@ def finetune_pruned(
     ``1 - alpha`` of cross-entropy on the labels (the KL alone where ``target`` is None);
     without, plain cross-entropy. The default leans on the teacher (resnet20 at -50% MACs,
     10k images: 92.61% at 0.9, 92.53% at 0.5). ``hard_loss(outputs, target)`` replaces
-    cross-entropy (a task's own loss).
+    cross-entropy (a task's own loss). ``loss_fn(outputs, target, inputs)`` replaces all of
+    this (e.g. :func:`edgeslim.distill.labels_or_teacher` for outputs that are values).
     """
-    loss_fn: LossFn | None = None
-    if teacher is not None:
+    if loss_fn is None and teacher is not None:
         loss_fn = kd_loss(teacher, alpha, temperature, hard_loss=hard_loss)
-    elif hard_loss is not None:
+    elif loss_fn is None and hard_loss is not None:
         hard = hard_loss
         loss_fn = lambda outputs, target, _inputs: hard(outputs, target)  # noqa: E731
     history = train_classifier(

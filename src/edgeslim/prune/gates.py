@@ -64,6 +64,7 @@ from edgeslim.prune.surgery import (
 )
 from edgeslim.train.distill import kd_loss
 from edgeslim.train.loop import (
+    LossFn,
     TrainConfig,
     classification_loss,
     steps_per_epoch,
@@ -526,6 +527,7 @@ def train_gates(
     groups: Sequence[CouplingGroup] | None = None,
     val: Iterable[Batch] | None = None,
     description: str = "gates",
+    task_loss: LossFn | None = None,
     **options: Any,
 ) -> GateResult:
     """Train weights and gates jointly, then remove the off channels; ``model`` in place.
@@ -536,7 +538,8 @@ def train_gates(
 
     ``train`` is re-iterable ``(inputs, target)`` batches, as for
     :func:`~edgeslim.train.loop.train_classifier` (``target`` may be None with a teacher).
-    Loss: cross-entropy (or :func:`~edgeslim.train.distill.kd_loss` from ``teacher``) plus
+    Loss: cross-entropy (or :func:`~edgeslim.train.distill.kd_loss` from ``teacher``, or
+    ``task_loss(outputs, target, inputs)`` when given, built before the gates exist) plus
     ``lam * relu(E/T - (1 - macs_reduction))``. The weights use ``config``'s SGD and
     OneCycle schedule; the gates their own SGD (``gate_lr``, ``gate_momentum``), stepped
     from ``on_step``: their gradients are ~1e-3 (a channel's share of the MACs, a
@@ -569,7 +572,12 @@ def train_gates(
     cfg = GateConfig.build(gating, **options)
     macs_reduction, enforce_at = cfg.macs_reduction, cfg.enforce_at
     # before the hooks exist, so a copied teacher is never gated
-    task = kd_loss(teacher) if teacher is not None else classification_loss(config.label_smoothing)
+    if task_loss is not None:
+        task = task_loss
+    elif teacher is not None:
+        task = kd_loss(teacher)
+    else:
+        task = classification_loss(config.label_smoothing)
     gates = attach_gates(
         model, example_args, groups, k0=cfg.k0, k_max=cfg.k_max, mode=cfg.mode,
         round_to=cfg.round_to,

@@ -273,7 +273,8 @@ class Evaluator:
         cfg = self.finetune
         batches = self.task.train_batches(cfg.batch_size, self.finetune_limit, cfg.seed)
         # unlabelled batches are distilled from the uncompressed model
-        loss = labels_or_teacher(self.task.train_loss(), self.space.model)
+        values = self.task.headline == "cosine"  # outputs that are not class scores
+        loss = labels_or_teacher(self.task.train_loss(), self.space.model, values=values)
         train_classifier(
             model, batches, cfg, loss_fn=loss, description="search ft",
             on_step=lambda p: set_progress(model, p),

@@ -10,7 +10,8 @@
 
 The loss is the task's (cross-entropy of the first output by default); a batch without
 labels (an unlabelled ``.npz`` or image folder) is distilled from the uncompressed model
-instead (KD). Augmentation is the task's (the Fashion-MNIST task crops and flips).
+instead: KD, or its outputs matched as values when the task's headline is ``cosine``.
+Augmentation is the task's (the Fashion-MNIST task crops and flips).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def run_finetune(model: nn.Module, stage: FinetuneStage, ctx: StageContext) -> n
 
     # unlabelled batches distil from the uncompressed model (or the model as it came in)
     teacher = ctx.reference if ctx.reference is not None else copy.deepcopy(model).eval()
-    loss = labels_or_teacher(task.train_loss(), teacher)
+    loss = labels_or_teacher(task.train_loss(), teacher, values=task.headline == "cosine")
     history = train_classifier(model, train, config, loss_fn=loss, description="finetune")
     ctx.notes.append(
         f"finetune: {stage.epochs} epoch(s) on {task.name}, final loss {history[-1]['loss']:.4f}"

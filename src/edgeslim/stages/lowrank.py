@@ -103,9 +103,13 @@ def rebuild_lowrank(
 
 
 def _loss(stage: LowRankStage, teacher: nn.Module | None, task: Any) -> Any:
-    from edgeslim.distill import kd_loss
+    """KD from ``teacher`` with the task's loss; outputs matched as values when the task's
+    headline is ``cosine`` (not class scores); the task's loss alone without a teacher."""
+    from edgeslim.distill import kd_loss, labels_or_teacher
 
     hard = task.train_loss()
+    if teacher is not None and task.headline == "cosine":
+        return labels_or_teacher(hard, teacher, values=True)
     if teacher is not None:
         return kd_loss(teacher, stage.kd_alpha, hard_loss=hard)
     return lambda outputs, target, _inputs: hard(outputs, target)

@@ -145,6 +145,18 @@ def _samples(train: Iterable[Any]) -> str:
     return f"{n} samples" if n is not None else "the task's training batches"
 
 
+def _value_loss(teacher: nn.Module | None, ctx: StageContext) -> Any:
+    """For a task whose outputs are values (headline ``cosine``), the loss that matches
+    the teacher's outputs (a softmax KD would read them as class scores); else None, the
+    KD default."""
+    from edgeslim.distill import labels_or_teacher
+
+    task = ctx.task
+    if teacher is None or task is None or task.headline != "cosine":
+        return None
+    return labels_or_teacher(task.train_loss(), teacher, values=True)
+
+
 def _prune_by_gates(
     model: nn.Module,
     example: tuple[torch.Tensor, ...],
@@ -160,7 +172,7 @@ def _prune_by_gates(
     result = train_gates(
         model, example, train, _train_config(stage, stage.gate_epochs),
         macs_reduction=stage.macs_reduction, teacher=teacher, description="gates",
-        round_to=stage.round_to,
+        round_to=stage.round_to, task_loss=_value_loss(teacher, ctx),
     )  # fmt: skip
     plan = result.plan
     if ctx.model_name:
@@ -264,7 +276,7 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
         config = _train_config(stage, stage.finetune_epochs)
         history = finetune_pruned(
             model, train, config, teacher=teacher, alpha=stage.kd_alpha, description="prune ft",
-            hard_loss=task.train_loss(),
+            hard_loss=task.train_loss(), loss_fn=_value_loss(teacher, ctx),
         )  # fmt: skip
         ctx.notes.append(
             f"prune fine-tune: {stage.finetune_epochs} epoch(s) on {_samples(train)}"
