@@ -17,6 +17,7 @@ from torch import nn
 
 from edgeslim.distill.config import KDConfig
 from edgeslim.distill.loss import DistillBatch, DistillLoss, DistillTerm, register_term
+from edgeslim.task.agreement import flat_outputs
 from edgeslim.train.loop import LossFn, class_logits
 
 
@@ -72,17 +73,6 @@ def kd_loss(
     return DistillLoss(teacher, None, [KDConfig(alpha, temperature)], hard_loss=hard_loss)
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a model's output (a tensor, or nested tuples/lists/dicts of them)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _tensors(v)]
-    return []
-
-
 def output_match_loss(teacher: nn.Module) -> LossFn:
     """``loss(outputs, target, inputs)``: the mean over every output tensor of
     ``mean((s - t)^2) / mean(t^2)``, ``t`` from a frozen copy of ``teacher`` run once per
@@ -99,8 +89,8 @@ def output_match_loss(teacher: nn.Module) -> LossFn:
 
     def loss(outputs: Any, target: Any, inputs: Any) -> torch.Tensor:
         with torch.no_grad():
-            ref = _tensors(frozen(*inputs))
-        got = _tensors(outputs)
+            ref = flat_outputs(frozen(*inputs))
+        got = flat_outputs(outputs)
         if len(got) != len(ref):
             raise ValueError(f"output_match_loss: {len(got)} outputs against {len(ref)}")
         terms = [
