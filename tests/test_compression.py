@@ -95,6 +95,24 @@ def test_select_takes_the_stages_own_fields_and_refuses_what_matches_nothing(
     assert not (tmp_path / "bad").exists()
 
 
+def test_recipes_that_cannot_work_say_what_to_change(tmp_path: Path) -> None:
+    """A quantize stage after a datafree one (already quantized), and training on batches
+    without labels with KD switched off: each one error naming the fix."""
+    both = {"name": "dq", "stages": [{"kind": "datafree", "method": "rtn", "low_bits": 8,
+            "high_bits": 8}, {"kind": "quantize", "w_bits": 8, "a_bits": 8}]}  # fmt: skip
+    with pytest.raises(RecipeError, match=r"already quantized.*act_bits"):
+        edgeslim.compress(_digits_cnn(), both, digits_task(), tmp_path / "dq", quick=True)
+    full = digits_task()
+    x = torch.cat([b[0] for b in full.calibration_batches()])
+    unlabelled = Task(example_inputs=full.example_inputs, calibration=full.calibration,
+                      train=TensorBatches(x, None, 32, shuffle=True, pairs=True))  # fmt: skip
+    prune = {"name": "p", "stages": [{"kind": "prune", "macs_reduction": 0.2, "kd": False,
+             "finetune_epochs": 1, "allow_target_miss": True}]}  # fmt: skip
+    with pytest.raises(TaskError, match="kd: true"):
+        edgeslim.compress(_digits_cnn(), prune, unlabelled, tmp_path / "p", quick=True)
+    assert not (tmp_path / "dq").exists() and not (tmp_path / "p").exists()
+
+
 def test_a_failing_run_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "run"
 

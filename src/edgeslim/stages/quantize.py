@@ -117,6 +117,15 @@ def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> n
     unmatched = check_selectors(select, [n for n, _ in model.named_modules()])
     if unmatched:
         raise RecipeError(_unmatched(unmatched, model, ctx.model_name))
+    from edgeslim.quant.modules import QuantMixin
+
+    done = [n for n, m in model.named_modules() if isinstance(m, QuantMixin)]
+    if done:  # ptq skips quantized layers: it would find nothing (or only the rest) to do
+        raise RecipeError(
+            f"quantize: {ctx.model_name} is already quantized by an earlier stage ({len(done)} "
+            f"layers, e.g. {done[0]}); a datafree stage sets its own bits (low_bits, "
+            "high_bits, act_bits): drop this stage or the earlier one"
+        )
     calib = None
     seen = 0
     if stage.a_bits is not None or stage.bias_correction:

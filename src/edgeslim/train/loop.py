@@ -24,6 +24,7 @@ from edgeslim.data.batching import (
     is_one_shot,
 )
 from edgeslim.data.fashion_mnist import Split
+from edgeslim.errors import TaskError
 from edgeslim.progress import progress_bar
 
 LossFn = Callable[[Any, Any, Inputs], torch.Tensor]
@@ -71,9 +72,11 @@ def class_logits(outputs: Any) -> torch.Tensor:
 def cross_entropy(outputs: Any, target: Any, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the first output against class-index targets."""
     if target is None:
-        raise ValueError(
-            "cross-entropy needs labels, but the batch target is None; pass a loss_fn that "
-            "needs none (e.g. edgeslim.train.distill.kd_loss(teacher))"
+        raise TaskError(
+            "cross-entropy needs labels, but the training batches carry none (target None): "
+            "distil from the uncompressed model instead (a recipe's prune or lowrank stage: "
+            "`kd: true`; Python: loss_fn=edgeslim.distill.kd_loss(teacher)), or give data "
+            "with labels"
         )
     return nn.functional.cross_entropy(
         class_logits(outputs), target.reshape(-1), label_smoothing=label_smoothing
