@@ -224,6 +224,19 @@ def move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+PLAN_GLOB = "model.plan*.json"  # the structural plans a compress run's stages write
+
+
+def free_plan_path(out: Path, stem: str) -> Path:
+    """``<stem>.json`` in ``out``, or ``<stem>.<k>.json`` when a stage of the same kind
+    earlier in the recipe took it; ``stem`` starts with ``model.plan`` so the run's
+    :data:`PLAN_GLOB` finds the file and reload replays it."""
+    path, k = Path(out) / f"{stem}.json", 2
+    while path.exists():
+        path, k = Path(out) / f"{stem}.{k}.json", k + 1
+    return path
+
+
 # --- rebuild ------------------------------------------------------------------------------
 
 

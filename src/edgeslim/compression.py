@@ -225,7 +225,9 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
 
 
 def _plan_files(out: Path) -> set[str]:
-    return {p.name for p in out.glob("model.plan*.json")}
+    from edgeslim.artifacts import PLAN_GLOB
+
+    return {p.name for p in out.glob(PLAN_GLOB)}
 
 
 SLOWER_TOLERANCE = 1.05  # a compressed model this much slower than its original is said

@@ -183,8 +183,9 @@ def _kernel_model(key: LayerKey, copies: int = 1) -> tuple[bytes, dict[str, np.n
         op, inputs = ("Conv" if key.kind == "conv" else "Gemm"), ["x", w, bias]
         elem_in = elem_out = TensorProto.FLOAT
     outs = ["y"] if copies == 1 else [f"y{i}" for i in range(copies)]
-    nodes = [helper.make_node(op, inputs, [o], domain=domain, **attrs) for o in outs]
-    if key.precision == WONLY:  # each layer dequantizes its own int8 weight at every call
+    if key.precision != WONLY:
+        nodes = [helper.make_node(op, inputs, [o], domain=domain, **attrs) for o in outs]
+    else:  # each layer dequantizes its own int8 weight at every call
         nodes = []
         scale = const("ws", np.full(key.cout, 0.01, np.float32))
         zero = const("wz", np.zeros(key.cout, np.int8))

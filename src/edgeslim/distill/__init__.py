@@ -23,7 +23,14 @@ from edgeslim.distill.config import (
 )
 from edgeslim.distill.dccd import VIEWS, DCCDTerm, channel_contrastive, dynamic_difference
 from edgeslim.distill.feature import FeatureTerm
-from edgeslim.distill.kd import KDTerm, kd_loss, labels_or_teacher, output_match_loss, soft_kl
+from edgeslim.distill.kd import (
+    KDTerm,
+    kd_loss,
+    labels_or_teacher,
+    output_match_loss,
+    soft_kl,
+    teacher_loss,
+)
 from edgeslim.distill.loss import (
     TERMS,
     DistillBatch,
@@ -66,4 +73,5 @@ __all__ = [
     "register_term",
     "soft_kl",
     "tap_module",
+    "teacher_loss",
 ]

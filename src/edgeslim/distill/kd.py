@@ -114,13 +114,33 @@ def labels_or_teacher(
 
     Why: a task whose training data has no labels (an unlabelled ``.npz``, a flat image
     folder) can still fine-tune, towards the uncompressed model's outputs; labelled data
-    keeps the task's own loss unchanged."""
-    if values:
-        soft = output_match_loss(teacher)
-    else:
-        soft = kd_loss(teacher, 1.0, temperature, hard_loss=hard_loss)
+    keeps the task's own loss unchanged. The teacher is copied on the first unlabelled
+    batch only."""
+    soft: list[LossFn] = []
 
     def loss(outputs: Any, target: Any, inputs: Any) -> torch.Tensor:
-        return hard_loss(outputs, target) if target is not None else soft(outputs, None, inputs)
+        if target is not None:
+            return hard_loss(outputs, target)
+        if not soft:
+            soft.append(
+                output_match_loss(teacher)
+                if values
+                else kd_loss(teacher, 1.0, temperature, hard_loss=hard_loss)
+            )
+        return soft[0](outputs, None, inputs)
 
     return loss
+
+
+def teacher_loss(
+    hard_loss: Callable[[Any, Any], torch.Tensor],
+    teacher: nn.Module,
+    alpha: float,
+    values: bool = False,
+) -> LossFn:
+    """The distillation a compression stage fine-tunes with: :func:`kd_loss` (``alpha`` of
+    the teacher's softened scores, the rest ``hard_loss``), or for outputs that are values
+    :func:`labels_or_teacher` matching them (a softmax would read them as class scores)."""
+    if values:
+        return labels_or_teacher(hard_loss, teacher, values=True)
+    return kd_loss(teacher, alpha, hard_loss=hard_loss)

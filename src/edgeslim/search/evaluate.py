@@ -272,9 +272,11 @@ class Evaluator:
         assert self.finetune is not None
         cfg = self.finetune
         batches = self.task.train_batches(cfg.batch_size, self.finetune_limit, cfg.seed)
-        # unlabelled batches are distilled from the uncompressed model
-        values = self.task.headline == "cosine"  # outputs that are not class scores
-        loss = labels_or_teacher(self.task.train_loss(), self.space.model, values=values)
+        # unlabelled batches distil from the uncompressed model (copied only if there are
+        # any; not kept on the evaluator, which a parallel executor sends to its workers)
+        loss = labels_or_teacher(
+            self.task.train_loss(), self.space.model, values=self.task.value_outputs
+        )
         train_classifier(
             model, batches, cfg, loss_fn=loss, description="search ft",
             on_step=lambda p: set_progress(model, p),

@@ -48,7 +48,7 @@ def run_finetune(model: nn.Module, stage: FinetuneStage, ctx: StageContext) -> n
 
     # unlabelled batches distil from the uncompressed model (or the model as it came in)
     teacher = ctx.reference if ctx.reference is not None else copy.deepcopy(model).eval()
-    loss = labels_or_teacher(task.train_loss(), teacher, values=task.headline == "cosine")
+    loss = labels_or_teacher(task.train_loss(), teacher, values=task.value_outputs)
     history = train_classifier(model, train, config, loss_fn=loss, description="finetune")
     ctx.notes.append(
         f"finetune: {stage.epochs} epoch(s) on {task.name}, final loss {history[-1]['loss']:.4f}"

@@ -40,6 +40,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from edgeslim.artifacts import free_plan_path
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 
 PLAN_NAME = "model.plan.lowrank"
@@ -65,17 +66,9 @@ class LowRankStage(Stage):
     lam: float = Field(3e-4, ge=0.0)
 
 
-def _plan_path(out: Path) -> Path:
-    """``model.plan.lowrank.json``, or ``...lowrank.<k>.json`` for a later lowrank stage."""
-    path, k = out / f"{PLAN_NAME}.json", 2
-    while path.exists():
-        path, k = out / f"{PLAN_NAME}.{k}.json", k + 1
-    return path
-
-
 def _save_ranks(out: Path, ranks: dict[str, int], method: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    path = _plan_path(out)
+    path = free_plan_path(out, PLAN_NAME)  # ...lowrank.<k>.json for a later lowrank stage
     path.write_text(json.dumps({"kind": "lowrank", "method": method, "ranks": ranks}, indent=1))
     return path
 
@@ -103,15 +96,13 @@ def rebuild_lowrank(
 
 
 def _loss(stage: LowRankStage, teacher: nn.Module | None, task: Any) -> Any:
-    """KD from ``teacher`` with the task's loss; outputs matched as values when the task's
-    headline is ``cosine`` (not class scores); the task's loss alone without a teacher."""
-    from edgeslim.distill import kd_loss, labels_or_teacher
+    """Distillation from ``teacher`` (:func:`edgeslim.distill.teacher_loss`), or the
+    task's loss alone without one."""
+    from edgeslim.distill import teacher_loss
 
     hard = task.train_loss()
-    if teacher is not None and task.headline == "cosine":
-        return labels_or_teacher(hard, teacher, values=True)
     if teacher is not None:
-        return kd_loss(teacher, stage.kd_alpha, hard_loss=hard)
+        return teacher_loss(hard, teacher, stage.kd_alpha, task.value_outputs)
     return lambda outputs, target, _inputs: hard(outputs, target)
 
 

@@ -49,6 +49,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from edgeslim.artifacts import free_plan_path
 from edgeslim.errors import PruneError
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.train.loop import TrainConfig
@@ -130,10 +131,7 @@ class PruneStage(Stage):
 
 def _plan_path(out: Path) -> Path:
     """``model.plan.json``, or ``model.plan.<k>.json`` for a later prune stage of the recipe."""
-    path, k = out / "model.plan.json", 2
-    while path.exists():
-        path, k = out / f"model.plan.{k}.json", k + 1
-    return path
+    return free_plan_path(out, "model.plan")
 
 
 def _train_config(stage: PruneStage, epochs: int) -> TrainConfig:
@@ -145,16 +143,15 @@ def _samples(train: Iterable[Any]) -> str:
     return f"{n} samples" if n is not None else "the task's training batches"
 
 
-def _value_loss(teacher: nn.Module | None, ctx: StageContext) -> Any:
-    """For a task whose outputs are values (headline ``cosine``), the loss that matches
-    the teacher's outputs (a softmax KD would read them as class scores); else None, the
-    KD default."""
-    from edgeslim.distill import labels_or_teacher
+def _value_loss(teacher: nn.Module | None, ctx: StageContext, alpha: float) -> Any:
+    """For a task whose outputs are values, the loss that matches the teacher's outputs
+    (a softmax KD would read them as class scores); else None, the trainer's KD default."""
+    from edgeslim.distill import teacher_loss
 
     task = ctx.task
-    if teacher is None or task is None or task.headline != "cosine":
+    if teacher is None or task is None or not task.value_outputs:
         return None
-    return labels_or_teacher(task.train_loss(), teacher, values=True)
+    return teacher_loss(task.train_loss(), teacher, alpha, values=True)
 
 
 def _prune_by_gates(
@@ -172,7 +169,7 @@ def _prune_by_gates(
     result = train_gates(
         model, example, train, _train_config(stage, stage.gate_epochs),
         macs_reduction=stage.macs_reduction, teacher=teacher, description="gates",
-        round_to=stage.round_to, task_loss=_value_loss(teacher, ctx),
+        round_to=stage.round_to, task_loss=_value_loss(teacher, ctx, stage.kd_alpha),
     )  # fmt: skip
     plan = result.plan
     if ctx.model_name:
@@ -276,7 +273,7 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
         config = _train_config(stage, stage.finetune_epochs)
         history = finetune_pruned(
             model, train, config, teacher=teacher, alpha=stage.kd_alpha, description="prune ft",
-            hard_loss=task.train_loss(), loss_fn=_value_loss(teacher, ctx),
+            hard_loss=task.train_loss(), loss_fn=_value_loss(teacher, ctx, stage.kd_alpha),
         )  # fmt: skip
         ctx.notes.append(
             f"prune fine-tune: {stage.finetune_epochs} epoch(s) on {_samples(train)}"

@@ -123,8 +123,9 @@ def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> n
     if done:  # ptq skips quantized layers: it would find nothing (or only the rest) to do
         raise RecipeError(
             f"quantize: {ctx.model_name} is already quantized by an earlier stage ({len(done)} "
-            f"layers, e.g. {done[0]}); a datafree stage sets its own bits (low_bits, "
-            "high_bits, act_bits): drop this stage or the earlier one"
+            f"layers, e.g. {done[0]}): a datafree stage sets its own bits (low_bits, "
+            "high_bits, act_bits), a search stage its policy's; drop this stage or the earlier "
+            "one"
         )
     calib = None
     seen = 0

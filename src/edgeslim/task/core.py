@@ -217,9 +217,7 @@ class Task:
                 )
             for i, (t, shape, d) in enumerate(zip(inputs, want, self.dims, strict=True)):
                 got = list(t.shape)
-                if len(got) != len(shape) or any(
-                    g != s for k, (g, s) in enumerate(zip(got, shape, strict=False)) if k != d
-                ):
+                if not same_but_batch(got, shape, d):
                     raise TaskError(
                         f"task {self.name!r}: {what} batch {b}, input {i} has shape {got} but "
                         f"the example input {shape}: only the batch dimension ({d}) may "
@@ -295,6 +293,18 @@ class Task:
         if self.primary is not None:
             return self.primary
         return "agreement" if self.evaluate is None else self.metric
+
+    @property
+    def value_outputs(self) -> bool:
+        """Whether the outputs are values (an embedding, an image), not class scores: the
+        headline is ``cosine``. Distillation then matches them instead of a softmax."""
+        return self.headline == "cosine"
+
+
+def same_but_batch(a: Sequence[int], b: Sequence[int], batch_dim: int) -> bool:
+    """Whether shapes ``a`` and ``b`` agree on every dimension but ``batch_dim``."""
+    a, b = tuple(a), tuple(b)
+    return a[:batch_dim] + a[batch_dim + 1 :] == b[:batch_dim] + b[batch_dim + 1 :]
 
 
 def _as_metrics(value: Any, name: str) -> dict[str, float]:

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgeslim.errors import TaskError
-from edgeslim.task.core import Task
+from edgeslim.task.core import Task, same_but_batch
 
 BUILTIN_DATA = ("fashion-mnist", "digits", "minilm", "photos")
 AGREEMENT_METRICS = ("agreement", "agreement_all", "top5_agreement", "cosine")
@@ -63,9 +63,9 @@ def image_crop(path: Path, input_shapes: Sequence[tuple[int, ...]]) -> int | Non
     return int(shapes[0][2])
 
 
-def load_data(spec: str, quick: bool = False, image_size: int | None = None) -> Task:
-    """``--data``: a built-in name, an ``.npz`` file, an image folder (square crops of side
-    ``image_size``, default 224) or ``module:function``."""
+def load_data(spec: str, quick: bool = False, input_shapes: Sequence[tuple[int, ...]] = ()) -> Task:
+    """``--data``: a built-in name, an ``.npz`` file, an image folder (read at the crop
+    ``input_shapes`` give, :func:`image_crop`) or ``module:function``."""
     from edgeslim.task.sources import image_folder_task, npz_task, task_from_function
 
     if spec in BUILTIN_DATA:
@@ -74,6 +74,7 @@ def load_data(spec: str, quick: bool = False, image_size: int | None = None) -> 
     if path.suffix == ".npz":
         return npz_task(path)
     if path.is_dir():
+        image_size = image_crop(path, input_shapes)
         if image_size is None:
             return image_folder_task(path)
         # ImageNet's evaluation ratio: shorter side to 256/224 of the crop, then the crop
@@ -109,9 +110,8 @@ def check_shapes(task: Task, shapes: Sequence[tuple[int, ...]]) -> None:
     """``--input-shape`` given with ``--data``: the data must have those shapes."""
     got = [tuple(t.shape) for t in task.example_inputs]
     want = [tuple(s) for s in shapes]
-    if len(got) != len(want) or any(
-        g[:d] + g[d + 1 :] != w[:d] + w[d + 1 :]
-        for g, w, d in zip(got, want, task.dims, strict=False)
+    if len(got) != len(want) or not all(
+        same_but_batch(g, w, d) for g, w, d in zip(got, want, task.dims, strict=False)
     ):
         raise TaskError(
             f"--input-shape {[list(w) for w in want]} does not match the data's inputs "
@@ -139,9 +139,7 @@ def resolve_task(
                 "built-in (" + ", ".join(BUILTIN_DATA) + ") or module:function returning an "
                 f"edgeslim.Task{hint}."
             )
-    folder = Path(data).is_dir() and data not in BUILTIN_DATA
-    size = image_crop(Path(data), input_shapes) if folder else None
-    task = load_data(data, quick, size)
+    task = load_data(data, quick, input_shapes)
     if input_shapes:
         check_shapes(task, input_shapes)
     return _with_metric(task, metric) if metric else task
