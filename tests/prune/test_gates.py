@@ -154,6 +154,36 @@ def test_kept_tops_up_to_the_budget_and_never_empties_a_group() -> None:
         gates.kept(1000)
 
 
+def test_kept_brings_back_the_best_switched_off_channels_into_the_band() -> None:
+    """Gates that switched off far more than the budget asks (a tiny model, a short run)
+    get their highest-latent channels back until the MACs are within the floor, never past
+    the ceiling; without a floor, the gates' structure is kept as trained."""
+    model = load_zoo_model("resnet20")
+    gates = attach_gates(model, EX)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lat in gates.latent:
+            lat.copy_(torch.rand(lat.shape, generator=gen) - 0.7)  # about 70% off
+    as_trained = gates.macs_of(gates.kept())
+    total = gates.total_macs
+    target, floor, ceiling = int(0.7 * total), int(0.68 * total), int(0.72 * total)
+    assert as_trained < floor  # the gates overshot the -30% budget
+    assert gates.macs_of(gates.kept(target)) == as_trained
+    keep = gates.kept(target, floor, ceiling)
+    assert floor <= gates.macs_of(keep) <= ceiling
+    for g, lat in zip(gates.groups, gates.latent, strict=True):
+        on = lat.detach() > 0
+        assert bool(on[keep[g]].sum() == on.sum()), "an on-gate channel was dropped"
+    # the highest switched-off gate comes back first (one channel is far narrower than the
+    # 4-point band, so it always fits)
+    best = max(
+        ((float(lat.detach()[i]), g, i) for g, lat in zip(gates.groups, gates.latent, strict=True)
+         for i in range(len(lat)) if float(lat.detach()[i]) <= 0),
+        key=lambda t: t[0],
+    )  # fmt: skip
+    assert best[2] in keep[best[1]]
+
+
 def test_train_gates_meets_the_budget(fmnist_test_small) -> None:  # type: ignore[no-untyped-def]
     model = load_zoo_model("resnet20")
     teacher = load_zoo_model("resnet20")

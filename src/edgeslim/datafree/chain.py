@@ -148,6 +148,20 @@ def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, CONVS) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+def group_inputs(m: nn.Module) -> torch.Tensor | None:
+    """For a grouped conv (``groups > 1``, depthwise included), the input channel each
+    weight column reads, ``(O, C / groups)``: row ``o`` reads only its group's channels.
+    None for a layer whose every row reads every input channel."""
+    groups = int(getattr(m, "groups", 1))
+    if groups == 1:
+        return None
+    w = m.weight
+    assert isinstance(w, torch.Tensor)
+    out, per = int(w.shape[0]), int(w.shape[1])
+    group = torch.arange(out) // (out // groups)
+    return group[:, None] * per + torch.arange(per)[None, :]
+
+
 def kernel_window(w: torch.Tensor) -> tuple[int, int]:
     """``(kh, kw)`` of a conv weight ``(out, in, *kernel)``: a 1-D conv's window is one row
     ``(1, k)``, so the spatial prior of a 2-D window applies to it unchanged."""
@@ -237,9 +251,10 @@ def layer_output(m: nn.Module, x: Stats) -> Stats | None:
     if is_depthwise(m):
         flat = w.reshape(w.shape[0], -1)
         return Stats(flat.sum(1) * x.mean + bias, (flat * flat).sum(1) * x.var)
-    if m.groups != 1:
-        return None
     s, s2 = w.flatten(2).sum(-1), (w * w).flatten(2).sum(-1)
+    idx = group_inputs(m)
+    if idx is not None:  # each row sums over its own group's channels only
+        return Stats((s * x.mean[idx]).sum(1) + bias, (s2 * x.var[idx]).sum(1))
     return Stats(s @ x.mean + bias, s2 @ x.var)
 
 

@@ -39,7 +39,14 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import nn
 
-from edgeslim.datafree.chain import Chain, Pair, Stats, input_stats, kernel_window
+from edgeslim.datafree.chain import (
+    Chain,
+    Pair,
+    Stats,
+    group_inputs,
+    input_stats,
+    kernel_window,
+)
 from edgeslim.datafree.gaussian import act_cov, act_mean, act_var
 from edgeslim.datafree.ops import (
     WeightGranularity,
@@ -76,8 +83,10 @@ def input_variance(m: nn.Module, x: Stats | None) -> torch.Tensor:
     w = weight_of(m)
     if w.dim() == 2:
         return _channel_var(x, w.shape[1]).reshape(1, -1).expand(w.shape)
-    if w.shape[1] == 1 and w.shape[0] > 1 and getattr(m, "groups", 1) == w.shape[0]:
-        return _channel_var(x, w.shape[0]).reshape(-1, *[1] * (w.dim() - 1)).expand(w.shape)
+    idx = group_inputs(m)
+    if idx is not None:  # grouped (depthwise included): each row reads its group's channels
+        v = _channel_var(x, int(idx.max()) + 1)[idx]
+        return v.reshape(*v.shape, *[1] * (w.dim() - 2)).expand(w.shape)
     return _channel_var(x, w.shape[1]).reshape(1, -1, *[1] * (w.dim() - 2)).expand(w.shape)
 
 
@@ -101,6 +110,14 @@ def inner_products(
     if c == 1 and o > 1 and getattr(m, "groups", 1) == o:  # depthwise: own channel per row
         v = _channel_var(x, o)
         return (ak * bf).sum((1, 2)) * v
+    idx = group_inputs(m)
+    if idx is not None:  # grouped: rows of different groups read different channels
+        vg = _channel_var(x, int(idx.max()) + 1)[idx]  # (O, C / groups)
+        if not full:
+            return torch.einsum("icp,icp,ic->i", ak, bf, vg)
+        group = idx[:, 0] // c
+        same = (group[:, None] == group[None, :]).to(torch.float64)
+        return torch.einsum("icp,jcp,ic->ij", ak, bf, vg) * same
     v = _channel_var(x, c)
     if full:
         return torch.einsum("icp,jcp,c->ij", ak, bf, v)

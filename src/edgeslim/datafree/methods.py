@@ -57,6 +57,7 @@ from edgeslim.datafree.ops import (
 )
 from edgeslim.datafree.rounding import round_with_covariance, row_gram
 from edgeslim.graph.coupling import CouplingGroup, fx_coupling_groups
+from edgeslim.prune.config import MACS_TOLERANCE
 
 CLE_ITERATIONS = 8
 PRUNE_CRITERIA = ("l1", "l2", "fpgm", "random")
@@ -64,7 +65,6 @@ CLIP_TOL = 1e-3  # a clip (ReLU6) is "active" on a channel where P(z > hi) excee
 CLIP_STDS = 4.0  # equalized ReLU6 channels keep mean + CLIP_STDS std below the clip
 ABSORB_STDS = 3.0  # high-bias absorption moves max(0, mean - ABSORB_STDS std) (DFQ's 3)
 MAX_GROUP_RATIO = 0.9  # at most this fraction of a group's channels is removed
-MACS_TOLERANCE = 0.02  # a MACs target missed by more than this is said loudly
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from edgeslim.datafree.chain import Pair, is_depthwise
+from edgeslim.datafree.chain import Pair, group_inputs, is_depthwise
 from edgeslim.quant.modules import make_quantizer
 from edgeslim.quant.spec import QuantSpec
 
@@ -65,6 +65,9 @@ def channel_effect(m: nn.Module, vec: torch.Tensor, repeat: int = 1) -> torch.Te
     v = vec.to(torch.float64)
     if is_depthwise(m):
         return cols[:, 0] * v
+    idx = group_inputs(m)
+    if idx is not None:  # grouped: each row reads its own group's channels
+        return (cols * v[idx]).sum(1)
     return cols @ v
 
 
@@ -75,6 +78,9 @@ def weight_shift(m: nn.Module, delta: torch.Tensor, x_mean: torch.Tensor) -> tor
         return d @ x_mean.to(torch.float64)
     if is_depthwise(m):
         return d.reshape(d.shape[0], -1).sum(1) * x_mean.to(torch.float64)
+    idx = group_inputs(m)
+    if idx is not None:  # grouped: each row reads its own group's channels
+        return (d.flatten(2).sum(-1) * x_mean.to(torch.float64)[idx]).sum(1)
     return d.flatten(2).sum(-1) @ x_mean.to(torch.float64)
 
 

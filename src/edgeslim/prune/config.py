@@ -23,6 +23,11 @@ from edgeslim.errors import PruneError
 
 GateMode = Literal["hard", "soft"]
 
+MACS_TOLERANCE = 0.02
+"""Largest gap, either way, between a requested and an achieved MACs reduction (2 points):
+the prune and datafree stages fail beyond it, and learned gates that switched off more
+than this beyond the target bring the best of those channels back."""
+
 
 def check_ratios(ratio: float | Mapping[str, float] | None) -> None:
     """Every pruning ratio (one, or one per group key / glob) is in [0, 1)."""
@@ -136,7 +141,12 @@ class GateConfig(_Options):
     are ~1e-3). ``enforce_at``: training progress from which the budget is a hard
     projection (None: the penalty alone). ``mode``: ``hard`` (straight-through 0/1) or
     ``soft`` gates; ``k0``/``k_max``: the surrogate's sharpness schedule (``k0`` None: the
-    gate set's default). ``round_to``: kept widths are multiples of it.
+    gate set's default). ``round_to``: kept widths are multiples of it. ``max_overshoot``:
+    when the trained gates removed more than this fraction of the MACs beyond
+    ``macs_reduction``, the switched-off channels with the highest gates come back until
+    the reduction is within it, landing anywhere within ``max_overshoot`` of the target
+    either way (a model whose smallest step is coarser cannot land closer); None: the
+    gates' structure as trained, however far past the target.
     """
 
     KIND = "gate"
@@ -150,8 +160,11 @@ class GateConfig(_Options):
     k0: float | None = None
     k_max: float = 200.0
     round_to: int = 1
+    max_overshoot: float | None = MACS_TOLERANCE
 
     def __post_init__(self) -> None:
+        if self.max_overshoot is not None and not 0.0 <= self.max_overshoot < 1.0:
+            raise PruneError(f"max_overshoot must be in [0, 1) or None; got {self.max_overshoot}")
         if not 0.0 <= self.macs_reduction < 1.0:
             raise PruneError(f"macs_reduction must be in [0, 1); got {self.macs_reduction}")
         if self.mode not in ("hard", "soft"):

@@ -301,20 +301,33 @@ class GateSet:
 
     # --- reading the gates ------------------------------------------------------------
 
-    def kept(self, target_macs: int | None = None) -> dict[CouplingGroup, list[int]]:
+    def kept(
+        self,
+        target_macs: int | None = None,
+        floor_macs: int | None = None,
+        ceiling_macs: int | None = None,
+    ) -> dict[CouplingGroup, list[int]]:
         """Channels whose gate is on (``g > 0``), never emptying a group.
 
         With ``target_macs``, channels are then removed in order of lowest latent gate
         (across all groups, skipping a group's last channel) until the exact MACs are at
-        most ``target_macs``; channels the gates turned off are never brought back, so
-        gates that pruned more than asked are kept as trained. Raises if the target cannot
-        be reached with one channel per group.
+        most ``target_macs``. With ``floor_macs`` too, gates that pruned below it are
+        undone in part: the switched-off channels with the highest latent come back while
+        the MACs stay within ``ceiling_macs`` (default ``target_macs``; above it when the
+        caller accepts a reduction a little short of the target, for models whose smallest
+        step is coarse), until they reach ``floor_macs``. Without a floor, gates that
+        pruned more than asked are kept as trained. Raises if the target cannot be reached
+        with one channel per group.
         """
         on = [(g.detach() > 0).clone() for g in self.latent]
         for i, mask in enumerate(on):
             if not bool(mask.any()):
                 mask[int(self.latent[i].detach().argmax())] = True
         left = {i: int(m.sum()) for i, m in enumerate(on)}
+        if target_macs is not None and floor_macs is not None:
+            ceiling = target_macs if ceiling_macs is None else max(ceiling_macs, target_macs)
+            self._bring_back(on, left, ceiling, floor_macs)
+            target_macs = max(target_macs, self._count_macs(left))
         if target_macs is None or self._count_macs(left) <= target_macs:
             return self._rounded(on, target_macs)
         lat = torch.cat([g.detach().flatten().cpu() for g in self.latent])
@@ -335,6 +348,27 @@ class GateSet:
             f"cannot reach {target_macs} MACs by gating these groups (at least "
             f"{self._count_macs(left)} with one channel per group)."
         )
+
+    def _bring_back(
+        self, on: list[torch.Tensor], left: dict[int, int], ceiling_macs: int, floor_macs: int
+    ) -> None:
+        """Switch channels back on (``on`` and ``left`` in place), highest latent gate
+        first, while the MACs stay within ``ceiling_macs``, until they reach ``floor_macs``."""
+        if self._count_macs(left) >= floor_macs:
+            return
+        candidates = [
+            (float(self.latent[i].detach()[u]), i, u)
+            for i, mask in enumerate(on)
+            for u in (~mask.cpu()).nonzero().flatten().tolist()
+        ]
+        for _, i, u in sorted(candidates, key=lambda c: (-c[0], c[1], c[2])):
+            trial = {**left, i: left[i] + 1}
+            if self._count_macs(trial) > ceiling_macs:
+                continue
+            on[i][u] = True
+            left[i] += 1
+            if self._count_macs(left) >= floor_macs:
+                return
 
     def _rounded(
         self, on: list[torch.Tensor], target_macs: int | None
@@ -567,7 +601,9 @@ def train_gates(
     Returns the model pruned by a :class:`PrunePlan`, in eval mode. History: one row per
     epoch (loss, ``gates_on``, ``gate_macs_ratio``, optional ``val_top1``); the last row
     also gets ``projected`` (switch-offs by the projection, a channel may count twice),
-    ``topped_up`` (on-gate channels removed at the end) and the measured ``macs_reduction``.
+    ``topped_up`` (on-gate channels removed at the end), ``brought_back`` (off-gate channels
+    kept so the reduction is within ``max_overshoot`` of the target) and the measured
+    ``macs_reduction``.
     """
     cfg = GateConfig.build(gating, **options)
     macs_reduction, enforce_at = cfg.macs_reduction, cfg.enforce_at
@@ -607,9 +643,17 @@ def train_gates(
 
         history = train_classifier(model, train, config, val, loss_fn, description, on_step=on_step)
         per_epoch.append(gates.stats())  # the last gradient is dropped: weights saw these gates
-        keep = gates.kept(target)
+        floor = ceiling = None
+        if cfg.max_overshoot is not None:  # within the band the prune stage accepts
+            floor = math.ceil((1.0 - macs_reduction - cfg.max_overshoot) * gates.total_macs)
+            ceiling = math.floor((1.0 - macs_reduction + cfg.max_overshoot) * gates.total_macs)
+        keep = gates.kept(target, floor, ceiling)
         topped = sum(
             int((lat.detach() > 0).sum()) - int((lat.detach()[keep[g]] > 0).sum())
+            for g, lat in zip(gates.groups, gates.latent, strict=True)
+        )
+        brought_back = sum(
+            int((lat.detach()[keep[g]] <= 0).sum())
             for g, lat in zip(gates.groups, gates.latent, strict=True)
         )
     changed = {g: kept for g, kept in keep.items() if len(kept) < g.size}
@@ -623,6 +667,7 @@ def train_gates(
         history[-1].update(
             projected=float(counts["projected"]),
             topped_up=float(topped),
+            brought_back=float(brought_back),
             macs_reduction=1.0 - real / gates.total_macs,
         )
     return GateResult(model, plan, history)

@@ -27,7 +27,9 @@ of the hidden fraction. The chosen plan is
 then applied to a copy and counted with the layer table; if that real count disagrees with
 the model (an op the model does not cover), the search runs again on a corrected target.
 Global ranking lands in ``[target, target + 1 point]``: a step that would overshoot that
-window is skipped (and its group frozen) while cheaper steps of other groups fill the gap.
+window is skipped (and its group frozen) while cheaper steps of other groups fill the gap;
+on a model whose every remaining step is coarser than 2 points (a few wide coupled groups,
+as in ShuffleNet), it stops up to 2 points short of the target instead of far past it.
 
 Latency-aware ranking (``latency_weight > 0``): each group's scores are divided by its
 fp32 kernel time per MAC relative to the model's, to the power ``latency_weight``, so the
@@ -67,7 +69,7 @@ from edgeslim.graph.attention import has_attention, split_attention
 from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.graph.layers import recurrent_gates
 from edgeslim.graph.model_graph import ModelGraph, analyze
-from edgeslim.prune.config import PruneConfig
+from edgeslim.prune.config import MACS_TOLERANCE, PruneConfig
 from edgeslim.prune.importance import Importance, get_importance
 from edgeslim.prune.plan import PrunePlan
 from edgeslim.prune.surgery import group_key, prune_groups, round_keep, unit_round
@@ -283,7 +285,9 @@ def _global_widths(
     A step's priority is the mean score of its channels. A step that would overshoot the
     target by more than :data:`TOLERANCE` is not taken and freezes its group (its later
     steps remove even more); if no combination lands in the window, the smallest overshoot
-    is taken.
+    is taken, unless it passes the target by more than
+    :data:`~edgeslim.prune.config.MACS_TOLERANCE` while where the search stopped is within
+    that of it (short): then the search stops there.
     """
     steps: list[tuple[float, int, int]] = []
     widths: list[list[int]] = []
@@ -320,6 +324,11 @@ def _global_widths(
             trial[ci] = cands[ci].size - widths[ci][level[ci] + 1]
             over[ci] = macs.reduction(trial)
         ci = min(over, key=lambda c: over[c])
+        short = target - macs.reduction(removed)
+        if over[ci] - target > MACS_TOLERANCE and short <= MACS_TOLERANCE:
+            # every step left is coarser than the tolerance (few, wide coupled groups): stop
+            # a little short of the target rather than far past it
+            return [widths[c][level[c]] for c in range(len(cands))]
         level[ci] += 1
         reached = over[ci] >= target - _EPS
     if not reached:

@@ -139,9 +139,9 @@ def _check_target(stage: DataFreeStage, achieved: float, ctx: StageContext) -> N
     """A MACs reduction more than 2 points off ``prune_ratio`` fails the stage, unless
     ``allow_target_miss`` (then a ``WARNING:`` note the report shows)."""
     from edgeslim.errors import PruneError
-    from edgeslim.stages.prune import TARGET_TOLERANCE
+    from edgeslim.prune.config import MACS_TOLERANCE
 
-    if abs(achieved - stage.prune_ratio) <= TARGET_TOLERANCE:
+    if abs(achieved - stage.prune_ratio) <= MACS_TOLERANCE:
         return
     text = (
         f"the datafree stage ({stage.method}) asked for -{stage.prune_ratio:.1%} MACs on "

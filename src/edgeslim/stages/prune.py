@@ -18,9 +18,9 @@
 
 The MACs reduction is measured on the model before and after the surgery (the layer
 table), never taken from the planner's estimate. When it misses ``macs_reduction`` by
-more than :data:`TARGET_TOLERANCE` (2 points) the stage fails, naming requested vs
-achieved, unless ``allow_target_miss: true``: the miss is then a ``WARNING:`` note that
-the record and ``report.md`` carry.
+more than :data:`~edgeslim.prune.config.MACS_TOLERANCE` (2 points) the stage fails,
+naming requested vs achieved, unless ``allow_target_miss: true``: the miss is then a
+``WARNING:`` note that the record and ``report.md`` carry.
 
 ``method: gates`` trains one binary gate per channel jointly with the weights
 (:func:`edgeslim.prune.gates.train_gates`, ``gate_epochs`` epochs with the same ``lr``,
@@ -56,9 +56,6 @@ from edgeslim.train.loop import TrainConfig
 
 if TYPE_CHECKING:
     from edgeslim.prune.config import PruneConfig
-
-TARGET_TOLERANCE = 0.02
-"""Largest allowed gap between requested and achieved MACs reduction (2 points)."""
 
 
 class PruneStage(Stage):
@@ -191,22 +188,33 @@ def _macs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
 def _check_target(stage: PruneStage, achieved: float, name: str) -> str:
     """The note on the measured MACs reduction; a miss beyond 2 points fails the stage
     unless ``allow_target_miss`` (then the note starts with ``WARNING:``)."""
+    from edgeslim.prune.config import MACS_TOLERANCE
+
     if stage.macs_reduction is None:
         return f"prune: MACs -{achieved:.1%} measured (ratio budget, no MACs target)"
     requested = stage.macs_reduction
-    if abs(achieved - requested) <= TARGET_TOLERANCE:
+    if abs(achieved - requested) <= MACS_TOLERANCE:
         return f"prune: MACs -{achieved:.1%} measured (target -{requested:.0%})"
     text = (
         f"the prune stage asked for -{requested:.1%} MACs on {name or 'the model'} and "
-        f"achieved -{achieved:.1%} (measured; allowed gap {TARGET_TOLERANCE * 100:.0f} points)"
+        f"achieved -{achieved:.1%} (measured; allowed gap {MACS_TOLERANCE * 100:.0f} points)"
     )
     if stage.allow_target_miss:
         return f"WARNING: prune target missed: {text}; kept because allow_target_miss is true"
+    keep = (
+        "or set `allow_target_miss: true` on the stage to keep the result (the report then "
+        "shows the miss)."
+    )
+    if achieved > requested:
+        raise PruneError(
+            f"{text}: more was removed than asked. On this model the smallest step is coarse "
+            f"(a channel of a coupled group, round_to {stage.round_to}) or the learned gates "
+            f"switched off more than the target: lower round_to or change the target, {keep}"
+        )
     raise PruneError(
         f"{text}. Coupled channels, round_to {stage.round_to}, max_group_ratio "
         f"{stage.max_group_ratio} and skipped layers limit what can be removed: adjust them "
-        "or the target, or set `allow_target_miss: true` on the stage to keep the result "
-        "(the report then shows the miss)."
+        f"or the target, {keep}"
     )
 
 
