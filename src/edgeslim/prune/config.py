@@ -145,8 +145,9 @@ class GateConfig(_Options):
     when the trained gates removed more than this fraction of the MACs beyond
     ``macs_reduction``, the switched-off channels with the highest gates come back until
     the reduction is within it, landing anywhere within ``max_overshoot`` of the target
-    either way (a model whose smallest step is coarser cannot land closer); None: the
-    gates' structure as trained, however far past the target.
+    either way (a model whose smallest step is coarser cannot land closer); None (the
+    default): the gates' structure as trained, however far past the target. The prune
+    stage sets it to :data:`MACS_TOLERANCE`, the gap it accepts.
     """
 
     KIND = "gate"
@@ -160,7 +161,7 @@ class GateConfig(_Options):
     k0: float | None = None
     k_max: float = 200.0
     round_to: int = 1
-    max_overshoot: float | None = MACS_TOLERANCE
+    max_overshoot: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_overshoot is not None and not 0.0 <= self.max_overshoot < 1.0:

@@ -160,6 +160,7 @@ def _prune_by_gates(
     ctx: StageContext,
 ) -> Path:
     """Learned gates to the MACs target (model pruned in place); returns the plan's path."""
+    from edgeslim.prune.config import MACS_TOLERANCE
     from edgeslim.prune.gates import train_gates
 
     assert stage.macs_reduction is not None  # the validator guarantees it
@@ -167,6 +168,7 @@ def _prune_by_gates(
         model, example, train, _train_config(stage, stage.gate_epochs),
         macs_reduction=stage.macs_reduction, teacher=teacher, description="gates",
         round_to=stage.round_to, task_loss=_value_loss(teacher, ctx, stage.kd_alpha),
+        max_overshoot=MACS_TOLERANCE,  # the gap _check_target accepts
     )  # fmt: skip
     plan = result.plan
     if ctx.model_name:
