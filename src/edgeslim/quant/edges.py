@@ -9,7 +9,10 @@ torch.fx and places exactly one :class:`ActQuant` on every edge that feeds a qua
 layer, an add, a tensor-by-tensor product (squeeze-excite gates, attention matmuls) or an
 average pool (a ``mean`` over the two spatial axes included), and on
 the output of every quantized conv (after its ReLU when a ReLU is its only reader, which
-export then folds away), taking over the layers' own input quantizers. The simulation then
+export then folds away), taking over the layers' own input quantizers. A quantized conv
+output read by a float op as well (a pre-activation DenseNet's BatchNorm beside the concat)
+is read quantized by every reader: a float reader beside the quantizer keeps ONNX Runtime
+from fusing the conv. The simulation then
 quantizes the same tensors that ONNX Runtime's integer kernels (QLinearConv, QLinearAdd,
 QLinearMul, QLinearAveragePool) do; the ops between (PReLU, SiLU) run in float on
 dequantized values, a cheap element-wise pass, while every conv runs on integers.
@@ -153,7 +156,16 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     covered = {src for src, _, _ in edges}
     for j, conv in enumerate(convs):
         out = _conv_output(gm, conv)
-        if out in covered or not out.users or out in gated:
+        if not out.users or out in gated:
+            continue
+        if out in covered:
+            # a reader left on the float tensor beside the quantizer (a pre-activation
+            # DenseNet's BatchNorm next to the concat) keeps ONNX Runtime from fusing
+            # DQ -> Conv -> Q: every reader reads the quantized tensor, as in ORT's own QDQ
+            read = {u for s, users, _ in edges if s is out for u in users}
+            rest = [u for u in out.users if u not in read and not _reads_shape(u)]
+            if rest:
+                edges.append((out, rest, next(n for s, _, n in edges if s is out)))
             continue
         name = f"output_quant_{j}"
         gm.add_submodule(name, ActQuant(spec))
