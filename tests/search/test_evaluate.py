@@ -161,3 +161,26 @@ def test_the_notes_say_what_happens_to_batchnorm_after_pruning(
     assert any("not re-estimated: the model has no BatchNorm" in n for n in Evaluator(plain).notes)
     bits_only = SearchSpace.build(digits_model, digits_task, w_bits=(4, 8), keep=(1.0,))
     assert not any("BatchNorm" in n for n in Evaluator(bits_only).notes)
+
+
+def test_a_labelled_npz_task_is_searched_on_its_own_metric(
+    digits_model: nn.Module, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """An ``.npz`` with ``y`` scores top-1 on its held samples, which are its validation
+    samples: the search optimises that metric (it optimised agreement, a different figure
+    from the one the command then reported)."""
+    import numpy as np
+
+    from edgeslim.task import npz_task
+
+    split = load_digits_split("test")
+    path = tmp_path / "digits.npz"
+    np.savez(path, x=split.images.numpy(), y=split.labels.numpy())
+    task = npz_task(path)
+    assert task.evaluate_on_validation
+    sp = SearchSpace.build(digits_model, task, w_bits=(2, 8), keep=(1.0,), calibration=128)
+    ev = Evaluator(sp)
+    assert ev.metric_name == "top1" and "the task's top1" in ev.notes[0]
+    assert ev.baseline == task.measure(digits_model)["top1"] < 100.0
+    w8, w2 = ev.evaluate(sp.uniform(8)), ev.evaluate(sp.uniform(2))
+    assert w8.metric is not None and w2.metric is not None and w8.metric > w2.metric

@@ -4,12 +4,16 @@ The metric is measured on the task's **validation** data, never on its test spli
 test figure stays an honest final number:
 
 - with ``metric=``, that function (``model -> float | dict``; it must read validation data);
+- else, when the task's own metric scores its validation samples
+  (``task.evaluate_on_validation``: an ``.npz`` with ``y``, a labelled image folder), that
+  metric (its headline, e.g. ``top1``);
 - else, when ``task.validation`` holds labelled ``(inputs, target)`` batches, top-1 (%) on
   them (``val_top1``), with the task's loss as a smoother sensitivity signal;
 - else agreement (%) with the uncompressed model on ``task.validation`` (or, lacking it, the
   calibration inputs; the evaluator's ``notes`` say so), with ``1 - cosine`` as the loss.
 
-``task.evaluate`` is deliberately not used: the built-in tasks score on their test split.
+Otherwise ``task.evaluate`` is deliberately not used: the built-in tasks score on their
+test split.
 
 The metric is taken as higher-is-better. Results are cached by policy id, so a strategy
 that proposes a policy twice pays once. Optional short fine-tuning (QAT through the
@@ -145,6 +149,9 @@ class Evaluator:
         if metric is not None:
             self.mode, self.metric_name = "metric", metric_name
             self.notes.append(f"metric: {metric_name} from the given function")
+        elif self.task.evaluate is not None and self.task.evaluate_on_validation:
+            self.mode, self.metric_name = "task", self.task.headline
+            self.notes.append(f"metric: the task's {self.metric_name} on its validation samples")
         elif _labelled(self.task.validation):
             assert self.task.validation is not None
             self.mode, self.metric_name = "labelled", "val_top1"
@@ -180,6 +187,9 @@ class Evaluator:
             return next(iter(metrics.values())), metrics, None
         if self.mode == "labelled":
             return self._top1_and_loss(model)
+        if self.mode == "task":
+            metrics = self.task.measure(model)
+            return metrics[self.metric_name], metrics, None
         from edgeslim.task.agreement import agreement_metrics, model_outputs
 
         ref = self._reference
