@@ -102,3 +102,17 @@ def test_methods_run_on_a_grouped_conv_and_keep_the_outputs(
     assert cos > 0.99, cos
     if method == "dfmpc":  # the grouped conv consumes `reduce`: not a pair, and it says why
         assert "grouped conv" in result.report.layers["reduce.0"]
+
+
+def test_a_grouped_network_exports_on_integer_kernels(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The recipe stage's form (statistics ranges, edges quantized): every conv of the
+    ResNeXt-style block runs on ONNX Runtime's integer kernels."""
+    from edgeslim.export.qdq import export_qdq
+    from edgeslim.runtime.kernels import kernel_coverage
+
+    x = torch.randn(1, 3, 16, 16)
+    result = compress_datafree(_model(), "dfq", DataFreeSpec(8, 8), x)
+    edged = quantized_model(result, 8, "statistics", edges=True).eval()
+    path = export_qdq(edged, (x,), tmp_path / "dfq.onnx")
+    share = kernel_coverage(path, (x,)).int8_mac_share
+    assert share > 0.95, share

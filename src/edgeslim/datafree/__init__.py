@@ -120,6 +120,8 @@ def _input_ranges(chain: Chain) -> dict[str, tuple[float, float] | None]:
             hi = float((s.mean + RANGE_STDS * s.std).max())
         if pair is not None:  # the activation clips: its bounds are exact
             lo, hi = max(lo, pair.act.lo), min(hi, pair.act.hi)
+        if s.clip is not None:  # so does any other (a ReLU read by two ops, ahead of a pool)
+            lo, hi = max(lo, s.clip[0]), min(hi, s.clip[1])
         out[fqn] = (lo, hi)
     return out
 

@@ -65,6 +65,9 @@ class Stats:
     # the interval the values cannot leave, where known exactly (the model's input, from the
     # task's input format); only ops that move values unchanged (flatten, view) keep it
     bounds: tuple[float, float] | None = None
+    # the interval the last activation clipped the values to (ReLU: 0 and up), kept by the
+    # ops that pass values on unchanged or select them (pools, flatten)
+    clip: tuple[float, float] | None = None
 
     @property
     def std(self) -> torch.Tensor:
@@ -72,7 +75,7 @@ class Stats:
 
     def repeat(self, n: int) -> Stats:
         return Stats(self.mean.repeat_interleave(n), self.var.repeat_interleave(n),
-                     self.estimated, self.bounds)  # fmt: skip
+                     self.estimated, self.bounds, self.clip)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -389,7 +392,8 @@ class _Propagator(GraphWalk[Stats]):
                      bounds=self.input_range)  # fmt: skip
 
     def act(self, x: Stats, act: Act) -> Stats:
-        return Stats(act_mean(x.mean, x.std, act), act_var(x.mean, x.std, act), x.estimated)
+        mean, var = act_mean(x.mean, x.std, act), act_var(x.mean, x.std, act)
+        return Stats(mean, var, x.estimated, clip=(act.lo, act.hi))
 
     def norm(self, x: Stats | None, mean: torch.Tensor, var: torch.Tensor) -> Stats:
         return Stats(mean, var)
