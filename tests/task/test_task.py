@@ -123,6 +123,33 @@ def test_task_rejects_a_generator_as_train() -> None:
             Task(example_inputs=(x[:1],), **{what: (x for _ in range(2))})
 
 
+def test_dict_batches_are_refused_with_the_wrapper_that_reads_them() -> None:
+    """A Hugging Face style loader yields dicts: the error names the keys and the fix
+    (MappedBatches), which then serves inputs and training pairs, re-iterably."""
+    from torch.utils.data import DataLoader
+
+    from edgeslim.data import MappedBatches
+    from edgeslim.data.batching import as_batch
+
+    rows = [{"pixel_values": torch.randn(4), "labels": i % 2} for i in range(10)]
+    loader = DataLoader(rows, batch_size=4)  # default collate: a dict of stacked tensors
+    x = torch.randn(1, 4)
+    with pytest.raises(
+        TaskError, match=r"calibration: .*keys \['pixel_values', 'labels'\].*MappedBatches"
+    ):
+        Task(example_inputs=(x,), calibration=loader).calibration_batches()
+    with pytest.raises(TypeError, match="MappedBatches"):
+        as_batch(next(iter(loader)))
+    inputs = MappedBatches(loader, lambda b: b["pixel_values"])
+    pairs = MappedBatches(loader, lambda b: (b["pixel_values"], b["labels"]))
+    task = Task(example_inputs=(x,), calibration=inputs, train=pairs)
+    assert sum(int(b[0].shape[0]) for b in task.calibration_batches()) == 10
+    for _ in range(2):  # every epoch reads it again
+        assert [int(i[0].shape[0]) for i, _y in map(as_batch, task.train_batches())] == [4, 4, 2]
+    with pytest.raises(TaskError, match="one-shot"):
+        Task(example_inputs=(x,), calibration=MappedBatches(iter(rows), lambda b: b))
+
+
 def test_data_of_another_shape_than_the_example_is_refused_naming_both() -> None:
     """Only the batch dimension may differ (the export fixes the others); caught when the
     data is read, not inside ONNX Runtime."""

@@ -1,6 +1,6 @@
 """Real datasets, all offline: Fashion-MNIST, sklearn digits and a small text corpus."""
 
-from edgeslim.data.batching import TensorBatches, crop_flip
+from edgeslim.data.batching import MappedBatches, TensorBatches, crop_flip
 from edgeslim.data.digits import load_digits_split
 from edgeslim.data.fashion_mnist import (
     FASHION_MNIST_MEAN,
@@ -14,6 +14,7 @@ from edgeslim.data.text import load_sentences
 __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "MappedBatches",
     "Split",
     "TensorBatches",
     "crop_flip",

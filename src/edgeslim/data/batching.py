@@ -10,12 +10,13 @@ learned gates, data-driven importance, distillation) takes plain iterables of th
   needs no labels (distillation from a teacher).
 
 Iterables used for training are iterated once per epoch, so they must be re-iterable (a
-list, a DataLoader, a :class:`TensorBatches`), never a one-shot generator.
+list, a DataLoader, a :class:`TensorBatches`), never a one-shot generator. Batches of
+another shape (a ``dict`` per batch) go through :class:`MappedBatches`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,26 +26,77 @@ Batch = tuple[Inputs, Any]
 Transform = Callable[[Inputs, torch.Generator], Inputs]
 
 
+def _what(item: Any) -> str:
+    """A batch's type, with a mapping's keys (a Hugging Face style ``dict`` batch)."""
+    if isinstance(item, Mapping):
+        return f"{type(item).__name__} with keys {list(item)[:8]}"
+    return type(item).__name__
+
+
 def as_inputs(item: Any) -> Inputs:
     """One input batch as a tuple of tensors (a bare tensor is one input)."""
     if isinstance(item, torch.Tensor):
         return (item,)
     if isinstance(item, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in item):
         return tuple(item)
+    hint = ""
+    if isinstance(item, Mapping):
+        key = next(iter(item), "x")
+        hint = (
+            f"; map each batch to the model's inputs with edgeslim.data.MappedBatches("
+            f"loader, lambda b: b[{key!r}])"
+        )
     raise TypeError(
         "an input batch must be a tensor or a tuple of tensors (one per model input); "
-        f"got {type(item).__name__}"
+        f"got {_what(item)}{hint}"
     )
 
 
 def as_batch(item: Any) -> Batch:
     """One training batch as ``(inputs, target)``."""
     if not isinstance(item, (tuple, list)) or len(item) != 2:
+        hint = ""
+        if isinstance(item, Mapping):
+            hint = (
+                "; map each batch to a pair with edgeslim.data.MappedBatches(loader, "
+                "lambda b: (b['<input key>'], b['<label key>']))"
+            )
         raise TypeError(
             "a training batch must be a pair (inputs, target), inputs a tensor or a tuple of "
-            f"tensors; got {type(item).__name__}"
+            f"tensors; got {_what(item)}{hint}"
         )
     return as_inputs(item[0]), item[1]
+
+
+class MappedBatches:
+    """``fn`` applied to every batch of ``data``, re-iterable as ``data`` is.
+
+    For loaders whose batches are not what edgeslim reads (a tensor or tuple of input
+    tensors, or ``(inputs, target)`` for training): a Hugging Face style ``dict`` batch,
+    extra fields, inputs to move or cast. NNCF's ``transform_fn`` plays this part::
+
+        Task(example_inputs=(x,), calibration=MappedBatches(loader, lambda b: b["pixel_values"]),
+             train=MappedBatches(loader, lambda b: (b["pixel_values"], b["labels"])))
+
+    Decision: a wrapper, not a ``Task`` field, so every place that takes batches (the
+    Python API's ``ptq``, ``train_gates``, ...) takes it too.
+    """
+
+    def __init__(self, data: Iterable[Any], fn: Callable[[Any], Any]) -> None:
+        self.data = data
+        self.fn = fn
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.data:
+            yield self.fn(item)
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    @property
+    def one_shot(self) -> bool:
+        """Whether the wrapped data is a one-shot iterator (then so is this)."""
+        return is_one_shot(self.data)
 
 
 def input_batches(data: Iterable[Any]) -> Iterator[Inputs]:
@@ -97,6 +149,8 @@ def take_samples(
 
 def is_one_shot(data: Iterable[Any]) -> bool:
     """True for an iterator (a generator): it would be empty from the second epoch on."""
+    if isinstance(data, MappedBatches):
+        return data.one_shot
     return iter(data) is data
 
 

@@ -163,7 +163,7 @@ class Task:
                 f"task {self.name!r} has no calibration data; this step needs input samples "
                 "(pass --data, or give the Task a calibration iterable)"
             )
-        out = take_samples(self.calibration, limit, self.dims)
+        out = self._samples(self.calibration, limit, "calibration")
         if not out:
             raise TaskError(f"task {self.name!r}: the calibration data is empty")
         self._check_shapes(out, "calibration")
@@ -198,11 +198,18 @@ class Task:
                 f"task {self.name!r} has neither a metric (evaluate) nor validation or "
                 "calibration inputs to measure agreement on; pass --data (or --metric)"
             )
-        batches = take_samples(data, None, self.dims)
+        what = "validation" if self.validation is not None else "calibration"
+        batches = self._samples(data, None, what)
         if not batches:
             raise TaskError(f"task {self.name!r}: the validation data is empty")
-        self._check_shapes(batches, "validation" if self.validation is not None else "calibration")
+        self._check_shapes(batches, what)
         return batches
+
+    def _samples(self, data: Iterable[Any], limit: int | None, what: str) -> list[Inputs]:
+        try:
+            return take_samples(data, limit, self.dims)
+        except TypeError as exc:  # a batch of another shape (a dict): the hint says how
+            raise TaskError(f"task {self.name!r}: {what}: {exc}") from None
 
     def _check_shapes(self, batches: list[Inputs], what: str) -> None:
         """Every batch holds one tensor per example input, of the example's shape but on its
