@@ -228,3 +228,41 @@ def test_a_conv_read_by_a_concat_and_a_float_op_still_runs_on_integers(tmp_path)
     gm = ptq(model, w8a8(), x)
     ops = ort_fused_ops(export_module(copy.deepcopy(gm), (x[:1],), tmp_path / "m.onnx", {}))
     assert ops.get("QLinearConv") == 2 and "Conv" not in ops and "FusedConv" not in ops, ops
+
+
+def test_a_layer_called_several_times_is_quantized_at_every_call(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Weights tied across depth (one block applied three times): the first call took the
+    layer's input quantizer and the later calls were left without one, so ONNX Runtime ran
+    two of the three in float (37% of the MACs on integers)."""
+    import copy
+
+    from torch import nn
+
+    from edgeslim.export.verify import export_module
+    from edgeslim.quant.ptq import ptq
+    from edgeslim.runtime.ort import ort_fused_ops
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+            self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            for _ in range(3):
+                x = x + self.block(x)
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    gm = ptq(model, w8a8(), x)
+    quants = [m for m in gm.modules() if isinstance(m, ActQuant)]
+    assert all(bool(q.quantizer.calibrated) for q in quants)
+    ops = ort_fused_ops(export_module(copy.deepcopy(gm), (x[:1],), tmp_path / "m.onnx", {}))
+    assert ops.get("QLinearConv") == 4 and "Conv" not in ops and "FusedConv" not in ops, ops
+    with torch.no_grad():
+        err = (gm(x) - model(x)).abs().max() / model(x).abs().max()
+    assert err < 0.05, err

@@ -12,7 +12,8 @@ the output of every quantized conv (after its ReLU when a ReLU is its only reade
 export then folds away), taking over the layers' own input quantizers. A quantized conv
 output read by a float op as well (a pre-activation DenseNet's BatchNorm beside the concat)
 is read quantized by every reader: a float reader beside the quantizer keeps ONNX Runtime
-from fusing the conv. The simulation then
+from fusing the conv. A layer called several times (weights tied across depth, a siamese
+encoder) is quantized at every call, each input on its own grid. The simulation then
 quantizes the same tensors that ONNX Runtime's integer kernels (QLinearConv, QLinearAdd,
 QLinearMul, QLinearAveragePool) do; the ops between (PReLU, SiLU) run in float on
 dequantized values, a cheap element-wise pass, while every conv runs on integers.
@@ -103,6 +104,14 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     consumers: dict[fx.Node, list[fx.Node]] = {}
     takeover: dict[fx.Node, ActQuant] = {}
     convs: list[fx.Node] = []
+    # the input spec of every quantized layer, read before the loop takes the quantizers
+    # over: a layer called more than once (weights shared across depth, a siamese encoder)
+    # is quantized at every call, each input on its own grid
+    layer_specs = {
+        name: m.input_quant.spec
+        for name, m in gm.named_modules()
+        if isinstance(m, QuantMixin) and m.input_quant is not None
+    }
     for node in graph.nodes:
         layer = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         is_add = (
@@ -114,7 +123,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             or _is_tensor_product(node)
             or (node.op == "call_function" and node.target in CATS)
         )
-        quant_layer = isinstance(layer, QuantMixin) and layer.input_quant is not None
+        quant_layer = isinstance(layer, QuantMixin) and str(node.target) in layer_specs
         if not (is_add or quant_layer):
             continue
         if quant_layer and isinstance(layer, nn.modules.conv._ConvNd):
@@ -127,10 +136,13 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             if "tensor_meta" in src.meta or src.op != "get_attr":
                 consumers.setdefault(src, []).append(node)
         if quant_layer:
-            assert isinstance(layer, QuantMixin) and layer.input_quant is not None
+            assert isinstance(layer, QuantMixin)
             src = node.all_input_nodes[0]
-            takeover.setdefault(src, layer.input_quant)
-            layer.input_quant = None
+            if layer.input_quant is not None:
+                takeover.setdefault(src, layer.input_quant)
+                layer.input_quant = None
+            elif src not in takeover:  # a later call of a shared layer: a fresh grid
+                takeover[src] = ActQuant(layer_specs[str(node.target)])
     edges: list[tuple[fx.Node, list[fx.Node], str]] = []
     shared: dict[tuple[fx.Node, fx.Node], str] = {}  # (value-moving op's input, op): quantizer
     alias: dict[str, str] = {}
