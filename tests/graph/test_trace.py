@@ -38,6 +38,15 @@ def test_untraceable_model_names_op_module_path_and_fix() -> None:
     assert "leaf_types" in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_torchscript_module_is_refused_asking_for_the_python_module(how: str) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(1, 1, 8, 8)
+    scripted = torch.jit.script(model) if how == "script" else torch.jit.trace(model, x)
+    with pytest.raises(TraceError, match=r"TorchScript module .* Pass the original nn.Module"):
+        trace(scripted)
+
+
 def test_leaf_types_keep_an_untraceable_module_whole() -> None:
     gm = trace(Outer(), leaf_types=(DataDependent,))
     assert any(n.op == "call_module" and n.target == "body.1" for n in gm.graph.nodes)

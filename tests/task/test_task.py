@@ -150,6 +150,17 @@ def test_dict_batches_are_refused_with_the_wrapper_that_reads_them() -> None:
         Task(example_inputs=(x,), calibration=MappedBatches(iter(rows), lambda b: b))
 
 
+def test_a_model_with_weights_other_than_float32_is_refused_naming_the_fix() -> None:
+    task = Task(example_inputs=(torch.randn(1, 4),))
+    for dtype in (torch.float64, torch.float16):
+        model = nn.Sequential(nn.Linear(4, 3)).to(dtype)
+        with pytest.raises(
+            TaskError, match=rf"weights are {dtype} \(first: 0.weight\).*model.float\(\)"
+        ):
+            task.check(model)
+    task.check(nn.Sequential(nn.Linear(4, 3)))
+
+
 def test_data_of_another_shape_than_the_example_is_refused_naming_both() -> None:
     """Only the batch dimension may differ (the export fixes the others); caught when the
     data is read, not inside ONNX Runtime."""

@@ -82,6 +82,13 @@ def trace(model: nn.Module, leaf_types: tuple[type, ...] = ()) -> fx.GraphModule
 
     ``leaf_types`` are module types kept whole (not traced into), e.g. custom ops.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError(
+            f"cannot trace {type(model).__name__}: a TorchScript module (torch.jit.script, "
+            "trace or load) has no Python forward() for torch.fx to read. Pass the original "
+            "nn.Module (its class with the state_dict loaded), or, on the command line, a "
+            "module:function that builds it."
+        )
     tracer = _PathTracer(leaf_types)
     try:
         graph = tracer.trace(model)

@@ -235,6 +235,17 @@ class Task:
     # ---- checks and metrics ------------------------------------------------------------
     def check(self, model: nn.Module) -> Any:
         """Run the (wrapped) model on the example inputs; a clear error when they do not fit."""
+        odd = next(
+            ((n, p.dtype) for n, p in model.named_parameters()
+             if p.is_floating_point() and p.dtype != torch.float32),
+            None,
+        )  # fmt: skip
+        if odd is not None:
+            raise TaskError(
+                f"the model's weights are {odd[1]} (first: {odd[0]}); edgeslim compresses "
+                "float32 models (quantization, calibration and the ONNX export start from "
+                "float32): pass model.float()"
+            )
         module = self.module(model)
         was = module.training
         module.eval()
