@@ -1,4 +1,13 @@
-"""Safe checkpoint I/O: safetensors only, verified whole before anything is loaded."""
+"""Safe checkpoint I/O, verified whole before anything is loaded.
+
+Written as safetensors. Read from safetensors, or from a PyTorch file (``torch.save`` of a
+state dict, ``.pt``/``.pth``, the form most checkpoints in the wild take) through
+``torch.load(weights_only=True)``, which unpickles only tensors and plain containers: a
+pickled model object is refused, never run. Decision: a training checkpoint's usual
+nesting (``{"state_dict": ...}``, ``{"model": ...}``, ...) and DataParallel's ``module.``
+prefix are read through, since that is what users have; anything else is refused naming
+the keys found.
+"""
 
 from __future__ import annotations
 
@@ -64,13 +73,69 @@ def load_state(model: nn.Module, path: Path, expected_sha256: str | None = None)
             "corrupt or was replaced. Restore it (git checkout) or retrain it with "
             "`edgeslim zoo train NAME`."
         )
+    if _is_torch_file(path):
+        return load_checked(model, _strip_prefix(model, _torch_state(path)), str(path))
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"checkpoint {path} is not a valid safetensors file ({exc}); nothing was loaded."
+            f"checkpoint {path} is not a valid safetensors file ({exc}) nor a PyTorch one; "
+            "nothing was loaded."
         ) from exc
     return load_checked(model, state, str(path))
+
+
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights")
+"""Where training scripts commonly nest the state dict inside a saved checkpoint."""
+
+
+def _is_torch_file(path: Path) -> bool:
+    """A ``torch.save`` file: a zip archive (``PK``), or the legacy pickle stream."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+def _tensors(obj: object) -> dict[str, torch.Tensor] | None:
+    if (
+        isinstance(obj, dict)
+        and obj
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        return dict(obj)
+    return None
+
+
+def _torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a PyTorch file, unpickled with ``weights_only=True`` only."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # weights_only refuses classes: a pickled model, custom objects
+        raise CheckpointError(
+            f"checkpoint {path} is a PyTorch file that holds more than tensors (a whole "
+            "pickled model, or objects of its own classes), or is corrupt; edgeslim "
+            "unpickles only plain state dicts (anything else can run code). Save "
+            "model.state_dict() with torch.save, or as safetensors; nothing was loaded."
+        ) from None
+    state = _tensors(obj)
+    if state is None and isinstance(obj, dict):
+        state = next((t for k in STATE_KEYS if (t := _tensors(obj.get(k))) is not None), None)
+    if state is None:
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"checkpoint {path} holds no state dict edgeslim recognises (top level: {keys}; "
+            f"looked under {', '.join(STATE_KEYS)}); save model.state_dict(); nothing was "
+            "loaded."
+        )
+    return state
+
+
+def _strip_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DataParallel/DDP save every key as ``module.<key>``: read them as ``<key>``."""
+    own = model.state_dict()
+    if state and not set(state) & set(own) and all(k.startswith("module.") for k in state):
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    return state
 
 
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:

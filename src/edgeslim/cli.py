@@ -18,6 +18,7 @@ zoo_app = typer.Typer(help="Reference models: list and train.", no_args_is_help=
 app.add_typer(zoo_app, name="zoo")
 export_app = typer.Typer(help="Export models for deployment.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+CHECKPOINT_HELP = "weights to load: .safetensors, or a PyTorch state dict (.pt/.pth, weights only)"
 console = Console()
 if not console.is_terminal:  # logs and CI: wide enough for the tables
     console = Console(width=160)
@@ -211,7 +212,7 @@ def info(
     model: Annotated[
         str | None, typer.Argument(help="zoo name, 'minilm' or module:factory")
     ] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=CHECKPOINT_HELP)] = None,
     input_shape: InputShapes = None,
     data: DataOpt = None,
     groups: Annotated[bool, typer.Option(help="also list the channel-coupling groups")] = True,
@@ -373,7 +374,7 @@ def compress(
         str | None, typer.Argument(help="zoo name, 'minilm' or module:factory")
     ] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("compress-out"),
-    checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=CHECKPOINT_HELP)] = None,
     data: DataOpt = None,
     metric: MetricOpt = None,
     input_shape: InputShapes = None,
@@ -451,7 +452,7 @@ def search_cmd(
     out: Annotated[Path, typer.Option(help="output directory (rerun to resume)")] = Path(
         "search-out"
     ),
-    checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=CHECKPOINT_HELP)] = None,
     data: DataOpt = None,
     metric: MetricOpt = None,
     input_shape: InputShapes = None,
@@ -553,7 +554,7 @@ def export_onnx_cmd(
     recipe: Annotated[
         Path | None, typer.Option(help="YAML recipe run first (e.g. quantize)")
     ] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="safetensors weights to load")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=CHECKPOINT_HELP)] = None,
     data: DataOpt = None,
     metric: MetricOpt = None,
     input_shape: InputShapes = None,
