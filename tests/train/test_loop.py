@@ -112,3 +112,30 @@ def test_unlabelled_batches_need_a_loss_that_needs_no_labels() -> None:
 
     train_classifier(mlp(), [((x,), None)], TrainConfig(epochs=1), loss_fn=loss)
     assert seen[0][0] is None and torch.equal(seen[0][1][0], x)
+
+
+class ViewAfterConv(nn.Module):
+    """Written as much older code is: ``x.view(x.size(0), -1)`` after the convs, which a
+    channels_last tensor cannot do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_a_model_that_views_its_activations_trains_in_contiguous_format() -> None:
+    """channels_last (the default, faster on CPU) raised "view size is not compatible" on
+    the first batch; training falls back to the model's own layout and learns."""
+    train, test = load_digits_split("train"), load_digits_split("test")
+    model = ViewAfterConv()
+    config = TrainConfig(epochs=2, lr=0.05, batch_size=64)
+    assert config.channels_last
+    train_classifier(model, TensorBatches(train.images, train.labels, 64, shuffle=True), config)
+    assert evaluate(model, TensorBatches(test.images, test.labels, 500)) > 80
+    assert model.conv.weight.is_contiguous()

@@ -37,7 +37,9 @@ class TrainConfig:
 
     ``batch_size`` is not read by the loop (it trains on the batches it is given); it is
     the size callers build their batches with (zoo training, recipe stages), kept here so a
-    card records it.
+    card records it. ``channels_last``: train in that memory format (faster convs on CPU);
+    a model whose forward ``.view()``s an activation, which that layout cannot do, is
+    trained in its own layout instead from its first batch on.
     """
 
     epochs: int = 10
@@ -175,7 +177,8 @@ def train_classifier(
         raise ValueError("train has no batches")
     loss_fn = loss_fn if loss_fn is not None else classification_loss(config.label_smoothing)
     torch.manual_seed(config.seed)
-    if config.channels_last:
+    channels_last = config.channels_last
+    if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     params: Any = model.parameters()
     if no_decay is not None:
@@ -211,9 +214,21 @@ def train_classifier(
                 if on_step is not None:
                     on_step(min(step / max(total_steps - 1, 1), 1.0))
                 step += 1
-                if config.channels_last:
-                    inputs = _channels_last(inputs)
-                loss = loss_fn(model(*inputs), target, inputs)
+                if channels_last:
+                    try:
+                        outputs = model(*_channels_last(inputs))
+                        inputs = _channels_last(inputs)
+                    except RuntimeError as exc:
+                        if "view size is not compatible" not in str(exc):
+                            raise
+                        # the model reshapes with .view(), which needs contiguous NCHW
+                        # tensors (`x.view(x.size(0), -1)` after a conv): train it as it is
+                        channels_last = False
+                        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+                        outputs = model(*inputs)
+                else:
+                    outputs = model(*inputs)
+                loss = loss_fn(outputs, target, inputs)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -228,6 +243,6 @@ def train_classifier(
                 row["val_top1"] = evaluate(model, val)
             history.append(row)
             bar.console.log(", ".join(f"{k}={v:.4g}" for k, v in row.items()))
-    if config.channels_last:
+    if channels_last:
         model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return history
