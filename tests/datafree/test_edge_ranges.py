@@ -72,3 +72,41 @@ def test_a_relu_read_by_two_ops_still_bounds_its_readers_ranges_at_zero() -> Non
     ranges = result.input_ranges
     after_relu = [f for f in ranges if f.endswith("conv1") and f != "conv1"] + ["fc"]
     assert all(ranges[f] is not None and ranges[f][0] == 0.0 for f in after_relu), ranges
+
+
+def test_an_upsample_and_concat_path_keeps_its_statistics_and_integer_kernels(
+    tmp_path: Path,
+) -> None:
+    """A feature-pyramid top-down path (nearest upsample, concat with the finer map): the
+    statistics stopped at the upsample, so the conv after the concat had no input range
+    and ran in float (most of the MACs)."""
+    from torch import nn
+
+    def cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                             nn.BatchNorm2d(cout), nn.ReLU())  # fmt: skip
+
+    class TopDown(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fine, self.coarse = cbr(3, 8), cbr(8, 16, stride=2)
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.fuse = cbr(24, 16)
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            f = self.fine(x)
+            y = self.fuse(torch.cat([self.up(self.coarse(f)), f], 1))
+            return self.fc(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = TopDown().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 16, 16)
+    result = compress_datafree(model, "rtn", DataFreeSpec(8, 8), x)  # no pair to equalize
+    assert result.input_ranges["fuse.0"] is not None and result.input_ranges["fuse.0"][0] == 0.0
+    edged = quantized_model(result, 8, "statistics", edges=True).eval()
+    share = kernel_coverage(export_qdq(edged, (x,), tmp_path / "m.onnx"), (x,)).int8_mac_share
+    assert share > 0.9, share

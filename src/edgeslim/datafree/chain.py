@@ -53,6 +53,25 @@ NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 # its variance is taken as kept too: neighbouring positions are strongly correlated)
 _PASSES = MOVES_VALUES | AVERAGES
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+# upsampling that copies values or takes convex combinations of them: per channel it keeps
+# the mean, stays inside the input's interval and commutes with a per-channel scale and
+# shift, so statistics, ranges and equalization pass through it (bicubic can overshoot)
+CONVEX_MODES = frozenset({"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"})
+
+
+def convex_upsample(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``nn.Upsample`` or ``F.interpolate`` in a mode of :data:`CONVEX_MODES`."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        return isinstance(m, nn.Upsample) and m.mode in CONVEX_MODES
+    if node.op == "call_function" and node.target is nn.functional.interpolate:
+        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+        return mode in CONVEX_MODES
+    return False
+
+
+def _passes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return _PASSES.matches(gm, node) or convex_upsample(gm, node)
 
 
 @dataclass
@@ -368,7 +387,7 @@ class GraphWalk(Generic[V]):
             vals = [self.values.get(p) if isinstance(p, fx.Node) else None for p in parts]
             known = [v for v in vals if v is not None]
             return self.cat(known) if len(known) == len(vals) else None
-        if _PASSES.matches(self.gm, node) and x is not None:
+        if _passes(self.gm, node) and x is not None:
             src = node.args[0]
             before = _shape(src) if isinstance(src, fx.Node) else None
             if before is not None and shape is not None and len(before) == 4 and len(shape) == 2:
@@ -410,8 +429,12 @@ class _Propagator(GraphWalk[Stats]):
         return Stats(x.mean + y.mean, x.var + y.var, x.estimated or y.estimated)
 
     def cat(self, parts: list[Stats]) -> Stats:
+        clips = [v.clip for v in parts]
+        clip = None
+        if all(c is not None for c in clips):  # every part clipped: the union of their clips
+            clip = (min(c[0] for c in clips if c), max(c[1] for c in clips if c))
         return Stats(torch.cat([v.mean for v in parts]), torch.cat([v.var for v in parts]),
-                     any(v.estimated for v in parts))  # fmt: skip
+                     any(v.estimated for v in parts), clip=clip)  # fmt: skip
 
     def positions_to_features(self, x: Stats, positions: int) -> Stats:
         return x.repeat(positions)
@@ -450,7 +473,7 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
             return fan
         nxt = next(iter(cur.users))
     max_pool = False
-    while _PASSES.matches(gm, nxt):
+    while _passes(gm, nxt):
         if nxt.op == "call_module":
             max_pool |= isinstance(gm.get_submodule(str(nxt.target)), _MAX_POOLS)
         max_pool |= nxt.target in (nn.functional.max_pool1d, nn.functional.max_pool2d)

@@ -6,8 +6,9 @@ pool's input, a conv's output before an op without an integer kernel. PTQ calibr
 on data. Without data, their ranges come from what the BN statistics already give, carried
 through the graph as intervals: a layer's input range (:func:`~edgeslim.datafree.
 quantized_model`'s statistics ranges), a conv's output (its pre-activation statistics,
-mean +- ``RANGE_STDS`` std), and per op: ReLU/ReLU6/clamps clip, pools, flattens and
-folded BatchNorm pass, an add sums its operands' bounds, a concat takes their union. A
+mean +- ``RANGE_STDS`` std), and per op: ReLU/ReLU6/clamps clip, pools, flattens, folded
+BatchNorm and upsampling (nearest or (bi)linear) pass, an add sums its operands' bounds, a
+concat takes their union. A
 quantizer whose input interval stays unknown is removed (that edge stays float, and the
 export's integer-coverage check says so).
 
@@ -24,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from edgeslim.datafree.chain import convex_upsample
 from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, OpSet, is_spatial_mean
 from edgeslim.quant.edges import CATS
 from edgeslim.quant.modules import ActQuant, QuantMixin
@@ -64,6 +66,8 @@ def _module_interval(
         return _clip(src, 0.0, 6.0)
     if isinstance(mod, nn.Hardtanh):
         return _clip(src, float(mod.min_val), float(mod.max_val))
+    if convex_upsample(gm, node):
+        return src
     return src if _IN_RANGE.matches(gm, node) else None
 
 
@@ -86,6 +90,8 @@ def _function_interval(
         return min(i[0] for i in known), max(i[1] for i in known)
     if node.target in _RELU_FUNCS:
         return _clip(src, 0.0, float("inf"))
+    if convex_upsample(gm, node):
+        return src
     if _IN_RANGE.matches(gm, node) or is_spatial_mean(node):
         return src
     return None
