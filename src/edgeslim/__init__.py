@@ -32,6 +32,7 @@ _EXPORTS = {
     "load_artifact": "edgeslim.artifacts",
     "Task": "edgeslim.task",
     "TensorBatches": "edgeslim.data.batching",
+    "MappedBatches": "edgeslim.data.batching",
     "load_fashion_mnist": "edgeslim.data",
     "SearchSpace": "edgeslim.search",
 }
