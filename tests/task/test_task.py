@@ -437,9 +437,34 @@ def test_input_shape_sets_an_image_folders_crop(tmp_path: Path) -> None:
     assert tuple(resolve_task("m:f", str(tmp_path / "imgs")).example_inputs[0].shape) == (
         1, 3, 224, 224,
     )  # fmt: skip
-    for shape in [(1, 1, 32, 32), (1, 3, 32, 24)]:
-        with pytest.raises(TaskError, match="square RGB crops"):
+    for shape in [(1, 2, 32, 32), (1, 3, 32, 24)]:
+        with pytest.raises(TaskError, match="square RGB or grayscale crops"):
             resolve_task("m:f", str(tmp_path / "imgs"), input_shapes=[shape])
+
+
+def test_a_grayscale_model_reads_an_image_folder_in_grayscale(tmp_path: Path) -> None:
+    """``--input-shape 1,1,S,S``: the images are read as luma (an RGB file too), normalised
+    with one mean and std, and the task says which; a normalisation for other channels is
+    refused."""
+    from edgeslim.task import image_folder_task
+    from edgeslim.task.resolve import resolve_task
+    from edgeslim.task.sources import GRAY_MEAN, GRAY_STD
+
+    for i in range(3):
+        _png(tmp_path / "imgs" / f"{i}.png", (60 * i, 60 * i, 60 * i), size=(40, 40))
+    task = resolve_task("m:f", str(tmp_path / "imgs"), input_shapes=[(1, 1, 28, 28)])
+    assert [tuple(t.shape) for t in task.example_inputs] == [(1, 1, 28, 28)]
+    assert "grayscale" in task.description and str(list(GRAY_MEAN)) in task.description
+    (x,) = task.calibration_batches()[0]
+    gray = 60 * torch.arange(3.0)  # the files' grey levels, in file order
+    expected = (gray / 255 - GRAY_MEAN[0]) / GRAY_STD[0]
+    assert x.shape[1] == 1
+    assert all(bool((expected - v).abs().min() < 0.02) for v in x[:, 0, 14, 14])
+    own = image_folder_task(tmp_path / "imgs", size=28, resize=32, channels=1, mean=(0.5,),
+                            std=(0.5,))  # fmt: skip
+    assert "mean [0.5] std [0.5]" in own.description
+    with pytest.raises(TaskError, match="one value per channel"):
+        image_folder_task(tmp_path / "imgs", channels=1, mean=(0.5, 0.5, 0.5), std=(1, 1, 1))
 
 
 # ---- the command line's task ---------------------------------------------------------------

@@ -105,13 +105,16 @@ def photo_path(source: PhotoSource) -> Path:
 
 
 def _uint8_chw(img: Image.Image) -> torch.Tensor:
+    """``(C, H, W)`` uint8: 3 channels for an RGB image, 1 for a grayscale (``L``) one."""
     import numpy as np
 
+    if img.mode == "L":
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).unsqueeze(0)
     return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 ``(..., 3, H, W)`` -> float32 ``(x / 255 - mean) / std`` per channel."""
+    """uint8 ``(..., C, H, W)`` -> float32 ``(x / 255 - mean) / std`` per channel."""
     m = torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float64).view(-1, 1, 1)
     # in place on one float copy: the full crop set is 300+ MB, temporaries cost seconds
@@ -125,15 +128,17 @@ def image_preprocess(
     resize: int = 256,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    channels: int = 3,
 ) -> torch.Tensor:
-    """Standard ImageNet evaluation transform: ``(3, size, size)`` float32.
+    """Standard ImageNet evaluation transform: ``(channels, size, size)`` float32.
 
     Shorter side to ``resize`` (bilinear, antialiased), centre crop ``size``, normalise;
-    the same arithmetic as torchvision's ``Resize(256)``, ``CenterCrop(224)``.
+    the same arithmetic as torchvision's ``Resize(256)``, ``CenterCrop(224)``. ``channels``
+    1 reads the image as grayscale (PIL's ``L``: ITU-R 601 luma), 3 as RGB.
     """
     from PIL import Image
 
-    img = img.convert("RGB")
+    img = img.convert("L" if channels == 1 else "RGB")
     w, h = img.size
     if w <= h:
         new_w, new_h = resize, int(resize * h / w)

@@ -47,20 +47,24 @@ def zoo_data(model_name: str) -> str | None:
     return None
 
 
-def image_crop(path: Path, input_shapes: Sequence[tuple[int, ...]]) -> int | None:
-    """The crop an image folder is read at: the side of ``--input-shape 1,3,S,S`` when given
-    (the model's input states it), else None (ImageNet's 224 after a resize to 256)."""
+def image_crop(path: Path, input_shapes: Sequence[tuple[int, ...]]) -> tuple[int, int] | None:
+    """The crop side and channels an image folder is read at: ``--input-shape 1,C,S,S``
+    when given (the model's input states it; C 3 for RGB, 1 for grayscale), else None
+    (RGB at ImageNet's 224 after a resize to 256)."""
     if not input_shapes:
         return None
     shapes = [tuple(s) for s in input_shapes]
-    if len(shapes) != 1 or len(shapes[0]) != 4 or shapes[0][1] != 3 or shapes[0][2] != shapes[0][3]:
+    if (
+        len(shapes) != 1 or len(shapes[0]) != 4 or shapes[0][1] not in (1, 3)
+        or shapes[0][2] != shapes[0][3]
+    ):  # fmt: skip
         given = " ".join(f"--input-shape {','.join(map(str, s))}" for s in shapes)
         raise TaskError(
-            f"--data {path} is a folder of images, read as square RGB crops; {given} is not "
-            "one such input. Give --input-shape 1,3,S,S (S the crop side), or an .npz holding "
-            "the inputs the model takes"
+            f"--data {path} is a folder of images, read as square RGB or grayscale crops; "
+            f"{given} is not one such input. Give --input-shape 1,3,S,S (RGB) or 1,1,S,S "
+            "(grayscale), S the crop side, or an .npz holding the inputs the model takes"
         )
-    return int(shapes[0][2])
+    return int(shapes[0][2]), int(shapes[0][1])
 
 
 def load_data(spec: str, quick: bool = False, input_shapes: Sequence[tuple[int, ...]] = ()) -> Task:
@@ -74,11 +78,12 @@ def load_data(spec: str, quick: bool = False, input_shapes: Sequence[tuple[int, 
     if path.suffix == ".npz":
         return npz_task(path)
     if path.is_dir():
-        image_size = image_crop(path, input_shapes)
-        if image_size is None:
+        crop = image_crop(path, input_shapes)
+        if crop is None:
             return image_folder_task(path)
+        side, channels = crop
         # ImageNet's evaluation ratio: shorter side to 256/224 of the crop, then the crop
-        return image_folder_task(path, size=image_size, resize=round(image_size * 256 / 224))
+        return image_folder_task(path, size=side, resize=round(side * 256 / 224), channels=channels)
     if ":" in spec and not path.exists():
         return task_from_function(spec)
     raise TaskError(

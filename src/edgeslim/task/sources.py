@@ -197,20 +197,41 @@ def npz_task(path: Path, batch_size: int = 32) -> Task:
     )  # fmt: skip
 
 
+GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
+"""A grayscale image's default normalisation: the average of ImageNet's channel statistics."""
+
+
 def image_folder_task(
     directory: Path,
     size: int = 224,
     resize: int = 256,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     batch_size: int = 32,
+    channels: int = 3,
 ) -> Task:
-    """A task from a folder of images (labelled by sub-folder, or flat for agreement)."""
+    """A task from a folder of images (labelled by sub-folder, or flat for agreement).
+
+    ``channels`` 3 reads RGB, 1 grayscale; ``mean``/``std`` (one value per channel)
+    default to ImageNet's (:data:`GRAY_MEAN`/:data:`GRAY_STD` for grayscale). A model
+    trained with another normalisation needs its own: pass them here, from a
+    ``module:function`` task on the command line; the task's description states the ones
+    used.
+    """
     from edgeslim.data.photos import image_preprocess
 
     root = Path(directory)
     if not root.is_dir():
         raise TaskError(f"--data {root}: no such folder")
+    if channels not in (1, 3):
+        raise TaskError(f"--data {root}: images are read with 1 or 3 channels; got {channels}")
+    mean = tuple(mean) if mean is not None else (IMAGENET_MEAN if channels == 3 else GRAY_MEAN)
+    std = tuple(std) if std is not None else (IMAGENET_STD if channels == 3 else GRAY_STD)
+    if len(mean) != channels or len(std) != channels:
+        raise TaskError(
+            f"--data {root}: mean {list(mean)} and std {list(std)} need one value per "
+            f"channel ({channels})"
+        )
     classes = sorted(p for p in root.iterdir() if p.is_dir())
     files: list[tuple[Path, int]] = []
     if classes:
@@ -231,7 +252,7 @@ def image_folder_task(
     for f, _ in files:
         try:
             with Image.open(f) as img:
-                images.append(image_preprocess(img.convert("RGB"), size, resize, mean, std))
+                images.append(image_preprocess(img, size, resize, mean, std, channels))
         except (OSError, UnidentifiedImageError) as exc:
             raise TaskError(f"{f} is not a readable image: {exc}") from None
         except Exception as exc:  # Pillow decoders raise SyntaxError, ValueError, ... on bad bytes
@@ -244,7 +265,9 @@ def image_folder_task(
     kind = f"top-1 over {len(classes)} classes" if classes else "agreement"
     return _split_task(
         root.name, (x,), (0,), target, held, batch_size,
-        f"{root}: {len(files)} images at {size}x{size}; {kind} on {int(held.sum())} held",
+        f"{root}: {len(files)} {'grayscale ' if channels == 1 else ''}images at "
+        f"{size}x{size}, normalised with mean {list(mean)} std {list(std)}; {kind} on "
+        f"{int(held.sum())} held",
         (normalised_range(mean, std),),
     )  # fmt: skip
 
