@@ -210,7 +210,8 @@ def _human(n: float) -> str:
 @app.command()
 def info(
     model: Annotated[
-        str | None, typer.Argument(help="zoo name, 'minilm' or module:factory")
+        str | None,
+        typer.Argument(help="zoo name, 'minilm', module:factory or path/to/file.py:factory"),
     ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help=CHECKPOINT_HELP)] = None,
     input_shape: InputShapes = None,
@@ -371,7 +372,8 @@ def report(
 def compress(
     recipe: Annotated[Path, typer.Option(help="YAML recipe")],
     model: Annotated[
-        str | None, typer.Argument(help="zoo name, 'minilm' or module:factory")
+        str | None,
+        typer.Argument(help="zoo name, 'minilm', module:factory or path/to/file.py:factory"),
     ] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("compress-out"),
     checkpoint: Annotated[Path | None, typer.Option(help=CHECKPOINT_HELP)] = None,
@@ -426,7 +428,7 @@ def _ints(text: str, what: str) -> tuple[int | None, ...]:
 
 @app.command("search")
 def search_cmd(
-    model: Annotated[str, typer.Argument(help="zoo name or module:factory")],
+    model: Annotated[str, typer.Argument(help="zoo name, module:factory or path/to/file.py:factory")],
     constraint: Annotated[
         list[str] | None,
         typer.Option(
@@ -549,7 +551,7 @@ def demo(
 
 @export_app.command("onnx")
 def export_onnx_cmd(
-    model: Annotated[str | None, typer.Argument(help="zoo name or module:factory")] = None,
+    model: Annotated[str | None, typer.Argument(help="zoo name, module:factory or path/to/file.py:factory")] = None,
     out: Annotated[Path, typer.Option(help="ONNX file to write")] = Path("model.onnx"),
     recipe: Annotated[
         Path | None, typer.Option(help="YAML recipe run first (e.g. quantize)")

@@ -78,3 +78,20 @@ def test_module_factory_with_checkpoint(tmp_path: Path) -> None:
     x = load_fashion_mnist("test", limit=8).images
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
+
+
+def test_a_factory_given_by_file_path(tmp_path: Path) -> None:
+    """``path/to/file.py:build``: the file is imported (its sibling imports work), a
+    missing file or a name another module already holds is refused naming it."""
+    (tmp_path / "helpers_for_edgeslim_test.py").write_text("WIDTH = 5\n")
+    (tmp_path / "nets_for_edgeslim_test.py").write_text(
+        "import torch\nfrom helpers_for_edgeslim_test import WIDTH\n\n"
+        "def build():\n    return torch.nn.Linear(3, WIDTH)\n"
+    )
+    model = resolve_model(f"{tmp_path / 'nets_for_edgeslim_test.py'}:build")
+    assert isinstance(model, torch.nn.Linear) and model.out_features == 5
+    with pytest.raises(UnknownModelError, match="is not a file"):
+        resolve_model(f"{tmp_path / 'absent.py'}:build")
+    (tmp_path / "json.py").write_text("def build():\n    return None\n")
+    with pytest.raises(UnknownModelError, match="another module named 'json'"):
+        resolve_model(f"{tmp_path / 'json.py'}:build")
