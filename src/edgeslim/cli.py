@@ -18,6 +18,7 @@ zoo_app = typer.Typer(help="Reference models: list and train.", no_args_is_help=
 app.add_typer(zoo_app, name="zoo")
 export_app = typer.Typer(help="Export models for deployment.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+MODEL_HELP = "zoo name, module:factory or path/to/file.py:factory"
 CHECKPOINT_HELP = "weights to load: .safetensors, or a PyTorch state dict (.pt/.pth, weights only)"
 console = Console()
 if not console.is_terminal:  # logs and CI: wide enough for the tables
@@ -428,7 +429,7 @@ def _ints(text: str, what: str) -> tuple[int | None, ...]:
 
 @app.command("search")
 def search_cmd(
-    model: Annotated[str, typer.Argument(help="zoo name, module:factory or path/to/file.py:factory")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     constraint: Annotated[
         list[str] | None,
         typer.Option(
@@ -551,7 +552,7 @@ def demo(
 
 @export_app.command("onnx")
 def export_onnx_cmd(
-    model: Annotated[str | None, typer.Argument(help="zoo name, module:factory or path/to/file.py:factory")] = None,
+    model: Annotated[str | None, typer.Argument(help=MODEL_HELP)] = None,
     out: Annotated[Path, typer.Option(help="ONNX file to write")] = Path("model.onnx"),
     recipe: Annotated[
         Path | None, typer.Option(help="YAML recipe run first (e.g. quantize)")
