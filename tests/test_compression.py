@@ -165,3 +165,25 @@ def test_a_compressed_model_slower_than_its_original_is_said() -> None:
         (note,) = slower_warnings({"onnxruntime": (2.0, 1.0)}, stages)
         assert "round_to" not in note
     assert slower_warnings({"onnxruntime": (1.04, 1.0)}, prune) == []  # within the noise
+
+
+def test_from_an_output_reuses_the_data_its_command_line_recorded(tmp_path: Path) -> None:
+    """``compress``/``export onnx --from OUT`` on a model from outside the zoo needs its data
+    again: the command line recorded in OUT's manifest gives it (with its shapes and
+    metric), unless --data is given or the recorded path is not found from here."""
+    from edgeslim.compression import recorded_data
+
+    npz = tmp_path / "samples.npz"
+    npz.write_bytes(b"")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["edgeslim", "compress", "nets.py:build", "--input-shape", "1,3,8,8",
+            "--input-shape=1,4", f"--data={npz}", "--metric", "top1"]  # fmt: skip
+    (out / "manifest.json").write_text(
+        json.dumps({"format": "edgeslim-manifest", "version": 1, "command": argv})
+    )
+    assert recorded_data(out, None, None, ()) == (str(npz), "top1", ((1, 3, 8, 8), (1, 4)))
+    assert recorded_data(out, "other.npz", None, ()) == ("other.npz", None, ())
+    assert recorded_data(None, None, None, ()) == (None, None, ())
+    npz.unlink()  # recorded, but not found from here: left to the usual error
+    assert recorded_data(out, None, None, ()) == (None, None, ())

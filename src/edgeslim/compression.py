@@ -486,11 +486,51 @@ def compress_model(
         raise RecipeError(f"{recipe_path}: the recipe has no stages: there is nothing to compress")
     check_out_folder(out, force)
     model_name, base, lineage = starting_model(model_name, checkpoint, from_dir)
+    data, metric, input_shapes = recorded_data(from_dir, data, metric, input_shapes)
     task = resolve_task(model_name, data, metric, input_shapes, quick)
     return compress(
         base, recipe, task, out, name=model_name, quick=quick, force=force,
         trace_by_example=trace_by_example, source=lineage, command=command,
     ).records  # fmt: skip
+
+
+def recorded_data(
+    from_dir: Path | None,
+    data: str | None,
+    metric: str | None,
+    input_shapes: tuple[tuple[int, ...], ...],
+) -> tuple[str | None, str | None, tuple[tuple[int, ...], ...]]:
+    """``--data``, ``--metric`` and ``--input-shape`` for a command that starts ``--from`` an
+    output: those given, else those the command line that wrote it recorded in its
+    manifest (a model from outside the zoo needs them again to be measured and exported).
+    A recorded path that does not exist from here is left out, so the usual error asks
+    for ``--data``. Decision: all three come from the record together, or none does, so a
+    recorded shape never meets other data."""
+    from edgeslim.artifacts import read_manifest
+
+    if from_dir is None or data is not None:
+        return data, metric, input_shapes
+    argv = read_manifest(Path(from_dir), verify=False).get("command") or []
+    found: dict[str, list[str]] = {}
+    for i, arg in enumerate(argv):
+        name, eq, value = str(arg).partition("=")
+        if name in ("--data", "--metric", "--input-shape"):
+            if not eq and i + 1 < len(argv):
+                value = str(argv[i + 1])
+            found.setdefault(name, []).append(value)
+    recorded = found.get("--data", [])
+    if not recorded or not _reachable(recorded[-1]):
+        return data, metric, input_shapes
+    shapes = tuple(tuple(int(v) for v in s.split(",")) for s in found.get("--input-shape", []))
+    metrics = found.get("--metric", [])
+    return recorded[-1], metric or (metrics[-1] if metrics else None), input_shapes or shapes
+
+
+def _reachable(spec: str) -> bool:
+    """A recorded ``--data``: a built-in, ``module:function`` or a path that exists here."""
+    from edgeslim.task.resolve import BUILTIN_DATA
+
+    return spec in BUILTIN_DATA or Path(spec).exists() or (":" in spec and ".npz" not in spec)
 
 
 def starting_model(

@@ -176,7 +176,7 @@ def export_command(
     import copy
     import tempfile
 
-    from edgeslim.compression import recipe_data, starting_model
+    from edgeslim.compression import recipe_data, recorded_data, starting_model
     from edgeslim.export.verify import check_traceable
     from edgeslim.recipe import STAGES, StageContext, load_recipe
     from edgeslim.task import resolve_task
@@ -185,6 +185,7 @@ def export_command(
     check_export_target(out, force)
     reference: nn.Module | None = None
     model_name, base, _ = starting_model(model_name, checkpoint, from_dir)
+    data, metric, input_shapes = recorded_data(from_dir, data, metric, input_shapes)
     task = resolve_task(model_name, data, metric, input_shapes, quick=True)
     task.check(base)
     if not trace_by_example:
