@@ -139,3 +139,24 @@ def test_a_model_that_views_its_activations_trains_in_contiguous_format() -> Non
     train_classifier(model, TensorBatches(train.images, train.labels, 64, shuffle=True), config)
     assert evaluate(model, TensorBatches(test.images, test.labels, 500)) > 80
     assert model.conv.weight.is_contiguous()
+
+
+class DictOutputs(nn.Module):
+    """Returns ``{"logits": ..., "features": ...}``, as Hugging Face style heads do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.body(x)
+        return {"logits": self.head(f), "features": f}
+
+
+def test_a_model_returning_a_dict_trains_and_is_scored_on_its_first_value() -> None:
+    train, test = load_digits_split("train"), load_digits_split("test")
+    model = DictOutputs()
+    train_classifier(model, TensorBatches(train.images, train.labels, 64, shuffle=True), CFG)
+    assert evaluate(model, TensorBatches(test.images, test.labels, 500)) > 85
