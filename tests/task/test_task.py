@@ -161,6 +161,14 @@ def test_a_model_with_weights_other_than_float32_is_refused_naming_the_fix() -> 
     task.check(nn.Sequential(nn.Linear(4, 3)))
 
 
+def test_a_batchnorm_without_running_statistics_is_refused_naming_it() -> None:
+    task = Task(example_inputs=(torch.randn(1, 2, 4, 4),))
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(TaskError, match=r"BatchNorm `1` keeps no running statistics"):
+        task.check(model.eval())
+    task.check(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, affine=False)).eval())
+
+
 def test_data_of_another_shape_than_the_example_is_refused_naming_both() -> None:
     """Only the batch dimension may differ (the export fixes the others); caught when the
     data is read, not inside ONNX Runtime."""

@@ -246,6 +246,20 @@ class Task:
                 "float32 models (quantization, calibration and the ONNX export start from "
                 "float32): pass model.float()"
             )
+        batch_stats = next(
+            (n for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None),
+            None,
+        )  # fmt: skip
+        if batch_stats is not None:
+            raise TaskError(
+                f"BatchNorm `{batch_stats}` keeps no running statistics "
+                "(track_running_stats=False): it normalises every batch by that batch's own "
+                "statistics, at inference too, so its output depends on the batch and no fixed "
+                "form of it can be quantized or exported. Give it running statistics (create "
+                "it with track_running_stats=True and run training data through in train "
+                "mode), or replace it (GroupNorm, InstanceNorm)."
+            )
         module = self.module(model)
         was = module.training
         module.eval()
