@@ -110,3 +110,36 @@ def test_an_upsample_and_concat_path_keeps_its_statistics_and_integer_kernels(
     edged = quantized_model(result, 8, "statistics", edges=True).eval()
     share = kernel_coverage(export_qdq(edged, (x,), tmp_path / "m.onnx"), (x,)).int8_mac_share
     assert share > 0.9, share
+
+
+def test_a_bn_free_concat_takes_its_readers_range_and_runs_on_integers(tmp_path: Path) -> None:
+    """SqueezeNet's fire module has no BatchNorm: the convs it concatenates have no output
+    statistics, so their quantizers were removed and they ran in float (28% of a small
+    SqueezeNet's MACs on integers); each operand now takes the range of the quantizer the
+    concat's output reaches (the next conv's input, through a max pool)."""
+    from torch import nn
+
+    class Fire(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.squeeze = nn.Conv2d(16, 8, 1)
+            self.e1, self.e3 = nn.Conv2d(8, 16, 1), nn.Conv2d(8, 16, 3, padding=1)
+            self.pool = nn.MaxPool2d(2)
+            self.after = nn.Conv2d(32, 16, 3, padding=1)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = torch.relu(self.squeeze(torch.relu(self.stem(x))))
+            y = torch.cat([torch.relu(self.e1(s)), torch.relu(self.e3(s))], 1)
+            return self.fc(torch.relu(self.after(self.pool(y))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    result = compress_datafree(Fire().eval(), "rtn", DataFreeSpec(8, 8), x, (-2.0, 2.0))
+    edged = quantized_model(result, 8, "statistics", edges=True).eval()
+    cov = kernel_coverage(export_qdq(edged, (x,), tmp_path / "m.onnx"), (x,))
+    integer = {n.name.split("/")[1]: n.integer for n in cov.nodes}
+    # the concatenated convs and the ones before them; `after`, whose output reaches the
+    # head with no statistics on the way, stays float as it did
+    assert all(integer[k] for k in ("stem", "squeeze", "e1", "e3")), integer

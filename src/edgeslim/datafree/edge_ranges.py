@@ -97,6 +97,33 @@ def _function_interval(
     return None
 
 
+def _concat_reader_range(gm: fx.GraphModule, node: fx.Node) -> Interval | None:
+    """For a quantizer whose only reader is a concat: the range of the calibrated quantizer
+    the concat's output reaches through value-moving ops (pools, flattens), else None.
+
+    A BN-free net (SqueezeNet's fire modules) has no statistics for the convs it
+    concatenates, but the next layer's input quantizer has a range (from the statistics
+    carried to it); the concat and the ops after it only move values, so quantizing each
+    operand on that grid clips nothing the reader does not clip, and the convs before the
+    concat run on integers instead of in float."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_function" or users[0].target not in CATS:
+        return None
+    cur = users[0]
+    for _ in range(8):  # a short chain of value-moving ops
+        nxt = list(cur.users)
+        if len(nxt) != 1:
+            return None
+        cur = nxt[0]
+        if cur.op == "call_module":
+            mod = gm.get_submodule(str(cur.target))
+            if isinstance(mod, ActQuant):
+                return _bounds(mod) if bool(mod.quantizer.calibrated) else None
+        if not (_IN_RANGE.matches(gm, cur) or convex_upsample(gm, cur)):
+            return None
+    return None
+
+
 def fill_edge_ranges(gm: fx.GraphModule, outputs: Mapping[str, Interval]) -> list[str]:
     """Give every uncalibrated edge quantizer of ``gm`` a range carried from the known ones
     and from ``outputs`` (layer FQN -> its output's range); remove those left unknown.
@@ -109,6 +136,8 @@ def fill_edge_ranges(gm: fx.GraphModule, outputs: Mapping[str, Interval]) -> lis
             mod = gm.get_submodule(str(node.target))
             src = iv.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
             if isinstance(mod, ActQuant):
+                if src is None:  # a concat operand without statistics: its reader's grid
+                    src = _concat_reader_range(gm, node)
                 if bool(mod.quantizer.calibrated):
                     r = _bounds(mod)
                 elif src is not None and src[1] > src[0]:
