@@ -68,6 +68,18 @@ def as_batch(item: Any) -> Batch:
     return as_inputs(item[0]), item[1]
 
 
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a model's output (tensor, tuple/list, dict, nested), in order: what
+    agreement compares and whose first is the logits training reads."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in flat_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flat_outputs(v)]
+    return []
+
+
 class MappedBatches:
     """``fn`` applied to every batch of ``data``, re-iterable as ``data`` is.
 

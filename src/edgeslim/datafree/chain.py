@@ -42,7 +42,7 @@ from edgeslim.datafree.report import DataFreeReport
 
 if TYPE_CHECKING:
     from edgeslim.datafree.ops import WeightGranularity
-from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES
+from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, upsample_mode
 from edgeslim.graph.trace import trace
 from edgeslim.quant.fold import fold_batchnorm
 
@@ -61,13 +61,7 @@ CONVEX_MODES = frozenset({"nearest", "nearest-exact", "linear", "bilinear", "tri
 
 def convex_upsample(gm: fx.GraphModule, node: fx.Node) -> bool:
     """``nn.Upsample`` or ``F.interpolate`` in a mode of :data:`CONVEX_MODES`."""
-    if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
-        return isinstance(m, nn.Upsample) and m.mode in CONVEX_MODES
-    if node.op == "call_function" and node.target is nn.functional.interpolate:
-        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
-        return mode in CONVEX_MODES
-    return False
+    return upsample_mode(gm, node) in CONVEX_MODES
 
 
 def _passes(gm: fx.GraphModule, node: fx.Node) -> bool:

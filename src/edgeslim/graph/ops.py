@@ -58,6 +58,17 @@ ADDS = frozenset({operator.add, operator.iadd, torch.add})
 SPATIAL_AXES = (frozenset({2, 3}), frozenset({-2, -1}))
 
 
+def upsample_mode(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The interpolation mode of an ``nn.Upsample`` (``UpsamplingNearest2d`` and
+    ``UpsamplingBilinear2d`` included) or ``F.interpolate`` node; None for any other."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        return str(m.mode) if isinstance(m, nn.Upsample) else None
+    if node.op == "call_function" and node.target is nn.functional.interpolate:
+        return str(node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest"))
+    return None
+
+
 def is_spatial_mean(node: fx.Node) -> bool:
     """``x.mean((2, 3))`` / ``torch.mean(x, dim=(-2, -1), keepdim=True)``: the global
     average pool written by hand (squeeze-excite blocks, classifier heads). The edge pass

@@ -42,11 +42,12 @@ def finetune_pruned(
     cross-entropy (a task's own loss). ``loss_fn(outputs, target, inputs)`` replaces all of
     this (e.g. :func:`edgeslim.distill.labels_or_teacher` for outputs that are values).
     """
-    if loss_fn is None and teacher is not None:
-        loss_fn = kd_loss(teacher, alpha, temperature, hard_loss=hard_loss)
-    elif loss_fn is None and hard_loss is not None:
-        hard = hard_loss
-        loss_fn = lambda outputs, target, _inputs: hard(outputs, target)  # noqa: E731
+    if loss_fn is None:
+        if teacher is not None:
+            loss_fn = kd_loss(teacher, alpha, temperature, hard_loss=hard_loss)
+        elif hard_loss is not None:
+            hard = hard_loss
+            loss_fn = lambda outputs, target, _inputs: hard(outputs, target)  # noqa: E731
     history = train_classifier(
         model, train, config, val=val, loss_fn=loss_fn, description=description
     )

@@ -43,6 +43,7 @@ from edgeslim.graph.ops import (
     OpSet,
     clamp_bounds,
     is_spatial_mean,
+    upsample_mode,
 )
 from edgeslim.graph.trace import trace
 from edgeslim.quant.attention import QuantSplitAttention
@@ -346,7 +347,6 @@ def _is_integer_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 # a concatenation runs as QLinearConcat when every operand and the result are quantized
 CATS = frozenset({torch.cat, torch.concat, torch.concatenate})
-NEAREST_UPSAMPLE = (nn.Upsample, nn.UpsamplingNearest2d)
 # ops that rearrange or select values along any axis (a channel shuffle, a channel split):
 # one per-tensor grid serves before and after them (not so for per-channel statistics,
 # which is why they are not in the shared MOVES_VALUES)
@@ -371,11 +371,9 @@ def _moves_values(gm: fx.GraphModule, node: fx.Node) -> bool:
         return isinstance(src, fx.Node) and _splits(gm, src)
     if MOVES_VALUES.matches(gm, node) or REARRANGES.matches(gm, node):
         return True
-    if node.op == "call_module":
-        layer = gm.get_submodule(str(node.target))
-        return isinstance(layer, NEAREST_UPSAMPLE) and getattr(layer, "mode", "") == "nearest"
-    if node.op == "call_function" and node.target is nn.functional.interpolate:
-        return node.kwargs.get("mode", "nearest") == "nearest" and len(node.args) < 4
+    mode = upsample_mode(gm, node)
+    if mode is not None:
+        return mode == "nearest"
     return _zero_pad(gm, node)
 
 

@@ -234,32 +234,9 @@ class Task:
 
     # ---- checks and metrics ------------------------------------------------------------
     def check(self, model: nn.Module) -> Any:
-        """Run the (wrapped) model on the example inputs; a clear error when they do not fit."""
-        odd = next(
-            ((n, p.dtype) for n, p in model.named_parameters()
-             if p.is_floating_point() and p.dtype != torch.float32),
-            None,
-        )  # fmt: skip
-        if odd is not None:
-            raise TaskError(
-                f"the model's weights are {odd[1]} (first: {odd[0]}); edgeslim compresses "
-                "float32 models (quantization, calibration and the ONNX export start from "
-                "float32): pass model.float()"
-            )
-        batch_stats = next(
-            (n for n, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None),
-            None,
-        )  # fmt: skip
-        if batch_stats is not None:
-            raise TaskError(
-                f"BatchNorm `{batch_stats}` keeps no running statistics "
-                "(track_running_stats=False): it normalises every batch by that batch's own "
-                "statistics, at inference too, so its output depends on the batch and no fixed "
-                "form of it can be quantized or exported. Give it running statistics (create "
-                "it with track_running_stats=True and run training data through in train "
-                "mode), or replace it (GroupNorm, InstanceNorm)."
-            )
+        """Run the (wrapped) model on the example inputs; a clear error when they do not fit
+        (or when the model is of a kind nothing downstream can take, :func:`_refuse_kind`)."""
+        _refuse_kind(model)
         module = self.module(model)
         was = module.training
         module.eval()
@@ -331,6 +308,36 @@ class Task:
         """Whether the outputs are values (an embedding, an image), not class scores: the
         headline is ``cosine``. Distillation then matches them instead of a softmax."""
         return self.headline == "cosine"
+
+
+def _refuse_kind(model: nn.Module) -> None:
+    """Weights other than float32 and a BatchNorm without running statistics: refused
+    naming the first such parameter or layer, before any stage reads the model."""
+    odd = next(
+        ((n, p.dtype) for n, p in model.named_parameters()
+         if p.is_floating_point() and p.dtype != torch.float32),
+        None,
+    )  # fmt: skip
+    if odd is not None:
+        raise TaskError(
+            f"the model's weights are {odd[1]} (first: {odd[0]}); edgeslim compresses "
+            "float32 models (quantization, calibration and the ONNX export start from "
+            "float32): pass model.float()"
+        )
+    batch_stats = next(
+        (n for n, m in model.named_modules()
+         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None),
+        None,
+    )  # fmt: skip
+    if batch_stats is not None:
+        raise TaskError(
+            f"BatchNorm `{batch_stats}` keeps no running statistics "
+            "(track_running_stats=False): it normalises every batch by that batch's own "
+            "statistics, at inference too, so its output depends on the batch and no fixed "
+            "form of it can be quantized or exported. Give it running statistics (create "
+            "it with track_running_stats=True and run training data through in train "
+            "mode), or replace it (GroupNorm, InstanceNorm)."
+        )
 
 
 def same_but_batch(a: Sequence[int], b: Sequence[int], batch_dim: int) -> bool:

@@ -8,7 +8,7 @@ label-free distillation alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from edgeslim.data.batching import (
     TensorBatches,
     as_batch,
     batch_size_of,
+    flat_outputs,
     is_one_shot,
 )
 from edgeslim.data.fashion_mnist import Split
@@ -56,14 +57,9 @@ def first_output(outputs: Any) -> torch.Tensor:
     """The logits of a model's outputs: the tensor itself, or the first tensor of a
     tuple/list or of a dict (its first value, as agreement reads a model's outputs; a
     Hugging Face ``ModelOutput`` is one)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    if isinstance(outputs, Mapping) and outputs:
-        first = next(iter(outputs.values()))
-        if isinstance(first, torch.Tensor):
-            return first
+    flat = flat_outputs(outputs)
+    if flat:
+        return flat[0]
     raise TypeError(
         "expected a tensor, a tuple/list or a dict of tensors as model output; "
         f"got {type(outputs).__name__}"
