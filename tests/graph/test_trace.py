@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -74,3 +77,75 @@ def test_iterating_a_chunk_traces() -> None:
     x = torch.randn(2, 6)
     gm = trace(Split())
     torch.testing.assert_close(gm(x), Split()(x))
+
+
+class OptionalArgs(nn.Module):
+    """``forward(x, mask=None, scale=1.0)``: arguments users leave at their defaults."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 2.0
+    ) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        if mask is not None:
+            y = y * mask
+        return self.fc(y.mean((2, 3))) * scale
+
+
+def test_defaulted_arguments_are_traced_at_their_defaults() -> None:
+    model = OptionalArgs().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(model)
+    required = [n.name for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+    assert required == ["x"]  # mask and scale are fixed (guarded), not inputs
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(AssertionError, match="mask has been specialized"):
+        gm(x, torch.ones(1, 8, 1, 1))  # the guard: another mask is not silently ignored
+
+
+def test_declared_inputs_keep_an_optional_argument_as_an_input() -> None:
+    from edgeslim.graph.trace import declare_inputs
+
+    model = OptionalArgs().eval()
+    x, mask = torch.randn(2, 3, 8, 8), (torch.rand(2, 8, 1, 1) > 0.5).float()
+    declare_inputs(model, 2)
+    gm = trace(copy.deepcopy(model))  # the declaration travels with copies
+    assert torch.equal(gm(x, mask), model(x, mask))
+    assert not torch.equal(gm(x, mask), model(x))
+    gm1 = trace(model, inputs=1)  # an explicit count wins
+    assert torch.equal(gm1(x), model(x))
+
+
+def test_onnx_export_takes_only_the_model_inputs(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from edgeslim.export import export_onnx
+
+    model = OptionalArgs().eval()
+    path = export_onnx(model, (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["input"]  # not `scale` as a second input
+    assert type(model) is OptionalArgs  # the class is back after export
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seed in (0, 1):
+        x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        (out,) = sess.run(None, {"input": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_compress_a_model_with_optional_arguments(tmp_path: Path) -> None:
+    import edgeslim
+    from edgeslim.data import TensorBatches
+    from edgeslim.task import Task
+
+    model = OptionalArgs().eval()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
+    recipe = {"name": "w8a8", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8}]}
+    result = edgeslim.compress(model, recipe, task, out=tmp_path / "out")
+    assert result.records[-1].value > 80.0  # agreement with the float model (%)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from edgeslim.errors import ExportError
+from edgeslim.graph.trace import inputs_only
 
 NOT_CONSTANT_HINT = (
     "A size computed from a tensor's shape at run time (e.g. `F.avg_pool2d(x, x.shape[2:])` "
@@ -60,7 +61,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), inputs_only(model, len(example_args)):
             warnings.simplefilter("ignore")
             if exporter == "torchscript":
                 torch.onnx.export(

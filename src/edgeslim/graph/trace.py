@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -77,10 +79,71 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
-def trace(model: nn.Module, leaf_types: tuple[type, ...] = ()) -> fx.GraphModule:
+INPUTS_ATTR = "_edgeslim_inputs"
+
+
+def declare_inputs(model: nn.Module, count: int) -> None:
+    """Record that ``model`` is called with ``count`` positional inputs (a
+    :class:`~edgeslim.task.Task` does, from its example inputs), so every later
+    :func:`trace` of it, or of a copy, keeps exactly those arguments as graph inputs."""
+    object.__setattr__(model, INPUTS_ATTR, int(count))
+
+
+def bound_defaults(model: nn.Module, inputs: int | None = None) -> dict[str, Any]:
+    """The ``forward`` arguments :func:`trace` fixes at their default values.
+
+    Why: ``forward(x, mask=None, scale=1.0)`` is common, and fx would otherwise trace
+    ``mask`` as a tensor (taking the ``if mask is not None`` branch) and ``scale`` as an input,
+    so the graph would not be the model the user runs. Every argument with a default is
+    fixed, except the first ``inputs`` positional ones (default: the count
+    :func:`declare_inputs` recorded), which stay inputs: a user who passes the mask keeps
+    it. fx guards each fixed value, so calling the traced graph with another one raises.
+    """
+    count = inputs if inputs is not None else getattr(model, INPUTS_ATTR, None)
+    bound: dict[str, Any] = {}
+    params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # self
+    for i, p in enumerate(params):
+        if p.default is inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        if count is not None and positional and i < count:
+            continue
+        bound[p.name] = p.default
+    return bound
+
+
+@contextmanager
+def inputs_only(model: nn.Module, inputs: int) -> Iterator[nn.Module]:
+    """``model`` whose ``forward`` takes just its ``inputs`` positional arguments, for as long
+    as the context lasts (the arguments :func:`bound_defaults` fixes keep their defaults).
+
+    Why: torch's ONNX exporter fills every missing ``forward`` argument from its default
+    and turns a ``scale: float = 1.0`` into a model input. The instance's class is swapped
+    for a subclass with a ``*args`` forward, so module names (and so ONNX node names) stay.
+    """
+    if not bound_defaults(model, inputs):
+        yield model
+        return
+    cls = type(model)
+
+    def forward(self: nn.Module, *args: Any) -> Any:
+        return cls.forward(self, *args)
+
+    model.__class__ = type(cls.__name__, (cls,), {"forward": forward})
+    try:
+        yield model
+    finally:
+        model.__class__ = cls
+
+
+def trace(
+    model: nn.Module, leaf_types: tuple[type, ...] = (), inputs: int | None = None
+) -> fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`TraceError` naming the op and module path.
 
     ``leaf_types`` are module types kept whole (not traced into), e.g. custom ops.
+    ``forward`` arguments with defaults beyond the model's ``inputs`` are fixed at their
+    defaults (:func:`bound_defaults`).
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError(
@@ -91,7 +154,7 @@ def trace(model: nn.Module, leaf_types: tuple[type, ...] = ()) -> fx.GraphModule
         )
     tracer = _PathTracer(leaf_types)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=bound_defaults(model, inputs) or None)
     except Exception as exc:
         where = tracer.failed_at or "(top-level forward)"
         mod = model if where.startswith("(") else model.get_submodule(where)

@@ -24,6 +24,7 @@ from torch import nn
 
 from edgeslim.data.batching import Inputs, TensorBatches, as_inputs, is_one_shot, take_samples
 from edgeslim.errors import TaskError
+from edgeslim.graph.trace import declare_inputs
 from edgeslim.task.agreement import AgreementReference, agreement_metrics, model_outputs
 
 Metric = Callable[[nn.Module], "float | Mapping[str, float]"]
@@ -237,6 +238,8 @@ class Task:
         """Run the (wrapped) model on the example inputs; a clear error when they do not fit
         (or when the model is of a kind nothing downstream can take, :func:`_refuse_kind`)."""
         _refuse_kind(model)
+        if self.wrap is None:  # every later trace keeps exactly these inputs
+            declare_inputs(model, len(self.example_inputs))
         module = self.module(model)
         was = module.training
         module.eval()
