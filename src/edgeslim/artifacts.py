@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from edgeslim.errors import CheckpointError, EdgeslimError
+from edgeslim.graph.reparam import bake_reparametrizations
 
 MANIFEST = "manifest.json"
 REBUILD_FORMAT = "edgeslim-compressed"
@@ -419,6 +420,7 @@ def load_artifact(out_dir: str | Path, model: nn.Module | None = None) -> Artifa
             f"{folder} was made from other weights than the base model given (a data-free "
             "stage chose bits from them); pass the model with the weights compress started from"
         )
+    bake_reparametrizations(net)  # as compress did on its copy
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run already reported what stays float
         for step in lineage.steps:

@@ -36,6 +36,7 @@ from edgeslim.export.verify import (
     widen_axes,
 )
 from edgeslim.graph import layer_table, total_macs
+from edgeslim.graph.reparam import bake_reparametrizations
 from edgeslim.progress import log_step
 from edgeslim.quant.modules import QuantMixin
 from edgeslim.recipe import STAGES, Recipe, StageContext, load_recipe, parse_recipe
@@ -274,6 +275,9 @@ def _run(
     base_metrics = task.measure(base)
     start = time.perf_counter()
     model = copy.deepcopy(base)
+    baked = bake_reparametrizations(model)
+    if baked:
+        log_step(f"compress {name}: weights fixed at their value: {', '.join(baked)}")
     ctx = StageContext(out=out, model_name=name, quick=quick, task=task, reference=base)
     data_used = "none"
     steps: list[dict[str, Any]] = []

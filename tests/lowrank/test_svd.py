@@ -188,3 +188,29 @@ def test_factorized_model_traces_and_exports_to_onnx(
             want = model(batch)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+class Encoder(nn.Module):
+    """``nn.TransformerEncoder`` (batch first), as a ViT or text classifier holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x)[:, 0])
+
+
+def test_factorized_encoder_layers_run_in_eval_without_grad() -> None:
+    """An encoder layer's fused inference kernel reads ``linear1.weight``, which a factorized
+    layer has not: it must take its layer-by-layer path (it raised AttributeError)."""
+    model = Encoder().eval()
+    x = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(0))
+    report = factorize_(model, (x[:1],), SVDConfig(macs_reduction=0.2))
+    assert any(row.fqn.endswith("linear1") for row in report.layers)
+    with torch.no_grad():
+        fast = model(x)  # eval + no_grad: where the fused kernel would run
+    torch.testing.assert_close(fast, model(x).detach())  # grad on: layer by layer

@@ -553,3 +553,35 @@ def test_input_shape_must_match_the_data_outside_batch_dims() -> None:
         check_shapes(task, [(1, 8, 32), (1, 1, 17)])
     with pytest.raises(TaskError, match="does not match the data"):
         check_shapes(task, [(1, 8, 32)])
+
+
+class _Broken(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), _Raises())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _Raises(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AttributeError("'LowRankLinear' object has no attribute 'weight'")
+
+
+def test_a_model_failing_inside_the_metric_is_named_not_the_metric() -> None:
+    x = torch.randn(8, 4)
+
+    def top1(model: nn.Module) -> float:
+        return float(model(x).argmax(-1).float().mean())
+
+    task = Task(example_inputs=(x[:1],), evaluate=top1, metric="top1")
+    with pytest.raises(TaskError, match=r"model raised AttributeError in `body.1` \(_Raises\)"):
+        task.measure(_Broken())
+
+    def broken_metric(model: nn.Module) -> float:
+        raise ValueError("bad metric")
+
+    task = Task(example_inputs=(x[:1],), evaluate=broken_metric, metric="m")
+    with pytest.raises(TaskError, match="metric function raised ValueError"):
+        task.measure(nn.Linear(4, 4))

@@ -241,6 +241,32 @@ def split_attention(model: nn.Module, only: Collection[str] | None = None) -> di
     return done
 
 
+def _stock_encoder_layer(layer: nn.TransformerEncoderLayer) -> bool:
+    attn = layer.self_attn
+    return (
+        type(layer.linear1) is nn.Linear
+        and type(layer.linear2) is nn.Linear
+        and type(attn) is nn.MultiheadAttention
+        and isinstance(attn.out_proj, nn.Linear)
+        and type(attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+    )
+
+
+def unfuse_encoder_layers(model: nn.Module) -> int:
+    """Send every ``nn.TransformerEncoderLayer`` whose layers edgeslim replaced (fake-quant
+    twins, low-rank factors, a split attention) down its layer-by-layer path; returns how
+    many. Why: in eval mode under ``no_grad`` its fused inference kernel reads
+    ``linear1.weight`` and the attention's packed weights itself and never calls their
+    ``forward``, so quantized layers were skipped (measured as float) and factorized ones,
+    which have no ``weight``, raised AttributeError. The flag only chooses the path."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and not _stock_encoder_layer(m):
+            m.activation_relu_or_gelu = 0
+            n += 1
+    return n
+
+
 def has_attention(model: nn.Module) -> bool:
     """Whether ``model`` holds an ``nn.MultiheadAttention`` (one :func:`split_attention`
     could split)."""

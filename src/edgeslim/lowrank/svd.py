@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from edgeslim.graph.attention import unfuse_encoder_layers
 from edgeslim.graph.layers import layer_table, total_macs
 from edgeslim.lowrank.modules import LowRankError, factorize_layer
 from edgeslim.lowrank.ranks import (
@@ -103,6 +104,7 @@ def factorize_(
     chosen = [c for c in cands if c.fqn in kept]
     for c in chosen:
         _set_submodule(model, c.fqn, factorize_layer(c.module, kept[c.fqn], c.svd))
+    unfuse_encoder_layers(model)
     after_table = layer_table(model, *example_inputs)
     layers = [
         LayerRank(

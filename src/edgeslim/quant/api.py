@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from edgeslim.data.batching import as_inputs
-from edgeslim.graph.attention import SplitMultiheadAttention
+from edgeslim.graph.attention import SplitMultiheadAttention, unfuse_encoder_layers
 from edgeslim.quant.attention import QuantMultiheadAttention, QuantSplitAttention
 from edgeslim.quant.config import QuantConfig, Selection, check_selectors, resolve
 from edgeslim.quant.fold import _set_submodule
@@ -51,6 +52,12 @@ def _no_twin_reason(module: nn.Module, selected: bool = False) -> str | None:
         name = type(module).__name__
         if isinstance(module, nn.Linear) and name == "NonDynamicallyQuantizableLinear":
             return "its nn.MultiheadAttention reads the weight directly, not through forward()"
+        if parametrize.is_parametrized(module):
+            return (
+                f"{name}: its weight is reparametrized (weight_norm, spectral_norm); fix it "
+                "first with edgeslim.graph.reparam.bake_reparametrizations(model) (compress "
+                "and search do)"
+            )
         return f"no quantized implementation of {name}"
     why_not = getattr(cls, "why_not", None)
     if why_not is None:
@@ -93,18 +100,6 @@ def left_in_float(
             if reason is not None:
                 out[fqn] = f"{kind}: {reason}"
     return out
-
-
-def _no_fused_encoder_path(model: nn.Module) -> None:
-    """Keep ``nn.TransformerEncoderLayer`` off its fused inference kernel when it holds
-    quantized layers: under ``no_grad`` in eval mode that kernel reads ``linear1``/``linear2``
-    weights directly and never calls their ``forward``, so the fake-quant layers would be
-    skipped (never calibrated, and measured as float). The flag only chooses the path."""
-    for m in model.modules():
-        if isinstance(m, nn.TransformerEncoderLayer) and any(
-            isinstance(c, QuantMixin) for c in m.modules()
-        ):
-            m.activation_relu_or_gelu = 0
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantMixin]:
@@ -155,7 +150,7 @@ def quantize_(
     for fqn, cfg in chosen.items():
         module = model.get_submodule(fqn)
         _set_submodule(model, fqn, TWINS[type(module)].from_float(module, cfg))
-    _no_fused_encoder_path(model)
+    unfuse_encoder_layers(model)
     for fqn, why in skipped.items():
         kind, _, reason = why.partition(": ")
         warnings.warn(

@@ -49,6 +49,7 @@ from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.attention import has_attention, split_attention
 from edgeslim.graph.layers import LayerInfo
 from edgeslim.graph.model_graph import analyze
+from edgeslim.graph.reparam import bake_reparametrizations, has_reparametrizations
 from edgeslim.prune.importance import Importance
 from edgeslim.prune.planner import (
     apply_keep,
@@ -296,9 +297,12 @@ class SearchSpace:
         example = task.example_inputs
         model.eval()
         source = model
+        if has_reparametrizations(model):  # weight_norm & co: plain weights, on a copy
+            model = copy.deepcopy(model)
+            bake_reparametrizations(model)
         if k_choices != (1.0,) and has_attention(model):
             # heads are searched too: on a split copy (same outputs; the caller's model stays)
-            model = copy.deepcopy(model)
+            model = model if model is not source else copy.deepcopy(model)
             split_attention(model)
         graph = analyze(model, *example)
         exclude = list(exclude)

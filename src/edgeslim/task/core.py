@@ -274,6 +274,14 @@ class Task:
             try:
                 value = self.evaluate(model)
             except Exception as exc:
+                where = _failing_layer(model, exc)
+                if where is not None:  # the model failed, not the metric around it
+                    raise TaskError(
+                        f"the model raised {type(exc).__name__} in {where} while the task "
+                        f"measured it: {exc}. The metric function is not the cause; keep that "
+                        "layer out of the compression (`skip` / a `select` entry set to null) "
+                        "or report this with the model."
+                    ) from exc
                 raise TaskError(
                     f"the task's metric function raised {type(exc).__name__}: {exc}. Fix the "
                     "function (it is called with the model and must return a float or a dict "
@@ -311,6 +319,21 @@ class Task:
         """Whether the outputs are values (an embedding, an image), not class scores: the
         headline is ``cosine``. Distillation then matches them instead of a softmax."""
         return self.headline == "cosine"
+
+
+def _failing_layer(model: nn.Module, exc: BaseException) -> str | None:
+    """``"`fqn` (Type)"`` of the innermost layer of ``model`` whose code raised ``exc``, or
+    None when it was raised outside the model (in the metric function itself)."""
+    names = {id(m): fqn for fqn, m in model.named_modules()}
+    found: str | None = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            fqn = names[id(owner)] or "(the model's own forward)"
+            found = f"`{fqn}` ({type(owner).__name__})"
+        tb = tb.tb_next
+    return found
 
 
 def _refuse_kind(model: nn.Module) -> None:

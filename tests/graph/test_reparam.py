@@ -1,0 +1,98 @@
+"""Reparametrized weights (weight_norm, spectral_norm) are fixed before compression."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+import edgeslim
+from edgeslim.data import TensorBatches
+from edgeslim.graph.reparam import bake_reparametrizations, has_reparametrizations
+from edgeslim.task import Task
+
+
+class TCN(nn.Module):
+    """A temporal conv net as audio and time-series code writes it: weight-normalised
+    dilated convs (``parametrizations`` or the older hook-based ``weight_norm``)."""
+
+    def __init__(self, old_style: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        c1, c2 = nn.Conv1d(4, 16, 3, padding=1), nn.Conv1d(16, 16, 3, padding=2, dilation=2)
+        if old_style:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecated in torch, still in use
+                self.c1, self.c2 = nn.utils.weight_norm(c1), nn.utils.weight_norm(c2)
+        else:
+            self.c1, self.c2 = weight_norm(c1), weight_norm(c2)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c1(x))
+        y = torch.relu(self.bn(self.c2(y)))
+        return self.fc(y.mean(-1))
+
+
+def _ready(model: nn.Module) -> nn.Module:
+    model.eval()
+    with torch.no_grad():  # the hook-based form keeps a non-leaf weight until a no-grad call
+        model(torch.zeros(1, 4, 32))
+    return model
+
+
+@pytest.mark.parametrize("old_style", [False, True])
+def test_baking_a_copy_is_exact_and_leaves_the_original_whole(old_style: bool) -> None:
+    model = _ready(TCN(old_style))
+    x = torch.randn(5, 4, 32, generator=torch.Generator().manual_seed(1))
+    copied = copy.deepcopy(model)
+    baked = bake_reparametrizations(copied)
+    assert [b.split(" ")[0] for b in baked] == ["c1.weight", "c2.weight"]
+    assert not has_reparametrizations(copied) and has_reparametrizations(model)
+    assert type(copied.c1) is nn.Conv1d
+    assert sorted(copied.c1.state_dict()) == ["bias", "weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), model(x), rtol=1e-5, atol=1e-6)
+        model(x)  # the original still runs (a deepcopy shared its parametrized class)
+
+
+def test_spectral_norm_both_forms() -> None:
+    model = nn.Sequential(
+        nn.utils.spectral_norm(nn.Linear(6, 6)), nn.ReLU(), spectral_norm(nn.Linear(6, 2))
+    ).eval()
+    x = torch.randn(4, 6)
+    copied = copy.deepcopy(model)
+    assert len(bake_reparametrizations(copied)) == 2
+    torch.testing.assert_close(copied(x), model(x))
+    assert bake_reparametrizations(copied) == []  # nothing left: a no-op
+
+
+@pytest.mark.parametrize(
+    ("old_style", "stages"),
+    [
+        (False, [{"kind": "quantize", "w_bits": 8, "a_bits": 8}]),
+        (True, [{"kind": "prune", "macs_reduction": 0.3, "finetune_epochs": 0},
+                {"kind": "quantize", "w_bits": 8, "a_bits": 8}]),
+    ],
+)  # fmt: skip
+def test_compress_quantizes_and_prunes_weight_normed_convs(
+    old_style: bool, stages: list[dict[str, object]], tmp_path: Path
+) -> None:
+    model = _ready(TCN(old_style))
+    x = torch.randn(64, 4, 32, generator=torch.Generator().manual_seed(0))
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing may stay float
+        result = edgeslim.compress(model, {"name": "r", "stages": stages}, task, tmp_path / "o")
+    ort_record = next(r for r in result.records if r.runtime == "onnxruntime")
+    assert ort_record.extra["int8_mac_share"] == pytest.approx(1.0)
+    assert has_reparametrizations(model)  # the caller's model is untouched
+    reloaded = edgeslim.load(tmp_path / "o", model=_ready(TCN(old_style)))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), result.model(x))
