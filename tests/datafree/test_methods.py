@@ -394,3 +394,39 @@ def test_assign_bits_keeps_depthwise_convs_high() -> None:
         if b == 3:
             assert bits[chain.pairs[fqn].consumer] == 8
     assert all(assign_bits(chain, 4, 4, 8)[f] == 4 for f in depthwise)  # uniform: all low
+
+
+class TFSamePadding(nn.Module):
+    """TF-style "same" padding: ``nn.ZeroPad2d((0, 1, 0, 1))`` or ``F.pad`` before each
+    stride-2 conv (Keras and TF-Lite ports of MobileNet and EfficientNet)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.functional = functional
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, 2, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 16, 3, 2, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+        for bn in (self.b1, self.b2):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.b1(self.c1(self.pad(x))))
+        y = nn.functional.pad(y, (0, 1, 0, 1)) if self.functional else self.pad(y)
+        y = torch.relu(self.b2(self.c2(y)))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_pair_is_found_through_spatial_zero_padding(functional: bool) -> None:
+    model = TFSamePadding(functional).eval()
+    chain = analyze(model, torch.zeros(1, 3, 17, 17))
+    assert "c1" in chain.pairs and chain.pairs["c1"].consumer == "c2"
+    x = torch.randn(8, 3, 17, 17, generator=torch.Generator().manual_seed(0))
+    spec = DataFreeSpec(low_bits=8, high_bits=8)
+    result = compress_datafree(model, "dfq", spec, x[:1])
+    assert any("c1" in line and "equaliz" in line for line in result.notes), result.notes
+    with torch.no_grad():  # equalization moved scales across the padding: same function
+        torch.testing.assert_close(result.model(x), model(x), atol=0.05, rtol=0.05)

@@ -201,3 +201,29 @@ def test_recurrent_layer_reads_its_input_group_and_owns_its_hidden_group(
     assert features.prunable and features.consumers == ["rnn"]
     hidden = next(g for g in graph.groups if "rnn" in g.producers)
     assert hidden.prunable and hidden.size == 6 and hidden.consumers == ["fc"]
+
+
+PADS: dict[str, nn.Module | Callable[[torch.Tensor], torch.Tensor]] = {
+    "ZeroPad2d": nn.ZeroPad2d((0, 1, 0, 1)),  # TF "same" before a stride-2 conv
+    "ConstantPad2d(0.5)": nn.ConstantPad2d(1, 0.5),
+    "ReflectionPad2d": nn.ReflectionPad2d(1),
+    "ReplicationPad2d": nn.ReplicationPad2d((1, 0, 1, 0)),
+    "F.pad": lambda t: F.pad(t, (0, 1, 0, 1)),
+    "F.pad reflect": lambda t: F.pad(t, (1, 1, 1, 1), mode="reflect"),
+}
+
+
+@pytest.mark.parametrize("name", list(PADS))
+def test_spatial_padding_passes_channels_through(name: str) -> None:
+    model = ActNet(PADS[name]).eval()
+    group = next(g for g in analyze(model, X).groups if "a" in g.producers)
+    assert group.prunable, group.reason
+    assert group.consumers == ["b"]
+    check_group(model, group, (X,))
+
+
+def test_padding_the_channel_axis_is_not_passed() -> None:
+    model = ActNet(lambda t: F.pad(t, (0, 0, 0, 0, 0, 2))[:, :8]).eval()  # pads channels
+    group = next(g for g in analyze(model, X).groups if "a" in g.producers)
+    assert not group.prunable
+    assert "padding" in group.reason

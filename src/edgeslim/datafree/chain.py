@@ -42,7 +42,7 @@ from edgeslim.datafree.report import DataFreeReport
 
 if TYPE_CHECKING:
     from edgeslim.datafree.ops import WeightGranularity
-from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, upsample_mode
+from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, padding, upsample_mode
 from edgeslim.graph.trace import trace
 from edgeslim.quant.fold import fold_batchnorm
 
@@ -65,7 +65,13 @@ def convex_upsample(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _passes(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return _PASSES.matches(gm, node) or convex_upsample(gm, node)
+    if _PASSES.matches(gm, node) or convex_upsample(gm, node):
+        return True
+    # spatial padding with zeros or copies (TF-style "same" padding before a stride-2 conv):
+    # it commutes with a per-channel scale and keeps each channel's range; the statistics
+    # are taken as kept, as the conv's own zero padding already is
+    pad = padding(gm, node)
+    return pad is not None and pad.spatial and pad.homogeneous
 
 
 @dataclass

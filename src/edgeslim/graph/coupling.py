@@ -42,6 +42,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.graph.layers import recurrent_gates
+from edgeslim.graph.ops import PAD_MODULES, padding
 from edgeslim.graph.trace import trace
 
 Role = Literal["out", "in", "bn", "depthwise", "channelwise"]
@@ -586,9 +587,19 @@ class _Analyzer:
             return x
         if isinstance(m, POOL_MODULES):
             return x if self.on_axis1(node, x, f"pool {what}") else None
+        if isinstance(m, PAD_MODULES):
+            return self.pad(node, x, f"padding {what}")
         if isinstance(m, nn.Flatten):
             return self.flatten(node, x, f"`{fqn}`")
         return self.opaque(node, f"module {what}")
+
+    def pad(self, node: fx.Node, x: _Val | None, what: str) -> _Val | None:
+        """Padding of the dims after the channel axis keeps every channel (any mode and
+        fill value: a kept channel is padded as before)."""
+        p = padding(self.gm, node)
+        if p is None or not p.spatial:
+            return self.opaque(node, f"{what} (it may pad the channel axis)")
+        return x if self.on_axis1(node, x, what) else None
 
     def transformer(self, node: fx.Node, fqn: str, m: nn.Module) -> _Val | None:
         """torch's own transformer layers (leaves to torch.fx: their forward branches on
@@ -893,6 +904,8 @@ class _Analyzer:
             return x
         if fn in POOL_FUNCS:
             return x if self.on_axis1(node, x, f"pool `{node.name}`") else None
+        if fn is F.pad:
+            return self.pad(node, x, f"padding `{node.name}`")
         if fn is F.layer_norm or fn is F.group_norm:
             size = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
             trailing = len(size) if isinstance(size, (list, tuple)) else 1

@@ -116,3 +116,63 @@ def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float
             return None  # a tensor bound
         out.append(None if b is None else float(b))
     return out[0], out[1]
+
+
+_PAD_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
+    "constant": (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d),  # ZeroPadNd too
+    "reflect": (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d),
+    "replicate": (nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d),
+    "circular": (nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d),
+}
+PAD_MODULES: tuple[type[nn.Module], ...] = sum(_PAD_KINDS.values(), ())
+
+
+@dataclass(frozen=True)
+class Pad:
+    """What a padding op does: its mode, fill value and how many trailing dims it pads."""
+
+    mode: str  # constant, reflect, replicate or circular
+    value: float
+    dims: int
+    spatial: bool  # the channel axis (1) is not among the padded dims
+
+    @property
+    def zero(self) -> bool:
+        return self.mode == "constant" and self.value == 0.0
+
+    @property
+    def homogeneous(self) -> bool:
+        """Commutes with a per-channel positive scale (zeros, or copies of the values)."""
+        return self.zero or self.mode != "constant"
+
+
+def padding(gm: fx.GraphModule, node: fx.Node) -> Pad | None:
+    """The :class:`Pad` of an ``nn.*Pad*d`` module or ``F.pad`` node; None for any other op.
+
+    ``spatial`` needs the input's rank: from the traced shapes when the graph has them,
+    else a module is taken to get the batched input its class is for (``ZeroPad2d``: 4-D)
+    and ``F.pad`` is not trusted (its pad list may reach the channel axis)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if not isinstance(m, PAD_MODULES):
+            return None
+        kind = next(k for k, types in _PAD_KINDS.items() if isinstance(m, types))
+        dims = len(tuple(m.padding)) // 2  # type: ignore[arg-type]
+        value = float(getattr(m, "value", 0.0))
+        default_rank: int | None = dims + 2
+    elif node.op == "call_function" and node.target is nn.functional.pad:
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        if not isinstance(pad, (tuple, list)):
+            return None
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        fill = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        if not isinstance(mode, str) or not isinstance(fill, (int, float, type(None))):
+            return None
+        kind = mode
+        dims, value, default_rank = len(pad) // 2, float(fill or 0.0), None
+    else:
+        return None
+    src = node.args[0] if node.args else None
+    meta = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
+    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else default_rank
+    return Pad(kind, value, dims, rank is not None and rank - dims >= 2)

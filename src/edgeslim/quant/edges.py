@@ -43,6 +43,7 @@ from edgeslim.graph.ops import (
     OpSet,
     clamp_bounds,
     is_spatial_mean,
+    padding,
     upsample_mode,
 )
 from edgeslim.graph.trace import trace
@@ -374,24 +375,8 @@ def _moves_values(gm: fx.GraphModule, node: fx.Node) -> bool:
     mode = upsample_mode(gm, node)
     if mode is not None:
         return mode == "nearest"
-    return _zero_pad(gm, node)
-
-
-def _zero_pad(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Padding with zeros (``F.pad``, ``nn.ZeroPad2d``, ``nn.ConstantPad2d(.., 0)``): 0 is
-    a code of every activation grid, so one quantizer serves before and after it, and
-    export folds the padding into the conv that follows
-    (:func:`edgeslim.export.qdq.fold_pad_into_conv`)."""
-    if node.op == "call_module":
-        layer = gm.get_submodule(str(node.target))
-        return isinstance(layer, nn.ZeroPad2d) or (
-            isinstance(layer, nn.ConstantPad2d) and float(layer.value) == 0.0
-        )
-    if node.op != "call_function" or node.target is not nn.functional.pad:
-        return False
-    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
-    return mode == "constant" and value in (None, 0, 0.0)
+    pad = padding(gm, node)  # zeros: 0 is a code of every grid (export folds the pad)
+    return pad is not None and pad.zero
 
 
 def _is_tensor_product(node: fx.Node) -> bool:
