@@ -21,6 +21,7 @@ from torch import nn
 from edgeslim.export import export_onnx
 from edgeslim.graph import layer_table, total_macs, trace
 from edgeslim.lowrank import (
+    LowRankConv1d,
     LowRankConv2d,
     LowRankError,
     LowRankLinear,
@@ -80,6 +81,46 @@ def test_conv_full_rank_is_exact(
     assert low.reduce.kernel_size == (k, k) and low.expand.kernel_size == (1, 1)
     x = torch.randn(2, c_in, 11, 11)
     torch.testing.assert_close(low(x), conv(x), atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    c_in=st.integers(1, 8),
+    c_out=st.integers(1, 12),
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 3),
+    mode=st.sampled_from(["zeros", "reflect"]),
+)
+def test_conv1d_full_rank_is_exact(
+    c_in: int, c_out: int, k: int, stride: int, dilation: int, mode: str
+) -> None:
+    """1-D convs (audio, sensor, text CNNs) factorize as a length-k conv then a length-1."""
+    torch.manual_seed(c_in * 13 + c_out * 7 + k)
+    conv = nn.Conv1d(c_in, c_out, k, stride, k // 2, dilation, padding_mode=mode)
+    low = factorize_layer(conv, min(c_out, c_in * k))
+    assert isinstance(low, LowRankConv1d)
+    assert low.reduce.kernel_size == (k,) and low.expand.kernel_size == (1,)
+    x = torch.randn(2, c_in, 23)
+    torch.testing.assert_close(low(x), conv(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_conv1d_network_meets_a_macs_target_and_exports(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(6, 32, 5, padding=2), nn.ReLU(), nn.Conv1d(32, 64, 3, padding=2, dilation=2),
+        nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(64, 5),
+    ).eval()  # fmt: skip
+    x = torch.randn(4, 6, 50)
+    before = total_macs(layer_table(model, x[:1]))
+    report = factorize_(model, (x[:1],), SVDConfig(macs_reduction=0.3))
+    assert isinstance(model[2], LowRankConv1d)
+    assert total_macs(layer_table(model, x[:1])) <= 0.7 * before + 1
+    assert report.layers
+    path = export_onnx(model, (x[:1],), tmp_path / "c1d.onnx")
+    got = ort_session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("rank", [1, 3, 7])

@@ -2,6 +2,7 @@
 two plain layers per factorized conv/linear (fx-traceable, exportable to ONNX)."""
 
 from edgeslim.lowrank.modules import (
+    LowRankConv1d,
     LowRankConv2d,
     LowRankError,
     LowRankLinear,
@@ -21,6 +22,7 @@ from edgeslim.lowrank.trp import (
 
 __all__ = [
     "LayerRank",
+    "LowRankConv1d",
     "LowRankConv2d",
     "LowRankError",
     "LowRankLinear",

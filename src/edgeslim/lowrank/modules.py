@@ -2,7 +2,8 @@
 
 A conv becomes a k x k conv with ``rank`` outputs (the original stride, padding, dilation)
 followed by a 1x1 conv back to the original outputs (the channel scheme: ``W`` reshaped to
-``N x (C k k)``); a linear becomes two linears. Both halves are plain ``nn.Conv2d`` /
+``N x (C k k)``); a 1-D conv (audio, sensor and text CNNs) the same with a length-k kernel;
+a linear becomes two linears. Both halves are plain ``nn.Conv2d`` / ``nn.Conv1d`` /
 ``nn.Linear`` inside an ``nn.Sequential``, so the model still fx-traces, exports to ONNX and
 can be quantized or pruned like any other; the subclass only marks what was factorized.
 """
@@ -35,22 +36,32 @@ class LowRankConv2d(nn.Sequential):
     expand: nn.Conv2d
 
 
-LowRank = LowRankLinear | LowRankConv2d
-Factorizable = nn.Linear | nn.Conv2d
+class LowRankConv1d(nn.Sequential):
+    """A length-k ``Conv1d(C, rank)`` then a length-1 ``Conv1d(rank, N)``."""
+
+    reduce: nn.Conv1d
+    expand: nn.Conv1d
+
+
+LowRank = LowRankLinear | LowRankConv1d | LowRankConv2d
+LOW_RANK_TYPES = (LowRankLinear, LowRankConv1d, LowRankConv2d)
+Factorizable = nn.Linear | nn.Conv1d | nn.Conv2d
+FACTORIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def why_not_factorizable(module: nn.Module) -> str | None:
     """None for a layer :func:`factorize_layer` handles, else the reason it is left alone."""
     if type(module) is nn.Linear:
         return None
-    if type(module) is nn.Conv2d:
+    if type(module) in (nn.Conv1d, nn.Conv2d):
+        assert isinstance(module, nn.modules.conv._ConvNd)
         if module.groups != 1:
             return (
                 f"grouped conv (groups={module.groups}): each group is its own small matrix "
                 "and a 1x1 expansion would mix the groups; left dense"
             )
         return None
-    return f"{type(module).__name__} is not a plain nn.Linear or nn.Conv2d"
+    return f"{type(module).__name__} is not a plain nn.Linear, nn.Conv1d or nn.Conv2d"
 
 
 def weight_matrix(module: Factorizable) -> torch.Tensor:
@@ -111,15 +122,18 @@ def factorize_layer(
             )
         )
     else:
-        reduce = nn.Conv2d(
+        conv = type(module)  # nn.Conv1d or nn.Conv2d
+        reduce = conv(
             module.in_channels, rank, module.kernel_size, module.stride,  # type: ignore[arg-type]
             module.padding, module.dilation, bias=False,  # type: ignore[arg-type]
             padding_mode=module.padding_mode,
         )  # fmt: skip
-        expand = nn.Conv2d(rank, module.out_channels, 1, bias=bias)
-        layer = LowRankConv2d(OrderedDict(reduce=reduce, expand=expand))
+        expand = conv(rank, module.out_channels, 1, bias=bias)
+        pair = LowRankConv2d if conv is nn.Conv2d else LowRankConv1d
+        layer = pair(OrderedDict(reduce=reduce, expand=expand))
         first = first.reshape(rank, *module.weight.shape[1:])
-        second = second.reshape(module.out_channels, rank, 1, 1)
+        ones = (1,) * (module.weight.dim() - 2)
+        second = second.reshape(module.out_channels, rank, *ones)
     layer.to(device=module.weight.device, dtype=module.weight.dtype)
     with torch.no_grad():
         layer.reduce.weight.copy_(first)

@@ -24,10 +24,10 @@ from torch import nn
 
 from edgeslim.graph.layers import LayerInfo
 from edgeslim.lowrank.modules import (
+    FACTORIZABLE_TYPES,
+    LOW_RANK_TYPES,
     Factorizable,
-    LowRankConv2d,
     LowRankError,
-    LowRankLinear,
     weight_matrix,
     why_not_factorizable,
 )
@@ -86,7 +86,7 @@ def candidates(
     left: dict[str, str] = {}
     inside: tuple[str, ...] = ()
     for fqn, module in model.named_modules():
-        if isinstance(module, (LowRankLinear, LowRankConv2d)):
+        if isinstance(module, LOW_RANK_TYPES):
             inside = (*inside, fqn + ".")
             continue
         if not fqn or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
@@ -103,7 +103,7 @@ def candidates(
         if reason is not None:
             left[fqn] = reason
             continue
-        assert isinstance(module, (nn.Linear, nn.Conv2d))
+        assert isinstance(module, FACTORIZABLE_TYPES)
         u, s, vh = torch.linalg.svd(weight_matrix(module), full_matrices=False)
         if float(s.square().sum()) == 0.0:
             left[fqn] = "all-zero weight"
