@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 import edgeslim
@@ -94,5 +95,91 @@ def test_compress_quantizes_and_prunes_weight_normed_convs(
     assert ort_record.extra["int8_mac_share"] == pytest.approx(1.0)
     assert has_reparametrizations(model)  # the caller's model is untouched
     reloaded = edgeslim.load(tmp_path / "o", model=_ready(TCN(old_style)))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), result.model(x))
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation as BiT and timm write it: a subclass with its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv1d(nn.Conv1d):
+    """NFNet's form, 1-D: a learned gain and ``F.batch_norm`` over each filter."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1), 1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None,
+            weight=(self.gain * 0.5).view(-1), training=True, momentum=0.0, eps=1e-6,
+        ).reshape_as(self.weight)  # fmt: skip
+        return F.conv1d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Doubled(nn.Conv2d):
+    """A forward that does more than one conv: not a reparametrization, left alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class CosineHead(nn.Linear):
+    """A cosine classifier normalises its input too: not a plain linear, left alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+def test_layers_computing_their_weight_become_plain_layers() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "ws": StdConv2d(3, 8, 3, stride=2, padding=1),
+            "ws1d": ScaledStdConv1d(4, 6, 5, padding=2, groups=2),
+            "doubled": Doubled(3, 4, 1),
+            "cosine": CosineHead(8, 3, bias=False),
+        }
+    )
+    x2, x1, xl = torch.randn(2, 3, 9, 9), torch.randn(2, 4, 20), torch.randn(2, 8)
+    with torch.no_grad():
+        want = [model["ws"](x2), model["ws1d"](x1), model["doubled"](x2), model["cosine"](xl)]
+    copied = copy.deepcopy(model)
+    baked = bake_reparametrizations(copied)
+    assert baked == ["ws.weight (StdConv2d.forward)", "ws1d.weight (ScaledStdConv1d.forward)"]
+    assert type(copied["ws"]) is nn.Conv2d and type(copied["ws1d"]) is nn.Conv1d
+    assert copied["ws1d"].groups == 2 and copied["ws"].stride == (2, 2)
+    assert type(copied["doubled"]) is Doubled and type(copied["cosine"]) is CosineHead
+    with torch.no_grad():
+        got = [copied["ws"](x2), copied["ws1d"](x1), copied["doubled"](x2), copied["cosine"](xl)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert type(model["ws"]) is StdConv2d  # the original is untouched
+
+
+def test_compress_quantizes_weight_standardised_convs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        StdConv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+        StdConv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
+    recipe = {"name": "w8a8", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "left in float" would raise here
+        result = edgeslim.compress(model, recipe, task, tmp_path / "o")
+    torch_record = next(r for r in result.records if r.runtime == "torch")
+    assert torch_record.value > 80.0  # agreement with the float model (%)
+    ort_record = next(r for r in result.records if r.runtime == "onnxruntime")
+    assert ort_record.extra["int8_mac_share"] > 0.99  # the convs run on integers
+    reloaded = edgeslim.load(tmp_path / "o", model=model)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), result.model(x))

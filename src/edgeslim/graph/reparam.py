@@ -8,6 +8,13 @@ fake-quant twin (a ``ParametrizedConv1d`` has none, so it stayed float), and pru
 ``weight`` (the hook then rebuilt it from the uncut ``weight_v`` and the model no longer
 ran). At inference the reparametrized weight is a constant, so fixing it is exact.
 
+The same holds for a conv or linear *subclass* whose ``forward`` computes its weight from
+its parameters before the usual call: weight standardisation (BiT, timm's ``StdConv2d``,
+NFNet's ``ScaledStdConv2d`` with its gain). Such a layer is traced alone; when its output
+is one ``F.conv1d``/``F.conv2d``/``F.linear`` of its input whose other arguments do not
+depend on the input, it is replaced by the plain layer holding the computed weight, checked
+on a random input against the original. Any other custom forward is left as it is.
+
 Decision: :func:`edgeslim.compress`, the search space and :func:`edgeslim.load` bake on
 their own copy (the caller's model keeps its parametrizations); training after that
 (fine-tuning, QAT) trains the plain weight, as deployed models are.
@@ -15,9 +22,15 @@ their own copy (the caller's model keeps its parametrizations); training after t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.fx as fx
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
+
+_CALLS: dict[type[nn.Module], Any] = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Linear: F.linear}
 
 
 def _hooks(module: nn.Module) -> list[tuple[str, str]]:
@@ -44,8 +57,93 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
+def _computing_forward(module: nn.Module) -> type[nn.Module] | None:
+    """The plain base (``nn.Conv2d``...) of a subclass with a forward of its own, else None."""
+    base = next((b for b in _CALLS if isinstance(module, b)), None)
+    if base is None or type(module).forward is base.forward or parametrize.is_parametrized(module):
+        return None
+    if type(module).__module__.startswith("edgeslim."):
+        return None  # edgeslim's own twins (fake-quant layers) are no user reparametrization
+    return base
+
+
+def _depends_on(node: fx.Node, source: fx.Node) -> bool:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is source:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.values[n] = out = super().run_node(n)
+        return out
+
+
+@torch.no_grad()
+def _plain_layer(module: nn.Module, base: type[nn.Module]) -> nn.Module | None:
+    """The plain ``base`` layer computing what ``module``'s own forward does, or None."""
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception:
+        return None
+    nodes = list(gm.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    calls = [n for n in nodes if n.op == "call_function" and n.target is _CALLS[base]]
+    output = nodes[-1]
+    if len(inputs) != 1 or len(calls) != 1 or output.args[0] is not calls[0]:
+        return None
+    call, x = calls[0], inputs[0]
+    rest = [*call.args[1:], *call.kwargs.values()]
+    if call.args[0] is not x or any(isinstance(a, fx.Node) and _depends_on(a, x) for a in rest):
+        return None
+    w0 = module.weight
+    assert isinstance(w0, torch.Tensor)
+    if isinstance(module, nn.Linear):
+        probe = torch.randn(2, module.in_features)
+    else:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        span = [(k - 1) * d + 1 for k, d in zip(module.kernel_size, module.dilation, strict=True)]
+        probe = torch.randn(2, module.in_channels, *[3 * n + 2 for n in span])
+    rec = _Recorder(gm)
+    want = rec.run(probe)
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    args = dict(zip(names, call.args, strict=False)) | dict(call.kwargs)
+    value = {k: rec.values[v] if isinstance(v, fx.Node) else v for k, v in args.items()}
+    weight, bias = value["weight"], value.get("bias")
+    if not isinstance(weight, torch.Tensor) or weight.shape != w0.shape:
+        return None
+    if base is nn.Linear:
+        plain: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        plain = base(
+            weight.shape[1] * int(value.get("groups", 1)), weight.shape[0], weight.shape[2:],
+            value.get("stride", 1), value.get("padding", 0), value.get("dilation", 1),
+            int(value.get("groups", 1)), bias=bias is not None,
+        )  # fmt: skip
+    plain.get_parameter("weight").copy_(weight)
+    if bias is not None:
+        plain.get_parameter("bias").copy_(bias)
+    plain.to(device=w0.device).train(module.training)
+    if not torch.allclose(plain(probe), want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+        return None
+    return plain
+
+
 def has_reparametrizations(model: nn.Module) -> bool:
-    return any(parametrize.is_parametrized(m) or _hooks(m) for m in model.modules())
+    return any(
+        parametrize.is_parametrized(m) or _hooks(m) or _computing_forward(m) is not None
+        for m in model.modules()
+    )
 
 
 @torch.no_grad()
@@ -66,4 +164,11 @@ def bake_reparametrizations(model: nn.Module) -> list[str]:
             else:
                 torch.nn.utils.remove_spectral_norm(module, name)
             baked.append(f"{fqn}.{name} ({kind})")
+    for fqn, module in list(model.named_modules()):
+        base = _computing_forward(module)
+        plain = None if base is None else _plain_layer(module, base)
+        if plain is not None:
+            parent, _, name = fqn.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, plain)
+            baked.append(f"{fqn}.weight ({type(module).__name__}.forward)")
     return baked

@@ -58,6 +58,12 @@ def _no_twin_reason(module: nn.Module, selected: bool = False) -> str | None:
                 "first with edgeslim.graph.reparam.bake_reparametrizations(model) (compress "
                 "and search do)"
             )
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            return (
+                f"{name} is a subclass with its own forward; if it only computes its weight "
+                "(weight standardisation), edgeslim.graph.reparam.bake_reparametrizations "
+                "makes it a plain layer (compress and search do)"
+            )
         return f"no quantized implementation of {name}"
     why_not = getattr(cls, "why_not", None)
     if why_not is None:
