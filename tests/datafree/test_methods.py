@@ -430,3 +430,48 @@ def test_a_pair_is_found_through_spatial_zero_padding(functional: bool) -> None:
     assert any("c1" in line and "equaliz" in line for line in result.notes), result.notes
     with torch.no_grad():  # equalization moved scales across the padding: same function
         torch.testing.assert_close(result.model(x), model(x), atol=0.05, rtol=0.05)
+
+
+class CausalTCN(nn.Module):
+    """A causal temporal conv net: each conv pads both ends and keeps the first ``L``
+    steps (``y[..., :L]``), so no output reads the future."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.b1 = nn.Conv1d(4, 8, 3, padding=2, bias=False), nn.BatchNorm1d(8)
+        self.c2, self.b2 = nn.Conv1d(8, 8, 3, padding=4, dilation=2, bias=False), nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 3)
+        for bn in (self.b1, self.b2):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        y = torch.relu(self.b1(self.c1(x))[..., :n])
+        y = torch.relu(self.b2(self.c2(y))[:, :, :n])
+        return self.fc(y.mean(-1))
+
+
+class ChompBeforeNorm(CausalTCN):
+    """The slice right after the conv, before its BatchNorm (TCN's ``Chomp1d``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        y = torch.relu(self.b1(self.c1(x)[..., :n].contiguous()))
+        y = torch.relu(self.b2(self.c2(y)[:, :, :n]))
+        return self.fc(y.mean(-1))
+
+
+def test_a_pair_is_found_through_a_causal_slice() -> None:
+    model = CausalTCN().eval()
+    chain = analyze(model, torch.zeros(1, 4, 20))
+    assert "c1" in chain.pairs and chain.pairs["c1"].consumer == "c2"
+    x = torch.randn(16, 4, 20, generator=torch.Generator().manual_seed(0))
+    result = compress_datafree(model, "dfq", DataFreeSpec(low_bits=8, high_bits=8), x[:1])
+    with torch.no_grad():  # equalized through the slice: the same function, 8-bit weights
+        torch.testing.assert_close(result.model(x), model(x), atol=2e-3, rtol=0.05)
+    # a BatchNorm after the slice is not folded: scaling the conv would be normalised away
+    chain = analyze(ChompBeforeNorm().eval(), torch.zeros(1, 4, 20))
+    assert not chain.pairs
+    assert "reads a slice of its output" in chain.blocked["c1"].reason

@@ -3,6 +3,7 @@ moved channel axes (transpose, indexing) and recurrent layers."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -227,3 +228,47 @@ def test_padding_the_channel_axis_is_not_passed() -> None:
     group = next(g for g in analyze(model, X).groups if "a" in g.producers)
     assert not group.prunable
     assert "padding" in group.reason
+
+
+class TextLine(nn.Module):
+    """CRNN-style: conv features of a text line, each column's channels and heights merged
+    (``(N, C, H, W) -> (N, W, C*H)``) into a per-step feature vector."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = head
+        self.rnn = nn.LSTM(8 * 12, 6, batch_first=True)
+        self.fc = nn.Linear(8 * 12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.a(x))
+        n, c, h, w = f.shape
+        seq = f.permute(0, 3, 1, 2).reshape(n, w, c * h)
+        if self.head == "lstm":
+            return self.rnn(seq)[0].mean(1)
+        return self.fc(seq).mean(1)
+
+
+@pytest.mark.parametrize("head", ["linear", "lstm"])
+def test_channels_merged_with_the_axes_after_them_pass_in_blocks(head: str) -> None:
+    model = TextLine(head).eval()
+    group = next(g for g in analyze(model, X).groups if "a" in g.producers)
+    assert group.prunable, group.reason
+    member = next(m for m in group.members if m.role == "in")
+    assert member.repeat == 12  # each channel: its block of 12 heights
+    if head == "linear":
+        check_group(model, group, (X,))
+        return
+    # the recurrent layer: prune, then compare with the original whose cut channels are 0
+    from edgeslim.prune.planner import prune_
+
+    pruned, plan = prune_(copy.deepcopy(model), (X,), "l1", macs_reduction=0.3)
+    kept = plan.keep["a"]
+    assert pruned.rnn.input_size == 12 * len(kept) < 96
+    zeroed = copy.deepcopy(model)
+    cut = [i for i in range(8) if i not in kept]
+    with torch.no_grad():
+        zeroed.a.weight[cut] = 0
+        zeroed.a.bias[cut] = 0
+        torch.testing.assert_close(pruned(X), zeroed(X), atol=1e-5, rtol=1e-4)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -42,7 +43,7 @@ from edgeslim.datafree.report import DataFreeReport
 
 if TYPE_CHECKING:
     from edgeslim.datafree.ops import WeightGranularity
-from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, padding, upsample_mode
+from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, indexed_dim, padding, upsample_mode
 from edgeslim.graph.trace import trace
 from edgeslim.quant.fold import fold_batchnorm
 
@@ -71,7 +72,23 @@ def _passes(gm: fx.GraphModule, node: fx.Node) -> bool:
     # it commutes with a per-channel scale and keeps each channel's range; the statistics
     # are taken as kept, as the conv's own zero padding already is
     pad = padding(gm, node)
-    return pad is not None and pad.spatial and pad.homogeneous
+    if pad is not None:
+        return pad.spatial and pad.homogeneous
+    return _selects_positions(node)
+
+
+def _selects_positions(node: fx.Node) -> bool:
+    """``y[..., :length]`` keeping every channel (a causal conv's cut, TCN's ``Chomp1d``):
+    each channel's values are a subset of its own, so its statistics are taken as kept and
+    a per-channel scale commutes with it; ``.contiguous()`` after it moves nothing."""
+    if node.op == "call_method" and node.target == "contiguous":
+        return True
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    src = node.args[0]
+    meta = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return shape is not None and indexed_dim(node.args[1], tuple(shape), 1) == 1
 
 
 @dataclass
@@ -458,11 +475,25 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
     if (fan := _fan_out(gm, cur, "its output")) is not None:
         return fan
     nxt = next(iter(cur.users))
+    sliced = False
+    while _selects_positions(nxt):  # before the activation: a subset of the values
+        cur, sliced = nxt, True
+        if (fan := _fan_out(gm, cur, _describe(gm, nxt))) is not None:
+            return fan
+        nxt = next(iter(cur.users))
     if nxt.op == "call_module" and isinstance(gm.get_submodule(str(nxt.target)), NORMS):
+        if sliced:  # not folded (the slice is between): a scale would be normalised away
+            return Blocked(None, f"its BatchNorm {nxt.target} reads a slice of its output, "
+                                 "so it was not folded into it")  # fmt: skip
         cur = pre_node = nxt
         if (fan := _fan_out(gm, cur, f"its BatchNorm {nxt.target}")) is not None:
             return fan
         nxt = next(iter(cur.users))
+        while _selects_positions(nxt):
+            cur = nxt
+            if (fan := _fan_out(gm, cur, _describe(gm, nxt))) is not None:
+                return fan
+            nxt = next(iter(cur.users))
     found = _act_of(gm, nxt)
     other = _other_act(gm, nxt) if found is None else None
     if found is not None or other is not None:

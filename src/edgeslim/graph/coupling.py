@@ -42,7 +42,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.graph.layers import recurrent_gates
-from edgeslim.graph.ops import PAD_MODULES, padding
+from edgeslim.graph.ops import PAD_MODULES, indexed_dim, padding
 from edgeslim.graph.trace import trace
 
 Role = Literal["out", "in", "bn", "depthwise", "channelwise"]
@@ -316,44 +316,6 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape) if shape is not None else None
 
 
-def _full_slice(i: slice, length: int) -> bool:
-    start, stop, step = i.start, i.stop, i.step
-    return (
-        start in (None, 0)
-        and step in (None, 1)
-        and (stop is None or (isinstance(stop, int) and stop >= length))
-    )
-
-
-def _indexed_dim(index: Any, shape: tuple[int, ...], dim: int) -> int | None:
-    """Where axis ``dim`` lands after ``tensor[index]``; None if the index selects along it
-    (or is one edgeslim does not follow: a tensor or a symbolic bound)."""
-    idx = index if isinstance(index, tuple) else (index,)
-    consuming = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    if sum(1 for i in idx if i is Ellipsis) > 1:
-        return None
-    in_d = out_d = 0
-    for i in idx:
-        if i is Ellipsis:
-            n = len(shape) - consuming
-            if in_d <= dim < in_d + n:
-                return out_d + dim - in_d
-            in_d, out_d = in_d + n, out_d + n
-        elif i is None:
-            out_d += 1
-        elif isinstance(i, slice):
-            if in_d == dim:
-                return out_d if _full_slice(i, shape[dim]) else None
-            in_d, out_d = in_d + 1, out_d + 1
-        elif isinstance(i, int) and not isinstance(i, bool):
-            if in_d == dim:
-                return None
-            in_d += 1
-        else:
-            return None
-    return out_d + dim - in_d
-
-
 def _moved_dim(name: str, args: tuple[Any, ...], ndim: int, dim: int) -> int | None:
     """Where axis ``dim`` lands after ``transpose``/``swapaxes``/``permute``/``movedim``."""
     rest = list(args[1:])
@@ -385,6 +347,25 @@ def _reshaped_dim(in_shape: tuple[int, ...], out_shape: tuple[int, ...], dim: in
     if in_shape[dim] == 1 or [in_shape[i] for i in ins] != [out_shape[i] for i in outs]:
         return None
     return outs[ins.index(dim)]
+
+
+def _merged_size(in_shape: tuple[int, ...], out_shape: tuple[int, ...], dim: int) -> int | None:
+    """The values per channel when a reshape merges axis ``dim`` with the axes after it into
+    one axis at ``dim`` (every other axis unchanged), else None. ``(N, C, H, W) -> (N, C*H*W)``
+    before a classifier, or ``(N, W, C, H) -> (N, W, C*H)`` before a recurrent layer reading a
+    text line: in row-major order each channel keeps its own contiguous block."""
+    if tuple(in_shape[:dim]) != tuple(out_shape[:dim]) or len(out_shape) <= dim:
+        return None
+    size = 1
+    for end in range(dim, len(in_shape)):
+        size *= in_shape[end]
+        if size == out_shape[dim] and end > dim:
+            if tuple(in_shape[end + 1 :]) == tuple(out_shape[dim + 1 :]):
+                return size // in_shape[dim]
+            return None
+        if size > out_shape[dim]:
+            return None
+    return None
 
 
 def _reduced_dims(node: fx.Node, ndim: int) -> tuple[set[int], bool] | None:
@@ -805,13 +786,11 @@ class _Analyzer:
         in_shape, out_shape = _shape(node.args[0]), _shape(node)
         if x is None or in_shape is None or out_shape is None:
             return self.opaque(node, what)
-        if x.dim == 1 and len(out_shape) == 2 and out_shape[0] == in_shape[0]:
-            spatial = 1
-            for s in in_shape[2:]:
-                spatial *= s
-            return _Val(1, tuple(_Seg(s.space, s.length, s.repeat * spatial) for s in x.segs))
         if out_shape == in_shape:
             return x
+        inner = _merged_size(tuple(in_shape), tuple(out_shape), x.dim)
+        if inner is not None:
+            return _Val(x.dim, tuple(_Seg(s.space, s.length, s.repeat * inner) for s in x.segs))
         keep = x.dim + 1
         if len(out_shape) >= keep and tuple(out_shape[:keep]) == tuple(in_shape[:keep]):
             # only axes after the channel axis merge or split (``x.flatten(2)``, ``x.view(b,
@@ -833,7 +812,7 @@ class _Analyzer:
 
     def index(self, node: fx.Node, x: _Val | None) -> _Val | None:
         shape = _shape(node.args[0])
-        d = None if x is None or shape is None else _indexed_dim(node.args[1], shape, x.dim)
+        d = None if x is None or shape is None else indexed_dim(node.args[1], shape, x.dim)
         if x is None or d is None:
             return self.opaque(node, f"indexing `{node.name}` along the channel axis")
         return _Val(d, x.segs)

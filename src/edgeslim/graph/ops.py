@@ -176,3 +176,41 @@ def padding(gm: fx.GraphModule, node: fx.Node) -> Pad | None:
     meta = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
     rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else default_rank
     return Pad(kind, value, dims, rank is not None and rank - dims >= 2)
+
+
+def _full_slice(i: slice, length: int) -> bool:
+    start, stop, step = i.start, i.stop, i.step
+    return (
+        start in (None, 0)
+        and step in (None, 1)
+        and (stop is None or (isinstance(stop, int) and stop >= length))
+    )
+
+
+def indexed_dim(index: Any, shape: tuple[int, ...], dim: int) -> int | None:
+    """Where axis ``dim`` lands after ``tensor[index]``; None if the index selects along it
+    (or is one edgeslim does not follow: a tensor or a symbolic bound)."""
+    idx = index if isinstance(index, tuple) else (index,)
+    consuming = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    if sum(1 for i in idx if i is Ellipsis) > 1:
+        return None
+    in_d = out_d = 0
+    for i in idx:
+        if i is Ellipsis:
+            n = len(shape) - consuming
+            if in_d <= dim < in_d + n:
+                return out_d + dim - in_d
+            in_d, out_d = in_d + n, out_d + n
+        elif i is None:
+            out_d += 1
+        elif isinstance(i, slice):
+            if in_d == dim:
+                return out_d if _full_slice(i, shape[dim]) else None
+            in_d, out_d = in_d + 1, out_d + 1
+        elif isinstance(i, int) and not isinstance(i, bool):
+            if in_d == dim:
+                return None
+            in_d += 1
+        else:
+            return None
+    return out_d + dim - in_d
