@@ -57,13 +57,17 @@ ACTIVATIONS: dict[str, nn.Module | Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_activation_passes_channels_through(name: str) -> None:
-    model = ActNet(ACTIVATIONS[name]).eval()
+def _passes_channels(op: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> None:
+    model = ActNet(op).eval()
     group = next(g for g in analyze(model, X).groups if "a" in g.producers)
     assert group.prunable, group.reason
     assert group.consumers == ["b"]
     check_group(model, group, (X,))
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_activation_passes_channels_through(name: str) -> None:
+    _passes_channels(ACTIVATIONS[name])
 
 
 class PReLUChain(nn.Module):
@@ -216,11 +220,7 @@ PADS: dict[str, nn.Module | Callable[[torch.Tensor], torch.Tensor]] = {
 
 @pytest.mark.parametrize("name", list(PADS))
 def test_spatial_padding_passes_channels_through(name: str) -> None:
-    model = ActNet(PADS[name]).eval()
-    group = next(g for g in analyze(model, X).groups if "a" in g.producers)
-    assert group.prunable, group.reason
-    assert group.consumers == ["b"]
-    check_group(model, group, (X,))
+    _passes_channels(PADS[name])
 
 
 def test_padding_the_channel_axis_is_not_passed() -> None:
