@@ -406,6 +406,10 @@ def test_image_folder_numeric_class_folders_are_the_labels(tmp_path: Path) -> No
     for i in range(3):
         _png(tmp_path / "imgs" / "7" / f"{i}.png", (0, 0, 250))
         _png(tmp_path / "imgs" / "3" / f"{i}.png", (0, 250, 0))
+    # what Jupyter and macOS leave in folders: never a class, never an image
+    _png(tmp_path / "imgs" / ".ipynb_checkpoints" / "0-checkpoint.png", (9, 9, 9))
+    (tmp_path / "imgs" / "7" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    _png(tmp_path / "imgs" / "__MACOSX" / "7" / "0.png", (9, 9, 9))
     task = image_folder_task(tmp_path / "imgs", size=8, resize=8)
     assert isinstance(task.train, TensorBatches) and task.train.target is not None
     assert task.train.target.tolist() == [3, 3, 7, 7]

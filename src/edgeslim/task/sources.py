@@ -201,6 +201,17 @@ GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
 """A grayscale image's default normalisation: the average of ImageNet's channel statistics."""
 
 
+def _visible(folder: Path) -> list[Path]:
+    """Entries of ``folder`` without the hidden ones: ``.ipynb_checkpoints`` (Jupyter),
+    ``._name.jpg`` (macOS), ``__MACOSX`` (a zip made on a Mac). A hidden folder taken as a
+    class would shift every label after it."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith((".", "__MACOSX")))
+
+
+def _images(folder: Path) -> list[Path]:
+    return [f for f in _visible(folder) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+
+
 def image_folder_task(
     directory: Path,
     size: int = 224,
@@ -232,15 +243,15 @@ def image_folder_task(
             f"--data {root}: mean {list(mean)} and std {list(std)} need one value per "
             f"channel ({channels})"
         )
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    classes = sorted(p for p in _visible(root) if p.is_dir())
     files: list[tuple[Path, int]] = []
     if classes:
         numeric = all(p.name.isdigit() for p in classes)
         for i, c in enumerate(classes):
             label = int(c.name) if numeric else i
-            files += [(f, label) for f in sorted(c.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            files += [(f, label) for f in _images(c)]
     else:
-        files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        files = [(f, -1) for f in _images(root)]
     if len(files) < 2:
         raise TaskError(
             f"--data {root}: found {len(files)} image(s); give a folder of at least 2 images "
