@@ -219,3 +219,25 @@ def test_taylor_from_a_list_of_batches_and_seeded_from_tensor_batches(
     unlabelled = TensorBatches(x, None, 8, pairs=False)
     fluct = build_importance("fluctuation", unlabelled, batches=2)
     assert len(fluct.batches) == 2  # type: ignore[attr-defined]
+
+
+class _BiLSTMOnly(nn.Module):
+    """Nothing prunable: an embedding into a bidirectional LSTM into the output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.lstm = nn.LSTM(8, 6, bidirectional=True, batch_first=True)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(self.emb(x))[0].mean(1))
+
+
+def test_nothing_to_prune_names_each_fixed_group_and_why() -> None:
+    tokens = torch.zeros(1, 7, dtype=torch.long)
+    with pytest.raises(PruneError) as err:
+        plan_pruning(_BiLSTMOnly(), (tokens,), "l1", macs_reduction=0.3)
+    msg = str(err.value)
+    assert "no prunable channel group is left to prune in _BiLSTMOnly" in msg
+    assert "`lstm` (LSTM) with bidirectional=True" in msg and "Embedding" in msg

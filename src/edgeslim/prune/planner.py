@@ -72,7 +72,13 @@ from edgeslim.graph.model_graph import ModelGraph, analyze
 from edgeslim.prune.config import MACS_TOLERANCE, PruneConfig
 from edgeslim.prune.importance import Importance, get_importance
 from edgeslim.prune.plan import PrunePlan
-from edgeslim.prune.surgery import group_key, prune_groups, round_keep, unit_round
+from edgeslim.prune.surgery import (
+    describe_group,
+    group_key,
+    prune_groups,
+    round_keep,
+    unit_round,
+)
 
 if TYPE_CHECKING:
     from edgeslim.cost.lut import LatencyTable
@@ -462,10 +468,17 @@ def plan_keep(
     global_ranking, max_group_ratio = cfg.global_ranking, cfg.max_group_ratio
     criterion = _resolve(importance)
     graph = analyze(model, *example_args)
-    _warn_fixed(graph.groups)
-    cands, _ = candidate_groups(graph, list(cfg.skip))
+    fixed = _warn_fixed(graph.groups)
+    cands, skipped = candidate_groups(graph, list(cfg.skip))
     if not cands:
-        raise PruneError("no prunable channel group is left to prune in this model")
+        why = [f"{len(skipped)} skipped by request"] if skipped else []
+        why += (
+            fixed[:4] or [f"{describe_group(g)}: {g.reason}" for g in graph.groups if g.reason][:4]
+        )
+        raise PruneError(
+            f"no prunable channel group is left to prune in {type(model).__name__}"
+            + (f"; fixed groups: {'; '.join(why)}" if why else "")
+        )
     macs = MacModel(model, graph, cands)
     raw = criterion.scores(model, graph.groups)
     scores = [normalised_scores(raw[g.id]) for g in cands]
