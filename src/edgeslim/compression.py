@@ -601,7 +601,9 @@ def info_model(
     if from_dir is None:
         if model_name is None:
             raise EdgeslimError("name a model (zoo name or module:factory) or pass --from OUT_DIR")
-        return model_name, resolve_base(model_name, checkpoint, pretrained=False), None
+        net = resolve_base(model_name, checkpoint, pretrained=False)
+        bake_reparametrizations(net)  # the layers as compress sees them (its own instance)
+        return model_name, net, None
     from edgeslim.artifacts import load_artifact
 
     if checkpoint is not None:

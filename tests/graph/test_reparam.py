@@ -58,6 +58,8 @@ def test_baking_a_copy_is_exact_and_leaves_the_original_whole(old_style: bool) -
     assert not has_reparametrizations(copied) and has_reparametrizations(model)
     assert type(copied.c1) is nn.Conv1d
     assert sorted(copied.c1.state_dict()) == ["bias", "weight"]
+    # a trainable parameter (torch leaves a buffer when a parametrization had two originals)
+    assert {"c1.weight", "c2.weight"} <= dict(copied.named_parameters()).keys()
     with torch.no_grad():
         torch.testing.assert_close(copied(x), model(x), rtol=1e-5, atol=1e-6)
         model(x)  # the original still runs (a deepcopy shared its parametrized class)
@@ -70,6 +72,7 @@ def test_spectral_norm_both_forms() -> None:
     x = torch.randn(4, 6)
     copied = copy.deepcopy(model)
     assert len(bake_reparametrizations(copied)) == 2
+    assert {"0.weight", "2.weight"} <= dict(copied.named_parameters()).keys()
     torch.testing.assert_close(copied(x), model(x))
     assert bake_reparametrizations(copied) == []  # nothing left: a no-op
 

@@ -157,6 +157,10 @@ def bake_reparametrizations(model: nn.Module) -> list[str]:
             for name in list(module.parametrizations.keys()):
                 kinds = [type(p).__name__ for p in module.parametrizations[name]]
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                if name in module._buffers:  # several originals: torch leaves a buffer
+                    value = module._buffers.pop(name)
+                    assert value is not None
+                    module.register_parameter(name, nn.Parameter(value.detach().clone()))
                 baked.append(f"{fqn}.{name} ({', '.join(kinds)})")
         for kind, name in _hooks(module):
             if kind == "weight_norm":
