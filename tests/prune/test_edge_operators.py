@@ -31,7 +31,8 @@ GATES = {nn.LSTM: 4, nn.LSTMCell: 4, nn.GRU: 3, nn.GRUCell: 3}
 
 def expected_macs(model: nn.Module, *args: Any) -> int:
     """MACs from each layer's own shapes: conv ``out * cin/groups * k``, linear
-    ``out * in``, recurrent ``steps * G * H * (I + H)`` (steps = batch x time)."""
+    ``out * in``, recurrent ``steps * G * H * (I + H)`` (steps = batch x time) per layer
+    and direction (a later layer reads ``I = directions * H``)."""
     total = 0
 
     def hook(m: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
@@ -43,7 +44,10 @@ def expected_macs(model: nn.Module, *args: Any) -> int:
             total += o.numel() * m.in_features
         elif type(m) in GATES:
             steps = inp[0].numel() // m.input_size
-            total += steps * GATES[type(m)] * m.hidden_size * (m.input_size + m.hidden_size)
+            sides = 2 if getattr(m, "bidirectional", False) else 1
+            reads = [m.input_size] + [sides * m.hidden_size] * (getattr(m, "num_layers", 1) - 1)
+            for n_in in reads:  # every layer, in each direction
+                total += sides * steps * GATES[type(m)] * m.hidden_size * (n_in + m.hidden_size)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
@@ -437,20 +441,61 @@ def test_state_passed_by_the_caller_fixes_the_hidden_units_and_says_so(
         prune_groups(model, {group: [0, 1]})
 
 
-@pytest.mark.parametrize(
-    ("layers", "bidirectional", "what"),
-    [(2, False, "num_layers=2"), (1, True, "bidirectional=True")],
-)
-def test_unsupported_recurrent_layer_is_left_whole_naming_it(
-    layers: int, bidirectional: bool, what: str
-) -> None:
+DEEP = [(2, False), (1, True), (2, True)]
+DEEP_IDS = ["2-layer", "bidirectional", "2-layer-bidirectional"]
+
+
+@pytest.mark.parametrize(("layers", "bidirectional"), DEEP, ids=DEEP_IDS)
+def test_deep_and_bidirectional_recurrent_layers_prune(layers: int, bidirectional: bool) -> None:
+    """Every layer and direction shares ``hidden_size``: one group of hidden units, sliced
+    in all of them; a bidirectional output ``[forward | backward]`` reaches the next layer
+    and the classifier as the same units twice."""
     model = _seeded(DeepLstm, layers, bidirectional)
+    graph = analyze(model, SEQ)
+    by_key = {g.producers[0]: g for g in graph.prunable_groups}
+    assert set(by_key["conv"].consumers) == {"rnn"}
+    assert by_key["rnn"].size == 24 and by_key["rnn"].consumers == ["fc"] * (1 + bidirectional)
+    _prune_and_check(model, (SEQ,), 0.3)
+    rnn, sides = model.rnn, 2 if bidirectional else 1
+    hidden = rnn.hidden_size
+    assert hidden < 24 and model.fc.in_features == sides * hidden
+    for layer in range(layers):
+        for suffix in ("", "_reverse")[:sides]:
+            reads = rnn.input_size if layer == 0 else sides * hidden
+            assert getattr(rnn, f"weight_ih_l{layer}{suffix}").shape == (4 * hidden, reads)
+            assert getattr(rnn, f"weight_hh_l{layer}{suffix}").shape == (4 * hidden, hidden)
+
+
+@pytest.mark.parametrize(("layers", "bidirectional"), DEEP, ids=DEEP_IDS)
+def test_silent_units_of_deep_recurrent_layers_are_removed_exactly(
+    layers: int, bidirectional: bool
+) -> None:
+    """Hidden units whose gate rows are zero in every layer and direction stay 0 from a zero
+    state: removing them (their rows, and the columns that read them in later layers, the
+    other direction's half and the classifier) must leave the output unchanged."""
+    model = _seeded(DeepLstm, layers, bidirectional)
+    hidden = next(g for g in analyze(model, SEQ).prunable_groups if g.producers[0] == "rnn")
+    rnn, dead = model.rnn, [0, 9, 23]
+    with torch.no_grad():
+        for t in rnn.parameters():
+            for g in range(4):
+                t[[g * 24 + i for i in dead]] = 0
+    before = model(SEQ)
+    prune_groups(model, {hidden: [i for i in range(24) if i not in dead]})
+    torch.testing.assert_close(model(SEQ), before, atol=1e-5, rtol=1e-5)
+    assert rnn.hidden_size == 21
+
+
+def test_a_projected_lstm_is_left_whole_naming_it() -> None:
+    torch.manual_seed(0)
+    model = DeepLstm().eval()
+    model.rnn = nn.LSTM(16, 24, batch_first=True, proj_size=8)
+    model.fc = nn.Linear(8, 6)
     graph = analyze(model, SEQ)
     conv = next(g for g in graph.groups if "conv" in g.producers)
     assert not conv.prunable
-    assert "`rnn` (LSTM)" in conv.reason and what in conv.reason and "skip=" in conv.reason
-    with pytest.warns(PruneWarning, match="rnn"), pytest.raises(PruneError, match="no prunable"):
-        prune_(model, (SEQ,), "l1", macs_reduction=0.3)
+    assert "`rnn` (LSTM)" in conv.reason and "proj_size=8" in conv.reason
+    assert "skip=" in conv.reason
     forged = type(conv)(conv.id, conv.size, conv.members, prunable=True)
     with pytest.raises(PruneError, match=r"`rnn` \(LSTM\).*skip="):
         prune_groups(model, {forged: [0, 1]})

@@ -221,14 +221,14 @@ def test_taylor_from_a_list_of_batches_and_seeded_from_tensor_batches(
     assert len(fluct.batches) == 2  # type: ignore[attr-defined]
 
 
-class _BiLSTMOnly(nn.Module):
-    """Nothing prunable: an embedding into a bidirectional LSTM into the output layer."""
+class _ProjectedLSTMOnly(nn.Module):
+    """Nothing prunable: an embedding into a projected LSTM into the output layer."""
 
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(50, 8)
-        self.lstm = nn.LSTM(8, 6, bidirectional=True, batch_first=True)
-        self.fc = nn.Linear(12, 3)
+        self.lstm = nn.LSTM(8, 6, batch_first=True, proj_size=4)
+        self.fc = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.lstm(self.emb(x))[0].mean(1))
@@ -237,7 +237,7 @@ class _BiLSTMOnly(nn.Module):
 def test_nothing_to_prune_names_each_fixed_group_and_why() -> None:
     tokens = torch.zeros(1, 7, dtype=torch.long)
     with pytest.raises(PruneError) as err:
-        plan_pruning(_BiLSTMOnly(), (tokens,), "l1", macs_reduction=0.3)
+        plan_pruning(_ProjectedLSTMOnly(), (tokens,), "l1", macs_reduction=0.3)
     msg = str(err.value)
-    assert "no prunable channel group is left to prune in _BiLSTMOnly" in msg
-    assert "`lstm` (LSTM) with bidirectional=True" in msg and "Embedding" in msg
+    assert "no prunable channel group is left to prune in _ProjectedLSTMOnly" in msg
+    assert "`lstm` (LSTM) with proj_size=4" in msg and "Embedding" in msg

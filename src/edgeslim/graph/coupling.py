@@ -11,8 +11,8 @@ A value's channel axis is tracked through transposes, permutes, indexing and res
 only add or drop size-1 dims, so ``(batch, C, T) -> (batch, T, C)`` feeds a recurrent layer
 or a linear on its feature axis. A gate broadcast over the other dims (squeeze-excite's
 ``x * gate`` with ``gate`` shaped ``(N, C, 1, 1)``) couples the gate's producer with ``x``.
-PReLU slopes are members (``channelwise``). A recurrent layer (RNN/LSTM/GRU and their
-cells, single layer and unidirectional) consumes its input features (``in``: columns of
+PReLU slopes are members (``channelwise``). A recurrent layer (RNN/LSTM/GRU of any depth,
+either direction, without a projection, and their cells) consumes its input features (``in``: columns of
 ``weight_ih``) and produces its own hidden-unit space (``out``: the gate-strided rows of
 ``weight_ih``/``weight_hh``, the columns of ``weight_hh``, the biases); a state created
 inside ``forward`` (``x.new_zeros(n, self.rnn.hidden_size)``) is free, a state passed in by
@@ -385,14 +385,7 @@ def _recurrent_unsupported(m: nn.Module) -> str:
     """Why edgeslim cannot slice this recurrent layer's hidden units ("" if it can)."""
     if not isinstance(m, nn.RNNBase):
         return ""
-    parts = []
-    if m.num_layers != 1:
-        parts.append(f"num_layers={m.num_layers}")
-    if m.bidirectional:
-        parts.append("bidirectional=True")
-    if getattr(m, "proj_size", 0):
-        parts.append(f"proj_size={m.proj_size}")
-    return ", ".join(parts)
+    return f"proj_size={m.proj_size}" if getattr(m, "proj_size", 0) else ""
 
 
 # ops returning pieces of their input along one dim (default 0), with the position of that
@@ -683,8 +676,8 @@ class _Analyzer:
         why = _recurrent_unsupported(m)
         if why:
             reason = (
-                f"{what} with {why}: edgeslim prunes single-layer unidirectional recurrent "
-                f"layers only (pass `{fqn}` in skip=)"
+                f"{what} with {why}: edgeslim prunes recurrent layers without a projection "
+                f"only (pass `{fqn}` in skip=)"
             )
             self.consume(fqn, x)  # a member, so a forced request names this layer
             for a in node.all_input_nodes:
@@ -707,7 +700,16 @@ class _Analyzer:
         hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
         for state in hx if isinstance(hx, (tuple, list)) else [hx]:
             self.state_in(state, space, hidden, what, fqn)
-        return self.outputs(node, lambda d, n: _Val(d, (_Seg(space, n),)) if n == hidden else None)
+        # every layer and direction keeps the same hidden units (one hidden_size): one space;
+        # a bidirectional output is [forward | backward], the space twice
+        sides = 2 if getattr(m, "bidirectional", False) else 1
+
+        def hidden_val(d: int, n: int) -> _Val | None:
+            if n not in (hidden, sides * hidden):
+                return None
+            return _Val(d, tuple(_Seg(space, hidden) for _ in range(n // hidden)))
+
+        return self.outputs(node, hidden_val)
 
     def outputs(self, node: fx.Node, make: Any) -> _Val | None:
         """The node's value from its (possibly nested tuple) metadata: ``make(dim, size)``

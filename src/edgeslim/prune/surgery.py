@@ -4,10 +4,11 @@ Given ``{group: kept unit indices}`` (groups from :func:`edgeslim.graph.analyze`
 member module is rebuilt smaller: new ``nn.Parameter`` tensors, sliced BatchNorm statistics
 and updated ``in_channels``/``out_features``/``groups``/``num_features`` attributes, so the
 result is an ordinary, smaller ``nn.Module`` that still traces and exports. PReLU slopes
-shrink with their channels (``num_parameters``); a recurrent layer (RNN/LSTM/GRU, single
-layer and unidirectional, or a cell) loses input columns of ``weight_ih`` (``input_size``)
-and, for its hidden units, the rows ``g*H + i`` of every gate ``g`` in ``weight_ih``,
-``weight_hh`` and both biases plus the columns of ``weight_hh`` (``hidden_size``).
+shrink with their channels (``num_parameters``); a recurrent layer (RNN/LSTM/GRU of any
+depth and direction without a projection, or a cell) loses input columns of the first
+layer's ``weight_ih`` (``input_size``) and, for its hidden units, the rows ``g*H + i`` of
+every gate ``g`` in every layer's and direction's ``weight_ih``, ``weight_hh`` and biases,
+the columns of ``weight_hh`` and those a later layer reads (``hidden_size``).
 
 All groups of a request are applied together. A module's channel axis may hold several
 groups side by side (a concatenation), and each member's ``offset`` refers to the *original*
@@ -128,26 +129,20 @@ def _recurrent_problem(m: nn.Module) -> str:
     """Why a recurrent layer cannot be sliced ("" if it can, or if it is not one)."""
     if not isinstance(m, nn.RNNBase):
         return ""
-    bad = [
-        f"{k}={v}"
-        for k, v, ok in (
-            ("num_layers", m.num_layers, m.num_layers == 1),
-            ("bidirectional", m.bidirectional, not m.bidirectional),
-            ("proj_size", getattr(m, "proj_size", 0), not getattr(m, "proj_size", 0)),
-        )
-        if not ok
-    ]
-    return ", ".join(bad)
+    return f"proj_size={m.proj_size}" if getattr(m, "proj_size", 0) else ""
 
 
 def _is_recurrent(m: nn.Module) -> bool:
     return recurrent_gates(m) > 0 and not _recurrent_problem(m)
 
 
-def _rnn_names(m: nn.Module) -> dict[str, str]:
-    """``{"weight_ih": "weight_ih_l0", ...}`` for a layer, identity names for a cell."""
-    suffix = "_l0" if isinstance(m, nn.RNNBase) else ""
-    return {k: k + suffix for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+def _rnn_suffixes(m: nn.Module) -> list[tuple[int, str]]:
+    """``(layer, suffix)`` of every layer and direction (``_l0``, ``_l0_reverse``, ``_l1``
+    ...); a cell has one, with no suffix."""
+    if not isinstance(m, nn.RNNBase):
+        return [(0, "")]
+    sides = ["", "_reverse"] if m.bidirectional else [""]
+    return [(k, f"_l{k}{side}") for k in range(m.num_layers) for side in sides]
 
 
 def is_transposed_conv(m: nn.Module) -> bool:
@@ -178,8 +173,8 @@ def _check_role(m: nn.Module, fqn: str, role: str, name: str) -> None:
     if recurrent_gates(m) and _recurrent_problem(m):
         raise PruneError(
             f"cannot prune {name}: member `{fqn}` ({type(m).__name__}) has "
-            f"{_recurrent_problem(m)}; edgeslim slices single-layer unidirectional recurrent "
-            f"layers only. Pass `{fqn}` in skip= to leave its group whole."
+            f"{_recurrent_problem(m)}; edgeslim slices recurrent layers without a projection "
+            f"only. Pass `{fqn}` in skip= to leave its group whole."
         )
     plain = (
         isinstance(m, nn.Linear)
@@ -197,7 +192,7 @@ def _check_role(m: nn.Module, fqn: str, role: str, name: str) -> None:
         raise PruneError(
             f"cannot prune {name}: member `{fqn}` ({type(m).__name__}) cannot be sliced as "
             f"role {role!r}; edgeslim slices Conv/Linear (groups=1), depthwise convs, "
-            "BatchNorm/LayerNorm, PReLU and single-layer RNN/LSTM/GRU layers and cells. Pass "
+            "BatchNorm/LayerNorm, PReLU and RNN/LSTM/GRU layers (no projection) and cells. Pass "
             f"`{fqn}` in skip= to leave its group whole."
         )
 
@@ -273,26 +268,31 @@ def _sliced_recurrent(
     """A recurrent layer keeping hidden units ``hidden_idx`` and input features ``in_idx``.
 
     Its gate weights are stacked ``G`` blocks of ``H`` rows, so hidden unit ``i`` owns rows
-    ``g*H + i`` of every gate ``g`` (and column ``i`` of ``weight_hh``, which reads h).
+    ``g*H + i`` of every gate ``g`` (and column ``i`` of ``weight_hh``, which reads h), in
+    every layer and direction (they share ``hidden_size``). Layer 0 reads the input
+    features; a later layer reads the one before it, ``[forward | backward]`` when
+    bidirectional, so its ``weight_ih`` keeps those hidden columns in each half.
     """
     gates = recurrent_gates(m)
     size = m.hidden_size
     assert isinstance(size, int)
-    names = _rnn_names(m)
-    rows = None
+    sides = 2 if getattr(m, "bidirectional", False) else 1
+    rows = below = None
     if hidden_idx is not None:
         rows = torch.cat([hidden_idx + g * size for g in range(gates)])
+        below = torch.cat([hidden_idx + d * size for d in range(sides)])
     tensors: dict[str, torch.Tensor] = {}
-    for key, name in names.items():
-        t = getattr(m, name, None)
-        if not isinstance(t, torch.Tensor):
-            continue  # bias=False
-        t = _take(t, 0, rows)
-        if key == "weight_ih":
-            t = _take(t, 1, in_idx)
-        elif key == "weight_hh":
-            t = _take(t, 1, hidden_idx)
-        tensors[name] = t
+    for layer, suffix in _rnn_suffixes(m):
+        for key in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            t = getattr(m, key + suffix, None)
+            if not isinstance(t, torch.Tensor):
+                continue  # bias=False
+            t = _take(t, 0, rows)
+            if key == "weight_ih":
+                t = _take(t, 1, in_idx if layer == 0 else below)
+            elif key == "weight_hh":
+                t = _take(t, 1, hidden_idx)
+            tensors[key + suffix] = t
     attrs: dict[str, Any] = {}
     if hidden_idx is not None:
         attrs["hidden_size"] = int(hidden_idx.numel())

@@ -117,9 +117,25 @@ def recurrent_unit_rows(tensor: torch.Tensor, gates: int) -> torch.Tensor:
 
 
 def recurrent_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
-    """``weight_ih``/``weight_hh``/``bias_ih``/``bias_hh`` of a recurrent layer or cell."""
+    """``weight_ih``/``weight_hh``/``bias_ih``/``bias_hh`` of a recurrent layer (its first
+    layer, forward direction: the one reading the input features) or cell."""
     t = getattr(module, name if isinstance(module, nn.RNNCellBase) else f"{name}_l0", None)
     return t if isinstance(t, torch.Tensor) else None
+
+
+def recurrent_hidden_rows(module: nn.Module, gates: int) -> torch.Tensor | None:
+    """Every weight row a hidden unit owns, in every layer and direction, as ``(H, ...)``:
+    its gate rows of each ``weight_ih*`` and ``weight_hh*`` (they share the hidden units)."""
+    if isinstance(module, nn.RNNCellBase):
+        names = ["weight_ih", "weight_hh"]
+    else:
+        sides = ["", "_reverse"] if getattr(module, "bidirectional", False) else [""]
+        layers = int(getattr(module, "num_layers", 1))
+        names = [f"weight_{k}_l{i}{d}" for i in range(layers) for d in sides for k in ("ih", "hh")]
+    parts = [getattr(module, n, None) for n in names]
+    if not all(isinstance(t, torch.Tensor) for t in parts):
+        return None
+    return torch.cat([recurrent_unit_rows(t, gates) for t in parts], 1)  # type: ignore[arg-type]
 
 
 def member_units(
@@ -140,18 +156,16 @@ def member_weight(model: nn.Module, member: GroupMember) -> torch.Tensor | None:
     """The member module's ``weight`` tensor, or None (e.g. a norm layer without affine).
 
     A recurrent layer has no ``weight``: its hidden units (role ``out``) are scored by their
-    rows of every gate in ``weight_ih`` and ``weight_hh``, regrouped to ``(H, G*(I+H))``;
-    its input features (role ``in``) by the columns of ``weight_ih``.
+    rows of every gate in every ``weight_ih*`` and ``weight_hh*`` (all layers and
+    directions), regrouped to ``(H, ...)``; its input features (role ``in``) by the columns
+    of the first layer's ``weight_ih``.
     """
     module = model.get_submodule(member.fqn)
     gates = recurrent_gates(module)
     if gates:
-        w_ih, w_hh = recurrent_tensor(module, "weight_ih"), recurrent_tensor(module, "weight_hh")
-        if w_ih is None or w_hh is None:
-            return None
         if member.role == "in":
-            return w_ih
-        return torch.cat([recurrent_unit_rows(w_ih, gates), recurrent_unit_rows(w_hh, gates)], 1)
+            return recurrent_tensor(module, "weight_ih")
+        return recurrent_hidden_rows(module, gates)
     weight = getattr(module, "weight", None)
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and isinstance(weight, torch.Tensor):
         return weight.transpose(0, 1)  # (in, out, ...) -> (out, in, ...), as a conv's
