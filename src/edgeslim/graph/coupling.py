@@ -12,9 +12,10 @@ only add or drop size-1 dims, so ``(batch, C, T) -> (batch, T, C)`` feeds a recu
 or a linear on its feature axis. A gate broadcast over the other dims (squeeze-excite's
 ``x * gate`` with ``gate`` shaped ``(N, C, 1, 1)``) couples the gate's producer with ``x``.
 PReLU slopes are members (``channelwise``). A recurrent layer (RNN/LSTM/GRU of any depth,
-either direction, without a projection, and their cells) consumes its input features (``in``: columns of
-``weight_ih``) and produces its own hidden-unit space (``out``: the gate-strided rows of
-``weight_ih``/``weight_hh``, the columns of ``weight_hh``, the biases); a state created
+either direction, without a projection, and their cells) consumes its input features
+(``in``: columns of ``weight_ih``) and produces its own hidden-unit space (``out``: the
+gate-strided rows of ``weight_ih``/``weight_hh``, the columns of ``weight_hh``, the
+biases), one for all its layers and directions; a state created
 inside ``forward`` (``x.new_zeros(n, self.rnn.hidden_size)``) is free, a state passed in by
 the caller or returned to it fixes the hidden units (the model's interface would change).
 
