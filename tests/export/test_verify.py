@@ -97,3 +97,29 @@ def test_export_checked_writes_a_manifest_and_refuses_to_overwrite(tmp_path: Pat
         export_checked(net, _task(), out)
     export_checked(net, _task(), out, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.manifest.json"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "layers", "bidirectional"), [(nn.LSTM, 2, True), (nn.GRU, 1, False)]
+)
+def test_float_view_of_a_quantized_recurrent_layer_is_the_torch_layer(
+    kind: type[nn.RNNBase], layers: int, bidirectional: bool
+) -> None:
+    """``info --from`` shows a compressed model through its float view: a quantized LSTM
+    there became a forward that called its (replaced) quantizers and crashed."""
+    from edgeslim.export.verify import float_view
+    from edgeslim.graph import layer_table
+    from edgeslim.quant.config import w8a8
+    from edgeslim.quant.ptq import ptq
+
+    torch.manual_seed(0)
+    rnn = kind(6, 8, layers, batch_first=True, bidirectional=bidirectional)
+    model = nn.Sequential(rnn).eval()
+    x = torch.randn(4, 5, 6)
+    quantized = ptq(model, w8a8(), x, select={"0": w8a8()} if kind is nn.GRU else None)
+    view = float_view(quantized)
+    layer = view.get_submodule("0")
+    assert type(layer) is kind and layer.num_layers == layers
+    with torch.no_grad():  # the weights are the quantized model's (float): close outputs
+        torch.testing.assert_close(view(x)[0], quantized(x)[0], atol=0.05, rtol=0.05)
+    assert layer_table(view, x[:1])["0"].macs == layer_table(model, x[:1])["0"].macs

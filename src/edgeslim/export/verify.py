@@ -226,10 +226,15 @@ def float_view(model: nn.Module) -> nn.Module:
     structure, shapes and MACs, traceable by torch.fx (a fake-quant layer reads its
     quantizer's state in Python). For structure checks and tables only."""
     from edgeslim.quant.modules import ActQuant, QuantMixin
+    from edgeslim.quant.recurrent import QuantRNN
 
     if not any(isinstance(m, (ActQuant, QuantMixin)) for m in model.modules()):
         return model
     view = copy.deepcopy(model)
+    for fqn, m in list(view.named_modules()):
+        if isinstance(m, QuantRNN):  # its forward reads its quantizers: the torch layer
+            parent, _, name = fqn.rpartition(".")
+            setattr(view.get_submodule(parent) if parent else view, name, m.to_float())
     for m in view.modules():
         if isinstance(m, ActQuant):
             m.__class__ = nn.Identity  # type: ignore[assignment]

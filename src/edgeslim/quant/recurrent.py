@@ -262,6 +262,25 @@ class QuantRNN(QuantMixin, _FloatNames):
     def _suffixes(self, layer: int) -> list[str]:
         return [f"_l{layer}", f"_l{layer}_reverse"][: 2 if self.bidirectional else 1]
 
+    def to_float(self) -> nn.RNNBase:
+        """The torch layer with these weights (unquantized), for structure views."""
+        kinds: dict[str, Any] = {"lstm": nn.LSTM, "gru": nn.GRU}
+        extra = {} if self.kind in kinds else {"nonlinearity": self.kind.removeprefix("rnn_")}
+        rnn: nn.RNNBase = kinds.get(self.kind, nn.RNN)(
+            self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
+            batch_first=self.batch_first, dropout=self.dropout,
+            bidirectional=self.bidirectional, **extra,
+        )  # fmt: skip
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                for sfx in self._suffixes(layer):
+                    for part in ("ih", "hh"):
+                        lin = getattr(self, f"{part}{sfx}")
+                        getattr(rnn, f"weight_{part}{sfx}").copy_(lin.weight)
+                        if self.bias:
+                            getattr(rnn, f"bias_{part}{sfx}").copy_(lin.bias)
+        return rnn.train(self.training)
+
     @property
     def _weight(self) -> torch.Tensor:
         raise AttributeError("QuantRNN has one weight per gate matrix: see ih_l*/hh_l*")
