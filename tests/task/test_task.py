@@ -589,3 +589,34 @@ def test_a_model_failing_inside_the_metric_is_named_not_the_metric() -> None:
     task = Task(example_inputs=(x[:1],), evaluate=broken_metric, metric="m")
     with pytest.raises(TaskError, match="metric function raised ValueError"):
         task.measure(nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("form", ["column", "one-hot", "one-hot-int"])
+def test_npz_labels_as_a_column_or_one_hot_are_class_indices(tmp_path: Path, form: str) -> None:
+    """A (N, 1) target broadcast against (N,) predictions counted nonsense; one-hot float
+    rows were taken as regression targets."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    labels = x[:, :3].argmax(1)  # the model below is right on every sample
+    y = {
+        "column": labels[:, None],
+        "one-hot": np.eye(3, dtype=np.float32)[labels],
+        "one-hot-int": np.eye(3, dtype=np.int64)[labels],
+    }[form]
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    task = npz_task(tmp_path / "d.npz")
+    assert task.headline == "top1"
+
+    class FirstThree(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t[:, :3]
+
+    assert task.measure(FirstThree()) == {"top1": 100.0}
+
+
+def test_top1_refuses_targets_of_another_shape_than_the_predictions() -> None:
+    from edgeslim.train.loop import evaluate
+
+    batches = [((torch.randn(4, 3),), torch.zeros(4, 1, dtype=torch.long))]
+    with pytest.raises(ValueError, match=r"shape \[4\].*shape \[4, 1\]"):
+        evaluate(nn.Identity(), batches)

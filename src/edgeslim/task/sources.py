@@ -138,6 +138,20 @@ def _numeric_tensor(a: np.ndarray, name: str, path: Path) -> torch.Tensor:
         raise TaskError(f"{path}: array {name!r}: dtype {a.dtype} is unsupported ({exc})") from None
 
 
+def _class_indices(y: torch.Tensor) -> torch.Tensor:
+    """Labels as one class index per sample: a column of integers ``(N, 1)`` (a pandas or
+    scikit-learn column) loses its trailing axis, and one-hot rows ``(N, C)`` of 0/1 become
+    their index. Why: compared with the model's ``(N,)`` predictions a ``(N, 1)`` target
+    broadcast to ``(N, N)`` and top-1 counted nonsense; one-hot float targets were taken as
+    regression targets and measured by agreement. Other shapes (per-token labels) stay."""
+    if y.dim() == 2 and y.shape[1] == 1 and not torch.is_floating_point(y):
+        return y[:, 0]
+    binary = y.dim() == 2 and y.shape[1] > 1 and bool(((y == 0) | (y == 1)).all())
+    if binary and bool((y.sum(1) == 1).all()):
+        return y.argmax(1)
+    return y
+
+
 def npz_task(path: Path, batch_size: int = 32) -> Task:
     """A task from an ``.npz`` file (see the module docstring for its layout)."""
     path = Path(path)
@@ -185,7 +199,9 @@ def npz_task(path: Path, batch_size: int = 32) -> Task:
         target = _numeric_tensor(arrays["y"], "y", path)
         if target.dim() == 0:
             raise TaskError(f"{path}: y is a single value; give one target per sample")
-        target = target.long() if not torch.is_floating_point(target) else target.float()
+        target = _class_indices(
+            target.long() if not torch.is_floating_point(target) else target.float()
+        )
         if len(target) != n:
             raise TaskError(f"{path}: y has {len(target)} samples but the inputs have {n}")
     held = _held_mask(n)

@@ -116,6 +116,12 @@ def evaluate(model: nn.Module, data: Iterable[Batch] | Split, batch_size: int = 
     for item in _as_batches(data, batch_size):
         inputs, target = as_batch(item)
         pred = first_output(model(*inputs)).argmax(-1)
+        if pred.shape != target.shape:  # (N,) against (N, 1) would broadcast to (N, N)
+            raise ValueError(
+                f"top-1 compares the argmax of the model's output over its last axis, shape "
+                f"{list(pred.shape)}, with the targets, shape {list(target.shape)}: give one "
+                "class index per prediction (a (N, 1) column or one-hot rows need reshaping)"
+            )
         correct += int((pred == target).sum())
         total += int(target.numel())
     model.train(was_training)
