@@ -37,7 +37,7 @@ from edgeslim.data.batching import as_batch
 from edgeslim.search.constraints import Check, Constraints, LatencyPredictor
 from edgeslim.search.policy import Policy
 from edgeslim.search.space import Costs, SearchSpace
-from edgeslim.train.loop import TrainConfig, first_output
+from edgeslim.train.loop import TrainConfig, top1_hits
 
 MetricFn = Callable[[nn.Module], "float | Mapping[str, float]"]
 
@@ -208,7 +208,7 @@ class Evaluator:
         loss_sum = 0.0
         for inputs, target in self._val:
             out = model(*inputs)
-            correct += int((first_output(out).argmax(-1) == target).sum())
+            correct += top1_hits(out, target)
             n = int(target.numel())
             total += n
             loss_sum += float(loss_fn(out, target)) * n

@@ -104,6 +104,21 @@ def _as_batches(data: Iterable[Any] | Split, batch_size: int) -> Iterable[Any]:
 
 
 @torch.no_grad()
+def top1_hits(outputs: Any, target: torch.Tensor) -> int:
+    """How many argmaxes of the first output (over its last axis) equal ``target``.
+
+    Refuses a target of another shape: ``(N,)`` predictions against a ``(N, 1)`` column
+    broadcast to ``(N, N)`` and counted nonsense."""
+    pred = first_output(outputs).argmax(-1)
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"top-1 compares the argmax of the model's output over its last axis, shape "
+            f"{list(pred.shape)}, with the targets, shape {list(target.shape)}: give one "
+            "class index per prediction (a (N, 1) column or one-hot rows need reshaping)"
+        )
+    return int((pred == target).sum())
+
+
 def evaluate(model: nn.Module, data: Iterable[Batch] | Split, batch_size: int = 500) -> float:
     """Top-1 accuracy in percent of the first output (argmax over its last dimension) on
     ``(inputs, target)`` batches; restores the model's train/eval mode afterwards.
@@ -115,14 +130,7 @@ def evaluate(model: nn.Module, data: Iterable[Batch] | Split, batch_size: int = 
     correct = total = 0
     for item in _as_batches(data, batch_size):
         inputs, target = as_batch(item)
-        pred = first_output(model(*inputs)).argmax(-1)
-        if pred.shape != target.shape:  # (N,) against (N, 1) would broadcast to (N, N)
-            raise ValueError(
-                f"top-1 compares the argmax of the model's output over its last axis, shape "
-                f"{list(pred.shape)}, with the targets, shape {list(target.shape)}: give one "
-                "class index per prediction (a (N, 1) column or one-hot rows need reshaping)"
-            )
-        correct += int((pred == target).sum())
+        correct += top1_hits(model(*inputs), target)
         total += int(target.numel())
     model.train(was_training)
     return 100.0 * correct / max(total, 1)
