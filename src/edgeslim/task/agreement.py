@@ -8,8 +8,14 @@
 - ``cosine``: mean per-row cosine similarity of every output, averaged over the outputs.
 
 A row is one vector along an output's last dimension (so a state shaped
-``(layers, batch, hidden)`` contributes ``layers * batch`` rows); outputs with fewer than
-two dimensions count as one vector per batch.
+``(layers, batch, hidden)`` contributes ``layers * batch`` rows); a 1-D output holds one
+score per sample (a binary classifier's squeezed logit), a 0-d one is one row per batch.
+
+Decision: a first output with one score per row (``(N, 1)`` or ``(N,)``) is a binary
+decision, ``score > t``, and agreement counts equal decisions. ``t`` is 0.5 when every
+reference score lies in [0, 1] (probabilities), else 0 (logits); confidence is the
+reference's probability of its decision (the sigmoid of a logit). An argmax over one value
+is always 0, so the multi-class rule read 100% for any model.
 """
 
 from __future__ import annotations
@@ -28,7 +34,24 @@ __all__ = ["flat_outputs"]  # read from here by distillation; defined with the b
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().float()
-    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(-1, t.shape[-1])
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    return t.reshape(-1, 1) if t.dim() == 1 else t.reshape(-1, t.shape[-1])
+
+
+def _decisions(
+    ref: torch.Tensor, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hit, ref decision, ref confidence)`` per row: the argmax for several classes, the
+    side of the threshold for one score (module doc)."""
+    if ref.shape[-1] > 1:
+        top = ref.argmax(-1)
+        return (out.argmax(-1) == top).float(), top, ref.softmax(-1).amax(-1)
+    probabilities = bool(((ref >= 0) & (ref <= 1)).all())
+    t = 0.5 if probabilities else 0.0
+    side = ref[:, 0] > t
+    p = ref[:, 0] if probabilities else ref[:, 0].sigmoid()
+    return ((out[:, 0] > t) == side).float(), side.long(), torch.maximum(p, 1 - p)
 
 
 @torch.no_grad()
@@ -76,11 +99,10 @@ def agreement_metrics(
         want = [list(o.shape) for o in ref.outputs]
         raise ValueError(f"outputs {got} do not match the reference's {want}")
     r, o = ref.outputs[0], outputs[0]
-    ref_top = r.argmax(-1)
-    hit = (o.argmax(-1) == ref_top).float()
+    hit, ref_top, confidence = _decisions(r, o)
     metrics: dict[str, float] = {}
     if min_confidence > 0:
-        sure = r.softmax(-1).amax(-1) >= min_confidence
+        sure = confidence >= min_confidence
         metrics["agreement"] = 100.0 * float(hit[sure].mean()) if bool(sure.any()) else 0.0
         metrics["agreement_all"] = 100.0 * float(hit.mean())
         metrics["confident_rows"] = float(sure.sum())

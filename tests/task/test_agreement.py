@@ -1,0 +1,46 @@
+"""Agreement on binary classifiers: one score per sample is a decision, not an argmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.task.agreement import AgreementReference, agreement_metrics, model_outputs
+
+
+class Score(nn.Module):
+    """One score per sample: a logit (``(N, 1)`` or squeezed ``(N,)``) or its sigmoid."""
+
+    def __init__(self, shift: float = 0.0, squeeze: bool = False, prob: bool = False) -> None:
+        super().__init__()
+        self.shift, self.squeeze, self.prob = shift, squeeze, prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x[:, :1] + self.shift
+        s = s.sigmoid() if self.prob else s
+        return s[:, 0] if self.squeeze else s
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+@pytest.mark.parametrize("prob", [False, True])
+def test_one_score_per_sample_counts_equal_decisions(squeeze: bool, prob: bool) -> None:
+    x = torch.linspace(-1, 1, 21)[:, None].repeat(1, 3)  # scores -1 .. 1, step 0.1
+    batches = [(x[:8],), (x[8:16],), (x[16:],)]  # uneven batches: rows, not one per batch
+    ref = AgreementReference.of(Score(squeeze=squeeze, prob=prob), batches)
+    same = agreement_metrics(ref, model_outputs(Score(squeeze=squeeze, prob=prob), batches))
+    assert same["agreement"] == 100.0
+    # shifting the score by 0.25 flips the decisions of -0.2, -0.1 (0 is not > 0 before
+    # and after: 0.25 > 0 flips it too): 3 of 21 rows
+    moved = Score(0.25, squeeze=squeeze, prob=prob)
+    got = agreement_metrics(ref, model_outputs(moved, batches))
+    assert got["agreement"] == pytest.approx(100.0 * 18 / 21)
+
+
+def test_confidence_of_a_binary_decision_is_its_probability() -> None:
+    x = torch.linspace(-4, 4, 9)[:, None]
+    ref = AgreementReference.of(Score(), [(x,)])
+    got = agreement_metrics(ref, model_outputs(Score(0.5), [(x,)]), min_confidence=0.8)
+    # sigmoid(|s|) >= 0.8 for |s| >= 1.39: 6 of 9 rows are sure, and none of them flips
+    assert got["confident_rows"] == 6.0 and got["agreement"] == 100.0
+    assert got["agreement_all"] == pytest.approx(100.0 * 8 / 9)  # s = -0 ... only 0 flips
