@@ -44,3 +44,17 @@ def test_confidence_of_a_binary_decision_is_its_probability() -> None:
     # sigmoid(|s|) >= 0.8 for |s| >= 1.39: 6 of 9 rows are sure, and none of them flips
     assert got["confident_rows"] == 6.0 and got["agreement"] == 100.0
     assert got["agreement_all"] == pytest.approx(100.0 * 8 / 9)  # s = -0 ... only 0 flips
+
+
+@pytest.mark.parametrize("prob", [False, True])
+def test_labelled_top1_of_a_binary_classifier_reads_its_decisions(prob: bool) -> None:
+    """The argmax over one score is always class 0: top-1 read the share of label 0."""
+    from edgeslim.train.loop import evaluate
+
+    x = torch.linspace(-1, 1, 20)[:, None]
+    labels = (x[:, 0] > 0).long()
+    labels[:3] = 1  # three wrong for a model deciding by the sign
+    model = Score(prob=prob)
+    assert evaluate(model, [((x,), labels)]) == pytest.approx(100.0 * 17 / 20)
+    squeezed = Score(squeeze=True, prob=prob)
+    assert evaluate(squeezed, [((x,), labels)]) == pytest.approx(100.0 * 17 / 20)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from edgeslim.data.batching import Inputs, flat_outputs
+from edgeslim.train.loop import decision_threshold
 
 __all__ = ["flat_outputs"]  # read from here by distillation; defined with the batch shapes
 
@@ -47,10 +48,9 @@ def _decisions(
     if ref.shape[-1] > 1:
         top = ref.argmax(-1)
         return (out.argmax(-1) == top).float(), top, ref.softmax(-1).amax(-1)
-    probabilities = bool(((ref >= 0) & (ref <= 1)).all())
-    t = 0.5 if probabilities else 0.0
+    t = decision_threshold(ref)
     side = ref[:, 0] > t
-    p = ref[:, 0] if probabilities else ref[:, 0].sigmoid()
+    p = ref[:, 0] if t == 0.5 else ref[:, 0].sigmoid()
     return ((out[:, 0] > t) == side).float(), side.long(), torch.maximum(p, 1 - p)
 
 

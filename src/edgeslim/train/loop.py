@@ -104,12 +104,24 @@ def _as_batches(data: Iterable[Any] | Split, batch_size: int) -> Iterable[Any]:
 
 
 @torch.no_grad()
+def decision_threshold(scores: torch.Tensor) -> float:
+    """Where a binary classifier's single score decides: 0.5 when every score lies in
+    [0, 1] (probabilities), else 0 (logits)."""
+    return 0.5 if bool(((scores >= 0) & (scores <= 1)).all()) else 0.0
+
+
 def top1_hits(outputs: Any, target: torch.Tensor) -> int:
-    """How many argmaxes of the first output (over its last axis) equal ``target``.
+    """How many argmaxes of the first output (over its last axis) equal ``target``; with
+    one score per sample, how many decisions (:func:`decision_threshold`) do.
 
     Refuses a target of another shape: ``(N,)`` predictions against a ``(N, 1)`` column
     broadcast to ``(N, N)`` and counted nonsense."""
-    pred = first_output(outputs).argmax(-1)
+    out = first_output(outputs)
+    if out.dim() == 1 or out.shape[-1] == 1:  # one score per sample: a binary decision
+        scores = out if out.dim() == 1 else out[..., 0]
+        pred = (scores > decision_threshold(scores)).long()
+    else:
+        pred = out.argmax(-1)
     if pred.shape != target.shape:
         raise ValueError(
             f"top-1 compares the argmax of the model's output over its last axis, shape "
