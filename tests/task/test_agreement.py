@@ -58,3 +58,25 @@ def test_labelled_top1_of_a_binary_classifier_reads_its_decisions(prob: bool) ->
     assert evaluate(model, [((x,), labels)]) == pytest.approx(100.0 * 17 / 20)
     squeezed = Score(squeeze=True, prob=prob)
     assert evaluate(squeezed, [((x,), labels)]) == pytest.approx(100.0 * 17 / 20)
+
+
+@pytest.mark.parametrize("prob", [False, True])
+def test_a_binary_classifier_trains_with_the_default_loss(prob: bool) -> None:
+    """Cross-entropy over one class raised 'target 1 is out of bounds'; one score per
+    sample trains by binary cross-entropy (on logits, or on a final sigmoid's output)."""
+    from edgeslim.data import TensorBatches
+    from edgeslim.train.loop import TrainConfig, evaluate, train_classifier
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 2, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(2, 1)] + ([nn.Sigmoid()] if prob else [])
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -1.0]]))  # starts wrong on about half
+    data = TensorBatches(x, y, batch_size=32, shuffle=True)
+    before = evaluate(model, data)
+    cfg = TrainConfig(epochs=5, lr=0.1, weight_decay=0.0, channels_last=False)
+    train_classifier(model, data, cfg)
+    assert evaluate(model, data) > max(before, 90.0)

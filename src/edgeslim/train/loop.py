@@ -74,7 +74,9 @@ def class_logits(outputs: Any) -> torch.Tensor:
 
 
 def cross_entropy(outputs: Any, target: Any, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of the first output against class-index targets."""
+    """Cross-entropy of the first output against class-index targets; binary cross-entropy
+    when it holds one score per sample (on probabilities when every score of the batch lies
+    in [0, 1], as :func:`decision_threshold` reads them, else on logits)."""
     if target is None:
         raise TaskError(
             "cross-entropy needs labels, but the training batches carry none (target None): "
@@ -82,6 +84,13 @@ def cross_entropy(outputs: Any, target: Any, label_smoothing: float = 0.0) -> to
             "`kd: true`; Python: loss_fn=edgeslim.distill.kd_loss(teacher)), or give data "
             "with labels"
         )
+    out = first_output(outputs)
+    if out.dim() == 1 or out.shape[-1] == 1:  # one score per sample: binary cross-entropy
+        scores, labels = out.reshape(-1), target.reshape(-1).to(out.dtype)
+        labels = labels * (1 - label_smoothing) + 0.5 * label_smoothing
+        if decision_threshold(scores.detach()) == 0.5:  # probabilities (a final sigmoid)
+            return nn.functional.binary_cross_entropy(scores.clamp(1e-6, 1 - 1e-6), labels)
+        return nn.functional.binary_cross_entropy_with_logits(scores, labels)
     return nn.functional.cross_entropy(
         class_logits(outputs), target.reshape(-1), label_smoothing=label_smoothing
     )
