@@ -18,12 +18,28 @@ from torch import nn
 from edgeslim.distill.config import KDConfig
 from edgeslim.distill.loss import DistillBatch, DistillLoss, DistillTerm, register_term
 from edgeslim.task.agreement import flat_outputs
-from edgeslim.train.loop import LossFn, class_logits
+from edgeslim.train.loop import LossFn, class_logits, decision_threshold
+
+
+def _two_class(scores: torch.Tensor, probabilities: bool) -> torch.Tensor:
+    """One score per sample as the logits of two classes, ``[0, s]`` (their softmax is
+    ``[1 - sigmoid(s), sigmoid(s)]``); a probability is turned back into its logit."""
+    s = scores.reshape(-1, 1)
+    s = torch.logit(s.clamp(1e-6, 1 - 1e-6)) if probabilities else s
+    return torch.cat([torch.zeros_like(s), s], -1)
 
 
 def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))``, batch mean over rows of ``(samples,
-    classes)`` logits; the ``T^2`` keeps its gradients on a hard loss's scale whatever T."""
+    classes)`` logits; the ``T^2`` keeps its gradients on a hard loss's scale whatever T.
+
+    One score per sample (a binary classifier) is two classes, ``[0, s]``: a softmax over
+    one value is 1, so the divergence was 0 and distillation taught nothing. Probabilities
+    (every teacher score in [0, 1], :func:`~edgeslim.train.loop.decision_threshold`) are
+    read back as logits first."""
+    if teacher.dim() == 1 or teacher.shape[-1] == 1:
+        probabilities = decision_threshold(teacher) == 0.5
+        student, teacher = _two_class(student, probabilities), _two_class(teacher, probabilities)
     kl = nn.functional.kl_div(
         nn.functional.log_softmax(student / temperature, -1),
         nn.functional.softmax(teacher / temperature, -1),

@@ -1,4 +1,5 @@
-"""Agreement on binary classifiers: one score per sample is a decision, not an argmax."""
+"""Binary classifiers (one score per sample): agreement, top-1, training and KD read a
+decision, not an argmax over one value."""
 
 from __future__ import annotations
 
@@ -80,3 +81,18 @@ def test_a_binary_classifier_trains_with_the_default_loss(prob: bool) -> None:
     cfg = TrainConfig(epochs=5, lr=0.1, weight_decay=0.0, channels_last=False)
     train_classifier(model, data, cfg)
     assert evaluate(model, data) > max(before, 90.0)
+
+
+@pytest.mark.parametrize("prob", [False, True])
+def test_distilling_a_binary_classifier_has_a_signal(prob: bool) -> None:
+    """A softmax over one score is 1: the KD divergence was 0 whatever the student said."""
+    from edgeslim.distill.kd import soft_kl
+
+    teacher = torch.tensor([[2.0], [-1.0], [0.5]])
+    if prob:
+        teacher = teacher.sigmoid()
+    same = soft_kl(teacher.clone(), teacher, 4.0)
+    other = soft_kl(1 - teacher if prob else -teacher, teacher, 4.0)
+    assert float(same) == pytest.approx(0.0, abs=1e-6) and float(other) > 0.01
+    # the squeezed form (N,) reads the same
+    assert float(soft_kl(teacher[:, 0], teacher[:, 0], 4.0)) == pytest.approx(0.0, abs=1e-6)
