@@ -96,3 +96,25 @@ def test_distilling_a_binary_classifier_has_a_signal(prob: bool) -> None:
     assert float(same) == pytest.approx(0.0, abs=1e-6) and float(other) > 0.01
     # the squeezed form (N,) reads the same
     assert float(soft_kl(teacher[:, 0], teacher[:, 0], 4.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_segmentation_map_has_its_classes_on_axis_1() -> None:
+    """``(N, C, H, W)`` outputs: agreement, top-1 and the loss read classes per pixel, not
+    an argmax along the image's width."""
+    from edgeslim.train.loop import cross_entropy, evaluate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, generator=g)
+    labels = x.argmax(1)  # (N, H, W): the identity "model" is right on every pixel
+    assert evaluate(nn.Identity(), [((x,), labels)]) == 100.0
+    wrong = labels.clone()
+    wrong[0, 0, :] = (wrong[0, 0, :] + 1) % 3  # 7 of 70 pixels
+    assert evaluate(nn.Identity(), [((x,), wrong)]) == pytest.approx(90.0)
+    loss = cross_entropy(x, labels)
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(x, labels))
+    ref = AgreementReference.of(nn.Identity(), [(x,)])
+    flipped = x.clone()
+    flipped[0, :, 0, :] = flipped[0, :, 0, :].flip(0) * -1  # changes some pixels' argmax
+    hits = (flipped.argmax(1) == x.argmax(1)).float().mean()
+    got = agreement_metrics(ref, model_outputs(nn.Identity(), [(flipped,)]))
+    assert got["agreement"] == pytest.approx(100.0 * float(hits))

@@ -1,15 +1,17 @@
 """Agreement with the uncompressed model: an honest metric that needs no labels.
 
-- ``agreement``: top-1 agreement (%) of the first output's argmax over its last dimension,
-  counted on rows where the reference is at least ``min_confidence`` sure of its top-1
+- ``agreement``: top-1 agreement (%) of the first output's argmax over its classes (its
+  last dimension; axis 1 of a ``(N, C, H, W)`` map), counted on rows where the reference is at least ``min_confidence`` sure of its top-1
   (softmax); ``agreement_all`` counts every row when a threshold is set.
 - ``top5_agreement``: the reference's top-1 is among the compressed model's top 5 (outputs
   with at least 10 classes only).
 - ``cosine``: mean per-row cosine similarity of every output, averaged over the outputs.
 
 A row is one vector along an output's last dimension (so a state shaped
-``(layers, batch, hidden)`` contributes ``layers * batch`` rows); a 1-D output holds one
-score per sample (a binary classifier's squeezed logit), a 0-d one is one row per batch.
+``(layers, batch, hidden)`` contributes ``layers * batch`` rows), or, for an output of 4 or
+more dims ``(N, C, H, W)``, along axis 1: one row per pixel (a segmentation map; see
+:func:`~edgeslim.train.loop.classes_last`); a 1-D output holds one score per sample (a
+binary classifier's squeezed logit), a 0-d one is one row per batch.
 
 Decision: a first output with one score per row (``(N, 1)`` or ``(N,)``) is a binary
 decision, ``score > t``, and agreement counts equal decisions. ``t`` is 0.5 when every
@@ -28,13 +30,13 @@ import torch
 from torch import nn
 
 from edgeslim.data.batching import Inputs, flat_outputs
-from edgeslim.train.loop import decision_threshold
+from edgeslim.train.loop import classes_last, decision_threshold
 
 __all__ = ["flat_outputs"]  # read from here by distillation; defined with the batch shapes
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().float()
+    t = classes_last(t.detach().float())
     if t.dim() == 0:
         return t.reshape(1, 1)
     return t.reshape(-1, 1) if t.dim() == 1 else t.reshape(-1, t.shape[-1])

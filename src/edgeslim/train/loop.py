@@ -66,10 +66,20 @@ def first_output(outputs: Any) -> torch.Tensor:
     )
 
 
+def classes_last(scores: torch.Tensor) -> torch.Tensor:
+    """Class scores with the classes on the last axis.
+
+    Decision: an output of 4 or more dims, ``(N, C, H, W[, D])``, holds its classes on axis 1
+    (dense prediction: torchvision's segmentation models, ``F.cross_entropy``'s own layout);
+    one of 1 to 3 dims holds them last (``(N, C)``, a sequence's ``(N, T, C)``)."""
+    return scores.movedim(1, -1) if scores.dim() >= 4 else scores
+
+
 def class_logits(outputs: Any) -> torch.Tensor:
-    """The first output as ``(samples, classes)``: classes on the last dimension, every
-    other dimension (a sequence's positions) flattened into samples."""
-    logits = first_output(outputs)
+    """The first output as ``(samples, classes)``: classes (:func:`classes_last`) on the
+    last dimension, every other dimension (a sequence's positions, an image's pixels)
+    flattened into samples."""
+    logits = classes_last(first_output(outputs))
     return logits if logits.dim() <= 2 else logits.reshape(-1, logits.shape[-1])
 
 
@@ -120,12 +130,13 @@ def decision_threshold(scores: torch.Tensor) -> float:
 
 
 def top1_hits(outputs: Any, target: torch.Tensor) -> int:
-    """How many argmaxes of the first output (over its last axis) equal ``target``; with
-    one score per sample, how many decisions (:func:`decision_threshold`) do.
+    """How many argmaxes of the first output over its classes (:func:`classes_last`) equal
+    ``target``; with one score per sample, how many decisions (:func:`decision_threshold`)
+    do. A segmentation output ``(N, C, H, W)`` against ``(N, H, W)`` labels: pixel accuracy.
 
     Refuses a target of another shape: ``(N,)`` predictions against a ``(N, 1)`` column
     broadcast to ``(N, N)`` and counted nonsense."""
-    out = first_output(outputs)
+    out = classes_last(first_output(outputs))
     if out.dim() == 1 or out.shape[-1] == 1:  # one score per sample: a binary decision
         scores = out if out.dim() == 1 else out[..., 0]
         pred = (scores > decision_threshold(scores)).long()
@@ -133,7 +144,7 @@ def top1_hits(outputs: Any, target: torch.Tensor) -> int:
         pred = out.argmax(-1)
     if pred.shape != target.shape:
         raise ValueError(
-            f"top-1 compares the argmax of the model's output over its last axis, shape "
+            f"top-1 compares the argmax of the model's output over its classes, shape "
             f"{list(pred.shape)}, with the targets, shape {list(target.shape)}: give one "
             "class index per prediction (a (N, 1) column or one-hot rows need reshaping)"
         )
