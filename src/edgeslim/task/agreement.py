@@ -1,8 +1,9 @@
 """Agreement with the uncompressed model: an honest metric that needs no labels.
 
 - ``agreement``: top-1 agreement (%) of the first output's argmax over its classes (its
-  last dimension; axis 1 of a ``(N, C, H, W)`` map), counted on rows where the reference is at least ``min_confidence`` sure of its top-1
-  (softmax); ``agreement_all`` counts every row when a threshold is set.
+  last dimension; axis 1 of a ``(N, C, H, W)`` map), counted on rows where the reference
+  is at least ``min_confidence`` sure of its top-1 (softmax); ``agreement_all`` counts
+  every row when a threshold is set.
 - ``top5_agreement``: the reference's top-1 is among the compressed model's top 5 (outputs
   with at least 10 classes only).
 - ``cosine``: mean per-row cosine similarity of every output, averaged over the outputs.
