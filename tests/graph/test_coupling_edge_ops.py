@@ -272,3 +272,26 @@ def test_channels_merged_with_the_axes_after_them_pass_in_blocks(head: str) -> N
         zeroed.a.weight[cut] = 0
         zeroed.a.bias[cut] = 0
         torch.testing.assert_close(pruned(X), zeroed(X), atol=1e-5, rtol=1e-4)
+
+
+def test_softmax_over_another_axis_passes_and_a_final_one_is_no_warning() -> None:
+    """Softmax over positions keeps each channel apart (attention pooling over time); over
+    the channels it normalises them jointly. A classifier's final log_softmax is the model
+    output's boundary, not a reason to warn."""
+    _passes_channels(lambda t: t * torch.softmax(t, dim=-1))  # over the width
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.log_softmax(self.fc(torch.relu(self.a(x)).mean((2, 3))), dim=1)
+
+    groups = analyze(Head().eval(), X).groups
+    fc = next(g for g in groups if "fc" in g.producers)
+    assert fc.reason == "model output"
+    joint = ActNet(lambda t: t * torch.softmax(t, dim=1)).eval()
+    a = next(g for g in analyze(joint, X).groups if "a" in g.producers)
+    assert not a.prunable and "normalised jointly by softmax" in a.reason

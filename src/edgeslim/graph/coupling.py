@@ -158,7 +158,9 @@ class _Builder:
             return
         for s in val.segs:
             sp = self.spaces[s.space]
-            if not sp.fixed:
+            # reaching the model's output decides alone (its interface): an earlier reason
+            # (a final softmax) would only make a warning of the natural boundary
+            if not sp.fixed or reason == "model output":
                 sp.fixed = reason
 
     def unite(self, a: _Val, b: _Val, where: str) -> None:
@@ -283,6 +285,7 @@ PASS_METHODS = {
     "neg",
     "to",
 }
+SOFTMAX_FUNCS: set[Any] = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 CREATE_FUNCS: set[Any] = {torch.zeros, torch.ones, torch.full, torch.empty}
 CREATE_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
 """Ops that make a tensor from sizes alone: it carries no channels of its own (a recurrent
@@ -567,6 +570,18 @@ class _Analyzer:
         if isinstance(m, nn.Flatten):
             return self.flatten(node, x, f"`{fqn}`")
         return self.opaque(node, f"module {what}")
+
+    def softmax(self, node: fx.Node, x: _Val | None) -> _Val | None:
+        """A softmax over another axis keeps each channel apart (it passes); over the
+        channel axis it normalises them jointly, like a LayerNorm (they stay whole)."""
+        shape = _shape(node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if x is None or shape is None or not isinstance(dim, int):
+            return self.opaque(node, f"softmax `{node.name}`")
+        if dim % len(shape) == x.dim:
+            self.b.fix(x, f"normalised jointly by softmax `{node.name}`: removing channels "
+                          "would change the others' values")  # fmt: skip
+        return x
 
     def pad(self, node: fx.Node, x: _Val | None, what: str) -> _Val | None:
         """Padding of the dims after the channel axis keeps every channel (any mode and
@@ -886,6 +901,8 @@ class _Analyzer:
             return x
         if fn in POOL_FUNCS:
             return x if self.on_axis1(node, x, f"pool `{node.name}`") else None
+        if fn in SOFTMAX_FUNCS:
+            return self.softmax(node, x)
         if fn is F.pad:
             return self.pad(node, x, f"padding `{node.name}`")
         if fn is F.layer_norm or fn is F.group_norm:
@@ -957,6 +974,8 @@ class _Analyzer:
             return None
         if name in REDUCE_METHODS:
             return self.reduce(node, x, f"`.{name}`")
+        if name in ("softmax", "log_softmax"):
+            return self.softmax(node, x)
         return self.opaque(node, f"method `.{name}`")
 
     def groups(self) -> list[CouplingGroup]:
