@@ -149,3 +149,32 @@ def test_compress_a_model_with_optional_arguments(tmp_path: Path) -> None:
     recipe = {"name": "w8a8", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8}]}
     result = edgeslim.compress(model, recipe, task, out=tmp_path / "out")
     assert result.records[-1].value > 80.0  # agreement with the float model (%)
+
+
+class PositionIds(nn.Module):
+    """Hugging Face style: a position-id buffer sliced to the input's length, and token
+    embeddings moved to the channel axis of a 1-D conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.pos = nn.Embedding(50, 8), nn.Embedding(12, 8)
+        self.register_buffer("position_ids", torch.arange(12)[None])
+        self.conv = nn.Conv1d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(ids) + self.pos(self.position_ids[:, : ids.shape[1]])
+        return self.fc(torch.relu(self.conv(h.transpose(1, 2))).mean(-1))
+
+
+def test_a_buffer_sliced_by_the_input_length_traces_and_its_conv_prunes() -> None:
+    model = PositionIds().eval()
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    gm = trace(model)  # slicing the real buffer by a traced length raised TypeError
+    assert torch.equal(gm(ids), model(ids))
+    groups = analyze(model, ids[:1]).groups
+    conv = next(g for g in groups if "conv" in g.producers)
+    assert conv.prunable and conv.consumers == ["fc"]  # the embedding width reached it
+    embed = next(g for g in groups if "conv" in g.consumers)
+    assert not embed.prunable and "Embedding" in embed.reason

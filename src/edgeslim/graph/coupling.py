@@ -569,6 +569,10 @@ class _Analyzer:
             return self.pad(node, x, f"padding {what}")
         if isinstance(m, nn.Flatten):
             return self.flatten(node, x, f"`{fqn}`")
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            # its features are on the last axis ((N, T, E)); a space there, fixed (its width
+            # is not sliced), lets a transpose carry them to a conv that reads axis 1
+            return self.produce(node, -1, f"produced by module {what}")
         return self.opaque(node, f"module {what}")
 
     def softmax(self, node: fx.Node, x: _Val | None) -> _Val | None:

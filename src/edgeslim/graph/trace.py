@@ -16,7 +16,13 @@ from edgeslim.errors import TraceError
 
 
 class _PathTracer(fx.Tracer):
-    """An fx tracer that remembers which module it is inside, for error messages."""
+    """An fx tracer that remembers which module it is inside, for error messages.
+
+    Buffers read in ``forward`` are traced as graph attributes (``proxy_buffer_attributes``),
+    as parameters are: ``self.position_ids[:, :x.shape[1]]`` (Hugging Face style position
+    ids) sliced a real tensor by a traced length and failed."""
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
         super().__init__()
