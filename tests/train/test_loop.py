@@ -160,3 +160,21 @@ def test_a_model_returning_a_dict_trains_and_is_scored_on_its_first_value() -> N
     model = DictOutputs()
     train_classifier(model, TensorBatches(train.images, train.labels, 64, shuffle=True), CFG)
     assert evaluate(model, TensorBatches(test.images, test.labels, 500)) > 85
+
+
+class _NoGrad(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_a_forward_without_autograd_is_refused_naming_why() -> None:
+    from edgeslim.errors import TaskError
+
+    data = [((torch.randn(8, 4),), torch.zeros(8, dtype=torch.long))]
+    with pytest.raises(TaskError, match=r"_NoGrad cannot be trained.*torch.no_grad"):
+        train_classifier(_NoGrad(), data, TrainConfig(epochs=1, channels_last=False))

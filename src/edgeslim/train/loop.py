@@ -277,6 +277,15 @@ def train_classifier(
                 else:
                     outputs = model(*inputs)
                 loss = loss_fn(outputs, target, inputs)
+                if not loss.requires_grad:
+                    raise TaskError(
+                        f"{type(model).__name__} cannot be trained here: its output carries no "
+                        "gradient (a forward decorated with @torch.no_grad or "
+                        "@torch.inference_mode, outputs .detach()ed, or every parameter frozen "
+                        "with requires_grad=False). Remove that for "
+                        "training, or use stages that do not train (finetune_epochs: 0, PTQ, "
+                        "data-free)"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
