@@ -295,3 +295,49 @@ def test_softmax_over_another_axis_passes_and_a_final_one_is_no_warning() -> Non
     joint = ActNet(lambda t: t * torch.softmax(t, dim=1)).eval()
     a = next(g for g in analyze(joint, X).groups if "a" in g.producers)
     assert not a.prunable and "normalised jointly by softmax" in a.reason
+
+
+RESIZES: dict[str, nn.Module | Callable[[torch.Tensor], torch.Tensor]] = {
+    "Upsample nearest": nn.Upsample(scale_factor=2),
+    "Upsample bilinear": nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+    "F.interpolate size": lambda t: F.interpolate(t, size=(17, 17), mode="bilinear"),
+}
+
+
+@pytest.mark.parametrize("name", list(RESIZES))
+def test_upsampling_passes_channels_through(name: str) -> None:
+    """A feature pyramid's or a decoder's upsampling resizes each channel alone (the conv
+    before it stayed whole, 'cannot prune through')."""
+    _passes_channels(RESIZES[name])
+
+
+class SharedMLP(nn.Module):
+    """CBAM's channel attention: one MLP applied to the average- and the max-pooled map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Conv2d(16, 4, 1), nn.ReLU(), nn.Conv2d(4, 16, 1))
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        gate = torch.sigmoid(
+            self.mlp(y.mean((2, 3), keepdim=True)) + self.mlp(y.amax((2, 3), keepdim=True))
+        )
+        return self.b(y * gate)
+
+
+def test_a_layer_called_twice_is_one_group_and_gates_once() -> None:
+    """Each call's output channels are the same weights' channels: one group (two groups
+    for one layer made learned gates build a 2x too long multiplier and crash)."""
+    from edgeslim.prune.gates import attach_gates
+
+    model = SharedMLP().eval()
+    groups = analyze(model, X).groups
+    hidden = [g for g in groups if "mlp.0" in g.producers]
+    assert len(hidden) == 1 and hidden[0].prunable and hidden[0].size == 4
+    check_group(model, hidden[0], (X,))
+    with attach_gates(model, (X,)) as gates:
+        assert gates.attached
+        assert model(X).shape == (1, 8, 12, 12)  # raised: shape [1, 4, 1, 1] of size 8

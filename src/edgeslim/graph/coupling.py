@@ -218,8 +218,9 @@ POOL_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
+    nn.Upsample,  # UpsamplingNearest2d / UpsamplingBilinear2d too: resizing, per channel
 )
-"""Modules that pool the dims after axis 1: channels pass through only on axis 1."""
+"""Modules that pool (or resize) the dims after axis 1: channels pass only on axis 1."""
 PASS_MODULES = ELEMENTWISE_MODULES + POOL_MODULES
 NORM_MODULES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FFN_LAYERS: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -267,6 +268,7 @@ POOL_FUNCS: set[Any] = {
     F.max_pool2d,
     F.avg_pool1d,
     F.avg_pool2d,
+    F.interpolate,  # a feature pyramid's or a decoder's upsampling
 }
 PASS_FUNCS = ELEMENTWISE_FUNCS | POOL_FUNCS
 PASS_METHODS = {
@@ -424,6 +426,8 @@ class _Analyzer:
         self.struct: dict[fx.Node, tuple[Any, ...]] = {}
         self.created: set[fx.Node] = set()  # tensors made from sizes alone (zeros, new_zeros)
         self.rnn_space: dict[str, int] = {}  # recurrent layer FQN -> its hidden-unit space
+        # conv/linear FQN -> (input, output) of its first call (see ``same_layer``)
+        self.layer_calls: dict[str, tuple[_Val | None, _Val | None]] = {}
 
     def val(self, a: Any) -> _Val | None:
         return self.vals.get(a) if isinstance(a, fx.Node) else None
@@ -523,7 +527,7 @@ class _Analyzer:
                 self.consume(fqn, x)
                 out = self.produce(node, 1)
                 self.member(fqn, out, "out")
-                return out
+                return self.same_layer(fqn, x, out)
             if m.groups == m.in_channels == m.out_channels and x is not None:
                 self.member(fqn, x, "depthwise")
                 return x
@@ -538,7 +542,7 @@ class _Analyzer:
             self.consume(fqn, x)
             out = self.produce(node, -1)
             self.member(fqn, out, "out")
-            return out
+            return self.same_layer(fqn, x, out)
         if isinstance(m, nn.PReLU):
             return self.prelu(node, fqn, int(m.num_parameters), x)
         if isinstance(m, nn.GroupNorm):
@@ -574,6 +578,20 @@ class _Analyzer:
             # is not sliced), lets a transpose carry them to a conv that reads axis 1
             return self.produce(node, -1, f"produced by module {what}")
         return self.opaque(node, f"module {what}")
+
+    def same_layer(self, fqn: str, x: _Val | None, out: _Val | None) -> _Val | None:
+        """A layer called more than once (a shared MLP on two pooled inputs, a siamese
+        encoder, a block applied repeatedly) has one weight: every call's output channels
+        are the same channels, and so are the input columns each call reads."""
+        first = self.layer_calls.setdefault(fqn, (x, out))
+        if first != (x, out):
+            for a, b in zip(first, (x, out), strict=True):
+                if a is not None and b is not None and a.dim == b.dim:
+                    self.b.unite(a, b, f"`{fqn}` called again")
+                elif a is not None or b is not None:  # one call's channels are untracked
+                    self.b.fix(a, f"`{fqn}` is called on inputs edgeslim cannot match")
+                    self.b.fix(b, f"`{fqn}` is called on inputs edgeslim cannot match")
+        return out
 
     def softmax(self, node: fx.Node, x: _Val | None) -> _Val | None:
         """A softmax over another axis keeps each channel apart (it passes); over the

@@ -192,11 +192,13 @@ class GateSet:
                     out_w, in_w = _widths(m)
                     costs[mem.fqn] = _Cost(int(layer_macs.get(mem.fqn, 0)), out_w, in_w, [], [])
                 cost = costs[mem.fqn]
-                if mem.role == "in":
+                # a layer called twice (a shared MLP on two pooled inputs, CBAM-style) is a
+                # member twice at the same place: one gate per unit, not one per call
+                if mem.role == "in" and s not in cost.inp:
                     cost.inp.append(s)
                     sites.setdefault(mem.fqn, []).append(s)
-                else:  # out, depthwise: the output axis (a depthwise conv's only axis)
-                    cost.out.append(s)
+                elif mem.role != "in" and s not in cost.out:
+                    cost.out.append(s)  # out, depthwise: the output axis
         return costs, sites
 
     def _hook(self, module: nn.Module, slices: list[_Slice]) -> Callable[..., Any]:
