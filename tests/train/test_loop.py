@@ -178,3 +178,13 @@ def test_a_forward_without_autograd_is_refused_naming_why() -> None:
     data = [((torch.randn(8, 4),), torch.zeros(8, dtype=torch.long))]
     with pytest.raises(TaskError, match=r"_NoGrad cannot be trained.*torch.no_grad"):
         train_classifier(_NoGrad(), data, TrainConfig(epochs=1, channels_last=False))
+
+
+def test_evaluate_builds_no_autograd_graph() -> None:
+    """Measuring must not record gradients (slower, more memory; and a hook-based
+    weight_norm's recomputed weight then could not be deep-copied)."""
+    seen: list[bool] = []
+    model = nn.Linear(4, 3)
+    model.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    evaluate(model, [((torch.randn(5, 4),), torch.zeros(5, dtype=torch.long))])
+    assert seen == [False]

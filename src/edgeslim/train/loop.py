@@ -122,7 +122,6 @@ def _as_batches(data: Iterable[Any] | Split, batch_size: int) -> Iterable[Any]:
     return data
 
 
-@torch.no_grad()
 def decision_threshold(scores: torch.Tensor) -> float:
     """Where a binary classifier's single score decides: 0.5 when every score lies in
     [0, 1] (probabilities), else 0 (logits)."""
@@ -151,6 +150,7 @@ def top1_hits(outputs: Any, target: torch.Tensor) -> int:
     return int((pred == target).sum())
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable[Batch] | Split, batch_size: int = 500) -> float:
     """Top-1 accuracy in percent of the first output (argmax over its last dimension) on
     ``(inputs, target)`` batches; restores the model's train/eval mode afterwards.
