@@ -283,9 +283,10 @@ class Task:
                         "or report this with the model."
                     ) from exc
                 raise TaskError(
-                    f"the task's metric function raised {type(exc).__name__}: {exc}. Fix the "
-                    "function (it is called with the model and must return a float or a dict "
-                    "of floats)."
+                    f"the task's metric function raised {type(exc).__name__}: {exc}. If it is "
+                    "yours, fix it (it is called with the model and must return a float or a "
+                    "dict of floats); for a built-in task, the message says what the data "
+                    "needs."
                 ) from None
             return self._ordered(_as_metrics(value, self.metric))
         if self._reference is None:
