@@ -118,3 +118,17 @@ def test_a_segmentation_map_has_its_classes_on_axis_1() -> None:
     hits = (flipped.argmax(1) == x.argmax(1)).float().mean()
     got = agreement_metrics(ref, model_outputs(nn.Identity(), [(flipped,)]))
     assert got["agreement"] == pytest.approx(100.0 * float(hits))
+
+
+def test_a_binary_segmentation_map_is_one_score_per_pixel() -> None:
+    """``(N, 1, H, W)``: top-1 and the default loss read one decision per pixel (the loss
+    took cross-entropy over one class and raised 'target 1 is out of bounds')."""
+    from edgeslim.train.loop import cross_entropy, evaluate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 4, 5, generator=g)
+    labels = (x[:, 0] > 0).long()  # (N, H, W)
+    assert evaluate(nn.Identity(), [((x,), labels)]) == 100.0
+    loss = cross_entropy(x, labels)
+    want = nn.functional.binary_cross_entropy_with_logits(x[:, 0], labels.float())
+    torch.testing.assert_close(loss, want)

@@ -151,7 +151,7 @@ def bake_reparametrizations(model: nn.Module) -> list[str]:
     """Replace every reparametrized tensor of ``model`` (in place) by its current value;
     returns ``"fqn.tensor (kind)"`` for each, empty when there was none."""
     baked: list[str] = []
-    for fqn, module in model.named_modules():
+    for fqn, module in list(model.named_modules()):  # removal deletes submodules
         if parametrize.is_parametrized(module):
             _own_class(module)
             for name in list(module.parametrizations.keys()):

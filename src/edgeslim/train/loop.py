@@ -94,9 +94,9 @@ def cross_entropy(outputs: Any, target: Any, label_smoothing: float = 0.0) -> to
             "`kd: true`; Python: loss_fn=edgeslim.distill.kd_loss(teacher)), or give data "
             "with labels"
         )
-    out = first_output(outputs)
-    if out.dim() == 1 or out.shape[-1] == 1:  # one score per sample: binary cross-entropy
-        scores, labels = out.reshape(-1), target.reshape(-1).to(out.dtype)
+    single = one_score(outputs)
+    if single is not None:  # one score per sample: binary cross-entropy
+        scores, labels = single.reshape(-1), target.reshape(-1).to(single.dtype)
         labels = labels * (1 - label_smoothing) + 0.5 * label_smoothing
         if decision_threshold(scores.detach()) == 0.5:  # probabilities (a final sigmoid)
             return nn.functional.binary_cross_entropy(scores.clamp(1e-6, 1 - 1e-6), labels)
@@ -122,6 +122,16 @@ def _as_batches(data: Iterable[Any] | Split, batch_size: int) -> Iterable[Any]:
     return data
 
 
+def one_score(outputs: Any) -> torch.Tensor | None:
+    """A binary classifier's scores, one per sample (per pixel for a ``(N, 1, H, W)`` map),
+    shaped like its labels; None when the first output holds several classes. The one rule
+    for top-1, the default loss and (on rows) agreement and KD."""
+    out = classes_last(first_output(outputs))
+    if out.dim() == 1:
+        return out
+    return out[..., 0] if out.shape[-1] == 1 else None
+
+
 def decision_threshold(scores: torch.Tensor) -> float:
     """Where a binary classifier's single score decides: 0.5 when every score lies in
     [0, 1] (probabilities), else 0 (logits)."""
@@ -135,12 +145,11 @@ def top1_hits(outputs: Any, target: torch.Tensor) -> int:
 
     Refuses a target of another shape: ``(N,)`` predictions against a ``(N, 1)`` column
     broadcast to ``(N, N)`` and counted nonsense."""
-    out = classes_last(first_output(outputs))
-    if out.dim() == 1 or out.shape[-1] == 1:  # one score per sample: a binary decision
-        scores = out if out.dim() == 1 else out[..., 0]
-        pred = (scores > decision_threshold(scores)).long()
+    single = one_score(outputs)
+    if single is not None:  # a binary decision
+        pred = (single > decision_threshold(single)).long()
     else:
-        pred = out.argmax(-1)
+        pred = classes_last(first_output(outputs)).argmax(-1)
     if pred.shape != target.shape:
         raise ValueError(
             f"top-1 compares the argmax of the model's output over its classes, shape "
@@ -152,8 +161,9 @@ def top1_hits(outputs: Any, target: torch.Tensor) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable[Batch] | Split, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent of the first output (argmax over its last dimension) on
-    ``(inputs, target)`` batches; restores the model's train/eval mode afterwards.
+    """Top-1 accuracy in percent of the first output (:func:`top1_hits`: the argmax over its
+    classes, or a binary decision) on ``(inputs, target)`` batches; restores the model's
+    train/eval mode afterwards.
 
     A :class:`Split` is accepted for convenience (batched by ``batch_size``).
     """
