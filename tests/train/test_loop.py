@@ -188,3 +188,31 @@ def test_evaluate_builds_no_autograd_graph() -> None:
     model.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
     evaluate(model, [((torch.randn(5, 4),), torch.zeros(5, dtype=torch.long))])
     assert seen == [False]
+
+
+class NarrowStridedShortcut(nn.Module):
+    """A pruned shortcut: a 1x1 stride-2 conv reading 9 channels (torch 2.13's channels_last
+    backward of it aborted the process at batch 13 on 16x16 maps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 9, 3, padding=1)
+        self.shortcut = nn.Conv2d(9, 8, 1, stride=2, bias=False)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shortcut(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_a_narrow_strided_1x1_conv_trains_in_contiguous_format() -> None:
+    from edgeslim.train.loop import channels_last_hazard
+
+    model = NarrowStridedShortcut()
+    assert channels_last_hazard(model) == "shortcut"
+    assert channels_last_hazard(ViewAfterConv()) is None
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(13, 3, 16, 16, generator=g), torch.randint(0, 4, (13,), generator=g)
+    before = model.shortcut.weight.detach().clone()
+    train_classifier(model, [((x,), y)] * 3, TrainConfig(epochs=1, lr=0.05))
+    assert not torch.equal(model.shortcut.weight, before)  # it trained, and did not abort

@@ -203,6 +203,27 @@ def _channels_last(inputs: Inputs) -> Inputs:
     )
 
 
+def channels_last_hazard(model: nn.Module) -> str | None:
+    """The first layer whose backward pass crashes the process in channels_last, or None.
+
+    torch 2.13's CPU backward of a 1x1 conv with stride > 1 reading fewer than 16 channels
+    in channels_last corrupts the heap for some batch and map sizes (measured: 6-15 input
+    channels, batch 13, 16x16 maps abort; contiguous tensors never do). Such convs are
+    common after pruning (a ResNet/RegNet shortcut cut to 9 channels), so training runs in
+    the contiguous format when the model has one."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.weight.dim() == 4:
+            one_by_one = tuple(m.weight.shape[2:]) == (1, 1)
+            reads = m.weight.shape[1] * m.groups
+            if one_by_one and max(_pair(m.stride)) > 1 and reads < 16:
+                return name
+    return None
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def train_classifier(
     model: nn.Module,
     train: Iterable[Batch],
@@ -235,7 +256,7 @@ def train_classifier(
         raise ValueError("train has no batches")
     loss_fn = loss_fn if loss_fn is not None else classification_loss(config.label_smoothing)
     torch.manual_seed(config.seed)
-    channels_last = config.channels_last
+    channels_last = config.channels_last and channels_last_hazard(model) is None
     if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     params: Any = model.parameters()
