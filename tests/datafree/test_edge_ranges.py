@@ -143,3 +143,29 @@ def test_a_bn_free_concat_takes_its_readers_range_and_runs_on_integers(tmp_path:
     # the concatenated convs and the ones before them; `after`, whose output reaches the
     # head with no statistics on the way, stays float as it did
     assert all(integer[k] for k in ("stem", "squeeze", "e1", "e3")), integer
+
+
+def test_no_statistics_anywhere_leaves_every_activation_float() -> None:
+    """A text model (embeddings, then linears, no BatchNorm): no layer has an input range,
+    so no activation is quantized; the edge pass raised "needs activation quantization"."""
+    from torch import nn
+
+    from edgeslim.quant.modules import QuantMixin
+
+    class Text(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(self.emb(ids)))).mean(1)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (1, 5))
+    result = compress_datafree(Text().eval(), "rtn", DataFreeSpec(8, 8), ids)
+    edged = quantized_model(result, 8, "statistics", edges=True).eval()
+    layers = [m for m in edged.modules() if isinstance(m, QuantMixin)]
+    assert layers and not any(m.input_quant for m in layers)
+    assert not any(isinstance(m, ActQuant) for m in edged.modules())
+    assert torch.isfinite(edged(torch.randint(0, 20, (4, 5)))).all()

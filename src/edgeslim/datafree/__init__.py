@@ -269,7 +269,10 @@ def quantized_model(
                 set_range = getattr(quantizer, "set_range", None)
                 assert callable(set_range)
                 set_range(*bounds)
-    if edges and static and act is not None:
+    quantized_inputs = any(isinstance(q, QuantMixin) and q.input_quant for q in m.modules())
+    if edges and static and act is not None and quantized_inputs:
+        # (with no statistics anywhere, a BN-free net, every activation stays float and the
+        # export's coverage warning names the layers)
         from edgeslim.datafree.edge_ranges import fill_edge_ranges
         from edgeslim.quant.edges import quantize_edges
 
