@@ -67,3 +67,27 @@ def test_unsupported_layers_warn_and_nan_weights_are_refused() -> None:
     with pytest.raises(QuantConfigError, match=r"layer 1 .* NaN or Inf"):
         quantize_(bad, QuantConfig(QuantSpec(bits=8)))
     assert not quant_layers(bad)  # refused before anything changed
+
+
+class DepthwiseConv(nn.Conv2d):
+    """Hugging Face style: a Conv2d subclass that only fixes its ``__init__`` arguments."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, padding=1, groups=channels, bias=False)
+
+
+class OwnForward(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0
+
+
+def test_a_subclass_computing_its_base_layer_is_quantized_as_that_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), DepthwiseConv(4), OwnForward(4, 2, 1))
+    x = torch.randn(2, 1, 8, 8)
+    want = model(x)
+    with pytest.warns(UserWarning, match=r"left in float: 2 \(OwnForward\)"):
+        quantize_(model, QuantConfig(QuantSpec(bits=8)))
+    assert isinstance(model[1], QuantConv2d) and model[1].groups == 4
+    assert type(model[2]) is OwnForward  # its own forward: not replaced
+    torch.testing.assert_close(model(x), want, rtol=0.05, atol=0.05)

@@ -45,9 +45,29 @@ TWINS: dict[type[nn.Module], Any] = {
 """Float layer type (exact) -> its fake-quant twin."""
 
 
+def twin_of(module: nn.Module) -> Any | None:
+    """The fake-quant twin of ``module``'s layer type (:data:`TWINS`), or None.
+
+    A subclass that changes nothing its base computes (no ``forward`` or ``_conv_forward``
+    of its own: Hugging Face's ``EfficientNetDepthwiseConv2d`` only sets ``__init__``
+    arguments) takes its base's twin; it was left float for being of another type."""
+    cls = type(module)
+    if cls in TWINS:
+        return TWINS[cls]
+    if cls.__module__.startswith("edgeslim.") or parametrize.is_parametrized(module):
+        return None
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return None  # nn.MultiheadAttention reads its weight directly
+    base = next((b for b in cls.__mro__[1:] if b in TWINS), None)
+    computes = ("forward", "_conv_forward")
+    if base is None or any(getattr(cls, f, None) is not getattr(base, f, None) for f in computes):
+        return None
+    return TWINS[base]
+
+
 def _no_twin_reason(module: nn.Module, selected: bool = False) -> str | None:
     """Why a selected compute layer stays float (None: it has a twin and can be swapped)."""
-    cls = TWINS.get(type(module))
+    cls = twin_of(module)
     if cls is None:
         name = type(module).__name__
         if isinstance(module, nn.Linear) and name == "NonDynamicallyQuantizableLinear":
@@ -91,7 +111,7 @@ def left_in_float(
     for fqn, module in model.named_modules():
         if not fqn or isinstance(module, QuantMixin) or fqn.startswith(inside):
             continue
-        if not isinstance(module, COMPUTE_TYPES) and type(module) not in TWINS:
+        if not isinstance(module, COMPUTE_TYPES) and twin_of(module) is None:
             continue
         if isinstance(module, nn.MultiheadAttention):
             inside = (*inside, fqn + ".")  # its out_proj is reported as part of it
@@ -155,7 +175,9 @@ def quantize_(
     _check_activations_possible(model, config, select, chosen)
     for fqn, cfg in chosen.items():
         module = model.get_submodule(fqn)
-        _set_submodule(model, fqn, TWINS[type(module)].from_float(module, cfg))
+        twin = twin_of(module)
+        assert twin is not None  # chosen only with a twin
+        _set_submodule(model, fqn, twin.from_float(module, cfg))
     unfuse_encoder_layers(model)
     for fqn, why in skipped.items():
         kind, _, reason = why.partition(": ")
