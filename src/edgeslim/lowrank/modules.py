@@ -23,20 +23,68 @@ class LowRankError(EdgeslimError, ValueError):
 
 
 class LowRankLinear(nn.Sequential):
-    """``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``: ``reduce`` then ``expand``."""
+    """``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``: ``reduce`` then ``expand``.
+
+    It answers the attributes of the layer it replaces (``in_features``, ``out_features``)
+    that code around it may read."""
 
     reduce: nn.Linear
     expand: nn.Linear
 
+    @property
+    def in_features(self) -> int:
+        return self.reduce.in_features
 
-class LowRankConv2d(nn.Sequential):
+    @property
+    def out_features(self) -> int:
+        return self.expand.out_features
+
+
+class _LowRankConv(nn.Sequential):
+    """The attributes of the conv a low-rank pair replaces, which code around it may read
+    (Hugging Face's TF padding reads ``stride`` and ``kernel_size``): geometry is the first
+    conv's, channels in from the first and out from the second."""
+
+    reduce: nn.Conv1d | nn.Conv2d
+    expand: nn.Conv1d | nn.Conv2d
+
+    @property
+    def in_channels(self) -> int:
+        return self.reduce.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.expand.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.reduce.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.reduce.stride
+
+    @property
+    def padding(self) -> str | tuple[int, ...]:
+        return self.reduce.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.reduce.dilation
+
+    @property
+    def groups(self) -> int:
+        return self.reduce.groups
+
+
+class LowRankConv2d(_LowRankConv):
     """A k x k ``Conv2d(C, rank)`` then a 1x1 ``Conv2d(rank, N)``: ``reduce`` then ``expand``."""
 
     reduce: nn.Conv2d
     expand: nn.Conv2d
 
 
-class LowRankConv1d(nn.Sequential):
+class LowRankConv1d(_LowRankConv):
     """A length-k ``Conv1d(C, rank)`` then a length-1 ``Conv1d(rank, N)``."""
 
     reduce: nn.Conv1d
