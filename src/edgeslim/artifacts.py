@@ -40,6 +40,7 @@ from torch import nn
 
 from edgeslim.errors import CheckpointError, EdgeslimError
 from edgeslim.graph.reparam import bake_reparametrizations
+from edgeslim.graph.trace import declare_inputs
 
 MANIFEST = "manifest.json"
 REBUILD_FORMAT = "edgeslim-compressed"
@@ -421,6 +422,9 @@ def load_artifact(out_dir: str | Path, model: nn.Module | None = None) -> Artifa
             "stage chose bits from them); pass the model with the weights compress started from"
         )
     bake_reparametrizations(net)  # as compress did on its copy
+    dims = rebuild.get("batch_dims")
+    if isinstance(dims, list) and len(dims) == len(example):
+        declare_inputs(net, len(example), example, [int(d) for d in dims])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run already reported what stays float
         for step in lineage.steps:

@@ -211,6 +211,8 @@ def _finish_folder(
     rebuild = Lineage(
         lineage.spec, lineage.checkpoint, lineage.base_class, lineage.base_sha256, steps
     ).to_dict()
+    if task.wrap is None:  # reload traces the model as compress did (shape conditions)
+        rebuild["batch_dims"] = list(task.dims)
     path = write_manifest(
         out, recipe=json.loads(json.dumps(recipe_data(recipe))), command=command,
         rebuild=rebuild, name=result.records[0].model if result.records else None,

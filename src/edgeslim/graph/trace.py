@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -13,66 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from edgeslim.errors import TraceError
-
-
-class _PathTracer(fx.Tracer):
-    """An fx tracer that remembers which module it is inside, for error messages.
-
-    Buffers read in ``forward`` are traced as graph attributes (``proxy_buffer_attributes``),
-    as parameters are: ``self.position_ids[:, :x.shape[1]]`` (Hugging Face style position
-    ids) sliced a real tensor by a traced length and failed."""
-
-    proxy_buffer_attributes = True
-
-    def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-        self.failed_at: str | None = None
-        self.leaf_types = leaf_types
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def iter(self, obj: fx.Proxy) -> Any:
-        """Iterate a proxy whose length the graph says: ``chunk(n)`` and ``split`` with a
-        list of sizes, as in ``for t in qkv.chunk(3, dim=-1)`` (fx only unpacks
-        ``a, b, c = ...`` itself)."""
-        n = _known_length(obj.node)
-        if n is None:
-            return super().iter(obj)
-        return (obj[i] for i in range(n))  # type: ignore[index]
-
-    def call_module(
-        self,
-        m: nn.Module,
-        forward: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        self.stack.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_at is None:  # the innermost module, recorded as we unwind
-                self.failed_at = self.stack[-1]
-            raise
-        finally:
-            self.stack.pop()
-
-
-def _known_length(node: fx.Node) -> int | None:
-    """The number of tensors a ``chunk``/``split`` node returns, when its arguments fix it."""
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    if node.op not in ("call_method", "call_function") or name not in ("chunk", "split"):
-        return None
-    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
-    if name == "chunk" and isinstance(arg, int):
-        return arg
-    if name == "split" and isinstance(arg, (list, tuple)):
-        return len(arg)
-    return None
+from edgeslim.graph.tracer import PathTracer, ShapeResolvingTracer
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -86,13 +27,27 @@ def _user_frame(exc: BaseException) -> str:
 
 
 INPUTS_ATTR = "_edgeslim_inputs"
+EXAMPLES_ATTR = "_edgeslim_examples"
 
 
-def declare_inputs(model: nn.Module, count: int) -> None:
+def declare_inputs(
+    model: nn.Module,
+    count: int,
+    examples: Sequence[torch.Tensor] = (),
+    batch_dims: Sequence[int] = (),
+) -> None:
     """Record that ``model`` is called with ``count`` positional inputs (a
     :class:`~edgeslim.task.Task` does, from its example inputs), so every later
-    :func:`trace` of it, or of a copy, keeps exactly those arguments as graph inputs."""
+    :func:`trace` of it, or of a copy, keeps exactly those arguments as graph inputs.
+
+    ``examples`` (one tensor per input, with its batch dimension in ``batch_dims``) let a
+    trace resolve Python control flow on shapes (:class:`ShapeResolvingTracer`); only
+    their shapes and dtypes are kept."""
     object.__setattr__(model, INPUTS_ATTR, int(count))
+    if examples:
+        dims = tuple(batch_dims) or (0,) * len(examples)
+        spec = tuple((tuple(t.shape), t.dtype, d) for t, d in zip(examples, dims, strict=True))
+        object.__setattr__(model, EXAMPLES_ATTR, spec)
 
 
 def bound_defaults(model: nn.Module, inputs: int | None = None) -> dict[str, Any]:
@@ -119,17 +74,10 @@ def bound_defaults(model: nn.Module, inputs: int | None = None) -> dict[str, Any
 
 
 @contextmanager
-def inputs_only(model: nn.Module, inputs: int) -> Iterator[nn.Module]:
-    """``model`` whose ``forward`` takes just its ``inputs`` positional arguments, for as long
-    as the context lasts (the arguments :func:`bound_defaults` fixes keep their defaults).
-
-    Why: torch's ONNX exporter fills every missing ``forward`` argument from its default
-    and turns a ``scale: float = 1.0`` into a model input. The instance's class is swapped
-    for a subclass with a ``*args`` forward, so module names (and so ONNX node names) stay.
-    """
-    if not bound_defaults(model, inputs):
-        yield model
-        return
+def _positional_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """Swap the instance's class, while the context lasts, for a subclass whose ``forward``
+    takes ``*args`` and passes them on: module names (and so ONNX node names and fx module
+    paths) stay, and the original ``forward`` fills its other arguments from its defaults."""
     cls = type(model)
 
     def forward(self: nn.Module, *args: Any) -> Any:
@@ -142,6 +90,41 @@ def inputs_only(model: nn.Module, inputs: int) -> Iterator[nn.Module]:
         model.__class__ = cls
 
 
+@contextmanager
+def inputs_only(model: nn.Module, inputs: int) -> Iterator[nn.Module]:
+    """``model`` whose ``forward`` takes just its ``inputs`` positional arguments, for as long
+    as the context lasts (the arguments :func:`bound_defaults` fixes keep their defaults).
+
+    Why: torch's ONNX exporter fills every missing ``forward`` argument from its default
+    and turns a ``scale: float = 1.0`` into a model input.
+    """
+    if not bound_defaults(model, inputs) and _reads_own_arguments(type(model)):
+        yield model
+        return
+    with _positional_forward(model) as swapped:
+        yield swapped
+
+
+def _reads_own_arguments(cls: type) -> bool:
+    """Whether fx can take ``cls.forward``'s inputs from its own signature: not when a
+    decorator wraps it (Hugging Face's ``@can_return_tuple``: fx reads the inner function's
+    arguments but calls the wrapper, whose ``**kwargs`` then arrive as ``None``) nor when it
+    takes ``*args``/``**kwargs`` (fx would trace them as inputs)."""
+    forward = cls.forward  # type: ignore[attr-defined]
+    if hasattr(forward, "__wrapped__"):
+        return False
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return all(p.kind not in kinds for p in inspect.signature(forward).parameters.values())
+
+
+def _required_inputs(cls: type) -> int:
+    """How many positional ``forward`` arguments have no default (at least one)."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]  # type: ignore[attr-defined]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params if p.kind in positional and p.default is p.empty]
+    return max(len(required), 1)
+
+
 def trace(
     model: nn.Module, leaf_types: tuple[type, ...] = (), inputs: int | None = None
 ) -> fx.GraphModule:
@@ -149,7 +132,10 @@ def trace(
 
     ``leaf_types`` are module types kept whole (not traced into), e.g. custom ops.
     ``forward`` arguments with defaults beyond the model's ``inputs`` are fixed at their
-    defaults (:func:`bound_defaults`).
+    defaults (:func:`bound_defaults`). When fx stops at Python control flow and the model's
+    example inputs are declared (:func:`declare_inputs`), the trace is retried resolving
+    conditions on shapes that do not depend on the batch size
+    (:class:`ShapeResolvingTracer`); a model fx traces as it is gets the same graph.
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError(
@@ -158,21 +144,43 @@ def trace(
             "nn.Module (its class with the state_dict loaded), or, on the command line, a "
             "module:function that builds it."
         )
-    tracer = _PathTracer(leaf_types)
+    count = inputs if inputs is not None else getattr(model, INPUTS_ATTR, None)
     try:
-        graph = tracer.trace(model, concrete_args=bound_defaults(model, inputs) or None)
+        return _trace(model, PathTracer(leaf_types), count)
+    except TraceError:
+        spec = getattr(model, EXAMPLES_ATTR, None)
+        if spec is None or (inputs is not None and inputs != len(spec)):
+            raise
+    return _trace(model, ShapeResolvingTracer(leaf_types, spec), len(spec))
+
+
+def _trace(model: nn.Module, tracer: PathTracer, count: int | None) -> fx.GraphModule:
+    cls = type(model)
+    concrete: dict[str, Any] | tuple[Any, ...] | None
+    if _reads_own_arguments(cls):
+        concrete = bound_defaults(model, count) or None
+        params = list(inspect.signature(cls.forward).parameters)[1:]
+        tracer.input_names = [p for p in params if p not in (concrete or {})]
+        swap: Any = nullcontext(model)
+    else:
+        n = count if count is not None else _required_inputs(cls)
+        concrete = (fx.PH,) * n
+        tracer.input_names = [f"input_{i}" for i in range(n)]
+        swap = _positional_forward(model)
+    try:
+        with swap, tracer.session(model):
+            graph = tracer.trace(model, concrete_args=concrete)  # type: ignore[arg-type]
     except Exception as exc:
         where = tracer.failed_at or "(top-level forward)"
         mod = model if where.startswith("(") else model.get_submodule(where)
         raise TraceError(
-            f"cannot trace {type(model).__name__}: in module `{where}` "
+            f"cannot trace {cls.__name__}: in module `{where}` "
             f"({type(mod).__name__}) at {_user_frame(exc)}: {type(exc).__name__}: {exc}. "
             "torch.fx needs forward() free of data-dependent Python control flow; rewrite "
             "that op with tensor ops (e.g. torch.where), or pass its module type in "
             "`leaf_types` to keep it whole (it is then treated as an opaque op)."
         ) from exc
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    return fx.GraphModule(tracer.root, graph, cls.__name__)
 
 
 def is_traceable(model: nn.Module) -> bool:

@@ -239,7 +239,7 @@ class Task:
         (or when the model is of a kind nothing downstream can take, :func:`_refuse_kind`)."""
         _refuse_kind(model)
         if self.wrap is None:  # every later trace keeps exactly these inputs
-            declare_inputs(model, len(self.example_inputs))
+            declare_inputs(model, len(self.example_inputs), self.example_inputs, self.dims)
         module = self.module(model)
         was = module.training
         module.eval()

@@ -1,0 +1,365 @@
+"""The fx tracers behind :func:`edgeslim.graph.trace.trace`.
+
+:class:`PathTracer` is torch.fx's tracer plus the module path it is in (for error messages)
+and a few unpacking rules. :class:`ShapeResolvingTracer` also runs every op on example
+inputs while tracing, so Python control flow on *shapes* resolves to the branch the model
+takes: ``if pixel_values.shape[1] != self.num_channels: raise ...`` (Hugging Face's ResNet),
+``pad = max(k - int(x.shape[-2]) % s, 0)`` (TF "same" padding). A condition is resolved only
+when it is computed from shapes alone and gives the same answer at two batch sizes; one that
+reads tensor values, or changes with the batch, still stops the trace, since the graph (and
+the ONNX file, whose batch axis stays dynamic) would fix it. Non-batch dimensions are fixed
+anyway: a task's data must match its example inputs but for the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.proxy import Attribute
+
+VALUES = "edgeslim_values"  # node.meta: the node's value at each example batch size, or None
+SHAPE_ONLY = "edgeslim_shape_only"  # node.meta: computed from shapes, never tensor values
+_ORDER = "edgeslim_order"  # node.meta: creation index (a topological order)
+BATCH_SIZES = (1, 2)  # 1: the batch a deployed model often runs at (`if B == 1:` caught)
+_SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+_SHAPE_METHODS = frozenset(
+    {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point"}
+)
+ExampleSpec = Sequence[tuple[tuple[int, ...], torch.dtype, int]]
+
+
+class PathTracer(fx.Tracer):
+    """An fx tracer that remembers which module it is inside, for error messages.
+
+    Buffers read in ``forward`` are traced as graph attributes (``proxy_buffer_attributes``),
+    as parameters are: ``self.position_ids[:, :x.shape[1]]`` (Hugging Face style position
+    ids) sliced a real tensor by a traced length and failed."""
+
+    proxy_buffer_attributes = True
+
+    def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.failed_at: str | None = None
+        self.leaf_types = leaf_types
+        self.input_names: list[str] = []  # the placeholders that are model inputs, in order
+
+    @contextmanager
+    def session(self, model: nn.Module) -> Iterator[None]:
+        """Context around one trace of ``model`` (nothing to set up here)."""
+        yield
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        """Iterate a proxy whose length the graph says: ``chunk(n)`` and ``split`` with a
+        list of sizes, as in ``for t in qkv.chunk(3, dim=-1)`` (fx only unpacks
+        ``a, b, c = ...`` itself)."""
+        n = known_length(obj.node)
+        if n is None:
+            return super().iter(obj)
+        return (obj[i] for i in range(n))  # type: ignore[index]
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                raise
+            # A stateless module built inside forward (``nn.ReLU()(x)``, DistilBERT's head)
+            # belongs to no path: its forward is traced as written.
+            return forward(*args, **kwargs)
+        self.stack.append(path)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:  # the innermost module, recorded as we unwind
+                self.failed_at = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def known_length(node: fx.Node) -> int | None:
+    """The number of tensors a ``chunk``/``split`` node returns, when its arguments fix it."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or name not in ("chunk", "split"):
+        return None
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+    if name == "chunk" and isinstance(arg, int):
+        return arg
+    if name == "split" and isinstance(arg, (list, tuple)):
+        return len(arg)
+    return None
+
+
+class _ResolvingProxy(fx.Proxy):
+    """A proxy Python may read as a number or a length, when its tracer can resolve it."""
+
+    tracer: ShapeResolvingTracer
+
+    def __getattr__(self, k: str) -> Any:
+        return _ResolvingAttribute(self, k)
+
+    def __len__(self) -> int:
+        return self.tracer.resolve(self, len, values_allowed=True)
+
+    def __int__(self) -> int:
+        return self.tracer.resolve(self, int)
+
+    def __index__(self) -> int:
+        return self.tracer.resolve(self, operator.index)
+
+    def __float__(self) -> float:
+        return self.tracer.resolve(self, float)
+
+
+class _ResolvingAttribute(Attribute, _ResolvingProxy):
+    """``proxy.shape`` and the like, resolvable as :class:`_ResolvingProxy` is."""
+
+
+def _example(shape: tuple[int, ...], dtype: torch.dtype, dim: int, batch: int) -> torch.Tensor:
+    """An input of the example's shape at ``batch`` on its batch dimension: random floats,
+    zeros for integer and boolean inputs (token ids: 0 is an index every embedding has)."""
+    size = list(shape)
+    size[dim] = batch
+    if dtype.is_floating_point:
+        return torch.randn(size, generator=torch.Generator().manual_seed(batch)).to(dtype)
+    return torch.zeros(size, dtype=dtype)
+
+
+def _torch_layer(cls: type) -> type | None:
+    """The first torch layer ``cls`` derives from (``nn.Conv2d`` for a quantized conv),
+    besides ``nn.Module``; None when it derives from none or is one."""
+    for base in cls.__mro__[1:]:
+        if base is not nn.Module and base.__module__.startswith("torch.nn."):
+            return base
+    return None
+
+
+def _zeros_like_fake(t: FakeTensor) -> torch.Tensor:
+    return torch.zeros(t.shape, dtype=t.dtype)
+
+
+def _at(node: fx.Node, b: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``node``'s arguments with every input node replaced by its value at batch ``b``."""
+
+    def value(n: fx.Node) -> Any:
+        return n.meta[VALUES][b]
+
+    return fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
+
+
+class ShapeResolvingTracer(PathTracer):
+    """:class:`PathTracer` that computes each node's value at two batch sizes as it traces,
+    and answers Python's ``bool``/``int``/``len``/iteration of a proxy from them when the
+    answer is computed from shapes alone and does not depend on the batch size."""
+
+    def __init__(self, leaf_types: tuple[type, ...], spec: ExampleSpec) -> None:
+        super().__init__(leaf_types)
+        # Shapes, not values, decide what is resolved: ops run on fake tensors (no compute;
+        # real parameters are read as fakes), so a large model costs no more than a small one.
+        self._fake = FakeTensorMode(allow_non_fake_inputs=True)
+        self.examples = [
+            tuple(
+                self._fake.from_tensor(_example(shape, dtype, dim, b)) for shape, dtype, dim in spec
+            )
+            for b in BATCH_SIZES
+        ]
+        self._running = False  # inside an op run on example values: record nothing
+        self._created: list[fx.Node] = []
+
+    @contextmanager
+    def session(self, model: nn.Module) -> Iterator[None]:
+        """Running the ops may update the model's state (BatchNorm statistics in training
+        mode, in-place ops on buffers) and draws random numbers (dropout): both are put back."""
+        tensors = [*model.parameters(), *model.buffers()]
+        saved = [t.detach().clone() for t in tensors]
+        rng = torch.random.get_rng_state()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, s in zip(tensors, saved, strict=True):
+                    t.copy_(s)
+            torch.random.set_rng_state(rng)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ResolvingProxy(node, self)
+
+    # While tracing, fx routes every module call and parameter read through the tracer;
+    # running a leaf module on example values must reach the module itself.
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if self._running:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._running:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None = None,
+        type_expr: Any = None,
+        proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None,
+    ) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        node.meta[SHAPE_ONLY] = self._shape_only(node)
+        node.meta[_ORDER] = len(self._created)
+        self._created.append(node)
+        return proxy
+
+    def _shape_only(self, node: fx.Node) -> bool:
+        if node.op == "placeholder":
+            return node.target not in self.input_names
+        if node.op == "get_attr":
+            return False
+        if node.op == "call_function" and node.target is getattr:
+            return node.args[1] in _SHAPE_ATTRS or bool(node.args[0].meta.get(SHAPE_ONLY))  # type: ignore[union-attr]
+        if node.op == "call_method" and node.target in _SHAPE_METHODS:
+            return True
+        return all(n.meta.get(SHAPE_ONLY, False) for n in node.all_input_nodes)
+
+    def _values(self, node: fx.Node) -> list[Any] | None:
+        """The node's value at each batch size (None when it cannot be computed), computed
+        when first asked for, with the ancestors it needs: most of a graph never is."""
+        todo: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if VALUES not in n.meta and n not in todo:
+                todo.add(n)
+                stack.extend(n.all_input_nodes)
+        for n in sorted(todo, key=lambda n: n.meta[_ORDER]):
+            n.meta[VALUES] = self._evaluate(n)
+        return node.meta[VALUES]
+
+    def _evaluate(self, node: fx.Node) -> list[Any] | None:
+        """The node's value at each batch size; None when it cannot be computed."""
+        if node.op == "placeholder":
+            if node.target in self.input_names:
+                i = self.input_names.index(str(node.target))
+                return [example[i] for example in self.examples]
+            return [node.args[0] if node.args else None] * len(self.examples)
+        if node.op not in ("get_attr", "call_function", "call_method", "call_module"):
+            return None
+        if any(n.meta.get(VALUES) is None for n in node.all_input_nodes):
+            return None
+        self._running = True
+        try:
+            if node.op == "get_attr":
+                return [operator.attrgetter(str(node.target))(self.root)] * len(self.examples)
+            return [self._run_at(node, b) for b in range(len(self.examples))]
+        except Exception:
+            return None
+        finally:
+            self._running = False
+
+    def _run_at(self, node: fx.Node, b: int) -> Any:
+        """Run ``node`` at batch ``b`` on fake tensors; when that fails (an op that reads a
+        value, as a quantizer's ``.item()`` does), on zeros of the same shapes: only shapes
+        are ever resolved, and zeros have the fakes' shapes."""
+        args, kwargs = _at(node, b)
+        try:
+            with torch.no_grad(), self._fake:
+                return self._run(node, args, kwargs)
+        except Exception:
+            if node.op == "call_module":  # a torch layer's subclass has that layer's shapes
+                module = self.root.get_submodule(str(node.target))
+                base = _torch_layer(type(module))
+                if base is not None:
+                    with contextlib.suppress(Exception), torch.no_grad(), self._fake:
+                        return base.forward(module, *args, **kwargs)  # type: ignore[attr-defined]
+            real = pytree.tree_map_only(FakeTensor, _zeros_like_fake, (args, kwargs))
+            with torch.no_grad():
+                return self._run(node, *real)
+
+    def _run(self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)  # type: ignore[operator]
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        return self.root.get_submodule(str(node.target))(*args, **kwargs)
+
+    def resolve(
+        self, proxy: fx.Proxy, how: Callable[[Any], Any], values_allowed: bool = False
+    ) -> Any:
+        """``how(value)`` of ``proxy``, when the trace may fix it; otherwise raise as fx does.
+
+        ``values_allowed``: the answer depends on no tensor value even when the node does
+        (a length)."""
+        node = proxy.node
+        values = self._values(node)
+        if values is None:
+            raise fx.proxy.TraceError(
+                f"symbolically traced variables cannot be used as inputs to control flow "
+                f"(`{node.format_node()}` could not be computed on example inputs)"
+            )
+        if not (values_allowed or node.meta.get(SHAPE_ONLY)):
+            raise fx.proxy.TraceError(
+                "symbolically traced variables cannot be used as inputs to control flow "
+                "(the condition reads tensor values, not only shapes)"
+            )
+        answers = [how(v) for v in values]
+        if any(a != answers[0] for a in answers[1:]):
+            seen = ", ".join(
+                f"{a!r} at batch {b}" for a, b in zip(answers, BATCH_SIZES, strict=True)
+            )
+            raise fx.proxy.TraceError(
+                f"a condition depends on the batch size ({seen}), which the exported model "
+                "keeps free; compute it with tensor ops"
+            )
+        return answers[0]
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.resolve(obj, bool))
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        if known_length(obj.node) is None:
+            n = self.resolve(obj, len, values_allowed=True)
+            return (obj[i] for i in range(n))  # type: ignore[index]
+        return super().iter(obj)
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        """Trace, then drop what only served resolved conditions: shape reads nothing uses
+        (they would read as ops the graph's passes do not know) and the stored values."""
+        graph = super().trace(root, concrete_args)
+        for node in reversed(list(graph.nodes)):
+            unused = not node.users and node.op in ("call_function", "call_method")
+            if unused and node.meta.get(SHAPE_ONLY) and node.target is not torch._assert:
+                graph.erase_node(node)
+        for node in graph.nodes:
+            for key in (VALUES, SHAPE_ONLY, _ORDER):
+                node.meta.pop(key, None)
+        return graph

@@ -1,0 +1,109 @@
+"""Conformance: Hugging Face ``transformers`` models, the ones users most often bring.
+
+Built from small configs (random weights, no download). Their forwards are what plain
+torch.fx cannot read: a decorated forward whose arguments all default to ``None`` with
+``**kwargs`` (ViT), a Python check of the input's channel count (ResNet), TF "same" padding
+computed with ``int(x.shape[-2])`` (MobileNetV2), a stateless ``nn.ReLU()`` built inside
+forward (DistilBERT). Each goes through ``edgeslim.compress`` W8A8, its ONNX file runs in
+ONNX Runtime at two batch sizes matching torch, and ``edgeslim.load`` rebuilds it exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import edgeslim
+from edgeslim.data import TensorBatches
+from edgeslim.task import Task
+
+transformers = pytest.importorskip("transformers")
+
+W8A8 = {"name": "w8a8", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8}]}
+MIN_COSINE = 0.98  # int8 fake-quant in torch vs the QDQ file in ONNX Runtime
+
+
+def _kaiming(model: nn.Module) -> nn.Module:
+    """Weights that carry a signal through the net (the configs' default init leaves a
+    random MobileNetV2's logits near 1e-26, where any comparison is noise)."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+    return model.eval()
+
+
+def _vit() -> nn.Module:
+    cfg = transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, num_labels=5,
+    )  # fmt: skip
+    return _kaiming(transformers.ViTForImageClassification(cfg))
+
+
+def _resnet() -> nn.Module:
+    cfg = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5
+    )
+    return _kaiming(transformers.ResNetForImageClassification(cfg))
+
+
+def _mobilenet_v2() -> nn.Module:
+    cfg = transformers.MobileNetV2Config(image_size=16, depth_multiplier=0.35, num_labels=5)
+    return _kaiming(transformers.MobileNetV2ForImageClassification(cfg))
+
+
+def _distilbert() -> nn.Module:
+    cfg = transformers.DistilBertConfig(
+        vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+        max_position_embeddings=16, num_labels=3,
+    )  # fmt: skip
+    return _kaiming(transformers.DistilBertForSequenceClassification(cfg))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "vit": (_vit, (3, 16, 16)),
+    "resnet": (_resnet, (3, 16, 16)),
+    "mobilenet_v2": (_mobilenet_v2, (3, 16, 16)),
+    "distilbert": (_distilbert, (10,)),
+}
+
+
+def _inputs(name: str, shape: tuple[int, ...], n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if name == "distilbert":
+        return torch.randint(0, 50, (n, *shape), generator=g)
+    return torch.randn((n, *shape), generator=g)
+
+
+def _logits(out: object) -> torch.Tensor:
+    return out["logits"] if isinstance(out, dict) else out[0]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_hugging_face_model_compresses_exports_and_reloads(name: str, tmp_path: Path) -> None:
+    build, shape = MODELS[name]
+    x = _inputs(name, shape, 48)
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
+    result = edgeslim.compress(build(), W8A8, task, out=tmp_path / "out", quick=True)
+
+    session = ort.InferenceSession(str(result.paths["onnx"]), providers=["CPUExecutionProvider"])
+    (feed,) = [i.name for i in session.get_inputs()]
+    for batch in (1, 7):
+        xb = x[:batch]
+        with torch.no_grad():
+            want = _logits(result.model(xb)).numpy()
+        got = session.run(None, {feed: xb.numpy()})[0]
+        assert got.shape == want.shape
+        cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+        assert cos.min() >= MIN_COSINE, cos
+
+    again = edgeslim.load(tmp_path / "out", model=build())  # checks the recorded outputs
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(again(x[:5])), _logits(result.model(x[:5])))

@@ -1,0 +1,156 @@
+"""Tracing models whose forward fx cannot read as it is: shape conditions, decorated
+forwards, modules built inside forward."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeslim.errors import TraceError
+from edgeslim.graph.trace import declare_inputs, trace
+
+
+def _x(batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 9, 11, generator=torch.Generator().manual_seed(seed))
+
+
+class ChecksChannels(nn.Module):
+    """Hugging Face's ResNet embeddings: a Python check of the input's channel count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.conv.in_channels:
+            raise ValueError("wrong channel count")
+        return self.conv(x).flatten(1)
+
+
+class SamePadding(nn.Module):
+    """TF "same" padding computed in Python from the input's height and width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        ph, pw = max(3 - 2 - (h - 1) % 2, 0), max(3 - 2 - (w - 1) % 2, 0)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        y = F.dropout(self.bn(self.conv(x)), 0.5, self.training)
+        return y.mean((2, 3))
+
+
+class BatchDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return x.squeeze(0)
+        return x
+
+
+class ValueDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 3 and x.mean() > 0:
+            return x
+        return -x
+
+
+def returns_dict(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator in the style of Hugging Face's ``@can_return_tuple``."""
+
+    @functools.wraps(forward)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        as_tuple = kwargs.pop("return_dict", True) is False
+        out = forward(self, *args, **kwargs)
+        return tuple(out.values()) if as_tuple else out
+
+    return wrapper
+
+
+class Decorated(nn.Module):
+    """A decorated forward whose every argument has a default, with ``**kwargs``, and a
+    stateless module built inside forward (DistilBERT's head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 4)
+
+    @returns_dict
+    def forward(
+        self, features: torch.Tensor | None = None, labels: torch.Tensor | None = None, **_: Any
+    ) -> dict[str, torch.Tensor]:
+        if features is None:
+            raise ValueError("features are required")
+        logits = nn.ReLU()(self.fc(features))
+        return {"logits": logits} if labels is None else {"loss": logits.sum()}
+
+
+def _declared(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    declare_inputs(model, 1, (x,), (0,))
+    return model
+
+
+@pytest.mark.parametrize("cls", [ChecksChannels, SamePadding])
+def test_a_shape_condition_resolves_once_the_example_is_declared(cls: type[nn.Module]) -> None:
+    model = cls().eval()
+    with pytest.raises(TraceError):  # fx alone stops at the condition
+        trace(model)
+    gm = trace(_declared(model, _x()))
+    for batch in (1, 2, 5):  # the graph computes the model at every batch size
+        x = _x(batch, seed=batch)
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    # nothing is left of the resolved condition: no unused shape reads
+    assert all(n.users or n.op == "output" for n in gm.graph.nodes)
+
+
+def test_resolving_leaves_the_model_state_and_the_random_stream_as_they_were() -> None:
+    model = SamePadding().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    gm = trace(_declared(model, _x()))
+    assert torch.equal(torch.rand(3), expected)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the training-mode branch (dropout) is the one traced
+    assert any(n.target is F.dropout for n in gm.graph.nodes)
+
+
+def test_a_condition_on_the_batch_size_still_stops_the_trace() -> None:
+    with pytest.raises(TraceError, match="depends on the batch size"):
+        trace(_declared(BatchDependent(), _x()))
+
+
+def test_a_condition_on_tensor_values_still_stops_the_trace() -> None:
+    with pytest.raises(TraceError, match="reads tensor values"):
+        trace(_declared(ValueDependent(), _x()))
+
+
+def test_a_decorated_forward_with_kwargs_traces_with_its_declared_inputs() -> None:
+    model = Decorated().eval()
+    x = torch.randn(1, 6)
+    gm = trace(_declared(model, x))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == 1
+    for batch in (1, 3):
+        xb = torch.randn(batch, 6)
+        torch.testing.assert_close(gm(xb)["logits"], model(xb)["logits"], rtol=0, atol=0)
+    assert not any(n.op == "call_module" and "ReLU" in str(n.target) for n in gm.graph.nodes)
+    assert type(model).__name__ == "Decorated" and type(model) is Decorated  # class restored
+
+
+def test_a_decorated_forward_traces_without_a_declaration_too() -> None:
+    gm = trace(Decorated().eval())  # one input: a forward whose arguments all have defaults
+    assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == 1
