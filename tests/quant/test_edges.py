@@ -266,3 +266,70 @@ def test_a_layer_called_several_times_is_quantized_at_every_call(tmp_path) -> No
     with torch.no_grad():
         err = (gm(x) - model(x)).abs().max() / model(x).abs().max()
     assert err < 0.05, err
+
+
+def test_a_linear_read_by_an_add_and_a_layernorm_runs_on_integers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Swin's patch merging: a linear's output is the residual (a quantized add) and the
+    input of the next LayerNorm (float). With the LayerNorm on the float tensor beside the
+    quantizer, ONNX Runtime ran that linear in float; every reader now reads the quantized
+    tensor. Python arithmetic on sizes (``(n + 1) // 2``) gets no quantizer either."""
+    import copy
+
+    from torch import nn
+
+    from edgeslim.export.verify import export_module
+    from edgeslim.quant.ptq import ptq
+    from edgeslim.runtime.kernels import kernel_coverage
+
+    class Merge(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reduction = nn.Linear(16, 8, bias=False)
+            self.norm = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[1]
+            h = self.reduction(x[:, : (n + 1) // 2 * 2])
+            h = h + self.fc(self.norm(h))
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Merge().eval()
+    x = torch.randn(32, 6, 16, generator=torch.Generator().manual_seed(1))
+    gm = ptq(model, w8a8(), x)
+    path = export_module(copy.deepcopy(gm), (x[:1],), tmp_path / "m.onnx", {})
+    coverage = kernel_coverage(path, (x[:1],))
+    assert coverage.int8_mac_share == 1.0, coverage.summary()
+
+
+def test_integer_tensors_pass_the_edge_quantizers_unchanged() -> None:
+    """RoBERTa's position ids: an int mask times its cumsum is a product of two tensors,
+    so the edge pass put a quantizer there and calibration raised (fake-quant of 'Int')."""
+    from torch import nn
+
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(20, 8), nn.Embedding(20, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            mask = ids.ne(1).int()
+            positions = torch.cumsum(mask, dim=1) * mask + 1
+            return self.fc(self.tok(ids) + self.pos(positions)).mean(1)
+
+    torch.manual_seed(0)
+    model = Positions().eval()
+    ids = torch.randint(0, 20, (16, 6), generator=torch.Generator().manual_seed(1))
+    quantize_(model, w8a8())
+    gm = quantize_edges(model)
+    calibrate(gm, [ids])
+    seen: list[torch.Tensor] = []
+    gm.get_submodule("pos").register_forward_pre_hook(lambda _, a: seen.append(a[0]))
+    with torch.no_grad():
+        out = gm(ids)
+    mask = ids.ne(1).int()
+    assert torch.equal(seen[0], torch.cumsum(mask, dim=1) * mask + 1)  # were rounded
+    assert out.shape == (16, 3) and torch.isfinite(out).all()

@@ -10,9 +10,11 @@ layer, an add, a tensor-by-tensor product (squeeze-excite gates, attention matmu
 average pool (a ``mean`` over the two spatial axes included), and on
 the output of every quantized conv (after its ReLU when a ReLU is its only reader, which
 export then folds away), taking over the layers' own input quantizers. A quantized conv
-output read by a float op as well (a pre-activation DenseNet's BatchNorm beside the concat)
-is read quantized by every reader: a float reader beside the quantizer keeps ONNX Runtime
-from fusing the conv. A layer called several times (weights tied across depth, a siamese
+(or linear) output read by a float op as well as a quantized one (a pre-activation
+DenseNet's BatchNorm beside the concat, a Swin patch merging's LayerNorm beside the
+residual add) is read quantized by every reader: a float reader beside the quantizer keeps
+ONNX Runtime from fusing the layer. A linear's output read only by float ops gets no
+quantizer (its MatMul then runs as an integer matmul with a float output). A layer called several times (weights tied across depth, a siamese
 encoder) is quantized at every call, each input on its own grid. The simulation then
 quantizes the same tensors that ONNX Runtime's integer kernels (QLinearConv, QLinearAdd,
 QLinearMul, QLinearAveragePool) do; the ops between (PReLU, SiLU) run in float on
@@ -106,6 +108,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
     consumers: dict[fx.Node, list[fx.Node]] = {}
     takeover: dict[fx.Node, ActQuant] = {}
     convs: list[fx.Node] = []
+    linears: list[fx.Node] = []  # outputs quantized only when a reader already quantizes
     # the input spec of every quantized layer, read before the loop takes the quantizers
     # over: a layer called more than once (weights shared across depth, a siamese encoder)
     # is quantized at every call, each input on its own grid
@@ -130,6 +133,8 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             continue
         if quant_layer and isinstance(layer, nn.modules.conv._ConvNd):
             convs.append(node)
+        elif quant_layer and isinstance(layer, nn.Linear):
+            linears.append(node)
         for src in node.all_input_nodes:
             if _is_integer_hardsigmoid(gm, src):
                 continue  # already on its fixed 8-bit grid
@@ -168,7 +173,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             gm.delete_submodule(name)
     edges = _one_quantizer_per_source(gm, edges)
     covered = {src for src, _, _ in edges}
-    for j, conv in enumerate(convs):
+    for j, conv in enumerate(convs + linears):
         out = _conv_output(gm, conv)
         if not out.users or out in gated:
             continue
@@ -180,6 +185,8 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             rest = [u for u in out.users if u not in read and not _reads_shape(u)]
             if rest:
                 edges.append((out, rest, next(n for s, _, n in edges if s is out)))
+            continue
+        if conv in linears:  # (a linear's output gets no quantizer of its own)
             continue
         name = f"output_quant_{j}"
         gm.add_submodule(name, ActQuant(spec))
@@ -257,14 +264,17 @@ def _reads_shape(node: fx.Node) -> bool:
 
 
 def _is_shape_value(node: fx.Node) -> bool:
-    """A shape read or a piece of one (``x.shape[2:]``, ``x.size(1)``): sizes, not values."""
+    """A shape read, a piece of one or Python arithmetic on them (``x.shape[2:]``,
+    ``x.size(1)``, Swin's ``(h + pad) // window``): sizes, not values."""
     if _reads_shape(node):
         return True
+    python = getattr(node.target, "__module__", None) in ("_operator", "builtins", "math")
+    inputs = node.all_input_nodes
     return (
         node.op == "call_function"
-        and node.target is operator.getitem
-        and isinstance(node.args[0], fx.Node)
-        and _is_shape_value(node.args[0])
+        and python
+        and bool(inputs)
+        and all(_is_shape_value(n) for n in inputs)
     )
 
 

@@ -69,7 +69,9 @@ class ActQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
-        if self.mode == "float":
+        if self.mode == "float" or not x.is_floating_point():
+            # integer and boolean tensors are indices and masks (RoBERTa's position ids,
+            # a product of an int mask and a cumsum), not activations: never quantized
             return x
         if self.mode == "export":
             from edgeslim.export.qdq import qdq_activation
