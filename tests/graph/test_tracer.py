@@ -154,3 +154,28 @@ def test_a_decorated_forward_with_kwargs_traces_with_its_declared_inputs() -> No
 def test_a_decorated_forward_traces_without_a_declaration_too() -> None:
     gm = trace(Decorated().eval())  # one input: a forward whose arguments all have defaults
     assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == 1
+
+
+class CachesInEval(nn.Module):
+    """Hugging Face's LeViT: in eval mode the attention biases are computed once and kept
+    in a dict on the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "b" not in self.cache:
+            self.cache["b"] = self.bias * 2
+        return self.fc(x) + self.cache["b"]
+
+
+def test_a_trace_leaves_no_proxy_in_the_modules_state() -> None:
+    model = CachesInEval().eval()
+    first, second = trace(model), trace(model)  # the second read the first's proxy
+    assert model.cache == {}
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(second(x), model(x))
+    torch.testing.assert_close(first(x), model(x))

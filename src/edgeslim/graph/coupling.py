@@ -1065,5 +1065,5 @@ def graph_coupling_groups(gm: fx.GraphModule, *example_args: Any) -> list[Coupli
 
 def fx_coupling_groups(model: nn.Module, *example_args: Any) -> list[CouplingGroup]:
     """Coupling groups of a traceable model, from its fx graph with propagated shapes."""
-    gm = trace(model, leaf_types=(SplitMultiheadAttention,), inputs=len(example_args))
+    gm = trace(model, (SplitMultiheadAttention,), inputs=len(example_args), examples=example_args)
     return graph_coupling_groups(gm, *example_args)

@@ -51,5 +51,5 @@ def analyze(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> Mode
     if is_transformer(model):
         return ModelGraph(model, layers, transformer_groups(model), None)
     # a split attention is analysed whole, as its heads (quantization traces into it)
-    gm = trace(model, leaf_types=(SplitMultiheadAttention,), inputs=len(example_args))
+    gm = trace(model, (SplitMultiheadAttention,), inputs=len(example_args), examples=example_args)
     return ModelGraph(model, layers, graph_coupling_groups(gm, *example_args), gm)

@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from edgeslim.errors import TraceError
-from edgeslim.graph.tracer import PathTracer, ShapeResolvingTracer
+from edgeslim.graph.tracer import ExampleSpec, PathTracer, ShapeResolvingTracer
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -126,7 +126,10 @@ def _required_inputs(cls: type) -> int:
 
 
 def trace(
-    model: nn.Module, leaf_types: tuple[type, ...] = (), inputs: int | None = None
+    model: nn.Module,
+    leaf_types: tuple[type, ...] = (),
+    inputs: int | None = None,
+    examples: Sequence[Any] = (),
 ) -> fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`TraceError` naming the op and module path.
 
@@ -136,6 +139,7 @@ def trace(
     example inputs are declared (:func:`declare_inputs`), the trace is retried resolving
     conditions on shapes that do not depend on the batch size
     (:class:`ShapeResolvingTracer`); a model fx traces as it is gets the same graph.
+    ``examples`` (tensors, batch on dimension 0) serve when none are declared.
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError(
@@ -148,10 +152,16 @@ def trace(
     try:
         return _trace(model, PathTracer(leaf_types), count)
     except TraceError:
-        spec = getattr(model, EXAMPLES_ATTR, None)
+        spec = getattr(model, EXAMPLES_ATTR, None) or _spec(examples)
         if spec is None or (inputs is not None and inputs != len(spec)):
             raise
     return _trace(model, ShapeResolvingTracer(leaf_types, spec), len(spec))
+
+
+def _spec(examples: Sequence[Any]) -> ExampleSpec | None:
+    if not examples or not all(isinstance(t, torch.Tensor) for t in examples):
+        return None
+    return tuple((tuple(t.shape), t.dtype, 0) for t in examples)
 
 
 def _trace(model: nn.Module, tracer: PathTracer, count: int | None) -> fx.GraphModule:

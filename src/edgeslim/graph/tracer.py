@@ -14,6 +14,7 @@ anyway: a task's data must match its example inputs but for the batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -55,8 +56,24 @@ class PathTracer(fx.Tracer):
 
     @contextmanager
     def session(self, model: nn.Module) -> Iterator[None]:
-        """Context around one trace of ``model`` (nothing to set up here)."""
-        yield
+        """Context around one trace of ``model``: the plain attributes of its modules are put
+        back afterwards. Why: a forward that caches in the module (Hugging Face's LeViT keeps
+        its attention biases in a dict in eval mode) stored a proxy of this trace there, and
+        the next trace read it: "Node to insert after is not in graph"."""
+        saved = [(m, _plain_state(m)) for m in model.modules()]
+        try:
+            yield
+        finally:
+            for m, state in saved:
+                for key in [k for k in vars(m) if k not in state and k not in _MODULE_DICTS]:
+                    delattr(m, key)
+                for key, (value, copied) in state.items():
+                    if copied is not None:  # a container changed in place: its old content
+                        value.clear()
+                        value.update(copied) if isinstance(value, (dict, set)) else value.extend(
+                            copied
+                        )
+                    object.__setattr__(m, key, value)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
@@ -98,6 +115,22 @@ class PathTracer(fx.Tracer):
             self.stack.pop()
 
 
+_SIDE_EFFECTS = (torch._assert, operator.setitem)  # nodes kept though nothing reads them
+_MODULE_DICTS = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _plain_state(m: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """``{name: (value, copy of its content when a dict/list/set)}`` of ``m``'s own
+    attributes besides its parameters, buffers and submodules."""
+    state: dict[str, tuple[Any, Any]] = {}
+    for key, value in vars(m).items():
+        if key in _MODULE_DICTS:
+            continue
+        copied = copy.copy(value) if type(value) in (dict, list, set) else None
+        state[key] = (value, copied)
+    return state
+
+
 def known_length(node: fx.Node) -> int | None:
     """The number of tensors a ``chunk``/``split`` node returns, when its arguments fix it."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
@@ -130,6 +163,11 @@ class _ResolvingProxy(fx.Proxy):
 
     def __float__(self) -> float:
         return self.tracer.resolve(self, float)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """In-place slice assignment (BEiT builds its relative position index with
+        ``coords[:, :, 0] += n - 1``), recorded as ``operator.setitem``."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
 class _ResolvingAttribute(Attribute, _ResolvingProxy):
@@ -195,7 +233,8 @@ class ShapeResolvingTracer(PathTracer):
         saved = [t.detach().clone() for t in tensors]
         rng = torch.random.get_rng_state()
         try:
-            yield
+            with super().session(model):
+                yield
         finally:
             with torch.no_grad():
                 for t, s in zip(tensors, saved, strict=True):
@@ -357,7 +396,7 @@ class ShapeResolvingTracer(PathTracer):
         graph = super().trace(root, concrete_args)
         for node in reversed(list(graph.nodes)):
             unused = not node.users and node.op in ("call_function", "call_method")
-            if unused and node.meta.get(SHAPE_ONLY) and node.target is not torch._assert:
+            if unused and node.meta.get(SHAPE_ONLY) and node.target not in _SIDE_EFFECTS:
                 graph.erase_node(node)
         for node in graph.nodes:
             for key in (VALUES, SHAPE_ONLY, _ORDER):
