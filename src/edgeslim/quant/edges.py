@@ -14,10 +14,11 @@ export then folds away), taking over the layers' own input quantizers. A quantiz
 DenseNet's BatchNorm beside the concat, a Swin patch merging's LayerNorm beside the
 residual add) is read quantized by every reader: a float reader beside the quantizer keeps
 ONNX Runtime from fusing the layer. A linear's output read only by float ops gets no
-quantizer (its MatMul then runs as an integer matmul with a float output). A layer called several times (weights tied across depth, a siamese
-encoder) is quantized at every call, each input on its own grid. The simulation then
-quantizes the same tensors that ONNX Runtime's integer kernels (QLinearConv, QLinearAdd,
-QLinearMul, QLinearAveragePool) do; the ops between (PReLU, SiLU) run in float on
+quantizer (its MatMul then runs as an integer matmul with a float output). A layer called
+several times (weights tied across depth, a siamese encoder) is quantized at every call,
+each input on its own grid. The simulation then quantizes the same tensors that ONNX
+Runtime's integer kernels (QLinearConv, QLinearAdd, QLinearMul, QLinearAveragePool) do;
+the ops between (PReLU, SiLU) run in float on
 dequantized values, a cheap element-wise pass, while every conv runs on integers.
 Hardswish and hardsigmoid are first replaced by their integer forms
 (:mod:`edgeslim.quant.integer_gates`; uint8 activations only): their input is quantized
