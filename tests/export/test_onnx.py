@@ -43,3 +43,29 @@ def test_export_names_a_size_that_must_be_constant(tmp_path: Path) -> None:
 
     with pytest.raises(ExportError, match=r"must be a constant in ONNX: use `nn.AdaptiveAvgPool2d"):
         export_onnx(ShapePooled().eval(), (torch.randn(1, 2, 10, 6),), tmp_path / "m.onnx")
+
+
+def test_an_op_of_a_newer_opset_exports_at_that_opset(tmp_path: Path) -> None:
+    """``F.fold`` (col2im) exists from opset 18: the export was refused at 17."""
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    class Fold(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            patches = F.unfold(self.conv(x), 2, stride=2)
+            return F.fold(patches * 2, (8, 8), 2, stride=2)
+
+    torch.manual_seed(0)
+    model = Fold().eval()
+    path = export_onnx(model, (torch.randn(1, 3, 8, 8),), tmp_path / "fold.onnx")
+    assert [o.version for o in onnx.load(str(path)).opset_import if not o.domain] == [18]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - want).max() < 1e-5

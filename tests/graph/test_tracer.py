@@ -179,3 +179,28 @@ def test_a_trace_leaves_no_proxy_in_the_modules_state() -> None:
     x = torch.randn(3, 4)
     torch.testing.assert_close(second(x), model(x))
     torch.testing.assert_close(first(x), model(x))
+
+
+class OneByOneInTraining(nn.Module):
+    """A BatchNorm on a 1x1 map, then a shape condition (MobileNetV1's TF padding): in
+    training mode at batch 1 the BatchNorm refuses to run (one value per channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if y.shape[-1] % 2 == 1:
+            y = F.pad(y, (0, 1, 0, 1))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_shape_after_a_training_batchnorm_on_one_value_resolves() -> None:
+    model = OneByOneInTraining().train()
+    x = torch.randn(1, 3, 3, 3)
+    gm = trace(_declared(model, x))
+    assert any(n.target is F.pad for n in gm.graph.nodes)
+    assert model.training and model.bn.training  # modes as they were

@@ -255,3 +255,26 @@ def test_factorized_encoder_layers_run_in_eval_without_grad() -> None:
     with torch.no_grad():
         fast = model(x)  # eval + no_grad: where the fused kernel would run
     torch.testing.assert_close(fast, model(x).detach())  # grad on: layer by layer
+
+
+class ReadsItsWeight(nn.Module):
+    """Hugging Face's ViT family: the input is cast to the patch conv's ``weight.dtype``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Conv2d(3, 16, 4, stride=4)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.proj.weight.dtype)
+        return self.head(self.proj(x).mean((2, 3)))
+
+
+def test_a_layer_whose_weight_is_read_around_it_is_named_with_the_fix() -> None:
+    x = (torch.randn(1, 3, 8, 8),)
+    with pytest.raises(LowRankError, match=r"reads its `weight`.*`skip: \[proj\]`"):
+        factorize_(ReadsItsWeight(), x, SVDConfig(energy=0.5))  # measuring it after fails
+    kept = ReadsItsWeight()
+    factorize_(kept, x, SVDConfig(energy=0.5, skip=("proj",)))
+    assert type(kept.proj) is nn.Conv2d and kept(*x).shape == (1, 5)

@@ -88,11 +88,37 @@ def export_onnx(
                     external_data=False,
                 )
     except torch.onnx.errors.OnnxExporterError as exc:  # SymbolicValueError and friends
+        newer = _opset_needed(exc)
+        if exporter == "torchscript" and newer is not None and opset < newer <= MAX_OPSET:
+            # one op needs a newer opset (F.fold, MobileViTV2: col2im is opset 18): the
+            # model is exported at that one, which ONNX Runtime runs, rather than refused
+            model.train(was_training)
+            try:
+                return export_onnx(
+                    model, example_args, path, input_names, output_names, dynamic_axes,
+                    exporter, newer,
+                )  # fmt: skip
+            except Exception as again:
+                raise ExportError(
+                    f"{_export_advice(model, exc)} Exported at opset {newer} instead, it "
+                    f"failed too: {type(again).__name__}: {str(again).splitlines()[0]}"
+                ) from again
         raise ExportError(_export_advice(model, exc)) from exc
     finally:
         model.train(was_training)
     _rewrite(path)
     return path
+
+
+MAX_OPSET = 21  # the newest opset exported to (torch's TorchScript exporter, ONNX Runtime)
+
+
+def _opset_needed(exc: Exception) -> int | None:
+    """The opset torch's exporter says an unsupported op needs, if it says one."""
+    import re
+
+    found = re.search(r"added in version (\d+)", str(exc))
+    return int(found.group(1)) if found else None
 
 
 def _rewrite(path: Path) -> None:

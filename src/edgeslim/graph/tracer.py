@@ -184,6 +184,18 @@ def _example(shape: tuple[int, ...], dtype: torch.dtype, dim: int, batch: int) -
     return torch.zeros(size, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _eval(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode while the context lasts; every submodule's mode restored."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _torch_layer(cls: type) -> type | None:
     """The first torch layer ``cls`` derives from (``nn.Conv2d`` for a quantized conv),
     besides ``nn.Module``; None when it derives from none or is one."""
@@ -334,9 +346,13 @@ class ShapeResolvingTracer(PathTracer):
             with torch.no_grad(), self._fake:
                 return self._run(node, args, kwargs)
         except Exception:
-            if node.op == "call_module":  # a torch layer's subclass has that layer's shapes
+            if node.op == "call_module":
                 module = self.root.get_submodule(str(node.target))
-                base = _torch_layer(type(module))
+                # in eval mode: a BatchNorm training on one value per channel (batch 1, a
+                # 1x1 map) refuses to run, and its shapes are the same in both modes
+                with contextlib.suppress(Exception), _eval(module), torch.no_grad(), self._fake:
+                    return self._run(node, args, kwargs)
+                base = _torch_layer(type(module))  # a torch layer's subclass: its shapes
                 if base is not None:
                     with contextlib.suppress(Exception), torch.no_grad(), self._fake:
                         return base.forward(module, *args, **kwargs)  # type: ignore[attr-defined]

@@ -22,7 +22,25 @@ class LowRankError(EdgeslimError, ValueError):
     """A factorization request cannot be carried out; the message says why and what to do."""
 
 
-class LowRankLinear(nn.Sequential):
+class _NoSingleWeight:
+    """``weight`` of a factorized pair: there is none, and code around the layer that reads
+    it (Hugging Face's ViT family casts its input to ``projection.weight.dtype``) gets an
+    error naming the layer and the fix, rather than torch's bare AttributeError."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        where = getattr(self, FQN_ATTR, None) or type(self).__name__
+        raise LowRankError(
+            f"code around the factorized layer {where} reads its `weight`, which a low-rank "
+            "pair of layers does not have: keep that layer whole with the lowrank stage's "
+            f"`skip: [{where}]`"
+        )
+
+
+FQN_ATTR = "_edgeslim_fqn"  # set on a factorized pair: the layer it replaced
+
+
+class LowRankLinear(_NoSingleWeight, nn.Sequential):
     """``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``: ``reduce`` then ``expand``.
 
     It answers the attributes of the layer it replaces (``in_features``, ``out_features``)
@@ -35,12 +53,8 @@ class LowRankLinear(nn.Sequential):
     def in_features(self) -> int:
         return self.reduce.in_features
 
-    @property
-    def out_features(self) -> int:
-        return self.expand.out_features
 
-
-class _LowRankConv(nn.Sequential):
+class _LowRankConv(_NoSingleWeight, nn.Sequential):
     """The attributes of the conv a low-rank pair replaces, which code around it may read
     (Hugging Face's TF padding reads ``stride`` and ``kernel_size``): geometry is the first
     conv's, channels in from the first and out from the second."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from edgeslim.graph.attention import unfuse_encoder_layers
 from edgeslim.graph.layers import layer_table, total_macs
-from edgeslim.lowrank.modules import LowRankError, factorize_layer
+from edgeslim.lowrank.modules import FQN_ATTR, LowRankError, factorize_layer
 from edgeslim.lowrank.ranks import (
     candidates,
     given_ranks,
@@ -107,7 +107,9 @@ def factorize_(
     skipped.update(dense)
     chosen = [c for c in cands if c.fqn in kept]
     for c in chosen:
-        _set_submodule(model, c.fqn, factorize_layer(c.module, kept[c.fqn], c.svd))
+        pair = factorize_layer(c.module, kept[c.fqn], c.svd)
+        object.__setattr__(pair, FQN_ATTR, c.fqn)
+        _set_submodule(model, c.fqn, pair)
     unfuse_encoder_layers(model)
     after_table = layer_table(model, *example_inputs)
     layers = [
