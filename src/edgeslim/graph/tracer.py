@@ -65,8 +65,10 @@ class PathTracer(fx.Tracer):
             yield
         finally:
             for m, state in saved:
-                for key in [k for k in vars(m) if k not in state and k not in _MODULE_DICTS]:
-                    delattr(m, key)
+                added = [k for k in vars(m) if k not in state and k not in _MODULE_DICTS]
+                for key in added:  # (fx's own additions, tensor constants, stay)
+                    if isinstance(vars(m)[key], fx.Proxy):
+                        delattr(m, key)
                 for key, (value, copied) in state.items():
                     if copied is not None:  # a container changed in place: its old content
                         value.clear()
