@@ -204,3 +204,22 @@ def test_a_shape_after_a_training_batchnorm_on_one_value_resolves() -> None:
     gm = trace(_declared(model, x))
     assert any(n.target is F.pad for n in gm.graph.nodes)
     assert model.training and model.bn.training  # modes as they were
+
+
+class CachesOnFirstCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "memo"):
+            self.memo = {"w": self.fc.weight * 2}
+        return F.linear(x, self.memo["w"])
+
+
+def test_a_cache_made_during_a_trace_is_not_left_behind() -> None:
+    model = CachesOnFirstCall().eval()
+    trace(model)
+    assert not hasattr(model, "memo")
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(trace(model)(x), model(x))

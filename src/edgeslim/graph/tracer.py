@@ -67,7 +67,7 @@ class PathTracer(fx.Tracer):
             for m, state in saved:
                 added = [k for k in vars(m) if k not in state and k not in _MODULE_DICTS]
                 for key in added:  # (fx's own additions, tensor constants, stay)
-                    if isinstance(vars(m)[key], fx.Proxy):
+                    if _holds_proxy(vars(m)[key]):
                         delattr(m, key)
                 for key, (value, copied) in state.items():
                     if copied is not None:  # a container changed in place: its old content
@@ -119,6 +119,15 @@ class PathTracer(fx.Tracer):
 
 _SIDE_EFFECTS = (torch._assert, operator.setitem)  # nodes kept though nothing reads them
 _MODULE_DICTS = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _holds_proxy(value: Any) -> bool:
+    """A proxy, or a dict/list/tuple/set holding one (a cache a forward made on first call)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(isinstance(v, fx.Proxy) for v in value)
+    return isinstance(value, fx.Proxy)
 
 
 def _plain_state(m: nn.Module) -> dict[str, tuple[Any, Any]]:
