@@ -312,3 +312,33 @@ def test_a_model_without_gateable_groups_is_told_why() -> None:
     model(EX[0])
     with pytest.raises(PruneError, match=r"no prunable channel group to gate.*GroupNorm"):
         attach_gates(model.eval(), EX)
+
+
+class MasksPerSampleInTraining(nn.Module):
+    """wav2vec2's SpecAugment: in training mode, a mask drawn per sample in Python (a loop
+    over the batch), which no batch-free graph can hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        if self.training:
+            h = h * torch.stack([torch.ones(h.shape[1:]) for _ in range(h.shape[0])])
+        return self.fc(h.mean((2, 3)))
+
+
+def test_gates_on_a_model_with_training_only_python_code(fmnist_test_small) -> None:  # type: ignore[no-untyped-def]
+    """The plan was traced with the model still in training mode: the per-sample loop
+    stopped the trace after the gates had trained."""
+    model = MasksPerSampleInTraining()
+    data = fmnist_test_small
+    train = TensorBatches(data.images[:256], data.labels[:256], 64, shuffle=True)
+    pruned, plan, _ = train_gates(
+        model, (data.images[:1],), train, TrainConfig(epochs=1, lr=0.01), macs_reduction=0.3
+    )
+    assert plan.keep and not pruned.training
+    assert pruned(data.images[:4]).shape == (4, 10)

@@ -45,6 +45,7 @@ from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.graph.layers import recurrent_gates
 from edgeslim.graph.ops import PAD_MODULES, indexed_dim, padding
 from edgeslim.graph.trace import trace
+from edgeslim.graph.tracer import eval_mode
 
 Role = Literal["out", "in", "bn", "depthwise", "channelwise"]
 
@@ -1064,6 +1065,10 @@ def graph_coupling_groups(gm: fx.GraphModule, *example_args: Any) -> list[Coupli
 
 
 def fx_coupling_groups(model: nn.Module, *example_args: Any) -> list[CouplingGroup]:
-    """Coupling groups of a traceable model, from its fx graph with propagated shapes."""
-    gm = trace(model, (SplitMultiheadAttention,), inputs=len(example_args), examples=example_args)
-    return graph_coupling_groups(gm, *example_args)
+    """Coupling groups of a traceable model, from its fx graph with propagated shapes
+    (traced in eval mode: the structure deployed, without training-only code)."""
+    with eval_mode(model):  # (the graph's modules are the model's: restored after both)
+        gm = trace(
+            model, (SplitMultiheadAttention,), inputs=len(example_args), examples=example_args
+        )
+        return graph_coupling_groups(gm, *example_args)

@@ -12,6 +12,7 @@ from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.graph.coupling import CouplingGroup, graph_coupling_groups
 from edgeslim.graph.layers import LayerInfo, layer_table
 from edgeslim.graph.trace import trace
+from edgeslim.graph.tracer import eval_mode
 from edgeslim.graph.transformer import is_transformer, transformer_groups
 
 
@@ -50,6 +51,11 @@ def analyze(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> Mode
     layers = layer_table(model, *example_args, **example_kwargs)
     if is_transformer(model):
         return ModelGraph(model, layers, transformer_groups(model), None)
-    # a split attention is analysed whole, as its heads (quantization traces into it)
-    gm = trace(model, (SplitMultiheadAttention,), inputs=len(example_args), examples=example_args)
-    return ModelGraph(model, layers, graph_coupling_groups(gm, *example_args), gm)
+    # a split attention is analysed whole, as its heads (quantization traces into it); the
+    # structure is the deployed one (eval mode: training-only Python code is not traced)
+    with eval_mode(model):  # (the graph's modules are the model's: restored after both)
+        gm = trace(
+            model, (SplitMultiheadAttention,), inputs=len(example_args), examples=example_args
+        )
+        groups = graph_coupling_groups(gm, *example_args)
+    return ModelGraph(model, layers, groups, gm)

@@ -196,7 +196,7 @@ def _example(shape: tuple[int, ...], dtype: torch.dtype, dim: int, batch: int) -
 
 
 @contextlib.contextmanager
-def _eval(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode while the context lasts; every submodule's mode restored."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
@@ -361,7 +361,7 @@ class ShapeResolvingTracer(PathTracer):
                 module = self.root.get_submodule(str(node.target))
                 # in eval mode: a BatchNorm training on one value per channel (batch 1, a
                 # 1x1 map) refuses to run, and its shapes are the same in both modes
-                with contextlib.suppress(Exception), _eval(module), torch.no_grad(), self._fake:
+                with contextlib.suppress(Exception), eval_mode(module), torch.no_grad(), self._fake:
                     return self._run(node, args, kwargs)
                 base = _torch_layer(type(module))  # a torch layer's subclass: its shapes
                 if base is not None:

@@ -659,8 +659,9 @@ def train_gates(
             for g, lat in zip(gates.groups, gates.latent, strict=True)
         )
     changed = {g: kept for g, kept in keep.items() if len(kept) < g.size}
+    model.eval()  # traced for the plan as it is deployed: training-only code (wav2vec2's
+    # per-sample SpecAugment masks) depends on the batch and stopped the trace
     plan = PrunePlan.from_groups(model, changed, example_args, name=type(model).__name__)
-    model.eval()
     apply_plan(model, plan, example_args)
     real = total_macs(layer_table(model, *example_args))
     for row, stats in zip(history, per_epoch, strict=False):
