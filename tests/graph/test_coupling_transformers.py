@@ -242,3 +242,20 @@ def test_multihead_attention_macs_match_torchs_flop_counter(
     with counter, torch.no_grad():
         model(q, kv)
     assert table["att"].macs == counter.get_total_flops() // 2 > 0
+
+
+def test_heads_with_per_head_tensors_elsewhere_are_kept_whole() -> None:
+    """Swin V2's self-attention also holds ``logit_scale`` (heads, 1, 1) and a position-bias
+    MLP ending in one row per head: cutting heads from query/key/value alone broke the model
+    after surgery ("shape '[16, 16, 8]' is invalid"); the group is kept whole, named."""
+    transformers = pytest.importorskip("transformers")
+    from edgeslim.graph.transformer import transformer_groups
+
+    cfg = transformers.Swinv2Config(
+        image_size=32, patch_size=2, embed_dim=16, depths=[1], num_heads=[2], window_size=4
+    )
+    groups = transformer_groups(transformers.Swinv2Model(cfg))
+    heads = [g for g in groups if g.kind == "head"]
+    assert heads and not any(g.prunable for g in heads)
+    assert "logit_scale" in heads[0].reason
+    assert any(g.kind == "ffn" and g.prunable for g in groups)  # its FFN still prunes

@@ -28,6 +28,21 @@ def is_transformer(model: nn.Module) -> bool:
     return any(hasattr(m, "num_attention_heads") and hasattr(m, "query") for m in model.modules())
 
 
+def _per_head_tensors(attention: nn.Module, heads: int) -> list[str]:
+    """``name shape`` of the attention's parameters and buffers, besides ``query``/``key``/
+    ``value``, with an axis of ``heads`` entries: per-head tensors a head cut would leave at
+    the old count (Swin V2's ``logit_scale`` and position-bias MLP), so the pruned model
+    failed in a reshape. An axis that only happens to equal ``heads`` also counts: the
+    group is then kept whole, never cut wrong."""
+    found = []
+    for name, t in [*attention.named_parameters(), *attention.named_buffers()]:
+        if name.split(".")[0] in ("query", "key", "value"):
+            continue
+        if heads in tuple(t.shape):
+            found.append(f"`{name}` {tuple(t.shape)}")
+    return found
+
+
 def transformer_groups(model: nn.Module) -> list[CouplingGroup]:
     """Head groups (q/k/v rows + output.dense columns, ``unit = head_dim``) and FFN groups."""
     groups: list[CouplingGroup] = []
@@ -45,12 +60,19 @@ def transformer_groups(model: nn.Module) -> list[CouplingGroup]:
                 members.append(GroupMember(out_fqn, "in"))
                 hidden.append(GroupMember(out_fqn, "out"))
             hidden += [GroupMember(prefix + n, "in") for n in ("query", "key", "value")]
+            others = _per_head_tensors(m, int(heads))
             groups.append(
                 CouplingGroup(
                     len(groups),
                     int(heads),
                     tuple(members),
-                    prunable=True,
+                    prunable=not others,
+                    reason=(
+                        f"`{fqn}` holds per-head tensors that are not cut with the heads: "
+                        + ", ".join(others)
+                    )
+                    if others
+                    else "",
                     kind="head",
                     unit=int(head_dim),
                 )
