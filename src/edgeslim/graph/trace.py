@@ -44,9 +44,8 @@ def declare_inputs(
     trace resolve Python control flow on shapes (:class:`ShapeResolvingTracer`); only
     their shapes and dtypes are kept."""
     object.__setattr__(model, INPUTS_ATTR, int(count))
-    if examples:
-        dims = tuple(batch_dims) or (0,) * len(examples)
-        spec = tuple((tuple(t.shape), t.dtype, d) for t, d in zip(examples, dims, strict=True))
+    spec = _spec(examples, batch_dims)
+    if spec is not None:
         object.__setattr__(model, EXAMPLES_ATTR, spec)
 
 
@@ -158,10 +157,13 @@ def trace(
     return _trace(model, ShapeResolvingTracer(leaf_types, spec), len(spec))
 
 
-def _spec(examples: Sequence[Any]) -> ExampleSpec | None:
+def _spec(examples: Sequence[Any], batch_dims: Sequence[int] = ()) -> ExampleSpec | None:
+    """``(shape, dtype, batch dim)`` of each example tensor (batch dims default to 0), or
+    None when there is none or one is not a tensor."""
     if not examples or not all(isinstance(t, torch.Tensor) for t in examples):
         return None
-    return tuple((tuple(t.shape), t.dtype, 0) for t in examples)
+    dims = tuple(batch_dims) or (0,) * len(examples)
+    return tuple((tuple(t.shape), t.dtype, d) for t, d in zip(examples, dims, strict=True))
 
 
 def _trace(model: nn.Module, tracer: PathTracer, count: int | None) -> fx.GraphModule:

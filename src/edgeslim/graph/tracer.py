@@ -1,9 +1,10 @@
 """The fx tracers behind :func:`edgeslim.graph.trace.trace`.
 
 :class:`PathTracer` is torch.fx's tracer plus the module path it is in (for error messages)
-and a few unpacking rules. :class:`ShapeResolvingTracer` also runs every op on example
-inputs while tracing, so Python control flow on *shapes* resolves to the branch the model
-takes: ``if pixel_values.shape[1] != self.num_channels: raise ...`` (Hugging Face's ResNet),
+and a few unpacking rules. :class:`ShapeResolvingTracer` also knows each node's value on
+example inputs, computed when a Python condition asks (on fake tensors: shapes, no
+arithmetic), so control flow on *shapes* resolves to the branch the model takes:
+``if pixel_values.shape[1] != self.num_channels: raise ...`` (Hugging Face's ResNet),
 ``pad = max(k - int(x.shape[-2]) % s, 0)`` (TF "same" padding). A condition is resolved only
 when it is computed from shapes alone and gives the same answer at two batch sizes; one that
 reads tensor values, or changes with the batch, still stops the trace, since the graph (and
@@ -71,10 +72,7 @@ class PathTracer(fx.Tracer):
                         delattr(m, key)
                 for key, (value, copied) in state.items():
                     if copied is not None:  # a container changed in place: its old content
-                        value.clear()
-                        value.update(copied) if isinstance(value, (dict, set)) else value.extend(
-                            copied
-                        )
+                        _refill(value, copied)
                     object.__setattr__(m, key, value)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -128,6 +126,15 @@ def _holds_proxy(value: Any) -> bool:
     if isinstance(value, (list, tuple, set)):
         return any(isinstance(v, fx.Proxy) for v in value)
     return isinstance(value, fx.Proxy)
+
+
+def _refill(container: Any, content: Any) -> None:
+    """Give a dict, list or set back the content it had."""
+    if isinstance(container, list):
+        container[:] = content
+    else:
+        container.clear()
+        container.update(content)
 
 
 def _plain_state(m: nn.Module) -> dict[str, tuple[Any, Any]]:
@@ -230,9 +237,9 @@ def _at(node: fx.Node, b: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 class ShapeResolvingTracer(PathTracer):
-    """:class:`PathTracer` that computes each node's value at two batch sizes as it traces,
-    and answers Python's ``bool``/``int``/``len``/iteration of a proxy from them when the
-    answer is computed from shapes alone and does not depend on the batch size."""
+    """:class:`PathTracer` that answers Python's ``bool``/``int``/``len``/iteration of a proxy
+    from its values at two batch sizes (computed when asked, :meth:`_values`) when the answer
+    is computed from shapes alone and does not depend on the batch size."""
 
     def __init__(self, leaf_types: tuple[type, ...], spec: ExampleSpec) -> None:
         super().__init__(leaf_types)
@@ -246,7 +253,7 @@ class ShapeResolvingTracer(PathTracer):
             for b in BATCH_SIZES
         ]
         self._running = False  # inside an op run on example values: record nothing
-        self._created: list[fx.Node] = []
+        self._created = 0  # nodes made so far: each node's creation index orders them
 
     @contextmanager
     def session(self, model: nn.Module) -> Iterator[None]:
@@ -298,8 +305,8 @@ class ShapeResolvingTracer(PathTracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         node.meta[SHAPE_ONLY] = self._shape_only(node)
-        node.meta[_ORDER] = len(self._created)
-        self._created.append(node)
+        node.meta[_ORDER] = self._created
+        self._created += 1
         return proxy
 
     def _shape_only(self, node: fx.Node) -> bool:

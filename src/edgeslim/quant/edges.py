@@ -174,8 +174,8 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             gm.delete_submodule(name)
     edges = _one_quantizer_per_source(gm, edges)
     covered = {src for src, _, _ in edges}
-    for j, conv in enumerate(convs + linears):
-        out = _conv_output(gm, conv)
+    for j, layer_node in enumerate(convs + linears):
+        out = _conv_output(gm, layer_node)
         if not out.users or out in gated:
             continue
         if out in covered:
@@ -187,7 +187,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             if rest:
                 edges.append((out, rest, next(n for s, _, n in edges if s is out)))
             continue
-        if conv in linears:  # (a linear's output gets no quantizer of its own)
+        if layer_node in linears:  # (a linear's output gets no quantizer of its own)
             continue
         name = f"output_quant_{j}"
         gm.add_submodule(name, ActQuant(spec))
