@@ -36,8 +36,10 @@ def test_lut_latency_is_anchored_on_measured_models_and_checked(
     assert math.isclose(pred_ref, lut.predict(None))
     row = d["rows"][0]
     assert math.isclose(row["measured_ratio"], round(check.rows[0][2] / meas_ref, 4), abs_tol=1e-4)
+    # the row's ratios are rounded to 4 decimals: when prediction and measurement are close
+    # (1.0878 vs 1.0904 in one run) that rounding alone exceeds 1% of their difference
     assert math.isclose(check.errors[0], abs(row["predicted_ratio"] - row["measured_ratio"])
-                        / row["measured_ratio"], rel_tol=1e-2)  # fmt: skip
+                        / row["measured_ratio"], rel_tol=1e-2, abs_tol=2e-4)  # fmt: skip
     assert lut.table.path.is_file()  # the measured kernels are cached for the next run
 
 
