@@ -170,6 +170,38 @@ def test_a_size_read_from_a_shape_gets_no_quantizer() -> None:
     )  # fmt: skip
 
 
+class NdimIndexed(torch.nn.Module):
+    """Python arithmetic on ``x.ndim``, as Funnel Transformer's pooling computes its axis
+    (``axis %= x.ndim``, then ``[slice(None)] * axis``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return self.head(h * (1 % h.ndim) + h * (h.ndim - 2))
+
+
+def test_python_arithmetic_on_ndim_gets_no_quantizer() -> None:
+    """Before, the quantizer on ``1 % h.ndim`` received an int at calibration
+    (``AttributeError: 'int' object has no attribute 'is_floating_point'``)."""
+    torch.manual_seed(0)
+    model = NdimIndexed().eval()
+    x = torch.randn(16, 5, 8)
+    quantize_(model, w8a8())
+    gm = quantize_edges(model)
+    calibrate(gm, [x])
+    with torch.no_grad():
+        out = gm(x)
+    assert out.shape == (16, 5, 3) and torch.isfinite(out).all()
+    ndim = [n for n in gm.graph.nodes if n.target is getattr and n.args[1] == "ndim"]
+    sizes = {u for n in ndim for u in n.users}  # 1 % ndim, ndim - 2
+    readers = sizes | {v for u in sizes for v in u.users}
+    assert ndim and not any(isinstance(_module(gm, u), ActQuant) for u in readers)
+
+
 def test_1d_pools_share_their_input_quantizer_and_run_on_uint8(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """An audio CNN's max and average pools over time: no float op between the integer
     kernels (each pool once left a DequantizeLinear -> MaxPool -> QuantizeLinear island)."""

@@ -69,9 +69,10 @@ class ActQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
-        if self.mode == "float" or not x.is_floating_point():
+        if self.mode == "float" or not isinstance(x, torch.Tensor) or not x.is_floating_point():
             # integer and boolean tensors are indices and masks (RoBERTa's position ids,
-            # a product of an int mask and a cumsum), not activations: never quantized
+            # a product of an int mask and a cumsum), Python numbers are sizes: not
+            # activations, never quantized
             return x
         if self.mode == "export":
             from edgeslim.export.qdq import qdq_activation
