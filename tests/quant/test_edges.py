@@ -202,6 +202,56 @@ def test_python_arithmetic_on_ndim_gets_no_quantizer() -> None:
     assert ndim and not any(isinstance(_module(gm, u), ActQuant) for u in readers)
 
 
+class RelativeBuckets(torch.nn.Module):
+    """WavLM/T5-style relative-position buckets, computed in float from ``arange`` (with
+    ``log(0) = -inf`` on the diagonal, masked by ``where``) and cast back to indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.bias = torch.nn.Embedding(6, 1)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1])
+        rel = (pos[None, :] - pos[:, None]).abs().float()
+        far = 2 + torch.log(rel / 2) / 1.3862943611198906 * 3
+        bucket = torch.where(rel < 2, rel, far).clamp(max=5).long()
+        h = self.fc(x)
+        scores = h @ h.transpose(1, 2) + self.bias(bucket).squeeze(-1)
+        return self.head(scores.softmax(-1) @ h)
+
+
+def test_index_arithmetic_built_from_shapes_gets_no_quantizer() -> None:
+    """Before, the bucket arithmetic got a quantizer: its range took ``-inf`` (a NaN scale,
+    then NaN outputs and a failed export), and a quantized bucket can land in the next one
+    when cast back to an index."""
+    torch.manual_seed(0)
+    model = RelativeBuckets().eval()
+    x = torch.randn(16, 7, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    quantize_(model, w8a8())
+    gm = quantize_edges(model)
+    calibrate(gm, [x])
+    with torch.no_grad():
+        out = gm(x)
+    assert torch.isfinite(out).all()
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), 0) > 0.99
+    built = [n for n in gm.graph.nodes if n.target is torch.arange]
+    later, todo = set(), list(built)
+    while todo:  # everything computed from the arange up to the embedding lookup
+        n = todo.pop()
+        for u in n.users:
+            if u not in later and not (u.op == "call_module" and u.target == "bias"):
+                later.add(u)
+                todo.append(u)
+    assert built and not any(
+        isinstance(_module(gm, a), ActQuant) for n in later for a in n.all_input_nodes
+        if a in later or a in built
+    )  # fmt: skip
+
+
 def test_1d_pools_share_their_input_quantizer_and_run_on_uint8(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """An audio CNN's max and average pools over time: no float op between the integer
     kernels (each pool once left a DequantizeLinear -> MaxPool -> QuantizeLinear island)."""

@@ -54,3 +54,25 @@ def test_the_sample_is_bounded_and_weighs_batches_by_their_size(
         )
     torch.testing.assert_close(obs.lo, torch.zeros(2))
     torch.testing.assert_close(obs.hi, torch.full((2,), float(len(batches) - 1)))
+
+
+def test_infinities_take_the_ends_of_the_finite_range() -> None:
+    """An ``-inf`` mask value or ``log(0)`` in a calibration batch: the range stays finite
+    (before, the scale became NaN and the export raised), per group."""
+    from edgeslim.quant.modules import make_quantizer
+    from edgeslim.quant.observers import MSEObserver, PercentileObserver
+    from edgeslim.quant.spec import QuantSpec
+
+    g = torch.tensor([[-float("inf"), -2.0, 1.0, 3.0], [float("nan"), 0.5, float("inf"), 1.5]])
+    obs = Observer()
+    obs.update(g)
+    torch.testing.assert_close(obs.lo, torch.tensor([-2.0, 0.5]))
+    torch.testing.assert_close(obs.hi, torch.tensor([3.0, 1.5]))
+    assert obs.sample is not None and torch.isfinite(obs.sample).all()
+    assert float(obs.sample[1, 0]) == 0.5  # NaN at 0, inside the group's range
+    for cls in (Observer, PercentileObserver, MSEObserver):
+        q = make_quantizer(QuantSpec(bits=8), False)
+        o = cls()
+        o.update(torch.cat([torch.randn(1, 500), torch.full((1, 4), -float("inf"))], 1))
+        o.apply(q)
+        assert torch.isfinite(q.scale).all() and float(q.scale.min()) > 0

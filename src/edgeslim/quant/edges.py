@@ -106,6 +106,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         normalize_gates(gm)  # hardswish/hardsigmoid written by hand
         _integer_gates(gm)
         gated = _fold_gate_shifts(gm)
+    from_shapes = _from_shapes(graph)
     consumers: dict[fx.Node, list[fx.Node]] = {}
     takeover: dict[fx.Node, ActQuant] = {}
     convs: list[fx.Node] = []
@@ -139,7 +140,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         for src in node.all_input_nodes:
             if _is_integer_hardsigmoid(gm, src):
                 continue  # already on its fixed 8-bit grid
-            if _is_shape_value(src):
+            if src in from_shapes:
                 continue  # e.g. ``F.avg_pool2d(x, x.shape[2:])``: a size, not a tensor
             if "tensor_meta" in src.meta or src.op != "get_attr":
                 consumers.setdefault(src, []).append(node)
@@ -265,19 +266,22 @@ def _reads_shape(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("size", "dim")
 
 
-def _is_shape_value(node: fx.Node) -> bool:
-    """A shape read, a piece of one or Python arithmetic on them (``x.shape[2:]``,
-    ``x.size(1)``, Swin's ``(h + pad) // window``): sizes, not values."""
-    if _reads_shape(node):
-        return True
-    python = getattr(node.target, "__module__", None) in ("_operator", "builtins", "math")
-    inputs = node.all_input_nodes
-    return (
-        node.op == "call_function"
-        and python
-        and bool(inputs)
-        and all(_is_shape_value(n) for n in inputs)
-    )
+def _from_shapes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from tensor shapes alone: shape reads, Python arithmetic on them
+    (``x.shape[2:]``, Swin's ``(h + pad) // window``) and tensors built from them with no
+    model input, parameter or layer on the way (``torch.arange(n)``, masks, WavLM's
+    relative-position buckets ``log(|i - j| / 8)``). Sizes and index arithmetic, not
+    activations: a quantizer there gains nothing, would shift an index computed in float
+    before it is cast back, and cannot take a range with ``log(0) = -inf`` in it (WavLM's
+    export raised)."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        computed = node.op in ("call_function", "call_method") and all(
+            n in found for n in node.all_input_nodes
+        )  # a call with no input node at all builds a constant (``torch.arange(12)``)
+        if _reads_shape(node) or computed:
+            found.add(node)
+    return found
 
 
 def _root(alias: dict[str, str], name: str) -> str:

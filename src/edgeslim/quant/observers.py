@@ -52,6 +52,9 @@ class Observer:
     def update(self, groups: torch.Tensor) -> None:
         """Observe a batch already viewed as ``(G, M)``."""
         g = groups.detach().float()
+        finite = torch.isfinite(g)
+        if not bool(finite.all()):
+            g = _saturated(g, finite)
         lo, hi = g.amin(1), g.amax(1)
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
@@ -78,6 +81,19 @@ class Observer:
     def apply(self, quantizer: Quantizer) -> None:
         lo, hi = self.bounds()
         _set(quantizer, lo, hi, self.sample)
+
+
+def _saturated(g: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """``g`` with ``+-inf`` at the ends of each group's finite range and NaN at 0 in it: a
+    range must be finite (an ``-inf`` mask value made the scale NaN), and quantization
+    saturates such values at those ends anyway."""
+    top = torch.finfo(g.dtype).max
+    lo = torch.where(finite, g, top).amin(1, keepdim=True)
+    hi = torch.where(finite, g, -top).amax(1, keepdim=True)
+    none = lo > hi  # a group with no finite value at all
+    lo, hi = lo.masked_fill(none, 0.0), hi.masked_fill(none, 0.0)
+    g = torch.where(g == float("inf"), hi, torch.where(g == float("-inf"), lo, g))
+    return torch.where(torch.isnan(g), torch.zeros_like(g).clamp(lo, hi), g)
 
 
 def _set(q: Quantizer, lo: torch.Tensor, hi: torch.Tensor, sample: torch.Tensor | None) -> None:
