@@ -96,12 +96,26 @@ class Decorated(nn.Module):
         return {"logits": logits} if labels is None else {"loss": logits.sum()}
 
 
+class MaskedByDtype(nn.Module):
+    """Hugging Face's masks: ``torch.finfo(x.dtype).min`` needs a real dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        low = torch.finfo(y.dtype).min
+        return torch.where(y > 0, y, torch.full_like(y, low)).amax((2, 3))
+
+
 def _declared(model: nn.Module, x: torch.Tensor) -> nn.Module:
     declare_inputs(model, 1, (x,), (0,))
     return model
 
 
-@pytest.mark.parametrize("cls", [ChecksChannels, SamePadding])
+@pytest.mark.parametrize("cls", [ChecksChannels, SamePadding, MaskedByDtype])
 def test_a_shape_condition_resolves_once_the_example_is_declared(cls: type[nn.Module]) -> None:
     model = cls().eval()
     with pytest.raises(TraceError):  # fx alone stops at the condition

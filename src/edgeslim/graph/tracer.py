@@ -36,6 +36,9 @@ _SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout
 _SHAPE_METHODS = frozenset(
     {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point"}
 )
+# a tensor's fixed properties: read at once from the example values, as Python needs them
+# (HF's masks call `torch.finfo(x.dtype)`: SqueezeBERT did not trace)
+_METADATA_ATTRS = frozenset({"dtype", "device", "layout"})
 ExampleSpec = Sequence[tuple[tuple[int, ...], torch.dtype, int]]
 
 
@@ -168,6 +171,10 @@ class _ResolvingProxy(fx.Proxy):
     tracer: ShapeResolvingTracer
 
     def __getattr__(self, k: str) -> Any:
+        if k in _METADATA_ATTRS:  # `torch.finfo(x.dtype)` needs a dtype, not a proxy
+            found = self.tracer.metadata(self, k)
+            if found is not None:
+                return found
         return _ResolvingAttribute(self, k)
 
     def __len__(self) -> int:
@@ -319,6 +326,15 @@ class ShapeResolvingTracer(PathTracer):
         if node.op == "call_method" and node.target in _SHAPE_METHODS:
             return True
         return all(n.meta.get(SHAPE_ONLY, False) for n in node.all_input_nodes)
+
+    def metadata(self, proxy: fx.Proxy, attr: str) -> Any:
+        """``proxy``'s tensor ``attr`` (a dtype, a device) from its example values, or None
+        when they cannot be computed or disagree between batch sizes."""
+        values = self._values(proxy.node)
+        if not values or not all(isinstance(v, torch.Tensor) for v in values):
+            return None
+        found = [getattr(v, attr) for v in values]
+        return found[0] if all(f == found[0] for f in found) else None
 
     def _values(self, node: fx.Node) -> list[Any] | None:
         """The node's value at each batch size (None when it cannot be computed), computed
