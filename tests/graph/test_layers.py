@@ -50,3 +50,27 @@ def test_conv_macs_formula(
     table = layer_table(model, torch.randn(2, cin, h, h))
     out = (h + 2 * (k // 2) - k) // stride + 1
     assert table["0"].macs == 2 * out * out * cout * (cin // groups) * k * k
+
+
+class ChannelsFirstAttention(nn.Module):
+    """SqueezeBERT's self-attention: 1x1 Conv1d projections on ``(B, C, T)``, with the
+    attributes of a BERT-style module."""
+
+    def __init__(self, channels: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size = heads, channels // heads
+        self.query, self.key, self.value = (nn.Conv1d(channels, channels, 1) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t = x.shape
+        h, d = self.num_attention_heads, self.attention_head_size
+        q, k, v = (p(x).view(b, h, d, t) for p in (self.query, self.key, self.value))
+        scores = (q.transpose(2, 3) @ k).softmax(-1)  # (b, h, t, t)
+        return (v @ scores.transpose(2, 3)).reshape(b, c, t)
+
+
+def test_attention_products_are_counted_as_computed_whatever_the_layout() -> None:
+    """Before, a formula read ``(B, T, C)`` from any module with BERT's attributes and
+    counted 2 * 32 * 32 * 32 for this ``(1, 32, 12)`` input instead of 2 * 12 * 12 * 32."""
+    table = layer_table(ChannelsFirstAttention(), torch.randn(1, 32, 12))
+    assert total_macs(table) == 3 * 32 * 32 * 12 + 2 * 12 * 12 * 32
