@@ -110,12 +110,28 @@ class MaskedByDtype(nn.Module):
         return torch.where(y > 0, y, torch.full_like(y, low)).amax((2, 3))
 
 
+class ScaledBySize(nn.Module):
+    """DeBERTa's attention scale, ``torch.tensor(q.size(-1), dtype=torch.float)``, in two
+    layers (the second read the first one's tensor constant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = conv(x)
+            x = x / torch.sqrt(torch.tensor(x.size(-1), dtype=torch.float) * 2)
+        return x.flatten(1)
+
+
 def _declared(model: nn.Module, x: torch.Tensor) -> nn.Module:
     declare_inputs(model, 1, (x,), (0,))
     return model
 
 
-@pytest.mark.parametrize("cls", [ChecksChannels, SamePadding, MaskedByDtype])
+@pytest.mark.parametrize("cls", [ChecksChannels, SamePadding, MaskedByDtype, ScaledBySize])
 def test_a_shape_condition_resolves_once_the_example_is_declared(cls: type[nn.Module]) -> None:
     model = cls().eval()
     with pytest.raises(TraceError):  # fx alone stops at the condition
@@ -126,6 +142,7 @@ def test_a_shape_condition_resolves_once_the_example_is_declared(cls: type[nn.Mo
         torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
     # nothing is left of the resolved condition: no unused shape reads
     assert all(n.users or n.op == "output" for n in gm.graph.nodes)
+    assert not hasattr(torch.tensor, "__wrapped__")  # torch.tensor is torch's again
 
 
 def test_resolving_leaves_the_model_state_and_the_random_stream_as_they_were() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -269,10 +270,13 @@ class ShapeResolvingTracer(PathTracer):
         tensors = [*model.parameters(), *model.buffers()]
         saved = [t.detach().clone() for t in tensors]
         rng = torch.random.get_rng_state()
+        make = torch.tensor
+        torch.tensor = self._constant(make)
         try:
             with super().session(model):
                 yield
         finally:
+            torch.tensor = make
             with torch.no_grad():
                 for t, s in zip(tensors, saved, strict=True):
                     t.copy_(s)
@@ -280,6 +284,24 @@ class ShapeResolvingTracer(PathTracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ResolvingProxy(node, self)
+
+    def _constant(self, make: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``torch.tensor`` taking sizes the trace can fix (DeBERTa's
+        ``torch.tensor(q.size(-1), dtype=torch.float)``): fx cannot record the call, and
+        the value is a constant of the exported model, as every resolved size is."""
+
+        def fixed(value: Any) -> Any:
+            if isinstance(value, fx.Proxy):
+                return self.resolve(value, lambda v: v)
+            if isinstance(value, (list, tuple)):
+                return type(value)(fixed(v) for v in value)
+            return value
+
+        @functools.wraps(make)
+        def tensor(data: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return make(fixed(data), *args, **kwargs)
+
+        return tensor
 
     # While tracing, fx routes every module call and parameter read through the tracer;
     # running a leaf module on example values must reach the module itself.
@@ -346,7 +368,8 @@ class ShapeResolvingTracer(PathTracer):
             if VALUES not in n.meta and n not in todo:
                 todo.add(n)
                 stack.extend(n.all_input_nodes)
-        for n in sorted(todo, key=lambda n: n.meta[_ORDER]):
+        # (a tensor constant fx stores while tracing has no creation index: no inputs either)
+        for n in sorted(todo, key=lambda n: n.meta.get(_ORDER, -1)):
             n.meta[VALUES] = self._evaluate(n)
         return node.meta[VALUES]
 
