@@ -69,3 +69,31 @@ def test_an_op_of_a_newer_opset_exports_at_that_opset(tmp_path: Path) -> None:
         want = model(x).numpy()
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert abs(got - want).max() < 1e-5
+
+
+class MaskedWhenTraced(nn.Module):
+    """Hugging Face's masks: skipped when all ones, but kept under tracing, where this
+    model's reduced attention cannot add it (Nystromformer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.fc(x)  # (B, T, 4): four landmarks, not T keys
+        if torch.jit.is_tracing():
+            scores = scores + torch.zeros(x.shape[0], x.shape[1], x.shape[1])
+        return scores.softmax(-1)
+
+
+def test_a_model_failing_only_under_the_exporter_is_named_at_its_line(tmp_path: Path) -> None:
+    from edgeslim.errors import ExportError
+
+    model = MaskedWhenTraced().eval()
+    x = torch.randn(1, 7, 6)
+    assert model(x).shape == (1, 7, 4)  # runs outside the exporter
+    with pytest.raises(ExportError) as info:
+        export_onnx(model, (x,), tmp_path / "m.onnx")
+    text = str(info.value)
+    assert "MaskedWhenTraced" in text and "test_onnx.py" in text
+    assert "scores = scores + torch.zeros" in text and "RuntimeError" in text

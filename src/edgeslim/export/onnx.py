@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.errors import ExportError
-from edgeslim.graph.trace import inputs_only
+from edgeslim.errors import EdgeslimError, ExportError
+from edgeslim.graph.trace import inputs_only, user_frame
 
 NOT_CONSTANT_HINT = (
     "A size computed from a tensor's shape at run time (e.g. `F.avg_pool2d(x, x.shape[2:])` "
@@ -39,6 +39,22 @@ def _export_advice(model: nn.Module, exc: Exception) -> str:
         "node's scope above names the module."
     )  # fmt: skip
     return f"ONNX export of {type(model).__name__} failed: {first} {hint}"
+
+
+def _traced_path_advice(model: nn.Module, exc: Exception) -> str:
+    """The model ran before (it was measured) but raised under the exporter: its code takes
+    another path when traced (Nystromformer: Hugging Face's mask is skipped when all ones,
+    but kept under tracing, and the model's landmark attention cannot add it)."""
+    first = " ".join(str(exc).split())[:300]
+    where = user_frame(exc, outside=("/edgeslim/",))
+    return (
+        f"ONNX export of {type(model).__name__} failed while torch's exporter ran the "
+        f"model, at {where}: {type(exc).__name__}: {first}. The model runs outside the "
+        "exporter, so its code takes another path when traced (it checks "
+        "`torch.jit.is_tracing()`, as Hugging Face's attention masks do, or a value "
+        "computed in Python becomes a traced one); fix or avoid that path, or keep that "
+        "layer out of the model."
+    )
 
 
 def export_onnx(
@@ -104,6 +120,10 @@ def export_onnx(
                     f"failed too: {type(again).__name__}: {str(again).splitlines()[0]}"
                 ) from again
         raise ExportError(_export_advice(model, exc)) from exc
+    except EdgeslimError:
+        raise
+    except Exception as exc:  # the model's own code raised while the exporter ran it
+        raise ExportError(_traced_path_advice(model, exc)) from exc
     finally:
         model.train(was_training)
     _rewrite(path)

@@ -16,12 +16,13 @@ from edgeslim.errors import TraceError
 from edgeslim.graph.tracer import ExampleSpec, PathTracer, ShapeResolvingTracer
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame outside torch: ``file:line: code``."""
+def user_frame(exc: BaseException, outside: tuple[str, ...] = ("/edgeslim/graph/",)) -> str:
+    """The innermost traceback frame outside torch and ``outside`` (path fragments):
+    ``file:line: `code```, the model's own line that raised."""
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
         path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and "/edgeslim/graph/" not in path:
+        if "/torch/" not in path and not any(part in path for part in outside):
             return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}: `{(frame.line or '').strip()}`"
     return "unknown location"
 
@@ -187,7 +188,7 @@ def _trace(model: nn.Module, tracer: PathTracer, count: int | None) -> fx.GraphM
         mod = model if where.startswith("(") else model.get_submodule(where)
         raise TraceError(
             f"cannot trace {cls.__name__}: in module `{where}` "
-            f"({type(mod).__name__}) at {_user_frame(exc)}: {type(exc).__name__}: {exc}. "
+            f"({type(mod).__name__}) at {user_frame(exc)}: {type(exc).__name__}: {exc}. "
             "torch.fx needs forward() free of data-dependent Python control flow; rewrite "
             "that op with tensor ops (e.g. torch.where), or pass its module type in "
             "`leaf_types` to keep it whole (it is then treated as an opaque op)."
