@@ -97,3 +97,19 @@ def test_a_model_failing_only_under_the_exporter_is_named_at_its_line(tmp_path: 
     text = str(info.value)
     assert "MaskedWhenTraced" in text and "test_onnx.py" in text
     assert "scores = scores + torch.zeros" in text and "RuntimeError" in text
+
+
+class Patches(nn.Module):
+    """PatchTST's patchifier: ``unfold`` along the time axis counted from the end."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unfold(-2, 8, 8).transpose(-2, -3).contiguous() * 2
+
+
+def test_unfold_with_a_negative_dimension_exports_right(tmp_path: Path) -> None:
+    """torch's exporter alone writes these patches along the wrong axis (the file does not
+    even load in ONNX Runtime)."""
+    x = torch.randn(2, 32, 3)
+    path = export_onnx(Patches(), (x[:1],), tmp_path / "p.onnx")
+    torch.testing.assert_close(ort_predict(ort_session(path), x), Patches()(x))
+    assert torch.Tensor.unfold.__qualname__ == "TensorBase.unfold"  # torch's own again

@@ -12,6 +12,8 @@ outputs, which matters when a benchmark exports dozens of variants; pass
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,7 +79,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings(), inputs_only(model, len(example_args)):
+        with warnings.catch_warnings(), inputs_only(model, len(example_args)), _exporter_fixes():
             warnings.simplefilter("ignore")
             if exporter == "torchscript":
                 torch.onnx.export(
@@ -128,6 +130,28 @@ def export_onnx(
         model.train(was_training)
     _rewrite(path)
     return path
+
+
+@contextmanager
+def _exporter_fixes() -> Iterator[None]:
+    """Work around torch exporter bugs, for the duration of one export.
+
+    ``Tensor.unfold`` with a negative dimension: torch 2.13's TorchScript exporter writes
+    the patches along the wrong axis (``x.unfold(-2, 8, 8)`` on ``(1, 32, 3)`` gives
+    ``(1, 3, 4, 8)`` in ONNX against torch's ``(1, 4, 3, 8)``; PatchTST's and
+    PatchTSMixer's files then failed to load). The same dimension counted from the front
+    exports right.
+    """
+    unfold = torch.Tensor.unfold
+
+    def from_the_front(self: torch.Tensor, dimension: int, size: int, step: int) -> torch.Tensor:
+        return unfold(self, dimension % max(self.dim(), 1), size, step)
+
+    torch.Tensor.unfold = from_the_front  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.unfold = unfold  # type: ignore[method-assign]
 
 
 MAX_OPSET = 20  # the newest opset torch 2.13's TorchScript exporter writes (checked)
