@@ -113,3 +113,27 @@ def test_unfold_with_a_negative_dimension_exports_right(tmp_path: Path) -> None:
     path = export_onnx(Patches(), (x[:1],), tmp_path / "p.onnx")
     torch.testing.assert_close(ort_predict(ort_session(path), x), Patches()(x))
     assert torch.Tensor.unfold.__qualname__ == "TensorBase.unfold"  # torch's own again
+
+
+class PyramidPool(nn.Module):
+    """A pyramid pooling module (PSPNet, UperNet): 1, 2, 3 and 6 bins of an 8x10 map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pools = nn.ModuleList([nn.AdaptiveAvgPool2d(s) for s in (1, 2, 3, (6, None))])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([p(y).flatten(1) for p in self.pools], 1)
+
+
+def test_adaptive_pools_to_sizes_that_do_not_divide_the_input_export(tmp_path: Path) -> None:
+    """torch's exporter alone refuses the 3x3 and 6x10 pools ("output size that are not
+    factor of input size")."""
+    torch.manual_seed(0)
+    model = PyramidPool().eval()
+    x = torch.randn(3, 3, 8, 10)
+    path = export_onnx(model, (x[:1],), tmp_path / "psp.onnx")
+    torch.testing.assert_close(ort_predict(ort_session(path), x), model(x), rtol=1e-4, atol=1e-5)
+    assert torch.nn.functional.adaptive_avg_pool2d.__module__ == "torch.nn.functional"

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.errors import EdgeslimError, ExportError
@@ -134,24 +135,52 @@ def export_onnx(
 
 @contextmanager
 def _exporter_fixes() -> Iterator[None]:
-    """Work around torch exporter bugs, for the duration of one export.
+    """Work around torch exporter bugs and gaps, for the duration of one export.
 
     ``Tensor.unfold`` with a negative dimension: torch 2.13's TorchScript exporter writes
     the patches along the wrong axis (``x.unfold(-2, 8, 8)`` on ``(1, 32, 3)`` gives
     ``(1, 3, 4, 8)`` in ONNX against torch's ``(1, 4, 3, 8)``; PatchTST's and
     PatchTSMixer's files then failed to load). The same dimension counted from the front
     exports right.
+
+    ``adaptive_avg_pool2d`` to a size that does not divide the input's (a pyramid pooling
+    module's 3x3 and 6x6 bins: UperNet, PSPNet): torch's exporter refuses it. Each bin is
+    the mean of its rows and columns, so the pool is ``P_h @ x @ P_w^T`` with constant
+    averaging matrices (the spatial size is fixed in the exported model; only the batch is
+    free), exact up to float rounding.
     """
     unfold = torch.Tensor.unfold
+    pool = F.adaptive_avg_pool2d
 
     def from_the_front(self: torch.Tensor, dimension: int, size: int, step: int) -> torch.Tensor:
         return unfold(self, dimension % max(self.dim(), 1), size, step)
 
+    def binned(x: torch.Tensor, output_size: Any) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        size = (output_size, output_size) if isinstance(output_size, int) else output_size
+        oh = h if size[0] is None else int(size[0])
+        ow = w if size[1] is None else int(size[1])
+        if h % oh == 0 and w % ow == 0:
+            return pool(x, output_size)
+        return _bins(oh, h, x.dtype) @ x @ _bins(ow, w, x.dtype).T
+
     torch.Tensor.unfold = from_the_front  # type: ignore[method-assign,assignment]
+    F.adaptive_avg_pool2d = binned  # type: ignore[assignment]
     try:
         yield
     finally:
         torch.Tensor.unfold = unfold  # type: ignore[method-assign]
+        F.adaptive_avg_pool2d = pool
+
+
+def _bins(out: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(out, size)``: row ``i`` averages adaptive pooling's bin ``i``, from
+    ``floor(i * size / out)`` to ``ceil((i + 1) * size / out)``."""
+    m = torch.zeros(out, size, dtype=dtype)
+    for i in range(out):
+        start, end = i * size // out, -(-(i + 1) * size // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
 
 
 MAX_OPSET = 20  # the newest opset torch 2.13's TorchScript exporter writes (checked)
