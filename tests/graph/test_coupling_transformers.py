@@ -259,3 +259,34 @@ def test_heads_with_per_head_tensors_elsewhere_are_kept_whole() -> None:
     assert heads and not any(g.prunable for g in heads)
     assert "logit_scale" in heads[0].reason
     assert any(g.kind == "ffn" and g.prunable for g in groups)  # its FFN still prunes
+
+
+def test_a_transformer_mlp_not_named_bert_s_way_is_found_in_its_graph() -> None:
+    """PVTv2's Mix-FFN (``dense1 -> dwconv -> GELU -> dense2``) was no group at all (only
+    BERT's ``intermediate.dense``/``output.dense`` were named), so pruning it reached 2%
+    of the MACs; its heads, read back at the input's width by ``proj``, were taken as
+    prunable without the layer that reads them (cutting them broke the model)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.PvtV2Config(
+        image_size=32, num_encoder_blocks=2, hidden_sizes=[16, 32], depths=[1, 1],
+        num_attention_heads=[1, 2], sr_ratios=[2, 1], patch_sizes=[7, 3], strides=[4, 2],
+        mlp_ratios=[4, 4], num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.PvtV2ForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = analyze(model, x[:1])
+    heads = [g for g in graph.groups if g.kind == "head"]
+    assert heads and not any(g.prunable for g in heads)
+    assert all("output.dense" in g.reason for g in heads)
+    mlps = [g for g in graph.groups if g.prunable and g.kind == "channel"]
+    roles = [{m.fqn.rsplit(".", 1)[-1] + ":" + m.role for m in g.members} for g in mlps]
+    assert len(mlps) == 2 and all(
+        r == {"dense1:out", "dwconv:depthwise", "dense2:in"} for r in roles
+    )
+    with torch.no_grad():
+        before = model(x).logits
+    pruned, _ = prune_(copy.deepcopy(model), (x[:1],), "l1", ratio=0.5, global_ranking=False)
+    assert pruned.pvt_v2.encoder.layers[0].blocks[0].mlp.dense2.in_features == 64 // 2
+    with torch.no_grad():
+        assert pruned(x).logits.shape == before.shape

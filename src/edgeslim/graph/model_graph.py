@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
+from edgeslim.errors import TraceError
 from edgeslim.graph.attention import SplitMultiheadAttention
-from edgeslim.graph.coupling import CouplingGroup, graph_coupling_groups
+from edgeslim.graph.coupling import CouplingGroup, fx_coupling_groups, graph_coupling_groups
 from edgeslim.graph.layers import LayerInfo, layer_table
 from edgeslim.graph.trace import trace
 from edgeslim.graph.tracer import eval_mode
@@ -44,13 +45,15 @@ class ModelGraph:
 def analyze(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> ModelGraph:
     """Analyze ``model`` on example inputs.
 
-    Transformers (modules exposing ``num_attention_heads``) get structural head/FFN groups
-    and are not fx-traced; every other model is traced with torch.fx, and a model that
+    Transformers (modules exposing ``num_attention_heads``) get structural head/FFN groups,
+    plus the prunable channel groups torch.fx finds that those miss (see
+    :func:`_traced_extras`); every other model is traced with torch.fx, and a model that
     cannot be traced raises :class:`~edgeslim.errors.TraceError` naming the op and module.
     """
     layers = layer_table(model, *example_args, **example_kwargs)
     if is_transformer(model):
-        return ModelGraph(model, layers, transformer_groups(model), None)
+        groups = transformer_groups(model)
+        return ModelGraph(model, layers, groups + _traced_extras(model, groups, example_args), None)
     # a split attention is analysed whole, as its heads (quantization traces into it); the
     # structure is the deployed one (eval mode: training-only Python code is not traced)
     with eval_mode(model):  # (the graph's modules are the model's: restored after both)
@@ -59,3 +62,26 @@ def analyze(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> Mode
         )
         groups = graph_coupling_groups(gm, *example_args)
     return ModelGraph(model, layers, groups, gm)
+
+
+def _traced_extras(
+    model: nn.Module, named: list[CouplingGroup], example_args: tuple[Any, ...]
+) -> list[CouplingGroup]:
+    """Prunable channel groups of a transformer that its named head/FFN groups miss: MLPs
+    not named BERT's way (PVTv2's and SegFormer's ``dense1 -> dwconv -> dense2``, CLIP's
+    ``fc1``/``fc2``), read from the fx graph when the model traces (none otherwise). A
+    group touching a layer axis the named groups already hold is left out, so no channel
+    is claimed twice (BERT's FFN is found both ways)."""
+    if not example_args:
+        return []
+    try:
+        traced = fx_coupling_groups(model, *example_args)
+    except TraceError:
+        return []
+    held = {(m.fqn, m.role) for g in named for m in g.members}
+    extras = [
+        g for g in traced
+        if g.prunable and g.kind == "channel"
+        and not any((m.fqn, m.role) in held for m in g.members)
+    ]  # fmt: skip
+    return [replace(g, id=len(named) + i) for i, g in enumerate(extras)]

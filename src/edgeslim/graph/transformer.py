@@ -33,12 +33,17 @@ def _per_head_tensors(attention: nn.Module, heads: int) -> list[str]:
     ``value``, with an axis of ``heads`` entries: per-head tensors a head cut would leave at
     the old count (Swin V2's ``logit_scale`` and position-bias MLP), so the pruned model
     failed in a reshape. An axis that only happens to equal ``heads`` also counts: the
-    group is then kept whole, never cut wrong."""
+    group is then kept whole, never cut wrong. A conv's kernel axes are not counted
+    (PVTv2's spatial-reduction conv, 2x2 over the hidden channels, kept 2 heads whole)."""
     found = []
     for name, t in [*attention.named_parameters(), *attention.named_buffers()]:
         if name.split(".")[0] in ("query", "key", "value"):
             continue
-        if heads in tuple(t.shape):
+        owner, _, leaf = name.rpartition(".")
+        conv = leaf == "weight" and isinstance(
+            attention.get_submodule(owner), nn.modules.conv._ConvNd
+        )
+        if heads in tuple(t.shape[:2] if conv else t.shape):
             found.append(f"`{name}` {tuple(t.shape)}")
     return found
 
@@ -56,27 +61,27 @@ def transformer_groups(model: nn.Module) -> list[CouplingGroup]:
             parent = fqn.rsplit(".", 1)[0] if "." in fqn else ""
             out_fqn = f"{parent}.output.dense" if parent else "output.dense"
             members = [GroupMember(prefix + n, "out") for n in ("query", "key", "value")]
+            why = ""
             if _linear(model, out_fqn) is not None:
                 members.append(GroupMember(out_fqn, "in"))
                 hidden.append(GroupMember(out_fqn, "out"))
+            else:  # PVTv2's `proj`, read after a reshape to the input's width: kept whole
+                why = (
+                    f"the heads of `{fqn}` are read by no `{out_fqn}`, so the layer that "
+                    "takes their output is unknown"
+                )
             hidden += [GroupMember(prefix + n, "in") for n in ("query", "key", "value")]
             others = _per_head_tensors(m, int(heads))
+            if others:
+                why = f"`{fqn}` holds per-head tensors that are not cut with the heads: " + (
+                    ", ".join(others)
+                )
             groups.append(
                 CouplingGroup(
-                    len(groups),
-                    int(heads),
-                    tuple(members),
-                    prunable=not others,
-                    reason=(
-                        f"`{fqn}` holds per-head tensors that are not cut with the heads: "
-                        + ", ".join(others)
-                    )
-                    if others
-                    else "",
-                    kind="head",
-                    unit=int(head_dim),
+                    len(groups), int(heads), tuple(members), prunable=not why, reason=why,
+                    kind="head", unit=int(head_dim),
                 )
-            )
+            )  # fmt: skip
         inter = _linear(model, prefix + "intermediate.dense")
         out = _linear(model, prefix + "output.dense")
         if inter is not None and out is not None and out.in_features == inter.out_features:
