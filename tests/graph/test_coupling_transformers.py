@@ -109,6 +109,26 @@ class MixerBlock(nn.Module):
         return self.fc(x.mean(dim=1))
 
 
+class WrittenOutGelu(nn.Module):
+    """MLPs whose GELU is written out: GPT-2's and Funnel's tanh form (``torch.pow(h, 3)``)
+    and the erf form; ``pow`` once fixed the hidden units ("cannot prune through")."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 32), nn.Linear(32, d)
+        self.fc3, self.fc4 = nn.Linear(d, 24), nn.Linear(24, d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(self.norm(x))
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+        x = x + self.fc2(h)
+        g = self.fc3(x)
+        x = x + self.fc4(g * 0.5 * (1.0 + torch.erf(g / 1.4142135623730951)))
+        return self.head(x.mean(dim=1))
+
+
 SEQ = torch.randn(2, 6, 16)
 IMG = torch.randn(2, 3, 16, 16)
 CASES = {
@@ -120,6 +140,7 @@ CASES = {
     ),
     "convnext": (ConvNeXt, IMG, [(f"blocks.{i}.pw1", f"blocks.{i}.pw2") for i in (0, 1)]),
     "mixer": (MixerBlock, SEQ, [("tok1", "tok2"), ("ch1", "ch2")]),
+    "written_gelu": (WrittenOutGelu, SEQ, [("fc1", "fc2"), ("fc3", "fc4")]),
 }
 
 
@@ -148,6 +169,7 @@ FIXED_BECAUSE = {
     "torch_encoder": ("fc", "in", "TransformerEncoder"),
     "convnext": ("blocks.0.pw2", "out", "normalised jointly by `norm` (GroupNorm, 1 group)"),
     "mixer": ("ch2", "out", ""),
+    "written_gelu": ("fc2", "out", ""),
 }
 
 

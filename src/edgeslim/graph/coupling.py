@@ -259,6 +259,14 @@ ELEMENTWISE_FUNCS: set[Any] = {
     torch.clamp,
     torch.abs,
     operator.neg,
+    # activations written out (GPT-2's and Funnel's tanh GELU reads ``torch.pow(x, 3)``;
+    # erf GELU; Swish/Mish by hand)
+    torch.erf,
+    torch.exp,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.square,
+    torch.log,
 }
 POOL_FUNCS: set[Any] = {
     F.adaptive_avg_pool1d,
@@ -287,6 +295,11 @@ PASS_METHODS = {
     "float",
     "neg",
     "to",
+    "erf",
+    "exp",
+    "sqrt",
+    "rsqrt",
+    "square",
 }
 SOFTMAX_FUNCS: set[Any] = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 CREATE_FUNCS: set[Any] = {torch.zeros, torch.ones, torch.full, torch.empty}
@@ -310,8 +323,10 @@ BINARY = {
     torch.div,
     operator.iadd,
     operator.imul,
+    operator.pow,
+    torch.pow,
 }
-BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div"}
+BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "pow"}
 FLATTEN_METHODS = {"flatten", "view", "reshape", "unsqueeze", "squeeze"}
 
 
