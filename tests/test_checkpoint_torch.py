@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.checkpoint import load_state
+from edgeslim.checkpoint import load_state, save_state
 from edgeslim.errors import CheckpointError
 
 
@@ -68,3 +68,31 @@ def test_a_truncated_or_unrecognised_torch_file_is_refused(tmp_path: Path) -> No
     torch.save(nn.Linear(3, 3).state_dict(), other)  # another model's weights
     with pytest.raises(CheckpointError, match="does not fit the model"):
         load_state(_model(2), other)
+
+
+def test_constants_fx_stored_while_tracing_are_not_weights(tmp_path: Path) -> None:
+    """fx numbers the tensors a forward builds (``torch.tensor(x.size(-1))``) by how many
+    traces the model saw: the saved file held ``_tensor_constant0`` where the model
+    rebuilt on load had ``_tensor_constant1``, and the load was refused."""
+    import torch.fx as fx
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) / torch.tensor(2.0)
+
+    first = fx.symbolic_trace(Scaled())
+    path = tmp_path / "m.safetensors"
+    save_state(first, path)
+    again = Scaled()
+    again._tensor_constant0 = torch.tensor(0.0)  # taken: the next trace's constant is 1
+    second = fx.symbolic_trace(again)
+    assert "_tensor_constant1" in second.state_dict()
+    load_state(second, path)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(second(x), first(x))
+    with pytest.raises(CheckpointError):  # a weight that does not fit is still refused
+        load_state(fx.symbolic_trace(nn.Sequential(nn.Linear(4, 5))), path)

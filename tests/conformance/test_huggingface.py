@@ -4,7 +4,9 @@ Built from small configs (random weights, no download). Their forwards are what 
 torch.fx cannot read: a decorated forward whose arguments all default to ``None`` with
 ``**kwargs`` (ViT), a Python check of the input's channel count (ResNet), TF "same" padding
 computed with ``int(x.shape[-2])`` (MobileNetV2), a stateless ``nn.ReLU()`` built inside
-forward (DistilBERT). Each goes through ``edgeslim.compress`` W8A8, its ONNX file runs in
+forward (DistilBERT), ``torch.tensor`` of a size (DeBERTa-v2), ``torch.finfo(x.dtype)``
+(SqueezeBERT), ``unfold`` along a negative axis (PatchTST), position buckets with ``-inf``
+in them (WavLM). Each goes through ``edgeslim.compress`` W8A8, its ONNX file runs in
 ONNX Runtime at two batch sizes matching torch, and ``edgeslim.load`` rebuilds it exactly.
 """
 
@@ -67,23 +69,69 @@ def _distilbert() -> nn.Module:
     return _kaiming(transformers.DistilBertForSequenceClassification(cfg))
 
 
+def _deberta_v2() -> nn.Module:
+    """Its attention scale is ``torch.tensor(q.size(-1))``: fx cannot record the call."""
+    cfg = transformers.DebertaV2Config(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16, num_labels=3,
+    )  # fmt: skip
+    return _kaiming(transformers.DebertaV2ForSequenceClassification(cfg))
+
+
+def _squeezebert() -> nn.Module:
+    """Grouped 1x1 Conv1d layers on ``(B, C, T)``; its mask calls ``torch.finfo(x.dtype)``."""
+    cfg = transformers.SqueezeBertConfig(
+        vocab_size=50, hidden_size=32, embedding_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=16,
+        num_labels=3,
+    )  # fmt: skip
+    return _kaiming(transformers.SqueezeBertForSequenceClassification(cfg))
+
+
+def _patchtst() -> nn.Module:
+    """A time-series transformer: ``unfold(-2, ...)`` patches (torch's exporter wrote them
+    along the wrong axis)."""
+    cfg = transformers.PatchTSTConfig(
+        num_input_channels=3, context_length=32, patch_length=8, patch_stride=8, d_model=16,
+        num_attention_heads=2, num_hidden_layers=1, ffn_dim=32, num_targets=4,
+    )  # fmt: skip
+    return _kaiming(transformers.PatchTSTForClassification(cfg))
+
+
+def _wavlm() -> nn.Module:
+    """Relative-position buckets computed in float from ``arange`` (``log(0) = -inf``)."""
+    cfg = transformers.WavLMConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2, num_labels=4,
+    )  # fmt: skip
+    return _kaiming(transformers.WavLMForSequenceClassification(cfg))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "vit": (_vit, (3, 16, 16)),
     "resnet": (_resnet, (3, 16, 16)),
     "mobilenet_v2": (_mobilenet_v2, (3, 16, 16)),
     "distilbert": (_distilbert, (10,)),
+    "deberta_v2": (_deberta_v2, (10,)),
+    "squeezebert": (_squeezebert, (10,)),
+    "patchtst": (_patchtst, (32, 3)),
+    "wavlm": (_wavlm, (400,)),
 }
+TOKENS = ("distilbert", "deberta_v2", "squeezebert")
 
 
 def _inputs(name: str, shape: tuple[int, ...], n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    if name == "distilbert":
+    if name in TOKENS:
         return torch.randint(0, 50, (n, *shape), generator=g)
     return torch.randn((n, *shape), generator=g)
 
 
 def _logits(out: object) -> torch.Tensor:
-    return out["logits"] if isinstance(out, dict) else out[0]  # type: ignore[index]
+    if isinstance(out, dict):  # (PatchTST names its output `prediction_logits`)
+        return out["logits"] if "logits" in out else next(iter(out.values()))
+    return out[0]  # type: ignore[index]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
