@@ -152,3 +152,40 @@ def test_surgery_refuses_to_split_a_groupnorm_group() -> None:
     )
     with pytest.raises(PruneError, match="whole groups"):
         prune_groups(copy.deepcopy(model), {broken: [0, 1, 2]})
+
+
+class GroupNormAct(nn.GroupNorm):
+    """Hugging Face BiT's norm: an ``nn.GroupNorm`` subclass whose own forward calls
+    ``F.group_norm`` with its parameters, then an activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(
+            nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        )
+
+
+class SubclassNet(GNNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gn_a = GroupNormAct(4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gn_a(self.a(x))
+        h = torch.relu(self.gn_b(self.b(h)))
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_groupnorm_subclass_with_its_own_forward_prunes_a_group_at_a_time() -> None:
+    """Its ``F.group_norm`` call was read as a norm over every channel: BiT's groups were
+    all fixed ("normalised jointly by `group_norm`")."""
+    model = SubclassNet().eval()
+    group = _group_of(model, "a")
+    assert group.prunable and (group.size, group.unit) == (4, 2)  # type: ignore[attr-defined]
+    with torch.no_grad():  # groups 1 and 3 (channels 2-3, 6-7) are read by nobody
+        model.b.weight[:, [2, 3, 6, 7]] = 0
+        before = model(X)
+    pruned = prune_groups(copy.deepcopy(model), {group: [0, 2]})  # type: ignore[dict-item]
+    gn = pruned.get_submodule("gn_a")
+    assert isinstance(gn, GroupNormAct) and (gn.num_groups, gn.num_channels) == (2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(X), before, atol=1e-5, rtol=1e-5)

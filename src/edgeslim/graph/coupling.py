@@ -562,7 +562,7 @@ class _Analyzer:
         if isinstance(m, nn.PReLU):
             return self.prelu(node, fqn, int(m.num_parameters), x)
         if isinstance(m, nn.GroupNorm):
-            return self.group_norm(node, fqn, m, x)
+            return self.group_norm(node, fqn, m.num_groups, m.num_channels, x)
         if isinstance(m, JOINT_NORM_MODULES):
             trailing = len(m.normalized_shape) if isinstance(m, nn.LayerNorm) else None
             return self.joint_norm(node, what, trailing, x)
@@ -687,20 +687,22 @@ class _Analyzer:
                        "statistics of the others")  # fmt: skip
         return x
 
-    def group_norm(self, node: fx.Node, fqn: str, m: nn.GroupNorm, x: _Val | None) -> _Val | None:
+    def group_norm(
+        self, node: fx.Node, fqn: str, groups: int, channels: int, x: _Val | None
+    ) -> _Val | None:
         """A GroupNorm module: each of its groups of ``C / G`` channels has its own mean and
         variance, so removing whole groups leaves the others exact. The channels it reads are
         pruned a group at a time (the space's ``norms``; surgery lowers ``num_groups``).
         Fixed instead when one group holds every channel, or a group would straddle
         concatenated inputs, or the channels are not on axis 1."""
-        what = f"`{fqn}` (GroupNorm, {m.num_groups} group{'s' if m.num_groups > 1 else ''})"
+        what = f"`{fqn}` (GroupNorm, {groups} group{'s' if groups > 1 else ''})"
         if x is None:
             return x
-        per = m.num_channels // m.num_groups
-        plain = x.dim == 1 and x.length == m.num_channels and all(s.repeat == 1 for s in x.segs)
+        per = channels // groups
+        plain = x.dim == 1 and x.length == channels and all(s.repeat == 1 for s in x.segs)
         if not plain:
             return self.joint_norm(node, what, None, x)
-        if m.num_groups == 1:
+        if groups == 1:
             self.b.fix(x, f"normalised jointly by {what}: its one group holds every channel")
             return x
         if any(s.length % per for s in x.segs):
@@ -711,6 +713,23 @@ class _Analyzer:
             self.b.spaces[seg.space].norms.add((per, what))
         self.member(fqn, x, "bn")
         return x
+
+    def norm_owner(self, node: fx.Node) -> tuple[str, int, int] | None:
+        """``(fqn, groups, channels)`` of the module whose ``weight``
+        ``F.group_norm(x, self.num_groups, self.weight, ...)`` reads: a GroupNorm subclass
+        with a forward of its own (Hugging Face's BiT, an activation after the norm),
+        pruned as that module, a group at a time. (Its module is not in the traced graph,
+        which keeps only its parameters; a module that is no GroupNorm fails the check
+        after surgery, which names it.)"""
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        groups = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups")
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+            return None
+        fqn, _, leaf = str(weight.target).rpartition(".")
+        if leaf != "weight" or not isinstance(groups, int) or groups < 1:
+            return None
+        channels = int(self.gm.get_parameter(str(weight.target)).shape[0])
+        return (fqn, groups, channels) if channels % groups == 0 else None
 
     def prelu(self, node: fx.Node, fqn: str, n: int, x: _Val | None) -> _Val | None:
         """PReLU: one slope per channel of axis 1 (sliced with the group), or one shared."""
@@ -943,6 +962,8 @@ class _Analyzer:
             return self.softmax(node, x)
         if fn is F.pad:
             return self.pad(node, x, f"padding `{node.name}`")
+        if fn is F.group_norm and (owner := self.norm_owner(node)) is not None:
+            return self.group_norm(node, *owner, x)  # a GroupNorm subclass's own forward
         if fn is F.layer_norm or fn is F.group_norm:
             size = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
             trailing = len(size) if isinstance(size, (list, tuple)) else 1
