@@ -29,7 +29,7 @@ from edgeslim.lowrank import (
     factorize_,
     factorize_layer,
 )
-from edgeslim.lowrank.modules import weight_matrix
+from edgeslim.lowrank.modules import FQN_ATTR, weight_matrix
 from edgeslim.runtime.ort import ort_session
 from edgeslim.zoo import resolve_model
 
@@ -271,10 +271,18 @@ class ReadsItsWeight(nn.Module):
         return self.head(self.proj(x).mean((2, 3)))
 
 
-def test_a_layer_whose_weight_is_read_around_it_is_named_with_the_fix() -> None:
+def test_a_layer_whose_weight_is_read_around_it_is_kept_whole_and_named() -> None:
+    """Before, the run stopped with an error asking for ``skip: [proj]``; the layer is now
+    kept whole by itself, the report says why, and the others are factorized."""
     x = (torch.randn(1, 3, 8, 8),)
+    model = ReadsItsWeight()
+    report = factorize_(model, x, SVDConfig(energy=0.5))
+    assert type(model.proj) is nn.Conv2d and model(*x).shape == (1, 5)
+    assert "reads its `weight`" in report.skipped["proj"]
+    assert [r.fqn for r in report.layers] == ["head"]
+    with pytest.raises(LowRankError, match=r"no layer.*proj: kept whole"):
+        factorize_(ReadsItsWeight(), x, SVDConfig(energy=0.5, skip=("head",)))
+    pair = factorize_layer(ReadsItsWeight().proj, 2)  # read by code outside factorize_
+    object.__setattr__(pair, FQN_ATTR, "proj")
     with pytest.raises(LowRankError, match=r"reads its `weight`.*`skip: \[proj\]`"):
-        factorize_(ReadsItsWeight(), x, SVDConfig(energy=0.5))  # measuring it after fails
-    kept = ReadsItsWeight()
-    factorize_(kept, x, SVDConfig(energy=0.5, skip=("proj",)))
-    assert type(kept.proj) is nn.Conv2d and kept(*x).shape == (1, 5)
+        pair.weight  # noqa: B018

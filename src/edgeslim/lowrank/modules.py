@@ -22,18 +22,29 @@ class LowRankError(EdgeslimError, ValueError):
     """A factorization request cannot be carried out; the message says why and what to do."""
 
 
+class WeightReadError(LowRankError):
+    """Code around a factorized layer read its ``weight`` (``fqn``: that layer)."""
+
+    def __init__(self, message: str, fqn: str | None) -> None:
+        super().__init__(message)
+        self.fqn = fqn
+
+
 class _NoSingleWeight:
     """``weight`` of a factorized pair: there is none, and code around the layer that reads
     it (Hugging Face's ViT family casts its input to ``projection.weight.dtype``) gets an
-    error naming the layer and the fix, rather than torch's bare AttributeError."""
+    error naming the layer and the fix, rather than torch's bare AttributeError
+    (:func:`~edgeslim.lowrank.svd.factorize_` then keeps that layer whole by itself)."""
 
     @property
     def weight(self) -> torch.Tensor:
-        where = getattr(self, FQN_ATTR, None) or type(self).__name__
-        raise LowRankError(
+        fqn = getattr(self, FQN_ATTR, None)
+        where = fqn or type(self).__name__
+        raise WeightReadError(
             f"code around the factorized layer {where} reads its `weight`, which a low-rank "
             "pair of layers does not have: keep that layer whole with the lowrank stage's "
-            f"`skip: [{where}]`"
+            f"`skip: [{where}]`",
+            fqn,
         )
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from edgeslim.graph.attention import unfuse_encoder_layers
 from edgeslim.graph.layers import layer_table, total_macs
-from edgeslim.lowrank.modules import FQN_ATTR, LowRankError, factorize_layer
+from edgeslim.lowrank.modules import FQN_ATTR, LowRankError, WeightReadError, factorize_layer
 from edgeslim.lowrank.ranks import (
     candidates,
     given_ranks,
@@ -96,22 +96,39 @@ def factorize_(
         )
     target: float | None = None  # the MACs reduction the ranks were chosen for
     energy: float | None = None  # the per-layer energy they were chosen by
-    if ranks is not None:
-        kept, dense = given_ranks(cands, ranks)
-    elif config.macs_reduction is not None:
-        target = config.macs_reduction
-        kept, dense = ranks_for_target(cands, before, target, config.round_to)
-    else:
-        energy = config.energy
-        kept, dense = ranks_at(cands, energy, config.round_to)
+    read: dict[str, str] = {}  # layers whose weight the model reads around them: kept whole
+    while True:
+        usable = [c for c in cands if c.fqn not in read]
+        if not usable:
+            reasons = "; ".join(f"{k}: {v}" for k, v in read.items())
+            raise LowRankError(f"no layer can be factorized: {reasons}")
+        if ranks is not None:
+            kept, dense = given_ranks(usable, ranks)
+        elif config.macs_reduction is not None:
+            target = config.macs_reduction
+            kept, dense = ranks_for_target(usable, before, target, config.round_to)
+        else:
+            energy = config.energy
+            kept, dense = ranks_at(usable, energy, config.round_to)
+        chosen = [c for c in usable if c.fqn in kept]
+        for c in chosen:
+            pair = factorize_layer(c.module, kept[c.fqn], c.svd)
+            object.__setattr__(pair, FQN_ATTR, c.fqn)
+            _set_submodule(model, c.fqn, pair)
+        unfuse_encoder_layers(model)
+        try:
+            after_table = layer_table(model, *example_inputs)
+            break
+        except WeightReadError as exc:
+            # Hugging Face's ViT family casts its input to `projection.weight.dtype`: that
+            # layer stays whole, said in the report, and the ranks are chosen again
+            if exc.fqn is None or exc.fqn not in kept:
+                raise
+            for c in chosen:
+                _set_submodule(model, c.fqn, c.module)
+            read[exc.fqn] = "kept whole: code around it reads its `weight`"
     skipped.update(dense)
-    chosen = [c for c in cands if c.fqn in kept]
-    for c in chosen:
-        pair = factorize_layer(c.module, kept[c.fqn], c.svd)
-        object.__setattr__(pair, FQN_ATTR, c.fqn)
-        _set_submodule(model, c.fqn, pair)
-    unfuse_encoder_layers(model)
-    after_table = layer_table(model, *example_inputs)
+    skipped.update(read)
     layers = [
         LayerRank(
             fqn=c.fqn,
