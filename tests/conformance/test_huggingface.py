@@ -6,7 +6,8 @@ torch.fx cannot read: a decorated forward whose arguments all default to ``None`
 computed with ``int(x.shape[-2])`` (MobileNetV2), a stateless ``nn.ReLU()`` built inside
 forward (DistilBERT), ``torch.tensor`` of a size (DeBERTa-v2), ``torch.finfo(x.dtype)``
 (SqueezeBERT), ``unfold`` along a negative axis (PatchTST), position buckets with ``-inf``
-in them (WavLM). Each goes through ``edgeslim.compress`` W8A8, its ONNX file runs in
+in them (WavLM), a branch on the batch size and linears stored transposed (GPT-2). Each
+goes through ``edgeslim.compress`` W8A8, its ONNX file runs in
 ONNX Runtime at two batch sizes matching torch, and ``edgeslim.load`` rebuilds it exactly.
 """
 
@@ -108,6 +109,17 @@ def _wavlm() -> nn.Module:
     return _kaiming(transformers.WavLMForSequenceClassification(cfg))
 
 
+def _gpt2() -> nn.Module:
+    """Its masks expand position ids only when the batch differs from theirs (a branch on
+    the batch size, no-op at batch 1); its layers are ``Conv1D``, linears stored
+    transposed."""
+    cfg = transformers.GPT2Config(
+        vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=16, num_labels=3,
+        pad_token_id=0, use_cache=False,
+    )  # fmt: skip
+    return _kaiming(transformers.GPT2ForSequenceClassification(cfg))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "vit": (_vit, (3, 16, 16)),
     "resnet": (_resnet, (3, 16, 16)),
@@ -117,14 +129,15 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "squeezebert": (_squeezebert, (10,)),
     "patchtst": (_patchtst, (32, 3)),
     "wavlm": (_wavlm, (400,)),
+    "gpt2": (_gpt2, (10,)),
 }
-TOKENS = ("distilbert", "deberta_v2", "squeezebert")
+TOKENS = ("distilbert", "deberta_v2", "squeezebert", "gpt2")
 
 
 def _inputs(name: str, shape: tuple[int, ...], n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    if name in TOKENS:
-        return torch.randint(0, 50, (n, *shape), generator=g)
+    if name in TOKENS:  # (from 1: 0 is GPT-2's padding token)
+        return torch.randint(1, 50, (n, *shape), generator=g)
     return torch.randn((n, *shape), generator=g)
 
 

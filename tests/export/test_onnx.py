@@ -137,3 +137,27 @@ def test_adaptive_pools_to_sizes_that_do_not_divide_the_input_export(tmp_path: P
     path = export_onnx(model, (x[:1],), tmp_path / "psp.onnx")
     torch.testing.assert_close(ort_predict(ort_session(path), x), model(x), rtol=1e-4, atol=1e-5)
     assert torch.nn.functional.adaptive_avg_pool2d.__module__ == "torch.nn.functional"
+
+
+class PackedSequences(nn.Module):
+    """Hugging Face's packed-sequence check: ``torch.diff`` of the positions, then the
+    ``cumsum`` of a boolean tensor (torch gives int64; the exporter wrote a boolean CumSum
+    ONNX Runtime refuses, and had no ``diff`` at all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.cumsum(torch.ones_like(x[..., 0]), -1)
+        first = pos[:, :1] - 1
+        starts = (torch.diff(pos, prepend=first, dim=-1) != 1).cumsum(-1)
+        return self.fc(x) + starts[..., None].float()
+
+
+def test_diff_and_a_boolean_cumsum_export(tmp_path: Path) -> None:
+    model = PackedSequences().eval()
+    x = torch.randn(3, 5, 6)
+    path = export_onnx(model, (x[:1],), tmp_path / "p.onnx")
+    torch.testing.assert_close(ort_predict(ort_session(path), x), model(x), rtol=1e-5, atol=1e-5)
+    assert not hasattr(torch.diff, "__wrapped__") and torch.diff.__module__ == "torch"

@@ -186,3 +186,35 @@ def test_compress_quantizes_weight_standardised_convs(tmp_path: Path) -> None:
     reloaded = edgeslim.load(tmp_path / "o", model=model)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), result.model(x))
+
+
+class TransposedLinear(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is ``(in, out)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view((*x.size()[:-1], self.nf))
+
+
+class NotALinear(TransposedLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def test_a_linear_stored_transposed_becomes_nn_linear() -> None:
+    """Before, GPT-2's layers stayed float (0.4% of its MACs on integer kernels)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(TransposedLinear(8, 6), nn.GELU(), NotALinear(4, 8))
+    x = torch.randn(2, 5, 6)
+    want = model(x)
+    baked = bake_reparametrizations(model)
+    assert type(model[0]) is nn.Linear and (model[0].in_features, model[0].out_features) == (6, 8)
+    assert isinstance(model[2], NotALinear)  # computes more than x @ w + b: left as it is
+    assert baked == ["0.weight (TransposedLinear as nn.Linear)"]
+    torch.testing.assert_close(model(x), want)

@@ -159,9 +159,42 @@ def test_resolving_leaves_the_model_state_and_the_random_stream_as_they_were() -
     assert any(n.target is F.dropout for n in gm.graph.nodes)
 
 
-def test_a_condition_on_the_batch_size_still_stops_the_trace() -> None:
-    with pytest.raises(TraceError, match="depends on the batch size"):
+def test_a_condition_on_the_batch_size_that_changes_the_output_stops_the_trace() -> None:
+    with pytest.raises(TraceError, match=r"condition on the batch size.*at batch 1 its outputs"):
         trace(_declared(BatchDependent(), _x()))
+
+
+class ExpandsWhenBatched(nn.Module):
+    """GPT-2's masks: ``if batch != ids.shape[0]: ids = ids.expand(batch, -1)``, a no-op at
+    batch 1, so the branch taken at batch 2 computes the model at every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("scale", torch.arange(1.0, 5.0)[None, :])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale
+        if x.shape[0] != scale.shape[0]:
+            scale = scale.expand(x.shape[0], -1)
+        return self.conv(x).mean((2, 3)) * scale
+
+
+def test_a_batch_condition_whose_general_branch_holds_at_batch_1_traces_and_exports(
+    tmp_path: Any,
+) -> None:
+    from edgeslim.export import export_onnx
+    from edgeslim.runtime.ort import ort_predict, ort_session
+
+    model = ExpandsWhenBatched().eval()
+    gm = trace(_declared(model, _x()))
+    for batch in (1, 4):
+        torch.testing.assert_close(gm(_x(batch)), model(_x(batch)))
+    # exported at batch 2 (the general branch), it runs at every batch
+    path = export_onnx(model, (_x(),), tmp_path / "m.onnx")
+    x = _x(5, seed=3)
+    torch.testing.assert_close(ort_predict(ort_session(path), x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_condition_on_tensor_values_still_stops_the_trace() -> None:

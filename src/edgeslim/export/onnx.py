@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.errors import EdgeslimError, ExportError
-from edgeslim.graph.trace import inputs_only, user_frame
+from edgeslim.graph.trace import GENERAL_BATCH_ATTR, inputs_only, user_frame
 
 NOT_CONSTANT_HINT = (
     "A size computed from a tensor's shape at run time (e.g. `F.avg_pool2d(x, x.shape[2:])` "
@@ -60,6 +60,19 @@ def _traced_path_advice(model: nn.Module, exc: Exception) -> str:
     )
 
 
+def _at_batch_two(
+    examples: tuple[torch.Tensor, ...], names: list[str], axes: dict[str, dict[int, str]]
+) -> tuple[torch.Tensor, ...]:
+    """Each example repeated along its dynamic batch axis: a model whose code takes another
+    branch at batch 1 (GPT-2's masks expand position ids only when the batch differs) is
+    exported on the general one, which also holds at batch 1 (checked when traced)."""
+    out = []
+    for x, name in zip(examples, names, strict=False):
+        dims = [d for d, label in axes.get(name, {}).items() if label == "batch"]
+        out.append(torch.cat([x, x], dims[0]) if dims and x.shape[dims[0]] == 1 else x)
+    return tuple(out)
+
+
 def export_onnx(
     model: nn.Module,
     example_args: tuple[torch.Tensor, ...],
@@ -77,6 +90,8 @@ def export_onnx(
     output_names = output_names or ["output"]
     if dynamic_axes is None:
         dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
+    if getattr(model, GENERAL_BATCH_ATTR, False):
+        example_args = _at_batch_two(example_args, input_names, dynamic_axes)
     was_training = model.training
     model.eval()
     try:
@@ -148,9 +163,29 @@ def _exporter_fixes() -> Iterator[None]:
     the mean of its rows and columns, so the pool is ``P_h @ x @ P_w^T`` with constant
     averaging matrices (the spatial size is fixed in the exported model; only the batch is
     free), exact up to float rounding.
+
+    ``torch.diff`` (Hugging Face's masks look for packed sequences with it): no ONNX
+    symbolic; written as the difference of two slices, which is what it computes. The
+    ``cumsum`` of a boolean tensor after it is int64 in torch; the exporter wrote a
+    ``CumSum`` of booleans, which ONNX Runtime refuses: the booleans are cast first.
     """
     unfold = torch.Tensor.unfold
     pool = F.adaptive_avg_pool2d
+    diff = torch.diff
+    cumsum = torch.Tensor.cumsum
+
+    def counting_cumsum(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return cumsum(x.long() if x.dtype == torch.bool else x, *args, **kwargs)
+
+    def sliced_diff(
+        x: torch.Tensor, n: int = 1, dim: int = -1, prepend: Any = None, append: Any = None
+    ) -> torch.Tensor:
+        parts = [t for t in (prepend, x, append) if t is not None]
+        x = torch.cat(parts, dim) if len(parts) > 1 else x
+        for _ in range(n):
+            length = x.shape[dim]
+            x = x.narrow(dim, 1, length - 1) - x.narrow(dim, 0, length - 1)
+        return x
 
     def from_the_front(self: torch.Tensor, dimension: int, size: int, step: int) -> torch.Tensor:
         return unfold(self, dimension % max(self.dim(), 1), size, step)
@@ -166,11 +201,15 @@ def _exporter_fixes() -> Iterator[None]:
 
     torch.Tensor.unfold = from_the_front  # type: ignore[method-assign,assignment]
     F.adaptive_avg_pool2d = binned  # type: ignore[assignment]
+    torch.diff = sliced_diff  # type: ignore[assignment]
+    torch.Tensor.cumsum = counting_cumsum  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
         torch.Tensor.unfold = unfold  # type: ignore[method-assign]
         F.adaptive_avg_pool2d = pool
+        torch.diff = diff
+        torch.Tensor.cumsum = cumsum  # type: ignore[method-assign]
 
 
 def _bins(out: int, size: int, dtype: torch.dtype) -> torch.Tensor:

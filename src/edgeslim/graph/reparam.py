@@ -15,6 +15,12 @@ is one ``F.conv1d``/``F.conv2d``/``F.linear`` of its input whose other arguments
 depend on the input, it is replaced by the plain layer holding the computed weight, checked
 on a random input against the original. Any other custom forward is left as it is.
 
+A module of its own holding a ``weight`` of shape ``(in, out)`` (and a ``bias``) that
+computes ``x @ weight + bias`` is a linear layer stored transposed: Hugging Face's
+``Conv1D`` in GPT-2 (``torch.addmm``). Checked on a random input, it becomes the
+``nn.Linear`` holding ``weight.T``, which quantization and pruning know (GPT-2 ran 0.4% of
+its MACs on integer kernels before).
+
 Decision: :func:`edgeslim.compress`, the search space and :func:`edgeslim.load` bake on
 their own copy (the caller's model keeps its parametrizations); training after that
 (fine-tuning, QAT) trains the plain weight, as deployed models are.
@@ -139,9 +145,41 @@ def _plain_layer(module: nn.Module, base: type[nn.Module]) -> nn.Module | None:
     return plain
 
 
+@torch.no_grad()
+def _transposed_linear(module: nn.Module) -> nn.Linear | None:
+    """The ``nn.Linear`` a module computing ``x @ weight + bias`` with ``weight`` of shape
+    ``(in, out)`` is (see the module doc), or None."""
+    if type(module).__module__.startswith(("torch.", "edgeslim.")) or any(module.children()):
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is None or weight.dim() != 2 or set(params) - {"weight", "bias"}:
+        return None
+    if bias is not None and bias.shape != (weight.shape[1],):
+        return None
+    probe = torch.randn(2, 3, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    try:
+        got = module(probe)
+    except Exception:
+        return None
+    want = probe @ weight + (bias if bias is not None else 0)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return None
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-8):
+        return None
+    plain = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
+    plain.weight.copy_(weight.T)
+    if bias is not None:
+        plain.get_parameter("bias").copy_(bias)
+    return plain.to(device=weight.device, dtype=weight.dtype).train(module.training)
+
+
 def has_reparametrizations(model: nn.Module) -> bool:
     return any(
-        parametrize.is_parametrized(m) or _hooks(m) or _computing_forward(m) is not None
+        parametrize.is_parametrized(m)
+        or _hooks(m)
+        or _computing_forward(m) is not None
+        or _transposed_linear(m) is not None
         for m in model.modules()
     )
 
@@ -171,8 +209,11 @@ def bake_reparametrizations(model: nn.Module) -> list[str]:
     for fqn, module in list(model.named_modules()):
         base = _computing_forward(module)
         plain = None if base is None else _plain_layer(module, base)
+        how = f"{type(module).__name__}.forward"
+        if plain is None and fqn:
+            plain, how = _transposed_linear(module), f"{type(module).__name__} as nn.Linear"
         if plain is not None:
             parent, _, name = fqn.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, name, plain)
-            baked.append(f"{fqn}.weight ({type(module).__name__}.forward)")
+            baked.append(f"{fqn}.weight ({how})")
     return baked

@@ -29,6 +29,10 @@ def user_frame(exc: BaseException, outside: tuple[str, ...] = ("/edgeslim/graph/
 
 INPUTS_ATTR = "_edgeslim_inputs"
 EXAMPLES_ATTR = "_edgeslim_examples"
+# set on a model (and its graph) whose trace kept a condition on the batch size as at batch
+# 2 (checked to compute the model at every batch): its export then runs at batch 2 too, so
+# torch's exporter records that branch rather than batch 1's
+GENERAL_BATCH_ATTR = "_edgeslim_general_batch"
 
 
 def declare_inputs(
@@ -155,7 +159,52 @@ def trace(
         spec = getattr(model, EXAMPLES_ATTR, None) or _spec(examples)
         if spec is None or (inputs is not None and inputs != len(spec)):
             raise
-    return _trace(model, ShapeResolvingTracer(leaf_types, spec), len(spec))
+    tracer = ShapeResolvingTracer(leaf_types, spec)
+    gm = _trace(model, tracer, len(spec))
+    if tracer.assumed:
+        check_general_branches(model, gm, spec, tracer.assumed)
+        for m in (model, gm):
+            object.__setattr__(m, GENERAL_BATCH_ATTR, True)
+    return gm
+
+
+CHECK_BATCHES = (1, 2, 3)
+
+
+def check_general_branches(
+    model: nn.Module, gm: fx.GraphModule, spec: ExampleSpec, assumed: Sequence[str]
+) -> None:
+    """A graph traced with conditions on the batch size taken as at batch 2 stands only if
+    it computes what the model computes at batches 1, 2 and 3 on real inputs; otherwise
+    the trace is refused, naming the conditions (``if B == 1: x = x.squeeze(0)`` changes
+    the output's shape at batch 1, so it is refused)."""
+    from edgeslim.graph.tracer import _example
+
+    def flat(out: Any) -> list[torch.Tensor]:
+        return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+    why = ""
+    for b in CHECK_BATCHES:
+        inputs = [_example(shape, dtype, dim, b) for shape, dtype, dim in spec]
+        try:
+            with torch.no_grad():
+                want, got = flat(model(*inputs)), flat(gm(*inputs))
+        except Exception as exc:
+            why = f"at batch {b} it raised {type(exc).__name__}: {exc}"
+            break
+        same = len(want) == len(got) and all(
+            w.shape == g.shape and torch.allclose(w, g, rtol=1e-4, atol=1e-5)
+            for w, g in zip(want, got, strict=False)
+        )
+        if not same:
+            why = f"at batch {b} its outputs differ from the model's"
+            break
+    if why:
+        raise TraceError(
+            f"cannot trace {type(model).__name__}: {'; '.join(assumed)}. Traced as at batch "
+            f"2, the graph does not compute the model ({why}), and the exported model keeps "
+            "the batch size free: compute the condition with tensor ops."
+        )
 
 
 def _spec(examples: Sequence[Any], batch_dims: Sequence[int] = ()) -> ExampleSpec | None:

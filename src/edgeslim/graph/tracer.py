@@ -200,6 +200,18 @@ class _ResolvingAttribute(Attribute, _ResolvingProxy):
     """``proxy.shape`` and the like, resolvable as :class:`_ResolvingProxy` is."""
 
 
+def _caller() -> str:
+    """``file:line: `code``` of the model's own line that asked (the innermost frame outside
+    torch and this package)."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" not in path and "/edgeslim/graph/" not in path:
+            return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}: `{(frame.line or '').strip()}`"
+    return "unknown location"
+
+
 def _example(shape: tuple[int, ...], dtype: torch.dtype, dim: int, batch: int) -> torch.Tensor:
     """An input of the example's shape at ``batch`` on its batch dimension: random floats,
     zeros for integer and boolean inputs (token ids: 0 is an index every embedding has)."""
@@ -262,6 +274,10 @@ class ShapeResolvingTracer(PathTracer):
         ]
         self._running = False  # inside an op run on example values: record nothing
         self._created = 0  # nodes made so far: each node's creation index orders them
+        # conditions that answered differently at batch 1 and 2, traced as at batch 2 (the
+        # general case): the trace stands only if the graph then computes the model at
+        # every batch size (:func:`edgeslim.graph.trace.check_general_branches`)
+        self.assumed: list[str] = []
 
     @contextmanager
     def session(self, model: nn.Module) -> Iterator[None]:
@@ -448,10 +464,11 @@ class ShapeResolvingTracer(PathTracer):
             seen = ", ".join(
                 f"{a!r} at batch {b}" for a, b in zip(answers, BATCH_SIZES, strict=True)
             )
-            raise fx.proxy.TraceError(
-                f"a condition depends on the batch size ({seen}), which the exported model "
-                "keeps free; compute it with tensor ops"
-            )
+            # GPT-2's masks: `if batch_size != position_ids.shape[0]: position_ids =
+            # position_ids.expand(batch_size, -1)`, a no-op at batch 1: the branch taken at
+            # batch 2 is kept, and checked on real inputs once the trace is done
+            self.assumed.append(f"{_caller()}: a condition on the batch size ({seen})")
+            return answers[-1]
         return answers[0]
 
     def to_bool(self, obj: fx.Proxy) -> bool:
