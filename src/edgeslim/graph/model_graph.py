@@ -69,9 +69,14 @@ def _traced_extras(
 ) -> list[CouplingGroup]:
     """Prunable channel groups of a transformer that its named head/FFN groups miss: MLPs
     not named BERT's way (PVTv2's and SegFormer's ``dense1 -> dwconv -> dense2``, CLIP's
-    ``fc1``/``fc2``), read from the fx graph when the model traces (none otherwise). A
-    group touching a layer axis the named groups already hold is left out, so no channel
-    is claimed twice (BERT's FFN is found both ways)."""
+    ``fc1``/``fc2``), read from the fx graph when the model traces (none otherwise).
+
+    Only groups within one module are taken (every member under its first producer's
+    parent: an MLP, a conv pair of a residual unit). Decision: DPT's neck has groups across
+    modules whose code reshapes with the width of another tensor (`reshape(b, c, h, w)`
+    with ``c`` read from the hidden states): cut, the model no longer ran, and pruning it
+    failed where it ran before. A group touching a layer axis the named groups already hold
+    is left out, so no channel is claimed twice (BERT's FFN is found both ways)."""
     if not example_args:
         return []
     try:
@@ -81,7 +86,12 @@ def _traced_extras(
     held = {(m.fqn, m.role) for g in named for m in g.members}
     extras = [
         g for g in traced
-        if g.prunable and g.kind == "channel"
+        if g.prunable and g.kind == "channel" and g.producers and _within_one_module(g)
         and not any((m.fqn, m.role) in held for m in g.members)
     ]  # fmt: skip
     return [replace(g, id=len(named) + i) for i, g in enumerate(extras)]
+
+
+def _within_one_module(group: CouplingGroup) -> bool:
+    parent = group.producers[0].rpartition(".")[0]
+    return all(m.fqn.startswith(parent + ".") for m in group.members) if parent else False
