@@ -3,6 +3,7 @@ forwards, modules built inside forward."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -287,3 +288,17 @@ def test_a_cache_made_during_a_trace_is_not_left_behind() -> None:
     assert not hasattr(model, "memo")
     x = torch.randn(2, 4)
     torch.testing.assert_close(trace(model)(x), model(x))
+
+
+def test_a_model_traces_the_same_whether_its_cache_was_filled_or_not() -> None:
+    """LeViT's cache, filled by an earlier eval call, made the biases a constant in the
+    graph, while a fresh model (``edgeslim.load``) computed them: the reloaded quantizers
+    did not match the saved ones. The cache is emptied while tracing, and given back."""
+    fresh = CachesInEval().eval()
+    used = copy.deepcopy(fresh)
+    x = torch.randn(3, 4)
+    used(x)
+    cached = used.cache["b"]
+    ops = [[(n.op, str(n.target)) for n in trace(m).graph.nodes] for m in (fresh, used)]
+    assert ops[0] == ops[1] and ("get_attr", "bias") in ops[0]
+    assert used.cache == {"b": cached} and fresh.cache == {}

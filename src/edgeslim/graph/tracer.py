@@ -66,6 +66,10 @@ class PathTracer(fx.Tracer):
         its attention biases in a dict in eval mode) stored a proxy of this trace there, and
         the next trace read it: "Node to insert after is not in graph"."""
         saved = [(m, _plain_state(m)) for m in model.modules()]
+        for _, state in saved:
+            for value, copied in state.values():
+                if copied is not None and _holds_tensor(value):
+                    value.clear()  # a cache: traced as a fresh model computes it (below)
         try:
             yield
         finally:
@@ -130,6 +134,17 @@ def _holds_proxy(value: Any) -> bool:
     if isinstance(value, (list, tuple, set)):
         return any(isinstance(v, fx.Proxy) for v in value)
     return isinstance(value, fx.Proxy)
+
+
+def _holds_tensor(value: Any) -> bool:
+    """A dict/list/set holding a tensor: a cache a forward filled on an earlier call.
+
+    Decision: it is emptied while tracing (and given back after). LeViT's eval-mode cache
+    of attention biases made the graph depend on whether the model had run before: read
+    from the cache, the biases were a constant; on a fresh model (``edgeslim.load``) they
+    were computed, and the reloaded quantizers did not match the saved ones."""
+    items = value.values() if isinstance(value, dict) else value
+    return isinstance(value, (dict, list, set)) and any(isinstance(v, torch.Tensor) for v in items)
 
 
 def _refill(container: Any, content: Any) -> None:
