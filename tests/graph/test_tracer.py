@@ -161,7 +161,7 @@ def test_resolving_leaves_the_model_state_and_the_random_stream_as_they_were() -
 
 
 def test_a_condition_on_the_batch_size_that_changes_the_output_stops_the_trace() -> None:
-    with pytest.raises(TraceError, match=r"condition on the batch size.*at batch 1 its outputs"):
+    with pytest.raises(TraceError, match=r"depends on the batch size.*at batch 1 its outputs"):
         trace(_declared(BatchDependent(), _x()))
 
 

@@ -482,7 +482,7 @@ class ShapeResolvingTracer(PathTracer):
             # GPT-2's masks: `if batch_size != position_ids.shape[0]: position_ids =
             # position_ids.expand(batch_size, -1)`, a no-op at batch 1: the branch taken at
             # batch 2 is kept, and checked on real inputs once the trace is done
-            self.assumed.append(f"{_caller()}: a condition on the batch size ({seen})")
+            self.assumed.append(f"{_caller()}: a value that depends on the batch size ({seen})")
             return answers[-1]
         return answers[0]
 
