@@ -120,6 +120,27 @@ def _gpt2() -> nn.Module:
     return _kaiming(transformers.GPT2ForSequenceClassification(cfg))
 
 
+def _llama() -> nn.Module:
+    """A small decoder LM (Llama; Qwen2 and Mistral share its layers): RMSNorm written out,
+    rotary position tables from ``arange``, a gated SiLU MLP, grouped key/value heads."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+        num_labels=3, pad_token_id=0, use_cache=False,
+    )  # fmt: skip
+    return _kaiming(transformers.LlamaForSequenceClassification(cfg))
+
+
+def _opt() -> nn.Module:
+    """Its position mask is ``torch.ones(inputs_embeds.shape[0], n)``: a traced size."""
+    cfg = transformers.OPTConfig(
+        vocab_size=50, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=16, word_embed_proj_dim=32, num_labels=3, pad_token_id=0,
+        use_cache=False,
+    )  # fmt: skip
+    return _kaiming(transformers.OPTForSequenceClassification(cfg))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "vit": (_vit, (3, 16, 16)),
     "resnet": (_resnet, (3, 16, 16)),
@@ -130,8 +151,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "patchtst": (_patchtst, (32, 3)),
     "wavlm": (_wavlm, (400,)),
     "gpt2": (_gpt2, (10,)),
+    "llama": (_llama, (10,)),
+    "opt": (_opt, (10,)),
 }
-TOKENS = ("distilbert", "deberta_v2", "squeezebert", "gpt2")
+TOKENS = ("distilbert", "deberta_v2", "squeezebert", "gpt2", "llama", "opt")
 
 
 def _inputs(name: str, shape: tuple[int, ...], n: int) -> torch.Tensor:

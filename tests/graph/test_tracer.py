@@ -302,3 +302,27 @@ def test_a_model_traces_the_same_whether_its_cache_was_filled_or_not() -> None:
     ops = [[(n.op, str(n.target)) for n in trace(m).graph.nodes] for m in (fresh, used)]
     assert ops[0] == ops[1] and ("get_attr", "bias") in ops[0]
     assert used.cache == {"b": cached} and fresh.cache == {}
+
+
+class MaskFromSizes(nn.Module):
+    """OPT's position mask: ``torch.ones(x.shape[0], n)`` (torch's parser takes no proxy as
+    a size: "ones() takes 1 positional argument but 2 were given")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(x.shape[0], x.shape[1], device=x.device)
+        positions = torch.arange(x.shape[1]).float()
+        return self.fc(x) * mask[..., None] + positions[None, :, None]
+
+
+def test_tensor_factories_given_traced_sizes_are_recorded_with_free_sizes() -> None:
+    model = MaskFromSizes().eval()
+    gm = trace(model)  # the plain trace: no example needed
+    for batch, length in ((1, 4), (3, 7)):
+        x = torch.randn(batch, length, 6)
+        torch.testing.assert_close(gm(x), model(x))
+    assert torch.ones.__module__ == "torch" and not hasattr(torch.ones, "__wrapped__")

@@ -37,6 +37,8 @@ _SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout
 _SHAPE_METHODS = frozenset(
     {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point"}
 )
+# tensor factories taking sizes: recorded as graph nodes when a size is traced
+_SIZED_FACTORIES = ("ones", "zeros", "full", "empty", "rand", "randn", "arange")
 # a tensor's fixed properties: read at once from the example values, as Python needs them
 # (HF's masks call `torch.finfo(x.dtype)`: SqueezeBERT did not trace)
 _METADATA_ATTRS = frozenset({"dtype", "device", "layout"})
@@ -70,9 +72,14 @@ class PathTracer(fx.Tracer):
             for value, copied in state.values():
                 if copied is not None and _holds_tensor(value):
                     value.clear()  # a cache: traced as a fresh model computes it (below)
+        factories = {name: getattr(torch, name) for name in _SIZED_FACTORIES}
+        for name, make in factories.items():
+            setattr(torch, name, self._recorded(make))
         try:
             yield
         finally:
+            for name, make in factories.items():
+                setattr(torch, name, make)
             for m, state in saved:
                 added = [k for k in vars(m) if k not in state and k not in _MODULE_DICTS]
                 for key in added:  # (fx's own additions, tensor constants, stay)
@@ -82,6 +89,19 @@ class PathTracer(fx.Tracer):
                     if copied is not None:  # a container changed in place: its old content
                         _refill(value, copied)
                     object.__setattr__(m, key, value)
+
+    def _recorded(self, make: Callable[..., Any]) -> Callable[..., Any]:
+        """``torch.ones(x.shape[0], n)`` and the like: torch's argument parser takes no proxy
+        as a size (``ones() takes 1 positional argument but 2 were given``: OPT's position
+        mask), so a call given one is recorded as a graph node, its sizes left free."""
+
+        @functools.wraps(make)
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            if any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+                return self.create_proxy("call_function", make, args, kwargs)
+            return make(*args, **kwargs)
+
+        return factory
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
