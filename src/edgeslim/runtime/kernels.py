@@ -212,9 +212,11 @@ def check_integer_kernels(path: Path, inputs: Feeds) -> KernelCoverage:
         warnings.warn(
             f"{Path(path).name}: ONNX Runtime runs only {coverage.int8_mac_share:.1%} of the "
             f"MACs in integer kernels ({coverage.summary()}). Layers kept float on purpose "
-            "are expected here: a `select` entry set to null, or a GRU/RNN (float by "
-            "default, see the quantize warning); any other is a layer meant to be int8 that "
-            "ONNX Runtime could not fuse: please report it with the model.",
+            "are expected here: a `select` entry set to null, a GRU/RNN (float by default, "
+            "see the quantize warning), or a MatMul of two activations (a transformer's "
+            "attention scores and weighted values: float by design, docs/operators.md); any "
+            "other is a layer meant to be int8 that ONNX Runtime could not fuse: please "
+            "report it with the model.",
             FloatKernelWarning,
             stacklevel=2,
         )
