@@ -256,3 +256,39 @@ def test_nothing_visible_is_said_not_left_blank() -> None:
     with pytest.raises(NothingToCompressError, match="dfq: nothing to equalize") as err:
         compress_datafree(Encoder().eval(), "dfq", DataFreeSpec(8, 8), torch.randn(1, 5, 8))
     assert "keeps whole" in str(err.value)
+
+
+class SizedFlatten(nn.Module):
+    """The common CNN head ``fc(x.view(x.size(0), -1))``: the size read is not a reader
+    of the values, so the last conv still pairs with the linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, stride=4, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 7 * 7, 4)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for b in (self.b1, self.b2):
+                b.running_mean.copy_(torch.rand(8, generator=g) - 0.5)
+                b.running_var.copy_(0.5 + torch.rand(8, generator=g))
+                b.weight.copy_(0.2 + 2 * torch.rand(8, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_a_flatten_sized_by_x_size_keeps_the_pair() -> None:
+    """Before: "its activation relu is read by 2 ops (size, view): its channels are
+    shared", so ``c2`` had no pair."""
+    torch.manual_seed(0)
+    model = SizedFlatten().eval()
+    dfq = compress_datafree(model, "dfq", DataFreeSpec(8, 8), X)
+    assert dfq.report.pairs["c2 -> fc"].startswith("equalized through relu")
+    chain = analyze(model, X)
+    cross_layer_equalize(chain)  # equalization alone keeps the float function
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(chain.model(x), model(x), rtol=1e-3, atol=1e-4)

@@ -43,7 +43,15 @@ from edgeslim.datafree.report import DataFreeReport
 
 if TYPE_CHECKING:
     from edgeslim.datafree.ops import WeightGranularity
-from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, indexed_dim, padding, upsample_mode
+from edgeslim.graph.ops import (
+    ADDS,
+    AVERAGES,
+    MOVES_VALUES,
+    indexed_dim,
+    padding,
+    reads_shape,
+    upsample_mode,
+)
 from edgeslim.graph.trace import trace
 from edgeslim.quant.fold import fold_batchnorm
 
@@ -457,12 +465,19 @@ class _Propagator(GraphWalk[Stats]):
         return x.repeat(positions)
 
 
+def _readers(cur: fx.Node) -> list[fx.Node]:
+    """The ops reading ``cur``'s values: a shape read (``x.view(x.size(0), -1)``, the
+    common flatten) reads none, and a per-channel scale leaves it as it was."""
+    return [u for u in cur.users if not reads_shape(u)]
+
+
 def _fan_out(gm: fx.GraphModule, cur: fx.Node, what: str) -> Blocked | None:
     """Why the channels at ``cur`` cannot be changed for one consumer alone (if so)."""
-    if len(cur.users) == 1:
+    readers = _readers(cur)
+    if len(readers) == 1:
         return None
-    users = ", ".join(_describe(gm, u) for u in cur.users)
-    return Blocked(None, f"{what} is read by {len(cur.users)} ops ({users}): its channels are "
+    users = ", ".join(_describe(gm, u) for u in readers)
+    return Blocked(None, f"{what} is read by {len(readers)} ops ({users}): its channels are "
                          "shared, so no single consumer can undo a per-channel change")  # fmt: skip
 
 
@@ -474,13 +489,13 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
     other: str | None = None
     if (fan := _fan_out(gm, cur, "its output")) is not None:
         return fan
-    nxt = next(iter(cur.users))
+    nxt = _readers(cur)[0]
     sliced = False
     while _selects_positions(nxt):  # before the activation: a subset of the values
         cur, sliced = nxt, True
         if (fan := _fan_out(gm, cur, _describe(gm, nxt))) is not None:
             return fan
-        nxt = next(iter(cur.users))
+        nxt = _readers(cur)[0]
     if nxt.op == "call_module" and isinstance(gm.get_submodule(str(nxt.target)), NORMS):
         if sliced:  # not folded (the slice is between): a scale would be normalised away
             return Blocked(None, f"its BatchNorm {nxt.target} reads a slice of its output, "
@@ -488,12 +503,12 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
         cur = pre_node = nxt
         if (fan := _fan_out(gm, cur, f"its BatchNorm {nxt.target}")) is not None:
             return fan
-        nxt = next(iter(cur.users))
+        nxt = _readers(cur)[0]
         while _selects_positions(nxt):
             cur = nxt
             if (fan := _fan_out(gm, cur, _describe(gm, nxt))) is not None:
                 return fan
-            nxt = next(iter(cur.users))
+            nxt = _readers(cur)[0]
     found = _act_of(gm, nxt)
     other = _other_act(gm, nxt) if found is None else None
     if found is not None or other is not None:
@@ -502,7 +517,7 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
         cur = nxt
         if (fan := _fan_out(gm, cur, f"its activation {_describe(gm, nxt)}")) is not None:
             return fan
-        nxt = next(iter(cur.users))
+        nxt = _readers(cur)[0]
     max_pool = False
     while _passes(gm, nxt):
         if nxt.op == "call_module":
@@ -514,7 +529,7 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
         cur = nxt
         if (fan := _fan_out(gm, cur, _describe(gm, nxt))) is not None:
             return fan
-        nxt = next(iter(cur.users))
+        nxt = _readers(cur)[0]
     consumer = gm.get_submodule(str(nxt.target)) if nxt.op == "call_module" else None
     if nxt.op == "output":
         return Blocked(None, "its output is the model's output (no consumer to compensate in)")
@@ -554,7 +569,8 @@ def analyze(
         if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), COMPUTE):
             continue
         order.append(str(node.target))
-        (user, *more) = list(node.users) or [None]
+        readers: list[fx.Node | None] = [*_readers(node)] or [None]
+        (user, *more) = readers
         if (
             user is not None
             and not more

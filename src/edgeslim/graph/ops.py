@@ -214,3 +214,15 @@ def indexed_dim(index: Any, shape: tuple[int, ...], dim: int) -> int | None:
         else:
             return None
     return out_d + dim - in_d
+
+
+def reads_shape(node: fx.Node) -> bool:
+    """``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``: reads a tensor's shape, not its
+    values (Funnel's ``[slice(None)] * (1 % x.ndim)`` had been given a quantizer).
+
+    Exported, a shape read is a ``Shape`` node; left on the float tensor before a
+    quantizer, it is a second reader that keeps ONNX Runtime from fusing the op that
+    wrote the tensor (a concat in a channel shuffle stayed float)."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ("shape", "ndim")
+    return node.op == "call_method" and node.target in ("size", "dim")

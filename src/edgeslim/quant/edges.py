@@ -47,6 +47,7 @@ from edgeslim.graph.ops import (
     clamp_bounds,
     is_spatial_mean,
     padding,
+    reads_shape,
     upsample_mode,
 )
 from edgeslim.graph.trace import trace
@@ -184,7 +185,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
             # DenseNet's BatchNorm next to the concat) keeps ONNX Runtime from fusing
             # DQ -> Conv -> Q: every reader reads the quantized tensor, as in ORT's own QDQ
             read = {u for s, users, _ in edges if s is out for u in users}
-            rest = [u for u in out.users if u not in read and not _reads_shape(u)]
+            rest = [u for u in out.users if u not in read and not reads_shape(u)]
             if rest:
                 edges.append((out, rest, next(n for s, _, n in edges if s is out)))
             continue
@@ -203,7 +204,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         for user in dict.fromkeys(users):
             user.replace_input_with(src, q)
         for user in list(src.users):  # the same shape: read it after the quantizer, so
-            if _reads_shape(user):  # the float tensor has no reader left beside it
+            if reads_shape(user):  # the float tensor has no reader left beside it
                 user.replace_input_with(src, q)
     graph.lint()
     gm.recompile()
@@ -254,18 +255,6 @@ def _relu_like(gm: fx.GraphModule, node: fx.Node) -> bool:
     return bounds is not None and bounds[0] == 0.0
 
 
-def _reads_shape(node: fx.Node) -> bool:
-    """``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``: reads a tensor's shape, not its
-    values (Funnel's ``[slice(None)] * (1 % x.ndim)`` had been given a quantizer).
-
-    Exported, a shape read is a ``Shape`` node; left on the float tensor before a
-    quantizer, it is a second reader that keeps ONNX Runtime from fusing the op that
-    wrote the tensor (a concat in a channel shuffle stayed float)."""
-    if node.op == "call_function" and node.target is getattr:
-        return len(node.args) > 1 and node.args[1] in ("shape", "ndim")
-    return node.op == "call_method" and node.target in ("size", "dim")
-
-
 def _from_shapes(graph: fx.Graph) -> set[fx.Node]:
     """The nodes computed from tensor shapes alone: shape reads, Python arithmetic on them
     (``x.shape[2:]``, Swin's ``(h + pad) // window``) and tensors built from them with no
@@ -279,7 +268,7 @@ def _from_shapes(graph: fx.Graph) -> set[fx.Node]:
         computed = node.op in ("call_function", "call_method") and all(
             n in found for n in node.all_input_nodes
         )  # a call with no input node at all builds a constant (``torch.arange(12)``)
-        if _reads_shape(node) or computed:
+        if reads_shape(node) or computed:
             found.add(node)
     return found
 
