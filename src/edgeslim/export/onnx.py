@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.errors import EdgeslimError, ExportError
+from edgeslim.graph.swap import swapped
 from edgeslim.graph.trace import GENERAL_BATCH_ATTR, inputs_only, user_frame
 
 NOT_CONSTANT_HINT = (
@@ -171,7 +172,6 @@ def _exporter_fixes() -> Iterator[None]:
     """
     unfold = torch.Tensor.unfold
     pool = F.adaptive_avg_pool2d
-    diff = torch.diff
     cumsum = torch.Tensor.cumsum
 
     def counting_cumsum(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -199,17 +199,12 @@ def _exporter_fixes() -> Iterator[None]:
             return pool(x, output_size)
         return _bins(oh, h, x.dtype) @ x @ _bins(ow, w, x.dtype).T
 
-    torch.Tensor.unfold = from_the_front  # type: ignore[method-assign,assignment]
-    F.adaptive_avg_pool2d = binned  # type: ignore[assignment]
-    torch.diff = sliced_diff  # type: ignore[assignment]
-    torch.Tensor.cumsum = counting_cumsum  # type: ignore[method-assign,assignment]
-    try:
+    with (
+        swapped(torch.Tensor, {"unfold": from_the_front, "cumsum": counting_cumsum}),
+        swapped(F, {"adaptive_avg_pool2d": binned}),
+        swapped(torch, {"diff": sliced_diff}),
+    ):
         yield
-    finally:
-        torch.Tensor.unfold = unfold  # type: ignore[method-assign]
-        F.adaptive_avg_pool2d = pool
-        torch.diff = diff
-        torch.Tensor.cumsum = cumsum  # type: ignore[method-assign]
 
 
 def _bins(out: int, size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -216,13 +216,21 @@ def indexed_dim(index: Any, shape: tuple[int, ...], dim: int) -> int | None:
     return out_d + dim - in_d
 
 
+# a tensor's shape and fixed properties, read without its values
+SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+SHAPE_METHODS = frozenset(
+    {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point"}
+)
+
+
 def reads_shape(node: fx.Node) -> bool:
-    """``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``: reads a tensor's shape, not its
-    values (Funnel's ``[slice(None)] * (1 % x.ndim)`` had been given a quantizer).
+    """``x.shape``, ``x.ndim``, ``x.size()``, ``x.dtype`` and the like: reads a tensor's shape
+    or fixed properties, not its values (Funnel's ``[slice(None)] * (1 % x.ndim)`` had been
+    given a quantizer; ``x.view(x.size(0), -1)`` counted as a second reader of ``x``).
 
     Exported, a shape read is a ``Shape`` node; left on the float tensor before a
     quantizer, it is a second reader that keeps ONNX Runtime from fusing the op that
     wrote the tensor (a concat in a channel shuffle stayed float)."""
     if node.op == "call_function" and node.target is getattr:
-        return len(node.args) > 1 and node.args[1] in ("shape", "ndim")
-    return node.op == "call_method" and node.target in ("size", "dim")
+        return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
+    return node.op == "call_method" and node.target in SHAPE_METHODS

@@ -13,18 +13,18 @@ import torch.fx as fx
 from torch import nn
 
 from edgeslim.errors import TraceError
-from edgeslim.graph.tracer import ExampleSpec, PathTracer, ShapeResolvingTracer
+from edgeslim.graph.tracer import (
+    ExampleSpec,
+    PathTracer,
+    ShapeResolvingTracer,
+    example_at,
+    model_line,
+)
 
 
 def user_frame(exc: BaseException, outside: tuple[str, ...] = ("/edgeslim/graph/",)) -> str:
-    """The innermost traceback frame outside torch and ``outside`` (path fragments):
-    ``file:line: `code```, the model's own line that raised."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and not any(part in path for part in outside):
-            return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}: `{(frame.line or '').strip()}`"
-    return "unknown location"
+    """The model's own line that raised ``exc`` (see :func:`~.tracer.model_line`)."""
+    return model_line(traceback.extract_tb(exc.__traceback__), outside)
 
 
 INPUTS_ATTR = "_edgeslim_inputs"
@@ -178,14 +178,13 @@ def check_general_branches(
     it computes what the model computes at batches 1, 2 and 3 on real inputs; otherwise
     the trace is refused, naming the conditions (``if B == 1: x = x.squeeze(0)`` changes
     the output's shape at batch 1, so it is refused)."""
-    from edgeslim.graph.tracer import _example
 
     def flat(out: Any) -> list[torch.Tensor]:
         return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
     why = ""
     for b in CHECK_BATCHES:
-        inputs = [_example(shape, dtype, dim, b) for shape, dtype, dim in spec]
+        inputs = [example_at(shape, dtype, dim, b) for shape, dtype, dim in spec]
         try:
             with torch.no_grad():
                 want, got = flat(model(*inputs)), flat(gm(*inputs))

@@ -6,10 +6,12 @@ example inputs, computed when a Python condition asks (on fake tensors: shapes, 
 arithmetic), so control flow on *shapes* resolves to the branch the model takes:
 ``if pixel_values.shape[1] != self.num_channels: raise ...`` (Hugging Face's ResNet),
 ``pad = max(k - int(x.shape[-2]) % s, 0)`` (TF "same" padding). A condition is resolved only
-when it is computed from shapes alone and gives the same answer at two batch sizes; one that
-reads tensor values, or changes with the batch, still stops the trace, since the graph (and
-the ONNX file, whose batch axis stays dynamic) would fix it. Non-batch dimensions are fixed
-anyway: a task's data must match its example inputs but for the batch.
+when it is computed from shapes alone; one that reads tensor values still stops the trace.
+One that changes with the batch is traced as at batch 2 (the general case), and the trace
+stands only if the graph then computes the model at batches 1-3
+(:func:`edgeslim.graph.trace.check_general_branches`), since the graph and the ONNX file,
+whose batch axis stays dynamic, fix it. Non-batch dimensions are fixed anyway: a task's
+data must match its example inputs but for the batch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import copy
 import functools
 import operator
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,14 +32,13 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.proxy import Attribute
 
+from edgeslim.graph.ops import SHAPE_ATTRS, SHAPE_METHODS
+from edgeslim.graph.swap import swapped
+
 VALUES = "edgeslim_values"  # node.meta: the node's value at each example batch size, or None
 SHAPE_ONLY = "edgeslim_shape_only"  # node.meta: computed from shapes, never tensor values
 _ORDER = "edgeslim_order"  # node.meta: creation index (a topological order)
 BATCH_SIZES = (1, 2)  # 1: the batch a deployed model often runs at (`if B == 1:` caught)
-_SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
-_SHAPE_METHODS = frozenset(
-    {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point"}
-)
 # tensor factories taking sizes: recorded as graph nodes when a size is traced
 _SIZED_FACTORIES = ("ones", "zeros", "full", "empty", "rand", "randn", "arange")
 # a tensor's fixed properties: read at once from the example values, as Python needs them
@@ -72,14 +74,10 @@ class PathTracer(fx.Tracer):
             for value, copied in state.values():
                 if copied is not None and _holds_tensor(value):
                     value.clear()  # a cache: traced as a fresh model computes it (below)
-        factories = {name: getattr(torch, name) for name in _SIZED_FACTORIES}
-        for name, make in factories.items():
-            setattr(torch, name, self._recorded(make))
         try:
-            yield
+            with swapped(torch, self.torch_replacements()):
+                yield
         finally:
-            for name, make in factories.items():
-                setattr(torch, name, make)
             for m, state in saved:
                 added = [k for k in vars(m) if k not in state and k not in _MODULE_DICTS]
                 for key in added:  # (fx's own additions, tensor constants, stay)
@@ -89,6 +87,10 @@ class PathTracer(fx.Tracer):
                     if copied is not None:  # a container changed in place: its old content
                         _refill(value, copied)
                     object.__setattr__(m, key, value)
+
+    def torch_replacements(self) -> dict[str, Any]:
+        """torch functions replaced while tracing: the tensor factories (below)."""
+        return {name: self._recorded(getattr(torch, name)) for name in _SIZED_FACTORIES}
 
     def _recorded(self, make: Callable[..., Any]) -> Callable[..., Any]:
         """``torch.ones(x.shape[0], n)`` and the like: torch's argument parser takes no proxy
@@ -147,24 +149,27 @@ _SIDE_EFFECTS = (torch._assert, operator.setitem)  # nodes kept though nothing r
 _MODULE_DICTS = frozenset({"_parameters", "_buffers", "_modules"})
 
 
+def _contains(value: Any, kind: type) -> bool:
+    """A dict/list/tuple/set holding a ``kind``."""
+    if not isinstance(value, (dict, list, tuple, set)):
+        return False
+    items = value.values() if isinstance(value, dict) else value
+    return any(isinstance(v, kind) for v in items)
+
+
 def _holds_proxy(value: Any) -> bool:
-    """A proxy, or a dict/list/tuple/set holding one (a cache a forward made on first call)."""
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple, set)):
-        return any(isinstance(v, fx.Proxy) for v in value)
-    return isinstance(value, fx.Proxy)
+    """A proxy, or a container holding one (a cache a forward made on first call)."""
+    return isinstance(value, fx.Proxy) or _contains(value, fx.Proxy)
 
 
 def _holds_tensor(value: Any) -> bool:
-    """A dict/list/set holding a tensor: a cache a forward filled on an earlier call.
+    """A container holding a tensor: a cache a forward filled on an earlier call.
 
     Decision: it is emptied while tracing (and given back after). LeViT's eval-mode cache
     of attention biases made the graph depend on whether the model had run before: read
     from the cache, the biases were a constant; on a fresh model (``edgeslim.load``) they
     were computed, and the reloaded quantizers did not match the saved ones."""
-    items = value.values() if isinstance(value, dict) else value
-    return isinstance(value, (dict, list, set)) and any(isinstance(v, torch.Tensor) for v in items)
+    return _contains(value, torch.Tensor)
 
 
 def _refill(container: Any, content: Any) -> None:
@@ -235,19 +240,19 @@ class _ResolvingAttribute(Attribute, _ResolvingProxy):
     """``proxy.shape`` and the like, resolvable as :class:`_ResolvingProxy` is."""
 
 
-def _caller() -> str:
-    """``file:line: `code``` of the model's own line that asked (the innermost frame outside
-    torch and this package)."""
-    import traceback
-
-    for frame in reversed(traceback.extract_stack()):
+def model_line(
+    frames: traceback.StackSummary, outside: tuple[str, ...] = ("/edgeslim/graph/",)
+) -> str:
+    """``file:line: `code``` of the innermost frame outside torch and ``outside`` (path
+    fragments): the model's own line."""
+    for frame in reversed(frames):
         path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and "/edgeslim/graph/" not in path:
+        if "/torch/" not in path and not any(part in path for part in outside):
             return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}: `{(frame.line or '').strip()}`"
     return "unknown location"
 
 
-def _example(shape: tuple[int, ...], dtype: torch.dtype, dim: int, batch: int) -> torch.Tensor:
+def example_at(shape: tuple[int, ...], dtype: torch.dtype, dim: int, batch: int) -> torch.Tensor:
     """An input of the example's shape at ``batch`` on its batch dimension: random floats,
     zeros for integer and boolean inputs (token ids: 0 is an index every embedding has)."""
     size = list(shape)
@@ -303,7 +308,8 @@ class ShapeResolvingTracer(PathTracer):
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
         self.examples = [
             tuple(
-                self._fake.from_tensor(_example(shape, dtype, dim, b)) for shape, dtype, dim in spec
+                self._fake.from_tensor(example_at(shape, dtype, dim, b))
+                for shape, dtype, dim in spec
             )
             for b in BATCH_SIZES
         ]
@@ -321,13 +327,10 @@ class ShapeResolvingTracer(PathTracer):
         tensors = [*model.parameters(), *model.buffers()]
         saved = [t.detach().clone() for t in tensors]
         rng = torch.random.get_rng_state()
-        make = torch.tensor
-        torch.tensor = self._constant(make)
         try:
             with super().session(model):
                 yield
         finally:
-            torch.tensor = make
             with torch.no_grad():
                 for t, s in zip(tensors, saved, strict=True):
                     t.copy_(s)
@@ -335,6 +338,9 @@ class ShapeResolvingTracer(PathTracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ResolvingProxy(node, self)
+
+    def torch_replacements(self) -> dict[str, Any]:
+        return {**super().torch_replacements(), "tensor": self._constant(torch.tensor)}
 
     def _constant(self, make: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``torch.tensor`` taking sizes the trace can fix (DeBERTa's
@@ -395,8 +401,8 @@ class ShapeResolvingTracer(PathTracer):
         if node.op == "get_attr":
             return False
         if node.op == "call_function" and node.target is getattr:
-            return node.args[1] in _SHAPE_ATTRS or bool(node.args[0].meta.get(SHAPE_ONLY))  # type: ignore[union-attr]
-        if node.op == "call_method" and node.target in _SHAPE_METHODS:
+            return node.args[1] in SHAPE_ATTRS or bool(node.args[0].meta.get(SHAPE_ONLY))  # type: ignore[union-attr]
+        if node.op == "call_method" and node.target in SHAPE_METHODS:
             return True
         return all(n.meta.get(SHAPE_ONLY, False) for n in node.all_input_nodes)
 
@@ -502,7 +508,8 @@ class ShapeResolvingTracer(PathTracer):
             # GPT-2's masks: `if batch_size != position_ids.shape[0]: position_ids =
             # position_ids.expand(batch_size, -1)`, a no-op at batch 1: the branch taken at
             # batch 2 is kept, and checked on real inputs once the trace is done
-            self.assumed.append(f"{_caller()}: a value that depends on the batch size ({seen})")
+            where = model_line(traceback.extract_stack())
+            self.assumed.append(f"{where}: a value that depends on the batch size ({seen})")
             return answers[-1]
         return answers[0]
 
