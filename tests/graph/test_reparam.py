@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from pathlib import Path
 
@@ -218,3 +219,145 @@ def test_a_linear_stored_transposed_becomes_nn_linear() -> None:
     assert isinstance(model[2], NotALinear)  # computes more than x @ w + b: left as it is
     assert baked == ["0.weight (TransposedLinear as nn.Linear)"]
     torch.testing.assert_close(model(x), want)
+
+
+def _tf_same(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+    """TensorFlow's "SAME" padding as timm and Keras ports compute it, from the input size."""
+    pads: list[int] = []
+    for size in (int(x.shape[-1]), int(x.shape[-2])):
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's ``Conv2dSame`` (its ``tf_*`` models): padding computed at every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _tf_same(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class PadsBefore(Conv2dSame):
+    """The odd pixel on the start side: another rule, not TF's, left alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (1, 0, 1, 0) if int(x.shape[-1]) % 2 == 0 else (1, 1, 1, 1))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_a_conv_padding_the_tf_way_becomes_a_pad_and_a_plain_conv() -> None:
+    """Before, timm's ``Conv2dSame`` stayed float under W8A8 (tf_efficientnet_lite0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), PadsBefore(8, 4, 3, stride=2))
+    model.append(Conv2dSame(4, 4, 5, groups=4))
+    originals = copy.deepcopy(model)
+    baked = bake_reparametrizations(model)
+    assert baked == ["0.weight (Conv2dSame as SAME pad + conv)",
+                     "3.weight (Conv2dSame as SAME pad + conv)"]  # fmt: skip
+    assert type(model[0][1]) is nn.Conv2d and model[0][1].padding == (0, 0)
+    assert model[3][1].groups == 4 and isinstance(model[2], PadsBefore)
+    for size in (15, 16, 17, 32):  # odd and even: the pads differ
+        x = torch.randn(2, 3, size, size + 1)
+        torch.testing.assert_close(model(x), originals(x))
+
+
+def test_compress_quantizes_and_prunes_tf_same_convs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Conv2dSame(3, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+        Conv2dSame(16, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
+    recipe = {"name": "p", "stages": [
+        {"kind": "prune", "ratio": 0.5, "finetune_epochs": 0},
+        {"kind": "quantize", "w_bits": 8, "a_bits": 8},
+    ]}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "left in float" would raise here
+        result = edgeslim.compress(model, recipe, task, tmp_path / "o")
+    ort_record = next(r for r in result.records if r.runtime == "onnxruntime")
+    assert ort_record.extra["int8_mac_share"] > 0.99
+    first = result.model.get_submodule("0.1")  # the plain conv after its pad
+    assert isinstance(first, nn.Conv2d) and first.out_channels == 8  # half its filters
+    reloaded = edgeslim.load(tmp_path / "o", model=model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), result.model(x))
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's norm + activation in one module (``F.batch_norm`` then its children)."""
+
+    def __init__(self, channels: int, act: nn.Module) -> None:
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected a 4D input")  # (a check feeding no output)
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, self.momentum or 0.0, self.eps,
+        )  # fmt: skip
+        return self.act(self.drop(x))
+
+
+class GroupNormAct(nn.GroupNorm):
+    def __init__(self, groups: int, channels: int) -> None:
+        super().__init__(groups, channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class NormPlusInput(BatchNormAct2d):
+    """More than a chain after the norm: left alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+def test_a_norm_running_its_children_becomes_a_sequential() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), BatchNormAct2d(8, nn.ReLU6()), nn.Conv2d(8, 8, 1),
+        GroupNormAct(2, 8), NormPlusInput(8, nn.ReLU()),
+    ).eval()  # fmt: skip
+    for m in model.modules():  # statistics a fresh BatchNorm does not have
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 9, 9)
+    want = model(x)
+    baked = bake_reparametrizations(model)
+    assert baked == ["1 (BatchNormAct2d as norm + children)", "3 (GroupNormAct as norm + children)"]
+    assert [type(m) for m in model[1]] == [nn.BatchNorm2d, nn.Identity, nn.ReLU6]
+    assert [type(m) for m in model[3]] == [nn.GroupNorm, nn.SiLU]
+    assert isinstance(model[4], NormPlusInput)
+    torch.testing.assert_close(model(x), want)
+
+
+def test_compress_prunes_through_norms_with_their_activation(tmp_path: Path) -> None:
+    """Before, pruning stopped at every ``F.batch_norm`` ("no prunable channel group")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), BatchNormAct2d(16, nn.ReLU()),
+        nn.Conv2d(16, 16, 3, padding=1), BatchNormAct2d(16, nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
+    recipe = {"name": "p", "stages": [
+        {"kind": "prune", "ratio": 0.5, "finetune_epochs": 0},
+        {"kind": "quantize", "w_bits": 8, "a_bits": 8},
+    ]}  # fmt: skip
+    result = edgeslim.compress(model, recipe, task, tmp_path / "o")
+    assert result.model.get_submodule("0").out_channels == 8
+    assert result.model.get_submodule("2").in_channels == 8  # (its BatchNorm folded)
+    ort_record = next(r for r in result.records if r.runtime == "onnxruntime")
+    assert ort_record.extra["int8_mac_share"] > 0.99
+    reloaded = edgeslim.load(tmp_path / "o", model=model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), result.model(x))

@@ -21,6 +21,20 @@ computes ``x @ weight + bias`` is a linear layer stored transposed: Hugging Face
 ``nn.Linear`` holding ``weight.T``, which quantization and pruning know (GPT-2 ran 0.4% of
 its MACs on integer kernels before).
 
+A conv subclass that pads its input by TensorFlow's "SAME" rule before a padding-free conv
+(timm's ``Conv2dSame`` in its ``tf_*`` models: the padding depends on the input's size, so
+it is not a fixed ``padding``) becomes :class:`SamePad` followed by the plain conv, checked
+on random inputs of several sizes. Left as it was, the layer stayed float in W8A8 (4.6% of
+tf_efficientnet_lite0's MACs) and could not be pruned or factorized.
+
+A norm subclass whose forward normalises (``F.batch_norm``/``F.group_norm``/
+``F.layer_norm`` with its own statistics) and then runs its own children in a chain
+(timm's ``BatchNormAct2d``/``GroupNormAct``: norm, dropout, activation in one module, in
+nearly every timm CNN) becomes ``nn.Sequential(plain norm, *children)``, checked on a random
+input. Left as it was, BatchNorm folding, pruning and the data-free methods saw a bare
+``F.batch_norm`` call: pruning stopped at every such norm (timm's EfficientNet: no
+prunable group).
+
 Decision: :func:`edgeslim.compress`, the search space and :func:`edgeslim.load` bake on
 their own copy (the caller's model keeps its parametrizations); training after that
 (fine-tuning, QAT) trains the plain weight, as deployed models are.
@@ -174,14 +188,182 @@ def _transposed_linear(module: nn.Module) -> nn.Linear | None:
     return plain.to(device=weight.device, dtype=weight.dtype).train(module.training)
 
 
+class SamePad(nn.Module):
+    """Zero padding of the last ``len(kernel_size)`` dims by TensorFlow's "SAME" rule: the
+    output of a stride-``s`` conv has ``ceil(size / s)`` positions, the extra pixel (when
+    the total is odd) on the end side. Computed from the input's size at each call."""
+
+    def __init__(
+        self, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
+    ) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        dims = len(self.kernel_size)
+        for i in reversed(range(dims)):  # F.pad lists the last dim first
+            size = int(x.shape[x.dim() - dims + i])
+            k, s, d = self.kernel_size[i], self.stride[i], self.dilation[i]
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}"
+
+
+@torch.no_grad()
+def _same_padded_conv(module: nn.Module, base: type[nn.Module]) -> nn.Sequential | None:
+    """``SamePad`` + the plain conv when ``module``'s own forward computes exactly that
+    (see the module doc), else None. Checked at sizes of every remainder of the stride."""
+    if base is nn.Linear or not isinstance(module, nn.modules.conv._ConvNd):
+        return None
+    if any(p != 0 for p in module.padding) or module.padding_mode != "zeros":
+        return None
+    conv = base(
+        module.in_channels, module.out_channels, module.kernel_size, module.stride, 0,
+        module.dilation, module.groups, bias=module.bias is not None,
+    )  # fmt: skip
+    conv.load_state_dict(module.state_dict())
+    weight = module.weight
+    conv.to(device=weight.device, dtype=weight.dtype).train(module.training)
+    same = nn.Sequential(SamePad(module.kernel_size, module.stride, module.dilation), conv)
+    span = max((k - 1) * d + 1 for k, d in zip(module.kernel_size, module.dilation, strict=True))
+    for extra in range(max(module.stride)):
+        size = [2 * span + 3 + extra] * len(module.kernel_size)
+        probe = torch.randn(2, module.in_channels, *size, dtype=weight.dtype, device=weight.device)
+        try:
+            want = module(probe)
+        except Exception:
+            return None
+        got = same(probe)
+        if not isinstance(want, torch.Tensor) or got.shape != want.shape:
+            return None
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-8):
+            return None
+    return same
+
+
+_NORMS: dict[type[nn.Module], Any] = {
+    nn.BatchNorm1d: F.batch_norm, nn.BatchNorm2d: F.batch_norm, nn.BatchNorm3d: F.batch_norm,
+    nn.GroupNorm: F.group_norm, nn.LayerNorm: F.layer_norm,
+}  # fmt: skip
+
+
+def _plain_norm(module: nn.Module, base: type[nn.Module]) -> nn.Module:
+    """A ``base`` norm with ``module``'s settings and state."""
+    if isinstance(module, nn.GroupNorm):
+        plain: nn.Module = nn.GroupNorm(
+            module.num_groups, module.num_channels, module.eps, module.affine
+        )
+    elif isinstance(module, nn.LayerNorm):
+        plain = nn.LayerNorm(
+            module.normalized_shape, module.eps, module.elementwise_affine,
+            bias=module.bias is not None,
+        )  # fmt: skip
+    else:
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        plain = base(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats,
+        )  # fmt: skip
+    own = {k: v for k, v in module.state_dict().items() if "." not in k}
+    plain.load_state_dict(own)
+    return plain
+
+
+def _norm_probe(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, nn.LayerNorm):
+        return torch.randn(2, 3, *module.normalized_shape)
+    channels = module.num_channels if isinstance(module, nn.GroupNorm) else module.num_features
+    dims = {nn.BatchNorm1d: 1, nn.BatchNorm3d: 3}
+    spatial = next((d for b, d in dims.items() if isinstance(module, b)), 2)
+    return torch.randn(2, int(channels), *[5] * spatial)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def _norm_then_children(module: nn.Module) -> nn.Sequential | None:
+    """``nn.Sequential(plain norm, *children)`` when ``module`` is a norm subclass whose own
+    forward normalises with its own state and then runs its children in a chain (see the
+    module doc), else None."""
+    base = next((b for b in _NORMS if isinstance(module, b)), None)
+    if base is None or type(module).forward is base.forward:
+        return None
+    if type(module).__module__.startswith(("torch.", "edgeslim.")):
+        return None
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception:
+        return None
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    live = {n for n in gm.graph.nodes if _depends_on(output, n)}  # (checks feed no output)
+    steps = [n for n in gm.graph.nodes if n in live and n.op in ("call_function", "call_module")]
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1 or not steps or steps[0].target is not _NORMS[base]:
+        return None
+    previous, children = steps[0], []
+    if previous.args[0] is not inputs[0]:
+        return None
+    for n in steps[1:]:
+        if n.op != "call_module" or n.args != (previous,) or n.kwargs or "." in n.target:
+            return None
+        children.append(module.get_submodule(n.target))
+        previous = n
+    if output.args[0] is not previous:
+        return None
+    try:
+        plain = nn.Sequential(_plain_norm(module, base), *children)
+    except Exception:
+        return None
+    weight = next(iter(module.parameters()), None)
+    if weight is not None:
+        plain.to(device=weight.device, dtype=weight.dtype)
+    plain.train(module.training)
+    was = module.training
+    module.eval()
+    plain.eval()
+    probe = _norm_probe(module).to(device=weight.device if weight is not None else None)
+    try:
+        want, got = module(probe), plain(probe)
+    except Exception:
+        return None
+    finally:
+        module.train(was)
+        plain.train(was)
+    if not isinstance(want, torch.Tensor) or got.shape != want.shape:
+        return None
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-8):
+        return None
+    return plain
+
+
 def has_reparametrizations(model: nn.Module) -> bool:
     return any(
         parametrize.is_parametrized(m)
         or _hooks(m)
         or _computing_forward(m) is not None
         or _transposed_linear(m) is not None
+        or _norm_then_children(m) is not None
         for m in model.modules()
     )
+
+
+def _replacement(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """The plain module(s) computing what ``module`` does, with what was done (after the
+    FQN), or None."""
+    name = type(module).__name__
+    base = _computing_forward(module)
+    if base is not None:
+        if (plain := _plain_layer(module, base)) is not None:
+            return plain, f".weight ({name}.forward)"
+        if (same := _same_padded_conv(module, base)) is not None:
+            return same, f".weight ({name} as SAME pad + conv)"
+    if (linear := _transposed_linear(module)) is not None:
+        return linear, f".weight ({name} as nn.Linear)"
+    if (norm := _norm_then_children(module)) is not None:
+        return norm, f" ({name} as norm + children)"
+    return None
 
 
 @torch.no_grad()
@@ -207,13 +389,10 @@ def bake_reparametrizations(model: nn.Module) -> list[str]:
                 torch.nn.utils.remove_spectral_norm(module, name)
             baked.append(f"{fqn}.{name} ({kind})")
     for fqn, module in list(model.named_modules()):
-        base = _computing_forward(module)
-        plain = None if base is None else _plain_layer(module, base)
-        how = f"{type(module).__name__}.forward"
-        if plain is None and fqn:
-            plain, how = _transposed_linear(module), f"{type(module).__name__} as nn.Linear"
-        if plain is not None:
+        found = _replacement(module) if fqn else None
+        if found is not None:
+            plain, what = found
             parent, _, name = fqn.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, name, plain)
-            baked.append(f"{fqn}.weight ({how})")
+            baked.append(f"{fqn}{what}")
     return baked
