@@ -7,6 +7,7 @@ from pathlib import Path
 from edgeslim.runtime.machine import (
     _cpuinfo,
     describe_machine,
+    int8_sums_saturate,
     load_machine,
     machine_info,
     save_machine,
@@ -59,3 +60,14 @@ def test_describe_lists_the_int8_extensions_or_says_none() -> None:
         "onnxruntime 1.32.0"
     )
     assert "no SIMD extension listed" in describe_machine({**info, "int8_isa": []})
+
+
+def test_int8_sums_saturate_on_x86_without_vnni_only() -> None:
+    def info(arch: str, *isa: str) -> dict[str, object]:
+        return {"arch": arch, "int8_isa": list(isa)}
+
+    assert int8_sums_saturate(info("x86_64", "sse4_1", "avx2"))  # AVX2 (e.g. AMD Zen 2/3)
+    assert int8_sums_saturate(info("x86_64", "avx2", "avx512f", "avx512bw"))  # no VNNI
+    assert not int8_sums_saturate(info("x86_64", "avx2", "avx_vnni"))
+    assert not int8_sums_saturate(info("x86_64", "avx2", "avx512_vnni"))
+    assert not int8_sums_saturate(info("aarch64", "asimd", "asimddp"))

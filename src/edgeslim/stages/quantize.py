@@ -29,7 +29,13 @@ from edgeslim.recipe.schema import Stage, StageContext, register_stage
 
 
 class QuantizeStage(Stage):
-    """Post-training quantization of every conv/linear (with per-layer overrides)."""
+    """Post-training quantization of every conv/linear (with per-layer overrides).
+
+    ``reduce_range``: 8-bit weights use 7 bits of their int8 range (|k| <= 63), as ONNX
+    Runtime's quantizer option of that name. Why: on x86 CPUs without VNNI, ONNX Runtime's
+    int8 kernels add pairs of products in 16 bits and saturate, so a full-range file
+    computes differently there (see :func:`edgeslim.runtime.machine.int8_sums_saturate`).
+    """
 
     kind: Literal["quantize"] = "quantize"
     w_bits: int = Field(8, ge=1, le=8)
@@ -42,6 +48,7 @@ class QuantizeStage(Stage):
     activation_observer: str = "percentile"
     calibration: int = Field(256, ge=1, le=100_000)
     bias_correction: bool = False
+    reduce_range: bool = False
     select: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -56,7 +63,7 @@ class QuantizeStage(Stage):
 
 # what a ``select`` entry may set in the stage's own terms (the rest of the stage applies)
 SHORTHAND = ("w_bits", "a_bits", "quantizer", "estimator", "granularity", "group_size",
-             "weight_observer", "activation_observer")  # fmt: skip
+             "weight_observer", "activation_observer", "reduce_range")  # fmt: skip
 
 
 def select_config(stage: QuantizeStage, key: str, entry: dict[str, Any]) -> Any:
@@ -81,8 +88,11 @@ def select_config(stage: QuantizeStage, key: str, entry: dict[str, Any]) -> Any:
 def stage_config(stage: QuantizeStage) -> Any:
     from edgeslim.quant import QuantConfig, QuantSpec
 
+    bits = stage.w_bits
+    if stage.reduce_range and stage.quantizer == "uniform" and bits == 8:
+        bits = 7  # stored as int8, |k| <= 63: no pair of products overflows 16 bits
     weight = QuantSpec(
-        quantizer=stage.quantizer, bits=stage.w_bits, granularity=stage.granularity,
+        quantizer=stage.quantizer, bits=bits, granularity=stage.granularity,
         group_size=stage.group_size, estimator=stage.estimator, observer=stage.weight_observer,
     )  # fmt: skip
     act = None
@@ -137,9 +147,15 @@ def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> n
         model, stage_config(stage), calib, select=select, bias_correction=stage.bias_correction
     )
     where = f"; calibration on {seen} samples of {ctx.task.name}" if ctx.task and seen else ""
+    reduced = (
+        ", 7-bit weight range (reduce_range)"
+        if stage_config(stage).weight.bits == 7 and (stage.w_bits == 8)
+        else ""
+    )
     ctx.notes.append(
         f"quantize: W{stage.w_bits}A{stage.a_bits or 32} ({stage.quantizer}, "
-        f"{stage.granularity}){where}{', bias-corrected' if stage.bias_correction else ''}"
+        f"{stage.granularity}{reduced}){where}"
+        f"{', bias-corrected' if stage.bias_correction else ''}"
     )
     if seen and seen < stage.calibration:
         ctx.notes.append(
