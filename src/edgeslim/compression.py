@@ -28,7 +28,7 @@ from torch import nn
 
 from edgeslim.checkpoint import save_state
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
-from edgeslim.errors import EdgeslimError, RecipeError
+from edgeslim.errors import EdgeslimError, Int8SaturationWarning, RecipeError
 from edgeslim.export.verify import (
     check_parity,
     export_axes,
@@ -477,7 +477,7 @@ def _saturation_note(module: nn.Module, parity: Parity, notes: list[str]) -> Non
         "computes as torch does; for CPUs without, quantize with reduce_range: true (7-bit "
         "weights in int8, which cannot overflow)"
     )
-    warnings.warn(text, stacklevel=2)
+    warnings.warn(text, Int8SaturationWarning, stacklevel=2)
     notes.append(text)
 
 

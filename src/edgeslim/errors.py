@@ -49,3 +49,9 @@ class TaskError(EdgeslimError, ValueError):
 
 class ExportError(EdgeslimError):
     """ONNX export refused the model; the message names the node and what to change."""
+
+
+class Int8SaturationWarning(UserWarning):
+    """An int8 file computes differently on this CPU than the model it was made from: its
+    kernels saturate 16-bit sums (x86 without VNNI; see ``reduce_range``). Its own category
+    so that a caller deploying elsewhere can filter it."""
