@@ -23,9 +23,10 @@ from edgeslim.task import Task
 
 def test_reduce_range_takes_8_bit_uniform_weights_to_7_bits_only() -> None:
     assert stage_config(QuantizeStage(reduce_range=True)).weight.bits == 7
-    assert stage_config(QuantizeStage()).weight.bits == 8
+    assert stage_config(QuantizeStage()).weight.bits == 8  # the default, as ONNX Runtime's
     assert stage_config(QuantizeStage(w_bits=4, reduce_range=True)).weight.bits == 4
-    stage = QuantizeStage(w_bits=4, select={"head": {"w_bits": 8, "reduce_range": True}})
+    stage = QuantizeStage(w_bits=4, reduce_range=False, select={"head": {"w_bits": 8}})
+    assert select_config(stage, "head", {"w_bits": 8}).weight.bits == 8
     assert select_config(stage, "head", {"w_bits": 8, "reduce_range": True}).weight.bits == 7
 
 

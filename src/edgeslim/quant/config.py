@@ -49,10 +49,13 @@ class QuantConfig:
         )
 
 
-def w8a8(granularity: str = "channel") -> QuantConfig:
-    """int8 weights (symmetric, per channel) and int8 activations (asymmetric, per tensor)."""
+def w8a8(granularity: str = "channel", reduce_range: bool = False) -> QuantConfig:
+    """int8 weights (symmetric, per channel) and int8 activations (asymmetric, per tensor).
+
+    ``reduce_range``: weights on 7 bits of int8, which ONNX Runtime computes exactly on x86
+    CPUs without VNNI too (see :class:`edgeslim.stages.quantize.QuantizeStage`)."""
     return QuantConfig(
-        QuantSpec(bits=8, granularity=granularity),  # type: ignore[arg-type]
+        QuantSpec(bits=7 if reduce_range else 8, granularity=granularity),  # type: ignore[arg-type]
         QuantSpec(bits=8, granularity="tensor", symmetric=False, observer="percentile"),
     )
 
