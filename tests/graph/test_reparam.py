@@ -265,6 +265,24 @@ def test_a_conv_padding_the_tf_way_becomes_a_pad_and_a_plain_conv() -> None:
         torch.testing.assert_close(model(x), originals(x))
 
 
+def _pruned_then_quantized(model: nn.Module, size: int, tmp_path: Path) -> edgeslim.CompressResult:
+    """Half of every prunable group removed, then W8A8; checks what every such test needs:
+    integer kernels in the file, and a reload that rebuilds the same model."""
+    x = torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(0))
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
+    recipe = {"name": "p", "stages": [
+        {"kind": "prune", "ratio": 0.5, "finetune_epochs": 0},
+        {"kind": "quantize", "w_bits": 8, "a_bits": 8},
+    ]}  # fmt: skip
+    result = edgeslim.compress(model, recipe, task, tmp_path / "o")
+    ort_record = next(r for r in result.records if r.runtime == "onnxruntime")
+    assert ort_record.extra["int8_mac_share"] > 0.99
+    reloaded = edgeslim.load(tmp_path / "o", model=model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), result.model(x))
+    return result
+
+
 def test_compress_quantizes_and_prunes_tf_same_convs(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -272,23 +290,12 @@ def test_compress_quantizes_and_prunes_tf_same_convs(tmp_path: Path) -> None:
         Conv2dSame(16, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
     ).eval()  # fmt: skip
-    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
-    recipe = {"name": "p", "stages": [
-        {"kind": "prune", "ratio": 0.5, "finetune_epochs": 0},
-        {"kind": "quantize", "w_bits": 8, "a_bits": 8},
-    ]}  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # "left in float" would raise here
         warnings.simplefilter("ignore", Int8SaturationWarning)  # (this CPU's, not the model's)
-        result = edgeslim.compress(model, recipe, task, tmp_path / "o")
-    ort_record = next(r for r in result.records if r.runtime == "onnxruntime")
-    assert ort_record.extra["int8_mac_share"] > 0.99
+        result = _pruned_then_quantized(model, 16, tmp_path)
     first = result.model.get_submodule("0.1")  # the plain conv after its pad
     assert isinstance(first, nn.Conv2d) and first.out_channels == 8  # half its filters
-    reloaded = edgeslim.load(tmp_path / "o", model=model)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(x), result.model(x))
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -351,17 +358,6 @@ def test_compress_prunes_through_norms_with_their_activation(tmp_path: Path) -> 
         nn.Conv2d(16, 16, 3, padding=1), BatchNormAct2d(16, nn.ReLU()),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
     ).eval()  # fmt: skip
-    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(0))
-    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
-    recipe = {"name": "p", "stages": [
-        {"kind": "prune", "ratio": 0.5, "finetune_epochs": 0},
-        {"kind": "quantize", "w_bits": 8, "a_bits": 8},
-    ]}  # fmt: skip
-    result = edgeslim.compress(model, recipe, task, tmp_path / "o")
+    result = _pruned_then_quantized(model, 12, tmp_path)
     assert result.model.get_submodule("0").out_channels == 8
     assert result.model.get_submodule("2").in_channels == 8  # (its BatchNorm folded)
-    ort_record = next(r for r in result.records if r.runtime == "onnxruntime")
-    assert ort_record.extra["int8_mac_share"] > 0.99
-    reloaded = edgeslim.load(tmp_path / "o", model=model)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(x), result.model(x))

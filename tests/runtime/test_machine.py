@@ -71,3 +71,4 @@ def test_int8_sums_saturate_on_x86_without_vnni_only() -> None:
     assert not int8_sums_saturate(info("x86_64", "avx2", "avx_vnni"))
     assert not int8_sums_saturate(info("x86_64", "avx2", "avx512_vnni"))
     assert not int8_sums_saturate(info("aarch64", "asimd", "asimddp"))
+    assert not int8_sums_saturate(info("x86_64"))  # flags unreadable (no /proc/cpuinfo)

@@ -30,6 +30,11 @@ def test_reduce_range_takes_8_bit_uniform_weights_to_7_bits_only() -> None:
     assert select_config(stage, "head", {"w_bits": 8, "reduce_range": True}).weight.bits == 7
 
 
+def test_reduce_range_on_a_grid_it_cannot_narrow_is_refused() -> None:
+    with pytest.raises(ValueError, match="reduce_range"):
+        QuantizeStage(quantizer="pow2", w_bits=4, reduce_range=True)
+
+
 def _saturating_model() -> nn.Module:
     """A 1x1 conv whose int8 weights are all +127 within a channel: on large inputs every
     pair of products overflows a signed 16-bit sum (255 * 127 * 2 > 32767)."""

@@ -99,6 +99,14 @@ def _depends_on(node: fx.Node, source: fx.Node) -> bool:
     return False
 
 
+def _computes(got: Any, want: torch.Tensor) -> bool:
+    """Whether a replacement's output ``got`` is the original's ``want`` (float rounding
+    aside): the check behind every replacement here."""
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return False
+    return torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-8)
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
@@ -154,7 +162,7 @@ def _plain_layer(module: nn.Module, base: type[nn.Module]) -> nn.Module | None:
     if bias is not None:
         plain.get_parameter("bias").copy_(bias)
     plain.to(device=w0.device).train(module.training)
-    if not torch.allclose(plain(probe), want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+    if not _computes(plain(probe), want):
         return None
     return plain
 
@@ -176,10 +184,7 @@ def _transposed_linear(module: nn.Module) -> nn.Linear | None:
         got = module(probe)
     except Exception:
         return None
-    want = probe @ weight + (bias if bias is not None else 0)
-    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-        return None
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-8):
+    if not _computes(got, probe @ weight + (bias if bias is not None else 0)):
         return None
     plain = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
     plain.weight.copy_(weight.T)
@@ -237,10 +242,7 @@ def _same_padded_conv(module: nn.Module, base: type[nn.Module]) -> nn.Sequential
             want = module(probe)
         except Exception:
             return None
-        got = same(probe)
-        if not isinstance(want, torch.Tensor) or got.shape != want.shape:
-            return None
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-8):
+        if not isinstance(want, torch.Tensor) or not _computes(same(probe), want):
             return None
     return same
 
@@ -319,7 +321,6 @@ def _norm_then_children(module: nn.Module) -> nn.Sequential | None:
     weight = next(iter(module.parameters()), None)
     if weight is not None:
         plain.to(device=weight.device, dtype=weight.dtype)
-    plain.train(module.training)
     was = module.training
     module.eval()
     plain.eval()
@@ -331,9 +332,7 @@ def _norm_then_children(module: nn.Module) -> nn.Sequential | None:
     finally:
         module.train(was)
         plain.train(was)
-    if not isinstance(want, torch.Tensor) or got.shape != want.shape:
-        return None
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-8):
+    if not isinstance(want, torch.Tensor) or not _computes(got, want):
         return None
     return plain
 

@@ -76,11 +76,12 @@ def int8_sums_saturate(info: dict[str, Any] | None = None) -> bool:
     """Whether ONNX Runtime's uint8 x int8 kernels add pairs of products in 16 bits here, and
     saturate: an x86 CPU without VNNI (AVX2, or AVX-512 without VNNI). On such a CPU a full
     range int8 weight file computes differently from the model it was made from; 7-bit
-    weights (``reduce_range``) cannot overflow. Arm and VNNI CPUs add in 32 bits."""
+    weights (``reduce_range``) cannot overflow. Arm and VNNI CPUs add in 32 bits. False
+    when the CPU's flags cannot be read (no ``/proc/cpuinfo``): unknown is not said."""
     info = machine_info() if info is None else info
     isa = set(info.get("int8_isa") or [])
     x86 = str(info.get("arch", "")).lower() in ("x86_64", "amd64", "i686", "x86")
-    return x86 and not isa & set(VNNI)
+    return x86 and bool(isa) and not isa & set(VNNI)
 
 
 def describe_machine(info: dict[str, Any]) -> str:

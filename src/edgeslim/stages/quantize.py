@@ -56,7 +56,13 @@ class QuantizeStage(Stage):
 
     @model_validator(mode="after")
     def _names_exist(self) -> QuantizeStage:
-        """Unknown quantizer/estimator/observer names fail at load time, listing valid ones."""
+        """Unknown quantizer/estimator/observer names fail at load time, listing valid ones;
+        so does ``reduce_range`` on a grid it cannot narrow."""
+        if self.reduce_range and self.quantizer != "uniform":
+            raise ValueError(
+                f"reduce_range narrows the uniform int8 grid; quantizer {self.quantizer!r} has "
+                "its own levels: set quantizer: uniform or reduce_range: false"
+            )
         stage_config(self)
         for key, v in self.select.items():
             if v is not None:
@@ -88,12 +94,16 @@ def select_config(stage: QuantizeStage, key: str, entry: dict[str, Any]) -> Any:
     )
 
 
+def reduces_range(stage: QuantizeStage) -> bool:
+    """Whether the stage's 8-bit weights go on 7 bits (stored as int8, |k| <= 63: no pair of
+    products overflows a 16-bit sum); below 8 bits the grid is narrower already."""
+    return stage.reduce_range and stage.quantizer == "uniform" and stage.w_bits == 8
+
+
 def stage_config(stage: QuantizeStage) -> Any:
     from edgeslim.quant import QuantConfig, QuantSpec
 
-    bits = stage.w_bits
-    if stage.reduce_range and stage.quantizer == "uniform" and bits == 8:
-        bits = 7  # stored as int8, |k| <= 63: no pair of products overflows 16 bits
+    bits = 7 if reduces_range(stage) else stage.w_bits
     weight = QuantSpec(
         quantizer=stage.quantizer, bits=bits, granularity=stage.granularity,
         group_size=stage.group_size, estimator=stage.estimator, observer=stage.weight_observer,
@@ -150,11 +160,7 @@ def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> n
         model, stage_config(stage), calib, select=select, bias_correction=stage.bias_correction
     )
     where = f"; calibration on {seen} samples of {ctx.task.name}" if ctx.task and seen else ""
-    reduced = (
-        ", 7-bit weight range (reduce_range)"
-        if stage_config(stage).weight.bits == 7 and (stage.w_bits == 8)
-        else ""
-    )
+    reduced = ", 7-bit weight range (reduce_range)" if reduces_range(stage) else ""
     ctx.notes.append(
         f"quantize: W{stage.w_bits}A{stage.a_bits or 32} ({stage.quantizer}, "
         f"{stage.granularity}{reduced}){where}"
