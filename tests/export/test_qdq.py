@@ -78,7 +78,8 @@ def test_a_classifier_head_runs_as_qgemm_and_matches_torch(tmp_path: Path) -> No
     ).eval()
     x = torch.randn(64, 12)
     config = QuantConfig(
-        QuantSpec(bits=8), QuantSpec(bits=8, granularity="tensor", symmetric=False)
+        QuantSpec(bits=7),  # reduce_range: exact in ORT on CPUs without VNNI too
+        QuantSpec(bits=8, granularity="tensor", symmetric=False),
     )
     gm = ptq(model, config, [(x[i : i + 16],) for i in range(0, 64, 16)])
     path = export_qdq(gm, (x[:1],), tmp_path / "mlp.onnx")

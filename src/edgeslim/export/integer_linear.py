@@ -58,8 +58,11 @@ def _kind(fqn: str, layer: QuantLinear) -> str:
             f"granularity={a.granularity!r}, bits={a.bits}, symmetric={a.symmetric}. "
             "Per-token activations have no fused ONNX Runtime kernel."
         )
-    if spec.bits != 8 or spec.granularity not in ("channel", "tensor"):
-        raise EdgeslimError(f"{fqn}: W8A8 export needs 8-bit per-channel or per-tensor weights")
+    if spec.bits not in (7, 8) or spec.granularity not in ("channel", "tensor"):  # 7: reduce_range
+        raise EdgeslimError(
+            f"{fqn}: W8A8 export needs 8-bit (or 7-bit, reduce_range) per-channel or per-tensor "
+            f"weights; got {spec.bits}-bit {spec.granularity}"
+        )
     return "w8a8_dynamic"
 
 

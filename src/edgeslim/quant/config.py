@@ -60,18 +60,19 @@ def w8a8(granularity: str = "channel", reduce_range: bool = False) -> QuantConfi
     )
 
 
-def w8a8_dynamic(per_token: bool = False) -> QuantConfig:
+def w8a8_dynamic(per_token: bool = False, reduce_range: bool = False) -> QuantConfig:
     """Transformer W8A8: int8 per-channel weights, activations quantized on the fly.
 
     Per-tensor uint8 (``per_token=False``) is what ONNX Runtime's fused dynamic kernels run;
     per-token int8 gives each sequence position its own range (more accurate, torch only).
+    ``reduce_range``: weights on 7 bits, as in :func:`w8a8`.
     """
     act = (
         QuantSpec(bits=8, granularity="token", symmetric=True, observer="dynamic")
         if per_token
         else QuantSpec(bits=8, granularity="tensor", symmetric=False, observer="dynamic")
     )
-    return QuantConfig(QuantSpec(bits=8, granularity="channel"), act)
+    return QuantConfig(QuantSpec(bits=7 if reduce_range else 8, granularity="channel"), act)
 
 
 def w4_weight_only(group_size: int = 32, observer: str = "minmax") -> QuantConfig:
