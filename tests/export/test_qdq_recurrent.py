@@ -6,6 +6,7 @@ matmuls, one DynamicQuantizeLSTM per LSTM layer) or the documented float fallbac
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -123,18 +124,28 @@ def test_convs_run_as_qlinearconv(name: str, tmp_path: Path) -> None:
     _check_parity(q, path, [shape])
 
 
-def test_conv_transpose_runs_in_float_with_a_warning(tmp_path: Path) -> None:
+@pytest.mark.parametrize("w_bits", [8, 7, 4])
+def test_conv_transpose_runs_in_float_with_a_warning(w_bits: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
     layer = nn.ConvTranspose2d(8, 16, 3, stride=2, padding=1, output_padding=1)
+    path, q = tmp_path / "m.onnx", Conv(layer)
+    calib = [(torch.randn(32, 8, 6, 6),) for _ in range(2)]
+    config = w8a8()
+    assert config.weight is not None
+    config = replace(config, weight=replace(config.weight, bits=w_bits))
+    q = ptq(q.eval(), config, calib)
     with pytest.warns(UserWarning, match="no integer ConvTranspose kernel"):
-        # full range: the float ConvTranspose saturates nothing; a 7-bit one is not stored
-        # as int8 (see the stop 38 note)
-        path, q = _export(Conv(layer), (torch.randn(1, 8, 6, 6),), tmp_path / "m.onnx", False)
+        export_qdq(q, (torch.randn(1, 8, 6, 6),), path)
     ops = ort_fused_ops(path)
     assert ops.get("ConvTranspose") == 1 and "QLinearConvTranspose" not in ops, ops
     graph = onnx.load(str(path)).graph
     int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    assert [list(i.dims) for i in int8] == [[16, 8, 3, 3]]  # stored int8 (out-major)
+    # stored as int8 codes (out-major) at every width, sub-8-bit ones on their own grid
+    assert [list(i.dims) for i in int8] == [[16, 8, 3, 3]]
+    codes = onnx.numpy_helper.to_array(int8[0])
+    assert np.abs(codes).max() <= 2 ** (w_bits - 1) - 1
+    assert not [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                and list(i.dims) == [8, 16, 3, 3]]  # fmt: skip
     _check_parity(q, path, [(8, 6, 6)])
 
 

@@ -70,15 +70,16 @@ def export_mode(model: nn.Module) -> Iterator[None]:
     saved = [m.mode for m in mods]
     # sub-8-bit weights are snapped to their grid in place (restored on exit), so that they
     # stay initializers and export as int8 codes; a constant copy would be folded to float
+    # (through ``_store_weight``: a transposed conv's ``_weight`` is a reordered copy)
     snapped: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for m in mods:
             q = getattr(m, "weight_quantizer", None)
             sub8 = isinstance(q, UniformQuantizer) and (q.spec.bits < 8 or not q.symmetric)
             if isinstance(m, QuantMixin) and isinstance(q, UniformQuantizer) and sub8:
-                w = m._weight
+                w = getattr(m, "weight")  # noqa: B009
                 snapped.append((w, w.detach().clone()))
-                w.copy_(q.quantize(w))
+                m._store_weight(q.quantize(m._weight))
     for m in mods:
         m.mode = "export"
     try:

@@ -142,6 +142,11 @@ class QuantMixin:
         return w
 
     @torch.no_grad()
+    def _store_weight(self, w: torch.Tensor) -> None:
+        """Write ``w``, shaped as :attr:`_weight`, into the layer's own weight parameter."""
+        getattr(self, "weight").copy_(w)  # noqa: B009
+
+    @torch.no_grad()
     def _init_weight_range(self) -> None:
         """Weights are known: calibrate their range now with the spec's observer."""
         assert self.weight_quantizer is not None and self.qconfig.weight is not None
@@ -246,14 +251,11 @@ class _QuantConvTransposeNd(QuantMixin):
     def _weight(self) -> torch.Tensor:
         return out_major(getattr(self, "weight"), getattr(self, "groups"))  # noqa: B009
 
-    def quant_weight(self) -> torch.Tensor:
-        q = self.weight_quantizer
-        if self.mode == "export" and q is not None and (q.spec.bits < 8 or not q.spec.symmetric):
-            from edgeslim.export.qdq import qdq_weight
+    @torch.no_grad()
+    def _store_weight(self, w: torch.Tensor) -> None:
+        getattr(self, "weight").copy_(in_major(w, getattr(self, "groups")))  # noqa: B009
 
-            # export_mode snaps sub-8-bit weights in place; this view may be a copy: snap here
-            w = qdq_weight(q, q.quantize(self._weight).detach())
-            return in_major(w, getattr(self, "groups"))  # noqa: B009
+    def quant_weight(self) -> torch.Tensor:
         return in_major(super().quant_weight(), getattr(self, "groups"))  # noqa: B009
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
