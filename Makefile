@@ -30,8 +30,10 @@ lint: setup
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
+# two workers, one torch thread each (tests/conftest.py); a file's tests stay on one worker
+TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Hypothesis fuzzing of the loaders, readers and quantizers with the long profile (2,000
 # examples per target; EDGESLIM_FUZZ_EXAMPLES=N to change); `make test` runs a fast profile.

@@ -9,8 +9,23 @@ import pytest
 import torch
 
 # Two threads, like CI and the benchmarks; EDGESLIM_TEST_THREADS=1 when another job shares
-# the cores (two 2-thread torch processes on 2 cores spin-wait for each other).
-torch.set_num_threads(int(os.environ.get("EDGESLIM_TEST_THREADS", "2")))
+# the cores (two 2-thread torch processes on 2 cores spin-wait for each other). Under
+# pytest-xdist (`make test` runs two workers) each worker takes one thread by default.
+_THREADS = "1" if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else "2"
+torch.set_num_threads(int(os.environ.get("EDGESLIM_TEST_THREADS", _THREADS)))
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same random state, whichever tests ran before it in the
+    process: under pytest-xdist that order changes from run to run."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from edgeslim.bench import load_records
@@ -12,6 +13,10 @@ from edgeslim.cli import app
 from edgeslim.zoo import ZOO
 
 
+# 4-5 minutes on 2 cores, a third of the default run: `make demo` is this command, and its
+# parts are tested apiece (tests/bench: prune_quant and datafree quick suites; the baseline
+# and quant suites are slow-marked there too)
+@pytest.mark.slow
 def test_demo_shows_baseline_quantized_pruned_then_datafree_resnet20(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output

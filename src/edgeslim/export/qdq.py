@@ -71,15 +71,15 @@ def export_mode(model: nn.Module) -> Iterator[None]:
     # sub-8-bit weights are snapped to their grid in place (restored on exit), so that they
     # stay initializers and export as int8 codes; a constant copy would be folded to float
     # (through ``_store_weight``: a transposed conv's ``_weight`` is a reordered copy)
-    snapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    snapped: list[tuple[QuantMixin, torch.Tensor]] = []
     with torch.no_grad():
         for m in mods:
             q = getattr(m, "weight_quantizer", None)
             sub8 = isinstance(q, UniformQuantizer) and (q.spec.bits < 8 or not q.symmetric)
             if isinstance(m, QuantMixin) and isinstance(q, UniformQuantizer) and sub8:
-                w = getattr(m, "weight")  # noqa: B009
-                snapped.append((w, w.detach().clone()))
-                m._store_weight(q.quantize(m._weight))
+                w = m._weight
+                snapped.append((m, w.detach().clone()))
+                m._store_weight(q.quantize(w))
     for m in mods:
         m.mode = "export"
     try:
@@ -88,8 +88,8 @@ def export_mode(model: nn.Module) -> Iterator[None]:
         for m, mode in zip(mods, saved, strict=True):
             m.mode = mode
         with torch.no_grad():
-            for w, original in snapped:
-                w.copy_(original)
+            for layer, original in snapped:
+                layer._store_weight(original)
 
 
 def export_qdq(

@@ -144,7 +144,7 @@ class QuantMixin:
     @torch.no_grad()
     def _store_weight(self, w: torch.Tensor) -> None:
         """Write ``w``, shaped as :attr:`_weight`, into the layer's own weight parameter."""
-        getattr(self, "weight").copy_(w)  # noqa: B009
+        self._weight.copy_(w)
 
     @torch.no_grad()
     def _init_weight_range(self) -> None:
