@@ -475,7 +475,8 @@ def _saturation_note(module: nn.Module, parity: Parity, notes: list[str]) -> Non
         "pairs of products in 16 bits and saturate with full-range 8-bit weights; the "
         "ONNX Runtime figures here carry that error. On CPUs with VNNI or on Arm the file "
         "computes as torch does; for CPUs without, quantize with reduce_range: true (7-bit "
-        "weights in int8, which cannot overflow)"
+        "weights in int8, which cannot overflow; in a datafree stage, 7 in place of 8 in "
+        "its bit fields)"
     )
     warnings.warn(text, Int8SaturationWarning, stacklevel=2)
     notes.append(text)
