@@ -39,6 +39,15 @@ class PruneError(EdgeslimError, ValueError):
     """A pruning request cannot be carried out; the message names the group and why."""
 
 
+class UnreachableTargetError(PruneError):
+    """A MACs target beyond what the prunable groups can remove; ``best`` is the reduction
+    they can reach (a prune stage with ``allow_target_miss`` prunes that far instead)."""
+
+    def __init__(self, message: str, best: float) -> None:
+        super().__init__(message)
+        self.best = best
+
+
 class PlanError(PruneError):
     """A plan file is malformed or does not fit the model; the model was left untouched."""
 

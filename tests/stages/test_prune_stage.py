@@ -193,3 +193,23 @@ def test_prune_stage_with_latency_weight(tmp_path: Path, monkeypatch: pytest.Mon
     assert 0.3 <= 1 - total_macs(layer_table(pruned, X)) / base <= 0.32
     assert any("tilted by fp32 latency per MAC (weight 1.0)" in n for n in ctx.notes)
     assert list((tmp_path / "cache").glob("latency-*.json"))
+
+
+def test_a_target_out_of_reach_is_refused_or_pruned_as_far_as_it_goes(tmp_path: Path) -> None:
+    """max_group_ratio 0.5 leaves half of each group: -90% is out of reach. Refused, naming
+    the reachable reduction and the option; with allow_target_miss, pruned that far."""
+    import edgeslim
+    from edgeslim.errors import UnreachableTargetError
+    from edgeslim.task import digits_task
+
+    stage = {"kind": "prune", "macs_reduction": 0.9, "max_group_ratio": 0.5, "finetune_epochs": 0}
+    with pytest.raises(UnreachableTargetError, match=r"at most .*allow_target_miss") as info:
+        edgeslim.compress(_narrow_cnn(), {"stages": [stage]}, digits_task(), out=tmp_path / "r")
+    assert 0.3 < info.value.best < 0.9
+    assert list(tmp_path.iterdir()) == []
+    allowed = {"stages": [{**stage, "allow_target_miss": True}]}
+    out = tmp_path / "ok"
+    result = edgeslim.compress(_narrow_cnn(), allowed, digits_task(), out=out, quick=True)
+    assert result.records[0].config["macs_reduction"] == pytest.approx(info.value.best, abs=0.02)
+    report = (out / "report.md").read_text()
+    assert "out of reach" in report and "prune target missed" in report

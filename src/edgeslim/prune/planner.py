@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from edgeslim.data.batching import Batch, TensorBatches
-from edgeslim.errors import PruneError
+from edgeslim.errors import PruneError, UnreachableTargetError
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.attention import has_attention, split_attention
 from edgeslim.graph.coupling import CouplingGroup
@@ -339,9 +339,12 @@ def _global_widths(
         reached = over[ci] >= target - _EPS
     if not reached:
         best = macs.reduction([g.size - w[-1] for g, w in zip(cands, widths, strict=True)])
-        raise PruneError(
+        raise UnreachableTargetError(
             f"cannot remove {target:.1%} of the MACs: at most {best:.1%} with "
-            f"max_group_ratio={max_group_ratio} and round_to={round_to}"
+            f"max_group_ratio={max_group_ratio} and round_to={round_to} (the groups left "
+            "whole are named in the warning before this): lower the target, or in a prune "
+            "stage set allow_target_miss: true to prune as far as it goes",
+            best,
         )
     return [widths[ci][level[ci]] for ci in range(len(cands))]
 

@@ -220,6 +220,32 @@ def _check_target(stage: PruneStage, achieved: float, name: str) -> str:
     )
 
 
+def _plan_within_reach(
+    model: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    criterion: Any,
+    stage: PruneStage,
+    ctx: StageContext,
+) -> Any:
+    """The planner's keep sets for the stage's budget; with ``allow_target_miss``, a MACs
+    target out of reach is planned at the most the groups can remove, and noted."""
+    from edgeslim.errors import UnreachableTargetError
+    from edgeslim.prune.planner import plan_keep
+
+    config = stage.prune_config()
+    try:
+        return plan_keep(model, example, criterion, config)[0]
+    except UnreachableTargetError as exc:
+        if not stage.allow_target_miss or exc.best <= 0.0:
+            raise
+        ctx.notes.append(
+            f"WARNING: prune: -{stage.macs_reduction:.1%} MACs is out of reach ({exc.best:.1%} "
+            "at most); planned at that because allow_target_miss is true"
+        )
+        reachable = dataclasses.replace(config, macs_reduction=exc.best)
+        return plan_keep(model, example, criterion, reachable)[0]
+
+
 def rebuild_prune(
     model: nn.Module, plan_path: Path, example: tuple[torch.Tensor, ...]
 ) -> nn.Module:
@@ -234,7 +260,7 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     from edgeslim.graph.attention import split_attention
     from edgeslim.prune.finetune import finetune_pruned
     from edgeslim.prune.plan import PrunePlan
-    from edgeslim.prune.planner import apply_keep, build_importance, plan_keep
+    from edgeslim.prune.planner import apply_keep, build_importance
 
     task = ctx.need_task("prune")
     example = task.example_inputs
@@ -264,7 +290,7 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
         plan_path = _prune_by_gates(model, example, train, stage, teacher, ctx)
     else:
         criterion = build_importance(stage.criterion, train, stage.seed)
-        keep, _stats = plan_keep(model, example, criterion, stage.prune_config())
+        keep = _plan_within_reach(model, example, criterion, stage, ctx)
         plan = PrunePlan.from_groups(model, keep, example, name=ctx.model_name)
         apply_keep(model, keep, criterion)
         plan_path = plan.save(_plan_path(Path(ctx.out)))
