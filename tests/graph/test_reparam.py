@@ -323,6 +323,13 @@ class GroupNormAct(nn.GroupNorm):
         return self.act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
 
 
+class GELU(nn.Module):
+    """An activation class of the model's own (timm's ``GELU``): fx traces into it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x)
+
+
 class NormPlusInput(BatchNormAct2d):
     """More than a chain after the norm: left alone."""
 
@@ -334,7 +341,7 @@ def test_a_norm_running_its_children_becomes_a_sequential() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3), BatchNormAct2d(8, nn.ReLU6()), nn.Conv2d(8, 8, 1),
-        GroupNormAct(2, 8), NormPlusInput(8, nn.ReLU()),
+        GroupNormAct(2, 8), NormPlusInput(8, nn.ReLU()), BatchNormAct2d(8, GELU()),
     ).eval()  # fmt: skip
     for m in model.modules():  # statistics a fresh BatchNorm does not have
         if isinstance(m, nn.BatchNorm2d):
@@ -343,8 +350,12 @@ def test_a_norm_running_its_children_becomes_a_sequential() -> None:
     x = torch.randn(2, 3, 9, 9)
     want = model(x)
     baked = bake_reparametrizations(model)
-    assert baked == ["1 (BatchNormAct2d as norm + children)", "3 (GroupNormAct as norm + children)"]
+    assert baked == [
+        "1 (BatchNormAct2d as norm + children)", "3 (GroupNormAct as norm + children)",
+        "5 (BatchNormAct2d as norm + children)",
+    ]  # fmt: skip
     assert [type(m) for m in model[1]] == [nn.BatchNorm2d, nn.Identity, nn.ReLU6]
+    assert [type(m) for m in model[5]] == [nn.BatchNorm2d, nn.Identity, GELU]
     assert [type(m) for m in model[3]] == [nn.GroupNorm, nn.SiLU]
     assert isinstance(model[4], NormPlusInput)
     torch.testing.assert_close(model(x), want)

@@ -284,6 +284,13 @@ def _norm_probe(module: nn.Module) -> torch.Tensor:
     return torch.randn(2, int(channels), *[5] * spatial)  # type: ignore[arg-type]
 
 
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces one module's own forward: every submodule it calls is one step."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
 @torch.no_grad()
 def _norm_then_children(module: nn.Module) -> nn.Sequential | None:
     """``nn.Sequential(plain norm, *children)`` when ``module`` is a norm subclass whose own
@@ -294,8 +301,8 @@ def _norm_then_children(module: nn.Module) -> nn.Sequential | None:
         return None
     if type(module).__module__.startswith(("torch.", "edgeslim.")):
         return None
-    try:
-        gm = fx.symbolic_trace(module)
+    try:  # each child a leaf: timm's GELU would otherwise be traced into F.gelu
+        gm = fx.GraphModule(module, _ChildrenAsLeaves().trace(module))
     except Exception:
         return None
     output = next(n for n in gm.graph.nodes if n.op == "output")
