@@ -341,8 +341,8 @@ def _global_widths(
         best = macs.reduction([g.size - w[-1] for g, w in zip(cands, widths, strict=True)])
         raise UnreachableTargetError(
             f"cannot remove {target:.1%} of the MACs: at most {best:.1%} with "
-            f"max_group_ratio={max_group_ratio} and round_to={round_to} (the groups left "
-            "whole are named in the warning before this): lower the target, or in a prune "
+            f"max_group_ratio={max_group_ratio} and round_to={round_to} (groups left whole, "
+            "if any, are named in the warning before this): lower the target, or in a prune "
             "stage set allow_target_miss: true to prune as far as it goes",
             best,
         )

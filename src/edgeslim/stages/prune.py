@@ -55,6 +55,7 @@ from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.train.loop import TrainConfig
 
 if TYPE_CHECKING:
+    from edgeslim.graph.coupling import CouplingGroup
     from edgeslim.prune.config import PruneConfig
 
 
@@ -226,11 +227,13 @@ def _plan_within_reach(
     criterion: Any,
     stage: PruneStage,
     ctx: StageContext,
-) -> Any:
+) -> dict[CouplingGroup, list[int]]:
     """The planner's keep sets for the stage's budget; with ``allow_target_miss``, a MACs
     target out of reach is planned at the most the groups can remove, and noted."""
+    import warnings
+
     from edgeslim.errors import UnreachableTargetError
-    from edgeslim.prune.planner import plan_keep
+    from edgeslim.prune.planner import PruneWarning, plan_keep
 
     config = stage.prune_config()
     try:
@@ -243,7 +246,9 @@ def _plan_within_reach(
             "at most); planned at that because allow_target_miss is true"
         )
         reachable = dataclasses.replace(config, macs_reduction=exc.best)
-        return plan_keep(model, example, criterion, reachable)[0]
+        with warnings.catch_warnings():  # the groups left whole were named a moment ago
+            warnings.simplefilter("ignore", PruneWarning)
+            return plan_keep(model, example, criterion, reachable)[0]
 
 
 def rebuild_prune(
