@@ -464,6 +464,12 @@ def search_cmd(
     finetune_epochs: Annotated[
         int, typer.Option(help="short fine-tuning of each measured policy (0: none)")
     ] = 0,
+    depth: Annotated[
+        bool,
+        typer.Option(
+            "--depth", help="also search removing residual branches whole (pair with fine-tuning)"
+        ),
+    ] = False,
 ) -> None:
     """Search per-layer bits and pruning ratios under constraints; apply, export and plot
     the best policy. Rerunning the same command after an interruption resumes the search.
@@ -483,7 +489,7 @@ def search_cmd(
             input_shapes=_shapes(input_shape), strategy=strategy, budget=budget, seed=seed,
             max_drop=max_drop, w_bits=w, a_bits=_ints(a_bits, "--a-bits"), keep=keeps,
             executor=executor, workers=workers, force=force, quick=quick,
-            finetune_epochs=finetune_epochs,
+            finetune_epochs=finetune_epochs, depth=depth,
         )  # fmt: skip
     except (EdgeslimError, ValueError) as exc:
         fail(exc)

@@ -24,6 +24,7 @@ from torch import nn
 
 from edgeslim.graph.attention import unfuse_encoder_layers
 from edgeslim.graph.layers import layer_table, total_macs
+from edgeslim.graph.swap import replace_submodule
 from edgeslim.lowrank.modules import FQN_ATTR, LowRankError, WeightReadError, factorize_layer
 from edgeslim.lowrank.ranks import (
     candidates,
@@ -56,11 +57,6 @@ class SVDConfig:
         if self.round_to < 1:
             raise LowRankError(f"round_to must be >= 1; got {self.round_to}")
         object.__setattr__(self, "skip", tuple(self.skip))  # a list from JSON/YAML
-
-
-def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, name = fqn.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, name, new)
 
 
 def factorize_(
@@ -114,7 +110,7 @@ def factorize_(
         for c in chosen:
             pair = factorize_layer(c.module, kept[c.fqn], c.svd)
             object.__setattr__(pair, FQN_ATTR, c.fqn)
-            _set_submodule(model, c.fqn, pair)
+            replace_submodule(model, c.fqn, pair)
         unfuse_encoder_layers(model)
         try:
             after_table = layer_table(model, *example_inputs)
@@ -125,7 +121,7 @@ def factorize_(
             if exc.fqn is None or exc.fqn not in kept:
                 raise
             for c in chosen:
-                _set_submodule(model, c.fqn, c.module)
+                replace_submodule(model, c.fqn, c.module)
             read[exc.fqn] = "kept whole: code around it reads its `weight`"
     skipped.update(dense)
     skipped.update(read)

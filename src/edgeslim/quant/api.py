@@ -18,9 +18,9 @@ from torch.nn.utils import parametrize
 
 from edgeslim.data.batching import as_inputs
 from edgeslim.graph.attention import SplitMultiheadAttention, unfuse_encoder_layers
+from edgeslim.graph.swap import replace_submodule
 from edgeslim.quant.attention import QuantMultiheadAttention, QuantSplitAttention
 from edgeslim.quant.config import QuantConfig, Selection, check_selectors, resolve
-from edgeslim.quant.fold import _set_submodule
 from edgeslim.quant.modules import FLOAT_TO_QUANT, ActQuant, QuantMixin
 from edgeslim.quant.recurrent import RECURRENT_TO_QUANT, QuantRNN
 from edgeslim.quant.spec import QuantConfigError
@@ -177,7 +177,7 @@ def quantize_(
         module = model.get_submodule(fqn)
         twin = twin_of(module)
         assert twin is not None  # chosen only with a twin
-        _set_submodule(model, fqn, twin.from_float(module, cfg))
+        replace_submodule(model, fqn, twin.from_float(module, cfg))
     unfuse_encoder_layers(model)
     for fqn, why in skipped.items():
         kind, _, reason = why.partition(": ")

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from edgeslim.graph.swap import replace_submodule
 from edgeslim.graph.trace import trace
 
 # which BatchNorm may follow which layer type (the BN normalises the layer's channel axis 1)
@@ -53,12 +54,6 @@ def fold_conv_bn(conv: Foldable, bn: nn.modules.batchnorm._BatchNorm) -> None:
     conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
 
 
-def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _only_with(calls: dict[str, list[fx.Node]], conv: str, bn: str) -> bool:
     """Whether every call of ``conv`` feeds ``bn`` alone and every call of ``bn`` reads
     ``conv``: a module called twice (``self.f(x)`` run twice, a layer shared by two
@@ -97,5 +92,5 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         assert isinstance(conv, (nn.Linear, nn.modules.conv._ConvNd))
         assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
         fold_conv_bn(conv, bn)
-        _set_submodule(model, bn_name, nn.Identity())
+        replace_submodule(model, bn_name, nn.Identity())
     return pairs

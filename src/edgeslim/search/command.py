@@ -99,6 +99,7 @@ def search_task(
     keep: Sequence[float],
     finetune_epochs: int = 0,
     finetune_lr: float = 0.005,
+    depth: bool = False,
     quick: bool = False,
     journal: Path | None = None,
     executor: Any = None,
@@ -106,7 +107,8 @@ def search_task(
     """``(space, evaluator, latency predictor or None, SearchResult)``: the search the
     command line and the recipe stage both run (latency table when a constraint needs it,
     its best candidates then timed whole by :func:`~edgeslim.search.verify.verify_latency`;
-    optional short fine-tune of each measured policy)."""
+    optional short fine-tune of each measured policy; ``depth``: residual branches may be
+    removed whole)."""
     from edgeslim.search import SearchSpace, search
     from edgeslim.search.evaluate import Evaluator
     from edgeslim.train.loop import TrainConfig
@@ -122,7 +124,9 @@ def search_task(
             "fine-tuning policies needs training data; this task has none (give data with "
             "training samples, or leave fine-tuning off)"
         )
-    space = SearchSpace.build(model, task, w_bits=w_bits, a_bits=a_bits, keep=keep, seed=seed)
+    space = SearchSpace.build(
+        model, task, w_bits=w_bits, a_bits=a_bits, keep=keep, seed=seed, depth=depth
+    )
     latency = None
     if constraints.needs_latency:
         from edgeslim.search.latency import LutLatency
@@ -165,6 +169,7 @@ def run_search(
     quick: bool = False,
     finetune_epochs: int = 0,
     finetune_lr: float = 0.005,
+    depth: bool = False,
 ) -> SearchOutcome:
     """The command line's ``search`` (see module doc); validates everything first."""
     from edgeslim.compression import resolve_base
@@ -193,7 +198,7 @@ def run_search(
     space, evaluator, latency, result = search_task(
         model, task, parsed, strategy=strategy, budget=budget, seed=seed, w_bits=w_bits,
         a_bits=a_bits, keep=keep, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
-        quick=quick, journal=out / JOURNAL, executor=runner,
+        depth=depth, quick=quick, journal=out / JOURNAL, executor=runner,
     )  # fmt: skip
     uniform_results, uniform_rows = _uniform_rows(evaluator, space)
     payload: dict[str, Any] = {"search": result.to_dict(), "uniform": uniform_rows,
@@ -208,7 +213,7 @@ def run_search(
                                     "kernels_cached": len(latency.table)}  # fmt: skip
     if result.policy is not None:
         outcome.files["policy"] = result.policy.save(out / "policy.json")
-        compressed = space.apply(result.policy)
+        compressed = evaluator.prepare(result.policy)  # fine-tuned as it was scored
         onnx_path, parity = _export(compressed, task, out / "model.onnx")
         outcome.files["onnx"] = onnx_path
         payload["export"] = {"file": onnx_path.name, "parity": parity}

@@ -259,10 +259,7 @@ class Evaluator:
         """Apply, optionally fine-tune, and score ``policy`` (no cache: executors call this)."""
         start = time.perf_counter()
         costs, relative, checks = self._costs(policy)
-        model = self.space.apply(policy)
-        if self.finetune is not None:
-            self._finetune(model)
-        metric, metrics, loss = self._score(model)
+        metric, metrics, loss = self._score(self.prepare(policy))
         drop = self.constraints.check_drop(self.baseline, metric)
         all_checks = checks + ((drop,) if drop is not None else ())
         return EvalResult(
@@ -272,6 +269,14 @@ class Evaluator:
         )  # fmt: skip
 
     __call__ = measure
+
+    def prepare(self, policy: Policy) -> nn.Module:
+        """The model ``policy`` scores as: applied, and fine-tuned when the evaluator
+        fine-tunes (what a chosen policy is exported and tested as)."""
+        model = self.space.apply(policy)
+        if self.finetune is not None:
+            self._finetune(model)
+        return model
 
     def _finetune(self, model: nn.Module) -> None:
         """A short QAT pass on the task's training batches (estimators sharpen to the end)."""

@@ -211,8 +211,10 @@ def _bits(value: Any, where: str, allow_none: bool) -> int | None:
 
 def _ratio(value: Any, where: str) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise PolicyError(f"policy field {where} must be a keep ratio in (0, 1]; got {value!r}")
+    if not ok or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        # 0 removes a residual branch (a depth group); a channel group's allowed ratios are
+        # the space's to check
+        raise PolicyError(f"policy field {where} must be a keep ratio in [0, 1]; got {value!r}")
     return float(value)
 
 

@@ -7,7 +7,10 @@ Built once from a model and a :class:`~edgeslim.task.Task`:
   (``exclude`` globs keep layers float and out of the search);
 - **groups**: every prunable coupling group of the graph analysis (by group key, the FQN
   of its first producer), each with the same keep-ratio choices (``skip`` leaves groups
-  whole, as the planner's ``skip`` does).
+  whole, as the planner's ``skip`` does);
+- **branches** (with ``depth=True``): every removable residual branch
+  (:func:`~edgeslim.graph.branches.residual_branches`), a group keyed ``depth:<name>``
+  whose keep ratio is 1 (kept) or 0 (removed, :mod:`edgeslim.prune.depth`).
 
 A :class:`~edgeslim.search.Policy` picks one value per layer and group. Applying it reuses
 the pruning planner and PTQ as they are: channels are ranked once by the importance
@@ -47,9 +50,12 @@ from torch import nn
 from edgeslim.cost.analytic import bops, peak_activation_bytes, size_bytes
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.attention import has_attention, split_attention
+from edgeslim.graph.branches import ResidualBranch, residual_branches
 from edgeslim.graph.layers import LayerInfo
 from edgeslim.graph.model_graph import analyze
 from edgeslim.graph.reparam import bake_reparametrizations, has_reparametrizations
+from edgeslim.graph.swap import replace_submodule
+from edgeslim.prune.depth import BranchMean, Bypassed, remove_branches, removed_modules
 from edgeslim.prune.importance import Importance
 from edgeslim.prune.planner import (
     apply_keep,
@@ -71,6 +77,7 @@ if TYPE_CHECKING:
 
 DimKind = Literal["w_bits", "a_bits", "keep"]
 COST_NAMES = ("macs", "bops", "size", "memory", "latency")
+DEPTH_PREFIX = "depth:"  # group key of a residual branch: keep 1 (kept) or 0 (removed)
 _CACHE = 8  # pruned copies kept (one per distinct width vector)
 
 
@@ -210,6 +217,7 @@ class SearchSpace:
         traced: Any,
         bn_recalibration: bool = True,
         source: nn.Module | None = None,
+        branches: Sequence[ResidualBranch] = (),
     ) -> None:
         self.model = model
         # the model the caller built the space from: ``model`` itself, or the model an
@@ -217,7 +225,11 @@ class SearchSpace:
         self.source = source if source is not None else model
         self.task = task
         self.layers = tuple(layers)
-        self.groups = tuple(groups)
+        self.branches = tuple(branches)
+        self._n_channel = len(groups)
+        self.groups = tuple(groups) + tuple(
+            GroupChoices(DEPTH_PREFIX + b.name, 1, (0.0, 1.0), (0, 1)) for b in self.branches
+        )
         self.excluded = tuple(excluded)
         self.weight_spec = weight_spec
         self.act_spec = act_spec
@@ -257,6 +269,7 @@ class SearchSpace:
         act_spec: QuantSpec | None = None,
         seed: int = 0,
         bn_recalibration: bool = True,
+        depth: bool = False,
     ) -> SearchSpace:
         """The space of ``model`` on ``task``'s example inputs.
 
@@ -274,6 +287,9 @@ class SearchSpace:
         layers see; without it a pruned resnet20 scored chance (9.5% validation top-1 at
         keep 0.75 everywhere) and the search could not tell good widths from bad ones (87.5%
         with it). A task without calibration data (costs only) skips it.
+        ``depth``: also search removing each residual branch whole (group ``depth:<name>``,
+        keep 0 or 1); a model without one is refused. Where per-layer overhead sets latency
+        (resnet20 on ONNX Runtime's int8 kernels), removing branches is what moves it.
         """
         w_choices = tuple(sorted(set(w_bits)))
         a_choices = _sorted_bits(a_bits)
@@ -342,7 +358,8 @@ class SearchSpace:
                 groups.append(GroupChoices(group_key(g), g.size, k_choices, widths))
         else:
             cands = []
-        if not layers and not groups:
+        branches = _removable_branches(model, example, graph.traced) if depth else []
+        if not layers and not groups and not branches:
             raise SearchError(
                 "the search space is empty: no quantizable layer (or all excluded) and no "
                 "prunable group (or keep=(1.0,))"
@@ -352,6 +369,7 @@ class SearchSpace:
             criterion=criterion, importance=importance, scores=scores, candidates=cands,
             round_to=round_to, calibration=calibration, seed=seed, base_table=graph.layers,
             traced=graph.traced, bn_recalibration=bn_recalibration, source=source,
+            branches=branches,
         )  # fmt: skip
 
     def _make_dims(self) -> Iterator[Dim]:
@@ -414,7 +432,8 @@ class SearchSpace:
         keep: float | None = None,
     ) -> Policy:
         """The same bits and keep ratio everywhere (None: each choice's largest; ``a_bits=
-        "float"``: float activations), for baselines; values must be choices of the space."""
+        "float"``: float activations), for baselines; values must be choices of the space.
+        Residual branches are all kept (``keep`` is the channel groups')."""
         a_val: int | None
         w = {layer.fqn: layer.w_bits[-1] if w_bits is None else w_bits for layer in self.layers}
         a: dict[str, int | None] = {}
@@ -424,7 +443,8 @@ class SearchSpace:
             else:
                 a_val = None if a_bits == "float" else int(a_bits)
             a[layer.fqn] = a_val
-        k = {g.key: g.keep[-1] if keep is None else float(keep) for g in self.groups}
+        k = {g.key: g.keep[-1] if keep is None else float(keep) for g in self.channel_groups}
+        k.update({g.key: 1.0 for g in self.groups[self._n_channel :]})  # no branch removed
         policy = Policy.of(w, a, k)
         self.check(policy)
         return policy
@@ -433,7 +453,8 @@ class SearchSpace:
         """Every uniform policy of the space (each bits x keep combination), for baselines."""
         ws: list[int | None] = [*sorted({b for lc in self.layers for b in lc.w_bits})] or [None]
         as_ = _sorted_bits(b for layer in self.layers for b in layer.a_bits) or (None,)
-        ks: list[float | None] = [*sorted({k for g in self.groups for k in g.keep})] or [None]
+        keeps = {k for g in self.channel_groups for k in g.keep}
+        ks: list[float | None] = [*sorted(keeps)] or [None]
         out = []
         for w, a, k in itertools.product(ws, as_, ks):
             out.append(self.uniform(w, "float" if a is None and self.layers else a, k))
@@ -471,16 +492,34 @@ class SearchSpace:
         keep = policy.keep
         return tuple(g.width(keep[g.key]) for g in self.groups)
 
+    @property
+    def channel_groups(self) -> tuple[GroupChoices, ...]:
+        """The coupling groups (not the residual branches)."""
+        return self.groups[: self._n_channel]
+
+    def removed_branches(self, policy: Policy) -> list[ResidualBranch]:
+        """The residual branches ``policy`` removes."""
+        keep = policy.keep
+        return [b for b in self.branches if keep[DEPTH_PREFIX + b.name] == 0.0]
+
     def _prune(self, policy: Policy) -> _Pruned:
         widths = self._widths(policy)
         hit = self._pruned.get(widths)
         if hit is not None:
             self._pruned.move_to_end(widths)
             return hit
-        if any(w < g.size for w, g in zip(widths, self.groups, strict=True)):
-            assert self._importance is not None  # groups are only searched with a criterion
-            kept = keep_map(self._cands, self._scores, widths)
-            model = apply_keep(copy.deepcopy(self.model), kept, self._importance).eval()
+        channel = widths[: self._n_channel]
+        removed = self.removed_branches(policy)
+        if removed or any(w < g.size for w, g in zip(channel, self.channel_groups, strict=True)):
+            model = copy.deepcopy(self.model)
+            if any(w < g.size for w, g in zip(channel, self.channel_groups, strict=True)):
+                assert self._importance is not None  # groups are only searched with a criterion
+                kept = keep_map(self._cands, self._scores, channel)
+                model = apply_keep(model, kept, self._importance)
+            if removed:  # means from BatchNorm shifts, else from calibration samples
+                calib = self.calibration_batches() if self.task.calibration is not None else None
+                remove_branches(model, removed, calib)
+            model.eval()
             table = layer_table(model, *self.task.example_inputs)
             # BatchNorm is re-estimated when the model is first measured (_measurable), not
             # here: screening a policy's costs reads its shapes only, and a search screens
@@ -552,6 +591,8 @@ class SearchSpace:
         self.check(policy)
         base = self._measurable(policy)
         w, a = policy.weight_bits, policy.act_bits
+        gone = removed_modules(base)  # layers of removed branches: nothing to quantize
+        w = {fqn: bits for fqn, bits in w.items() if fqn not in gone}
         select: dict[Any, QuantConfig | None] = {}
         for fqn, bits in w.items():
             act = a[fqn]
@@ -560,7 +601,7 @@ class SearchSpace:
                 None if act is None else replace(self.act_spec, bits=act),
             )
         select.update(dict.fromkeys(self.excluded))
-        acts = set(a.values())
+        acts = {a[fqn] for fqn in w}
         uniform_act = next(iter(acts)) if len(acts) == 1 else None
         default = QuantConfig(
             replace(self.weight_spec, bits=max(w.values(), default=8)),
@@ -657,7 +698,10 @@ class SearchSpace:
             "act_spec": self.act_spec.to_dict(),
             "seed": self.seed,
             "bn_recalibration": self.bn_recalibration,
-        }
+            # only with branches, so the fingerprints of spaces without them do not change
+            **({"branches": {b.name: list(b.modules) for b in self.branches}}
+               if self.branches else {}),
+        }  # fmt: skip
 
     @property
     def fingerprint(self) -> str:
@@ -676,10 +720,55 @@ class SearchSpace:
                 f"  layer {lc.fqn} ({lc.kind}): w_bits {_values(lc.w_bits)}; "
                 f"a_bits {_values(lc.a_bits)}"
             )
-        for g in self.groups:
+        for g in self.channel_groups:
             kept = ", ".join(f"{k:g}->{w}" for k, w in zip(g.keep, g.widths, strict=True))
             lines.append(f"  group {g.key} ({g.size} channels): keep {kept}")
+        for b in self.branches:
+            lines.append(
+                f"  group {DEPTH_PREFIX}{b.name} (residual branch of {len(b.modules)} layers "
+                f"ending in {b.last}): keep 1 (kept) or 0 (removed)"
+            )
         return "\n".join(lines)
+
+
+def _removable_branches(
+    model: nn.Module, example: Sequence[torch.Tensor], traced: Any
+) -> list[ResidualBranch]:
+    """The residual branches whose removal leaves ``model`` running with the same output
+    shapes (each checked alone on a copy); refuses a model without any."""
+    found = residual_branches(model, example, traced)
+    if not found:
+        raise SearchError(
+            "depth: no removable residual branch found (an add of a block's output to its "
+            "input, whose layers nothing else reads); search without depth"
+        )
+    with torch.no_grad():
+        ref = _shapes(model(*example))
+        ok = []
+        for b in found:
+            trial = copy.deepcopy(model)
+            for fqn in b.body:
+                replace_submodule(trial, fqn, Bypassed())
+            shape = [1] * b.rank
+            replace_submodule(trial, b.last, BranchMean(torch.zeros(shape)))
+            try:
+                runs = _shapes(trial(*example)) == ref
+            except Exception:
+                runs = False
+            if runs:
+                ok.append(b)
+    if not ok:
+        raise SearchError(
+            f"depth: the model does not run with any of its {len(found)} residual branches "
+            f"removed (e.g. {found[0].name}); search without depth"
+        )
+    return ok
+
+
+def _shapes(outputs: Any) -> list[tuple[int, ...]]:
+    from edgeslim.data.batching import flat_outputs
+
+    return [tuple(t.shape) for t in flat_outputs(outputs)]
 
 
 def _spec(template: QuantSpec, bits: int, what: str) -> QuantSpec:
@@ -722,6 +811,7 @@ def _names(field_name: str, given: Mapping[str, Any], allowed: Mapping[str, Any]
 
 __all__ = [
     "COST_NAMES",
+    "DEPTH_PREFIX",
     "Costs",
     "Dim",
     "GroupChoices",

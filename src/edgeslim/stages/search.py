@@ -11,9 +11,11 @@
   a_bits: [8]             # activation-bit choices (null: float activations)
   keep: [0.5, 0.75, 1.0]  # keep-ratio choices of every prunable channel group
   finetune_epochs: 0      # short fine-tune of each measured policy (0: scored as cut)
+  depth: false            # also remove residual branches whole (pair with fine-tuning)
 ```
 
-The stage returns the chosen policy applied (pruned, quantized, calibrated). A search that
+The stage returns the chosen policy applied (pruned, quantized, calibrated, and fine-tuned
+as it was scored when ``finetune_epochs`` is set). A search that
 finds no policy meeting the constraints fails the stage with the closest policy named:
 never an infeasible model passed on as the result. A latency limit is met as measured: the
 best candidates are exported and timed whole (:mod:`edgeslim.search.verify`). Written to
@@ -60,6 +62,7 @@ class SearchStage(Stage):
     a_bits: list[int | None] = Field(default_factory=lambda: _int8(), min_length=1)
     keep: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0], min_length=1)
     finetune_epochs: int = Field(0, ge=0)
+    depth: bool = False
 
     @field_validator("constraints")
     @classmethod
@@ -98,11 +101,11 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
 
     task = ctx.need_task("search")
     ctx.out.mkdir(parents=True, exist_ok=True)
-    space, _, latency, result = search_task(
+    _, evaluator, latency, result = search_task(
         model.eval(), task, Constraints.parse(stage.constraints, stage.max_drop),
         strategy=stage.strategy, budget=stage.budget, seed=stage.seed, w_bits=stage.w_bits,
         a_bits=stage.a_bits, keep=stage.keep, finetune_epochs=stage.finetune_epochs,
-        quick=ctx.quick, journal=ctx.out / "search.journal.jsonl",
+        depth=stage.depth, quick=ctx.quick, journal=ctx.out / "search.journal.jsonl",
     )  # fmt: skip
     (ctx.out / "search.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     if result.policy is None:
@@ -125,4 +128,4 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
             f"(rounds p10-p90 {row['ratio_p10']}-{row['ratio_p90']}; table "
             f"{row['predicted_ratio']}x)"
         )
-    return space.apply(result.policy)
+    return evaluator.prepare(result.policy)  # fine-tuned as it was scored

@@ -1,0 +1,76 @@
+"""Residual branches found on the graph: which adds are a block's branch, which are not."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeslim.graph.branches import residual_branches
+from edgeslim.zoo import load_zoo_model
+
+
+def test_resnet20_has_one_branch_per_block_and_keeps_conv_shortcuts() -> None:
+    model = load_zoo_model("resnet20").eval()
+    branches = residual_branches(model, (torch.zeros(1, 1, 28, 28),))
+    assert [b.name for b in branches] == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
+    first_of_stage = next(b for b in branches if b.name == "layer2.0")
+    # the 1x1 conv shortcut beside it is the part that stays, not the branch
+    assert first_of_stage.last == "layer2.0.bn2"
+    assert first_of_stage.body == ("layer2.0.conv1", "layer2.0.bn1", "layer2.0.conv2")
+    assert all(b.channel_dim == 1 and b.rank == 4 for b in branches)
+
+
+class _MLPBlock(nn.Module):
+    """Pre-norm transformer MLP: ``x + fc2(gelu(fc1(norm(x))))`` on (batch, tokens, dim)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 16), nn.Linear(16, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+def test_a_token_mlp_branch_keeps_its_last_axis() -> None:
+    (branch,) = residual_branches(_MLPBlock(), (torch.zeros(1, 5, 8),))
+    assert (branch.last, branch.channel_dim, branch.rank) == ("fc2", -1, 3)
+    assert branch.body == ("norm", "fc1")
+
+
+class _Shared(nn.Module):
+    """The branch's conv is also used outside it: removing the branch would remove it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x + self.conv(x))
+
+
+class _Tapped(nn.Module):
+    """The branch's inner activation is read outside it (a second output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.a(x)
+        return x + self.b(h), h
+
+
+class _Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))) + 1.0
+
+
+def test_adds_that_are_not_removable_branches_are_left() -> None:
+    x = (torch.zeros(1, 4, 6, 6),)
+    assert residual_branches(_Shared(), x) == []
+    assert residual_branches(_Tapped(), x) == []
+    assert residual_branches(_Plain(), x) == []  # an add of a constant is no branch
