@@ -1,4 +1,4 @@
-"""docs/pruning.md's transformer example runs and prints what it says."""
+"""docs/pruning.md's examples run and print what they say."""
 
 from __future__ import annotations
 
@@ -20,3 +20,12 @@ def test_the_transformer_example_of_the_pruning_page_runs(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("Linear(in_features=32, out_features=64, bias=True)")
     assert lines[1].split()[0] == "2"  # heads of the encoder's nn.MultiheadAttention
+
+
+def test_the_depth_example_of_the_pruning_page_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    section = DOC.read_text().split("## Residual branches removed whole (depth)", 1)[1]
+    (block,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
+    namespace: dict[str, object] = {}
+    exec(compile(block, str(DOC), "exec"), namespace)
+    out = capsys.readouterr().out
+    assert out.count("Bypassed()") == 3 and "(bn2): BranchMean()" in out
