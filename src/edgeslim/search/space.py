@@ -444,7 +444,7 @@ class SearchSpace:
                 a_val = None if a_bits == "float" else int(a_bits)
             a[layer.fqn] = a_val
         k = {g.key: g.keep[-1] if keep is None else float(keep) for g in self.channel_groups}
-        k.update({g.key: 1.0 for g in self.groups[self._n_channel :]})  # no branch removed
+        k.update({DEPTH_PREFIX + b.name: 1.0 for b in self.branches})  # no branch removed
         policy = Policy.of(w, a, k)
         self.check(policy)
         return policy
