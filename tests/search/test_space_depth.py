@@ -84,3 +84,27 @@ class _Chain(nn.Module):
 def test_depth_on_a_model_without_residual_branches_is_refused(digits_task: Task) -> None:
     with pytest.raises(SearchError, match="no removable residual branch"):
         SearchSpace.build(_Chain().eval(), digits_task, keep=(1.0,), depth=True)
+
+
+def test_a_cut_policy_is_fine_tuned_in_float_first_then_quantized(
+    digits_model: nn.Module, digits_task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgeslim.quant.modules import ActQuant
+
+    space = SearchSpace.build(digits_model, digits_task, w_bits=(4, 8), keep=(1.0,), depth=True)
+    kept, removed = _without_branch(space)
+    cfg = TrainConfig(epochs=1, lr=0.005, batch_size=64, seed=0, channels_last=False)
+    ev = Evaluator(space, finetune=cfg, finetune_limit=128)
+    passes: list[bool] = []  # per fine-tuning pass: was the model quantized?
+    real = Evaluator._finetune
+
+    def spy(self: Evaluator, model: nn.Module) -> None:
+        passes.append(any(isinstance(m, ActQuant) for m in model.modules()))
+        real(self, model)
+
+    monkeypatch.setattr(Evaluator, "_finetune", spy)
+    ev.prepare(removed)
+    assert passes == [False, True]  # BatchNorm live for the cut, then the QAT pass
+    passes.clear()
+    ev.prepare(kept.replace(w_bits={"conv2": 4}))
+    assert passes == [True]  # bits only: the QAT pass alone

@@ -497,6 +497,10 @@ class SearchSpace:
         """The coupling groups (not the residual branches)."""
         return self.groups[: self._n_channel]
 
+    def prunes(self, policy: Policy) -> bool:
+        """Whether ``policy`` changes the structure: a channel group cut or a branch removed."""
+        return any(w < g.size for w, g in zip(self._widths(policy), self.groups, strict=True))
+
     def removed_branches(self, policy: Policy) -> list[ResidualBranch]:
         """The residual branches ``policy`` removes."""
         keep = policy.keep
@@ -578,9 +582,11 @@ class SearchSpace:
             self._calib = self.task.calibration_batches(self.calibration)
         return self._calib
 
-    def apply(self, policy: Policy) -> nn.Module:
+    def apply(self, policy: Policy, base: nn.Module | None = None) -> nn.Module:
         """A pruned, quantized and calibrated copy of the model; the same policy always
-        gives the same model (deterministic ranking, surgery and calibration)."""
+        gives the same model (deterministic ranking, surgery and calibration). ``base``: the
+        pruned float model to quantize instead of the space's own (one fine-tuned after the
+        cut, from :meth:`pruned`)."""
         import contextlib
 
         from edgeslim.errors import TraceError
@@ -589,7 +595,8 @@ class SearchSpace:
         from edgeslim.quant.ptq import ptq
 
         self.check(policy)
-        base = self._measurable(policy)
+        if base is None:
+            base = self._measurable(policy)
         w, a = policy.weight_bits, policy.act_bits
         gone = removed_modules(base)  # layers of removed branches: nothing to quantize
         w = {fqn: bits for fqn, bits in w.items() if fqn not in gone}
