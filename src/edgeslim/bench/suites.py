@@ -106,6 +106,7 @@ def resumable_steps(
 def _load_builtin_suites() -> None:
     import edgeslim.bench.baseline
     import edgeslim.bench.datafree
+    import edgeslim.bench.depth
     import edgeslim.bench.imagenet
     import edgeslim.bench.operators
     import edgeslim.bench.prune

@@ -1,4 +1,4 @@
-"""Depth pruning: a residual branch (:mod:`edgeslim.graph.branches`) removed whole.
+"""Depth pruning: residual branches (:mod:`edgeslim.graph.branches`) removed whole.
 
 ``y = x + f(x)`` becomes ``y = x + c``, ``c`` the branch's mean output per channel, a
 trainable parameter (fine-tuning moves it as it moves a bias). The branch's last layer is
@@ -10,10 +10,14 @@ Decision, the constant: when the branch ends in a BatchNorm (in eval mode), ``c`
 shift ``beta``, the mean of its output under its own statistics (no data read; after
 channel pruning and before the statistics are re-estimated this is still the right value,
 which a measurement would not give). Otherwise ``c`` is measured on the given batches.
+
+:func:`depth_prune_` removes branches to a MACs target: the set that reaches it whose
+removals, each measured alone (:func:`branch_importance`), change the outputs least.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,8 +25,9 @@ import torch
 from torch import nn
 
 from edgeslim.data.batching import input_batches
-from edgeslim.errors import PruneError
-from edgeslim.graph.branches import ResidualBranch
+from edgeslim.errors import PruneError, UnreachableTargetError
+from edgeslim.graph.branches import ResidualBranch, residual_branches
+from edgeslim.graph.layers import layer_table, total_macs
 from edgeslim.graph.swap import replace_submodule
 
 
@@ -148,3 +153,146 @@ def remove_branches(
 def removed_modules(model: nn.Module) -> set[str]:
     """FQNs of the layers depth pruning replaced in ``model``."""
     return {n for n, m in model.named_modules() if isinstance(m, (BranchMean, Bypassed))}
+
+
+def _output_shapes(outputs: Any) -> list[tuple[int, ...]]:
+    from edgeslim.data.batching import flat_outputs
+
+    return [tuple(t.shape) for t in flat_outputs(outputs)]
+
+
+def removable_branches(
+    model: nn.Module, example_inputs: Sequence[Any], traced: Any = None
+) -> list[ResidualBranch]:
+    """The residual branches of ``model`` whose removal leaves it running with the same
+    output shapes (each checked alone, on a copy); raises :class:`PruneError` when there
+    is none."""
+    import copy
+
+    found = residual_branches(model, example_inputs, traced)
+    if not found:
+        raise PruneError(
+            "no removable residual branch found (an add of a block's output to its input, "
+            "whose layers nothing else reads)"
+        )
+    ok = []
+    with torch.no_grad():
+        ref = _output_shapes(model(*example_inputs))
+        for b in found:
+            trial = copy.deepcopy(model)
+            for fqn in b.body:
+                replace_submodule(trial, fqn, Bypassed())
+            replace_submodule(trial, b.last, BranchMean(torch.zeros([1] * b.rank)))
+            try:
+                runs = _output_shapes(trial(*example_inputs)) == ref
+            except Exception:
+                runs = False
+            if runs:
+                ok.append(b)
+    if not ok:
+        raise PruneError(
+            f"the model does not run with any of its {len(found)} residual branches removed "
+            f"(e.g. {found[0].name})"
+        )
+    return ok
+
+
+@torch.no_grad()
+def branch_importance(
+    model: nn.Module,
+    branches: Sequence[ResidualBranch],
+    batches: Iterable[Any],
+    max_batches: int = 4,
+) -> dict[str, float]:
+    """Per branch name: how much removing it alone changes the model's outputs on up to
+    ``max_batches`` batches, ``mean((y' - y)^2) / mean(y^2)`` over every output tensor.
+
+    Why the outputs and not the branch itself: what a branch's removal costs depends on what
+    stays beside it. On resnet20 the branch of a stage's first block carries little energy
+    against its input, yet its shortcut is a strided 1x1 conv that cannot stand in for it:
+    removing it alone cost 19 points of validation top-1 where a later block cost 1.
+    """
+    import copy
+
+    from edgeslim.data.batching import flat_outputs
+
+    data = [inputs for i, inputs in enumerate(input_batches(batches)) if i < max_batches]
+    if not data:
+        raise PruneError("branch importance: the data is empty")
+    was = model.training
+    model.eval()
+    try:
+        ref = [flat_outputs(model(*inputs)) for inputs in data]
+        scores: dict[str, float] = {}
+        for b in branches:
+            trial = remove_branches(copy.deepcopy(model), [b], data).eval()
+            err = energy = 0.0
+            for inputs, want in zip(data, ref, strict=True):
+                for got, w in zip(flat_outputs(trial(*inputs)), want, strict=True):
+                    err += float((got.float() - w.float()).pow(2).sum())
+                    energy += float(w.float().pow(2).sum())
+            scores[b.name] = err / max(energy, 1e-12)
+    finally:
+        model.train(was)
+    return scores
+
+
+def _cheapest_cover(cost: Sequence[float], score: Sequence[float], target: float) -> list[int]:
+    """Indices whose costs sum to at least ``target`` with the least total score (a
+    knapsack over costs in 1/1000 steps of the whole)."""
+    steps = 1000
+    need = math.ceil(target * steps - 1e-9)
+    units = [max(1, math.floor(c * steps)) for c in cost]
+    # best[u]: (score, chosen) reaching at least u units, u capped at need
+    best: list[tuple[float, tuple[int, ...]] | None] = [None] * (need + 1)
+    best[0] = (0.0, ())
+    for i, (u, sc) in enumerate(zip(units, score, strict=True)):
+        for have in range(need, -1, -1):
+            cur = best[have]
+            if cur is None:
+                continue
+            to = min(need, have + u)
+            cand = (cur[0] + sc, (*cur[1], i))
+            if best[to] is None or cand[0] < best[to][0]:  # type: ignore[index]
+                best[to] = cand
+    final = best[need]
+    assert final is not None  # the caller checked that every branch together reaches it
+    return list(final[1])
+
+
+def depth_prune_(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    batches: Iterable[Any],
+    macs_reduction: float,
+) -> tuple[nn.Module, list[str], float]:
+    """Remove residual branches of ``model`` in place, least important first, until at
+    least ``macs_reduction`` of its MACs are gone; re-estimates BatchNorm statistics on
+    ``batches``. Returns ``(model, removed branch names, reduction reached)``. A target
+    the branches cannot reach raises :class:`UnreachableTargetError` (nothing changed)."""
+    from edgeslim.train.batchnorm import reestimate_bn
+
+    if not 0.0 < macs_reduction < 1.0:
+        raise PruneError(f"macs_reduction must be in (0, 1); got {macs_reduction}")
+    batches = list(batches)
+    branches = removable_branches(model, example_inputs)
+    table = layer_table(model, *example_inputs)
+    total = total_macs(table)
+    cost = {b.name: sum(table[f].macs for f in b.modules if f in table) for b in branches}
+    best = sum(cost.values()) / total
+    if best < macs_reduction:
+        raise UnreachableTargetError(
+            f"cannot remove {macs_reduction:.1%} of the MACs with residual branches: all "
+            f"{len(branches)} of them hold {best:.1%}",
+            best,
+        )
+    scores = branch_importance(model, branches, batches)
+    picked = _cheapest_cover(
+        [cost[b.name] / total for b in branches], [scores[b.name] for b in branches],
+        macs_reduction,
+    )  # fmt: skip
+    chosen = [branches[i] for i in picked]
+    remove_branches(model, chosen, batches)
+    reestimate_bn(model, batches, len(batches))
+    reached = 1.0 - total_macs(layer_table(model, *example_inputs)) / total
+    return model, [b.name for b in chosen], reached

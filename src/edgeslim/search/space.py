@@ -48,14 +48,14 @@ import torch
 from torch import nn
 
 from edgeslim.cost.analytic import bops, peak_activation_bytes, size_bytes
+from edgeslim.errors import PruneError
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.attention import has_attention, split_attention
-from edgeslim.graph.branches import ResidualBranch, residual_branches
+from edgeslim.graph.branches import ResidualBranch
 from edgeslim.graph.layers import LayerInfo
 from edgeslim.graph.model_graph import analyze
 from edgeslim.graph.reparam import bake_reparametrizations, has_reparametrizations
-from edgeslim.graph.swap import replace_submodule
-from edgeslim.prune.depth import BranchMean, Bypassed, remove_branches, removed_modules
+from edgeslim.prune.depth import removable_branches, remove_branches, removed_modules
 from edgeslim.prune.importance import Importance
 from edgeslim.prune.planner import (
     apply_keep,
@@ -358,7 +358,12 @@ class SearchSpace:
                 groups.append(GroupChoices(group_key(g), g.size, k_choices, widths))
         else:
             cands = []
-        branches = _removable_branches(model, example, graph.traced) if depth else []
+        branches: list[ResidualBranch] = []
+        if depth:
+            try:
+                branches = removable_branches(model, example, graph.traced)
+            except PruneError as exc:
+                raise SearchError(f"depth: {exc}; search without depth") from None
         if not layers and not groups and not branches:
             raise SearchError(
                 "the search space is empty: no quantizable layer (or all excluded) and no "
@@ -736,46 +741,6 @@ class SearchSpace:
                 f"ending in {b.last}): keep 1 (kept) or 0 (removed)"
             )
         return "\n".join(lines)
-
-
-def _removable_branches(
-    model: nn.Module, example: Sequence[torch.Tensor], traced: Any
-) -> list[ResidualBranch]:
-    """The residual branches whose removal leaves ``model`` running with the same output
-    shapes (each checked alone on a copy); refuses a model without any."""
-    found = residual_branches(model, example, traced)
-    if not found:
-        raise SearchError(
-            "depth: no removable residual branch found (an add of a block's output to its "
-            "input, whose layers nothing else reads); search without depth"
-        )
-    with torch.no_grad():
-        ref = _shapes(model(*example))
-        ok = []
-        for b in found:
-            trial = copy.deepcopy(model)
-            for fqn in b.body:
-                replace_submodule(trial, fqn, Bypassed())
-            shape = [1] * b.rank
-            replace_submodule(trial, b.last, BranchMean(torch.zeros(shape)))
-            try:
-                runs = _shapes(trial(*example)) == ref
-            except Exception:
-                runs = False
-            if runs:
-                ok.append(b)
-    if not ok:
-        raise SearchError(
-            f"depth: the model does not run with any of its {len(found)} residual branches "
-            f"removed (e.g. {found[0].name}); search without depth"
-        )
-    return ok
-
-
-def _shapes(outputs: Any) -> list[tuple[int, ...]]:
-    from edgeslim.data.batching import flat_outputs
-
-    return [tuple(t.shape) for t in flat_outputs(outputs)]
 
 
 def _spec(template: QuantSpec, bits: int, what: str) -> QuantSpec:
