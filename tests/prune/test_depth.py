@@ -58,3 +58,53 @@ def test_a_branch_without_batchnorm_gets_its_measured_mean_and_needs_data() -> N
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), x + outs.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def _fashion(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from edgeslim.data import load_fashion_mnist
+
+    split = load_fashion_mnist("val", limit=n)
+    return split.images, split.labels
+
+
+def test_depth_prune_reaches_the_target_with_the_branches_that_matter_least() -> None:
+    from edgeslim.data import TensorBatches
+    from edgeslim.errors import UnreachableTargetError
+    from edgeslim.graph import layer_table, total_macs
+    from edgeslim.prune.depth import branch_importance, depth_prune_, removable_branches
+    from edgeslim.train.loop import evaluate
+
+    images, labels = _fashion(512)
+    batches = TensorBatches(images[:256], batch_size=64)
+    held = TensorBatches(images[256:], labels[256:], batch_size=256)
+    x = (images[:1],)
+    base = load_zoo_model("resnet20").eval()
+    scores = branch_importance(base, removable_branches(base, x), batches)
+    model, removed, reached = depth_prune_(load_zoo_model("resnet20").eval(), x, batches, 0.2)
+    assert reached >= 0.2  # met, and the record states what was reached
+    assert reached == pytest.approx(1 - total_macs(layer_table(model, *x)) / 31_021_952)
+    assert len(removed) == 2  # each branch holds 8.7-11.6% of resnet20's MACs
+    table = layer_table(base, *x)
+    share = {b.name: sum(table[f].macs for f in b.modules) / 31_021_952
+             for b in removable_branches(base, x)}  # fmt: skip
+    reaching = [(a, b) for a in share for b in share if a < b and share[a] + share[b] >= 0.2]
+    # no other pair reaching the target changes the outputs less (one branch cannot)
+    best = min(scores[a] + scores[b] for a, b in reaching)
+    assert sum(scores[n] for n in removed) == pytest.approx(best)
+    worst = sorted(scores, key=scores.__getitem__)[-2:]
+    worst_model = remove_branches(
+        load_zoo_model("resnet20").eval(),
+        [b for b in removable_branches(base, x) if b.name in worst],
+    )
+    assert evaluate(model, held) > evaluate(worst_model.eval(), held) + 5
+    with pytest.raises(UnreachableTargetError, match="residual branches"):
+        depth_prune_(load_zoo_model("resnet20").eval(), x, batches, 0.995)
+
+
+def test_cheapest_cover_prefers_the_least_score_that_reaches_the_target() -> None:
+    from edgeslim.prune.depth import _cheapest_cover
+
+    # greedy by score would take 0 (0.05 of the MACs) then need another; one branch of
+    # 0.12 alone reaches 0.1 for less
+    assert _cheapest_cover([0.05, 0.12, 0.12], [0.1, 0.15, 0.5], 0.1) == [1]
+    assert sorted(_cheapest_cover([0.05, 0.06, 0.12], [0.1, 0.1, 0.5], 0.1)) == [0, 1]
