@@ -213,3 +213,31 @@ def test_a_target_out_of_reach_is_refused_or_pruned_as_far_as_it_goes(tmp_path: 
     assert result.records[0].config["macs_reduction"] == pytest.approx(info.value.best, abs=0.02)
     report = (out / "report.md").read_text()
     assert "out of reach" in report and "prune target missed" in report
+
+
+def test_depth_removes_whole_branches_to_the_target_and_rebuilds_from_its_plan(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from edgeslim.checkpoint import load_state
+    from edgeslim.prune.depth import BranchMean
+    from edgeslim.stages.prune import rebuild_prune
+
+    model = load_zoo_model("resnet20")
+    base = total_macs(layer_table(model, X))
+    stage = _parse(method="depth", macs_reduction=0.2, finetune_epochs=0)
+    ctx = StageContext(out=tmp_path, model_name="resnet20", task=fashion_mnist_task(test_limit=100))
+    pruned = run_prune(model, stage, ctx)
+    reduction = 1 - total_macs(layer_table(pruned, X)) / base
+    assert 0.2 <= reduction < 0.2 + 0.12  # whole branches: past the target by less than one
+    assert any("points past it" in n for n in ctx.notes)  # not failed as a miss
+    plan = json.loads((tmp_path / "model.plan.json").read_text())
+    assert plan["format"] == "edgeslim-depth-plan" and len(plan["removed"]) == 2
+    save_state(pruned, tmp_path / "model.safetensors")
+    rebuilt = load_state(rebuild_prune(resnet20(), tmp_path / "model.plan.json", (X,)),
+                         tmp_path / "model.safetensors")  # fmt: skip
+    assert sum(isinstance(m, BranchMean) for m in rebuilt.modules()) == 2
+    torch.testing.assert_close(rebuilt.eval()(X), pruned(X))
+    with pytest.raises(RecipeError, match="method depth needs macs_reduction"):
+        _parse(method="depth", ratio=0.3)

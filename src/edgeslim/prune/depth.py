@@ -30,6 +30,8 @@ from edgeslim.graph.branches import ResidualBranch, residual_branches
 from edgeslim.graph.layers import layer_table, total_macs
 from edgeslim.graph.swap import replace_submodule
 
+DEPTH_PLAN_FORMAT = "edgeslim-depth-plan"  # a prune stage's plan of removed branches
+
 
 class BranchMean(nn.Module):
     """Stands for a removed residual branch's last layer: its mean output, whatever reaches
@@ -296,3 +298,36 @@ def depth_prune_(
     reestimate_bn(model, batches, len(batches))
     reached = 1.0 - total_macs(layer_table(model, *example_inputs)) / total
     return model, [b.name for b in chosen], reached
+
+
+def _channels(module: nn.Module) -> int:
+    for attr in ("num_features", "out_channels", "out_features", "num_channels"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    shape = getattr(module, "normalized_shape", None)
+    if shape:
+        return int(shape[-1])
+    raise PruneError(f"cannot tell the channels of {type(module).__name__}")
+
+
+def rebuild_depth(model: nn.Module, names: Any, example_inputs: Sequence[Any]) -> nn.Module:
+    """Remove the branches named ``names`` again, in place, with placeholder means (reload:
+    the saved weights, the means among them, are loaded afterwards)."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise PruneError("a depth plan's 'removed' must be a list of branch names")
+    found = {b.name: b for b in removable_branches(model, example_inputs)}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise PruneError(
+            f"the model has no removable residual branch {missing[0]!r} (it has "
+            f"{', '.join(found) or 'none'}): another model, or one changed since"
+        )
+    for name in names:
+        b = found[name]
+        shape = [1] * b.rank
+        shape[b.channel_dim] = _channels(model.get_submodule(b.last))
+        for fqn in b.body:
+            replace_submodule(model, fqn, Bypassed())
+        replace_submodule(model, b.last, BranchMean(torch.zeros(shape)))
+    return model

@@ -2,7 +2,8 @@
 
 ```yaml
 - kind: prune
-  method: rank           # rank channels by a criterion, or `gates`: learn binary gates
+  method: rank           # rank channels by a criterion, `gates`: learn binary gates, or
+                         # `depth`: remove residual branches whole
   criterion: l1          # any registered importance criterion (edgeslim.prune.IMPORTANCE)
   macs_reduction: 0.5    # or ratio: 0.3 / {layer1.0.conv1: 0.5, "layer3.*": 0.25}
   global_ranking: true   # false: one uniform ratio for every group
@@ -27,6 +28,14 @@ naming requested vs achieved, unless ``allow_target_miss: true``: the miss is th
 ``batch_size``, ``limit`` and KD as the fine-tune) to the ``macs_reduction`` target, removes
 the channels whose gates end off, then fine-tunes as usual; ``criterion``, ``ratio`` and
 ``global_ranking`` do not apply to it (gates choose every width, rounded to ``round_to``).
+
+``method: depth`` removes residual branches whole (:func:`edgeslim.prune.depth.depth_prune_`:
+of the sets of branches that reach ``macs_reduction``, the one whose removals change the
+outputs least on the task's calibration samples; BatchNorm statistics re-estimated), then
+fine-tunes as usual. Branches come whole, so the reduction reached is at least the target
+and may pass it by up to a branch's share (the note says by how much); ``criterion``,
+``ratio``, ``global_ranking`` and ``round_to`` do not apply. Its plan file,
+``model.plan.json``, names the removed branches (``"format": "edgeslim-depth-plan"``).
 
 Data comes from the run's task: its example inputs (tracing), its training batches (the
 importance criteria that need data, the gates, the fine-tune) and its loss. When the task's
@@ -63,7 +72,7 @@ class PruneStage(Stage):
     """Structured pruning to a MACs target or fixed ratios, then a short fine-tune."""
 
     kind: Literal["prune"] = "prune"
-    method: Literal["rank", "gates"] = "rank"
+    method: Literal["rank", "gates", "depth"] = "rank"
     criterion: str = "l1"
     macs_reduction: float | None = Field(None, gt=0.0, lt=1.0)
     ratio: float | dict[str, float] | None = None
@@ -122,6 +131,8 @@ class PruneStage(Stage):
             raise ValueError(str(exc)) from None
         if self.method == "gates" and self.macs_reduction is None:
             raise ValueError("method gates needs macs_reduction (gates learn the widths)")
+        if self.method == "depth" and self.macs_reduction is None:
+            raise ValueError("method depth needs macs_reduction (branches are removed to it)")
         if self.latency_weight and self.method != "rank":
             raise ValueError("latency_weight tilts the planner's ranking: it needs method rank")
         return self
@@ -196,6 +207,11 @@ def _check_target(stage: PruneStage, achieved: float, name: str) -> str:
     if stage.macs_reduction is None:
         return f"prune: MACs -{achieved:.1%} measured (ratio budget, no MACs target)"
     requested = stage.macs_reduction
+    if stage.method == "depth" and achieved >= requested - 1e-9:
+        return (
+            f"prune: MACs -{achieved:.1%} measured (target -{requested:.0%}; whole residual "
+            f"branches: {(achieved - requested) * 100:.1f} points past it)"
+        )
     if abs(achieved - requested) <= MACS_TOLERANCE:
         return f"prune: MACs -{achieved:.1%} measured (target -{requested:.0%})"
     text = (
@@ -255,9 +271,51 @@ def rebuild_prune(
     model: nn.Module, plan_path: Path, example: tuple[torch.Tensor, ...]
 ) -> nn.Module:
     """Re-apply a saved plan to a model of the original shape (reload: weights come after)."""
+    import json
+
+    from edgeslim.errors import CheckpointError
+    from edgeslim.prune.depth import DEPTH_PLAN_FORMAT, rebuild_depth
     from edgeslim.prune.plan import PrunePlan, apply_plan
 
+    try:
+        data = json.loads(Path(plan_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{plan_path}: not a prune plan ({exc})") from None
+    if isinstance(data, dict) and data.get("format") == DEPTH_PLAN_FORMAT:
+        try:
+            return rebuild_depth(model, data.get("removed"), example).eval()
+        except PruneError as exc:
+            raise CheckpointError(f"{plan_path}: {exc}") from None
     return apply_plan(model, PrunePlan.load(plan_path), example).eval()
+
+
+def _prune_depth(
+    model: nn.Module, example: tuple[torch.Tensor, ...], stage: PruneStage, ctx: StageContext
+) -> Path:
+    """Residual branches removed to the MACs target (model changed in place); returns the
+    plan's path. With ``allow_target_miss`` a target beyond every branch removes them all."""
+    import json
+
+    from edgeslim.errors import UnreachableTargetError
+    from edgeslim.prune.depth import DEPTH_PLAN_FORMAT, depth_prune_
+
+    assert stage.macs_reduction is not None  # the stage's validator
+    task = ctx.need_task("prune")
+    batches = task.calibration_batches(256)
+    try:
+        _, removed, _ = depth_prune_(model, example, batches, stage.macs_reduction)
+    except UnreachableTargetError as exc:
+        if not stage.allow_target_miss:
+            raise
+        ctx.notes.append(f"WARNING: {exc}; every branch removed (allow_target_miss)")
+        _, removed, _ = depth_prune_(model, example, batches, exc.best - 1e-6)
+    path = _plan_path(Path(ctx.out))
+    path.write_text(json.dumps({"format": DEPTH_PLAN_FORMAT, "removed": removed}, indent=1))
+    ctx.notes.append(
+        f"prune: depth, {len(removed)} residual branch(es) removed ({', '.join(removed)}), "
+        f"chosen on {sum(len(b[0]) for b in batches)} calibration samples; plan {path.name}"
+    )
+    return path
 
 
 @register_stage("prune", PruneStage, data_used="train")
@@ -293,6 +351,8 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     if stage.method == "gates":
         assert train is not None
         plan_path = _prune_by_gates(model, example, train, stage, teacher, ctx)
+    elif stage.method == "depth":
+        _prune_depth(model, example, stage, ctx)
     else:
         criterion = build_importance(stage.criterion, train, stage.seed)
         keep = _plan_within_reach(model, example, criterion, stage, ctx)
