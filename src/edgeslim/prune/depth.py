@@ -141,15 +141,16 @@ def remove_branches(
     """Remove ``branches`` from ``model`` in place (see the module doc); returns it."""
     means = branch_means(model, branches, batches)
     for b in branches:
-        for fqn in b.body:
-            replace_submodule(model, fqn, Bypassed())
-        last = model.get_submodule(b.last)
+        weight = next(iter(model.get_submodule(b.last).parameters()), None)
         mean = means[b.name]
-        weight = next(iter(last.parameters()), None)
-        if weight is not None:
-            mean = mean.to(weight.dtype)
-        replace_submodule(model, b.last, BranchMean(mean))
+        _replace(model, b, mean if weight is None else mean.to(weight.dtype))
     return model
+
+
+def _replace(model: nn.Module, branch: ResidualBranch, mean: torch.Tensor) -> None:
+    for fqn in branch.body:
+        replace_submodule(model, fqn, Bypassed())
+    replace_submodule(model, branch.last, BranchMean(mean))
 
 
 def removed_modules(model: nn.Module) -> set[str]:
@@ -182,9 +183,7 @@ def removable_branches(
         ref = _output_shapes(model(*example_inputs))
         for b in found:
             trial = copy.deepcopy(model)
-            for fqn in b.body:
-                replace_submodule(trial, fqn, Bypassed())
-            replace_submodule(trial, b.last, BranchMean(torch.zeros([1] * b.rank)))
+            _replace(trial, b, torch.zeros([1] * b.rank))
             try:
                 runs = _output_shapes(trial(*example_inputs)) == ref
             except Exception:
@@ -268,10 +267,11 @@ def depth_prune_(
     batches: Iterable[Any],
     macs_reduction: float,
 ) -> tuple[nn.Module, list[str], float]:
-    """Remove residual branches of ``model`` in place, least important first, until at
-    least ``macs_reduction`` of its MACs are gone; re-estimates BatchNorm statistics on
-    ``batches``. Returns ``(model, removed branch names, reduction reached)``. A target
-    the branches cannot reach raises :class:`UnreachableTargetError` (nothing changed)."""
+    """Remove residual branches of ``model`` in place until at least ``macs_reduction`` of
+    its MACs are gone, the set whose removals change the outputs least (see the module
+    doc); re-estimates BatchNorm statistics on ``batches``. Returns ``(model, removed
+    branch names, reduction reached)``. A target the branches cannot reach raises
+    :class:`UnreachableTargetError` (nothing changed)."""
     from edgeslim.train.batchnorm import reestimate_bn
 
     if not 0.0 < macs_reduction < 1.0:
@@ -327,7 +327,5 @@ def rebuild_depth(model: nn.Module, names: Any, example_inputs: Sequence[Any]) -
         b = found[name]
         shape = [1] * b.rank
         shape[b.channel_dim] = _channels(model.get_submodule(b.last))
-        for fqn in b.body:
-            replace_submodule(model, fqn, Bypassed())
-        replace_submodule(model, b.last, BranchMean(torch.zeros(shape)))
+        _replace(model, b, torch.zeros(shape))
     return model
