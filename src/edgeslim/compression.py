@@ -56,6 +56,10 @@ FP32_REL_TOLERANCE = 1e-3
 # an int8 file differs from its fake-quant torch model by rounding ties, about 1% of the
 # output's scale (resnet20 W7A8: 1.3%); saturating kernels gave 17.6% (W8A8, no VNNI)
 SATURATION_HINT = 0.05
+COMPRESS_REMEDY = (
+    "quantize with reduce_range: true (7-bit weights in int8, which cannot overflow; in a "
+    "datafree stage, 7 in place of 8 in its bit fields)"
+)
 
 
 @dataclass
@@ -337,7 +341,7 @@ def _run(
     if not quantized:  # a float model (pruned, fine-tuned) must match torch as closely
         _refuse_mismatch(parity, f"the ONNX export of compressed {name}", trace_by_example)
     if quantized:
-        _saturation_note(comp_mod, parity, ctx.notes)
+        saturation_note(comp_mod, parity, ctx.notes)
     kernels = _integer_kernels(comp_mod, comp_path, example, ctx.notes)
     ort_metrics = task.measure(OrtModel(comp_sess), wrapped=True)
     log_step(f"compress {name}: timing torch and ONNX Runtime, compressed vs uncompressed")
@@ -456,9 +460,12 @@ def _macs_config(
     return out
 
 
-def _saturation_note(module: nn.Module, parity: Parity, notes: list[str]) -> None:
+def saturation_note(
+    module: nn.Module, parity: Parity, notes: list[str], remedy: str = COMPRESS_REMEDY
+) -> None:
     """Warn (and note) when the int8 file differs from torch by more than rounding explains
-    on a CPU whose int8 kernels saturate, and full-range 8-bit weights are why."""
+    on a CPU whose int8 kernels saturate, and full-range 8-bit weights are why; ``remedy``
+    says how the caller's surface gets 7-bit weights."""
     from edgeslim.runtime.machine import int8_sums_saturate
 
     full = [
@@ -474,9 +481,7 @@ def _saturation_note(module: nn.Module, parity: Parity, notes: list[str]) -> Non
         "of its output's scale on this CPU, an x86 without VNNI, whose int8 kernels add "
         "pairs of products in 16 bits and saturate with full-range 8-bit weights; the "
         "ONNX Runtime figures here carry that error. On CPUs with VNNI or on Arm the file "
-        "computes as torch does; for CPUs without, quantize with reduce_range: true (7-bit "
-        "weights in int8, which cannot overflow; in a datafree stage, 7 in place of 8 in "
-        "its bit fields)"
+        f"computes as torch does; for CPUs without, {remedy}"
     )
     warnings.warn(text, Int8SaturationWarning, stacklevel=2)
     notes.append(text)

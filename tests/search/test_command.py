@@ -103,3 +103,26 @@ def test_search_with_no_feasible_policy_writes_its_files_and_exits_1(
     assert "NO FEASIBLE POLICY" in result.output
     data = json.loads((out / "search.json").read_text())
     assert not data["search"]["feasible"] and not (out / "policy.json").exists()
+
+
+def test_a_chosen_file_that_computes_differently_on_this_cpu_is_warned_about(
+    factory: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an x86 without VNNI the int8 kernels saturate with full-range 8-bit weights and
+    the exported file computes differently from the scored model: the search says so and
+    names its own way to 7-bit weights (forced here, so the check runs on every CPU)."""
+    from edgeslim.export import verify
+    from edgeslim.export.verify import Parity
+
+    monkeypatch.setattr("edgeslim.runtime.machine.int8_sums_saturate", lambda: True)
+    monkeypatch.setattr(
+        verify, "check_parity",
+        lambda *a, **k: Parity(max_abs_diff=[2.0], max_rel_diff=[0.2], inputs_checked=7),
+    )  # fmt: skip
+    out = tmp_path / "run"
+    args = ["search", factory, "--data", "digits", "--constraint", "size<=0.5x", "--w-bits", "8",
+            "--keep", "1", "--budget", "1", "--strategy", "random", "--out", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (said,) = json.loads((out / "search.json").read_text())["export"]["warnings"]
+    assert "20.0%" in said and "--w-bits 4,6,7" in said

@@ -97,5 +97,5 @@ def test_the_saturation_note_needs_a_saturating_cpu_and_full_range_weights(
         notes: list[str] = []
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
-            compression._saturation_note(model, parity, notes)
+            compression.saturation_note(model, parity, notes)
         assert len(notes) == want

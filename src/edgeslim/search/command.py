@@ -214,9 +214,10 @@ def run_search(
     if result.policy is not None:
         outcome.files["policy"] = result.policy.save(out / "policy.json")
         compressed = evaluator.prepare(result.policy)  # fine-tuned as it was scored
-        onnx_path, parity = _export(compressed, task, out / "model.onnx")
+        warned: list[str] = []
+        onnx_path, parity = _export(compressed, task, out / "model.onnx", warned)
         outcome.files["onnx"] = onnx_path
-        payload["export"] = {"file": onnx_path.name, "parity": parity}
+        payload["export"] = {"file": onnx_path.name, "parity": parity, "warnings": warned}
         # agreement, or a metric on the validation samples themselves, scores the data the
         # search chose on: the record says so instead of calling it a test figure
         task.bind_reference(model)
@@ -236,10 +237,17 @@ def run_search(
     return outcome
 
 
-def _export(model: Any, task: Any, path: Path) -> tuple[Path, dict[str, Any]]:
+SEARCH_REMEDY = (
+    "search with 7 in place of 8 among the weight bits (--w-bits 4,6,7; w_bits in a search "
+    "stage): 7-bit weights in int8, which cannot overflow"
+)
+
+
+def _export(model: Any, task: Any, path: Path, warned: list[str]) -> tuple[Path, dict[str, Any]]:
     """The chosen model as ONNX (int8 QDQ when quantized), with dynamic batch axes, checked
-    against torch on the example, calibration, validation and perturbed inputs."""
-    from edgeslim.compression import _parity_sources
+    against torch on the example, calibration, validation and perturbed inputs; a file that
+    computes differently on this CPU (saturating int8 kernels) is warned about in ``warned``."""
+    from edgeslim.compression import _parity_sources, saturation_note
     from edgeslim.export.verify import check_parity, export_axes, export_module, output_batch_dims
     from edgeslim.runtime.ort import ort_session
 
@@ -247,5 +255,6 @@ def _export(model: Any, task: Any, path: Path) -> tuple[Path, dict[str, Any]]:
     dims = output_batch_dims(module, task.inputs_at(1), task.inputs_at(2))
     export_module(module, task.example_inputs, path, export_axes(task.names, task.dims, dims))
     parity = check_parity(module, ort_session(path), _parity_sources(task))
+    saturation_note(module, parity, warned, SEARCH_REMEDY)
     return path, {"inputs_checked": parity.inputs_checked, "max_abs_diff": parity.max_abs_diff,
                   "max_rel_diff": parity.max_rel_diff, "sources": parity.sources}  # fmt: skip
