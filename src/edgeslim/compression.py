@@ -341,7 +341,12 @@ def _run(
     if not quantized:  # a float model (pruned, fine-tuned) must match torch as closely
         _refuse_mismatch(parity, f"the ONNX export of compressed {name}", trace_by_example)
     if quantized:
-        saturation_note(comp_mod, parity, ctx.notes)
+        searched = any(stage.kind == "search" for stage in recipe.stages)
+        remedy = (
+            "give the search stage 7 in place of 8 in w_bits (7-bit weights in int8, which "
+            "cannot overflow)" if searched else COMPRESS_REMEDY
+        )  # fmt: skip
+        saturation_note(comp_mod, parity, ctx.notes, remedy)
     kernels = _integer_kernels(comp_mod, comp_path, example, ctx.notes)
     ort_metrics = task.measure(OrtModel(comp_sess), wrapped=True)
     log_step(f"compress {name}: timing torch and ONNX Runtime, compressed vs uncompressed")
