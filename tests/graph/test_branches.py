@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,3 +75,21 @@ def test_adds_that_are_not_removable_branches_are_left() -> None:
     assert residual_branches(_Shared(), x) == []
     assert residual_branches(_Tapped(), x) == []
     assert residual_branches(_Plain(), x) == []  # an add of a constant is no branch
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max() > 1.0:  # reads tensor values: fx cannot trace it
+            return x + self.a(x)
+        return x
+
+
+def test_an_untraceable_model_is_refused_naming_the_line_not_found_empty() -> None:
+    from edgeslim.errors import TraceError
+
+    with pytest.raises(TraceError, match=r"x\.abs\(\)\.max\(\)"):
+        residual_branches(_Branchy(), (torch.zeros(1, 4, 6, 6),))

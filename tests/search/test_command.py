@@ -126,3 +126,12 @@ def test_a_chosen_file_that_computes_differently_on_this_cpu_is_warned_about(
     assert result.exit_code == 0, result.output
     (said,) = json.loads((out / "search.json").read_text())["export"]["warnings"]
     assert "20.0%" in said and "--w-bits 4,6,7" in said
+
+
+def test_depth_on_a_model_without_residual_branches_exits_2_saying_so(
+    factory: str, tmp_path: Path
+) -> None:
+    result = _search(factory, tmp_path / "run", "--budget", "1", "--depth")
+    assert result.exit_code == 2
+    assert "no removable residual branch" in result.output
+    assert "search without depth" in result.output

@@ -157,26 +157,29 @@ def residual_branches(
 ) -> list[ResidualBranch]:
     """Every removable residual branch of ``model`` (see the module doc), in graph order.
 
-    ``traced``: the model's fx graph when the caller has it. A model that does not trace,
-    or whose graph cannot be run on ``example_inputs`` for shapes, has none found (empty
-    list); the callers say so."""
+    ``traced``: the model's fx graph when the caller has it. A model that does not trace
+    raises :class:`~edgeslim.errors.TraceError` (naming the op and the layer), one whose
+    graph does not run on ``example_inputs`` a ``TraceError`` saying so."""
     from torch.fx.passes.shape_prop import ShapeProp
 
+    gm = (
+        traced
+        if traced is not None
+        else trace(model, inputs=len(example_inputs), examples=example_inputs)
+    )
+    was = model.training
+    model.eval()
     try:
-        gm = (
-            traced
-            if traced is not None
-            else trace(model, inputs=len(example_inputs), examples=example_inputs)
-        )
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*example_inputs)
-        finally:
-            model.train(was)
-    except (TraceError, RuntimeError, TypeError, ValueError):
-        return []
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TraceError(
+            f"residual branches: the traced graph of {type(model).__name__} does not run on "
+            f"the example inputs ({first})"
+        ) from None
+    finally:
+        model.train(was)
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
