@@ -24,6 +24,7 @@ def test_info_resnet20_prints_the_analytic_macs_total() -> None:
     total = re.search(r"MACs ([\d,]+)", result.output)
     assert total is not None and int(total.group(1).replace(",", "")) == 31_021_952
     assert "layer3.0.downsample.0" in result.output and "coupling groups" in result.output
+    assert "residual branches (9," in result.output and "layer1.2 11.6%" in result.output
 
 
 def test_info_of_a_module_factory_with_input_shape() -> None:

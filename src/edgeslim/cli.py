@@ -273,6 +273,28 @@ def info(
             size = f"{g.size}" + (f" x {g.unit}" if g.unit > 1 else "")
             gt.add_row(str(g.id), g.kind, size, "yes" if g.prunable else "no", g.describe())
         console.print(gt)
+        console.print(_branches_line(net, args, graph), highlight=False)
+
+
+def _branches_line(net: Any, args: Any, graph: Any) -> str:
+    """The residual branches depth pruning could remove, each with its share of the MACs."""
+    from edgeslim.graph.branches import residual_branches
+
+    try:
+        found = residual_branches(net, args, graph.traced)
+    except EdgeslimError as exc:
+        return f"residual branches: not searched ({str(exc).splitlines()[0]})"
+    if not found:
+        return "residual branches: none (depth pruning does not apply)"
+    total = max(graph.macs, 1)
+    parts = [
+        f"{b.name} {sum(graph.layers[f].macs for f in b.modules if f in graph.layers) / total:.1%}"
+        for b in found
+    ]
+    return (
+        f"residual branches ({len(found)}, share of MACs; prune method depth and search "
+        f"--depth offer those the model still runs without): {', '.join(parts)}"
+    )
 
 
 def _records_table(records: list[Any]) -> Table:
