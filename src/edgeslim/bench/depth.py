@@ -26,7 +26,6 @@ from typing import Any
 from torch import nn
 
 from edgeslim.bench.prune import (
-    DATA_USED,
     FINETUNE,
     FINETUNE_IMAGES,
     KD_ALPHA,
@@ -53,7 +52,6 @@ MODEL = "resnet20"
 TARGETS = (0.1, 0.2, 0.3)
 QUICK_TARGETS = (0.2,)
 DEPTH = "edgeslim:depth"
-DATA_USED[DEPTH] = "train"  # branch importance and BatchNorm re-estimation read it
 
 
 def _depth(model: nn.Module, job: PruneJob) -> nn.Module:

@@ -210,8 +210,10 @@ def branch_importance(
 
     Why the outputs and not the branch itself: what a branch's removal costs depends on what
     stays beside it. On resnet20 the branch of a stage's first block carries little energy
-    against its input, yet its shortcut is a strided 1x1 conv that cannot stand in for it:
-    removing it alone cost 19 points of validation top-1 where a later block cost 1.
+    against its input, yet its shortcut is a strided 1x1 conv that cannot stand in for it.
+    Ranked by that energy, the set chosen for -10% MACs (``layer2.0`` and ``layer1.2``)
+    scored 75.3% validation top-1 before fine-tuning (fp32 94.4%); ranked by the outputs,
+    ``layer1.2`` alone, 93.0% (ad hoc, 2026-12-02).
     """
     import copy
 

@@ -302,6 +302,7 @@ def _prune_depth(
     assert stage.macs_reduction is not None  # the stage's validator
     task = ctx.need_task("prune")
     batches = task.calibration_batches(256)
+    dim = (task.batch_dims or (0,))[0]  # the first input's batch axis (a state's may be 1)
     try:
         _, removed, _ = depth_prune_(model, example, batches, stage.macs_reduction)
     except UnreachableTargetError as exc:
@@ -313,7 +314,8 @@ def _prune_depth(
     path.write_text(json.dumps({"format": DEPTH_PLAN_FORMAT, "removed": removed}, indent=1))
     ctx.notes.append(
         f"prune: depth, {len(removed)} residual branch(es) removed ({', '.join(removed)}), "
-        f"chosen on {sum(len(b[0]) for b in batches)} calibration samples; plan {path.name}"
+        f"chosen on {sum(int(b[0].shape[dim]) for b in batches)} calibration samples; plan "
+        f"{path.name}"
     )
     return path
 
