@@ -396,6 +396,30 @@ def test_assign_bits_keeps_depthwise_convs_high() -> None:
     assert all(assign_bits(chain, 4, 4, 8)[f] == 4 for f in depthwise)  # uniform: all low
 
 
+def test_assign_bits_keeps_short_rows_high_while_they_are_few() -> None:
+    from edgeslim.datafree.methods import SHORT_ROW, explain_bits
+    from edgeslim.zoo import load_zoo_model
+    from edgeslim.zoo.torchvision_style import mobilenet_v2
+
+    chain = analyze(mobilenet_v2().eval(), torch.zeros(1, 3, 64, 64))
+    bits = assign_bits(chain, 3, 8, 8)
+    rows = {f: chain.layer(f).weight[0].numel() for f in chain.order}
+    raised = [f for f in chain.order if rows[f] < SHORT_ROW and f in chain.pairs
+              and not chain.layer(f).groups > 1 and f != chain.order[0]]  # fmt: skip
+    # the 1x1 expansions reading 16 or 24 channels: the walk would make them low
+    assert raised == ["features.2.conv.0.0", "features.3.conv.0.0", "features.4.conv.0.0"]
+    assert all(bits[f] == 8 for f in raised)
+    assert bits["features.5.conv.0.0"] == 3  # 32 inputs: lowered
+    notes = explain_bits(chain, bits, 3, 8)
+    assert "rows of 16 weights are not lowered" in notes["features.2.conv.0.0"]
+    assert all(assign_bits(chain, 4, 4, 8)[f] == 4 for f in raised)  # uniform: all low
+    # where the short-row layers are most of the low-bit weights, they stay low
+    small = analyze(load_zoo_model("mobilenetv3-small", pretrained=False).eval(),
+                    torch.zeros(1, 1, 28, 28))  # fmt: skip
+    low = [f for f, b in assign_bits(small, 3, 8, 8).items() if b == 3]
+    assert low and all(small.layer(f).weight[0].numel() < SHORT_ROW for f in low)
+
+
 class TFSamePadding(nn.Module):
     """TF-style "same" padding: ``nn.ZeroPad2d((0, 1, 0, 1))`` or ``F.pad`` before each
     stride-2 conv (Keras and TF-Lite ports of MobileNet and EfficientNet)."""
