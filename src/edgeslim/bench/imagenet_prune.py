@@ -137,12 +137,12 @@ def _pruned_w8a8(b: Bench, pruned: nn.Module, task: Any, macs: int, fp32_ms: flo
     from edgeslim.quant.ptq import ptq
 
     act = QuantSpec(bits=8, granularity="tensor", symmetric=False, observer="percentile")
-    gm = ptq(pruned, QuantConfig(QuantSpec(bits=8), act), b.calib, bias_correction=True)
+    gm = ptq(pruned, QuantConfig(QuantSpec(bits=b.w_bits), act), b.calib, bias_correction=True)
     path = b._export(copy.deepcopy(gm), f"{QUANTIZED.split(':')[1]}_30_w8a8")
     ms, base_ms = b.ort_latency(path)
     return b.record(
         f"{QUANTIZED}+ptq", "onnxruntime", task.measure(OrtModel(ort_session(path)), wrapped=True),
-        config={"macs_reduction": TARGETS[0], "w_bits": 8, "a_bits": 8,
+        config={"macs_reduction": TARGETS[0], "w_bits": b.w_bits, "a_bits": 8,
                 "criterion": CRITERIA[QUANTIZED],
                 "latency_weight": LATENCY_WEIGHT.get(QUANTIZED, 0.0)},
         params=sum(p.numel() for p in pruned.parameters()), macs=macs,

@@ -14,8 +14,11 @@ import torch
 from torch import nn
 
 
-def ort_quantize_static(fp32_onnx: Path, out: Path, calib: torch.Tensor, input_name: str) -> Path:
-    """``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, U8S8, MinMax)."""
+def ort_quantize_static(
+    fp32_onnx: Path, out: Path, calib: torch.Tensor, input_name: str, reduce_range: bool = False
+) -> Path:
+    """``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, U8S8, MinMax);
+    ``reduce_range``: 7-bit weights, ONNX Runtime's advice for x86 CPUs without VNNI."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -38,6 +41,7 @@ def ort_quantize_static(fp32_onnx: Path, out: Path, calib: torch.Tensor, input_n
     quantize_static(
         str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        reduce_range=reduce_range,
     )  # fmt: skip
     return out
 
