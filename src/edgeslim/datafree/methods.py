@@ -114,9 +114,10 @@ def assign_bits(chain: Chain, low: int, high: int, edge: int) -> dict[str, int]:
     nothing in size. Where they are most of the low-bit layers (mobilenetv3-small's three),
     they stay low, since otherwise nothing would be. Measured on mobilenetv2-imagenet at 3/8
     (2026-12-02, ad hoc, weights only, one low layer at a time): the 16-input expansion
-    ``features.2.conv.0.0`` alone cost DF-MPC 5.5 points of agreement, more than any other
-    but one; raising the three short-row expansions (0.24% of the weights) moved RTN from
-    51.7% to 61.4% and DF-MPC from 81.4% to 89.0% (W3/8A8, statistics ranges).
+    ``features.2.conv.0.0`` alone cost DF-MPC 5.5 points of agreement, as much as any
+    layer (most cost 0-2.5); raising the three short-row expansions (0.24% of the
+    weights) moved RTN from 51.7% to 61.4% and DF-MPC from 81.4% to 89.0% (W3/8A8,
+    statistics ranges).
     """
     bits = {chain.order[0]: edge, chain.order[-1]: edge}
     if low != high:
