@@ -8,6 +8,7 @@ from edgeslim.runtime.machine import (
     _cpuinfo,
     describe_machine,
     int8_sums_saturate,
+    int8_weight_bits,
     load_machine,
     machine_info,
     save_machine,
@@ -72,3 +73,6 @@ def test_int8_sums_saturate_on_x86_without_vnni_only() -> None:
     assert not int8_sums_saturate(info("x86_64", "avx2", "avx512_vnni"))
     assert not int8_sums_saturate(info("aarch64", "asimd", "asimddp"))
     assert not int8_sums_saturate(info("x86_64"))  # flags unreadable (no /proc/cpuinfo)
+    assert int8_weight_bits(info("x86_64", "sse4_1", "avx2")) == 7  # reduce_range
+    assert int8_weight_bits(info("x86_64", "avx2", "avx512_vnni")) == 8
+    assert int8_weight_bits(info("aarch64", "asimd")) == 8

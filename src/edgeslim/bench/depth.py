@@ -44,7 +44,7 @@ from edgeslim.data.batching import augmented_batches
 from edgeslim.export import export_onnx
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.runtime.kernels import coverage_extra, kernel_coverage
-from edgeslim.runtime.machine import int8_sums_saturate
+from edgeslim.runtime.machine import int8_weight_bits
 from edgeslim.runtime.ort import ort_session, ort_top1
 from edgeslim.zoo import load_zoo_model
 
@@ -87,7 +87,7 @@ def depth_model(name: str, out: Path, quick: bool) -> list[Record]:
     variants += prune_variants(
         name, fp32, test, job_for, {"edgeslim:l1": edgeslim_method("l1")}, reached, onnx_dir
     )
-    w_bits = 7 if int8_sums_saturate() else 8
+    w_bits = int8_weight_bits()
     rows: dict[str, dict[str, Any]] = {}
     models: list[tuple[str, nn.Module, dict[str, Any]]] = [("fp32", fp32, {})]
     models += [(f"v{i}", v.tuned, {"variant": v}) for i, v in enumerate(variants)]

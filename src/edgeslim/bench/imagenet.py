@@ -43,7 +43,7 @@ from edgeslim.cost import compare_latency, ort_runner, ratio_over_rounds, size_b
 from edgeslim.datafree.ops import WeightGranularity
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.records import Record
-from edgeslim.runtime.machine import int8_sums_saturate
+from edgeslim.runtime.machine import int8_weight_bits
 from edgeslim.runtime.ort import OrtModel, ort_fused_ops, ort_session
 from edgeslim.task import Task
 
@@ -99,12 +99,13 @@ class Bench:
         self.fp32_path = self._export(self.fp32, "fp32")
         self.fp32_sess = ort_session(self.fp32_path)
         # on an x86 CPU without VNNI, ONNX Runtime's int8 kernels saturate full-range 8-bit
-        # weights (ad hoc, 2026-12-02, AMD EPYC with AVX2 only: edgeslim's W8A8 file agreed
-        # 91.5% with fp32, its torch model 98.7%); there every int8 file of the run, the
-        # peer's too (its ``reduce_range``), keeps its weights on 7 bits, as ONNX Runtime
-        # advises for such CPUs; ``config.w_bits`` records 7
-        self.saturates = int8_sums_saturate()
-        self.w_bits = 7 if self.saturates else 8
+        # weights (2026-12-02, AMD EPYC with AVX2 only: edgeslim's W8A8 file agreed 91.5%
+        # with fp32, where the same settings' fake-quant torch model read 98.7% in the run
+        # before, on a VNNI Xeon); there every int8 file of the run, the peer's too (its
+        # ``reduce_range``), keeps its weights on 7 bits, as ONNX Runtime advises for such
+        # CPUs; ``config.w_bits`` records 7
+        self.w_bits = int8_weight_bits()
+        self.saturates = self.w_bits < 8
         # 40 interleaved calls per model left the fp32 baseline at 2.60-2.84 ms across the
         # rows of one run (2e-2 of noise on a 1.3x ratio); 300 cost about 2 s per pair
         self.repeats = 10 if quick else 300

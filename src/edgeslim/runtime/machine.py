@@ -84,6 +84,12 @@ def int8_sums_saturate(info: dict[str, Any] | None = None) -> bool:
     return x86 and bool(isa) and not isa & set(VNNI)
 
 
+def int8_weight_bits(info: dict[str, Any] | None = None) -> int:
+    """The weight bits a W8A8 file can use here and still compute as torch does: 7 where
+    :func:`int8_sums_saturate` (ONNX Runtime's ``reduce_range``), else 8."""
+    return 7 if int8_sums_saturate(info) else 8
+
+
 def describe_machine(info: dict[str, Any]) -> str:
     """One line for a report: ``AMD EPYC (x86_64, 2 logical cores; avx2, avx512_vnni), ...``."""
     isa = ", ".join(info.get("int8_isa") or []) or "no SIMD extension listed"
