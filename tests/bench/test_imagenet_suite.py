@@ -25,4 +25,8 @@ def test_quick_imagenet_suite_beats_the_peer_on_agreement(tmp_path: Path) -> Non
     assert ours.metric == "agreement" and ours.value >= peer.value
     assert ours.extra["int8_ops"].get("QLinearConv") == 52 and "Conv" not in ours.extra["int8_ops"]
     assert by[("edgeslim:dfq", "torch")].data_used == "none"
+    # least squares gives back what pruning took before any fine-tuning
+    refit, plain = by[("edgeslim:l1+recon", "onnxruntime")], by[("edgeslim:l1", "onnxruntime")]
+    assert refit.extra["reconstruct"]["layers"] > 0
+    assert refit.extra["before_finetune"]["agreement"] > plain.extra["before_finetune"]["agreement"]
     assert (tmp_path / "results.json").is_file() and (tmp_path / "report.md").is_file()

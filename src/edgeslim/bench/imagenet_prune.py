@@ -2,15 +2,17 @@
 
 Methods: the ``l1`` criterion (producers' filters) and ``l1_group`` (producer rows and
 consumer columns, Torch-Pruning's group magnitude), both ranked globally, ``l1_group``
-tilted towards MACs that are slow on this machine (``+latency``), learned gates,
-and the peer
+tilted towards MACs that are slow on this machine (``+latency``), learned gates, two of the
+criteria followed by least-squares reconstruction of the layers that lost inputs
+(``+recon``, :func:`edgeslim.prune.reconstruct.reconstruct_`, on the training crops, before
+the fine-tune), and the peer
 ``torch-pruning:magnitude`` at the same MACs; every one fine-tuned by distillation from the
 fp32 model on the same unlabelled crops with the same budget (``EPOCHS`` epochs over the
 263 training crops, shifted and flipped; no label: the loss is KD alone), widths rounded to
 16 (see ``ROUND_TO``). Agreement is measured on the **other** half of the crops
 (``photos_task(held_only=True)``), never on the crops the fine-tune saw. Each pruned model
-is exported and timed in ONNX Runtime at batch 1 against fp32; the -30% ``l1_group+latency``
-model is also quantized to W8A8 (pruned + int8).
+is exported and timed in ONNX Runtime at batch 1 against fp32; the :data:`QUANTIZED` model
+is also quantized to W8A8 at each target (pruned + int8).
 """
 
 from __future__ import annotations
@@ -42,14 +44,18 @@ CRITERIA = {  # planner criteria
     "edgeslim:l1": "l1",
     "edgeslim:l1_group": "l1_group",
     "edgeslim:l1_group+latency": "l1_group",
+    "edgeslim:l1+recon": "l1",
+    "edgeslim:l1_group+latency+recon": "l1_group",
 }
+# rows whose pruned layers are refitted by least squares before the fine-tune
+RECONSTRUCTED = ("edgeslim:l1+recon", "edgeslim:l1_group+latency+recon")
 # the latency-aware row: l1_group ranking tilted by fp32 kernel time per MAC (weight 1; see
 # edgeslim.prune.latency_rank), the machine's latency table timed once and cached
-LATENCY_WEIGHT = {"edgeslim:l1_group+latency": 1.0}
-# the -30% model also quantized to W8A8: the fastest pruned row (its ranking tilted by this
-# machine's kernel times), the one a user would deploy; the unweighted l1_group until
-# 2026-12-01 (1.90x fp32 with W8A8 in that run)
-QUANTIZED = "edgeslim:l1_group+latency"
+LATENCY_WEIGHT = {"edgeslim:l1_group+latency": 1.0, "edgeslim:l1_group+latency+recon": 1.0}
+# the model also quantized to W8A8 at each target: the fastest pruned row (its ranking tilted
+# by this machine's kernel times), refitted, the one a user would deploy; until 2026-12-02
+# the -30% l1_group+latency model only (before 2026-12-01 the unweighted l1_group)
+QUANTIZED = "edgeslim:l1_group+latency+recon"
 
 
 def _config(quick: bool) -> TrainConfig:
@@ -57,17 +63,34 @@ def _config(quick: bool) -> TrainConfig:
                        weight_decay=0.0)  # fmt: skip
 
 
-def _prune(model: nn.Module, method: str, target: float, b: Bench, train: Any) -> nn.Module:
-    """A pruned copy of ``model`` (before the shared fine-tune)."""
+def _prune(
+    model: nn.Module, method: str, target: float, b: Bench, train: Any, calib: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A pruned copy of ``model`` (before the shared fine-tune), and what the reconstruction
+    did (empty for rows without it)."""
     m = copy.deepcopy(model).eval()
     if method in CRITERIA:
         from edgeslim.prune.planner import apply_keep, plan_keep
+        from edgeslim.prune.reconstruct import reconstruct_
+        from edgeslim.prune.surgery import prepare_surgery
 
         criterion = CRITERIA[method]
         keep, _ = plan_keep(m, b.x1, criterion, macs_reduction=target, round_to=ROUND_TO,
                             latency_weight=LATENCY_WEIGHT.get(method, 0.0))  # fmt: skip
+        kept = prepare_surgery(m, keep).kept_positions()
         apply_keep(m, keep, criterion)
-        return m
+        if method not in RECONSTRUCTED:
+            return m, {}
+        t0 = time.perf_counter()
+        report = reconstruct_(m, model, kept, calib)
+        fits = report.layers
+        return m, {
+            "layers": len(fits),
+            "mean_error_before": round(sum(f.error_before for f in fits) / len(fits), 4),
+            "mean_error_after": round(sum(f.error_after for f in fits) / len(fits), 4),
+            "calibration_crops": sum(len(x[0]) for x in calib),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
     if method == "edgeslim:gates":
         from edgeslim.prune.gates import train_gates
 
@@ -75,14 +98,14 @@ def _prune(model: nn.Module, method: str, target: float, b: Bench, train: Any) -
             m, b.x1, train, _config(b.quick), macs_reduction=target, teacher=model,
             description="gates", round_to=ROUND_TO,
         )  # fmt: skip
-        return result.model
+        return result.model, {}
     from edgeslim.bench.peers import torch_pruning_magnitude
 
-    return torch_pruning_magnitude(model, b.x1[0], target, ROUND_TO)
+    return torch_pruning_magnitude(model, b.x1[0], target, ROUND_TO), {}
 
 
 def prune_rows(b: Bench) -> list[Record]:
-    """Pruned (and fine-tuned) rows, plus the -30% :data:`QUANTIZED` model at W8A8."""
+    """Pruned (and fine-tuned) rows, plus the :data:`QUANTIZED` model at W8A8."""
     from edgeslim.cost import size_bytes
     from edgeslim.prune.finetune import finetune_pruned
     from edgeslim.task import photos_task
@@ -92,6 +115,7 @@ def prune_rows(b: Bench) -> list[Record]:
     fp32_ms, _ = b.ort_latency(b.fp32_path)
     rows: list[Record] = []
     methods = (*CRITERIA, "edgeslim:gates", "torch-pruning:magnitude")
+    calib = task.calibration_batches(64 if b.quick else None)  # training crops, unshifted
     targets = TARGETS[:1] if b.quick else TARGETS
     for target in targets:
         for method in methods:
@@ -99,7 +123,7 @@ def prune_rows(b: Bench) -> list[Record]:
             # afresh per row, so every method trains on the same shuffled, shifted batches
             # (one shared iterable would hand each row the next draws of one generator)
             train = task.train_batches()
-            pruned = _prune(b.fp32, method, target, b, train)
+            pruned, refit = _prune(b.fp32, method, target, b, train, calib)
             before = task.measure(pruned)
             finetune_pruned(pruned, train, _config(b.quick), teacher=b.fp32, alpha=1.0,
                             description=f"{method} -{target:.0%} ft")  # fmt: skip
@@ -121,15 +145,18 @@ def prune_rows(b: Bench) -> list[Record]:
                     data_used="train",
                     extra={"achieved_macs_reduction": round(1 - macs / b.macs, 4),
                            "before_finetune": before, "measured_on": "held half of the crops",
-                           "kd": "soft targets of the fp32 model, no labels"},
+                           "kd": "soft targets of the fp32 model, no labels",
+                           **({"reconstruct": refit} if refit else {})},
                 )
             )  # fmt: skip
-            if method == QUANTIZED and target == TARGETS[0]:
-                rows.append(_pruned_w8a8(b, pruned, task, macs, fp32_ms))
+            if method == QUANTIZED:
+                rows.append(_pruned_w8a8(b, pruned, task, macs, fp32_ms, target))
     return rows
 
 
-def _pruned_w8a8(b: Bench, pruned: nn.Module, task: Any, macs: int, fp32_ms: float) -> Record:
+def _pruned_w8a8(
+    b: Bench, pruned: nn.Module, task: Any, macs: int, fp32_ms: float, target: float
+) -> Record:
     from edgeslim.bench.imagenet import int8_fields
     from edgeslim.bench.quant import _quant_bits
     from edgeslim.cost import size_bytes
@@ -138,11 +165,12 @@ def _pruned_w8a8(b: Bench, pruned: nn.Module, task: Any, macs: int, fp32_ms: flo
 
     act = QuantSpec(bits=8, granularity="tensor", symmetric=False, observer="percentile")
     gm = ptq(pruned, QuantConfig(QuantSpec(bits=b.w_bits), act), b.calib, bias_correction=True)
-    path = b._export(copy.deepcopy(gm), f"{QUANTIZED.split(':')[1]}_30_w8a8")
+    name = QUANTIZED.split(":")[1].replace("+", "_")
+    path = b._export(copy.deepcopy(gm), f"{name}_{int(target * 100)}_w8a8")
     ms, base_ms = b.ort_latency(path)
     return b.record(
         f"{QUANTIZED}+ptq", "onnxruntime", task.measure(OrtModel(ort_session(path)), wrapped=True),
-        config={"macs_reduction": TARGETS[0], "w_bits": b.w_bits, "a_bits": 8,
+        config={"macs_reduction": target, "w_bits": b.w_bits, "a_bits": 8,
                 "criterion": CRITERIA[QUANTIZED],
                 "latency_weight": LATENCY_WEIGHT.get(QUANTIZED, 0.0)},
         params=sum(p.numel() for p in pruned.parameters()), macs=macs,

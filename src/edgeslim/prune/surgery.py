@@ -307,6 +307,8 @@ class _Edit:
     module: nn.Module
     tensors: dict[str, torch.Tensor]
     attrs: dict[str, Any]
+    out_idx: torch.Tensor | None = None  # kept output positions (None: all)
+    in_idx: torch.Tensor | None = None  # kept input positions (None: all)
 
 
 @dataclass
@@ -331,6 +333,12 @@ class Surgery:
                 new[id(own[name])] = t
         state = self.model.state_dict(keep_vars=True)
         return {k: tuple(new.get(id(v), v).shape) for k, v in state.items()}
+
+    def kept_positions(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Per sliced module FQN, the ``(output, input)`` positions it keeps of the unpruned
+        module's (None: all of that axis), e.g. to fit a pruned layer to its unpruned self
+        (:func:`edgeslim.prune.reconstruct.reconstruct_`)."""
+        return {e.fqn: (e.out_idx, e.in_idx) for e in self.edits if e.tensors}
 
     def apply(self) -> nn.Module:
         """Swap in the sliced tensors and attributes; returns the (same) model."""
@@ -414,7 +422,7 @@ def prepare_surgery(model: nn.Module, keep: KeepMap) -> Surgery:
         if out_idx is None and in_idx is None:
             continue
         tensors, attrs = _sliced(m, out_idx, in_idx)
-        edits.append(_Edit(fqn, m, tensors, attrs))
+        edits.append(_Edit(fqn, m, tensors, attrs, out_idx, in_idx))
     for fqn, attrs in attr_edits.items():
         edits.append(_Edit(fqn, model.get_submodule(fqn), {}, attrs))
     return Surgery(model, edits)
