@@ -49,6 +49,7 @@ CRITERIA = {  # planner criteria
 }
 # rows whose pruned layers are refitted by least squares before the fine-tune
 RECONSTRUCTED = ("edgeslim:l1+recon", "edgeslim:l1_group+latency+recon")
+RECON_CROPS = 128
 # the latency-aware row: l1_group ranking tilted by fp32 kernel time per MAC (weight 1; see
 # edgeslim.prune.latency_rank), the machine's latency table timed once and cached
 LATENCY_WEIGHT = {"edgeslim:l1_group+latency": 1.0, "edgeslim:l1_group+latency+recon": 1.0}
@@ -115,7 +116,9 @@ def prune_rows(b: Bench) -> list[Record]:
     fp32_ms, _ = b.ort_latency(b.fp32_path)
     rows: list[Record] = []
     methods = (*CRITERIA, "edgeslim:gates", "torch-pruning:magnitude")
-    calib = task.calibration_batches(64 if b.quick else None)  # training crops, unshifted
+    # reconstruction reads 128 of the training crops, unshifted: every refitted layer costs a
+    # forward of the pruned model up to it over them (about 3 s per layer on 2 cores here)
+    calib = task.calibration_batches(32 if b.quick else RECON_CROPS)
     targets = TARGETS[:1] if b.quick else TARGETS
     for target in targets:
         for method in methods:

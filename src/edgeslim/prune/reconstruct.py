@@ -35,7 +35,7 @@ from edgeslim.errors import PruneError
 from edgeslim.progress import progress_bar
 
 Positions = tuple[torch.Tensor | None, torch.Tensor | None]  # (kept outputs, kept inputs)
-ROWS_PER_BATCH = 8192  # sampled output positions per batch and layer (all when fewer)
+ROWS_PER_BATCH = 4096  # sampled output positions per batch and layer (all when fewer)
 
 
 @dataclass(frozen=True)
@@ -291,11 +291,12 @@ def _fit_layer(
                 f"the unpruned layer gives {y.shape[0]} x {y.shape[1]}: the kept positions "
                 "do not belong to this pair of models"
             )
-        a = a.double()
+        a = a.float()
         if bias is not None:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
-        gram += a.T @ a
-        cross += a.T @ y
+        # products in float32 (the costly part: rows x d^2), sums over batches in float64
+        gram += (a.T @ a).double()
+        cross += (a.T @ y.float()).double()
         yty += (y * y).sum()
         rows += a.shape[0]
     energy = float(yty) or 1.0
