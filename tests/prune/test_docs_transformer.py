@@ -29,3 +29,17 @@ def test_the_depth_example_of_the_pruning_page_runs(capsys: pytest.CaptureFixtur
     exec(compile(block, str(DOC), "exec"), namespace)
     out = capsys.readouterr().out
     assert out.count("Bypassed()") == 3 and "(bn2): BranchMean()" in out
+
+
+def test_the_reconstruction_example_of_the_pruning_page_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    section = DOC.read_text().split("- **Reconstruction**", 1)[1]
+    block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    namespace: dict[str, object] = {}
+    exec(compile(block, str(DOC), "exec"), namespace)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    match = re.match(r"reconstruct: (\d+) layers refitted, mean relative output error "
+                     r"([\d.]+) -> ([\d.]+)", line)  # fmt: skip
+    assert match, line
+    assert int(match[1]) > 0 and float(match[3]) < float(match[2])

@@ -15,6 +15,8 @@
   kd_alpha: 0.9          # weight of the distillation term (the rest is cross-entropy)
   limit: 10000           # training samples of the task for the fine-tune (null: all)
   allow_target_miss: false  # true: a MACs reduction more than 2 points off target is kept
+  reconstruct: false     # true: refit the layers that lost inputs by least squares (rank)
+  reconstruct_samples: 128  # calibration samples the refit reads
 ```
 
 The MACs reduction is measured on the model before and after the surgery (the layer
@@ -28,6 +30,13 @@ naming requested vs achieved, unless ``allow_target_miss: true``: the miss is th
 ``batch_size``, ``limit`` and KD as the fine-tune) to the ``macs_reduction`` target, removes
 the channels whose gates end off, then fine-tunes as usual; ``criterion``, ``ratio`` and
 ``global_ranking`` do not apply to it (gates choose every width, rounded to ``round_to``).
+
+``reconstruct: true`` (with ``method: rank``): right after the surgery, every layer that lost
+input channels is refitted by least squares to give the unpruned layer's outputs on
+``reconstruct_samples`` of the task's calibration samples
+(:func:`edgeslim.prune.reconstruct.reconstruct_`; no labels read), before the fine-tune. On
+``mobilenetv2-imagenet`` at -30% MACs (``l1``) it takes agreement before fine-tuning from 0%
+to about 95% (docs/pruning.md).
 
 ``method: depth`` removes residual branches whole (:func:`edgeslim.prune.depth.depth_prune_`:
 of the sets of branches that reach ``macs_reduction``, the one whose removals change the
@@ -90,6 +99,8 @@ class PruneStage(Stage):
     limit: int | None = Field(None, ge=1)
     seed: int = 0
     allow_target_miss: bool = False
+    reconstruct: bool = False
+    reconstruct_samples: int = Field(128, ge=1)
 
     @field_validator("criterion")
     @classmethod
@@ -133,6 +144,10 @@ class PruneStage(Stage):
             raise ValueError("method gates needs macs_reduction (gates learn the widths)")
         if self.method == "depth" and self.macs_reduction is None:
             raise ValueError("method depth needs macs_reduction (branches are removed to it)")
+        if self.reconstruct and self.method != "rank":
+            raise ValueError(
+                "reconstruct refits the layers a criterion's surgery narrowed: it needs method rank"
+            )
         if self.latency_weight and self.method != "rank":
             raise ValueError("latency_weight tilts the planner's ranking: it needs method rank")
         return self
@@ -320,12 +335,27 @@ def _prune_depth(
     return path
 
 
+def _reconstruct(
+    model: nn.Module, dense: nn.Module, kept: Any, stage: PruneStage, ctx: StageContext
+) -> None:
+    """Least-squares refit of the narrowed layers on the task's calibration samples."""
+    from edgeslim.prune.reconstruct import reconstruct_
+
+    task = ctx.need_task("prune reconstruct")
+    batches = task.calibration_batches(stage.reconstruct_samples)
+    report = reconstruct_(model, dense, kept, batches, seed=stage.seed)
+    dim = (task.batch_dims or (0,))[0]
+    n = sum(int(b[0].shape[dim]) for b in batches)
+    ctx.notes.append(f"prune {report.summary()}, on {n} calibration samples")
+
+
 @register_stage("prune", PruneStage, data_used="train")
 def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Module:
     from edgeslim.graph.attention import split_attention
     from edgeslim.prune.finetune import finetune_pruned
     from edgeslim.prune.plan import PrunePlan
     from edgeslim.prune.planner import apply_keep, build_importance
+    from edgeslim.prune.surgery import prepare_surgery
 
     task = ctx.need_task("prune")
     example = task.example_inputs
@@ -359,7 +389,11 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
         criterion = build_importance(stage.criterion, train, stage.seed)
         keep = _plan_within_reach(model, example, criterion, stage, ctx)
         plan = PrunePlan.from_groups(model, keep, example, name=ctx.model_name)
+        dense = (teacher or copy.deepcopy(model).eval()) if stage.reconstruct else None
+        kept = prepare_surgery(model, keep).kept_positions() if stage.reconstruct else {}
         apply_keep(model, keep, criterion)
+        if dense is not None:
+            _reconstruct(model, dense, kept, stage, ctx)
         plan_path = plan.save(_plan_path(Path(ctx.out)))
         budget = "" if stage.ratio is None else f"ratio {stage.ratio}; "
         mode = "global ranking" if stage.global_ranking else "uniform"
