@@ -15,8 +15,8 @@ on the inputs the already refitted layers produce, so errors do not pile up (Thi
 al. 2017; He et al. 2017's channel pruning reconstruction). It reads calibration inputs only,
 no labels.
 
-Decision — what is fitted: plain linears and ungrouped convs (1-D or 2-D, zero padding) that
-lost input channels. A depthwise conv loses its channels whole (nothing to refit) and other
+Decision — what is fitted: plain linears and ungrouped 1-D/2-D convs that lost input
+channels. A depthwise conv loses its channels whole (nothing to refit) and other
 layers keep their inputs; they are listed in the report as skipped with the reason.
 """
 
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.data.batching import input_batches
 from edgeslim.errors import PruneError
+from edgeslim.graph.patches import input_rows, output_rows, rows_supported
 from edgeslim.progress import progress_bar
 
 Positions = tuple[torch.Tensor | None, torch.Tensor | None]  # (kept outputs, kept inputs)
@@ -79,45 +79,10 @@ class _Stop(Exception):
 
 
 def _why_not(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return None
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(
-        module, (nn.ConvTranspose1d, nn.ConvTranspose2d)
-    ):
-        if module.groups != 1:
-            return f"grouped conv (groups={module.groups}): its channels go whole"
-        if isinstance(module.padding, str) or module.padding_mode != "zeros":
-            return "padding other than explicit zeros"
-        return None
-    return f"{type(module).__name__} is not refitted (linear and ungrouped convs are)"
-
-
-def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as one row per output position (patches for a conv)."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    conv1d = isinstance(module, nn.Conv1d)
-    if conv1d:
-        x = x.unsqueeze(2)
-    pair = lambda v: (1, v[0]) if conv1d else tuple(v)  # noqa: E731
-    assert isinstance(module, (nn.Conv1d, nn.Conv2d))
-    cols = F.unfold(
-        x,
-        kernel_size=pair(module.kernel_size),
-        dilation=pair(module.dilation),
-        padding=(0, module.padding[0]) if conv1d else tuple(module.padding),  # type: ignore[arg-type]
-        stride=pair(module.stride),
-    )
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-def _targets(module: nn.Module, y: torch.Tensor, out_idx: torch.Tensor | None) -> torch.Tensor:
-    """The unpruned output as one row per output position, kept channels only."""
-    if isinstance(module, nn.Linear):
-        rows = y.reshape(-1, y.shape[-1])
-    else:
-        rows = y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
-    return rows if out_idx is None else rows[:, out_idx]
+    why = rows_supported(module)
+    if why is not None and why.startswith("grouped"):
+        return f"{why}: its channels go whole"
+    return why
 
 
 def _capture(model: nn.Module, module: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -252,7 +217,9 @@ def _dense_targets(
             for fqn in order:
                 if fqn not in seen:
                     raise PruneError(f"reconstruct: `{fqn}` did not run on a calibration batch")
-                y = _targets(modules[fqn], seen[fqn], kept[fqn][0])
+                y = output_rows(modules[fqn], seen[fqn])
+                if kept[fqn][0] is not None:
+                    y = y[:, kept[fqn][0]]
                 pick = None
                 if y.shape[0] > rows_per_batch:
                     pick = torch.randperm(y.shape[0], generator=gen)[:rows_per_batch]
@@ -273,16 +240,16 @@ def _fit_layer(
     ridge: float,
 ) -> LayerFit:
     """Accumulate ``A^T A``, ``A^T Y`` over the batches, solve, write the weights."""
+    assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))  # _why_not
     weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    bias = getattr(module, "bias", None)
+    bias = module.bias
     d = weight[0].numel() + (1 if bias is not None else 0)
     gram = torch.zeros(d, d, dtype=torch.float64)
     cross = torch.zeros(d, weight.shape[0], dtype=torch.float64)
     yty = torch.zeros((), dtype=torch.float64)
     rows = 0
     for inputs, (pick, y) in zip(batches, targets, strict=True):
-        a = _rows(module, _capture(pruned, module, inputs))
+        a = input_rows(module, _capture(pruned, module, inputs))
         if pick is not None and a.shape[0] > int(pick.max()):
             a = a[pick]
         if a.shape[0] != y.shape[0] or y.shape[1] != weight.shape[0]:

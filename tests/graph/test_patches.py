@@ -1,0 +1,54 @@
+"""input_rows: a layer's input laid out against its weight matrix reproduces its output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from edgeslim.graph.patches import input_rows, output_rows, rows_supported
+
+
+def _check(layer: nn.Linear | nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> None:
+    w = layer.weight.reshape(layer.weight.shape[0], -1)
+    rows = input_rows(layer, x) @ w.T
+    if layer.bias is not None:
+        rows = rows + layer.bias
+    torch.testing.assert_close(rows, output_rows(layer, layer(x)), rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kernel=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    padding=st.sampled_from([0, 1, 2, "same", "valid"]),
+    mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    two_d=st.booleans(),
+    bias=st.booleans(),
+)
+def test_conv_rows_times_the_weight_give_the_conv_output(
+    kernel: int, stride: int, dilation: int, padding: int | str, mode: str, two_d: bool,
+    bias: bool,
+) -> None:  # fmt: skip
+    if padding == "same":
+        stride = 1  # torch refuses "same" with stride
+    conv = nn.Conv2d if two_d else nn.Conv1d
+    torch.manual_seed(0)
+    layer = conv(3, 5, kernel, stride, padding, dilation, bias=bias, padding_mode=mode)
+    x = torch.randn(2, 3, 9, 8) if two_d else torch.randn(2, 3, 11)
+    _check(layer, x)
+
+
+def test_linear_rows_keep_every_leading_dimension() -> None:
+    torch.manual_seed(0)
+    _check(nn.Linear(6, 4), torch.randn(2, 3, 6))
+
+
+def test_grouped_and_transposed_convs_are_refused() -> None:
+    assert rows_supported(nn.Conv2d(4, 4, 3, groups=4)) == "grouped conv (groups=4)"
+    assert rows_supported(nn.ConvTranspose2d(4, 4, 3)) == "a transposed conv"
+    with pytest.raises(ValueError, match="grouped conv"):
+        input_rows(nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5))
