@@ -16,7 +16,7 @@ weights to be low-rank first.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,7 @@ def factorize_(
     config: SVDConfig | None = None,
     method: str = "svd",
     ranks: Mapping[str, int] | None = None,
+    calibration: Iterable[Any] | None = None,
 ) -> LowRankReport:
     """Factorize ``model``'s layers in place (see the module doc); returns the report.
 
@@ -72,7 +73,10 @@ def factorize_(
     so the MACs are those of that batch. ``method`` only labels the report (TRP ends here).
     ``ranks`` (``{fqn: rank}``, TRP's final ranks) replaces the config's rule: layers not in
     it, or whose rank saves no MACs, stay dense.
-    Nothing is changed when the request cannot be met.
+    ``calibration`` (input batches): ranks and factors are data-aware
+    (:mod:`edgeslim.lowrank.whiten`: the truncation that loses the least output energy on
+    these inputs, not the least weight energy); the report's energies are then output
+    energies. Nothing is changed when the request cannot be met.
     """
     config = config if config is not None else SVDConfig()
     names = [n for n, _ in model.named_modules()]
@@ -82,6 +86,11 @@ def factorize_(
     before_table = layer_table(model, *example_inputs)
     before = total_macs(before_table)
     cands, skipped = candidates(model, before_table, config.skip)
+    if cands and calibration is not None:
+        from edgeslim.lowrank.whiten import whiten, whitenings
+
+        white = whitenings(model, cands, calibration)
+        cands = [whiten(c, white[c.fqn]) for c in cands]
     if not cands:
         raise LowRankError(
             "no layer can be factorized: "

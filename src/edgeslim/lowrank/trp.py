@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.data.batching import Batch
+from edgeslim.data.batching import Batch, input_batches
 from edgeslim.graph.layers import layer_table, total_macs
 from edgeslim.lowrank.modules import LowRankError
 from edgeslim.lowrank.ranks import (
@@ -44,6 +44,7 @@ from edgeslim.lowrank.ranks import (
 )
 from edgeslim.lowrank.report import LowRankReport
 from edgeslim.lowrank.svd import SVDConfig, factorize_
+from edgeslim.lowrank.whiten import Whitening, whiten, whitenings
 from edgeslim.train.loop import LossFn, TrainConfig, train_classifier
 
 
@@ -146,7 +147,11 @@ class TrainedRankPruning:
     """
 
     def __init__(
-        self, model: nn.Module, example_inputs: Sequence[Any], config: TRPConfig | None = None
+        self,
+        model: nn.Module,
+        example_inputs: Sequence[Any],
+        config: TRPConfig | None = None,
+        calibration: Iterable[Any] | None = None,
     ) -> None:
         self.model = model
         self.example_inputs = tuple(example_inputs)
@@ -165,6 +170,10 @@ class TrainedRankPruning:
         self._calls = 0
         self._progress = 0.0
         self.final_ranks: dict[str, int] | None = None
+        # data-aware truncations (with a MACs target): the inputs, and the whitening of
+        # each layer measured at the last truncation (kept for the projections after it)
+        self._calibration = None if calibration is None else list(input_batches(calibration))
+        self._white: dict[str, Whitening] = {}
 
     # ---- the gradient term ---------------------------------------------------------------
     def _hook(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -237,11 +246,17 @@ class TrainedRankPruning:
     @torch.no_grad()
     def project(self, ranks: Mapping[str, int]) -> None:
         """Replace the weights of the layers in ``ranks`` by their best approximation at
-        those ranks."""
+        those ranks (on the inputs of the last truncation when data-aware)."""
         for fqn, rank in ranks.items():
             w = self.layers[fqn].weight
             assert isinstance(w, torch.Tensor)
-            u, s, vh = torch.linalg.svd(w.detach().reshape(w.shape[0], -1).double(), False)
+            m = w.detach().reshape(w.shape[0], -1).double()
+            white = self._white.get(fqn)
+            if white is None:
+                u, s, vh = torch.linalg.svd(m, False)
+            else:
+                u, s, vh = torch.linalg.svd(m @ white.root, False)
+                vh = vh @ white.inverse_root
             _set_truncated(w, u, s, vh, rank)
 
     @torch.no_grad()
@@ -250,6 +265,9 @@ class TrainedRankPruning:
         and the candidates (with their SVDs) they were chosen from."""
         table = self._table
         cands, _ = candidates(self.model, table, self.config.skip)
+        if self._calibration is not None:
+            self._white = whitenings(self.model, cands, self._calibration)
+            cands = [whiten(c, self._white[c.fqn]) for c in cands]
         ranks, _ = ranks_for_target(cands, total_macs(table), macs_reduction, self.config.round_to)
         return dict(ranks), cands
 
@@ -345,12 +363,15 @@ def trp_train(
     val: Iterable[Batch] | None = None,
     on_step: Callable[[float], None] | None = None,
     description: str = "trp",
+    calibration: Iterable[Any] | None = None,
 ) -> TRPResult:
     """Train ``model`` with TRP (:func:`~edgeslim.train.loop.train_classifier`, any
     ``loss_fn``: e.g. :func:`edgeslim.distill.kd_loss` from the dense model), then factorize
-    it in place; ``on_step`` is called too (e.g. QAT's progress). Returns the model in eval
-    mode with its history and :class:`LowRankReport`."""
-    trp = TrainedRankPruning(model, example_inputs, config)
+    it in place; ``on_step`` is called too (e.g. QAT's progress). ``calibration`` (input
+    batches, with a ``macs_reduction`` target): every truncation is data-aware
+    (:mod:`edgeslim.lowrank.whiten`, the inputs' moments measured afresh each time). Returns
+    the model in eval mode with its history and :class:`LowRankReport`."""
+    trp = TrainedRankPruning(model, example_inputs, config, calibration)
 
     def step(progress: float) -> None:
         trp.on_step(progress)
