@@ -16,7 +16,14 @@
   seed: 0
   period: 10           # trp: optimizer steps between truncations
   lam: 0.0003          # trp: nuclear-norm weight
+  data_aware: false    # true: ranks/factors keep the output energy on calibration inputs
+  calibration_samples: 256  # data_aware: the task's calibration samples read
 ```
+
+``data_aware: true``: each truncation is the one that loses the least *output* on the
+task's calibration inputs (the SVD of ``W S``, ``S`` the root of the layer's input second
+moment; :mod:`edgeslim.lowrank.whiten`), for SVD's factorization and every TRP truncation;
+it reads ``calibration_samples`` samples (no labels).
 
 Each factorized ``k x k`` conv becomes a ``k x k`` conv with ``rank`` outputs then a 1x1
 conv; a linear becomes two linears (:mod:`edgeslim.lowrank`). Later stages (quantize,
@@ -64,6 +71,8 @@ class LowRankStage(Stage):
     seed: int = 0
     period: int = Field(10, ge=1)
     lam: float = Field(3e-4, ge=0.0)
+    data_aware: bool = False
+    calibration_samples: int = Field(256, ge=1)
 
 
 def _save_ranks(out: Path, ranks: dict[str, int], method: str) -> Path:
@@ -122,9 +131,10 @@ def run_lowrank(model: nn.Module, stage: LowRankStage, ctx: StageContext) -> nn.
     config = TrainConfig(
         epochs=max(stage.epochs, 1), lr=stage.lr, batch_size=stage.batch_size, seed=stage.seed
     )
+    calib = task.calibration_batches(stage.calibration_samples) if stage.data_aware else None
     if stage.method == "svd":
         svd = SVDConfig(stage.energy, stage.macs_reduction, stage.skip, stage.round_to)
-        report = factorize_(model, example, svd)
+        report = factorize_(model, example, svd, calibration=calib)
         if stage.epochs:
             train = task.train_batches(stage.batch_size, stage.limit, stage.seed)
             train_classifier(
@@ -137,11 +147,15 @@ def run_lowrank(model: nn.Module, stage: LowRankStage, ctx: StageContext) -> nn.
             macs_reduction=stage.macs_reduction, skip=stage.skip, round_to=stage.round_to,
         )  # fmt: skip
         report = trp_train(
-            model, train, config, example, trp, loss_fn=_loss(stage, teacher, task)
-        ).report
+            model, train, config, example, trp, loss_fn=_loss(stage, teacher, task),
+            calibration=calib,
+        ).report  # fmt: skip
     ranks = {r.fqn: r.kept_rank for r in report.layers}
     path = _save_ranks(Path(ctx.out), ranks, stage.method)
     ctx.notes.append(f"lowrank: {report.summary()}; ranks {path.name}")
+    if calib is not None:
+        n = sum(int(b[0].shape[(task.batch_dims or (0,))[0]]) for b in calib)
+        ctx.notes.append(f"lowrank: data-aware ranks and factors, from {n} calibration samples")
     if report.skipped:
         shown = "; ".join(
             f"{k}: {v.removeprefix('left dense: ')}" for k, v in list(report.skipped.items())[:4]
