@@ -295,3 +295,17 @@ def augmented_batches(
     return TensorBatches(
         images, labels, batch_size, shuffle=True, seed=seed, transform=crop_flip(pad), pairs=True
     )
+
+
+def run_batches(model: Any, data: Iterable[Any], handles: Iterable[Any] = ()) -> None:
+    """Feed every input batch of ``data`` to ``model`` in eval mode, for what hooks collect;
+    then remove ``handles`` (hook handles) and restore the model's mode, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        for inputs in input_batches(data):
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)

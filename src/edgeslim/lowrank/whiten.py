@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.data.batching import input_batches
+from edgeslim.data.batching import run_batches
 from edgeslim.graph.patches import input_rows
 from edgeslim.lowrank.modules import LowRankError, weight_matrix
 from edgeslim.lowrank.ranks import Candidate, cumulative_energy
@@ -78,16 +78,7 @@ def input_moments(
 
         return add
 
-    handles = [modules[f].register_forward_hook(hook(f)) for f in fqns]
-    was_training = model.training
-    model.eval()
-    try:
-        for inputs in input_batches(calibration):
-            model(*inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    run_batches(model, calibration, [modules[f].register_forward_hook(hook(f)) for f in fqns])
     missing = [f for f in fqns if not counts[f]]
     if missing:
         raise LowRankError(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.data.batching import input_batches
+from edgeslim.data.batching import run_batches
 from edgeslim.quant.modules import QuantConv2d, QuantLinear, QuantMixin
 
 
@@ -63,15 +63,7 @@ def correct_bias(model: nn.Module, batches: Iterable[Any]) -> int:
 
     for name, m in layers.items():
         handles.append(m.register_forward_pre_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        for inputs in input_batches(batches):
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_batches(model, batches, handles)
     for name, m in layers.items():
         if name not in shift:
             continue
