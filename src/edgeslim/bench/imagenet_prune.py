@@ -84,11 +84,11 @@ def _prune(
             return m, {}
         t0 = time.perf_counter()
         report = reconstruct_(m, model, kept, calib)
-        fits = report.layers
+        before, after = report.mean_errors()
         return m, {
-            "layers": len(fits),
-            "mean_error_before": round(sum(f.error_before for f in fits) / len(fits), 4),
-            "mean_error_after": round(sum(f.error_after for f in fits) / len(fits), 4),
+            "layers": len(report.layers),
+            "mean_error_before": round(before, 4),
+            "mean_error_after": round(after, 4),
             "calibration_crops": sum(len(x[0]) for x in calib),
             "seconds": round(time.perf_counter() - t0, 1),
         }

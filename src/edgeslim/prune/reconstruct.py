@@ -56,11 +56,16 @@ class ReconstructReport:
     layers: list[LayerFit] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def mean_errors(self) -> tuple[float, float]:
+        """Mean relative output error of the refitted layers, before and after their fit."""
+        n = len(self.layers) or 1
+        return (sum(f.error_before for f in self.layers) / n,
+                sum(f.error_after for f in self.layers) / n)  # fmt: skip
+
     def summary(self) -> str:
         if not self.layers:
             return "reconstruct: no layer refitted"
-        before = sum(f.error_before for f in self.layers) / len(self.layers)
-        after = sum(f.error_after for f in self.layers) / len(self.layers)
+        before, after = self.mean_errors()
         return (
             f"reconstruct: {len(self.layers)} layers refitted, mean relative output error "
             f"{before:.3f} -> {after:.3f}"
@@ -173,6 +178,13 @@ def reconstruct_(
     dense.eval()
     try:
         order = _run_order(dense, fit, batches[0])
+        for fqn in fit:
+            if fqn not in order:  # said, not silently left as cut
+                report.skipped[fqn] = "did not run on the calibration inputs"
+        if not order:
+            raise PruneError(
+                "reconstruct: none of the layers to refit ran on the calibration inputs"
+            )
         with progress_bar(transient=not progress) as bar:
             task = bar.add_task("reconstruct", total=len(order) + 1, visible=progress)
             targets = _dense_targets(dense, order, kept, batches, rows_per_batch, seed)
