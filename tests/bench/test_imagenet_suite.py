@@ -29,4 +29,7 @@ def test_quick_imagenet_suite_beats_the_peer_on_agreement(tmp_path: Path) -> Non
     refit, plain = by[("edgeslim:l1+recon", "onnxruntime")], by[("edgeslim:l1", "onnxruntime")]
     assert refit.extra["reconstruct"]["layers"] > 0
     assert refit.extra["before_finetune"]["agreement"] > plain.extra["before_finetune"]["agreement"]
+    # every fine-tune kept its best epoch on training crops it did not train on
+    tuned = [r for r in records if "finetune_epochs" in r.config]
+    assert tuned and all(0 <= r.extra["kept_epoch"] <= r.config["finetune_epochs"] for r in tuned)
     assert (tmp_path / "results.json").is_file() and (tmp_path / "report.md").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -61,3 +62,41 @@ def test_tensor_batches_with_batch_dims_serve_every_sample_once(
     assert all(bh.shape[1] == bx.shape[0] for bx, bh in taken)
     limited = data.limited(limit)
     assert limited.num_samples == (n if limit is None else min(limit, n))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 40), every=st.integers(2, 6), shuffle=st.booleans())
+def test_split_holds_every_nth_sample_out_and_keeps_the_rest_as_it_was(
+    n: int, every: int, shuffle: bool
+) -> None:
+    """The two parts cover every sample once, aligned across inputs with a batch on
+    dimension 1; the held part is in order and untransformed, the kept one keeps its
+    shuffling and transform."""
+    ids = torch.arange(n, dtype=torch.float32)
+    x, h = ids[:, None].repeat(1, 3), ids[None, :, None].repeat(2, 1, 4)
+
+    def plus_one(
+        inputs: tuple[torch.Tensor, ...], _gen: torch.Generator
+    ) -> tuple[torch.Tensor, ...]:
+        return (inputs[0] + 1000, *inputs[1:])
+
+    data = TensorBatches((x, h), ids.long(), 5, shuffle, 1, plus_one, batch_dims=(0, 1))
+    if n < every:
+        with pytest.raises(ValueError, match="hold none out"):
+            data.split(every)
+        return
+    kept, held = data.split(every)
+    held_ids = [int(t) for (bx, bh), y in held for t in y]
+    assert held_ids == list(range(every - 1, n, every))
+    for (bx, bh), y in held:
+        assert torch.equal(bx[:, 0].long(), y) and torch.equal(bh[0, :, 0].long(), y)
+    kept_ids = []
+    for (bx, bh), y in kept:
+        assert torch.equal(bx[:, 0].long() - 1000, y) and torch.equal(bh[0, :, 0].long(), y)
+        kept_ids += y.tolist()
+    assert sorted(kept_ids + held_ids) == list(range(n)) and kept.shuffle == shuffle
+
+
+def test_split_refuses_holding_out_everything() -> None:
+    with pytest.raises(ValueError, match="every must be >= 2"):
+        TensorBatches(torch.zeros(4, 2)).split(1)

@@ -216,3 +216,32 @@ def test_a_narrow_strided_1x1_conv_trains_in_contiguous_format() -> None:
     before = model.shortcut.weight.detach().clone()
     train_classifier(model, [((x,), y)] * 3, TrainConfig(epochs=1, lr=0.05))
     assert not torch.equal(model.shortcut.weight, before)  # it trained, and did not abort
+
+
+def test_keep_best_keeps_the_untrained_weights_when_training_only_hurts() -> None:
+    train, test = load_digits_split("train"), load_digits_split("test")
+    held = TensorBatches(test.images, test.labels, 500)
+    model = mlp()
+    train_classifier(model, TensorBatches(train.images, train.labels, 64, shuffle=True), CFG)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    top1 = evaluate(model, held)
+    wild = TrainConfig(epochs=2, lr=50.0, weight_decay=0.0, channels_last=False)
+    hist = train_classifier(
+        model, TensorBatches(train.images, train.labels, 64), wild, val=held, keep_best=True
+    )
+    assert all(h["val_top1"] < top1 for h in hist)  # the wild rate wrecks every epoch
+    assert hist[-1]["best_epoch"] == 0 and hist[-1]["val_top1_start"] == top1
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_keep_best_ends_on_the_best_epoch_and_needs_held_out_batches() -> None:
+    train, test = load_digits_split("train"), load_digits_split("test")
+    held = TensorBatches(test.images, test.labels, 500)
+    model = mlp()
+    batches = TensorBatches(train.images, train.labels, 64, shuffle=True)
+    hist = train_classifier(model, batches, CFG, val=held, keep_best=True)
+    best = max(h["val_top1"] for h in hist)
+    assert hist[-1]["best_epoch"] == 1 + [h["val_top1"] for h in hist].index(best)
+    assert evaluate(model, held) == best > hist[-1]["val_top1_start"]
+    with pytest.raises(ValueError, match="keep_best needs val"):
+        train_classifier(mlp(), batches, CFG, keep_best=True)

@@ -248,6 +248,27 @@ class TensorBatches:
             self.batch_dims,
         )
 
+    def split(self, every: int) -> tuple[TensorBatches, TensorBatches]:
+        """``(kept, held)``: every ``every``-th sample (from the last of the first ``every``)
+        held out, unshuffled and unaugmented, e.g. to choose a fine-tune's epoch on inputs it
+        never trains on; ``kept`` keeps this source's batching, shuffling and transform."""
+        if every < 2:
+            raise ValueError(f"every must be >= 2 (1 would hold out everything); got {every}")
+        n = self.num_samples
+        held = torch.zeros(n, dtype=torch.bool)
+        held[every - 1 :: every] = True
+        if not held.any():
+            raise ValueError(f"{n} samples hold none out at every={every}")
+
+        def part(mask: torch.Tensor, **kw: Any) -> TensorBatches:
+            target = None if self.target is None else self.target[mask]
+            inputs = self._served(tuple(t[mask] for t in self.inputs))
+            return TensorBatches(inputs, target, self.batch_size, pairs=self.pairs,
+                                 batch_dims=self.batch_dims, **kw)  # fmt: skip
+
+        kept = part(~held, shuffle=self.shuffle, seed=self.seed, transform=self.transform)
+        return kept, part(held)
+
     def __iter__(self) -> Iterator[Any]:
         n = self.num_samples
         order = torch.randperm(n, generator=self._gen) if self.shuffle else torch.arange(n)

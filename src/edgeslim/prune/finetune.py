@@ -30,6 +30,7 @@ def finetune_pruned(
     description: str = "finetune",
     hard_loss: Callable[[Any, Any], torch.Tensor] | None = None,
     loss_fn: LossFn | None = None,
+    keep_best: bool = False,
 ) -> list[dict[str, float]]:
     """Train the pruned ``model`` in place on ``(inputs, target)`` batches (SGD, OneCycle,
     progress bar; see :func:`~edgeslim.train.loop.train_classifier`); returns the history.
@@ -41,6 +42,8 @@ def finetune_pruned(
     10k images: 92.61% at 0.9, 92.53% at 0.5). ``hard_loss(outputs, target)`` replaces
     cross-entropy (a task's own loss). ``loss_fn(outputs, target, inputs)`` replaces all of
     this (e.g. :func:`edgeslim.distill.labels_or_teacher` for outputs that are values).
+    ``keep_best`` with ``val`` (held-out batches): keep the epoch ``val`` scores best, the
+    pruned model before any training included (see ``train_classifier``).
     """
     if loss_fn is None:
         if teacher is not None:
@@ -49,7 +52,13 @@ def finetune_pruned(
             hard = hard_loss
             loss_fn = lambda outputs, target, _inputs: hard(outputs, target)  # noqa: E731
     history = train_classifier(
-        model, train, config, val=val, loss_fn=loss_fn, description=description
+        model,
+        train,
+        config,
+        val=val,
+        loss_fn=loss_fn,
+        description=description,
+        keep_best=keep_best,
     )
     model.eval()
     return history

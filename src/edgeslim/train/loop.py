@@ -233,6 +233,7 @@ def train_classifier(
     description: str = "train",
     on_step: Callable[[float], None] | None = None,
     no_decay: Callable[[str], bool] | None = None,
+    keep_best: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``(inputs, target)`` batches; returns one ``{epoch, loss,
     val_top1}`` dict per epoch.
@@ -247,10 +248,19 @@ def train_classifier(
     done (QAT uses it to sharpen AQE/tanh estimators and advance the n-BQ blend).
     ``no_decay(name)`` True exempts that parameter from weight decay (QAT: learned
     quantizer scales, which decay would shrink toward zero).
+
+    ``keep_best`` (needs ``val``): the model is scored on ``val`` before training too, and
+    ends with the weights of the best score, the untrained ones included (ties go to the
+    earlier epoch); the last row says which (``best_epoch``, 0 for none, and
+    ``val_top1_start``). ``val`` must then be data the loop does not train on: a model that
+    starts good (a pruned model refitted by least squares) can lose to a fine-tune that
+    overfits a few hundred inputs, and only held-out inputs show it.
     """
     _refuse_one_shot(train, "train")
     if val is not None:
         _refuse_one_shot(val, "val")
+    elif keep_best:
+        raise ValueError("keep_best needs val: held-out batches to choose the epoch on")
     per_epoch = steps_per_epoch(train)
     if per_epoch == 0:
         raise ValueError("train has no batches")
@@ -282,6 +292,7 @@ def train_classifier(
     else:  # too few steps for a warm-up and an anneal: keep the learning rate constant
         sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     history: list[dict[str, float]] = []
+    best: _Best | None = _Best.of(model, val) if keep_best and val is not None else None
     model.train()
     step = 0
     with progress_bar() as bar:
@@ -329,8 +340,42 @@ def train_classifier(
             row = {"epoch": float(epoch + 1), "loss": total / max(seen, 1)}
             if val is not None:
                 row["val_top1"] = evaluate(model, val)
+                if best is not None:
+                    best.offer(model, row["val_top1"], epoch + 1)
             history.append(row)
             bar.console.log(", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        if best is not None:
+            best.restore(model)
+            if history:
+                history[-1].update(best_epoch=float(best.epoch), val_top1_start=best.start)
+            if best.epoch < config.epochs:
+                bar.console.log(f"{description}: kept epoch {best.epoch} (val {best.score:.4g})")
     if channels_last:
         model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return history
+
+
+@dataclass
+class _Best:
+    """The best-scoring weights seen so far (``keep_best``), as a detached copy."""
+
+    score: float
+    epoch: int
+    start: float
+    state: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module, val: Iterable[Batch]) -> _Best:
+        score = evaluate(model, val)
+        return cls(score, 0, score, _copy_state(model))
+
+    def offer(self, model: nn.Module, score: float, epoch: int) -> None:
+        if score > self.score:
+            self.score, self.epoch, self.state = score, epoch, _copy_state(model)
+
+    def restore(self, model: nn.Module) -> None:
+        model.load_state_dict(self.state)
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
