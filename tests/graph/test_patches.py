@@ -8,15 +8,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from edgeslim.graph.patches import input_rows, output_rows, rows_supported
+from edgeslim.graph.patches import input_rows, num_rows, output_rows, rows_supported
 
 
 def _check(layer: nn.Linear | nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> None:
+    """Rows times the weight give the output; picked rows are those rows, gathered."""
     w = layer.weight.reshape(layer.weight.shape[0], -1)
-    rows = input_rows(layer, x) @ w.T
+    every = input_rows(layer, x)
+    rows = every @ w.T
     if layer.bias is not None:
         rows = rows + layer.bias
     torch.testing.assert_close(rows, output_rows(layer, layer(x)), rtol=1e-4, atol=1e-4)
+    assert num_rows(layer, x) == every.shape[0]
+    pick = torch.randperm(every.shape[0], generator=torch.Generator().manual_seed(1))[:7]
+    assert torch.equal(input_rows(layer, x, pick), every[pick])
 
 
 @settings(max_examples=40, deadline=None)

@@ -31,15 +31,30 @@ def test_the_depth_example_of_the_pruning_page_runs(capsys: pytest.CaptureFixtur
     assert out.count("Bypassed()") == 3 and "(bn2): BranchMean()" in out
 
 
+def _last_line_of_example(after: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the first python block after ``after`` on the page; the last line it printed."""
+    block = re.findall(r"```python\n(.*?)```", DOC.read_text().split(after, 1)[1], flags=re.S)[0]
+    namespace: dict[str, object] = {}
+    exec(compile(block, str(DOC), "exec"), namespace)
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
 def test_the_reconstruction_example_of_the_pruning_page_runs(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    section = DOC.read_text().split("- **Reconstruction**", 1)[1]
-    block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
-    namespace: dict[str, object] = {}
-    exec(compile(block, str(DOC), "exec"), namespace)
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = _last_line_of_example("- **Reconstruction**", capsys)
     match = re.match(r"reconstruct: (\d+) layers refitted, mean relative output error "
                      r"([\d.]+) -> ([\d.]+)", line)  # fmt: skip
     assert match, line
     assert int(match[1]) > 0 and float(match[3]) < float(match[2])
+
+
+def test_the_epoch_selection_example_of_the_pruning_page_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    line = _last_line_of_example("A fine-tune does not always help", capsys)
+    match = re.match(r"kept epoch (\d) of 2: agreement ([\d.]+)% before, ([\d.]+)% kept", line)
+    assert match, line
+    assert float(match[3]) >= float(match[2]) and (float(match[3]) > float(match[2])) == (
+        match[1] != "0"
+    )

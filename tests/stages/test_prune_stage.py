@@ -66,6 +66,8 @@ def test_the_stage_declares_every_planner_option_with_the_planners_default() -> 
             {"macs_reduction": 0.5, "method": "gates", "reconstruct": True},
             "reconstruct refits the layers a criterion's surgery narrowed: it needs method rank",
         ),
+        ({"macs_reduction": 0.5, "select_every": 1}, "select_every holds every n-th"),
+        ({"macs_reduction": 0.5, "select_every": 4, "finetune_epochs": 0}, "finetune_epochs >= 1"),
     ],
 )
 def test_invalid_fields_name_the_field(fields: dict[str, object], expected: str) -> None:
@@ -262,3 +264,22 @@ def test_prune_stage_reconstructs_before_the_fine_tune(tmp_path: Path) -> None:
         assert bool(notes) is flag
     assert "on 256 calibration samples" in notes[0]
     assert tops[True] >= tops[False] + 20, tops
+
+
+def test_select_every_keeps_the_refitted_model_when_the_fine_tune_only_hurts(
+    tmp_path: Path,
+) -> None:
+    """A fine-tune at a wild learning rate wrecks a refitted model; with ``select_every`` the
+    stage sees it on held-out training samples and keeps the model from before training."""
+    task = fashion_mnist_task(test_limit=500)
+    scores, notes = {}, {}
+    for every in (0, 4):
+        stage = _parse(macs_reduction=0.5, round_to=4, reconstruct=True, finetune_epochs=1,
+                       lr=1.0, limit=512, select_every=every)  # fmt: skip
+        ctx = StageContext(out=tmp_path / str(every), model_name="resnet20", task=task)
+        pruned = run_prune(load_zoo_model("resnet20"), stage, ctx)
+        scores[every] = task.measure(pruned)[task.metric]
+        notes[every] = next(n for n in ctx.notes if n.startswith("prune fine-tune:"))
+    assert "on 384 samples" in notes[4] and "kept the model before training" in notes[4]
+    assert "kept" not in notes[0]
+    assert scores[4] >= scores[0] + 20, scores

@@ -24,7 +24,6 @@ import copy
 import time
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from edgeslim.data.batching import TensorBatches
@@ -121,15 +120,15 @@ def prune_rows(b: Bench) -> list[Record]:
     from edgeslim.cost import size_bytes
     from edgeslim.prune.finetune import finetune_pruned
     from edgeslim.task import photos_task
+    from edgeslim.train.selection import hold_out
 
     task = photos_task(held_only=True)
     task.bind_reference(b.fp32)
     fp32_ms, _ = b.ort_latency(b.fp32_path)
     rows: list[Record] = []
     methods = (*CRITERIA, "edgeslim:gates", "torch-pruning:magnitude")
-    assert isinstance(task.train, TensorBatches)
-    fit, check = task.train.split(SELECT_EVERY)
-    select = _agreement_batches(b.fp32, check)
+    assert task.train is not None
+    fit, select = hold_out(task.train, SELECT_EVERY, b.fp32)
     # reconstruction reads 128 of the fitting crops, unshifted: every refitted layer costs a
     # forward of the pruned model up to it over them (about 3 s per layer on 2 cores here)
     calib = list(TensorBatches(fit.inputs, batch_size=32).limited(32 if b.quick else RECON_CROPS))
@@ -175,16 +174,6 @@ def prune_rows(b: Bench) -> list[Record]:
             if method == QUANTIZED:
                 rows.append(_pruned_w8a8(b, pruned, task, macs, fp32_ms, target))
     return rows
-
-
-def _agreement_batches(fp32: nn.Module, held: TensorBatches) -> TensorBatches:
-    """``held``'s inputs labelled by the fp32 model's top-1: a fine-tune's top-1 on them is
-    its agreement (every crop counted, sure or not)."""
-    with torch.no_grad():
-        labels = torch.cat(
-            [fp32.eval()(*x).argmax(-1) for x in TensorBatches(held.inputs, batch_size=50)]
-        )
-    return TensorBatches(held.inputs, labels, batch_size=50)
 
 
 def _pruned_w8a8(

@@ -43,7 +43,8 @@ def finetune_pruned(
     cross-entropy (a task's own loss). ``loss_fn(outputs, target, inputs)`` replaces all of
     this (e.g. :func:`edgeslim.distill.labels_or_teacher` for outputs that are values).
     ``keep_best`` with ``val`` (held-out batches): keep the epoch ``val`` scores best, the
-    pruned model before any training included (see ``train_classifier``).
+    pruned model before any training included (see ``train_classifier``;
+    :func:`edgeslim.train.selection.hold_out` makes such batches from the training data).
     """
     if loss_fn is None:
         if teacher is not None:

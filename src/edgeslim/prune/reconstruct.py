@@ -31,7 +31,7 @@ from torch import nn
 
 from edgeslim.data.batching import input_batches
 from edgeslim.errors import PruneError
-from edgeslim.graph.patches import input_rows, output_rows, rows_supported
+from edgeslim.graph.patches import input_rows, num_rows, output_rows, rows_supported
 from edgeslim.progress import progress_bar
 
 Positions = tuple[torch.Tensor | None, torch.Tensor | None]  # (kept outputs, kept inputs)
@@ -149,8 +149,10 @@ def reconstruct_(
     surgery is applied). ``calibration``: input batches (a tensor or tuple of tensors each,
     or ``(inputs, target)`` pairs; targets are ignored). ``ridge`` regularises the fit
     relative to the input energy; each layer is fitted on at most ``rows_per_batch`` output
-    positions per batch, drawn with ``seed``. Raises :class:`PruneError` when no layer lost
-    input channels (nothing to refit) or a kept map does not fit the model.
+    positions per batch, drawn with ``seed`` (only their patches are read: the whole
+    unfolded input is never built, so memory stays at the layer's input). Raises
+    :class:`PruneError` when no layer lost input channels (nothing to refit) or a kept map
+    does not fit the model.
     """
     batches = list(input_batches(calibration))
     if not batches:
@@ -261,9 +263,12 @@ def _fit_layer(
     yty = torch.zeros((), dtype=torch.float64)
     rows = 0
     for inputs, (pick, y) in zip(batches, targets, strict=True):
-        a = input_rows(module, _capture(pruned, module, inputs))
-        if pick is not None and a.shape[0] > int(pick.max()):
-            a = a[pick]
+        x = _capture(pruned, module, inputs)
+        total = num_rows(module, x)
+        if pick is not None and total > int(pick.max()):
+            a = input_rows(module, x, pick)
+        else:
+            a = input_rows(module, x) if total == y.shape[0] else torch.empty(total, 0)
         if a.shape[0] != y.shape[0] or y.shape[1] != weight.shape[0]:
             raise PruneError(
                 f"reconstruct: `{fqn}` gives {a.shape[0]} x {weight.shape[0]} outputs where "

@@ -17,6 +17,7 @@
   allow_target_miss: false  # true: a MACs reduction more than 2 points off target is kept
   reconstruct: false     # true: refit the layers that lost inputs by least squares (rank)
   reconstruct_samples: 128  # calibration samples the refit reads
+  select_every: 0        # n >= 2: every n-th training sample chooses the fine-tune's epoch
 ```
 
 The MACs reduction is measured on the model before and after the surgery (the layer
@@ -37,6 +38,17 @@ input channels is refitted by least squares to give the unpruned layer's outputs
 (:func:`edgeslim.prune.reconstruct.reconstruct_`; no labels read), before the fine-tune. On
 ``mobilenetv2-imagenet`` at -30% MACs (``l1``) it takes agreement before fine-tuning from 0%
 to about 95% (docs/pruning.md).
+
+``select_every: n`` (n >= 2, with a fine-tune): every n-th training sample is held out of
+the fine-tune, and the stage keeps the epoch that scores best on them, the pruned model
+before any training included (:func:`edgeslim.train.loop.train_classifier`'s
+``keep_best``): top-1 on their labels, or agreement with the unpruned model's top-1 when the
+task's training data has none. A model that starts close to the unpruned one (after
+``reconstruct``) can lose to a fine-tune that overfits a few hundred samples; only samples it
+does not train on show that. It needs in-memory training data (a task built from tensors, a
+folder, an ``.npz``) and class scores (not value outputs). The held samples are kept out of
+training only: when the task calibrates on its training samples, ``reconstruct`` may read
+them.
 
 ``method: depth`` removes residual branches whole (:func:`edgeslim.prune.depth.depth_prune_`:
 of the sets of branches that reach ``macs_reduction``, the one whose removals change the
@@ -68,9 +80,11 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from edgeslim.artifacts import free_plan_path
+from edgeslim.data.batching import TensorBatches
 from edgeslim.errors import PruneError
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.train.loop import TrainConfig
+from edgeslim.train.selection import held_out_for_stage, kept_note
 
 if TYPE_CHECKING:
     from edgeslim.graph.coupling import CouplingGroup
@@ -101,6 +115,7 @@ class PruneStage(Stage):
     allow_target_miss: bool = False
     reconstruct: bool = False
     reconstruct_samples: int = Field(128, ge=1)
+    select_every: int = Field(0, ge=0)
 
     @field_validator("criterion")
     @classmethod
@@ -150,6 +165,11 @@ class PruneStage(Stage):
             )
         if self.latency_weight and self.method != "rank":
             raise ValueError("latency_weight tilts the planner's ranking: it needs method rank")
+        if self.select_every == 1 or (self.select_every and not self.finetune_epochs):
+            raise ValueError(
+                "select_every holds every n-th training sample out to choose the fine-tune's "
+                "epoch: it needs n >= 2 (0 turns it off) and finetune_epochs >= 1"
+            )
         return self
 
 
@@ -367,6 +387,10 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     train = task.train_batches(stage.batch_size, stage.limit, stage.seed) if needs_data else None
     wants_teacher = stage.kd and (stage.finetune_epochs or stage.method == "gates")
     teacher = copy.deepcopy(model).eval() if wants_teacher else None
+    select: TensorBatches | None = None
+    if stage.select_every:
+        assert train is not None
+        train, select = held_out_for_stage(train, stage.select_every, teacher, task)
     model.eval()
     ctx.out.mkdir(parents=True, exist_ok=True)
     macs_before = _macs(model, example)
@@ -411,10 +435,11 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
         history = finetune_pruned(
             model, train, config, teacher=teacher, alpha=stage.kd_alpha, description="prune ft",
             hard_loss=task.train_loss(), loss_fn=_value_loss(teacher, ctx, stage.kd_alpha),
+            val=select, keep_best=select is not None,
         )  # fmt: skip
         ctx.notes.append(
             f"prune fine-tune: {stage.finetune_epochs} epoch(s) on {_samples(train)}"
             f"{' with KD from the unpruned model' if teacher is not None else ''}, "
-            f"final loss {history[-1]['loss']:.4f}"
+            f"final loss {history[-1]['loss']:.4f}{kept_note(history, select)}"
         )
     return model.eval()

@@ -138,6 +138,15 @@ def decision_threshold(scores: torch.Tensor) -> float:
     return 0.5 if bool(((scores >= 0) & (scores <= 1)).all()) else 0.0
 
 
+def top1_predictions(outputs: Any) -> torch.Tensor:
+    """What :func:`top1_hits` compares with the targets: the argmax of the first output over
+    its classes, or with one score per sample the decision."""
+    single = one_score(outputs)
+    if single is not None:  # a binary decision
+        return (single > decision_threshold(single)).long()
+    return classes_last(first_output(outputs)).argmax(-1)
+
+
 def top1_hits(outputs: Any, target: torch.Tensor) -> int:
     """How many argmaxes of the first output over its classes (:func:`classes_last`) equal
     ``target``; with one score per sample, how many decisions (:func:`decision_threshold`)
@@ -145,11 +154,7 @@ def top1_hits(outputs: Any, target: torch.Tensor) -> int:
 
     Refuses a target of another shape: ``(N,)`` predictions against a ``(N, 1)`` column
     broadcast to ``(N, N)`` and counted nonsense."""
-    single = one_score(outputs)
-    if single is not None:  # a binary decision
-        pred = (single > decision_threshold(single)).long()
-    else:
-        pred = classes_last(first_output(outputs)).argmax(-1)
+    pred = top1_predictions(outputs)
     if pred.shape != target.shape:
         raise ValueError(
             f"top-1 compares the argmax of the model's output over its classes, shape "
