@@ -118,3 +118,29 @@ def test_kept_positions_that_do_not_fit_are_refused() -> None:
     wrong = {"second": (torch.arange(3), kept["second"][1])}  # 3 outputs where it has 4
     with pytest.raises(PruneError, match="do not belong"):
         reconstruct_(pruned, dense, wrong, [x], progress=False)
+
+
+class _SharedSecond(_Pair):
+    """``second`` called twice per forward (once on a rescaled input): one weight to fit
+    on the rows of both calls."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.first(x))
+        return self.second(h) + self.second(2.0 * h + 1.0)
+
+
+@pytest.mark.parametrize("rows_per_batch", [4096, 37])  # every row; a sample across the calls
+def test_a_layer_called_twice_is_fitted_on_both_calls(rows_per_batch: int) -> None:
+    torch.manual_seed(0)
+    dense = _with_duplicate(_SharedSecond(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3)))
+    dense.eval()
+    x = torch.randn(2, 3, 9, 9)
+    pruned, kept = _drop_channel_5(dense, x[:1])
+    report = reconstruct_(pruned, dense, kept, [x, torch.randn(2, 3, 9, 9)], ridge=1e-9,
+                          rows_per_batch=rows_per_batch, progress=False)  # fmt: skip
+    (fit,) = report.layers
+    # per batch: 2 images x 7 x 7 positions x 2 calls, or the sample drawn over them
+    assert fit.fqn == "second" and fit.rows == 2 * min(2 * 7 * 7 * 2, rows_per_batch)
+    assert fit.error_after < 1e-6 < fit.error_before
+    held = torch.randn(2, 3, 9, 9)
+    assert (pruned(held) - dense(held)).abs().max().item() < 1e-3

@@ -18,6 +18,11 @@ no labels.
 Decision — what is fitted: plain linears and ungrouped 1-D/2-D convs that lost input
 channels. A depthwise conv loses its channels whole (nothing to refit) and other
 layers keep their inputs; they are listed in the report as skipped with the reason.
+
+Decision — a layer called more than once per forward (a shared encoder, one MLP on two
+pooled maps) is fitted on the rows of every call together: one weight serves them all. The
+inputs of its later calls are read with its weights as they were before the fit (a call
+that feeds on an earlier call's output sees that output unrefitted).
 """
 
 from __future__ import annotations
@@ -90,13 +95,17 @@ def _why_not(module: nn.Module) -> str | None:
     return why
 
 
-def _capture(model: nn.Module, module: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``module``'s input in ``model(*inputs)``, stopping the forward there."""
+def _capture(
+    model: nn.Module, module: nn.Module, inputs: Sequence[torch.Tensor], calls: int
+) -> list[torch.Tensor]:
+    """``module``'s input at each of its first ``calls`` calls in ``model(*inputs)``,
+    stopping the forward after the last of them."""
     got: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
         got.append(args[0].detach())
-        raise _Stop
+        if len(got) == calls:
+            raise _Stop
 
     handle = module.register_forward_hook(hook)
     try:
@@ -105,9 +114,12 @@ def _capture(model: nn.Module, module: nn.Module, inputs: Sequence[torch.Tensor]
         pass
     finally:
         handle.remove()
-    if not got:
-        raise PruneError("reconstruct: a refitted layer did not run on a calibration batch")
-    return got[0]
+    if len(got) != calls:
+        raise PruneError(
+            f"reconstruct: a refitted layer ran {len(got)} time(s) on a calibration batch in "
+            f"the pruned model, {calls} in the unpruned one"
+        )
+    return got
 
 
 def _run_order(model: nn.Module, fqns: Iterable[str], inputs: Sequence[torch.Tensor]) -> list[str]:
@@ -202,8 +214,9 @@ def reconstruct_(
     return report
 
 
-# per batch: the sampled output positions (None: all) and the unpruned outputs there
-_Targets = list[tuple[torch.Tensor | None, torch.Tensor]]
+# per batch: the layer's calls, the sampled output positions over them (None: all) and the
+# unpruned outputs there
+_Targets = list[tuple[int, torch.Tensor | None, torch.Tensor]]
 
 
 def _dense_targets(
@@ -219,9 +232,11 @@ def _dense_targets(
     gen = torch.Generator().manual_seed(seed)
     modules = dict(dense.named_modules())
     out: dict[str, _Targets] = {fqn: [] for fqn in order}
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, list[torch.Tensor]] = {}
     handles = [
-        modules[fqn].register_forward_hook(lambda _m, _a, o, n=fqn: seen.setdefault(n, o.detach()))
+        modules[fqn].register_forward_hook(
+            lambda _m, _a, o, n=fqn: seen.setdefault(n, []).append(o.detach())
+        )
         for fqn in order
     ]
     try:
@@ -231,18 +246,46 @@ def _dense_targets(
             for fqn in order:
                 if fqn not in seen:
                     raise PruneError(f"reconstruct: `{fqn}` did not run on a calibration batch")
-                y = output_rows(modules[fqn], seen[fqn])
+                y = torch.cat([output_rows(modules[fqn], o) for o in seen[fqn]])
                 if kept[fqn][0] is not None:
                     y = y[:, kept[fqn][0]]
                 pick = None
                 if y.shape[0] > rows_per_batch:
                     pick = torch.randperm(y.shape[0], generator=gen)[:rows_per_batch]
                     y = y[pick]
-                out[fqn].append((pick, y.double()))
+                out[fqn].append((len(seen[fqn]), pick, y.double()))
     finally:
         for h in handles:
             h.remove()
     return out
+
+
+def _rows(
+    module: nn.Module, xs: list[torch.Tensor], pick: torch.Tensor | None, expected: int
+) -> tuple[torch.Tensor | None, int]:
+    """The input rows of every call of ``module`` (inputs ``xs``), one after another, at
+    positions ``pick`` of them (all when None), and how many there are in all; None for the
+    rows when they cannot match the unpruned layer's ``expected`` (models that differ)."""
+    assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))  # _why_not
+    counts = [num_rows(module, x) for x in xs]
+    total = sum(counts)
+    if pick is None:
+        if total != expected:
+            return None, total
+        return torch.cat([input_rows(module, x) for x in xs]), total
+    if total <= int(pick.max()):
+        return None, total
+    out: torch.Tensor | None = None
+    start = 0
+    for x, n in zip(xs, counts, strict=True):
+        here = (pick >= start) & (pick < start + n)
+        if here.any():
+            rows = input_rows(module, x, pick[here] - start)
+            if out is None:
+                out = rows.new_empty(len(pick), rows.shape[1])
+            out[here] = rows
+        start += n
+    return out, total
 
 
 def _fit_layer(
@@ -262,18 +305,13 @@ def _fit_layer(
     cross = torch.zeros(d, weight.shape[0], dtype=torch.float64)
     yty = torch.zeros((), dtype=torch.float64)
     rows = 0
-    for inputs, (pick, y) in zip(batches, targets, strict=True):
-        x = _capture(pruned, module, inputs)
-        total = num_rows(module, x)
-        if pick is not None and total > int(pick.max()):
-            a = input_rows(module, x, pick)
-        else:
-            a = input_rows(module, x) if total == y.shape[0] else torch.empty(total, 0)
-        if a.shape[0] != y.shape[0] or y.shape[1] != weight.shape[0]:
+    for inputs, (calls, pick, y) in zip(batches, targets, strict=True):
+        a, total = _rows(module, _capture(pruned, module, inputs, calls), pick, y.shape[0])
+        if a is None or y.shape[1] != weight.shape[0]:
             raise PruneError(
-                f"reconstruct: `{fqn}` gives {a.shape[0]} x {weight.shape[0]} outputs where "
-                f"the unpruned layer gives {y.shape[0]} x {y.shape[1]}: the kept positions "
-                "do not belong to this pair of models"
+                f"reconstruct: `{fqn}` gives {total} output positions x {weight.shape[0]} "
+                f"channels, which do not match the unpruned layer's ({y.shape[1]} kept "
+                "channels): the kept positions do not belong to this pair of models"
             )
         a = a.float()
         if bias is not None:
