@@ -57,8 +57,8 @@ FP32_REL_TOLERANCE = 1e-3
 # output's scale (resnet20 W7A8: 1.3%); saturating kernels gave 17.6% (W8A8, no VNNI)
 SATURATION_HINT = 0.05
 COMPRESS_REMEDY = (
-    "quantize with reduce_range: true (7-bit weights in int8, which cannot overflow; in a "
-    "datafree stage, 7 in place of 8 in its bit fields)"
+    "quantize with reduce_range: true (7-bit weights in int8, which cannot overflow; auto: "
+    "only on CPUs like this one; in a datafree stage, 7 in place of 8 in its bit fields)"
 )
 
 

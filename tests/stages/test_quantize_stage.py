@@ -30,6 +30,21 @@ def test_reduce_range_takes_8_bit_uniform_weights_to_7_bits_only() -> None:
     assert select_config(stage, "head", {"w_bits": 8, "reduce_range": True}).weight.bits == 7
 
 
+def test_reduce_range_auto_follows_this_cpus_int8_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeslim.runtime.machine as machine
+
+    for saturates, bits in ((True, 7), (False, 8)):
+        monkeypatch.setattr(machine, "int8_sums_saturate", lambda s=saturates: s)
+        assert stage_config(QuantizeStage(reduce_range="auto")).weight.bits == bits
+    # other grids keep their own levels, with no error for auto
+    assert (
+        stage_config(QuantizeStage(w_bits=4, quantizer="pow2", reduce_range="auto")).weight.bits
+        == 4
+    )
+    with pytest.raises(ValueError, match="reduce_range"):
+        QuantizeStage(reduce_range="sometimes")  # type: ignore[arg-type]
+
+
 def test_reduce_range_on_a_grid_it_cannot_narrow_is_refused() -> None:
     with pytest.raises(ValueError, match="reduce_range"):
         QuantizeStage(quantizer="pow2", w_bits=4, reduce_range=True)
@@ -54,9 +69,9 @@ def _ort_error(result: edgeslim.CompressResult, x: torch.Tensor) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("reduce_range", [False, True])
+@pytest.mark.parametrize("reduce_range", [False, True, "auto"])
 def test_reduce_range_files_compute_as_torch_on_every_cpu(
-    tmp_path: Path, reduce_range: bool
+    tmp_path: Path, reduce_range: bool | str
 ) -> None:
     x = torch.rand(16, 32, 4, 4, generator=torch.Generator().manual_seed(0)) * 4
     task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=8))
@@ -66,7 +81,11 @@ def test_reduce_range_files_compute_as_torch_on_every_cpu(
         result = edgeslim.compress(_saturating_model(), recipe, task, tmp_path / "o", quick=True)
     (layer,) = [m for m in result.model.modules() if isinstance(m, QuantMixin)]
     assert layer.qconfig.weight is not None
-    assert layer.qconfig.weight.bits == (7 if reduce_range else 8)
+    narrowed = reduce_range is True or (reduce_range == "auto" and int8_sums_saturate())
+    assert layer.qconfig.weight.bits == (7 if narrowed else 8)
+    if reduce_range == "auto":  # the record says which range auto chose here
+        chosen = "7-bit weight range" if narrowed else "full 8-bit weights (reduce_range auto"
+        assert any(n.startswith("quantize:") and chosen in n for n in result.notes)
     error = _ort_error(result, x)
     said = [str(w.message) for w in caught if issubclass(w.category, Int8SaturationWarning)]
     if reduce_range or not int8_sums_saturate():

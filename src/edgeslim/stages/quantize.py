@@ -38,6 +38,9 @@ class QuantizeStage(Stage):
     more; see :func:`edgeslim.runtime.machine.int8_sums_saturate`). Decision: off by
     default, as in ONNX Runtime (full range is exact on VNNI CPUs and Arm, and the records
     and benchmarks keep their meaning); ``compress`` warns when a file saturates here.
+    ``reduce_range: auto`` decides by the CPU the recipe runs on (7 bits where its int8
+    sums saturate), for a recipe that is measured where it will run; give ``true`` for a
+    file meant for another x86 CPU without VNNI.
     """
 
     kind: Literal["quantize"] = "quantize"
@@ -51,14 +54,14 @@ class QuantizeStage(Stage):
     activation_observer: str = "percentile"
     calibration: int = Field(256, ge=1, le=100_000)
     bias_correction: bool = False
-    reduce_range: bool = False
+    reduce_range: bool | Literal["auto"] = False
     select: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _names_exist(self) -> QuantizeStage:
         """Unknown quantizer/estimator/observer names fail at load time, listing valid ones;
         so does ``reduce_range`` on a grid it cannot narrow."""
-        if self.reduce_range and self.quantizer != "uniform":
+        if self.reduce_range is True and self.quantizer != "uniform":
             raise ValueError(
                 f"reduce_range narrows the uniform int8 grid; quantizer {self.quantizer!r} has "
                 "its own levels: set quantizer: uniform or reduce_range: false"
@@ -97,7 +100,13 @@ def select_config(stage: QuantizeStage, key: str, entry: dict[str, Any]) -> Any:
 def reduces_range(stage: QuantizeStage) -> bool:
     """Whether the stage's 8-bit weights go on 7 bits (stored as int8, |k| <= 63: no pair of
     products overflows a 16-bit sum); below 8 bits the grid is narrower already."""
-    return stage.reduce_range and stage.quantizer == "uniform" and stage.w_bits == 8
+    if stage.quantizer != "uniform" or stage.w_bits != 8:
+        return False
+    if stage.reduce_range == "auto":
+        from edgeslim.runtime.machine import int8_sums_saturate
+
+        return int8_sums_saturate()
+    return stage.reduce_range
 
 
 def stage_config(stage: QuantizeStage) -> Any:
@@ -161,6 +170,12 @@ def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> n
     )
     where = f"; calibration on {seen} samples of {ctx.task.name}" if ctx.task and seen else ""
     reduced = ", 7-bit weight range (reduce_range)" if reduces_range(stage) else ""
+    if (
+        stage.reduce_range == "auto"
+        and not reduced
+        and (stage.quantizer, stage.w_bits) == ("uniform", 8)
+    ):
+        reduced = ", full 8-bit weights (reduce_range auto: this CPU's int8 sums do not saturate)"
     ctx.notes.append(
         f"quantize: W{stage.w_bits}A{stage.a_bits or 32} ({stage.quantizer}, "
         f"{stage.granularity}{reduced}){where}"
