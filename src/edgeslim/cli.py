@@ -492,6 +492,13 @@ def search_cmd(
             "--depth", help="also search removing residual branches whole (pair with fine-tuning)"
         ),
     ] = False,
+    reconstruct: Annotated[
+        bool,
+        typer.Option(
+            "--reconstruct",
+            help="refit pruned layers by least squares on calibration samples before scoring",
+        ),
+    ] = False,
 ) -> None:
     """Search per-layer bits and pruning ratios under constraints; apply, export and plot
     the best policy. Rerunning the same command after an interruption resumes the search.
@@ -511,7 +518,7 @@ def search_cmd(
             input_shapes=_shapes(input_shape), strategy=strategy, budget=budget, seed=seed,
             max_drop=max_drop, w_bits=w, a_bits=_ints(a_bits, "--a-bits"), keep=keeps,
             executor=executor, workers=workers, force=force, quick=quick,
-            finetune_epochs=finetune_epochs, depth=depth,
+            finetune_epochs=finetune_epochs, depth=depth, reconstruct=reconstruct,
         )  # fmt: skip
     except (EdgeslimError, ValueError) as exc:
         fail(exc)

@@ -135,3 +135,13 @@ def test_depth_on_a_model_without_residual_branches_exits_2_saying_so(
     assert result.exit_code == 2
     assert "no removable residual branch" in result.output
     assert "search without depth" in result.output
+
+
+def test_reconstruct_without_pruning_choices_exits_2_saying_so(
+    factory: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    result = _search(factory, out, "--budget", "1", "--reconstruct")  # --keep 1: no pruning
+    assert result.exit_code == 2
+    assert "reconstruct refits the layers that channel pruning narrowed" in result.output
+    assert not (out / "search.json").exists()

@@ -10,7 +10,7 @@ from torch import nn
 
 from edgeslim.data import TensorBatches, load_digits_split
 from edgeslim.errors import TaskError
-from edgeslim.search import EvalResult, Evaluator, SearchSpace
+from edgeslim.search import EvalResult, Evaluator, SearchError, SearchSpace
 from edgeslim.task import Task
 from edgeslim.train.loop import TrainConfig, evaluate
 
@@ -119,6 +119,53 @@ def test_bn_recalibration_after_pruning_scores_the_cut_model_fairly(
         assert sp.to_dict()["bn_recalibration"] is recal  # part of the journal's identity
     assert scores[True] is not None and scores[False] is not None
     assert scores[True] > scores[False]
+
+
+def test_reconstruct_refits_pruned_policies_when_first_measured(
+    digits_model: nn.Module, digits_task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``reconstruct``, a pruned policy's narrowed layers are refitted by least squares
+    (once, when first measured; not when screened), in place of BatchNorm re-estimation:
+    the float model then stays closer to the unpruned one than with re-estimation alone."""
+    import edgeslim.prune.reconstruct as rc
+    import edgeslim.train.batchnorm as bn
+
+    calls: list[str] = []
+    fit, est = rc.reconstruct_, bn.reestimate_bn
+    monkeypatch.setattr(rc, "reconstruct_", lambda *a, **k: calls.append("fit") or fit(*a, **k))
+    monkeypatch.setattr(bn, "reestimate_bn", lambda *a, **k: calls.append("bn") or est(*a, **k))
+    x = digits_task.calibration_batches(256)[0][0]
+    with torch.no_grad():
+        want = digits_model(x)
+    errors = {}
+    for refit in (False, True):
+        sp = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 1.0),
+                               reconstruct=refit)  # fmt: skip
+        half = sp.uniform(keep=0.5)
+        sp.costs(half)
+        calls.clear()
+        first, again = sp.pruned(half), sp.pruned(half)
+        assert calls == (["fit"] if refit else ["bn"])  # once, and only one of the two
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True)
+        )
+        with torch.no_grad():
+            errors[refit] = float((first(x) - want).pow(2).mean() / want.pow(2).mean())
+        assert sp.to_dict().get("reconstruct", False) is refit  # part of the space's identity
+        assert any(("refitted by least squares" in n) is refit for n in Evaluator(sp).notes)
+    assert errors[True] < errors[False]
+
+
+def test_reconstruct_is_refused_where_it_has_nothing_to_refit(
+    digits_model: nn.Module, digits_task: Task
+) -> None:
+    for kwargs in ({"keep": (1.0,)}, {"keep": (0.5, 1.0), "depth": True}):
+        with pytest.raises(SearchError, match="reconstruct refits"):
+            SearchSpace.build(digits_model, digits_task, reconstruct=True, **kwargs)
+    unlabelled = Task(example_inputs=digits_task.example_inputs)
+    with pytest.raises(SearchError, match="calibration"):
+        SearchSpace.build(digits_model, unlabelled, keep=(0.5, 1.0), reconstruct=True)
 
 
 def test_screening_costs_does_not_re_estimate_batchnorm_measuring_does(

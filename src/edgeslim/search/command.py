@@ -100,6 +100,7 @@ def search_task(
     finetune_epochs: int = 0,
     finetune_lr: float = 0.005,
     depth: bool = False,
+    reconstruct: bool = False,
     quick: bool = False,
     journal: Path | None = None,
     executor: Any = None,
@@ -108,7 +109,7 @@ def search_task(
     command line and the recipe stage both run (latency table when a constraint needs it,
     its best candidates then timed whole by :func:`~edgeslim.search.verify.verify_latency`;
     optional short fine-tune of each measured policy; ``depth``: residual branches may be
-    removed whole)."""
+    removed whole; ``reconstruct``: pruned layers refitted by least squares before scoring)."""
     from edgeslim.search import SearchSpace, search
     from edgeslim.search.evaluate import Evaluator
     from edgeslim.train.loop import TrainConfig
@@ -125,8 +126,9 @@ def search_task(
             "training samples, or leave fine-tuning off)"
         )
     space = SearchSpace.build(
-        model, task, w_bits=w_bits, a_bits=a_bits, keep=keep, seed=seed, depth=depth
-    )
+        model, task, w_bits=w_bits, a_bits=a_bits, keep=keep, seed=seed, depth=depth,
+        reconstruct=reconstruct,
+    )  # fmt: skip
     latency = None
     if constraints.needs_latency:
         from edgeslim.search.latency import LutLatency
@@ -170,6 +172,7 @@ def run_search(
     finetune_epochs: int = 0,
     finetune_lr: float = 0.005,
     depth: bool = False,
+    reconstruct: bool = False,
 ) -> SearchOutcome:
     """The command line's ``search`` (see module doc); validates everything first."""
     from edgeslim.compression import resolve_base
@@ -198,7 +201,8 @@ def run_search(
     space, evaluator, latency, result = search_task(
         model, task, parsed, strategy=strategy, budget=budget, seed=seed, w_bits=w_bits,
         a_bits=a_bits, keep=keep, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
-        depth=depth, quick=quick, journal=out / JOURNAL, executor=runner,
+        depth=depth, reconstruct=reconstruct, quick=quick, journal=out / JOURNAL,
+        executor=runner,
     )  # fmt: skip
     uniform_results, uniform_rows = _uniform_rows(evaluator, space)
     payload: dict[str, Any] = {"search": result.to_dict(), "uniform": uniform_rows,

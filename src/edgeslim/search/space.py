@@ -65,7 +65,7 @@ from edgeslim.prune.planner import (
     normalised_scores,
     ratio_widths,
 )
-from edgeslim.prune.surgery import group_key
+from edgeslim.prune.surgery import group_key, prepare_surgery
 from edgeslim.quant.config import QuantConfig, w8a8
 from edgeslim.quant.spec import QuantSpec
 from edgeslim.search.errors import PolicyError, SearchError
@@ -161,6 +161,8 @@ class _Pruned:
     table: dict[str, LayerInfo]
     peak: int | None = None
     bn_pending: bool = False  # BatchNorm statistics still to re-estimate before measuring
+    # positions each narrowed layer kept, while its least-squares refit is still to run
+    refit: dict[str, Any] | None = None
 
 
 def _sorted_bits(values: Iterable[int | None]) -> tuple[int | None, ...]:
@@ -216,6 +218,7 @@ class SearchSpace:
         base_table: dict[str, LayerInfo],
         traced: Any,
         bn_recalibration: bool = True,
+        reconstruct: bool = False,
         source: nn.Module | None = None,
         branches: Sequence[ResidualBranch] = (),
     ) -> None:
@@ -238,6 +241,7 @@ class SearchSpace:
         self.calibration = calibration
         self.seed = seed
         self.bn_recalibration = bn_recalibration
+        self.reconstruct = reconstruct
         self._importance = importance
         self._scores = list(scores)
         self._cands = list(candidates)
@@ -270,6 +274,7 @@ class SearchSpace:
         seed: int = 0,
         bn_recalibration: bool = True,
         depth: bool = False,
+        reconstruct: bool = False,
     ) -> SearchSpace:
         """The space of ``model`` on ``task``'s example inputs.
 
@@ -290,7 +295,20 @@ class SearchSpace:
         ``depth``: also search removing each residual branch whole (group ``depth:<name>``,
         keep 0 or 1); a model without one is refused. Where per-layer overhead sets latency
         (resnet20 on ONNX Runtime's int8 kernels), removing branches is what moves it.
+        ``reconstruct``: before a pruned policy is first measured, refit every layer that lost
+        input channels by least squares on the calibration samples so that it reproduces the
+        unpruned layer's outputs (:func:`~edgeslim.prune.reconstruct.reconstruct_`), in place
+        of re-estimating BatchNorm (see :meth:`_measurable`). It needs pruning choices
+        (``keep`` below 1), a task with calibration data, and no ``depth`` (a removed branch
+        leaves no unpruned layer to fit against).
         """
+        if reconstruct and (depth or all(float(k) >= 1.0 for k in keep)):
+            raise SearchError(
+                "reconstruct refits the layers that channel pruning narrowed: it needs keep "
+                "choices below 1 and cannot be combined with depth"
+            )
+        if reconstruct and task.calibration is None:
+            raise SearchError("reconstruct reads calibration samples; this task has none")
         w_choices = tuple(sorted(set(w_bits)))
         a_choices = _sorted_bits(a_bits)
         k_choices = tuple(sorted({float(k) for k in keep}))
@@ -374,7 +392,7 @@ class SearchSpace:
             criterion=criterion, importance=importance, scores=scores, candidates=cands,
             round_to=round_to, calibration=calibration, seed=seed, base_table=graph.layers,
             traced=graph.traced, bn_recalibration=bn_recalibration, source=source,
-            branches=branches,
+            branches=branches, reconstruct=reconstruct,
         )  # fmt: skip
 
     def _make_dims(self) -> Iterator[Dim]:
@@ -521,9 +539,12 @@ class SearchSpace:
         removed = self.removed_branches(policy)
         if removed or any(w < g.size for w, g in zip(channel, self.channel_groups, strict=True)):
             model = copy.deepcopy(self.model)
+            refit = None
             if any(w < g.size for w, g in zip(channel, self.channel_groups, strict=True)):
                 assert self._importance is not None  # groups are only searched with a criterion
                 kept = keep_map(self._cands, self._scores, channel)
+                if self.reconstruct:
+                    refit = prepare_surgery(model, kept).kept_positions()
                 model = apply_keep(model, kept, self._importance)
             if removed:  # means from BatchNorm shifts, else from calibration samples
                 calib = self.calibration_batches() if self.task.calibration is not None else None
@@ -536,16 +557,29 @@ class SearchSpace:
             # limit let none through)
             pending = self.bn_recalibration and self.task.calibration is not None
         else:
-            model, table, pending = self.model, self._base_table, False
-        entry = _Pruned(model, table, bn_pending=pending)
+            model, table, pending, refit = self.model, self._base_table, False, None
+        entry = _Pruned(model, table, bn_pending=pending and refit is None, refit=refit)
         self._pruned[widths] = entry
         if len(self._pruned) > _CACHE:
             self._pruned.popitem(last=False)
         return entry
 
     def _measurable(self, policy: Policy) -> nn.Module:
-        """The pruned float model with its BatchNorm statistics re-estimated (once)."""
+        """The pruned float model with its narrowed layers refitted or its BatchNorm
+        statistics re-estimated (once).
+
+        Decision — a refitted model keeps its BatchNorm statistics: each refitted layer
+        reproduces the unpruned layer's outputs, which are what those statistics describe
+        (measured in docs/search.md)."""
         entry = self._prune(policy)
+        if entry.refit is not None:
+            from edgeslim.prune.reconstruct import reconstruct_
+
+            reconstruct_(
+                entry.model, self.model, entry.refit, self.calibration_batches(),
+                seed=self.seed, progress=False,
+            )  # fmt: skip
+            entry.refit = None
         if entry.bn_pending:
             from edgeslim.train.batchnorm import reestimate_bn
 
@@ -560,6 +594,9 @@ class SearchSpace:
         if not any(len(g.keep) > 1 or g.keep[0] < 1.0 for g in self.groups):
             return None
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if self.reconstruct:
+            return (f"pruned policies: narrowed layers refitted by least squares on "
+                    f"{self.calibration} calibration samples (BatchNorm kept)")  # fmt: skip
         if not self.bn_recalibration:
             why = "turned off (bn_recalibration=False)"
         elif not has_bn:
@@ -710,6 +747,7 @@ class SearchSpace:
             "act_spec": self.act_spec.to_dict(),
             "seed": self.seed,
             "bn_recalibration": self.bn_recalibration,
+            **({"reconstruct": True} if self.reconstruct else {}),  # fingerprints unchanged
             # only with branches, so the fingerprints of spaces without them do not change
             **({"branches": {b.name: list(b.modules) for b in self.branches}}
                if self.branches else {}),

@@ -12,6 +12,7 @@
   keep: [0.5, 0.75, 1.0]  # keep-ratio choices of every prunable channel group
   finetune_epochs: 0      # short fine-tune of each measured policy (0: scored as cut)
   depth: false            # also remove residual branches whole (pair with fine-tuning)
+  reconstruct: false      # refit pruned layers by least squares before scoring (no depth)
 ```
 
 The stage returns the chosen policy applied (pruned, quantized, calibrated, and fine-tuned
@@ -63,6 +64,7 @@ class SearchStage(Stage):
     keep: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0], min_length=1)
     finetune_epochs: int = Field(0, ge=0)
     depth: bool = False
+    reconstruct: bool = False
 
     @field_validator("constraints")
     @classmethod
@@ -105,7 +107,8 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
         model.eval(), task, Constraints.parse(stage.constraints, stage.max_drop),
         strategy=stage.strategy, budget=stage.budget, seed=stage.seed, w_bits=stage.w_bits,
         a_bits=stage.a_bits, keep=stage.keep, finetune_epochs=stage.finetune_epochs,
-        depth=stage.depth, quick=ctx.quick, journal=ctx.out / "search.journal.jsonl",
+        depth=stage.depth, reconstruct=stage.reconstruct, quick=ctx.quick,
+        journal=ctx.out / "search.journal.jsonl",
     )  # fmt: skip
     (ctx.out / "search.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     if result.policy is None:
