@@ -157,6 +157,29 @@ def test_reconstruct_refits_pruned_policies_when_first_measured(
     assert errors[True] < errors[False]
 
 
+def test_a_pruned_model_with_nothing_to_refit_falls_back_to_batchnorm_saying_so(
+    digits_model: nn.Module, digits_task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the refit finds no layer it can fit (only grouped convs narrowed, say), the
+    search goes on: the model's BatchNorm statistics are re-estimated, with a warning."""
+    import edgeslim.prune.reconstruct as rc
+    import edgeslim.train.batchnorm as bn
+    from edgeslim.errors import PruneError
+
+    def nothing(*_a: object, **_k: object) -> None:
+        raise PruneError("reconstruct: no pruned layer lost input channels that can be refitted")
+
+    calls: list[int] = []
+    est = bn.reestimate_bn
+    monkeypatch.setattr(rc, "reconstruct_", nothing)
+    monkeypatch.setattr(bn, "reestimate_bn", lambda *a, **k: calls.append(1) or est(*a, **k))
+    sp = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 1.0),
+                           reconstruct=True)  # fmt: skip
+    with pytest.warns(UserWarning, match="re-estimated instead"):
+        sp.pruned(sp.uniform(keep=0.5))
+    assert calls == [1]
+
+
 def test_reconstruct_is_refused_where_it_has_nothing_to_refit(
     digits_model: nn.Module, digits_task: Task
 ) -> None:

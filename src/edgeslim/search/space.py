@@ -575,10 +575,18 @@ class SearchSpace:
         if entry.refit is not None:
             from edgeslim.prune.reconstruct import reconstruct_
 
-            reconstruct_(
-                entry.model, self.model, entry.refit, self.calibration_batches(),
-                seed=self.seed, progress=False,
-            )  # fmt: skip
+            try:
+                reconstruct_(
+                    entry.model, self.model, entry.refit, self.calibration_batches(),
+                    seed=self.seed, progress=False,
+                )  # fmt: skip
+            except PruneError as exc:  # nothing refittable (e.g. only grouped convs narrowed)
+                warnings.warn(
+                    f"search space: {exc}; this pruned model's BatchNorm statistics are "
+                    "re-estimated instead",
+                    stacklevel=2,
+                )
+                entry.bn_pending = self.bn_recalibration
             entry.refit = None
         if entry.bn_pending:
             from edgeslim.train.batchnorm import reestimate_bn
