@@ -493,12 +493,13 @@ def search_cmd(
         ),
     ] = False,
     reconstruct: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--reconstruct",
-            help="refit pruned layers by least squares on calibration samples before scoring",
+            "--reconstruct/--no-reconstruct",
+            help="refit pruned layers by least squares on calibration samples before scoring "
+            "(default: wherever it can run; --no-reconstruct re-estimates BatchNorm instead)",
         ),
-    ] = False,
+    ] = None,
 ) -> None:
     """Search per-layer bits and pruning ratios under constraints; apply, export and plot
     the best policy. Rerunning the same command after an interruption resumes the search.

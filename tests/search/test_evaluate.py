@@ -114,7 +114,7 @@ def test_bn_recalibration_after_pruning_scores_the_cut_model_fairly(
     scores = {}
     for recal in (False, True):
         sp = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 1.0),
-                               bn_recalibration=recal)  # fmt: skip
+                               bn_recalibration=recal, reconstruct=False)  # fmt: skip
         scores[recal] = Evaluator(sp, ["size<=1x"]).evaluate(sp.uniform(keep=0.5)).metric
         assert sp.to_dict()["bn_recalibration"] is recal  # part of the journal's identity
     assert scores[True] is not None and scores[False] is not None
@@ -155,6 +155,18 @@ def test_reconstruct_refits_pruned_policies_when_first_measured(
         assert sp.to_dict().get("reconstruct", False) is refit  # part of the space's identity
         assert any(("refitted by least squares" in n) is refit for n in Evaluator(sp).notes)
     assert errors[True] < errors[False]
+
+
+def test_the_refit_is_on_by_default_wherever_it_can_run(
+    digits_model: nn.Module, digits_task: Task
+) -> None:
+    def default(task: Task, **kwargs: object) -> bool:
+        return SearchSpace.build(digits_model, task, w_bits=(8,), **kwargs).reconstruct  # type: ignore[arg-type]
+
+    assert default(digits_task, keep=(0.5, 1.0))
+    assert not default(digits_task, keep=(1.0,))  # nothing pruned
+    assert not default(digits_task, keep=(0.5, 1.0), depth=True)
+    assert not default(Task(example_inputs=digits_task.example_inputs), keep=(0.5, 1.0))
 
 
 def test_a_pruned_model_with_nothing_to_refit_falls_back_to_batchnorm_saying_so(
@@ -202,7 +214,8 @@ def test_screening_costs_does_not_re_estimate_batchnorm_measuring_does(
     calls = []
     real = bn.reestimate_bn
     monkeypatch.setattr(bn, "reestimate_bn", lambda *a, **k: calls.append(1) or real(*a, **k))
-    sp = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 1.0))
+    sp = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 1.0),
+                           reconstruct=False)  # fmt: skip
     half = sp.uniform(keep=0.5)
     sp.costs(half)
     sp.layer_table(half)
@@ -210,7 +223,8 @@ def test_screening_costs_does_not_re_estimate_batchnorm_measuring_does(
     first = sp.pruned(half)
     again = sp.pruned(half)
     assert len(calls) == 1
-    fresh = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 1.0))
+    fresh = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 1.0),
+                              reconstruct=False)  # fmt: skip
     other = fresh.pruned(fresh.uniform(keep=0.5))
     for a, b in zip(first.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -221,13 +235,16 @@ def test_screening_costs_does_not_re_estimate_batchnorm_measuring_does(
 def test_the_notes_say_what_happens_to_batchnorm_after_pruning(
     space: SearchSpace, digits_model: nn.Module, digits_task: Task
 ) -> None:
-    assert any("BatchNorm statistics re-estimated" in n for n in Evaluator(space).notes)
-    off = SearchSpace.build(digits_model, digits_task, keep=(0.5, 1.0), bn_recalibration=False)
+    assert any("refitted by least squares" in n for n in Evaluator(space).notes)  # default
+    bn = SearchSpace.build(digits_model, digits_task, keep=(0.5, 1.0), reconstruct=False)
+    assert any("BatchNorm statistics re-estimated" in n for n in Evaluator(bn).notes)
+    off = SearchSpace.build(digits_model, digits_task, keep=(0.5, 1.0), bn_recalibration=False,
+                            reconstruct=False)  # fmt: skip
     assert any("not re-estimated: turned off" in n for n in Evaluator(off).notes)
     no_bn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(),
                           nn.LazyLinear(10))  # fmt: skip
     no_bn(digits_task.example_inputs[0])  # materialise the lazy layer
-    plain = SearchSpace.build(no_bn.eval(), digits_task, keep=(0.5, 1.0))
+    plain = SearchSpace.build(no_bn.eval(), digits_task, keep=(0.5, 1.0), reconstruct=False)
     assert any("not re-estimated: the model has no BatchNorm" in n for n in Evaluator(plain).notes)
     bits_only = SearchSpace.build(digits_model, digits_task, w_bits=(4, 8), keep=(1.0,))
     assert not any("BatchNorm" in n for n in Evaluator(bits_only).notes)

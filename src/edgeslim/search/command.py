@@ -100,7 +100,7 @@ def search_task(
     finetune_epochs: int = 0,
     finetune_lr: float = 0.005,
     depth: bool = False,
-    reconstruct: bool = False,
+    reconstruct: bool | None = None,
     quick: bool = False,
     journal: Path | None = None,
     executor: Any = None,
@@ -109,7 +109,8 @@ def search_task(
     command line and the recipe stage both run (latency table when a constraint needs it,
     its best candidates then timed whole by :func:`~edgeslim.search.verify.verify_latency`;
     optional short fine-tune of each measured policy; ``depth``: residual branches may be
-    removed whole; ``reconstruct``: pruned layers refitted by least squares before scoring)."""
+    removed whole; ``reconstruct``: pruned layers refitted by least squares before scoring,
+    None: wherever it can run)."""
     from edgeslim.search import SearchSpace, search
     from edgeslim.search.evaluate import Evaluator
     from edgeslim.train.loop import TrainConfig
@@ -172,7 +173,7 @@ def run_search(
     finetune_epochs: int = 0,
     finetune_lr: float = 0.005,
     depth: bool = False,
-    reconstruct: bool = False,
+    reconstruct: bool | None = None,
 ) -> SearchOutcome:
     """The command line's ``search`` (see module doc); validates everything first."""
     from edgeslim.compression import resolve_base

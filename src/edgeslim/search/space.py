@@ -274,7 +274,7 @@ class SearchSpace:
         seed: int = 0,
         bn_recalibration: bool = True,
         depth: bool = False,
-        reconstruct: bool = False,
+        reconstruct: bool | None = None,
     ) -> SearchSpace:
         """The space of ``model`` on ``task``'s example inputs.
 
@@ -300,8 +300,19 @@ class SearchSpace:
         unpruned layer's outputs (:func:`~edgeslim.prune.reconstruct.reconstruct_`), in place
         of re-estimating BatchNorm (see :meth:`_measurable`). It needs pruning choices
         (``keep`` below 1), a task with calibration data, and no ``depth`` (a removed branch
-        leaves no unpruned layer to fit against).
+        leaves no unpruned layer to fit against). ``None`` (the default): on wherever it can
+        run (pruning choices, calibration data, no depth), else off.
+
+        Decision — the refit is on by default: on resnet20 it scored keep 0.5 everywhere at
+        87.7% validation top-1 where BatchNorm re-estimation alone scored 33.9% (keep 0.75:
+        93.0% against 83.0%), so without it a search cannot tell a deep cut worth fine-tuning
+        from a lost one. It costs one pass over the calibration samples per new set of
+        widths (2-3 s on resnet20, 16-30 s on mobilenetv2-imagenet with 128 crops).
         """
+        if reconstruct is None:
+            reconstruct = (
+                not depth and any(float(k) < 1.0 for k in keep) and task.calibration is not None
+            )
         if reconstruct and (depth or all(float(k) >= 1.0 for k in keep)):
             raise SearchError(
                 "reconstruct refits the layers that channel pruning narrowed: it needs keep "

@@ -12,7 +12,7 @@
   keep: [0.5, 0.75, 1.0]  # keep-ratio choices of every prunable channel group
   finetune_epochs: 0      # short fine-tune of each measured policy (0: scored as cut)
   depth: false            # also remove residual branches whole (pair with fine-tuning)
-  reconstruct: false      # refit pruned layers by least squares before scoring (no depth)
+  reconstruct: null       # refit pruned layers by least squares before scoring (null: where it can)
 ```
 
 The stage returns the chosen policy applied (pruned, quantized, calibrated, and fine-tuned
@@ -64,7 +64,7 @@ class SearchStage(Stage):
     keep: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0], min_length=1)
     finetune_epochs: int = Field(0, ge=0)
     depth: bool = False
-    reconstruct: bool = False
+    reconstruct: bool | None = None
 
     @field_validator("constraints")
     @classmethod
