@@ -13,7 +13,7 @@ def test_lut_latency_is_anchored_on_measured_models_and_checked(
 ) -> None:
     """After calibration the float and all-int8 predictions equal their whole-model
     measurements (the residual makes them exact); other policies get a measured error."""
-    lut = LutLatency(space, LatencyTable(repeats=5, cache_dir=tmp_path), repeats=10)
+    lut = LutLatency(space, LatencyTable(repeats=5, cache_dir=tmp_path), repeats=10, seconds=0.2)
     residual = lut.calibrate()
     assert set(lut.anchors) == {"fp32", "int8"}
     assert math.isclose(lut.predict(None), lut.anchors["fp32"], rel_tol=1e-9)
@@ -47,7 +47,7 @@ def test_check_reanchors_on_the_anchors_timed_with_it(space: SearchSpace, tmp_pa
     """The check times the all-int8 anchor with the checked policies: under the residual
     re-derived there, the anchor and the float model predict their own timings exactly,
     and the errors differ from the start-of-run calibration's only by that residual."""
-    lut = LutLatency(space, LatencyTable(repeats=5, cache_dir=tmp_path), repeats=10)
+    lut = LutLatency(space, LatencyTable(repeats=5, cache_dir=tmp_path), repeats=10, seconds=0.2)
     lut.calibrate()
     int8 = space.uniform(w_bits=8, a_bits=8, keep=1.0)
     half = space.uniform(w_bits=8, a_bits=8, keep=0.5)

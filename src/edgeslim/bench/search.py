@@ -90,12 +90,13 @@ class Sizes:
     test_images: int | None
     strategies: tuple[str, ...]
     latency_repeats: int
+    latency_seconds: float  # each whole-model timing (see edgeslim.search.latency)
     aa_budget: int  # accuracy-aware from W4A4: 21 layer probes + start + top, give-backs
 
 
 # 9 searches x 24 measurements + the Ray pair + 6 uniforms, about 7 s each: ~30 min
-FULL = Sizes(24, 1000, None, STRATEGIES, 100, 40)
-QUICK = Sizes(4, 300, 2000, ("evolutionary", "optuna-tpe"), 20, 4)
+FULL = Sizes(24, 1000, None, STRATEGIES, 100, 8.0, 40)
+QUICK = Sizes(4, 300, 2000, ("evolutionary", "optuna-tpe"), 20, 1.0, 4)
 
 
 def search_task(val_images: int) -> Task:
@@ -416,7 +417,7 @@ def search_model(name: str, out: Path, quick: bool) -> list[Record]:
     model = load_zoo_model(name).eval()
     task = search_task(sizes.val_images)
     space = build_space(model, task)
-    latency = LutLatency(space, repeats=sizes.latency_repeats)
+    latency = LutLatency(space, repeats=sizes.latency_repeats, seconds=sizes.latency_seconds)
     latency.calibrate()
     test = load_fashion_mnist("test", limit=sizes.test_images)
     test_batches = TensorBatches(test.images, test.labels, batch_size=500)

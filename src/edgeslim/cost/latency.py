@@ -104,11 +104,14 @@ def compare_latency(
     min_seconds: float = 0.0,
     block: int = 10,
     settle: int = 3,
+    max_repeats: int | None = None,
 ) -> dict[str, LatencyStats]:
     """Time every runner, alternating blocks of ``block`` calls; medians per runner.
 
     Each runner gets at least ``repeats`` timed calls; the rounds go on until
-    ``min_seconds`` have passed, so that very fast models still get a stable median.
+    ``min_seconds`` have passed, so that very fast models still get a stable median, but
+    stop at ``max_repeats`` calls per runner (default ``10 * repeats``), which bounds the
+    time a slow model takes; pass a large one to make ``min_seconds`` decide.
     Every other round runs the runners in reverse order (a b, b a, ...), and rounds come in
     pairs, so no runner is always the one timed right after the same other: whatever one
     leaves behind (caches, the frequency it ran the cores at) falls on each alike. Why: two
@@ -117,6 +120,7 @@ def compare_latency(
     the cause, the order of the runners must not be one.
     """
     per_block = max(1, min(block, repeats))
+    cap = 10 * repeats if max_repeats is None else max(repeats, max_repeats)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     # Denormal floats make CPU kernels 5-10x slower on some inputs (measured: vgg-small at
@@ -144,7 +148,7 @@ def compare_latency(
                 if len(forward) > 1 and rounds % 2:
                     continue  # finish the pair: each order as often
                 enough = done >= repeats and time.perf_counter() - start >= min_seconds
-                if enough or done >= 10 * repeats:
+                if enough or done >= cap:
                     break
     finally:
         torch.set_num_threads(previous)

@@ -134,7 +134,7 @@ def search_task(
     if constraints.needs_latency:
         from edgeslim.search.latency import LutLatency
 
-        latency = LutLatency(space, repeats=20 if quick else 50)
+        latency = LutLatency(space, repeats=20 if quick else 50, seconds=1.0 if quick else 8.0)
     finetune = None
     if finetune_epochs:
         finetune = TrainConfig(epochs=finetune_epochs, lr=finetune_lr, weight_decay=0.0)
