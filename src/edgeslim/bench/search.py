@@ -1,6 +1,9 @@
 """Suite ``search``: automated per-layer bits + pruning under three constraints at once.
 
-On ``resnet20`` (Fashion-MNIST), in one process:
+Two models, one after the other (``--models`` picks; a killed run resumes after the last
+finished model): ``mobilenetv2-imagenet`` on the photo crops, with agreement as the metric
+and three strategies (:mod:`edgeslim.bench.search_imagenet` says what differs), and
+``resnet20`` on Fashion-MNIST with everything below, in one process:
 
 - constraints together: ONNX Runtime latency at batch 1 <= 0.6x the fp32 model (predicted
   by :class:`~edgeslim.search.latency.LutLatency`, the per-layer kernel table), size <=
@@ -35,6 +38,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,7 @@ from edgeslim.train.loop import evaluate
 from edgeslim.zoo import load_zoo_model
 
 MODEL = "resnet20"
+IMAGENET_MODEL = "mobilenetv2-imagenet"  # its rows: edgeslim.bench.search_imagenet
 CONSTRAINTS = ("latency<=0.6x", "size<=0.2x")
 MAX_DROP = 1.0
 SEED = 0
@@ -130,7 +135,7 @@ def _available(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @dataclass
-class _Bench:
+class SearchBench:
     """What every row shares: the space, the latency table, the test split, fp32 figures."""
 
     name: str
@@ -139,10 +144,13 @@ class _Bench:
     model: nn.Module
     space: SearchSpace
     latency: LutLatency
-    test: TensorBatches
+    score_test: Callable[[nn.Module], float]  # the final rows' metric, on the test data
     test_count: int
     fp32_test: float
     fp32_ms: float
+    metric: str = "top1"
+    limits: tuple[str, ...] = CONSTRAINTS
+    max_drop: float = MAX_DROP
 
     def record(
         self, method: str, policy: Policy | None, seconds: float, extra: dict[str, Any],
@@ -159,7 +167,7 @@ class _Bench:
             model, costs, test = self.model, sp.baseline_costs(), math.nan
         else:
             model, costs = sp.apply(policy), sp.costs(policy)
-            test = evaluate(model, self.test)
+            test = self.score_test(model)
             if timed:
                 base_ms, policy_ms = self.latency.measure_many([None, policy])  # interleaved
                 ms = round(policy_ms, 4)
@@ -171,7 +179,7 @@ class _Bench:
             cfg.update(_bits(policy))
         return Record(
             suite="search", model=self.name, method=method, config=cfg,
-            metric="top1", value=round(test, 4), baseline_value=round(self.fp32_test, 4),
+            metric=self.metric, value=round(test, 4), baseline_value=round(self.fp32_test, 4),
             params=sum(p.numel() for p in model.parameters()), macs=costs.macs,
             size_bytes=costs.size, latency_ms=ms,
             baseline_latency_ms=None if base_ms is None else round(base_ms, 4),
@@ -192,15 +200,15 @@ class _Bench:
 
     @property
     def constraints(self) -> list[str]:
-        return [*CONSTRAINTS, f"drop<={MAX_DROP:g}"]
+        return [*self.limits, f"drop<={self.max_drop:g}"]
 
     def run(
         self, strategy: str, executor: Any = None, space: SearchSpace | None = None
     ) -> tuple[SearchResult, float]:
         t0 = time.perf_counter()
         result = search(
-            self.model, self.space.task, space or self.space, list(CONSTRAINTS), strategy,
-            budget=self.sizes.budget, seed=SEED, batch=BATCH, max_drop=MAX_DROP,
+            self.model, self.space.task, space or self.space, list(self.limits), strategy,
+            budget=self.sizes.budget, seed=SEED, batch=BATCH, max_drop=self.max_drop,
             latency=self.latency, executor=executor, progress=False,
         )  # fmt: skip
         return result, time.perf_counter() - t0
@@ -212,13 +220,13 @@ def _bits(policy: Policy) -> dict[str, Any]:
     return {"w_bits": "/".join(map(str, ws)), "a_bits": "/".join(map(str, as_))}
 
 
-def _search_extra(result: SearchResult) -> dict[str, Any]:
+def _search_extra(result: SearchResult, metric: str = "top1") -> dict[str, Any]:
     best = result.best or result.closest
     r = None if best is None else best.result
     return {
         "feasible": result.feasible,
-        "val_top1": None if r is None or r.metric is None else round(r.metric, 4),
-        "val_top1_fp32": round(result.baseline_metric, 4),
+        f"val_{metric}": None if r is None or r.metric is None else round(r.metric, 4),
+        f"val_{metric}_fp32": round(result.baseline_metric, 4),
         "measured": result.measured,
         "rejected": result.rejected,
         "first_feasible": result.first_feasible,
@@ -232,15 +240,15 @@ def _search_extra(result: SearchResult) -> dict[str, Any]:
     }
 
 
-def _uniform_row(b: _Bench) -> Record:
+def _uniform_row(b: SearchBench) -> Record:
     """Every uniform policy screened and (when it passes) measured; the best feasible one."""
     t0 = time.perf_counter()
-    ev = Evaluator(b.space, list(CONSTRAINTS), max_drop=MAX_DROP, latency=b.latency)
+    ev = Evaluator(b.space, list(b.limits), max_drop=b.max_drop, latency=b.latency)
     results = [(p, ev.evaluate(p)) for p in b.space.uniforms()]
     seconds = time.perf_counter() - t0
     feasible = [(p, r) for p, r in results if r.feasible and r.metric is not None]
     listing = {
-        p.describe(): {"val_top1": r.metric, "feasible": r.feasible,
+        p.describe(): {f"val_{b.metric}": r.metric, "feasible": r.feasible,
                        "checks": [str(c) for c in r.checks]}
         for p, r in results
     }  # fmt: skip
@@ -258,18 +266,19 @@ def _uniform_row(b: _Bench) -> Record:
                      "table all missed the latency limit when timed whole")  # fmt: skip
         return b.record("edgeslim:uniform-best", None, seconds, extra)
     r = kept.result
-    extra.update(feasible=True, val_top1=r.metric, checks=[str(c) for c in r.checks])
+    extra.update({"feasible": True, f"val_{b.metric}": r.metric,
+                  "checks": [str(c) for c in r.checks]})  # fmt: skip
     return b.record("edgeslim:uniform-best", kept.policy, seconds, extra)
 
 
-def _parallel_ceiling(b: _Bench, policies: list[Policy]) -> dict[str, Any]:
+def _parallel_ceiling(b: SearchBench, policies: list[Policy]) -> dict[str, Any]:
     """The most ``RAY_WORKERS`` one-thread workers can gain over in-process measurement on
     this machine: a measurement's median seconds in-process (torch's threads, as the
     search ran) and on one thread, each policy measured both ways, interleaved; the
     ceiling is ``workers x t_in_process / t_one_thread`` (perfect balance, no overhead).
     On a machine with as many cores as workers it says how much of the cores the
     in-process measurement already used."""
-    ev = Evaluator(b.space, list(CONSTRAINTS), max_drop=MAX_DROP, latency=b.latency)
+    ev = Evaluator(b.space, list(b.limits), max_drop=b.max_drop, latency=b.latency)
     _ = ev.baseline, ev.baseline_costs  # measured once, lazily: not inside a timed call
     threads = torch.get_num_threads()
     times: dict[int, list[float]] = {threads: [], 1: []}
@@ -291,21 +300,21 @@ def _parallel_ceiling(b: _Bench, policies: list[Policy]) -> dict[str, Any]:
     }
 
 
-def _workers_together(b: _Bench, ex: Any, policies: list[Policy]) -> float:
+def _workers_together(b: SearchBench, ex: Any, policies: list[Policy]) -> float:
     """Seconds per measurement with every worker measuring at once: each worker first
     measures every probe (:meth:`RayExecutor.warm`: the evaluator loaded, the pruned models
     cached), then the probes are measured on the pool, timed. Why:
     on a 2-core VM two one-thread processes slowed each other down (one measurement 4.45 s
     alone in a worker, a pair at once 6.18 s), which :func:`_parallel_ceiling`, timing one
     measurement at a time, cannot see."""
-    ev = Evaluator(b.space, list(CONSTRAINTS), max_drop=MAX_DROP, latency=b.latency)
+    ev = Evaluator(b.space, list(b.limits), max_drop=b.max_drop, latency=b.latency)
     ex.warm(ev.measure, policies)
     t0 = time.perf_counter()
     list(ex.run(ev.measure, policies))
     return (time.perf_counter() - t0) / max(len(policies), 1)
 
 
-def _ray_row(b: _Bench) -> Record:
+def _ray_row(b: SearchBench) -> Record:
     """The same strategy and seed in-process and on 2 Ray workers: the same evaluations
     and policy? the wall-time speed-up? Both timed after the other searches warmed the
     latency table, so neither pays for timing kernels; Ray's start-up is reported apart."""
@@ -350,7 +359,7 @@ def _ray_row(b: _Bench) -> Record:
     return b.record(f"edgeslim:{RAY_STRATEGY}@ray{RAY_WORKERS}", remote.policy, remote_s, extra)
 
 
-def _accuracy_aware_rows(b: _Bench) -> list[Record]:
+def _accuracy_aware_rows(b: SearchBench) -> list[Record]:
     """From uniform W4A4 on a bits-only space (weights and activations 4 or 8 per layer),
     give layers back until the drop is within ``MAX_DROP``: edgeslim's procedure (ranking
     chosen by the start, galloping give-back, then every layer not needed compressed again)
@@ -389,7 +398,7 @@ def _accuracy_aware_rows(b: _Bench) -> list[Record]:
     return rows
 
 
-def _latency_row(b: _Bench, chosen: list[Policy]) -> Record:
+def _latency_row(b: SearchBench, chosen: list[Policy]) -> Record:
     """The table's predictions against exported models timed interleaved with fp32: half
     the checks on policies the searches chose, the rest on the space's uniform policies
     (pruned ones included), so the figure covers the space, not only where searches went."""
@@ -411,8 +420,33 @@ def _latency_row(b: _Bench, chosen: list[Policy]) -> Record:
                                   "baseline_value": 0.0})  # fmt: skip
 
 
+def _strategy_rows(b: SearchBench) -> tuple[list[Record], list[Policy]]:
+    """The best uniform row, then one row per strategy of ``b.sizes`` (each verified by
+    timing whole, as ``edgeslim search`` does); with the policies they chose."""
+    records = [_uniform_row(b)]
+    chosen: list[Policy] = []
+    for strategy in _available(b.sizes.strategies):
+        result, seconds = b.run(strategy)
+        result = verify_latency(result, b.latency)  # untimed: the same for every strategy
+        if result.policy is not None:
+            chosen.append(result.policy)
+        tool = "optuna" if strategy in PEERS else "edgeslim"
+        method = f"{tool}:{strategy.removeprefix('optuna-')}"
+        records.append(
+            b.record(method, result.policy, seconds, _search_extra(result, b.metric),
+                     {"strategy": strategy})
+        )  # fmt: skip
+    return records, chosen
+
+
 def search_model(name: str, out: Path, quick: bool) -> list[Record]:
     """Every row of the suite for one model (see the module doc)."""
+    if name == IMAGENET_MODEL:
+        from edgeslim.bench.search_imagenet import imagenet_bench
+
+        b = imagenet_bench(out, quick)
+        records, chosen = _strategy_rows(b)
+        return [*records, _latency_row(b, chosen)]
     sizes = QUICK if quick else FULL
     model = load_zoo_model(name).eval()
     task = search_task(sizes.val_images)
@@ -421,33 +455,22 @@ def search_model(name: str, out: Path, quick: bool) -> list[Record]:
     latency.calibrate()
     test = load_fashion_mnist("test", limit=sizes.test_images)
     test_batches = TensorBatches(test.images, test.labels, batch_size=500)
-    b = _Bench(
-        name, out, sizes, model, space, latency, test_batches, len(test),
-        evaluate(model, test_batches), latency.anchors["fp32"],
+    b = SearchBench(
+        name, out, sizes, model, space, latency, lambda m: evaluate(m, test_batches),
+        len(test), evaluate(model, test_batches), latency.anchors["fp32"],
     )  # fmt: skip
-    records: list[Record] = []
-    records.append(_uniform_row(b))
-    results: dict[str, tuple[SearchResult, float]] = {}
-    for strategy in _available(sizes.strategies):
-        result, seconds = b.run(strategy)
-        result = verify_latency(result, b.latency)  # untimed: the same for every strategy
-        results[strategy] = (result, seconds)
-        tool = "optuna" if strategy in PEERS else "edgeslim"
-        method = f"{tool}:{strategy.removeprefix('optuna-')}"
-        records.append(
-            b.record(method, result.policy, seconds, _search_extra(result),
-                     {"strategy": strategy})
-        )  # fmt: skip
+    records, chosen = _strategy_rows(b)
     try:
         records.append(_ray_row(b))
     except SearchError as exc:  # ray is an optional extra: say so in the report
         records.append(b.record(f"edgeslim:{RAY_STRATEGY}@ray", None, 0.0, {"skipped": str(exc)}))
     records += _accuracy_aware_rows(b)
-    chosen = [r.policy for r, _ in results.values() if r.policy is not None]
     records.append(_latency_row(b, chosen))
     return records
 
 
 @register_suite("search")
 def search_suite(out: Path, quick: bool, models: list[str] | None) -> list[Record]:
-    return per_model("search", models or [MODEL], lambda n: search_model(n, out, quick))
+    progress = Path(out) / ("progress-quick.json" if quick else "progress.json")
+    names = models or [MODEL, IMAGENET_MODEL]
+    return per_model("search", names, lambda n: search_model(n, out, quick), progress)
