@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from edgeslim.cost.latency import LatencyStats, RatioStats, ratio_over_rounds
+from edgeslim.cost.latency import TIMING_SECONDS, LatencyStats, RatioStats, ratio_over_rounds
 from edgeslim.cost.lut import (
     LatencyTable,
     LayerTime,
@@ -32,14 +32,6 @@ from edgeslim.graph import layer_table
 from edgeslim.graph.layers import LayerInfo
 from edgeslim.search.policy import Policy
 from edgeslim.search.space import SearchSpace
-
-# Decision — whole models are timed for at least 8 s, however fast they are (2026-12-03):
-# on a 2-core VM, resnet20's all-int8 over fp32 read 0.47-0.60 between windows of about 1 s
-# a few seconds apart in one process (the rounds' median; the 10*repeats cap ended them),
-# and the same policy 0.51x in one search's verification and 0.62x in another's. A longer
-# window takes the median over more of the machine's states instead of one; it costs
-# about 8 s per calibration, check and verification.
-TIMING_SECONDS = 8.0
 
 
 class LutLatency:
