@@ -3,6 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from edgeslim.cost.lut import (
@@ -10,6 +12,7 @@ from edgeslim.cost.lut import (
     INT8,
     WONLY,
     LatencyTable,
+    Residual,
     _kernel_model,
     layer_key,
     layer_times,
@@ -168,3 +171,34 @@ def test_entries_are_relative_to_a_probe_timed_with_them(
 def _row(cin: int, cout: int, hw: int) -> LayerInfo:
     conv = nn.Conv2d(cin, cout, 3, padding=1)
     return layer_table(conv, torch.randn(1, cin, hw, hw))[""]
+
+
+_MS = st.floats(min_value=1e-4, max_value=100.0)
+
+
+@given(_MS, _MS, _MS, _MS, st.floats(min_value=0.0, max_value=100.0), st.floats(0.0, 1.0))
+def test_residual_keeps_the_anchors_exact_and_every_prediction_positive(
+    f_meas: float, f_sum: float, i_meas: float, i_sum: float, layers: float, share: float
+) -> None:
+    """Whether the kernels' sum falls short of the whole model (an addend) or exceeds it
+    (a scale), the two anchors predict their own measurements and no layer sum, however
+    small, is predicted at or below zero."""
+    r = Residual.fit((f_meas, f_sum), (i_meas, i_sum))
+    assert r.predict(f_sum, 0.0) == pytest.approx(f_meas, rel=1e-9)
+    assert r.predict(i_sum, 1.0) == pytest.approx(i_meas, rel=1e-9)
+    assert r.predict(layers, share) >= 0.0
+    if layers > 0:
+        assert r.predict(layers, share) > 0.0
+    # a heavier layer sum is never predicted faster
+    assert r.predict(layers + 1.0, share) > r.predict(layers, share)
+
+
+def test_an_over_counting_sum_is_scaled_not_made_negative() -> None:
+    """The case CI met: the layers sum to 0.08 ms, the model measures 0.03 ms; a policy
+    whose layers sum to 0.01 ms was predicted at -0.04 ms by an additive residual."""
+    r = Residual.fit((0.03, 0.08))
+    assert (r.fp32_ms, r.fp32_scale) == (0.0, pytest.approx(0.375))
+    assert r.predict(0.01, 0.0) == pytest.approx(0.00375)
+    r = Residual.fit((0.10, 0.08))  # the common case: adds and pools beyond the layers
+    assert (r.fp32_ms, r.fp32_scale) == (pytest.approx(0.02), 1.0)
+    assert r.predict(0.01, 0.0) == pytest.approx(0.03)

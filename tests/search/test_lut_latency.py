@@ -19,7 +19,7 @@ def test_lut_latency_is_anchored_on_measured_models_and_checked(
     assert math.isclose(lut.predict(None), lut.anchors["fp32"], rel_tol=1e-9)
     int8 = space.uniform(w_bits=8, a_bits=8, keep=1.0)
     assert math.isclose(lut.predict(int8), lut.anchors["int8"], rel_tol=1e-9)
-    assert residual.fp32_ms != residual.int8_ms
+    assert (residual.fp32_ms, residual.fp32_scale) != (residual.int8_ms, residual.int8_scale)
     # the half-kept policy's kernels are timed at their pruned shapes (new table entries)
     half = space.uniform(w_bits=8, a_bits=8, keep=0.5)
     before = len(lut.table)
@@ -60,6 +60,10 @@ def test_check_reanchors_on_the_anchors_timed_with_it(space: SearchSpace, tmp_pa
     # the anchor, timed in the same run as its copy in the rows, is predicted near that copy
     assert again.errors[0] < 0.5
     # the kernels' sum is shared: only the residual moved
-    shift = again.rows[1][1] - check.rows[1][1]
-    assert math.isclose(again.rows[0][1] - check.rows[0][1], shift, rel_tol=0.05, abs_tol=1e-3)
+    assert check.residual is lut.residual and again.residual is not None
+    for p, first, second in zip((int8, half), check.rows, again.rows, strict=True):
+        lt = lut.layers(p)
+        assert math.isclose(first[1], check.residual.predict(lt.total_ms, lt.int8_share))
+        assert math.isclose(second[1], again.residual.predict(lt.total_ms, lt.int8_share))
+    assert check.to_dict()["residual"] == lut.residual.to_dict()
     assert "reanchored" in check.to_dict() and "reanchored" not in again.to_dict()

@@ -3,9 +3,10 @@
 ``LutLatency(space)`` is the :class:`~edgeslim.search.constraints.LatencyPredictor` a search
 uses for ``latency<=...`` constraints: a policy's latency is the sum of its layers' kernel
 timings (each conv / linear at its pruned shape and the precision ONNX Runtime will run it
-in) plus the model's residual. :meth:`LutLatency.calibrate` measures the residual once, on
-the exported float model and on the exported all-int8 policy timed interleaved, so both
-anchors are exact;
+in) plus the model's residual (:class:`~edgeslim.cost.lut.Residual`: an addend, or a scale
+of the sum where the kernels over-count). :meth:`LutLatency.calibrate` measures the
+residual once, on the exported float model and on the exported all-int8 policy timed
+interleaved, so both anchors are exact;
 :meth:`LutLatency.check` exports other policies and times them interleaved with the float
 model to report how far the table's ratio to it is off (``PredictionCheck.max_error``),
 which the search record carries.
@@ -73,22 +74,22 @@ class LutLatency:
         return layer_times(self.table, space.model, rows, w, policy.act_bits)
 
     def predict(self, policy: Policy | None, residual: Residual | None = None) -> float:
-        """Predicted milliseconds of ``policy``: its layers' kernel times plus the residual
-        (this table's calibration unless ``residual`` is given)."""
+        """Predicted milliseconds of ``policy``: its layers' kernel times with the residual
+        applied (this table's calibration unless ``residual`` is given); positive."""
         if residual is None:
             if self.residual is None:
                 self.calibrate()
             residual = self.residual
         assert residual is not None
         lt = self.layers(policy)
-        return lt.total_ms + residual.at(lt.int8_share)
+        return residual.predict(lt.total_ms, lt.int8_share)
 
     def _residual(self, fp32_ms: float, int8_ms: float | None, anchor: Policy | None) -> Residual:
         """The residual that makes the float (and the all-int8 ``anchor``) measurements exact."""
-        fp32 = fp32_ms - self.layers(None).total_ms
+        fp32 = (fp32_ms, self.layers(None).total_ms)
         if anchor is None or int8_ms is None:
-            return Residual(fp32, fp32)
-        return Residual(fp32, int8_ms - self.layers(anchor).total_ms)
+            return Residual.fit(fp32)
+        return Residual.fit(fp32, (int8_ms, self.layers(anchor).total_ms))
 
     # --- measuring whole models --------------------------------------------------------------
 
@@ -191,8 +192,8 @@ class LutLatency:
         rows = [(p.id, self.predict(p), m) for p, m in zip(policies, measured, strict=True)]
         again = [(p.id, self.predict(p, now), m) for p, m in zip(policies, measured, strict=True)]
         self.table.save()
-        reanchored = PredictionCheck(tuple(again), (self.predict(None, now), ms[0]))
-        return PredictionCheck(tuple(rows), (self.predict(None), ms[0]), reanchored)
+        reanchored = PredictionCheck(tuple(again), (self.predict(None, now), ms[0]), None, now)
+        return PredictionCheck(tuple(rows), (self.predict(None), ms[0]), reanchored, self.residual)
 
 
 def _threads() -> int:
