@@ -14,7 +14,7 @@ from edgeslim.data import TensorBatches, load_fashion_mnist
 from edgeslim.errors import PruneError
 from edgeslim.graph import analyze
 from edgeslim.prune.planner import apply_keep, plan_keep
-from edgeslim.prune.reconstruct import reconstruct_
+from edgeslim.prune.reconstruct import _dense_targets, _fit_in_lockstep, reconstruct_
 from edgeslim.prune.surgery import group_key, prepare_surgery
 from edgeslim.train.loop import evaluate
 from edgeslim.zoo import load_zoo_model
@@ -99,6 +99,52 @@ def test_reconstruction_recovers_a_pruned_resnet20() -> None:
     rebuilt = evaluate(pruned, test)
     assert rebuilt >= plain + 20, (plain, rebuilt)
     assert rebuilt >= evaluate(dense, test) - 15
+
+
+def test_batches_run_at_once_fit_what_one_forward_per_layer_fits() -> None:
+    """The lockstep pass (every batch's forward in its own thread, meeting at each layer)
+    writes the same weights as fitting each layer from its own forwards, batch by batch."""
+    dense = load_zoo_model("resnet20").eval()
+    val = load_fashion_mnist("val", limit=96)
+    pruned = copy.deepcopy(dense)
+    keep, _ = plan_keep(pruned, (val.images[:1],), "l1", macs_reduction=0.4, round_to=4)
+    kept = prepare_surgery(pruned, keep).kept_positions()
+    apply_keep(pruned, keep, "l1")
+    one_by_one = copy.deepcopy(pruned)
+    batches = TensorBatches(val.images, batch_size=32)
+    fast = reconstruct_(pruned, dense, kept, batches, rows_per_batch=500, progress=False)
+    slow = reconstruct_(one_by_one, dense, kept, batches, rows_per_batch=500, progress=False,
+                        max_lockstep_bytes=0)  # fmt: skip
+    assert len(fast.layers) > 3 and [vars(f) for f in fast.layers] == [vars(f) for f in slow.layers]
+    for (name, a), (_, b) in zip(
+        pruned.state_dict().items(), one_by_one.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+class _Branchy(_Pair):
+    """Takes ``second`` only when the batch's mean is positive: a path that depends on
+    the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.first(x))
+        return self.second(h) if float(x.mean()) > 0 else h[:, :4]
+
+
+def test_batches_that_take_different_paths_are_refused_not_hung() -> None:
+    torch.manual_seed(0)
+    pair = _Pair(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8).abs()
+    cut, kept = _drop_channel_5(pair, x[:1])  # traced as the pair; run as the branchy model
+    dense, pruned = _Branchy(pair.first, pair.second), _Branchy(cut.first, cut.second)
+    with pytest.raises(PruneError, match="did not run"):  # seen on the unpruned model
+        reconstruct_(pruned, dense, kept, [x, -x], progress=False)
+    # the pruned model alone leaving a layer out on one batch: an error, not a thread that
+    # waits for ever at the layer for the other batch
+    targets = _dense_targets(dense, ["second"], kept, [(x,), (x,)], 100, 0)
+    with pytest.raises(PruneError, match="`second` did not run on calibration batch 1"):
+        _fit_in_lockstep(pruned, [("second", pruned.second)], [(x,), (-x,)], targets, 1e-3,
+                         lambda: None)  # fmt: skip
 
 
 def test_nothing_to_refit_is_refused() -> None:
