@@ -12,6 +12,7 @@ from edgeslim.data import TensorBatches, load_digits_split
 from edgeslim.errors import TaskError
 from edgeslim.search import EvalResult, Evaluator, SearchError, SearchSpace
 from edgeslim.task import Task
+from edgeslim.task.agreement import model_outputs, prediction_divergence
 from edgeslim.train.loop import TrainConfig, evaluate
 
 
@@ -68,7 +69,11 @@ def test_agreement_when_validation_has_no_labels(digits_model: nn.Module) -> Non
     w8, w2 = ev.evaluate(sp.uniform(8)), ev.evaluate(sp.uniform(2))
     assert w8.metric is not None and w2.metric is not None
     assert w8.metric >= 97.0 > w2.metric
-    assert w8.loss is not None and w2.loss is not None and w8.loss < w2.loss  # 1 - cosine
+    assert w8.loss is not None and w2.loss is not None and 0.0 <= w8.loss < w2.loss
+    # the loss is the divergence of the predictions, in the Hessian prices' unit (nats)
+    ref = ev._reference
+    out = model_outputs(sp.apply(sp.uniform(2)), ref.batches)
+    assert w2.loss == pytest.approx(prediction_divergence(ref, out), rel=1e-6)
 
 
 def test_short_finetuning_recovers_accuracy(digits_model: nn.Module, digits_task: Task) -> None:

@@ -10,7 +10,11 @@ test figure stays an honest final number:
 - else, when ``task.validation`` holds labelled ``(inputs, target)`` batches, top-1 (%) on
   them (``val_top1``), with the task's loss as a smoother sensitivity signal;
 - else agreement (%) with the uncompressed model on ``task.validation`` (or, lacking it, the
-  calibration inputs; the evaluator's ``notes`` say so), with ``1 - cosine`` as the loss.
+  calibration inputs; the evaluator's ``notes`` say so), with ``KL(p_ref || p)`` of the
+  first output's softmax as the loss (``1 - cosine`` when that output is one score).
+  Why KL: it is the loss the Hessian-trace prices of weight bits are in
+  (:mod:`edgeslim.search.hessian`), and ``greedy``/``dp`` add those prices to measured
+  probe sensitivities; with ``1 - cosine`` the two were in different units.
 
 Otherwise ``task.evaluate`` is deliberately not used: the built-in tasks score on their
 test split.
@@ -200,12 +204,17 @@ class Evaluator:
         if self.mode == "task":
             metrics = self.task.measure(model)
             return metrics[self.metric_name], metrics, None
-        from edgeslim.task.agreement import agreement_metrics, model_outputs
+        from edgeslim.task.agreement import (
+            agreement_metrics,
+            model_outputs,
+            prediction_divergence,
+        )
 
         ref = self._reference
         outs = model_outputs(self.task.module(model), ref.batches)
         metrics = agreement_metrics(ref, outs, self.task.min_confidence)
-        return metrics[self.metric_name], metrics, 1.0 - metrics["cosine"]
+        kl = prediction_divergence(ref, outs)
+        return metrics[self.metric_name], metrics, 1.0 - metrics["cosine"] if kl is None else kl
 
     @torch.no_grad()
     def _top1_and_loss(self, model: nn.Module) -> tuple[float, dict[str, float], float | None]:

@@ -120,3 +120,16 @@ def agreement_metrics(
     ]
     metrics["cosine"] = sum(cos) / len(cos)
     return metrics
+
+
+def prediction_divergence(ref: AgreementReference, outputs: list[torch.Tensor]) -> float | None:
+    """Mean ``KL(p_ref || p)`` of the first output's softmax over its classes, per row (nats);
+    None when that output has one column (a score, not a distribution). The search's loss
+    on unlabelled data: the same quantity its Hessian-trace prices are in
+    (:mod:`edgeslim.search.hessian`), so measured and predicted sensitivities can be added."""
+    r, o = ref.outputs[0].float(), outputs[0].float()
+    if r.shape[-1] < 2 or r.shape != o.shape:
+        return None
+    p_ref = r.softmax(-1)
+    kl = (p_ref * (r.log_softmax(-1) - o.log_softmax(-1))).sum(-1)
+    return float(kl.mean())
