@@ -10,16 +10,20 @@ of every 4 score the search (validation), crops 3 of every 4 score the final row
 Decisions:
 
 - ``max_drop`` is 10 points of agreement, not resnet20's 1: W8A8 alone loses 1.3 points
-  here (benchmarks/imagenet) and W8A8 runs at 0.63x fp32, above the 0.6x limit, so a
-  feasible policy must also prune or take weights below 8 bits; a 1-point budget would
-  leave the space empty. 10 points is what the pruning rows of benchmarks/imagenet lose
+  here (benchmarks/imagenet) and W8A8 ran at 0.63x fp32 when this was decided (0.52x in
+  later runs), while the 0.2x size limit needs weights below 8 bits or pruning either way;
+  a 1-point budget would leave the space empty. 10 points is what the pruning rows of benchmarks/imagenet lose
   at -30% MACs with a refit.
 - Pruning choices are per block (MobileNetV2's expansion channels and the widths they
   couple with), keep 0.75 or 1, widths rounded to 16 (ONNX Runtime's NCHWc block on
   AVX-512, see edgeslim.bench.imagenet_prune); pruned layers are refitted by least squares
   on the calibration crops before scoring (the space's default).
-- Three strategies (random, evolutionary, Optuna TPE) at a budget of 16: a measurement
-  costs about 10x resnet20's, so the full strategy list would not fit the suite's hour.
+- Four strategies (random, evolutionary, Optuna TPE, dp) at a budget of 28: a measurement
+  costs about 5x resnet20's (15-35 s), so the full strategy list would not fit; dp is the
+  one that prices each choice (Hessian traces for weight bits, a probe per block's keep),
+  and it needs 27 measurements here (one reference, 25 keep probes, the chosen policy).
+  Until 2026-12-04 the budget was 16 and dp did not run: a pruned policy's refit then cost
+  80 s of the 107 s of a measurement (see edgeslim.prune.reconstruct).
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ MAX_DROP = 10.0
 W_BITS, A_BITS, KEEP, ROUND_TO = (4, 6, 8), (8,), (0.75, 1.0), 16
 CALIBRATION = 128  # the calibration crops (every 4th of 526: 132)
 MIN_CONFIDENCE = 0.4
-STRATEGIES = ("random", "evolutionary", "optuna-tpe")
+STRATEGIES = ("random", "evolutionary", "optuna-tpe", "dp")
 STRATEGIES_QUICK = ("evolutionary",)
-BUDGET, BUDGET_QUICK = 16, 2
+BUDGET, BUDGET_QUICK = 28, 2
 
 
 @dataclass(frozen=True)
