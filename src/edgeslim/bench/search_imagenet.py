@@ -12,8 +12,8 @@ Decisions:
 - ``max_drop`` is 10 points of agreement, not resnet20's 1: W8A8 alone loses 1.3 points
   here (benchmarks/imagenet) and W8A8 ran at 0.63x fp32 when this was decided (0.52x in
   later runs), while the 0.2x size limit needs weights below 8 bits or pruning either way;
-  a 1-point budget would leave the space empty. 10 points is what the pruning rows of benchmarks/imagenet lose
-  at -30% MACs with a refit.
+  a 1-point budget would leave the space empty. 10 points is what the pruning rows of
+  benchmarks/imagenet lose at -30% MACs with a refit.
 - Pruning choices are per block (MobileNetV2's expansion channels and the widths they
   couple with), keep 0.75 or 1, widths rounded to 16 (ONNX Runtime's NCHWc block on
   AVX-512, see edgeslim.bench.imagenet_prune); pruned layers are refitted by least squares
