@@ -335,6 +335,7 @@ def _fit_in_lockstep(
     forward, in this order) the threads wait for one another, the layer is fitted on all
     their inputs, and they go on with its new weights (see the module doc)."""
     n = len(batches)
+    by_name = dict(layers)
     names = {id(m): fqn for fqn, m in layers}
     expected = [fqn for fqn, _ in layers]
     pending: list[tuple[str, torch.Tensor] | None] = [None] * n
@@ -351,9 +352,8 @@ def _fit_in_lockstep(
                 f"({', '.join(sorted(str(g) for g in got))}) where `{fqn}` was expected: "
                 "the model's path depends on its input"
             )
-        module = dict(layers)[fqn]
         xs = ([p[1]] for p in pending if p is not None)
-        fits.append(_fit_layer(fqn, module, xs, targets[fqn], ridge))
+        fits.append(_fit_layer(fqn, by_name[fqn], xs, targets[fqn], ridge))
         advance()
 
     barrier = threading.Barrier(n, action=fit_here)
