@@ -82,7 +82,6 @@ STRATEGIES = (
 )  # fmt: skip
 PEERS = ("optuna-tpe", "optuna-nsga2")
 RAY_STRATEGY, RAY_WORKERS = "evolutionary", 2
-CEILING_PROBES = 4  # policies measured in-process and on one thread for the Ray ceiling
 LATENCY_CHECKS = 6  # measured policies whose exported latency is compared with the table's
 
 
@@ -271,53 +270,42 @@ def _uniform_row(b: SearchBench) -> Record:
     return b.record("edgeslim:uniform-best", kept.policy, seconds, extra)
 
 
-def _parallel_ceiling(b: SearchBench, policies: list[Policy]) -> dict[str, Any]:
-    """The most ``RAY_WORKERS`` one-thread workers can gain over in-process measurement on
-    this machine: a measurement's median seconds in-process (torch's threads, as the
-    search ran) and on one thread, each policy measured both ways, interleaved; the
-    ceiling is ``workers x t_in_process / t_one_thread`` (perfect balance, no overhead).
-    On a machine with as many cores as workers it says how much of the cores the
-    in-process measurement already used."""
-    ev = Evaluator(b.space, list(b.limits), max_drop=b.max_drop, latency=b.latency)
-    _ = ev.baseline, ev.baseline_costs  # measured once, lazily: not inside a timed call
-    threads = torch.get_num_threads()
-    times: dict[int, list[float]] = {threads: [], 1: []}
-    try:
-        for p in policies:
-            for n in (threads, 1):
-                torch.set_num_threads(n)
-                t0 = time.perf_counter()
-                ev.measure(p)  # uncached: every call applies, calibrates and scores
-                times[n].append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    t_in, t_one = statistics.median(times[threads]), statistics.median(times[1])
+def _measurement_seconds(result: SearchResult) -> list[float]:
+    """Seconds of each measurement the search made, as the process that made it timed it
+    (a Ray worker for the Ray run)."""
+    return [e.result.seconds for e in result.evaluations if e.counted and not e.replayed]
+
+
+def ray_accounting(
+    t_in: list[float], t_on: list[float], local_s: float, remote_s: float, workers: int
+) -> dict[str, Any]:
+    """Where the Ray run's wall time went, from the two searches' own measurements
+    (``t_in``, ``t_on``: each measurement's seconds; ``local_s``, ``remote_s``: the runs'
+    wall seconds): a measurement's mean seconds in-process (torch on every thread) and on
+    a worker (one thread, beside the other workers), the share of each run's wall time its
+    measurements filled, and the speed-up the workers would give if they were never idle
+    (``throughput_bound``: workers x in-process seconds / worker seconds). With as many
+    measurements in both runs the speed-up is exactly ``throughput_bound x
+    workers_busy_share / in_process_busy_share``; on a machine with as many cores as
+    workers, the bound is what the in-process run left of the cores. Empty when either run
+    measured nothing."""
+    if not t_in or not t_on:
+        return {}
+    mean_in, mean_on = statistics.fmean(t_in), statistics.fmean(t_on)
     return {
-        "measurement_seconds_in_process": round(t_in, 3),
-        "measurement_seconds_one_thread": round(t_one, 3),
-        "ceiling_speedup": round(RAY_WORKERS * t_in / t_one, 3),
-        "ceiling_probes": len(policies),
+        "measurement_seconds_in_process": round(mean_in, 3),
+        "measurement_seconds_on_workers": round(mean_on, 3),
+        "in_process_busy_share": round(sum(t_in) / local_s, 3),
+        "workers_busy_share": round(sum(t_on) / (workers * remote_s), 3),
+        "throughput_bound": round(workers * mean_in / mean_on, 3),
     }
-
-
-def _workers_together(b: SearchBench, ex: Any, policies: list[Policy]) -> float:
-    """Seconds per measurement with every worker measuring at once: each worker first
-    measures every probe (:meth:`RayExecutor.warm`: the evaluator loaded, the pruned models
-    cached), then the probes are measured on the pool, timed. Why:
-    on a 2-core VM two one-thread processes slowed each other down (one measurement 4.45 s
-    alone in a worker, a pair at once 6.18 s), which :func:`_parallel_ceiling`, timing one
-    measurement at a time, cannot see."""
-    ev = Evaluator(b.space, list(b.limits), max_drop=b.max_drop, latency=b.latency)
-    ex.warm(ev.measure, policies)
-    t0 = time.perf_counter()
-    list(ex.run(ev.measure, policies))
-    return (time.perf_counter() - t0) / max(len(policies), 1)
 
 
 def _ray_row(b: SearchBench) -> Record:
     """The same strategy and seed in-process and on 2 Ray workers: the same evaluations
-    and policy? the wall-time speed-up? Both timed after the other searches warmed the
-    latency table, so neither pays for timing kernels; Ray's start-up is reported apart."""
+    and policy? the wall-time speed-up, and where it went (:func:`ray_accounting`). Both
+    timed after the other searches warmed the latency table, so neither pays for timing
+    kernels; Ray's start-up is reported apart."""
     from edgeslim.search.ray_executor import RayExecutor
 
     # each run on a space built afresh: the suite's own space holds the pruned copies the
@@ -325,20 +313,16 @@ def _ray_row(b: SearchBench) -> Record:
     local, local_s = b.run(RAY_STRATEGY, space=build_space(b.model, b.space.task))
     fresh = build_space(b.model, b.space.task)
     t0 = time.perf_counter()
-    probes = [e.policy for e in local.evaluations[-CEILING_PROBES:]]
     with RayExecutor(workers=RAY_WORKERS) as ex:
         threads = ex.worker_threads()  # the workers are up before the clock starts
         startup = time.perf_counter() - t0
         remote, remote_s = b.run(RAY_STRATEGY, ex, space=fresh)
-        together = _workers_together(b, ex, probes)
-    ceiling = _parallel_ceiling(b, probes)
-    ceiling["ceiling_speedup_together"] = round(
-        ceiling["measurement_seconds_in_process"] / together, 3
-    )
-    ceiling["measurement_seconds_workers_together"] = round(together, 3)
     ids = [[e.policy.id for e in r.evaluations] for r in (local, remote)]
     metrics = [[e.result.metric for e in r.evaluations] for r in (local, remote)]
     same_policy = local.policy == remote.policy  # by the table: timing is not repeatable
+    accounting = ray_accounting(
+        _measurement_seconds(local), _measurement_seconds(remote), local_s, remote_s, RAY_WORKERS
+    )
     remote = verify_latency(remote, b.latency)
     extra = {
         **_search_extra(remote), "same_policy": same_policy,
@@ -348,7 +332,7 @@ def _ray_row(b: SearchBench) -> Record:
         "speedup": round(local_s / remote_s, 3) if local.measured else None,
         "measured_in_process": local.measured,
         "in_process_torch_threads": torch.get_num_threads(), "worker_torch_threads": threads,
-        **ceiling,
+        **accounting,
     }  # fmt: skip
     if not local.measured:  # every policy rejected by the table: nothing ran in parallel
         extra["speedup_note"] = (

@@ -1,0 +1,48 @@
+"""The search suite's Ray accounting: the figures it records explain the speed-up exactly."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgeslim.bench.search import ray_accounting
+
+seconds = st.floats(min_value=0.5, max_value=5.0, allow_nan=False)
+
+
+@given(
+    st.lists(st.tuples(seconds, seconds), min_size=1, max_size=30),
+    st.floats(min_value=1.0, max_value=3.0),
+    st.floats(min_value=1.0, max_value=3.0),
+    st.integers(min_value=1, max_value=8),
+)
+def test_speedup_is_bound_times_busy_shares(
+    pairs: list[tuple[float, float]], slack_in: float, slack_on: float, workers: int
+) -> None:
+    t_in = [a for a, _ in pairs]
+    t_on = [b for _, b in pairs]
+    local_s = sum(t_in) * slack_in  # the in-process run: its measurements and the rest
+    remote_s = sum(t_on) / workers * slack_on  # the workers: idle for part of the run
+    acc = ray_accounting(t_in, t_on, local_s, remote_s, workers)
+    # the recorded figures (rounded to 3 places) explain the measured speed-up
+    explained = acc["throughput_bound"] * acc["workers_busy_share"] / acc["in_process_busy_share"]
+    assert math.isclose(explained, local_s / remote_s, rel_tol=0.01)
+    assert math.isclose(acc["throughput_bound"], workers * sum(t_in) / sum(t_on), abs_tol=6e-4)
+    assert 0 < acc["workers_busy_share"] <= 1.0005
+    assert 0 < acc["in_process_busy_share"] <= 1.0005
+
+
+def test_the_figures_of_an_ad_hoc_run() -> None:
+    """2 workers, each measurement 1.65x slower on a one-thread worker than in-process and
+    the workers busy 88% of the time: 1.07x, as measured ad hoc on 2 cores."""
+    acc = ray_accounting([2.2] * 24, [3.7] * 24, 54.0, 50.5, 2)
+    assert acc["throughput_bound"] == round(2 * 2.2 / 3.7, 3)
+    assert acc["workers_busy_share"] == round(24 * 3.7 / (2 * 50.5), 3)
+    assert acc["in_process_busy_share"] == round(24 * 2.2 / 54.0, 3)
+
+
+def test_nothing_measured_gives_no_accounting() -> None:
+    assert ray_accounting([], [1.0], 1.0, 1.0, 2) == {}
+    assert ray_accounting([1.0], [], 1.0, 1.0, 2) == {}
