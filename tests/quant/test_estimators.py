@@ -12,7 +12,7 @@ from torch import nn
 
 from edgeslim.data import load_digits_split
 from edgeslim.quant.base import Estimator
-from edgeslim.quant.estimators import AQE, EstimatorBase, NBQBlend, TanhSoftRound
+from edgeslim.quant.estimators import AQE, EstimatorBase, NBQBlend, TanhSoftRound, estimate
 from edgeslim.quant.quantizers import RangeQuantizer, UniformQuantizer
 from edgeslim.quant.registries import ESTIMATORS, QUANTIZERS
 from edgeslim.quant.spec import QuantSpec
@@ -316,3 +316,53 @@ def test_qat_two_bit_weights_with_aqe_learns_digits() -> None:
     for layer in (l1, l2):  # 2-bit symmetric: at most 3 values per output channel
         assert all(len(row.unique()) <= 3 for row in layer.quantizer.quantize(layer.weight))
     assert acc > 0.8, acc
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("est_name", ALL_ESTIMATORS)
+@pytest.mark.parametrize(("qname", "bits", "sym"), QUANTS, ids=QIDS)
+def test_estimate_without_autograd_is_the_estimators_value(
+    qname: str,
+    bits: int,
+    sym: bool,
+    est_name: str,
+    progress: float,
+    activations: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """``estimate`` skips the gradient carriers only where the forward is the hard
+    quantizer: its value equals the estimator's own call, smooth estimators included."""
+    q, x = calibrated(qname, bits, sym, "activation", activations)
+    est = ESTIMATORS.get(est_name)()
+    est.set_progress(progress)
+    full = est(q, x).detach()
+    with torch.no_grad():
+        fast = estimate(est, q, x)
+    assert torch.equal(fast, full)
+    smooth = est_name in ("aqe", "tanh", "nbq") and progress < 1.0
+    assert est.forward_is_hard() is not smooth
+    if smooth:  # the surrogate, not the hard quantizer
+        assert not torch.equal(fast, q.quantize(x))
+
+
+def test_estimate_with_autograd_keeps_the_gradient() -> None:
+    q = make("uniform", 4, True)
+    x = weight().requires_grad_()
+    q.init_range(x.detach())
+    y = estimate(ESTIMATORS.get("ste")(), q, x)
+    y.sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_estimate_calls_an_estimator_not_derived_from_the_base() -> None:
+    q = make("uniform", 4, True)
+    x = weight()
+    q.init_range(x)
+    calls: list[int] = []
+
+    def halve(quantizer: object, t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return t / 2
+
+    with torch.no_grad():
+        assert torch.equal(estimate(halve, q, x), x / 2)
+    assert calls == [1]

@@ -128,6 +128,30 @@ def test_invariants_hypothesis(
     check_invariants(q, w.flip(0) * factor, max_levels(name, bits, sym))  # out of range too
 
 
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    bits=st.integers(1, 8),
+    sym=st.booleans(),
+    granularity=st.sampled_from(GRANULARITIES),
+    w=weight_tensors(),
+    factor=st.floats(0.1, 3.0),
+)
+def test_uniform_quantize_without_autograd_is_bit_equal(
+    bits: int, sym: bool, granularity: str, w: torch.Tensor, factor: float
+) -> None:
+    """The in-place path (nothing to differentiate) and the autograd path give the same
+    bits, the sign of zero included, in range and beyond it."""
+    q = make("uniform", bits, granularity, sym, 3)
+    q.init_range(w)
+    for x in (w, w.flip(0) * factor):
+        before = x.clone()
+        with torch.no_grad():
+            fast = q.quantize(x)
+        slow = q.quantize(x.clone().requires_grad_()).detach()
+        assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
+        assert torch.equal(x.view(torch.int32), before.view(torch.int32))  # input untouched
+
+
 @pytest.fixture(scope="module")
 def digits_weight() -> torch.Tensor:
     """Ridge regression of one-hot digit labels on pixels: a real (10, 64) weight."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -78,6 +79,14 @@ class EstimatorBase:
     def prepare(self, quantizer: Quantizer) -> None:
         """Hook run before training; the default does nothing."""
 
+    HARD: ClassVar[bool] = False  # the forward value is quantize(x) at any progress
+
+    def forward_is_hard(self) -> bool:
+        """Whether the forward value is exactly ``quantizer.quantize(x)`` now (the gradient
+        carriers only add zeros), so a caller that needs no gradient may skip them
+        (:func:`estimate`)."""
+        return self.HARD
+
     def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -88,6 +97,8 @@ class EstimatorBase:
 class STE(EstimatorBase):
     """Straight-through: forward ``quantize(x)``, gradient 1 everywhere."""
 
+    HARD = True
+
     def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
         return quantizer.quantize(x).detach() + _carrier(x)
 
@@ -95,6 +106,8 @@ class STE(EstimatorBase):
 class ClippedSTE(EstimatorBase):
     """Straight-through inside ``[min level, max level]`` of the element's group, zero
     gradient outside (the saturated part of the quantizer is flat)."""
+
+    HARD = True
 
     def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
         p = _parts(quantizer, x)
@@ -134,6 +147,8 @@ class LSQ(EstimatorBase):
     def prepare(self, quantizer: Quantizer) -> None:
         _make_learnable(quantizer, "lsq")
 
+    HARD = True
+
     def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(getattr(quantizer, "range_param", None), torch.nn.Parameter):
             self.prepare(quantizer)
@@ -166,6 +181,8 @@ class PACT(EstimatorBase):
     def prepare(self, quantizer: Quantizer) -> None:
         _make_learnable(quantizer, "pact")
 
+    HARD = True
+
     def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(getattr(quantizer, "range_param", None), torch.nn.Parameter):
             self.prepare(quantizer)
@@ -192,6 +209,9 @@ class SharpeningEstimator(EstimatorBase):
 
     def surrogate(self, quantizer: Quantizer, x: torch.Tensor, k: float) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_is_hard(self) -> bool:
+        return self.progress >= 1.0
 
     def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
         f = self.surrogate(quantizer, x, self.k)
@@ -267,12 +287,31 @@ class NBQBlend(EstimatorBase):
     """n-BQ-NN blend ``y = (1 - λ) x + λ · ste(Q(x))`` with ``λ = progress``: training starts
     in float and ends quantized; the gradient is 1 throughout."""
 
+    def forward_is_hard(self) -> bool:
+        return self.progress >= 1.0
+
     def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
         hard = quantizer.quantize(x).detach() + _carrier(x)
         lam = self.progress
         if lam >= 1.0:
             return hard
         return (1 - lam) * x + lam * hard
+
+
+def estimate(estimator: Any, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
+    """``estimator(quantizer, x)``, or ``quantizer.quantize(x)`` alone when autograd is not
+    recording and the estimator's forward is hard (value-equal; the carriers and, for
+    lsq/pact/clipped_ste, the nearest-level search are skipped). Every evaluation of a
+    fake-quantized model (PTQ scoring, a search's measurements) runs this way: measured on
+    resnet20 at batch 500, one thread, the STE call and its carriers were 0.4 of 2.2 s of
+    fake quantization in a 4.6 s measurement (ad hoc, 2026-12-04). Estimators that do not
+    derive from :class:`EstimatorBase` are always called."""
+    hard = getattr(estimator, "forward_is_hard", None)
+    if hard is not None and not torch.is_grad_enabled() and hard():
+        return quantizer.quantize(x)
+    out = estimator(quantizer, x)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 ESTIMATORS.register("ste", STE)

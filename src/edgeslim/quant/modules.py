@@ -16,6 +16,7 @@ from torch import nn
 
 from edgeslim.quant.base import Quantizer
 from edgeslim.quant.config import QuantConfig
+from edgeslim.quant.estimators import estimate
 from edgeslim.quant.observers import Observer
 from edgeslim.quant.registries import ESTIMATORS, OBSERVERS, QUANTIZERS
 from edgeslim.quant.spec import QuantSpec
@@ -90,9 +91,7 @@ class ActQuant(nn.Module):
                 "activation quantizer used before calibration: run "
                 "edgeslim.quant.calibrate(model, batches) first (PTQ, or before QAT)"
             )
-        out = self.estimator(q, x)
-        assert isinstance(out, torch.Tensor)
-        return out
+        return estimate(self.estimator, q, x)
 
     def finish_observing(self) -> None:
         if self.observer is not None:
@@ -159,9 +158,7 @@ class QuantMixin:
             return qdq_weight(self.weight_quantizer, self._weight)
         if self.weight_quantizer is None or self.mode != "quant":
             return self._weight
-        out = self.w_estimator(self.weight_quantizer, self._weight)
-        assert isinstance(out, torch.Tensor)
-        return out
+        return estimate(self.w_estimator, self.weight_quantizer, self._weight)
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         scale: torch.Tensor | None = getattr(self, "smooth_scale", None)
