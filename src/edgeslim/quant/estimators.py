@@ -70,6 +70,8 @@ def _safe_gaps(lv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 class EstimatorBase:
     """Progress bookkeeping and the ``prepare`` hook (called once before training)."""
 
+    HARD: ClassVar[bool] = False  # the forward value is quantize(x) at any progress
+
     def __init__(self) -> None:
         self.progress = 0.0
 
@@ -78,8 +80,6 @@ class EstimatorBase:
 
     def prepare(self, quantizer: Quantizer) -> None:
         """Hook run before training; the default does nothing."""
-
-    HARD: ClassVar[bool] = False  # the forward value is quantize(x) at any progress
 
     def forward_is_hard(self) -> bool:
         """Whether the forward value is exactly ``quantizer.quantize(x)`` now (the gradient
@@ -144,10 +144,10 @@ class LSQ(EstimatorBase):
     (then the optimizer must be built after the first forward).
     """
 
+    HARD = True
+
     def prepare(self, quantizer: Quantizer) -> None:
         _make_learnable(quantizer, "lsq")
-
-    HARD = True
 
     def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(getattr(quantizer, "range_param", None), torch.nn.Parameter):
@@ -178,10 +178,10 @@ class PACT(EstimatorBase):
     scaling; PACT's L2 penalty on α belongs in the loss.
     """
 
+    HARD = True
+
     def prepare(self, quantizer: Quantizer) -> None:
         _make_learnable(quantizer, "pact")
-
-    HARD = True
 
     def __call__(self, quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(getattr(quantizer, "range_param", None), torch.nn.Parameter):
