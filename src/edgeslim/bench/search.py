@@ -27,8 +27,10 @@ and three strategies (:mod:`edgeslim.bench.search_imagenet` says what differs), 
 - the accuracy-aware mode from uniform W4A4 (bits-only space) against NNCF's "revert one
   layer at a time by sensitivity", budget ``Sizes.aa_budget``: layers given back.
 
-Budgets (module constants) keep the full run near 30 minutes on 2 cores (a measurement
-is about 7 s there: prune, PTQ with 256 calibration images, 1,000 validation images);
+Budgets (module constants) keep resnet20's part near 20 minutes on 2 cores (a
+measurement is about 1.7 s there: prune, PTQ with 256 calibration images, 1,000
+validation images; the whole suite with mobilenetv2-imagenet took 67 min in the
+committed run);
 ``--quick`` runs two strategies at a tiny budget in a few minutes (once the machine's
 kernel table is cached; the first run also times every kernel shape).
 """
@@ -98,7 +100,8 @@ class Sizes:
     aa_budget: int  # accuracy-aware from W4A4: 21 layer probes + start + top, give-backs
 
 
-# 9 searches x 24 measurements + the Ray pair + 6 uniforms, about 7 s each: ~30 min
+# 9 searches x 24 measurements + the Ray pair + 6 uniforms, about 1.7 s each, plus the
+# latency table, exports and checks: about 20 min (the committed run's resnet20 part)
 FULL = Sizes(24, 1000, None, STRATEGIES, 100, 8.0, 40)
 QUICK = Sizes(4, 300, 2000, ("evolutionary", "optuna-tpe"), 20, 1.0, 4)
 

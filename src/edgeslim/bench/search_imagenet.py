@@ -19,7 +19,7 @@ Decisions:
   AVX-512, see edgeslim.bench.imagenet_prune); pruned layers are refitted by least squares
   on the calibration crops before scoring (the space's default).
 - Four strategies (random, evolutionary, Optuna TPE, dp) at a budget of 28: a measurement
-  costs over 10x resnet20's (33-40 s against 2.4 s in the 2026-12-04 run), so the full
+  costs over 10x resnet20's (21-26 s against 1.7 s in the committed run), so the full
   strategy list would not fit; dp is the
   one that prices each choice (Hessian traces for weight bits, a probe per block's keep),
   and it needs 27 measurements here (one reference, 25 keep probes, the chosen policy).
