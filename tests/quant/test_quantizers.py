@@ -369,3 +369,25 @@ def test_all_zero_group_keeps_positive_scale() -> None:
         assert (q.range_param >= EPS).all()
         assert torch.isfinite(q.quantize(w)).all()
     assert isinstance(make("pow2", 3), Pow2Quantizer)
+
+
+def test_uniform_quantize_traces_with_torch_fx() -> None:
+    """Under torch.fx tracing the input is a Proxy whose autograd flags cannot be read:
+    quantize takes the differentiable path there, and the traced graph computes the same."""
+    import torch.fx as fx
+
+    q = make("uniform", 8, "tensor", True, 1)
+    q.init_range(torch.linspace(-2.0, 2.0, 50))
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = q
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.q.quantize(x) * 2
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    traced = fx.symbolic_trace(Twice())
+    with torch.no_grad():
+        assert torch.equal(traced(x), Twice()(x))

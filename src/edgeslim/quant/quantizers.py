@@ -206,10 +206,13 @@ class UniformQuantizer(RangeQuantizer):
         zp = self.zero_point[:, None]
         if self.symmetric and self.bits == 1:
             k = torch.where(g > 0, 1.0, -1.0)
-        elif not (torch.is_grad_enabled() and (g.requires_grad or s.requires_grad)):
+        elif isinstance(g, torch.Tensor) and not (
+            torch.is_grad_enabled() and (g.requires_grad or s.requires_grad)
+        ):
             # nothing to differentiate: the same operations in the same order, written in
             # place into the one new tensor ``g / s`` makes (bit-equal; about 2x faster on
-            # activations that overflow the cache, where every pass is a trip to memory)
+            # activations that overflow the cache, where every pass is a trip to memory);
+            # not under torch.fx tracing, where ``g`` is a Proxy whose flags cannot be read
             k = (g / s[:, None]).add_(zp).sub_(0.5).ceil_().clamp_(self.qmin, self.qmax)
             return self.from_groups(k.sub_(zp).mul_(s[:, None]).to(x.dtype), x)
         else:
