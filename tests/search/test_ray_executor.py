@@ -61,21 +61,6 @@ def test_two_workers_give_the_local_search(ray_pool: RayExecutor, sp: SearchSpac
     assert all(e.result.seconds > 0 for e in runs[1].evaluations if e.source == "measured")
 
 
-def test_warm_loads_the_evaluator_in_every_worker(ray_pool: RayExecutor, sp: SearchSpace) -> None:
-    """``warm`` has every worker measure every policy (one policy through ``run`` reaches one
-    worker only), so timing the pool afterwards leaves out the loading."""
-    from edgeslim.search import Evaluator
-
-    ev = Evaluator(sp, ["size<=1x"])
-    policy = sp.uniform(8, 8)
-    ray_pool.warm(ev.measure, [policy])
-    ray = ray_pool.ray
-    keys = ray.get([a.__ray_call__.remote(lambda w: w.key) for a in ray_pool._actors])
-    assert keys == [ray_pool._key] * 2
-    (again,) = list(ray_pool.run(ev.measure, [policy]))
-    assert again.metric == ev.measure(policy).metric
-
-
 def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     real_import = builtins.__import__
 

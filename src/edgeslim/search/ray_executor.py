@@ -161,18 +161,6 @@ class RayExecutor:
             _ = owner.baseline, owner.baseline_costs
         self._fn, self._key, self._ref = fn, uuid.uuid4().hex, self.ray.put(fn)
 
-    def warm(self, fn: MeasureFn, policies: Sequence[Policy]) -> None:
-        """Every worker measures every policy once (results dropped), so each holds ``fn``
-        and whatever it caches for those policies (pruned models): for timing the workers
-        afterwards without the first calls' loading."""
-        if not policies:
-            return
-        if not self._actors:
-            self._start()
-        self._ship(fn)
-        key, holder = self._key, [self._ref]
-        self.ray.get([a.measure.remote(key, holder, p) for a in self._actors for p in policies])
-
     def run(self, fn: MeasureFn, policies: Sequence[Policy]) -> Iterator[EvalResult]:
         """Measure ``policies`` on the workers; yield each result in the policies' order, as
         soon as it and every one before it are done."""
