@@ -377,7 +377,8 @@ class GateSet:
     ) -> dict[CouplingGroup, list[int]]:
         """``on`` with every group's width a multiple of ``round_to`` channels (or whole).
 
-        Each count is first rounded down (to at least ``round_to``); then groups are
+        Each count is first rounded down (to at least ``round_to``; a group no wider than
+        ``round_to`` is kept whole, its only such width); then groups are
         rounded back up, the one whose re-added gates are highest first, while the MACs
         stay within ``target_macs``; if the minimum width alone broke the budget, whole
         steps are taken from the groups with the lowest gates. A group keeps its highest
@@ -388,8 +389,11 @@ class GateSet:
         rs = self._unit_steps()
         counts = {i: int(m.sum()) for i, m in enumerate(on)}
         up = {i: round_keep(n, len(on[i]), rs[i]) for i, n in counts.items()}
+        # a group no wider than round_to has one allowed width: whole
         down = {
-            i: n if n == len(on[i]) or len(on[i]) <= rs[i] else max(rs[i], n // rs[i] * rs[i])
+            i: len(on[i])
+            if n == len(on[i]) or len(on[i]) <= rs[i]
+            else max(rs[i], n // rs[i] * rs[i])
             for i, n in counts.items()
         }
         order = [torch.argsort(g.detach().cpu(), descending=True, stable=True) for g in self.latent]
@@ -519,7 +523,10 @@ def attach_gates(
     """Gate every prunable channel group of ``model`` (or just ``groups``), all gates on.
 
     ``groups`` must come from :func:`~edgeslim.graph.analyze` on this (unpruned) model.
-    Head/FFN groups of transformers are not gated.
+    Head/FFN groups of transformers are not gated, nor a group no wider than ``round_to``
+    (in its units): its only width that is a multiple of ``round_to`` or whole is whole,
+    so it is kept whole, as the planner keeps it; a gate there would train the network
+    without channels that come back at the end.
     """
     why: list[str] = []
     if groups is None:
@@ -533,6 +540,11 @@ def attach_gates(
         why = [f"{describe_group(g)}: {g.reason}" for g in graph.groups if g.reason]
     else:
         layers = layer_table(model, *example_args)  # the groups are known: skip the trace
+    narrow = [
+        g for g in groups if round_to > 1 and g.prunable and g.size <= unit_round(g, round_to)
+    ]
+    groups = [g for g in groups if all(g is not n for n in narrow)]
+    why += [f"{describe_group(g)}: no wider than round_to={round_to}" for g in narrow]
     if not groups:
         shown = "; ".join(list(dict.fromkeys(why))[:4])
         raise PruneError(
