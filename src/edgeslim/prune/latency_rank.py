@@ -17,8 +17,9 @@ the imagenet bench's KD fine-tune, agreement on the 118 confident held crops): w
 1.36-1.37x, 85.6 (cosine 0.83 against 0.79 at weight 0). Torch-Pruning at -32.4%: 1.36x,
 83.9. In an earlier ``benchmarks/imagenet`` (weight 1): -30% 1.37x and 85.6 (unweighted
 1.30x and 88.1); -50% 1.91x but 64.4 (unweighted 1.64x, 83.1): a strong tilt over-prunes
-the slow groups at depth. In the committed one (2026-12-04, 8 s per latency pair): -30%
-1.33x at 83.1 against 1.31x at 75.4, -50% 1.86x at 73.7 against 1.59x at 76.3. The weight
+the slow groups at depth. With 8 s per latency pair (2026-12-04, two runs, each timing
+the table afresh): -30% 1.33x at 83.1 and 1.40x at 73.7 against 1.31-1.36x at 75.4, -50%
+1.86x at 73.7 and 1.83x at 72.0 against 1.59-1.73x at 76.3. The weight
 is a trade the user makes (default 0: MACs alone).
 """
 
