@@ -383,3 +383,7 @@ def test_a_group_no_wider_than_round_to_stays_whole() -> None:
         assert [g.size for g in gated.groups] == [64]
     with attach_gates(model, (x,), round_to=8) as gated:
         assert sorted(g.size for g in gated.groups) == [16, 64]
+    with pytest.raises(
+        PruneError, match=r"Not gated: .*\(16 channels\): no wider than round_to=64"
+    ):
+        attach_gates(model, (x,), round_to=64)

@@ -550,7 +550,7 @@ def attach_gates(
         raise PruneError(
             f"{type(model).__name__} has no prunable channel group to gate (learned gates take "
             "channel groups with a producing layer; heads and Hugging Face FFN groups are "
-            "ranked instead, `method: rank`)" + (f". Fixed groups: {shown}" if shown else ".")
+            "ranked instead, `method: rank`)" + (f". Not gated: {shown}" if shown else ".")
         )
     macs = {fqn: info.macs for fqn, info in layers.items()}
     return GateSet(model, groups, macs, init=init, k0=k0, k_max=k_max, mode=mode, round_to=round_to)
