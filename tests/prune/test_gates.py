@@ -12,6 +12,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from edgeslim.data import TensorBatches
@@ -387,3 +389,57 @@ def test_a_group_no_wider_than_round_to_stays_whole() -> None:
         PruneError, match=r"Not gated: .*\(16 channels\): no wider than round_to=64"
     ):
         attach_gates(model, (x,), round_to=64)
+
+
+class _FourWidths(nn.Module):
+    """Channel groups of 8, 16, 24 and 64 channels (a residual pair shares the 24)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 24, 3, padding=1)
+        self.d = nn.Conv2d(24, 24, 3, padding=1)
+        self.e = nn.Conv2d(24, 64, 1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        x = torch.relu(self.c(x))
+        x = x + torch.relu(self.d(x))
+        return self.head(torch.relu(self.e(x)).mean((2, 3)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    reduction=st.floats(0.05, 0.6),
+    round_to=st.sampled_from([1, 4, 8, 16]),
+    on_share=st.floats(0.2, 1.0),
+)
+def test_kept_widths_are_multiples_of_round_to_or_whole(
+    seed: int, reduction: float, round_to: int, on_share: float
+) -> None:
+    """Whatever the gates say and whatever the budget, a kept width is a multiple of
+    ``round_to`` or the group's whole width, the MACs meet the budget, and every group
+    keeps a channel."""
+    torch.manual_seed(0)
+    model, x = _FourWidths().eval(), torch.randn(1, 3, 8, 8)
+    graph = analyze(model, x)
+    groups = [g for g in graph.prunable_groups if g.kind == "channel"]
+    macs = {f: r.macs for f, r in graph.layers.items()}
+    gen = torch.Generator().manual_seed(seed)
+    with GateSet(model, groups, macs, round_to=round_to) as gates:
+        with torch.no_grad():
+            for lat in gates.latent:  # a share of the gates on, the rest off
+                lat.copy_(torch.rand(lat.shape, generator=gen) - (1.0 - on_share))
+        target = round((1 - reduction) * gates.total_macs)
+        try:
+            keep = gates.kept(target)
+        except PruneError as exc:  # only when the budget is below every group's narrowest
+            assert gates.macs_at_narrowest() > target, exc
+            return
+        assert gates.macs_of(keep) <= target
+        for g in gates.groups:
+            n = len(keep[g])
+            assert n >= 1 and (n % round_to == 0 or n == g.size), (g.size, n, round_to)
