@@ -234,3 +234,24 @@ def test_saving_an_unpruned_model_or_planning_a_foreign_group_is_refused(
     apply_plan(pruned, plan, (X,))
     with pytest.raises(PlanError, match="not a group of this model"):
         PrunePlan.from_groups(pruned, {group: [0]}, (X,))
+
+
+def test_plan_kept_positions_are_the_surgerys_and_read_only() -> None:
+    """The positions a plan keeps, read on the unpruned model, are what the surgery that
+    made the plan would keep, and the model is left as it was."""
+    from edgeslim.prune.plan import plan_kept_positions
+    from edgeslim.prune.planner import plan_keep
+    from edgeslim.prune.surgery import prepare_surgery
+
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    keep, _ = plan_keep(model, (X,), "l1", macs_reduction=0.4, round_to=4)
+    expected = prepare_surgery(copy.deepcopy(model), keep).kept_positions()
+    plan = PrunePlan.from_groups(model, keep, (X,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    got = plan_kept_positions(model, plan, (X,))
+    assert got.keys() == expected.keys() and got
+    for fqn, (out, inp) in expected.items():
+        for a, b in zip(got[fqn], (out, inp), strict=True):
+            assert (a is None and b is None) or torch.equal(a, b), fqn
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

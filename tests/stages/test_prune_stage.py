@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,9 @@ def test_the_stage_declares_every_planner_option_with_the_planners_default() -> 
         ({"macs_reduction": 0.5, "round_to": 0}, "stages[0].round_to"),
         ({"macs_reduction": 0.5, "finetune_epoch": 1}, "stages[0].finetune_epoch: unknown field"),
         (
-            {"macs_reduction": 0.5, "method": "gates", "reconstruct": True},
-            "reconstruct refits the layers a criterion's surgery narrowed: it needs method rank",
+            {"macs_reduction": 0.5, "method": "depth", "reconstruct": True},
+            "reconstruct refits the layers a channel surgery narrowed: it needs method rank "
+            "or gates",
         ),
         ({"macs_reduction": 0.5, "select_every": 1}, "select_every holds every n-th"),
         ({"macs_reduction": 0.5, "select_every": 4, "finetune_epochs": 0}, "finetune_epochs >= 1"),
@@ -264,6 +266,25 @@ def test_prune_stage_reconstructs_before_the_fine_tune(tmp_path: Path) -> None:
         assert bool(notes) is flag
     assert "on 256 calibration samples" in notes[0]
     assert tops[True] >= tops[False] + 20, tops
+
+
+def test_prune_stage_reconstructs_after_learned_gates(tmp_path: Path) -> None:
+    """``method: gates`` with ``reconstruct: true``: the layers the gates narrowed are
+    refitted to the model from before the gates (the note says how many, with the error
+    before and after), the target holds, and the refit lowers the mean output error."""
+    task = fashion_mnist_task(test_limit=500)
+    stage = _parse(method="gates", macs_reduction=0.5, round_to=8, gate_epochs=1,
+                   finetune_epochs=0, limit=512, reconstruct=True,
+                   reconstruct_samples=128)  # fmt: skip
+    ctx = StageContext(out=tmp_path, model_name="resnet20", task=task)
+    pruned = run_prune(load_zoo_model("resnet20"), stage, ctx)
+    note = next(n for n in ctx.notes if n.startswith("prune reconstruct:"))
+    assert "on 128 calibration samples" in note
+    errors = re.search(r"mean relative output error ([0-9.]+) -> ([0-9.]+)", note)
+    assert errors is not None, note
+    assert float(errors[2]) < float(errors[1])
+    assert any(n.startswith("prune: MACs -") for n in ctx.notes)
+    assert task.measure(pruned)[task.metric] > 50.0
 
 
 def test_select_every_keeps_the_refitted_model_when_the_fine_tune_only_hurts(

@@ -12,6 +12,7 @@ from edgeslim.prune.plan import (
     apply_plan,
     load_pruned,
     match_plan,
+    plan_kept_positions,
     pruned_paths,
     save_pruned,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "load_pruned",
     "match_plan",
     "plan_keep",
+    "plan_kept_positions",
     "plan_pruning",
     "prepare_surgery",
     "prune_",

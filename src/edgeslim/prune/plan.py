@@ -251,6 +251,16 @@ def apply_plan(model: nn.Module, plan: PrunePlan, example_args: Sequence[Any]) -
     return _prepared(model, plan, example_args).apply()
 
 
+def plan_kept_positions(
+    model: nn.Module, plan: PrunePlan, example_args: Sequence[Any]
+) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Per module FQN, the ``(output, input)`` positions of the unpruned ``model`` that
+    ``plan`` keeps (None: all of that axis), as :meth:`Surgery.kept_positions` gives them
+    before a surgery: what :func:`~edgeslim.prune.reconstruct.reconstruct_` needs for a model
+    pruned by a plan it did not prepare (learned gates). Reads only; ``model`` is unchanged."""
+    return _prepared(copy.deepcopy(model), plan, example_args).kept_positions()
+
+
 def _prepared(
     model: nn.Module,
     plan: PrunePlan,

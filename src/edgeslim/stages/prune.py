@@ -15,7 +15,7 @@
   kd_alpha: 0.9          # weight of the distillation term (the rest is cross-entropy)
   limit: 10000           # training samples of the task for the fine-tune (null: all)
   allow_target_miss: false  # true: a MACs reduction more than 2 points off target is kept
-  reconstruct: false     # true: refit the layers that lost inputs by least squares (rank)
+  reconstruct: false     # true: refit the layers that lost inputs by least squares
   reconstruct_samples: 128  # calibration samples the refit reads
   select_every: 0        # n >= 2: every n-th training sample chooses the fine-tune's epoch
 ```
@@ -32,12 +32,13 @@ naming requested vs achieved, unless ``allow_target_miss: true``: the miss is th
 the channels whose gates end off, then fine-tunes as usual; ``criterion``, ``ratio`` and
 ``global_ranking`` do not apply to it (gates choose every width, rounded to ``round_to``).
 
-``reconstruct: true`` (with ``method: rank``): right after the surgery, every layer that lost
-input channels is refitted by least squares to give the unpruned layer's outputs on
-``reconstruct_samples`` of the task's calibration samples
+``reconstruct: true`` (``method: rank`` or ``gates``): right after the surgery, every layer
+that lost input channels is refitted by least squares to give the unpruned layer's outputs
+on ``reconstruct_samples`` of the task's calibration samples
 (:func:`edgeslim.prune.reconstruct.reconstruct_`; no labels read), before the fine-tune. On
 ``mobilenetv2-imagenet`` at -30% MACs (``l1``) it takes agreement before fine-tuning from 0%
-to about 95% (docs/pruning.md).
+to about 95%; after learned gates (trained 6 epochs on 198 crops) from 61.9% to 91.5%
+(docs/pruning.md). With gates the refit targets the model before the gates trained.
 
 ``select_every: n`` (n >= 2, with a fine-tune): every n-th training sample is held out of
 the fine-tune, and the stage keeps the epoch that scores best on them, the pruned model
@@ -159,9 +160,10 @@ class PruneStage(Stage):
             raise ValueError("method gates needs macs_reduction (gates learn the widths)")
         if self.method == "depth" and self.macs_reduction is None:
             raise ValueError("method depth needs macs_reduction (branches are removed to it)")
-        if self.reconstruct and self.method != "rank":
+        if self.reconstruct and self.method == "depth":
             raise ValueError(
-                "reconstruct refits the layers a criterion's surgery narrowed: it needs method rank"
+                "reconstruct refits the layers a channel surgery narrowed: it needs method "
+                "rank or gates (depth removes whole branches)"
             )
         if self.latency_weight and self.method != "rank":
             raise ValueError("latency_weight tilts the planner's ranking: it needs method rank")
@@ -373,7 +375,7 @@ def _reconstruct(
 def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Module:
     from edgeslim.graph.attention import split_attention
     from edgeslim.prune.finetune import finetune_pruned
-    from edgeslim.prune.plan import PrunePlan
+    from edgeslim.prune.plan import PrunePlan, plan_kept_positions
     from edgeslim.prune.planner import apply_keep, build_importance
     from edgeslim.prune.surgery import prepare_surgery
 
@@ -406,7 +408,13 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
             ctx.notes.append(f"prune: the heads of {fqn} stay whole: {why}")
     if stage.method == "gates":
         assert train is not None
+        dense = (teacher or copy.deepcopy(model).eval()) if stage.reconstruct else None
         plan_path = _prune_by_gates(model, example, train, stage, teacher, ctx)
+        if dense is not None:
+            # the positions the gates kept, of the model before them: refit each narrowed
+            # layer to give what the unpruned one gave on its kept outputs
+            plan = PrunePlan.load(plan_path)
+            _reconstruct(model, dense, plan_kept_positions(dense, plan, example), stage, ctx)
     elif stage.method == "depth":
         _prune_depth(model, example, stage, ctx)
     else:
