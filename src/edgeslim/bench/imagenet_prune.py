@@ -3,7 +3,7 @@
 Methods: the ``l1`` criterion (producers' filters) and ``l1_group`` (producer rows and
 consumer columns, Torch-Pruning's group magnitude), both ranked globally, ``l1_group``
 tilted towards MACs that are slow on this machine (``+latency``), learned gates, two of the
-criteria followed by least-squares reconstruction of the layers that lost inputs
+criteria and the gates followed by least-squares reconstruction of the layers that lost inputs
 (``+recon``, :func:`edgeslim.prune.reconstruct.reconstruct_`, on the training crops, before
 the fine-tune), and the peer
 ``torch-pruning:magnitude`` at the same MACs; every one fine-tuned by distillation from the
@@ -52,7 +52,8 @@ CRITERIA = {  # planner criteria
     "edgeslim:l1_group+latency+recon": "l1_group",
 }
 # rows whose pruned layers are refitted by least squares before the fine-tune
-RECONSTRUCTED = ("edgeslim:l1+recon", "edgeslim:l1_group+latency+recon")
+RECONSTRUCTED = ("edgeslim:l1+recon", "edgeslim:l1_group+latency+recon", "edgeslim:gates+recon")
+GATES = ("edgeslim:gates", "edgeslim:gates+recon")  # learned gates, then (+recon) the refit
 RECON_CROPS = 128
 # Decision — every 4th training crop chooses the fine-tune's epoch (2026-12-02): the shared
 # 6-epoch KD fine-tune took the refitted models from 89.8% agreement to 84.7% (-30%) and from
@@ -82,7 +83,6 @@ def _prune(
     m = copy.deepcopy(model).eval()
     if method in CRITERIA:
         from edgeslim.prune.planner import apply_keep, plan_keep
-        from edgeslim.prune.reconstruct import reconstruct_
         from edgeslim.prune.surgery import prepare_surgery
 
         criterion = CRITERIA[method]
@@ -90,29 +90,38 @@ def _prune(
                             latency_weight=LATENCY_WEIGHT.get(method, 0.0))  # fmt: skip
         kept = prepare_surgery(m, keep).kept_positions()
         apply_keep(m, keep, criterion)
-        if method not in RECONSTRUCTED:
-            return m, {}
-        t0 = time.perf_counter()
-        report = reconstruct_(m, model, kept, calib)
-        before, after = report.mean_errors()
-        return m, {
-            "layers": len(report.layers),
-            "mean_error_before": round(before, 4),
-            "mean_error_after": round(after, 4),
-            "calibration_crops": sum(len(x[0]) for x in calib),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-    if method == "edgeslim:gates":
+        return m, (_refit(m, model, kept, calib) if method in RECONSTRUCTED else {})
+    if method in GATES:
         from edgeslim.prune.gates import train_gates
+        from edgeslim.prune.plan import plan_kept_positions
 
         result = train_gates(
             m, b.x1, train, _config(b.quick), macs_reduction=target, teacher=model,
             description="gates", round_to=ROUND_TO,
         )  # fmt: skip
-        return result.model, {}
+        if method not in RECONSTRUCTED:
+            return result.model, {}
+        kept = plan_kept_positions(model, result.plan, b.x1)
+        return result.model, _refit(result.model.eval(), model, kept, calib)
     from edgeslim.bench.peers import torch_pruning_magnitude
 
     return torch_pruning_magnitude(model, b.x1[0], target, ROUND_TO), {}
+
+
+def _refit(pruned: nn.Module, dense: nn.Module, kept: Any, calib: Any) -> dict[str, Any]:
+    """Least-squares refit of ``pruned``'s narrowed layers to ``dense``; what it did."""
+    from edgeslim.prune.reconstruct import reconstruct_
+
+    t0 = time.perf_counter()
+    report = reconstruct_(pruned, dense, kept, calib)
+    before, after = report.mean_errors()
+    return {
+        "layers": len(report.layers),
+        "mean_error_before": round(before, 4),
+        "mean_error_after": round(after, 4),
+        "calibration_crops": sum(len(x[0]) for x in calib),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def prune_rows(b: Bench) -> list[Record]:
@@ -126,7 +135,7 @@ def prune_rows(b: Bench) -> list[Record]:
     task.bind_reference(b.fp32)
     fp32_ms, _ = b.ort_latency(b.fp32_path)
     rows: list[Record] = []
-    methods = (*CRITERIA, "edgeslim:gates", "torch-pruning:magnitude")
+    methods = (*CRITERIA, *GATES, "torch-pruning:magnitude")
     assert task.train is not None
     fit, select = hold_out(task.train, SELECT_EVERY, b.fp32)
     # reconstruction reads 128 of the fitting crops, unshifted: every refitted layer costs a
