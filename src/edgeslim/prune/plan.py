@@ -257,8 +257,10 @@ def plan_kept_positions(
     """Per module FQN, the ``(output, input)`` positions of the unpruned ``model`` that
     ``plan`` keeps (None: all of that axis), as :meth:`Surgery.kept_positions` gives them
     before a surgery: what :func:`~edgeslim.prune.reconstruct.reconstruct_` needs for a model
-    pruned by a plan it did not prepare (learned gates). Reads only; ``model`` is unchanged."""
-    return _prepared(copy.deepcopy(model), plan, example_args).kept_positions()
+    pruned by a plan it did not prepare (learned gates). Reads only; ``model`` is unchanged
+    (a plan that splits attention splits a copy)."""
+    split = bool(attention_named(model, plan.signature))
+    return _prepared(copy.deepcopy(model) if split else model, plan, example_args).kept_positions()
 
 
 def _prepared(

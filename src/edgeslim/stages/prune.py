@@ -91,6 +91,7 @@ from edgeslim.train.selection import held_out_for_stage, kept_note
 if TYPE_CHECKING:
     from edgeslim.graph.coupling import CouplingGroup
     from edgeslim.prune.config import PruneConfig
+    from edgeslim.prune.plan import PrunePlan
 
 
 class PruneStage(Stage):
@@ -208,8 +209,8 @@ def _prune_by_gates(
     stage: PruneStage,
     teacher: nn.Module | None,
     ctx: StageContext,
-) -> Path:
-    """Learned gates to the MACs target (model pruned in place); returns the plan's path."""
+) -> PrunePlan:
+    """Learned gates to the MACs target (model pruned in place); returns the plan (saved)."""
     from edgeslim.prune.config import MACS_TOLERANCE
     from edgeslim.prune.gates import train_gates
 
@@ -228,7 +229,7 @@ def _prune_by_gates(
         f"prune: learned gates, {stage.gate_epochs} epoch(s) on {_samples(train)}; "
         f"{len(plan.keep)} group(s) narrowed; plan {plan_path.name}"
     )
-    return plan_path
+    return plan
 
 
 def _macs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
@@ -410,11 +411,10 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     if stage.method == "gates":
         assert train is not None
         dense = (teacher or copy.deepcopy(model).eval()) if stage.reconstruct else None
-        plan_path = _prune_by_gates(model, example, train, stage, teacher, ctx)
+        plan = _prune_by_gates(model, example, train, stage, teacher, ctx)
         if dense is not None:
             # the positions the gates kept, of the model before them: refit each narrowed
             # layer to give what the unpruned one gave on its kept outputs
-            plan = PrunePlan.load(plan_path)
             _reconstruct(model, dense, plan_kept_positions(dense, plan, example), stage, ctx)
     elif stage.method == "depth":
         _prune_depth(model, example, stage, ctx)
