@@ -19,6 +19,7 @@ from torch import nn
 
 SEED = 0
 NUM_SAMPLES = 64
+MASKED_SEQ = 12
 
 
 def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
@@ -186,6 +187,35 @@ class TinyAttention(nn.Module):
         return self.fc(h.mean(dim=1))
 
 
+class MaskedTokenEncoder(nn.Module):
+    """Token ids and a padding mask (``True`` = padding) through ``nn.Embedding`` and a
+    two-layer ``nn.TransformerEncoder`` (its nested-tensor fast path on, torch's default),
+    mean-pooled over the unpadded tokens, then 5 logits: an integer and a boolean input."""
+
+    def __init__(self, vocab: int = 200, d: int = 32, seq: int = MASKED_SEQ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(1, seq, d) * 0.1)
+        layer = nn.TransformerEncoderLayer(
+            d_model=d, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2)
+        self.fc = nn.Linear(d, 5)
+
+    def forward(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.fc((h * keep).sum(1) / keep.sum(1).clamp(min=1.0))
+
+
+def masked_token_inputs(n: int, seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` rows of token ids and their padding masks (lengths 4 to the full sequence)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 200, (n, MASKED_SEQ), generator=gen)
+    lengths = torch.randint(4, MASKED_SEQ + 1, (n, 1), generator=gen)
+    return ids, torch.arange(MASKED_SEQ).unsqueeze(0) >= lengths
+
+
 class HardswishSe(nn.Module):
     """A MobileNetV3-style net on 3 x 32 x 32 images: conv-BN-hardswish stem, an inverted
     residual block (1x1 expand, depthwise 3x3, squeeze-excite gated by ``F.hardsigmoid``,
@@ -304,6 +334,10 @@ def tiny_attention() -> nn.Module:
 
 def unet_skip() -> nn.Module:
     return _seeded(UNetSkip)
+
+
+def masked_token_encoder() -> nn.Module:
+    return _seeded(MaskedTokenEncoder)
 
 
 @dataclass(frozen=True)

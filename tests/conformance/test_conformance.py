@@ -19,7 +19,15 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from models import NUM_SAMPLES, SPECS, Spec, sample_inputs, write_npz
+from models import (
+    NUM_SAMPLES,
+    SPECS,
+    Spec,
+    masked_token_encoder,
+    masked_token_inputs,
+    sample_inputs,
+    write_npz,
+)
 from torch import nn
 from typer.testing import CliRunner
 
@@ -275,6 +283,42 @@ def test_compress_prunes_a_transformer_block_and_its_onnx_runs(name: str, tmp_pa
     (want,) = _torch_outputs(result.model, inputs)
     (got,) = _ort_outputs(_session(out / "model.onnx"), inputs)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+MASKED_RECIPES: dict[str, dict[str, Any]] = {
+    "w8a8": W8A8_RECIPE,
+    "prune-refit": {
+        "name": "prune30-refit",
+        "stages": [{"kind": "prune", "method": "rank", "macs_reduction": 0.3,
+                    "reconstruct": True, "reconstruct_samples": 32, "finetune_epochs": 1}],
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", list(MASKED_RECIPES))
+def test_compress_a_padded_token_encoder(recipe: str, tmp_path: Path) -> None:
+    """``nn.TransformerEncoder`` with a padding mask runs its nested-tensor fast path in
+    eval mode; quantizing or refitting its layers must not meet nested tensors (they raised
+    "Nested tensor dimension 0 cannot be transposed"). Integer ids and a boolean mask go in
+    unquantized, and the ONNX file computes what torch does."""
+    ids, pad = masked_token_inputs(NUM_SAMPLES)
+    data = tmp_path / "tokens.npz"
+    np.savez(data, x0=ids.numpy(), x1=pad.numpy())
+    task = npz_task(data)
+    base = masked_token_encoder()
+    out = tmp_path / "out"
+    result = edgeslim.compress(
+        base, MASKED_RECIPES[recipe], task, out=out, name="masked", quick=True
+    )
+    for r in result.records:
+        assert r.metric == "agreement" and r.value >= MIN_AGREEMENT, (r.runtime, r.value)
+        if recipe != "w8a8":
+            assert r.config["macs_reduction"] >= 0.28, r.config
+    inputs = (ids[:4], pad[:4])
+    (want,) = _torch_outputs(result.model, inputs)
+    (got,) = _ort_outputs(_session(out / "model.onnx"), inputs)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert _cosine(got, want) > MIN_COSINE
 
 
 # ---- the command line ----------------------------------------------------------------------

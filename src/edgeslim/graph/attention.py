@@ -258,12 +258,20 @@ def unfuse_encoder_layers(model: nn.Module) -> int:
     many. Why: in eval mode under ``no_grad`` its fused inference kernel reads
     ``linear1.weight`` and the attention's packed weights itself and never calls their
     ``forward``, so quantized layers were skipped (measured as float) and factorized ones,
-    which have no ``weight``, raised AttributeError. The flag only chooses the path."""
+    which have no ``weight``, raised AttributeError. The flag only chooses the path. An
+    ``nn.TransformerEncoder`` holding such a layer stops packing padded batches into nested
+    tensors (its fast path under a ``src_key_padding_mask``), which replaced layers cannot
+    take ("Nested tensor dimension 0 cannot be transposed")."""
     n = 0
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoderLayer) and not _stock_encoder_layer(m):
             m.activation_relu_or_gelu = 0
             n += 1
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+            not _stock_encoder_layer(layer) for layer in m.layers
+        ):
+            m.use_nested_tensor = False
     return n
 
 

@@ -408,9 +408,11 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     for fqn, why in attention.items():
         if why != "split":
             ctx.notes.append(f"prune: the heads of {fqn} stay whole: {why}")
+    # the refit's reference: the unpruned model as split (the fqns the plan names), never
+    # the teacher copied before the split, whose encoders may still run fused (no hooks)
+    dense = copy.deepcopy(model).eval() if stage.reconstruct else None
     if stage.method == "gates":
         assert train is not None
-        dense = (teacher or copy.deepcopy(model).eval()) if stage.reconstruct else None
         plan = _prune_by_gates(model, example, train, stage, teacher, ctx)
         if dense is not None:
             # the positions the gates kept, of the model before them: refit each narrowed
@@ -422,7 +424,6 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
         criterion = build_importance(stage.criterion, train, stage.seed)
         keep = _plan_within_reach(model, example, criterion, stage, ctx)
         plan = PrunePlan.from_groups(model, keep, example, name=ctx.model_name)
-        dense = (teacher or copy.deepcopy(model).eval()) if stage.reconstruct else None
         kept = prepare_surgery(model, keep).kept_positions() if stage.reconstruct else {}
         apply_keep(model, keep, criterion)
         if dense is not None:
