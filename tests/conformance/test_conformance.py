@@ -353,6 +353,17 @@ def test_cli_compress_a_user_model_on_an_npz(name: str, tmp_path: Path, recipe_y
     saved = json.loads((out / "results.json").read_text())
     assert sorted(r["runtime"] for r in saved) == ["onnxruntime", "torch"]
     assert (out / "model.onnx").is_file() and (out / "baseline.onnx").is_file()
+    # exported again from the output: agreement against the model it was compressed from,
+    # the figure compress recorded (not the compressed model against itself)
+    onnx = tmp_path / "again.onnx"
+    again = runner.invoke(
+        app, ["export", "onnx", "--from", str(out), "--out", str(onnx), "--data", str(data)]
+    )
+    assert again.exit_code == 0, again.output
+    manifest = json.loads(onnx.with_name(onnx.name + ".manifest.json").read_text())
+    assert manifest.get("agreement_with") == (None if spec.labelled else "uncompressed")
+    torch_value = next(r["value"] for r in saved if r["runtime"] == "torch")
+    assert manifest["metric"]["torch"] == pytest.approx(torch_value, abs=1e-3)
 
 
 @pytest.mark.usefixtures("on_path")

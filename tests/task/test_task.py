@@ -233,6 +233,25 @@ def test_task_without_metric_measures_agreement_with_the_bound_model() -> None:
     assert task.measure(model)["cosine"] < 0.99
 
 
+def test_metric_step_is_one_held_row_of_the_tasks_own_agreement() -> None:
+    """What one flipped row moves agreement by: the export's runtime check allows a few."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 6)
+    model = nn.Sequential(nn.Linear(6, 5)).eval()
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
+    task.bind_reference(model)
+    assert task.metric_step(task.measure(model)) == pytest.approx(100.0 / 40)
+    sure = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16),
+                min_confidence=0.5)  # fmt: skip
+    sure.bind_reference(model)
+    m = sure.measure(model)
+    assert 0 < m["confident_rows"] < 40
+    assert sure.metric_step(m) == pytest.approx(100.0 / m["confident_rows"])
+    scored = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16),
+                  evaluate=lambda _m: 0.5)  # fmt: skip
+    assert scored.metric_step(scored.measure(model)) is None
+
+
 def test_task_calibration_batches_cut_at_the_limit_along_batch_dims() -> None:
     x, h = torch.randn(10, 4), torch.randn(2, 10, 3)
     task = Task(

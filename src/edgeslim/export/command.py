@@ -22,6 +22,11 @@ from torch import nn
 from edgeslim.errors import EdgeslimError
 from edgeslim.task import Task
 
+# held rows whose top-1 may differ between the int8 file and torch's fake-quant before the
+# export is refused: a near-tie flips under integer rounding (a ViT W8A8 on 60 held samples:
+# one row, 1.7 points), a file computing something else (saturating int8 sums) moves many
+FLIPS_ALLOWED = 2
+
 
 @dataclass(frozen=True)
 class ExportCheck:
@@ -52,12 +57,13 @@ def export_checked(
 
     ``reference`` is the uncompressed model agreement is measured against (default:
     ``model`` itself). ``tolerance``: largest allowed gap between the torch and the ONNX
-    Runtime metric, as a fraction of ``max(|torch value|, 1)`` (0.46 points at 92% top-1).
-    The file is compared with torch on the example inputs, calibration and validation
-    batches and perturbed inputs, every output; a float export off by more than 1e-3 of an
-    output's scale is refused. A model torch.fx cannot trace is refused unless
-    ``trace_by_example``. ``out`` is written through a temporary sibling, with
-    ``<out>.manifest.json`` (SHA-256, versions, plus ``manifest``) beside it; an existing
+    Runtime metric, as a fraction of ``max(|torch value|, 1)`` (0.46 points at 92% top-1);
+    for an int8 file measured by the task's agreement, at least :data:`FLIPS_ALLOWED` held
+    rows' worth (:meth:`~edgeslim.task.Task.metric_step`). The file is compared with torch
+    on the example inputs, calibration and validation batches and perturbed inputs, every
+    output; a float export off by more than 1e-3 of an output's scale is refused. A model
+    torch.fx cannot trace is refused unless ``trace_by_example``. ``out`` is written
+    through a temporary sibling, with ``<out>.manifest.json`` (SHA-256, versions, plus ``manifest``) beside it; an existing
     ``out`` is replaced only with ``force``.
     """
     from edgeslim.artifacts import clean_stale_siblings, sha256_of, versions
@@ -99,11 +105,17 @@ def export_checked(
         ort_m = task.measure(OrtModel(session), wrapped=True)
         name = next(iter(torch_m))
         gap = abs(ort_m[name] - torch_m[name])
-        if gap > tolerance * max(abs(torch_m[name]), 1.0):
+        allowed = tolerance * max(abs(torch_m[name]), 1.0)
+        step = task.metric_step(torch_m)
+        if quantized and step is not None:
+            # int8 kernels round differently from fake-quant: a near-tie row may flip
+            allowed = max(allowed, FLIPS_ALLOWED * step)
+        if gap > allowed + 1e-9:
             raise EdgeslimError(
                 f"the exported file scores {name} {ort_m[name]:.4g} in ONNX Runtime but the "
-                f"torch model {torch_m[name]:.4g} ({parity.describe()}); the export does not "
-                "compute what torch computed. Report this with the model."
+                f"torch model {torch_m[name]:.4g} (allowed gap {allowed:.3g}; "
+                f"{parity.describe()}); the export does not compute what torch computed. "
+                "Report this with the model."
             )
         record = {
             "format": "edgeslim-manifest",
@@ -178,32 +190,56 @@ def export_command(
 
     from edgeslim.compression import recipe_data, recorded_data, starting_model
     from edgeslim.export.verify import check_traceable
+    from edgeslim.graph.reparam import bake_reparametrizations
     from edgeslim.recipe import STAGES, StageContext, load_recipe
     from edgeslim.task import resolve_task
 
     recipe = load_recipe(recipe_path) if recipe_path is not None else None
     check_export_target(out, force)
     reference: nn.Module | None = None
-    model_name, base, _ = starting_model(model_name, checkpoint, from_dir)
+    model_name, base, lineage = starting_model(model_name, checkpoint, from_dir)
     data, metric, input_shapes = recorded_data(from_dir, data, metric, input_shapes)
     task = resolve_task(model_name, data, metric, input_shapes, quick=True)
     task.check(base)
     if not trace_by_example:
         check_traceable(base, model_name)
+    original = _uncompressed(lineage) if from_dir is not None else None
     net = base
     if recipe is not None and recipe.stages:
         net = copy.deepcopy(base)
+        bake_reparametrizations(net)  # as compress does: weight_norm layers become plain
         with tempfile.TemporaryDirectory() as tmp:
-            ctx = StageContext(out=Path(tmp), model_name=model_name, task=task)
+            ctx = StageContext(out=Path(tmp), model_name=model_name, task=task, reference=base)
             for stage in recipe.stages:
                 net = STAGES[stage.kind].handler(net, stage, ctx)
         reference = base
+    reference = original or reference
     extra: dict[str, Any] = {"command": command, "model": model_name}
     if recipe is not None:
         extra["recipe"] = recipe_data(recipe)
     if from_dir is not None:
         extra["from"] = str(from_dir)
+    if task.evaluate is None:  # what the agreement figures of the manifest are against
+        extra["agreement_with"] = "uncompressed" if reference is not None else "itself in torch"
     return export_checked(
         net.eval(), task, out, reference=reference, force=force,
         trace_by_example=trace_by_example, manifest=extra,
     )  # fmt: skip
+
+
+def _uncompressed(lineage: Any) -> nn.Module | None:
+    """The model a ``compress`` output was made from (its spec and checkpoint), so that the
+    export of ``--from`` measures agreement against it as ``compress`` did; None when it
+    cannot be rebuilt (a model compressed from Python, a checkpoint moved since): the file
+    is then compared with the compressed model itself."""
+    from edgeslim.compression import resolve_base
+
+    if lineage.spec is None:
+        return None
+    ckpt = Path(lineage.checkpoint) if lineage.checkpoint else None
+    if ckpt is not None and not ckpt.exists():
+        return None
+    try:
+        return resolve_base(lineage.spec, ckpt)
+    except EdgeslimError:
+        return None
