@@ -63,8 +63,8 @@ def export_checked(
     on the example inputs, calibration and validation batches and perturbed inputs, every
     output; a float export off by more than 1e-3 of an output's scale is refused. A model
     torch.fx cannot trace is refused unless ``trace_by_example``. ``out`` is written
-    through a temporary sibling, with ``<out>.manifest.json`` (SHA-256, versions, plus ``manifest``) beside it; an existing
-    ``out`` is replaced only with ``force``.
+    through a temporary sibling, with ``<out>.manifest.json`` (SHA-256, versions, plus
+    ``manifest``) beside it; an existing ``out`` is replaced only with ``force``.
     """
     from edgeslim.artifacts import clean_stale_siblings, sha256_of, versions
     from edgeslim.compression import FP32_REL_TOLERANCE, _parity_sources, _refuse_mismatch
