@@ -8,7 +8,8 @@ Conventions (stated so that numbers compare across tools):
   and the element-wise gate arithmetic count 0.
 - BOPs = sum over layers of MACs * weight bits * activation bits (fp32 = 32 x 32).
 - size counts parameters only (BatchNorm running statistics fold into the convs at
-  deployment): each layer's ``weight`` at its bit-width, packed and rounded up to whole
+  deployment): each layer's weights (``weight``, a recurrent layer's ``weight_ih_l0``...,
+  an attention's ``in_proj_weight``) at its bit-width, packed and rounded up to whole
   bytes per tensor, every other parameter at 32 bits.
 - peak activation memory walks the fx graph in execution order and keeps each tensor alive
   until its last user has run; for models that do not trace, the largest input + output of
@@ -47,12 +48,19 @@ def bops(table: Mapping[str, LayerInfo], w_bits: Bits = None, a_bits: Bits = Non
     return sum(r.macs * _bits_of(w_bits, f) * _bits_of(a_bits, f) for f, r in table.items())
 
 
+def is_weight_name(name: str) -> bool:
+    """Whether a parameter of a layer is one of its weight matrices, stored at the layer's
+    bits: ``weight``, a recurrent layer's ``weight_ih_l0``/``weight_hh_l1_reverse`` and an
+    attention's ``in_proj_weight``/``q_proj_weight`` (their biases stay 32-bit)."""
+    return name == "weight" or name.startswith("weight_") or name.endswith("_weight")
+
+
 def size_bytes(model: nn.Module, w_bits: Bits = None) -> int:
-    """Bytes of the parameters with each layer's weight stored at its bit-width."""
+    """Bytes of the parameters with each layer's weights stored at its bit-width."""
     total = 0
     for fqn, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            b = _bits_of(w_bits, fqn) if pname == "weight" else 32
+            b = _bits_of(w_bits, fqn) if is_weight_name(pname) else 32
             total += math.ceil(p.numel() * b / 8)
     return total
 
