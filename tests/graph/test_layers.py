@@ -74,3 +74,27 @@ def test_attention_products_are_counted_as_computed_whatever_the_layout() -> Non
     counted 2 * 32 * 32 * 32 for this ``(1, 32, 12)`` input instead of 2 * 12 * 12 * 32."""
     table = layer_table(ChannelsFirstAttention(), torch.randn(1, 32, 12))
     assert total_macs(table) == 3 * 32 * 32 * 12 + 2 * 12 * 12 * 32
+
+
+def test_quantized_attention_counts_its_out_proj_once() -> None:
+    """The quantized attention calls ``out_proj`` as a module (torch's never does): the
+    projection is in that row, not also in the attention's; totals equal the float model's."""
+    from edgeslim.quant.api import quantize_
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = Block().eval()
+    x = torch.randn(2, 5, 16)
+    fp32 = layer_table(model, x)
+    quantize_(model)
+    q = layer_table(model, x)
+    assert set(q) == {"attn", "attn.out_proj"}
+    assert total_macs(q) == total_macs(fp32)
+    assert q["attn.out_proj"].macs == 2 * 5 * 16 * 16
+    assert sum(r.params for r in q.values()) == sum(p.numel() for p in model.parameters())
