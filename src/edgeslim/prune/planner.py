@@ -209,6 +209,8 @@ def _axis_length(model: nn.Module, fqn: str, axis: str) -> int:
         return heads
     weight = m.weight
     assert isinstance(weight, torch.Tensor)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight (in, out / groups, k...)
+        return int(weight.shape[0]) if axis == "in" else int(weight.shape[1]) * m.groups
     return int(weight.shape[1 if axis == "in" else 0])
 
 
