@@ -252,6 +252,18 @@ def test_metric_step_is_one_held_row_of_the_tasks_own_agreement() -> None:
     assert scored.metric_step(scored.measure(model)) is None
 
 
+def test_metric_step_of_a_labelled_npz_is_one_held_sample(tmp_path: Path) -> None:
+    """A labelled ``.npz`` measures top-1 on its held samples: one of them is its step."""
+    x = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(50) % 5)
+    task = npz_task(tmp_path / "d.npz")
+    model = nn.Sequential(nn.Linear(6, 5)).eval()
+    metrics = task.measure(model)
+    assert task.headline == "top1" and task.metric_rows is not None
+    assert 0 < task.metric_rows < 50
+    assert task.metric_step(metrics) == pytest.approx(100.0 / task.metric_rows)
+
+
 def test_task_calibration_batches_cut_at_the_limit_along_batch_dims() -> None:
     x, h = torch.randn(10, 4), torch.randn(2, 10, 3)
     task = Task(

@@ -58,7 +58,7 @@ def export_checked(
     ``reference`` is the uncompressed model agreement is measured against (default:
     ``model`` itself). ``tolerance``: largest allowed gap between the torch and the ONNX
     Runtime metric, as a fraction of ``max(|torch value|, 1)`` (0.46 points at 92% top-1);
-    for an int8 file measured by the task's agreement, at least :data:`FLIPS_ALLOWED` held
+    for an int8 file measured by agreement or a built-in top-1, at least :data:`FLIPS_ALLOWED` held
     rows' worth (:meth:`~edgeslim.task.Task.metric_step`). The file is compared with torch
     on the example inputs, calibration and validation batches and perturbed inputs, every
     output; a float export off by more than 1e-3 of an output's scale is refused. A model

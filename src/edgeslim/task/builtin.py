@@ -44,6 +44,7 @@ def labelled_task(
         ),
         evaluate=lambda m: evaluate(m, test),
         metric="top1",
+        metric_rows=len(test_y),
         name=name,
         description=description,
         input_ranges=(input_range,),

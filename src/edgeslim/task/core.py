@@ -61,6 +61,9 @@ class Task:
     - ``evaluate_on_validation``: ``evaluate`` scores the validation samples themselves
       (an ``.npz`` or an image folder split in two parts, not three), so a figure of a
       model chosen on validation, e.g. by a search, is not a held-out one.
+    - ``metric_rows``: how many samples ``evaluate``'s figure counts, when it is a
+      percentage of them (the built-in top-1 tasks set it): its resolution, see
+      :meth:`metric_step`.
     """
 
     example_inputs: tuple[torch.Tensor, ...]
@@ -80,6 +83,7 @@ class Task:
     description: str = ""
     input_ranges: tuple[tuple[float, float] | None, ...] | None = None
     evaluate_on_validation: bool = False
+    metric_rows: int | None = None
     _reference: AgreementReference | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -269,11 +273,14 @@ class Task:
 
     def metric_step(self, metrics: Mapping[str, float]) -> float | None:
         """The smallest change of the headline metric in ``metrics`` (from :meth:`measure`):
-        one row of the held inputs, in points, when it is the task's own agreement; None for
-        a metric function, whose resolution the task cannot know. Why: on 60 held samples
-        one argmax flipped at a near-tie moves agreement by 1.7 points, which a check
-        comparing two runtimes must tell from a file that computes something else."""
-        if self.evaluate is not None or self._reference is None:
+        one row of the held inputs, in points, when it is the task's own agreement or a
+        top-1 over ``metric_rows`` samples; None for a metric function whose resolution the
+        task cannot know. Why: on 60 held samples one argmax flipped at a near-tie moves
+        the figure by 1.7 points, which a check comparing two runtimes must tell from a
+        file that computes something else."""
+        if self.evaluate is not None:
+            return None if not self.metric_rows else 100.0 / self.metric_rows
+        if self._reference is None:
             return None
         rows = metrics.get("confident_rows", self._reference.outputs[0][..., 0].numel())
         return 100.0 / max(float(rows), 1.0)

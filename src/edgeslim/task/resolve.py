@@ -100,7 +100,7 @@ def _with_metric(task: Task, metric: str) -> Task:
         # the user's function reads the data it chooses: not known to be the validation
         return replace(
             task, evaluate=fn, metric=metric.partition(":")[2], primary=None,
-            evaluate_on_validation=False,
+            evaluate_on_validation=False, metric_rows=None,
         )  # fmt: skip
     allowed = AGREEMENT_METRICS if task.evaluate is None else (task.metric,)
     if task.evaluate is None and metric not in AGREEMENT_METRICS:

@@ -87,6 +87,7 @@ def _split_task(
         evaluate=evaluate, metric="top1", validation=valid, name=name,
         description=description, input_ranges=input_ranges,
         evaluate_on_validation=evaluate is not None,  # the held samples are both
+        metric_rows=int(held.sum()) if labelled else None,
     )  # fmt: skip
 
 
