@@ -190,3 +190,30 @@ def test_a_layer_called_twice_is_fitted_on_both_calls(rows_per_batch: int) -> No
     assert fit.error_after < 1e-6 < fit.error_before
     held = torch.randn(2, 3, 9, 9)
     assert (pruned(held) - dense(held)).abs().max().item() < 1e-3
+
+
+def test_a_layer_with_fewer_rows_than_weights_is_not_fitted_to_its_samples() -> None:
+    """A linear with 32 inputs left, refitted on 16 samples: the plain least squares
+    reproduces those samples and little else (its held-out error 0.45 against the cut's
+    0.46). The cross-validated ridge must recover much of the cut's error on samples it did
+    not see (measured 0.29) (a PReLU ResNet's classifier, 256 inputs fitted on 128 crops,
+    fell from 13.3% to 6.7% top-1 under the plain fit)."""
+    torch.manual_seed(0)
+    dense = _Pair(nn.Linear(64, 64), nn.Linear(64, 5)).eval()
+    x = torch.randn(1, 64)
+    graph = analyze(dense, x)
+    group = next(g for g in graph.groups if group_key(g) == "first")
+    keep = {group: list(range(32))}
+    pruned = copy.deepcopy(dense)
+    surgery = prepare_surgery(pruned, keep)
+    kept = surgery.kept_positions()
+    surgery.apply()
+    cut = copy.deepcopy(pruned)
+    calib = [torch.randn(8, 64), torch.randn(8, 64)]
+    reconstruct_(pruned, dense, kept, calib, progress=False)
+    held = torch.randn(2000, 64)
+    with torch.no_grad():
+        want = dense(held)
+        err_cut = float((cut(held) - want).pow(2).sum() / want.pow(2).sum())
+        err_fit = float((pruned(held) - want).pow(2).sum() / want.pow(2).sum())
+    assert err_fit <= 0.8 * err_cut, (err_fit, err_cut)

@@ -98,6 +98,44 @@ class ReconstructReport:
         }
 
 
+FEW_ROWS = 4  # rows per weight of a row under which a fit is cross-validated
+RIDGE_STEPS = (1.0, 10.0, 100.0, 1000.0)  # multiples of the ridge the cross-validation tries
+
+
+class _Normal:
+    """The normal equations of one set of rows: ``A^T A``, ``A^T Y``, ``Y^T Y`` (float64)."""
+
+    def __init__(self, d: int, outputs: int) -> None:
+        self.gram = torch.zeros(d, d, dtype=torch.float64)
+        self.cross = torch.zeros(d, outputs, dtype=torch.float64)
+        self.yty = torch.zeros((), dtype=torch.float64)
+
+    def add(self, a: torch.Tensor, y: torch.Tensor) -> None:
+        # products in float32 (the costly part: rows x d^2), sums over batches in float64
+        self.gram += (a.T @ a).double()
+        self.cross += (a.T @ y).double()
+        self.yty += (y.double() * y.double()).sum()
+
+    def __add__(self, other: _Normal) -> _Normal:
+        out = _Normal(*self.cross.shape)
+        out.gram, out.cross = self.gram + other.gram, self.cross + other.cross
+        out.yty = self.yty + other.yty
+        return out
+
+    def error(self, w: torch.Tensor) -> float:
+        """``||Y - A w||^2`` relative to ``||Y||^2``."""
+        sq = self.yty - 2 * (w * self.cross).sum() + (w * (self.gram @ w)).sum()
+        return float(sq) / (float(self.yty) or 1.0)
+
+    def solve(self, ridge: float, toward: torch.Tensor) -> torch.Tensor:
+        """The ridge pulls towards ``toward`` (the pruned weights), not towards zero: where
+        the rows are few (a classifier with more inputs than calibration samples) the fit
+        stays near them."""
+        lam = ridge * (float(self.gram.diagonal().mean()) or 1.0)
+        eye = torch.eye(len(self.gram), dtype=self.gram.dtype)
+        return torch.linalg.solve(self.gram + lam * eye, self.cross + lam * toward)
+
+
 class _Stop(Exception):
     """Raised by a capture hook: the rest of the forward is not needed."""
 
@@ -410,14 +448,20 @@ def _fit_layer(
     ridge: float,
 ) -> LayerFit:
     """Accumulate ``A^T A``, ``A^T Y`` over the batches (``captured``: the layer's input at
-    each of its calls, per batch), solve, write the weights."""
+    each of its calls, per batch), solve, write the weights.
+
+    Decision — with fewer than :data:`FEW_ROWS` rows per weight of a row, the fit is
+    cross-validated on two halves of the rows (alternate rows): the ridge is the one of
+    ``ridge`` x :data:`RIDGE_STEPS` the other half prefers, and the layer keeps its pruned
+    weights when no fit beats them there. Why: a classifier of 256 inputs fitted on 128
+    samples reproduced them exactly (relative error 0.504 -> 0.00014) and scored 6.7% on
+    held samples, below the unrefitted cut (13.3%). With many rows (a conv's positions) the
+    fit is the plain one, as before."""
     assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))  # _why_not
     weight = module.weight
     bias = module.bias
     d = weight[0].numel() + (1 if bias is not None else 0)
-    gram = torch.zeros(d, d, dtype=torch.float64)
-    cross = torch.zeros(d, weight.shape[0], dtype=torch.float64)
-    yty = torch.zeros((), dtype=torch.float64)
+    halves = [_Normal(d, weight.shape[0]), _Normal(d, weight.shape[0])]
     rows = 0
     for xs, (_calls, pick, y) in zip(captured, targets, strict=True):
         a, total = _rows(module, xs, pick, y.shape[0])
@@ -430,29 +474,31 @@ def _fit_layer(
         a = a.float()
         if bias is not None:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
-        # products in float32 (the costly part: rows x d^2), sums over batches in float64
-        gram += (a.T @ a).double()
-        cross += (a.T @ y.float()).double()
-        yty += (y * y).sum()
+        for k, half in enumerate(halves):
+            half.add(a[k::2], y[k::2].float())
         rows += a.shape[0]
-    energy = float(yty) or 1.0
+    full = halves[0] + halves[1]
     current = weight.detach().reshape(weight.shape[0], -1).double().T
     if bias is not None:
         current = torch.cat([current, bias.detach().double()[None]], dim=0)
-
-    def error(w: torch.Tensor) -> float:
-        return float(yty - 2 * (w * cross).sum() + (w * (gram @ w)).sum()) / energy
-
-    # the ridge pulls towards the pruned weights, not towards zero: where the rows are few
-    # (a classifier with more inputs than calibration samples) the fit stays near them
-    lam = ridge * (float(gram.diagonal().mean()) or 1.0)
-    solved = torch.linalg.solve(gram + lam * torch.eye(d, dtype=gram.dtype), cross + lam * current)
-    before, after = error(current), error(solved)
-    if after < before:  # never make a layer worse on its own calibration rows
-        n = weight[0].numel()
-        weight.copy_(solved[:n].T.reshape(weight.shape).to(weight.dtype))
-        if bias is not None:
-            bias.copy_(solved[n].to(bias.dtype))
-    else:
-        after = before
+    steps = RIDGE_STEPS if rows < FEW_ROWS * d else (1.0,)
+    chosen: float | None = steps[0]
+    if len(steps) > 1:
+        held = [sum(halves[1 - k].error(halves[k].solve(ridge * m, current)) for k in (0, 1))
+                for m in steps]  # fmt: skip
+        kept = sum(h.error(current) for h in halves)
+        best = min(range(len(steps)), key=held.__getitem__)
+        chosen = steps[best] if held[best] < kept else None
+    before = full.error(current)
+    after = before
+    if chosen is not None:
+        solved = full.solve(ridge * chosen, current)
+        after = full.error(solved)
+        if after < before:  # never make a layer worse on its own calibration rows
+            n = weight[0].numel()
+            weight.copy_(solved[:n].T.reshape(weight.shape).to(weight.dtype))
+            if bias is not None:
+                bias.copy_(solved[n].to(bias.dtype))
+        else:
+            after = before
     return LayerFit(fqn, rows, round(max(before, 0.0), 6), round(max(after, 0.0), 6))
