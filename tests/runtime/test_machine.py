@@ -40,7 +40,10 @@ def test_cpuinfo_reads_the_model_and_flags_of_x86_and_arm(tmp_path: Path) -> Non
 def test_machine_info_names_this_machine_and_round_trips(tmp_path: Path) -> None:
     import torch
 
+    from edgeslim.cost.latency import DEFAULT_THREADS
+
     info = machine_info()
+    assert info["timing_threads"] == DEFAULT_THREADS
     assert info["torch"] == torch.__version__ and info["torch_threads"] == torch.get_num_threads()
     assert info["logical_cores"] and info["cpu"]
     line = describe_machine(info)
@@ -55,10 +58,12 @@ def test_machine_info_names_this_machine_and_round_trips(tmp_path: Path) -> None
 
 def test_describe_lists_the_int8_extensions_or_says_none() -> None:
     info = {"cpu": "X", "arch": "x86_64", "logical_cores": 2, "int8_isa": ["avx2", "avx512_vnni"],
-            "torch_threads": 2, "torch": "2.13.0", "onnxruntime": "1.32.0"}  # fmt: skip
+            "torch_threads": 1, "timing_threads": 2, "torch": "2.13.0",
+            "onnxruntime": "1.32.0"}  # fmt: skip
+    # the threads latency is timed at, not the process's own (OMP_NUM_THREADS=1 read as 1)
     assert describe_machine(info) == (
-        "X (x86_64, 2 logical cores; avx2, avx512_vnni), torch threads 2, torch 2.13.0, "
-        "onnxruntime 1.32.0"
+        "X (x86_64, 2 logical cores; avx2, avx512_vnni), latency timed at 2 threads, "
+        "torch 2.13.0, onnxruntime 1.32.0"
     )
     assert "no SIMD extension listed" in describe_machine({**info, "int8_isa": []})
 

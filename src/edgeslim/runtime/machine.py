@@ -49,6 +49,8 @@ def machine_info() -> dict[str, Any]:
     """What a latency measured here depends on (see the module doc)."""
     import torch
 
+    from edgeslim.cost.latency import DEFAULT_THREADS
+
     model, flags = _cpuinfo()
     info: dict[str, Any] = {
         "cpu": model or platform.processor() or "unknown",
@@ -56,6 +58,8 @@ def machine_info() -> dict[str, Any]:
         "logical_cores": os.cpu_count(),
         "int8_isa": [f for f in INT8_ISA if f in flags],
         "torch_threads": torch.get_num_threads(),
+        # what latencies are measured at, whatever the process's own setting (OMP_NUM_THREADS)
+        "timing_threads": DEFAULT_THREADS,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -98,7 +102,8 @@ def describe_machine(info: dict[str, Any]) -> str:
         runtimes += f", onnxruntime {info['onnxruntime']}"
     return (
         f"{info.get('cpu', 'unknown')} ({info.get('arch')}, {info.get('logical_cores')} "
-        f"logical cores; {isa}), torch threads {info.get('torch_threads')}, {runtimes}"
+        f"logical cores; {isa}), latency timed at "
+        f"{info.get('timing_threads', info.get('torch_threads'))} threads, {runtimes}"
     )
 
 
