@@ -205,6 +205,9 @@ def test_unreachable_target_is_refused_and_the_model_untouched(
     model = copy.deepcopy(resnet20)
     with pytest.raises(LowRankError, match=r"cannot be reached .* keeps [\d,]+ of"):
         factorize_(model, (images[:1],), SVDConfig(macs_reduction=0.97))
+    # the layers left whole are named in the error (no report is written when it is refused)
+    with pytest.raises(LowRankError, match=r"Left whole: conv1: skipped by request"):
+        factorize_(model, (images[:1],), SVDConfig(macs_reduction=0.97, skip=("conv1",)))
     assert not any(isinstance(m, LowRankConv2d | LowRankLinear) for m in model.modules())
     for a, b in zip(model.state_dict().values(), resnet20.state_dict().values(), strict=True):
         assert torch.equal(a, b)

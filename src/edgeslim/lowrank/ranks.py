@@ -267,7 +267,7 @@ def ranks_for_target(
             f"smallest rank (round_to={round_to}) in every one of the {len(cands)} "
             f"factorizable layers the model keeps {floor:,} of {macs_before:,} MACs "
             f"(-{1 - floor / macs_before:.1%}); the rest is in layers that cannot be "
-            "factorized (see the report's skipped list) or needs pruning instead"
+            "factorized or needs pruning instead"
         )
     lo = 1e-18
     for _ in range(120):  # bisection in log space: mu spans many decades

@@ -111,7 +111,14 @@ def factorize_(
             kept, dense = given_ranks(usable, ranks)
         elif config.macs_reduction is not None:
             target = config.macs_reduction
-            kept, dense = ranks_for_target(usable, before, target, config.round_to)
+            try:
+                kept, dense = ranks_for_target(usable, before, target, config.round_to)
+            except LowRankError as exc:
+                left = [f"{k}: {v}" for k, v in {**skipped, **read}.items()]
+                if not left:
+                    raise
+                shown = left[:8] + ([f"... and {len(left) - 8} more"] if len(left) > 8 else [])
+                raise LowRankError(f"{exc}. Left whole: {'; '.join(shown)}") from None
         else:
             energy = config.energy
             kept, dense = ranks_at(usable, energy, config.round_to)
