@@ -36,6 +36,8 @@ def test_quick_run_writes_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "edgeslim:distill": 6,
         "edgeslim:svd_finetune": 1,
         "edgeslim:trp": 1,
+        "edgeslim:svd_finetune_scratch": 1,
+        "edgeslim:trp_scratch": 1,
     }
     fp32 = next(r for r in records if r.method == "edgeslim:fp32")
     assert fp32.value > 85 and fp32.data_used == "none"
@@ -75,3 +77,32 @@ def test_w1a1_rows_train_longer_than_the_others() -> None:
     assert suite.W1A1_EPOCHS > suite.EPOCHS
     quick = suite.Data(train=None, val=None, test=None, example=(), calibration=(), epochs=1)
     assert {s.epochs(quick) for s in suite.SETTINGS} == {1}  # the quick run stays short
+
+
+def test_scratch_rows_spend_the_same_epochs_from_a_random_init() -> None:
+    """TRP from scratch against dense + SVD + fine-tune: the same total epochs, both at the
+    suite's MACs target, recorded with what each spent."""
+    from edgeslim.data import TensorBatches, load_fashion_mnist
+    from edgeslim.graph import layer_table, total_macs
+    from edgeslim.zoo.resnet import resnet20
+
+    train = load_fashion_mnist("train", limit=64)
+    test = load_fashion_mnist("test", limit=100)
+    data = suite.Data(
+        train=train, val=TensorBatches(test.images, test.labels, 50), test=test,
+        example=(test.images[:1].contiguous(),), calibration=[], epochs=1,
+    )  # fmt: skip
+    rows: list[tuple[str, float, dict[str, object], int]] = []
+
+    def record(method: str, value: float, config: dict[str, object], seconds: float,
+               extra: dict[str, object], **kw: object) -> None:  # fmt: skip
+        rows.append((method, value, config, int(kw["m"])))  # type: ignore[call-overload]
+
+    suite._lowrank_scratch_rows(data, record)
+    assert [r[0] for r in rows] == ["edgeslim:svd_finetune_scratch", "edgeslim:trp_scratch"]
+    svd, trp = rows[0][2], rows[1][2]
+    assert svd["epochs"] == trp["epochs"] == 2 and svd["init"] == trp["init"] == "random"
+    assert svd["dense_epochs"] == 1 and svd["finetune_epochs"] == 1
+    dense = total_macs(layer_table(resnet20(), *data.example))
+    assert all(0.45 * dense <= r[3] <= 0.5 * dense for r in rows), [r[3] for r in rows]
+    assert all(0.0 <= r[1] <= 100.0 for r in rows)

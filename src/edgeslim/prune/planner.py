@@ -375,13 +375,16 @@ def _nearby_in_window(
 ) -> list[int] | None:
     """Widths in the target's window ``[target, target + TOLERANCE]`` a few steps from
     where the greedy walk stopped short (each move adds or gives back one step of a group:
-    up to 3 moves with at most :data:`_NEARBY_GROUPS` groups, else 2), the one removing the
+    up to 3 moves with at most :data:`_NEARBY_GROUPS` groups, 2 with up to four times as
+    many, else 1), the one removing the
     least importance (``cost[c][j]``: the scores step ``j`` of group ``c`` removes); None
     when there is none. Why: a TCN asked for -30% got -34.7%, its walk's next steps all
     overshooting, while -30.1% was one step swap away."""
     n = len(cands)
     moves = [(c, d) for c in range(n) for d in (1, -1)]
-    depth = 3 if n <= _NEARBY_GROUPS else 2
+    # moves to try: (2n)^depth states at most; many groups mean fine steps and a walk that
+    # lands on its own, so a wide model gets the short look only
+    depth = 3 if n <= _NEARBY_GROUPS else 2 if n <= 4 * _NEARBY_GROUPS else 1
     best: tuple[float, float, list[int]] | None = None
     seen: set[tuple[int, ...]] = set()
     for k in range(1, depth + 1):
