@@ -498,7 +498,8 @@ def _lowrank_scratch_rows(data: Data, record: Callable[..., None]) -> None:
     ):  # fmt: skip
         record(
             method, evaluate(model, data.test), {**config, **extra}, secs,
-            {"layers_factorized": len(rep.layers)}, size=size_bytes(model), p=_params(model),
+            {"layers_factorized": len(rep.layers), "epochs": total}, size=size_bytes(model),
+            p=_params(model),
             m=_macs(model, data.example),
         )  # fmt: skip
 
