@@ -408,9 +408,13 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     for fqn, why in attention.items():
         if why != "split":
             ctx.notes.append(f"prune: the heads of {fqn} stay whole: {why}")
-    # the refit's reference: the unpruned model as split (the fqns the plan names), never
-    # the teacher copied before the split, whose encoders may still run fused (no hooks)
-    dense = copy.deepcopy(model).eval() if stage.reconstruct else None
+    # the refit's reference: the unpruned model as split (the fqns the plan names); the
+    # teacher, copied before the split, only when there was no attention to split (its
+    # encoders could still run fused, where hooks see nested tensors or nothing)
+    dense = None
+    if stage.reconstruct:
+        same = teacher is not None and not attention
+        dense = teacher if same else copy.deepcopy(model).eval()
     if stage.method == "gates":
         assert train is not None
         plan = _prune_by_gates(model, example, train, stage, teacher, ctx)
