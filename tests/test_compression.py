@@ -74,6 +74,15 @@ def test_mixed_bits_are_labelled_from_the_layers_not_the_request(tmp_path: Path)
     assert "w_bits=4/8" in report and "w_bits=8" not in report
 
 
+def test_layers_left_with_float_inputs_show_in_a_bits(tmp_path: Path) -> None:
+    """W8A8 with the last layer's input kept float (``activation: null``): the record says
+    ``a_bits: "8/32"``, not the 8 the stage asked for."""
+    recipe = {"name": "wonly", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8,
+              "select": {"4": {"weight": {"bits": 8}, "activation": None}}}]}  # fmt: skip
+    result = edgeslim.compress(_digits_cnn(), recipe, digits_task(), quick=True)
+    assert result.records[0].config == {"w_bits": 8, "a_bits": "8/32"}
+
+
 def test_select_takes_the_stages_own_fields_and_refuses_what_matches_nothing(
     tmp_path: Path,
 ) -> None:

@@ -97,12 +97,16 @@ def _bits_label(values: list[int]) -> int | str:
 def _bits_config(module: nn.Module) -> tuple[dict[str, Any], dict[str, int]]:
     """The bits actually in ``module``, read from its quantized layers (never from the
     recipe's request): ``w_bits`` (``"3/8"`` when mixed, with ``low_bits``/``high_bits``) and
-    ``a_bits`` (``32`` when no activation is quantized); plus the per-layer weight bits."""
+    ``a_bits`` (``32`` when no activation is quantized, ``"8/32"`` when some quantized
+    layers keep float inputs: a data-free model's layers without BatchNorm statistics, a
+    ``select`` entry with ``a_bits: null``); plus the per-layer weight bits."""
     quantized = {n: m for n, m in module.named_modules() if isinstance(m, QuantMixin)}
     w_bits = {n: m.qconfig.weight.bits for n, m in quantized.items() if m.qconfig.weight}
     if not w_bits:
         return {}, {}
     a_bits = sorted({m.qconfig.activation.bits for m in quantized.values() if m.qconfig.activation})
+    if a_bits and any(m.qconfig.activation is None for m in quantized.values()):
+        a_bits.append(32)
     config: dict[str, Any] = {
         "w_bits": _bits_label(list(w_bits.values())),
         "a_bits": _bits_label(a_bits) if a_bits else 32,
