@@ -63,3 +63,32 @@ def test_outputs_that_are_values_are_matched_each_at_its_own_scale() -> None:
     value = loss(out, None, (x,))
     value.backward()
     assert student.b.weight.grad is not None and float(student.b.weight.grad.abs().sum()) > 0
+
+
+def test_kd_also_teaches_every_other_output() -> None:
+    """A classifier with a regression head beside it, distilled on unlabelled batches: the
+    head drifted from its teacher takes it back (KD read the first output only, so the head
+    got no gradient and stayed where it was)."""
+    torch.manual_seed(0)
+    teacher = TwoOutputs().eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.b.weight.add_(0.3 * torch.randn_like(student.b.weight))
+    x = torch.randn(64, 6)
+    loss = kd_loss(teacher, alpha=0.9)
+
+    def head_error() -> float:
+        with torch.no_grad():
+            return float((student(x)[1] - teacher(x)[1]).pow(2).mean())
+
+    before = head_error()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        loss(student(x), None, (x,)).backward()
+        opt.step()
+    assert head_error() < 0.1 * before
+    assert set(loss.last) == {"kd", "kd_outputs"}
+    # a student whose outputs differ in number from the teacher's is refused, naming both
+    with pytest.raises(ValueError, match="student has 1 outputs, the teacher 2"):
+        kd_loss(teacher)(student.a(x), None, (x,))

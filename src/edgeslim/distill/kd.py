@@ -4,6 +4,12 @@ One loss for every trainer that distils (QAT, fine-tuning after pruning, learned
 the KL divergence of temperature-softened first outputs, mixed with a hard loss on the
 labels when the batch has them. Without labels (``target`` None) the soft term alone
 trains, so unlabelled data is enough to distil.
+
+A model with several outputs (a classifier beside a regression head, a recurrent state)
+also learns every other output's values, each by :func:`relative_mse` (part ``kd_outputs``,
+weighted as the soft term): the first output is the class scores by the project's
+convention, and a softmax over the others would mean nothing. Without it a second head
+took no gradient from distillation and drifted under a hard loss on the first.
 """
 
 from __future__ import annotations
@@ -58,12 +64,23 @@ class KDTerm(DistillTerm):
         self.config = config
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+        weight = self.config.alpha if batch.labelled else 1.0
         soft = soft_kl(
             class_logits(batch.student_out),
             class_logits(batch.teacher_out),
             self.config.temperature,
         )
-        return {"kd": self.config.alpha * soft if batch.labelled else soft}
+        parts = {"kd": weight * soft}
+        if batch.teacher_rest:
+            rest = flat_outputs(batch.student_out)[1:]
+            if len(rest) != len(batch.teacher_rest):
+                raise ValueError(
+                    f"kd: the student has {len(rest) + 1} outputs, the teacher "
+                    f"{len(batch.teacher_rest) + 1}"
+                )
+            terms = [relative_mse(s, t) for s, t in zip(rest, batch.teacher_rest, strict=True)]
+            parts["kd_outputs"] = weight * torch.stack(terms).mean()
+        return parts
 
 
 @register_term(KDConfig)
@@ -89,6 +106,18 @@ def kd_loss(
     return DistillLoss(teacher, None, [KDConfig(alpha, temperature)], hard_loss=hard_loss)
 
 
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean((s - t)^2) / mean(t^2)``: an output's error at its own scale, so no output
+    dominates a sum by its units. Shapes must match (the same output of both models)."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"an output of shape {tuple(student.shape)} against the teacher's "
+            f"{tuple(teacher.shape)}: distillation matches each output to the same output"
+        )
+    t = teacher.float()
+    return torch.mean((student.float() - t) ** 2) / t.pow(2).mean().clamp_min(1e-12)
+
+
 def output_match_loss(teacher: nn.Module) -> LossFn:
     """``loss(outputs, target, inputs)``: the mean over every output tensor of
     ``mean((s - t)^2) / mean(t^2)``, ``t`` from a frozen copy of ``teacher`` run once per
@@ -109,11 +138,7 @@ def output_match_loss(teacher: nn.Module) -> LossFn:
         got = flat_outputs(outputs)
         if len(got) != len(ref):
             raise ValueError(f"output_match_loss: {len(got)} outputs against {len(ref)}")
-        terms = [
-            torch.mean((s.float() - t.float()) ** 2) / t.float().pow(2).mean().clamp_min(1e-12)
-            for s, t in zip(got, ref, strict=True)
-        ]
-        return torch.stack(terms).mean()
+        return torch.stack([relative_mse(s, t) for s, t in zip(got, ref, strict=True)]).mean()
 
     return loss
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import nn
 
-from edgeslim.data.batching import Inputs, as_inputs
+from edgeslim.data.batching import Inputs, as_inputs, flat_outputs
 from edgeslim.distill.config import DistillConfig, DistillConfigError, KDConfig
 from edgeslim.distill.taps import Taps
 from edgeslim.train.loop import cross_entropy, first_output
@@ -39,7 +39,8 @@ ViewFn = Callable[[Inputs], Inputs]
 
 @dataclass
 class DistillBatch:
-    """What a loss term sees for one batch. ``teacher_out`` is the teacher's first output;
+    """What a loss term sees for one batch. ``teacher_out`` is the teacher's first output,
+    ``teacher_rest`` its other output tensors in order (a second head, a recurrent state);
     the ``*_view`` outputs exist when a term asked for a second view (DCCD)."""
 
     student_out: Any
@@ -49,6 +50,7 @@ class DistillBatch:
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
     student_out_view: torch.Tensor | None = None
     teacher_out_view: torch.Tensor | None = None
+    teacher_rest: tuple[torch.Tensor, ...] = ()
 
     @property
     def labelled(self) -> bool:
@@ -264,11 +266,13 @@ class DistillLoss(nn.Module):
                 for a, b in zip(inputs, view, strict=True)
             )
         t_out, t_feats = self.__dict__["_teacher"](t_inputs)
-        t_first = first_output(t_out)
+        t_first, *t_rest = flat_outputs(t_out) or [first_output(t_out)]
         batch = DistillBatch(outputs, t_first, target, s_feats, t_feats)
+        batch.teacher_rest = tuple(t_rest)
         if view is not None:
             n = int(inputs[0].shape[0])
             batch.teacher_out, batch.teacher_out_view = _split(t_first, n)
+            batch.teacher_rest = tuple(_split(t, n)[0] for t in t_rest)
             batch.teacher_features = {k: v[:n] for k, v in t_feats.items()}
             student = self.student
             assert student is not None
