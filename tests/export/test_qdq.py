@@ -89,3 +89,44 @@ def test_a_classifier_head_runs_as_qgemm_and_matches_torch(tmp_path: Path) -> No
     with torch.no_grad():
         ref = gm(x).numpy()
     assert abs(got - ref).max() < 0.05 * abs(ref).max()
+
+
+@pytest.mark.parametrize("edges", [False, True])
+def test_low_bit_activations_round_the_bias_as_the_integer_kernel_does(
+    edges: bool, tmp_path: Path
+) -> None:
+    """ONNX Runtime stores a QDQ conv's bias as int32 on the grid ``scale(x) * scale(W)``;
+    at 4-bit activation steps a float bias in torch moved many argmaxes off what the file
+    computes. With the bias rounded the same way both agree to float precision, whether
+    the layers keep their own input quantizers or the graph's edges carry them."""
+    from sklearn.datasets import load_digits
+
+    from edgeslim.quant.ptq import ptq
+    from edgeslim.runtime.ort import ort_session
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # biases far from any grid the accumulator has
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.bias.uniform_(-0.5, 0.5)
+    digits = load_digits()
+    x = torch.tensor(digits.images[:256], dtype=torch.float32).unsqueeze(1) / 16.0
+    act = QuantSpec(bits=4, granularity="tensor", symmetric=False)
+    config = QuantConfig(QuantSpec(bits=4), act)
+    if edges:
+        gm = ptq(model, config, [(x[i : i + 64],) for i in range(0, 256, 64)])
+    else:
+        gm = copy.deepcopy(model)
+        quantize_(gm, config)
+        calibrate(gm, [x[i : i + 64] for i in range(0, 256, 64)], progress=False)
+    path = export_qdq(copy.deepcopy(gm), (x[:1],), tmp_path / "w4a4.onnx")
+    got = ort_session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = gm(x).numpy()
+    assert abs(got - ref).max() < 1e-4 * abs(ref).max()
+    assert (got.argmax(1) == ref.argmax(1)).all()

@@ -206,9 +206,32 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         for user in list(src.users):  # the same shape: read it after the quantizer, so
             if reads_shape(user):  # the float tensor has no reader left beside it
                 user.replace_input_with(src, q)
+    _link_input_grids(gm, convs + linears)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _link_input_grids(gm: fx.GraphModule, layers: list[fx.Node]) -> None:
+    """Tell each quantized layer which edge quantizer its input is on (through
+    value-moving ops), for the grid of its bias (:meth:`QuantMixin.quant_bias`); a layer
+    called on inputs of different grids (weights shared across calls) gets none."""
+    grids: dict[str, set[ActQuant]] = {}
+    for node in layers:
+        src = node.all_input_nodes[0] if node.all_input_nodes else None
+        while src is not None and not (
+            src.op == "call_module" and isinstance(gm.get_submodule(str(src.target)), ActQuant)
+        ):
+            moves = _moves_values(gm, src) and bool(src.all_input_nodes)
+            src = src.all_input_nodes[0] if moves else None
+        if src is not None:
+            grid = gm.get_submodule(str(src.target))
+            assert isinstance(grid, ActQuant)
+            grids.setdefault(str(node.target), set()).add(grid)
+    for name, found in grids.items():
+        layer = gm.get_submodule(name)
+        assert isinstance(layer, QuantMixin)
+        layer.input_grid = (next(iter(found)),) if len(found) == 1 else None
 
 
 def _one_quantizer_per_source(

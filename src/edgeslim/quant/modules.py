@@ -110,12 +110,19 @@ class ActQuant(nn.Module):
 
 
 class QuantMixin:
-    """Shared state of the fake-quant layers."""
+    """Shared state of the fake-quant layers.
+
+    ``input_grid``: the quantizer whose grid the layer's input is on when that quantizer
+    sits on a graph edge rather than in the layer (:func:`~edgeslim.quant.edges.
+    quantize_edges` takes the layers' own over), kept in a tuple so that it is not
+    registered as a submodule; it sets the grid of the bias (:meth:`quant_bias`).
+    """
 
     qconfig: QuantConfig
     weight_quantizer: Quantizer | None
     input_quant: ActQuant | None
     mode: Mode
+    input_grid: tuple[ActQuant] | None = None
 
     def _setup(self, qconfig: QuantConfig) -> None:
         self.qconfig = qconfig
@@ -160,6 +167,50 @@ class QuantMixin:
             return self._weight
         return estimate(self.w_estimator, self.weight_quantizer, self._weight)
 
+    def quant_bias(self) -> torch.Tensor | None:
+        """The bias as an integer kernel adds it: rounded to the accumulator's grid
+        ``scale(x) * scale(W)`` (per output channel).
+
+        Why: ONNX Runtime's QLinearConv (and the QGemm the export writes for a linear) take
+        an int32 bias on that grid, so with a float bias here the torch model and its int8
+        file differ by the rounding, which 4-bit activation steps amplify (a 3-channel CNN
+        at W4A4: 19 of 128 argmaxes differed between torch and ONNX Runtime; 0 with this).
+        The rounding passes gradients straight through. Float (unchanged) while the input is
+        float or observed, on a dynamic range (decided per tensor at run time), or with a
+        non-uniform grid. In ``export`` mode the rounded bias is a Python-side constant: the
+        file stores it (ops traced here would keep the bias from being a constant, which
+        ONNX Runtime's fusion needs), so a conv ONNX Runtime runs in float adds it too.
+        """
+        bias: torch.Tensor | None = getattr(self, "bias", None)
+        step = None if bias is None else self._accumulator_step(bias)
+        if bias is None or step is None:
+            return bias
+        rounded = torch.round(bias / step) * step
+        if self.mode == "export":
+            return torch.tensor(rounded.detach().tolist(), dtype=bias.dtype)
+        return bias + (rounded - bias).detach()
+
+    def _accumulator_step(self, bias: torch.Tensor) -> torch.Tensor | None:
+        from edgeslim.quant.quantizers import UniformQuantizer
+
+        wq = self.weight_quantizer
+        act = self.input_quant if self.input_quant is not None else (self.input_grid or (None,))[0]
+        live = ("quant", "export")
+        if self.mode not in live or act is None or act.mode not in live:
+            return None
+        aq = act.quantizer
+        if (
+            not isinstance(wq, UniformQuantizer)
+            or not isinstance(aq, UniformQuantizer)
+            or act.spec.observer == "dynamic"
+            or aq.scale.numel() != 1
+            or not bool(aq.calibrated)
+            or wq.scale.numel() not in (1, bias.numel())
+        ):
+            return None
+        step = aq.scale.detach().reshape(()) * wq.scale.detach().reshape(-1)
+        return step.clamp_min(torch.finfo(bias.dtype).tiny).to(bias.dtype)
+
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         scale: torch.Tensor | None = getattr(self, "smooth_scale", None)
         if scale is not None:
@@ -193,7 +244,7 @@ class _QuantConvNd(QuantMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv: Any = self
-        out = conv._conv_forward(self.quant_input(x), self.quant_weight(), conv.bias)
+        out = conv._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias())
         assert isinstance(out, torch.Tensor)
         return out
 
@@ -294,7 +345,10 @@ class QuantLinear(QuantMixin, nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.quant_input(x), self.quant_weight(), self.bias)
+        # a 2-D input exports as Gemm, whose bias the export stores as int32 on the
+        # accumulator grid; a 3-D one as MatMul + a float Add (a float bias there)
+        bias = self.quant_bias() if x.dim() == 2 else self.bias
+        return nn.functional.linear(self.quant_input(x), self.quant_weight(), bias)
 
 
 FLOAT_TO_QUANT: dict[type[nn.Module], Any] = {
