@@ -122,6 +122,21 @@ def test_recipes_that_cannot_work_say_what_to_change(tmp_path: Path) -> None:
     assert not (tmp_path / "dq").exists() and not (tmp_path / "p").exists()
 
 
+def test_targets_that_are_not_class_indices_ask_for_the_tasks_loss(tmp_path: Path) -> None:
+    """Training batches ``(x, [labels, values])`` (a classifier beside a regression head)
+    with no loss given: one error naming ``Task(loss=...)``, not an AttributeError from
+    inside the default cross-entropy."""
+    full = digits_task()
+    x = torch.cat([b[0] for b in full.calibration_batches()])
+    pairs = [(x[i : i + 32], [torch.zeros(len(x[i : i + 32]), dtype=torch.long),
+              torch.zeros(len(x[i : i + 32]))]) for i in range(0, 128, 32)]  # fmt: skip
+    task = Task(example_inputs=full.example_inputs, calibration=full.calibration, train=pairs)
+    recipe = {"name": "ft", "stages": [{"kind": "finetune", "epochs": 1}]}
+    with pytest.raises(TaskError, match=r"target is a list, not a tensor.*Task\(loss=fn\)"):
+        edgeslim.compress(_digits_cnn(), recipe, task, tmp_path / "ft", quick=True)
+    assert not (tmp_path / "ft").exists()
+
+
 def test_a_failing_run_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "run"
 

@@ -56,6 +56,12 @@ class TaskError(EdgeslimError, ValueError):
     """A task's data does not fit the model (or is missing); the message says what to pass."""
 
 
+class BatchError(TaskError, TypeError):
+    """A batch is not what edgeslim reads (a tensor, a tuple of tensors, or an ``(inputs,
+    target)`` pair): a ``TypeError`` as before, and a :class:`TaskError` so that a recipe
+    stage reports it as the data's fault, not the model's."""
+
+
 class ExportError(EdgeslimError):
     """ONNX export refused the model; the message names the node and what to change."""
 

@@ -178,3 +178,19 @@ def test_a_buffer_sliced_by_the_input_length_traces_and_its_conv_prunes() -> Non
     assert conv.prunable and conv.consumers == ["fc"]  # the embedding width reached it
     embed = next(g for g in groups if "conv" in g.consumers)
     assert not embed.prunable and "Embedding" in embed.reason
+
+
+def test_a_submodule_named_like_a_graph_module_attribute_is_named_in_a_trace_error() -> None:
+    """``self.meta = nn.Linear(...)``: torch.fx builds the graph but cannot attach the
+    module (``GraphModule.meta`` is a dict); one TraceError saying to rename it."""
+
+    class Tabular(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.meta = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.meta(x)
+
+    with pytest.raises(TraceError, match=r"submodule\(s\) 'meta' clash.*rename"):
+        trace(Tabular())

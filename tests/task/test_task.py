@@ -140,6 +140,9 @@ def test_dict_batches_are_refused_with_the_wrapper_that_reads_them() -> None:
         Task(example_inputs=(x,), calibration=loader).calibration_batches()
     with pytest.raises(TypeError, match="MappedBatches"):
         as_batch(next(iter(loader)))
+    # the data's fault, not the model's: a stage that trains on it reports it as such
+    with pytest.raises(TaskError, match="MappedBatches"):
+        as_batch(next(iter(loader)))
     inputs = MappedBatches(loader, lambda b: b["pixel_values"])
     pairs = MappedBatches(loader, lambda b: (b["pixel_values"], b["labels"]))
     task = Task(example_inputs=(x,), calibration=inputs, train=pairs)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from edgeslim.errors import BatchError
+
 Inputs = tuple[torch.Tensor, ...]
 Batch = tuple[Inputs, Any]
 Transform = Callable[[Inputs, torch.Generator], Inputs]
@@ -46,7 +48,7 @@ def as_inputs(item: Any) -> Inputs:
             f"; map each batch to the model's inputs with edgeslim.data.MappedBatches("
             f"loader, lambda b: b[{key!r}])"
         )
-    raise TypeError(
+    raise BatchError(
         "an input batch must be a tensor or a tuple of tensors (one per model input); "
         f"got {_what(item)}{hint}"
     )
@@ -61,7 +63,7 @@ def as_batch(item: Any) -> Batch:
                 "; map each batch to a pair with edgeslim.data.MappedBatches(loader, "
                 "lambda b: (b['<input key>'], b['<label key>']))"
             )
-        raise TypeError(
+        raise BatchError(
             "a training batch must be a pair (inputs, target), inputs a tensor or a tuple of "
             f"tensors; got {_what(item)}{hint}"
         )

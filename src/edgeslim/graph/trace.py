@@ -241,7 +241,21 @@ def _trace(model: nn.Module, tracer: PathTracer, count: int | None) -> fx.GraphM
             "that op with tensor ops (e.g. torch.where), or pass its module type in "
             "`leaf_types` to keep it whole (it is then treated as an opaque op)."
         ) from exc
-    return fx.GraphModule(tracer.root, graph, cls.__name__)
+    try:
+        return fx.GraphModule(tracer.root, graph, cls.__name__)
+    except Exception as exc:  # a submodule whose name an fx.GraphModule attribute takes
+        taken = [n for n, _ in tracer.root.named_children() if n in _GRAPH_MODULE_NAMES]
+        what = f"its submodule(s) {', '.join(map(repr, taken))}" if taken else "one of its names"
+        raise TraceError(
+            f"cannot trace {cls.__name__}: torch.fx could not build a graph module from it "
+            f"({type(exc).__name__}: {exc}); {what} clash with torch.fx.GraphModule's own "
+            "attributes: rename them in the model (the weights load by the new name with "
+            "a state_dict key rename)"
+        ) from exc
+
+
+# attributes an fx.GraphModule sets on itself: a child module of the same name cannot exist
+_GRAPH_MODULE_NAMES = frozenset({"meta", "graph", "code", "training", "_code", "_graph"})
 
 
 def is_traceable(model: nn.Module) -> bool:

@@ -94,6 +94,14 @@ def cross_entropy(outputs: Any, target: Any, label_smoothing: float = 0.0) -> to
             "`kd: true`; Python: loss_fn=edgeslim.distill.kd_loss(teacher)), or give data "
             "with labels"
         )
+    if not isinstance(target, torch.Tensor):
+        raise TaskError(
+            "the default training loss is cross-entropy of the first output against one "
+            "class index per sample, but the training batches' target is a "
+            f"{type(target).__name__}, not a tensor: a model "
+            "with several heads or targets that are values needs its own loss, "
+            "`Task(loss=fn)` with `fn(outputs, target) -> tensor` (docs/task.md)"
+        )
     single = one_score(outputs)
     if single is not None:  # one score per sample: binary cross-entropy
         scores, labels = single.reshape(-1), target.reshape(-1).to(single.dtype)
