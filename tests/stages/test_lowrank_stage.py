@@ -121,3 +121,18 @@ def test_data_aware_svd_stage_reads_calibration_and_keeps_more(
     assert values[True] >= values[False] - 1.0, values
     a, b = factors[True], factors[False]
     assert a.shape != b.shape or not torch.allclose(a, b)  # other ranks, or other factors
+
+
+def test_ranks_far_past_the_target_are_warned(digits_cnn: nn.Module, tmp_path: Path) -> None:
+    """Ranks in steps of 32 over three convs cannot stop near -10% MACs: the record keeps
+    what was achieved and the notes say it went beyond the target, and why."""
+    task = builtin_task("digits")
+    result = edgeslim.compress(
+        digits_cnn, _recipe(epochs=0, macs_reduction=0.1, round_to=32), task, quick=True
+    )
+    achieved = 1 - _macs(result.model, task) / _macs(digits_cnn, task)
+    notes = [n for r in result.records for n in r.extra.get("notes", [])]
+    warned = [n for n in notes if n.startswith("WARNING: lowrank removed")]
+    assert achieved > 0.12 and warned and "round_to" in warned[0]
+    close = edgeslim.compress(digits_cnn, _recipe(epochs=0, round_to=1), task, quick=True)
+    assert not any("WARNING: lowrank" in n for r in close.records for n in r.extra.get("notes", []))
