@@ -130,3 +130,33 @@ def test_low_bit_activations_round_the_bias_as_the_integer_kernel_does(
         ref = gm(x).numpy()
     assert abs(got - ref).max() < 1e-4 * abs(ref).max()
     assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_a_dead_output_row_keeps_its_bias_in_the_int8_file(tmp_path: Path) -> None:
+    """A classifier row whose weights are all zero (a dead unit) and bias 0.3: its weight
+    scale was the floor 1e-8, the int32 bias grid ``scale(x) * scale(W)`` could not hold
+    0.3 and saturated, and ONNX Runtime's argmax was that row everywhere. The empty row now
+    takes the layer's median scale: codes still 0, the bias exact."""
+    from edgeslim.quant.ptq import ptq
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)
+    ).eval()
+    with torch.no_grad():
+        model[2].weight[3].zero_()
+        model[2].bias[3] = 0.3
+    x = torch.randn(64, 12)
+    config = QuantConfig(
+        QuantSpec(bits=7), QuantSpec(bits=8, granularity="tensor", symmetric=False)
+    )
+    gm = ptq(model, config, [(x[i : i + 16],) for i in range(0, 64, 16)])
+    scale = gm.get_submodule("2").weight_quantizer.scale.reshape(-1)
+    assert float(scale[3]) == pytest.approx(float(scale.median()))
+    path = export_qdq(gm, (x[:1],), tmp_path / "dead.onnx")
+    assert ort_fused_ops(path).get("QGemm") == 2
+    got = ort_session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = gm(x).numpy()
+    assert abs(got - ref).max() < 0.05 * abs(ref).max()
+    assert (got.argmax(1) == ref.argmax(1)).all()

@@ -22,11 +22,6 @@ from torch import nn
 from edgeslim.errors import EdgeslimError
 from edgeslim.task import Task
 
-# held rows whose top-1 may differ between the int8 file and torch's fake-quant before the
-# export is refused: a near-tie flips under integer rounding (a ViT W8A8 on 60 held samples:
-# one row, 1.7 points), a file computing something else (saturating int8 sums) moves many
-FLIPS_ALLOWED = 2
-
 
 @dataclass(frozen=True)
 class ExportCheck:
@@ -47,7 +42,7 @@ def export_checked(
     task: Task,
     out: Path,
     reference: nn.Module | None = None,
-    tolerance: float = 0.005,
+    tolerance: float | None = None,
     *,
     force: bool = False,
     trace_by_example: bool = False,
@@ -58,8 +53,9 @@ def export_checked(
     ``reference`` is the uncompressed model agreement is measured against (default:
     ``model`` itself). ``tolerance``: largest allowed gap between the torch and the ONNX
     Runtime metric, as a fraction of ``max(|torch value|, 1)`` (0.46 points at 92% top-1);
-    for an int8 file measured by agreement or a built-in top-1, at least :data:`FLIPS_ALLOWED` held
-    rows' worth (:meth:`~edgeslim.task.Task.metric_step`). The file is compared with torch
+    for an int8 file measured by agreement or a built-in top-1, at least
+    :data:`~edgeslim.compression.FLIPS_ALLOWED` held rows' worth
+    (:func:`~edgeslim.compression.refuse_metric_gap`). The file is compared with torch
     on the example inputs, calibration and validation batches and perturbed inputs, every
     output; a float export off by more than 1e-3 of an output's scale is refused. A model
     torch.fx cannot trace is refused unless ``trace_by_example``. ``out`` is written
@@ -67,7 +63,13 @@ def export_checked(
     ``manifest``) beside it; an existing ``out`` is replaced only with ``force``.
     """
     from edgeslim.artifacts import clean_stale_siblings, sha256_of, versions
-    from edgeslim.compression import FP32_REL_TOLERANCE, _parity_sources, _refuse_mismatch
+    from edgeslim.compression import (
+        FP32_REL_TOLERANCE,
+        METRIC_TOLERANCE,
+        _parity_sources,
+        _refuse_mismatch,
+        refuse_metric_gap,
+    )
     from edgeslim.export.verify import (
         check_parity,
         check_traceable,
@@ -103,20 +105,11 @@ def export_checked(
             _refuse_mismatch(parity, "the fp32 ONNX export", trace_by_example)
         torch_m = task.measure(model)
         ort_m = task.measure(OrtModel(session), wrapped=True)
+        refuse_metric_gap(
+            task, torch_m, ort_m, quantized, parity,
+            METRIC_TOLERANCE if tolerance is None else tolerance,
+        )  # fmt: skip
         name = next(iter(torch_m))
-        gap = abs(ort_m[name] - torch_m[name])
-        allowed = tolerance * max(abs(torch_m[name]), 1.0)
-        step = task.metric_step(torch_m)
-        if quantized and step is not None:
-            # int8 kernels round differently from fake-quant: a near-tie row may flip
-            allowed = max(allowed, FLIPS_ALLOWED * step)
-        if gap > allowed + 1e-9:
-            raise EdgeslimError(
-                f"the exported file scores {name} {ort_m[name]:.4g} in ONNX Runtime but the "
-                f"torch model {torch_m[name]:.4g} (allowed gap {allowed:.3g}; "
-                f"{parity.describe()}); the export does not compute what torch computed. "
-                "Report this with the model."
-            )
         record = {
             "format": "edgeslim-manifest",
             "version": 1,
@@ -188,7 +181,12 @@ def export_command(
     import copy
     import tempfile
 
-    from edgeslim.compression import recipe_data, recorded_data, starting_model
+    from edgeslim.compression import (
+        recipe_data,
+        recorded_data,
+        starting_model,
+        uncompressed_model,
+    )
     from edgeslim.export.verify import check_traceable
     from edgeslim.graph.reparam import bake_reparametrizations
     from edgeslim.recipe import STAGES, StageContext, load_recipe
@@ -203,7 +201,7 @@ def export_command(
     task.check(base)
     if not trace_by_example:
         check_traceable(base, model_name)
-    original = _uncompressed(lineage) if from_dir is not None else None
+    original = uncompressed_model(lineage) if from_dir is not None else None
     net = base
     if recipe is not None and recipe.stages:
         net = copy.deepcopy(base)
@@ -225,21 +223,3 @@ def export_command(
         net.eval(), task, out, reference=reference, force=force,
         trace_by_example=trace_by_example, manifest=extra,
     )  # fmt: skip
-
-
-def _uncompressed(lineage: Any) -> nn.Module | None:
-    """The model a ``compress`` output was made from (its spec and checkpoint), so that the
-    export of ``--from`` measures agreement against it as ``compress`` did; None when it
-    cannot be rebuilt (a model compressed from Python, a checkpoint moved since): the file
-    is then compared with the compressed model itself."""
-    from edgeslim.compression import resolve_base
-
-    if lineage.spec is None:
-        return None
-    ckpt = Path(lineage.checkpoint) if lineage.checkpoint else None
-    if ckpt is not None and not ckpt.exists():
-        return None
-    try:
-        return resolve_base(lineage.spec, ckpt)
-    except EdgeslimError:
-        return None

@@ -245,7 +245,10 @@ def quantize_gemm_bias(model: Any) -> int:
         if scale.size not in (1, bias.size) or (scale.size > 1 and not trans_b):
             continue  # per-channel weights along an axis the bias does not follow
         scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
-        q = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        codes = np.rint(bias / scale)
+        if np.abs(codes).max(initial=0.0) > 2**31 - 1:
+            continue  # saturating int32 would change the outputs: the Gemm stays float
+        q = codes.astype(np.int32)
         name = node.input[2]
         graph.initializer.extend([
             numpy_helper.from_array(q, f"{name}_int32"),

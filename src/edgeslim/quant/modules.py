@@ -22,6 +22,7 @@ from edgeslim.quant.registries import ESTIMATORS, OBSERVERS, QUANTIZERS
 from edgeslim.quant.spec import QuantSpec
 
 Mode = Literal["observe", "quant", "float", "export"]
+INT32_MAX = 2**31 - 1
 
 
 def make_quantizer(spec: QuantSpec, is_weight: bool) -> Quantizer:
@@ -209,7 +210,10 @@ class QuantMixin:
         ):
             return None
         step = aq.scale.detach().reshape(()) * wq.scale.detach().reshape(-1)
-        return step.clamp_min(torch.finfo(bias.dtype).tiny).to(bias.dtype)
+        step = step.clamp_min(torch.finfo(bias.dtype).tiny).to(bias.dtype)
+        if bool((bias.detach().abs() / step > INT32_MAX).any()):
+            return None  # not representable in int32: the export keeps it float too
+        return step
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         scale: torch.Tensor | None = getattr(self, "smooth_scale", None)

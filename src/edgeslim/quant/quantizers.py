@@ -189,7 +189,7 @@ class UniformQuantizer(RangeQuantizer):
             lo_t, hi_t = lo_t.clamp(max=0.0), hi_t.clamp(min=0.0)
             scale = ((hi_t - lo_t) / self.qmax).clamp_min(EPS)
             zp = (-lo_t / scale).round().clamp(self.qmin, self.qmax)
-        self._assign("scale", scale.clamp_min(EPS))
+        self._assign("scale", _fill_empty_ranges(scale))
         self._assign("zero_point", zp)
         self._mark_calibrated()
 
@@ -218,6 +218,22 @@ class UniformQuantizer(RangeQuantizer):
         else:
             k = torch.ceil(g / s[:, None] + zp - 0.5).clamp(self.qmin, self.qmax)
         return self.from_groups(((k - zp) * s[:, None]).to(x.dtype), x)
+
+
+def _fill_empty_ranges(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with every group of empty range (an all-zero weight row, a dead input)
+    given the median scale of the others (1 when no group has a range).
+
+    Why: such a group's codes are 0 at any scale, but an integer kernel adds the layer's
+    bias on the grid ``scale(x) * scale(W)``: at the floor :data:`EPS` a dead row's bias
+    overflowed int32 (a classifier's zero row with bias 0.3: every ONNX Runtime prediction
+    wrong, agreement 0 against 100 in torch)."""
+    empty = scale <= EPS
+    if not bool(empty.any()):
+        return scale
+    live = scale[~empty]
+    fill = live.median() if live.numel() else torch.ones((), dtype=scale.dtype)
+    return torch.where(empty, fill, scale)
 
 
 class Pow2Quantizer(RangeQuantizer):
