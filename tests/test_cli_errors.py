@@ -57,6 +57,22 @@ def test_report_refuses_the_same_folder_twice(
     assert "is given twice" in text and not (tmp_path / "r").exists()
 
 
+def test_report_never_writes_over_a_compress_output_or_a_run_it_merges(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A compress output's report and results are checksummed in its manifest: a merged
+    report written there broke its reload (exit 0 before). Nor over a run being merged."""
+    out = tmp_path / "compressed"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    (out / "results.json").write_text("[]\n")
+    code, text = _run(["report", str(run_dir), "--out", str(out)], capsys)
+    assert code == 2 and "output of a compress or export run" in text
+    assert (out / "results.json").read_text() == "[]\n" and not (out / "report.md").exists()
+    code, text = _run(["report", str(run_dir), "--out", str(run_dir)], capsys)
+    assert code == 2 and "is one of the runs merged" in text
+
+
 def test_out_that_is_a_file_exits_2_naming_it(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

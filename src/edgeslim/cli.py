@@ -351,6 +351,15 @@ def report(
     from edgeslim.report import write_report
     from edgeslim.runtime.machine import describe_machine, load_machine
 
+    if (out / "manifest.json").is_file():  # its report and results are checksummed there
+        fail(
+            EdgeslimError(
+                f"{out} is the output of a compress or export run: writing the merged report "
+                "there would break its manifest (and its reload). Give another --out"
+            )
+        )
+    if any((r if r.is_dir() else r.parent).resolve() == out.resolve() for r in runs):
+        fail(EdgeslimError(f"{out} is one of the runs merged: give another --out"))
     records = []
     seen: dict[Path, Path] = {}
     counts: list[str] = []
@@ -416,7 +425,8 @@ def compress(
     """Run a recipe's stages in order, then evaluate, export to ONNX and write a report."""
     # printed before torch and the data load (tens of seconds), so the user sees it started
     console.print(
-        f"[bold]edgeslim compress[/] {model} with {recipe} -> {out}: loading torch, the model "
+        f"[bold]edgeslim compress[/] {model or f'--from {from_dir}'} with {recipe} -> {out}: "
+        "loading torch, the model "
         "and its data...",
         highlight=False,
     )

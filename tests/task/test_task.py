@@ -654,3 +654,25 @@ def test_top1_refuses_targets_of_another_shape_than_the_predictions() -> None:
     batches = [((torch.randn(4, 3),), torch.zeros(4, 1, dtype=torch.long))]
     with pytest.raises(ValueError, match=r"shape \[4\].*shape \[4, 1\]"):
         evaluate(nn.Identity(), batches)
+
+
+def test_a_state_batched_on_the_wrong_dimension_is_a_task_error_naming_batch_dims() -> None:
+    """An LSTM's initial state ``(layers, N, H)`` given with the default batch dimension 0:
+    the example (batch 1) runs, a held batch of 8 does not; one TaskError naming
+    ``batch_dims`` instead of an internal error."""
+
+    class Stateful(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(4, 6, batch_first=True)
+
+        def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return self.lstm(x, (h, c))[0]
+
+    x, h = torch.randn(8, 5, 4), torch.zeros(1, 8, 6)
+    samples = [(x, h.transpose(0, 1).contiguous(), h.transpose(0, 1).contiguous())]
+    task = Task(example_inputs=(x[:1], h[:, :1], h[:, :1]), calibration=samples)
+    model = Stateful().eval()
+    task.check(model)  # batch 1: the example runs
+    with pytest.raises(TaskError, match=r"not on a batch of 8 .*batch_dims"):
+        task.bind_reference(model)

@@ -269,7 +269,18 @@ class Task:
         """Record the uncompressed model's outputs for agreement (no-op with a metric)."""
         if self.evaluate is None:
             batches = self.validation_batches()
-            self._reference = AgreementReference.of(self.module(model), batches)
+            try:
+                self._reference = AgreementReference.of(self.module(model), batches)
+            except Exception as exc:  # it ran on the example: the batch is what differs
+                n = int(batches[0][0].shape[self.dims[0] if self.dims else 0])
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise TaskError(
+                    f"the model runs on the example inputs but not on a batch of {n} held "
+                    f"samples: {type(exc).__name__}: {first}. "
+                    f"Each input's batch dimension is taken as {list(self.dims)}: an input "
+                    "whose batch is on another dimension (a recurrent state: dim 1) needs it "
+                    "said (Task(batch_dims=...); an .npz: a `batch_dims` array)"
+                ) from None
 
     def metric_step(self, metrics: Mapping[str, float]) -> float | None:
         """The smallest change of the headline metric in ``metrics`` (from :meth:`measure`):
