@@ -208,6 +208,14 @@ def test_from_an_output_reuses_the_data_its_command_line_recorded(tmp_path: Path
     )
     assert recorded_data(out, None, None, ()) == (str(npz), "top1", ((1, 3, 8, 8), (1, 4)))
     assert recorded_data(out, "other.npz", None, ()) == ("other.npz", None, ())
+    # a chain: an output compressed --from `out` without --data uses what `out` recorded
+    later = tmp_path / "later"
+    later.mkdir()
+    chained = ["edgeslim", "compress", "--from", str(out), "--recipe", "w8a8.yaml"]
+    (later / "manifest.json").write_text(
+        json.dumps({"format": "edgeslim-manifest", "version": 1, "command": chained})
+    )
+    assert recorded_data(later, None, None, ()) == (str(npz), "top1", ((1, 3, 8, 8), (1, 4)))
     assert recorded_data(None, None, None, ()) == (None, None, ())
     npz.unlink()  # recorded, but not found from here: left to the usual error
     assert recorded_data(out, None, None, ()) == (None, None, ())

@@ -619,20 +619,44 @@ def recorded_data(
 
     if from_dir is None or data is not None:
         return data, metric, input_shapes
-    argv = read_manifest(Path(from_dir), verify=False).get("command") or []
     found: dict[str, list[str]] = {}
-    for i, arg in enumerate(argv):
-        name, eq, value = str(arg).partition("=")
-        if name in ("--data", "--metric", "--input-shape"):
-            if not eq and i + 1 < len(argv):
-                value = str(argv[i + 1])
-            found.setdefault(name, []).append(value)
+    folder: Path | None = Path(from_dir)
+    for _ in range(16):  # a chain of --from outputs: the data its first command was given
+        if folder is None or not (folder / "manifest.json").is_file():
+            break
+        found = _recorded_options(read_manifest(folder, verify=False).get("command") or [])
+        if found.get("--data"):
+            break
+        earlier = found.get("--from", [])
+        folder = None if not earlier else _earlier_folder(Path(earlier[-1]), folder)
     recorded = found.get("--data", [])
     if not recorded or not _reachable(recorded[-1]):
         return data, metric, input_shapes
     shapes = tuple(tuple(int(v) for v in s.split(",")) for s in found.get("--input-shape", []))
     metrics = found.get("--metric", [])
     return recorded[-1], metric or (metrics[-1] if metrics else None), input_shapes or shapes
+
+
+def _recorded_options(argv: list[Any]) -> dict[str, list[str]]:
+    """The values of ``--data``, ``--metric``, ``--input-shape`` and ``--from`` in a
+    recorded command line (``--opt value`` or ``--opt=value``)."""
+    found: dict[str, list[str]] = {}
+    for i, arg in enumerate(argv):
+        name, eq, value = str(arg).partition("=")
+        if name in ("--data", "--metric", "--input-shape", "--from"):
+            if not eq and i + 1 < len(argv):
+                value = str(argv[i + 1])
+            found.setdefault(name, []).append(value)
+    return found
+
+
+def _earlier_folder(recorded: Path, later: Path) -> Path | None:
+    """The folder a recorded ``--from`` names: as written (absolute, or relative to here),
+    else beside the output that recorded it."""
+    for candidate in (recorded, later.parent / recorded.name):
+        if (candidate / "manifest.json").is_file() and candidate.resolve() != later.resolve():
+            return candidate
+    return None
 
 
 def _reachable(spec: str) -> bool:
