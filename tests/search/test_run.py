@@ -72,7 +72,12 @@ def test_an_impossible_request_returns_no_policy(sp: SearchSpace) -> None:
     assert result.message.startswith("NO FEASIBLE POLICY")
     assert result.closest is not None and "size<=0.01x" in result.message
     assert "stopped after" in result.notes["stopped"]
-    json.dumps(result.to_dict())  # the result serialises (for records and reports)
+    data = json.loads(json.dumps(result.to_dict()))  # it serialises (records, search.json)
+    # search.json holds every evaluation, as its docs say (the Pareto ids resolve in it)
+    assert [e["source"] for e in data["evaluations"]] == ["rejected"] * len(result.evaluations)
+    assert {e["policy_id"] for e in data["evaluations"]} == {
+        e.policy.id for e in result.evaluations
+    }
 
 
 def test_a_budget_spent_on_probes_says_so(sp: SearchSpace) -> None:

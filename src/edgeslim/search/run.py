@@ -106,6 +106,12 @@ class SearchResult:
                 return None
             return {"index": e.index, "policy": e.policy.to_dict(), "result": e.result.to_dict()}
 
+        def row(e: Evaluation) -> dict[str, Any]:
+            return {
+                **(ev(e) or {}), "policy_id": e.policy.id, "source": e.source,
+                "replayed": e.replayed, "probe": e.probe,
+            }  # fmt: skip
+
         return {
             "strategy": self.strategy, "seed": self.seed, "budget": self.budget,
             "metric": self.metric, "baseline_metric": self.baseline_metric,
@@ -115,6 +121,7 @@ class SearchResult:
             "rejected": self.rejected, "first_feasible": self.first_feasible,
             "pareto": {k: [e.policy.id for e in v] for k, v in self.pareto.items()},
             "notes": self.notes, "evaluator_notes": self.evaluator_notes, "message": self.message,
+            "evaluations": [row(e) for e in self.evaluations],
         }  # fmt: skip
 
 
