@@ -83,6 +83,10 @@ def test_search_refuses_bad_input_before_writing(factory: str, tmp_path: Path) -
     assert not out.exists()
     none = runner.invoke(app, ["search", factory, "--data", "digits", "--out", str(out)])
     assert none.exit_code == 2 and "--constraint" in none.output
+    bits = runner.invoke(app, ["search", factory, "--data", "digits", "--constraint",
+                               "size<=0.5x", "--w-bits", "4,16", "--out", str(out)])  # fmt: skip
+    assert bits.exit_code == 2 and "1..8" in bits.output and "16" in bits.output
+    assert not out.exists()
     used = tmp_path / "used"
     used.mkdir()
     (used / "notes.txt").write_text("keep me")

@@ -43,6 +43,11 @@ def test_invalid_search_stage_names_the_field_and_allowed_values() -> None:
     text = str(info.value)
     assert "strategy" in text and "evolutionary" in text  # every error at once
     assert "speed" in text and "size" in text
+    # bits a quantizer cannot take are refused with the recipe, not after the model loads
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(_recipe(w_bits=[4, 16], a_bits=[0]))
+    text = str(info.value)
+    assert "w_bits" in text and "1..8" in text and "a_bits" in text
 
 
 def test_search_stage_applies_a_feasible_policy(tmp_path: Path) -> None:
