@@ -624,6 +624,15 @@ def test_a_model_failing_inside_the_metric_is_named_not_the_metric() -> None:
     with pytest.raises(TaskError, match="metric function raised ValueError"):
         task.measure(nn.Linear(4, 4))
 
+    def reads_parameters(model: nn.Module) -> float:
+        return float(next(model.parameters()).sum())
+
+    # on the exported file (no parameters there), the message says it was that model
+    task = Task(example_inputs=(x[:1],), evaluate=reads_parameters, metric="m")
+    task.measure(nn.Linear(4, 4))
+    with pytest.raises(TaskError, match="raised StopIteration on the ONNX Runtime file"):
+        task.measure(nn.Identity(), wrapped=True)
+
 
 @pytest.mark.parametrize("form", ["column", "one-hot", "one-hot-int"])
 def test_npz_labels_as_a_column_or_one_hot_are_class_indices(tmp_path: Path, form: str) -> None:

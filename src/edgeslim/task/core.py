@@ -311,11 +311,17 @@ class Task:
                         "layer out of the compression (`skip` / a `select` entry set to null) "
                         "or report this with the model."
                     ) from exc
+                on = (
+                    " on the ONNX Runtime file (a callable taking and returning what the torch "
+                    "model does, with no parameters or modules: docs/task.md)"
+                    if wrapped
+                    else ""
+                )
                 raise TaskError(
-                    f"the task's metric function raised {type(exc).__name__}: {exc}. If it is "
-                    "yours, fix it (it is called with the model and must return a float or a "
-                    "dict of floats); for a built-in task, the message says what the data "
-                    "needs."
+                    f"the task's metric function raised {type(exc).__name__}{on}: {exc}. If "
+                    "it is yours, fix it (it is called with the model and must return a float "
+                    "or a dict of floats); for a built-in task, the message says what the "
+                    "data needs."
                 ) from None
             return self._ordered(_as_metrics(value, self.metric))
         if self._reference is None:
