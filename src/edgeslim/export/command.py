@@ -53,7 +53,7 @@ def export_checked(
     ``reference`` is the uncompressed model agreement is measured against (default:
     ``model`` itself). ``tolerance``: largest allowed gap between the torch and the ONNX
     Runtime metric, as a fraction of ``max(|torch value|, 1)`` (0.46 points at 92% top-1);
-    for an int8 file measured by agreement or a built-in top-1, at least
+    for a metric measured by agreement or a built-in top-1, at least
     :data:`~edgeslim.compression.FLIPS_ALLOWED` held rows' worth
     (:func:`~edgeslim.compression.refuse_metric_gap`). The file is compared with torch
     on the example inputs, calibration and validation batches and perturbed inputs, every
@@ -106,7 +106,7 @@ def export_checked(
         torch_m = task.measure(model)
         ort_m = task.measure(OrtModel(session), wrapped=True)
         refuse_metric_gap(
-            task, torch_m, ort_m, quantized, parity,
+            task, torch_m, ort_m, parity,
             METRIC_TOLERANCE if tolerance is None else tolerance,
         )  # fmt: skip
         name = next(iter(torch_m))
