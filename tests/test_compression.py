@@ -137,6 +137,27 @@ def test_targets_that_are_not_class_indices_ask_for_the_tasks_loss(tmp_path: Pat
     assert not (tmp_path / "ft").exists()
 
 
+def test_an_int8_file_that_computes_something_else_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compress held an int8 file to no metric check (only fp32 files to the parity
+    tolerance): a file whose every prediction differed from torch's was written with exit 0.
+    Here ONNX Runtime's outputs are reversed along the classes: refused, nothing written."""
+    import edgeslim.compression as compression
+    from edgeslim.runtime.ort import OrtModel
+
+    class Reversed(OrtModel):
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            out = super().forward(*inputs)
+            assert isinstance(out, torch.Tensor)
+            return out.flip(-1)
+
+    monkeypatch.setattr(compression, "OrtModel", Reversed)
+    with pytest.raises(EdgeslimError, match="does not compute what torch computed"):
+        edgeslim.compress(_digits_cnn(), W8A8, digits_task(), tmp_path / "run", quick=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_failing_run_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "run"
 
