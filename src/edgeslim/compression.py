@@ -176,6 +176,8 @@ def compress(
         check_out_folder(target, force)
     base = model.eval()
     task.check(base)
+    if reference is not None:
+        task.check(reference.eval())  # its inputs declared as the model's for the export
     if not trace_by_example:
         check_traceable(base, name)
     lineage = copy.copy(source) if source is not None else Lineage(base_class=type(base).__name__)
