@@ -7,14 +7,17 @@ trains, so unlabelled data is enough to distil.
 
 A model with several outputs (a classifier beside a regression head, a recurrent state)
 also learns every other output's values, each by :func:`relative_mse` (part ``kd_outputs``,
-weighted as the soft term): the first output is the class scores by the project's
-convention, and a softmax over the others would mean nothing. Without it a second head
+weighted as the soft term), when the student's outputs match the teacher's in number and
+shape (a compressed copy's do; otherwise the first alone, with a warning): the first output
+is the class scores by the project's convention, and a softmax over the others would mean
+nothing. Without it a second head
 took no gradient from distillation and drifted under a hard loss on the first.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +65,7 @@ class KDTerm(DistillTerm):
     def __init__(self, config: KDConfig) -> None:
         super().__init__()
         self.config = config
+        self.warned = False
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         weight = self.config.alpha if batch.labelled else 1.0
@@ -71,15 +75,23 @@ class KDTerm(DistillTerm):
             self.config.temperature,
         )
         parts = {"kd": weight * soft}
-        if batch.teacher_rest:
-            rest = flat_outputs(batch.student_out)[1:]
-            if len(rest) != len(batch.teacher_rest):
-                raise ValueError(
-                    f"kd: the student has {len(rest) + 1} outputs, the teacher "
-                    f"{len(batch.teacher_rest) + 1}"
-                )
+        if not batch.teacher_rest:
+            return parts
+        rest = flat_outputs(batch.student_out)[1:]
+        same = len(rest) == len(batch.teacher_rest) and all(
+            s.shape == t.shape for s, t in zip(rest, batch.teacher_rest, strict=False)
+        )
+        if same:
             terms = [relative_mse(s, t) for s, t in zip(rest, batch.teacher_rest, strict=True)]
             parts["kd_outputs"] = weight * torch.stack(terms).mean()
+        elif not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"kd: the student's {len(rest) + 1} outputs do not match the teacher's "
+                f"{len(batch.teacher_rest) + 1} in number or shape: only the first output "
+                "is distilled",
+                stacklevel=2,
+            )
         return parts
 
 
