@@ -255,7 +255,7 @@ def _trace(model: nn.Module, tracer: PathTracer, count: int | None) -> fx.GraphM
 
 
 # attributes an fx.GraphModule sets on itself: a child module of the same name cannot exist
-_GRAPH_MODULE_NAMES = frozenset({"meta", "graph", "code", "training", "_code", "_graph"})
+_GRAPH_MODULE_NAMES = frozenset({"meta", "graph", "code", "_code", "_graph"})
 
 
 def is_traceable(model: nn.Module) -> bool:

@@ -15,6 +15,7 @@ from edgeslim.errors import EdgeslimError
 
 Granularity = Literal["tensor", "channel", "group", "token"]
 GRANULARITIES = ("tensor", "channel", "group", "token")
+BITS = range(1, 9)  # the widths a quantizer may take (each kind may allow fewer)
 
 
 class QuantConfigError(EdgeslimError, ValueError):
@@ -59,7 +60,7 @@ class QuantSpec:
             raise QuantConfigError(f"symmetric must be true or false; got {self.symmetric!r}")
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
             raise QuantConfigError(f"group_size must be an integer >= 1; got {self.group_size!r}")
-        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+        if not isinstance(self.bits, int) or self.bits not in BITS:
             raise QuantConfigError(f"bits must be an integer in 1..8; got {self.bits!r}")
         if self.granularity not in GRANULARITIES:
             raise QuantConfigError(
@@ -81,7 +82,7 @@ class QuantSpec:
                 f"observer='dynamic' recomputes the range at every call, so the learned range "
                 f"of estimator {self.estimator!r} would be overwritten; use ste or clipped_ste"
             )
-        valid_bits = getattr(QUANTIZERS.get(self.quantizer), "VALID_BITS", range(1, 9))
+        valid_bits = getattr(QUANTIZERS.get(self.quantizer), "VALID_BITS", BITS)
         if self.bits not in valid_bits:
             raise QuantConfigError(
                 f"the {self.quantizer} quantizer supports bits in {list(valid_bits)}; "

@@ -193,10 +193,10 @@ def run_search(
         raise EdgeslimError(f"--budget must be >= 1; got {budget}")
     if finetune_epochs < 0:
         raise EdgeslimError(f"--finetune-epochs must be >= 0; got {finetune_epochs}")
-    bad = [b for b in w_bits if not 1 <= b <= 8] + [
-        b for b in a_bits if b is not None and not 1 <= b <= 8
-    ]
-    if bad:  # (QuantSpec's range) before any folder is made or model loaded
+    from edgeslim.quant.spec import BITS
+
+    bad = [b for b in [*w_bits, *a_bits] if b is not None and b not in BITS]
+    if bad:  # before any folder is made or model loaded
         raise EdgeslimError(f"--w-bits/--a-bits choices must be in 1..8; got {bad}")
     out = Path(out)
     _check_out(out, force)

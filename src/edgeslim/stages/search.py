@@ -84,14 +84,18 @@ class SearchStage(Stage):
     @field_validator("w_bits")
     @classmethod
     def _bits(cls, v: list[int]) -> list[int]:
-        if any(not 1 <= b <= 8 for b in v):  # what a quantizer takes (QuantSpec)
+        from edgeslim.quant.spec import BITS
+
+        if any(b not in BITS for b in v):
             raise ValueError("weight bits must be in 1..8")
         return v
 
     @field_validator("a_bits")
     @classmethod
     def _act_bits(cls, v: list[int | None]) -> list[int | None]:
-        if any(b is not None and not 1 <= b <= 8 for b in v):
+        from edgeslim.quant.spec import BITS
+
+        if any(b is not None and b not in BITS for b in v):
             raise ValueError("activation bits must be in 1..8, or null (float)")
         return v
 
