@@ -65,7 +65,9 @@ def test_w4_weights_export_as_int8_codes_and_are_restored(tmp_path: Path) -> Non
     codes = [
         numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8
     ]
-    assert len(codes) == 22 and all(abs(c).max() <= 7 for c in codes)
+    # 4-bit codes (|k| <= 7) stored times 8: the same weights on an 8x finer int32 bias grid
+    assert len(codes) == 22 and all(abs(c).max() <= 56 for c in codes)
+    assert all((c % 8 == 0).all() and len(set(c.ravel().tolist())) <= 15 for c in codes)
 
 
 def test_a_classifier_head_runs_as_qgemm_and_matches_torch(tmp_path: Path) -> None:
@@ -130,6 +132,36 @@ def test_low_bit_activations_round_the_bias_as_the_integer_kernel_does(
         ref = gm(x).numpy()
     assert abs(got - ref).max() < 1e-4 * abs(ref).max()
     assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_a_4_bit_layer_rounds_its_bias_on_the_finer_int8_step(tmp_path: Path) -> None:
+    """A 4-bit weight grid is stored as int8 codes times 8 on a step 8x finer (the same
+    weights), so the int32 bias grid ``scale(x) * scale(W)`` is 8x finer too: the bias
+    moves by at most a sixteenth of a 4-bit step (half of one before), in torch as in the
+    file ONNX Runtime runs."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(288, 10)
+    ).eval()
+    with torch.no_grad():
+        model[0].bias.uniform_(-0.5, 0.5)
+    digits = load_digits()
+    x = torch.tensor(digits.images[:256], dtype=torch.float32).unsqueeze(1) / 16.0
+    gm = copy.deepcopy(model)
+    quantize_(gm, QuantConfig(QuantSpec(bits=4), QuantSpec(bits=8, symmetric=False)))
+    calibrate(gm, [x[i : i + 64] for i in range(0, 256, 64)], progress=False)
+    conv = gm[0]
+    coarse = conv.input_quant.quantizer.scale * conv.weight_quantizer.scale.reshape(-1)
+    with torch.no_grad():
+        moved = (conv.quant_bias() - conv.bias).abs()
+    assert bool((moved <= coarse / 16 + 1e-9).all()) and float(moved.max()) > 0
+    path = export_qdq(copy.deepcopy(gm), (x[:1],), tmp_path / "w4a8.onnx")
+    got = ort_session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = gm(x).numpy()
+    assert abs(got - ref).max() < 1e-4 * abs(ref).max()
 
 
 def test_a_dead_output_row_keeps_its_bias_in_the_int8_file(tmp_path: Path) -> None:

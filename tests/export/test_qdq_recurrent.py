@@ -140,10 +140,13 @@ def test_conv_transpose_runs_in_float_with_a_warning(w_bits: int, tmp_path: Path
     assert ops.get("ConvTranspose") == 1 and "QLinearConvTranspose" not in ops, ops
     graph = onnx.load(str(path)).graph
     int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    # stored as int8 codes (out-major) at every width, sub-8-bit ones on their own grid
+    # stored as int8 codes (out-major) at every width, a sub-7-bit grid's codes times
+    # 2^(7 - b) (the same levels on a finer step)
     assert [list(i.dims) for i in int8] == [[16, 8, 3, 3]]
     codes = onnx.numpy_helper.to_array(int8[0])
-    assert np.abs(codes).max() <= 2 ** (w_bits - 1) - 1
+    spread = 2 ** max(0, 7 - w_bits)
+    assert np.abs(codes).max() <= (2 ** (w_bits - 1) - 1) * spread
+    assert (codes % spread == 0).all()
     assert not [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT
                 and list(i.dims) == [8, 16, 3, 3]]  # fmt: skip
     _check_parity(q, path, [(8, 6, 6)])

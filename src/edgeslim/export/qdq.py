@@ -5,9 +5,11 @@ In ``export`` mode every quantized layer expresses its rounding with torch's
 QuantizeLinear -> DequantizeLinear pair; ONNX Runtime then fuses the pairs around Conv,
 MatMul, Relu and Add into integer kernels.
 
-Uniform weights of any width up to 8 bits export as int8 with their own scale: their
-integer codes (at most ``[-127, 127]``) are exact in int8, so a 4-bit layer runs as int8
-with only 16 distinct values. Activations export as uint8 (asymmetric) or int8
+Uniform weights of any width up to 8 bits export as int8: their integer codes are exact in
+int8, so a 4-bit layer runs as int8 with only 15 distinct values. A symmetric grid under 7
+bits is stored with its step divided by ``2^(7 - b)`` (codes times the same power of two,
+at most 64 in magnitude; ``UniformQuantizer.int8_scale``), so the int32 bias grid that
+``scale(x) * scale(W)`` sets is as fine as a 7-bit layer's. Activations export as uint8 (asymmetric) or int8
 (symmetric); sub-8-bit activation grids are clamped to their range before the pair.
 """
 
@@ -40,7 +42,7 @@ def qdq_weight(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
     """Int8 per-channel (or per-tensor) QDQ carrying the layer's own grid."""
     q = _uniform(q, "weight")
     # python-side constants: the exporter then writes initializers, not ops on buffers
-    scale = torch.tensor(q.scale.detach().float().tolist())
+    scale = torch.tensor(q.int8_scale().detach().float().tolist())
     zp = torch.tensor([round(v) for v in q.zero_point.detach().tolist()], dtype=torch.int32)
     if scale.numel() == 1:
         return torch.fake_quantize_per_tensor_affine(w, float(scale), int(zp), -128, 127)

@@ -170,7 +170,8 @@ class QuantMixin:
 
     def quant_bias(self) -> torch.Tensor | None:
         """The bias as an integer kernel adds it: rounded to the accumulator's grid
-        ``scale(x) * scale(W)`` (per output channel).
+        ``scale(x) * scale(W)`` (per output channel; ``scale(W)`` is the scale the file
+        stores, :meth:`~edgeslim.quant.quantizers.UniformQuantizer.int8_scale`).
 
         Why: ONNX Runtime's QLinearConv (and the QGemm the export writes for a linear) take
         an int32 bias on that grid, so with a float bias here the torch model and its int8
@@ -209,7 +210,7 @@ class QuantMixin:
             or wq.scale.numel() not in (1, bias.numel())
         ):
             return None
-        step = aq.scale.detach().reshape(()) * wq.scale.detach().reshape(-1)
+        step = aq.scale.detach().reshape(()) * wq.int8_scale().detach().reshape(-1)
         step = step.clamp_min(torch.finfo(bias.dtype).tiny).to(bias.dtype)
         if bool((bias.detach().abs() / step > INT32_MAX).any()):
             return None  # not representable in int32: the export keeps it float too
