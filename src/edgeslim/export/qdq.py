@@ -9,8 +9,9 @@ Uniform weights of any width up to 8 bits export as int8: their integer codes ar
 int8, so a 4-bit layer runs as int8 with only 15 distinct values. A symmetric grid under 7
 bits is stored with its step divided by ``2^(7 - b)`` (codes times the same power of two,
 at most 64 in magnitude; ``UniformQuantizer.int8_scale``), so the int32 bias grid that
-``scale(x) * scale(W)`` sets is as fine as a 7-bit layer's. Activations export as uint8 (asymmetric) or int8
-(symmetric); sub-8-bit activation grids are clamped to their range before the pair.
+``scale(x) * scale(W)`` sets is as fine as a 7-bit layer's. Activations export as uint8
+(asymmetric) or int8 (symmetric); sub-8-bit activation grids are clamped to their range
+before the pair.
 """
 
 from __future__ import annotations
