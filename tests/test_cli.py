@@ -36,6 +36,17 @@ def test_info_of_a_module_factory_with_input_shape() -> None:
     assert "layer4.1.conv2" in result.output
 
 
+def test_python_dash_m_edgeslim_runs_the_command_line() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "edgeslim", "info", "resnet20"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "31,021,952" in done.stdout
+
+
 def test_unknown_model_is_a_clear_error() -> None:
     result = runner.invoke(app, ["info", "resnet21"])
     assert result.exit_code == 2
