@@ -315,6 +315,7 @@ def _run(
     if baked:
         log_step(f"compress {name}: weights fixed at their value: {', '.join(baked)}")
     ctx = StageContext(out=out, model_name=name, quick=quick, task=task, reference=base)
+    ctx.notes.extend(task.notes)  # the headline the task chose for this model's outputs
     if baseline_note is not None:
         ctx.notes.append(baseline_note)
     data_used = "none"

@@ -176,6 +176,8 @@ class Evaluator:
             from edgeslim.task.agreement import AgreementReference
 
             self.mode = "agreement"
+            self.task.choose_headline(space.model)
+            self.notes.extend(self.task.notes)
             self.metric_name = self.task.primary or "agreement"
             batches = self.task.validation_batches()
             self._reference = AgreementReference.of(self.task.module(space.model), batches)

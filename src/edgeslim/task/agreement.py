@@ -122,6 +122,50 @@ def agreement_metrics(
     return metrics
 
 
+def _ratio_whole(a: int, b: int) -> bool:
+    lo, hi = min(a, b), max(a, b)
+    return lo > 0 and hi % lo == 0
+
+
+def _like_input(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """``out`` has ``x``'s channels (axis 1) and, for 4 or more dims, its other axes scaled
+    by whole factors; a 3-dim output must equal the input's shape (``(N, T, F)`` sequences
+    put time on axis 1, so scaled shapes there are a tagger's as often as a signal's)."""
+    if out.dim() < 3 or x.dim() != out.dim():
+        return False
+    if out.dim() == 3:
+        return out.shape[1:] == x.shape[1:]
+    pairs = zip(out.shape[2:], x.shape[2:], strict=True)
+    return out.shape[1] == x.shape[1] and all(_ratio_whole(int(a), int(b)) for a, b in pairs)
+
+
+def values_not_classes(
+    inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+) -> str | None:
+    """Why the outputs (raw, at batch 1) are values, not class scores, or None.
+
+    Two shapes say so: a first output shaped like an input (:func:`_like_input`: a
+    super-resolved, denoised or reconstructed image, ``(1, 3, 64, 64) -> (1, 3, 128,
+    128)``), and several maps of 4 or more dims at different resolutions (a detector's
+    heads, whose channels mix boxes, objectness and classes). Decision: the task's headline
+    is then ``cosine``; an argmax over an RGB pixel's channels reads 98% for noise. A
+    3-class segmentation map of an RGB input looks like an image too: the note says how to
+    choose agreement.
+    """
+    if not outputs:
+        return None
+    first = outputs[0]
+    for x in inputs:
+        if _like_input(first, x):
+            return (f"its first output {list(first.shape)} is shaped like its input "
+                    f"{list(x.shape)} (an image or a signal, not class scores)")  # fmt: skip
+    maps = [list(o.shape[2:]) for o in outputs if o.dim() >= 4]
+    if len({tuple(m) for m in maps}) > 1:
+        return (f"it returns maps at several resolutions ({', '.join(map(str, maps))}: a "
+                "detector's heads, whose channels are not one set of classes)")  # fmt: skip
+    return None
+
+
 def prediction_divergence(ref: AgreementReference, outputs: list[torch.Tensor]) -> float | None:
     """Mean ``KL(p_ref || p)`` of the first output's softmax over its classes, per row (nats);
     None when that output has one column (a score, not a distribution). The search's loss

@@ -15,6 +15,7 @@ the calibration inputs (the figure then says so in its notes: inputs the compres
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +23,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.data.batching import Inputs, TensorBatches, as_inputs, is_one_shot, take_samples
+from edgeslim.data.batching import (
+    Inputs,
+    TensorBatches,
+    as_inputs,
+    flat_outputs,
+    is_one_shot,
+    take_samples,
+)
 from edgeslim.errors import TaskError
 from edgeslim.graph.trace import declare_inputs
-from edgeslim.task.agreement import AgreementReference, agreement_metrics, model_outputs
+from edgeslim.task.agreement import (
+    AgreementReference,
+    agreement_metrics,
+    model_outputs,
+    values_not_classes,
+)
 
 Metric = Callable[[nn.Module], "float | Mapping[str, float]"]
 Loss = Callable[[Any, Any], torch.Tensor]
@@ -85,6 +98,9 @@ class Task:
     evaluate_on_validation: bool = False
     metric_rows: int | None = None
     _reference: AgreementReference | None = field(default=None, init=False, repr=False)
+    # what the task decided by itself when bound to a model (the headline it chose)
+    notes: list[str] = field(default_factory=list, init=False, repr=False)
+    _chose_primary: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.example_inputs = as_inputs(self.example_inputs)
@@ -266,8 +282,13 @@ class Task:
             module.train(was)
 
     def bind_reference(self, model: nn.Module) -> None:
-        """Record the uncompressed model's outputs for agreement (no-op with a metric)."""
+        """Record the uncompressed model's outputs for agreement (no-op with a metric).
+
+        Without a chosen headline (``primary``), outputs shaped as values rather than class
+        scores (:func:`~edgeslim.task.agreement.values_not_classes`) make ``cosine`` the
+        headline, said in :attr:`notes`."""
         if self.evaluate is None:
+            self.choose_headline(model)
             batches = self.validation_batches()
             try:
                 self._reference = AgreementReference.of(self.module(model), batches)
@@ -282,6 +303,36 @@ class Task:
                     "said (Task(batch_dims=...); an .npz: a `batch_dims` array)"
                 ) from None
 
+    def choose_headline(self, model: nn.Module) -> None:
+        """Without a chosen ``primary`` or ``evaluate``: ``cosine`` when ``model``'s outputs
+        are values (:func:`~edgeslim.task.agreement.values_not_classes`), with a warning
+        and a line in :attr:`notes`; a choice made for an earlier model is undone first."""
+        if self._chose_primary:
+            self.primary, self._chose_primary, self.notes = None, False, []
+        if self.primary is not None or self.evaluate is not None:
+            return
+        module = self.module(model)
+        was = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                outs = flat_outputs(module(*self.example_inputs))
+        finally:
+            module.train(was)
+        why = values_not_classes(
+            [x for x, d in zip(self.example_inputs, self.dims, strict=True) if d == 0], outs
+        )
+        if why is None:
+            return
+        self.primary, self._chose_primary = "cosine", True
+        self.notes = [
+            f"metric: cosine to the uncompressed model's outputs, not argmax agreement: {why}; "
+            "fine-tuning matches them as values. If the channels are classes (a segmentation "
+            "map), choose agreement (`--metric agreement`; Task(primary='agreement')); for "
+            "your own figure pass a metric function (`--metric module:function`)"
+        ]
+        warnings.warn(self.notes[0], stacklevel=3)
+
     def metric_step(self, metrics: Mapping[str, float]) -> float | None:
         """The smallest change of the headline metric in ``metrics`` (from :meth:`measure`):
         one row of the held inputs, in points, when it is the task's own agreement or a
@@ -291,8 +342,8 @@ class Task:
         file that computes something else."""
         if self.evaluate is not None:
             return None if not self.metric_rows else 100.0 / self.metric_rows
-        if self._reference is None:
-            return None
+        if self._reference is None or self.headline == "cosine":
+            return None  # cosine is continuous: no row flips it by a step
         rows = metrics.get("confident_rows", self._reference.outputs[0][..., 0].numel())
         return 100.0 / max(float(rows), 1.0)
 
