@@ -76,3 +76,11 @@ def test_cost_report_of_resnet20() -> None:
     assert report.macs == 31_021_952 and report.params == 272_186
     assert report.bops == report.macs * 64
     assert report.size_bytes < 4 * report.params / 3
+
+
+def test_a_tied_weight_counts_once() -> None:
+    """A language model's head tied to its embedding: one tensor, counted once."""
+    emb, head = nn.Embedding(100, 32), nn.Linear(32, 100, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    assert size_bytes(model) == 100 * 32 * 4

@@ -192,3 +192,32 @@ def test_a_dead_output_row_keeps_its_bias_in_the_int8_file(tmp_path: Path) -> No
         ref = gm(x).numpy()
     assert abs(got - ref).max() < 0.05 * abs(ref).max()
     assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_a_layer_called_twice_exports_one_int32_bias_per_call(tmp_path: Path) -> None:
+    """A Siamese model's shared head reads two inputs of different scales: two int32 biases
+    (the export reused one name for both and refused the file)."""
+    from edgeslim.quant.ptq import ptq
+
+    class Siamese(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 6)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.fc(a) - self.fc(b)
+
+    torch.manual_seed(0)
+    model = Siamese().eval()
+    a, b = torch.randn(64, 12), 5 * torch.randn(64, 12)
+    gm = ptq(model, w8a8(), [(a[i : i + 16], b[i : i + 16]) for i in range(0, 64, 16)])
+    path = export_qdq(gm, (a[:1], b[:1]), tmp_path / "siamese.onnx")
+    names = [n.input[0] for n in onnx.load(str(path)).graph.node
+             if n.op_type == "DequantizeLinear" and "int32" in n.input[0]]  # fmt: skip
+    assert len(names) == 2 and len(set(names)) == 2
+    sess = ort_session(path)
+    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (a, b), strict=True)}
+    got = sess.run(None, feeds)[0]
+    with torch.no_grad():
+        ref = gm(a, b).numpy()
+    assert abs(got - ref).max() < 0.05 * abs(ref).max()

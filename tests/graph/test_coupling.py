@@ -184,3 +184,18 @@ def test_a_reshape_after_the_channel_axis_keeps_the_group_prunable() -> None:
     graph = analyze(_ViewPooled().eval(), example_input((1, 3, 16, 16)))
     prunable = {p for g in graph.prunable_groups for p in g.producers}
     assert {"c1.0", "c2.0", "proj"} <= prunable
+
+
+def test_a_video_model_s_3d_pools_pass_channels() -> None:
+    """Conv3d -> BN3d -> ReLU -> MaxPool3d -> Conv3d -> AdaptiveAvgPool3d -> Linear: both
+    convs' channels are prunable groups (3-D pools were unknown and fixed 67% of the MACs)."""
+    model = nn.Sequential(
+        nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Conv3d(8, 16, 3, padding=1), nn.ReLU(), nn.AvgPool3d(2),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+    graph = analyze(model, torch.randn(1, 3, 8, 16, 16))
+    producers = {p for g in graph.prunable_groups for p in g.producers}
+    assert {"0", "4"} <= producers
+    for g in graph.prunable_groups:
+        check_group(model, g, (torch.randn(2, 3, 8, 16, 16),))

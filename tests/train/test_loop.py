@@ -245,3 +245,14 @@ def test_keep_best_ends_on_the_best_epoch_and_needs_held_out_batches() -> None:
     assert evaluate(model, held) == best > hist[-1]["val_top1_start"]
     with pytest.raises(ValueError, match="keep_best needs val"):
         train_classifier(mlp(), batches, CFG, keep_best=True)
+
+
+def test_a_conv3d_model_trains() -> None:
+    """A 5-D weight has no channels_last format (``to`` raised on it): such a model trains
+    in the contiguous one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
+                          nn.Flatten(), nn.Linear(4, 3))  # fmt: skip
+    x, y = torch.randn(16, 2, 4, 8, 8), torch.randint(0, 3, (16,))
+    hist = train_classifier(model, [(x, y)], TrainConfig(epochs=2, lr=0.05))
+    assert len(hist) == 2 and all(p.is_contiguous() for p in model.parameters())

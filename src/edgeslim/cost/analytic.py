@@ -56,10 +56,16 @@ def is_weight_name(name: str) -> bool:
 
 
 def size_bytes(model: nn.Module, w_bits: Bits = None) -> int:
-    """Bytes of the parameters with each layer's weights stored at its bit-width."""
+    """Bytes of the parameters with each layer's weights stored at its bit-width; a
+    parameter two modules share (a language model's head tied to its embedding) counts once,
+    at its first owner's width."""
     total = 0
-    for fqn, module in model.named_modules():
+    seen: set[int] = set()
+    for fqn, module in model.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             b = _bits_of(w_bits, fqn) if is_weight_name(pname) else 32
             total += math.ceil(p.numel() * b / 8)
     return total

@@ -232,6 +232,7 @@ def quantize_gemm_bias(model: Any) -> int:
     consts = constants(graph)
     producer = _producers(graph)
     added = []
+    used: set[str] = set()
     for node in graph.node:
         if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in consts:
             continue
@@ -252,7 +253,10 @@ def quantize_gemm_bias(model: Any) -> int:
         if np.abs(codes).max(initial=0.0) > 2**31 - 1:
             continue  # saturating int32 would change the outputs: the Gemm stays float
         q = codes.astype(np.int32)
-        name = node.input[2]
+        # one name per Gemm: a layer called twice (a Siamese backbone) reads one float bias
+        # with two input scales, so two int32 biases
+        name = node.input[2] if node.input[2] not in used else f"{node.input[2]}_{len(added)}"
+        used.add(node.input[2])
         graph.initializer.extend([
             numpy_helper.from_array(q, f"{name}_int32"),
             numpy_helper.from_array(scale, f"{name}_int32_scale"),

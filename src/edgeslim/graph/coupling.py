@@ -213,12 +213,16 @@ ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
 POOL_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d,
     nn.MaxPool2d,
+    nn.MaxPool3d,
     nn.AvgPool1d,
     nn.AvgPool2d,
+    nn.AvgPool3d,
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
     nn.Upsample,  # UpsamplingNearest2d / UpsamplingBilinear2d too: resizing, per channel
 )
 """Modules that pool (or resize) the dims after axis 1: channels pass only on axis 1."""
@@ -271,12 +275,16 @@ ELEMENTWISE_FUNCS: set[Any] = {
 POOL_FUNCS: set[Any] = {
     F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d,
     F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
     F.max_pool1d,
     F.max_pool2d,
+    F.max_pool3d,
     F.avg_pool1d,
     F.avg_pool2d,
+    F.avg_pool3d,
     F.interpolate,  # a feature pyramid's or a decoder's upsampling
 }
 PASS_FUNCS = ELEMENTWISE_FUNCS | POOL_FUNCS

@@ -279,7 +279,9 @@ def train_classifier(
         raise ValueError("train has no batches")
     loss_fn = loss_fn if loss_fn is not None else classification_loss(config.label_smoothing)
     torch.manual_seed(config.seed)
-    channels_last = config.channels_last and channels_last_hazard(model) is None
+    # a 5-D weight (Conv3d) has no channels_last format: ``to`` raises on it
+    flat = any(p.dim() > 4 for p in model.parameters())
+    channels_last = config.channels_last and not flat and channels_last_hazard(model) is None
     if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     params: Any = model.parameters()
