@@ -231,7 +231,7 @@ def quantize_gemm_bias(model: Any) -> int:
     graph = model.graph
     consts = constants(graph)
     producer = _producers(graph)
-    added = []
+    added: list[Any] = []
     used: set[str] = set()
     for node in graph.node:
         if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in consts:
