@@ -12,6 +12,7 @@ from edgeslim.errors import TraceError
 from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.graph.coupling import CouplingGroup, fx_coupling_groups, graph_coupling_groups
 from edgeslim.graph.layers import LayerInfo, layer_table
+from edgeslim.graph.swap import tied_parameters
 from edgeslim.graph.trace import trace
 from edgeslim.graph.tracer import eval_mode
 from edgeslim.graph.transformer import is_transformer, transformer_groups
@@ -53,7 +54,8 @@ def analyze(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> Mode
     layers = layer_table(model, *example_args, **example_kwargs)
     if is_transformer(model):
         groups = transformer_groups(model)
-        return ModelGraph(model, layers, groups + _traced_extras(model, groups, example_args), None)
+        groups = _fix_tied(model, groups + _traced_extras(model, groups, example_args))
+        return ModelGraph(model, layers, groups, None)
     # a split attention is analysed whole, as its heads (quantization traces into it); the
     # structure is the deployed one (eval mode: training-only Python code is not traced)
     with eval_mode(model):  # (the graph's modules are the model's: restored after both)
@@ -61,7 +63,26 @@ def analyze(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> Mode
             model, (SplitMultiheadAttention,), inputs=len(example_args), examples=example_args
         )
         groups = graph_coupling_groups(gm, *example_args)
-    return ModelGraph(model, layers, groups, gm)
+    return ModelGraph(model, layers, _fix_tied(model, groups), gm)
+
+
+def _fix_tied(model: nn.Module, groups: list[CouplingGroup]) -> list[CouplingGroup]:
+    """Groups reaching a tied parameter's layer are not prunable: cutting one owner's
+    channels would give the two owners different tensors (the tie silently broken, the
+    parameter count up, as seen on a GRU language model whose head shares the embedding).
+    Decision: fixed, not pruned in lockstep; both ends of a tie sit in different groups."""
+    tied = tied_parameters(model)
+    owners: dict[str, str] = {}
+    for name, first in tied.items():
+        for a, b in ((name, first), (first, name)):
+            owners.setdefault(a.rpartition(".")[0], f"`{a}` is tied to `{b}` (one tensor)")
+    out = []
+    for g in groups:
+        why = next((owners[m.fqn] for m in g.members if m.fqn in owners), None)
+        if g.prunable and why is not None:
+            g = replace(g, prunable=False, reason=f"{why}: pruning would untie them")
+        out.append(g)
+    return out
 
 
 def _traced_extras(

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from edgeslim.data.batching import as_inputs
 from edgeslim.graph.attention import SplitMultiheadAttention, unfuse_encoder_layers
-from edgeslim.graph.swap import replace_submodule
+from edgeslim.graph.swap import replace_submodule, retie, tied_parameters
 from edgeslim.quant.attention import QuantMultiheadAttention, QuantSplitAttention
 from edgeslim.quant.config import QuantConfig, Selection, check_selectors, resolve
 from edgeslim.quant.modules import FLOAT_TO_QUANT, ActQuant, QuantMixin
@@ -173,11 +173,14 @@ def quantize_(
         chosen[fqn] = cfg
         inside = (*inside, fqn + ".")
     _check_activations_possible(model, config, select, chosen)
+    ties = tied_parameters(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
     for fqn, cfg in chosen.items():
         module = model.get_submodule(fqn)
         twin = twin_of(module)
         assert twin is not None  # chosen only with a twin
         replace_submodule(model, fqn, twin.from_float(module, cfg))
+    retie(model, ties, params)  # a head tied to its embedding stays tied (QAT trains one)
     unfuse_encoder_layers(model)
     for fqn, why in skipped.items():
         kind, _, reason = why.partition(": ")
