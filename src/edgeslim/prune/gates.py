@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from edgeslim.data.batching import Batch, Inputs
-from edgeslim.errors import PruneError
+from edgeslim.errors import PruneError, UnreachableTargetError
 from edgeslim.graph.coupling import CouplingGroup
 from edgeslim.graph.layers import layer_table, total_macs
 from edgeslim.graph.model_graph import analyze
@@ -499,14 +499,15 @@ def _refuse_unreachable(gates: GateSet, target: int, reduction: float) -> None:
         return
     gates.remove()
     total, reach = gates.total_macs, gates.gated_macs
-    raise PruneError(
+    raise UnreachableTargetError(
         f"learned gates cannot remove {reduction:.0%} of the MACs: with every gated group at "
         f"its narrowest ({width} channel(s)), {floor:,} of {total:,} MACs remain (at most "
         f"-{1 - floor / total:.1%}). {total - reach:,} MACs ({1 - reach / total:.0%}) are in "
         "layers no gated group narrows: attention heads, the FFN groups of Hugging Face "
         "transformers and layers outside any prunable channel group are not gated. Rank them "
         "instead (a prune stage's `method: rank`; `plan_pruning` in Python), or lower "
-        "macs_reduction."
+        "macs_reduction.",
+        best=1 - floor / total,
     )
 
 

@@ -83,7 +83,7 @@ from torch import nn
 
 from edgeslim.artifacts import free_plan_path
 from edgeslim.data.batching import TensorBatches
-from edgeslim.errors import PruneError
+from edgeslim.errors import PruneError, UnreachableTargetError
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.train.loop import TrainConfig
 from edgeslim.train.selection import held_out_for_stage, kept_note
@@ -215,12 +215,25 @@ def _prune_by_gates(
     from edgeslim.prune.gates import train_gates
 
     assert stage.macs_reduction is not None  # the validator guarantees it
-    result = train_gates(
-        model, example, train, _train_config(stage, stage.gate_epochs),
-        macs_reduction=stage.macs_reduction, teacher=teacher, description="gates",
-        round_to=stage.round_to, task_loss=_value_loss(teacher, ctx, stage.kd_alpha),
-        max_overshoot=MACS_TOLERANCE,  # the gap _check_target accepts
-    )  # fmt: skip
+
+    def run(reduction: float) -> Any:
+        return train_gates(
+            model, example, train, _train_config(stage, stage.gate_epochs),
+            macs_reduction=reduction, teacher=teacher, description="gates",
+            round_to=stage.round_to, task_loss=_value_loss(teacher, ctx, stage.kd_alpha),
+            max_overshoot=MACS_TOLERANCE,  # the gap _check_target accepts
+        )  # fmt: skip
+
+    try:
+        result = run(stage.macs_reduction)
+    except UnreachableTargetError as exc:  # refused before training: the model is untouched
+        if not stage.allow_target_miss or exc.best <= 0.0:
+            raise
+        ctx.notes.append(
+            f"WARNING: prune: -{stage.macs_reduction:.1%} MACs is out of reach of the learned "
+            f"gates ({exc.best:.1%} at most); trained to that because allow_target_miss is true"
+        )
+        result = run(exc.best - 1e-6)  # the floor exactly: float rounding must not miss it
     plan = result.plan
     if ctx.model_name:
         plan = dataclasses.replace(plan, name=ctx.model_name)
