@@ -158,6 +158,38 @@ def test_an_int8_file_that_computes_something_else_is_refused(
     assert not (tmp_path / "run").exists()
 
 
+class _DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _digits_cnn()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.body(x)
+        return {"logits": logits, "embedding": torch.tanh(logits)}
+
+
+def test_a_metric_reads_a_dict_output_from_the_file_too(tmp_path: Path) -> None:
+    """A model returning a dict: its metric reads ``out["logits"]`` from the torch model and
+    from the ONNX Runtime file alike (the file's outputs came back a flat tuple)."""
+    from edgeslim.data import load_digits_split
+
+    train, test = load_digits_split("train"), load_digits_split("test")
+    x, y = test.images, test.labels
+    seen: list[type] = []
+
+    def accuracy(model: nn.Module) -> float:
+        with torch.no_grad():
+            out = model(x)
+        seen.append(type(out))
+        return float((out["logits"].argmax(1) == y).float().mean() * 100)
+
+    calibration = TensorBatches(train.images[:256], batch_size=64)
+    task = Task((x[:1],), calibration=calibration, evaluate=accuracy, metric="acc")
+    result = edgeslim.compress(_DictOut().eval(), W8A8, task, out=tmp_path / "run", quick=True)
+    assert seen and all(t is dict for t in seen) and len(seen) >= 3
+    assert result.records[1].runtime == "onnxruntime" and result.records[1].metric == "acc"
+
+
 def test_a_failing_run_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "run"
 

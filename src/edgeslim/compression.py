@@ -43,7 +43,7 @@ from edgeslim.quant.modules import QuantMixin
 from edgeslim.recipe import STAGES, Recipe, StageContext, load_recipe, parse_recipe
 from edgeslim.records import Record, save_records
 from edgeslim.report import write_report
-from edgeslim.runtime.ort import OrtModel, ort_session
+from edgeslim.runtime.ort import OrtModel, ort_session, output_structure
 from edgeslim.task import Task
 
 if TYPE_CHECKING:
@@ -380,7 +380,9 @@ def _run(
         )  # fmt: skip
         saturation_note(comp_mod, parity, ctx.notes, remedy)
     kernels = _integer_kernels(comp_mod, comp_path, example, ctx.notes)
-    ort_metrics = task.measure(OrtModel(comp_sess), wrapped=True)
+    ort_metrics = task.measure(
+        OrtModel(comp_sess, output_structure(comp_mod, example)), wrapped=True
+    )
     refuse_metric_gap(task, metrics, ort_metrics, parity)
     log_step(f"compress {name}: timing torch and ONNX Runtime, compressed vs uncompressed")
     feeds = task.latency_feeds()

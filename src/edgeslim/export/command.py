@@ -79,7 +79,7 @@ def export_checked(
         widen_axes,
     )
     from edgeslim.quant.modules import QuantMixin
-    from edgeslim.runtime.ort import OrtModel, ort_session
+    from edgeslim.runtime.ort import OrtModel, ort_session, output_structure
 
     out = Path(out)
     check_export_target(out, force)
@@ -104,7 +104,8 @@ def export_checked(
         if not quantized:
             _refuse_mismatch(parity, "the fp32 ONNX export", trace_by_example)
         torch_m = task.measure(model)
-        ort_m = task.measure(OrtModel(session), wrapped=True)
+        structure = output_structure(module, task.example_inputs)
+        ort_m = task.measure(OrtModel(session, structure), wrapped=True)
         refuse_metric_gap(
             task, torch_m, ort_m, parity,
             METRIC_TOLERANCE if tolerance is None else tolerance,

@@ -79,13 +79,17 @@ class OrtModel(torch.nn.Module):
 
     ``model(*inputs)`` feeds the session's inputs in order and returns its outputs as tensors
     (one tensor, or a tuple for several outputs), so the same ``evaluate(model)`` measures
-    the torch model and the exported file.
+    the torch model and the exported file. ``structure`` (:func:`output_structure` of the
+    torch model the file came from) gives them back in the torch model's nesting: a model
+    returning ``{"logits": ..., "embedding": ...}`` gives a metric a dict from both (a
+    flat tuple made ``out["logits"]`` fail on the file only).
     """
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, structure: Any = None) -> None:
         super().__init__()
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
+        self.structure = structure
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         if len(inputs) != len(self.input_names):
@@ -94,4 +98,22 @@ class OrtModel(torch.nn.Module):
             )
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs, strict=True)}
         outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds)]
+        if self.structure is not None and self.structure.num_leaves == len(outs):
+            from torch.utils._pytree import tree_unflatten
+
+            return tree_unflatten(outs, self.structure)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+@torch.no_grad()
+def output_structure(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """The nesting of ``module``'s outputs (a pytree spec: dicts, tuples, lists), whose
+    leaves the ONNX export writes as its outputs in the same order."""
+    from torch.utils._pytree import tree_flatten
+
+    was = module.training
+    module.eval()
+    try:
+        return tree_flatten(module(*inputs))[1]
+    finally:
+        module.train(was)
