@@ -95,3 +95,28 @@ def test_a_chosen_headline_is_kept_and_a_classifier_keeps_agreement() -> None:
                                nn.Linear(4, 5)).eval()  # fmt: skip
     task.bind_reference(classifier)  # the choice made for the image model is undone
     assert task.headline == "agreement" and not task.notes
+
+
+def test_a_one_sided_score_warns_that_agreement_means_nothing() -> None:
+    """A Siamese model's distance is never below 0: every row is 'above 0', so agreement
+    read 100% even for a model pruned at random. The task says so and asks for a metric."""
+
+    class Distance(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x).norm(dim=1, keepdim=True) + 2.0
+
+    task = _task()
+    with pytest.warns(UserWarning, match="agreement means nothing here"):
+        task.bind_reference(Distance().eval())
+    assert "Task(evaluate=...)" in task.notes[0]
+    logit = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 1)).eval()  # fmt: skip
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logit[3].bias.fill_(0.0)
+    task.bind_reference(logit)  # a binary logit on both sides of 0: agreement is fine
+    assert not task.notes

@@ -166,6 +166,22 @@ def values_not_classes(
     return None
 
 
+def one_sided(ref: AgreementReference) -> str | None:
+    """Why agreement cannot fall below 100, or None: a first output of one score per row
+    whose every held reference score is decided the same way (a distance, a count, a
+    regression value is never below 0), so any model that keeps the sign agrees."""
+    r = ref.outputs[0]
+    if r.shape[-1] != 1 or r.numel() < 2:
+        return None
+    t = decision_threshold(r)
+    above = int((r[:, 0] > t).sum())
+    if 0 < above < r.shape[0]:
+        return None
+    side = "above" if above else "at or below"
+    return (f"every held reference score of the first output is {side} {t:g}, so agreement "
+            "(the same side of it) reads 100 for any model that keeps that side")  # fmt: skip
+
+
 def prediction_divergence(ref: AgreementReference, outputs: list[torch.Tensor]) -> float | None:
     """Mean ``KL(p_ref || p)`` of the first output's softmax over its classes, per row (nats);
     None when that output has one column (a score, not a distribution). The search's loss

@@ -37,6 +37,7 @@ from edgeslim.task.agreement import (
     AgreementReference,
     agreement_metrics,
     model_outputs,
+    one_sided,
     values_not_classes,
 )
 
@@ -302,13 +303,21 @@ class Task:
                     "whose batch is on another dimension (a recurrent state: dim 1) needs it "
                     "said (Task(batch_dims=...); an .npz: a `batch_dims` array)"
                 ) from None
+            why = one_sided(self._reference) if self.headline.startswith("agreement") else None
+            if why is not None:
+                note = (f"metric: agreement means nothing here: {why}. Pass a metric function "
+                        "(`--metric module:function`; Task(evaluate=...)) that measures the "
+                        "value, e.g. its error against the uncompressed model's")  # fmt: skip
+                self.notes.append(note)
+                warnings.warn(note, stacklevel=2)
 
     def choose_headline(self, model: nn.Module) -> None:
         """Without a chosen ``primary`` or ``evaluate``: ``cosine`` when ``model``'s outputs
         are values (:func:`~edgeslim.task.agreement.values_not_classes`), with a warning
         and a line in :attr:`notes`; a choice made for an earlier model is undone first."""
+        self.notes = []
         if self._chose_primary:
-            self.primary, self._chose_primary, self.notes = None, False, []
+            self.primary, self._chose_primary = None, False
         if self.primary is not None or self.evaluate is not None:
             return
         module = self.module(model)
