@@ -189,6 +189,26 @@ def test_a_missed_macs_target_fails_naming_requested_and_achieved(tmp_path: Path
     assert "## Warnings" in report and "prune target missed" in report
 
 
+def test_a_plan_missing_the_target_fails_before_the_surgery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planner measures its plan's reduction: a miss fails then, not after the surgery,
+    the refit and the fine-tune (a user waited through all three for the same error)."""
+    import edgeslim
+    import edgeslim.prune.planner as planner
+    from edgeslim.errors import PruneError
+    from edgeslim.task import digits_task
+
+    def no_surgery(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the surgery ran")
+
+    monkeypatch.setattr(planner, "apply_keep", no_surgery)
+    stage = {"kind": "prune", "macs_reduction": 0.2, "round_to": 8, "finetune_epochs": 3,
+             "reconstruct": True}  # fmt: skip
+    with pytest.raises(PruneError, match=r"asked for -20\.0% MACs .* achieved -46\.9%"):
+        edgeslim.compress(_narrow_cnn(), {"stages": [stage]}, digits_task(), out=tmp_path / "r")
+
+
 def test_prune_stage_with_latency_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``latency_weight`` reaches the planner: the target holds, the note says how the
     ranking was tilted, and the machine's latency table is cached where the user said."""

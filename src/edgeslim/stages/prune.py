@@ -297,7 +297,8 @@ def _plan_within_reach(
     ctx: StageContext,
 ) -> dict[CouplingGroup, list[int]]:
     """The planner's keep sets for the stage's budget; with ``allow_target_miss``, a MACs
-    target out of reach is planned at the most the groups can remove, and noted."""
+    target out of reach is planned at the most the groups can remove, and noted. A plan
+    missing the target (coarse ``round_to``) fails before any surgery unless allowed."""
     import warnings
 
     from edgeslim.errors import UnreachableTargetError
@@ -305,7 +306,7 @@ def _plan_within_reach(
 
     config = stage.prune_config()
     try:
-        return plan_keep(model, example, criterion, config)[0]
+        keep, stats = plan_keep(model, example, criterion, config)
     except UnreachableTargetError as exc:
         if not stage.allow_target_miss or exc.best <= 0.0:
             raise
@@ -317,6 +318,10 @@ def _plan_within_reach(
         with warnings.catch_warnings():  # the groups left whole were named a moment ago
             warnings.simplefilter("ignore", PruneWarning)
             return plan_keep(model, example, criterion, reachable)[0]
+    # the plan's reduction is measured on a pruned copy: a miss fails here, before the
+    # surgery, refit and fine-tune it would otherwise wait for (checked again after them)
+    _check_target(stage, stats.macs_reduction, ctx.model_name)
+    return keep
 
 
 def rebuild_prune(
