@@ -98,3 +98,16 @@ def test_quantized_attention_counts_its_out_proj_once() -> None:
     assert total_macs(q) == total_macs(fp32)
     assert q["attn.out_proj"].macs == 2 * 5 * 16 * 16
     assert sum(r.params for r in q.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_inputs_packed_in_a_tuple_are_a_clear_error() -> None:
+    import pytest
+
+    from edgeslim.errors import TraceError
+    from edgeslim.graph import analyze
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(TraceError, match=r"one tuple of 1; pass each input as its own"):
+        analyze(model, (x,))
+    assert analyze(model, x).macs > 0

@@ -34,6 +34,7 @@ from edgeslim.datafree.methods import (
     Method,
     MethodArgs,
     assign_bits,
+    no_layers,
 )
 from edgeslim.datafree.ops import WEIGHT_GRANULARITIES, WeightGranularity, weight_spec
 from edgeslim.datafree.report import DataFreeReport
@@ -169,6 +170,8 @@ def compress_datafree(
     with torch.no_grad():
         chain = analyze(model, example, input_range)
         chain.granularity = spec.granularity
+        if not chain.order:
+            raise no_layers(str(method if isinstance(method, str) else "data-free"), chain)
         bits = assign_bits(chain, spec.low_bits, spec.high_bits, spec.edge_bits)
         before = _snapshot(chain.model, chain.order)
         run(chain, MethodArgs(bits, spec.prune_ratio, spec.criterion, spec.low_bits))

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edgeslim.datafree.chain import Chain, Pair, input_stats, is_depthwise
+from edgeslim.datafree.chain import COMPUTE, NORMS, Chain, Pair, input_stats, is_depthwise
 from edgeslim.datafree.compensate import (
     compensate_all,
     correct_bias,
@@ -162,7 +162,8 @@ def explain_bits(chain: Chain, bits: dict[str, int], low: int, edge: int) -> dic
         pair = chain.pairs.get(fqn)
         feeding = chain.pair_into(fqn)
         if fqn in (first, last):
-            out[fqn] = f"{b} bits: {'first' if fqn == first else 'last'} layer (edge_bits {edge})"
+            where = "only" if first == last else "first" if fqn == first else "last"
+            out[fqn] = f"{b} bits: {where} layer (edge_bits {edge})"
         elif b <= low and pair is not None and chain.pre[fqn].estimated:
             out[fqn] = (f"{b} bits (low): clipped and rescaled; its consumer {pair.consumer} is "
                         "high-bit but no mean compensation: no BatchNorm statistics for its "
@@ -337,17 +338,41 @@ def bias_correct_all(
     return skipped
 
 
-def _nothing(method: str, what: str, reasons: list[str]) -> NothingToCompressError:
+def _unhandled(chain: Chain | None) -> list[str]:
+    """The layers with weights that data-free methods do not model (a Conv3d, a GRU, a
+    transposed conv): named, so an empty analysis is not a mystery."""
+    if chain is None:
+        return []
+    found = [f"{fqn} ({type(m).__name__})" for fqn, m in chain.model.named_modules()
+             if fqn and not isinstance(m, COMPUTE) and not list(m.children())
+             and any(n.startswith("weight") for n, _ in m.named_parameters(recurse=False))
+             and not isinstance(m, (*NORMS, nn.LayerNorm, nn.GroupNorm, nn.PReLU))]  # fmt: skip
+    return found
+
+
+def _nothing(
+    method: str, what: str, reasons: list[str], chain: Chain | None = None
+) -> NothingToCompressError:
     shown = reasons[:8] + ([f"... and {len(reasons) - 8} more"] if len(reasons) > 8 else [])
+    unhandled = _unhandled(chain)
     if not shown:  # e.g. every layer sits inside a module torch.fx keeps whole
         shown = ["no pair of conv/linear layers is visible in the traced graph (layers "
                  "inside modules torch.fx keeps whole, such as torch's transformer layers, "
                  "are not analysed)"]  # fmt: skip
+    if unhandled:
+        more = f" and {len(unhandled) - 6} more" if len(unhandled) > 6 else ""
+        shown.append("layers data-free methods do not model (only Conv1d/Conv2d/Linear): "
+                     f"{', '.join(unhandled[:6])}{more}")  # fmt: skip
     return NothingToCompressError(
         f"{method}: {what}; the model is unchanged, so no {method} result is returned. "
         + "Per layer: "
         + "; ".join(shown)
     )
+
+
+def no_layers(method: str, chain: Chain) -> NothingToCompressError:
+    """The error for a model with no Conv1d/Conv2d/Linear layer in its traced graph."""
+    return _nothing(method, "no Conv1d/Conv2d/Linear layer to work on", [], chain)
 
 
 def dfq(chain: Chain, args: MethodArgs) -> None:
@@ -368,7 +393,7 @@ def dfq(chain: Chain, args: MethodArgs) -> None:
     if not done:
         reasons = [f"{k}: {v.removeprefix('not equalized: ')}" for k, v in pairs.items()]
         raise _nothing("dfq", "nothing to equalize (no positively homogeneous pair)",
-                       reasons + blocked)  # fmt: skip
+                       reasons + blocked, chain)  # fmt: skip
     for key, text in absorb_high_bias(chain).items():
         pairs[key] = f"{pairs[key]}; {text}"
     chain.report.pairs.update(pairs)
@@ -456,12 +481,14 @@ def dfmpc(chain: Chain, args: MethodArgs) -> None:
     lowered = [f for f in chain.order if args.bits[f] <= low]
     if not lowered:
         edge = args.bits[chain.order[0]]
-        raise _nothing("dfmpc", f"no layer can take {low} bits", [
+        raise _nothing("dfmpc", f"no layer can take {low} bits (the first and last layers keep "
+                       "edge_bits; mixed precision needs a low layer with a high consumer: use "
+                       "one width instead, e.g. method dfq or rtn with low_bits = high_bits)", [
             f"{f}: {why}" for f, why in explain_bits(chain, args.bits, low, edge).items()
-        ])  # fmt: skip
+        ], chain)  # fmt: skip
     if not chain.pairs:
         raise _nothing("dfmpc", "no pair to compensate the rounding in",
-                       [chain.why_not(f) for f in chain.order])  # fmt: skip
+                       [chain.why_not(f) for f in chain.order], chain)  # fmt: skip
     if chain.granularity == "channel":
         original = clip_low_bits(chain, args.bits, low, match=False)
         rounding, grams = round_low_bits(chain, args.bits, low, original)

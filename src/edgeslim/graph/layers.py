@@ -183,7 +183,11 @@ def layer_table(
     model.eval()
     try:
         with torch.no_grad(), functional.track(model):
-            model(*example_args, **example_kwargs)
+            try:
+                model(*example_args, **example_kwargs)
+            except TypeError as exc:
+                _refuse_packed_inputs(example_args, exc)
+                raise
     finally:
         for h in handles:
             h.remove()
@@ -192,6 +196,19 @@ def layer_table(
     _own_out_proj(model, rows)
     order = [n for n, _ in model.named_modules() if n in rows]
     return {n: LayerInfo(n, **rows[n]) for n in order}
+
+
+def _refuse_packed_inputs(example_args: tuple[Any, ...], exc: TypeError) -> None:
+    """A model that failed on one tuple of tensors was most likely given its inputs packed:
+    ``analyze(model, (x,))`` for ``analyze(model, x)`` (or ``*inputs``)."""
+    if len(example_args) == 1 and isinstance(example_args[0], (tuple, list)):
+        from edgeslim.errors import TraceError
+
+        raise TraceError(
+            f"the model raised TypeError on the example inputs ({exc}): they were given as one "
+            f"{type(example_args[0]).__name__} of {len(example_args[0])}; pass each input as "
+            "its own argument (`analyze(model, x)`, `analyze(model, *inputs)`)"
+        ) from exc
 
 
 def _own_out_proj(model: nn.Module, rows: dict[str, dict[str, Any]]) -> None:
