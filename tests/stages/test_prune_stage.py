@@ -109,6 +109,8 @@ def test_prune_stage_with_learned_gates_meets_the_target(tmp_path: Path) -> None
     pruned = run_prune(model, stage, ctx)
     assert 1 - total_macs(layer_table(pruned, X)) / base >= 0.3
     assert any(n.startswith("prune: learned gates, 1 epoch(s) on 256 samples") for n in ctx.notes)
+    # 256 samples in batches of 64: 4 gate steps, which the notes call too few
+    assert any("took 4 step(s)" in n and n.startswith("WARNING") for n in ctx.notes)
     save_state(pruned, tmp_path / "model.safetensors")
     rebuilt = load_pruned(resnet20().eval(), tmp_path / "model", (X,))
     torch.testing.assert_close(rebuilt(X), pruned(X))

@@ -85,13 +85,18 @@ from edgeslim.artifacts import free_plan_path
 from edgeslim.data.batching import TensorBatches
 from edgeslim.errors import PruneError, UnreachableTargetError
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
-from edgeslim.train.loop import TrainConfig
+from edgeslim.train.loop import TrainConfig, steps_per_epoch
 from edgeslim.train.selection import held_out_for_stage, kept_note
 
 if TYPE_CHECKING:
     from edgeslim.graph.coupling import CouplingGroup
     from edgeslim.prune.config import PruneConfig
     from edgeslim.prune.plan import PrunePlan
+
+# gate steps below which the gates cannot have learned much: the gates' SGD moves each gate
+# by ~gate_lr x 1e-3 a step (prune.gates), so a few steps leave them where they started and
+# the final projection alone picks the channels
+MIN_GATE_STEPS = 50
 
 
 class PruneStage(Stage):
@@ -235,6 +240,14 @@ def _prune_by_gates(
         )
         result = run(exc.best - 1e-6)  # the floor exactly: float rounding must not miss it
     plan = result.plan
+    steps = stage.gate_epochs * steps_per_epoch(train)
+    if steps < MIN_GATE_STEPS:
+        ctx.notes.append(
+            f"WARNING: prune: the learned gates took {steps} step(s) (under {MIN_GATE_STEPS}): "
+            "too few to learn which channels matter, so the channels removed are close to an "
+            "arbitrary choice; give the stage more samples (`limit`) or `gate_epochs`, or "
+            "rank channels instead (`method: rank`)"
+        )
     if ctx.model_name:
         plan = dataclasses.replace(plan, name=ctx.model_name)
     plan_path = plan.save(_plan_path(Path(ctx.out)))
