@@ -38,6 +38,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from edgeslim.datafree.channel_moves import Ids, as_channels, channel_ids, moves_values, run_on_ids
 from edgeslim.datafree.gaussian import IDENTITY, RELU, RELU6, Act, act_mean, act_var, leaky
 from edgeslim.datafree.report import DataFreeReport
 
@@ -61,6 +62,7 @@ NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 # per-channel statistics pass unchanged through these (pooling keeps each channel's mean;
 # its variance is taken as kept too: neighbouring positions are strongly correlated)
 _PASSES = MOVES_VALUES | AVERAGES
+_NOT_MOVED = object()  # GraphWalk._moved: not a channel move, the other rules apply
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
 # upsampling that copies values or takes convex combinations of them: per channel it keeps
 # the mean, stays inside the input's interval and commutes with a per-channel scale and
@@ -338,6 +340,8 @@ class GraphWalk(Generic[V]):
         self.free = free
         self.values: dict[fx.Node, V | None] = {}
         self.inputs: dict[str, V | None] = {}
+        # nodes whose channels a move left off axis 1: (the value moved, its channel ids)
+        self.layouts: dict[fx.Node, tuple[V, Ids]] = {}
 
     def run(self) -> dict[str, V | None]:
         last: dict[fx.Node, fx.Node] = {}
@@ -377,6 +381,37 @@ class GraphWalk(Generic[V]):
         """A flatten of ``(N, C, H, W)`` into ``(N, C * positions)`` features."""
         raise NotImplementedError
 
+    def select(self, x: V, index: torch.Tensor) -> V | None:
+        """The value of channels ``index`` of ``x``, in that order (a split, a shuffle)."""
+        raise NotImplementedError
+
+    def _moved(self, node: fx.Node, x: V | None) -> V | object | None:
+        """A channel split, slice or shuffle (:mod:`.channel_moves`): the value of the
+        channels it leaves on axis 1, None while its layout is not channels, or
+        ``_NOT_MOVED`` for an op the other rules handle (flattens, pools, position cuts)."""
+        src = node.args[0] if node.args else None
+        if not moves_values(node) or not isinstance(src, fx.Node):
+            return _NOT_MOVED
+        held = self.layouts.get(src)
+        if held is None:
+            before, after = _shape(src), _shape(node)
+            splits = before is not None and after is not None and len(after) > len(before)
+            if x is None or (_passes(self.gm, node) and not splits):
+                return _NOT_MOVED
+            fresh = channel_ids(src)
+            if fresh is None:
+                return _NOT_MOVED
+            held = (x, fresh)
+        base, ids = held
+        out = run_on_ids(node, ids)
+        if out is None:
+            return None
+        index = as_channels(out)
+        if index is None:
+            self.layouts[node] = (base, out)
+            return None
+        return self.select(base, index)
+
     def _arg(self, node: fx.Node, i: int = 0) -> V | None:
         a = node.args[i] if len(node.args) > i else None
         return self.values.get(a) if isinstance(a, fx.Node) else None
@@ -412,6 +447,9 @@ class GraphWalk(Generic[V]):
             vals = [self.values.get(p) if isinstance(p, fx.Node) else None for p in parts]
             known = [v for v in vals if v is not None]
             return self.cat(known) if len(known) == len(vals) else None
+        moved = self._moved(node, x)
+        if moved is not _NOT_MOVED:
+            return moved  # type: ignore[return-value]  # V or None here
         if _passes(self.gm, node) and x is not None:
             src = node.args[0]
             before = _shape(src) if isinstance(src, fx.Node) else None
@@ -463,6 +501,9 @@ class _Propagator(GraphWalk[Stats]):
 
     def positions_to_features(self, x: Stats, positions: int) -> Stats:
         return x.repeat(positions)
+
+    def select(self, x: Stats, index: torch.Tensor) -> Stats:
+        return Stats(x.mean[index], x.var[index], x.estimated, x.bounds, x.clip)
 
 
 def _readers(cur: fx.Node) -> list[fx.Node]:

@@ -156,6 +156,9 @@ class CovariancePropagator(GraphWalk[Moments]):
     def positions_to_features(self, x: Moments, positions: int) -> None:
         return None  # the covariance between positions is unknown
 
+    def select(self, x: Moments, index: torch.Tensor) -> Moments:
+        return Moments(x.mean[index], x.cov[index][:, index])
+
 
 def input_moments(
     model: nn.Module, example: torch.Tensor, layers: Collection[str] | None = None
