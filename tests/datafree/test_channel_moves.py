@@ -40,3 +40,29 @@ def test_split_slice_and_shuffle_carry_each_channel_s_statistics() -> None:
         got = input_stats(chain, fqn)
         assert got is not None, fqn  # unknown before: these layers kept float inputs
         torch.testing.assert_close(got.mean, relu_mean[channels])
+
+
+class Reused(nn.Module):
+    """One conv applied twice, each call with its own BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn_a(self.conv(x)))
+        x = torch.relu(self.bn_b(self.conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_module_called_twice_is_no_pair() -> None:
+    """DF-MPC made a reused conv its own compensator (the note read 'conv: 3 bits, compensated
+    in conv'): a change for one call reaches the other. Neither end of a pair now."""
+    chain = analyze(Reused().eval(), torch.zeros(1, 3, 8, 8))
+    assert not chain.pairs
+    assert "called at 2 places" in chain.blocked["conv"].reason
+    assert "called at 2 places" in chain.blocked["stem"].reason

@@ -522,12 +522,22 @@ def _fan_out(gm: fx.GraphModule, cur: fx.Node, what: str) -> Blocked | None:
                          "shared, so no single consumer can undo a per-channel change")  # fmt: skip
 
 
+def _calls(gm: fx.GraphModule, target: str) -> int:
+    """How many nodes call module ``target`` (a module reused in ``forward``)."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == target)
+
+
 def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Blocked:
     """The pair starting at compute ``node`` and the node holding its pre-activation, or
     why there is none (see the module doc)."""
     producer = str(node.target)
     cur, pre_node, act, name, repeat = node, node, IDENTITY, "none", 1
     other: str | None = None
+    calls = _calls(gm, producer)
+    if calls > 1:  # one weight for several inputs: a per-channel change reaches them all
+        why = (f"it is called at {calls} places in the graph (one weight for each of its "
+               "inputs), so no one consumer can undo a change")  # fmt: skip
+        return Blocked(None, why)
     if (fan := _fan_out(gm, cur, "its output")) is not None:
         return fan
     nxt = _readers(cur)[0]
@@ -578,6 +588,10 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
         return Blocked(None, f"its output reaches {_describe(gm, nxt)} before any conv/linear")
     if other is not None:
         return Blocked(str(nxt.target), f"{other} is not positively homogeneous")
+    if (calls := _calls(gm, str(nxt.target))) > 1:
+        return Blocked(str(nxt.target), f"the consumer is called at {calls} places in the "
+                                        "graph, so a change made for this input reaches "
+                                        "its others")  # fmt: skip
     if isinstance(consumer, CONVS) and consumer.groups != 1 and not is_depthwise(consumer):
         return Blocked(str(nxt.target), "the consumer is a grouped conv")
     pair = Pair(producer, str(nxt.target), act, repeat, is_depthwise(consumer), name, max_pool)
