@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -38,7 +39,14 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeslim.datafree.channel_moves import Ids, as_channels, channel_ids, moves_values, run_on_ids
+from edgeslim.datafree.channel_moves import (
+    Ids,
+    as_channels,
+    channel_ids,
+    moves_values,
+    node_shape,
+    run_on_ids,
+)
 from edgeslim.datafree.gaussian import IDENTITY, RELU, RELU6, Act, act_mean, act_var, leaky
 from edgeslim.datafree.report import DataFreeReport
 
@@ -281,11 +289,6 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     return str(getattr(target, "__name__", target))
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64)
 
@@ -317,7 +320,7 @@ def _reads_tracked_channels(m: nn.Module, node: fx.Node, x: Any) -> bool:
     width = int(x.mean.shape[0])
     if isinstance(m, nn.Linear):
         src = node.args[0] if node.args else None
-        shape = _shape(src) if isinstance(src, fx.Node) else None
+        shape = node_shape(src) if isinstance(src, fx.Node) else None
         return shape is not None and len(shape) == 2 and m.in_features == width
     return int(getattr(m, "in_channels", -1)) == width
 
@@ -354,6 +357,7 @@ class GraphWalk(Generic[V]):
                 for arg in node.all_input_nodes:
                     if last.get(arg) is node:
                         self.values.pop(arg, None)
+                        self.layouts.pop(arg, None)
         return self.inputs
 
     # what subclasses define
@@ -394,7 +398,7 @@ class GraphWalk(Generic[V]):
             return _NOT_MOVED
         held = self.layouts.get(src)
         if held is None:
-            before, after = _shape(src), _shape(node)
+            before, after = node_shape(src), node_shape(node)
             splits = before is not None and after is not None and len(after) > len(before)
             if x is None or (_passes(self.gm, node) and not splits):
                 return _NOT_MOVED
@@ -417,7 +421,7 @@ class GraphWalk(Generic[V]):
         return self.values.get(a) if isinstance(a, fx.Node) else None
 
     def _visit(self, node: fx.Node) -> V | None:
-        shape = _shape(node)
+        shape = node_shape(node)
         if node.op == "placeholder":
             return None if shape is None or len(shape) < 2 else self.source(shape[1])
         x = self._arg(node)
@@ -452,7 +456,7 @@ class GraphWalk(Generic[V]):
             return moved  # type: ignore[return-value]  # V or None here
         if _passes(self.gm, node) and x is not None:
             src = node.args[0]
-            before = _shape(src) if isinstance(src, fx.Node) else None
+            before = node_shape(src) if isinstance(src, fx.Node) else None
             if before is not None and shape is not None and len(before) == 4 and len(shape) == 2:
                 positions = before[2] * before[3]
                 return x if positions == 1 else self.positions_to_features(x, positions)
@@ -522,18 +526,20 @@ def _fan_out(gm: fx.GraphModule, cur: fx.Node, what: str) -> Blocked | None:
                          "shared, so no single consumer can undo a per-channel change")  # fmt: skip
 
 
-def _calls(gm: fx.GraphModule, target: str) -> int:
-    """How many nodes call module ``target`` (a module reused in ``forward``)."""
-    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == target)
+def module_calls(gm: fx.GraphModule) -> Counter[str]:
+    """How many nodes call each module (more than one: a module reused in ``forward``)."""
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
 
 
-def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Blocked:
+def _find_pair(
+    gm: fx.GraphModule, node: fx.Node, calls_of: Counter[str]
+) -> tuple[Pair, fx.Node] | Blocked:
     """The pair starting at compute ``node`` and the node holding its pre-activation, or
-    why there is none (see the module doc)."""
+    why there is none (see the module doc); ``calls_of``: :func:`module_calls` of ``gm``."""
     producer = str(node.target)
     cur, pre_node, act, name, repeat = node, node, IDENTITY, "none", 1
     other: str | None = None
-    calls = _calls(gm, producer)
+    calls = calls_of[producer]
     if calls > 1:  # one weight for several inputs: a per-channel change reaches them all
         why = (f"it is called at {calls} places in the graph (one weight for each of its "
                "inputs), so no one consumer can undo a change")  # fmt: skip
@@ -574,7 +580,7 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
         if nxt.op == "call_module":
             max_pool |= isinstance(gm.get_submodule(str(nxt.target)), _MAX_POOLS)
         max_pool |= nxt.target in (nn.functional.max_pool1d, nn.functional.max_pool2d)
-        before, after = _shape(cur), _shape(nxt)
+        before, after = node_shape(cur), node_shape(nxt)
         if before is not None and after is not None and len(before) > 2 and len(after) == 2:
             repeat *= math.prod(before[2:])  # a flatten: each channel feeds this many
         cur = nxt
@@ -588,7 +594,7 @@ def _find_pair(gm: fx.GraphModule, node: fx.Node) -> tuple[Pair, fx.Node] | Bloc
         return Blocked(None, f"its output reaches {_describe(gm, nxt)} before any conv/linear")
     if other is not None:
         return Blocked(str(nxt.target), f"{other} is not positively homogeneous")
-    if (calls := _calls(gm, str(nxt.target))) > 1:
+    if (calls := calls_of[str(nxt.target)]) > 1:
         return Blocked(str(nxt.target), f"the consumer is called at {calls} places in the "
                                         "graph, so a change made for this input reaches "
                                         "its others")  # fmt: skip
@@ -620,6 +626,7 @@ def analyze(
     blocked: dict[str, Blocked] = {}
     pre: dict[str, Stats] = {}
     bn_outputs: dict[str, Stats] = {}
+    calls_of = module_calls(gm)
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), COMPUTE):
             continue
@@ -635,7 +642,7 @@ def analyze(
             bn = prop.values.get(user)
             if bn is not None and not bn.estimated:
                 bn_outputs[str(node.target)] = bn
-        found = _find_pair(gm, node)
+        found = _find_pair(gm, node, calls_of)
         if isinstance(found, Blocked):
             blocked[str(node.target)] = found
             continue

@@ -43,7 +43,7 @@ def moves_values(node: fx.Node) -> bool:
 def channel_ids(node: fx.Node) -> torch.Tensor | None:
     """The id tensor of ``node``'s output when its channels are on axis 1 (shape from the
     traced metadata): element ``[n, c, ...]`` holds ``c``."""
-    shape = _shape(node)
+    shape = node_shape(node)
     if shape is None or len(shape) < 2:
         return None
     ids = torch.arange(shape[1]).reshape(1, -1, *([1] * (len(shape) - 2)))
@@ -53,7 +53,7 @@ def channel_ids(node: fx.Node) -> torch.Tensor | None:
 def run_on_ids(node: fx.Node, ids: Ids) -> Ids | None:
     """``node``'s op applied to ``ids`` (its first argument's ids), or None when an argument
     cannot be known here (a size computed from another tensor, a tensor index)."""
-    out_shape = _shape(node)
+    out_shape = node_shape(node)
     if node.op == "call_method" and node.target in _RESHAPES:
         if out_shape is None or not isinstance(ids, torch.Tensor):
             return None
@@ -94,7 +94,8 @@ def as_channels(ids: Ids) -> torch.Tensor | None:
     return per[:, 0].clone()
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The traced shape of ``node``'s output (ShapeProp's metadata), None if unknown."""
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return tuple(int(s) for s in shape) if shape is not None else None

@@ -26,11 +26,11 @@ from edgeslim.quant.registries import QUANTIZERS
 from edgeslim.quant.spec import QuantConfigError, QuantSpec
 
 EPS = 1e-8
-# the widest codes an int8 file gives a sub-8-bit weight grid: |code| <= 64 keeps the
-# u8 x s8 pair sums of x86 int8 kernels without VNNI inside int16 (ONNX Runtime's
-# reduce_range bound) on every machine
-INT8_CODE_BITS = 7
 """Floor of every scale / magnitude (an all-zero group still gets distinct levels)."""
+INT8_CODE_BITS = 7
+"""The widest codes an int8 file gives a sub-8-bit weight grid: |code| <= 64 keeps the
+u8 x s8 pair sums of x86 int8 kernels without VNNI inside int16 (ONNX Runtime's
+reduce_range bound) on every machine."""
 
 
 def _pos(s: torch.Tensor) -> torch.Tensor:
