@@ -1,8 +1,8 @@
 """Property test: coupling groups are complete on randomly wired conv nets.
 
-Hypothesis builds nets from plain convs, residual adds, concatenations, depthwise convs
-and BatchNorm, ending in a flatten or a pooled linear head; every prunable group must pass
-the cut-and-scramble check of ``coupling_check``.
+Hypothesis builds nets from plain convs, residual adds, concatenations, depthwise and
+grouped convs and BatchNorm, ending in a flatten or a pooled linear head; every prunable
+group must pass the cut-and-scramble check of ``coupling_check``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ class Block(nn.Module):
         elif kind == "concat":
             self.conv = nn.Conv2d(ch, width, 1, bias=True)
             self.out_ch = ch + width
-        else:  # depthwise
-            self.dw = nn.Conv2d(ch, ch, 3, padding=1, groups=ch, bias=False)
+        else:  # depthwise, or grouped: the most groups of at least two channels
+            groups = ch if kind == "depthwise" else max(g for g in range(1, ch) if ch % g == 0)
+            self.dw = nn.Conv2d(ch, ch, 3, padding=1, groups=groups, bias=False)
             self.bn = nn.BatchNorm2d(ch)
             self.out_ch = ch
 
@@ -71,7 +72,9 @@ class RandomNet(nn.Module):
 @settings(max_examples=25, deadline=None)
 @given(
     kinds=st.lists(
-        st.sampled_from(["conv", "residual", "concat", "depthwise"]), min_size=1, max_size=5
+        st.sampled_from(["conv", "residual", "concat", "depthwise", "grouped"]),
+        min_size=1,
+        max_size=5,
     ),
     widths=st.lists(st.integers(2, 6), min_size=5, max_size=5),
     flatten_head=st.booleans(),

@@ -113,13 +113,14 @@ def layer_key(module: nn.Module, row: LayerInfo, precision: str) -> LayerKey | N
 
     Channel counts come from ``row`` (the layer table of the model as it runs), not from
     the module, so the key of a pruned layer can be read off the unpruned module's kernel
-    geometry with the pruned table's shapes (a depthwise conv stays depthwise).
+    geometry with the pruned table's shapes (a depthwise conv stays depthwise, a grouped conv
+    keeps its channels per group).
     """
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and isinstance(module.padding, tuple):
         n = module.weight.dim() - 2
         cin, cout = int(row.in_shape[1]), int(row.out_shape[1])
-        depthwise = module.groups == module.in_channels and module.groups > 1
-        groups = cin if depthwise else module.groups
+        per = module.in_channels // module.groups  # a grouped conv loses whole groups
+        groups = 1 if module.groups == 1 else max(cin // per, 1)
         return LayerKey(
             "conv", cin, cout, tuple(row.in_shape[2:]), int(row.in_shape[0]),
             _tuple(module.kernel_size, n), _tuple(module.stride, n), _tuple(module.padding, n),

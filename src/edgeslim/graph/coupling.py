@@ -2,7 +2,8 @@
 
 A *space* is the channel axis produced by one op (a conv's output channels, a linear's
 output features, the model input). Ops that pass channels through (BatchNorm,
-activations, pooling, depthwise convs) keep the space; a residual add unites the spaces of
+activations, pooling, depthwise convs and grouped convs whose groups keep their width)
+keep the space; a residual add unites the spaces of
 its operands; a concatenation lays spaces side by side; a flatten spreads each channel
 over ``H*W`` consecutive features. A group is a union of spaces; every module that reads
 or writes those channels is a member with its role and offset, keyed by FQN.
@@ -23,7 +24,9 @@ A linear reads the last axis: an axis it does not mix (a sequence's tokens) is f
 its output features are a new space, so a transformer's feed-forward units form a group.
 LayerNorm fixes the channels it normalises together; a GroupNorm module makes its channels
 prunable in whole groups (the group's ``unit`` is ``C / G`` channels: removing a whole
-group leaves the others' statistics exact). torch's own transformer layers (leaves to
+group leaves the others' statistics exact); so does a grouped conv (ResNeXt, RegNet) whose
+``G`` groups each map ``C / G`` channels to as many (removing a whole conv group leaves the
+others' outputs exact). torch's own transformer layers (leaves to
 torch.fx) contribute one feed-forward group per layer by structure.
 
 Spaces that reach the model input or output, an op edgeslim does not understand, or a
@@ -57,7 +60,8 @@ class GroupMember:
     ``out``: weight dim 0 (and bias) of a conv/linear; ``in``: weight dim 1 of a conv or
     linear, each group index spanning ``repeat`` consecutive input features (``H*W`` after
     a flatten); ``bn``: every per-channel tensor of a norm layer; ``depthwise``: dim 0 of a
-    depthwise conv (its groups shrink with it); ``channelwise``: the per-channel parameters
+    depthwise conv, or of a grouped conv whose groups keep their width, pruned in whole
+    groups (its ``groups`` shrink with it); ``channelwise``: the per-channel parameters
     of an element-wise layer (PReLU slopes). On a recurrent layer, ``out`` is its hidden
     units (gate-strided rows of ``weight_ih``/``weight_hh``, columns of ``weight_hh``) and
     ``in`` its input features (columns of ``weight_ih``). ``offset`` is where the group's
@@ -109,9 +113,10 @@ class _Space:
     rnn: str = ""  # "`fqn` (LSTM)" when this is a recurrent layer's hidden-unit space
     kind: str = "channel"  # "head": attention heads, ``unit`` rows each
     unit: int = 1
-    # the GroupNorms that normalise this space, ``(channels per group, "`fqn` (GroupNorm,
-    # G groups)")``: it is pruned in whole groups when they all agree (see ``groups``)
-    norms: set[tuple[int, str]] = field(default_factory=set)
+    # the layers that split this space into groups (GroupNorms, grouped convs), as
+    # ``(channels per group, "`fqn` (GroupNorm, G groups)")``: it is pruned in whole groups
+    # when they all agree (see ``groups``)
+    blocks: set[tuple[int, str]] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -552,10 +557,7 @@ class _Analyzer:
                 out = self.produce(node, 1)
                 self.member(fqn, out, "out")
                 return self.same_layer(fqn, x, out)
-            if m.groups == m.in_channels == m.out_channels and x is not None:
-                self.member(fqn, x, "depthwise")
-                return x
-            return self.opaque(node, f"grouped conv `{fqn}` (groups={m.groups})")
+            return self.grouped_conv(node, fqn, m, x)
         if isinstance(m, nn.Linear):
             shape = _shape(node.args[0])
             if x is not None and shape is not None and x.dim != len(shape) - 1:
@@ -700,7 +702,7 @@ class _Analyzer:
     ) -> _Val | None:
         """A GroupNorm module: each of its groups of ``C / G`` channels has its own mean and
         variance, so removing whole groups leaves the others exact. The channels it reads are
-        pruned a group at a time (the space's ``norms``; surgery lowers ``num_groups``).
+        pruned a group at a time (the space's ``blocks``; surgery lowers ``num_groups``).
         Fixed instead when one group holds every channel, or a group would straddle
         concatenated inputs, or the channels are not on axis 1."""
         what = f"`{fqn}` (GroupNorm, {groups} group{'s' if groups > 1 else ''})"
@@ -718,8 +720,36 @@ class _Analyzer:
                        "the concatenated tensors it reads")  # fmt: skip
             return x
         for seg in x.segs:
-            self.b.spaces[seg.space].norms.add((per, what))
+            self.b.spaces[seg.space].blocks.add((per, what))
         self.member(fqn, x, "bn")
+        return x
+
+    def grouped_conv(
+        self, node: fx.Node, fqn: str, m: nn.modules.conv._ConvNd, x: _Val | None
+    ) -> _Val | None:
+        """A conv with ``groups > 1``. Each group maps its own ``C / G`` channels: when the
+        groups keep their width (``in = out`` channels, as in ResNeXt's and RegNet's 3x3
+        convs), group ``k`` reads and writes the same channel range, so input and output
+        are one space, pruned a whole conv group at a time (the space's ``blocks``; surgery
+        lowers ``groups``). A depthwise conv is the case of one channel per group. A group
+        that widens or narrows its channels is opaque."""
+        what = f"`{fqn}` (grouped conv, {m.groups} groups)"
+        if m.in_channels != m.out_channels:
+            return self.opaque(node, f"grouped conv `{fqn}` (groups={m.groups}, "
+                               f"{m.in_channels} -> {m.out_channels} channels: edgeslim "
+                               "prunes grouped convs whose groups keep their width)")  # fmt: skip
+        if x is None:
+            return self.opaque(node, f"{what} on untracked channels")
+        per = m.in_channels // m.groups
+        if per > 1:
+            plain = x.length == m.in_channels and all(s.repeat == 1 for s in x.segs)
+            if not plain or any(s.length % per for s in x.segs):
+                self.b.fix(x, f"read by {what}, whose groups of {per} channels straddle "
+                           "the concatenated tensors it reads")  # fmt: skip
+                return x
+            for seg in x.segs:
+                self.b.spaces[seg.space].blocks.add((per, what))
+        self.member(fqn, x, "depthwise")
         return x
 
     def norm_owner(self, node: fx.Node) -> tuple[str, int, int] | None:
@@ -1071,17 +1101,17 @@ class _Analyzer:
                 reasons.append("no producing layer")
             heads = next((sp for sp in spaces if sp.kind == "head"), None)
             size, unit = spaces[0].size, heads.unit if heads is not None else 1
-            norms = sorted(set().union(*(sp.norms for sp in spaces)))
-            if norms:
-                per = norms[0][0]
-                if len({u for u, _ in norms}) > 1:
-                    reasons.append("normalised by GroupNorms whose groups differ: " + ", ".join(
-                        f"{w} ({u} channels each)" for u, w in norms))  # fmt: skip
+            blocks = sorted(set().union(*(sp.blocks for sp in spaces)))
+            if blocks:
+                per = blocks[0][0]
+                if len({u for u, _ in blocks}) > 1:
+                    reasons.append("split by layers whose groups differ: " + ", ".join(
+                        f"{w} ({u} channels each)" for u, w in blocks))  # fmt: skip
                 elif heads is not None or size % per:
-                    reasons.append(f"normalised by {norms[0][1]}, whose groups of {per} "
+                    reasons.append(f"split by {blocks[0][1]}, whose groups of {per} "
                                    f"channels do not divide these {size}")  # fmt: skip
                 else:
-                    size, unit = size // per, per  # pruned in whole GroupNorm groups
+                    size, unit = size // per, per  # pruned in whole groups
             out.append(
                 CouplingGroup(
                     id=len(out),

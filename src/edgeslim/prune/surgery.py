@@ -112,10 +112,10 @@ def check_kept(group: CouplingGroup, kept: KeepIndices) -> list[int]:
 
 
 def _is_depthwise(m: nn.Module) -> bool:
+    """A conv whose groups each map their channels to as many (depthwise: one each), which
+    the coupling analysis prunes in whole groups (role ``depthwise``)."""
     return (
-        isinstance(m, nn.modules.conv._ConvNd)
-        and m.groups > 1
-        and m.groups == m.in_channels == m.out_channels
+        isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.in_channels == m.out_channels
     )
 
 
@@ -191,7 +191,8 @@ def _check_role(m: nn.Module, fqn: str, role: str, name: str) -> None:
     if not ok:
         raise PruneError(
             f"cannot prune {name}: member `{fqn}` ({type(m).__name__}) cannot be sliced as "
-            f"role {role!r}; edgeslim slices Conv/Linear (groups=1), depthwise convs, "
+            f"role {role!r}; edgeslim slices Conv/Linear (groups=1), depthwise convs, grouped "
+            "convs that keep their width (whole groups), "
             "BatchNorm/LayerNorm, PReLU and RNN/LSTM/GRU layers (no projection) and cells. Pass "
             f"`{fqn}` in skip= to leave its group whole."
         )
@@ -255,8 +256,15 @@ def _sliced(
     if isinstance(m, nn.Linear):
         attrs.update(out_features=int(w.shape[0]), in_features=int(w.shape[1]))
     elif _is_depthwise(m):
-        n = int(w.shape[0])
-        attrs.update(out_channels=n, in_channels=n, groups=n)
+        n, per = int(w.shape[0]), int(w.shape[1])
+        kept = out_idx.view(-1, per) if out_idx is not None and n % per == 0 else None
+        whole = kept is not None and bool(
+            ((kept - kept[:, :1]) == torch.arange(per)).all() and (kept[:, 0] % per == 0).all()
+        )
+        if not whole:  # coupling prunes a grouped conv's channels in whole groups only
+            raise PruneError(f"grouped conv ({m.groups} groups of {per}) can only lose whole "
+                             "groups; the kept channels split one")  # fmt: skip
+        attrs.update(out_channels=n, in_channels=n, groups=n // per)
     else:
         attrs.update(out_channels=int(w.shape[0]), in_channels=int(w.shape[1]))
     return tensors, attrs
