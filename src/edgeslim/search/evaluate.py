@@ -180,7 +180,9 @@ class Evaluator:
             self.notes.extend(self.task.notes)
             self.metric_name = self.task.primary or "agreement"
             batches = self.task.validation_batches()
-            self._reference = AgreementReference.of(self.task.module(space.model), batches)
+            self._reference = AgreementReference.of(
+                self.task.module(space.model), batches, self.task.chosen_class_axis
+            )
             where = "validation" if self.task.validation is not None else "calibration"
             self.notes.append(
                 f"metric: {self.metric_name} with the uncompressed model on the {where} inputs"
@@ -206,14 +208,10 @@ class Evaluator:
         if self.mode == "task":
             metrics = self.task.measure(model)
             return metrics[self.metric_name], metrics, None
-        from edgeslim.task.agreement import (
-            agreement_metrics,
-            model_outputs,
-            prediction_divergence,
-        )
+        from edgeslim.task.agreement import agreement_metrics, prediction_divergence
 
         ref = self._reference
-        outs = model_outputs(self.task.module(model), ref.batches)
+        outs = ref.outputs_of(self.task.module(model))
         metrics = agreement_metrics(ref, outs, self.task.min_confidence)
         kl = prediction_divergence(ref, outs)
         return metrics[self.metric_name], metrics, 1.0 - metrics["cosine"] if kl is None else kl

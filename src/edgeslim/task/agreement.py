@@ -1,7 +1,8 @@
 """Agreement with the uncompressed model: an honest metric that needs no labels.
 
 - ``agreement``: top-1 agreement (%) of the first output's argmax over its classes (its
-  last dimension; axis 1 of a ``(N, C, H, W)`` map), counted on rows where the reference
+  last dimension; axis 1 of a ``(N, C, H, W)`` map, and of a ``(N, C, T)`` one a conv
+  wrote, :func:`channels_first_classes`), counted on rows where the reference
   is at least ``min_confidence`` sure of its top-1 (softmax); ``agreement_all`` counts
   every row when a threshold is set.
 - ``top5_agreement``: the reference's top-1 is among the compressed model's top 5 (outputs
@@ -36,8 +37,8 @@ from edgeslim.train.loop import classes_last, decision_threshold
 __all__ = ["flat_outputs"]  # read from here by distillation; defined with the batch shapes
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = classes_last(t.detach().float())
+def _rows(t: torch.Tensor, class_axis: int | None = None) -> torch.Tensor:
+    t = classes_last(t.detach().float(), class_axis)
     if t.dim() == 0:
         return t.reshape(1, 1)
     return t.reshape(-1, 1) if t.dim() == 1 else t.reshape(-1, t.shape[-1])
@@ -58,8 +59,11 @@ def _decisions(
 
 
 @torch.no_grad()
-def model_outputs(module: nn.Module | Any, batches: Sequence[Inputs]) -> list[torch.Tensor]:
-    """Every output of ``module`` over ``batches``, as rows concatenated over the batches."""
+def model_outputs(
+    module: nn.Module | Any, batches: Sequence[Inputs], class_axis: int | None = None
+) -> list[torch.Tensor]:
+    """Every output of ``module`` over ``batches``, as rows concatenated over the batches;
+    the first output's rows run along ``class_axis`` when given (:func:`classes_last`)."""
     if isinstance(module, nn.Module):
         was = module.training
         module.eval()
@@ -71,8 +75,8 @@ def model_outputs(module: nn.Module | Any, batches: Sequence[Inputs]) -> list[to
                 raise TypeError("the model returned no tensor")
             if not per:
                 per = [[] for _ in outs]
-            for acc, t in zip(per, outs, strict=False):
-                acc.append(_rows(t))
+            for i, (acc, t) in enumerate(zip(per, outs, strict=False)):
+                acc.append(_rows(t, class_axis if i == 0 else None))
     finally:
         if isinstance(module, nn.Module):
             module.train(was)
@@ -81,14 +85,22 @@ def model_outputs(module: nn.Module | Any, batches: Sequence[Inputs]) -> list[to
 
 @dataclass(frozen=True)
 class AgreementReference:
-    """The uncompressed model's outputs on the held inputs."""
+    """The uncompressed model's outputs on the held inputs (the first output's classes on
+    ``class_axis``, None for the default rule of :func:`classes_last`)."""
 
     batches: list[Inputs]
     outputs: list[torch.Tensor]
+    class_axis: int | None = None
 
     @classmethod
-    def of(cls, module: nn.Module, batches: list[Inputs]) -> AgreementReference:
-        return cls(batches, model_outputs(module, batches))
+    def of(
+        cls, module: nn.Module, batches: list[Inputs], class_axis: int | None = None
+    ) -> AgreementReference:
+        return cls(batches, model_outputs(module, batches, class_axis), class_axis)
+
+    def outputs_of(self, module: nn.Module | Any) -> list[torch.Tensor]:
+        """``module``'s outputs on the same inputs, as rows read the same way."""
+        return model_outputs(module, self.batches, self.class_axis)
 
 
 def agreement_metrics(
@@ -164,6 +176,47 @@ def values_not_classes(
         return (f"it returns maps at several resolutions ({', '.join(map(str, maps))}: a "
                 "detector's heads, whose channels are not one set of classes)")  # fmt: skip
     return None
+
+
+def last_weight_layer(
+    module: nn.Module, inputs: Inputs
+) -> tuple[list[torch.Tensor], tuple[str, nn.Module] | None]:
+    """``module``'s outputs on ``inputs`` (no gradients) and the last conv or linear layer
+    that ran, ``(fqn, layer)``: the layer whose channels the outputs most likely carry."""
+    last: list[tuple[str, nn.Module]] = []
+
+    def hook(layer: nn.Module, *_: Any) -> None:
+        last.append((names[id(layer)], layer))
+
+    names = {id(m): n for n, m in module.named_modules()}
+    weighted = (nn.modules.conv._ConvNd, nn.Linear)
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, weighted)]
+    try:
+        with torch.no_grad():
+            outs = flat_outputs(module(*inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, (last[-1] if last else None)
+
+
+def channels_first_classes(
+    outputs: Sequence[torch.Tensor], last: tuple[str, nn.Module] | None
+) -> str | None:
+    """Why the first output's classes sit on axis 1, not last, or None: a 3-dim output
+    ``(N, C, T)`` whose axis 1 has the channels of the conv that ran last (a WaveNet's, a
+    CTC speech model's per-frame scores, a log-softmax over axis 1 after it included). A
+    3-dim output is read ``(N, T, C)`` otherwise (a transformer tagger's, a linear's)."""
+    if not outputs or outputs[0].dim() != 3 or last is None:
+        return None
+    fqn, layer = last
+    if not isinstance(layer, nn.modules.conv._ConvNd) or getattr(layer, "transposed", False):
+        return None
+    first = outputs[0]
+    if int(first.shape[1]) != layer.out_channels:
+        return None
+    return (f"its first output {list(first.shape)} holds the {layer.out_channels} channels "
+            f"of conv `{fqn}` on axis 1")  # fmt: skip
 
 
 def one_sided(ref: AgreementReference) -> str | None:

@@ -27,7 +27,6 @@ from edgeslim.data.batching import (
     Inputs,
     TensorBatches,
     as_inputs,
-    flat_outputs,
     is_one_shot,
     take_samples,
 )
@@ -36,7 +35,8 @@ from edgeslim.graph.trace import declare_inputs
 from edgeslim.task.agreement import (
     AgreementReference,
     agreement_metrics,
-    model_outputs,
+    channels_first_classes,
+    last_weight_layer,
     one_sided,
     values_not_classes,
 )
@@ -78,6 +78,12 @@ class Task:
     - ``metric_rows``: how many samples ``evaluate``'s figure counts, when it is a
       percentage of them (the built-in top-1 tasks set it): its resolution, see
       :meth:`metric_step`.
+    - ``class_axis``: the axis of the first output that agreement reads as classes. Default
+      (None): the last axis, axis 1 of a map of 4 or more dims, and axis 1 of a 3-dim
+      output whose axis 1 holds the channels of the conv that ran last (a WaveNet's or a
+      CTC model's per-frame ``(N, C, T)`` scores; found when bound to the model and said in
+      :attr:`notes`). Classes off the last axis are distilled as values (the KD softmax
+      reads the last axis).
     """
 
     example_inputs: tuple[torch.Tensor, ...]
@@ -98,10 +104,12 @@ class Task:
     input_ranges: tuple[tuple[float, float] | None, ...] | None = None
     evaluate_on_validation: bool = False
     metric_rows: int | None = None
+    class_axis: int | None = None
     _reference: AgreementReference | None = field(default=None, init=False, repr=False)
     # what the task decided by itself when bound to a model (the headline it chose)
     notes: list[str] = field(default_factory=list, init=False, repr=False)
     _chose_primary: bool = field(default=False, init=False, repr=False)
+    _class_axis: int | None = field(default=None, init=False, repr=False)  # as bound
 
     def __post_init__(self) -> None:
         self.example_inputs = as_inputs(self.example_inputs)
@@ -292,7 +300,9 @@ class Task:
             self.choose_headline(model)
             batches = self.validation_batches()
             try:
-                self._reference = AgreementReference.of(self.module(model), batches)
+                self._reference = AgreementReference.of(
+                    self.module(model), batches, self._class_axis
+                )
             except Exception as exc:  # it ran on the example: the batch is what differs
                 n = int(batches[0][0].shape[self.dims[0] if self.dims else 0])
                 first = str(exc).splitlines()[0] if str(exc) else ""
@@ -312,26 +322,35 @@ class Task:
                 warnings.warn(note, stacklevel=2)
 
     def choose_headline(self, model: nn.Module) -> None:
-        """Without a chosen ``primary`` or ``evaluate``: ``cosine`` when ``model``'s outputs
-        are values (:func:`~edgeslim.task.agreement.values_not_classes`), with a warning
-        and a line in :attr:`notes`; a choice made for an earlier model is undone first."""
+        """Without ``evaluate``, read ``model``'s outputs on the example: without a chosen
+        ``primary``, ``cosine`` when they are values
+        (:func:`~edgeslim.task.agreement.values_not_classes`), with a warning and a line in
+        :attr:`notes`; otherwise, without a chosen ``class_axis``, axis 1 of a conv's
+        ``(N, C, T)`` scores (:func:`~edgeslim.task.agreement.channels_first_classes`),
+        said in :attr:`notes`. A choice made for an earlier model is undone first."""
         self.notes = []
         if self._chose_primary:
             self.primary, self._chose_primary = None, False
-        if self.primary is not None or self.evaluate is not None:
+        self._class_axis = self.class_axis
+        if self.evaluate is not None:
             return
         module = self.module(model)
         was = module.training
         module.eval()
         try:
-            with torch.no_grad():
-                outs = flat_outputs(module(*self.example_inputs))
+            outs, last = last_weight_layer(module, self.example_inputs)
         finally:
             module.train(was)
         why = values_not_classes(
             [x for x, d in zip(self.example_inputs, self.dims, strict=True) if d == 0], outs
         )
-        if why is None:
+        if why is None or self.primary is not None:
+            axis_why = channels_first_classes(outs, last) if self.class_axis is None else None
+            if axis_why is not None:
+                self._class_axis = 1
+                self.notes = [f"metric: agreement reads the classes on axis 1: {axis_why} "
+                              "(Task(class_axis=-1) reads the last axis instead); fine-tuning "
+                              "matches the outputs as values"]  # fmt: skip
             return
         self.primary, self._chose_primary = "cosine", True
         self.notes = [
@@ -390,7 +409,7 @@ class Task:
                 "bind_reference(uncompressed_model) first"
             )
         module = model if wrapped else self.module(model)
-        outs = model_outputs(module, self._reference.batches)
+        outs = self._reference.outputs_of(module)
         return self._ordered(agreement_metrics(self._reference, outs, self.min_confidence))
 
     def _ordered(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -413,8 +432,16 @@ class Task:
     @property
     def value_outputs(self) -> bool:
         """Whether the outputs are values (an embedding, an image), not class scores: the
-        headline is ``cosine``. Distillation then matches them instead of a softmax."""
-        return self.headline == "cosine"
+        headline is ``cosine``; or class scores whose classes are not on the last axis
+        (:attr:`class_axis`), which the KD softmax reads. Distillation then matches them
+        instead of a softmax."""
+        return self.headline == "cosine" or self._class_axis not in (None, -1)
+
+    @property
+    def chosen_class_axis(self) -> int | None:
+        """The first output's class axis agreement reads: :attr:`class_axis`, or the one
+        found when bound to the model (:meth:`choose_headline`); None: the default rule."""
+        return self._class_axis
 
 
 def _failing_layer(model: nn.Module, exc: BaseException) -> str | None:

@@ -66,12 +66,16 @@ def first_output(outputs: Any) -> torch.Tensor:
     )
 
 
-def classes_last(scores: torch.Tensor) -> torch.Tensor:
+def classes_last(scores: torch.Tensor, axis: int | None = None) -> torch.Tensor:
     """Class scores with the classes on the last axis.
 
     Decision: an output of 4 or more dims, ``(N, C, H, W[, D])``, holds its classes on axis 1
     (dense prediction: torchvision's segmentation models, ``F.cross_entropy``'s own layout);
-    one of 1 to 3 dims holds them last (``(N, C)``, a sequence's ``(N, T, C)``)."""
+    one of 1 to 3 dims holds them last (``(N, C)``, a sequence's ``(N, T, C)``). ``axis``
+    overrides the rule (a Conv1d's per-frame ``(N, C, T)`` scores: 1; see
+    :attr:`edgeslim.Task.class_axis`)."""
+    if axis is not None and scores.dim() > 1:
+        return scores.movedim(axis, -1)
     return scores.movedim(1, -1) if scores.dim() >= 4 else scores
 
 
