@@ -227,3 +227,20 @@ def test_a_folder_as_checkpoint_is_called_a_folder(
     assert code == 2
     assert f"checkpoint {tmp_path} is a folder, not a safetensors file" in text
     assert "model.safetensors" in text and "does not exist" not in text
+
+
+@pytest.mark.parametrize(
+    ("dims", "said"),
+    [("2,x", "is not a list of dimensions"), ("0,2", "dimension 0 cannot be made dynamic")],
+)
+def test_bad_dynamic_dims_exit_2_naming_them(
+    dims: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    np.savez(tmp_path / "s.npz", x=np.zeros((4, 1, 28, 28), dtype=np.float32))
+    argv = ["export", "onnx", "resnet20", "--data", str(tmp_path / "s.npz"),
+            "--dynamic-dims", dims, "--out", str(tmp_path / "m.onnx")]  # fmt: skip
+    code, text = _run(argv, capsys)
+    assert code == 2 and said in text, text
+    assert not (tmp_path / "m.onnx").exists()

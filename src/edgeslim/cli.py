@@ -55,6 +55,14 @@ InputShapes = Annotated[
         help="example input shape at batch 1, e.g. 1,3,224,224; repeat for several inputs",
     ),
 ]
+DynamicDims = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--dynamic-dims",
+        help="dimensions besides the batch the ONNX file leaves free, e.g. 2,3 for an image's "
+        "height and width; repeat for several inputs, in order",
+    ),
+]
 DataOpt = Annotated[
     str | None,
     typer.Option(
@@ -86,6 +94,18 @@ def _shapes(texts: list[str] | None) -> tuple[tuple[int, ...], ...]:
     from edgeslim.inputs import parse_shape
 
     return tuple(parse_shape(t) for t in texts or [])
+
+
+def _dims(texts: list[str] | None) -> tuple[tuple[int, ...], ...]:
+    """``--dynamic-dims 2,3`` (repeatable): dimension indices per input."""
+    out = []
+    for text in texts or []:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not all(p.isdigit() for p in parts):
+            fail(EdgeslimError(f"--dynamic-dims: {text!r} is not a list of dimensions; write "
+                               "e.g. 2,3"))  # fmt: skip
+        out.append(tuple(int(p) for p in parts))
+    return tuple(out)
 
 
 def fail(exc: Exception) -> None:
@@ -412,6 +432,7 @@ def compress(
     data: DataOpt = None,
     metric: MetricOpt = None,
     input_shape: InputShapes = None,
+    dynamic_dims: DynamicDims = None,
     quick: Annotated[bool, typer.Option("--quick", help="fewer latency repeats")] = False,
     force: Annotated[
         bool, typer.Option("--force", help="replace a non-empty --out folder whole")
@@ -439,6 +460,7 @@ def compress(
             model, recipe, out, checkpoint=checkpoint, quick=quick, data=data, metric=metric,
             input_shapes=_shapes(input_shape), force=force, trace_by_example=trace_by_example,
             from_dir=from_dir, command=["edgeslim", *sys.argv[1:]],
+            dynamic_dims=_dims(dynamic_dims),
         )  # fmt: skip
     except (EdgeslimError, ValueError) as exc:
         fail(exc)
@@ -491,6 +513,7 @@ def search_cmd(
     data: DataOpt = None,
     metric: MetricOpt = None,
     input_shape: InputShapes = None,
+    dynamic_dims: DynamicDims = None,
     quick: Annotated[bool, typer.Option("--quick", help="fewer samples and repeats")] = False,
     force: Annotated[bool, typer.Option("--force", help="start over in a used --out")] = False,
     finetune_epochs: Annotated[
@@ -526,7 +549,8 @@ def search_cmd(
     try:
         outcome = run_search(
             model, out, constraint or [], checkpoint=checkpoint, data=data, metric=metric,
-            input_shapes=_shapes(input_shape), strategy=strategy, budget=budget, seed=seed,
+            input_shapes=_shapes(input_shape), dynamic_dims=_dims(dynamic_dims),
+            strategy=strategy, budget=budget, seed=seed,
             max_drop=max_drop, w_bits=w, a_bits=_ints(a_bits, "--a-bits"), keep=keeps,
             executor=executor, workers=workers, force=force, quick=quick,
             finetune_epochs=finetune_epochs, depth=depth, reconstruct=reconstruct,
@@ -607,6 +631,7 @@ def export_onnx_cmd(
     data: DataOpt = None,
     metric: MetricOpt = None,
     input_shape: InputShapes = None,
+    dynamic_dims: DynamicDims = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out file")] = False,
     trace_by_example: TraceByExample = False,
     from_dir: Annotated[
@@ -623,7 +648,7 @@ def export_onnx_cmd(
         check = export_command(
             model, out, recipe, checkpoint, data, metric, _shapes(input_shape), force=force,
             trace_by_example=trace_by_example, from_dir=from_dir,
-            command=["edgeslim", *sys.argv[1:]],
+            command=["edgeslim", *sys.argv[1:]], dynamic_dims=_dims(dynamic_dims),
         )  # fmt: skip
     except (EdgeslimError, ValueError) as exc:
         fail(exc)

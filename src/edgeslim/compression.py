@@ -29,13 +29,7 @@ from torch import nn
 from edgeslim.checkpoint import save_state
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
 from edgeslim.errors import EdgeslimError, Int8SaturationWarning, RecipeError
-from edgeslim.export.verify import (
-    check_parity,
-    export_axes,
-    export_module,
-    output_batch_dims,
-    widen_axes,
-)
+from edgeslim.export.verify import check_parity, export_module, task_axes
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.reparam import bake_reparametrizations
 from edgeslim.progress import log_step
@@ -128,7 +122,13 @@ def _parity_sources(task: Task, per_source: int = 2) -> list[tuple[str, Any]]:
     from edgeslim.export.verify import parity_inputs
 
     calib = task.calibration_batches(64)[:per_source] if task.calibration is not None else []
-    return parity_inputs(task.example_inputs, calib, task.validation_batches()[:per_source])
+    held = task.validation_batches()[:per_source]
+    sources = parity_inputs(task.example_inputs, calib, held)
+    resized = task.resized((held or calib or [task.example_inputs])[0])
+    if resized is not None:  # the file's free dimensions, at another size
+        sizes = [list(t.shape) for t in resized]
+        sources.append((f"held batch doubled along the dynamic dimensions {sizes}", resized))
+    return sources
 
 
 def compress(
@@ -356,9 +356,7 @@ def _run(
     log_step(f"compress {name}: exporting to ONNX and checking it against torch")
     base_mod, comp_mod = task.module(original).eval(), task.module(model).eval()
     example = task.example_inputs
-    out_dims = output_batch_dims(base_mod, task.inputs_at(1), task.inputs_at(2))
-    axes = export_axes(task.names, task.dims, out_dims)
-    axes = widen_axes(axes, base_mod, example, task.latency_feeds())
+    axes = task_axes(task, base_mod)
     base_path = export_module(base_mod, example, out / "baseline.onnx", axes)
     comp_path = export_module(comp_mod, example, out / "model.onnx", axes)
     base_sess, comp_sess = ort_session(base_path), ort_session(comp_path)
@@ -584,6 +582,7 @@ def compress_model(
     trace_by_example: bool = False,
     from_dir: Path | None = None,
     command: list[str] | None = None,
+    dynamic_dims: tuple[tuple[int, ...], ...] = (),
 ) -> list[Record]:
     """The command line's ``compress``: a zoo name or ``module:factory`` (or, with
     ``from_dir``, the model an earlier ``compress`` wrote), its task from ``--data`` (or the
@@ -598,7 +597,7 @@ def compress_model(
     check_out_folder(out, force)
     model_name, base, lineage = starting_model(model_name, checkpoint, from_dir)
     data, metric, input_shapes = recorded_data(from_dir, data, metric, input_shapes)
-    task = resolve_task(model_name, data, metric, input_shapes, quick)
+    task = resolve_task(model_name, data, metric, input_shapes, quick, dynamic_dims)
     original = uncompressed_model(lineage) if from_dir is not None else None
     return compress(
         base, recipe, task, out, name=model_name, quick=quick, force=force,

@@ -73,10 +73,8 @@ def export_checked(
     from edgeslim.export.verify import (
         check_parity,
         check_traceable,
-        export_axes,
         export_module,
-        output_batch_dims,
-        widen_axes,
+        task_axes,
     )
     from edgeslim.quant.modules import QuantMixin
     from edgeslim.runtime.ort import OrtModel, ort_session, output_structure
@@ -88,9 +86,7 @@ def export_checked(
         check_traceable(reference if reference is not None else model, type(model).__name__)
     task.bind_reference(reference if reference is not None else model)
     module = task.module(model).eval()
-    dims = output_batch_dims(module, task.inputs_at(1), task.inputs_at(2))
-    axes = widen_axes(export_axes(task.names, task.dims, dims), module, task.example_inputs,
-                      task.latency_feeds())  # fmt: skip
+    axes = task_axes(task, module)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_siblings(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-onnx")
@@ -175,6 +171,7 @@ def export_command(
     trace_by_example: bool = False,
     from_dir: Path | None = None,
     command: list[str] | None = None,
+    dynamic_dims: tuple[tuple[int, ...], ...] = (),
 ) -> ExportCheck:
     """The command line's ``export onnx``: validate the recipe, the target, the model (or
     the compress output ``from_dir``), the data and the traceability first, then run the
@@ -198,7 +195,7 @@ def export_command(
     reference: nn.Module | None = None
     model_name, base, lineage = starting_model(model_name, checkpoint, from_dir)
     data, metric, input_shapes = recorded_data(from_dir, data, metric, input_shapes)
-    task = resolve_task(model_name, data, metric, input_shapes, quick=True)
+    task = resolve_task(model_name, data, metric, input_shapes, True, dynamic_dims)
     task.check(base)
     if not trace_by_example:
         check_traceable(base, model_name)

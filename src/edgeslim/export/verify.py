@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from torch import nn
 from edgeslim.data.batching import Inputs
 from edgeslim.errors import EdgeslimError
 from edgeslim.task.agreement import flat_outputs
+
+if TYPE_CHECKING:
+    from edgeslim.task import Task
 
 
 def output_batch_dims(module: nn.Module, one: Inputs, two: Inputs) -> list[int | None]:
@@ -72,6 +75,33 @@ def widen_axes(
         ya, yb = flat_outputs(module(*example)), flat_outputs(module(*other))
     _mark_differing(dyn, axes["output_names"], ya, yb)
     return {**axes, "dynamic_axes": dyn}
+
+
+def task_axes(task: Task, module: nn.Module) -> dict[str, Any]:
+    """The export axes of ``module`` on ``task``: every input's and output's batch
+    dimension, the dimensions the latency inputs change (:func:`widen_axes`), and the
+    task's :attr:`~edgeslim.Task.dynamic_dims` with the output dimensions that follow them."""
+    dims = output_batch_dims(module, task.inputs_at(1), task.inputs_at(2))
+    example = task.example_inputs
+    axes = widen_axes(export_axes(task.names, task.dims, dims), module, example,
+                      task.latency_feeds())  # fmt: skip
+    resized = task.resized(example)
+    if resized is None:
+        return axes
+    try:
+        return widen_axes(axes, module, example, resized)
+    except Exception as exc:  # it ran on the example: the size is what differs
+        from edgeslim.errors import TaskError
+
+        sizes = [list(t.shape) for t in resized]
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise TaskError(
+            f"the model does not run on its inputs doubled along the dynamic dimensions "
+            f"{[list(d) for d in task.dynamic_dims or ()]} ({sizes}): {type(exc).__name__}: "
+            f"{first}. Its code fixes those sizes (e.g. a flatten into a Linear); leave them "
+            "out of --dynamic-dims (Task.dynamic_dims), or make the model size-independent "
+            "(an adaptive pool before the flatten)"
+        ) from None
 
 
 def export_module(module: nn.Module, example: Inputs, path: Path, axes: dict[str, Any]) -> Path:

@@ -173,6 +173,7 @@ def run_search(
     finetune_epochs: int = 0,
     finetune_lr: float = 0.005,
     depth: bool = False,
+    dynamic_dims: tuple[tuple[int, ...], ...] = (),
     reconstruct: bool | None = None,
 ) -> SearchOutcome:
     """The command line's ``search`` (see module doc); validates everything first."""
@@ -202,7 +203,7 @@ def run_search(
     _check_out(out, force)
     runner = _executor(executor, workers)
     model = resolve_base(model_name, checkpoint)
-    task = resolve_task(model_name, data, metric, input_shapes, quick)
+    task = resolve_task(model_name, data, metric, input_shapes, quick, dynamic_dims)
     out.mkdir(parents=True, exist_ok=True)
     space, evaluator, latency, result = search_task(
         model, task, parsed, strategy=strategy, budget=budget, seed=seed, w_bits=w_bits,
@@ -254,16 +255,15 @@ SEARCH_REMEDY = (
 
 
 def _export(model: Any, task: Any, path: Path, warned: list[str]) -> tuple[Path, dict[str, Any]]:
-    """The chosen model as ONNX (int8 QDQ when quantized), with dynamic batch axes, checked
+    """The chosen model as ONNX (int8 QDQ when quantized), with the task's dynamic axes, checked
     against torch on the example, calibration, validation and perturbed inputs; a file that
     computes differently on this CPU (saturating int8 kernels) is warned about in ``warned``."""
     from edgeslim.compression import _parity_sources, saturation_note
-    from edgeslim.export.verify import check_parity, export_axes, export_module, output_batch_dims
+    from edgeslim.export.verify import check_parity, export_module, task_axes
     from edgeslim.runtime.ort import ort_session
 
     module = task.module(model).eval()
-    dims = output_batch_dims(module, task.inputs_at(1), task.inputs_at(2))
-    export_module(module, task.example_inputs, path, export_axes(task.names, task.dims, dims))
+    export_module(module, task.example_inputs, path, task_axes(task, module))
     parity = check_parity(module, ort_session(path), _parity_sources(task))
     saturation_note(module, parity, warned, SEARCH_REMEDY)
     return path, {"inputs_checked": parity.inputs_checked, "max_abs_diff": parity.max_abs_diff,

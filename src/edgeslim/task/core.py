@@ -78,6 +78,10 @@ class Task:
     - ``metric_rows``: how many samples ``evaluate``'s figure counts, when it is a
       percentage of them (the built-in top-1 tasks set it): its resolution, see
       :meth:`metric_step`.
+    - ``dynamic_dims``: per input, the dimensions besides the batch whose size may change
+      at run time (an image model's height and width: ``((2, 3),)``); the ONNX file keeps
+      them free, on the outputs that follow them too, and is checked on inputs doubled
+      along them. Default: only the batch dimension is free.
     - ``class_axis``: the axis of the first output that agreement reads as classes. Default
       (None): the last axis, axis 1 of a map of 4 or more dims, and axis 1 of a 3-dim
       output whose axis 1 holds the channels of the conv that ran last (a WaveNet's or a
@@ -105,6 +109,7 @@ class Task:
     evaluate_on_validation: bool = False
     metric_rows: int | None = None
     class_axis: int | None = None
+    dynamic_dims: tuple[tuple[int, ...], ...] | None = None
     _reference: AgreementReference | None = field(default=None, init=False, repr=False)
     # what the task decided by itself when bound to a model (the headline it chose)
     notes: list[str] = field(default_factory=list, init=False, repr=False)
@@ -128,6 +133,7 @@ class Task:
                 )
         self.batch_dims = dims
         self._check_input_ranges(n)
+        self._check_dynamic_dims()
         for what in ("calibration", "validation", "train"):
             data = getattr(self, what)
             if data is not None and is_one_shot(data):
@@ -153,6 +159,38 @@ class Task:
                     f"task {self.name!r}: input range {i} is {r!r}; give (lo, hi), lo < hi"
                 )
         self.input_ranges = tuple(None if r is None else (float(r[0]), float(r[1])) for r in ranges)
+
+    def _check_dynamic_dims(self) -> None:
+        if self.dynamic_dims is None:
+            return
+        given = tuple(tuple(int(d) for d in dims) for dims in self.dynamic_dims)
+        if len(given) > len(self.example_inputs):
+            raise TaskError(
+                f"task {self.name!r}: dynamic dimensions for {len(given)} inputs, but the model "
+                f"takes {len(self.example_inputs)}"
+            )
+        for i, (dims, t, batch) in enumerate(zip(given, self.example_inputs, self.dims,
+                                                 strict=False)):  # fmt: skip
+            bad = [d for d in dims if not 0 <= d < t.dim() or d == batch]
+            if bad:
+                raise TaskError(
+                    f"task {self.name!r}: input {i} has shape {list(t.shape)} and its batch on "
+                    f"dimension {batch}, so dimension {bad[0]} cannot be made dynamic; give "
+                    f"dimensions in 0..{t.dim() - 1} other than {batch} (e.g. 2,3 for an "
+                    "image's height and width)"
+                )
+        self.dynamic_dims = given
+
+    def resized(self, inputs: Inputs) -> Inputs | None:
+        """``inputs`` doubled along each input's :attr:`dynamic_dims` (each value repeated,
+        a nearest-neighbour upsampling of an image), or None without dynamic dimensions."""
+        if not self.dynamic_dims or not any(self.dynamic_dims):
+            return None
+        out = list(inputs)
+        for i, dims in enumerate(self.dynamic_dims):
+            for d in dims:
+                out[i] = out[i].repeat_interleave(2, dim=d)
+        return tuple(out)
 
     def input_range(self, i: int = 0) -> tuple[float, float] | None:
         """The known value range of input ``i`` (None when the task does not know it)."""

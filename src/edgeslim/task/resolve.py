@@ -130,8 +130,10 @@ def resolve_task(
     metric: str | None = None,
     input_shapes: Sequence[tuple[int, ...]] = (),
     quick: bool = False,
+    dynamic_dims: Sequence[tuple[int, ...]] = (),
 ) -> Task:
-    """The task for a command line: ``--data`` or the zoo model's own, ``--metric`` applied."""
+    """The task for a command line: ``--data`` or the zoo model's own, ``--metric`` and
+    ``--dynamic-dims`` (:attr:`Task.dynamic_dims`, one per input in order) applied."""
     if data is None:
         data = zoo_data(model_name)
         if data is None:
@@ -147,4 +149,5 @@ def resolve_task(
     task = load_data(data, quick, input_shapes)
     if input_shapes:
         check_shapes(task, input_shapes)
-    return _with_metric(task, metric) if metric else task
+    task = _with_metric(task, metric) if metric else task
+    return replace(task, dynamic_dims=tuple(dynamic_dims)) if dynamic_dims else task
