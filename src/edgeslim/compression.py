@@ -28,7 +28,7 @@ from torch import nn
 
 from edgeslim.checkpoint import save_state
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
-from edgeslim.errors import EdgeslimError, Int8SaturationWarning, RecipeError
+from edgeslim.errors import EdgeslimError, Int8SaturationWarning, RecipeError, first_line
 from edgeslim.export.verify import check_parity, export_module, task_axes
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.reparam import bake_reparametrizations
@@ -329,9 +329,8 @@ def _run(
         except EdgeslimError:
             raise
         except Exception as exc:  # the user's model met an op a stage does not handle
-            first = str(exc).splitlines()[0] if str(exc) else ""
             raise EdgeslimError(
-                f"stage {i} ({stage.kind}) failed on {name}: {type(exc).__name__}: {first}. "
+                f"stage {i} ({stage.kind}) failed on {name}: {first_line(exc)}. "
                 "If a layer type is the cause, keep it in float (a `select` entry set to null "
                 "in a quantize stage, `skip` in a prune stage); otherwise report this with "
                 "the model."

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"`` (the type alone without a message): what a
+    one-paragraph error quotes of an exception it wraps."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 class EdgeslimError(Exception):
     """Base class of every error edgeslim raises on bad input."""
 

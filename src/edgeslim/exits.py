@@ -27,7 +27,7 @@ from typing import Any
 
 import typer
 
-from edgeslim.errors import EdgeslimError
+from edgeslim.errors import EdgeslimError, first_line
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -167,11 +167,9 @@ def interrupted_message(argv: Sequence[str]) -> str:
 
 
 def internal_message(exc: BaseException, log: Path) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    what = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return (
-        f"internal error ({what[:200]}). This is a bug in edgeslim, not in your input; the "
-        f"traceback is in {log}. Please report it with that file."
+        f"internal error ({first_line(exc)[:200]}). This is a bug in edgeslim, not in your "
+        f"input; the traceback is in {log}. Please report it with that file."
     )
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edgeslim.data.batching import Inputs
-from edgeslim.errors import EdgeslimError
+from edgeslim.errors import EdgeslimError, TaskError, first_line
 from edgeslim.task.agreement import flat_outputs
 
 if TYPE_CHECKING:
@@ -91,14 +91,11 @@ def task_axes(task: Task, module: nn.Module) -> dict[str, Any]:
     try:
         return widen_axes(axes, module, example, resized)
     except Exception as exc:  # it ran on the example: the size is what differs
-        from edgeslim.errors import TaskError
-
         sizes = [list(t.shape) for t in resized]
-        first = str(exc).splitlines()[0] if str(exc) else ""
         raise TaskError(
             f"the model does not run on its inputs doubled along the dynamic dimensions "
-            f"{[list(d) for d in task.dynamic_dims or ()]} ({sizes}): {type(exc).__name__}: "
-            f"{first}. Its code fixes those sizes (e.g. a flatten into a Linear); leave them "
+            f"{[list(d) for d in task.dynamic_dims or ()]} ({sizes}): {first_line(exc)}. "
+            "Its code fixes those sizes (e.g. a flatten into a Linear); leave them "
             "out of --dynamic-dims (Task.dynamic_dims), or make the model size-independent "
             "(an adaptive pool before the flatten)"
         ) from None

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from edgeslim.errors import TraceError
+from edgeslim.errors import TraceError, first_line
 from edgeslim.graph.trace import trace
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -173,10 +173,9 @@ def residual_branches(
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except (RuntimeError, TypeError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TraceError(
             f"residual branches: the traced graph of {type(model).__name__} does not run on "
-            f"the example inputs ({first})"
+            f"the example inputs ({first_line(exc)})"
         ) from None
     finally:
         model.train(was)

@@ -715,14 +715,21 @@ class _Analyzer:
         if groups == 1:
             self.b.fix(x, f"normalised jointly by {what}: its one group holds every channel")
             return x
+        if self.in_blocks(x, per, what, "normalised by"):
+            self.member(fqn, x, "bn")
+        return x
+
+    def in_blocks(self, x: _Val, per: int, what: str, how: str) -> bool:
+        """Mark ``x``'s channels as pruned ``per`` at a time, the groups ``what`` splits
+        them into (the spaces' ``blocks``); or fix them, saying ``how`` ``what`` reads
+        them, when a group would straddle concatenated tensors. Whether they were marked."""
         if any(s.length % per for s in x.segs):
-            self.b.fix(x, f"normalised by {what}, whose groups of {per} channels straddle "
-                       "the concatenated tensors it reads")  # fmt: skip
-            return x
+            self.b.fix(x, f"{how} {what}, whose groups of {per} channels straddle the "
+                       "concatenated tensors it reads")  # fmt: skip
+            return False
         for seg in x.segs:
             self.b.spaces[seg.space].blocks.add((per, what))
-        self.member(fqn, x, "bn")
-        return x
+        return True
 
     def grouped_conv(
         self, node: fx.Node, fqn: str, m: nn.modules.conv._ConvNd, x: _Val | None
@@ -743,12 +750,10 @@ class _Analyzer:
         per = m.in_channels // m.groups
         if per > 1:
             plain = x.length == m.in_channels and all(s.repeat == 1 for s in x.segs)
-            if not plain or any(s.length % per for s in x.segs):
-                self.b.fix(x, f"read by {what}, whose groups of {per} channels straddle "
-                           "the concatenated tensors it reads")  # fmt: skip
+            if not plain:
+                return self.opaque(node, f"{what} on channels spread over positions")
+            if not self.in_blocks(x, per, what, "read by"):
                 return x
-            for seg in x.segs:
-                self.b.spaces[seg.space].blocks.add((per, what))
         self.member(fqn, x, "depthwise")
         return x
 

@@ -30,7 +30,7 @@ from edgeslim.data.batching import (
     is_one_shot,
     take_samples,
 )
-from edgeslim.errors import TaskError
+from edgeslim.errors import TaskError, first_line
 from edgeslim.graph.trace import declare_inputs
 from edgeslim.task.agreement import (
     AgreementReference,
@@ -320,7 +320,7 @@ class Task:
             )
             raise TaskError(
                 f"the model does not run on the task's example inputs ({shapes}): "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+                f"{first_line(exc)}. "
                 "Give the shapes the model expects (--input-shape, repeated for several "
                 "inputs) or data that matches it (--data; an .npz array's dtype is kept: "
                 "float for values, integer for indices such as token ids)."
@@ -343,10 +343,9 @@ class Task:
                 )
             except Exception as exc:  # it ran on the example: the batch is what differs
                 n = int(batches[0][0].shape[self.dims[0] if self.dims else 0])
-                first = str(exc).splitlines()[0] if str(exc) else ""
                 raise TaskError(
                     f"the model runs on the example inputs but not on a batch of {n} held "
-                    f"samples: {type(exc).__name__}: {first}. "
+                    f"samples: {first_line(exc)}. "
                     f"Each input's batch dimension is taken as {list(self.dims)}: an input "
                     "whose batch is on another dimension (a recurrent state: dim 1) needs it "
                     "said (Task(batch_dims=...); an .npz: a `batch_dims` array)"
