@@ -8,8 +8,9 @@
   (that is what makes the methods data-free); a conv/linear maps means exactly and
   variances assuming independent inputs; ReLU/ReLU6/PReLU/LeakyReLU use the Gaussian
   moments of :mod:`edgeslim.datafree.gaussian`; an add sums both; pooling, dropout and
-  flatten keep them (flatten repeats each channel over its positions). Any other op gives
-  "unknown". Statistics that went through a conv/linear with no BatchNorm after it are
+  flatten keep them (flatten repeats each channel over its positions); a GroupNorm's
+  output is ``N(beta, gamma^2)`` per channel, estimated. Any other op gives "unknown".
+  Statistics that went through a conv/linear with no BatchNorm after it are
   *estimated* (``Stats.estimated``): they rest on the independence assumption, not on
   statistics the training data left in a BN, and methods that need exact means say so and
   skip them.
@@ -174,6 +175,9 @@ class Chain:
     # layer FQN -> statistics of its BatchNorm's output, for every layer a BN follows (pairs
     # or not: a conv before a residual add too); what the methods change is in ``pre``
     bn_outputs: dict[str, Stats] = field(default_factory=dict)
+    # module FQN -> statistics of its output as propagated, for every conv/linear and
+    # GroupNorm (estimated where no BatchNorm set them): the ranges of last resort
+    outputs: dict[str, Stats] = field(default_factory=dict)
     # the model as given (unfolded, unchanged): what further analyses (the channel
     # covariances of :mod:`.covariance`) trace, with its BatchNorms in place
     source: nn.Module | None = None
@@ -368,8 +372,11 @@ class GraphWalk(Generic[V]):
     def act(self, x: V, act: Act) -> V:
         raise NotImplementedError
 
-    def norm(self, x: V | None, mean: torch.Tensor, var: torch.Tensor) -> V:
-        """A BatchNorm's output: its statistics, whatever arrived (``x``, maybe unknown)."""
+    def norm(
+        self, x: V | None, mean: torch.Tensor, var: torch.Tensor, estimated: bool = False
+    ) -> V:
+        """A norm's output: its statistics, whatever arrived (``x``, maybe unknown); exact
+        for a BatchNorm, ``estimated`` for a GroupNorm (see :meth:`_visit`)."""
         raise NotImplementedError
 
     def layer(self, m: nn.Module, x: V) -> V | None:
@@ -434,6 +441,14 @@ class GraphWalk(Generic[V]):
                 beta = _f64(m.bias) if m.bias is not None else torch.zeros(m.num_features)
                 gamma = _f64(m.weight) if m.weight is not None else torch.ones(m.num_features)
                 return self.norm(x, beta.to(torch.float64), (gamma * gamma).to(torch.float64))
+            if isinstance(m, nn.GroupNorm) and shape is not None and len(shape) >= 2:
+                # each sample's group is standardised, then scaled per channel: N(beta,
+                # gamma^2) per channel on average over its group, estimated (a channel's own
+                # mean within the group is not known)
+                ones = torch.ones(m.num_channels, dtype=torch.float64)
+                beta = _f64(m.bias) if m.bias is not None else 0 * ones
+                gamma = _f64(m.weight) if m.weight is not None else ones
+                return self.norm(x, beta, gamma * gamma, estimated=True)
             if isinstance(m, COMPUTE):
                 if x is not None and not _reads_tracked_channels(m, node, x):
                     x = None  # what is tracked (axis 1) is not what this layer reads
@@ -481,8 +496,10 @@ class _Propagator(GraphWalk[Stats]):
         mean, var = act_mean(x.mean, x.std, act), act_var(x.mean, x.std, act)
         return Stats(mean, var, x.estimated, clip=(act.lo, act.hi))
 
-    def norm(self, x: Stats | None, mean: torch.Tensor, var: torch.Tensor) -> Stats:
-        return Stats(mean, var)
+    def norm(
+        self, x: Stats | None, mean: torch.Tensor, var: torch.Tensor, estimated: bool = False
+    ) -> Stats:
+        return Stats(mean, var, estimated)
 
     def layer(self, m: nn.Module, x: Stats) -> Stats | None:
         out = layer_output(m, x)
@@ -627,8 +644,15 @@ def analyze(
     pre: dict[str, Stats] = {}
     bn_outputs: dict[str, Stats] = {}
     calls_of = module_calls(gm)
+    outputs: dict[str, Stats] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), COMPUTE):
+        if node.op != "call_module":
+            continue
+        if isinstance(gm.get_submodule(str(node.target)), (*COMPUTE, nn.GroupNorm)):
+            known = prop.values.get(node)
+            if known is not None and calls_of[str(node.target)] == 1:
+                outputs[str(node.target)] = known
+        if not isinstance(gm.get_submodule(str(node.target)), COMPUTE):
             continue
         order.append(str(node.target))
         readers: list[fx.Node | None] = [*_readers(node)] or [None]
@@ -654,7 +678,7 @@ def analyze(
         pairs[pair.producer], pre[pair.producer] = pair, stats
     fold_batchnorm(folded)
     chain = Chain(folded, order, pre, dict(prop.inputs), pairs, example, [], blocked, unmeasured)
-    chain.bn_outputs = bn_outputs
+    chain.bn_outputs, chain.outputs = bn_outputs, outputs
     chain.source = model
     return chain
 

@@ -135,7 +135,9 @@ class CovariancePropagator(GraphWalk[Moments]):
     def act(self, x: Moments, act: Act) -> Moments:
         return through_act(x, act)
 
-    def norm(self, x: Moments | None, mean: torch.Tensor, var: torch.Tensor) -> Moments:
+    def norm(
+        self, x: Moments | None, mean: torch.Tensor, var: torch.Tensor, estimated: bool = False
+    ) -> Moments:
         if x is None or x.cov.shape[0] != len(var):
             return Moments(mean, torch.diag(var))  # nothing known of the correlation
         return _renormalise(x, mean, var)

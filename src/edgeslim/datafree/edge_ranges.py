@@ -5,10 +5,10 @@ needs quantized to fuse its integer kernels: the operands and output of a residu
 pool's input, a conv's output before an op without an integer kernel. PTQ calibrates those
 on data. Without data, their ranges come from what the BN statistics already give, carried
 through the graph as intervals: a layer's input range (:func:`~edgeslim.datafree.
-quantized_model`'s statistics ranges), a conv's output (its pre-activation statistics,
-mean +- ``RANGE_STDS`` std), and per op: ReLU/ReLU6/clamps clip, pools, flattens, folded
-BatchNorm and upsampling (nearest or (bi)linear) pass, an add sums its operands' bounds, a
-concat takes their union. A
+quantized_model`'s statistics ranges), a conv's or a GroupNorm's output (its statistics,
+mean +- ``RANGE_STDS`` std, twice that where estimated), and per op: ReLU/ReLU6/clamps
+clip, pools, flattens, folded BatchNorm and upsampling (nearest or (bi)linear) pass, an add
+sums its operands' bounds, a concat takes their union. A
 quantizer whose input interval stays unknown is removed (that edge stays float, and the
 export's integer-coverage check says so).
 
@@ -126,7 +126,8 @@ def _concat_reader_range(gm: fx.GraphModule, node: fx.Node) -> Interval | None:
 
 def fill_edge_ranges(gm: fx.GraphModule, outputs: Mapping[str, Interval]) -> list[str]:
     """Give every uncalibrated edge quantizer of ``gm`` a range carried from the known ones
-    and from ``outputs`` (layer FQN -> its output's range); remove those left unknown.
+    and from ``outputs`` (layer or GroupNorm FQN -> its output's range); remove those left
+    unknown.
     Returns the names of the quantizers removed."""
     iv: dict[fx.Node, Interval | None] = {}
     removed: list[str] = []
@@ -149,8 +150,8 @@ def fill_edge_ranges(gm: fx.GraphModule, outputs: Mapping[str, Interval]) -> lis
                     gm.graph.erase_node(node)
                     removed.append(str(node.target))
                     continue
-            elif isinstance(mod, QuantMixin):
-                r = outputs.get(str(node.target))
+            elif isinstance(mod, QuantMixin) or str(node.target) in outputs:
+                r = outputs.get(str(node.target))  # a layer's, a GroupNorm's output
             else:
                 r = _module_interval(gm, node, mod, src)
         elif node.op in ("call_function", "call_method"):
