@@ -79,12 +79,25 @@ def classes_last(scores: torch.Tensor, axis: int | None = None) -> torch.Tensor:
     return scores.movedim(1, -1) if scores.dim() >= 4 else scores
 
 
-def class_logits(outputs: Any) -> torch.Tensor:
-    """The first output as ``(samples, classes)``: classes (:func:`classes_last`) on the
-    last dimension, every other dimension (a sequence's positions, an image's pixels)
-    flattened into samples."""
-    logits = classes_last(first_output(outputs))
+def class_logits(outputs: Any, axis: int | None = None) -> torch.Tensor:
+    """The first output as ``(samples, classes)``: classes (:func:`classes_last`, ``axis``
+    overriding its rule) on the last dimension, every other dimension (a sequence's
+    positions, an image's pixels) flattened into samples."""
+    logits = classes_last(first_output(outputs), axis)
     return logits if logits.dim() <= 2 else logits.reshape(-1, logits.shape[-1])
+
+
+def labels_class_axis(scores: torch.Tensor, target: torch.Tensor) -> int | None:
+    """The class axis of 3-dim ``scores`` that per-position labels say: 1 when ``target``
+    is ``scores`` without axis 1 (a Conv1d's per-frame ``(N, C, T)`` scores against
+    ``(N, T)`` labels) and not without the last axis; None (the default rule of
+    :func:`classes_last`) otherwise, the ambiguous ``C == T`` included."""
+    if scores.dim() != 3 or target.dim() != 2:
+        return None
+    shape = tuple(target.shape)
+    first = shape == (scores.shape[0], scores.shape[2])
+    last = shape == tuple(scores.shape[:2])
+    return 1 if first and not last else None
 
 
 def cross_entropy(outputs: Any, target: Any, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -113,8 +126,9 @@ def cross_entropy(outputs: Any, target: Any, label_smoothing: float = 0.0) -> to
         if decision_threshold(scores.detach()) == 0.5:  # probabilities (a final sigmoid)
             return nn.functional.binary_cross_entropy(scores.clamp(1e-6, 1 - 1e-6), labels)
         return nn.functional.binary_cross_entropy_with_logits(scores, labels)
+    axis = labels_class_axis(first_output(outputs), target)
     return nn.functional.cross_entropy(
-        class_logits(outputs), target.reshape(-1), label_smoothing=label_smoothing
+        class_logits(outputs, axis), target.reshape(-1), label_smoothing=label_smoothing
     )
 
 
@@ -164,9 +178,11 @@ def top1_hits(outputs: Any, target: torch.Tensor) -> int:
     ``target``; with one score per sample, how many decisions (:func:`decision_threshold`)
     do. A segmentation output ``(N, C, H, W)`` against ``(N, H, W)`` labels: pixel accuracy.
 
-    Refuses a target of another shape: ``(N,)`` predictions against a ``(N, 1)`` column
-    broadcast to ``(N, N)`` and counted nonsense."""
-    pred = top1_predictions(outputs)
+    Per-frame scores ``(N, C, T)`` against ``(N, T)`` labels are read per frame
+    (:func:`labels_class_axis`). Refuses a target of another shape: ``(N,)`` predictions
+    against a ``(N, 1)`` column broadcast to ``(N, N)`` and counted nonsense."""
+    axis = labels_class_axis(first_output(outputs), target)
+    pred = top1_predictions(outputs) if axis is None else first_output(outputs).argmax(axis)
     if pred.shape != target.shape:
         raise ValueError(
             f"top-1 compares the argmax of the model's output over its classes, shape "
