@@ -52,3 +52,28 @@ def test_finetune_keeps_the_teacher_like_start_when_training_only_hurts() -> Non
     wild = TrainConfig(epochs=2, lr=50.0, weight_decay=0.0, channels_last=False)
     history = finetune_pruned(student, fit, wild, teacher=teacher, val=held, keep_best=True)
     assert history[-1]["best_epoch"] == 0 and evaluate(student, held) == 100.0
+
+
+def test_frame_scores_are_held_out_with_frame_labels() -> None:
+    """A conv's per-frame scores ``(N, C, T)``: the teacher labels each held frame (over
+    the task's class axis), and top-1 on them reads per frame: the teacher scores 100%
+    and a model deciding otherwise on every frame 0%."""
+    from edgeslim import Task
+    from edgeslim.train.selection import held_out_for_stage
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv1d(3, 8, 1), nn.ReLU(), nn.Conv1d(8, 5, 1)).eval()
+    x = torch.randn(40, 3, 12, generator=torch.Generator().manual_seed(1))
+    train = TensorBatches(x, None, batch_size=8, pairs=True)
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=8))
+    task.bind_reference(teacher)
+    assert task.chosen_class_axis == 1
+    _, held = held_out_for_stage(train, 4, teacher, task)
+    assert held.target is not None and tuple(held.target.shape) == (10, 12)
+    assert evaluate(teacher, held) == 100.0
+
+    class Shifted(nn.Module):  # the teacher's frames decided for the next class
+        def forward(self, inp: torch.Tensor) -> torch.Tensor:
+            return teacher(inp).roll(1, dims=1)
+
+    assert evaluate(Shifted(), held) == 0.0

@@ -18,18 +18,23 @@ from torch import nn
 
 from edgeslim.data.batching import TensorBatches, as_batch
 from edgeslim.errors import TaskError
-from edgeslim.train.loop import top1_predictions
+from edgeslim.train.loop import first_output, top1_predictions
 
 if TYPE_CHECKING:
     from edgeslim.task import Task
 
 
 def hold_out(
-    train: Iterable[Any], every: int, teacher: nn.Module | None = None
+    train: Iterable[Any],
+    every: int,
+    teacher: nn.Module | None = None,
+    class_axis: int | None = None,
 ) -> tuple[TensorBatches, TensorBatches]:
     """``(batches to train on, held batches)``: every ``every``-th sample of in-memory
     ``train`` held out (:meth:`TensorBatches.split`) with its label, or, when the data has
-    none, labelled by ``teacher``'s top-1, so that top-1 on them is agreement with it."""
+    none, labelled by ``teacher``'s top-1 (over ``class_axis`` when given: a conv's
+    per-frame ``(N, C, T)`` scores give ``(N, T)`` labels, which top-1 reads per frame), so
+    that top-1 on them is agreement with it."""
     if not isinstance(train, TensorBatches):
         raise TaskError(
             f"holding every {every}-th training sample out needs the training data in memory "
@@ -46,7 +51,9 @@ def hold_out(
         )
     batches = [as_batch(item)[0] for item in held]
     with torch.no_grad():
-        labels = torch.cat([top1_predictions(teacher.eval()(*x)) for x in batches])
+        outs = [teacher.eval()(*x) for x in batches]
+        labels = torch.cat([top1_predictions(o) if class_axis is None
+                            else first_output(o).argmax(class_axis) for o in outs])  # fmt: skip
     inputs = tuple(torch.cat([b[i] for b in batches], dim=d) for i, d in enumerate(held.batch_dims))
     return kept, TensorBatches(inputs, labels, held.batch_size, batch_dims=held.batch_dims)
 
@@ -54,14 +61,14 @@ def hold_out(
 def held_out_for_stage(
     train: Iterable[Any], every: int, teacher: nn.Module | None, task: Task
 ) -> tuple[TensorBatches, TensorBatches]:
-    """:func:`hold_out` for a recipe stage's ``select_every``, refusing a task whose
-    outputs are values (the epoch is chosen by top-1)."""
-    if task.value_outputs:
+    """:func:`hold_out` for a recipe stage's ``select_every`` (on the task's class axis),
+    refusing a task whose outputs are values (the epoch is chosen by top-1)."""
+    if task.headline == "cosine":
         raise TaskError(
             f"select_every chooses the epoch by top-1, but task {task.name!r} has value "
             "outputs (its metric is cosine); set select_every: 0"
         )
-    return hold_out(train, every, teacher)
+    return hold_out(train, every, teacher, task.chosen_class_axis)
 
 
 def kept_note(history: list[dict[str, float]], held: TensorBatches | None) -> str:
