@@ -60,7 +60,7 @@ DynamicDims = Annotated[
     typer.Option(
         "--dynamic-dims",
         help="dimensions besides the batch the ONNX file leaves free, e.g. 2,3 for an image's "
-        "height and width; repeat for several inputs, in order",
+        "height and width; repeat for several inputs, in order ('' for an input with none)",
     ),
 ]
 DataOpt = Annotated[
