@@ -259,8 +259,8 @@ def test_from_an_output_reuses_the_data_its_command_line_recorded(tmp_path: Path
     (out / "manifest.json").write_text(
         json.dumps({"format": "edgeslim-manifest", "version": 1, "command": argv})
     )
-    assert recorded_data(out, None, None, ()) == (str(npz), "top1", ((1, 3, 8, 8), (1, 4)))
-    assert recorded_data(out, "other.npz", None, ()) == ("other.npz", None, ())
+    assert recorded_data(out, None, None, ()) == (str(npz), "top1", ((1, 3, 8, 8), (1, 4)), ())
+    assert recorded_data(out, "other.npz", None, ()) == ("other.npz", None, (), ())
     # a chain: an output compressed --from `out` without --data uses what `out` recorded
     later = tmp_path / "later"
     later.mkdir()
@@ -268,7 +268,14 @@ def test_from_an_output_reuses_the_data_its_command_line_recorded(tmp_path: Path
     (later / "manifest.json").write_text(
         json.dumps({"format": "edgeslim-manifest", "version": 1, "command": chained})
     )
-    assert recorded_data(later, None, None, ()) == (str(npz), "top1", ((1, 3, 8, 8), (1, 4)))
-    assert recorded_data(None, None, None, ()) == (None, None, ())
+    assert recorded_data(later, None, None, ()) == (str(npz), "top1", ((1, 3, 8, 8), (1, 4)), ())
+    assert recorded_data(None, None, None, ()) == (None, None, (), ())
+    # the free dimensions it was exported with come back too, "" for an input with none
+    argv += ["--dynamic-dims", "2,3", "--dynamic-dims="]
+    (out / "manifest.json").write_text(
+        json.dumps({"format": "edgeslim-manifest", "version": 1, "command": argv})
+    )
+    assert recorded_data(out, None, None, ())[3] == ((2, 3), ())
+    assert recorded_data(out, None, None, (), ((1,),))[3] == ((1,),)  # given: kept
     npz.unlink()  # recorded, but not found from here: left to the usual error
-    assert recorded_data(out, None, None, ()) == (None, None, ())
+    assert recorded_data(out, None, None, ()) == (None, None, (), ())

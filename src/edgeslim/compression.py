@@ -595,7 +595,9 @@ def compress_model(
         raise RecipeError(f"{recipe_path}: the recipe has no stages: there is nothing to compress")
     check_out_folder(out, force)
     model_name, base, lineage = starting_model(model_name, checkpoint, from_dir)
-    data, metric, input_shapes = recorded_data(from_dir, data, metric, input_shapes)
+    data, metric, input_shapes, dynamic_dims = recorded_data(
+        from_dir, data, metric, input_shapes, dynamic_dims
+    )
     task = resolve_task(model_name, data, metric, input_shapes, quick, dynamic_dims)
     original = uncompressed_model(lineage) if from_dir is not None else None
     return compress(
@@ -605,22 +607,27 @@ def compress_model(
     ).records  # fmt: skip
 
 
+Shapes = tuple[tuple[int, ...], ...]
+
+
 def recorded_data(
     from_dir: Path | None,
     data: str | None,
     metric: str | None,
-    input_shapes: tuple[tuple[int, ...], ...],
-) -> tuple[str | None, str | None, tuple[tuple[int, ...], ...]]:
-    """``--data``, ``--metric`` and ``--input-shape`` for a command that starts ``--from`` an
-    output: those given, else those the command line that wrote it recorded in its
-    manifest (a model from outside the zoo needs them again to be measured and exported).
-    A recorded path that does not exist from here is left out, so the usual error asks
-    for ``--data``. Decision: all three come from the record together, or none does, so a
-    recorded shape never meets other data."""
+    input_shapes: Shapes,
+    dynamic_dims: Shapes = (),
+) -> tuple[str | None, str | None, Shapes, Shapes]:
+    """``--data``, ``--metric``, ``--input-shape`` and ``--dynamic-dims`` for a command that
+    starts ``--from`` an output: those given, else those the command line that wrote it
+    recorded in its manifest (a model from outside the zoo needs them again to be measured
+    and exported; a file exported from it keeps the same free dimensions). A recorded path
+    that does not exist from here is left out, so the usual error asks for ``--data``.
+    Decision: all come from the record together, or none does, so a recorded shape never
+    meets other data."""
     from edgeslim.artifacts import read_manifest
 
     if from_dir is None or data is not None:
-        return data, metric, input_shapes
+        return data, metric, input_shapes, dynamic_dims
     found: dict[str, list[str]] = {}
     folder: Path | None = Path(from_dir)
     for _ in range(16):  # a chain of --from outputs: the data its first command was given
@@ -633,19 +640,22 @@ def recorded_data(
         folder = None if not earlier else _earlier_folder(Path(earlier[-1]), folder)
     recorded = found.get("--data", [])
     if not recorded or not _reachable(recorded[-1]):
-        return data, metric, input_shapes
+        return data, metric, input_shapes, dynamic_dims
     shapes = tuple(tuple(int(v) for v in s.split(",")) for s in found.get("--input-shape", []))
+    dims = tuple(tuple(int(v) for v in s.split(",") if v.strip())
+                 for s in found.get("--dynamic-dims", []))  # fmt: skip
     metrics = found.get("--metric", [])
-    return recorded[-1], metric or (metrics[-1] if metrics else None), input_shapes or shapes
+    return (recorded[-1], metric or (metrics[-1] if metrics else None), input_shapes or shapes,
+            dynamic_dims or dims)  # fmt: skip
 
 
 def _recorded_options(argv: list[Any]) -> dict[str, list[str]]:
-    """The values of ``--data``, ``--metric``, ``--input-shape`` and ``--from`` in a
-    recorded command line (``--opt value`` or ``--opt=value``)."""
+    """The values of ``--data``, ``--metric``, ``--input-shape``, ``--dynamic-dims`` and
+    ``--from`` in a recorded command line (``--opt value`` or ``--opt=value``)."""
     found: dict[str, list[str]] = {}
     for i, arg in enumerate(argv):
         name, eq, value = str(arg).partition("=")
-        if name in ("--data", "--metric", "--input-shape", "--from"):
+        if name in ("--data", "--metric", "--input-shape", "--dynamic-dims", "--from"):
             if not eq and i + 1 < len(argv):
                 value = str(argv[i + 1])
             found.setdefault(name, []).append(value)

@@ -73,3 +73,13 @@ def test_a_linear_s_sequence_keeps_the_last_axis() -> None:
     task = _task((20, 4))
     task.bind_reference(Tagger().eval())
     assert task.chosen_class_axis is None and not task.notes and not task.value_outputs
+
+
+def test_a_class_axis_the_output_lacks_is_refused() -> None:
+    import pytest
+
+    from edgeslim.errors import TaskError
+
+    task = _task((4, 20), class_axis=3)
+    with pytest.raises(TaskError, match=r"class_axis 3 does not exist.*\[1, 6, 20\]"):
+        task.bind_reference(FrameClassifier().eval())

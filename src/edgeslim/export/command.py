@@ -194,7 +194,9 @@ def export_command(
     check_export_target(out, force)
     reference: nn.Module | None = None
     model_name, base, lineage = starting_model(model_name, checkpoint, from_dir)
-    data, metric, input_shapes = recorded_data(from_dir, data, metric, input_shapes)
+    data, metric, input_shapes, dynamic_dims = recorded_data(
+        from_dir, data, metric, input_shapes, dynamic_dims
+    )
     task = resolve_task(model_name, data, metric, input_shapes, True, dynamic_dims)
     task.check(base)
     if not trace_by_example:

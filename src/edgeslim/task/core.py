@@ -378,6 +378,14 @@ class Task:
             outs, last = last_weight_layer(module, self.example_inputs)
         finally:
             module.train(was)
+        if self.class_axis is not None and outs:
+            dims = outs[0].dim()
+            if not -dims <= self.class_axis < max(dims, 1):
+                raise TaskError(
+                    f"task {self.name!r}: class_axis {self.class_axis} does not exist in the "
+                    f"first output, shape {list(outs[0].shape)}; give an axis in "
+                    f"{-dims}..{dims - 1} (-1: the last)"
+                )
         why = values_not_classes(
             [x for x, d in zip(self.example_inputs, self.dims, strict=True) if d == 0], outs
         )
