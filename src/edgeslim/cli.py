@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgeslim.errors import EdgeslimError
@@ -291,7 +292,9 @@ def info(
             gt.add_column(col)
         for g in graph.groups:
             size = f"{g.size}" + (f" x {g.unit}" if g.unit > 1 else "")
-            gt.add_row(str(g.id), g.kind, size, "yes" if g.prunable else "no", g.describe())
+            # escaped: rich reads "[fixed: reason]" as markup and drops it
+            gt.add_row(str(g.id), g.kind, size, "yes" if g.prunable else "no",
+                       escape(g.describe()))  # fmt: skip
         console.print(gt)
         console.print(_branches_line(net, args, graph), highlight=False)
 
@@ -669,8 +672,6 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 0 / 2 (user error, one paragraph) / 1 (internal error, with
     a log file) / 130 (Ctrl-C, saying what was kept); see :mod:`edgeslim.exits`."""
     import sys
-
-    from rich.markup import escape
 
     from edgeslim.exits import run
 

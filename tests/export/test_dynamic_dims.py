@@ -71,3 +71,47 @@ def test_the_command_line_sets_them_on_the_task(tmp_path: Path) -> None:
     task = resolve_task("m", str(tmp_path / "s.npz"), dynamic_dims=((2, 3),))
     assert task.dynamic_dims == ((2, 3),)
     assert task.resized(task.example_inputs)[0].shape == (1, 3, 32, 32)
+
+
+def test_a_compressed_copy_that_fixed_the_size_is_refused() -> None:
+    """A traced copy whose graph resolved ``int(x.shape[2])`` keeps the example's size at
+    every input; its file would too and would match it on every check."""
+    from edgeslim.export.verify import check_resized
+
+    class Fixed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.interpolate(Segmenter()(x), size=(16, 16))
+
+    task = _task(dynamic_dims=((2, 3),))
+    said = r"gives outputs \[\[1, 4, 16, 16\]\].*\[\[1, 4, 32, 32\]\]"
+    with pytest.raises(TaskError, match=said):
+        check_resized(task, Fixed().eval(), Segmenter().eval())
+    check_resized(task, Segmenter().eval(), Segmenter().eval())  # the same sizes: no error
+
+
+def test_a_file_that_cannot_run_another_size_is_named(tmp_path: Path) -> None:
+    """torch's exporter writes nn.MultiheadAttention with the traced sequence length: the
+    file fails on the doubled batch, which is said, not an internal error."""
+    from edgeslim.errors import EdgeslimError
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(8, 5, 8, generator=torch.Generator().manual_seed(0))
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=4),
+                dynamic_dims=((1,),))  # fmt: skip
+    try:
+        export_checked(Attend().eval(), task, tmp_path / "m.onnx")
+    except EdgeslimError as exc:
+        said = str(exc)
+        assert "ONNX Runtime cannot run the exported file" in said and "--dynamic-dims" in said
+    else:  # an exporter that keeps the length free: the file must then run at other lengths
+        session = ort_session(tmp_path / "m.onnx")
+        (got,) = session.run(None, {"input": torch.randn(2, 9, 8).numpy()})
+        assert got.shape == (2, 9, 8)

@@ -157,3 +157,15 @@ def test_grouped_conv_that_changes_width_is_named(out_channels: int) -> None:
     group = next(g for g in graph.groups if "0" in g.producers)
     assert not group.prunable
     assert "keep their width" in group.reason and "`2`" in group.reason
+
+
+@pytest.mark.parametrize("groups", [4, 16])  # 4 channels per group; depthwise
+def test_grouped_transposed_conv_is_a_named_refusal(groups: int) -> None:
+    """A grouped ConvTranspose (weight ``(in, out / G, k, k)``) was marked prunable and
+    crashed the surgery; it is left whole, named."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(16, 16, 2, stride=2, groups=groups), nn.ReLU(), nn.Conv2d(16, 2, 1),
+    ).eval()  # fmt: skip
+    group = next(g for g in analyze(model, X).groups if "0" in g.producers)
+    assert not group.prunable and "grouped transposed conv `2`" in group.reason

@@ -83,3 +83,54 @@ def test_a_class_axis_the_output_lacks_is_refused() -> None:
     task = _task((4, 20), class_axis=3)
     with pytest.raises(TaskError, match=r"class_axis 3 does not exist.*\[1, 6, 20\]"):
         task.bind_reference(FrameClassifier().eval())
+
+
+class TwoHeads(nn.Module):
+    """Per-frame scores, then an utterance class from a linear that runs after them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.frames = nn.Conv1d(4, 6, 3, padding=1)
+        self.utterance = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.frames(x), self.utterance(x.mean(2))
+
+
+class Transposed(nn.Module):
+    """A conv's scores moved to ``(N, T, C)`` by a view, with as many frames as classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(4, 20, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).transpose(1, 2)
+
+
+def test_a_head_computed_after_the_frames_does_not_hide_them() -> None:
+    task = _task((4, 20))
+    task.bind_reference(TwoHeads().eval())
+    assert task.chosen_class_axis == 1 and "`frames`" in task.notes[0]
+
+
+def test_a_view_moving_the_channels_last_keeps_the_last_axis_even_when_c_equals_t() -> None:
+    task = _task((4, 20))
+    task.bind_reference(Transposed().eval())
+    assert task.chosen_class_axis is None and not task.value_outputs
+
+
+def test_a_labelled_task_finds_the_axis_too() -> None:
+    """With a metric function (labels), agreement is not measured, but fine-tuning still
+    needs to know the classes are off the last axis (its KD softmax reads the last)."""
+    task = _task((4, 20), evaluate=lambda m: 1.0)
+    task.bind_reference(FrameClassifier().eval())
+    assert task.chosen_class_axis == 1 and task.value_outputs
+
+
+def test_class_axis_on_the_last_axis_is_not_off_it() -> None:
+    task = _task((20, 4), class_axis=2)  # (N, T, C): 2 is the last axis
+    task.bind_reference(Tagger().eval())
+    assert task.chosen_class_axis == 2 and not task.value_outputs

@@ -72,6 +72,7 @@ def export_checked(
     )
     from edgeslim.export.verify import (
         check_parity,
+        check_resized,
         check_traceable,
         export_module,
         task_axes,
@@ -87,6 +88,8 @@ def export_checked(
     task.bind_reference(reference if reference is not None else model)
     module = task.module(model).eval()
     axes = task_axes(task, module)
+    if reference is not None:
+        check_resized(task, module, task.module(reference).eval())
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_siblings(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-onnx")

@@ -138,7 +138,14 @@ def export_onnx(
                     f"{_export_advice(model, exc)} Exported at opset {newer} instead, it "
                     f"failed too: {type(again).__name__}: {str(again).splitlines()[0]}"
                 ) from again
-        raise ExportError(_export_advice(model, exc)) from exc
+        advice = _export_advice(model, exc)
+        free = sorted({name for axes in (dynamic_axes or {}).values() for name in axes.values()
+                       if name != "batch"})  # fmt: skip
+        if free:  # sizes the exporter cannot leave free (an adaptive pool to k > 1)
+            advice += (f" The file was asked to leave {', '.join(free)} free (--dynamic-dims, "
+                       "Task.dynamic_dims, or latency inputs of another size): without that "
+                       "the op may export at the fixed size.")  # fmt: skip
+        raise ExportError(advice) from exc
     except EdgeslimError:
         raise
     except Exception as exc:  # the model's own code raised while the exporter ran it

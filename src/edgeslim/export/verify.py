@@ -95,10 +95,32 @@ def task_axes(task: Task, module: nn.Module) -> dict[str, Any]:
         raise TaskError(
             f"the model does not run on its inputs doubled along the dynamic dimensions "
             f"{[list(d) for d in task.dynamic_dims or ()]} ({sizes}): {first_line(exc)}. "
-            "Its code fixes those sizes (e.g. a flatten into a Linear); leave them "
-            "out of --dynamic-dims (Task.dynamic_dims), or make the model size-independent "
-            "(an adaptive pool before the flatten)"
+            "Its code fixes those sizes (e.g. a flatten into a Linear), or another input must "
+            "have the same size (give its dimension in --dynamic-dims too); leave them out of "
+            "--dynamic-dims (Task.dynamic_dims), or make the model size-independent (a global "
+            "pool, AdaptiveAvgPool2d(1), before the flatten)"
         ) from None
+
+
+def check_resized(task: Task, module: nn.Module, reference: nn.Module) -> None:
+    """With :attr:`~edgeslim.Task.dynamic_dims`: ``module`` (the model to export) must give
+    ``reference``'s (the uncompressed model's) output shapes on the example doubled along
+    them. A traced copy whose graph resolved a size read from the input (``int(x.shape[2])``)
+    keeps the example's size; its file would too, and match that copy on every check."""
+    resized = task.resized(task.example_inputs)
+    if resized is None or module is reference:
+        return
+    with torch.no_grad():
+        got = [list(t.shape) for t in flat_outputs(module.eval()(*resized))]
+        want = [list(t.shape) for t in flat_outputs(reference.eval()(*resized))]
+    if got != want:
+        raise TaskError(
+            f"on inputs doubled along the dynamic dimensions ({[list(t.shape) for t in resized]}) "
+            f"the compressed model gives outputs {got} where the model gives {want}: its traced "
+            "graph fixed a size the model reads from its input (e.g. `int(x.shape[2])`), so its "
+            "file would too. Leave those dimensions out of --dynamic-dims, or read the size "
+            "as a tensor shape (`x.shape[2:]`, without int())"
+        )
 
 
 def export_module(module: nn.Module, example: Inputs, path: Path, axes: dict[str, Any]) -> Path:
@@ -195,7 +217,17 @@ def check_parity(
     for source, inputs in named:
         with torch.no_grad():
             ref = flat_outputs(module(*inputs))
-        got = flat_outputs(ort(*inputs))
+        try:
+            got = flat_outputs(ort(*inputs))
+        except Exception as exc:  # the file itself cannot run these inputs
+            shapes = [list(t.shape) for t in inputs]
+            raise EdgeslimError(
+                f"ONNX Runtime cannot run the exported file on the {source} ({shapes}), which "
+                f"the model runs: {first_line(exc)[:300]}. The exporter fixed a size the "
+                "inputs change: with --dynamic-dims (Task.dynamic_dims), leave that dimension "
+                "out (torch's exporter writes nn.MultiheadAttention with its traced sequence "
+                "length)"
+            ) from None
         if len(got) != len(ref):
             raise EdgeslimError(
                 f"the ONNX file returns {len(got)} outputs but the model {len(ref)}; "

@@ -741,6 +741,9 @@ class _Analyzer:
         lowers ``groups``). A depthwise conv is the case of one channel per group. A group
         that widens or narrows its channels is opaque."""
         what = f"`{fqn}` (grouped conv, {m.groups} groups)"
+        if getattr(m, "transposed", False):  # weight (in, out / G, ...): not sliced by group
+            return self.opaque(node, f"grouped transposed conv `{fqn}` (groups={m.groups}: "
+                               "edgeslim prunes ConvTranspose with groups=1)")  # fmt: skip
         if m.in_channels != m.out_channels:
             return self.opaque(node, f"grouped conv `{fqn}` (groups={m.groups}, "
                                f"{m.in_channels} -> {m.out_channels} channels: edgeslim "

@@ -168,7 +168,8 @@ def run_lowrank(model: nn.Module, stage: LowRankStage, ctx: StageContext) -> nn.
         ctx.notes.append(f"lowrank: left dense: {shown}" + (f"; {more} more" if more > 0 else ""))
     if stage.epochs:
         what = "fine-tuned" if stage.method == "svd" else "trained with TRP"
-        kd = " with KD from the model before the stage" if teacher is not None else ""
+        how = "matching as values the outputs of" if task.value_outputs else "with KD from"
+        kd = f" {how} the model before the stage" if teacher is not None else ""
         ctx.notes.append(f"lowrank: {what} for {stage.epochs} epoch(s){kd}")
     return model.eval()
 

@@ -92,6 +92,7 @@ if TYPE_CHECKING:
     from edgeslim.graph.coupling import CouplingGroup
     from edgeslim.prune.config import PruneConfig
     from edgeslim.prune.plan import PrunePlan
+    from edgeslim.task import Task
 
 # gate steps below which the gates cannot have learned much: the gates' SGD moves each gate
 # by ~gate_lr x 1e-3 a step (prune.gates), so a few steps leave them where they started and
@@ -194,6 +195,15 @@ def _train_config(stage: PruneStage, epochs: int) -> TrainConfig:
 def _samples(train: Iterable[Any]) -> str:
     n = getattr(train, "num_samples", None)
     return f"{n} samples" if n is not None else "the task's training batches"
+
+
+def _teacher_words(teacher: nn.Module | None, task: Task) -> str:
+    """How the fine-tune learnt from the unpruned model, for the stage's note."""
+    if teacher is None:
+        return ""
+    if task.value_outputs:
+        return " matching the unpruned model's outputs as values"
+    return " with KD from the unpruned model"
 
 
 def _value_loss(teacher: nn.Module | None, ctx: StageContext, alpha: float) -> Any:
@@ -484,7 +494,7 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
         )  # fmt: skip
         ctx.notes.append(
             f"prune fine-tune: {stage.finetune_epochs} epoch(s) on {_samples(train)}"
-            f"{' with KD from the unpruned model' if teacher is not None else ''}, "
+            f"{_teacher_words(teacher, task)}, "
             f"final loss {history[-1]['loss']:.4f}{kept_note(history, select)}"
         )
     return model.eval()

@@ -178,15 +178,20 @@ def values_not_classes(
     return None
 
 
-def last_weight_layer(
-    module: nn.Module, inputs: Inputs
-) -> tuple[list[torch.Tensor], tuple[str, nn.Module] | None]:
-    """``module``'s outputs on ``inputs`` (no gradients) and the last conv or linear layer
-    that ran, ``(fqn, layer)``: the layer whose channels the outputs most likely carry."""
-    last: list[tuple[str, nn.Module]] = []
+WeightOutput = tuple[str, nn.Module, torch.Tensor]
 
-    def hook(layer: nn.Module, *_: Any) -> None:
-        last.append((names[id(layer)], layer))
+
+def weight_layer_outputs(
+    module: nn.Module, inputs: Inputs
+) -> tuple[list[torch.Tensor], list[WeightOutput]]:
+    """``module``'s outputs on ``inputs`` (no gradients) and, in the order they ran, each
+    conv or linear layer with the tensor it returned: where the outputs' channels come
+    from."""
+    ran: list[WeightOutput] = []
+
+    def hook(layer: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            ran.append((names[id(layer)], layer, out))
 
     names = {id(m): n for n, m in module.named_modules()}
     weighted = (nn.modules.conv._ConvNd, nn.Linear)
@@ -197,26 +202,38 @@ def last_weight_layer(
     finally:
         for h in handles:
             h.remove()
-    return outs, (last[-1] if last else None)
+    return outs, ran
 
 
 def channels_first_classes(
-    outputs: Sequence[torch.Tensor], last: tuple[str, nn.Module] | None
+    outputs: Sequence[torch.Tensor], ran: Sequence[WeightOutput]
 ) -> str | None:
     """Why the first output's classes sit on axis 1, not last, or None: a 3-dim output
-    ``(N, C, T)`` whose axis 1 has the channels of the conv that ran last (a WaveNet's, a
-    CTC speech model's per-frame scores, a log-softmax over axis 1 after it included). A
-    3-dim output is read ``(N, T, C)`` otherwise (a transformer tagger's, a linear's)."""
-    if not outputs or outputs[0].dim() != 3 or last is None:
-        return None
-    fqn, layer = last
-    if not isinstance(layer, nn.modules.conv._ConvNd) or getattr(layer, "transposed", False):
+    ``(N, C, T)`` written by a conv (a WaveNet's, a CTC speech model's per-frame scores; a
+    log-softmax over axis 1 after it included). The writer is the last conv or linear whose
+    output is 3-dim with as many values (a head computed after it, of another size, does not
+    count); a linear's ``(N, T, C)`` keeps the last axis, and so does a view that moved the
+    conv's channels last (``.transpose(1, 2)``, told apart from ``(N, C, T)`` by its
+    strides even when ``C == T``)."""
+    if not outputs or outputs[0].dim() != 3:
         return None
     first = outputs[0]
-    if int(first.shape[1]) != layer.out_channels:
-        return None
-    return (f"its first output {list(first.shape)} holds the {layer.out_channels} channels "
-            f"of conv `{fqn}` on axis 1")  # fmt: skip
+    for fqn, layer, out in reversed(ran):
+        if out.dim() != 3 or out.numel() != first.numel():
+            continue
+        if not isinstance(layer, nn.modules.conv._ConvNd):
+            return None  # a linear wrote it: features last
+        if out.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
+            # a view of the conv's output: where did its channel axis go?
+            channel = (out.stride(1), out.shape[1])
+            moved = [d for d in range(3) if (first.stride(d), first.shape[d]) == channel]
+            if 1 not in moved or 2 in moved:
+                return None
+        elif first.shape != out.shape:
+            return None
+        return (f"its first output {list(first.shape)} holds the {out.shape[1]} channels of "
+                f"conv `{fqn}` on axis 1")  # fmt: skip
+    return None
 
 
 def one_sided(ref: AgreementReference) -> str | None:

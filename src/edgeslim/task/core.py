@@ -36,9 +36,9 @@ from edgeslim.task.agreement import (
     AgreementReference,
     agreement_metrics,
     channels_first_classes,
-    last_weight_layer,
     one_sided,
     values_not_classes,
+    weight_layer_outputs,
 )
 
 Metric = Callable[[nn.Module], "float | Mapping[str, float]"]
@@ -115,6 +115,7 @@ class Task:
     notes: list[str] = field(default_factory=list, init=False, repr=False)
     _chose_primary: bool = field(default=False, init=False, repr=False)
     _class_axis: int | None = field(default=None, init=False, repr=False)  # as bound
+    _classes_off_last: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.example_inputs = as_inputs(self.example_inputs)
@@ -329,13 +330,14 @@ class Task:
             module.train(was)
 
     def bind_reference(self, model: nn.Module) -> None:
-        """Record the uncompressed model's outputs for agreement (no-op with a metric).
+        """Record the uncompressed model's outputs for agreement (with a metric function,
+        only which axis holds the classes, :meth:`choose_headline`).
 
         Without a chosen headline (``primary``), outputs shaped as values rather than class
         scores (:func:`~edgeslim.task.agreement.values_not_classes`) make ``cosine`` the
         headline, said in :attr:`notes`."""
+        self.choose_headline(model)
         if self.evaluate is None:
-            self.choose_headline(model)
             batches = self.validation_batches()
             try:
                 self._reference = AgreementReference.of(
@@ -359,7 +361,7 @@ class Task:
                 warnings.warn(note, stacklevel=2)
 
     def choose_headline(self, model: nn.Module) -> None:
-        """Without ``evaluate``, read ``model``'s outputs on the example: without a chosen
+        """Read ``model``'s outputs on the example: without ``evaluate`` or a chosen
         ``primary``, ``cosine`` when they are values
         (:func:`~edgeslim.task.agreement.values_not_classes`), with a warning and a line in
         :attr:`notes`; otherwise, without a chosen ``class_axis``, axis 1 of a conv's
@@ -368,34 +370,33 @@ class Task:
         self.notes = []
         if self._chose_primary:
             self.primary, self._chose_primary = None, False
-        self._class_axis = self.class_axis
-        if self.evaluate is not None:
-            return
+        self._class_axis, self._classes_off_last = self.class_axis, False
         module = self.module(model)
         was = module.training
         module.eval()
         try:
-            outs, last = last_weight_layer(module, self.example_inputs)
+            outs, ran = weight_layer_outputs(module, self.example_inputs)
         finally:
             module.train(was)
-        if self.class_axis is not None and outs:
-            dims = outs[0].dim()
-            if not -dims <= self.class_axis < max(dims, 1):
-                raise TaskError(
-                    f"task {self.name!r}: class_axis {self.class_axis} does not exist in the "
-                    f"first output, shape {list(outs[0].shape)}; give an axis in "
-                    f"{-dims}..{dims - 1} (-1: the last)"
-                )
-        why = values_not_classes(
+        dims = outs[0].dim() if outs else 0
+        if self.class_axis is not None and outs and not -dims <= self.class_axis < max(dims, 1):
+            raise TaskError(
+                f"task {self.name!r}: class_axis {self.class_axis} does not exist in the "
+                f"first output, shape {list(outs[0].shape)}; give an axis in "
+                f"{-dims}..{dims - 1} (-1: the last)"
+            )
+        why = None if self.evaluate is not None else values_not_classes(
             [x for x, d in zip(self.example_inputs, self.dims, strict=True) if d == 0], outs
-        )
+        )  # fmt: skip
         if why is None or self.primary is not None:
-            axis_why = channels_first_classes(outs, last) if self.class_axis is None else None
+            axis_why = channels_first_classes(outs, ran) if self.class_axis is None else None
             if axis_why is not None:
                 self._class_axis = 1
-                self.notes = [f"metric: agreement reads the classes on axis 1: {axis_why} "
-                              "(Task(class_axis=-1) reads the last axis instead); fine-tuning "
-                              "matches the outputs as values"]  # fmt: skip
+                self.notes = [f"metric: classes read on axis 1: {axis_why} (Task(class_axis=-1) "
+                              "reads the last axis instead); fine-tuning matches the outputs "
+                              "as values"]  # fmt: skip
+            if self._class_axis is not None and dims > 1:
+                self._classes_off_last = self._class_axis % dims != dims - 1
             return
         self.primary, self._chose_primary = "cosine", True
         self.notes = [
@@ -480,7 +481,7 @@ class Task:
         headline is ``cosine``; or class scores whose classes are not on the last axis
         (:attr:`class_axis`), which the KD softmax reads. Distillation then matches them
         instead of a softmax."""
-        return self.headline == "cosine" or self._class_axis not in (None, -1)
+        return self.headline == "cosine" or self._classes_off_last
 
     @property
     def chosen_class_axis(self) -> int | None:

@@ -107,7 +107,9 @@ class Taylor(Importance):
             raise PruneError(
                 "taylor importance needs labels: its default loss is cross-entropy, but a "
                 "batch has target None. Pass labelled (inputs, target) batches, or a loss_fn "
-                "that needs no labels (loss_fn(outputs, target) may ignore target)."
+                "that needs no labels (loss_fn(outputs, target) may ignore target). In a "
+                "recipe: give the data labels (an .npz's `y`, a folder per class) or choose a "
+                "criterion that reads none (l1, l1_group, fpgm, nisp)."
             )
         self.loss_fn = loss_fn
         self.include_consumers = include_consumers
