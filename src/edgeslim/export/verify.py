@@ -111,8 +111,11 @@ def check_resized(task: Task, module: nn.Module, reference: nn.Module) -> None:
     if resized is None or module is reference:
         return
     with torch.no_grad():
-        got = [list(t.shape) for t in flat_outputs(module.eval()(*resized))]
         want = [list(t.shape) for t in flat_outputs(reference.eval()(*resized))]
+        try:
+            got: list[Any] = [list(t.shape) for t in flat_outputs(module.eval()(*resized))]
+        except Exception as exc:  # the model runs there: the traced copy is what differs
+            got = [first_line(exc)]
     if got != want:
         raise TaskError(
             f"on inputs doubled along the dynamic dimensions ({[list(t.shape) for t in resized]}) "
