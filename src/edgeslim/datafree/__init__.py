@@ -109,7 +109,7 @@ RANGE_STDS = 6.0
 # images through `compress --quick` (ad hoc, 2026-12-04): 91.10/91.10/90.95 (12 std, every
 # layer on integer kernels); 90.70/90.80/90.65 with 6 std; 91.00/90.95/90.70 before the
 # BN-free conv outputs had a range at all (float edges, 0.1% of MACs on integer kernels,
-# 0.69-0.88x the fp32 speed in ONNX Runtime; 1.55-1.69x now); fp32 91.30.
+# 0.69-0.88x the fp32 speed in ONNX Runtime; 1.55-1.71x now); fp32 91.30.
 ESTIMATED_RANGE_STDS = 2 * RANGE_STDS
 
 

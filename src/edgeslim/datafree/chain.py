@@ -445,9 +445,9 @@ class GraphWalk(Generic[V]):
                 # each sample's group is standardised, then scaled per channel: N(beta,
                 # gamma^2) per channel on average over its group, estimated (a channel's own
                 # mean within the group is not known)
-                ones = torch.ones(m.num_channels, dtype=torch.float64)
-                beta = _f64(m.bias) if m.bias is not None else 0 * ones
-                gamma = _f64(m.weight) if m.weight is not None else ones
+                c = m.num_channels
+                beta = _f64(m.bias) if m.bias is not None else torch.zeros(c).double()
+                gamma = _f64(m.weight) if m.weight is not None else torch.ones(c).double()
                 return self.norm(x, beta, gamma * gamma, estimated=True)
             if isinstance(m, COMPUTE):
                 if x is not None and not _reads_tracked_channels(m, node, x):

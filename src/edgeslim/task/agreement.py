@@ -185,12 +185,13 @@ def weight_layer_outputs(
     module: nn.Module, inputs: Inputs
 ) -> tuple[list[torch.Tensor], list[WeightOutput]]:
     """``module``'s outputs on ``inputs`` (no gradients) and, in the order they ran, each
-    conv or linear layer with the tensor it returned: where the outputs' channels come
-    from."""
+    conv or linear layer that returned a 3-dim tensor, with that tensor: where per-frame
+    scores' channels come from."""
     ran: list[WeightOutput] = []
 
     def hook(layer: nn.Module, args: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor):
+        # only 3-dim outputs can be (N, C, T) scores: the rest need not be held
+        if isinstance(out, torch.Tensor) and out.dim() == 3:
             ran.append((names[id(layer)], layer, out))
 
     names = {id(m): n for n, m in module.named_modules()}
@@ -219,7 +220,7 @@ def channels_first_classes(
         return None
     first = outputs[0]
     for fqn, layer, out in reversed(ran):
-        if out.dim() != 3 or out.numel() != first.numel():
+        if out.numel() != first.numel():
             continue
         if not isinstance(layer, nn.modules.conv._ConvNd):
             return None  # a linear wrote it: features last
