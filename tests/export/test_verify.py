@@ -123,3 +123,25 @@ def test_float_view_of_a_quantized_recurrent_layer_is_the_torch_layer(
     with torch.no_grad():  # the weights are the quantized model's (float): close outputs
         torch.testing.assert_close(view(x)[0], quantized(x)[0], atol=0.05, rtol=0.05)
     assert layer_table(view, x[:1])["0"].macs == layer_table(model, x[:1])["0"].macs
+
+
+def test_a_batch_traced_as_a_constant_is_named_without_dynamic_dims(tmp_path: Path) -> None:
+    """The file runs at batch 1 only; the advice is about the batch, since the file has no
+    free dimension besides it (it was not exported with --dynamic-dims)."""
+    from edgeslim.export.onnx import export_onnx
+    from edgeslim.export.verify import check_parity
+    from edgeslim.runtime.ort import ort_session
+
+    class LiteralBatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.reshape(int(x.shape[0]), -1))  # int(): a constant in the trace
+
+    model = LiteralBatch().eval()
+    path = export_onnx(model, (torch.randn(1, 3, 4),), tmp_path / "m.onnx")
+    with pytest.raises(EdgeslimError, match=r"cannot run the exported file") as info:
+        check_parity(model, ort_session(path), [(torch.randn(2, 3, 4),)])
+    assert "x.shape[0]" in str(info.value) and "--dynamic-dims" not in str(info.value)

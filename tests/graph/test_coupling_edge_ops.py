@@ -263,7 +263,7 @@ def test_channels_merged_with_the_axes_after_them_pass_in_blocks(head: str) -> N
     # the recurrent layer: prune, then compare with the original whose cut channels are 0
     from edgeslim.prune.planner import prune_
 
-    pruned, plan = prune_(copy.deepcopy(model), (X,), "l1", macs_reduction=0.3)
+    pruned, plan = prune_(copy.deepcopy(model), (X,), "l1", ratio=0.3)
     kept = plan.keep["a"]
     assert pruned.rnn.input_size == 12 * len(kept) < 96
     zeroed = copy.deepcopy(model)

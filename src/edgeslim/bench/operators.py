@@ -11,7 +11,9 @@ BatchNorm; ``conv-lstm``: Conv1d + LSTM), Fashion-MNIST, in one process:
   the fp32 file in one :func:`~edgeslim.cost.compare_latency` call;
 - data-free rows (:func:`edgeslim.bench.datafree.datafree_model`): RTN and DFQ at W8 and W4,
   DF-MPC at 3/8 bits, UDFC at 30% MACs, each with the method's report (what it changed or
-  why not) in ``extra``; the CNNs only (no data-free method covers an LSTM);
+  why not) in ``extra``; the CNNs only (no data-free method covers an LSTM); RTN and DFQ
+  W8A8 also exported as the ``datafree`` stage exports them and run in ONNX Runtime
+  (:func:`datafree_ort_rows`: latency against fp32, ``int8_mac_share``);
 - pruning rows (:func:`edgeslim.bench.prune.prune_model`): 30% MACs with edgeslim's l1
   criterion and the peer Torch-Pruning, before and after the prune suite's short fine-tune;
   ``extra.macs_reduction`` is the reduction reached.
@@ -32,7 +34,7 @@ from edgeslim.bench.tasks import QUICK_TEST_IMAGES
 from edgeslim.cost import compare_latency, ort_runner, size_bytes
 from edgeslim.data import load_fashion_mnist
 from edgeslim.export import export_onnx
-from edgeslim.graph import layer_table, total_macs
+from edgeslim.graph import example_like, layer_table, total_macs
 from edgeslim.records import Record
 from edgeslim.runtime.kernels import coverage_extra, kernel_coverage
 from edgeslim.runtime.ort import ort_predict, ort_session
@@ -129,6 +131,68 @@ def datafree_rows(name: str, quick: bool) -> list[Record]:
     return [r.model_copy(update={"suite": "operators"}) for r in records[1:]]  # no 2nd fp32
 
 
+DATAFREE_ORT = ("rtn", "dfq")  # W8A8, ranges from the BN (or estimated) statistics
+
+
+def datafree_ort_rows(name: str, out: Path, quick: bool) -> list[Record]:
+    """RTN and DFQ W8A8 exported as QDQ and run in ONNX Runtime, as the ``datafree`` recipe
+    stage exports them (``act_ranges: statistics``), timed against the fp32 file in one
+    :func:`~edgeslim.cost.compare_latency` call. Why: a data-free int8 file is only worth
+    shipping if ONNX Runtime runs it on integer kernels; a BN-free model's ranges come from
+    estimated statistics, and until 2026-12-04 its file ran in float (``int8_mac_share``)."""
+    from edgeslim.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from edgeslim.datafree import DataFreeSpec, compress_datafree, quantized_model
+    from edgeslim.export.qdq import export_qdq
+    from edgeslim.task.builtin import normalised_range
+
+    fp32 = load_zoo_model(name).eval()
+    test = load_fashion_mnist("test", limit=QUICK_TEST_IMAGES if quick else None)
+    x1 = test.images[:1].contiguous()  # the export's example: no image reaches the methods
+    onnx_dir = out / "onnx"
+    fp32_path = export_onnx(fp32, (x1,), onnx_dir / f"{name}_fp32.onnx")
+    input_range = normalised_range(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    spec = DataFreeSpec(low_bits=8, high_bits=8, edge_bits=8)
+    paths: dict[str, Path] = {"fp32": fp32_path}
+    done: dict[str, Any] = {}
+    for method in DATAFREE_ORT:
+        result = compress_datafree(fp32, method, spec, example_like(x1), input_range)
+        model = quantized_model(result, 8, "statistics", edges=True).eval()
+        paths[method] = export_qdq(model, (x1,), onnx_dir / f"{name}_{method}_w8a8.onnx")
+        done[method] = result
+    sessions = {k: ort_session(p) for k, p in paths.items()}
+    logits = {k: ort_predict(s, test.images) for k, s in sessions.items()}
+    top1 = {
+        k: 100.0 * float((v.argmax(1) == test.labels).float().mean()) for k, v in logits.items()
+    }
+    lat = compare_latency(
+        {k: ort_runner(s, {"input": x1.numpy()}) for k, s in sessions.items()},
+        warmup=10,
+        repeats=50 if quick else 300,
+    )
+    macs = total_macs(layer_table(fp32, x1))
+    records = []
+    for method, result in done.items():
+        agree = (logits[method].argmax(1) == logits["fp32"].argmax(1)).float().mean()
+        cover = kernel_coverage(paths[method], (x1,))
+        records.append(
+            Record(
+                suite="operators", model=name, method=f"edgeslim:{method}",
+                config={"method": method, "w_bits": 8, "a_bits": 8, "act_ranges": "statistics"},
+                metric="top1", value=round(top1[method], 4), baseline_value=round(top1["fp32"], 4),
+                params=sum(p.numel() for p in fp32.parameters()), macs=macs,
+                size_bytes=size_bytes(result.model, result.weight_bits),
+                latency_ms=round(lat[method].median_ms, 4),
+                baseline_latency_ms=round(lat["fp32"].median_ms, 4), runtime="onnxruntime",
+                seconds=round(result.seconds, 2), data_used="none",
+                extra={"test_images": len(test), "notes": list(result.notes),
+                       "agreement_with_fp32": round(100.0 * float(agree), 4),
+                       "speedup_vs_fp32": round(lat["fp32"].median_ms / lat[method].median_ms, 3),
+                       **coverage_extra(cover)},
+            )
+        )  # fmt: skip
+    return records
+
+
 def prune_rows(name: str, out: Path, quick: bool) -> list[Record]:
     """edgeslim l1 and the peer at ``PRUNE_TARGET``. A peer that raises on the model is
     measured without, and its error is written into edgeslim's records
@@ -167,7 +231,7 @@ def operators_model(name: str, out: Path, quick: bool) -> list[Record]:
     np.random.seed(0)
     records = int8_rows(name, out, quick)
     if name in CNNS:
-        records += datafree_rows(name, quick)
+        records += datafree_rows(name, quick) + datafree_ort_rows(name, out, quick)
     return records + prune_rows(name, out, quick)
 
 

@@ -199,6 +199,27 @@ class Parity:
         ]
 
 
+def _unrunnable(session: Any, source: str, inputs: Inputs, exc: Exception) -> EdgeslimError:
+    """ONNX Runtime failed on inputs the model runs: a size traced into the file as a
+    constant. ``--dynamic-dims`` is named only when the file has free dimensions besides
+    the batch (it was exported with them)."""
+    shapes = [list(t.shape) for t in inputs]
+    declared = [list(i.shape) for i in session.get_inputs()]
+    free = any(sum(not isinstance(d, int) for d in dims) > 1 for dims in declared)
+    fix = (
+        "with --dynamic-dims (Task.dynamic_dims), leave that dimension out"
+        if free
+        else "read sizes from the input as tensors' shapes (`x.view(x.shape[0], -1)`, not "
+        "`x.view(1, -1)` or `int(x.shape[0])`)"
+    )
+    return EdgeslimError(
+        f"ONNX Runtime cannot run the exported file on the {source} ({shapes}; the file's "
+        f"inputs: {declared}), which the model runs: {first_line(exc)[:300]}. The exporter "
+        f"fixed a size the inputs change (torch's exporter writes nn.MultiheadAttention with "
+        f"its traced sequence length): {fix}"
+    )
+
+
 def check_parity(
     module: nn.Module, session: Any, batches: list[Inputs] | list[tuple[str, Inputs]]
 ) -> Parity:
@@ -223,14 +244,7 @@ def check_parity(
         try:
             got = flat_outputs(ort(*inputs))
         except Exception as exc:  # the file itself cannot run these inputs
-            shapes = [list(t.shape) for t in inputs]
-            raise EdgeslimError(
-                f"ONNX Runtime cannot run the exported file on the {source} ({shapes}), which "
-                f"the model runs: {first_line(exc)[:300]}. The exporter fixed a size the "
-                "inputs change: with --dynamic-dims (Task.dynamic_dims), leave that dimension "
-                "out (torch's exporter writes nn.MultiheadAttention with its traced sequence "
-                "length)"
-            ) from None
+            raise _unrunnable(session, source, inputs, exc) from None
         if len(got) != len(ref):
             raise EdgeslimError(
                 f"the ONNX file returns {len(got)} outputs but the model {len(ref)}; "

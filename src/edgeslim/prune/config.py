@@ -91,7 +91,9 @@ class PruneConfig(_Options):
     ``skip``: layers (FQNs or globs) whose shapes must not change. ``max_group_ratio``: no
     group loses more than this fraction. ``latency_weight``: tilt the global ranking
     towards the MACs that are slow on this machine (needs ``macs_reduction`` and
-    ``global_ranking``; see :mod:`edgeslim.prune.latency_rank`).
+    ``global_ranking``; see :mod:`edgeslim.prune.latency_rank`). ``allow_target_miss``: a
+    plan whose measured reduction is more than :data:`MACS_TOLERANCE` from
+    ``macs_reduction`` (a model whose smallest step is coarser) is kept instead of refused.
     """
 
     macs_reduction: float | None = None
@@ -101,6 +103,7 @@ class PruneConfig(_Options):
     skip: tuple[str, ...] = ()
     max_group_ratio: float = 0.9
     latency_weight: float = 0.0
+    allow_target_miss: bool = False
 
     def __post_init__(self) -> None:
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)  # one glob

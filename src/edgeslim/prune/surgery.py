@@ -51,8 +51,22 @@ def group_key(group: CouplingGroup) -> str:
 
 
 def describe_group(group: CouplingGroup) -> str:
-    """``group 'layer1.0.conv1' (16 channels)`` — for error messages."""
-    return f"group {group_key(group)!r} ({group.size} {_UNIT_WORD.get(group.kind, 'units')})"
+    """``group 'layer1.0.conv1' (16 channels)`` — for error messages; a group pruned in
+    blocks (GroupNorm groups, a grouped conv's groups) says so, since its kept indices count
+    blocks: ``group 'conv1' (32 channels in 8 blocks of 4)``."""
+    if group.kind == "channel" and group.unit > 1:
+        return (
+            f"group {group_key(group)!r} ({group.size * group.unit} channels in {group.size} "
+            f"blocks of {group.unit})"
+        )
+    return f"group {group_key(group)!r} ({group.size} {_unit_word(group)})"
+
+
+def _unit_word(group: CouplingGroup) -> str:
+    """What one kept index of ``group`` counts."""
+    if group.kind == "channel" and group.unit > 1:
+        return "blocks"
+    return _UNIT_WORD.get(group.kind, "units")
 
 
 def round_keep(n_keep: int, size: int, round_to: int = 1) -> int:
@@ -96,7 +110,7 @@ def check_kept(group: CouplingGroup, kept: KeepIndices) -> list[int]:
             raise PruneError(f"kept indices of {name} must be integers; got {i!r}") from None
     if not idx:
         raise PruneError(
-            f"cannot keep zero {_UNIT_WORD.get(group.kind, 'units')} of {name}: that would cut "
+            f"cannot keep zero {_unit_word(group)} of {name}: that would cut "
             "the network. Keep at least one."
         )
     bad = [i for i in idx if not 0 <= i < group.size]
