@@ -213,6 +213,9 @@ def compensate(
     if bias:
         mean_kept = torch.where(drop, torch.zeros_like(mean_q), mean_q)
         add_bias(consumer, old_effect - channel_effect(consumer, mean_kept, pair.repeat))
+    elif drop.any() and not merging:  # nothing else carries these channels: their mean
+        # (the pruned columns are unchanged, so the effect reads the same either side)
+        add_bias(consumer, channel_effect(consumer, torch.where(drop, mean_a, 0.0), pair.repeat))
     return qstats
 
 
