@@ -341,3 +341,45 @@ def test_a_layer_called_twice_is_one_group_and_gates_once() -> None:
     with attach_gates(model, (X,)) as gates:
         assert gates.attached
         assert model(X).shape == (1, 8, 12, 12)  # raised: shape [1, 4, 1, 1] of size 8
+
+
+class PointNetMax(nn.Module):
+    """PointNet's shared per-point convs, then the max over the points taken the usual way:
+    ``torch.max(x, 2)[0]`` (a (values, indices) pair), or ``x.max(2).values``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.c1, self.c2 = nn.Conv1d(3, 16, 1), nn.Conv1d(16, 32, 1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        h = torch.max(h, 2)[0] if self.how == "getitem" else h.max(dim=2).values
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("how", ["getitem", "values"])
+def test_a_max_over_the_points_returning_indices_passes_channels(how: str) -> None:
+    """Both groups prunable (c2's was fixed: 'indexing getitem along the channel axis', the
+    [0] that picks the values out of the pair), and a channel cut stays isolated."""
+    model, x = PointNetMax(how).eval(), torch.randn(1, 3, 40)
+    groups = [g for g in analyze(model, x).groups if g.producers in (["c1"], ["c2"])]
+    assert len(groups) == 2 and all(g.prunable for g in groups), [g.reason for g in groups]
+    for g in groups:
+        check_group(model, g, (x,))
+
+
+def test_a_max_over_the_channels_is_still_a_named_refusal() -> None:
+    class ChannelMax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv1d(3, 16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.max(self.c(x), 1)[0].sum(1, keepdim=True)
+
+    group = next(g for g in analyze(ChannelMax().eval(), torch.randn(1, 3, 8)).groups
+                 if g.producers == ["c"])  # fmt: skip
+    assert not group.prunable and "max" in group.reason

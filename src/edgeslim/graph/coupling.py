@@ -325,6 +325,10 @@ MOVE_METHODS = {"transpose", "permute", "movedim", "swapaxes"}
 RESHAPE_FUNCS: set[Any] = {torch.unsqueeze, torch.squeeze, torch.reshape}
 REDUCE_FUNCS: set[Any] = {torch.mean, torch.sum, torch.amax, torch.amin}
 REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+# reductions over a dim returning (values, indices): each has the reduced input's axes
+VALUES_INDICES_FUNCS: set[Any] = {torch.max, torch.min, torch.median}
+VALUES_INDICES_METHODS = {"max", "min", "median"}
+_PAIR_FIELDS = {"values": 0, "indices": 1}
 BINARY = {
     operator.add,
     operator.sub,
@@ -946,6 +950,12 @@ class _Analyzer:
         dims, keepdim = red
         return x if keepdim else _Val(x.dim - sum(d < x.dim for d in dims), x.segs)
 
+    def values_indices(self, node: fx.Node, x: _Val | None, what: str) -> None:
+        """``torch.max(x, dim)`` and kin: a reduction returning ``(values, indices)``, both
+        shaped as the reduced input (PointNet's ``torch.max(x, 2)[0]`` over the points)."""
+        out = self.reduce(node, x, what)
+        self.struct[node] = (out, out)
+
     def expand(self, node: fx.Node, x: _Val | None) -> _Val | None:
         in_shape, out_shape = _shape(node.args[0]), _shape(node)
         if (
@@ -1049,7 +1059,20 @@ class _Analyzer:
             if _shape(node) is None:
                 return None
             return self.index(node, x)
+        pair, field = (*node.args, None, None)[:2]
+        if (
+            fn is getattr
+            and isinstance(pair, fx.Node)
+            and pair in self.struct
+            and isinstance(field, str)
+            and field in _PAIR_FIELDS  # `.values`, `.indices`
+        ):
+            item = self.struct[pair][_PAIR_FIELDS[field]]
+            return item if isinstance(item, _Val) else None
         if fn is getattr and _shape(node) is None:
+            return None
+        if fn in VALUES_INDICES_FUNCS and _returns_tuple(node):
+            self.values_indices(node, x, getattr(fn, "__name__", str(fn)))
             return None
         if _returns_tuple(node):
             return self.opaque(node, f"function `{getattr(fn, '__name__', fn)}`")
@@ -1060,6 +1083,9 @@ class _Analyzer:
     def method(self, node: fx.Node, name: str, x: _Val | None) -> _Val | None:
         if name in SPLIT_METHODS:
             return self.split(node, name, SPLIT_METHODS[name], x)
+        if name in VALUES_INDICES_METHODS and _returns_tuple(node):
+            self.values_indices(node, x, f"`.{name}`")
+            return None
         if _returns_tuple(node):
             return self.opaque(node, f"method `.{name}`")
         if name in PASS_METHODS:
