@@ -93,3 +93,32 @@ def test_an_untraceable_model_is_refused_naming_the_line_not_found_empty() -> No
 
     with pytest.raises(TraceError, match=r"x\.abs\(\)\.max\(\)"):
         residual_branches(_Branchy(), (torch.zeros(1, 4, 6, 6),))
+
+
+class _PreNormBlock(nn.Module):
+    """A ViT block: two residual branches in one module's forward."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.n1, self.attn = nn.LayerNorm(d), nn.Linear(d, d)
+        self.n2, self.f1, self.f2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.n1(x))
+        return x + self.f2(torch.relu(self.f1(self.n2(x))))
+
+
+def test_two_branches_of_one_block_get_names_of_their_own() -> None:
+    """Both were named `1` (their common parent): the prune stage removed the small one
+    where the large one was chosen, and search removed both under one key."""
+    from edgeslim.prune.depth import depth_prune_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), _PreNormBlock(), nn.Linear(8, 3)).eval()
+    x = torch.randn(1, 5, 4)
+    branches = residual_branches(model, (x,))
+    assert [b.name for b in branches] == ["1.attn", "1.f2"]
+    assert {b.name: b.modules for b in branches}["1.f2"] == ("1.n2", "1.f1", "1.f2")
+    _, removed, _ = depth_prune_(model, (x,), [(torch.randn(16, 5, 4),)], 0.5)
+    assert removed == ["1.f2"]  # the MLP alone, the attention kept
+    assert isinstance(model[1].attn, nn.Linear) and not isinstance(model[1].f2, nn.Linear)

@@ -49,7 +49,8 @@ _CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
 class ResidualBranch:
     """One removable branch, by the FQNs of its modules.
 
-    ``name``: the modules' common parent (``layer1.2``), or ``last`` when they have none;
+    ``name``: the modules' common parent (``layer1.2``), or ``last`` when they have none or
+    share it with another branch (a pre-norm block's two: ``blocks.0.attn.proj``);
     ``last``: the layer replaced by the branch's mean output; ``body``: the other modules
     with weights the branch calls before it (replaced by pass-throughs; modules without
     weights stay, and what follows ``last`` then acts on the constant);
@@ -199,4 +200,17 @@ def residual_branches(
             branch = max(branches, key=lambda br: len(br.modules))
             found.append(branch)
             taken.update(branch.modules)
-    return found
+    return _unique_names(found)
+
+
+def _unique_names(found: list[ResidualBranch]) -> list[ResidualBranch]:
+    """Branches sharing a parent's name (a pre-norm block's ``x = x + attn(x); x = x +
+    mlp(x)``: both are ``blocks.0``) are named by their last layer instead, which one
+    branch alone holds. Why: plans and search keys are by name, and a shared one made the
+    prune stage remove the small branch where the large one was chosen, and search remove
+    both under one key."""
+    from collections import Counter
+    from dataclasses import replace
+
+    count = Counter(b.name for b in found)
+    return [replace(b, name=b.last) if count[b.name] > 1 else b for b in found]
