@@ -36,11 +36,21 @@ Bits = Mapping[str, int] | int | None
 
 
 def _bits_of(bits: Bits, fqn: str, default: int = 32) -> int:
+    """``fqn``'s bits, or its nearest listed ancestor's: a layer quantized whole holds
+    sublayers (an ``nn.MultiheadAttention``'s ``out_proj``, its split ``q``/``k``/``v``
+    linears) that its bits cover too. Why: search costed an attention's projections at 32
+    bits under a W4 policy (size 0.548x fp32 instead of 0.241x: none feasible)."""
     if bits is None:
         return default
     if isinstance(bits, int):
         return bits
-    return int(bits.get(fqn, default))
+    name = fqn
+    while True:
+        if name in bits:
+            return int(bits[name])
+        if not name:
+            return default
+        name = name.rpartition(".")[0]
 
 
 def bops(table: Mapping[str, LayerInfo], w_bits: Bits = None, a_bits: Bits = None) -> int:

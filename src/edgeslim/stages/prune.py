@@ -299,6 +299,11 @@ def _check_target(stage: PruneStage, achieved: float, name: str) -> str:
         "or set `allow_target_miss: true` on the stage to keep the result (the report then "
         "shows the miss)."
     )
+    if stage.method == "depth":  # branches come whole; channel options do not apply
+        raise PruneError(
+            f"{text}: the residual branches removed fall short of the target (they come "
+            f"whole, each its own share of the MACs): lower the target, {keep}"
+        )
     if achieved > requested:
         raise PruneError(
             f"{text}: more was removed than asked. On this model the smallest step is coarse "
