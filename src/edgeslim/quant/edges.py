@@ -237,22 +237,29 @@ def _link_input_grids(gm: fx.GraphModule, layers: list[fx.Node]) -> None:
 def _one_quantizer_per_source(
     gm: fx.GraphModule, edges: list[tuple[fx.Node, list[fx.Node], str]]
 ) -> list[tuple[fx.Node, list[fx.Node], str]]:
-    """Edges on one tensor share the first one's quantizer when both are fresh and alike.
+    """Edges on one tensor share one quantizer when they are alike (:func:`_one_grid`).
 
     A tensor read directly by one quantized op and, through a value-moving op, by another
     (a UNet's skip: a concat and a max pool before the next conv) got a quantizer per path:
     two Q nodes on one conv's output, which keeps ONNX Runtime from fusing that conv
     (measured: both encoder convs of a small UNet ran in float, 23% of its MACs). Both
     observe the same values, so with the same spec they would calibrate to the same grid;
-    quantizers with different specs (mixed precision) or already calibrated stay apart.
+    quantizers with different specs (mixed precision) or both already calibrated stay
+    apart.
     """
     first: dict[fx.Node, str] = {}
     renamed: dict[str, str] = {}  # a dropped quantizer -> the one serving its edges now
     for src, _, name in edges:
         name = _root(renamed, name)
         owner = _root(renamed, first.setdefault(src, name))
-        if owner != name and _same_fresh_grid(gm.get_submodule(owner), gm.get_submodule(name)):
-            renamed[name] = owner  # every edge of it: the whole pool/flatten chain shares
+        a, b = gm.get_submodule(owner), gm.get_submodule(name)
+        if owner != name and _one_grid(a, b):
+            # every edge of the dropped one: the whole pool/flatten chain shares; a grid
+            # already set (data-free ranges from statistics) is the one kept
+            if _calibrated(b):
+                renamed[owner] = name
+            else:
+                renamed[name] = owner
     if not renamed:
         return edges
     for name in renamed:
@@ -260,12 +267,19 @@ def _one_quantizer_per_source(
     return [(src, users, _root(renamed, name)) for src, users, name in edges]
 
 
-def _same_fresh_grid(a: nn.Module, b: nn.Module) -> bool:
+def _calibrated(q: nn.Module) -> bool:
+    return isinstance(q, ActQuant) and bool(q.quantizer.calibrated)
+
+
+def _one_grid(a: nn.Module, b: nn.Module) -> bool:
+    """Two quantizers of one tensor can be one: same spec, at most one with a grid set.
+    Why the set one may serve both: data-free ranges come from statistics before the
+    edges exist, so the layer's input quantizer taken over is set and the concat's new
+    one is not (a U-Net's skip: two Q nodes on the conv, which ran in float)."""
     return (
         type(a) is type(b) is ActQuant
         and a.spec == b.spec
-        and not bool(a.quantizer.calibrated)
-        and not bool(b.quantizer.calibrated)
+        and not (_calibrated(a) and _calibrated(b))
     )
 
 
