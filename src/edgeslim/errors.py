@@ -73,6 +73,12 @@ class ExportError(EdgeslimError):
     """ONNX export refused the model; the message names the node and what to change."""
 
 
+class MetricWarning(UserWarning):
+    """The task's metric cannot tell models apart on its held data (agreement on rows whose
+    reference decision never varies). Its own category so that a caller who knows (a test
+    on random weights) can filter it."""
+
+
 class Int8SaturationWarning(UserWarning):
     """An int8 file computes differently on this CPU than the model it was made from: its
     kernels saturate 16-bit sums (x86 without VNNI; see ``reduce_range``). Its own category

@@ -15,7 +15,7 @@ from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 import edgeslim
 from edgeslim.data import TensorBatches
-from edgeslim.errors import Int8SaturationWarning
+from edgeslim.errors import Int8SaturationWarning, MetricWarning
 from edgeslim.graph.reparam import bake_reparametrizations, has_reparametrizations
 from edgeslim.task import Task
 
@@ -95,6 +95,7 @@ def test_compress_quantizes_and_prunes_weight_normed_convs(
     task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=16))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing may stay float
+        warnings.simplefilter("ignore", MetricWarning)  # random weights: one class
         warnings.simplefilter("ignore", Int8SaturationWarning)  # (this CPU's, not the model's)
         result = edgeslim.compress(model, {"name": "r", "stages": stages}, task, tmp_path / "o")
     ort_record = next(r for r in result.records if r.runtime == "onnxruntime")
@@ -181,6 +182,7 @@ def test_compress_quantizes_weight_standardised_convs(tmp_path: Path) -> None:
     recipe = {"name": "w8a8", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8}]}
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # "left in float" would raise here
+        warnings.simplefilter("ignore", MetricWarning)  # random weights: one class
         warnings.simplefilter("ignore", Int8SaturationWarning)  # (this CPU's, not the model's)
         result = edgeslim.compress(model, recipe, task, tmp_path / "o")
     torch_record = next(r for r in result.records if r.runtime == "torch")
@@ -292,6 +294,7 @@ def test_compress_quantizes_and_prunes_tf_same_convs(tmp_path: Path) -> None:
     ).eval()  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # "left in float" would raise here
+        warnings.simplefilter("ignore", MetricWarning)  # random weights: one class
         warnings.simplefilter("ignore", Int8SaturationWarning)  # (this CPU's, not the model's)
         result = _pruned_then_quantized(model, 16, tmp_path)
     first = result.model.get_submodule("0.1")  # the plain conv after its pad

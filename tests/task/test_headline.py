@@ -93,6 +93,8 @@ def test_a_chosen_headline_is_kept_and_a_classifier_keeps_agreement() -> None:
         task.bind_reference(SuperResolution().eval())
     classifier = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                nn.Linear(4, 5)).eval()  # fmt: skip
+    with torch.no_grad():
+        classifier[3].weight.normal_(0, 10.0)  # classes that vary over the held samples
     task.bind_reference(classifier)  # the choice made for the image model is undone
     assert task.headline == "agreement" and not task.notes
 
@@ -119,4 +121,22 @@ def test_a_one_sided_score_warns_that_agreement_means_nothing() -> None:
     with torch.no_grad():
         logit[3].bias.fill_(0.0)
     task.bind_reference(logit)  # a binary logit on both sides of 0: agreement is fine
+    assert not task.notes
+
+
+def test_a_reference_with_one_class_on_top_everywhere_warns() -> None:
+    """A head whose bias dwarfs its inputs answers one class for every held sample: any
+    model that keeps that class on top read 100% agreement, with nothing said."""
+    head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 5)).eval()  # fmt: skip
+    with torch.no_grad():
+        head[3].bias.copy_(torch.tensor([0.0, 0.0, 100.0, 0.0, 0.0]))
+    task = _task()
+    with pytest.warns(UserWarning, match="class 2 on top for every one"):
+        task.bind_reference(head)
+    assert "agreement says little" in task.notes[0]
+    with torch.no_grad():
+        head[3].bias.zero_()
+        head[3].weight.normal_(0, 10.0)
+    task.bind_reference(head)  # classes vary over the held samples: nothing to say
     assert not task.notes

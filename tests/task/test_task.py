@@ -123,6 +123,17 @@ def test_task_rejects_a_generator_as_train() -> None:
             Task(example_inputs=(x[:1],), **{what: (x for _ in range(2))})
 
 
+def test_train_batches_without_targets_are_refused_naming_pairs() -> None:
+    """TensorBatches(x, None) yields input tuples: with two inputs the second was read as
+    the target; with one, training failed on 'a pair' with no word on TensorBatches."""
+    x0, x1 = torch.randn(8, 3), torch.randn(8, 5)
+    with pytest.raises(TaskError, match=r"without targets.*pairs=True"):
+        Task(example_inputs=(x0[:1], x1[:1]), train=TensorBatches((x0, x1), None))
+    task = Task(example_inputs=(x0[:1],), train=TensorBatches(x0, None, pairs=True))
+    inputs, target = next(iter(task.train))  # type: ignore[arg-type]
+    assert target is None and inputs[0].shape == (8, 3)
+
+
 def test_dict_batches_are_refused_with_the_wrapper_that_reads_them() -> None:
     """A Hugging Face style loader yields dicts: the error names the keys and the fix
     (MappedBatches), which then serves inputs and training pairs, re-iterably."""
@@ -234,6 +245,37 @@ def test_task_without_metric_measures_agreement_with_the_bound_model() -> None:
     with torch.no_grad():
         model.a.bias.add_(100.0 * torch.arange(5.0))  # now always class 4
     assert task.measure(model)["cosine"] < 0.99
+
+
+def test_a_dataloader_of_x_y_pairs_serves_inputs_and_its_labels_give_val_top1() -> None:
+    """The most common data a user holds, a DataLoader over TensorDataset(x, y), was read
+    as two inputs ('batch 0 holds 2 input(s), the example 1'); its labels were ignored where
+    the search scored top-1 on them."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 6)
+    model = nn.Sequential(nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:10] = (y[:10] + 1) % 3  # 10 of 40 wrong: 75% top-1, 100% agreement
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    task = Task(example_inputs=(x[:1],), calibration=loader, validation=loader)
+    assert sum(b[0].shape[0] for b in task.calibration_batches()) == 40
+    task.bind_reference(model)
+    assert task.headline == "val_top1"
+    m = task.measure(model)
+    assert list(m)[:2] == ["val_top1", "agreement"]
+    assert m["val_top1"] == pytest.approx(75.0) and m["agreement"] == 100.0
+    assert task.metric_step(m) == pytest.approx(100.0 / 40)
+    assert any("top-1 on 40 labelled" in n for n in task.notes)
+    unlabelled = Task(example_inputs=(x[:1],), validation=DataLoader(TensorDataset(x), 16))
+    unlabelled.bind_reference(model)
+    assert unlabelled.headline == "agreement" and "val_top1" not in unlabelled.measure(model)
+    wrong = Task(example_inputs=(x[:1],),
+                 validation=DataLoader(TensorDataset(x, y[:, None].repeat(1, 2)), 16))  # fmt: skip
+    with pytest.raises(TaskError, match="validation labels"):
+        wrong.bind_reference(model)
 
 
 def test_metric_step_is_one_held_row_of_the_tasks_own_agreement() -> None:

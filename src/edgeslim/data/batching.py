@@ -113,22 +113,36 @@ class MappedBatches:
         return is_one_shot(self.data)
 
 
-def input_batches(data: Iterable[Any]) -> Iterator[Inputs]:
-    """Input tuples from an iterable of input batches or of ``(inputs, target)`` pairs.
+def split_batch(item: Any, n_inputs: int | None = None) -> tuple[Inputs, Any]:
+    """``(inputs, target)`` of one batch, ``target`` None when the batch holds inputs only.
 
     A pair whose first element is itself a tuple/list of tensors, or whose second element is
-    not a tensor, is read as ``(inputs, target)`` and the target dropped; anything else is
-    read as input tensors.
+    not a tensor, is ``(inputs, target)``. With the model's number of inputs known, a flat
+    tuple of ``n_inputs + 1`` tensors is ``(*inputs, target)``: a ``DataLoader`` over a
+    ``TensorDataset(x, y)`` yields ``[x, y]`` for a one-input model, which read as two
+    inputs. Anything else is input tensors.
     """
+    if (
+        isinstance(item, (tuple, list))
+        and len(item) == 2
+        and (isinstance(item[0], (tuple, list)) or not isinstance(item[1], torch.Tensor))
+    ):
+        return as_inputs(item[0]), item[1]
+    if (
+        n_inputs is not None
+        and isinstance(item, (tuple, list))
+        and len(item) == n_inputs + 1
+        and all(isinstance(t, torch.Tensor) for t in item)
+    ):
+        return tuple(item[:n_inputs]), item[n_inputs]
+    return as_inputs(item), None
+
+
+def input_batches(data: Iterable[Any], n_inputs: int | None = None) -> Iterator[Inputs]:
+    """Input tuples from an iterable of input batches or of ``(inputs, target)`` pairs, the
+    target dropped (:func:`split_batch`, which ``n_inputs`` helps tell them apart)."""
     for item in data:
-        if (
-            isinstance(item, (tuple, list))
-            and len(item) == 2
-            and (isinstance(item[0], (tuple, list)) or not isinstance(item[1], torch.Tensor))
-        ):
-            yield as_inputs(item[0])
-        else:
-            yield as_inputs(item)
+        yield split_batch(item, n_inputs)[0]
 
 
 def batch_size_of(inputs: Inputs, batch_dims: Sequence[int] | None = None) -> int:
@@ -142,12 +156,14 @@ def take_samples(
 ) -> list[Inputs]:
     """The first input batches of ``data`` holding at least ``limit`` samples (all: None).
 
-    The last batch is cut so exactly ``limit`` samples are taken when ``data`` has them.
+    ``batch_dims`` gives one batch dimension per model input, so its length also tells a
+    batch ``(x, y)`` of a one-input model from two inputs (:func:`split_batch`). The last
+    batch is cut so exactly ``limit`` samples are taken when ``data`` has them.
     """
     out: list[Inputs] = []
     seen = 0
     dims = list(batch_dims) if batch_dims else None
-    for inputs in input_batches(data):
+    for inputs in input_batches(data, len(dims) if dims else None):
         n = batch_size_of(inputs, dims)
         if limit is not None and seen + n > limit:
             keep = limit - seen

@@ -47,7 +47,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.data.batching import as_batch
 from edgeslim.search.constraints import Check, Constraints, LatencyPredictor
 from edgeslim.search.policy import Policy
 from edgeslim.search.space import Costs, SearchSpace
@@ -115,21 +114,6 @@ class EvalResult:
         return f"{head} ({state}){checks}"
 
 
-def _labelled(data: Any) -> bool:
-    """Whether an iterable yields ``(inputs, integer target)`` pairs (classification)."""
-    if data is None:
-        return False
-    for item in data:
-        return (
-            isinstance(item, (tuple, list))
-            and len(item) == 2
-            and isinstance(item[0], (tuple, list))
-            and isinstance(item[1], torch.Tensor)
-            and not item[1].is_floating_point()
-        )
-    return False
-
-
 class Evaluator:
     """Scores policies of ``space`` under ``constraints`` (strings or :class:`Constraints`)
     and ``max_drop`` (points of the metric); see the module doc for the metric."""
@@ -166,10 +150,9 @@ class Evaluator:
         elif self.task.evaluate is not None and self.task.evaluate_on_validation:
             self.mode, self.metric_name = "task", self.task.headline
             self.notes.append(f"metric: the task's {self.metric_name} on its validation samples")
-        elif _labelled(self.task.validation):
-            assert self.task.validation is not None
+        elif (labelled := self.task.labelled_validation()) is not None:
             self.mode, self.metric_name = "labelled", "val_top1"
-            self._val = [as_batch(item) for item in self.task.validation]
+            self._val = labelled
             n = sum(int(t.numel()) for _, t in self._val)
             self.notes.append(f"metric: top-1 on {n} labelled validation samples")
         else:

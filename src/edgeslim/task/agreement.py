@@ -253,6 +253,21 @@ def one_sided(ref: AgreementReference) -> str | None:
             "(the same side of it) reads 100 for any model that keeps that side")  # fmt: skip
 
 
+def one_class(ref: AgreementReference) -> str | None:
+    """Why agreement says little, or None: every held row's reference top-1 is one class
+    (an untrained head, held samples all of one kind, a constant input), so agreement only
+    tells whether that class stays on top: a model that always answers it reads 100."""
+    r = ref.outputs[0]
+    if r.shape[-1] < 2 or r.shape[0] < 2:
+        return None
+    top = r.argmax(-1)
+    if bool((top != top[0]).any()):
+        return None
+    return (f"the uncompressed model puts class {int(top[0])} on top for every one of the "
+            f"{r.shape[0]} held rows, so agreement only tells whether that class stays on top "
+            "(a model that always answers it reads 100)")  # fmt: skip
+
+
 def prediction_divergence(ref: AgreementReference, outputs: list[torch.Tensor]) -> float | None:
     """Mean ``KL(p_ref || p)`` of the first output's softmax over its classes, per row (nats);
     None when that output has one column (a score, not a distribution). The search's loss

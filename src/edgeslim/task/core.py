@@ -28,14 +28,16 @@ from edgeslim.data.batching import (
     TensorBatches,
     as_inputs,
     is_one_shot,
+    split_batch,
     take_samples,
 )
-from edgeslim.errors import TaskError, first_line
+from edgeslim.errors import MetricWarning, TaskError, first_line
 from edgeslim.graph.trace import declare_inputs
 from edgeslim.task.agreement import (
     AgreementReference,
     agreement_metrics,
     channels_first_classes,
+    one_class,
     one_sided,
     values_not_classes,
     weight_layer_outputs,
@@ -58,7 +60,9 @@ class Task:
       defaults to cross-entropy of the first output.
     - ``evaluate``: ``model -> float`` (named by ``metric``) or ``dict[str, float]`` (the
       first key is the headline metric). Without it: agreement with the uncompressed model.
-    - ``validation``: held input batches for agreement (default: the calibration batches).
+    - ``validation``: held input batches for agreement (default: the calibration batches);
+      when every batch carries integer labels (``(x, y)`` from a ``DataLoader``), the
+      headline is ``val_top1`` on them, agreement measured beside it.
     - ``wrap``: turns the model into one that takes ``example_inputs`` positionally and
       returns tensors (a Hugging Face encoder into its pooled embedding), for export,
       latency and agreement; identity by default.
@@ -111,6 +115,10 @@ class Task:
     class_axis: int | None = None
     dynamic_dims: tuple[tuple[int, ...], ...] | None = None
     _reference: AgreementReference | None = field(default=None, init=False, repr=False)
+    # labelled validation batches (inputs, integer target), found when bound to a model
+    _labelled: list[tuple[Inputs, torch.Tensor]] | None = field(
+        default=None, init=False, repr=False
+    )
     # what the task decided by itself when bound to a model (the headline it chose)
     notes: list[str] = field(default_factory=list, init=False, repr=False)
     _chose_primary: bool = field(default=False, init=False, repr=False)
@@ -144,6 +152,15 @@ class Task:
                     "every epoch, the final figures), so pass a list, a DataLoader or a "
                     "TensorBatches"
                 )
+
+        if isinstance(self.train, TensorBatches) and not self.train.pairs:
+            # its batches are input tuples: with two inputs the second read as the target
+            raise TaskError(
+                f"task {self.name!r}: train is a TensorBatches without targets, so it yields "
+                "inputs alone, not (inputs, target) pairs; pass TensorBatches(x, y), or "
+                "TensorBatches(x, None, pairs=True) when the loss needs no target "
+                "(distillation)"
+            )
 
     def _check_input_ranges(self, n: int) -> None:
         if self.input_ranges is None:
@@ -352,13 +369,74 @@ class Task:
                     "whose batch is on another dimension (a recurrent state: dim 1) needs it "
                     "said (Task(batch_dims=...); an .npz: a `batch_dims` array)"
                 ) from None
-            why = one_sided(self._reference) if self.headline.startswith("agreement") else None
-            if why is not None:
-                note = (f"metric: agreement means nothing here: {why}. Pass a metric function "
-                        "(`--metric module:function`; Task(evaluate=...)) that measures the "
-                        "value, e.g. its error against the uncompressed model's")  # fmt: skip
-                self.notes.append(note)
-                warnings.warn(note, stacklevel=2)
+            self._labelled = self.labelled_validation()
+            if self._labelled is not None:
+                n = self._check_labels(model)
+                self.notes.append(f"metric: top-1 on {n} labelled validation samples, "
+                                  "agreement with the uncompressed model beside it")  # fmt: skip
+            elif self.headline.startswith("agreement"):
+                self._warn_uninformative(self._reference)
+
+    def labelled_validation(self) -> list[tuple[Inputs, torch.Tensor]] | None:
+        """The validation batches as ``(inputs, integer target)`` when every one carries
+        class labels (a ``DataLoader`` of ``(x, y)``, ``TensorBatches(x, y)``), else None.
+        Why: a user who holds labels wants the accuracy on them, which is the search's
+        objective then too (``val_top1``); agreement is measured beside it."""
+        if self.validation is None:
+            return None
+        out: list[tuple[Inputs, torch.Tensor]] = []
+        n = len(self.example_inputs)
+        for item in self.validation:
+            inputs, target = split_batch(item, n)
+            if not isinstance(target, torch.Tensor) or target.is_floating_point():
+                return None
+            out.append((inputs, target))
+        return out or None
+
+    def _check_labels(self, model: nn.Module) -> int:
+        """How many labels the validation holds; a TaskError when they do not fit the
+        first output (one class index per prediction)."""
+        try:
+            _, n = self._top1(self.module(model))
+        except ValueError as exc:
+            self._labelled = None
+            raise TaskError(f"task {self.name!r}: validation labels: {exc}") from None
+        return n
+
+    @torch.no_grad()
+    def _top1(self, module: nn.Module | Any) -> tuple[float, int]:
+        """``(top-1 %, labels counted)`` of ``module`` on the labelled validation batches."""
+        from edgeslim.train.loop import top1_hits
+
+        assert self._labelled is not None
+        was = module.training if isinstance(module, nn.Module) else None
+        if isinstance(module, nn.Module):
+            module.eval()
+        try:
+            hits = total = 0
+            for inputs, target in self._labelled:
+                hits += top1_hits(module(*inputs), target)
+                total += int(target.numel())
+        finally:
+            if isinstance(module, nn.Module) and was is not None:
+                module.train(was)
+        return 100.0 * hits / max(total, 1), total
+
+    def _warn_uninformative(self, ref: AgreementReference) -> None:
+        """A note and a warning when agreement cannot tell models apart on the held rows."""
+        why = one_sided(ref)
+        if why is not None:
+            note = (f"metric: agreement means nothing here: {why}. Pass a metric function "
+                    "(`--metric module:function`; Task(evaluate=...)) that measures the "
+                    "value, e.g. its error against the uncompressed model's")  # fmt: skip
+        elif (why := one_class(ref)) is not None:
+            note = (f"metric: agreement says little here: {why}. Hold samples the model "
+                    "tells apart (--data; Task(validation=...)), or pass a metric function "
+                    "(`--metric module:function`; Task(evaluate=...))")  # fmt: skip
+        else:
+            return
+        self.notes.append(note)
+        warnings.warn(note, MetricWarning, stacklevel=3)
 
     def choose_headline(self, model: nn.Module) -> None:
         """Read ``model``'s outputs on the example: without ``evaluate`` or a chosen
@@ -367,7 +445,7 @@ class Task:
         :attr:`notes`; otherwise, without a chosen ``class_axis``, axis 1 of a conv's
         ``(N, C, T)`` scores (:func:`~edgeslim.task.agreement.channels_first_classes`),
         said in :attr:`notes`. A choice made for an earlier model is undone first."""
-        self.notes = []
+        self.notes, self._labelled = [], None
         if self._chose_primary:
             self.primary, self._chose_primary = None, False
         self._class_axis, self._classes_off_last = self.class_axis, False
@@ -418,6 +496,8 @@ class Task:
             return None if not self.metric_rows else 100.0 / self.metric_rows
         if self._reference is None or self.headline == "cosine":
             return None  # cosine is continuous: no row flips it by a step
+        if self.headline == "val_top1" and self._labelled is not None:
+            return 100.0 / max(sum(int(t.numel()) for _, t in self._labelled), 1)
         rows = metrics.get("confident_rows", self._reference.outputs[0][..., 0].numel())
         return 100.0 / max(float(rows), 1.0)
 
@@ -456,7 +536,10 @@ class Task:
             )
         module = model if wrapped else self.module(model)
         outs = self._reference.outputs_of(module)
-        return self._ordered(agreement_metrics(self._reference, outs, self.min_confidence))
+        metrics = agreement_metrics(self._reference, outs, self.min_confidence)
+        if self._labelled is not None:
+            metrics = {"val_top1": self._top1(module)[0], **metrics}
+        return self._ordered(metrics)
 
     def _ordered(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.primary is None:
@@ -473,7 +556,9 @@ class Task:
         """The name of the headline metric (before any measurement)."""
         if self.primary is not None:
             return self.primary
-        return "agreement" if self.evaluate is None else self.metric
+        if self.evaluate is not None:
+            return self.metric
+        return "val_top1" if self._labelled is not None else "agreement"
 
     @property
     def value_outputs(self) -> bool:
