@@ -96,3 +96,15 @@ def test_constants_fx_stored_while_tracing_are_not_weights(tmp_path: Path) -> No
     torch.testing.assert_close(second(x), first(x))
     with pytest.raises(CheckpointError):  # a weight that does not fit is still refused
         load_state(fx.symbolic_trace(nn.Sequential(nn.Linear(4, 5))), path)
+
+
+def test_a_torchscript_archive_is_named_as_one_not_called_corrupt(tmp_path: Path) -> None:
+    """torch.jit.save writes a zip that weights_only refuses: it read as 'more than tensors,
+    or corrupt', with no word on how to get the weights out of it."""
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(_model(1)), str(path))
+    dst = _model(2)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"TorchScript archive.*torch\.jit\.load"):
+        load_state(dst, path)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())

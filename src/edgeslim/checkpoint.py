@@ -12,6 +12,7 @@ the keys found.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 
 import torch
@@ -111,6 +112,17 @@ def _is_torch_file(path: Path) -> bool:
     return head == b"PK" or head[:1] == b"\x80"
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A ``torch.jit.save`` archive: a zip holding compiled ``code/`` and ``constants.pkl``
+    (``torch.load`` refuses it under ``weights_only``, which read as a corrupt file)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
 def _tensors(obj: object) -> dict[str, torch.Tensor] | None:
     if (
         isinstance(obj, dict)
@@ -123,6 +135,14 @@ def _tensors(obj: object) -> dict[str, torch.Tensor] | None:
 
 def _torch_state(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a PyTorch file, unpickled with ``weights_only=True`` only."""
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"checkpoint {path} is a TorchScript archive (torch.jit.save): a program, not a "
+            "state dict, and edgeslim compresses the Python model, so it loads only the "
+            "weights. If you trust the file, save them: torch.save(torch.jit.load(path)."
+            "state_dict(), 'weights.pt'), and pass that with the model's class; nothing was "
+            "loaded."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # weights_only refuses classes: a pickled model, custom objects
