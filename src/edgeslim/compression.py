@@ -28,6 +28,7 @@ from torch import nn
 
 from edgeslim.checkpoint import save_state
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
+from edgeslim.cost.latency import latency_spread
 from edgeslim.errors import EdgeslimError, Int8SaturationWarning, RecipeError, first_line
 from edgeslim.export.verify import check_parity, check_resized, export_module, task_axes
 from edgeslim.graph import layer_table, total_macs
@@ -426,11 +427,13 @@ def _run(
         Record(**common, value=round(metrics[headline], 4), runtime="torch",
                latency_ms=round(lat["torch"].median_ms, 4),
                baseline_latency_ms=round(lat["torch_base"].median_ms, 4),
-               extra={**extra, "metrics": metrics}),
+               extra={**extra, "metrics": metrics,
+                      "latency": latency_spread(lat["torch"], lat["torch_base"])}),
         Record(**common, value=round(ort_metrics[headline], 4), runtime="onnxruntime",
                latency_ms=round(lat["onnxruntime"].median_ms, 4),
                baseline_latency_ms=round(lat["ort_base"].median_ms, 4),
                extra={**extra, "metrics": ort_metrics,
+                      "latency": latency_spread(lat["onnxruntime"], lat["ort_base"]),
                       "onnx_max_abs_diff": parity.max_abs_diff,
                       "onnx_parity_inputs": parity.inputs_checked,
                       "onnx_parity_sources": parity.sources, **kernels}),
@@ -565,7 +568,7 @@ def _integer_kernels(
     if not any(isinstance(m, QuantMixin) for m in module.modules()):
         return {}
     coverage = check_integer_kernels(path, example)
-    if coverage.int8_mac_share < MIN_INT8_MAC_SHARE:
+    if coverage.quantized_share < MIN_INT8_MAC_SHARE:
         notes.append(f"export: integer kernels run only part of the model: {coverage.summary()}")
     return coverage_extra(coverage)
 

@@ -74,3 +74,16 @@ def test_ratio_over_rounds_refuses_unpaired_stats() -> None:
     lone = LatencyStats(1.0, 1.0, 1.0, 3)
     with pytest.raises(ValueError, match="one compare_latency run"):
         ratio_over_rounds(lone, lone)
+
+
+def test_latency_spread_gives_percentiles_and_the_speedups_spread() -> None:
+    """Compress records gave a median alone: 1.1x could be a gain or the machine's noise."""
+    from edgeslim.cost.latency import latency_spread
+
+    fast = LatencyStats(1.0, 0.9, 1.4, 20, (1.0, 1.1))
+    base = LatencyStats(2.0, 1.8, 2.6, 20, (2.0, 2.0))
+    s = latency_spread(fast, base)
+    assert (s["p10_ms"], s["p90_ms"], s["baseline_p90_ms"], s["repeats"]) == (0.9, 1.4, 2.6, 20)
+    assert s["speedup_p10"] <= s["speedup_median"] <= s["speedup_p90"]
+    assert s["speedup_p90"] == pytest.approx(2.0)
+    assert "speedup_median" not in latency_spread(LatencyStats(1, 1, 1, 3), base)

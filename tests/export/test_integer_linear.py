@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from edgeslim.errors import EdgeslimError
 from edgeslim.export.integer_linear import export_integer_linear
 from edgeslim.quant import quantize_, w4_weight_only, w8a8_dynamic
 from edgeslim.quant.smooth import smooth_
+from edgeslim.runtime.kernels import check_integer_kernels, kernel_coverage
 from edgeslim.runtime.ort import ort_fused_ops, ort_session
 
 
@@ -52,6 +54,8 @@ def test_w8a8_dynamic_runs_fused_int8_and_matches_torch(tmp_path: Path) -> None:
     assert ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) == 3
     assert "MatMul" not in ops and "Gemm" not in ops
     assert ops.get("DynamicQuantizeLinear", 0) <= 2  # a and b share one quantized input
+    # every linear's MACs are counted as integer (DynamicQuantizeMatMul was not counted)
+    assert kernel_coverage(path, (_x(1),)).int8_mac_share == 1.0
 
 
 def test_w4_weight_only_packs_into_matmul_nbits(tmp_path: Path) -> None:
@@ -65,6 +69,12 @@ def test_w4_weight_only_packs_into_matmul_nbits(tmp_path: Path) -> None:
         ref = m(_x()).numpy()
     assert np.abs(out - ref).max() < 1e-3 * np.abs(ref).max() + 1e-4
     assert ops.get("MatMulNBits") == 3
+    # its MACs are counted as weight-only low-bit, not left out nor called a fusion failure
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cover = check_integer_kernels(path, (_x(1),))
+    assert cover.weight_only_share == 1.0 and cover.int8_mac_share == 0.0
+    assert "MatMulNBits" in cover.summary() and not cover.float_nodes()[0].integer
     fp32_bytes = sum(p.numel() * 4 for p in m.parameters())
     assert path.stat().st_size < 0.3 * fp32_bytes
 

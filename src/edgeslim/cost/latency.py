@@ -88,6 +88,22 @@ def ratio_over_rounds(stats: LatencyStats, base: LatencyStats) -> RatioStats:
     return RatioStats(statistics.median(s), _quantile(s, 0.1), _quantile(s, 0.9), len(s))
 
 
+def latency_spread(stats: LatencyStats, base: LatencyStats) -> dict[str, float]:
+    """A record's latency spread: the 10th/90th percentiles of both runners' calls and of
+    the speed-up ``base / stats`` per round (:func:`ratio_over_rounds`), and the calls
+    timed. Why: a median alone does not say whether 1.1x is a gain or the machine's noise."""
+    out = {
+        "p10_ms": round(stats.p10_ms, 4), "p90_ms": round(stats.p90_ms, 4),
+        "baseline_p10_ms": round(base.p10_ms, 4), "baseline_p90_ms": round(base.p90_ms, 4),
+        "repeats": float(stats.repeats),
+    }  # fmt: skip
+    if stats.blocks and base.blocks:
+        speed = ratio_over_rounds(base, stats)
+        out |= {"speedup_median": round(speed.median, 4), "speedup_p10": round(speed.p10, 4),
+                "speedup_p90": round(speed.p90, 4)}  # fmt: skip
+    return out
+
+
 def torch_runner(model: nn.Module, *inputs: Any, **kwargs: Any) -> Runner:
     """A no-grad call of ``model`` in eval mode."""
     model.eval()

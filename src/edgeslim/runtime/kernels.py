@@ -24,7 +24,9 @@ import numpy as np
 # compute ops by kind; ConvTranspose-like ops count MACs per *input* position
 INTEGER_CONV = frozenset({"QLinearConv", "ConvInteger", "NhwcQLinearConv"})
 INTEGER_CONV_TRANSPOSE = frozenset({"QLinearConvTranspose"})
-INTEGER_MATMUL = frozenset({"QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat"})
+INTEGER_MATMUL = frozenset(
+    {"QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+)
 INTEGER_GEMM = frozenset({"QGemm"})
 INTEGER_RNN = frozenset({"DynamicQuantizeLSTM"})
 FLOAT_CONV = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "NchwcConv"})
@@ -32,8 +34,12 @@ FLOAT_CONV_TRANSPOSE = frozenset({"ConvTranspose"})
 FLOAT_MATMUL = frozenset({"MatMul", "FusedMatMul"})
 FLOAT_GEMM = frozenset({"Gemm", "FusedGemm"})
 FLOAT_RNN = frozenset({"LSTM", "GRU", "RNN"})
+# low-bit weights unpacked in the kernel, float compute: a W4 weight-only linear
+WEIGHT_ONLY_MATMUL = frozenset({"MatMulNBits"})
 INTEGER_OPS = INTEGER_CONV | INTEGER_CONV_TRANSPOSE | INTEGER_MATMUL | INTEGER_GEMM | INTEGER_RNN
-FLOAT_OPS = FLOAT_CONV | FLOAT_CONV_TRANSPOSE | FLOAT_MATMUL | FLOAT_GEMM | FLOAT_RNN
+FLOAT_OPS = (
+    FLOAT_CONV | FLOAT_CONV_TRANSPOSE | FLOAT_MATMUL | FLOAT_GEMM | FLOAT_RNN | WEIGHT_ONLY_MATMUL
+)
 # below this share of MACs in integer kernels an int8 export warns (and its record says so)
 MIN_INT8_MAC_SHARE = 0.95
 # position of the weight input of each conv-like op (QLinearConv: x, x_scale, x_zp, w, ...)
@@ -49,6 +55,12 @@ class NodeMacs:
     op_type: str
     macs: int
     integer: bool
+
+    @property
+    def weight_only(self) -> bool:
+        """Low-bit weights with float compute (``MatMulNBits``): float MACs, but a layer
+        quantized as asked (W4 weight-only), not one ONNX Runtime failed to fuse."""
+        return self.op_type in WEIGHT_ONLY_MATMUL
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,17 @@ class KernelCoverage:
         total = self.integer_macs + self.float_macs
         return self.integer_macs / total if total else 0.0
 
+    @property
+    def weight_only_share(self) -> float:
+        """MACs of weight-only low-bit kernels (float compute) over all MACs."""
+        total = self.integer_macs + self.float_macs
+        return sum(n.macs for n in self.nodes if n.weight_only) / total if total else 0.0
+
+    @property
+    def quantized_share(self) -> float:
+        """MACs quantized as asked: integer kernels plus weight-only low-bit ones."""
+        return self.int8_mac_share + self.weight_only_share
+
     def float_nodes(self, min_share: float = 0.0) -> list[NodeMacs]:
         """Float compute nodes, largest first, each at least ``min_share`` of all MACs."""
         total = max(1, self.integer_macs + self.float_macs)
@@ -80,7 +103,9 @@ class KernelCoverage:
     def summary(self, limit: int = 5) -> str:
         """One line: the share, and the largest float compute nodes if any."""
         text = f"int8_mac_share {self.int8_mac_share:.3f}"
-        rest = self.float_nodes()
+        if self.weight_only_share:
+            text += f", weight-only low-bit (MatMulNBits) {self.weight_only_share:.3f}"
+        rest = [n for n in self.float_nodes() if not n.weight_only]
         if rest:
             named = ", ".join(f"{n.name} ({n.op_type}, {n.macs:,} MACs)" for n in rest[:limit])
             more = f" and {len(rest) - limit} more" if len(rest) > limit else ""
@@ -141,7 +166,7 @@ def _node_macs(node: Any, shape: Mapping[str, tuple]) -> int:
             return 0 if x is None else math.prod(x[2:]) * x[0] * math.prod(w)
         # every output position of every output channel: (in/groups * k...) MACs
         return math.prod(out) * math.prod(w[1:])
-    if op in INTEGER_MATMUL | FLOAT_MATMUL:
+    if op in INTEGER_MATMUL | FLOAT_MATMUL | WEIGHT_ONLY_MATMUL:
         a = shape.get(node.input[0])
         return 0 if a is None or not a else math.prod(out) * a[-1]
     if op in INTEGER_GEMM | FLOAT_GEMM:
@@ -208,7 +233,7 @@ def check_integer_kernels(path: Path, inputs: Feeds) -> KernelCoverage:
     """:func:`kernel_coverage`, warning when less than ``MIN_INT8_MAC_SHARE`` of the MACs run
     in integer kernels: layers meant to be int8 stay float (and run slower than fp32)."""
     coverage = kernel_coverage(path, inputs)
-    if coverage.int8_mac_share < MIN_INT8_MAC_SHARE:
+    if coverage.quantized_share < MIN_INT8_MAC_SHARE:
         warnings.warn(
             f"{Path(path).name}: ONNX Runtime runs only {coverage.int8_mac_share:.1%} of the "
             f"MACs in integer kernels ({coverage.summary()}). Layers kept float on purpose "
@@ -225,10 +250,12 @@ def check_integer_kernels(path: Path, inputs: Feeds) -> KernelCoverage:
 
 def coverage_extra(coverage: KernelCoverage, limit: int = 10) -> dict[str, Any]:
     """The record fields of a coverage: the share and the largest float compute nodes."""
-    return {
-        "int8_mac_share": round(coverage.int8_mac_share, 4),
-        "float_compute": [
-            {"node": n.name, "op": n.op_type, "macs": n.macs}
-            for n in coverage.float_nodes()[:limit]
-        ],
-    }
+    extra: dict[str, Any] = {"int8_mac_share": round(coverage.int8_mac_share, 4)}
+    if coverage.weight_only_share:
+        extra["weight_only_mac_share"] = round(coverage.weight_only_share, 4)
+    extra["float_compute"] = [
+        {"node": n.name, "op": n.op_type, "macs": n.macs}
+        for n in coverage.float_nodes()
+        if not n.weight_only
+    ][:limit]
+    return extra
