@@ -149,6 +149,25 @@ def test_grouped_convs_are_left_dense_with_the_reason() -> None:
     assert [r.fqn for r in report.layers] == [n for n in ("0", "3") if n not in report.skipped]
 
 
+def test_an_attention_out_proj_is_left_dense_naming_why() -> None:
+    """nn.MultiheadAttention reads out_proj.weight itself: the report called it 'not a plain
+    nn.Linear', which says nothing a user can act on."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.ff = nn.Linear(16, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ff(self.attn(x, x, x, need_weights=False)[0])
+
+    model = Block().eval()
+    report = factorize_(model, (torch.randn(1, 5, 16),), SVDConfig(energy=0.5))
+    assert "reads its weight directly" in report.skipped["attn.out_proj"]
+    assert isinstance(model.ff, LowRankLinear)
+
+
 @pytest.mark.parametrize("reduction", [0.3, 0.5])
 def test_macs_target_is_met_on_the_layer_table(
     resnet20: nn.Module, images: torch.Tensor, reduction: float

@@ -134,6 +134,12 @@ def why_not_factorizable(module: nn.Module) -> str | None:
                 "and a 1x1 expansion would mix the groups; left dense"
             )
         return None
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return (
+            "an nn.MultiheadAttention's out_proj: the attention reads its weight directly "
+            "(F.multi_head_attention_forward), so two smaller layers there would never run; "
+            "left dense"
+        )
     return f"{type(module).__name__} is not a plain nn.Linear, nn.Conv1d or nn.Conv2d"
 
 
