@@ -263,3 +263,36 @@ def test_a_unet_skip_read_by_a_pool_and_a_concat_keeps_one_quantizer(tmp_path: P
     cov = kernel_coverage(export_qdq(edged, (x,), tmp_path / "m.onnx"), (x,))
     integer = {n.name.split("/")[1]: n.integer for n in cov.nodes}
     assert integer["e1.0"] and integer["e2.0"], integer
+
+
+def test_hardswish_and_squeeze_excite_edges_get_ranges_from_intervals(
+    tmp_path: Path, fmnist_test_small: Split
+) -> None:
+    """mobilenetv3-small's data-free W8A8 file ran 48% of its MACs on integers, 0.36x the
+    fp32 speed: statistics stop at a hardswish, so the depthwise convs after one, the SE
+    linears and the projection after the SE product had no input range. Intervals carried
+    through hardswish, the sigmoid gate (always [0, 1]), the product and, where no
+    statistics exist, a linear's weights bound them all."""
+    from edgeslim.datafree.edge_ranges import _act_interval, _layer_interval
+
+    assert _act_interval("hardswish", (-4.0, 5.0)) == pytest.approx((-0.375, 5.0))
+    assert _act_interval("hardswish", (0.0, 2.0)) == pytest.approx((0.0, 2 * 5 / 6))
+    assert _act_interval("hardsigmoid", None) == (0.0, 1.0)
+    assert _act_interval("silu", None) is None
+    lin = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[2.0, -1.0]]))
+        lin.bias.fill_(0.5)
+    assert _layer_interval(lin, (0.0, 3.0)) == pytest.approx((-2.5, 6.5))
+
+    model = load_zoo_model("mobilenetv3-small")
+    x = fmnist_test_small.images[:1]
+    result = compress_datafree(model, "rtn", DataFreeSpec(8, 8), x)
+    assert any(v is None for v in result.input_ranges.values())  # what statistics miss
+    edged = quantized_model(result, 8, "statistics", edges=True).eval()
+    share = kernel_coverage(export_qdq(edged, (x,), tmp_path / "m.onnx"), (x,)).int8_mac_share
+    assert share > 0.99, share
+    xs = fmnist_test_small.images[:300]
+    with torch.no_grad():
+        agree = (edged(xs).argmax(1) == model.eval()(xs).argmax(1)).float().mean()
+    assert float(agree) > 0.97, float(agree)

@@ -282,7 +282,11 @@ def quantized_model(
     for fqn, b in result.weight_bits.items():
         known = result.input_ranges.get(fqn) is not None
         weights = weight_spec(b, result.granularity)
-        select[fqn] = QuantConfig(weights, act if known or not static else None)
+        # with edges, a layer whose input statistics are unknown gets an input quantizer
+        # too: the edge pass's interval carry (:mod:`.edge_ranges`) may bound it (a
+        # squeeze-excite product, a hardswish output) or removes it
+        quantized_input = known or not static or edges
+        select[fqn] = QuantConfig(weights, act if quantized_input else None)
     m = copy.deepcopy(result.model).eval()
     quantize_(m, QuantConfig(weight=None), select=select)  # type: ignore[arg-type]
     if static and act is not None:
