@@ -435,8 +435,8 @@ class Task:
                     "(`--metric module:function`; Task(evaluate=...))")  # fmt: skip
         else:
             return
-        self.notes.append(note)
         warnings.warn(note, MetricWarning, stacklevel=3)
+        self.notes.append(f"WARNING: {note}")  # a report lists it under its warnings
 
     def choose_headline(self, model: nn.Module) -> None:
         """Read ``model``'s outputs on the example: without ``evaluate`` or a chosen
