@@ -278,6 +278,36 @@ def test_a_dataloader_of_x_y_pairs_serves_inputs_and_its_labels_give_val_top1() 
         wrong.bind_reference(model)
 
 
+def test_a_two_input_dataloader_of_x0_x1_y_calibrates_and_trains() -> None:
+    """TensorDataset(x0, x1, y) is how a two-input model's data comes: its batches read as
+    three inputs for calibration and were refused by training ('must be a pair')."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from edgeslim.train.loop import TrainConfig, train_classifier
+
+    torch.manual_seed(0)
+    x0, x1 = torch.randn(48, 4), torch.randn(48, 3)
+    y = (x0[:, 0] + x1[:, 0] > 0).long() * 4  # classes 0 and 4 of 5
+    loader = DataLoader(TensorDataset(x0, x1, y), batch_size=16)
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(3, 5)
+
+        def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self.a(u) + self.b(v)
+
+    task = Task(example_inputs=(x0[:1], x1[:1]), calibration=loader, train=loader,
+                validation=loader)  # fmt: skip
+    assert [len(b) for b in task.calibration_batches()] == [2, 2, 2]
+    model = Two()
+    history = train_classifier(model, task.train_batches(), TrainConfig(epochs=3, lr=0.1))
+    assert history[-1]["loss"] < history[0]["loss"]
+    task.bind_reference(model.eval())
+    assert task.headline == "val_top1" and task.measure(model)["val_top1"] > 60
+
+
 def test_metric_step_is_one_held_row_of_the_tasks_own_agreement() -> None:
     """What one flipped row moves agreement by: the export's runtime check allows a few."""
     torch.manual_seed(0)

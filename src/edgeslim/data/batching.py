@@ -55,7 +55,15 @@ def as_inputs(item: Any) -> Inputs:
 
 
 def as_batch(item: Any) -> Batch:
-    """One training batch as ``(inputs, target)``."""
+    """One training batch as ``(inputs, target)``: a pair, or a flat tuple of three or
+    more tensors read as ``(*inputs, target)`` (a ``DataLoader`` over
+    ``TensorDataset(x0, x1, y)`` for a two-input model)."""
+    if (
+        isinstance(item, (tuple, list))
+        and len(item) > 2
+        and all(isinstance(t, torch.Tensor) for t in item)
+    ):
+        return tuple(item[:-1]), item[-1]
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         hint = ""
         if isinstance(item, Mapping):
