@@ -77,3 +77,26 @@ def test_frame_scores_are_held_out_with_frame_labels() -> None:
             return teacher(inp).roll(1, dims=1)
 
     assert evaluate(Shifted(), held) == 0.0
+
+
+def test_the_held_score_is_named_agreement_when_the_teacher_labels_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Unlabelled training data is held out with the teacher's top-1 as labels: the log
+    said `val_top1=` for what is agreement with the teacher."""
+    from edgeslim.train.selection import held_score_name, kept_note
+
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    assert held_score_name(TensorBatches(x, y)) == "val_top1"
+    unlabelled = TensorBatches(x, None, 8, pairs=True)
+    assert held_score_name(unlabelled) == "val_agreement"
+    teacher = nn.Linear(6, 3).eval()
+    fit, held = hold_out(unlabelled, 4, teacher)
+    model = nn.Linear(6, 3)
+    from edgeslim.distill import kd_loss
+
+    history = train_classifier(model, fit, TrainConfig(epochs=1, lr=0.01), val=held,
+                               loss_fn=kd_loss(teacher), keep_best=True,
+                               val_name="val_agreement")  # fmt: skip
+    assert "val_agreement=" in capsys.readouterr().out
+    assert "agreement on 8 held-out" in kept_note(history, held, "val_agreement")

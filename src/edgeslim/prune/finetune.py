@@ -31,6 +31,7 @@ def finetune_pruned(
     hard_loss: Callable[[Any, Any], torch.Tensor] | None = None,
     loss_fn: LossFn | None = None,
     keep_best: bool = False,
+    val_name: str = "val_top1",
 ) -> list[dict[str, float]]:
     """Train the pruned ``model`` in place on ``(inputs, target)`` batches (SGD, OneCycle,
     progress bar; see :func:`~edgeslim.train.loop.train_classifier`); returns the history.
@@ -60,6 +61,7 @@ def finetune_pruned(
         loss_fn=loss_fn,
         description=description,
         keep_best=keep_best,
+        val_name=val_name,
     )
     model.eval()
     return history

@@ -30,7 +30,7 @@ from torch import nn
 
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.train.loop import TrainConfig, train_classifier
-from edgeslim.train.selection import held_out_for_stage, kept_note
+from edgeslim.train.selection import held_out_for_stage, held_score_name, kept_note
 
 
 class FinetuneStage(Stage):
@@ -65,12 +65,14 @@ def run_finetune(model: nn.Module, stage: FinetuneStage, ctx: StageContext) -> n
     teacher = ctx.reference if ctx.reference is not None else copy.deepcopy(model).eval()
     loss = labels_or_teacher(task.train_loss(), teacher, values=task.value_outputs)
     held = None
+    name = held_score_name(train)
     if stage.select_every:
         train, held = held_out_for_stage(train, stage.select_every, teacher, task)
     history = train_classifier(model, train, config, val=held, loss_fn=loss,
-                               description="finetune", keep_best=held is not None)  # fmt: skip
+                               description="finetune", keep_best=held is not None,
+                               val_name=name)  # fmt: skip
     ctx.notes.append(
         f"finetune: {stage.epochs} epoch(s) on {task.name}, final loss {history[-1]['loss']:.4f}"
-        f"{kept_note(history, held)}"
+        f"{kept_note(history, held, name)}"
     )
     return model.eval()

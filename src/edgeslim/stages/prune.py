@@ -86,7 +86,7 @@ from edgeslim.data.batching import TensorBatches
 from edgeslim.errors import PruneError, UnreachableTargetError
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.train.loop import TrainConfig, steps_per_epoch
-from edgeslim.train.selection import held_out_for_stage, kept_note
+from edgeslim.train.selection import held_out_for_stage, held_score_name, kept_note
 
 if TYPE_CHECKING:
     from edgeslim.graph.coupling import CouplingGroup
@@ -439,6 +439,7 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
     wants_teacher = stage.kd and (stage.finetune_epochs or stage.method == "gates")
     teacher = copy.deepcopy(model).eval() if wants_teacher else None
     select: TensorBatches | None = None
+    held_name = held_score_name(train) if train is not None else "val_top1"
     if stage.select_every:
         assert train is not None
         train, select = held_out_for_stage(train, stage.select_every, teacher, task)
@@ -496,11 +497,11 @@ def run_prune(model: nn.Module, stage: PruneStage, ctx: StageContext) -> nn.Modu
         history = finetune_pruned(
             model, train, config, teacher=teacher, alpha=stage.kd_alpha, description="prune ft",
             hard_loss=task.train_loss(), loss_fn=_value_loss(teacher, ctx, stage.kd_alpha),
-            val=select, keep_best=select is not None,
+            val=select, keep_best=select is not None, val_name=held_name,
         )  # fmt: skip
         ctx.notes.append(
             f"prune fine-tune: {stage.finetune_epochs} epoch(s) on {_samples(train)}"
             f"{_teacher_words(teacher, task)}, "
-            f"final loss {history[-1]['loss']:.4f}{kept_note(history, select)}"
+            f"final loss {history[-1]['loss']:.4f}{kept_note(history, select, held_name)}"
         )
     return model.eval()

@@ -267,9 +267,11 @@ def train_classifier(
     on_step: Callable[[float], None] | None = None,
     no_decay: Callable[[str], bool] | None = None,
     keep_best: bool = False,
+    val_name: str = "val_top1",
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``(inputs, target)`` batches; returns one ``{epoch, loss,
-    val_top1}`` dict per epoch.
+    val_top1}`` dict per epoch. ``val_name``: what the log calls the ``val`` score
+    (``val_agreement`` when ``val``'s labels are a teacher's top-1).
 
     ``train`` is iterated once per epoch, so it must be re-iterable (a one-shot generator
     is refused with a ValueError). Steps per epoch, which size the OneCycle schedule, are
@@ -378,13 +380,16 @@ def train_classifier(
                 if best is not None:
                     best.offer(model, row["val_top1"], epoch + 1)
             history.append(row)
-            bar.console.log(", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+            shown = {val_name if k == "val_top1" else k: v for k, v in row.items()}
+            bar.console.log(", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         if best is not None:
             best.restore(model)
             if history:
                 history[-1].update(best_epoch=float(best.epoch), val_top1_start=best.start)
             if best.epoch < config.epochs:
-                bar.console.log(f"{description}: kept epoch {best.epoch} (val {best.score:.4g})")
+                bar.console.log(
+                    f"{description}: kept epoch {best.epoch} ({val_name} {best.score:.4g})"
+                )
     if channels_last:
         model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return history

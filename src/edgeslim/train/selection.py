@@ -71,8 +71,18 @@ def held_out_for_stage(
     return hold_out(train, every, teacher, task.chosen_class_axis)
 
 
-def kept_note(history: list[dict[str, float]], held: TensorBatches | None) -> str:
-    """``"; kept epoch 3 (...)"`` for a stage's note, or ``""`` without a selection."""
+def held_score_name(train: Iterable[Any]) -> str:
+    """What top-1 on :func:`hold_out`'s held batches is: ``val_top1`` when ``train`` has
+    labels, else ``val_agreement`` (the held samples are labelled by the teacher)."""
+    labelled = isinstance(train, TensorBatches) and train.target is not None
+    return "val_top1" if labelled else "val_agreement"
+
+
+def kept_note(
+    history: list[dict[str, float]], held: TensorBatches | None, name: str = "val_top1"
+) -> str:
+    """``"; kept epoch 3 (...)"`` for a stage's note, or ``""`` without a selection;
+    ``name`` from :func:`held_score_name`."""
     if held is None or not history:
         return ""
     last = history[-1]
@@ -80,6 +90,7 @@ def kept_note(history: list[dict[str, float]], held: TensorBatches | None) -> st
     score = max([last["val_top1_start"], *(h["val_top1"] for h in history)])
     what = "the model before training" if best == 0 else f"epoch {best}"
     return (
-        f"; kept {what} ({score:.2f}% on {held.num_samples} held-out training samples, "
+        f"; kept {what} ({score:.2f}% {'agreement' if name == 'val_agreement' else 'top-1'} "
+        f"on {held.num_samples} held-out training samples, "
         f"{last['val_top1_start']:.2f}% before training)"
     )
