@@ -58,12 +58,8 @@ def as_batch(item: Any) -> Batch:
     """One training batch as ``(inputs, target)``: a pair, or a flat tuple of three or
     more tensors read as ``(*inputs, target)`` (a ``DataLoader`` over
     ``TensorDataset(x0, x1, y)`` for a two-input model)."""
-    if (
-        isinstance(item, (tuple, list))
-        and len(item) > 2
-        and all(isinstance(t, torch.Tensor) for t in item)
-    ):
-        return tuple(item[:-1]), item[-1]
+    if _flat_tensors(item, min_len=3):
+        return split_batch(item, len(item) - 1)
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         hint = ""
         if isinstance(item, Mapping):
@@ -136,14 +132,18 @@ def split_batch(item: Any, n_inputs: int | None = None) -> tuple[Inputs, Any]:
         and (isinstance(item[0], (tuple, list)) or not isinstance(item[1], torch.Tensor))
     ):
         return as_inputs(item[0]), item[1]
-    if (
-        n_inputs is not None
-        and isinstance(item, (tuple, list))
-        and len(item) == n_inputs + 1
-        and all(isinstance(t, torch.Tensor) for t in item)
-    ):
+    if n_inputs is not None and _flat_tensors(item) and len(item) == n_inputs + 1:
         return tuple(item[:n_inputs]), item[n_inputs]
     return as_inputs(item), None
+
+
+def _flat_tensors(item: Any, min_len: int = 1) -> bool:
+    """A tuple or list of at least ``min_len`` tensors, none nested."""
+    return (
+        isinstance(item, (tuple, list))
+        and len(item) >= min_len
+        and all(isinstance(t, torch.Tensor) for t in item)
+    )
 
 
 def input_batches(data: Iterable[Any], n_inputs: int | None = None) -> Iterator[Inputs]:

@@ -271,7 +271,7 @@ _OTHER_FUNCTIONS: dict[Any, str] = {
 }  # fmt: skip
 
 
-def _other_act(gm: fx.GraphModule, node: fx.Node) -> str | None:
+def other_act(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The name of a non-homogeneous elementwise activation at ``node`` (else None)."""
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
@@ -584,7 +584,7 @@ def _find_pair(
                 return fan
             nxt = _readers(cur)[0]
     found = _act_of(gm, nxt)
-    other = _other_act(gm, nxt) if found is None else None
+    other = other_act(gm, nxt) if found is None else None
     if found is not None or other is not None:
         if found is not None:
             act, name = found

@@ -15,9 +15,10 @@ operands' intervals, and a layer whose output has no statistics is bounded by it
 quantizer whose input interval stays unknown is removed (that edge stays float, and the
 export's integer-coverage check says so).
 
-Measured (``edgeslim bench operators``): mobilenetv3-small after RTN W8A8 ran 48% of its
-MACs on integer kernels, 0.36x the fp32 speed in ONNX Runtime, while statistics stopped at
-each hardswish and squeeze-excite product; 100% and 1.25x with the intervals carried on.
+Measured (``edgeslim bench operators``, benchmarks/README.md): mobilenetv3-small after RTN
+W8A8 ran 48% of its MACs on integer kernels, 0.36x the fp32 speed in ONNX Runtime, while
+statistics stopped at each hardswish and squeeze-excite product (a run at commit 376f89b,
+its files not kept); 100% and 1.25x with the intervals carried on (the committed run).
 
 Measured through ``compress`` (DFQ W8A8, ad hoc): resnet20 ran 47% of its MACs on integer
 kernels with input quantizers alone (0.78x the fp32 speed in ONNX Runtime).
@@ -27,16 +28,15 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from numbers import Number
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from edgeslim.datafree.chain import convex_upsample
+from edgeslim.datafree.chain import convex_upsample, other_act
 from edgeslim.graph.ops import ADDS, AVERAGES, MOVES_VALUES, OpSet, is_spatial_mean
-from edgeslim.quant.edges import CATS
+from edgeslim.quant.edges import CATS, MULS
 from edgeslim.quant.integer_gates import IntegerHardsigmoid, IntegerHardswish, IntegerSiLU
 from edgeslim.quant.modules import ActQuant, QuantMixin
 
@@ -52,7 +52,6 @@ _ALSO_IN_RANGE = OpSet(
 )  # fmt: skip
 _IN_RANGE = MOVES_VALUES | AVERAGES | _ALSO_IN_RANGE
 _RELU_FUNCS = {torch.relu, nn.functional.relu}
-_MULS = {operator.mul, operator.imul, torch.mul}
 _DIVS = {operator.truediv, operator.itruediv, torch.div}
 
 # elementwise activations whose output interval follows from their input's: each is
@@ -66,23 +65,30 @@ _CURVES: dict[str, tuple[Any, _Dip]] = {
     "tanh": (torch.tanh, None),
 }
 _GATES = {"sigmoid", "hardsigmoid"}
-_ACT_MODULES: dict[type[nn.Module], str] = {
-    nn.Hardswish: "hardswish", IntegerHardswish: "hardswish", nn.SiLU: "silu",
-    IntegerSiLU: "silu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
-    nn.Hardsigmoid: "hardsigmoid", IntegerHardsigmoid: "hardsigmoid",
+# the edge pass's integer forms of those activations (the float ones are named by
+# :func:`~edgeslim.datafree.chain.other_act`)
+_INTEGER_GATES: dict[type[nn.Module], str] = {
+    IntegerHardswish: "hardswish", IntegerSiLU: "silu", IntegerHardsigmoid: "hardsigmoid",
 }  # fmt: skip
-_ACT_FUNCTIONS: dict[Any, str] = {
-    nn.functional.hardswish: "hardswish", nn.functional.silu: "silu",
-    nn.functional.gelu: "gelu", torch.tanh: "tanh", torch.sigmoid: "sigmoid",
-    nn.functional.sigmoid: "sigmoid", nn.functional.hardsigmoid: "hardsigmoid",
-    "sigmoid": "sigmoid", "tanh": "tanh",
-}  # fmt: skip
+
+
+def _act_name(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The name of the non-homogeneous activation at ``node`` (float or integer form)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        found = next((n for t, n in _INTEGER_GATES.items() if isinstance(mod, t)), None)
+        if found is not None:
+            return found
+    return other_act(gm, node)
 
 
 def _act_interval(name: str, src: Interval | None) -> Interval | None:
-    """The output interval of activation ``name`` over ``src`` (gates: [0, 1] always)."""
+    """The output interval of activation ``name`` over ``src`` (gates: [0, 1] always);
+    None for one whose curve is not modelled (ELU, Mish, softplus) or an unknown input."""
     if name in _GATES:
         return (0.0, 1.0)
+    if name not in _CURVES:
+        return None
     if src is None:
         return (-1.0, 1.0) if name == "tanh" else None
     f, dip = _CURVES[name]
@@ -103,15 +109,17 @@ def _layer_interval(mod: nn.Module, src: Interval | None) -> Interval | None:
     input at an end at once), so used only where no statistics give the output's range (a
     squeeze-excite block's linears after a hardswish). Zero is taken into the input
     interval: a conv's padding reads zeros."""
-    weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
-    if src is None or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+    if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) or getattr(
+        mod, "transposed", False
+    ):  # a transposed conv's weight is (in, out, k...): its rows are not output channels
+        return None
+    weight, bias = mod.weight, mod.bias
+    if src is None or weight.dim() < 2:
         return None
     lo, hi = min(src[0], 0.0), max(src[1], 0.0)
     w = weight.detach().double().reshape(weight.shape[0], -1)
     pos, neg = w.clamp_min(0).sum(1), w.clamp_max(0).sum(1)
     b = bias.detach().double() if isinstance(bias, torch.Tensor) else torch.zeros_like(pos)
-    if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
-        return None
     return float((b + pos * lo + neg * hi).min()), float((b + pos * hi + neg * lo).max())
 
 
@@ -136,7 +144,7 @@ def _module_interval(
     if isinstance(mod, nn.Hardtanh):  # ReLU6 too: bounded whatever its input
         lo, hi = float(mod.min_val), float(mod.max_val)
         return (lo, hi) if src is None else _clip(src, lo, hi)
-    name = next((n for t, n in _ACT_MODULES.items() if isinstance(mod, t)), None)
+    name = _act_name(gm, node)
     if name is not None:
         return _act_interval(name, src)
     if convex_upsample(gm, node):
@@ -152,8 +160,8 @@ def _function_interval(
     if node.op == "call_method":
         if node.target in ("relu", "relu_"):
             return _clip(src, 0.0, float("inf"))
-        if node.target in _ACT_FUNCTIONS:
-            return _act_interval(_ACT_FUNCTIONS[node.target], src)
+        if (name := _act_name(gm, node)) is not None:
+            return _act_interval(name, src)
         return src if _IN_RANGE.matches(gm, node) else None
     if node.target in ADDS and len(ins) == 2:
         a, b = ins
@@ -162,17 +170,17 @@ def _function_interval(
     if const is not None and src is not None and len(ins) == 1:
         if node.target in ADDS:
             return src[0] + const, src[1] + const
-        if node.target in _MULS:
+        if node.target in MULS:
             return _product(src, (const, const))
         if node.target in _DIVS and node.args[0] is node.all_input_nodes[0] and const != 0:
             return _product(src, (1.0 / const, 1.0 / const))
-    if node.target in _MULS and len(ins) == 2:
+    if node.target in MULS and len(ins) == 2:
         a, b = ins
         return None if a is None or b is None else _product(a, b)
     if node.target is nn.functional.relu6:
         return (0.0, 6.0) if src is None else _clip(src, 0.0, 6.0)
-    if node.target in _ACT_FUNCTIONS:
-        return _act_interval(_ACT_FUNCTIONS[node.target], src)
+    if (name := _act_name(gm, node)) is not None:
+        return _act_interval(name, src)
     if node.target in CATS:
         known = [i for i in ins if i is not None]
         if len(known) != len(ins) or not known:
@@ -189,8 +197,8 @@ def _function_interval(
 
 def _constant_operand(node: fx.Node) -> float | None:
     """The number in a binary op of a tensor and a number (``x + 3``, ``x / 6``)."""
-    nums = [a for a in node.args[:2] if isinstance(a, Number) and not isinstance(a, bool)]
-    return float(nums[0]) if len(nums) == 1 else None  # type: ignore[arg-type]  # a Number
+    nums = [a for a in node.args[:2] if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    return float(nums[0]) if len(nums) == 1 else None
 
 
 def _concat_reader_range(gm: fx.GraphModule, node: fx.Node) -> Interval | None:

@@ -639,8 +639,9 @@ def _refuse_miss(
     round_to: int,
     cfg: PruneConfig,
 ) -> None:
-    """Refuse a plan more than ``MACS_TOLERANCE`` from its target, naming the coarsest
-    single step (where the miss comes from) and what to change."""
+    """Refuse a plan more than ``MACS_TOLERANCE`` from its target, naming the finest
+    single step the model offers (a miss larger than it comes from the coarser ones) and
+    what to change."""
     if abs(achieved - target) <= MACS_TOLERANCE:
         return
     shares = []

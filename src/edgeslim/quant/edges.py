@@ -252,8 +252,10 @@ def _one_quantizer_per_source(
     for src, _, name in edges:
         name = _root(renamed, name)
         owner = _root(renamed, first.setdefault(src, name))
+        if owner == name:
+            continue
         a, b = gm.get_submodule(owner), gm.get_submodule(name)
-        if owner != name and _one_grid(a, b):
+        if _one_grid(a, b):
             # every edge of the dropped one: the whole pool/flatten chain shares; a grid
             # already set (data-free ranges from statistics) is the one kept
             if _calibrated(b):

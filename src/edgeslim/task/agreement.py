@@ -24,7 +24,7 @@ is always 0, so the multi-class rule read 100% for any model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,19 +58,29 @@ def _decisions(
     return ((out[:, 0] > t) == side).float(), side.long(), torch.maximum(p, 1 - p)
 
 
+OnOutput = Callable[[int, Any], None]
+
+
 @torch.no_grad()
 def model_outputs(
-    module: nn.Module | Any, batches: Sequence[Inputs], class_axis: int | None = None
+    module: nn.Module | Any,
+    batches: Sequence[Inputs],
+    class_axis: int | None = None,
+    on_output: OnOutput | None = None,
 ) -> list[torch.Tensor]:
     """Every output of ``module`` over ``batches``, as rows concatenated over the batches;
-    the first output's rows run along ``class_axis`` when given (:func:`classes_last`)."""
+    the first output's rows run along ``class_axis`` when given (:func:`classes_last`).
+    ``on_output(i, raw)`` sees batch ``i``'s raw output too (top-1 on labels, same pass)."""
     if isinstance(module, nn.Module):
         was = module.training
         module.eval()
     per: list[list[torch.Tensor]] = []
     try:
-        for inputs in batches:
-            outs = flat_outputs(module(*inputs))
+        for i, inputs in enumerate(batches):
+            raw = module(*inputs)
+            if on_output is not None:
+                on_output(i, raw)
+            outs = flat_outputs(raw)
             if not outs:
                 raise TypeError("the model returned no tensor")
             if not per:
@@ -94,13 +104,16 @@ class AgreementReference:
 
     @classmethod
     def of(
-        cls, module: nn.Module, batches: list[Inputs], class_axis: int | None = None
-    ) -> AgreementReference:
-        return cls(batches, model_outputs(module, batches, class_axis), class_axis)
+        cls, module: nn.Module, batches: list[Inputs], class_axis: int | None = None,
+        on_output: OnOutput | None = None,
+    ) -> AgreementReference:  # fmt: skip
+        return cls(batches, model_outputs(module, batches, class_axis, on_output), class_axis)
 
-    def outputs_of(self, module: nn.Module | Any) -> list[torch.Tensor]:
+    def outputs_of(
+        self, module: nn.Module | Any, on_output: OnOutput | None = None
+    ) -> list[torch.Tensor]:
         """``module``'s outputs on the same inputs, as rows read the same way."""
-        return model_outputs(module, self.batches, self.class_axis)
+        return model_outputs(module, self.batches, self.class_axis, on_output)
 
 
 def agreement_metrics(

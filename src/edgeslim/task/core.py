@@ -27,6 +27,7 @@ from edgeslim.data.batching import (
     Inputs,
     TensorBatches,
     as_inputs,
+    batch_size_of,
     is_one_shot,
     split_batch,
     take_samples,
@@ -115,10 +116,9 @@ class Task:
     class_axis: int | None = None
     dynamic_dims: tuple[tuple[int, ...], ...] | None = None
     _reference: AgreementReference | None = field(default=None, init=False, repr=False)
-    # labelled validation batches (inputs, integer target), found when bound to a model
-    _labelled: list[tuple[Inputs, torch.Tensor]] | None = field(
-        default=None, init=False, repr=False
-    )
+    # the labels of the held validation batches, one tensor per batch, when every batch
+    # carries integer labels; found when bound to a model
+    _labels: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
     # what the task decided by itself when bound to a model (the headline it chose)
     notes: list[str] = field(default_factory=list, init=False, repr=False)
     _chose_primary: bool = field(default=False, init=False, repr=False)
@@ -278,6 +278,23 @@ class Task:
         return self.loss if self.loss is not None else cross_entropy
 
     def validation_batches(self) -> list[Inputs]:
+        """The held input batches agreement is measured on (validation, else calibration)."""
+        return self._held()[0]
+
+    def labelled_validation(self) -> list[tuple[Inputs, torch.Tensor]] | None:
+        """The validation batches as ``(inputs, integer target)`` when every one carries
+        class labels (a ``DataLoader`` of ``(x, y)``, ``TensorBatches(x, y)``), else None.
+        Why: a user who holds labels wants the accuracy on them, which is the search's
+        objective then too (``val_top1``); agreement is measured beside it."""
+        if self.validation is None:
+            return None
+        batches, labels = self._held()
+        return None if labels is None else list(zip(batches, labels, strict=True))
+
+    def _held(self) -> tuple[list[Inputs], list[torch.Tensor] | None]:
+        """One pass over the held data (validation, else calibration): its input batches,
+        checked, and, for validation whose every batch carries integer labels, the labels
+        (one tensor per batch; the rest read as :func:`split_batch` does)."""
         data = self.validation if self.validation is not None else self.calibration
         if data is None:
             raise TaskError(
@@ -285,11 +302,20 @@ class Task:
                 "calibration inputs to measure agreement on; pass --data (or --metric)"
             )
         what = "validation" if self.validation is not None else "calibration"
-        batches = self._samples(data, None, what)
-        if not batches:
+        try:
+            pairs = [split_batch(item, len(self.example_inputs)) for item in data]
+        except TypeError as exc:  # a batch of another shape (a dict): the hint says how
+            raise TaskError(f"task {self.name!r}: {what}: {exc}") from None
+        pairs = [(inputs, t) for inputs, t in pairs if batch_size_of(inputs, self.dims) > 0]
+        if not pairs:
             raise TaskError(f"task {self.name!r}: the validation data is empty")
+        batches = [inputs for inputs, _ in pairs]
         self._check_shapes(batches, what)
-        return batches
+        labels = [t for _, t in pairs]
+        labelled = self.validation is not None and all(
+            isinstance(t, torch.Tensor) and not t.is_floating_point() for t in labels
+        )
+        return batches, labels if labelled else None
 
     def _samples(self, data: Iterable[Any], limit: int | None, what: str) -> list[Inputs]:
         try:
@@ -355,11 +381,14 @@ class Task:
         headline, said in :attr:`notes`."""
         self.choose_headline(model)
         if self.evaluate is None:
-            batches = self.validation_batches()
+            batches, labels = self._held()
+            top1 = None if labels is None else _Top1(labels, self.name)
             try:
                 self._reference = AgreementReference.of(
-                    self.module(model), batches, self._class_axis
+                    self.module(model), batches, self._class_axis, top1
                 )
+            except TaskError:  # labels that do not fit the outputs: said as such
+                raise
             except Exception as exc:  # it ran on the example: the batch is what differs
                 n = int(batches[0][0].shape[self.dims[0] if self.dims else 0])
                 raise TaskError(
@@ -369,58 +398,12 @@ class Task:
                     "whose batch is on another dimension (a recurrent state: dim 1) needs it "
                     "said (Task(batch_dims=...); an .npz: a `batch_dims` array)"
                 ) from None
-            self._labelled = self.labelled_validation()
-            if self._labelled is not None:
-                n = self._check_labels(model)
-                self.notes.append(f"metric: top-1 on {n} labelled validation samples, "
+            self._labels = labels
+            if top1 is not None:
+                self.notes.append(f"metric: top-1 on {top1.total} labelled validation samples, "
                                   "agreement with the uncompressed model beside it")  # fmt: skip
             elif self.headline.startswith("agreement"):
                 self._warn_uninformative(self._reference)
-
-    def labelled_validation(self) -> list[tuple[Inputs, torch.Tensor]] | None:
-        """The validation batches as ``(inputs, integer target)`` when every one carries
-        class labels (a ``DataLoader`` of ``(x, y)``, ``TensorBatches(x, y)``), else None.
-        Why: a user who holds labels wants the accuracy on them, which is the search's
-        objective then too (``val_top1``); agreement is measured beside it."""
-        if self.validation is None:
-            return None
-        out: list[tuple[Inputs, torch.Tensor]] = []
-        n = len(self.example_inputs)
-        for item in self.validation:
-            inputs, target = split_batch(item, n)
-            if not isinstance(target, torch.Tensor) or target.is_floating_point():
-                return None
-            out.append((inputs, target))
-        return out or None
-
-    def _check_labels(self, model: nn.Module) -> int:
-        """How many labels the validation holds; a TaskError when they do not fit the
-        first output (one class index per prediction)."""
-        try:
-            _, n = self._top1(self.module(model))
-        except ValueError as exc:
-            self._labelled = None
-            raise TaskError(f"task {self.name!r}: validation labels: {exc}") from None
-        return n
-
-    @torch.no_grad()
-    def _top1(self, module: nn.Module | Any) -> tuple[float, int]:
-        """``(top-1 %, labels counted)`` of ``module`` on the labelled validation batches."""
-        from edgeslim.train.loop import top1_hits
-
-        assert self._labelled is not None
-        was = module.training if isinstance(module, nn.Module) else None
-        if isinstance(module, nn.Module):
-            module.eval()
-        try:
-            hits = total = 0
-            for inputs, target in self._labelled:
-                hits += top1_hits(module(*inputs), target)
-                total += int(target.numel())
-        finally:
-            if isinstance(module, nn.Module) and was is not None:
-                module.train(was)
-        return 100.0 * hits / max(total, 1), total
 
     def _warn_uninformative(self, ref: AgreementReference) -> None:
         """A note and a warning when agreement cannot tell models apart on the held rows."""
@@ -445,7 +428,7 @@ class Task:
         :attr:`notes`; otherwise, without a chosen ``class_axis``, axis 1 of a conv's
         ``(N, C, T)`` scores (:func:`~edgeslim.task.agreement.channels_first_classes`),
         said in :attr:`notes`. A choice made for an earlier model is undone first."""
-        self.notes, self._labelled = [], None
+        self.notes, self._labels = [], None
         if self._chose_primary:
             self.primary, self._chose_primary = None, False
         self._class_axis, self._classes_off_last = self.class_axis, False
@@ -496,8 +479,8 @@ class Task:
             return None if not self.metric_rows else 100.0 / self.metric_rows
         if self._reference is None or self.headline == "cosine":
             return None  # cosine is continuous: no row flips it by a step
-        if self.headline == "val_top1" and self._labelled is not None:
-            return 100.0 / max(sum(int(t.numel()) for _, t in self._labelled), 1)
+        if self.headline == "val_top1" and self._labels is not None:
+            return 100.0 / max(sum(int(t.numel()) for t in self._labels), 1)
         rows = metrics.get("confident_rows", self._reference.outputs[0][..., 0].numel())
         return 100.0 / max(float(rows), 1.0)
 
@@ -535,10 +518,11 @@ class Task:
                 "bind_reference(uncompressed_model) first"
             )
         module = model if wrapped else self.module(model)
-        outs = self._reference.outputs_of(module)
+        top1 = None if self._labels is None else _Top1(self._labels, self.name)
+        outs = self._reference.outputs_of(module, top1)  # one pass for both
         metrics = agreement_metrics(self._reference, outs, self.min_confidence)
-        if self._labelled is not None:
-            metrics = {"val_top1": self._top1(module)[0], **metrics}
+        if top1 is not None:
+            metrics = {"val_top1": top1.value, **metrics}
         return self._ordered(metrics)
 
     def _ordered(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -558,7 +542,7 @@ class Task:
             return self.primary
         if self.evaluate is not None:
             return self.metric
-        return "val_top1" if self._labelled is not None else "agreement"
+        return "val_top1" if self._labels is not None else "agreement"
 
     @property
     def value_outputs(self) -> bool:
@@ -573,6 +557,27 @@ class Task:
         """The first output's class axis agreement reads: :attr:`class_axis`, or the one
         found when bound to the model (:meth:`choose_headline`); None: the default rule."""
         return self._class_axis
+
+
+class _Top1:
+    """Top-1 hits of a model's raw outputs against the held labels, counted batch by batch
+    while agreement reads the same outputs (:meth:`AgreementReference.outputs_of`)."""
+
+    def __init__(self, labels: Sequence[torch.Tensor], task: str) -> None:
+        self.labels, self.task, self.hits = labels, task, 0
+        self.total = sum(int(t.numel()) for t in labels)
+
+    def __call__(self, index: int, outputs: Any) -> None:
+        from edgeslim.train.loop import top1_hits
+
+        try:
+            self.hits += top1_hits(outputs, self.labels[index])
+        except ValueError as exc:  # labels that do not fit the first output
+            raise TaskError(f"task {self.task!r}: validation labels: {exc}") from None
+
+    @property
+    def value(self) -> float:
+        return 100.0 * self.hits / max(self.total, 1)
 
 
 def _failing_layer(model: nn.Module, exc: BaseException) -> str | None:
