@@ -21,7 +21,9 @@ A method is ``(chain, spec, bits) -> None``: it may rescale, merge, prune and bi
   filter most like it (cosine plus normalised-bias distance), scaled by the norm ratio; RTN.
 - ``udfc``: prune and round in one pass; each pruned channel is represented by the kept
   channel that explains most of it, each kept channel compensated for its rounding, the
-  rest of every channel's mean moved into the bias (:mod:`.compensate`).
+  rest of every channel's mean moved into the bias (:mod:`.compensate`); a consumer that
+  only keeps its pruned channels' means is rescaled back to its original output variance
+  (:func:`~.compensate.restore_variance`).
 
 Every method records what it did in ``chain.report`` (per pair, per layer, channels
 removed) and raises :class:`~.errors.NothingToCompressError` when it finds nothing to act on.
@@ -706,7 +708,10 @@ def merge(chain: Chain, args: MethodArgs) -> None:
 def udfc(chain: Chain, args: MethodArgs) -> None:
     """Unified data-free compression: prune and round, compensated in one closed form."""
     prune = choose_pruned(chain, args.prune_ratio, args.criterion, "udfc")
-    compensate_all(chain, args.bits, prune.by_producer, merge_into=prune.simple, bias=False)
+    compensate_all(
+        chain, args.bits, prune.by_producer, merge_into=prune.simple, bias=False,
+        keep_variance=True,
+    )  # fmt: skip
     _surgery(chain, prune)
 
 
