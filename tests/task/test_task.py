@@ -757,3 +757,17 @@ def test_a_state_batched_on_the_wrong_dimension_is_a_task_error_naming_batch_dim
     task.check(model)  # batch 1: the example runs
     with pytest.raises(TaskError, match=r"not on a batch of 8 .*batch_dims"):
         task.bind_reference(model)
+
+
+def test_cosine_of_one_value_rows_is_their_correlation_not_their_sign() -> None:
+    # a (N, 1, H, W) map has one value per row: the per-row cosine was the sign alone, 1.0
+    # for any two positive maps (a sigmoid output), however far apart
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(64, 1, generator=g) + 0.1
+    noise = torch.rand(64, 1, generator=g) + 0.1
+    assert agreement_metrics(_ref(ref), [ref.clone()])["cosine"] == pytest.approx(1.0)
+    assert agreement_metrics(_ref(ref), [noise])["cosine"] < 0.5
+    assert agreement_metrics(_ref(ref), [2.0 * ref + 1.0])["cosine"] == pytest.approx(1.0)
+    flat = torch.full((8, 1), 0.5)
+    assert agreement_metrics(_ref(flat), [flat.clone()])["cosine"] == 1.0
+    assert agreement_metrics(_ref(flat), [flat + 0.1])["cosine"] == 0.0

@@ -7,7 +7,8 @@
   every row when a threshold is set.
 - ``top5_agreement``: the reference's top-1 is among the compressed model's top 5 (outputs
   with at least 10 classes only).
-- ``cosine``: mean per-row cosine similarity of every output, averaged over the outputs.
+- ``cosine``: mean per-row cosine similarity of every output, averaged over the outputs
+  (for an output whose rows hold one value, the correlation of those values, :func:`_cosine`).
 
 A row is one vector along an output's last dimension (so a state shaped
 ``(layers, batch, hidden)`` contributes ``layers * batch`` rows), or, for an output of 4 or
@@ -139,12 +140,26 @@ def agreement_metrics(
     if r.shape[-1] >= 10:
         top5 = o.topk(5, dim=-1).indices
         metrics["top5_agreement"] = 100.0 * float((top5 == ref_top[:, None]).any(-1).float().mean())
-    cos = [
-        float(nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).mean())
-        for a, b in zip(outputs, ref.outputs, strict=True)
-    ]
+    cos = [_cosine(a, b) for a, b in zip(outputs, ref.outputs, strict=True)]
     metrics["cosine"] = sum(cos) / len(cos)
     return metrics
+
+
+def _cosine(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean per-row cosine of ``out`` to ``ref``; for rows of one value, the cosine of the
+    centred columns (the correlation of the values over every held row).
+
+    Why: the cosine of two single numbers is their sign alone, 1.0 for any two positive
+    ones: a depth or mask map ``(N, 1, H, W)`` (one row per pixel) and a score per sample
+    read 1.0 after any compression (a data-free file whose pixels agreed 70% on a 0.5
+    threshold read cosine 1.0000).
+    """
+    if ref.shape[-1] == 1:
+        a, b = out[:, 0] - out[:, 0].mean(), ref[:, 0] - ref[:, 0].mean()
+        if float(b.norm()) == 0.0:  # a constant reference: equal or not, nothing to correlate
+            return 1.0 if torch.equal(out, ref) else 0.0
+        return float(nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
+    return float(nn.functional.cosine_similarity(out, ref, dim=-1, eps=1e-12).mean())
 
 
 def _ratio_whole(a: int, b: int) -> bool:
