@@ -149,3 +149,41 @@ def test_reconstruct_without_pruning_choices_exits_2_saying_so(
     assert result.exit_code == 2
     assert "reconstruct refits the layers that channel pruning narrowed" in result.output
     assert not (out / "search.json").exists()
+
+
+DISTANCE = textwrap.dedent(
+    """
+    import numpy as np
+    import torch
+    from torch import nn
+
+    class Distance(nn.Module):  # one score per sample, never negative
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 8), nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.a(x) - self.b(x)).norm(dim=1)
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return Distance().eval()
+    """
+)
+
+
+def test_search_refuses_agreement_that_cannot_fall_and_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    (tmp_path / "distance_factory.py").write_text(DISTANCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((64, 16)).astype("float32"))
+    out = tmp_path / "out"
+    args = ["search", "distance_factory:make", "--input-shape", "1,16", "--data", str(data),
+            "--constraint", "size<=0.5x", "--max-drop", "1", "--budget", "2"]  # fmt: skip
+    refused = runner.invoke(app, [*args, "--out", str(out)])
+    assert refused.exit_code == 2 and "--metric cosine" in refused.output
+    assert not out.exists()

@@ -276,3 +276,35 @@ def test_a_labelled_npz_task_is_searched_on_its_own_metric(
     assert ev.baseline == task.measure(digits_model)["top1"] < 100.0
     w8, w2 = ev.evaluate(sp.uniform(8)), ev.evaluate(sp.uniform(2))
     assert w8.metric is not None and w2.metric is not None and w8.metric > w2.metric
+
+
+class _Distance(nn.Module):
+    """A one-score output that is never negative (a distance): agreement cannot fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 16)
+        self.b = nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a(x.flatten(1)) - self.b(x.flatten(1))).norm(dim=1)
+
+
+def test_a_search_refuses_agreement_that_cannot_fall() -> None:
+    # a distance is above the 0 threshold for every held sample: agreement read 100 for
+    # every policy, so a search ranked nothing and any --max-drop held (W4, keep 0.5 chosen
+    # at cosine 0.84 on a Siamese net); cosine, asked for, measures the values
+    torch.manual_seed(0)
+    x = load_digits_split("train").images[:96]
+
+    def task(primary: str | None = None) -> Task:
+        return Task(example_inputs=(x[:1],), calibration=TensorBatches(x[:64], batch_size=32),
+                    validation=TensorBatches(x[64:], batch_size=32), primary=primary)  # fmt: skip
+
+    model = _Distance().eval()
+    with pytest.raises(TaskError, match="--metric cosine"):
+        Evaluator(SearchSpace.build(model, task(), w_bits=(2, 8), keep=(1.0,)), "drop<=1")
+    ev = Evaluator(SearchSpace.build(model, task("cosine"), w_bits=(2, 8), keep=(1.0,)))
+    assert ev.metric_name == "cosine"
+    w8, w2 = ev.evaluate(ev.space.uniform(8)), ev.evaluate(ev.space.uniform(2))
+    assert w8.metric is not None and w2.metric is not None and w8.metric > w2.metric

@@ -204,13 +204,19 @@ def run_search(
     runner = _executor(executor, workers)
     model = resolve_base(model_name, checkpoint)
     task = resolve_task(model_name, data, metric, input_shapes, quick, dynamic_dims)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    space, evaluator, latency, result = search_task(
-        model, task, parsed, strategy=strategy, budget=budget, seed=seed, w_bits=w_bits,
-        a_bits=a_bits, keep=keep, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
-        depth=depth, reconstruct=reconstruct, quick=quick, journal=out / JOURNAL,
-        executor=runner,
-    )  # fmt: skip
+    try:
+        space, evaluator, latency, result = search_task(
+            model, task, parsed, strategy=strategy, budget=budget, seed=seed, w_bits=w_bits,
+            a_bits=a_bits, keep=keep, finetune_epochs=finetune_epochs,
+            finetune_lr=finetune_lr, depth=depth, reconstruct=reconstruct, quick=quick,
+            journal=out / JOURNAL, executor=runner,
+        )  # fmt: skip
+    except BaseException:
+        if made and not any(out.iterdir()):  # refused before any measurement: no folder left
+            out.rmdir()
+        raise
     uniform_results, uniform_rows = _uniform_rows(evaluator, space)
     payload: dict[str, Any] = {"search": result.to_dict(), "uniform": uniform_rows,
                                "command": {"model": model_name, "data": data,

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.errors import TaskError
 from edgeslim.search.constraints import Check, Constraints, LatencyPredictor
 from edgeslim.search.policy import Policy
 from edgeslim.search.space import Costs, SearchSpace
@@ -166,6 +167,7 @@ class Evaluator:
             self._reference = AgreementReference.of(
                 self.task.module(space.model), batches, self.task.chosen_class_axis
             )
+            self._refuse_blind_agreement()
             where = "validation" if self.task.validation is not None else "calibration"
             self.notes.append(
                 f"metric: {self.metric_name} with the uncompressed model on the {where} inputs"
@@ -175,6 +177,22 @@ class Evaluator:
         bn = space.bn_note()
         if bn is not None:
             self.notes.append(bn)
+
+    def _refuse_blind_agreement(self) -> None:
+        """A search cannot rank policies on agreement that cannot fall below 100 (every held
+        score of a one-score output on one side of its threshold, :func:`one_sided`): every
+        policy would tie, and ``max_drop`` would hold for any of them. The task only warns
+        (a report can still show it); a search would choose blind, so it stops here."""
+        from edgeslim.task.agreement import one_sided
+
+        why = None if self.metric_name != "agreement" else one_sided(self._reference)
+        if why is not None:
+            raise TaskError(
+                f"the search cannot rank policies on agreement here: {why}. Search on a "
+                "metric that measures the values: --metric cosine (similarity to the "
+                "uncompressed model's outputs; --max-drop then in cosine units, e.g. 0.01; "
+                "Task(primary='cosine')) or --metric module:function (Task(evaluate=...))"
+            )
 
     # --- measuring ------------------------------------------------------------------------
 
