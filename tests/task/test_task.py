@@ -149,6 +149,11 @@ def test_dict_batches_are_refused_with_the_wrapper_that_reads_them() -> None:
         TaskError, match=r"calibration: .*keys \['pixel_values', 'labels'\].*MappedBatches"
     ):
         Task(example_inputs=(x,), calibration=loader).calibration_batches()
+    # the hint names the inputs' key, and the pair that keeps the labels for top-1
+    with pytest.raises(TaskError, match=r"lambda b: \(b\['pixel_values'\], b\['labels'\]\)"):
+        Task(example_inputs=(x,), validation=DataLoader(
+            [{"labels": i % 2, "pixel_values": torch.randn(4)} for i in range(4)], batch_size=2,
+        )).bind_reference(nn.Linear(4, 2))  # fmt: skip
     with pytest.raises(TypeError, match="MappedBatches"):
         as_batch(next(iter(loader)))
     # the data's fault, not the model's: a stage that trains on it reports it as such

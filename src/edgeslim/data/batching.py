@@ -43,11 +43,15 @@ def as_inputs(item: Any) -> Inputs:
         return tuple(item)
     hint = ""
     if isinstance(item, Mapping):
-        key = next(iter(item), "x")
+        keys = list(item)
+        label = next((k for k in keys if "label" in str(k).lower() or k in ("y", "target")), None)
+        key = next((k for k in keys if k != label), "x")
         hint = (
             f"; map each batch to the model's inputs with edgeslim.data.MappedBatches("
             f"loader, lambda b: b[{key!r}])"
         )
+        if label is not None and label != key:  # validation keeps labels for top-1
+            hint += f" (validation and training: lambda b: (b[{key!r}], b[{label!r}]))"
     raise BatchError(
         "an input batch must be a tensor or a tuple of tensors (one per model input); "
         f"got {_what(item)}{hint}"
