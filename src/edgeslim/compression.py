@@ -285,7 +285,9 @@ def slower_warnings(
             continue
         text = (f"WARNING: the compressed model runs slower than the original in {runtime} "
                 f"({ms:.3f} ms vs {base_ms:.3f} ms, {base_ms / ms:.2f}x)")  # fmt: skip
-        free = [s for s in stages if s.get("kind") == "prune" and int(s.get("round_to", 1)) < 8]
+        free = [  # set below 8 by hand; an unset (auto) one says in its note what it chose
+            s for s in stages if s.get("kind") == "prune" and int(s.get("round_to") or 8) < 8
+        ]
         if runtime == "onnxruntime" and free:
             text += ("; pruned widths that are not multiples of 8 fall off ONNX Runtime's "
                      "blocked conv kernels: set `round_to: 8` on the prune stage")  # fmt: skip
