@@ -507,6 +507,14 @@ def search_cmd(
     w_bits: Annotated[str, typer.Option(help="weight bit choices per layer")] = "4,6,8",
     a_bits: Annotated[str, typer.Option(help="activation bit choices (float allowed)")] = "8",
     keep: Annotated[str, typer.Option(help="keep-ratio choices per channel group")] = "0.5,0.75,1",
+    round_to: Annotated[
+        int,
+        typer.Option(
+            "--round-to",
+            help="kept widths in multiples of this (ONNX Runtime's conv kernels block by 8/16; "
+            "1: free widths)",
+        ),
+    ] = 8,
     executor: Annotated[str, typer.Option(help="local or ray")] = "local",
     workers: Annotated[int, typer.Option(help="Ray workers (with --executor ray)")] = 2,
     out: Annotated[Path, typer.Option(help="output directory (rerun to resume)")] = Path(
@@ -557,6 +565,7 @@ def search_cmd(
             max_drop=max_drop, w_bits=w, a_bits=_ints(a_bits, "--a-bits"), keep=keeps,
             executor=executor, workers=workers, force=force, quick=quick,
             finetune_epochs=finetune_epochs, depth=depth, reconstruct=reconstruct,
+            round_to=round_to,
         )  # fmt: skip
     except (EdgeslimError, ValueError) as exc:
         fail(exc)

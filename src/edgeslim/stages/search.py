@@ -10,6 +10,7 @@
   w_bits: [4, 6, 8]       # weight-bit choices of every quantizable layer
   a_bits: [8]             # activation-bit choices (null: float activations)
   keep: [0.5, 0.75, 1.0]  # keep-ratio choices of every prunable channel group
+  round_to: 8             # kept widths in multiples of it (1: free widths)
   finetune_epochs: 0      # short fine-tune of each measured policy (0: scored as cut)
   depth: false            # also remove residual branches whole (pair with fine-tuning)
   reconstruct: null       # refit pruned layers by least squares before scoring (null: where it can)
@@ -65,6 +66,7 @@ class SearchStage(Stage):
     finetune_epochs: int = Field(0, ge=0)
     depth: bool = False
     reconstruct: bool | None = None
+    round_to: int = Field(8, ge=1, le=256)  # kept widths in multiples of it (ONNX Runtime)
 
     @field_validator("constraints")
     @classmethod
@@ -119,6 +121,7 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
         strategy=stage.strategy, budget=stage.budget, seed=stage.seed, w_bits=stage.w_bits,
         a_bits=stage.a_bits, keep=stage.keep, finetune_epochs=stage.finetune_epochs,
         depth=stage.depth, reconstruct=stage.reconstruct, quick=ctx.quick,
+        round_to=stage.round_to,
         journal=ctx.out / "search.journal.jsonl",
     )  # fmt: skip
     (ctx.out / "search.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
