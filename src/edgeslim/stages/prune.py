@@ -26,8 +26,8 @@ conv kernels work on blocks of 8/16 channels, and free widths ran slower than th
 unpruned model: 16 torchvision/timm CNNs at -30% MACs (``l1``, random weights, 3x128x128;
 ad hoc, docs/pruning.md), 10 of them below 1.0x fp32 with free widths (EfficientNet-B0
 0.78x, MobileNetV3-Small 0.60x, MNASNet 0.59x), all 16 rounded to 8 at the same target
-faster than fp32 (1.04-1.46x; those three 1.24x, 1.18x, 1.41x). ``method: gates`` keeps 1 unless set (the gates choose
-the widths as they train; rounding them later is ``round_to``).
+faster than fp32 (1.04-1.46x; those three 1.24x, 1.18x, 1.41x). ``method: gates`` keeps 1
+unless set (the gates choose the widths as they train; rounding them is ``round_to``).
 
 The MACs reduction is measured on the model before and after the surgery (the layer
 table), never taken from the planner's estimate. When it misses ``macs_reduction`` by
