@@ -296,3 +296,45 @@ def test_hardswish_and_squeeze_excite_edges_get_ranges_from_intervals(
     with torch.no_grad():
         agree = (edged(xs).argmax(1) == model.eval()(xs).argmax(1)).float().mean()
     assert float(agree) > 0.97, float(agree)
+
+
+class _SharedHeadFpn(torch.nn.Module):
+    """Two pyramid levels and one 3x3 head conv shared by both (as detectors share theirs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c1 = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.l1, self.l2 = nn.Conv2d(16, 32, 1), nn.Conv2d(32, 32, 1)
+        self.head = nn.Conv2d(32, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.c1(x)
+        b = self.c2(a)
+        p2 = self.l2(b)
+        p1 = self.l1(a) + torch.nn.functional.interpolate(p2, scale_factor=2.0)
+        return self.head(p1), self.head(p2)
+
+
+def test_a_head_shared_by_several_levels_takes_its_calls_ranges() -> None:
+    # its output had no statistics (the module runs twice), so its range came from its
+    # weights alone, hundreds of times the outputs' spread: every output rounded to 0 and
+    # RTN W8A8 read cosine 0.000 to fp32 on a small FPN
+    torch.manual_seed(0)
+    model = _SharedHeadFpn()
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics of the data the model will see
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+        model(x)
+    model.eval()
+    result = compress_datafree(model, "rtn", DataFreeSpec(8, 8), x[:1])
+    assert "head" in result.output_ranges
+    q = quantized_model(result, act_bits=8, act_ranges="statistics", edges=True)
+    with torch.no_grad():
+        for ref, out in zip(model(x), q(x), strict=True):
+            cos = torch.nn.functional.cosine_similarity(ref.flatten(1), out.flatten(1)).mean()
+            assert cos > 0.95, float(cos)

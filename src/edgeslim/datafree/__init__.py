@@ -151,12 +151,22 @@ def _output_ranges(chain: Chain) -> dict[str, tuple[float, float]]:
     Decision: estimated ranges are used, not left out. Left out, every conv of a net
     without BatchNorm kept a float output (ONNX Runtime cannot fuse a conv whose output is
     not quantized): a small GroupNorm ResNet ran 0% of its MACs on integer kernels after
-    RTN W8A8, 0.88x the fp32 speed (ad hoc, 2026-12-04; see docs/datafree.md)."""
+    RTN W8A8, 0.88x the fp32 speed (ad hoc, 2026-12-04; see docs/datafree.md).
+
+    A module called more than once (a detector's head shared by its pyramid levels) takes
+    the union of its calls' ranges. Without it, its output's only bound came from its
+    weights (every input at an end at once): on a small FPN whose two 3x3 heads serve three
+    levels that range was hundreds of times the outputs' spread, every output rounded to 0 and
+    RTN / DFQ W8A8 read cosine 0.000 to fp32 (0.99 with the union; ad hoc, 2026-12-05)."""
     out: dict[str, tuple[float, float]] = {}
     for fqn in dict.fromkeys([*chain.order, *chain.outputs]):
         s = chain.pre.get(fqn) or chain.bn_outputs.get(fqn) or chain.outputs.get(fqn)
         if s is not None:
             out[fqn] = _stat_range(s)
+    for fqn, calls in chain.shared_outputs.items():  # one range for every call's quantizer
+        if fqn not in out:
+            ranges = [_stat_range(s) for s in calls]
+            out[fqn] = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
     return out
 
 

@@ -178,6 +178,10 @@ class Chain:
     # module FQN -> statistics of its output as propagated, for every conv/linear and
     # GroupNorm (estimated where no BatchNorm set them): the ranges of last resort
     outputs: dict[str, Stats] = field(default_factory=dict)
+    # module FQN -> the statistics of its output at each of its calls, for a module called
+    # more than once (a detector head shared by every pyramid level): ranges only, as the
+    # union over the calls; its weights serve every call, so no method changes them
+    shared_outputs: dict[str, list[Stats]] = field(default_factory=dict)
     # the model as given (unfolded, unchanged): what further analyses (the channel
     # covariances of :mod:`.covariance`) trace, with its BatchNorms in place
     source: nn.Module | None = None
@@ -645,6 +649,7 @@ def analyze(
     bn_outputs: dict[str, Stats] = {}
     calls_of = module_calls(gm)
     outputs: dict[str, Stats] = {}
+    shared: dict[str, list[Stats]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
@@ -652,6 +657,8 @@ def analyze(
             known = prop.values.get(node)
             if known is not None and calls_of[str(node.target)] == 1:
                 outputs[str(node.target)] = known
+            elif known is not None:
+                shared.setdefault(str(node.target), []).append(known)
         if not isinstance(gm.get_submodule(str(node.target)), COMPUTE):
             continue
         order.append(str(node.target))
@@ -679,6 +686,7 @@ def analyze(
     fold_batchnorm(folded)
     chain = Chain(folded, order, pre, dict(prop.inputs), pairs, example, [], blocked, unmeasured)
     chain.bn_outputs, chain.outputs = bn_outputs, outputs
+    chain.shared_outputs = {k: v for k, v in shared.items() if len(v) == calls_of[k]}
     chain.source = model
     return chain
 
