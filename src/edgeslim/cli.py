@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeslim.errors import EdgeslimError
+from edgeslim.runtime.machine import KERNEL_BLOCK
 
 app = typer.Typer(
     help="Compress PyTorch models for edge hardware, and measure it.", no_args_is_help=True
@@ -514,7 +515,7 @@ def search_cmd(
             help="kept widths in multiples of this (ONNX Runtime's conv kernels block by 8/16; "
             "1: free widths)",
         ),
-    ] = 8,
+    ] = KERNEL_BLOCK,
     executor: Annotated[str, typer.Option(help="local or ray")] = "local",
     workers: Annotated[int, typer.Option(help="Ray workers (with --executor ray)")] = 2,
     out: Annotated[Path, typer.Option(help="output directory (rerun to resume)")] = Path(

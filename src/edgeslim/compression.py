@@ -38,6 +38,7 @@ from edgeslim.quant.modules import QuantMixin
 from edgeslim.recipe import STAGES, Recipe, StageContext, load_recipe, parse_recipe
 from edgeslim.records import Record, save_records
 from edgeslim.report import write_report
+from edgeslim.runtime.machine import KERNEL_BLOCK
 from edgeslim.runtime.ort import OrtModel, ort_session, output_structure
 from edgeslim.task import Task
 
@@ -285,9 +286,10 @@ def slower_warnings(
             continue
         text = (f"WARNING: the compressed model runs slower than the original in {runtime} "
                 f"({ms:.3f} ms vs {base_ms:.3f} ms, {base_ms / ms:.2f}x)")  # fmt: skip
-        free = [  # set below 8 by hand; an unset (auto) one says in its note what it chose
-            s for s in stages if s.get("kind") == "prune" and int(s.get("round_to") or 8) < 8
-        ]
+        free = [  # set below a block by hand; an unset (auto) one's note says what it chose
+            s for s in stages
+            if s.get("kind") == "prune" and int(s.get("round_to") or KERNEL_BLOCK) < KERNEL_BLOCK
+        ]  # fmt: skip
         if runtime == "onnxruntime" and free:
             text += ("; pruned widths that are not multiples of 8 fall off ONNX Runtime's "
                      "blocked conv kernels: set `round_to: 8` on the prune stage")  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from edgeslim.prune.importance import (
     EPruner,
     FilterSketch,
     Fluctuation,
+    Importance,
     L1Norm,
     L2Norm,
     RandomImportance,
@@ -402,3 +403,27 @@ def test_masking_lowest_l1_channels_hurts_less_than_highest(
     with torch.no_grad():
         base = float(F.cross_entropy(model(x), y))
     assert base <= low + 0.05 < high, (base, low, high)
+
+
+def test_scored_once_reads_a_criterion_once_per_model() -> None:
+    # the prune stage's automatic round_to plans up to four times: a data-driven criterion
+    # (Taylor, fluctuation) reads its batches once, not at every try
+    from edgeslim.prune.importance.base import ScoredOnce
+
+    calls: list[int] = []
+
+    class Counting(Importance):
+        def scores(
+            self, model: nn.Module, groups: Sequence[CouplingGroup]
+        ) -> dict[int, torch.Tensor]:
+            calls.append(len(groups))
+            return {g.id: torch.arange(float(g.size)) for g in groups if g.prunable}
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    groups = analyze(model, torch.zeros(1, 1, 8, 8)).groups
+    once = ScoredOnce(Counting())
+    first = once.scores(model, groups)
+    assert once.scores(model, groups) is first and len(calls) == 1
+    other = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    once.scores(other, groups)
+    assert len(calls) == 2  # another model is scored afresh

@@ -222,6 +222,16 @@ def compensate(
     return qstats
 
 
+def row_gain(
+    m: nn.Module, ref: torch.Tensor, x_ref: Stats | None, new: torch.Tensor, x_new: Stats | None
+) -> torch.Tensor:
+    """Per row of ``m``: the factor that gives ``new`` weights reading ``x_new`` the output
+    standard deviation of ``ref`` reading ``x_ref`` (1 where ``new`` has none)."""
+    n_ref = inner_products(m, ref, ref, x_ref, full=False)
+    n_new = inner_products(m, new, new, x_new, full=False)
+    return torch.where(n_new > _EPS, (n_ref / n_new.clamp_min(_EPS)).sqrt(), torch.ones_like(n_new))
+
+
 @torch.no_grad()
 def restore_variance(
     m: nn.Module, old: torch.Tensor, before: Stats, after: Stats, drop: torch.Tensor,
@@ -253,9 +263,7 @@ def restore_variance(
     columns_view[:, drop] = 0.0
     x_old, x_new = (s.repeat(repeat) if repeat > 1 else s for s in (before, after))
     old_w = old.reshape(w.shape).to(w.dtype)
-    n_old = inner_products(m, old_w, old_w, x_old, full=False)
-    n_new = inner_products(m, kept, kept, x_new, full=False)
-    gain = torch.where(n_new > _EPS, (n_old / n_new.clamp_min(_EPS)).sqrt(), torch.ones_like(n_new))
+    gain = row_gain(m, old_w, x_old, kept, x_new)
     mean_kept = torch.where(drop, torch.zeros_like(after.mean), after.mean)
     effect = channel_effect(m, mean_kept, repeat)
     w.mul_(gain.to(w.dtype).reshape(-1, *[1] * (w.dim() - 1)))
@@ -292,9 +300,7 @@ def match_variance(
     """
     w = weight_of(m)
     q = quantize_weight(w, bits, granularity)
-    nw = inner_products(m, reference, reference, x, full=False)
-    nq = inner_products(m, q, q, x, full=False)
-    gain = torch.where(nq > _EPS, (nw / nq.clamp_min(_EPS)).sqrt(), torch.ones_like(nq))
+    gain = row_gain(m, reference, x, q, x)
     w.mul_(gain.to(w.dtype).reshape(-1, *[1] * (w.dim() - 1)))
 
 

@@ -19,6 +19,10 @@ from typing import Any
 from edgeslim.jsonfile import save_text
 
 MACHINE_FILE = "machine.json"
+# channels ONNX Runtime's conv kernels work on at once (NCHWc blocks of 8, 16 on AVX-512):
+# the width a recipe's prune and search stages round kept channels to unless told (free
+# widths ran slower than fp32 on 10 of 16 CNNs pruned by 30% of MACs, docs/pruning.md)
+KERNEL_BLOCK = 8
 # SIMD extensions that decide integer-kernel speed (x86: VNNI/AMX dot products; Arm: dotprod,
 # i8mm), in the order they are listed
 INT8_ISA = (

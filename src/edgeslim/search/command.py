@@ -30,14 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from edgeslim.errors import EdgeslimError
+from edgeslim.runtime.machine import KERNEL_BLOCK
 from edgeslim.search.constraints import Constraints
 
 JOURNAL = "journal.jsonl"
 EXECUTORS = ("local", "ray")
-# kept widths of the command's and the recipe stage's searches: multiples of 8, as the prune
-# stage's auto step prefers (docs/pruning.md: free widths ran slower than fp32 in ONNX
-# Runtime on 10 of 16 CNNs at -30% MACs, rounded to 8 none did)
-ROUND_TO = 8
 
 
 @dataclass
@@ -108,15 +105,15 @@ def search_task(
     quick: bool = False,
     journal: Path | None = None,
     executor: Any = None,
-    round_to: int = ROUND_TO,
+    round_to: int = KERNEL_BLOCK,
 ) -> tuple[Any, Any, Any, Any]:
     """``(space, evaluator, latency predictor or None, SearchResult)``: the search the
     command line and the recipe stage both run (latency table when a constraint needs it,
     its best candidates then timed whole by :func:`~edgeslim.search.verify.verify_latency`;
     optional short fine-tune of each measured policy; ``depth``: residual branches may be
     removed whole; ``reconstruct``: pruned layers refitted by least squares before scoring,
-    None: wherever it can run; ``round_to``: kept widths in multiples of it, :data:`ROUND_TO`
-    by default here, the Python API's ``SearchSpace.build`` keeps 1)."""
+    None: wherever it can run; ``round_to``: kept widths in multiples of it,
+    :data:`~edgeslim.runtime.machine.KERNEL_BLOCK` by default here, 1 in ``SearchSpace.build``)."""
     from edgeslim.search import SearchSpace, search
     from edgeslim.search.evaluate import Evaluator
     from edgeslim.train.loop import TrainConfig
@@ -181,7 +178,7 @@ def run_search(
     depth: bool = False,
     dynamic_dims: tuple[tuple[int, ...], ...] = (),
     reconstruct: bool | None = None,
-    round_to: int = ROUND_TO,
+    round_to: int = KERNEL_BLOCK,
 ) -> SearchOutcome:
     """The command line's ``search`` (see module doc); validates everything first."""
     from edgeslim.compression import resolve_base

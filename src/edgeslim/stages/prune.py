@@ -94,6 +94,7 @@ from edgeslim.artifacts import free_plan_path
 from edgeslim.data.batching import TensorBatches
 from edgeslim.errors import PruneError, UnreachableTargetError
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
+from edgeslim.runtime.machine import KERNEL_BLOCK
 from edgeslim.train.loop import TrainConfig, steps_per_epoch
 from edgeslim.train.selection import held_out_for_stage, held_score_name, kept_note
 
@@ -107,7 +108,8 @@ if TYPE_CHECKING:
 # by ~gate_lr x 1e-3 a step (prune.gates), so a few steps leave them where they started and
 # the final projection alone picks the channels
 MIN_GATE_STEPS = 50
-AUTO_ROUND_TO = (8, 4, 2, 1)  # steps an unset round_to tries, coarsest first (module doc)
+# steps an unset round_to tries, coarsest first (module doc)
+AUTO_ROUND_TO = (KERNEL_BLOCK, 4, 2, 1)
 
 
 class PruneStage(Stage):
@@ -353,9 +355,12 @@ def _plan_within_reach(
 
     from edgeslim.errors import UnreachableTargetError
     from edgeslim.prune.config import MACS_TOLERANCE
+    from edgeslim.prune.importance.base import ScoredOnce
     from edgeslim.prune.planner import PruneWarning, plan_keep
 
     steps = stage.auto_steps()
+    if len(steps) > 1:  # each try plans afresh; the criterion reads its data once
+        criterion = ScoredOnce(criterion)
     for step in steps:
         # the stage checks the measured reduction itself (_check_target), in a recipe's words
         config = dataclasses.replace(stage.prune_config(step), allow_target_miss=True)

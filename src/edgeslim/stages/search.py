@@ -39,6 +39,7 @@ from torch import nn
 
 from edgeslim.errors import EdgeslimError
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
+from edgeslim.runtime.machine import KERNEL_BLOCK
 
 
 def _strategies() -> list[str]:
@@ -66,7 +67,7 @@ class SearchStage(Stage):
     finetune_epochs: int = Field(0, ge=0)
     depth: bool = False
     reconstruct: bool | None = None
-    round_to: int = Field(8, ge=1, le=256)  # kept widths in multiples of it (ONNX Runtime)
+    round_to: int = Field(KERNEL_BLOCK, ge=1, le=256)  # kept widths in multiples of it
 
     @field_validator("constraints")
     @classmethod

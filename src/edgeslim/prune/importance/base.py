@@ -56,6 +56,28 @@ class Importance(ABC):
         return self.scores(model, groups)
 
 
+class ScoredOnce(Importance):
+    """``criterion``'s scores of one model, computed at the first call and reused after.
+
+    For planning the same model several times (the prune stage's automatic ``round_to``
+    tries steps 8, 4, 2, 1): a data-driven criterion (Taylor, fluctuation) reads its
+    batches once instead of at every try. Scores are keyed by the model's identity and the
+    groups' ids; any other model or group set is scored afresh.
+    """
+
+    def __init__(self, criterion: Importance) -> None:
+        self.criterion = criterion
+        self.name = criterion.name
+        self._key: tuple[int, tuple[int, ...]] | None = None
+        self._scores: dict[int, torch.Tensor] = {}
+
+    def scores(self, model: nn.Module, groups: Sequence[CouplingGroup]) -> dict[int, torch.Tensor]:
+        key = (id(model), tuple(g.id for g in groups))
+        if key != self._key:
+            self._scores, self._key = self.criterion.scores(model, groups), key
+        return self._scores
+
+
 IMPORTANCE: Registry[Callable[..., Importance]] = Registry("importance criterion")
 
 
