@@ -387,6 +387,11 @@ def dfq(chain: Chain, args: MethodArgs) -> None:
     then removes each layer's mean shift against its weights before the clamp (BN
     statistics only). Measured on mobilenetv2-imagenet W4A8 (statistics act ranges):
     CLE + absorption + correction 69.5% agreement, + clamp 78.0%, + variance match 86.4%.
+    Tried and dropped (2026-12-05, same model, W4A8 with statistics ranges, 84.7% as it
+    stands; 86.4% with float activations, so the weights set the figure): rounding the 4-bit
+    layers against their modelled input covariance as ``dfmpc`` does, 76.7% (at one width
+    every layer's input is already perturbed, which the modelled covariance does not know);
+    DF-MPC's mean compensation through each pair instead of per-layer bias correction, 84.3%.
     """
     pairs = cross_layer_equalize(chain)
     done = [k for k, v in pairs.items() if v.startswith("equalized")]
