@@ -502,7 +502,9 @@ def search_cmd(
     budget: Annotated[int, typer.Option(help="policies measured at most")] = 40,
     strategy: Annotated[
         str,
-        typer.Option(help="random, evolutionary, abc, reinforce, greedy, dp, accuracy_aware"),
+        typer.Option(
+            help="random, evolutionary, abc, reinforce, envelope_ddpg, greedy, dp, accuracy_aware"
+        ),
     ] = "evolutionary",
     seed: Annotated[int, typer.Option(help="same seed, same search")] = 0,
     w_bits: Annotated[str, typer.Option(help="weight bit choices per layer")] = "4,6,8",

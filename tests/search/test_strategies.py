@@ -25,7 +25,7 @@ from edgeslim.task import Task
 
 CONSTRAINTS = ["size<=0.2x"]
 MAX_DROP = 2.0
-STOCHASTIC = ["random", "evolutionary", "abc", "reinforce"]
+STOCHASTIC = ["random", "evolutionary", "abc", "reinforce", "envelope_ddpg"]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_same_seed_asks_the_same_sequence(space46: SearchSpace, name: str) -> No
     assert first is not None and other.ask() != first
 
 
-@pytest.mark.parametrize("name", ["evolutionary", "abc", "reinforce"])
+@pytest.mark.parametrize("name", ["evolutionary", "abc", "reinforce", "envelope_ddpg"])
 def test_a_warm_start_asks_the_analytically_feasible_uniform_policies_first(
     space46: SearchSpace, name: str
 ) -> None:

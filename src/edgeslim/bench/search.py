@@ -79,8 +79,8 @@ W_BITS, A_BITS, KEEP, ROUND_TO = (4, 6, 8), (8,), (0.5, 0.75, 1.0), 4
 RECONSTRUCT = True
 CALIBRATION = 256  # training images PTQ calibrates a policy on
 STRATEGIES = (
-    "random", "evolutionary", "abc", "reinforce", "greedy", "dp", "accuracy_aware",
-    "optuna-tpe", "optuna-nsga2",
+    "random", "evolutionary", "abc", "reinforce", "envelope_ddpg", "greedy", "dp",
+    "accuracy_aware", "optuna-tpe", "optuna-nsga2",
 )  # fmt: skip
 PEERS = ("optuna-tpe", "optuna-nsga2")
 RAY_STRATEGY, RAY_WORKERS = "evolutionary", 2

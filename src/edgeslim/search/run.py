@@ -203,8 +203,8 @@ def search(
     ``budget`` measurements.
 
     ``strategy``: a registered name (``random``, ``evolutionary``, ``abc``, ``reinforce``,
-    ``greedy``, ``dp``, ``accuracy_aware``) built with ``options`` and ``seed``, or a
-    strategy object. ``journal``: a JSONL path; rerunning with it resumes (see
+    ``envelope_ddpg``, ``greedy``, ``dp``, ``accuracy_aware``) built with ``options`` and
+    ``seed``, or a strategy object. ``journal``: a JSONL path; rerunning with it resumes (see
     :mod:`edgeslim.search.journal`). ``batch`` policies are asked before results are told,
     which a parallel ``executor`` measures at once; the same seed and batch give the same
     search on any executor. ``latency`` predicts latency for ``latency<=`` constraints.

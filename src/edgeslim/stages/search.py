@@ -4,7 +4,8 @@
 - kind: search
   constraints: ["size<=0.2x", "latency<=0.6x"]   # any of size, macs, bops, memory, latency
   max_drop: 1.0           # points of the task's validation metric (null: no accuracy limit)
-  strategy: evolutionary  # random | evolutionary | abc | reinforce | greedy | dp | accuracy_aware
+  strategy: evolutionary  # random | evolutionary | abc | reinforce | envelope_ddpg | greedy |
+                          # dp | accuracy_aware
   budget: 40              # policies measured at most
   seed: 0
   w_bits: [4, 6, 8]       # weight-bit choices of every quantizable layer

@@ -4,6 +4,8 @@
 - ``evolutionary``: (mu + lambda) genetic algorithm, tournament selection.
 - ``abc``: artificial bee colony (ABCPruner).
 - ``reinforce``: REINFORCE controller with a moving-average baseline (DNQ).
+- ``envelope_ddpg``: multi-objective DDPG with a preference over the metric and each limit
+  (MCMC's envelope agent).
 - ``greedy`` / ``dp``: allocation from per-layer sensitivity, greedy or knapsack (GBA).
 - ``accuracy_aware``: most compressed first, precision given back until ``max_drop`` holds.
 
@@ -18,6 +20,7 @@ from edgeslim.search.strategies import (  # noqa: F401  (each module registers i
     accuracy_aware,
     bee_colony,
     bit_allocation,
+    envelope_ddpg,
     evolutionary,
     random_search,
     reinforce,
