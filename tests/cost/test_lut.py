@@ -197,6 +197,39 @@ def test_residual_keeps_the_anchors_exact_and_every_prediction_positive(
     assert r.predict(layers + 1.0, share) > r.predict(layers, share)
 
 
+@given(_MS, _MS, _MS, _MS, _MS, _MS, _SUM, st.floats(0.0, 1.0))
+def test_a_narrow_anchor_fits_a_line_through_both_int8_anchors(
+    f_meas: float, f_sum: float, i_meas: float, i_sum: float, n_meas: float, n_sum: float,
+    layers: float, share: float,
+) -> None:  # fmt: skip
+    """With the narrowest int8 policy as a third anchor, all three anchors predict their own
+    measurements when the line through the int8 ones rises; predictions stay positive and
+    never fall as the layer sum grows."""
+    r = Residual.fit((f_meas, f_sum), (i_meas, i_sum), (n_meas, n_sum))
+    assert r.predict(f_sum, 0.0) == pytest.approx(f_meas, rel=1e-9)
+    assert r.predict(i_sum, 1.0) == pytest.approx(i_meas, rel=1e-9)
+    line = n_sum < i_sum and n_meas < i_meas
+    assert (r.floor_ms > 0) == line
+    if line:
+        assert r.predict(n_sum, 1.0) == pytest.approx(n_meas, rel=1e-9)
+    positive = layers > 0 or (line and share > 0)
+    assert r.predict(layers, share) > 0.0 if positive else r.predict(layers, share) >= 0.0
+    assert r.predict(layers + 1.0, share) >= r.predict(layers, share)
+
+
+def test_the_narrow_anchor_keeps_per_op_cost_that_a_scale_removed() -> None:
+    """resnet20's case (benchmarks/search_resnet20): the int8 kernels over-count (scale
+    0.66), so a scale alone predicted a half-width model far too fast."""
+    scale_only = Residual.fit((0.62, 0.76), (0.35, 0.53))
+    line = Residual.fit((0.62, 0.76), (0.35, 0.53), (0.27, 0.25))
+    assert scale_only.predict(0.25, 1.0) == pytest.approx(0.35 * 0.25 / 0.53)  # 0.165 ms
+    assert line.predict(0.25, 1.0) == pytest.approx(0.27)
+    assert line.predict(0.40, 1.0) > scale_only.predict(0.40, 1.0)
+    # a narrow anchor that is not narrower, or measured slower, changes nothing
+    assert Residual.fit((0.62, 0.76), (0.35, 0.53), (0.40, 0.25)) == scale_only
+    assert Residual.fit((0.62, 0.76), (0.35, 0.53), (0.30, 0.60)) == scale_only
+
+
 def test_an_over_counting_sum_is_scaled_not_made_negative() -> None:
     """The case CI met: the layers sum to 0.08 ms, the model measures 0.03 ms; a policy
     whose layers sum to 0.01 ms was predicted at -0.04 ms by an additive residual."""

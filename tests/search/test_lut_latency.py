@@ -15,13 +15,20 @@ def test_lut_latency_is_anchored_on_measured_models_and_checked(
     measurements (the residual makes them exact); other policies get a measured error."""
     lut = LutLatency(space, LatencyTable(repeats=5, cache_dir=tmp_path), repeats=10, seconds=0.2)
     residual = lut.calibrate()
-    assert set(lut.anchors) == {"fp32", "int8"}
+    # the space prunes (keep 0.5 or 1), so the narrowest all-int8 policy is an anchor too
+    assert set(lut.anchors) == {"fp32", "int8", "int8_narrow"}
     assert math.isclose(lut.predict(None), lut.anchors["fp32"], rel_tol=1e-9)
     int8 = space.uniform(w_bits=8, a_bits=8, keep=1.0)
     assert math.isclose(lut.predict(int8), lut.anchors["int8"], rel_tol=1e-9)
+    narrow = space.uniform(w_bits=8, a_bits=8, keep=0.5)
+    if residual.floor_ms > 0:  # the line through both int8 anchors rose: it is exact too
+        assert math.isclose(lut.predict(narrow), lut.anchors["int8_narrow"], rel_tol=1e-9)
     assert (residual.fp32_ms, residual.fp32_scale) != (residual.int8_ms, residual.int8_scale)
-    # the half-kept policy's kernels are timed at their pruned shapes (new table entries)
-    half = space.uniform(w_bits=8, a_bits=8, keep=0.5)
+    # a policy pruning one group (not an anchor) gets its kernels timed at their pruned
+    # shapes (new table entries)
+    genes = list(space.top())
+    genes[next(i for i, d in enumerate(space.dims) if d.kind == "keep")] = 0
+    half = space.decode(genes)
     before = len(lut.table)
     assert lut.layers(half).macs < lut.layers(int8).macs and len(lut.table) > before
     rng = random.Random(0)

@@ -417,17 +417,32 @@ class Residual:
     (CI run of 2026-12-04). Scaling keeps both anchors exact and every prediction of a
     non-negative layer sum positive. A policy between the anchors interpolates both parts
     by its share of MACs in int8.
+
+    With a third anchor, the narrowest all-int8 policy of a space that prunes, the int8
+    part is the line through both int8 anchors (``int8_scale`` its slope, ``int8_ms`` its
+    intercept, which may be negative). Why: a scale alone shrinks the per-op cost that
+    pruning does not remove along with the kernels; on resnet20 (int8 scale 0.66) two
+    keep-0.5 policies were predicted at 0.35x and 0.39x fp32 and measured at 0.45x and
+    0.55x (``benchmarks/search_resnet20``). An int8 prediction stays at or above ``floor_ms``
+    (half the narrow anchor; in proportion for a mixed one), as the line is only measured
+    between its anchors.
     """
 
     fp32_ms: float
     int8_ms: float
     fp32_scale: float = 1.0
     int8_scale: float = 1.0
+    floor_ms: float = 0.0
 
     @classmethod
-    def fit(cls, fp32: tuple[float, float], int8: tuple[float, float] | None = None) -> Residual:
-        """From the ``(measured, layer sum)`` milliseconds of the float anchor and of the
-        all-int8 anchor (None: the float anchor's residual serves both)."""
+    def fit(
+        cls, fp32: tuple[float, float], int8: tuple[float, float] | None = None,
+        narrow: tuple[float, float] | None = None,
+    ) -> Residual:  # fmt: skip
+        """From the ``(measured, layer sum)`` milliseconds of the float anchor, of the
+        all-int8 anchor (None: the float anchor's residual serves both) and of the narrowest
+        all-int8 policy (``narrow``; ignored when its layer sum is not below the int8
+        anchor's or the line through both would not rise with the sum)."""
 
         def part(measured: float, layers: float) -> tuple[float, float]:
             if measured >= layers or layers <= 0:
@@ -436,6 +451,10 @@ class Residual:
 
         f_ms, f_scale = part(*fp32)
         i_ms, i_scale = (f_ms, f_scale) if int8 is None else part(*int8)
+        if int8 is not None and narrow is not None and narrow[1] < int8[1]:
+            slope = (int8[0] - narrow[0]) / (int8[1] - narrow[1])
+            if slope > 0:
+                return cls(f_ms, int8[0] - slope * int8[1], f_scale, slope, narrow[0] / 2)
         return cls(f_ms, i_ms, f_scale, i_scale)
 
     def predict(self, layers_ms: float, int8_share: float) -> float:
@@ -445,7 +464,8 @@ class Residual:
         def lerp(a: float, b: float) -> float:
             return a + (b - a) * int8_share
 
-        return layers_ms * lerp(self.fp32_scale, self.int8_scale) + lerp(self.fp32_ms, self.int8_ms)
+        ms = layers_ms * lerp(self.fp32_scale, self.int8_scale) + lerp(self.fp32_ms, self.int8_ms)
+        return max(ms, self.floor_ms * int8_share)
 
     def to_dict(self) -> dict[str, float]:
         return {k: round(v, 5) for k, v in asdict(self).items()}

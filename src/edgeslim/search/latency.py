@@ -84,12 +84,12 @@ class LutLatency:
         lt = self.layers(policy)
         return residual.predict(lt.total_ms, lt.int8_share)
 
-    def _residual(self, fp32_ms: float, int8_ms: float | None, anchor: Policy | None) -> Residual:
-        """The residual that makes the float (and the all-int8 ``anchor``) measurements exact."""
-        fp32 = (fp32_ms, self.layers(None).total_ms)
-        if anchor is None or int8_ms is None:
-            return Residual.fit(fp32)
-        return Residual.fit(fp32, (int8_ms, self.layers(anchor).total_ms))
+    def _residual(self, ms: Sequence[float], anchors: Sequence[Policy]) -> Residual:
+        """The residual that makes the measurements ``ms`` of the float model and of
+        ``anchors`` (:meth:`_int8_anchors`, in order) exact."""
+        fp32 = (ms[0], self.layers(None).total_ms)
+        pairs = [(m, self.layers(a).total_ms) for m, a in zip(ms[1:], anchors, strict=True)]
+        return Residual.fit(fp32, *pairs)
 
     # --- measuring whole models --------------------------------------------------------------
 
@@ -104,27 +104,32 @@ class LutLatency:
         model: nn.Module = self.space.apply(policy)
         return export_qdq(model, example, path)
 
-    def _int8_anchor(self) -> Policy | None:
-        """The least-pruned policy with every layer at 8-bit weights and activations."""
-        if not self.space.layers or not all(8 in lc.a_bits for lc in self.space.layers):
-            return None
-        if not all(8 in lc.w_bits for lc in self.space.layers):
-            return None
-        return self.space.uniform(w_bits=8, a_bits=8, keep=1.0)
+    def _int8_anchors(self) -> list[Policy]:
+        """The all-int8 policies the residual is fitted on: the least pruned, then (in a
+        space that prunes) the one with every channel group at its smallest keep ratio.
+        Empty when some layer cannot take 8-bit weights and activations."""
+        space = self.space
+        if not space.layers or not all(8 in lc.a_bits for lc in space.layers):
+            return []
+        if not all(8 in lc.w_bits for lc in space.layers):
+            return []
+        out = [space.uniform(w_bits=8, a_bits=8, keep=1.0)]
+        keeps = {g.keep[0] for g in space.channel_groups}
+        if len(keeps) == 1 and min(keeps) < 1.0:  # one smallest ratio every group allows
+            out.append(space.uniform(w_bits=8, a_bits=8, keep=min(keeps)))
+        return out
 
     def calibrate(self) -> Residual:
         """Measure the float and all-int8 models whole; the residual is what they cost
         beyond their layers. Saves the table's new entries to its cache."""
-        anchor = self._int8_anchor()
-        # the probes the cached entries are relative to, then both anchors timed
+        anchors = self._int8_anchors()
+        # the probes the cached entries are relative to, then the anchors timed
         # interleaved: apart, each carries its session's drift, and every prediction
         # shares their difference
         self.table.refresh_probes()
-        ms = self.measure_many([None] if anchor is None else [None, anchor])
-        self.anchors = {"fp32": ms[0]}
-        if anchor is not None:
-            self.anchors["int8"] = ms[1]
-        self.residual = self._residual(ms[0], self.anchors.get("int8"), anchor)
+        ms = self.measure_many([None, *anchors])
+        self.anchors = dict(zip(("fp32", "int8", "int8_narrow"), ms, strict=False))
+        self.residual = self._residual(ms, anchors)
         self.table.save()
         return self.residual
 
@@ -184,11 +189,10 @@ class LutLatency:
             return PredictionCheck(())
         if self.residual is None:
             self.calibrate()
-        anchor = self._int8_anchor()
-        extra = [] if anchor is None else [anchor]
+        extra = self._int8_anchors()
         ms = self.measure_many([None, *extra, *policies])
         measured = ms[1 + len(extra) :]
-        now = self._residual(ms[0], ms[1] if extra else None, anchor)
+        now = self._residual(ms[: 1 + len(extra)], extra)
         rows = [(p.id, self.predict(p), m) for p, m in zip(policies, measured, strict=True)]
         again = [(p.id, self.predict(p, now), m) for p, m in zip(policies, measured, strict=True)]
         self.table.save()
