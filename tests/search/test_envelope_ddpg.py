@@ -88,3 +88,16 @@ def test_same_seed_same_asks_and_seed_matters(space: SearchSpace) -> None:
     other = EnvelopeDDPG(_ctx(space, seed=1), warm_start=False)
     firsts = {EnvelopeDDPG(_ctx(space), warm_start=False).ask(), other.ask()}
     assert len(firsts) == 2
+
+
+def test_a_converged_actor_still_proposes_policies_not_asked_before(space: SearchSpace) -> None:
+    """With no exploration noise left, the actor alone would repeat itself; repeats are
+    retried with more noise, so asks keep reaching new policies."""
+    agent = EnvelopeDDPG(_ctx(space), warm_start=False, noise=0.0)
+    ids = []
+    for _ in range(6):
+        policy = agent.ask()
+        assert policy is not None
+        ids.append(policy.id)
+        agent.tell(policy, _result(policy.id, 80.0))
+    assert len(set(ids)) == len(ids)

@@ -52,6 +52,7 @@ KINDS = ("w_bits", "a_bits", "keep")
 FEATURES = 4 + len(KINDS) + 2  # position, kind, MACs/params share, choices, prev, mean
 BUFFER = ("s", "a", "w", "s2", "done", "ret")  # state, action, preference, next, last, return
 MC_MIX = 0.5  # weight of the episode's own return in the critic's target
+RETRIES, MIN_RETRY_NOISE = 10, 0.1  # a repeated policy: asked again with this much more noise
 
 
 @dataclass
@@ -191,12 +192,24 @@ class EnvelopeDDPG(GeneStrategy):
             genes = self.seeds.pop(0)
             ep = self._rollout(self.pref, 0.0, genes)
         else:
-            sigma = self.noise * self.noise_decay**self.measured
-            ep = self._rollout(self._sample_pref(), sigma, None)
-            genes = self._genes(ep.actions.squeeze(1).tolist())
+            ep, genes = self._explore()
         policy = self.mark(genes)
         self.pending[policy.id] = ep
         return policy
+
+    def _explore(self) -> tuple[_Episode, list[int]]:
+        """A rollout under a sampled preference with the current noise; when it lands on a
+        policy already asked, again with more noise (up to ``RETRIES`` times). Why: once the
+        noise has decayed, a converged actor proposes the same policy, which the search
+        replays from its cache for free, and the search would stop at its ask limit with
+        budget left (``notes["stopped"]``) instead of measuring anything new."""
+        sigma = self.noise * self.noise_decay**self.measured
+        for attempt in range(RETRIES + 1):
+            ep = self._rollout(self._sample_pref(), sigma + MIN_RETRY_NOISE * attempt, None)
+            genes = self._genes(ep.actions.squeeze(1).tolist())
+            if self.policy(genes).id not in self.seen:
+                break
+        return ep, genes
 
     def objectives(self, result: EvalResult) -> torch.Tensor:
         """The reward vector: relative metric (minus the drop's excess), then per limit
