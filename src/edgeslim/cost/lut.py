@@ -423,9 +423,9 @@ class Residual:
     intercept, which may be negative). Why: a scale alone shrinks the per-op cost that
     pruning does not remove along with the kernels; on resnet20 (int8 scale 0.66) two
     keep-0.5 policies were predicted at 0.35x and 0.39x fp32 and measured at 0.45x and
-    0.55x (``benchmarks/search_resnet20``). An int8 prediction stays at or above ``floor_ms``
-    (half the narrow anchor; in proportion for a mixed one), as the line is only measured
-    between its anchors.
+    0.55x (the first ``benchmarks/search_resnet20`` run, commit a0cdb8a). An int8
+    prediction stays at or above ``floor_ms`` (half the narrow anchor; in proportion for a
+    mixed one), as the line is only measured between its anchors.
     """
 
     fp32_ms: float

@@ -97,9 +97,15 @@ def reward(result: EvalResult) -> float:
     (a policy rejected unmeasured counts metric 0), so any feasible policy with a positive
     metric outranks every infeasible one, and among infeasible ones the closer wins.
     """
-    scale = max(abs(result.baseline), 1e-9)
-    rel = result.metric / scale if result.metric is not None else 0.0
+    rel = relative_metric(result)
     return rel if result.feasible else rel - 1.0 - result.violation
+
+
+def relative_metric(result: EvalResult) -> float:
+    """The metric over the uncompressed model's (1.0 = no loss); 0 when not measured."""
+    if result.metric is None:
+        return 0.0
+    return result.metric / max(abs(result.baseline), 1e-9)
 
 
 def sensitivity(probe: EvalResult, ref: EvalResult) -> float:

@@ -46,7 +46,7 @@ from torch import nn
 from edgeslim.search.errors import SearchError
 from edgeslim.search.evaluate import EvalResult
 from edgeslim.search.policy import Policy
-from edgeslim.search.strategies.base import Context, GeneStrategy, register
+from edgeslim.search.strategies.base import Context, GeneStrategy, register, relative_metric
 
 KINDS = ("w_bits", "a_bits", "keep")
 FEATURES = 4 + len(KINDS) + 2  # position, kind, MACs/params share, choices, prev, mean
@@ -113,8 +113,7 @@ class EnvelopeDDPG(GeneStrategy):
         self.updates, self.batch, self.tau = updates, batch, tau
         self.noise, self.noise_decay, self.prefs_sampled = noise, noise_decay, prefs_sampled
         self.features = self._static_features()
-        gen = torch.Generator().manual_seed(ctx.seed)
-        self.gen = gen
+        self.gen = torch.Generator().manual_seed(ctx.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)
             self.actor = _mlp(FEATURES + m, 1, hidden)
@@ -158,10 +157,14 @@ class EnvelopeDDPG(GeneStrategy):
     def _genes(self, actions: Sequence[float]) -> list[int]:
         return [min(n - 1, int(a * n)) for a, n in zip(actions, self.sizes, strict=True)]
 
+    def _simplex(self, rows: int) -> torch.Tensor:
+        """``rows`` preferences drawn uniformly from the simplex (normalised exponentials)."""
+        e = -torch.log(torch.rand(rows, len(self.pref), generator=self.gen).clamp_min(1e-12))
+        return e / e.sum(1, keepdim=True)
+
     def _sample_pref(self) -> torch.Tensor:
         """A training preference: the user's, moved halfway to a uniform random one."""
-        e = -torch.log(torch.rand(len(self.pref), generator=self.gen).clamp_min(1e-12))
-        return 0.5 * self.pref + 0.5 * e / e.sum()
+        return 0.5 * self.pref + 0.5 * self._simplex(1)[0]
 
     @torch.no_grad()
     def _rollout(self, pref: torch.Tensor, noise: float, fixed: Sequence[int] | None) -> _Episode:
@@ -215,10 +218,7 @@ class EnvelopeDDPG(GeneStrategy):
         """The reward vector: relative metric (minus the drop's excess), then per limit
         minus its excess (0 when met)."""
         excess = {c.constraint: c.excess for c in result.checks}
-        scale = max(abs(result.baseline), 1e-9)
-        acc = result.metric / scale if result.metric is not None else 0.0
-        drop = [c.excess for c in result.checks if c.cost == "drop"]
-        acc -= drop[0] if drop else 0.0
+        acc = relative_metric(result) - sum(c.excess for c in result.checks if c.cost == "drop")
         return torch.tensor([acc, *(-min(excess.get(k, 0.0), 1.0) for k in self.limits)])
 
     def tell(self, policy: Policy, result: EvalResult) -> None:
@@ -244,13 +244,8 @@ class EnvelopeDDPG(GeneStrategy):
     def _envelope_target(self, s2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``Q'(s2, mu'(s2, w*), w*)`` where ``w*`` maximises ``w . Q'`` over ``w`` and
         ``prefs_sampled`` random preferences."""
-        b, m = w.shape
-        cands = [w] + [
-            (lambda e: e / e.sum(1, keepdim=True))(
-                -torch.log(torch.rand(b, m, generator=self.gen).clamp_min(1e-12))
-            )
-            for _ in range(self.prefs_sampled)
-        ]
+        b = len(w)
+        cands = [w] + [self._simplex(b) for _ in range(self.prefs_sampled)]
         qs = []
         for wc in cands:
             a2 = torch.sigmoid(self.actor_t(torch.cat([s2, wc], 1)))
