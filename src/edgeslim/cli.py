@@ -506,6 +506,15 @@ def search_cmd(
             help="random, evolutionary, abc, reinforce, envelope_ddpg, greedy, dp, accuracy_aware"
         ),
     ] = "evolutionary",
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            help="KEY=VALUE, repeatable: an option of the strategy (population=12, "
+            "preference=0.7,0.3, rank=hessian, start=@policy.json); a wrong name is refused "
+            "with the strategy's options listed",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="same seed, same search")] = 0,
     w_bits: Annotated[str, typer.Option(help="weight bit choices per layer")] = "4,6,8",
     a_bits: Annotated[str, typer.Option(help="activation bit choices (float allowed)")] = "8",
@@ -553,7 +562,7 @@ def search_cmd(
     With a latency limit, the best candidates are exported and timed whole; the one kept
     meets the limit as measured. Exit status 1 when no policy meets every constraint."""
     console.print(f"[bold]edgeslim search[/] {model} -> {out}: loading...", highlight=False)
-    from edgeslim.search.command import run_search
+    from edgeslim.search.command import parse_options, run_search
 
     try:
         keeps = tuple(float(k) for k in keep.split(","))
@@ -561,6 +570,7 @@ def search_cmd(
         fail(EdgeslimError(f"--keep: {keep!r} is not a list of ratios; write e.g. 0.5,0.75,1"))
     w = tuple(b for b in _ints(w_bits, "--w-bits") if b is not None)
     try:
+        options = parse_options(option or [])
         outcome = run_search(
             model, out, constraint or [], checkpoint=checkpoint, data=data, metric=metric,
             input_shapes=_shapes(input_shape), dynamic_dims=_dims(dynamic_dims),
@@ -568,7 +578,7 @@ def search_cmd(
             max_drop=max_drop, w_bits=w, a_bits=_ints(a_bits, "--a-bits"), keep=keeps,
             executor=executor, workers=workers, force=force, quick=quick,
             finetune_epochs=finetune_epochs, depth=depth, reconstruct=reconstruct,
-            round_to=round_to,
+            round_to=round_to, options=options,
         )  # fmt: skip
     except (EdgeslimError, ValueError) as exc:
         fail(exc)

@@ -87,6 +87,11 @@ def test_search_refuses_bad_input_before_writing(factory: str, tmp_path: Path) -
                                "size<=0.5x", "--w-bits", "4,16", "--out", str(out)])  # fmt: skip
     assert bits.exit_code == 2 and "1..8" in bits.output and "16" in bits.output
     assert not out.exists()
+    wrong = _search(factory, out, "--strategy", "evolutionary", "--option", "pop=4")
+    assert wrong.exit_code == 2 and "'pop'" in wrong.output and "population" in wrong.output
+    shape = _search(factory, out, "--option", "population")
+    assert shape.exit_code == 2 and "KEY=VALUE" in shape.output
+    assert not out.exists()
     used = tmp_path / "used"
     used.mkdir()
     (used / "notes.txt").write_text("keep me")
@@ -187,3 +192,48 @@ def test_search_refuses_agreement_that_cannot_fall_and_leaves_no_folder(
     refused = runner.invoke(app, [*args, "--out", str(out)])
     assert refused.exit_code == 2 and "--metric cosine" in refused.output
     assert not out.exists()
+
+
+def test_parse_options_reads_json_lists_files_and_strings(tmp_path: Path) -> None:
+    from edgeslim.errors import EdgeslimError
+    from edgeslim.search.command import parse_options
+
+    (tmp_path / "start.json").write_text('{"layers": {"0": {"w_bits": 4}}}')
+    got = parse_options(
+        [
+            "population=12",
+            "trim=false",
+            "preference=0.7, 0.3",
+            "weights=[1,2]",
+            "rank=hessian",
+            f"start=@{tmp_path / 'start.json'}",
+        ]
+    )
+    assert got == {"population": 12, "trim": False, "preference": [0.7, 0.3],
+                   "weights": [1, 2], "rank": "hessian",
+                   "start": {"layers": {"0": {"w_bits": 4}}}}  # fmt: skip
+    for bad, says in [("=3", "KEY=VALUE"), ("a b=3", "KEY=VALUE"), ("noequals", "KEY=VALUE"),
+                      (f"start=@{tmp_path / 'missing.json'}", "does not exist")]:  # fmt: skip
+        with pytest.raises(EdgeslimError, match=says):
+            parse_options([bad])
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(EdgeslimError, match=r"broken\.json: not JSON"):
+        parse_options([f"start=@{tmp_path / 'broken.json'}"])
+    with pytest.raises(EdgeslimError, match="given twice"):
+        parse_options(["population=2", "population=3"])
+
+
+def test_strategy_options_reach_the_strategy_and_the_journal(factory: str, tmp_path: Path) -> None:
+    out = tmp_path / "opts"
+    args = ("--budget", "2", "--strategy", "evolutionary", "--option", "population=2")
+    first = _search(factory, out, *args)
+    assert first.exit_code == 0, first.output
+    header = json.loads((out / "journal.jsonl").read_text().splitlines()[0])
+    assert header["options"] == {"population": 2}
+    assert json.loads((out / "search.json").read_text())["command"]["options"] == {"population": 2}
+    # the value is the strategy's to check: evolutionary refuses a population of 1
+    bad = _search(factory, tmp_path / "bad", *args[:-1], "population=1")
+    assert bad.exit_code == 2 and "population must be >= 2" in bad.output
+    # resuming with other options is refused: the journal names what differs
+    other = _search(factory, out, *args[:-1], "population=3")
+    assert other.exit_code == 2 and "options" in other.output

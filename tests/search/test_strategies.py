@@ -20,6 +20,7 @@ from edgeslim.search import (
     search,
 )
 from edgeslim.search.constraints import Check
+from edgeslim.search.strategies import check_options, strategy_options
 from edgeslim.search.strategies.accuracy_aware import AccuracyAware
 from edgeslim.task import Task
 
@@ -253,8 +254,11 @@ def test_unknown_strategy_and_options_fail_clearly(space46: SearchSpace) -> None
     ctx = Context(space46, ev.constraints, 0, ev.checks)
     with pytest.raises(SearchError, match="unknown search strategy 'nsga'; registered: abc"):
         make_strategy("nsga", ctx)
-    with pytest.raises(SearchError, match=r"strategy 'evolutionary'.*population_size"):
+    with pytest.raises(SearchError, match=r"strategy 'evolutionary'.*population_size") as info:
         make_strategy("evolutionary", ctx, population_size=4)
+    assert "population (default 8)" in str(info.value)  # the options it does take
+    with pytest.raises(SearchError, match="its options: none"):
+        make_strategy("random", ctx, population=4)
     with pytest.raises(SearchError, match="needs an accuracy limit"):
         make_strategy("accuracy_aware", ctx)
 
@@ -310,3 +314,16 @@ def test_accuracy_aware_step_plan_retries_a_unit_a_limit_blocked_earlier(
     assert "layer:conv2" in strat.moved and "layer:conv2" not in strat.skipped
     assert strat.moved.index("layer:conv1") < strat.moved.index("layer:conv2")
     assert strat.policy(strat.prefixes[-1]).weight_bits["conv2"] == 8
+
+
+@pytest.mark.parametrize("name", [*STOCHASTIC, "greedy", "dp", "accuracy_aware"])
+def test_strategy_options_are_the_constructor_keywords_after_the_context(name: str) -> None:
+    import inspect
+
+    options = strategy_options(name)
+    params = inspect.signature(STRATEGIES.get(name)).parameters
+    assert "ctx" not in options and list(options) == list(params)[1:]
+    assert all(options[k] == params[k].default for k in options)
+    check_options(name, dict.fromkeys(options))  # every listed name is accepted
+    with pytest.raises(SearchError, match="has no option 'nope'"):
+        check_options(name, {"nope": 1})

@@ -48,6 +48,11 @@ def test_invalid_search_stage_names_the_field_and_allowed_values() -> None:
         parse_recipe(_recipe(w_bits=[4, 16], a_bits=[0]))
     text = str(info.value)
     assert "w_bits" in text and "1..8" in text and "a_bits" in text
+    # a strategy option it does not take, with the ones it does
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(_recipe(strategy="evolutionary", options={"pop": 4}))
+    text = str(info.value)
+    assert "'pop'" in text and "population (default 8)" in text
 
 
 def test_search_stage_applies_a_feasible_policy(tmp_path: Path) -> None:
@@ -83,3 +88,12 @@ def test_search_stage_with_a_latency_limit_times_its_policy_whole(
     verdict = data["notes"]["latency_measured"]
     assert verdict["chosen"] == data["best"]["result"]["policy_id"]
     assert verdict["candidates"][0]["ok"]
+
+
+def test_search_stage_options_reach_the_strategy(tmp_path: Path) -> None:
+    """The metric and one size limit: envelope_ddpg's preference needs two weights, and
+    says so when the recipe gives three (the value is checked by the strategy itself)."""
+    recipe = _recipe(strategy="envelope_ddpg", options={"preference": [1.0, 0.0, 0.0]})
+    with pytest.raises(edgeslim.errors.EdgeslimError, match="preference needs 2 weights"):
+        edgeslim.compress(_digits_cnn(), recipe, builtin_task("digits"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,48 @@ def _check_out(out: Path, force: bool) -> None:
         check_writable(out)  # resume: the journal is checked by the search itself
         return
     check_out_folder(out, force=False)
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` items as strategy options. A value is read as JSON when it
+    is JSON (``population=12``, ``trim=false``, ``preference=[0.7,0.3]``), as a list of
+    JSON values when it holds commas (``preference=0.7,0.3``), from a JSON file when it
+    starts with ``@`` (``start=@policy.json``: a saved policy), else as a string
+    (``rank=hessian``)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise EdgeslimError(
+                f"--option {item!r}: write KEY=VALUE, e.g. --option population=12 or "
+                "--option preference=0.7,0.3"
+            )
+        if key in options:
+            raise EdgeslimError(f"--option {key} is given twice")
+        options[key] = _option_value(key, raw.strip())
+    return options
+
+
+def _option_value(key: str, raw: str) -> Any:
+    if raw.startswith("@"):
+        from edgeslim.jsonfile import load_document
+
+        return load_document(Path(raw[1:]), f"--option {key}: file", EdgeslimError, _json)
+    try:
+        return json.loads(raw)
+    except ValueError:
+        pass
+    if "," in raw:
+        return [_option_value(key, part.strip()) for part in raw.split(",")]
+    return raw
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise EdgeslimError(f"not JSON ({exc})") from None
 
 
 def _executor(name: str, workers: int) -> Any:
@@ -106,6 +148,7 @@ def search_task(
     journal: Path | None = None,
     executor: Any = None,
     round_to: int = KERNEL_BLOCK,
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """``(space, evaluator, latency predictor or None, SearchResult)``: the search the
     command line and the recipe stage both run (latency table when a constraint needs it,
@@ -113,11 +156,14 @@ def search_task(
     optional short fine-tune of each measured policy; ``depth``: residual branches may be
     removed whole; ``reconstruct``: pruned layers refitted by least squares before scoring,
     None: wherever it can run; ``round_to``: kept widths in multiples of it,
-    :data:`~edgeslim.runtime.machine.KERNEL_BLOCK` by default here, 1 in ``SearchSpace.build``)."""
+    :data:`~edgeslim.runtime.machine.KERNEL_BLOCK` by default here, 1 in ``SearchSpace.build``;
+    ``options``: the strategy's, checked by name before the space is built)."""
     from edgeslim.search import SearchSpace, search
     from edgeslim.search.evaluate import Evaluator
+    from edgeslim.search.strategies import check_options
     from edgeslim.train.loop import TrainConfig
 
+    check_options(strategy, options or {})
     if not constraints.limits and constraints.max_drop is None:
         raise EdgeslimError(
             "give at least one constraint (e.g. size<=0.25x, latency<=0.6x) or a max drop"
@@ -144,7 +190,7 @@ def search_task(
     evaluator = Evaluator(space, constraints, latency=latency, finetune=finetune)
     result = search(
         model, task, space, strategy=strategy, budget=budget, seed=seed, journal=journal,
-        executor=executor, evaluator=evaluator,
+        executor=executor, evaluator=evaluator, options=options,
     )  # fmt: skip
     if latency is not None:  # the table screened; the exported models decide
         from edgeslim.search.verify import verify_latency
@@ -179,10 +225,11 @@ def run_search(
     dynamic_dims: tuple[tuple[int, ...], ...] = (),
     reconstruct: bool | None = None,
     round_to: int = KERNEL_BLOCK,
+    options: Mapping[str, Any] | None = None,
 ) -> SearchOutcome:
     """The command line's ``search`` (see module doc); validates everything first."""
     from edgeslim.compression import resolve_base
-    from edgeslim.search.strategies import STRATEGIES
+    from edgeslim.search.strategies import STRATEGIES, check_options
     from edgeslim.task import resolve_task
 
     parsed = Constraints.parse(list(constraints), max_drop)
@@ -194,6 +241,7 @@ def run_search(
         raise EdgeslimError(
             f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES.names())}"
         )
+    check_options(strategy, options or {})  # a SearchError names the options it takes
     if budget < 1:
         raise EdgeslimError(f"--budget must be >= 1; got {budget}")
     if finetune_epochs < 0:
@@ -217,7 +265,7 @@ def run_search(
             model, task, parsed, strategy=strategy, budget=budget, seed=seed, w_bits=w_bits,
             a_bits=a_bits, keep=keep, finetune_epochs=finetune_epochs,
             finetune_lr=finetune_lr, depth=depth, reconstruct=reconstruct, quick=quick,
-            journal=out / JOURNAL, executor=runner, round_to=round_to,
+            journal=out / JOURNAL, executor=runner, round_to=round_to, options=options,
         )  # fmt: skip
     except BaseException:
         if made and not any(out.iterdir()):  # refused before any measurement: no folder left
@@ -228,6 +276,7 @@ def run_search(
                                "command": {"model": model_name, "data": data,
                                            "constraints": parsed.to_list(), "budget": budget,
                                            "strategy": strategy, "seed": seed,
+                                           "options": dict(options or {}),
                                            "executor": executor}}  # fmt: skip
     outcome = SearchOutcome(result.summary(), result.feasible, uniform=uniform_rows)
     if latency is not None:  # the candidates verify_latency timed carry the table's error

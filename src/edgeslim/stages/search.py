@@ -6,6 +6,7 @@
   max_drop: 1.0           # points of the task's validation metric (null: no accuracy limit)
   strategy: evolutionary  # random | evolutionary | abc | reinforce | envelope_ddpg | greedy |
                           # dp | accuracy_aware
+  options: {}             # the strategy's own, e.g. {population: 12} or {preference: [0.7, 0.3]}
   budget: 40              # policies measured at most
   seed: 0
   w_bits: [4, 6, 8]       # weight-bit choices of every quantizable layer
@@ -20,7 +21,9 @@
 The stage returns the chosen policy applied (pruned, quantized, calibrated, and fine-tuned
 as it was scored when ``finetune_epochs`` is set). A search that
 finds no policy meeting the constraints fails the stage with the closest policy named:
-never an infeasible model passed on as the result. A latency limit is met as measured: the
+never an infeasible model passed on as the result. ``options`` are checked by name when the
+recipe is read (an unknown one is refused with the strategy's options listed), their values
+when the strategy is built, before anything is measured. A latency limit is met as measured: the
 best candidates are exported and timed whole (:mod:`edgeslim.search.verify`). Written to
 the stage's folder: ``search.policy.json`` (the policy), ``search.json`` (every evaluation) and
 ``search.journal.jsonl``. Decision: a compress run writes into a temporary folder that it
@@ -33,9 +36,9 @@ saved policy. Reloading a compress output with a search stage (``--from``,
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from edgeslim.errors import EdgeslimError
@@ -60,6 +63,7 @@ class SearchStage(Stage):
     constraints: list[str] = Field(default_factory=list)
     max_drop: float | None = Field(None, ge=0.0)
     strategy: str = "evolutionary"
+    options: dict[str, Any] = Field(default_factory=dict)
     budget: int = Field(40, ge=1)
     seed: int = 0
     w_bits: list[int] = Field(default_factory=lambda: [4, 6, 8], min_length=1)
@@ -84,6 +88,13 @@ class SearchStage(Stage):
         if v not in allowed:
             raise ValueError(f"allowed values: {', '.join(allowed)}")
         return v
+
+    @model_validator(mode="after")
+    def _options(self) -> SearchStage:
+        from edgeslim.search.strategies import check_options
+
+        check_options(self.strategy, self.options)  # a ValueError: pydantic names the stage
+        return self
 
     @field_validator("w_bits")
     @classmethod
@@ -123,7 +134,7 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
         strategy=stage.strategy, budget=stage.budget, seed=stage.seed, w_bits=stage.w_bits,
         a_bits=stage.a_bits, keep=stage.keep, finetune_epochs=stage.finetune_epochs,
         depth=stage.depth, reconstruct=stage.reconstruct, quick=ctx.quick,
-        round_to=stage.round_to,
+        round_to=stage.round_to, options=stage.options,
         journal=ctx.out / "search.journal.jsonl",
     )  # fmt: skip
     (ctx.out / "search.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))

@@ -30,10 +30,12 @@ from edgeslim.search.strategies.base import (
     Context,
     GeneStrategy,
     Strategy,
+    check_options,
     make_strategy,
     register,
     reward,
     sensitivity,
+    strategy_options,
 )
 
 if importlib.util.find_spec("optuna") is not None:  # found without importing it
@@ -47,8 +49,10 @@ __all__ = [
     "Context",
     "GeneStrategy",
     "Strategy",
+    "check_options",
     "make_strategy",
     "register",
     "reward",
     "sensitivity",
+    "strategy_options",
 ]

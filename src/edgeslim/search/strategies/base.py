@@ -19,8 +19,9 @@ given back within ``max_drop``).
 
 from __future__ import annotations
 
+import inspect
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -75,14 +76,40 @@ def register(name: str) -> Callable[[S], S]:
     return add
 
 
-def make_strategy(name: str, ctx: Context, **options: Any) -> Strategy:
-    """Build the strategy registered as ``name``; unknown names and options fail clearly."""
+def _factory(name: str) -> StrategyFactory:
     from edgeslim.search import strategies  # noqa: F401  (registers the built-ins)
 
     try:
-        factory = STRATEGIES.get(name)
+        return STRATEGIES.get(name)
     except KeyError as exc:
         raise SearchError(str(exc.args[0])) from None
+
+
+def strategy_options(name: str) -> dict[str, Any]:
+    """The options the strategy registered as ``name`` takes, with their defaults: the
+    keyword parameters of its constructor after the context (what ``--option`` on the
+    command line and ``options:`` in a recipe's search stage accept)."""
+    params = list(inspect.signature(_factory(name)).parameters.values())[1:]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in named}
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse option names the strategy does not take, naming the ones it does (values
+    are checked by the strategy itself when it is built, before anything is measured)."""
+    allowed = strategy_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        takes = ", ".join(f"{k} (default {v!r})" for k, v in allowed.items()) or "none"
+        raise SearchError(
+            f"strategy {name!r} has no option {', '.join(map(repr, unknown))}; its options: {takes}"
+        )
+
+
+def make_strategy(name: str, ctx: Context, **options: Any) -> Strategy:
+    """Build the strategy registered as ``name``; unknown names and options fail clearly."""
+    factory = _factory(name)
+    check_options(name, options)
     try:
         return factory(ctx, **options)
     except TypeError as exc:
