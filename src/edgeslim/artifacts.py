@@ -364,11 +364,34 @@ def _rebuild_step(
     if kind == "finetune":
         return model  # weights only: the saved state carries them
     if kind == "search":
-        raise CheckpointError(
-            "reloading a compress output with a search stage is not supported yet; deploy its "
-            "model.onnx, or apply its search.policy.json with edgeslim.search"
-        )
+        return _rebuild_search(model, step, example, folder)
     raise CheckpointError(f"reloading a {kind} stage is not supported yet")
+
+
+def _rebuild_search(
+    model: nn.Module, step: dict[str, Any], example: tuple[torch.Tensor, ...], folder: Path
+) -> nn.Module:
+    """The structure a search stage chose (:mod:`edgeslim.search.rebuild`); a folder
+    written before the stage saved it is refused with what to deploy instead."""
+    from edgeslim.search.errors import SearchError
+    from edgeslim.search.rebuild import rebuild_structure
+
+    name = (step.get("files") or {}).get("plan")
+    if not name:
+        raise CheckpointError(
+            f"{folder}: its search stage saved no structure (written by an edgeslim before "
+            "searched models could be reloaded); deploy its model.onnx, or apply its "
+            "search.policy.json with edgeslim.search"
+        )
+    path = folder / name
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a searched model's structure ({exc})") from None
+    try:
+        return rebuild_structure(model, data, example)
+    except SearchError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def base_model(lineage: Lineage, model: nn.Module | None) -> nn.Module:

@@ -65,8 +65,10 @@ def test_search_stage_applies_a_feasible_policy(tmp_path: Path) -> None:
     record = result.records[0]
     assert record.size_bytes <= 0.2 * edgeslim.cost_report(model, *task.example_inputs).size_bytes
     assert any("search (random" in n for n in result.notes)
-    with pytest.raises(CheckpointError, match="search stage"):
-        edgeslim.load(out, model)
+    # the searched model reloads bit for bit (load compares the recorded outputs)
+    x = task.example_inputs[0]
+    with torch.no_grad():
+        assert torch.equal(edgeslim.load(out, model)(x), result.model(x))
     # nothing meets an impossible target: the stage fails, no model is passed on
     with pytest.raises(edgeslim.errors.EdgeslimError, match="NO FEASIBLE POLICY"):
         edgeslim.compress(model, _recipe(constraints=["size<=0.01x"]), task, tmp_path / "none")
@@ -97,3 +99,28 @@ def test_search_stage_options_reach_the_strategy(tmp_path: Path) -> None:
     with pytest.raises(edgeslim.errors.EdgeslimError, match="preference needs 2 weights"):
         edgeslim.compress(_digits_cnn(), recipe, builtin_task("digits"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_pruned_searched_model_reloads_and_trains_on(tmp_path: Path) -> None:
+    """Channels cut by the search: the saved structure (kept channels, bits) is replayed
+    before the weights load; a changed one is refused (the manifest's checksums), never
+    half-loaded."""
+    model = _digits_cnn()
+    task = builtin_task("digits")
+    out = tmp_path / "run"
+    recipe = _recipe(keep=[0.5, 1.0], w_bits=[4, 8], max_drop=30.0, constraints=["macs<=0.8x"])
+    result = edgeslim.compress(model, recipe, task, out)
+    structure = json.loads((out / "model.plan.search.json").read_text())
+    assert structure["plan"] is not None and result.paths["plan"].name == "model.plan.search.json"
+    x = torch.cat([b[0] for b in task.calibration_batches(32)])
+    reloaded = edgeslim.load(out, model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), result.model(x))
+    # a later recipe takes it as it is: still pruned
+    again = edgeslim.compress(reloaded, {"name": "ft", "stages": [{"kind": "finetune",
+                              "epochs": 1}]}, task, tmp_path / "ft")  # fmt: skip
+    assert again.records[0].macs == result.records[0].macs
+    structure["plan"]["keep"] = {k: v[:1] for k, v in structure["plan"]["keep"].items()}
+    (out / "model.plan.search.json").write_text(json.dumps(structure))
+    with pytest.raises(CheckpointError):
+        edgeslim.load(out, model)

@@ -39,24 +39,9 @@ def ptq(
     model input; ``(inputs, target)`` pairs work too, the target is ignored), or a single
     tensor of samples, split into batches of ``batch_size``.
     """
-    from edgeslim.quant.edges import quantize_edges
-
-    m = prepare_ptq(model, config, select)
     if config.activation is None or calibration is None:
-        return m
-    out: nn.Module = m
-    try:
-        out = quantize_edges(m)
-    except TraceError as exc:
-        # the model still quantizes, each layer's input on its own grid; said, because
-        # ONNX Runtime then fuses few layers (SqueezeBERT ran 1% of its MACs on integers)
-        warnings.warn(
-            f"activation quantizers stay on the layers' inputs: {exc} Without them on the "
-            "graph's edges, ONNX Runtime runs most layers in float; the export's coverage "
-            "says how many.",
-            stacklevel=2,
-        )
-        out = m
+        return prepare_ptq(model, config, select)
+    out = ptq_structure(model, config, select)
     batches = calibration_batches(calibration, batch_size)
     calibrate(out, batches, progress=False)
     if bias_correction:
@@ -74,6 +59,31 @@ def prepare_ptq(model: nn.Module, config: QuantConfig, select: Selection | None)
         fold_batchnorm(m)
     quantize_(m, config, select=select)
     return m
+
+
+def ptq_structure(
+    model: nn.Module, config: QuantConfig, select: Selection | None, edges: bool = True
+) -> nn.Module:
+    """What :func:`ptq` calibrates: :func:`prepare_ptq`, then (with ``edges`` and quantized
+    activations) the activation quantizers moved onto the graph's edges. Uncalibrated: PTQ
+    calibrates it, a reload loads the calibrated ranges into it."""
+    from edgeslim.quant.edges import quantize_edges
+
+    m = prepare_ptq(model, config, select)
+    if not edges or config.activation is None:
+        return m
+    try:
+        return quantize_edges(m)
+    except TraceError as exc:
+        # the model still quantizes, each layer's input on its own grid; said, because
+        # ONNX Runtime then fuses few layers (SqueezeBERT ran 1% of its MACs on integers)
+        warnings.warn(
+            f"activation quantizers stay on the layers' inputs: {exc} Without them on the "
+            "graph's edges, ONNX Runtime runs most layers in float; the export's coverage "
+            "says how many.",
+            stacklevel=3,
+        )
+        return m
 
 
 def calibration_batches(calibration: Iterable[Any] | torch.Tensor, batch_size: int) -> list[Inputs]:

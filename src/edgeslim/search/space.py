@@ -50,7 +50,7 @@ from torch import nn
 from edgeslim.cost.analytic import bops, peak_activation_bytes, size_bytes
 from edgeslim.errors import PruneError
 from edgeslim.graph import layer_table, total_macs
-from edgeslim.graph.attention import has_attention, split_attention
+from edgeslim.graph.attention import SplitMultiheadAttention, has_attention, split_attention
 from edgeslim.graph.branches import ResidualBranch
 from edgeslim.graph.layers import LayerInfo
 from edgeslim.graph.model_graph import analyze
@@ -70,6 +70,7 @@ from edgeslim.quant.config import QuantConfig, w8a8
 from edgeslim.quant.spec import QuantSpec
 from edgeslim.search.errors import PolicyError, SearchError
 from edgeslim.search.policy import Policy
+from edgeslim.search.rebuild import STRUCTURE_FORMAT, quantized_structure
 from edgeslim.task import Task
 
 if TYPE_CHECKING:
@@ -648,20 +649,30 @@ class SearchSpace:
         gives the same model (deterministic ranking, surgery and calibration). ``base``: the
         pruned float model to quantize instead of the space's own (one fine-tuned after the
         cut, from :meth:`pruned`)."""
-        import contextlib
-
-        from edgeslim.errors import TraceError
-        from edgeslim.quant.api import calibrate, quantize_
-        from edgeslim.quant.fold import fold_batchnorm
-        from edgeslim.quant.ptq import ptq
+        from edgeslim.quant.api import calibrate
 
         self.check(policy)
         if base is None:
             base = self._measurable(policy)
+        default, select, edges = self.quant_configs(policy, base)
+        model = quantized_structure(base, default, select, edges)
+        if any(c is not None and c.activation is not None for c in select.values()):
+            calibrate(model, self.calibration_batches(), progress=False)
+        return model.eval()
+
+    def quant_configs(
+        self, policy: Policy, base: nn.Module | None = None
+    ) -> tuple[QuantConfig, dict[str, QuantConfig | None], bool]:
+        """``(default, per-FQN configs, edges)`` :meth:`apply` quantizes ``policy`` with
+        (``base``: the pruned model, without the layers of removed branches); ``edges``:
+        activation quantizers go on the graph's edges, as PTQ puts them, which needs one
+        activation precision for the whole model (mixed ones stay on the layers' inputs)."""
+        if base is None:
+            base = self._prune(policy).model
         w, a = policy.weight_bits, policy.act_bits
         gone = removed_modules(base)  # layers of removed branches: nothing to quantize
         w = {fqn: bits for fqn, bits in w.items() if fqn not in gone}
-        select: dict[Any, QuantConfig | None] = {}
+        select: dict[str, QuantConfig | None] = {}
         for fqn, bits in w.items():
             act = a[fqn]
             select[fqn] = QuantConfig(
@@ -675,19 +686,36 @@ class SearchSpace:
             replace(self.weight_spec, bits=max(w.values(), default=8)),
             None if uniform_act is None else replace(self.act_spec, bits=uniform_act),
         )
-        needs_data = any(v is not None for v in acts)
-        calib = self.calibration_batches() if needs_data else None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "quantize_: layer types without")
-            if len(acts) <= 1:
-                return ptq(base, default, calib, select=select).eval()
-            model = copy.deepcopy(base).eval()
-            with contextlib.suppress(TraceError):
-                fold_batchnorm(model)
-            quantize_(model, default, select=select)
-        assert calib is not None
-        calibrate(model, calib, progress=False)
-        return model.eval()
+        return default, select, len(acts) <= 1
+
+    def structure(self, policy: Policy) -> dict[str, Any]:
+        """What rebuilds ``policy``'s model without data (JSON, :data:`STRUCTURE_FORMAT`):
+        whether attention was split, the prune plan (kept channels per group, by the scores
+        this space ranked with), the residual branches removed, and the quantization
+        configs. :func:`rebuild_structure` replays it on the model the space was built from;
+        the weights and calibrated ranges come from a saved state afterwards."""
+        self.check(policy)
+        from edgeslim.prune.plan import PrunePlan
+        from edgeslim.prune.planner import keep_map
+
+        channel = self._widths(policy)[: self._n_channel]
+        plan = None
+        if any(w < g.size for w, g in zip(channel, self.channel_groups, strict=True)):
+            kept = keep_map(self._cands, self._scores, channel)
+            plan = PrunePlan.from_groups(self.model, kept, self.task.example_inputs).to_dict()
+        default, select, edges = self.quant_configs(policy)
+        return {
+            "format": STRUCTURE_FORMAT,
+            "policy": policy.id,
+            "split_attention": any(
+                isinstance(m, SplitMultiheadAttention) for m in self.model.modules()
+            ),
+            "plan": plan,
+            "removed_branches": [b.name for b in self.removed_branches(policy)],
+            "default": default.to_dict(),
+            "select": {k: None if c is None else c.to_dict() for k, c in select.items()},
+            "edges": edges,
+        }
 
     # --- costs ----------------------------------------------------------------------------------
 

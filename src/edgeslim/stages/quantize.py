@@ -191,19 +191,10 @@ def run_quantize(model: nn.Module, stage: QuantizeStage, ctx: StageContext) -> n
 def rebuild_quantize(model: nn.Module, stage: QuantizeStage) -> nn.Module:
     """The structure :func:`~edgeslim.quant.ptq.ptq` gives (BN folded, fake-quant layers,
     edge quantizers) without calibration: reload then loads the calibrated ranges."""
-    from edgeslim.errors import TraceError
     from edgeslim.quant import QuantConfig
-    from edgeslim.quant.edges import quantize_edges
-    from edgeslim.quant.ptq import prepare_ptq
+    from edgeslim.quant.ptq import ptq_structure
 
     select: dict[Any, QuantConfig | None] = {
         k: None if v is None else select_config(stage, k, v) for k, v in stage.select.items()
     }
-    config = stage_config(stage)
-    m = prepare_ptq(model, config, select)
-    if config.activation is None:
-        return m
-    try:
-        return quantize_edges(m).eval()
-    except TraceError:
-        return m
+    return ptq_structure(model, stage_config(stage), select).eval()

@@ -25,12 +25,14 @@ never an infeasible model passed on as the result. ``options`` are checked by na
 recipe is read (an unknown one is refused with the strategy's options listed), their values
 when the strategy is built, before anything is measured. A latency limit is met as measured: the
 best candidates are exported and timed whole (:mod:`edgeslim.search.verify`). Written to
-the stage's folder: ``search.policy.json`` (the policy), ``search.json`` (every evaluation) and
-``search.journal.jsonl``. Decision: a compress run writes into a temporary folder that it
-renames at the end, so an interrupted compress does not resume its search; for a long
-search use ``edgeslim search`` (resumable), then a ``quantize``/``prune`` recipe or the
-saved policy. Reloading a compress output with a search stage (``--from``,
-``edgeslim.load``) is not supported yet; its ``model.onnx`` is the deployable artifact.
+the stage's folder: ``search.policy.json`` (the policy), ``search.json`` (every evaluation),
+``search.journal.jsonl`` and ``model.plan.search.json``: the policy's structure (prune plan
+with its kept channels, branches removed, quantization configs), which ``edgeslim.load`` and
+``--from`` replay before loading the weights (:mod:`edgeslim.search.rebuild`).
+
+Decision: a compress run writes into a temporary folder that it renames at the end, so an
+interrupted compress does not resume its search; for a long search use ``edgeslim search``
+(resumable), then a ``quantize``/``prune`` recipe or the saved policy.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from edgeslim.artifacts import free_plan_path
 from edgeslim.errors import EdgeslimError
+from edgeslim.jsonfile import save_text
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.runtime.machine import KERNEL_BLOCK
 
@@ -129,7 +133,7 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
 
     task = ctx.need_task("search")
     ctx.out.mkdir(parents=True, exist_ok=True)
-    _, evaluator, latency, result = search_task(
+    space, evaluator, latency, result = search_task(
         model.eval(), task, Constraints.parse(stage.constraints, stage.max_drop),
         strategy=stage.strategy, budget=stage.budget, seed=stage.seed, w_bits=stage.w_bits,
         a_bits=stage.a_bits, keep=stage.keep, finetune_epochs=stage.finetune_epochs,
@@ -141,6 +145,9 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
     if result.policy is None:
         raise EdgeslimError(f"stage search: {result.message}")
     result.policy.save(ctx.out / "search.policy.json")
+    # what a reload replays before loading the weights (see edgeslim.search.rebuild)
+    save_text(free_plan_path(ctx.out, "model.plan.search"),
+              json.dumps(space.structure(result.policy), indent=1))  # fmt: skip
     best = result.best
     assert best is not None
     checks = "; ".join(str(c) for c in best.result.checks)
