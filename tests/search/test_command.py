@@ -60,6 +60,8 @@ def test_search_writes_policy_onnx_plot_and_resumes(factory: str, tmp_path: Path
     assert len(data["uniform"]) == 2  # W4 and W8 everywhere, drawn beside the search
     assert data["search"]["feasible"]  # mixed 4/8-bit weights fit in a fifth of the bytes
     assert (out / "policy.json").is_file() and (out / "model.onnx").is_file()
+    structure = json.loads((out / "policy.structure.json").read_text())  # for a later apply
+    assert structure["policy"] == data["search"]["best"]["result"]["policy_id"]
     assert data["export"]["parity"]["inputs_checked"] >= 2  # checked on more than one input
     assert data["search"]["best"]["result"]["relative"]["size"] <= 0.2
     assert "top1" in data["test_metrics"]  # the test split, read once for the chosen model

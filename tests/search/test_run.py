@@ -160,4 +160,4 @@ def test_the_command_and_the_stage_search_widths_in_multiples_of_8_unless_told(
         widths = [w for g in space.groups for w in g.widths]
         assert widths and any(w % 8 for w in widths) is free, widths
     default = search_task.__kwdefaults__ or {}
-    assert default.get("round_to") == 8 and SearchStage().round_to == 8
+    assert default.get("round_to") == 8 and SearchStage.model_fields["round_to"].default == 8

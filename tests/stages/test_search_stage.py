@@ -124,3 +124,36 @@ def test_a_pruned_searched_model_reloads_and_trains_on(tmp_path: Path) -> None:
     (out / "model.plan.search.json").write_text(json.dumps(structure))
     with pytest.raises(CheckpointError):
         edgeslim.load(out, model)
+
+
+def test_a_saved_policy_is_applied_without_searching(tmp_path: Path) -> None:
+    """A policy found earlier (here by a search stage) is applied by a later recipe with
+    the same choices; a space that would cut other channels than the search did is refused;
+    constraints beside a policy are refused when the recipe is read."""
+    model = _digits_cnn()
+    task = builtin_task("digits")
+    found = tmp_path / "found"
+    searched = edgeslim.compress(
+        model, _recipe(keep=[0.5, 1.0], max_drop=30.0, constraints=["macs<=0.8x"]), task, found
+    )
+    saved = found / "search.policy.json"
+    apply = {"kind": "search", "policy": str(saved), "w_bits": [4, 8], "keep": [0.5, 1.0]}
+    again = edgeslim.compress(model, {"name": "apply", "stages": [apply]}, task, tmp_path / "a")
+    assert any("applied from" in n and "not searched" in n for n in again.notes)
+    assert again.records[0].macs == searched.records[0].macs
+    x = torch.cat([b[0] for b in task.calibration_batches(32)])
+    with torch.no_grad():  # same policy, same calibration: the same model
+        assert torch.equal(again.model(x), searched.model(x))
+    assert edgeslim.load(tmp_path / "a", model) is not None  # reloads like a searched one
+    # the search saved which channels it cut: a space that cuts others is refused
+    beside = found / "search.policy.structure.json"
+    structure = json.loads(beside.read_text())
+    structure["plan"]["keep"] = {k: v[1:] + v[:1] for k, v in structure["plan"]["keep"].items()}
+    beside.write_text(json.dumps(structure))
+    with pytest.raises(edgeslim.errors.EdgeslimError, match="plan differ"):
+        edgeslim.compress(model, {"name": "other", "stages": [apply]}, task, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(RecipeError, match="leave constraints and max_drop out"):
+        parse_recipe({"name": "x", "stages": [{**apply, "max_drop": 1.0}]})
+    with pytest.raises(RecipeError, match="or a saved policy"):
+        parse_recipe({"name": "x", "stages": [{"kind": "search"}]})

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeslim.errors import EdgeslimError
+from edgeslim.jsonfile import save_text
 from edgeslim.runtime.machine import KERNEL_BLOCK
 from edgeslim.search.constraints import Constraints
 
@@ -129,6 +130,51 @@ def _uniform_rows(evaluator: Any, space: Any) -> tuple[list[Any], list[dict[str,
     return results, rows
 
 
+def finetune_config(task: Any, epochs: int, lr: float = 0.005) -> Any:
+    """The short fine-tune of each scored policy (None when ``epochs`` is 0): a small
+    learning rate without weight decay, since BatchNorm is folded by then."""
+    from edgeslim.train.loop import TrainConfig
+
+    if epochs < 0:
+        raise EdgeslimError(f"finetune_epochs must be >= 0; got {epochs}")
+    if epochs and task.train is None:
+        raise EdgeslimError(
+            "fine-tuning policies needs training data; this task has none (give data with "
+            "training samples, or leave fine-tuning off)"
+        )
+    return TrainConfig(epochs=epochs, lr=lr, weight_decay=0.0) if epochs else None
+
+
+STRUCTURE_SUFFIX = ".structure.json"  # beside a saved policy: what its model's structure is
+
+
+def structure_path(policy_path: Path) -> Path:
+    """Where the structure of the model a saved policy gives is written beside it
+    (``policy.json`` -> ``policy.structure.json``)."""
+    return policy_path.with_name(policy_path.stem + STRUCTURE_SUFFIX)
+
+
+def check_structure(policy_path: Path, structure: dict[str, Any]) -> None:
+    """Refuse ``structure`` (the policy applied in this space) when the structure saved
+    beside the policy by the search that chose it differs: the same policy in a space of
+    other choices (keep ratios, ``round_to``, criterion) cuts other channels. Nothing to
+    compare with (a policy written by hand): accepted."""
+    saved_path = structure_path(policy_path)
+    if not saved_path.is_file():
+        return
+    from edgeslim.jsonfile import load_document
+
+    saved = load_document(saved_path, "policy structure", EdgeslimError, _json)
+    differs = [k for k in ("plan", "removed_branches", "select", "edges")
+               if saved.get(k) != structure.get(k)]  # fmt: skip
+    if differs:
+        raise EdgeslimError(
+            f"{policy_path}: applied with these choices it gives another model than the one "
+            f"its search chose ({', '.join(differs)} differ from {saved_path.name}); give the "
+            "w_bits, a_bits, keep, round_to and depth the search ran with"
+        )
+
+
 def search_task(
     model: Any,
     task: Any,
@@ -161,20 +207,13 @@ def search_task(
     from edgeslim.search import SearchSpace, search
     from edgeslim.search.evaluate import Evaluator
     from edgeslim.search.strategies import check_options
-    from edgeslim.train.loop import TrainConfig
 
     check_options(strategy, options or {})
     if not constraints.limits and constraints.max_drop is None:
         raise EdgeslimError(
             "give at least one constraint (e.g. size<=0.25x, latency<=0.6x) or a max drop"
         )
-    if finetune_epochs < 0:
-        raise EdgeslimError(f"finetune_epochs must be >= 0; got {finetune_epochs}")
-    if finetune_epochs and task.train is None:
-        raise EdgeslimError(
-            "fine-tuning policies needs training data; this task has none (give data with "
-            "training samples, or leave fine-tuning off)"
-        )
+    finetune = finetune_config(task, finetune_epochs, finetune_lr)
     space = SearchSpace.build(
         model, task, w_bits=w_bits, a_bits=a_bits, keep=keep, seed=seed, depth=depth,
         reconstruct=reconstruct, round_to=round_to,
@@ -184,9 +223,6 @@ def search_task(
         from edgeslim.search.latency import LutLatency
 
         latency = LutLatency(space, repeats=20 if quick else 50, seconds=1.0 if quick else 8.0)
-    finetune = None
-    if finetune_epochs:
-        finetune = TrainConfig(epochs=finetune_epochs, lr=finetune_lr, weight_decay=0.0)
     evaluator = Evaluator(space, constraints, latency=latency, finetune=finetune)
     result = search(
         model, task, space, strategy=strategy, budget=budget, seed=seed, journal=journal,
@@ -285,6 +321,10 @@ def run_search(
                                     "kernels_cached": len(latency.table)}  # fmt: skip
     if result.policy is not None:
         outcome.files["policy"] = result.policy.save(out / "policy.json")
+        outcome.files["structure"] = save_text(
+            structure_path(out / "policy.json"),
+            json.dumps(space.structure(result.policy), indent=1),
+        )
         compressed = evaluator.prepare(result.policy)  # fine-tuned as it was scored
         warned: list[str] = []
         onnx_path, parity = _export(compressed, task, out / "model.onnx", warned)

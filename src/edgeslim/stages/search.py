@@ -16,6 +16,7 @@
   finetune_epochs: 0      # short fine-tune of each measured policy (0: scored as cut)
   depth: false            # also remove residual branches whole (pair with fine-tuning)
   reconstruct: null       # refit pruned layers by least squares before scoring (null: where it can)
+  policy: null            # a saved policy (policy.json of `edgeslim search`) to apply, no search
 ```
 
 The stage returns the chosen policy applied (pruned, quantized, calibrated, and fine-tuned
@@ -29,6 +30,14 @@ the stage's folder: ``search.policy.json`` (the policy), ``search.json`` (every 
 ``search.journal.jsonl`` and ``model.plan.search.json``: the policy's structure (prune plan
 with its kept channels, branches removed, quantization configs), which ``edgeslim.load`` and
 ``--from`` replay before loading the weights (:mod:`edgeslim.search.rebuild`).
+
+With ``policy``, nothing is searched: the saved policy is applied (and fine-tuned as
+``finetune_epochs`` says) in the space the stage's choices make, which must be the choices
+the search ran with; the structure the search saved beside the policy
+(``policy.structure.json``) is compared with the one it gives here, and a difference (other
+keep ratios or ``round_to`` cut other channels) is refused. ``constraints`` and
+``max_drop`` are refused with it: the search that chose the policy checked them, and the
+compress record states what the model achieves.
 
 Decision: a compress run writes into a temporary folder that it renames at the end, so an
 interrupted compress does not resume its search; for a long search use ``edgeslim search``
@@ -77,6 +86,7 @@ class SearchStage(Stage):
     depth: bool = False
     reconstruct: bool | None = None
     round_to: int = Field(KERNEL_BLOCK, ge=1, le=256)  # kept widths in multiples of it
+    policy: str | None = None  # a saved policy to apply instead of searching
 
     @field_validator("constraints")
     @classmethod
@@ -98,6 +108,16 @@ class SearchStage(Stage):
         from edgeslim.search.strategies import check_options
 
         check_options(self.strategy, self.options)  # a ValueError: pydantic names the stage
+        if self.policy is not None and (self.constraints or self.max_drop is not None):
+            raise ValueError(
+                "policy: a saved policy is applied as it is, its search checked the "
+                "constraints; leave constraints and max_drop out (or policy, to search)"
+            )
+        if self.policy is None and not self.constraints and self.max_drop is None:
+            raise ValueError(
+                "give constraints (e.g. ['size<=0.25x']) or max_drop to search, or a saved "
+                "policy to apply"
+            )
         return self
 
     @field_validator("w_bits")
@@ -133,6 +153,8 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
 
     task = ctx.need_task("search")
     ctx.out.mkdir(parents=True, exist_ok=True)
+    if stage.policy is not None:
+        return _apply_saved(model, stage, ctx)
     space, evaluator, latency, result = search_task(
         model.eval(), task, Constraints.parse(stage.constraints, stage.max_drop),
         strategy=stage.strategy, budget=stage.budget, seed=stage.seed, w_bits=stage.w_bits,
@@ -144,10 +166,7 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
     (ctx.out / "search.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     if result.policy is None:
         raise EdgeslimError(f"stage search: {result.message}")
-    result.policy.save(ctx.out / "search.policy.json")
-    # what a reload replays before loading the weights (see edgeslim.search.rebuild)
-    save_text(free_plan_path(ctx.out, "model.plan.search"),
-              json.dumps(space.structure(result.policy), indent=1))  # fmt: skip
+    _save(space, result.policy, ctx)
     best = result.best
     assert best is not None
     checks = "; ".join(str(c) for c in best.result.checks)
@@ -166,3 +185,40 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
             f"{row['predicted_ratio']}x)"
         )
     return evaluator.prepare(result.policy)  # fine-tuned as it was scored
+
+
+def _save(space: Any, policy: Any, ctx: StageContext) -> None:
+    """The policy, and its structure: what a reload replays before loading the weights
+    (:mod:`edgeslim.search.rebuild`)."""
+    from edgeslim.search.command import structure_path
+
+    text = json.dumps(space.structure(policy), indent=1)
+    save_text(free_plan_path(ctx.out, "model.plan.search"), text)
+    # beside the policy too, for a later stage that applies it (check_structure)
+    save_text(structure_path(policy.save(ctx.out / "search.policy.json")), text)
+
+
+def _apply_saved(model: nn.Module, stage: SearchStage, ctx: StageContext) -> nn.Module:
+    """``stage.policy`` applied in the space of the stage's choices (see module doc)."""
+    from pathlib import Path
+
+    from edgeslim.search import SearchSpace
+    from edgeslim.search.command import check_structure, finetune_config
+    from edgeslim.search.evaluate import Evaluator
+    from edgeslim.search.policy import load_policy
+
+    task = ctx.need_task("search")
+    finetune = finetune_config(task, stage.finetune_epochs)
+    path = Path(stage.policy or "")
+    space = SearchSpace.build(
+        model.eval(), task, w_bits=stage.w_bits, a_bits=stage.a_bits, keep=stage.keep,
+        seed=stage.seed, depth=stage.depth, reconstruct=stage.reconstruct,
+        round_to=stage.round_to,
+    )  # fmt: skip
+    policy = load_policy(path, space)
+    check_structure(path, space.structure(policy))
+    _save(space, policy, ctx)
+    ctx.notes.append(
+        f"search: policy {policy.id} ({policy.describe()}) applied from {path}, not searched"
+    )
+    return Evaluator(space, finetune=finetune).prepare(policy)
