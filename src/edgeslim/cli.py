@@ -527,6 +527,19 @@ def search_cmd(
             "1: free widths)",
         ),
     ] = KERNEL_BLOCK,
+    criterion: Annotated[
+        str, typer.Option(help="importance criterion that ranks channels (l1, fpgm, taylor, ...)")
+    ] = "l1",
+    skip: Annotated[
+        list[str] | None,
+        typer.Option("--skip", help="layer (FQN or glob) whose channels are never cut; repeatable"),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude", help="layer (FQN or glob) kept float and not searched; repeatable"
+        ),
+    ] = None,
     executor: Annotated[str, typer.Option(help="local or ray")] = "local",
     workers: Annotated[int, typer.Option(help="Ray workers (with --executor ray)")] = 2,
     out: Annotated[Path, typer.Option(help="output directory (rerun to resume)")] = Path(
@@ -562,6 +575,7 @@ def search_cmd(
     With a latency limit, the best candidates are exported and timed whole; the one kept
     meets the limit as measured. Exit status 1 when no policy meets every constraint."""
     console.print(f"[bold]edgeslim search[/] {model} -> {out}: loading...", highlight=False)
+    from edgeslim.search.choices import SpaceChoices
     from edgeslim.search.command import parse_options, run_search
 
     try:
@@ -574,11 +588,13 @@ def search_cmd(
         outcome = run_search(
             model, out, constraint or [], checkpoint=checkpoint, data=data, metric=metric,
             input_shapes=_shapes(input_shape), dynamic_dims=_dims(dynamic_dims),
-            strategy=strategy, budget=budget, seed=seed,
-            max_drop=max_drop, w_bits=w, a_bits=_ints(a_bits, "--a-bits"), keep=keeps,
+            strategy=strategy, budget=budget, seed=seed, max_drop=max_drop,
+            choices=SpaceChoices(w_bits=w, a_bits=_ints(a_bits, "--a-bits"), keep=keeps,
+                                 criterion=criterion, round_to=round_to, skip=tuple(skip or ()),
+                                 exclude=tuple(exclude or ()), depth=depth,
+                                 reconstruct=reconstruct),
             executor=executor, workers=workers, force=force, quick=quick,
-            finetune_epochs=finetune_epochs, depth=depth, reconstruct=reconstruct,
-            round_to=round_to, options=options,
+            finetune_epochs=finetune_epochs, options=options,
         )  # fmt: skip
     except (EdgeslimError, ValueError) as exc:
         fail(exc)

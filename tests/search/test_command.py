@@ -122,6 +122,7 @@ def test_a_chosen_file_that_computes_differently_on_this_cpu_is_warned_about(
     """On an x86 without VNNI the int8 kernels saturate with full-range 8-bit weights and
     the exported file computes differently from the scored model: the search says so and
     names its own way to 7-bit weights (forced here, so the check runs on every CPU)."""
+    import edgeslim.compression  # noqa: F401  (imported here first, it would keep the patch)
     from edgeslim.export import verify
     from edgeslim.export.verify import Parity
 
@@ -239,3 +240,20 @@ def test_strategy_options_reach_the_strategy_and_the_journal(factory: str, tmp_p
     # resuming with other options is refused: the journal names what differs
     other = _search(factory, out, *args[:-1], "population=3")
     assert other.exit_code == 2 and "options" in other.output
+
+
+def test_exclude_skip_and_criterion_shape_the_space(factory: str, tmp_path: Path) -> None:
+    out = tmp_path / "shaped"
+    bad = _search(factory, out, "--criterion", "loudest")
+    assert bad.exit_code == 2 and "fpgm" in bad.output and not out.exists()
+    unmatched = _search(factory, out, "--exclude", "head*")
+    assert unmatched.exit_code == 2 and "head*" in unmatched.output and not out.exists()
+    run = _search(factory, out, "--budget", "2", "--strategy", "random", "--exclude", "0",
+                  "--criterion", "fpgm", "--skip", "3")  # fmt: skip
+    assert run.exit_code == 0, run.output
+    policy = json.loads((out / "policy.json").read_text())
+    assert "0" not in policy["layers"] and {"3", "8"} <= set(policy["layers"])
+    structure = json.loads((out / "policy.structure.json").read_text())
+    assert structure["select"]["0"] is None  # the excluded first conv stays float
+    choices = json.loads((out / "search.json").read_text())["command"]["choices"]
+    assert choices["criterion"] == "fpgm" and choices["skip"] == ["3"]

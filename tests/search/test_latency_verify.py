@@ -11,6 +11,7 @@ from torch import nn
 from edgeslim.cost.latency import LatencyStats, RatioStats
 from edgeslim.cost.lut import LatencyTable
 from edgeslim.search import Policy, SearchResult, SearchSpace, search
+from edgeslim.search.choices import SpaceChoices
 from edgeslim.search.command import search_task
 from edgeslim.search.constraints import Constraints
 from edgeslim.search.latency import LutLatency
@@ -125,8 +126,8 @@ def test_the_search_command_times_its_candidates_whole(
     monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path))
     _, _, latency, result = search_task(
         digits_model, digits_task, Constraints.parse(["latency<=0.95x"], 5.0),
-        strategy="random", budget=4, seed=0, w_bits=(8,), a_bits=(8,), keep=(0.5, 1.0),
-        quick=True,
+        strategy="random", budget=4, seed=0,
+        choices=SpaceChoices(w_bits=(8,), a_bits=(8,), keep=(0.5, 1.0)), quick=True,
     )  # fmt: skip
     assert isinstance(latency, LutLatency) and isinstance(latency.table, LatencyTable)
     verdict = result.notes.get("latency_measured")

@@ -147,17 +147,18 @@ def test_the_command_and_the_stage_search_widths_in_multiples_of_8_unless_told(
 ) -> None:
     # free widths (keep 0.75 of 16: 12) ran slower than fp32 in ONNX Runtime on 10 of 16
     # CNNs; the command line and the recipe stage now search multiples of 8 (docs/search.md)
+    from edgeslim.search.choices import SpaceChoices
     from edgeslim.search.command import search_task
     from edgeslim.search.constraints import Constraints
     from edgeslim.stages.search import SearchStage
 
     limits = Constraints.parse(["size<=1x"])
     for round_to, free in ((8, False), (1, True)):
+        choices = SpaceChoices(w_bits=(8,), a_bits=(8,), keep=(0.75, 1.0), round_to=round_to)
         space, *_ = search_task(
             digits_model, digits_task, limits, strategy="random", budget=1, seed=0,
-            w_bits=(8,), a_bits=(8,), keep=(0.75, 1.0), round_to=round_to,
+            choices=choices,
         )  # fmt: skip
         widths = [w for g in space.groups for w in g.widths]
         assert widths and any(w % 8 for w in widths) is free, widths
-    default = search_task.__kwdefaults__ or {}
-    assert default.get("round_to") == 8 and SearchStage.model_fields["round_to"].default == 8
+    assert SpaceChoices().round_to == 8 and SearchStage.model_fields["round_to"].default == 8

@@ -53,6 +53,9 @@ def test_invalid_search_stage_names_the_field_and_allowed_values() -> None:
         parse_recipe(_recipe(strategy="evolutionary", options={"pop": 4}))
     text = str(info.value)
     assert "'pop'" in text and "population (default 8)" in text
+    with pytest.raises(RecipeError, match="criterion") as info:
+        parse_recipe(_recipe(criterion="loudest"))
+    assert "fpgm" in str(info.value)
 
 
 def test_search_stage_applies_a_feasible_policy(tmp_path: Path) -> None:

@@ -31,10 +31,11 @@ from typing import Any
 
 from edgeslim.errors import EdgeslimError
 from edgeslim.jsonfile import save_text
-from edgeslim.runtime.machine import KERNEL_BLOCK
+from edgeslim.search.choices import SpaceChoices
 from edgeslim.search.constraints import Constraints
 
 JOURNAL = "journal.jsonl"
+DEFAULT_CHOICES = SpaceChoices()
 EXECUTORS = ("local", "ray")
 
 
@@ -183,28 +184,21 @@ def search_task(
     strategy: str,
     budget: int,
     seed: int,
-    w_bits: Sequence[int],
-    a_bits: Sequence[int | None],
-    keep: Sequence[float],
+    choices: SpaceChoices = DEFAULT_CHOICES,
     finetune_epochs: int = 0,
     finetune_lr: float = 0.005,
-    depth: bool = False,
-    reconstruct: bool | None = None,
     quick: bool = False,
     journal: Path | None = None,
     executor: Any = None,
-    round_to: int = KERNEL_BLOCK,
     options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """``(space, evaluator, latency predictor or None, SearchResult)``: the search the
     command line and the recipe stage both run (latency table when a constraint needs it,
     its best candidates then timed whole by :func:`~edgeslim.search.verify.verify_latency`;
-    optional short fine-tune of each measured policy; ``depth``: residual branches may be
-    removed whole; ``reconstruct``: pruned layers refitted by least squares before scoring,
-    None: wherever it can run; ``round_to``: kept widths in multiples of it,
-    :data:`~edgeslim.runtime.machine.KERNEL_BLOCK` by default here, 1 in ``SearchSpace.build``;
-    ``options``: the strategy's, checked by name before the space is built)."""
-    from edgeslim.search import SearchSpace, search
+    optional short fine-tune of each measured policy; ``choices``: the space
+    (:class:`~edgeslim.search.choices.SpaceChoices`); ``options``: the strategy's, checked by
+    name before the space is built)."""
+    from edgeslim.search import search
     from edgeslim.search.evaluate import Evaluator
     from edgeslim.search.strategies import check_options
 
@@ -214,10 +208,7 @@ def search_task(
             "give at least one constraint (e.g. size<=0.25x, latency<=0.6x) or a max drop"
         )
     finetune = finetune_config(task, finetune_epochs, finetune_lr)
-    space = SearchSpace.build(
-        model, task, w_bits=w_bits, a_bits=a_bits, keep=keep, seed=seed, depth=depth,
-        reconstruct=reconstruct, round_to=round_to,
-    )  # fmt: skip
+    space = choices.build(model, task, seed)
     latency = None
     if constraints.needs_latency:
         from edgeslim.search.latency import LutLatency
@@ -248,19 +239,14 @@ def run_search(
     budget: int = 40,
     seed: int = 0,
     max_drop: float | None = None,
-    w_bits: Sequence[int] = (4, 6, 8),
-    a_bits: Sequence[int | None] = (8,),
-    keep: Sequence[float] = (0.5, 0.75, 1.0),
+    choices: SpaceChoices = DEFAULT_CHOICES,
     executor: str = "local",
     workers: int = 2,
     force: bool = False,
     quick: bool = False,
     finetune_epochs: int = 0,
     finetune_lr: float = 0.005,
-    depth: bool = False,
     dynamic_dims: tuple[tuple[int, ...], ...] = (),
-    reconstruct: bool | None = None,
-    round_to: int = KERNEL_BLOCK,
     options: Mapping[str, Any] | None = None,
 ) -> SearchOutcome:
     """The command line's ``search`` (see module doc); validates everything first."""
@@ -282,13 +268,19 @@ def run_search(
         raise EdgeslimError(f"--budget must be >= 1; got {budget}")
     if finetune_epochs < 0:
         raise EdgeslimError(f"--finetune-epochs must be >= 0; got {finetune_epochs}")
-    if round_to < 1:
-        raise EdgeslimError(f"--round-to must be >= 1; got {round_to}")
+    if choices.round_to < 1:
+        raise EdgeslimError(f"--round-to must be >= 1; got {choices.round_to}")
+    from edgeslim.prune.importance import IMPORTANCE
     from edgeslim.quant.spec import BITS
 
-    bad = [b for b in [*w_bits, *a_bits] if b is not None and b not in BITS]
+    bad = [b for b in [*choices.w_bits, *choices.a_bits] if b is not None and b not in BITS]
     if bad:  # before any folder is made or model loaded
         raise EdgeslimError(f"--w-bits/--a-bits choices must be in 1..8; got {bad}")
+    if choices.criterion not in IMPORTANCE:
+        raise EdgeslimError(
+            f"--criterion {choices.criterion!r} is not an importance criterion; allowed: "
+            f"{', '.join(IMPORTANCE.names())}"
+        )
     out = Path(out)
     _check_out(out, force)
     runner = _executor(executor, workers)
@@ -298,10 +290,9 @@ def run_search(
     out.mkdir(parents=True, exist_ok=True)
     try:
         space, evaluator, latency, result = search_task(
-            model, task, parsed, strategy=strategy, budget=budget, seed=seed, w_bits=w_bits,
-            a_bits=a_bits, keep=keep, finetune_epochs=finetune_epochs,
-            finetune_lr=finetune_lr, depth=depth, reconstruct=reconstruct, quick=quick,
-            journal=out / JOURNAL, executor=runner, round_to=round_to, options=options,
+            model, task, parsed, strategy=strategy, budget=budget, seed=seed, choices=choices,
+            finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, quick=quick,
+            journal=out / JOURNAL, executor=runner, options=options,
         )  # fmt: skip
     except BaseException:
         if made and not any(out.iterdir()):  # refused before any measurement: no folder left
@@ -313,6 +304,7 @@ def run_search(
                                            "constraints": parsed.to_list(), "budget": budget,
                                            "strategy": strategy, "seed": seed,
                                            "options": dict(options or {}),
+                                           "choices": choices.to_dict(),
                                            "executor": executor}}  # fmt: skip
     outcome = SearchOutcome(result.summary(), result.feasible, uniform=uniform_rows)
     if latency is not None:  # the candidates verify_latency timed carry the table's error

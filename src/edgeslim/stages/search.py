@@ -13,6 +13,9 @@
   a_bits: [8]             # activation-bit choices (null: float activations)
   keep: [0.5, 0.75, 1.0]  # keep-ratio choices of every prunable channel group
   round_to: 8             # kept widths in multiples of it (1: free widths)
+  criterion: l1           # importance criterion that ranks channels
+  skip: []                # layers (FQNs or globs) whose channels are never cut
+  exclude: []             # layers kept float and not searched
   finetune_epochs: 0      # short fine-tune of each measured policy (0: scored as cut)
   depth: false            # also remove residual branches whole (pair with fine-tuning)
   reconstruct: null       # refit pruned layers by least squares before scoring (null: where it can)
@@ -33,11 +36,11 @@ with its kept channels, branches removed, quantization configs), which ``edgesli
 
 With ``policy``, nothing is searched: the saved policy is applied (and fine-tuned as
 ``finetune_epochs`` says) in the space the stage's choices make, which must be the choices
-the search ran with; the structure the search saved beside the policy
-(``policy.structure.json``) is compared with the one it gives here, and a difference (other
-keep ratios or ``round_to`` cut other channels) is refused. ``constraints`` and
-``max_drop`` are refused with it: the search that chose the policy checked them, and the
-compress record states what the model achieves.
+the search ran with (bits, keep ratios, ``round_to``, ``criterion``, ``skip``,
+``exclude``); the structure the search saved beside the policy (``policy.structure.json``)
+is compared with the one it gives here, and a difference (other choices cut other
+channels) is refused. ``constraints`` and ``max_drop`` are refused with it: the search that
+chose the policy checked them, and the compress record states what the model achieves.
 
 Decision: a compress run writes into a temporary folder that it renames at the end, so an
 interrupted compress does not resume its search; for a long search use ``edgeslim search``
@@ -57,6 +60,7 @@ from edgeslim.errors import EdgeslimError
 from edgeslim.jsonfile import save_text
 from edgeslim.recipe.schema import Stage, StageContext, register_stage
 from edgeslim.runtime.machine import KERNEL_BLOCK
+from edgeslim.search.choices import SpaceChoices
 
 
 def _strategies() -> list[str]:
@@ -86,7 +90,27 @@ class SearchStage(Stage):
     depth: bool = False
     reconstruct: bool | None = None
     round_to: int = Field(KERNEL_BLOCK, ge=1, le=256)  # kept widths in multiples of it
+    criterion: str = "l1"
+    skip: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     policy: str | None = None  # a saved policy to apply instead of searching
+
+    def choices(self) -> SpaceChoices:
+        """The space this stage searches (or applies its ``policy`` in)."""
+        return SpaceChoices(
+            w_bits=tuple(self.w_bits), a_bits=tuple(self.a_bits), keep=tuple(self.keep),
+            criterion=self.criterion, round_to=self.round_to, skip=self.skip,
+            exclude=self.exclude, depth=self.depth, reconstruct=self.reconstruct,
+        )  # fmt: skip
+
+    @field_validator("criterion")
+    @classmethod
+    def _criterion(cls, v: str) -> str:
+        from edgeslim.prune.importance import IMPORTANCE
+
+        if v not in IMPORTANCE:
+            raise ValueError(f"allowed values: {', '.join(IMPORTANCE.names())}")
+        return v
 
     @field_validator("constraints")
     @classmethod
@@ -157,10 +181,9 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
         return _apply_saved(model, stage, ctx)
     space, evaluator, latency, result = search_task(
         model.eval(), task, Constraints.parse(stage.constraints, stage.max_drop),
-        strategy=stage.strategy, budget=stage.budget, seed=stage.seed, w_bits=stage.w_bits,
-        a_bits=stage.a_bits, keep=stage.keep, finetune_epochs=stage.finetune_epochs,
-        depth=stage.depth, reconstruct=stage.reconstruct, quick=ctx.quick,
-        round_to=stage.round_to, options=stage.options,
+        strategy=stage.strategy, budget=stage.budget, seed=stage.seed,
+        choices=stage.choices(), finetune_epochs=stage.finetune_epochs, quick=ctx.quick,
+        options=stage.options,
         journal=ctx.out / "search.journal.jsonl",
     )  # fmt: skip
     (ctx.out / "search.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
@@ -202,7 +225,6 @@ def _apply_saved(model: nn.Module, stage: SearchStage, ctx: StageContext) -> nn.
     """``stage.policy`` applied in the space of the stage's choices (see module doc)."""
     from pathlib import Path
 
-    from edgeslim.search import SearchSpace
     from edgeslim.search.command import check_structure, finetune_config
     from edgeslim.search.evaluate import Evaluator
     from edgeslim.search.policy import load_policy
@@ -210,11 +232,7 @@ def _apply_saved(model: nn.Module, stage: SearchStage, ctx: StageContext) -> nn.
     task = ctx.need_task("search")
     finetune = finetune_config(task, stage.finetune_epochs)
     path = Path(stage.policy or "")
-    space = SearchSpace.build(
-        model.eval(), task, w_bits=stage.w_bits, a_bits=stage.a_bits, keep=stage.keep,
-        seed=stage.seed, depth=stage.depth, reconstruct=stage.reconstruct,
-        round_to=stage.round_to,
-    )  # fmt: skip
+    space = stage.choices().build(model.eval(), task, stage.seed)
     policy = load_policy(path, space)
     check_structure(path, space.structure(policy))
     _save(space, policy, ctx)
