@@ -426,6 +426,13 @@ class Residual:
     0.55x (the first ``benchmarks/search_resnet20`` run, commit a0cdb8a). An int8
     prediction stays at or above ``floor_ms`` (half the narrow anchor; in proportion for a
     mixed one), as the line is only measured between its anchors.
+
+    Tried and not kept: a broken line with a knot at every keep ratio all groups allow
+    (resnet20's bench space: also keep 0.75). It made the keep-0.75 uniform policies exact
+    (0.503x -> 0.523x predicted, 0.529-0.543x measured) but those are its own anchors; on
+    four random policies, the ones it had not measured, its ratio error averaged 2.7%
+    against the line's 2.1% (max 7.8% against 3.9%), for one more whole-model timing per
+    calibration and check (ad hoc, 2026-12-05, 13 policies timed interleaved).
     """
 
     fp32_ms: float
