@@ -257,3 +257,25 @@ def test_exclude_skip_and_criterion_shape_the_space(factory: str, tmp_path: Path
     assert structure["select"]["0"] is None  # the excluded first conv stays float
     choices = json.loads((out / "search.json").read_text())["command"]["choices"]
     assert choices["criterion"] == "fpgm" and choices["skip"] == ["3"]
+
+
+def test_a_searched_policy_is_applied_by_a_recipe_on_the_command_line(
+    factory: str, tmp_path: Path
+) -> None:
+    """edgeslim search, then edgeslim compress with a recipe naming its policy: the same
+    bits, measured and exported as any compress output."""
+    import yaml
+
+    found = tmp_path / "found"
+    assert _search(factory, found, "--budget", "2", "--strategy", "random").exit_code == 0
+    recipe = tmp_path / "apply.yaml"
+    stage = {"kind": "search", "policy": str(found / "policy.json"), "w_bits": [4, 8],
+             "keep": [1.0]}  # fmt: skip
+    recipe.write_text(yaml.safe_dump({"name": "apply", "stages": [stage]}))
+    out = tmp_path / "applied"
+    done = runner.invoke(app, ["compress", factory, "--recipe", str(recipe), "--data", "digits",
+                               "--out", str(out)])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert (out / "model.onnx").is_file()
+    chosen = json.loads((found / "policy.json").read_text())
+    assert json.loads((out / "search.policy.json").read_text()) == chosen
