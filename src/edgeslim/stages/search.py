@@ -34,7 +34,9 @@ the stage's folder: ``search.policy.json`` (the policy), ``search.json`` (every 
 with its kept channels, branches removed, quantization configs), which ``edgeslim.load`` and
 ``--from`` replay before loading the weights (:mod:`edgeslim.search.rebuild`).
 
-With ``policy``, nothing is searched: the saved policy is applied (and fine-tuned as
+With ``policy`` (a path; a relative one is read from the working directory, as the command
+line's paths are, since a recipe may be a dict with no file of its own), nothing is
+searched: the saved policy is applied (and fine-tuned as
 ``finetune_epochs`` says) in the space the stage's choices make, which must be the choices
 the search ran with (bits, keep ratios, ``round_to``, ``criterion``, ``skip``,
 ``exclude``); the structure the search saved beside the policy (``policy.structure.json``)
