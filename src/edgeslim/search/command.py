@@ -172,7 +172,8 @@ def check_structure(policy_path: Path, structure: dict[str, Any]) -> None:
         raise EdgeslimError(
             f"{policy_path}: applied with these choices it gives another model than the one "
             f"its search chose ({', '.join(differs)} differ from {saved_path.name}); give the "
-            "w_bits, a_bits, keep, round_to and depth the search ran with"
+            "w_bits, a_bits, keep, round_to, criterion, skip, exclude and depth the search "
+            "ran with"
         )
 
 
@@ -270,17 +271,13 @@ def run_search(
         raise EdgeslimError(f"--finetune-epochs must be >= 0; got {finetune_epochs}")
     if choices.round_to < 1:
         raise EdgeslimError(f"--round-to must be >= 1; got {choices.round_to}")
-    from edgeslim.prune.importance import IMPORTANCE
+    from edgeslim.prune.importance import check_criterion
     from edgeslim.quant.spec import BITS
 
     bad = [b for b in [*choices.w_bits, *choices.a_bits] if b is not None and b not in BITS]
     if bad:  # before any folder is made or model loaded
         raise EdgeslimError(f"--w-bits/--a-bits choices must be in 1..8; got {bad}")
-    if choices.criterion not in IMPORTANCE:
-        raise EdgeslimError(
-            f"--criterion {choices.criterion!r} is not an importance criterion; allowed: "
-            f"{', '.join(IMPORTANCE.names())}"
-        )
+    check_criterion(choices.criterion)
     out = Path(out)
     _check_out(out, force)
     runner = _executor(executor, workers)

@@ -142,14 +142,9 @@ class PruneStage(Stage):
     @classmethod
     def _known_criterion(cls, v: str) -> str:
         """An unknown name fails at load time, listing the registered criteria."""
-        from edgeslim.prune.importance import IMPORTANCE
+        from edgeslim.prune.importance import check_criterion
 
-        if v not in IMPORTANCE:
-            raise ValueError(
-                f"unknown importance criterion {v!r}; allowed values: "
-                f"{', '.join(IMPORTANCE.names())}"
-            )
-        return v
+        return check_criterion(v)  # a ValueError naming the registered criteria
 
     @field_validator("ratio")
     @classmethod

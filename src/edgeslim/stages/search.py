@@ -46,7 +46,7 @@ chose the policy checked them, and the compress record states what the model ach
 
 Decision: a compress run writes into a temporary folder that it renames at the end, so an
 interrupted compress does not resume its search; for a long search use ``edgeslim search``
-(resumable), then a ``quantize``/``prune`` recipe or the saved policy.
+(resumable), then a stage that applies its ``policy``.
 """
 
 from __future__ import annotations
@@ -108,11 +108,9 @@ class SearchStage(Stage):
     @field_validator("criterion")
     @classmethod
     def _criterion(cls, v: str) -> str:
-        from edgeslim.prune.importance import IMPORTANCE
+        from edgeslim.prune.importance import check_criterion
 
-        if v not in IMPORTANCE:
-            raise ValueError(f"allowed values: {', '.join(IMPORTANCE.names())}")
-        return v
+        return check_criterion(v)  # a ValueError naming the registered criteria
 
     @field_validator("constraints")
     @classmethod

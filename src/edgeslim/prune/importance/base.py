@@ -92,12 +92,20 @@ def register(name: str) -> Callable[[type[Importance]], type[Importance]]:
     return add
 
 
-def get_importance(name: str, **kwargs: Any) -> Importance:
-    """Build the criterion registered as ``name`` with ``kwargs`` (e.g. ``batches`` for taylor)."""
+def check_criterion(name: str) -> str:
+    """``name`` when a criterion is registered under it, else an error listing the names
+    (what every surface that takes a criterion checks before loading anything)."""
     if name not in IMPORTANCE:
         raise UnknownImportanceError(
-            f"unknown importance criterion {name!r}; choose one of: {', '.join(IMPORTANCE.names())}"
+            f"unknown importance criterion {name!r}; allowed values: "
+            f"{', '.join(IMPORTANCE.names())}"
         )
+    return name
+
+
+def get_importance(name: str, **kwargs: Any) -> Importance:
+    """Build the criterion registered as ``name`` with ``kwargs`` (e.g. ``batches`` for taylor)."""
+    check_criterion(name)
     try:
         return IMPORTANCE.get(name)(**kwargs)
     except TypeError as exc:
