@@ -160,3 +160,14 @@ def test_a_saved_policy_is_applied_without_searching(tmp_path: Path) -> None:
         parse_recipe({"name": "x", "stages": [{**apply, "max_drop": 1.0}]})
     with pytest.raises(RecipeError, match="or a saved policy"):
         parse_recipe({"name": "x", "stages": [{"kind": "search"}]})
+
+
+def test_a_search_after_quantization_is_refused_naming_the_layers(tmp_path: Path) -> None:
+    """A search picks the bits itself: a second search stage (or one after a quantize
+    stage) meets a quantized model and says so instead of a tracing error."""
+    first = _recipe()["stages"][0]  # type: ignore[index]
+    recipe = {"name": "two", "stages": [{"kind": "quantize", "w_bits": 8, "a_bits": 8}, first]}
+    with pytest.raises(edgeslim.errors.EdgeslimError, match="quantized already") as info:
+        edgeslim.compress(_digits_cnn(), recipe, builtin_task("digits"), tmp_path / "q")
+    assert "before any quantize stage" in str(info.value)
+    assert not (tmp_path / "q").exists()

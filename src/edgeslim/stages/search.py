@@ -44,6 +44,9 @@ is compared with the one it gives here, and a difference (other choices cut othe
 channels) is refused. ``constraints`` and ``max_drop`` are refused with it: the search that
 chose the policy checked them, and the compress record states what the model achieves.
 
+A model quantized already (an earlier quantize or search stage, or one reloaded with
+``--from``) is refused: the search chooses every layer's bits itself.
+
 Decision: a compress run writes into a temporary folder that it renames at the end, so an
 interrupted compress does not resume its search; for a long search use ``edgeslim search``
 (resumable), then a stage that applies its ``policy``.
@@ -176,6 +179,7 @@ def run_search_stage(model: nn.Module, stage: SearchStage, ctx: StageContext) ->
     from edgeslim.search.constraints import Constraints
 
     task = ctx.need_task("search")
+    _refuse_quantized(model)
     ctx.out.mkdir(parents=True, exist_ok=True)
     if stage.policy is not None:
         return _apply_saved(model, stage, ctx)
@@ -240,3 +244,18 @@ def _apply_saved(model: nn.Module, stage: SearchStage, ctx: StageContext) -> nn.
         f"search: policy {policy.id} ({policy.describe()}) applied from {path}, not searched"
     )
     return Evaluator(space, finetune=finetune).prepare(policy)
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """A search chooses every layer's bits itself: a model quantized already (by an earlier
+    quantize or search stage, or reloaded with ``--from``) is refused, naming its layers."""
+    from edgeslim.quant.api import quant_layers
+
+    done = list(quant_layers(model))
+    if done:
+        shown = ", ".join(done[:4]) + (f" and {len(done) - 4} more" if len(done) > 4 else "")
+        raise EdgeslimError(
+            f"stage search: the model is quantized already ({shown}); a search chooses each "
+            "layer's bits itself, so put it before any quantize stage and use one search "
+            "stage per recipe (prune or fine-tune stages may come before it)"
+        )
