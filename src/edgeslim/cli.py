@@ -697,7 +697,8 @@ def export_onnx_cmd(
     console.print(
         f"wrote {check.path} ({kind}, {check.path.stat().st_size / 1024:.1f} KiB): "
         f"{check.metric} {check.ort_value:.4g} in ONNX Runtime vs {check.torch_value:.4g} in "
-        f"torch; outputs compared on {check.inputs_checked} input batches"
+        f"torch{f' ({check.measured_on})' if check.measured_on else ''}; outputs compared on "
+        f"{check.inputs_checked} input batches"
         + (
             f"; {check.int8_mac_share:.1%} of MACs in integer kernels"
             if check.int8_mac_share is not None

@@ -35,6 +35,7 @@ class ExportCheck:
     max_abs_diff: list[float]
     inputs_checked: int
     int8_mac_share: float | None = None  # MACs in ONNX Runtime's integer kernels (int8 only)
+    measured_on: str = ""  # the task's description: which data the metric read
 
 
 def export_checked(
@@ -115,7 +116,12 @@ def export_checked(
             "version": 1,
             "versions": versions(),
             "files": {out.name: {"sha256": sha256_of(tmp), "bytes": tmp.stat().st_size}},
-            "metric": {"name": name, "torch": torch_m[name], "onnxruntime": ort_m[name]},
+            "metric": {
+                "name": name,
+                "torch": torch_m[name],
+                "onnxruntime": ort_m[name],
+                "measured_on": task.description,
+            },
             "parity": {
                 "max_abs_diff": parity.max_abs_diff,
                 "sources": parity.sources,
@@ -137,7 +143,7 @@ def export_checked(
         share = check_integer_kernels(out, task.example_inputs).int8_mac_share
     return ExportCheck(
         out, quantized, name, torch_m[name], ort_m[name], parity.max_abs_diff,
-        parity.inputs_checked, share,
+        parity.inputs_checked, share, task.description,
     )  # fmt: skip
 
 
