@@ -166,6 +166,7 @@ def check_structure(policy_path: Path, structure: dict[str, Any]) -> None:
     from edgeslim.jsonfile import load_document
 
     saved = load_document(saved_path, "policy structure", EdgeslimError, _json)
+    structure = json.loads(json.dumps(structure))  # compared as it reads back (lists, not tuples)
     differs = [k for k in ("plan", "removed_branches", "select", "edges")
                if saved.get(k) != structure.get(k)]  # fmt: skip
     if differs:
