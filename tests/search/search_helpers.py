@@ -84,3 +84,29 @@ def make_task(test_metric: CountingTestMetric | None = None, labelled: bool = Tr
         metric="test_top1",
         name="digits-search",
     )
+
+
+class Encoder(nn.Module):
+    """One ``nn.TransformerEncoderLayer`` over 6 tokens of 16 features, mean-pooled, 5
+    logits: a search space splits its attention so heads are groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.enc(x).mean(1))
+
+
+def encoder_and_tokens() -> tuple[Encoder, torch.Tensor, Task]:
+    """A seeded :class:`Encoder`, 96 random token sequences and a task over them."""
+    torch.manual_seed(0)
+    x = torch.randn(96, 6, 16)
+    task = Task(
+        example_inputs=(x[:1],),
+        calibration=TensorBatches(x[:32], batch_size=32),
+        validation=TensorBatches(x[32:], batch_size=64),
+        name="tokens",
+    )
+    return Encoder().eval(), x, task

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from search_helpers import encoder_and_tokens
 from torch import nn
 
 from edgeslim.artifacts import fit_state
@@ -77,28 +78,12 @@ def test_a_structure_for_another_model_is_refused(
         rebuild_structure(copy.deepcopy(digits_model), {"format": "x"}, digits_task.example_inputs)
 
 
-class _Encoder(nn.Module):
-    """One ``nn.TransformerEncoderLayer``: its attention is split so heads are groups."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.encoder(x).mean(dim=1))
-
-
 def test_pruned_attention_heads_rebuild_on_the_unsplit_model() -> None:
-    from edgeslim.data import TensorBatches
-
-    model = _Encoder().eval()
-    x = torch.randn(96, 16, 32)
-    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x, batch_size=32))
+    model, x, task = encoder_and_tokens()
     space = SearchSpace.build(model, task, w_bits=(4, 8), keep=(0.5, 1.0))
     policy = space.uniform(8, 8, 0.5)
     structure = space.structure(policy)
-    assert structure["split_attention"] and "encoder.self_attn.q_proj" in structure["plan"]["keep"]
+    assert structure["split_attention"] and "enc.self_attn.q_proj" in structure["plan"]["keep"]
     applied, rebuilt = _rebuilt(space, model, policy)
     with torch.no_grad():
         assert torch.equal(applied(x[:8]), rebuilt(x[:8]))

@@ -3,40 +3,16 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from search_helpers import Encoder, encoder_and_tokens
 from torch import nn
 
-from edgeslim.data import TensorBatches
 from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.search import SearchSpace
 from edgeslim.search.errors import SearchError
-from edgeslim.task import Task
-
-
-class Encoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
-        self.fc = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.enc(x).mean(1))
-
-
-def _encoder_and_tokens() -> tuple[Encoder, torch.Tensor, Task]:
-    torch.manual_seed(0)
-    x = torch.randn(96, 6, 16)
-    task = Task(
-        example_inputs=(x[:1],),
-        calibration=TensorBatches(x[:32], batch_size=32),
-        validation=TensorBatches(x[32:], batch_size=64),
-        name="tokens",
-    )
-    return Encoder().eval(), x, task
 
 
 def test_heads_are_searched_on_a_split_copy() -> None:
-    model, x, task = _encoder_and_tokens()
+    model, x, task = encoder_and_tokens()
     space = SearchSpace.build(model, task, w_bits=(8,), keep=(0.5, 1.0), calibration=32)
     assert isinstance(model.enc.self_attn, nn.MultiheadAttention)  # the caller's model
     keys = {g.key for g in space.groups}
@@ -55,7 +31,7 @@ def test_search_accepts_the_model_it_was_given() -> None:
     still take the caller's model (it refused it as "another model object")."""
     from edgeslim.search import search
 
-    model, _, task = _encoder_and_tokens()
+    model, _, task = encoder_and_tokens()
     space = SearchSpace.build(model, task, w_bits=(8,), keep=(0.5, 1.0), calibration=32)
     assert space.model is not model and space.source is model
     result = search(model, task, space, ["macs<=0.9x"], "random", budget=2, progress=False)
@@ -70,7 +46,7 @@ def test_an_attentions_projections_cost_its_bits_split_or_not() -> None:
     attention (keep offers pruning) or not. The split q/k/v/out linears and the unsplit
     out_proj were costed at 32 bits (size 0.548x fp32 where 0.241x was right: a user's
     `size<=0.25x` found no feasible policy)."""
-    model, _, task = _encoder_and_tokens()
+    model, _, task = encoder_and_tokens()
     weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
     others = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("weight"))
     sizes, bops = [], []
