@@ -6,7 +6,9 @@ torch.fx cannot read: a decorated forward whose arguments all default to ``None`
 computed with ``int(x.shape[-2])`` (MobileNetV2), a stateless ``nn.ReLU()`` built inside
 forward (DistilBERT), ``torch.tensor`` of a size (DeBERTa-v2), ``torch.finfo(x.dtype)``
 (SqueezeBERT), ``unfold`` along a negative axis (PatchTST), position buckets with ``-inf``
-in them (WavLM), a branch on the batch size and linears stored transposed (GPT-2). Each
+in them (WavLM), a branch on the batch size and linears stored transposed (GPT-2),
+BatchNorm1d over a linear's tokens, hardswish and attention biases cached in eval mode
+(LeViT). Each
 goes through ``edgeslim.compress`` W8A8, its ONNX file runs in
 ONNX Runtime at two batch sizes matching torch, and ``edgeslim.load`` rebuilds it exactly.
 """
@@ -143,6 +145,23 @@ def _opt() -> nn.Module:
     return _kaiming(transformers.OPTForSequenceClassification(cfg))
 
 
+def _levit() -> nn.Module:
+    """Weights of variance 1/fan_in: with Kaiming's (twice that) this LeViT is chaotic,
+    1e-3 of input noise moved one image's logits by 24% of their scale, so no int8 file can
+    agree with it (and torch's own float32 was 0.07% off float64 on one image:
+    edgeslim.export.conditioning); a trained LeViT responds smoothly, as this one does."""
+    cfg = transformers.LevitConfig(
+        image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4],
+        depths=[1, 1, 1], key_dim=[8, 8, 8], num_labels=10,
+    )  # fmt: skip
+    model = transformers.LevitForImageClassification(cfg)
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
+    return model.eval()
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "vit": (_vit, (3, 16, 16)),
     "resnet": (_resnet, (3, 16, 16)),
@@ -155,6 +174,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "gpt2": (_gpt2, (10,)),
     "llama": (_llama, (10,)),
     "opt": (_opt, (10,)),
+    "levit": (_levit, (3, 64, 64)),
 }
 TOKENS = ("distilbert", "deberta_v2", "squeezebert", "gpt2", "llama", "opt")
 

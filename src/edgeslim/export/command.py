@@ -126,6 +126,7 @@ def export_checked(
                 "max_abs_diff": parity.max_abs_diff,
                 "sources": parity.sources,
                 "fp32_rel_tolerance": FP32_REL_TOLERANCE,
+                "held_to_torch_precision": [a.describe() for a in parity.set_aside],
             },
             "trace_by_example": trace_by_example,
             **(manifest or {}),

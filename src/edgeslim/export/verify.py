@@ -22,6 +22,7 @@ from torch import nn
 
 from edgeslim.data.batching import Inputs
 from edgeslim.errors import EdgeslimError, TaskError, first_line
+from edgeslim.export.conditioning import FLOAT_NOISE, Float64Reference, SetAside, judge_rows
 from edgeslim.task.agreement import flat_outputs
 
 if TYPE_CHECKING:
@@ -173,19 +174,26 @@ def parity_inputs(
 @dataclass(frozen=True)
 class Parity:
     """Largest differences between torch and ONNX Runtime, per output, over every input;
-    ``worst`` names the input source of each output's largest relative difference."""
+    ``worst`` names the input source of each output's largest relative difference.
+    ``set_aside``: rows of a float model where torch's float32 result is itself far from
+    float64, judged against that instead (:mod:`edgeslim.export.conditioning`)."""
 
     max_abs_diff: list[float]
     max_rel_diff: list[float]
     inputs_checked: int
     worst: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    set_aside: list[SetAside] = field(default_factory=list)
 
     def describe(self) -> str:
         diffs = ", ".join(f"{d:.3g}" for d in self.max_abs_diff)
         text = f"max |torch - onnx| per output {diffs} over {self.inputs_checked} input batches"
         if self.worst:
             text += f" (largest on: {', '.join(dict.fromkeys(self.worst))})"
+        if self.set_aside:
+            text += "; held to torch's own float32 precision: " + "; ".join(
+                a.describe() for a in self.set_aside
+            )
         return text
 
     def failures(self, tolerance: float) -> list[str]:
@@ -224,11 +232,20 @@ def check_parity(
     module: nn.Module, session: Any, batches: list[Inputs] | list[tuple[str, Inputs]]
 ) -> Parity:
     """Run every batch (plain, or ``(source name, batch)``) through torch and ONNX Runtime;
-    compare every output."""
+    compare every output. On a float model, an output further from torch than
+    :data:`~edgeslim.export.conditioning.FLOAT_NOISE` of its scale is compared with the
+    model in float64 too, and the rows where torch's own float32 result is that far off are
+    set aside (:func:`~edgeslim.export.conditioning.judge_rows`)."""
+    from edgeslim.quant.modules import QuantMixin
     from edgeslim.runtime.ort import OrtModel
 
     ort = OrtModel(session)
     module.eval()
+    exact = None
+    if not any(isinstance(m, QuantMixin) for m in module.modules()):
+        exact = Float64Reference(module)
+    batch_axes = _batch_axes(session)
+    set_aside: list[SetAside] = []
     abs_d: list[float] = []
     rel_d: list[float] = []
     worst: list[str] = []
@@ -258,6 +275,13 @@ def check_parity(
                 )
             d = float(np.abs(g.float().numpy() - r.float().numpy()).max()) if r.numel() else 0.0
             scale = float(r.float().abs().max()) if r.numel() else 0.0
+            if exact is not None and d > FLOAT_NOISE * scale and r.is_floating_point():
+                wide = exact.outputs(inputs)
+                if wide is not None and tuple(wide[i].shape) == tuple(r.shape):
+                    dim = batch_axes[i] if i < len(batch_axes) else None
+                    d, aside = judge_rows(source, i, r, g, wide[i], dim, scale)
+                    if aside is not None:
+                        set_aside.append(aside)
             if len(abs_d) <= i:
                 abs_d.append(0.0)
                 rel_d.append(0.0)
@@ -267,7 +291,16 @@ def check_parity(
                 worst[i] = source
             abs_d[i] = max(abs_d[i], d)
             rel_d[i] = max(rel_d[i], rel)
-    return Parity(abs_d, rel_d, len(named), worst, [s for s, _ in named])
+    return Parity(abs_d, rel_d, len(named), worst, [s for s, _ in named], set_aside)
+
+
+def _batch_axes(session: Any) -> list[int | None]:
+    """Each output's batch axis in the file (the dimension exported as ``batch``)."""
+    axes: list[int | None] = []
+    for out in session.get_outputs() if hasattr(session, "get_outputs") else []:
+        dims = list(out.shape) if out.shape is not None else []
+        axes.append(dims.index("batch") if "batch" in dims else None)
+    return axes
 
 
 def check_traceable(model: nn.Module, name: str | None = None) -> None:
