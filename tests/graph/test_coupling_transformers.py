@@ -312,3 +312,54 @@ def test_a_transformer_mlp_not_named_bert_s_way_is_found_in_its_graph() -> None:
     assert pruned.pvt_v2.encoder.layers[0].blocks[0].mlp.dense2.in_features == 64 // 2
     with torch.no_grad():
         assert pruned(x).logits.shape == before.shape
+
+
+def test_a_hybrids_convs_in_wrapper_modules_are_found_and_prune() -> None:
+    """MobileViT's inverted residuals put each conv in its own ``MobileViTConvLayer``, so
+    every conv group spans modules: taking only groups within one module left all of them
+    whole (a -30% MACs target was refused at 17.6% reachable; learned gates found nothing
+    to gate)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MobileViTConfig(
+        image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48],
+        num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MobileViTForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = analyze(model, x[:1])
+    convs = [
+        g for g in graph.prunable_groups
+        if any(m.fqn.endswith("conv_3x3.convolution") and m.role == "depthwise" for m in g.members)
+    ]  # fmt: skip
+    assert len(convs) >= 3  # the expansions of the inverted residuals
+    pruned, _ = prune_(copy.deepcopy(model), (x[:1],), "l1", ratio=0.5, global_ranking=False)
+    block = pruned.mobilevit.encoder.layer[0].layer[0]
+    assert (
+        block.conv_3x3.convolution.out_channels
+        < model.mobilevit.encoder.layer[0].layer[0].conv_3x3.convolution.out_channels
+    )
+    with torch.no_grad():
+        assert pruned(x).logits.shape == (2, 3)
+
+
+def test_a_group_across_modules_whose_cut_breaks_the_model_is_left_out() -> None:
+    """DPT's readout projections are read back at the hidden width by the reassemble
+    stage's code: cut, the model no longer ran. Groups across modules are taken only when
+    the model runs with them cut; the neck's other convs still prune."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DPTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 16, 24, 32], fusion_hidden_size=16, head_in_index=-1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.DPTForDepthEstimation(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = analyze(model, x[:1])
+    held = {m.fqn for g in graph.prunable_groups for m in g.members}
+    assert not any("readout_projects" in f for f in held)
+    assert any(f.startswith("neck.") for f in held)
+    pruned, _ = prune_(copy.deepcopy(model), (x[:1],), "l1", ratio=0.5, global_ranking=False)
+    with torch.no_grad():
+        assert pruned(x).predicted_depth.shape == model(x).predicted_depth.shape
