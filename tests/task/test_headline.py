@@ -67,7 +67,11 @@ def test_a_detector_s_heads_are_measured_by_cosine() -> None:
 @pytest.mark.parametrize(
     ("out_shape", "values"),
     [((1, 10), False), ((1, 21, 16, 16), False), ((1, 3, 16, 16), True), ((1, 3, 32, 32), True),
-     ((1, 3, 24, 16), False), ((1, 1, 16, 16), False)],
+     ((1, 3, 24, 16), False), ((1, 1, 16, 16), False),
+     # one value per pixel (a depth map) at one whole factor of the input; a (N, T, K)
+     # sequence read off the image is not, unless K scales W as T scales H
+     ((1, 16, 16), True), ((1, 32, 32), True), ((1, 4, 4), True), ((1, 16, 32), False),
+     ((1, 16, 37), False)],
 )  # fmt: skip
 def test_which_shapes_are_values(out_shape: tuple[int, ...], values: bool) -> None:
     x = torch.zeros(1, 3, 16, 16)
@@ -140,3 +144,25 @@ def test_a_reference_with_one_class_on_top_everywhere_warns() -> None:
         head[3].weight.normal_(0, 10.0)
     task.bind_reference(head)  # classes vary over the held samples: nothing to say
     assert not task.notes
+
+
+class Depth(nn.Module):
+    """A depth head: one ReLU'd value per pixel at twice the input's size, ``(N, H, W)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(4, 4, 3, padding=1), nn.PixelShuffle(2))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x)[:, 0] - 0.3)  # many rows all 0
+
+
+def test_a_depth_map_is_measured_by_cosine_and_empty_rows_agree_with_themselves() -> None:
+    torch.manual_seed(0)
+    model = Depth().eval()
+    task = _task()
+    with pytest.warns(UserWarning, match="one value per pixel"):
+        task.bind_reference(model)
+    metrics = task.measure(model)
+    assert next(iter(metrics)) == "cosine" and metrics["cosine"] == pytest.approx(1.0)

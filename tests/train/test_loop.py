@@ -256,3 +256,15 @@ def test_a_conv3d_model_trains() -> None:
     x, y = torch.randn(16, 2, 4, 8, 8), torch.randint(0, 3, (16,))
     hist = train_classifier(model, [(x, y)], TrainConfig(epochs=2, lr=0.05))
     assert len(hist) == 2 and all(p.is_contiguous() for p in model.parameters())
+
+
+def test_labels_that_do_not_fit_the_output_are_refused_naming_both() -> None:
+    """One label per image against a depth map (N, H, W): cross-entropy raised torch's
+    'Expected input batch_size (2048) to match target batch_size (32)'."""
+    from edgeslim.errors import TaskError
+    from edgeslim.train.loop import cross_entropy
+
+    depth = torch.randn(4, 8, 8)
+    with pytest.raises(TaskError, match=r"labels \[4\] do not fit the first output \[4, 8, 8\]"):
+        cross_entropy(depth, torch.zeros(4, dtype=torch.long))
+    assert cross_entropy(depth, torch.zeros(4, 8, dtype=torch.long)).dim() == 0  # per row

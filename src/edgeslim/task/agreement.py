@@ -159,7 +159,11 @@ def _cosine(out: torch.Tensor, ref: torch.Tensor) -> float:
         if float(b.norm()) == 0.0:  # a constant reference: equal or not, nothing to correlate
             return 1.0 if torch.equal(out, ref) else 0.0
         return float(nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
-    return float(nn.functional.cosine_similarity(out, ref, dim=-1, eps=1e-12).mean())
+    cos = nn.functional.cosine_similarity(out, ref, dim=-1, eps=1e-12)
+    # a row of zeros has no direction: equal rows agree (a ReLU'd depth map's empty rows
+    # read cosine 0 against themselves), unequal ones do not
+    both_zero = (ref.abs().amax(-1) == 0) & (out.abs().amax(-1) == 0)
+    return float(torch.where(both_zero, torch.ones_like(cos), cos).mean())
 
 
 def _ratio_whole(a: int, b: int) -> bool:
@@ -179,14 +183,29 @@ def _like_input(out: torch.Tensor, x: torch.Tensor) -> bool:
     return out.shape[1] == x.shape[1] and all(_ratio_whole(int(a), int(b)) for a, b in pairs)
 
 
+def _pixel_map(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """``out`` is ``(N, H', W')`` for an image ``x`` of ``(N, C, H, W)``, both axes scaled by
+    one whole factor (DPT's depth at twice its input's size, a saliency map at a quarter).
+    Decision: one factor for both axes, so a sequence ``(N, T, classes)`` read off an image
+    (a CRNN's) is not taken for a map unless its classes happen to scale ``W`` as ``T``
+    scales ``H``."""
+    if out.dim() != 3 or x.dim() != 4 or not x.is_floating_point():
+        return False
+    h, w = int(x.shape[2]), int(x.shape[3])
+    a, b = int(out.shape[1]), int(out.shape[2])
+    return _ratio_whole(a, h) and _ratio_whole(b, w) and a * w == b * h
+
+
 def values_not_classes(
     inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
 ) -> str | None:
     """Why the outputs (raw, at batch 1) are values, not class scores, or None.
 
-    Two shapes say so: a first output shaped like an input (:func:`_like_input`: a
+    Three shapes say so: a first output shaped like an input (:func:`_like_input`: a
     super-resolved, denoised or reconstructed image, ``(1, 3, 64, 64) -> (1, 3, 128,
-    128)``), and several maps of 4 or more dims at different resolutions (a detector's
+    128)``), one value per pixel of an image input (:func:`_pixel_map`: a depth map
+    ``(1, 64, 64)``, where an argmax over each row of pixels read 82% "agreement"), and
+    several maps of 4 or more dims at different resolutions (a detector's
     heads, whose channels mix boxes, objectness and classes). Decision: the task's headline
     is then ``cosine``; an argmax over an RGB pixel's channels reads 98% for noise. A
     3-class segmentation map of an RGB input looks like an image too: the note says how to
@@ -199,6 +218,10 @@ def values_not_classes(
         if _like_input(first, x):
             return (f"its first output {list(first.shape)} is shaped like its input "
                     f"{list(x.shape)} (an image or a signal, not class scores)")  # fmt: skip
+    for x in inputs:
+        if _pixel_map(first, x):
+            return (f"its first output {list(first.shape)} is one value per pixel of its "
+                    f"input {list(x.shape)} (a depth or mask map, not class scores)")  # fmt: skip
     maps = [list(o.shape[2:]) for o in outputs if o.dim() >= 4]
     if len({tuple(m) for m in maps}) > 1:
         return (f"it returns maps at several resolutions ({', '.join(map(str, maps))}: a "

@@ -127,9 +127,18 @@ def cross_entropy(outputs: Any, target: Any, label_smoothing: float = 0.0) -> to
             return nn.functional.binary_cross_entropy(scores.clamp(1e-6, 1 - 1e-6), labels)
         return nn.functional.binary_cross_entropy_with_logits(scores, labels)
     axis = labels_class_axis(first_output(outputs), target)
-    return nn.functional.cross_entropy(
-        class_logits(outputs, axis), target.reshape(-1), label_smoothing=label_smoothing
-    )
+    logits = class_logits(outputs, axis)
+    if logits.shape[0] != target.numel():
+        raise TaskError(
+            f"the training labels {list(target.shape)} do not fit the first output "
+            f"{list(first_output(outputs).shape)}: cross-entropy takes one class index per "
+            f"row of class scores ({logits.shape[0]} rows of {logits.shape[-1]} classes "
+            "here; the classes are the last axis, axis 1 of a map of 4 or more dims). An "
+            "output of values (a depth map, a regression) needs its own loss, "
+            "`Task(loss=fn)` with `fn(outputs, target) -> tensor`, or train without labels "
+            "by distilling from the uncompressed model (`kd: true` in the stage)"
+        )
+    return nn.functional.cross_entropy(logits, target.reshape(-1), label_smoothing=label_smoothing)
 
 
 def classification_loss(label_smoothing: float = 0.0) -> LossFn:
