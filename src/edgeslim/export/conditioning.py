@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgeslim.data.batching import Inputs
-from edgeslim.task.agreement import flat_outputs
+from edgeslim.data.batching import Inputs, flat_outputs
 
 FLOAT_NOISE = 1e-4
 """Share of an output's scale by which torch's float32 result of a row may differ from

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from edgeslim.data.batching import flat_outputs
 from edgeslim.errors import TraceError
 from edgeslim.graph.attention import SplitMultiheadAttention
 from edgeslim.graph.coupling import CouplingGroup, fx_coupling_groups, graph_coupling_groups
@@ -18,7 +19,6 @@ from edgeslim.graph.swap import tied_parameters
 from edgeslim.graph.trace import trace
 from edgeslim.graph.tracer import eval_mode
 from edgeslim.graph.transformer import is_transformer, transformer_groups
-from edgeslim.task.agreement import flat_outputs
 
 
 @dataclass
