@@ -928,6 +928,19 @@ class _Analyzer:
             return _Val(len(out_shape) - 1, x.segs)  # leading axes merged, features stay last
         return self.opaque(node, f"reshape {what} {in_shape}->{out_shape}")
 
+    def reshape_as(self, node: fx.Node, x: _Val | None) -> _Val | None:
+        """``x.reshape_as(other)``: a reshape to ``other``'s shape, so the result's channels
+        are ``other``'s too (LeViT's ``bn(h.flatten(0, 1)).reshape_as(h)``): the two are
+        coupled; when ``other``'s channels are not tracked, the result's are fixed (a cut
+        would no longer fit the shape read from it)."""
+        out = self.flatten(node, x, "`.reshape_as`")
+        other = self.val(node.args[1]) if len(node.args) > 1 else None
+        if out is not None and other is not None:
+            self.b.unite(out, other, f"`.reshape_as` `{node.name}`")
+        elif out is not None:
+            self.b.fix(out, f"`.reshape_as` `{node.name}` reads the shape of an untracked tensor")
+        return out
+
     def move(self, node: fx.Node, name: str, x: _Val | None) -> _Val | None:
         shape = _shape(node.args[0])
         if x is None or shape is None or node.kwargs:
@@ -1094,6 +1107,8 @@ class _Analyzer:
             return self.binary(node)
         if name in FLATTEN_METHODS:
             return self.flatten(node, x, f"`.{name}`")
+        if name == "reshape_as":
+            return self.reshape_as(node, x)
         if name in MOVE_METHODS:
             return self.move(node, name, x)
         if name in CREATE_METHODS:
