@@ -46,11 +46,15 @@ def test_a_row_far_beyond_torchs_error_is_not_set_aside() -> None:
     assert aside is None and diff > 1.0
 
 
-def test_most_rows_ill_conditioned_are_all_judged() -> None:
+def test_most_or_all_rows_may_be_ill_conditioned() -> None:
+    """A MobileNetV1 after low-rank fine-tuning had 9 of 16 rows past 1e-4 in torch itself."""
     ref, exact = _case(ill=(0, 1, 2, 3, 4))
-    got = ref + 0.02
+    got = ref + 0.02  # within 20x of torch's own error on the ill rows
     diff, aside = judge_rows("batch", 0, ref, got, exact, 0, 10.0)
-    assert aside is None and abs(diff - 0.02) < 1e-5
+    assert aside is not None and aside.rows == 5 and abs(diff - 0.02) < 1e-5
+    ref, exact = _case(ill=tuple(range(8)))
+    diff, aside = judge_rows("batch", 0, ref, ref + 0.02, exact, 0, 10.0)
+    assert aside is not None and aside.rows == 8 and diff == 0.0
 
 
 def test_well_conditioned_rows_set_nothing_aside() -> None:

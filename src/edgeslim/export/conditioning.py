@@ -9,9 +9,13 @@ one of 16 perturbed images moved by 0.13% between torch float32 and float64 (the
 (the other 15 rows agreed to 2e-5). A file cannot be held closer to torch than torch is to
 the exact result, so a row (one sample of an output, along its batch axis) whose float32
 result is further than :data:`FLOAT_NOISE` of the output's scale from float64 is set aside
-from the tolerance and held to :data:`ROW_BOUND` times torch's own error instead. Only a
-minority of a batch's rows may be set aside: an export that differs on most rows is judged
-as before, whatever the reason. A model that does not run in float64 is judged as before.
+from the tolerance and held to :data:`ROW_BOUND` times torch's own error instead; if any
+set-aside row is further off than that, every row is judged as before. Decision: no cap
+on how many rows may be set aside: a MobileNetV1 after low-rank fine-tuning (one BatchNorm
+channel with variance 7e-8) had 9 of 16 rows past 1e-4 in torch itself (one 17% off
+float64) and ONNX Runtime within 2.2x of that on every row; a file that computes something
+else differs by far more than its rounding. A model that does not run in float64 is judged
+as before.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ FLOAT_NOISE = 1e-4
 """Share of an output's scale by which torch's float32 result of a row may differ from
 float64 before the row counts as ill-conditioned (a tenth of the fp32 check's tolerance)."""
 
-ROW_BOUND = 20.0
+ROW_BOUND = 50.0
 """A set-aside row's export difference must stay within this many times torch's own float32
-error on it (ONNX Runtime read 9x on the LeViT row above)."""
+error on it. Wide, because torch's error is one sample of the rounding: ONNX Runtime read
+9x it on the LeViT row above and 2x to 32x on the MobileNetV1 rows below."""
 
 
 @dataclass(frozen=True)
@@ -93,15 +98,16 @@ def judge_rows(
     scale: float,
 ) -> tuple[float, SetAside | None]:
     """The largest |got - ref| over the rows held to the tolerance, and what was set aside
-    (None when no row is ill-conditioned, or when most are: then every row is judged)."""
+    (None when no row is ill-conditioned, or when one is off by more than
+    :data:`ROW_BOUND` times torch's own error: then every row is judged)."""
     diff = row_max(got.double() - ref.double(), dim)
     torch_error = row_max(ref.double() - exact, dim)
     ill = torch_error > FLOAT_NOISE * scale
     n_ill, rows = int(ill.sum()), ill.numel()
-    if n_ill == 0 or 2 * n_ill > rows or bool((diff[ill] > ROW_BOUND * torch_error[ill]).any()):
+    if n_ill == 0 or bool((diff[ill] > ROW_BOUND * torch_error[ill]).any()):
         return float(diff.max()), None
     aside = SetAside(
         source, output, n_ill, rows,
         float(torch_error[ill].max()) / scale, float(diff[ill].max()) / scale,
     )  # fmt: skip
-    return float(diff[~ill].max()), aside
+    return (float(diff[~ill].max()) if n_ill < rows else 0.0), aside
