@@ -297,7 +297,7 @@ def check_parity(
 def _batch_axes(session: Any) -> list[int | None]:
     """Each output's batch axis in the file (the dimension exported as ``batch``)."""
     axes: list[int | None] = []
-    for out in session.get_outputs() if hasattr(session, "get_outputs") else []:
+    for out in session.get_outputs():
         dims = list(out.shape) if out.shape is not None else []
         axes.append(dims.index("batch") if "batch" in dims else None)
     return axes

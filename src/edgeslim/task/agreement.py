@@ -218,7 +218,6 @@ def values_not_classes(
         if _like_input(first, x):
             return (f"its first output {list(first.shape)} is shaped like its input "
                     f"{list(x.shape)} (an image or a signal, not class scores)")  # fmt: skip
-    for x in inputs:
         if _pixel_map(first, x):
             return (f"its first output {list(first.shape)} is one value per pixel of its "
                     f"input {list(x.shape)} (a depth or mask map, not class scores)")  # fmt: skip
