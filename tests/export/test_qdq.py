@@ -46,11 +46,73 @@ def test_w8a8_qdq_matches_the_fake_quant_model(tmp_path: Path) -> None:
     assert fused.get("QGemm") == 1 and "Gemm" not in fused
 
 
-def test_non_uniform_quantizers_are_refused_for_qdq(tmp_path: Path) -> None:
-    model = load_zoo_model("resnet20")
-    quantize_(model, QuantConfig(QuantSpec(quantizer="pow2", bits=3)))
-    with pytest.raises(EdgeslimError, match="uniform"):
-        export_qdq(model, (load_fashion_mnist("test", limit=1).images,), tmp_path / "p.onnx")
+# weight grids that are integer codes times a scale: the codes an int8 file stores
+INTEGER_GRIDS = [
+    ("binary", 1, {-64, 64}),
+    ("ternary", 2, {-64, 0, 64}),
+    ("pow2", 3, {-64, -32, -16, 0, 16, 32, 64}),
+]
+
+
+@pytest.mark.parametrize(("quantizer", "bits", "codes"), INTEGER_GRIDS)
+def test_binary_ternary_and_pow2_weights_run_on_int8_kernels_exactly(
+    quantizer: str, bits: int, codes: set[int], tmp_path: Path
+) -> None:
+    from edgeslim.export.qdq import float_weight_layers
+    from edgeslim.quant.ptq import ptq
+
+    calib = load_fashion_mnist("val", limit=128).images
+    config = QuantConfig(QuantSpec(quantizer=quantizer, bits=bits), w8a8().activation)
+    gm = ptq(load_zoo_model("resnet20"), config, calib)
+    before = gm.get_submodule("layer1.0.conv1").weight.detach().clone()
+    path = export_qdq(gm, (calib[:1],), tmp_path / f"{quantizer}.onnx")
+    assert torch.equal(gm.get_submodule("layer1.0.conv1").weight, before)  # restored
+    assert float_weight_layers(gm) == []
+    graph = onnx.load(str(path)).graph
+    int8 = [numpy_helper.to_array(i) for i in graph.initializer
+            if i.data_type == onnx.TensorProto.INT8]  # fmt: skip
+    assert len(int8) == 22
+    assert set().union(*(set(c.ravel().tolist()) for c in int8)) == codes
+    fused = ort_fused_ops(path)
+    assert fused["QLinearConv"] == 21 and "Conv" not in fused
+    # the file computes what the fake-quant model computes, bias rounding included
+    test = load_fashion_mnist("test", limit=1000)
+    session = ort_session(path)
+    with torch.no_grad():
+        want = gm(test.images[:64]).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: test.images[:64].numpy()})[0]
+    assert abs(got - want).max() <= 0.02 * abs(want).max()
+    torch_top1 = evaluate(gm, test)
+    assert abs(ort_top1(session, test.images, test.labels) - torch_top1) <= 0.3
+
+
+@pytest.mark.parametrize(("quantizer", "bits"), [("codebook", 3), ("pow2", 5)])
+def test_grids_without_int8_codes_export_float_levels_or_are_refused(
+    quantizer: str, bits: int, tmp_path: Path
+) -> None:
+    from edgeslim.export.qdq import float_weight_layers
+    from edgeslim.quant.ptq import ptq
+
+    calib = load_fashion_mnist("val", limit=128).images
+    # with 8-bit activations ONNX Runtime would requantize the float levels per tensor
+    config = QuantConfig(QuantSpec(quantizer=quantizer, bits=bits), w8a8().activation)
+    gm = ptq(load_zoo_model("resnet20"), config, calib)
+    assert len(float_weight_layers(gm)) == 22
+    with pytest.raises(EdgeslimError, match=rf"conv1.*{quantizer} {bits}-bit.*a_bits: null"):
+        export_qdq(gm, (calib[:1],), tmp_path / "refused.onnx")
+    # weight-only: the file holds the levels as float weights, exactly
+    gm = ptq(load_zoo_model("resnet20"), QuantConfig(QuantSpec(quantizer=quantizer, bits=bits)),
+             calib)  # fmt: skip
+    path = export_qdq(gm, (calib[:1],), tmp_path / f"{quantizer}.onnx")
+    graph = onnx.load(str(path)).graph
+    conv = next(i for i in graph.initializer if i.name.endswith("layer1.0.conv1.weight"))
+    layer = gm.get_submodule("layer1.0.conv1")
+    levels = layer.weight_quantizer.quantize(layer.weight).detach()
+    assert torch.equal(torch.from_numpy(numpy_helper.to_array(conv).copy()), levels)
+    assert "QLinearConv" not in ort_fused_ops(path)
+    test = load_fashion_mnist("test", limit=1000)
+    torch_top1 = evaluate(gm, test)
+    assert abs(ort_top1(ort_session(path), test.images, test.labels) - torch_top1) <= 0.1
 
 
 def test_w4_weights_export_as_int8_codes_and_are_restored(tmp_path: Path) -> None:

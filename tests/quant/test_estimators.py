@@ -214,6 +214,7 @@ def test_smooth_estimators_sharpen_monotonically(
     lv = q.levels().detach()
     inside = q.from_groups((q.to_groups(x) > lv[:, :1]) & (q.to_groups(x) < lv[:, -1:]), x)
     est = est_cls()
+    est.set_progress(0.0)
     _, grad0 = run(est, q, x)
     assert (grad0[inside] != 0).all(), "smooth at progress 0: gradient nonzero everywhere"
     gaps, per_elem = [], []

@@ -32,24 +32,75 @@ from edgeslim.quant.quantizers import UniformQuantizer
 
 def _uniform(q: Quantizer, what: str) -> UniformQuantizer:
     if not isinstance(q, UniformQuantizer):
-        raise EdgeslimError(
-            f"QDQ export needs uniform {what} quantizers; got {q.spec.quantizer!r}. Export "
-            "pow2/binary/ternary/codebook layers as packed weights instead."
-        )
+        raise EdgeslimError(f"QDQ export needs uniform {what} quantizers; got {q.spec.quantizer!r}")
     return q
 
 
 def qdq_weight(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
-    """Int8 per-channel (or per-tensor) QDQ carrying the layer's own grid."""
-    q = _uniform(q, "weight")
+    """Int8 per-channel (or per-tensor) QDQ carrying the layer's own grid.
+
+    Any grid whose levels are integer codes times a scale (:meth:`Quantizer.int8_scale`:
+    uniform, binary, ternary, power-of-two up to 4 bits) exports as int8, exactly; ``w``
+    is on the grid already (:func:`export_mode` snaps it). A grid without one (a
+    codebook's centroids) exports its snapped weights as they are, float: ONNX Runtime runs
+    that layer on a float kernel (:func:`float_weight_layers` names them), as long as no
+    activation around it is quantized (:func:`refuse_float_weights_between_qdq`).
+    """
+    int8 = q.int8_scale()
+    if int8 is None:  # float levels (only without activation QDQ: :func:`export_mode`)
+        return w
     # python-side constants: the exporter then writes initializers, not ops on buffers
-    scale = torch.tensor(q.int8_scale().detach().float().tolist())
-    zp = torch.tensor([round(v) for v in q.zero_point.detach().tolist()], dtype=torch.int32)
+    scale = torch.tensor(int8.detach().float().tolist())
+    point = getattr(q, "zero_point", None)
+    zeros = [0] * scale.numel() if point is None else [round(v) for v in point.tolist()]
+    zp = torch.tensor(zeros, dtype=torch.int32)
     if scale.numel() == 1:
         return torch.fake_quantize_per_tensor_affine(w, float(scale), int(zp), -128, 127)
     if q.spec.granularity != "channel":
         raise EdgeslimError("QDQ export supports per-tensor or per-channel weights, not groups")
     return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -128, 127)
+
+
+def float_weight_layers(model: nn.Module) -> list[str]:
+    """Quantized layers whose weight grid has no int8 form (:meth:`Quantizer.int8_scale`):
+    the QDQ file holds their weights as float values on the grid's levels."""
+    from edgeslim.quant.modules import QuantMixin
+
+    return [n for n, m in model.named_modules() if isinstance(m, QuantMixin)
+            and isinstance(m.weight_quantizer, Quantizer)
+            and m.weight_quantizer.int8_scale() is None]  # fmt: skip
+
+
+def refuse_float_weights_between_qdq(model: nn.Module) -> None:
+    """Refuse a model whose weights have no int8 form while its activations are quantized.
+
+    Why: ONNX Runtime quantizes a float weight read between DequantizeLinear and
+    QuantizeLinear itself, per tensor to int8, when it loads the file (a 3-bit codebook
+    resnet20 exported with float centroids ran as 21 ``QLinearConv``), so the file would
+    compute something other than the levels torch computed with. Without activation
+    quantizers the weights stay float, exactly on their levels.
+    """
+    from edgeslim.quant.modules import ActQuant, QuantMixin
+
+    floats = float_weight_layers(model)
+    quantized_acts = any(
+        isinstance(m, ActQuant) or (isinstance(m, QuantMixin) and m.input_quant is not None)
+        for m in model.modules()
+    )
+    if not floats or not quantized_acts:
+        return
+    quantizer = model.get_submodule(floats[0]).weight_quantizer
+    assert isinstance(quantizer, Quantizer)
+    spec = quantizer.spec
+    more = f" (and {len(floats) - 1} more layers)" if len(floats) > 1 else ""
+    raise EdgeslimError(
+        f"{floats[0]}{more}: {spec.quantizer} {spec.bits}-bit weights have no int8 form (codes "
+        "times one scale), and ONNX Runtime quantizes a float weight between quantized "
+        "activations to int8 per tensor on its own, so the file would not compute what torch "
+        "computes. Use a weight grid int8 holds exactly (uniform, binary, ternary, pow2 up to "
+        "4 bits) or keep the activations float (a_bits: null); "
+        "edgeslim.export.packed.save_packed stores these weights at their bits."
+    )
 
 
 def qdq_activation(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
@@ -69,20 +120,25 @@ def export_mode(model: nn.Module) -> Iterator[None]:
     """Switch every quantized layer to ``export`` mode for the duration."""
     from edgeslim.quant.modules import ActQuant, QuantMixin
 
+    refuse_float_weights_between_qdq(model)
     mods = [m for m in model.modules() if isinstance(m, (ActQuant, QuantMixin))]
     saved = [m.mode for m in mods]
-    # sub-8-bit weights are snapped to their grid in place (restored on exit), so that they
-    # stay initializers and export as int8 codes; a constant copy would be folded to float
+    # sub-8-bit and non-uniform weights are snapped to their grid in place (restored on
+    # exit), so that they stay initializers and export as int8 codes (or, without an int8
+    # form, as their levels); a constant copy would be folded to float
     # (through ``_store_weight``: a transposed conv's ``_weight`` is a reordered copy)
     snapped: list[tuple[QuantMixin, torch.Tensor]] = []
     with torch.no_grad():
         for m in mods:
             q = getattr(m, "weight_quantizer", None)
-            sub8 = isinstance(q, UniformQuantizer) and (q.spec.bits < 8 or not q.symmetric)
-            if isinstance(m, QuantMixin) and isinstance(q, UniformQuantizer) and sub8:
-                w = m._weight
-                snapped.append((m, w.detach().clone()))
-                m._store_weight(q.quantize(w))
+            if not isinstance(m, QuantMixin) or not isinstance(q, Quantizer):
+                continue
+            # an 8-bit symmetric grid is its own int8 codes: QuantizeLinear rounds it alike
+            if isinstance(q, UniformQuantizer) and q.spec.bits >= 8 and q.symmetric:
+                continue
+            w = m._weight
+            snapped.append((m, w.detach().clone()))
+            m._store_weight(q.quantize(w))
     for m in mods:
         m.mode = "export"
     try:

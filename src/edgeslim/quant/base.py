@@ -112,6 +112,12 @@ class Quantizer(nn.Module):
         idx = torch.searchsorted(mid.contiguous(), g.contiguous())
         return self.from_groups(torch.gather(lv, 1, idx), x)
 
+    def int8_scale(self) -> torch.Tensor | None:
+        """The per-group scale under which every level is an integer code of int8 (what a
+        QDQ file stores: ``level = code * scale``), or None when the levels are no such grid
+        (a codebook's centroids). Subclasses with a scaled integer grid override it."""
+        return None
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer index (0..L-1) of each element's level, in ``to_groups`` layout."""
         g = self.to_groups(x)

@@ -73,7 +73,12 @@ class EstimatorBase:
     HARD: ClassVar[bool] = False  # the forward value is quantize(x) at any progress
 
     def __init__(self) -> None:
-        self.progress = 0.0
+        # Decision: a new estimator stands at the end of its schedule (the hard quantizer,
+        # which the exported file computes); training that follows a schedule drives it from
+        # 0 (:func:`edgeslim.quant.set_progress` per step). Why: at 0 an AQE/tanh/n-BQ layer
+        # nobody trained computed a smooth surrogate (n-BQ: the float weights), so a recipe's
+        # quantize stage with `estimator: nbq` measured and saved an unquantized model.
+        self.progress = 1.0
 
     def set_progress(self, p: float) -> None:
         self.progress = min(max(float(p), 0.0), 1.0)

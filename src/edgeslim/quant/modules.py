@@ -201,16 +201,17 @@ class QuantMixin:
         if self.mode not in live or act is None or act.mode not in live:
             return None
         aq = act.quantizer
+        w_scale = None if wq is None or not bool(wq.calibrated) else wq.int8_scale()
         if (
-            not isinstance(wq, UniformQuantizer)
+            w_scale is None
             or not isinstance(aq, UniformQuantizer)
             or act.spec.observer == "dynamic"
             or aq.scale.numel() != 1
             or not bool(aq.calibrated)
-            or wq.scale.numel() not in (1, bias.numel())
+            or w_scale.numel() not in (1, bias.numel())
         ):
             return None
-        step = aq.scale.detach().reshape(()) * wq.int8_scale().detach().reshape(-1)
+        step = aq.scale.detach().reshape(()) * w_scale.detach().reshape(-1)
         step = step.clamp_min(torch.finfo(bias.dtype).tiny).to(bias.dtype)
         if bool((bias.detach().abs() / step > INT32_MAX).any()):
             return None  # not representable in int32: the export keeps it float too

@@ -31,6 +31,8 @@ INT8_CODE_BITS = 7
 """The widest codes an int8 file gives a sub-8-bit weight grid: |code| <= 64 keeps the
 u8 x s8 pair sums of x86 int8 kernels without VNNI inside int16 (ONNX Runtime's
 reduce_range bound) on every machine."""
+INT8_CODE_MAX = 2 ** (INT8_CODE_BITS - 1)
+"""The largest code magnitude an int8 file gives the levels of a non-uniform grid (64)."""
 
 
 def _pos(s: torch.Tensor) -> torch.Tensor:
@@ -294,6 +296,13 @@ class Pow2Quantizer(RangeQuantizer):
         zero = torch.zeros_like(mag[:, :1])
         return torch.cat([-mag.flip(1), zero, mag], 1)
 
+    def int8_scale(self) -> torch.Tensor | None:
+        """``s / 64``: the levels ``s * 2^k`` are the codes ``64 * 2^k``, integers while
+        ``k >= -6`` (up to 4 bits: an int8 kernel runs them exactly); None from 5 bits on."""
+        if -self.kmin > INT8_CODE_BITS - 1:
+            return None
+        return _pos(self.scale) / INT8_CODE_MAX
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Exponent from ``frexp`` (exact), then the nearest-level rule of the class doc."""
         self._require_calibrated()
@@ -332,6 +341,10 @@ class BinaryQuantizer(RangeQuantizer):
         a = _pos(self.alpha)
         return torch.stack([-a, a], 1)
 
+    def int8_scale(self) -> torch.Tensor | None:
+        """``alpha / 64``: the levels are the codes ``+-64`` (a power of two, so exact)."""
+        return _pos(self.alpha) / INT8_CODE_MAX
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         self._require_calibrated()
         a = _pos(self.alpha)[:, None]
@@ -367,6 +380,10 @@ class TernaryQuantizer(RangeQuantizer):
         self._require_calibrated()
         a = _pos(self.alpha)
         return torch.stack([-a, torch.zeros_like(a), a], 1)
+
+    def int8_scale(self) -> torch.Tensor | None:
+        """``alpha / 64``: the levels are the codes ``-64, 0, 64`` (exact)."""
+        return _pos(self.alpha) / INT8_CODE_MAX
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         self._require_calibrated()

@@ -23,6 +23,7 @@ training data and class scores.
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -68,9 +69,16 @@ def run_finetune(model: nn.Module, stage: FinetuneStage, ctx: StageContext) -> n
     name = held_score_name(train)
     if stage.select_every:
         train, held = held_out_for_stage(train, stage.select_every, teacher, task)
-    history = train_classifier(model, train, config, val=held, loss_fn=loss,
-                               description="finetune", keep_best=held is not None,
-                               val_name=name)  # fmt: skip
+    from edgeslim.quant import set_progress
+
+    # quantized layers follow their estimators' schedules (AQE, tanh, n-BQ sharpen from
+    # smooth to the hard quantizer) over this training, and end hard
+    try:
+        history = train_classifier(model, train, config, val=held, loss_fn=loss,
+                                   description="finetune", keep_best=held is not None,
+                                   val_name=name, on_step=partial(set_progress, model))  # fmt: skip
+    finally:
+        set_progress(model, 1.0)
     ctx.notes.append(
         f"finetune: {stage.epochs} epoch(s) on {task.name}, final loss {history[-1]['loss']:.4f}"
         f"{kept_note(history, held, name)}"

@@ -66,6 +66,14 @@ class QuantizeStage(Stage):
                 f"reduce_range narrows the uniform int8 grid; quantizer {self.quantizer!r} has "
                 "its own levels: set quantizer: uniform or reduce_range: false"
             )
+        wide_pow2 = self.quantizer == "pow2" and self.w_bits > 4
+        if (self.quantizer == "codebook" or wide_pow2) and self.a_bits is not None:
+            raise ValueError(
+                f"quantizer {self.quantizer!r} at w_bits {self.w_bits} has no int8 form, and "
+                "ONNX Runtime requantizes such float weights per tensor between quantized "
+                "activations: set a_bits: null (weight-only), or a quantizer int8 holds "
+                "exactly (uniform, binary, ternary, pow2 with w_bits <= 4)"
+            )
         stage_config(self)
         for key, v in self.select.items():
             if v is not None:
