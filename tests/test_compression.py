@@ -279,3 +279,36 @@ def test_from_an_output_reuses_the_data_its_command_line_recorded(tmp_path: Path
     assert recorded_data(out, None, None, (), ((1,),))[3] == ((1,),)  # given: kept
     npz.unlink()  # recorded, but not found from here: left to the usual error
     assert recorded_data(out, None, None, ()) == (None, None, (), ())
+
+
+def _tanh_net(gain: float) -> nn.Module:
+    """A 24-layer tanh MLP with weights N(0, gain^2 / fan_in): ordered for gain 1, chaotic
+    (any input difference grows layer by layer) for gain 4."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(24):
+        lin = nn.Linear(32, 32)
+        nn.init.normal_(lin.weight, std=gain / 32**0.5)
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(32, 10)).eval()
+
+
+@pytest.mark.parametrize(("gain", "said"), [(4.0, "itself is that sensitive"),
+                                            (1.0, "Report this with the model")])  # fmt: skip
+def test_a_metric_gap_refusal_says_when_the_torch_model_amplifies_any_noise(
+    gain: float, said: str
+) -> None:
+    from edgeslim.compression import refuse_metric_gap
+    from edgeslim.export.verify import Parity
+
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(1))
+    model = _tanh_net(gain)
+    task = Task(example_inputs=(x[:1],), calibration=TensorBatches(x[:64], batch_size=64),
+                validation=TensorBatches(x[64:], batch_size=64))  # fmt: skip
+    task.bind_reference(model)
+    torch_m = task.measure(model)
+    assert torch_m["agreement"] == 100.0
+    file_m = {**torch_m, "agreement": 90.0}  # a file 10 points off
+    with pytest.raises(EdgeslimError, match=said):
+        refuse_metric_gap(task, torch_m, file_m, Parity([0.5], [0.1], 4), model=model)

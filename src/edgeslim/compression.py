@@ -30,7 +30,13 @@ from edgeslim.checkpoint import save_state
 from edgeslim.cost import compare_latency, ort_runner, size_bytes, torch_runner
 from edgeslim.cost.latency import latency_spread
 from edgeslim.errors import EdgeslimError, Int8SaturationWarning, RecipeError, first_line
-from edgeslim.export.verify import check_parity, check_resized, export_module, task_axes
+from edgeslim.export.verify import (
+    check_parity,
+    check_resized,
+    export_module,
+    perturbed,
+    task_axes,
+)
 from edgeslim.graph import layer_table, total_macs
 from edgeslim.graph.reparam import bake_reparametrizations
 from edgeslim.progress import log_step
@@ -392,7 +398,7 @@ def _run(
     ort_metrics = task.measure(
         OrtModel(comp_sess, output_structure(comp_mod, example)), wrapped=True
     )
-    refuse_metric_gap(task, metrics, ort_metrics, parity)
+    refuse_metric_gap(task, metrics, ort_metrics, parity, model=comp_mod)
     log_step(f"compress {name}: timing torch and ONNX Runtime, compressed vs uncompressed")
     feeds = task.latency_feeds()
     np_feeds = {n: a.numpy() for n, a in zip(OrtModel(comp_sess).input_names, feeds, strict=True)}
@@ -474,6 +480,7 @@ def refuse_metric_gap(
     ort_m: dict[str, float],
     parity: Any,
     tolerance: float = METRIC_TOLERANCE,
+    model: nn.Module | None = None,
 ) -> None:
     """Refuse a file whose headline metric in ONNX Runtime is further from torch's than
     ``tolerance`` of ``max(|torch value|, 1)``; for a metric measured by agreement or a
@@ -482,7 +489,13 @@ def refuse_metric_gap(
     int8 kernels round differently from fake-quant (and float kernels from torch's, far
     less), so near-tie rows may flip (4 of 800 per-frame rows of a small conformer block
     read 0.50 points, against 0.48 allowed when the scale was the figure itself), but a
-    file computing something else (a saturated bias, overflowing sums) moves many."""
+    file computing something else (a saturated bias, overflowing sums) moves many.
+
+    ``model`` (the torch model the file was made from): when the file is refused, the
+    message also says how far noise of :data:`SENSITIVITY_NOISE` of each input's spread
+    moves the torch model's own metric (:func:`input_sensitivity`), so that a model whose
+    outputs amplify any rounding (random or badly scaled weights) is told apart from a
+    wrong export."""
     name = next(iter(torch_m))
     gap = abs(ort_m[name] - torch_m[name])
     allowed = tolerance * max(abs(torch_m[name]), 1.0)
@@ -490,12 +503,55 @@ def refuse_metric_gap(
     if step is not None:
         allowed = max(tolerance * 100.0, FLIPS_ALLOWED * step)
     if gap > allowed + 1e-9:
+        moved = None if model is None else input_sensitivity(task, model, name)
+        if moved is not None and abs(moved - torch_m[name]) > allowed:
+            cause = (
+                f" The torch model itself is that sensitive: noise of "
+                f"{SENSITIVITY_NOISE:.1%} of each input's spread moves its {name} from "
+                f"{torch_m[name]:.4g} to {moved:.4g}, so the small rounding differences "
+                "between torch's and ONNX Runtime's kernels are amplified alike. A trained "
+                "model rarely is: check its weights (random or badly scaled "
+                "initialisation?); the file cannot be checked against such a model."
+            )
+        else:
+            cause = " The export does not compute what torch computed. Report this with the model."
         raise EdgeslimError(
             f"the exported file scores {name} {ort_m[name]:.4g} in ONNX Runtime but the "
             f"torch model {torch_m[name]:.4g} (allowed gap {allowed:.3g}; "
-            f"{parity.describe()}); the export does not compute what torch computed. "
-            "Report this with the model."
+            f"{parity.describe()}).{cause}"
         )
+
+
+# input noise (a fraction of each float input's standard deviation) under which the torch
+# model's own metric is measured when its file is refused for a metric gap: 10x float16's
+# resolution, far below anything a trained model's prediction should depend on
+SENSITIVITY_NOISE = 1e-3
+
+
+class _NoisyInputs(nn.Module):
+    """``model`` reading its float inputs with Gaussian noise added (token ids unchanged)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        self.calls += 1
+        return self.model(*perturbed(inputs, self.calls, SENSITIVITY_NOISE))
+
+
+def input_sensitivity(task: Task, model: nn.Module, name: str) -> float | None:
+    """The task's ``name`` metric of ``model`` under input noise of
+    :data:`SENSITIVITY_NOISE`; None when it cannot be measured that way (integer inputs
+    only, or a metric function that needs the model itself)."""
+    noisy = _NoisyInputs(model).eval()
+    try:
+        with torch.no_grad():
+            value = task.measure(noisy).get(name)
+    except Exception:  # a user's metric reading the model's attributes: no hint, same error
+        return None
+    return None if noisy.calls == 0 else value
 
 
 def _refuse_mismatch(parity: Any, what: str, trace_by_example: bool) -> None:

@@ -108,7 +108,7 @@ def export_checked(
         ort_m = task.measure(OrtModel(session, structure), wrapped=True)
         refuse_metric_gap(
             task, torch_m, ort_m, parity,
-            METRIC_TOLERANCE if tolerance is None else tolerance,
+            METRIC_TOLERANCE if tolerance is None else tolerance, model=model,
         )  # fmt: skip
         name = next(iter(torch_m))
         record = {
