@@ -102,3 +102,16 @@ def test_float_level_grids_with_quantized_activations_are_refused_on_reading(
     with pytest.raises(RecipeError, match="a_bits: null"):
         parse_recipe({"name": "c", "stages": [stage]})
     parse_recipe({"name": "c", "stages": [{**stage, "a_bits": None}]})  # weight-only: fine
+
+
+def test_windowed_weight_estimators_leave_the_activations_to_ste() -> None:
+    from edgeslim.stages.quantize import QuantizeStage, stage_config
+
+    def act(**fields: object) -> str:
+        return str(stage_config(QuantizeStage.model_validate(fields)).activation.estimator)
+
+    assert act(estimator="aqe") == "ste" and act(estimator="tanh") == "ste"
+    assert act(estimator="lsq") == "lsq" and act(estimator="nbq") == "nbq"
+    assert act(estimator="aqe", act_estimator="pact") == "pact"
+    with pytest.raises(ValueError, match="estimator"):
+        QuantizeStage(act_estimator="nope")
