@@ -37,6 +37,7 @@ kernel table is cached; the first run also times every kernel shape).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -60,6 +61,7 @@ from edgeslim.search import (
     SearchSpace,
     search,
 )
+from edgeslim.search.choices import SpaceChoices
 from edgeslim.search.latency import LutLatency
 from edgeslim.search.verify import CANDIDATES, measure_candidates, verify_latency
 from edgeslim.task import Task
@@ -122,12 +124,14 @@ def search_task(val_images: int) -> Task:
     )
 
 
+# the suite's choices, described as `edgeslim search` and the recipe stage describe theirs
+CHOICES = SpaceChoices(w_bits=W_BITS, a_bits=A_BITS, keep=KEEP, round_to=ROUND_TO,
+                       reconstruct=RECONSTRUCT, calibration=CALIBRATION)  # fmt: skip
+
+
 def build_space(model: nn.Module, task: Task) -> SearchSpace:
     """The suite's search space (bits, keep ratios, calibration) on ``model``."""
-    return SearchSpace.build(
-        model, task, w_bits=W_BITS, a_bits=A_BITS, keep=KEEP, round_to=ROUND_TO,
-        calibration=CALIBRATION, seed=SEED, reconstruct=RECONSTRUCT,
-    )  # fmt: skip
+    return CHOICES.build(model, task, seed=SEED)
 
 
 def _available(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -353,10 +357,9 @@ def _accuracy_aware_rows(b: SearchBench) -> list[Record]:
     against NNCF's (each layer restored alone from the start ranks them, given back one at
     a time) at the same budget. Fewer layers given back is better; test top-1 in torch
     (fake-quant: ONNX Runtime has no 4-bit kernels)."""
-    space = SearchSpace.build(
-        b.model, b.space.task, w_bits=(4, 8), a_bits=(4, 8), keep=(1.0,),
-        calibration=CALIBRATION, seed=SEED,
-    )  # fmt: skip
+    bits_only = dataclasses.replace(CHOICES, w_bits=(4, 8), a_bits=(4, 8), keep=(1.0,),
+                                    round_to=1, reconstruct=None)  # fmt: skip
+    space = bits_only.build(b.model, b.space.task, seed=SEED)
     start = space.uniform(4, 4)
     rows = []
     procedures = (

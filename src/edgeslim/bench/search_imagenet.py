@@ -37,7 +37,7 @@ import torch
 
 from edgeslim.bench.search import FULL, QUICK, SearchBench
 from edgeslim.data.batching import TensorBatches
-from edgeslim.search import SearchSpace
+from edgeslim.search.choices import SpaceChoices
 from edgeslim.search.latency import LutLatency
 from edgeslim.task import Task
 
@@ -45,6 +45,8 @@ MODEL = "mobilenetv2-imagenet"
 MAX_DROP = 10.0
 W_BITS, A_BITS, KEEP, ROUND_TO = (4, 6, 8), (8,), (0.75, 1.0), 16
 CALIBRATION = 128  # the calibration crops (every 4th of 526: 132)
+CHOICES = SpaceChoices(w_bits=W_BITS, a_bits=A_BITS, keep=KEEP, round_to=ROUND_TO,
+                       calibration=CALIBRATION)  # fmt: skip
 MIN_CONFIDENCE = 0.4
 STRATEGIES = ("random", "evolutionary", "optuna-tpe", "dp")
 STRATEGIES_QUICK = ("evolutionary",)
@@ -92,10 +94,7 @@ def imagenet_bench(out: Path, quick: bool) -> SearchBench:
     split = photo_split(64 if quick else None)
     split.search.bind_reference(model)
     split.test.bind_reference(model)
-    space = SearchSpace.build(
-        model, split.search, w_bits=W_BITS, a_bits=A_BITS, keep=KEEP, round_to=ROUND_TO,
-        calibration=CALIBRATION, seed=0,
-    )  # fmt: skip
+    space = CHOICES.build(model, split.search, seed=0)
     sizes = dataclasses.replace(
         QUICK if quick else FULL, budget=BUDGET_QUICK if quick else BUDGET,
         test_images=split.test_crops, strategies=STRATEGIES_QUICK if quick else STRATEGIES,

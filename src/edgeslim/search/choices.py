@@ -35,6 +35,7 @@ class SpaceChoices:
     exclude: tuple[str, ...] = ()  # layers kept float and not searched
     depth: bool = False
     reconstruct: bool | None = None
+    calibration: int = 256  # calibration samples PTQ calibrates each policy on
 
     def build(self, model: nn.Module, task: Task, seed: int = 0) -> SearchSpace:
         from edgeslim.search.space import SearchSpace
@@ -42,7 +43,8 @@ class SpaceChoices:
         return SearchSpace.build(
             model, task, w_bits=self.w_bits, a_bits=self.a_bits, keep=self.keep,
             criterion=self.criterion, round_to=self.round_to, skip=self.skip,
-            exclude=self.exclude, seed=seed, depth=self.depth, reconstruct=self.reconstruct,
+            exclude=self.exclude, calibration=self.calibration, seed=seed, depth=self.depth,
+            reconstruct=self.reconstruct,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
