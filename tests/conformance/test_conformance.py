@@ -510,3 +510,30 @@ def test_cli_input_shape_not_matching_the_data_is_exit_2(tmp_path: Path, recipe_
     text = _one_paragraph(result.output)
     assert "--input-shape" in text and "[1, 3, 32, 32]" in text
     assert not out.exists()
+
+
+TERNARY_RECIPE: dict[str, Any] = {
+    "name": "ternary",
+    "stages": [{"kind": "quantize", "w_bits": 2, "a_bits": 8, "quantizer": "ternary"}],
+}
+
+
+@pytest.mark.parametrize("name", ["two_input", "conv_lstm", "tiny_attention"])
+def test_ternary_weights_run_as_int8_codes_in_users_models(name: str, tmp_path: Path) -> None:
+    """Ternary weights of a two-input CNN, a conv + LSTM with its state's batch on dim 1
+    and a hand-written attention block export as int8 codes {-64, 0, 64}, and the file
+    computes what the torch model computes."""
+    spec = SPECS[name]
+    task = npz_task(write_npz(spec, tmp_path / f"{name}.npz"))
+    out = tmp_path / "out"
+    result = edgeslim.compress(spec.factory(), TERNARY_RECIPE, task, out=out, name=name,
+                               quick=True)  # fmt: skip
+    graph = onnx.load(str(out / "model.onnx")).graph
+    codes = [onnx.numpy_helper.to_array(i) for i in graph.initializer
+             if i.data_type == onnx.TensorProto.INT8 and i.dims]  # fmt: skip
+    assert codes and set().union(*(set(c.ravel().tolist()) for c in codes)) <= {-64, 0, 64}
+    inputs = _narrow(spec, sample_inputs(spec, NUM_SAMPLES), 4)
+    wants = _torch_outputs(result.model, inputs)
+    gots = _ort_outputs(_session(out / "model.onnx"), inputs)
+    for got, want in zip(gots, wants, strict=True):
+        assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
