@@ -192,6 +192,8 @@ def lowbit_qat(
             reestimate_bn(latent, _inputs(train), recipe.bn_batches)
         model = copy.deepcopy(latent)
         quantize_(model, recipe.stage_config(w_bits, a_bits), select=select)
+        # ranges are calibrated on the model as its training starts: its schedule at 0
+        set_progress(model, 0.0)
         calibrate(model, calibration, progress=False)
         config = TrainConfig(epochs=epochs, lr=recipe.lr, weight_decay=recipe.weight_decay,
                              seed=recipe.seed + i, channels_last=False)  # fmt: skip
