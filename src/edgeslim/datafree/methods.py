@@ -38,12 +38,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edgeslim.datafree.chain import COMPUTE, NORMS, Chain, Pair, input_stats, is_depthwise
+from edgeslim.datafree.chain import (
+    COMPUTE,
+    NORMS,
+    Chain,
+    Pair,
+    input_stats,
+    is_depthwise,
+    kernel_window,
+)
 from edgeslim.datafree.compensate import (
+    SPATIAL_CORR,
     compensate_all,
     correct_bias,
     input_variance,
     match_variance,
+    spatial_kernel,
 )
 from edgeslim.datafree.covariance import input_moments
 from edgeslim.datafree.errors import NothingToCompressError
@@ -392,6 +402,8 @@ def dfq(chain: Chain, args: MethodArgs) -> None:
     layers against their modelled input covariance as ``dfmpc`` does, 76.7% (at one width
     every layer's input is already perturbed, which the modelled covariance does not know);
     DF-MPC's mean compensation through each pair instead of per-layer bias correction, 84.3%.
+    Then each depthwise conv is rounded against the spatial correlation of its input window
+    (:func:`round_depthwise`): 84.7% -> 88.6% (W8A8 98.3% -> 99.2%).
     """
     pairs = cross_layer_equalize(chain)
     done = [k for k, v in pairs.items() if v.startswith("equalized")]
@@ -411,6 +423,8 @@ def dfq(chain: Chain, args: MethodArgs) -> None:
     for fqn in original:
         chain.report.layers[fqn] = (f"{args.bits[fqn]} bits: clipped to its MSE-optimal range "
                                     "and rescaled to keep its output variance")  # fmt: skip
+    for fqn, text in round_depthwise(chain, args.bits, args.low).items():
+        chain.report.layers[fqn] += f"; {text}"
     skipped = bias_correct_all(chain, args.bits, bn_only=True, reference=original)
     for fqn, why in skipped.items():
         clipped = chain.report.layers.get(fqn)
@@ -437,6 +451,45 @@ def clip_low_bits(
         if match:
             match_variance(m, original[fqn], x, bits[fqn], chain.granularity)
     return original
+
+
+@torch.no_grad()
+def round_depthwise(chain: Chain, bits: dict[str, int], low: int) -> dict[str, str]:
+    """Round every depthwise conv at ``low`` bits or fewer onto its own grid against the
+    spatial correlation of its input window (:func:`~.rounding.round_with_covariance` with
+    the prior of :func:`~.compensate.spatial_kernel`), instead of weight by weight.
+
+    Why a depthwise conv, and only it: each of its rows reads one channel, so the centred
+    second moment of a row's input is that channel's variance times the spatial prior, the
+    same matrix for every row up to scale, and no modelled correlation between channels
+    (which made rounding every low-bit layer against its modelled covariance cost DFQ W4A8
+    8 points) enters. Neighbouring pixels move together, so errors of one sign on a 3x3
+    kernel add up where nearest rounding leaves them; the feedback makes them cancel, as
+    SQuant's kernel-wise constraint does. Its rows are also the shortest (9 weights), where
+    rounding costs most: raising a single depthwise conv of mobilenetv2-imagenet from 4 to 8
+    bits gained DFQ W4A8 up to 4.2 points of agreement (ad hoc, 2026-12-05). The mean shift
+    this leaves is removed by the bias correction that follows.
+
+    Measured on mobilenetv2-imagenet (the ``imagenet`` suite's 236 confident crops,
+    statistics activation ranges, ad hoc, 2026-12-05): W4A8 agreement 84.75% -> 88.56%
+    (cosine 0.853 -> 0.850, top-5 agreement 84.8% -> 82.9%); W8A8 per channel 98.31% ->
+    99.15%, per tensor 99.58% both; with the prior's correlation at 0.6 or 0.9 instead of
+    :data:`~.compensate.SPATIAL_CORR` (0.8, kept: not tuned on these crops) 90.68% and
+    89.83%. On the zoo's Fashion-MNIST MobileNets (2,000 validation images, W4A8 / W3A8 top-1):
+    mobilenetv2-small 93.00 / 92.00 -> 93.00 / 92.15, mobilenetv3-small 91.55 / 84.90 ->
+    91.45 / 84.30.
+    """
+    out: dict[str, str] = {}
+    for fqn in chain.order:
+        m = chain.layer(fqn)
+        if bits[fqn] > low or not is_depthwise(m):
+            continue
+        h = spatial_kernel(*kernel_window(weight_of(m)))
+        q, short = round_with_covariance(m.weight, m.weight, h, bits[fqn], chain.granularity)
+        m.weight.copy_(q)
+        fell = f" ({short} rows to nearest: their rounding left the grid's end)" if short else ""
+        out[fqn] = f"rounded against its input's spatial correlation (prior {SPATIAL_CORR}){fell}"
+    return out
 
 
 @torch.no_grad()
