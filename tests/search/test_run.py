@@ -5,6 +5,7 @@ non-dominated, and misuse fails clearly."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -86,6 +87,12 @@ def test_a_budget_spent_on_probes_says_so(sp: SearchSpace) -> None:
     result = search(sp.model, sp.task, sp, ["size<=0.9x"], "dp", budget=2, progress=False)
     assert result.best is None and all(e.probe for e in result.evaluations)
     assert "sensitivity probe" in result.message and "Raise the budget" in result.message
+    # the budget the message names is enough for dp to ask a candidate policy
+    named = re.search(r"to at least (\d+) \(dp plans (\d+) probes", result.message)
+    assert named is not None and int(named[1]) == int(named[2]) + 1 > 2
+    enough = search(sp.model, sp.task, sp, ["size<=0.9x"], "dp", budget=int(named[1]),
+                    progress=False)  # fmt: skip
+    assert any(not e.probe for e in enough.evaluations)
 
 
 def test_infeasible_by_accuracy_is_reported_with_the_closest(sp: SearchSpace) -> None:

@@ -151,12 +151,15 @@ def _message(
     n: int,
     probes: int = 0,
     strategy: str = "",
+    planned: int = 0,
 ) -> str:
     if best is None and probes and probes == n:  # the budget ended before any candidate
+        need = (f"to at least {planned + 1} ({strategy} plans {planned} probes on this space, "
+                "then asks its policy)" if planned > probes else
+                "(the strategy asks its probes, then its policy)")  # fmt: skip
         return (
             f"NO FEASIBLE POLICY: the budget went on {strategy}'s {probes} sensitivity "
-            "probe(s); no candidate policy was asked. Raise the budget (the strategy asks its "
-            "probes, then its policy)"
+            f"probe(s); no candidate policy was asked. Raise the budget {need}"
         )
     if best is not None:
         r = best.result
@@ -423,5 +426,6 @@ def _result(
         pareto=_pareto(evals, costs), notes=dict(strat.notes),
         evaluator_notes=list(evaluator.notes),
         message=_message(best, closest, evaluator.metric_name, len(evals),
-                         sum(e.probe for e in evals), strat.name),
+                         sum(e.probe for e in evals), strat.name,
+                         len(getattr(strat, "probes", ()))),
     )  # fmt: skip
