@@ -156,7 +156,8 @@ def compress(
     """Compress ``model`` (not changed: a copy is) by ``recipe`` on ``task``.
 
     Writes into ``out`` (when given): ``model.onnx`` (int8 QDQ when quantized),
-    ``baseline.onnx``, ``model.safetensors``, the prune plans, ``results.json`` (one record
+    ``baseline.onnx``, ``model.safetensors`` (``model-packed.safetensors`` too when weights
+    are under 8 bits: their codes at their bits), the prune plans, ``results.json`` (one record
     per runtime, with every metric of the task), ``report.md`` with plots, the
     ``recipe.yaml`` run, ``reload_check.safetensors`` and ``manifest.json`` (files with
     SHA-256, versions, recipe, command line and how :func:`edgeslim.load` rebuilds the
@@ -439,6 +440,9 @@ def _run(
     }  # fmt: skip
     if w_bits:
         extra["weight_bits"] = w_bits
+    packed = _save_packed(model, w_bits, out, ctx.notes)
+    if packed is not None:
+        extra["packed_bytes"] = packed.stat().st_size
     records = [
         Record(**common, value=round(metrics[headline], 4), runtime="torch",
                latency_ms=round(lat["torch"].median_ms, 4),
@@ -465,6 +469,8 @@ def _run(
         "machine": out / "machine.json",
         "recipe": out / "recipe.yaml",
     }
+    if packed is not None:
+        paths["packed"] = packed
     for step in steps:
         if "plan" in step["files"]:
             key = "plan" if "plan" not in paths else f"plan{len(paths)}"
@@ -472,6 +478,29 @@ def _run(
     result = CompressResult(model, records, paths, ctx.notes)
     result.steps = steps
     return result
+
+
+def _save_packed(
+    model: nn.Module, w_bits: dict[str, int], out: Path, notes: list[str]
+) -> Path | None:
+    """``model-packed.safetensors`` (+ ``.json``) when a layer's weights are under 8 bits:
+    each quantized weight as its codes, ``b`` bits each (:func:`~.export.packed.save_packed`).
+
+    Why: the record's ``size_bytes`` counts weights at their bits, while ``model.onnx``
+    stores every code in an int8 byte (what ONNX Runtime's kernels read) and
+    ``model.safetensors`` in float32; this file is the size the record states, on disk.
+    """
+    if not w_bits or min(w_bits.values()) >= 8:
+        return None
+    from edgeslim.export.packed import save_packed
+
+    st_path, _ = save_packed(model, out / "model-packed")
+    notes.append(
+        f"packed weights: {st_path.name} holds each quantized weight in its own bits "
+        f"({st_path.stat().st_size / 1024:.1f} KiB; model.onnx keeps one int8 byte per code "
+        "for the integer kernels)"
+    )
+    return st_path
 
 
 def refuse_metric_gap(

@@ -78,6 +78,32 @@ def test_low_bit_recipes_export_their_levels_on_int8_kernels(
     with torch.no_grad():
         want = result.model(held).numpy()
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+    _check_packed(result)
+
+
+def _check_packed(result: edgeslim.CompressResult) -> None:
+    """``model-packed.safetensors`` holds every quantized weight as its codes at its bits,
+    decoding to the levels the model computes with, in about the bytes the record states."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from edgeslim.export.packed import unpack_codes
+
+    path = result.paths["packed"]
+    tensors = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    for fqn, info in meta["layers"].items():
+        layer = result.model.get_submodule(fqn)
+        groups, per = info["groups"]
+        codes = unpack_codes(tensors[f"{fqn}.weight.codes"], info["bits"], groups * per)
+        values = tensors[f"{fqn}.weight.levels"].gather(1, codes.reshape(groups, per))
+        with torch.no_grad():
+            want = layer.quant_weight().reshape(groups, -1)
+        torch.testing.assert_close(values[:, : want.shape[1]], want, rtol=0, atol=1e-6)
+    record = result.records[0]
+    assert record.extra["packed_bytes"] == path.stat().st_size
+    assert path.stat().st_size < 0.5 * result.paths["weights"].stat().st_size
 
 
 def test_a_nbq_quantize_stage_alone_measures_the_quantized_model(tmp_path: Path) -> None:
