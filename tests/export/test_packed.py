@@ -76,3 +76,32 @@ def test_mismatched_or_corrupt_packed_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_packed(resnet20(), tmp_path / "m")
+
+
+def test_integer_grids_store_one_code_row_and_version_1_files_still_load(tmp_path: Path) -> None:
+    """A symmetric 4-bit grid stores one int8 row of codes and a scale per channel, not a
+    float32 table per channel; a version-1 file (tables only) of the same model loads to the
+    same weights."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from edgeslim.export.packed import stored_levels
+
+    model = load_zoo_model("resnet20")
+    quantize_(model, QuantConfig(QuantSpec(bits=4)), select={"fc": None})
+    st_path, json_path = save_packed(model, tmp_path / "m")
+    tensors = load_file(str(st_path))
+    meta = json.loads(json_path.read_text())
+    assert meta["format"] == "edgeslim-packed/2"
+    assert not any(k.endswith(".levels") for k in tensors)
+    assert tensors["conv1.weight.table"].dtype == torch.int8
+    old = {k: v for k, v in tensors.items() if not k.endswith((".table", ".scale"))}
+    old |= {f"{fqn}.weight.levels": stored_levels(tensors, fqn) for fqn in meta["layers"]}
+    save_file(old, str(tmp_path / "v1.safetensors"))
+    (tmp_path / "v1.json").write_text(json.dumps({**meta, "format": "edgeslim-packed/1"}))
+    x = load_fashion_mnist("test", limit=8).images
+    with torch.no_grad():
+        new = load_packed(resnet20().eval(), tmp_path / "m")(x)
+        assert torch.equal(load_packed(resnet20().eval(), tmp_path / "v1")(x), new)
+        assert torch.equal(new, model(x))

@@ -88,7 +88,7 @@ def _check_packed(result: edgeslim.CompressResult) -> None:
 
     from safetensors.torch import load_file
 
-    from edgeslim.export.packed import unpack_codes
+    from edgeslim.export.packed import stored_levels, unpack_codes
 
     path = result.paths["packed"]
     tensors = load_file(str(path))
@@ -97,13 +97,15 @@ def _check_packed(result: edgeslim.CompressResult) -> None:
         layer = result.model.get_submodule(fqn)
         groups, per = info["groups"]
         codes = unpack_codes(tensors[f"{fqn}.weight.codes"], info["bits"], groups * per)
-        values = tensors[f"{fqn}.weight.levels"].gather(1, codes.reshape(groups, per))
+        values = stored_levels(tensors, fqn).gather(1, codes.reshape(groups, per))
         with torch.no_grad():
             want = layer.quant_weight().reshape(groups, -1)
         torch.testing.assert_close(values[:, : want.shape[1]], want, rtol=0, atol=1e-6)
     record = result.records[0]
     assert record.extra["packed_bytes"] == path.stat().st_size
     assert path.stat().st_size < 0.5 * result.paths["weights"].stat().st_size
+    # the integer grids store one row of codes and a scale per channel, no float table
+    assert not any(k.endswith(".levels") for k in tensors)
 
 
 def test_a_nbq_quantize_stage_alone_measures_the_quantized_model(tmp_path: Path) -> None:
