@@ -3,6 +3,7 @@ error than nearest rounding where the inputs are correlated."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -138,7 +139,9 @@ class _DepthwiseBlock(nn.Module):
         return self.head(torch.relu(self.bn1(self.dw(y))))
 
 
-def test_dfq_rounds_depthwise_convs_against_their_spatial_correlation() -> None:
+def test_dfq_rounds_depthwise_convs_against_their_spatial_correlation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The depthwise conv's 4-bit rows stay on their grid and carry a smaller modelled output
     error ``e^T S e`` (S: the spatial prior of its 3x3 window) than nearest rounding of the
     same weights; the report says so for it and for no other layer."""
@@ -156,12 +159,8 @@ def test_dfq_rounds_depthwise_convs_against_their_spatial_correlation() -> None:
     # the same method without the rounding step gives the weights it rounded
     import edgeslim.datafree.methods as methods
 
-    keep = methods.round_depthwise
-    methods.round_depthwise = lambda chain, bits, low: {}
-    try:
-        plain = compress_datafree(model, "dfq", spec, torch.randn(1, 3, 8, 8))
-    finally:
-        methods.round_depthwise = keep
+    monkeypatch.setattr(methods, "round_depthwise", lambda chain, bits, low: {})
+    plain = compress_datafree(model, "dfq", spec, torch.randn(1, 3, 8, 8))
     before = plain.model.get_submodule("dw").weight.detach().to(torch.float64)
     nearest = quantize_weight(before, 4, "channel")
     s = spatial_kernel(3, 3)
@@ -171,3 +170,26 @@ def test_dfq_rounds_depthwise_convs_against_their_spatial_correlation() -> None:
         return float(torch.einsum("ri,ij,rj->", e, s, e))
 
     assert error(w) < 0.8 * error(nearest)
+
+
+def test_a_depthwise_conv_with_a_channel_multiplier_is_rounded_too() -> None:
+    """A 1-D depthwise conv with two filters per channel (groups = in_channels, each row
+    reads one channel) gets the spatial rounding; a grouped conv reading two does not."""
+
+    class OneD(nn.Module):
+        def __init__(self, groups: int) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.bn0 = nn.Conv1d(4, 8, 3, padding=1), nn.BatchNorm1d(8)
+            self.dw, self.bn1 = nn.Conv1d(8, 16, 5, padding=2, groups=groups), nn.BatchNorm1d(16)
+            self.c = nn.Conv1d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.bn0(self.a(x)))
+            return self.c(torch.relu(self.bn1(self.dw(y))))
+
+    spec = DataFreeSpec(low_bits=4, high_bits=4, edge_bits=4)
+    for groups, rounded in ((8, True), (4, False)):
+        result = compress_datafree(OneD(groups).eval(), "dfq", spec, torch.randn(1, 4, 32))
+        said = "spatial correlation" in result.report.layers["dw"]
+        assert said == rounded, (groups, result.report.layers["dw"])

@@ -130,6 +130,11 @@ def test_float_level_grids_with_quantized_activations_are_refused_on_reading(
     with pytest.raises(RecipeError, match="a_bits: null"):
         parse_recipe({"name": "c", "stages": [stage]})
     parse_recipe({"name": "c", "stages": [{**stage, "a_bits": None}]})  # weight-only: fine
+    # a select entry is held to the same rule
+    entry = {"kind": "quantize", "w_bits": 8, "a_bits": 8,
+             "select": {"fc": {"quantizer": quantizer, "w_bits": bits}}}  # fmt: skip
+    with pytest.raises(RecipeError, match=r"select 'fc'.*a_bits: null"):
+        parse_recipe({"name": "c", "stages": [entry]})
 
 
 def test_windowed_weight_estimators_leave_the_activations_to_ste() -> None:
@@ -138,7 +143,8 @@ def test_windowed_weight_estimators_leave_the_activations_to_ste() -> None:
     def act(**fields: object) -> str:
         return str(stage_config(QuantizeStage.model_validate(fields)).activation.estimator)
 
-    assert act(estimator="aqe") == "ste" and act(estimator="tanh") == "ste"
+    assert act(estimator="aqe") == "ste"  # its surrogate sums a window per element
+    assert act(estimator="tanh") == "tanh"  # one interval per element: cheap
     assert act(estimator="lsq") == "lsq" and act(estimator="nbq") == "nbq"
     assert act(estimator="aqe", act_estimator="pact") == "pact"
     with pytest.raises(ValueError, match="estimator"):

@@ -40,6 +40,7 @@ from torch import nn
 
 from edgeslim.datafree.chain import (
     COMPUTE,
+    CONVS,
     NORMS,
     Chain,
     Pair,
@@ -459,9 +460,10 @@ def round_depthwise(chain: Chain, bits: dict[str, int], low: int) -> dict[str, s
     spatial correlation of its input window (:func:`~.rounding.round_with_covariance` with
     the prior of :func:`~.compensate.spatial_kernel`), instead of weight by weight.
 
-    Why a depthwise conv, and only it: each of its rows reads one channel, so the centred
-    second moment of a row's input is that channel's variance times the spatial prior, the
-    same matrix for every row up to scale, and no modelled correlation between channels
+    Why a depthwise conv (a channel multiplier included), and only it: each of its rows
+    reads one channel, so the centred second moment of a row's input is that channel's
+    variance times the spatial prior, the same matrix for every row up to scale, and no
+    modelled correlation between channels
     (which made rounding every low-bit layer against its modelled covariance cost DFQ W4A8
     8 points) enters. Neighbouring pixels move together, so errors of one sign on a 3x3
     kernel add up where nearest rounding leaves them; the feedback makes them cancel, as
@@ -482,7 +484,9 @@ def round_depthwise(chain: Chain, bits: dict[str, int], low: int) -> dict[str, s
     out: dict[str, str] = {}
     for fqn in chain.order:
         m = chain.layer(fqn)
-        if bits[fqn] > low or not is_depthwise(m):
+        # depthwise, a channel multiplier included: each row reads one input channel
+        one_channel = isinstance(m, CONVS) and 1 < m.groups == m.in_channels
+        if bits[fqn] > low or not one_channel:
             continue
         h = spatial_kernel(*kernel_window(weight_of(m)))
         q, short = round_with_covariance(m.weight, m.weight, h, bits[fqn], chain.granularity)

@@ -71,6 +71,9 @@ class EstimatorBase:
     """Progress bookkeeping and the ``prepare`` hook (called once before training)."""
 
     HARD: ClassVar[bool] = False  # the forward value is quantize(x) at any progress
+    # the surrogate keeps a window of thresholds per element for the backward pass (AQE):
+    # memory and time many times a hard estimator's on large tensors such as activations
+    WINDOWED: ClassVar[bool] = False
 
     def __init__(self) -> None:
         # Decision: a new estimator stands at the end of its schedule (the hard quantizer,
@@ -243,6 +246,8 @@ class AQE(SharpeningEstimator):
     ``quantize(x)`` exactly (``f_100`` is within 1e-3·d of it except within 0.04·d of a
     threshold) and the gradient is that of ``f_100``.
     """
+
+    WINDOWED: ClassVar[bool] = True
 
     def __init__(self, k0: float = 1.0, k_max: float = 100.0, window: int = 16) -> None:
         super().__init__(k0, k_max)

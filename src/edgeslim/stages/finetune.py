@@ -69,16 +69,18 @@ def run_finetune(model: nn.Module, stage: FinetuneStage, ctx: StageContext) -> n
     name = held_score_name(train)
     if stage.select_every:
         train, held = held_out_for_stage(train, stage.select_every, teacher, task)
-    from edgeslim.quant import set_progress
+    from edgeslim.quant import quant_layers, set_progress
 
     # quantized layers follow their estimators' schedules (AQE, tanh, n-BQ sharpen from
-    # smooth to the hard quantizer) over this training, and end hard
+    # smooth to the hard quantizer) over this training, and end hard; a float model has none
+    on_step = partial(set_progress, model) if quant_layers(model) else None
     try:
         history = train_classifier(model, train, config, val=held, loss_fn=loss,
                                    description="finetune", keep_best=held is not None,
-                                   val_name=name, on_step=partial(set_progress, model))  # fmt: skip
+                                   val_name=name, on_step=on_step)  # fmt: skip
     finally:
-        set_progress(model, 1.0)
+        if on_step is not None:
+            set_progress(model, 1.0)
     ctx.notes.append(
         f"finetune: {stage.epochs} epoch(s) on {task.name}, final loss {history[-1]['loss']:.4f}"
         f"{kept_note(history, held, name)}"

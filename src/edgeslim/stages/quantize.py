@@ -6,7 +6,7 @@
   a_bits: 8            # null: weight-only
   quantizer: uniform   # uniform | pow2 | binary | ternary | codebook
   estimator: ste       # how gradients pass the weights' rounding in a later finetune stage
-  act_estimator: null  # the activations' (null: as estimator, but ste for aqe/tanh)
+  act_estimator: null  # the activations' (null: as estimator, but ste for aqe)
   granularity: channel
   calibration: 256     # calibration samples of the task used to set activation ranges
   bias_correction: false  # remove the mean output shift of rounded weights (same samples)
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from torch import nn
 
 from edgeslim.errors import RecipeError
@@ -44,11 +44,11 @@ class QuantizeStage(Stage):
     sums saturate), for a recipe that is measured where it will run; give ``true`` for a
     file meant for another x86 CPU without VNNI.
 
-    ``act_estimator`` unset: the activations take ``estimator``, except the windowed smooth
-    surrogates ``aqe`` and ``tanh``, which keep 16 values per activation element for the
-    backward pass: with them on the activations too, a ternary resnet20 finetune stage
-    (batch 128) held 8 GB and ran over 10x as long as with ``ste`` (2026-12-05). They
-    are weight estimators (MINW-Net, DSQ); the activations then use ``ste``.
+    ``act_estimator`` unset: the activations take ``estimator``, except a windowed one
+    (``aqe``, whose surrogate sums 16 thresholds per element): with it on the activations
+    too, a ternary resnet20 finetune stage (batch 128) held 8 GB and ran over 13 minutes
+    before it was stopped, against 22 s with ``ste`` there (2026-12-05). AQE is a weight
+    estimator (MINW-Net); the activations then use ``ste``.
     """
 
     kind: Literal["quantize"] = "quantize"
@@ -75,18 +75,19 @@ class QuantizeStage(Stage):
                 f"reduce_range narrows the uniform int8 grid; quantizer {self.quantizer!r} has "
                 "its own levels: set quantizer: uniform or reduce_range: false"
             )
-        wide_pow2 = self.quantizer == "pow2" and self.w_bits > 4
-        if (self.quantizer == "codebook" or wide_pow2) and self.a_bits is not None:
-            raise ValueError(
-                f"quantizer {self.quantizer!r} at w_bits {self.w_bits} has no int8 form, and "
-                "ONNX Runtime requantizes such float weights per tensor between quantized "
-                "activations: set a_bits: null (weight-only), or a quantizer int8 holds "
-                "exactly (uniform, binary, ternary, pow2 with w_bits <= 4)"
-            )
-        stage_config(self)
+        _refuse_float_levels(stage_config(self))
         for key, v in self.select.items():
-            if v is not None:
-                select_config(self, key, v)
+            if v is None:
+                continue
+            try:  # an entry is validated as a stage of its own: name the entry
+                _refuse_float_levels(select_config(self, key, v))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err["loc"])
+                msg = str(err["msg"]).removeprefix("Value error, ")
+                raise ValueError(f"select {key!r}: {field + ': ' if field else ''}{msg}") from None
+            except ValueError as exc:
+                raise ValueError(f"select {key!r}: {exc}") from None
         return self
 
 
@@ -126,15 +127,36 @@ def reduces_range(stage: QuantizeStage) -> bool:
     return stage.reduce_range
 
 
-# weight estimators whose surrogate keeps a window of thresholds per element
-WINDOWED_ESTIMATORS = ("aqe", "tanh")
+def _refuse_float_levels(config: Any) -> None:
+    """A weight grid without int8 codes (:meth:`~edgeslim.quant.base.Quantizer.int8_scale`:
+    a codebook, pow2 from 5 bits) under quantized activations cannot be exported: ONNX
+    Runtime requantizes such float weights per tensor between QDQ pairs
+    (:func:`edgeslim.export.qdq.refuse_float_weights_between_qdq` says the same at export)."""
+    from edgeslim.quant.modules import make_quantizer
+
+    weight = config.weight
+    if weight is None or config.activation is None:
+        return
+    if make_quantizer(weight, is_weight=True).int8_scale() is None:
+        raise ValueError(
+            f"quantizer {weight.quantizer!r} at {weight.bits} bits has no int8 form, "
+            "and ONNX Runtime requantizes such float weights per tensor between quantized "
+            "activations: set a_bits: null (weight-only), or a quantizer int8 holds exactly "
+            "(uniform, binary, ternary, pow2 up to 4 bits)"
+        )
 
 
 def activation_estimator(stage: QuantizeStage) -> str:
-    """The activations' estimator: ``act_estimator``, else ``estimator`` unless windowed."""
+    """The activations' estimator: ``act_estimator``, else ``estimator`` unless it is
+    windowed (``EstimatorBase.WINDOWED``: AQE), then ``ste``."""
+    from edgeslim.quant.registries import ESTIMATORS
+
     if stage.act_estimator is not None:
         return stage.act_estimator
-    return "ste" if stage.estimator in WINDOWED_ESTIMATORS else stage.estimator
+    windowed = stage.estimator in ESTIMATORS and getattr(
+        ESTIMATORS.get(stage.estimator), "WINDOWED", False
+    )
+    return "ste" if windowed else stage.estimator
 
 
 def stage_config(stage: QuantizeStage) -> Any:
