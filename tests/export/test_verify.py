@@ -145,3 +145,21 @@ def test_a_batch_traced_as_a_constant_is_named_without_dynamic_dims(tmp_path: Pa
     with pytest.raises(EdgeslimError, match=r"cannot run the exported file") as info:
         check_parity(model, ort_session(path), [(torch.randn(2, 3, 4),)])
     assert "x.shape[0]" in str(info.value) and "--dynamic-dims" not in str(info.value)
+
+
+def test_a_value_onnx_runtime_refuses_is_not_blamed_on_a_size() -> None:
+    """ONNX Runtime refusing a value in the file (a QLinear operator's scale out of its
+    range) had the size advice appended, which sent the user after their ``view`` calls."""
+    from types import SimpleNamespace
+
+    from edgeslim.export.verify import _unrunnable
+
+    session = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(shape=["batch", 3, 8, 8])])
+    inputs = (torch.zeros(1, 3, 8, 8),)
+    value = _unrunnable(session, "example inputs", inputs, RuntimeError(
+        "QLinearGlobalAveragePool : parameter out of computation range!"))  # fmt: skip
+    assert "report this" in str(value) and "fixed a size" not in str(value)
+    size = _unrunnable(session, "example inputs", inputs, RuntimeError(
+        "Reshape: the input tensor cannot be reshaped to the requested shape"))  # fmt: skip
+    assert "fixed a size" in str(size)
+    assert "x.view(x.shape[0], -1)" in str(size)

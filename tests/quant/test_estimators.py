@@ -367,3 +367,33 @@ def test_estimate_calls_an_estimator_not_derived_from_the_base() -> None:
     with torch.no_grad():
         assert torch.equal(estimate(halve, q, x), x / 2)
     assert calls == [1]
+
+
+def test_a_learned_step_stays_positive_through_training() -> None:
+    """LSQ's step is an optimizer's parameter like any other; a loss that wants the
+    activation gone drives it through zero in one large step (a fine-tune did so to a
+    step after a global average pool: torch then zeroed that activation for good and ONNX
+    Runtime refused the file's negative scale). The training loop now holds it at a
+    thousandth of its value when training started."""
+    from edgeslim.quant.quantizers import LEARNED_RANGE_FLOOR
+    from edgeslim.train.loop import TrainConfig, train_classifier
+
+    class Clip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.est = make("uniform", 8, False, is_weight=False), ESTIMATORS.get("lsq")()
+            self.q.set_range(torch.tensor([0.0]), torch.tensor([1.0]))
+            self.est.prepare(self.q)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.est(self.q, x)
+
+    model = Clip()
+    x = torch.rand(64, 8) * 4  # mostly above the range: each clipped value pulls the step
+    batches = [((x,), None)] * 4
+    config = TrainConfig(epochs=2, lr=50.0, momentum=0.5, weight_decay=0.0)
+    start = float(model.q.range_param.detach())
+    train_classifier(model, batches, config, loss_fn=lambda out, t, i: (out**2).mean())
+    step = float(model.q.range_param.detach())
+    assert 0 < step < start / 10  # it was pulled down, and stopped above zero
+    assert step == pytest.approx(start * LEARNED_RANGE_FLOOR)  # where it was held

@@ -220,12 +220,27 @@ def _unrunnable(session: Any, source: str, inputs: Inputs, exc: Exception) -> Ed
         else "read sizes from the input as tensors' shapes (`x.view(x.shape[0], -1)`, not "
         "`x.view(1, -1)` or `int(x.shape[0])`)"
     )
-    return EdgeslimError(
+    said = first_line(exc)
+    head = (
         f"ONNX Runtime cannot run the exported file on the {source} ({shapes}; the file's "
-        f"inputs: {declared}), which the model runs: {first_line(exc)[:300]}. The exporter "
-        f"fixed a size the inputs change (torch's exporter writes nn.MultiheadAttention with "
-        f"its traced sequence length): {fix}"
+        f"inputs: {declared}), which the model runs: {said[:300]}."
     )
+    if not any(word in said.lower() for word in _SIZE_WORDS):
+        # e.g. "QLinearGlobalAveragePool ... parameter out of computation range": a value
+        # in the file, not a size; the size advice below misled (2026-12-05)
+        return EdgeslimError(
+            f"{head} The file holds a value ONNX Runtime refuses for that operator (a "
+            "quantizer's scale or zero point out of its range, an attribute); report this "
+            "with the model."
+        )
+    return EdgeslimError(
+        f"{head} The exporter fixed a size the inputs change (torch's exporter writes "
+        f"nn.MultiheadAttention with its traced sequence length): {fix}"
+    )
+
+
+# words of ONNX Runtime's messages when a size in the file does not fit the inputs
+_SIZE_WORDS = ("shape", "dimension", "dim ", "size", "broadcast", "reshape", "index", "rank")
 
 
 def check_parity(

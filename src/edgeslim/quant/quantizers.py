@@ -35,6 +35,10 @@ INT8_CODE_MAX = 2 ** (INT8_CODE_BITS - 1)
 """The largest code magnitude an int8 file gives the levels of a non-uniform grid (64)."""
 
 
+LEARNED_RANGE_FLOOR = 1e-3
+"""The smallest share of its starting value a learned step may shrink to (then it stops)."""
+
+
 def _pos(s: torch.Tensor) -> torch.Tensor:
     """Scales stay positive even when learned (gradient passes where ``s > EPS``)."""
     return s.clamp_min(EPS)
@@ -88,6 +92,23 @@ class RangeQuantizer(Quantizer):
         p = nn.Parameter(t.detach().clone())
         self.register_parameter(self.range_name, p)
         return p
+
+    def hold_range(self, start: bool = False) -> None:
+        """Keep a learned step (scale, alpha) at or above :data:`LEARNED_RANGE_FLOOR` of its
+        value when training started (``start=True`` records it, before the first optimizer
+        step; the training loop calls this after every step): an optimizer does not know a
+        step must stay positive. LSQ's step after a global average pool was driven to
+        -0.009 by one epoch of fine-tuning (2026-12-05, a random-weight CNN): torch then
+        computed with the 1e-8 floor of ``_pos`` (the activation zeroed, and no gradient to
+        bring the step back), and ONNX Runtime refused the file's negative scale."""
+        t = self.range_param
+        if not self.homogeneous or not isinstance(t, nn.Parameter):
+            return
+        floor = getattr(self, "_range_floor", None)
+        if start or floor is None or floor.shape != t.shape:  # an attribute: never saved
+            floor = self._range_floor = (t.detach().abs() * LEARNED_RANGE_FLOOR).clamp_min(EPS)
+        with torch.no_grad():
+            t.copy_(torch.maximum(t, floor.to(t.dtype)))
 
     def _assign(self, name: str, value: torch.Tensor) -> None:
         """Set a range tensor; a Parameter is updated in place when the shape allows, so an
@@ -220,7 +241,15 @@ class UniformQuantizer(RangeQuantizer):
         return self.scale / 2 ** (INT8_CODE_BITS - self.bits)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """``(clamp(ceil(x/s + zp - 1/2), qmin, qmax) - zp) * s`` (ceil: ties go down)."""
+        """``(clamp(round(x/s) + zp, qmin, qmax) - zp) * s``, rounding half to even.
+
+        The rounding of ONNX ``QuantizeLinear`` (and of torch's own quantized kernels), so a
+        file rounds as the model does. It matters where values sit on ties: an average pool
+        whose output keeps its input's grid (data-free int8) averages codes into half steps.
+        Before, ties went down (``ceil(x/s + zp - 1/2)``, the zero point added first): a
+        DenseNet-style transition's file differed from torch by 4% (a random-weight net,
+        2026-12-05), unnoticed by the metric.
+        """
         self._require_calibrated()
         s = _pos(self.scale)
         g = self.to_groups(x).to(s.dtype)
@@ -234,10 +263,10 @@ class UniformQuantizer(RangeQuantizer):
             # place into the one new tensor ``g / s`` makes (bit-equal; about 2x faster on
             # activations that overflow the cache, where every pass is a trip to memory);
             # not under torch.fx tracing, where ``g`` is a Proxy whose flags cannot be read
-            k = (g / s[:, None]).add_(zp).sub_(0.5).ceil_().clamp_(self.qmin, self.qmax)
+            k = (g / s[:, None]).round_().add_(zp).clamp_(self.qmin, self.qmax)
             return self.from_groups(k.sub_(zp).mul_(s[:, None]).to(x.dtype), x)
         else:
-            k = torch.ceil(g / s[:, None] + zp - 0.5).clamp(self.qmin, self.qmax)
+            k = (torch.round(g / s[:, None]) + zp).clamp(self.qmin, self.qmax)
         return self.from_groups(((k - zp) * s[:, None]).to(x.dtype), x)
 
 

@@ -341,6 +341,7 @@ def train_classifier(
     best: _Best | None = _Best.of(model, val) if keep_best and val is not None else None
     model.train()
     step = 0
+    constrained: list[Any] | None = None
     with progress_bar() as bar:
         task = bar.add_task(description, total=total_steps)
         for epoch in range(config.epochs):
@@ -376,7 +377,13 @@ def train_classifier(
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if constrained is None:  # after the first forward: LSQ makes ranges learnable
+                    constrained = _constrained(model)
+                    for module in constrained:
+                        module.hold_range(start=True)
                 opt.step()
+                for module in constrained:
+                    module.hold_range()
                 if step <= total_steps:  # an iterable may yield more batches than counted
                     sched.step()
                 n = batch_size_of(inputs)
@@ -428,3 +435,9 @@ class _Best:
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _constrained(model: nn.Module) -> list[Any]:
+    """The modules with a constraint to restore after each optimizer step (a learned
+    quantizer step stays positive: ``hold_range``)."""
+    return [m for m in model.modules() if callable(getattr(m, "hold_range", None))]
