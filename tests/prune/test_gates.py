@@ -316,6 +316,23 @@ def test_a_model_without_gateable_groups_is_told_why() -> None:
         attach_gates(model.eval(), EX)
 
 
+def test_a_recurrent_model_is_told_which_layer_keeps_its_groups_ungated() -> None:
+    """A Linear -> GRU -> Linear classifier: its two channel groups span the GRU, which
+    gates do not scale; the refusal named only the output head."""
+
+    class GruClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.gru, self.fc = nn.Linear(12, 32), nn.GRU(32, 32), nn.Linear(32, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.gru(torch.relu(self.proj(x)))
+            return self.fc(out[-1])
+
+    with pytest.raises(PruneError, match=r"group 'gru' \(32 channels\): it spans 'gru' \(GRU\)"):
+        attach_gates(GruClassifier().eval(), (torch.randn(16, 1, 12),))
+
+
 class MasksPerSampleInTraining(nn.Module):
     """wav2vec2's SpecAugment: in training mode, a mask drawn per sample in Python (a loop
     over the batch), which no batch-free graph can hold."""

@@ -220,3 +220,39 @@ def test_datafree_stage_takes_the_first_layers_input_range_from_the_task(
     assert steps[0] == pytest.approx(12.0 / 255, rel=1e-3)
     assert steps[1] == pytest.approx(2.5 / 255, rel=1e-3)
     assert guessed == [True, False]  # the guess is said, never silent
+
+
+def test_the_float_input_note_names_only_layers_that_stay_float(tmp_path: Path) -> None:
+    """A head after ``x.mean((2, 3))`` has no statistics of its own, but the edge pass
+    carries the range through the mean and quantizes its input: the note said it stayed
+    float (ONNX Runtime ran it as QGemm). The first conv of a token model reads an
+    embedding, which nothing bounds: that one is named."""
+
+    class MeanHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 16, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(16),
+                torch.nn.ReLU(),
+            )  # fmt: skip
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.body(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = MeanHead()
+    with torch.no_grad():
+        model.train()(torch.randn(32, 3, 16, 16))
+    from edgeslim import Task
+
+    stage = _parse(method="rtn", low_bits=8, high_bits=8)
+    task = Task((torch.randn(1, 3, 16, 16),))
+    ctx = StageContext(out=tmp_path / "mean", model_name="mean-head", task=task)
+    run_datafree(model.eval(), stage, ctx)
+    assert not [n for n in ctx.notes if "no statistics for the inputs" in n], ctx.notes
+    task = Task((torch.randint(0, 50, (1, 12)),))
+    ctx = StageContext(out=tmp_path / "tokens", model_name="tokens", task=task)
+    run_datafree(_TokenConvNet().eval(), stage, ctx)
+    (note,) = [n for n in ctx.notes if "no statistics for the inputs" in n]
+    assert "body.0" in note and "fc" not in note.split("inputs of")[1]

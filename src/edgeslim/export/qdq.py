@@ -662,13 +662,46 @@ def _evaluate(model: Any, name: str, consts: dict[str, Any], producer: dict[str,
     return result[0]
 
 
+# ops that only move or copy values: their output is on their inputs' grid
+_MOVES_CODES = ("Slice", "Concat", "Pad")
+
+
+def _moved_from(name: str, producer: dict[str, Any], depth: int = 0) -> list[Any] | None:
+    """The per-tensor ``DequantizeLinear`` nodes whose values ``name`` only moves (through
+    :data:`_MOVES_CODES`; a ``Pad`` in reflect or edge mode), or None when anything else
+    computes it."""
+    from onnx import helper
+
+    node = producer.get(name)
+    if node is None or depth > 16:
+        return None
+    if node.op_type == "DequantizeLinear":
+        per_tensor = len(node.input) >= 3 and not any(a.name == "axis" for a in node.attribute)
+        return [node] if per_tensor else None
+    if node.op_type not in _MOVES_CODES:
+        return None
+    if node.op_type == "Pad":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("mode", b"constant") not in (b"reflect", b"edge"):
+            return None
+    data = node.input if node.op_type == "Concat" else node.input[:1]
+    found: list[Any] = []
+    for d in data:
+        leaves = _moved_from(d, producer, depth + 1)
+        if leaves is None:
+            return None
+        found.extend(leaves)
+    return found
+
+
 def requantize_after_pad(model: Any) -> int:
-    """A reflect or edge ``Pad`` between a ``DequantizeLinear`` and a ``Conv`` gets a
-    ``Q -> DQ`` on the input's own grid after it, so ONNX Runtime runs the pad on codes and
-    the conv as ``QLinearConv``. ``Conv(padding_mode="reflect")`` exports as ``Pad`` +
-    ``Conv``; the float ``Pad`` left the conv without a dequantized input, in float
-    (an ESPCN-style super-resolution net: 20% of its MACs on integers). Exact: the pad
-    copies values, which are already on that grid. Returns the count."""
+    """A conv whose input only moves dequantized values of one grid (a reflect or edge
+    ``Pad``; circular padding, which exports as ``Slice`` + ``Concat``) gets a ``Q -> DQ``
+    on that grid before it, so ONNX Runtime moves codes and runs the conv as
+    ``QLinearConv``. The float ``Pad``/``Concat`` left the conv without a dequantized
+    input, in float (an ESPCN-style super-resolution net: 20% of its MACs on integers; a
+    circular-padded conv: 68%). Exact: those ops copy values already on that grid.
+    Returns the count."""
     from onnx import helper
 
     graph = model.graph
@@ -677,21 +710,16 @@ def requantize_after_pad(model: Any) -> int:
     outputs = {o.name for o in graph.output}
     added: list[tuple[Any, list[Any]]] = []
     for node in graph.node:
-        if node.op_type != "Pad" or node.output[0] in outputs:
+        if node.op_type not in _MOVES_CODES or node.output[0] in outputs:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("mode", b"constant") not in (b"reflect", b"edge"):
-            continue
-        dq = producer.get(node.input[0])
         readers = users.get(node.output[0], [])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
-            continue
-        if any(a.name == "axis" for a in dq.attribute):
-            continue  # a per-channel grid: not an activation's
         if not readers or any(r.op_type != "Conv" for r in readers):
             continue
+        dqs = _moved_from(node.output[0], producer)
+        if not dqs or len({(d.input[1], d.input[2]) for d in dqs}) != 1:
+            continue  # not codes of one grid
         coded, back = f"{node.output[0]}_codes", f"{node.output[0]}_dequantized"
-        grid = [dq.input[1], dq.input[2]]
+        grid = [dqs[0].input[1], dqs[0].input[2]]
         q_node = helper.make_node("QuantizeLinear", [node.output[0], *grid], [coded],
                                   name=f"{node.name}_requantize")  # fmt: skip
         dq_node = helper.make_node("DequantizeLinear", [coded, *grid], [back],

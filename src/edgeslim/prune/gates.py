@@ -489,6 +489,17 @@ def _gateable(model: nn.Module, group: CouplingGroup) -> bool:
     )
 
 
+def _ungated(model: nn.Module, group: CouplingGroup) -> str:
+    """The first member of ``group`` that keeps it from being gated, as ``'fqn' (Type)``."""
+    for m in group.members:
+        mod = model.get_submodule(m.fqn)
+        if m.role not in ("bn", "channelwise") and not isinstance(
+            mod, (nn.modules.conv._ConvNd, nn.Linear)
+        ):
+            return f"'{m.fqn}' ({type(mod).__name__})"
+    return "a layer"
+
+
 def _refuse_unreachable(gates: GateSet, target: int, reduction: float) -> None:
     """Fail before training when the gated groups cannot hold the target even at their
     narrowest, naming how much of the model the gates cannot reach (a ViT's heads: its
@@ -532,13 +543,16 @@ def attach_gates(
     why: list[str] = []
     if groups is None:
         graph = analyze(model, *example_args)
-        groups = [
-            g
-            for g in graph.prunable_groups
-            if g.kind == "channel" and g.producers and _gateable(model, g)
-        ]
+        channel = [g for g in graph.prunable_groups if g.kind == "channel" and g.producers]
+        groups = [g for g in channel if _gateable(model, g)]
         layers = graph.layers
         why = [f"{describe_group(g)}: {g.reason}" for g in graph.groups if g.reason]
+        why += [  # before, left out without a word (a GRU classifier's only groups)
+            f"{describe_group(g)}: it spans {_ungated(model, g)}, which gates do not scale "
+            "(`method: rank` prunes it)"
+            for g in channel
+            if not _gateable(model, g)
+        ]
     else:
         layers = layer_table(model, *example_args)  # the groups are known: skip the trace
     narrow = [

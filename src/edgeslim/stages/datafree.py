@@ -226,13 +226,42 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
             "quantizer assumes a standardised input (mean 0, std 1: +-6); a Task with "
             "input_ranges (the image tasks set it from their normalisation) gives the exact one"
         )
+    model = quantized_model(
+        result, stage.act_bits, stage.act_ranges, edges=stage.act_ranges == "statistics"
+    ).eval()
     unknown = [f for f, r in result.input_ranges.items() if r is None]
+    # the edge pass may still give one a range (a head after a mean, carried through)
+    unknown = [f for f in unknown if not _input_quantized(model, f)]
     if stage.act_bits is not None and stage.act_ranges == "statistics" and unknown:
         ctx.notes.append(
             "datafree: no statistics for the inputs of "
             + ", ".join(unknown)
             + "; their activations stay float"
         )
-    return quantized_model(
-        result, stage.act_bits, stage.act_ranges, edges=stage.act_ranges == "statistics"
-    ).eval()
+    return model
+
+
+def _input_quantized(model: nn.Module, fqn: str) -> bool:
+    """Whether layer ``fqn`` reads a quantized input: its own input quantizer, or an edge
+    quantizer before it with only value-moving ops (flatten, view) between."""
+    import torch.fx as fx
+
+    from edgeslim.graph.ops import MOVES_VALUES
+    from edgeslim.quant.modules import ActQuant
+
+    if getattr(model.get_submodule(fqn), "input_quant", None) is not None:
+        return True
+    if not isinstance(model, fx.GraphModule):
+        return False
+    for node in model.graph.nodes:
+        if node.op == "call_module" and node.target == fqn and node.args:
+            src = node.args[0]
+            while isinstance(src, fx.Node):
+                if src.op == "call_module" and isinstance(
+                    model.get_submodule(str(src.target)), ActQuant
+                ):
+                    return True
+                if not MOVES_VALUES.matches(model, src) or not src.args:
+                    return False
+                src = src.args[0]
+    return False
