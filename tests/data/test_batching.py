@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -100,3 +102,45 @@ def test_split_holds_every_nth_sample_out_and_keeps_the_rest_as_it_was(
 def test_split_refuses_holding_out_everything() -> None:
     with pytest.raises(ValueError, match="every must be >= 2"):
         TensorBatches(torch.zeros(4, 2)).split(1)
+
+
+def test_output_labels_name_dict_outputs_by_their_keys() -> None:
+    from edgeslim.data.batching import flat_outputs, output_labels
+
+    t = torch.zeros(1)
+    assert output_labels(t) == ["output"]
+    assert output_labels((t, t)) == ["output", "output1"]
+    nested = {"logits": t, "boxes": t, "aux": [t, {"mask": t}]}
+    assert output_labels(nested) == ["logits", "boxes", "aux.0", "aux.1.mask"]
+    assert len(output_labels(nested)) == len(flat_outputs(nested))
+    assert output_labels((t, {"a": t})) == ["output", "a"]
+    assert output_labels({"output1": t, "x": t, "y": (t, t)}) == ["output1", "x", "y.0", "y.1"]
+
+
+def test_an_exported_dict_output_keeps_its_keys(tmp_path: Path) -> None:
+    """A detection head's ``{"logits", "boxes"}`` was written as ``output`` and
+    ``output1``; the file's outputs are named by the keys, each with a batch axis."""
+    import onnxruntime as ort
+    from torch import nn
+
+    from edgeslim import Task
+    from edgeslim.export.onnx import export_onnx
+    from edgeslim.export.verify import task_axes
+
+    class Detector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.cls, self.box = nn.Conv2d(3, 8, 3), nn.Linear(8, 5), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = torch.relu(self.conv(x)).mean((2, 3))
+            return {"logits": self.cls(h), "boxes": self.box(h)}
+
+    model, x = Detector().eval(), torch.randn(1, 3, 12, 12)
+    path = export_onnx(model, (x,), tmp_path / "m.onnx", **task_axes(Task((x,)), model))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "boxes"]
+    logits, boxes = session.run(
+        None, {session.get_inputs()[0].name: torch.randn(3, 3, 12, 12).numpy()}
+    )
+    assert logits.shape == (3, 5) and boxes.shape == (3, 4)

@@ -90,6 +90,35 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def output_labels(out: Any) -> list[str]:
+    """A name for each tensor of :func:`flat_outputs` (same order): the dict keys when the
+    output holds a dict (``logits``, ``boxes``; nested ones joined with ``.``, a list's
+    items numbered), else ``output``, ``output1``, ... as before. Why: a detection model's
+    ``{"logits", "boxes"}`` exported as ``output`` and ``output1``, and a user reading the
+    file had to guess which was which."""
+
+    def walk(o: Any, path: str) -> list[str]:
+        if isinstance(o, torch.Tensor):
+            return [path]
+        if isinstance(o, Mapping):
+            return [n for k, v in o.items() for n in walk(v, f"{path}.{k}" if path else str(k))]
+        if isinstance(o, (tuple, list)):
+            return [n for i, v in enumerate(o) for n in walk(v, f"{path}.{i}" if path else "")]
+        return []
+
+    plain = [f"output{i}" if i else "output" for i in range(len(flat_outputs(out)))]
+    if not _holds_mapping(out):
+        return plain
+    named = [n if n else plain[i] for i, n in enumerate(walk(out, ""))]
+    return named if len(set(named)) == len(named) else plain
+
+
+def _holds_mapping(out: Any) -> bool:
+    if isinstance(out, Mapping):
+        return True
+    return isinstance(out, (tuple, list)) and any(_holds_mapping(v) for v in out)
+
+
 class MappedBatches:
     """``fn`` applied to every batch of ``data``, re-iterable as ``data`` is.
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.data.batching import Inputs
+from edgeslim.data.batching import Inputs, output_labels
 from edgeslim.errors import EdgeslimError, TaskError, first_line
 from edgeslim.export.conditioning import FLOAT_NOISE, Float64Reference, SetAside, judge_rows
 from edgeslim.task.agreement import flat_outputs
@@ -29,23 +29,32 @@ if TYPE_CHECKING:
     from edgeslim.task import Task
 
 
-def output_batch_dims(module: nn.Module, one: Inputs, two: Inputs) -> list[int | None]:
-    """Each output's batch dimension (None when it does not depend on the batch)."""
+def output_batch_dims(
+    module: nn.Module, one: Inputs, two: Inputs
+) -> tuple[list[int | None], list[str]]:
+    """Each output's batch dimension (None when it does not depend on the batch), and its
+    name in the file (:func:`~edgeslim.data.batching.output_labels`)."""
     module.eval()
     with torch.no_grad():
-        a, b = flat_outputs(module(*one)), flat_outputs(module(*two))
+        first = module(*one)
+        a, b = flat_outputs(first), flat_outputs(module(*two))
     dims: list[int | None] = []
     for x, y in zip(a, b, strict=True):
         grown = [d for d in range(x.dim()) if x.shape[d] != y.shape[d]]
         dims.append(grown[0] if grown else None)
-    return dims
+    return dims, output_labels(first)
 
 
 def export_axes(
-    names: list[str], in_dims: tuple[int, ...], out_dims: list[int | None]
+    names: list[str],
+    in_dims: tuple[int, ...],
+    out_dims: list[int | None],
+    out_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """``input_names``, ``output_names`` and ``dynamic_axes`` for :func:`export_onnx`."""
     outs = [f"output{i}" if i else "output" for i in range(len(out_dims))]
+    if out_names and len(out_names) == len(outs) and not set(out_names) & set(names):
+        outs = out_names  # a dict's keys, unless one is an input's name
     axes: dict[str, dict[int, str]] = {n: {d: "batch"} for n, d in zip(names, in_dims, strict=True)}
     axes.update({n: {d: "batch"} for n, d in zip(outs, out_dims, strict=True) if d is not None})
     return {"input_names": names, "output_names": outs, "dynamic_axes": axes}
@@ -82,9 +91,9 @@ def task_axes(task: Task, module: nn.Module) -> dict[str, Any]:
     """The export axes of ``module`` on ``task``: every input's and output's batch
     dimension, the dimensions the latency inputs change (:func:`widen_axes`), and the
     task's :attr:`~edgeslim.Task.dynamic_dims` with the output dimensions that follow them."""
-    dims = output_batch_dims(module, task.inputs_at(1), task.inputs_at(2))
+    dims, labels = output_batch_dims(module, task.inputs_at(1), task.inputs_at(2))
     example = task.example_inputs
-    axes = widen_axes(export_axes(task.names, task.dims, dims), module, example,
+    axes = widen_axes(export_axes(task.names, task.dims, dims, labels), module, example,
                       task.latency_feeds())  # fmt: skip
     resized = task.resized(example)
     if resized is None:
