@@ -23,6 +23,7 @@ from edgeslim.graph import layer_table, total_macs, trace
 from edgeslim.lowrank import (
     LowRankConv1d,
     LowRankConv2d,
+    LowRankConv3d,
     LowRankError,
     LowRankLinear,
     SVDConfig,
@@ -118,6 +119,31 @@ def test_a_conv1d_network_meets_a_macs_target_and_exports(tmp_path: Path) -> Non
     assert total_macs(layer_table(model, x[:1])) <= 0.7 * before + 1
     assert report.layers
     path = export_onnx(model, (x[:1],), tmp_path / "c1d.onnx")
+    got = ort_session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_conv3d_video_network_factorizes_exactly_at_full_rank_and_exports(
+    tmp_path: Path,
+) -> None:
+    """3-D convs (video) were refused ("not a plain nn.Linear, nn.Conv1d or nn.Conv2d"):
+    a k x k x k conv to ``rank`` channels, then a 1x1x1 conv."""
+    torch.manual_seed(0)
+    conv = nn.Conv3d(3, 8, 3, stride=(1, 2, 2), padding=1)
+    low = factorize_layer(conv, 8)
+    assert isinstance(low, LowRankConv3d) and low.expand.kernel_size == (1, 1, 1)
+    x = torch.randn(2, 3, 4, 10, 10)
+    torch.testing.assert_close(low(x), conv(x), atol=1e-5, rtol=1e-4)
+    model = nn.Sequential(
+        nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(32, 5),
+    ).eval()  # fmt: skip
+    before = total_macs(layer_table(model, x[:1]))
+    factorize_(model, (x[:1],), SVDConfig(macs_reduction=0.3))
+    assert any(isinstance(m, LowRankConv3d) for m in model.modules())
+    assert total_macs(layer_table(model, x[:1])) <= 0.7 * before + 1
+    path = export_onnx(model, (x[:1],), tmp_path / "c3d.onnx")
     got = ort_session(path).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-4, rtol=1e-4)

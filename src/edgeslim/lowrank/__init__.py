@@ -4,6 +4,7 @@ two plain layers per factorized conv/linear (fx-traceable, exportable to ONNX)."
 from edgeslim.lowrank.modules import (
     LowRankConv1d,
     LowRankConv2d,
+    LowRankConv3d,
     LowRankError,
     LowRankLinear,
     factorize_layer,
@@ -24,6 +25,7 @@ __all__ = [
     "LayerRank",
     "LowRankConv1d",
     "LowRankConv2d",
+    "LowRankConv3d",
     "LowRankError",
     "LowRankLinear",
     "LowRankReport",

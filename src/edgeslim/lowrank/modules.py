@@ -3,9 +3,10 @@
 A conv becomes a k x k conv with ``rank`` outputs (the original stride, padding, dilation)
 followed by a 1x1 conv back to the original outputs (the channel scheme: ``W`` reshaped to
 ``N x (C k k)``); a 1-D conv (audio, sensor and text CNNs) the same with a length-k kernel;
-a linear becomes two linears. Both halves are plain ``nn.Conv2d`` / ``nn.Conv1d`` /
-``nn.Linear`` inside an ``nn.Sequential``, so the model still fx-traces, exports to ONNX and
-can be quantized or pruned like any other; the subclass only marks what was factorized.
+a 3-D conv (video) with a k x k x k kernel; a linear becomes two linears. Both halves are
+plain ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` / ``nn.Linear`` inside an
+``nn.Sequential``, so the model still fx-traces, exports to ONNX and can be quantized or
+pruned like any other; the subclass only marks what was factorized.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class _LowRankConv(_NoSingleWeight, nn.Sequential):
     (Hugging Face's TF padding reads ``stride`` and ``kernel_size``): geometry is the first
     conv's, channels in from the first and out from the second."""
 
-    reduce: nn.Conv1d | nn.Conv2d
-    expand: nn.Conv1d | nn.Conv2d
+    reduce: nn.Conv1d | nn.Conv2d | nn.Conv3d
+    expand: nn.Conv1d | nn.Conv2d | nn.Conv3d
 
     @property
     def in_channels(self) -> int:
@@ -116,17 +117,27 @@ class LowRankConv1d(_LowRankConv):
     expand: nn.Conv1d
 
 
-LowRank = LowRankLinear | LowRankConv1d | LowRankConv2d
-LOW_RANK_TYPES = (LowRankLinear, LowRankConv1d, LowRankConv2d)
-Factorizable = nn.Linear | nn.Conv1d | nn.Conv2d
-FACTORIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+class LowRankConv3d(_LowRankConv):
+    """A k x k x k ``Conv3d(C, rank)`` then a 1x1x1 ``Conv3d(rank, N)`` (video models)."""
+
+    reduce: nn.Conv3d
+    expand: nn.Conv3d
+
+
+LowRank = LowRankLinear | LowRankConv1d | LowRankConv2d | LowRankConv3d
+LOW_RANK_TYPES = (LowRankLinear, LowRankConv1d, LowRankConv2d, LowRankConv3d)
+Factorizable = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+FACTORIZABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PAIRS: dict[type[nn.Module], type[LowRankConv1d | LowRankConv2d | LowRankConv3d]] = {
+    nn.Conv1d: LowRankConv1d, nn.Conv2d: LowRankConv2d, nn.Conv3d: LowRankConv3d,
+}  # fmt: skip
 
 
 def why_not_factorizable(module: nn.Module) -> str | None:
     """None for a layer :func:`factorize_layer` handles, else the reason it is left alone."""
     if type(module) is nn.Linear:
         return None
-    if type(module) in (nn.Conv1d, nn.Conv2d):
+    if type(module) in _PAIRS:
         assert isinstance(module, nn.modules.conv._ConvNd)
         if module.groups != 1:
             return (
@@ -140,7 +151,7 @@ def why_not_factorizable(module: nn.Module) -> str | None:
             "(F.multi_head_attention_forward), so two smaller layers there would never run; "
             "left dense"
         )
-    return f"{type(module).__name__} is not a plain nn.Linear, nn.Conv1d or nn.Conv2d"
+    return f"{type(module).__name__} is not a plain nn.Linear or nn.Conv1d/2d/3d"
 
 
 def weight_matrix(module: Factorizable) -> torch.Tensor:
@@ -201,15 +212,14 @@ def factorize_layer(
             )
         )
     else:
-        conv = type(module)  # nn.Conv1d or nn.Conv2d
+        conv = type(module)  # nn.Conv1d, nn.Conv2d or nn.Conv3d
         reduce = conv(
             module.in_channels, rank, module.kernel_size, module.stride,  # type: ignore[arg-type]
             module.padding, module.dilation, bias=False,  # type: ignore[arg-type]
             padding_mode=module.padding_mode,
         )  # fmt: skip
         expand = conv(rank, module.out_channels, 1, bias=bias)
-        pair = LowRankConv2d if conv is nn.Conv2d else LowRankConv1d
-        layer = pair(OrderedDict(reduce=reduce, expand=expand))
+        layer = _PAIRS[conv](OrderedDict(reduce=reduce, expand=expand))
         first = first.reshape(rank, *module.weight.shape[1:])
         ones = (1,) * (module.weight.dim() - 2)
         second = second.reshape(module.out_channels, rank, *ones)

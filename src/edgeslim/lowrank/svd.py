@@ -1,9 +1,9 @@
 """Post-hoc SVD factorization: every eligible conv/linear becomes two smaller layers.
 
 ``factorize_(model, example_inputs, SVDConfig(macs_reduction=0.5))`` replaces, in place,
-each plain ``nn.Linear`` and ungrouped ``nn.Conv1d``/``nn.Conv2d`` whose truncated SVD saves
-MACs by a :class:`~edgeslim.lowrank.modules.LowRankLinear` / ``LowRankConv1d`` /
-``LowRankConv2d`` holding the two factors.
+each plain ``nn.Linear`` and ungrouped ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` whose
+truncated SVD saves MACs by a :class:`~edgeslim.lowrank.modules.LowRankLinear` /
+``LowRankConv1d`` / ``LowRankConv2d`` / ``LowRankConv3d`` holding the two factors.
 Ranks come from an energy threshold per layer, or are chosen so the whole model meets a
 MACs reduction while losing the least energy (met, or a :class:`LowRankError` saying what
 is reachable; see :mod:`edgeslim.lowrank.ranks`).
@@ -96,7 +96,7 @@ def factorize_(
             "no layer can be factorized: "
             + (
                 "; ".join(f"{k}: {v}" for k, v in skipped.items())
-                or "no nn.Linear/nn.Conv1d/nn.Conv2d"
+                or "no nn.Linear/nn.Conv1d/nn.Conv2d/nn.Conv3d"
             )
         )
     target: float | None = None  # the MACs reduction the ranks were chosen for
