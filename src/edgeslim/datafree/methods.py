@@ -368,7 +368,7 @@ def _nothing(
 ) -> NothingToCompressError:
     shown = reasons[:8] + ([f"... and {len(reasons) - 8} more"] if len(reasons) > 8 else [])
     unhandled = _unhandled(chain)
-    if not shown:  # e.g. every layer sits inside a module torch.fx keeps whole
+    if not shown and not unhandled:  # e.g. every layer inside a module fx keeps whole
         shown = ["no pair of conv/linear layers is visible in the traced graph (layers "
                  "inside modules torch.fx keeps whole, such as torch's transformer layers, "
                  "are not analysed)"]  # fmt: skip
