@@ -440,4 +440,6 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _constrained(model: nn.Module) -> list[Any]:
     """The modules with a constraint to restore after each optimizer step (a learned
     quantizer step stays positive: ``hold_range``)."""
-    return [m for m in model.modules() if callable(getattr(m, "hold_range", None))]
+    from edgeslim.quant.quantizers import RangeQuantizer
+
+    return [m for m in model.modules() if isinstance(m, RangeQuantizer)]
