@@ -344,8 +344,8 @@ def test_averages_of_codes_round_alike_in_torch_and_the_file(tmp_path: Path) -> 
     """A DenseNet-style transition (an average pool read by a BatchNorm and a concat) and a
     global average pool: data-free, each average's output grid had its input's, so 2x2
     averages of codes fell on exact half steps, which torch rounded down and ONNX Runtime
-    to even: the file differed from torch by 4% of the output norm. Ties now round half to
-    even in torch too, and an average's grid is offset from its input's (no exact ties)."""
+    to even: the file differed from torch by 4% of the output norm. An average's grid is
+    offset from its input's now, so no average of codes sits on a tie."""
     import numpy as np
     import onnxruntime as ort
     from torch import nn

@@ -139,9 +139,9 @@ def _averaged(src: Interval | None) -> Interval | None:
     """The range of an average (pool, mean, (bi)linear upsampling) of values in ``src``.
 
     ``src`` bounds it, but on the input's own grid an average of ``2^a`` codes lands on
-    exact half steps, where the file (integer sum, rounded half to even) and torch (a float
-    sum, off a tie by its rounding) round apart: a DenseNet-style net's data-free int8 file
-    differed from torch by 1.6% of its output norm and one prediction in 13 (random
+    exact half steps, where the file (integer sum, rounded half to even) and torch (ties
+    down, or a float sum off the tie by its own rounding) round apart: a DenseNet-style
+    transition's data-free int8 file differed from torch by 4% of its output norm (random
     weights, 2026-12-05). Widened by ``1/512`` of the width, the step is ``513/512`` of the
     input's: an average of up to ``2^9`` codes has no exact tie on it (ties would need
     ``1024 m = 513 k (2j + 1)``). A zero end stays (a ReLU's output keeps its zero point).
