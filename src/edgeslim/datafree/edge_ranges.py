@@ -142,9 +142,11 @@ def _averaged(src: Interval | None) -> Interval | None:
     exact half steps, where the file (integer sum, rounded half to even) and torch (ties
     down, or a float sum off the tie by its own rounding) round apart: a DenseNet-style
     transition's data-free int8 file differed from torch by 4% of its output norm (random
-    weights, 2026-12-05). Widened by ``1/512`` of the width, the step is ``513/512`` of the
-    input's: an average of up to ``2^9`` codes has no exact tie on it (ties would need
-    ``1024 m = 513 k (2j + 1)``). A zero end stays (a ReLU's output keeps its zero point).
+    weights, 2026-12-05). Widened by ``1/512`` of the width at one end, the step is
+    ``513/512`` of the input's, and an average of ``k < 2^10`` codes, ``m / k`` input steps,
+    has no exact tie on it (one would need ``1024 m = 513 k (2j + 1)``); widened at both
+    ends, ``257/256`` and ``k < 2^9``. A zero end stays (a ReLU's output keeps its zero
+    point).
     """
     if src is None:
         return None
@@ -177,11 +179,19 @@ def _module_interval(
     name = _act_name(gm, node)
     if name is not None:
         return _act_interval(name, src)
-    if convex_upsample(gm, node) and upsample_mode(gm, node) != "nearest":
+    if _averages(gm, node):
         return _averaged(src)
-    if AVERAGES.matches(gm, node):
-        return _averaged(src)
-    return src if _IN_RANGE.matches(gm, node) else None
+    return src if _IN_RANGE.matches(gm, node) or convex_upsample(gm, node) else None
+
+
+def _averages(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An average pool, a mean, or (bi)linear upsampling: outputs averaged from inputs."""
+    mode = upsample_mode(gm, node)
+    if mode is not None:
+        return mode != "nearest" and convex_upsample(gm, node)
+    return (
+        AVERAGES.matches(gm, node) or is_spatial_mean(node) or node.target in ("mean", torch.mean)
+    )
 
 
 def _function_interval(
@@ -194,7 +204,7 @@ def _function_interval(
             return _clip(src, 0.0, float("inf"))
         if (name := _act_name(gm, node)) is not None:
             return _act_interval(name, src)
-        if node.target == "mean":
+        if _averages(gm, node):
             return _averaged(src)
         return src if _IN_RANGE.matches(gm, node) else None
     if node.target in ADDS and len(ins) == 2:
@@ -222,13 +232,9 @@ def _function_interval(
         return min(i[0] for i in known), max(i[1] for i in known)
     if node.target in _RELU_FUNCS:
         return _clip(src, 0.0, float("inf"))
-    if convex_upsample(gm, node):
-        return src if upsample_mode(gm, node) == "nearest" else _averaged(src)
-    if AVERAGES.matches(gm, node) or is_spatial_mean(node) or node.target is torch.mean:
+    if _averages(gm, node):
         return _averaged(src)
-    if _IN_RANGE.matches(gm, node):
-        return src
-    return None
+    return src if _IN_RANGE.matches(gm, node) or convex_upsample(gm, node) else None
 
 
 def _constant_operand(node: fx.Node) -> float | None:

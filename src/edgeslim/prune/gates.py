@@ -479,25 +479,17 @@ class GateSet:
         self.remove()
 
 
-def _gateable(model: nn.Module, group: CouplingGroup) -> bool:
-    """Whether every sliced member is a conv/linear (gates scale their inputs and count their
-    MACs); groups of recurrent layers are left whole by learned gates."""
-    return all(
-        m.role in ("bn", "channelwise")
-        or isinstance(model.get_submodule(m.fqn), (nn.modules.conv._ConvNd, nn.Linear))
-        for m in group.members
-    )
-
-
-def _ungated(model: nn.Module, group: CouplingGroup) -> str:
-    """The first member of ``group`` that keeps it from being gated, as ``'fqn' (Type)``."""
+def _ungated(model: nn.Module, group: CouplingGroup) -> str | None:
+    """The first sliced member that is not a conv/linear (gates scale their inputs and count
+    their MACs), as ``'fqn' (Type)``; None when the group can be gated. Groups of recurrent
+    layers are left whole by learned gates."""
     for m in group.members:
         mod = model.get_submodule(m.fqn)
         if m.role not in ("bn", "channelwise") and not isinstance(
             mod, (nn.modules.conv._ConvNd, nn.Linear)
         ):
             return f"'{m.fqn}' ({type(mod).__name__})"
-    return "a layer"
+    return None
 
 
 def _refuse_unreachable(gates: GateSet, target: int, reduction: float) -> None:
@@ -544,14 +536,15 @@ def attach_gates(
     if groups is None:
         graph = analyze(model, *example_args)
         channel = [g for g in graph.prunable_groups if g.kind == "channel" and g.producers]
-        groups = [g for g in channel if _gateable(model, g)]
+        blockers = [(g, _ungated(model, g)) for g in channel]
+        groups = [g for g, b in blockers if b is None]
         layers = graph.layers
         why = [f"{describe_group(g)}: {g.reason}" for g in graph.groups if g.reason]
         why += [  # before, left out without a word (a GRU classifier's only groups)
-            f"{describe_group(g)}: it spans {_ungated(model, g)}, which gates do not scale "
+            f"{describe_group(g)}: it spans {b}, which gates do not scale "
             "(`method: rank` prunes it)"
-            for g in channel
-            if not _gateable(model, g)
+            for g, b in blockers
+            if b is not None
         ]
     else:
         layers = layer_table(model, *example_args)  # the groups are known: skip the trace

@@ -161,7 +161,7 @@ def quantize_edges(model: nn.Module, spec: QuantSpec | None = None) -> fx.GraphM
         gm.add_submodule(name, takeover.get(src) or _edge_quantizer(gm, users, spec))
         edges.append((src, users, name))
         node = src
-        while _moves_values(gm, node) and node.all_input_nodes:  # share through pool/flatten
+        while moves_values(gm, node) and node.all_input_nodes:  # share through pool/flatten
             prev = node.all_input_nodes[0]
             owner = shared.setdefault((prev, node), name)
             if owner != name:  # two halves of one split: the first one's quantizer serves both
@@ -222,7 +222,7 @@ def _link_input_grids(gm: fx.GraphModule, layers: list[fx.Node]) -> None:
         while src is not None and not (
             src.op == "call_module" and isinstance(gm.get_submodule(str(src.target)), ActQuant)
         ):
-            moves = _moves_values(gm, src) and bool(src.all_input_nodes)
+            moves = moves_values(gm, src) and bool(src.all_input_nodes)
             src = src.all_input_nodes[0] if moves else None
         if src is not None:
             grid = gm.get_submodule(str(src.target))
@@ -403,7 +403,7 @@ REARRANGES = OpSet(
 )  # fmt: skip
 
 
-def _moves_values(gm: fx.GraphModule, node: fx.Node) -> bool:
+def moves_values(gm: fx.GraphModule, node: fx.Node) -> bool:
     """:data:`MOVES_VALUES`, and nearest-neighbour upsampling (``F.interpolate``,
     ``nn.Upsample`` in mode ``nearest``): it copies values, so one quantizer serves before
     and after it and ONNX Runtime runs the ``Resize`` on uint8. Bilinear upsampling

@@ -243,10 +243,11 @@ def run_datafree(model: nn.Module, stage: DataFreeStage, ctx: StageContext) -> n
 
 def _input_quantized(model: nn.Module, fqn: str) -> bool:
     """Whether layer ``fqn`` reads a quantized input: its own input quantizer, or an edge
-    quantizer before it with only value-moving ops (flatten, view) between."""
+    quantizer before it with only ops between that the edge pass shares a grid through
+    (:func:`~edgeslim.quant.edges.moves_values`: flatten, max pool, nearest upsampling)."""
     import torch.fx as fx
 
-    from edgeslim.graph.ops import MOVES_VALUES
+    from edgeslim.quant.edges import moves_values
     from edgeslim.quant.modules import ActQuant
 
     if getattr(model.get_submodule(fqn), "input_quant", None) is not None:
@@ -261,7 +262,7 @@ def _input_quantized(model: nn.Module, fqn: str) -> bool:
                     model.get_submodule(str(src.target)), ActQuant
                 ):
                     return True
-                if not MOVES_VALUES.matches(model, src) or not src.args:
+                if not moves_values(model, src) or not src.args:
                     return False
                 src = src.args[0]
     return False

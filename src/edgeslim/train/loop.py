@@ -438,8 +438,12 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _constrained(model: nn.Module) -> list[Any]:
-    """The modules with a constraint to restore after each optimizer step (a learned
-    quantizer step stays positive: ``hold_range``)."""
+    """The modules with a constraint to restore after each optimizer step: quantizers whose
+    step is learned (LSQ, PACT) stay positive (``hold_range``)."""
     from edgeslim.quant.quantizers import RangeQuantizer
 
-    return [m for m in model.modules() if isinstance(m, RangeQuantizer)]
+    return [
+        m for m in model.modules()
+        if isinstance(m, RangeQuantizer) and m.homogeneous
+        and isinstance(m.range_param, nn.Parameter)
+    ]  # fmt: skip
