@@ -169,7 +169,7 @@ def export_qdq(
     fold_scale_into_dequantize(proto)
     quantize_gemm_bias(proto)
     fold_pad_into_conv(proto)
-    requantize_after_pad(proto)
+    requantize_moved_codes(proto)
     bypass_requantize(proto)
     hardswish_on_codes(proto)
     mean_as_global_pool(proto)
@@ -694,7 +694,7 @@ def _moved_from(name: str, producer: dict[str, Any], depth: int = 0) -> list[Any
     return found
 
 
-def requantize_after_pad(model: Any) -> int:
+def requantize_moved_codes(model: Any) -> int:
     """A conv whose input only moves dequantized values of one grid (a reflect or edge
     ``Pad``; circular padding, which exports as ``Slice`` + ``Concat``) gets a ``Q -> DQ``
     on that grid before it, so ONNX Runtime moves codes and runs the conv as
