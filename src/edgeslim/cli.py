@@ -348,6 +348,10 @@ def bench(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("bench-out"),
     quick: Annotated[bool, typer.Option("--quick", help="fewer repeats/samples (< 5 min)")] = False,
     model: Annotated[list[str] | None, typer.Option(help="restrict to these models")] = None,
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option(help="search suite: run only these strategies (repeatable)"),
+    ] = None,
 ) -> None:
     """Run a benchmark suite: DIR/results.json, DIR/report.md and PNG plots."""
     from edgeslim.bench.suites import SUITES, _load_builtin_suites, run_suite
@@ -356,7 +360,7 @@ def bench(
     if suite not in SUITES:
         fail(EdgeslimError(f"unknown suite {suite!r}; available: {', '.join(SUITES.names())}"))
     try:
-        records = run_suite(suite, out, quick=quick, models=model)
+        records = run_suite(suite, out, quick=quick, models=model, strategies=strategy)
     except EdgeslimError as exc:
         fail(exc)
     console.print(_records_table(records))

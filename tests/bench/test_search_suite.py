@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgeslim.bench.records import Record
 from edgeslim.bench.search import ray_accounting
 
 seconds = st.floats(min_value=0.5, max_value=5.0, allow_nan=False)
@@ -46,3 +50,31 @@ def test_the_figures_of_an_ad_hoc_run() -> None:
 def test_nothing_measured_gives_no_accounting() -> None:
     assert ray_accounting([], [1.0], 1.0, 1.0, 2) == {}
     assert ray_accounting([1.0], [], 1.0, 1.0, 2) == {}
+
+
+def test_chosen_strategies_refuse_unknown_names_and_keep_order() -> None:
+    from edgeslim.bench.search import STRATEGIES, chosen_strategies
+    from edgeslim.errors import EdgeslimError
+
+    assert chosen_strategies(["dp", "random", "dp"]) == ("dp", "random")
+    with pytest.raises(EdgeslimError, match="unknown search strategy 'bogus'") as err:
+        chosen_strategies(["random", "bogus"])
+    assert all(name in str(err.value) for name in STRATEGIES)  # the allowed names
+
+
+def test_a_strategy_run_resumes_from_its_own_progress_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of another strategy list (or of a whole run) are never replayed into it."""
+    from edgeslim.bench import search
+
+    calls: list[tuple[str, tuple[str, ...] | None]] = []
+
+    def fake(name: str, out: Path, quick: bool, only: tuple[str, ...] | None) -> list[Record]:
+        calls.append((name, only))
+        return []
+
+    (tmp_path / "progress.json").write_text(json.dumps({"steps": {"resnet20": []}}))
+    monkeypatch.setattr(search, "search_model", fake)
+    search.search_suite(tmp_path, False, ["resnet20"], ["dp"])
+    assert calls == [("resnet20", ("dp",))]  # the whole run's file was not read

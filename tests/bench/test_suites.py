@@ -41,3 +41,12 @@ def test_killed_suite_resumes_without_redoing_finished_models(tmp_path: Path) ->
     assert [r.model for r in records] == ["a", "b", "c"]
     assert calls == ["a", "b", "b", "c"]  # a was not measured again
     assert not progress.exists()  # a complete run leaves nothing to resume
+
+
+def test_strategies_are_refused_by_a_suite_without_them(tmp_path: Path) -> None:
+    from edgeslim.bench.suites import run_suite
+    from edgeslim.errors import EdgeslimError
+
+    with pytest.raises(EdgeslimError, match="runs no search strategies"):
+        run_suite("baseline", tmp_path, quick=True, strategies=["random"])
+    assert not (tmp_path / "results.json").exists()

@@ -52,6 +52,7 @@ from torch import nn
 from edgeslim.bench.records import Record
 from edgeslim.bench.suites import per_model, register_suite
 from edgeslim.data import TensorBatches, load_fashion_mnist
+from edgeslim.errors import EdgeslimError
 from edgeslim.search import (
     Evaluation,
     Evaluator,
@@ -429,15 +430,37 @@ def _strategy_rows(b: SearchBench) -> tuple[list[Record], list[Policy]]:
     return records, chosen
 
 
-def search_model(name: str, out: Path, quick: bool) -> list[Record]:
-    """Every row of the suite for one model (see the module doc)."""
+def chosen_strategies(names: list[str]) -> tuple[str, ...]:
+    """``--strategy`` names, checked against the suite's list (an unknown name is refused,
+    not skipped: a row silently missing would read as a strategy that was not asked)."""
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise EdgeslimError(f"unknown search strategy {', '.join(map(repr, unknown))}; the "
+                            f"suite runs: {', '.join(STRATEGIES)}")  # fmt: skip
+    missing = [n for n in names if n not in _available((n,))]
+    if missing:
+        raise EdgeslimError(
+            f"strategy {', '.join(missing)} is not installed here (Optuna's samplers need "
+            "the optional extra: pip install 'edgeslim[peers]')"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def search_model(
+    name: str, out: Path, quick: bool, strategies: tuple[str, ...] | None = None
+) -> list[Record]:
+    """Every row of the suite for one model (see the module doc); ``strategies`` runs only
+    those strategy rows (with the best uniform and the latency table's check; resnet20's
+    Ray and accuracy-aware rows only in a whole run)."""
     if name == IMAGENET_MODEL:
         from edgeslim.bench.search_imagenet import imagenet_bench
 
-        b = imagenet_bench(out, quick)
+        b = imagenet_bench(out, quick, strategies)
         records, chosen = _strategy_rows(b)
         return [*records, _latency_row(b, chosen)]
     sizes = QUICK if quick else FULL
+    if strategies:
+        sizes = dataclasses.replace(sizes, strategies=strategies)
     model = load_zoo_model(name).eval()
     task = search_task(sizes.val_images)
     space = build_space(model, task)
@@ -450,6 +473,8 @@ def search_model(name: str, out: Path, quick: bool) -> list[Record]:
         len(test), evaluate(model, test_batches), latency.anchors["fp32"],
     )  # fmt: skip
     records, chosen = _strategy_rows(b)
+    if strategies:
+        return [*records, _latency_row(b, chosen)]
     try:
         records.append(_ray_row(b))
     except SearchError as exc:  # ray is an optional extra: say so in the report
@@ -460,7 +485,11 @@ def search_model(name: str, out: Path, quick: bool) -> list[Record]:
 
 
 @register_suite("search")
-def search_suite(out: Path, quick: bool, models: list[str] | None) -> list[Record]:
-    progress = Path(out) / ("progress-quick.json" if quick else "progress.json")
+def search_suite(
+    out: Path, quick: bool, models: list[str] | None, strategies: list[str] | None = None
+) -> list[Record]:
+    only = chosen_strategies(strategies) if strategies else None
+    label = "-".join(["progress", *(["quick"] if quick else []), *(only or ())])
+    progress = Path(out) / f"{label}.json"  # a run of other strategies never replays these
     names = models or [MODEL, IMAGENET_MODEL]
-    return per_model("search", names, lambda n: search_model(n, out, quick), progress)
+    return per_model("search", names, lambda n: search_model(n, out, quick, only), progress)

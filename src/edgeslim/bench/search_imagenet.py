@@ -86,8 +86,11 @@ def photo_split(limit: int | None = None) -> PhotoSplit:
     return PhotoSplit(task(val, "photos-search-val"), task(test, "photos-search-test"), len(test))
 
 
-def imagenet_bench(out: Path, quick: bool) -> SearchBench:
-    """The shared state of the suite's rows on this model."""
+def imagenet_bench(
+    out: Path, quick: bool, strategies: tuple[str, ...] | None = None
+) -> SearchBench:
+    """The shared state of the suite's rows on this model (``strategies``: the rows to run,
+    default :data:`STRATEGIES`)."""
     from edgeslim.zoo import resolve_model
 
     model = resolve_model(MODEL).eval()
@@ -97,7 +100,8 @@ def imagenet_bench(out: Path, quick: bool) -> SearchBench:
     space = CHOICES.build(model, split.search, seed=0)
     sizes = dataclasses.replace(
         QUICK if quick else FULL, budget=BUDGET_QUICK if quick else BUDGET,
-        test_images=split.test_crops, strategies=STRATEGIES_QUICK if quick else STRATEGIES,
+        test_images=split.test_crops,
+        strategies=strategies or (STRATEGIES_QUICK if quick else STRATEGIES),
     )  # fmt: skip
     latency = LutLatency(space, repeats=sizes.latency_repeats, seconds=sizes.latency_seconds)
     latency.calibrate()

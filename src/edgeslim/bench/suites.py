@@ -117,16 +117,32 @@ def _load_builtin_suites() -> None:
 
 
 def run_suite(
-    name: str, out: Path, quick: bool = False, models: list[str] | None = None
+    name: str,
+    out: Path,
+    quick: bool = False,
+    models: list[str] | None = None,
+    strategies: list[str] | None = None,
 ) -> list[Record]:
-    """Run one suite and write its records, Markdown report and PNG plots under ``out``."""
+    """Run one suite and write its records, Markdown report and PNG plots under ``out``.
+
+    ``strategies`` restricts a suite that runs search strategies (``search``) to these;
+    any other suite refuses it rather than ignore it."""
+    import inspect
+
+    from edgeslim.errors import EdgeslimError
     from edgeslim.report import write_report
 
     _load_builtin_suites()
     suite = SUITES.get(name)
+    options = {}
+    if strategies:
+        if "strategies" not in inspect.signature(suite).parameters:
+            raise EdgeslimError(f"suite {name!r} runs no search strategies; --strategy applies "
+                                "to the search suite")  # fmt: skip
+        options["strategies"] = list(strategies)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    records = suite(out, quick, models)
+    records = suite(out, quick, models, **options)
     save_records(records, out / "results.json")
     write_report(records, out, title=f"edgeslim bench {name}" + (" --quick" if quick else ""))
     return records
