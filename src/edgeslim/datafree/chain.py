@@ -144,6 +144,19 @@ class Pair:
     depthwise: bool = False  # consumer is depthwise: channel k only feeds its output k
     act_name: str = "relu"  # for notes: relu, relu6, hardtanh, prelu, leaky_relu, none
     max_pool: bool = False  # a max pool on the way: only positive slopes commute with it
+    # further consumers reading the same activation (a Fire or Inception block's branches):
+    # such a *fan-out pair* is kept in ``Chain.fanned``, not ``Chain.pairs``; only methods
+    # that change every consumer alike (CLE, high-bias absorption) use it
+    others: tuple[str, ...] = ()
+
+    @property
+    def consumers(self) -> tuple[str, ...]:
+        return (self.consumer, *self.others)
+
+    @property
+    def label(self) -> str:
+        """``"producer -> consumer[, other, ...]"``, a report's key."""
+        return f"{self.producer} -> {', '.join(self.consumers)}"
 
 
 @dataclass(frozen=True)
@@ -185,6 +198,10 @@ class Chain:
     # the model as given (unfolded, unchanged): what further analyses (the channel
     # covariances of :mod:`.covariance`) trace, with its BatchNorms in place
     source: nn.Module | None = None
+    # fan-out pairs by producer (:attr:`Pair.others`): blocked for the methods that
+    # compensate one consumer (their reason is in ``blocked``), equalized by DFQ; their
+    # statistics are in ``pre`` like a pair's
+    fanned: dict[str, Pair] = field(default_factory=dict)
 
     def why_not(self, producer: str) -> str:
         """Why ``producer`` is not a usable pair, in a note's words."""
@@ -198,8 +215,12 @@ class Chain:
         return blocked.describe(producer) if blocked else f"{producer}: not analysed"
 
     def pair_into(self, consumer: str) -> Pair | None:
+        """The pair (or fan-out pair) whose activation ``consumer`` reads, if any."""
         for p in self.pairs.values():
             if p.consumer == consumer:
+                return p
+        for p in self.fanned.values():
+            if consumer in p.consumers:
                 return p
         return None
 
@@ -547,6 +568,24 @@ def _fan_out(gm: fx.GraphModule, cur: fx.Node, what: str) -> Blocked | None:
                          "shared, so no single consumer can undo a per-channel change")  # fmt: skip
 
 
+def _fanned_consumers(
+    gm: fx.GraphModule, cur: fx.Node, calls_of: Counter[str]
+) -> list[fx.Node] | None:
+    """The consumers of ``cur`` when it is read by several plain convs/linears and nothing
+    else (each reading it as its input, called once, ungrouped): a per-channel scale of
+    ``cur`` is undone in every one of them alike. None otherwise."""
+    readers = _readers(cur)
+    if len(readers) < 2:
+        return None
+    for u in readers:
+        m = gm.get_submodule(str(u.target)) if u.op == "call_module" else None
+        if not isinstance(m, COMPUTE) or u.args[0] is not cur or calls_of[str(u.target)] > 1:
+            return None
+        if isinstance(m, CONVS) and m.groups != 1:
+            return None
+    return readers
+
+
 def module_calls(gm: fx.GraphModule) -> Counter[str]:
     """How many nodes call each module (more than one: a module reused in ``forward``)."""
     return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
@@ -560,12 +599,25 @@ def _find_pair(
     producer = str(node.target)
     cur, pre_node, act, name, repeat = node, node, IDENTITY, "none", 1
     other: str | None = None
+    max_pool = False
     calls = calls_of[producer]
     if calls > 1:  # one weight for several inputs: a per-channel change reaches them all
         why = (f"it is called at {calls} places in the graph (one weight for each of its "
                "inputs), so no one consumer can undo a change")  # fmt: skip
         return Blocked(None, why)
-    if (fan := _fan_out(gm, cur, "its output")) is not None:
+
+    def split(what: str) -> tuple[Pair, fx.Node] | Blocked | None:
+        """At ``cur``: None when one op reads it; a fan-out pair when only convs/linears
+        do (:func:`_fanned_consumers`); else why the channels are shared."""
+        nodes = _fanned_consumers(gm, cur, calls_of)
+        if nodes is None:
+            return _fan_out(gm, cur, what)
+        if other is not None:
+            return Blocked(None, f"{other} is not positively homogeneous")
+        names = tuple(str(u.target) for u in nodes)
+        return Pair(producer, names[0], act, repeat, False, name, max_pool, names[1:]), pre_node
+
+    if (fan := split("its output")) is not None:
         return fan
     nxt = _readers(cur)[0]
     sliced = False
@@ -579,7 +631,7 @@ def _find_pair(
             return Blocked(None, f"its BatchNorm {nxt.target} reads a slice of its output, "
                                  "so it was not folded into it")  # fmt: skip
         cur = pre_node = nxt
-        if (fan := _fan_out(gm, cur, f"its BatchNorm {nxt.target}")) is not None:
+        if (fan := split(f"its BatchNorm {nxt.target}")) is not None:
             return fan
         nxt = _readers(cur)[0]
         while _selects_positions(nxt):
@@ -593,10 +645,9 @@ def _find_pair(
         if found is not None:
             act, name = found
         cur = nxt
-        if (fan := _fan_out(gm, cur, f"its activation {_describe(gm, nxt)}")) is not None:
+        if (fan := split(f"its activation {_describe(gm, nxt)}")) is not None:
             return fan
         nxt = _readers(cur)[0]
-    max_pool = False
     while _passes(gm, nxt):
         if nxt.op == "call_module":
             max_pool |= isinstance(gm.get_submodule(str(nxt.target)), _MAX_POOLS)
@@ -605,7 +656,7 @@ def _find_pair(
         if before is not None and after is not None and len(before) > 2 and len(after) == 2:
             repeat *= math.prod(before[2:])  # a flatten: each channel feeds this many
         cur = nxt
-        if (fan := _fan_out(gm, cur, _describe(gm, nxt))) is not None:
+        if (fan := split(_describe(gm, nxt))) is not None:
             return fan
         nxt = _readers(cur)[0]
     consumer = gm.get_submodule(str(nxt.target)) if nxt.op == "call_module" else None
@@ -645,6 +696,7 @@ def analyze(
     pairs: dict[str, Pair] = {}
     unmeasured: dict[str, Pair] = {}
     blocked: dict[str, Blocked] = {}
+    fanned: dict[str, Pair] = {}
     pre: dict[str, Stats] = {}
     bn_outputs: dict[str, Stats] = {}
     calls_of = module_calls(gm)
@@ -679,13 +731,21 @@ def analyze(
             continue
         pair, pre_node = found
         stats = prop.values.get(pre_node)
+        if pair.others:  # equalized by DFQ; one-consumer methods see it blocked
+            blocked[pair.producer] = Blocked(None, (
+                f"its output is read by {len(pair.consumers)} layers "
+                f"({', '.join(pair.consumers)}): equalized with all of them by DFQ, but no "
+                "single consumer can compensate a change made for it"))  # fmt: skip
+            if stats is not None:
+                fanned[pair.producer], pre[pair.producer] = pair, stats
+            continue
         if stats is None:
             unmeasured[pair.producer] = pair
             continue
         pairs[pair.producer], pre[pair.producer] = pair, stats
     fold_batchnorm(folded)
     chain = Chain(folded, order, pre, dict(prop.inputs), pairs, example, [], blocked, unmeasured)
-    chain.bn_outputs, chain.outputs = bn_outputs, outputs
+    chain.bn_outputs, chain.outputs, chain.fanned = bn_outputs, outputs, fanned
     chain.shared_outputs = {k: v for k, v in shared.items() if len(v) == calls_of[k]}
     chain.source = model
     return chain

@@ -237,15 +237,18 @@ def cross_layer_equalize(chain: Chain, iterations: int = CLE_ITERATIONS) -> dict
     commutes only below its clip: a channel whose BN statistics reach 6 (``P > CLIP_TOL``)
     is not scaled, the others only so far that ``mean + 4 std`` stays below 6 (the paper
     replaces ReLU6 by ReLU instead, which changes the model).
-    Returns, per ``"producer -> consumer"``, what was done or why not.
+    A fan-out pair (an activation read by several convs/linears: a Fire or Inception
+    block, :attr:`Pair.others`) takes ``r2`` over every consumer's columns and scales them
+    all: the largest of them meets the producer, as the one consumer of a pair does.
+    Returns, per ``"producer -> consumer[, ...]"``, what was done or why not.
     """
     out: dict[str, str] = {}
     todo: list[tuple[Pair, torch.Tensor | None]] = []
     for fqn in chain.order:
-        pair = chain.pairs.get(fqn) or chain.unmeasured.get(fqn)
+        pair = chain.pairs.get(fqn) or chain.unmeasured.get(fqn) or chain.fanned.get(fqn)
         if pair is None:
             continue
-        key = f"{pair.producer} -> {pair.consumer}"
+        key = pair.label
         why = _homogeneity(pair)
         if why is not None:
             out[key] = f"not equalized: {why}"
@@ -265,12 +268,15 @@ def cross_layer_equalize(chain: Chain, iterations: int = CLE_ITERATIONS) -> dict
     scaled: dict[str, torch.Tensor] = {}
     for _ in range(iterations):
         for pair, frozen in todo:
-            prod, cons = chain.layer(pair.producer), chain.layer(pair.consumer)
+            prod = chain.layer(pair.producer)
+            consumers = [chain.layer(c) for c in pair.consumers]
             r1 = prod.weight.detach().abs().reshape(prod.weight.shape[0], -1).amax(1)
             if pair.depthwise:
+                cons = consumers[0]
                 r2 = cons.weight.detach().abs().reshape(cons.weight.shape[0], -1).amax(1)
-            else:
-                r2 = columns(cons, pair.repeat).abs().amax(dim=(0, 2))
+            else:  # a fan-out pair: the largest column of channel k over its consumers
+                r2 = torch.stack([columns(c, pair.repeat).abs().amax(dim=(0, 2))
+                                  for c in consumers]).amax(0)  # fmt: skip
             ok = (r1 > 0) & (r2 > 0)
             s = torch.where(ok, torch.sqrt(r1 / r2.clamp_min(1e-12)), torch.ones_like(r1))
             pre = chain.pre.get(pair.producer)
@@ -278,7 +284,8 @@ def cross_layer_equalize(chain: Chain, iterations: int = CLE_ITERATIONS) -> dict
                 floor = ((pre.mean + CLIP_STDS * pre.std) / pair.act.hi).clamp_min(1e-6)
                 s = torch.where(frozen, torch.ones_like(s), torch.maximum(s, floor.to(s.dtype)))
             scale_rows(prod, s)
-            scale_channels(cons, s, pair)
+            for cons in consumers:
+                scale_channels(cons, s, pair)
             if pre is not None:
                 s64 = s.to(torch.float64)
                 pre.mean, pre.var = pre.mean / s64, pre.var / (s64 * s64)
@@ -293,7 +300,7 @@ def cross_layer_equalize(chain: Chain, iterations: int = CLE_ITERATIONS) -> dict
                      "channels, those left unscaled")  # fmt: skip
         elif frozen is not None:
             text += f"; clip at {pair.act.hi:g} inactive on every channel (BN statistics)"
-        out[f"{pair.producer} -> {pair.consumer}"] = text
+        out[pair.label] = text
     return out
 
 
@@ -305,10 +312,10 @@ def absorb_high_bias(chain: Chain) -> dict[str, str]:
     quantize. Needs BN statistics: estimated ones would guess ``c``."""
     out: dict[str, str] = {}
     for fqn in chain.order:
-        pair = chain.pairs.get(fqn)
+        pair = chain.pairs.get(fqn) or chain.fanned.get(fqn)
         if pair is None or not (pair.act.leaky or pair.act == RELU):
             continue
-        key = f"{pair.producer} -> {pair.consumer}"
+        key = pair.label
         pre = chain.pre[fqn]
         if pre.estimated:
             out[key] = "no high-bias absorption: no BatchNorm statistics for its output"
@@ -316,9 +323,9 @@ def absorb_high_bias(chain: Chain) -> dict[str, str]:
         c = (pre.mean - ABSORB_STDS * pre.std).clamp_min(0.0)
         if not bool((c > 0).any()):
             continue
-        prod, cons = chain.layer(fqn), chain.layer(pair.consumer)
-        add_bias(cons, channel_effect(cons, c, pair.repeat))
-        add_bias(prod, -c)
+        for cons in map(chain.layer, pair.consumers):
+            add_bias(cons, channel_effect(cons, c, pair.repeat))
+        add_bias(chain.layer(fqn), -c)
         pre.mean = pre.mean - c
         out[key] = f"high bias absorbed on {int((c > 0).sum())}/{len(c)} channels"
     return out
@@ -409,7 +416,7 @@ def dfq(chain: Chain, args: MethodArgs) -> None:
     pairs = cross_layer_equalize(chain)
     done = [k for k, v in pairs.items() if v.startswith("equalized")]
     blocked = [chain.why_not(f) for f in chain.order[:-1] if f not in chain.pairs
-               and f not in chain.unmeasured]  # fmt: skip
+               and f not in chain.unmeasured and f not in chain.fanned]  # fmt: skip
     if not done:
         reasons = [f"{k}: {v.removeprefix('not equalized: ')}" for k, v in pairs.items()]
         raise _nothing("dfq", "nothing to equalize (no positively homogeneous pair)",
