@@ -72,9 +72,12 @@ def test_a_strategy_run_resumes_from_its_own_progress_file(
 
     def fake(name: str, out: Path, quick: bool, only: tuple[str, ...] | None) -> list[Record]:
         calls.append((name, only))
+        search.journal_dir(out).mkdir()  # what a search measuring in-process leaves
+        (search.journal_dir(out) / f"{name}-dp.jsonl").write_text("{}\n")
         return []
 
     (tmp_path / "progress.json").write_text(json.dumps({"steps": {"resnet20": []}}))
     monkeypatch.setattr(search, "search_model", fake)
     search.search_suite(tmp_path, False, ["resnet20"], ["dp"])
     assert calls == [("resnet20", ("dp",))]  # the whole run's file was not read
+    assert not search.journal_dir(tmp_path).exists()  # finished: the next run starts afresh
