@@ -21,6 +21,10 @@
   anything else) is not a pair: its channels are shared, and compensating one consumer
   would leave the other wrong. Every other producer is recorded in ``Chain.blocked`` with
   the reason (``"hardswish is not positively homogeneous"``), for the methods' notes.
+- **Fan-out pairs**: a producer whose activation is read by several plain convs/linears
+  and nothing else (Fire, Inception) is blocked for the one-consumer methods, and kept in
+  ``Chain.fanned``: a per-channel scale is undone in all its consumers alike, which is all
+  DFQ's equalization and high-bias absorption need.
 - **Folding.** Each conv -> BN becomes one conv with a bias; the pair keeps the BN's
   statistics as the producer's pre-activation statistics.
 """
