@@ -18,11 +18,12 @@ Decisions:
   couple with), keep 0.75 or 1, widths rounded to 16 (ONNX Runtime's NCHWc block on
   AVX-512, see edgeslim.bench.imagenet_prune); pruned layers are refitted by least squares
   on the calibration crops before scoring (the space's default).
-- Four strategies (random, evolutionary, Optuna TPE, dp) at a budget of 28: a measurement
-  costs over 10x resnet20's (21-26 s against 1.7 s in the committed run), so the full
-  strategy list would not fit; dp is the
-  one that prices each choice (Hessian traces for weight bits, a probe per block's keep),
-  and it needs 27 measurements here (one reference, 25 keep probes, the chosen policy).
+- Every strategy of the resnet20 part and both Optuna samplers, at a budget of 28 (dp
+  prices each choice, Hessian traces for weight bits and a probe per block's keep, and
+  needs 27 measurements here: one reference, 25 keep probes, the chosen policy). Until
+  2026-12-05 only random, evolutionary, Optuna TPE and dp ran: a measurement cost 21-26 s
+  (the committed run at 620a423), against 12-15 s since (one min/max pass per observed
+  batch, a refit forward for all batches at once), so the whole list takes about an hour.
   Until 2026-12-04 the budget was 16 and dp did not run: a pruned policy's refit then cost
   80 s of the 107 s of a measurement (see edgeslim.prune.reconstruct).
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from edgeslim.bench.search import FULL, QUICK, SearchBench
+from edgeslim.bench.search import STRATEGIES as ALL_STRATEGIES
 from edgeslim.data.batching import TensorBatches
 from edgeslim.search.choices import SpaceChoices
 from edgeslim.search.latency import LutLatency
@@ -48,7 +50,7 @@ CALIBRATION = 128  # the calibration crops (every 4th of 526: 132)
 CHOICES = SpaceChoices(w_bits=W_BITS, a_bits=A_BITS, keep=KEEP, round_to=ROUND_TO,
                        calibration=CALIBRATION)  # fmt: skip
 MIN_CONFIDENCE = 0.4
-STRATEGIES = ("random", "evolutionary", "optuna-tpe", "dp")
+STRATEGIES = ALL_STRATEGIES
 STRATEGIES_QUICK = ("evolutionary",)
 BUDGET, BUDGET_QUICK = 28, 2
 
