@@ -22,8 +22,9 @@ Decisions:
   prices each choice, Hessian traces for weight bits and a probe per block's keep, and
   needs 27 measurements here: one reference, 25 keep probes, the chosen policy). Until
   2026-12-05 only random, evolutionary, Optuna TPE and dp ran: a measurement cost 21-26 s
-  (the committed run at 620a423), against 12-15 s since (one min/max pass per observed
-  batch, a refit forward for all batches at once), so the whole list takes about an hour.
+  (the committed run at 620a423), against 12-15 s in a run on 2026-12-05 (finiteness read
+  from one min/max pass per observed batch, among other changes, and no other load), so the
+  whole list takes about an hour.
   Until 2026-12-04 the budget was 16 and dp did not run: a pruned policy's refit then cost
   80 s of the 107 s of a measurement (see edgeslim.prune.reconstruct).
 """
