@@ -39,6 +39,27 @@ class Fire(nn.Module):
         return out + h[:, :4] if self.tail else out
 
 
+class Inception(nn.Module):
+    """stem -> BN -> ReLU -> {a (1x1), b (3x3), max pool -> c (1x1)} -> cat -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.a, self.b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
+        self.pool, self.c = nn.MaxPool2d(3, 1, 1), nn.Conv2d(8, 4, 1)
+        self.head = nn.Conv2d(12, 4, 1)
+        with torch.no_grad():
+            self.bn.weight.copy_(torch.logspace(-1, 1, 8))
+            for m in (self.a, self.b, self.c):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.stem(x)))
+        return self.head(torch.cat([self.a(h), self.b(h), self.c(self.pool(h))], 1))
+
+
 def _bn_from_inputs(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Running statistics that describe ``x`` (so the data-free model is honest)."""
     model.train()
@@ -89,6 +110,16 @@ def test_dfq_repairs_per_tensor_rounding_of_a_fan_out_producer() -> None:
                 w.copy_(quantize_weight(w, bits, "tensor"))
             err[method] = float((q(X) - ref).pow(2).mean() / ref.pow(2).mean())
     assert err["dfq"] < 0.6 * err["rtn"], err  # 0.031 against 0.059
+
+
+def test_a_branch_through_its_own_pool_is_a_consumer_too() -> None:
+    model = Inception().eval()
+    chain = analyze(model, X[:1])
+    pair = chain.fanned["stem"]
+    assert pair.consumers == ("a", "b", "c") and pair.max_pool
+    before = chain.model(X)
+    assert cross_layer_equalize(chain)["stem -> a, b, c"].startswith("equalized")
+    torch.testing.assert_close(chain.model(X), before, rtol=1e-4, atol=1e-4)
 
 
 def test_a_fan_out_to_anything_but_convs_stays_blocked() -> None:

@@ -22,9 +22,10 @@
   would leave the other wrong. Every other producer is recorded in ``Chain.blocked`` with
   the reason (``"hardswish is not positively homogeneous"``), for the methods' notes.
 - **Fan-out pairs**: a producer whose activation is read by several plain convs/linears
-  and nothing else (Fire, Inception) is blocked for the one-consumer methods, and kept in
-  ``Chain.fanned``: a per-channel scale is undone in all its consumers alike, which is all
-  DFQ's equalization and high-bias absorption need.
+  and nothing else, directly or through a branch's own pool (Fire, Inception), is blocked
+  for the one-consumer methods and kept in ``Chain.fanned``: a per-channel scale is undone
+  in all its consumers alike, which is all DFQ's equalization and high-bias absorption
+  need.
 - **Folding.** Each conv -> BN becomes one conv with a bias; the pair keeps the BN's
   statistics as the producer's pre-activation statistics.
 """
@@ -574,20 +575,39 @@ def _fan_out(gm: fx.GraphModule, cur: fx.Node, what: str) -> Blocked | None:
 
 def _fanned_consumers(
     gm: fx.GraphModule, cur: fx.Node, calls_of: Counter[str]
-) -> list[fx.Node] | None:
+) -> tuple[list[fx.Node], bool] | None:
     """The consumers of ``cur`` when it is read by several plain convs/linears and nothing
-    else (each reading it as its input, called once, ungrouped): a per-channel scale of
-    ``cur`` is undone in every one of them alike. None otherwise."""
+    else, each directly or through its own pool/padding (an Inception block's pool branch;
+    no flatten), each called once and ungrouped: a per-channel scale of ``cur`` is undone
+    in every one of them alike. With whether a max pool is on a branch; None otherwise."""
     readers = _readers(cur)
     if len(readers) < 2:
         return None
+    consumers, max_pool = [], False
     for u in readers:
+        before = cur
+        while _passes(gm, u):  # a branch's own pool or padding
+            shapes = node_shape(before), node_shape(u)
+            if shapes[0] is None or shapes[1] is None or len(shapes[0]) != len(shapes[1]):
+                return None  # a flatten: its consumer's columns repeat each channel
+            max_pool |= _is_max_pool(gm, u)
+            more = _readers(u)
+            if len(more) != 1:
+                return None
+            before, u = u, more[0]
         m = gm.get_submodule(str(u.target)) if u.op == "call_module" else None
-        if not isinstance(m, COMPUTE) or u.args[0] is not cur or calls_of[str(u.target)] > 1:
+        if not isinstance(m, COMPUTE) or u.args[0] is not before or calls_of[str(u.target)] > 1:
             return None
         if isinstance(m, CONVS) and m.groups != 1:
             return None
-    return readers
+        consumers.append(u)
+    return consumers, max_pool
+
+
+def _is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _MAX_POOLS):
+        return True
+    return node.target in (nn.functional.max_pool1d, nn.functional.max_pool2d)
 
 
 def module_calls(gm: fx.GraphModule) -> Counter[str]:
@@ -613,13 +633,14 @@ def _find_pair(
     def split(what: str) -> tuple[Pair, fx.Node] | Blocked | None:
         """At ``cur``: None when one op reads it; a fan-out pair when only convs/linears
         do (:func:`_fanned_consumers`); else why the channels are shared."""
-        nodes = _fanned_consumers(gm, cur, calls_of)
-        if nodes is None:
+        found = _fanned_consumers(gm, cur, calls_of)
+        if found is None:
             return _fan_out(gm, cur, what)
         if other is not None:
             return Blocked(None, f"{other} is not positively homogeneous")
-        names = tuple(str(u.target) for u in nodes)
-        return Pair(producer, names[0], act, repeat, False, name, max_pool, names[1:]), pre_node
+        names = tuple(str(u.target) for u in found[0])
+        pooled = max_pool or found[1]
+        return Pair(producer, names[0], act, repeat, False, name, pooled, names[1:]), pre_node
 
     if (fan := split("its output")) is not None:
         return fan
@@ -653,9 +674,7 @@ def _find_pair(
             return fan
         nxt = _readers(cur)[0]
     while _passes(gm, nxt):
-        if nxt.op == "call_module":
-            max_pool |= isinstance(gm.get_submodule(str(nxt.target)), _MAX_POOLS)
-        max_pool |= nxt.target in (nn.functional.max_pool1d, nn.functional.max_pool2d)
+        max_pool |= _is_max_pool(gm, nxt)
         before, after = node_shape(cur), node_shape(nxt)
         if before is not None and after is not None and len(before) > 2 and len(after) == 2:
             repeat *= math.prod(before[2:])  # a flatten: each channel feeds this many
