@@ -159,6 +159,7 @@ class SearchBench:
     metric: str = "top1"
     limits: tuple[str, ...] = CONSTRAINTS
     max_drop: float = MAX_DROP
+    quick: bool = False  # its searches journal apart from a full run's (other data, budget)
 
     def record(
         self, method: str, policy: Policy | None, seconds: float, extra: dict[str, Any],
@@ -219,7 +220,7 @@ class SearchBench:
         t0 = time.perf_counter()
         journal = None
         if executor is None and space is None:
-            journal = journal_dir(self.out) / f"{self.name}-{strategy}.jsonl"
+            journal = journal_dir(self.out, self.quick) / f"{self.name}-{strategy}.jsonl"
         result = search(
             self.model, self.space.task, space or self.space, list(self.limits), strategy,
             budget=self.sizes.budget, seed=SEED, batch=BATCH, max_drop=self.max_drop,
@@ -228,9 +229,10 @@ class SearchBench:
         return result, time.perf_counter() - t0
 
 
-def journal_dir(out: Path) -> Path:
-    """Where the suite's searches journal (removed once the suite has finished)."""
-    return Path(out) / "journals"
+def journal_dir(out: Path, quick: bool = False) -> Path:
+    """Where the suite's searches journal (removed once the suite has finished); a
+    ``--quick`` run's apart, so a full run never replays measurements on its fewer images."""
+    return Path(out) / ("journals-quick" if quick else "journals")
 
 
 def _bits(policy: Policy) -> dict[str, Any]:
@@ -450,7 +452,8 @@ def chosen_strategies(names: list[str]) -> tuple[str, ...]:
     if unknown:
         raise EdgeslimError(f"unknown search strategy {', '.join(map(repr, unknown))}; the "
                             f"suite runs: {', '.join(STRATEGIES)}")  # fmt: skip
-    missing = [n for n in names if n not in _available((n,))]
+    available = _available(tuple(names))
+    missing = [n for n in names if n not in available]
     if missing:
         raise EdgeslimError(
             f"strategy {', '.join(missing)} is not installed here (Optuna's samplers need "
@@ -483,7 +486,7 @@ def search_model(
     test_batches = TensorBatches(test.images, test.labels, batch_size=500)
     b = SearchBench(
         name, out, sizes, model, space, latency, lambda m: evaluate(m, test_batches),
-        len(test), evaluate(model, test_batches), latency.anchors["fp32"],
+        len(test), evaluate(model, test_batches), latency.anchors["fp32"], quick=quick,
     )  # fmt: skip
     records, chosen = _strategy_rows(b)
     if strategies:
@@ -506,5 +509,5 @@ def search_suite(
     progress = Path(out) / f"{label}.json"  # a run of other strategies never replays these
     names = models or [MODEL, IMAGENET_MODEL]
     records = per_model("search", names, lambda n: search_model(n, out, quick, only), progress)
-    shutil.rmtree(journal_dir(out), ignore_errors=True)  # complete: the next run measures afresh
+    shutil.rmtree(journal_dir(out, quick), ignore_errors=True)  # complete: measure afresh next
     return records

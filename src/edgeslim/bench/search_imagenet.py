@@ -22,9 +22,9 @@ Decisions:
   prices each choice, Hessian traces for weight bits and a probe per block's keep, and
   needs 27 measurements here: one reference, 25 keep probes, the chosen policy). Until
   2026-12-05 only random, evolutionary, Optuna TPE and dp ran: a measurement cost 21-26 s
-  (the committed run at 620a423), against 12-15 s in a run on 2026-12-05 (finiteness read
-  from one min/max pass per observed batch, among other changes, and no other load), so the
-  whole list takes about an hour.
+  (the committed run at 620a423, partly under load), against 8-21 s, most 12-16 s, in the
+  first twelve of an abc search at c5c9516 with nothing else running; the whole list took
+  89 min in the committed run (benchmarks/search_imagenet, with a test run beside it).
   Until 2026-12-04 the budget was 16 and dp did not run: a pruned policy's refit then cost
   80 s of the 107 s of a measurement (see edgeslim.prune.reconstruct).
 """
@@ -37,8 +37,7 @@ from pathlib import Path
 
 import torch
 
-from edgeslim.bench.search import FULL, QUICK, SearchBench
-from edgeslim.bench.search import STRATEGIES as ALL_STRATEGIES
+from edgeslim.bench.search import FULL, QUICK, STRATEGIES, SearchBench
 from edgeslim.data.batching import TensorBatches
 from edgeslim.search.choices import SpaceChoices
 from edgeslim.search.latency import LutLatency
@@ -51,7 +50,6 @@ CALIBRATION = 128  # the calibration crops (every 4th of 526: 132)
 CHOICES = SpaceChoices(w_bits=W_BITS, a_bits=A_BITS, keep=KEEP, round_to=ROUND_TO,
                        calibration=CALIBRATION)  # fmt: skip
 MIN_CONFIDENCE = 0.4
-STRATEGIES = ALL_STRATEGIES
 STRATEGIES_QUICK = ("evolutionary",)
 BUDGET, BUDGET_QUICK = 28, 2
 
@@ -115,4 +113,5 @@ def imagenet_bench(
     return SearchBench(
         MODEL, out, sizes, model, space, latency, score_test, split.test_crops,
         score_test(model), latency.anchors["fp32"], metric="agreement", max_drop=MAX_DROP,
+        quick=quick,
     )  # fmt: skip
