@@ -102,9 +102,34 @@ def test_a_warm_start_asks_the_analytically_feasible_uniform_policies_first(
     strat = make_strategy(name, Context(space46, ev.constraints, 0, ev.checks))
     ok = [p for p in space46.uniforms() if all(c.ok for c in ev.checks(p))]
     assert ok and len(ok) < len(space46.uniforms())  # the constraints rule some out
-    asked = [strat.ask() for _ in range(min(len(ok), 4))]
-    assert [p.id for p in asked if p is not None] == [p.id for p in ok[:4]]
-    assert len(strat.notes["warm_start"]) == len(asked)
+    seeds = len(strat.notes["warm_start"])
+    assert seeds == min(len(ok), 4 if name != "evolutionary" else 8)
+    asked = [strat.ask() for _ in range(seeds)]
+    assert all(p is not None for p in asked)
+    assert {p.id for p in asked if p is not None} <= {p.id for p in ok}
+    bops = [space46.costs(p).bops for p in asked if p is not None]
+    assert bops == sorted(bops)  # most compressed first
+    every = sorted(space46.costs(p).bops for p in ok)
+    # the most and the least compressed of them are always among the seeds
+    assert bops[0] == every[0] and bops[-1] == every[-1]
+
+
+def test_a_warm_start_spreads_its_seeds_over_the_compression_range(
+    space46: SearchSpace,
+) -> None:
+    """Two seeds out of more feasible uniforms: the most and the least compressed; one
+    seed: the least compressed (the likeliest to hold an accuracy limit)."""
+    ev = Evaluator(space46, ["size<=0.5x"], max_drop=MAX_DROP)
+    ctx = Context(space46, ev.constraints, 0, ev.checks)
+    ok = sorted(
+        (p for p in space46.uniforms() if all(c.ok for c in ev.checks(p))),
+        key=lambda p: (space46.costs(p).bops, space46.costs(p).size),
+    )
+    assert len(ok) > 2
+    two = make_strategy("abc", ctx, sources=2)
+    assert [two.ask(), two.ask()] == [ok[0], ok[-1]]
+    one = make_strategy("reinforce", ctx, warm=1)
+    assert one.ask() == ok[-1]
 
 
 def test_sensitivity_strategies_measure_then_decide(space46: SearchSpace) -> None:
@@ -327,3 +352,25 @@ def test_strategy_options_are_the_constructor_keywords_after_the_context(name: s
     check_options(name, dict.fromkeys(options))  # every listed name is accepted
     with pytest.raises(SearchError, match="has no option 'nope'"):
         check_options(name, {"nope": 1})
+
+
+def test_accuracy_aware_prices_keep_ratios_when_their_probes_would_not_fit_the_budget(
+    space46: SearchSpace,
+) -> None:
+    """A budget too small for one probe per group and a give-back after them: the groups
+    are priced from the Hessian estimate (no probe at all); a roomy budget probes them."""
+
+    def run(budget: int) -> SearchResult:
+        return search(
+            space46.model, space46.task, space46, CONSTRAINTS, "accuracy_aware",
+            budget=budget, seed=0, max_drop=MAX_DROP, batch=1, progress=False,
+        )  # fmt: skip
+
+    groups = sum(d.kind == "keep" for d in space46.dims)
+    short, roomy = run(10), run(40)
+    assert "budget of 10" in short.notes["keep_priced"]
+    assert short.notes["rank"] == "hessian"
+    assert not any(e.probe for e in short.evaluations)
+    assert short.feasible, short.summary()
+    assert "keep_priced" not in roomy.notes
+    assert sum(e.probe for e in roomy.evaluations) == groups + 1  # and the top policy

@@ -224,7 +224,7 @@ def search(
     elif evaluator.space is not space:
         raise SearchError("the evaluator was built for another search space")
     cons = evaluator.constraints
-    ctx = Context(space, cons, seed, evaluator.checks)
+    ctx = Context(space, cons, seed, evaluator.checks, budget)
     if isinstance(strategy, str):
         strat = make_strategy(strategy, ctx, **dict(options or {}))
     elif options:

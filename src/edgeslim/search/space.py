@@ -74,6 +74,7 @@ from edgeslim.search.rebuild import STRUCTURE_FORMAT, quantized_structure
 from edgeslim.task import Task
 
 if TYPE_CHECKING:
+    from edgeslim.graph.coupling import CouplingGroup
     from edgeslim.search.constraints import LatencyPredictor
 
 DimKind = Literal["w_bits", "a_bits", "keep"]
@@ -531,6 +532,17 @@ class SearchSpace:
     def channel_groups(self) -> tuple[GroupChoices, ...]:
         """The coupling groups (not the residual branches)."""
         return self.groups[: self._n_channel]
+
+    @property
+    def coupling_groups(self) -> tuple[CouplingGroup, ...]:
+        """The graph's coupling group of each of :attr:`channel_groups` (same order)."""
+        return tuple(self._cands)
+
+    @property
+    def group_scores(self) -> tuple[torch.Tensor, ...]:
+        """The criterion's normalised unit scores of each of :attr:`channel_groups`: a
+        group at width ``w`` keeps its ``w`` highest-scored units."""
+        return tuple(self._scores)
 
     def prunes(self, policy: Policy) -> bool:
         """Whether ``policy`` changes the structure: a channel group cut or a branch removed."""

@@ -29,18 +29,23 @@ back), not the most accurate one measured on the way: that is what this mode is 
 (GBA's probes: a clean signal even when the start has collapsed, e.g. 2-bit);
 ``rank="restore"`` measures the start with only that unit restored (NNCF's ranking, which
 sees the interactions between compressed layers but is noise when the start is at chance);
-``rank="hessian"`` prices a unit whose only compressed coordinates are weight bits from
-one Hessian-trace estimate (HAWQ-V2, :mod:`edgeslim.search.hessian`; no measurement) and
-probes the others alone. ``rank="auto"`` (default) takes ``hessian`` when it prices any
-unit (compressed weight bits alone: those cost no measurement, which a small budget
-needs; resnet20 with pruning has 34 units for a budget of 24), else ``restore`` when the
-start keeps at least half of the uncompressed metric, else ``alone``. Sensitivity is the
+``rank="hessian"`` prices a unit whose only compressed coordinates are weight bits or a
+keep ratio from one Hessian-trace estimate (HAWQ-V2 for bits, the refit-aware pruning
+price of :func:`~edgeslim.search.hessian.keep_sensitivity` for a group; no measurement)
+and probes the others alone. ``rank="auto"`` (default) prices weight bits that way when
+it can (they cost no measurement, which a small budget needs; resnet20 with pruning has
+34 units for a budget of 24), and keep ratios too when probing them would leave fewer
+than ``2 log2(units + 1)`` measurements of the budget for giving back (mobilenetv2-imagenet:
+25 groups and 53 layers for a budget of 28; until 2026-12-06 the probes took 27 of the 28
+and nothing feasible was found); with nothing priced it takes ``restore`` when the start
+keeps at least half of the uncompressed metric, else ``alone``. Sensitivity is the
 validation loss change (the metric's when no loss is measured). ``notes`` list the units
-given back and trimmed.
+given back and trimmed, and ``keep_priced`` why keep ratios were priced rather than probed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from edgeslim.search.errors import SearchError
@@ -147,10 +152,28 @@ class AccuracyAware(GeneStrategy):
             return self._set(self.start, unit, self.top)
         return self._set(self.top, unit, self.start)
 
-    def _hessian_prices(self) -> dict[str, float]:
+    def _short_of_budget(self) -> bool:
+        """Whether probing the units not priced yet would leave fewer than ``2 log2(units
+        + 1)`` measurements (a gallop and its bisection) of the budget for giving back; the
+        reason goes to ``notes["keep_priced"]``."""
+        budget = self.ctx.budget
+        probes = sum(u not in self.priced for u in self.units)
+        if budget is None or not probes:
+            return False
+        need = 2 + probes + 2 * math.ceil(math.log2(len(self.units) + 1))  # start, top
+        if need <= budget:
+            return False
+        self.notes["keep_priced"] = (
+            f"{probes} probes and {need - 2 - probes} give-back steps need {need} "
+            f"measurements, over the budget of {budget}: keep ratios priced from the "
+            "Hessian estimate instead of probed"
+        )
+        return True
+
+    def _hessian_prices(self, keep: bool) -> dict[str, float]:
         """Predicted loss increase of each unit at its start choices, for units whose
-        compressed coordinates are all priced weight bits."""
-        per_dim = hessian_prices(self.space, self.notes)
+        compressed coordinates are all priced (weight bits; with ``keep``, keep ratios)."""
+        per_dim = hessian_prices(self.space, self.notes, keep=keep)
         return {
             unit: sum(per_dim[d][self.start[d]] for d in dims)
             for unit, dims in self.units.items()
@@ -188,7 +211,9 @@ class AccuracyAware(GeneStrategy):
             self._done(result.feasible)
             return
         if self.rank in ("auto", "hessian"):
-            self.priced = self._hessian_prices()
+            self.priced = self._hessian_prices(keep=self.rank == "hessian")
+            if self.rank == "auto" and self._short_of_budget():
+                self.priced = self._hessian_prices(keep=True)
             if self.rank == "auto" and not self.priced:
                 kept = result.metric is not None and result.metric >= 0.5 * result.baseline
                 self.rank = "restore" if kept else "alone"
