@@ -357,8 +357,10 @@ def test_strategy_options_are_the_constructor_keywords_after_the_context(name: s
 def test_accuracy_aware_prices_keep_ratios_when_their_probes_would_not_fit_the_budget(
     space46: SearchSpace,
 ) -> None:
-    """A budget too small for one probe per group and a give-back after them: the groups
-    are priced from the Hessian estimate (no probe at all); a roomy budget probes them."""
+    """The start, the top policy, one probe per group and a gallop over every unit (log2
+    of them, plus one) fit the budget: the groups are probed; one measurement fewer: they
+    are priced from the Hessian estimate, with no probe at all."""
+    import math
 
     def run(budget: int) -> SearchResult:
         return search(
@@ -367,10 +369,15 @@ def test_accuracy_aware_prices_keep_ratios_when_their_probes_would_not_fit_the_b
         )  # fmt: skip
 
     groups = sum(d.kind == "keep" for d in space46.dims)
-    short, roomy = run(10), run(40)
-    assert "budget of 10" in short.notes["keep_priced"]
+    roomy = run(40)
+    units = roomy.notes["units"]
+    assert units > groups > 0
+    need = 2 + groups + math.ceil(math.log2(units + 1)) + 1
+    enough, short = run(need), run(need - 1)
+    for probed in (roomy, enough):
+        assert "keep_priced" not in probed.notes
+        assert sum(e.probe for e in probed.evaluations) == groups + 1  # and the top policy
+    assert f"budget of {need - 1}" in short.notes["keep_priced"]
     assert short.notes["rank"] == "hessian"
     assert not any(e.probe for e in short.evaluations)
     assert short.feasible, short.summary()
-    assert "keep_priced" not in roomy.notes
-    assert sum(e.probe for e in roomy.evaluations) == groups + 1  # and the top policy

@@ -35,9 +35,10 @@ price of :func:`~edgeslim.search.hessian.keep_sensitivity` for a group; no measu
 and probes the others alone. ``rank="auto"`` (default) prices weight bits that way when
 it can (they cost no measurement, which a small budget needs; resnet20 with pruning has
 34 units for a budget of 24), and keep ratios too when probing them would leave fewer
-than ``2 log2(units + 1)`` measurements of the budget for giving back (mobilenetv2-imagenet:
-25 groups and 53 layers for a budget of 28; until 2026-12-06 the probes took 27 of the 28
-and nothing feasible was found); with nothing priced it takes ``restore`` when the start
+than ``log2(units + 1) + 1`` measurements of the budget for giving back
+(mobilenetv2-imagenet: 25 groups and 53 layers for a budget of 28; until 2026-12-06 the
+probes took 27 of the 28 and nothing feasible was found); with nothing priced it takes
+``restore`` when the start
 keeps at least half of the uncompressed metric, else ``alone``. Sensitivity is the
 validation loss change (the metric's when no loss is measured). ``notes`` list the units
 given back and trimmed, and ``keep_priced`` why keep ratios were priced rather than probed.
@@ -153,14 +154,16 @@ class AccuracyAware(GeneStrategy):
         return self._set(self.top, unit, self.start)
 
     def _short_of_budget(self) -> bool:
-        """Whether probing the units not priced yet would leave fewer than ``2 log2(units
-        + 1)`` measurements (a gallop and its bisection) of the budget for giving back; the
-        reason goes to ``notes["keep_priced"]``."""
+        """Whether probing the units not priced yet would leave fewer than ``log2(units +
+        1) + 1`` measurements of the budget for giving back: what a gallop takes to reach
+        the whole plan (1, 2, 4, ... units back), so a feasible prefix is found when there
+        is one; bisecting towards fewer units back needs more, but is not what makes the
+        answer feasible. The reason goes to ``notes["keep_priced"]``."""
         budget = self.ctx.budget
         probes = sum(u not in self.priced for u in self.units)
         if budget is None or not probes:
             return False
-        need = 2 + probes + 2 * math.ceil(math.log2(len(self.units) + 1))  # start, top
+        need = 2 + probes + math.ceil(math.log2(len(self.units) + 1)) + 1  # start, top
         if need <= budget:
             return False
         self.notes["keep_priced"] = (
