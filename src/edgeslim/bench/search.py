@@ -2,7 +2,7 @@
 
 Two models, one after the other (``--models`` picks; a killed run resumes after the last
 finished model): ``mobilenetv2-imagenet`` on the photo crops, with agreement as the metric
-and three strategies (:mod:`edgeslim.bench.search_imagenet` says what differs), and
+and every strategy (:mod:`edgeslim.bench.search_imagenet` says what differs), and
 ``resnet20`` on Fashion-MNIST with everything below, in one process:
 
 - constraints together: ONNX Runtime latency at batch 1 <= 0.6x the fp32 model (predicted
@@ -29,8 +29,8 @@ and three strategies (:mod:`edgeslim.bench.search_imagenet` says what differs), 
 
 Budgets (module constants) keep resnet20's part near 20 minutes on 2 cores (a
 measurement is about 1.7 s there: prune, PTQ with 256 calibration images, 1,000
-validation images; the whole suite with mobilenetv2-imagenet took 67 min in the
-committed run);
+validation images; the whole suite with mobilenetv2-imagenet took 103 min in the
+committed run, b2b7da3, 20 of them resnet20's);
 ``--quick`` runs two strategies at a tiny budget in a few minutes (once the machine's
 kernel table is cached; the first run also times every kernel shape).
 """
