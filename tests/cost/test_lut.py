@@ -220,8 +220,9 @@ def test_a_narrow_anchor_fits_a_line_through_both_int8_anchors(
 
 
 def test_the_narrow_anchor_keeps_per_op_cost_that_a_scale_removed() -> None:
-    """resnet20's case (benchmarks/search_resnet20): the int8 kernels over-count (scale
-    0.66), so a scale alone predicted a half-width model far too fast."""
+    """resnet20's case (benchmarks/search_resnet20, now in the git history): the int8
+    kernels over-count (scale 0.66), so a scale alone predicted a half-width model far too
+    fast."""
     scale_only = Residual.fit((0.62, 0.76), (0.35, 0.53))
     line = Residual.fit((0.62, 0.76), (0.35, 0.53), (0.27, 0.25))
     assert scale_only.predict(0.25, 1.0) == pytest.approx(0.35 * 0.25 / 0.53)  # 0.165 ms
