@@ -238,7 +238,8 @@ class GeneStrategy:
             p for p in self.space.uniforms()
             if p.id not in self.seen and all(c.ok for c in self.ctx.checks(p))
         ]  # fmt: skip
-        fits.sort(key=lambda p: (self.space.costs(p).bops, self.space.costs(p).size))
+        costs = {p.id: self.space.costs(p) for p in fits}  # one analytic pass per policy
+        fits.sort(key=lambda p: (costs[p.id].bops, costs[p.id].size))
         n = len(fits)
         if n > limit:
             picks = (
