@@ -3,6 +3,7 @@ analytic costs that match numbers worked out by hand from the layer shapes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -204,3 +205,23 @@ def test_zoo_resnet20_space_costs() -> None:
     halved = sp.costs(sp.uniform(8, keep=0.5))
     assert 0.2 < halved.macs / base.macs < 0.35
     assert halved.memory < w8.memory
+
+
+def test_keep_ratios_that_leave_one_width_are_one_choice(
+    digits_model: nn.Module, digits_task: Task
+) -> None:
+    """round_to 16 merges 0.5/0.75/1 of the 16-wide groups into one width and 0.75/1 of the
+    32-wide one: only distinct widths are searched, and a merged ratio encodes to its twin."""
+    space = SearchSpace.build(
+        digits_model, digits_task, w_bits=(8,), keep=(0.5, 0.75, 1.0), round_to=16
+    )
+    assert [(d.name, d.choices) for d in space.dims] == [("conv4", (0.5, 1.0))]
+    widths = {space.layer_table(space.decode(g))["fc"].in_shape[-1] for g in itertools.product(
+        *(range(len(d.choices)) for d in space.dims))}  # fmt: skip
+    assert widths == {16, 32}  # every gene a different model
+    merged = space.uniform(8, keep=0.75)
+    twin = space.decode(space.encode(merged))
+    assert twin.keep["conv4"] == 1.0 and twin.keep["conv1"] == 1.0
+    assert space.layer_table(twin) == space.layer_table(merged)
+    fine = SearchSpace.build(digits_model, digits_task, w_bits=(8,), keep=(0.5, 0.75, 1.0))
+    assert [len(d.choices) for d in fine.dims] == [3, 3, 3]  # round_to 1: nothing merges

@@ -20,7 +20,9 @@ Decisions:
   on the calibration crops before scoring (the space's default).
 - Every strategy of the resnet20 part and both Optuna samplers, at a budget of 28 (dp
   prices each choice, Hessian traces for weight bits and a probe per block's keep, and
-  needs 27 measurements here: one reference, 25 keep probes, the chosen policy). Until
+  needs 23 measurements here: one reference, 21 keep probes, the chosen policy; 25 probes
+  until the 4 blocks whose keep 0.75 rounds back to their width stopped being searched,
+  2026-12-06). Until
   2026-12-05 only random, evolutionary, Optuna TPE and dp ran: a measurement cost 21-26 s
   (the committed run at 620a423, partly under load), against 8-21 s, most 12-16 s, in the
   first twelve of an abc search at c5c9516 with nothing else running; the whole list took
