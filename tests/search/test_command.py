@@ -279,3 +279,37 @@ def test_a_searched_policy_is_applied_by_a_recipe_on_the_command_line(
     assert (out / "model.onnx").is_file()
     chosen = json.loads((found / "policy.json").read_text())
     assert json.loads((out / "search.policy.json").read_text()) == chosen
+
+
+def test_the_executor_is_closed_before_the_candidates_are_timed(
+    digits_model: object, digits_task: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parallel executor's workers would share the cores with the whole-model timing that
+    decides a latency limit: ``search_task`` closes it first."""
+    from edgeslim.search import LocalExecutor
+    from edgeslim.search import verify as verify_module
+    from edgeslim.search.choices import SpaceChoices
+    from edgeslim.search.command import search_task
+    from edgeslim.search.constraints import Constraints
+
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "cache"))
+    events: list[str] = []
+
+    class Closing(LocalExecutor):
+        def close(self) -> None:
+            events.append("closed")
+
+    timed = verify_module.measure_candidates
+
+    def measure(*args: object, **kwargs: object) -> object:
+        events.append("timed")
+        return timed(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verify_module, "measure_candidates", measure)
+    _, _, _, result = search_task(
+        digits_model, digits_task, Constraints.parse(["latency<=10x"], None), strategy="random",
+        budget=2, seed=0, choices=SpaceChoices(w_bits=(8,), keep=(1.0,)), quick=True,
+        executor=Closing(),
+    )  # fmt: skip
+    assert events == ["closed", "timed"]
+    assert result.policy is not None

@@ -15,7 +15,7 @@ import pytest
 from torch import nn
 
 from edgeslim.search import Executor, SearchError, SearchSpace, search
-from edgeslim.search.ray_executor import RayExecutor
+from edgeslim.search.ray_executor import RayExecutor, wait_exited
 from edgeslim.task import Task
 
 HELPERS = str(Path(__file__).parent)  # search_helpers (DigitsNet) for the workers to import
@@ -59,6 +59,18 @@ def test_two_workers_give_the_local_search(ray_pool: RayExecutor, sp: SearchSpac
     assert runs[0].best.result.metric == runs[1].best.result.metric
     # the measured figures are the workers' own: not a copy of a driver-side cache
     assert all(e.result.seconds > 0 for e in runs[1].evaluations if e.source == "measured")
+
+
+def test_close_returns_once_the_workers_have_exited(ray_pool: RayExecutor) -> None:
+    """Whatever is timed after a Ray search must not share the cores with workers still
+    exiting; a closed executor starts afresh when used again."""
+    ray_pool.worker_threads()  # the actors up
+    pids = ray_pool.worker_pids()
+    assert len(pids) == 2 and wait_exited(pids, 0.0) == pids  # both running
+    ray_pool.close()
+    assert wait_exited(pids, 0.0) == []
+    assert ray_pool.worker_pids() == []
+    assert ray_pool.worker_threads() == [1, 1]
 
 
 def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -224,6 +224,9 @@ def search_task(
     if latency is not None:  # the table screened; the exported models decide
         from edgeslim.search.verify import verify_latency
 
+        close = getattr(executor, "close", None)
+        if callable(close):  # its worker processes would share the cores with the timing
+            close()
         result = verify_latency(result, latency)
     return space, evaluator, latency, result
 

@@ -17,6 +17,14 @@ Decision — threads: each actor asks Ray for one CPU and runs torch on one thre
 ``workers`` actors fill ``workers`` cores without oversubscribing them (two 2-thread
 processes on two cores spin-wait for each other and run slower than one).
 
+Decision — closing waits for the workers to exit: ``close`` returns once the local actors'
+processes and the runtime services it started are gone, up to
+:data:`CLOSE_WAIT` seconds. Why: a process still tearing down shares the cores with
+whatever is timed next. ``bench search`` verified the same resnet20 policy at 0.516x fp32
+after the in-process search and at 0.649x right after the Ray run's shutdown (2026-12-06,
+commit b441b45), breaking the 0.6x limit it met. ``edgeslim search`` closes the executor
+before it times the chosen candidates for the same reason.
+
 Determinism: results are returned in the batch's order (:class:`ray.util.ActorPool`
 ``map`` keeps it), and the search loop, not the executor, forms batches, so the same seed
 and batch give the same search as :class:`~edgeslim.search.LocalExecutor`.
@@ -25,6 +33,7 @@ and batch give the same search as :class:`~edgeslim.search.LocalExecutor`.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
@@ -36,6 +45,7 @@ from edgeslim.search.executor import MeasureFn
 from edgeslim.search.policy import Policy
 
 INSTALL_HINT = "pip install 'edgeslim[ray]'"
+CLOSE_WAIT = 30.0  # seconds close() waits for local worker processes to exit
 
 
 def import_ray() -> ModuleType:
@@ -64,6 +74,9 @@ class _Worker:
         import torch
 
         return int(torch.get_num_threads())
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def measure(self, key: str, holder: list[Any], policy: Policy) -> EvalResult:
         # ``holder`` wraps the ObjectRef so Ray does not fetch and unpickle it on every call
@@ -101,6 +114,7 @@ class RayExecutor:
         self.threads_per_worker = threads_per_worker
         self._runtime_env = dict(runtime_env or {})
         self._owns_runtime = False
+        self._services: list[int] = []  # process ids of the runtime this executor started
         self._actors: list[Any] = []
         self._fn: MeasureFn | None = None
         self._key = ""
@@ -124,25 +138,41 @@ class RayExecutor:
                 kwargs.update(num_cpus=self.workers, _node_ip_address="127.0.0.1")
             else:
                 kwargs["address"] = self.address
+            before = set(_children())
             ray.init(**kwargs)
             self._owns_runtime = True
+            self._services = sorted(set(_children()) - before)  # what ray.init started
         actor = ray.remote(num_cpus=1)(_Worker)
         self._actors = [actor.remote(self.threads_per_worker) for _ in range(self.workers)]
 
     def close(self) -> None:
-        """Stop the actors, and the Ray runtime when this executor started it."""
+        """Stop the actors, and the Ray runtime when this executor started it; with a
+        local runtime, return once their processes have exited (see the module doc)."""
+        pids = self.worker_pids() if self.address is None else []
         for a in self._actors:
             self.ray.kill(a)
         self._actors, self._fn, self._ref = [], None, None
+        services, self._services = self._services, []
         if self._owns_runtime and self.ray.is_initialized():
             self.ray.shutdown()
         self._owns_runtime = False
+        wait_exited([*pids, *services], CLOSE_WAIT)
 
     def __enter__(self) -> RayExecutor:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running actors (empty when none runs or they do not answer)."""
+        if not self._actors:
+            return []
+        try:
+            return [int(p) for p in self.ray.get([a.pid.remote() for a in self._actors],
+                                                 timeout=10)]  # fmt: skip
+        except Exception:  # a dead actor: nothing left to wait for on its account
+            return []
 
     def worker_threads(self) -> list[int]:
         """torch's thread count in each worker (1 by default)."""
@@ -176,4 +206,51 @@ class RayExecutor:
         return pool.map(lambda a, p: a.measure.remote(key, holder, p), list(policies))
 
 
-__all__ = ["INSTALL_HINT", "RayExecutor", "import_ray"]
+def _children() -> list[int]:
+    """This process's live child processes (Ray's runtime services when it started them),
+    from ``/proc``; empty where there is none."""
+    me, out = os.getpid(), []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me and fields[0] != "Z":
+            out.append(int(name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # exited but not reaped yet: gone for the cores' sake
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def wait_exited(pids: Sequence[int], timeout: float) -> list[int]:
+    """Wait until every process of ``pids`` has exited, at most ``timeout`` seconds; the
+    ones still running then."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if p != os.getpid()]
+    while True:
+        left = [p for p in left if _alive(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+__all__ = ["CLOSE_WAIT", "INSTALL_HINT", "RayExecutor", "import_ray", "wait_exited"]
