@@ -29,8 +29,8 @@ and every strategy (:mod:`edgeslim.bench.search_imagenet` says what differs), an
 
 Budgets (module constants) keep resnet20's part near 20 minutes on 2 cores (a
 measurement is about 1.7 s there: prune, PTQ with 256 calibration images, 1,000
-validation images; the whole suite with mobilenetv2-imagenet took 103 min in the
-committed run, b2b7da3, 20 of them resnet20's);
+validation images; the whole suite with mobilenetv2-imagenet took 97 min in the
+committed run, b441b45, about 20 of them resnet20's);
 ``--quick`` runs two strategies at a tiny budget in a few minutes (once the machine's
 kernel table is cached; the first run also times every kernel shape).
 """

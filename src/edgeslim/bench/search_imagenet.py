@@ -26,8 +26,8 @@ Decisions:
   2026-12-05 only random, evolutionary, Optuna TPE and dp ran: a measurement cost 21-26 s
   (the committed run at 620a423, partly under load), against 8-21 s, most 12-16 s, in the
   first twelve of an abc search at c5c9516 with nothing else running; the whole list took
-  89 min in its first run (895958c, with a test run beside it) and 83 min in the
-  committed benchmarks/search (b2b7da3).
+  89 min in its first run (895958c, with a test run beside it), 83 min at b2b7da3 and
+  77 min in the committed benchmarks/search (b441b45, 21 keep probes).
   Until 2026-12-04 the budget was 16 and dp did not run: a pruned policy's refit then cost
   80 s of the 107 s of a measurement (see edgeslim.prune.reconstruct).
 """
