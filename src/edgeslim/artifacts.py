@@ -41,6 +41,7 @@ from torch import nn
 from edgeslim.errors import CheckpointError, EdgeslimError
 from edgeslim.graph.reparam import bake_reparametrizations
 from edgeslim.graph.trace import declare_inputs
+from edgeslim.runtime.processes import alive
 
 MANIFEST = "manifest.json"
 REBUILD_FORMAT = "edgeslim-compressed"
@@ -148,18 +149,6 @@ def read_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
 # --- output folders: validate, write beside, move into place ---------------------------------
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_siblings(target: Path) -> list[Path]:
     """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings of ``target`` whose process
     is gone (a killed run); returns what was removed. A live run's folder is left alone; an
@@ -170,7 +159,7 @@ def clean_stale_siblings(target: Path) -> list[Path]:
         return removed
     for p in sorted(target.parent.iterdir()):
         m = _SIBLING.match(p.name)
-        if not (m and m["name"] == target.name and not _alive(int(m["pid"]))):
+        if not (m and m["name"] == target.name and not alive(int(m["pid"]))):
             continue
         if ".old-" in p.name and not target.exists():  # killed between the two renames
             p.rename(target)

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from torch import nn
 
+from edgeslim.runtime.processes import wait_exited
 from edgeslim.search import Executor, SearchError, SearchSpace, search
-from edgeslim.search.ray_executor import RayExecutor, wait_exited
+from edgeslim.search.ray_executor import RayExecutor
 from edgeslim.task import Task
 
 HELPERS = str(Path(__file__).parent)  # search_helpers (DigitsNet) for the workers to import

@@ -33,12 +33,12 @@ and batch give the same search as :class:`~edgeslim.search.LocalExecutor`.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
+from edgeslim.runtime.processes import children, wait_exited
 from edgeslim.search.errors import SearchError
 from edgeslim.search.evaluate import EvalResult, Evaluator
 from edgeslim.search.executor import MeasureFn
@@ -138,10 +138,10 @@ class RayExecutor:
                 kwargs.update(num_cpus=self.workers, _node_ip_address="127.0.0.1")
             else:
                 kwargs["address"] = self.address
-            before = set(_children())
+            before = set(children())
             ray.init(**kwargs)
             self._owns_runtime = True
-            self._services = sorted(set(_children()) - before)  # what ray.init started
+            self._services = sorted(set(children()) - before)  # what ray.init started
         actor = ray.remote(num_cpus=1)(_Worker)
         self._actors = [actor.remote(self.threads_per_worker) for _ in range(self.workers)]
 
@@ -206,51 +206,4 @@ class RayExecutor:
         return pool.map(lambda a, p: a.measure.remote(key, holder, p), list(policies))
 
 
-def _children() -> list[int]:
-    """This process's live child processes (Ray's runtime services when it started them),
-    from ``/proc``; empty where there is none."""
-    me, out = os.getpid(), []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me and fields[0] != "Z":
-            out.append(int(name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # exited but not reaped yet: gone for the cores' sake
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def wait_exited(pids: Sequence[int], timeout: float) -> list[int]:
-    """Wait until every process of ``pids`` has exited, at most ``timeout`` seconds; the
-    ones still running then."""
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if p != os.getpid()]
-    while True:
-        left = [p for p in left if _alive(p)]
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.05)
-
-
-__all__ = ["CLOSE_WAIT", "INSTALL_HINT", "RayExecutor", "import_ray", "wait_exited"]
+__all__ = ["CLOSE_WAIT", "INSTALL_HINT", "RayExecutor", "import_ray"]
