@@ -12,11 +12,12 @@ import time
 from collections.abc import Sequence
 
 
-def _state(pid: int) -> str | None:
-    """The process state letter from ``/proc`` (``Z``: exited, not reaped), or None."""
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first, then the
+    parent's pid), or None where there is no such file."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
@@ -32,7 +33,8 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: it exists
         return True
-    return _state(pid) != "Z"
+    fields = _stat(pid)
+    return fields is None or fields[0] != "Z"  # Z: exited, not reaped yet
 
 
 def children() -> list[int]:
@@ -43,14 +45,8 @@ def children() -> list[int]:
     except OSError:
         return []
     for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == me and fields[0] != "Z":
+        fields = _stat(name) if name.isdigit() else None
+        if fields is not None and int(fields[1]) == me and fields[0] != "Z":
             out.append(int(name))
     return out
 

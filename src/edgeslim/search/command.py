@@ -197,7 +197,8 @@ def search_task(
     """``(space, evaluator, latency predictor or None, SearchResult)``: the search the
     command line and the recipe stage both run (latency table when a constraint needs it,
     its best candidates then timed whole by :func:`~edgeslim.search.verify.verify_latency`;
-    optional short fine-tune of each measured policy; ``choices``: the space
+    optional short fine-tune of each measured policy; ``executor`` is closed before that
+    timing when it has a ``close``, so its workers do not share the cores; ``choices``: the space
     (:class:`~edgeslim.search.choices.SpaceChoices`); ``options``: the strategy's, checked by
     name before the space is built)."""
     from edgeslim.search import search

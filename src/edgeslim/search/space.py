@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import hashlib
 import itertools
 import json
@@ -107,7 +108,7 @@ class GroupChoices:
     def width(self, ratio: float) -> int:
         return self.widths[self.keep.index(ratio)]
 
-    @property
+    @functools.cached_property
     def distinct(self) -> tuple[float, ...]:
         """The keep ratios worth searching: of ratios that leave the same width (rounding
         to ``round_to`` merges them in a small group), only the largest. Why: every other
