@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
 
 from edgeslim.cost import (
     LatencyStats,
+    Windows,
+    compare_in_windows,
     compare_latency,
     measure_latency,
     ratio_over_rounds,
@@ -87,3 +90,48 @@ def test_latency_spread_gives_percentiles_and_the_speedups_spread() -> None:
     assert s["speedup_p10"] <= s["speedup_median"] <= s["speedup_p90"]
     assert s["speedup_p90"] == pytest.approx(2.0)
     assert "speedup_median" not in latency_spread(LatencyStats(1, 1, 1, 3), base)
+
+
+def test_a_transient_in_one_window_is_outvoted_by_the_next_two() -> None:
+    """The bench's re-run was calibrated in a window where int8 ran 35% slow; a second
+    window disagrees with such a first one, a third agrees with the second, and the
+    figure is their median, not the transient's."""
+    calls = {"n": 0}
+
+    def base() -> None:
+        time.sleep(0.002)
+
+    def half() -> None:  # three times slower during the first window's calls only
+        calls["n"] += 1
+        time.sleep(0.006 if calls["n"] <= 6 else 0.001)
+
+    kw = {"warmup": 0, "repeats": 6, "threads": 1, "block": 3, "settle": 0}
+    stats, ratios = compare_in_windows(
+        {"base": base, "half": half}, "base", Windows(most=4, gap=0.0, agree=0.3), **kw
+    )
+    r = ratios["half"]
+    assert len(r.windows) == 3 and r.windows[0] > 2.0  # the transient, then two that agree
+    assert 0.35 < r.median < 0.7 and r.rounds == 3 * 2
+    assert stats["half"].repeats == stats["base"].repeats == 3 * 6
+    assert len(stats["base"].blocks) == 3 * 2  # rounds kept in order: still pairable
+    assert math.isclose(ratio_over_rounds(stats["half"], stats["base"]).rounds, 6)
+
+
+def test_windows_stop_as_soon_as_two_agree_and_wait_the_gap() -> None:
+    runners = {"a": lambda: time.sleep(0.001), "b": lambda: time.sleep(0.001)}
+    kw = {"warmup": 0, "repeats": 4, "threads": 1, "block": 2, "settle": 0}
+    t0 = time.perf_counter()
+    _, ratios = compare_in_windows(runners, "a", Windows(most=3, gap=0.2, agree=0.5), **kw)
+    assert len(ratios["b"].windows) == 2  # equal sleeps agree within 50%
+    assert time.perf_counter() - t0 >= 0.2  # one gap between the two windows
+    stats, none = compare_in_windows({"a": runners["a"]}, "a", Windows(most=1), **kw)
+    assert none == {} and stats["a"].repeats == 4  # one window, one runner
+
+
+def test_windows_refuse_what_cannot_be_timed() -> None:
+    with pytest.raises(ValueError, match="most"):
+        Windows(most=0)
+    with pytest.raises(ValueError, match="gap"):
+        Windows(gap=-1.0)
+    with pytest.raises(ValueError, match="reference"):
+        compare_in_windows({"a": lambda: None}, "b")

@@ -17,6 +17,9 @@ def test_lut_latency_is_anchored_on_measured_models_and_checked(
     residual = lut.calibrate()
     # the space prunes (keep 0.5 or 1), so the narrowest all-int8 policy is an anchor too
     assert set(lut.anchors) == {"fp32", "int8", "int8_narrow"}
+    # each anchor's ratio per calibration window: two at least (a gap apart), three at most
+    assert set(lut.anchor_windows) == {"int8", "int8_narrow"}
+    assert all(2 <= len(w) <= 3 and min(w) > 0 for w in lut.anchor_windows.values())
     assert math.isclose(lut.predict(None), lut.anchors["fp32"], rel_tol=1e-9)
     int8 = space.uniform(w_bits=8, a_bits=8, keep=1.0)
     assert math.isclose(lut.predict(int8), lut.anchors["int8"], rel_tol=1e-9)

@@ -420,7 +420,11 @@ def _latency_row(b: SearchBench, chosen: list[Policy]) -> Record:
     picks = list(seen.values())
     t0 = time.perf_counter()
     check = b.latency.check(picks)
-    extra = {**check.to_dict(), "anchors_ms": b.latency.anchors}
+    extra = {
+        **check.to_dict(),
+        "anchors_ms": b.latency.anchors,
+        "anchor_windows": b.latency.anchor_windows,
+    }
     rec = b.record("edgeslim:latency-table", None, time.perf_counter() - t0, extra)
     return rec.model_copy(update={"metric": "latency_max_error", "value": check.max_error,
                                   "baseline_value": 0.0})  # fmt: skip

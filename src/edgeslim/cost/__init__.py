@@ -10,6 +10,8 @@ from edgeslim.cost.analytic import (
 from edgeslim.cost.latency import (
     LatencyStats,
     RatioStats,
+    Windows,
+    compare_in_windows,
     compare_latency,
     measure_latency,
     ort_runner,
@@ -21,7 +23,9 @@ __all__ = [
     "CostReport",
     "LatencyStats",
     "RatioStats",
+    "Windows",
     "bops",
+    "compare_in_windows",
     "compare_latency",
     "cost_report",
     "measure_latency",

@@ -311,6 +311,7 @@ def run_search(
     outcome = SearchOutcome(result.summary(), result.feasible, uniform=uniform_rows)
     if latency is not None:  # the candidates verify_latency timed carry the table's error
         payload["latency_table"] = {"anchors_ms": latency.anchors,
+                                    "anchor_windows": latency.anchor_windows,
                                     "measured": result.notes.get("latency_measured"),
                                     "kernels_cached": len(latency.table)}  # fmt: skip
     if result.policy is not None:

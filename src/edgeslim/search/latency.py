@@ -20,7 +20,13 @@ from pathlib import Path
 
 from torch import nn
 
-from edgeslim.cost.latency import TIMING_SECONDS, LatencyStats, RatioStats, ratio_over_rounds
+from edgeslim.cost.latency import (
+    DEFAULT_WINDOWS,
+    TIMING_SECONDS,
+    LatencyStats,
+    RatioStats,
+    Windows,
+)
 from edgeslim.cost.lut import (
     LatencyTable,
     LayerTime,
@@ -39,7 +45,10 @@ class LutLatency:
     """Predicted ONNX Runtime milliseconds of a policy at the task's example batch.
 
     Every whole-model timing (:meth:`calibrate`, :meth:`check`, :meth:`measure_against_float`)
-    runs each model at least ``repeats`` times and for at least ``seconds`` in all."""
+    runs each model at least ``repeats`` times and for at least ``seconds`` in all, in
+    ``windows`` (:class:`~edgeslim.cost.latency.Windows`: a second window a gap later, a
+    third when the first two disagree; the median over them), so that a transient of the
+    machine during one window does not decide a whole search's screen."""
 
     unit = "ms"
 
@@ -50,13 +59,17 @@ class LutLatency:
         *,
         repeats: int = 50,
         seconds: float = TIMING_SECONDS,
+        windows: Windows = DEFAULT_WINDOWS,
     ) -> None:
         self.space = space
         self.table = table if table is not None else LatencyTable(threads=_threads())
         self.repeats = repeats
         self.seconds = seconds
+        self.windows = windows
         self.residual: Residual | None = None
         self.anchors: dict[str, float] = {}  # measured whole-model ms of the anchors
+        # each int8 anchor's ratio to fp32 in each calibration window (the spread behind them)
+        self.anchor_windows: dict[str, tuple[float, ...]] = {}
         self._base_rows: dict[str, LayerInfo] | None = None
 
     # --- the layer sum ---------------------------------------------------------------------
@@ -127,14 +140,21 @@ class LutLatency:
         # interleaved: apart, each carries its session's drift, and every prediction
         # shares their difference
         self.table.refresh_probes()
-        ms = self.measure_many([None, *anchors])
-        self.anchors = dict(zip(("fp32", "int8", "int8_narrow"), ms, strict=False))
+        timed = self._time([None, *anchors])
+        ms = _milliseconds(timed)
+        names = ("fp32", "int8", "int8_narrow")
+        self.anchors = dict(zip(names, ms, strict=False))
+        self.anchor_windows = {n: r.windows for n, (_, r) in zip(names[1:], timed[1], strict=False)}
         self.residual = self._residual(ms, anchors)
         self.table.save()
         return self.residual
 
-    def _time(self, policies: Sequence[Policy | None]) -> list[LatencyStats]:
-        from edgeslim.cost.latency import compare_latency, ort_runner
+    def _time(
+        self, policies: Sequence[Policy | None]
+    ) -> tuple[LatencyStats, list[tuple[LatencyStats, RatioStats]]]:
+        """The first of ``policies`` (the reference) and each other one with its ratio to
+        it, all exported and timed interleaved in :attr:`windows`."""
+        from edgeslim.cost.latency import compare_in_windows, ort_runner
         from edgeslim.runtime.ort import ort_session
 
         example = self.space.task.example_inputs
@@ -143,26 +163,22 @@ class LutLatency:
             for i, p in enumerate(policies):
                 sess = ort_session(self.export(p, Path(tmp) / f"m{i}.onnx"), self.table.threads)
                 runners[str(i)] = ort_runner(sess, session_feeds(sess, example))
-            stats = compare_latency(
-                runners, repeats=self.repeats, threads=self.table.threads,
+            stats, ratios = compare_in_windows(
+                runners, "0", self.windows, repeats=self.repeats, threads=self.table.threads,
                 min_seconds=self.seconds, max_repeats=1_000_000,
             )  # fmt: skip
-        return [stats[str(i)] for i in range(len(policies))]
+        return stats["0"], [(stats[str(i)], ratios[str(i)]) for i in range(1, len(policies))]
 
     def measure_many(self, policies: Sequence[Policy | None]) -> list[float]:
-        """Milliseconds of ``policies`` (None: the float model), all timed interleaved in one
-        run (:func:`edgeslim.cost.compare_latency`), so their ratios do not carry the drift
+        """Milliseconds of ``policies`` (None: the float model), all timed interleaved
+        (:func:`edgeslim.cost.compare_in_windows`), so their ratios do not carry the drift
         between separate timing sessions. The first is the reference: its median; each
         other is that median times its median per-round ratio to the first
         (:func:`~edgeslim.cost.latency.ratio_over_rounds`), so the ratios the table is
         anchored on and checked against are the ones a latency limit is verified on."""
         if not policies:
             return []
-        stats = self._time(policies)
-        base = stats[0]
-        return [base.median_ms] + [
-            base.median_ms * ratio_over_rounds(s, base).median for s in stats[1:]
-        ]
+        return _milliseconds(self._time(policies))
 
     def measure_against_float(
         self, policies: Sequence[Policy]
@@ -170,8 +186,7 @@ class LutLatency:
         """The float model's timing, and each policy's timing with its round-by-round ratio
         to the float model (:func:`~edgeslim.cost.latency.ratio_over_rounds`), all in one
         interleaved run."""
-        stats = self._time([None, *policies])
-        return stats[0], [(s, ratio_over_rounds(s, stats[0])) for s in stats[1:]]
+        return self._time([None, *policies])
 
     def check(self, policies: Sequence[Policy]) -> PredictionCheck:
         """Predicted against measured whole-model latency on ``policies``, timed interleaved
@@ -198,6 +213,12 @@ class LutLatency:
         self.table.save()
         reanchored = PredictionCheck(tuple(again), (self.predict(None, now), ms[0]), None, now)
         return PredictionCheck(tuple(rows), (self.predict(None), ms[0]), reanchored, self.residual)
+
+
+def _milliseconds(timed: tuple[LatencyStats, list[tuple[LatencyStats, RatioStats]]]) -> list[float]:
+    """The reference's median, then each other model's ratio to it in the reference's ms."""
+    base, others = timed
+    return [base.median_ms] + [base.median_ms * r.median for _, r in others]
 
 
 def _threads() -> int:

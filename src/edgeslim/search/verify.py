@@ -7,7 +7,8 @@ resnet20's all-int8 model between 0.66x and 0.87x of fp32 from one second to the
 2 threads;
 see :func:`~edgeslim.cost.latency.ratio_over_rounds`). So a search with a latency limit
 ends by timing candidates whole: its best feasible policy, then the next best feasible
-ones by the metric, up to ``candidates``, interleaved with the float model in one run.
+ones by the metric, up to ``candidates``, interleaved with the float model in one timing
+(in windows a gap apart: :class:`~edgeslim.cost.latency.Windows`).
 
 The result keeps the first candidate, in that order, whose measurement meets every latency
 limit: for an ``x`` limit, the median of its round-by-round ratio to the float model; for an
@@ -16,8 +17,9 @@ and its message gives the table's figure, the measured one and the spread of the
 
 Decisions: the measurement decides, not the table. It is not repeated until it passes: a
 miss within the spread of the rounds is still reported as a miss, with the spread, so the
-user sees how close it was. Absolute limits (``latency<=5ms``) compare milliseconds timed
-in this process; relative ones compare ratios, which carry less of the machine's drift.
+user sees how close it was; the windows stop when two agree, whatever the limit says.
+Absolute limits (``latency<=5ms``) compare milliseconds timed in this process; relative
+ones compare ratios, which carry less of the machine's drift.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ class MeasuredLatency:
         table = "" if self.predicted_ratio is None else f"table {self.predicted_ratio:.3f}x, "
         return (
             f"{self.policy_id}: {table}measured {self.ratio.median:.3f}x fp32 (rounds "
-            f"p10-p90 {self.ratio.p10:.3f}-{self.ratio.p90:.3f}, {self.ratio.rounds} rounds), "
-            + "; ".join(str(c) for c in self.checks)
+            f"p10-p90 {self.ratio.p10:.3f}-{self.ratio.p90:.3f}, {self.ratio.rounds} rounds"
+            f"{_windows(self.ratio.windows)}), " + "; ".join(str(c) for c in self.checks)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,9 +73,16 @@ class MeasuredLatency:
             "predicted_ratio": self.predicted_ratio, "measured_ms": round(self.measured_ms, 4),
             "measured_ratio": round(self.ratio.median, 4), "table_error": self.table_error,
             "ratio_p10": round(self.ratio.p10, 4), "ratio_p90": round(self.ratio.p90, 4),
-            "rounds": self.ratio.rounds, "ok": self.ok,
+            "rounds": self.ratio.rounds, "window_ratios": [round(w, 4) for w in self.ratio.windows],
+            "ok": self.ok,
             "checks": [c.to_dict() for c in self.checks],
         }  # fmt: skip
+
+
+def _windows(medians: tuple[float, ...]) -> str:
+    if len(medians) < 2:
+        return ""
+    return ", windows " + " ".join(f"{m:.3f}x" for m in medians)
 
 
 @dataclass(frozen=True)
