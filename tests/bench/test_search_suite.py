@@ -81,3 +81,32 @@ def test_a_strategy_run_resumes_from_its_own_progress_file(
     search.search_suite(tmp_path, False, ["resnet20"], ["dp"])
     assert calls == [("resnet20", ("dp",))]  # the whole run's file was not read
     assert not search.journal_dir(tmp_path).exists()  # finished: the next run starts afresh
+
+
+def test_a_rows_policy_is_saved_beside_the_results_and_loads_back(tmp_path: Path) -> None:
+    """results.json keeps a policy's id only and a finished suite removes its journals:
+    the row names a JSON file under out/policies that loads as the very policy."""
+    from torch import nn
+
+    from edgeslim.bench.search import SearchBench, Sizes
+    from edgeslim.data import TensorBatches, load_digits_split
+    from edgeslim.search import SearchSpace
+    from edgeslim.search.policy import Policy
+    from edgeslim.task import Task
+
+    digits = load_digits_split("train")
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
+    ).eval()
+    task = Task(example_inputs=(digits.images[:1],),
+                calibration=TensorBatches(digits.images[:64], batch_size=32))  # fmt: skip
+    space = SearchSpace.build(model, task, w_bits=(4, 8), keep=(0.5, 1.0))
+    sizes = Sizes(1, 1, None, ("random",), 1, 0.1, 1)
+    bench = SearchBench("net", tmp_path, sizes, model, space, None,  # type: ignore[arg-type]
+                        lambda m: 0.0, 0, 0.0, 1.0)  # fmt: skip
+    policy = space.uniform(w_bits=4, a_bits=8, keep=0.5)
+    row = bench.record("edgeslim:test", policy, 0.0, {}, space=space)
+    name = row.extra["policy_file"]
+    assert name == f"policies/net-{policy.id}.json"
+    assert Policy.load(tmp_path / name) == policy
+    assert "policy_file" not in bench.record("edgeslim:none", None, 0.0, {}, space=space).extra

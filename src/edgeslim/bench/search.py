@@ -186,6 +186,8 @@ class SearchBench:
                **(config or {})}  # fmt: skip
         if policy is not None:
             cfg.update(_bits(policy))
+            extra = {"policy_file": self.save_policy(policy).relative_to(self.out).as_posix(),
+                     **extra}  # fmt: skip
         return Record(
             suite="search", model=self.name, method=method, config=cfg,
             metric=self.metric, value=round(test, 4), baseline_value=round(self.fp32_test, 4),
@@ -206,6 +208,12 @@ class SearchBench:
                 **extra,
             },
         )  # fmt: skip
+
+    def save_policy(self, policy: Policy) -> Path:
+        """``policy`` as JSON under ``out/policies`` (named by model and policy id), so a
+        row's policy can be loaded, applied and compared after the run (results.json keeps
+        only its id; the journals are removed when the suite finishes)."""
+        return policy.save(Path(self.out) / "policies" / f"{self.name}-{policy.id}.json")
 
     @property
     def constraints(self) -> list[str]:
