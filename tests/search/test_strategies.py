@@ -147,8 +147,13 @@ def test_sensitivity_strategies_measure_then_decide(space46: SearchSpace) -> Non
         assert result.feasible, result.summary()
         probes = [e for e in result.evaluations if e.probe]
         assert len(probes) == probed + 1  # the least compressed policy and one per probe
-        assert result.evaluations[-1].policy == result.best.policy  # type: ignore[union-attr]
         assert len(result.notes["sensitivity"]) == dims
+        # then the decided policy, then next-best allocations while the budget lasts
+        after = result.evaluations[len(probes) :]
+        assert after[0].policy.id == result.notes["chosen"] and not any(e.probe for e in after)
+        assert len(after) == min(1 + result.notes["neighbours"], 20 - len(probes))
+        feasible = [e.result.metric for e in after if e.result.feasible]
+        assert result.best is not None and result.best.result.metric == max(feasible)  # type: ignore[type-var]
     # pruning conv1's group alone costs more than pruning conv4's (measured, not assumed)
     s = greedy.notes["sensitivity"]
     assert s["keep[conv1]"] > s["keep[conv4]"]
@@ -156,6 +161,37 @@ def test_sensitivity_strategies_measure_then_decide(space46: SearchSpace) -> Non
     assert set(greedy.notes["hessian_trace_per_weight"]) == {
         d.name for d in space46.dims if d.kind == "w_bits"
     }
+
+
+@pytest.mark.parametrize("name", ["greedy", "dp"])
+def test_refine_asks_the_chosen_policys_neighbours_within_the_limits_in_predicted_order(
+    space46: SearchSpace, name: str
+) -> None:
+    """After the decided policy, its neighbours (one coordinate given a choice back, the
+    limits restored by compressing others): every one within the analytic limits, none
+    asked twice, in the order of predicted total sensitivity; refine=False stops at the
+    decided policy."""
+    ev = Evaluator(space46, CONSTRAINTS, max_drop=MAX_DROP)
+    strat = make_strategy(name, Context(space46, ev.constraints, 0, ev.checks, 40))
+    asked: list[Policy] = []
+    while (policy := strat.ask()) is not None:
+        asked.append(policy)  # probes are measured whatever the limits (as the loop does)
+        strat.tell(policy, ev.measure(policy) if strat.is_probe(policy) else ev.evaluate(policy))
+    assert strat.finished
+    chosen = next(i for i, p in enumerate(asked) if p.id == strat.notes["chosen"])
+    alternatives = asked[chosen + 1 :]
+    assert alternatives and len(alternatives) == strat.notes["neighbours"]
+    assert len({p.id for p in asked}) == len(asked)
+    assert all(all(c.ok for c in ev.checks(p)) for p in alternatives)
+    sens = [strat.predicted(space46.encode(p)) for p in alternatives]  # type: ignore[attr-defined]
+    assert sens == sorted(sens)
+    plain = make_strategy(name, Context(space46, ev.constraints, 0, ev.checks, 40), refine=False)
+    while (policy := plain.ask()) is not None:
+        plain.tell(policy, ev.measure(policy) if plain.is_probe(policy) else ev.evaluate(policy))
+    assert plain.finished and plain.notes["chosen"] == strat.notes["chosen"]
+    assert "neighbours" not in plain.notes
+    with pytest.raises(SearchError, match="refine must be true or false"):
+        make_strategy(name, Context(space46, ev.constraints, 0, ev.checks), refine="yes")
 
 
 def test_accuracy_aware_gives_layers_back_until_max_drop_holds(
