@@ -155,7 +155,8 @@ def test_entries_are_relative_to_a_probe_timed_with_them(
     assert table.relative(big) > 2.0  # 16x the probe's MACs: not within noise of it
     timed: list[list[lut.LayerKey]] = []
 
-    def fixed(keys, threads, repeats):  # type: ignore[no-untyped-def]
+    def fixed(keys, threads, repeats, seconds):  # type: ignore[no-untyped-def]
+        assert seconds == lut.KERNEL_SECONDS  # timed long enough for a stable median
         timed.append(list(keys))
         return [0.3 if k == big else 0.1 for k in keys]
 
@@ -164,6 +165,7 @@ def test_entries_are_relative_to_a_probe_timed_with_them(
     assert table.relative(lut.probe_key(INT8)) == pytest.approx(1.0)
     assert table.relative(big) == pytest.approx(3.0)
     assert timed[-1] == [big, lut.probe_key(INT8)]  # the kernel and its probe, together
+    assert len(timed) == 2 + 2  # each entry: two windows, which agree here
     table._probes[INT8] = 0.5
     assert table.layer_ms(big) == pytest.approx(1.5)
 

@@ -16,7 +16,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -235,6 +235,35 @@ def _merge(stats: Sequence[LatencyStats]) -> LatencyStats:
     )  # fmt: skip
 
 
+T = TypeVar("T")
+
+
+def until_agreement(
+    measure: Callable[[], T],
+    figure: Callable[[T], Mapping[str, float]],
+    windows: Windows = DEFAULT_WINDOWS,
+    gap: float | None = None,
+) -> list[T]:
+    """``measure()`` once per window, ``gap`` seconds apart (default ``windows.gap``, else
+    none), until two windows' ``figure`` agree within ``windows.agree`` on every key, or
+    ``windows.most`` were taken (see :class:`Windows`); every window's result, in order."""
+    if gap is None:
+        gap = windows.gap or 0.0
+    runs: list[T] = []
+    figures: list[Mapping[str, float]] = []
+    for i in range(windows.most):
+        if i:
+            time.sleep(gap)
+        run = measure()
+        runs.append(run)
+        now = figure(run)
+        agreed = any(_agree(now, f, windows.agree) for f in figures)
+        figures.append(now)
+        if agreed:
+            break
+    return runs
+
+
 def compare_in_windows(
     runners: Mapping[str, Runner],
     reference: str,
@@ -248,20 +277,13 @@ def compare_in_windows(
     if reference not in runners:
         raise ValueError(f"reference {reference!r} is not among the runners {list(runners)}")
     gap = windows.gap if windows.gap is not None else float(compare.get("min_seconds", 0.0))
-    runs: list[dict[str, LatencyStats]] = []
-    figures: list[dict[str, float]] = []
-    for i in range(windows.most):
-        if i:
-            time.sleep(gap)
-        stats = compare_latency(runners, **compare)
-        runs.append(stats)
+
+    def figure(stats: dict[str, LatencyStats]) -> dict[str, float]:
         base = stats[reference]
         others = {k: ratio_over_rounds(s, base).median for k, s in stats.items() if k != reference}
-        figure = others or {reference: base.median_ms}
-        if any(_agree(figure, f, windows.agree) for f in figures):
-            figures.append(figure)
-            break
-        figures.append(figure)
+        return others or {reference: base.median_ms}
+
+    runs = until_agreement(lambda: compare_latency(runners, **compare), figure, windows, gap)
     merged = {k: _merge([r[k] for r in runs]) for k in runners}
     ratios = {}
     for k in runners:

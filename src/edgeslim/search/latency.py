@@ -184,8 +184,8 @@ class LutLatency:
         self, policies: Sequence[Policy]
     ) -> tuple[LatencyStats, list[tuple[LatencyStats, RatioStats]]]:
         """The float model's timing, and each policy's timing with its round-by-round ratio
-        to the float model (:func:`~edgeslim.cost.latency.ratio_over_rounds`), all in one
-        interleaved run."""
+        to the float model (:func:`~edgeslim.cost.latency.ratio_over_rounds`), all timed
+        interleaved (in :attr:`windows`)."""
         return self._time([None, *policies])
 
     def check(self, policies: Sequence[Policy]) -> PredictionCheck:
