@@ -105,7 +105,8 @@ class Sizes:
 
 
 # 9 searches x 24 measurements + the Ray pair + 6 uniforms, about 1.7 s each, plus the
-# latency table, exports and checks: about 20 min (the committed run's resnet20 part)
+# latency table, exports and checks timed in windows: about 30-35 min (the resnet20 parts
+# of benchmarks/search/resnet20-windows and resnet20-kernels; 20 min before the windows)
 FULL = Sizes(24, 1000, None, STRATEGIES, 100, 8.0, 40)
 QUICK = Sizes(4, 300, 2000, ("evolutionary", "optuna-tpe"), 20, 1.0, 4)
 
