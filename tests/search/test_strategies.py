@@ -189,6 +189,8 @@ def test_refine_asks_the_chosen_policys_neighbours_within_the_limits_in_predicte
     while (policy := plain.ask()) is not None:
         plain.tell(policy, ev.measure(policy) if plain.is_probe(policy) else ev.evaluate(policy))
     assert plain.finished and plain.notes["chosen"] == strat.notes["chosen"]
+    # the neighbours' repairs leave the decided policy's notes as they were
+    assert "unmet" not in strat.notes and strat.notes["greedy_steps"] == plain.notes["greedy_steps"]
     assert "neighbours" not in plain.notes
     with pytest.raises(SearchError, match="refine must be true or false"):
         make_strategy(name, Context(space46, ev.constraints, 0, ev.checks), refine="yes")

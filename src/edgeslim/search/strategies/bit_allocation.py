@@ -158,7 +158,8 @@ class _Probing(GeneStrategy):
         for _, d in tries:
             if left is not None and len(found) >= left:
                 break
-            genes = self.repair(self._with(base, d, base[d] + 1), forbid={(d, base[d])})
+            raised = self._with(base, d, base[d] + 1)
+            genes = self.repair(raised, forbid={(d, base[d])}, record=False)
             pid = self.policy(genes).id
             if pid in self.seen or pid in found or not all(c.ok for c in self.checks(genes)):
                 continue  # asked already, or the limits cannot be restored without d
@@ -190,9 +191,13 @@ class _Probing(GeneStrategy):
     def checks(self, genes: Sequence[int]) -> tuple[Check, ...]:
         return self.ctx.checks(self.policy(genes))
 
-    def repair(self, genes: list[int], forbid: Collection[tuple[int, int]] = ()) -> list[int]:
+    def repair(
+        self, genes: list[int], forbid: Collection[tuple[int, int]] = (), record: bool = True
+    ) -> list[int]:
         """Greedy one-step compressions until every analytic constraint holds (or none of
-        the remaining steps reduces the excess), never onto a ``forbid`` choice."""
+        the remaining steps reduces the excess), never onto a ``forbid`` choice; with
+        ``record``, ``notes`` get the steps taken and any limit left unmet (a neighbour's
+        repair records nothing: its failure says nothing of the decided policy)."""
         checks = self.checks(genes)
         steps = 0
         while not all(c.ok for c in checks):
@@ -211,11 +216,13 @@ class _Probing(GeneStrategy):
                 if best is None or key > (best[0], best[1]):
                     best = (key[0], key[1], trial, tc)
             if best is None:
-                self.notes["unmet"] = [c.constraint for c in checks if not c.ok]
+                if record:
+                    self.notes["unmet"] = [c.constraint for c in checks if not c.ok]
                 break
             genes, checks = best[2], best[3]
             steps += 1
-        self.notes["greedy_steps"] = self.notes.get("greedy_steps", 0) + steps
+        if record:
+            self.notes["greedy_steps"] = self.notes.get("greedy_steps", 0) + steps
         return genes
 
 
