@@ -278,18 +278,23 @@ def compare_in_windows(
         raise ValueError(f"reference {reference!r} is not among the runners {list(runners)}")
     gap = windows.gap if windows.gap is not None else float(compare.get("min_seconds", 0.0))
 
-    def figure(stats: dict[str, LatencyStats]) -> dict[str, float]:
-        base = stats[reference]
-        others = {k: ratio_over_rounds(s, base).median for k, s in stats.items() if k != reference}
-        return others or {reference: base.median_ms}
+    Window = tuple[dict[str, LatencyStats], dict[str, RatioStats]]
 
-    runs = until_agreement(lambda: compare_latency(runners, **compare), figure, windows, gap)
-    merged = {k: _merge([r[k] for r in runs]) for k in runners}
+    def window() -> Window:  # each window's ratios computed once, for agreement and merging
+        stats = compare_latency(runners, **compare)
+        base = stats[reference]
+        return stats, {k: ratio_over_rounds(s, base) for k, s in stats.items() if k != reference}
+
+    def figure(w: Window) -> dict[str, float]:
+        return {k: r.median for k, r in w[1].items()} or {reference: w[0][reference].median_ms}
+
+    runs = until_agreement(window, figure, windows, gap)
+    merged = {k: _merge([stats[k] for stats, _ in runs]) for k in runners}
     ratios = {}
     for k in runners:
         if k == reference:
             continue
-        per = [ratio_over_rounds(r[k], r[reference]) for r in runs]
+        per = [r[k] for _, r in runs]
         ratios[k] = RatioStats(
             statistics.median(p.median for p in per), statistics.median(p.p10 for p in per),
             statistics.median(p.p90 for p in per), sum(p.rounds for p in per),
