@@ -156,18 +156,56 @@ def test_entries_are_relative_to_a_probe_timed_with_them(
     timed: list[list[lut.LayerKey]] = []
 
     def fixed(keys, threads, repeats, seconds):  # type: ignore[no-untyped-def]
-        assert seconds == lut.KERNEL_SECONDS  # timed long enough for a stable median
+        # timed long enough for a stable median: KERNEL_SECONDS per kernel beside the probes
+        kernels = [k for k in keys if k != lut.probe_key(k.precision)]
+        assert seconds == pytest.approx(lut.KERNEL_SECONDS * len(kernels))
         timed.append(list(keys))
         return [0.3 if k == big else 0.1 for k in keys]
 
     monkeypatch.setattr(lut, "_differentials", fixed)
     table = LatencyTable(repeats=40, cache_dir=tmp_path / "fixed")
-    assert table.relative(lut.probe_key(INT8)) == pytest.approx(1.0)
+    assert table.relative(lut.probe_key(INT8)) == 1.0  # by definition: nothing timed
+    assert timed == []
     assert table.relative(big) == pytest.approx(3.0)
     assert timed[-1] == [big, lut.probe_key(INT8)]  # the kernel and its probe, together
-    assert len(timed) == 2 + 2  # each entry: two windows, which agree here
+    assert len(timed) == 2  # two windows, which agree here
     table._probes[INT8] = 0.5
     assert table.layer_ms(big) == pytest.approx(1.5)
+
+
+def test_missing_kernels_are_timed_together_in_chunks_with_their_probes(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kernels asked together share interleaved runs of at most KERNEL_CHUNK kernels, each
+    run with the probe of every precision in it; each entry is over its own precision's
+    probe; kernels already in the table are not timed again."""
+    from edgeslim.cost import lut
+
+    keys = [layer_key(nn.Conv2d(c, c, 3, padding=1), _row(c, c, 8), INT8) for c in range(1, 15)]
+    floats = [layer_key(nn.Conv2d(c, 2 * c, 1), _row(c, 2 * c, 8), lut.FP32) for c in (3, 5)]
+    asked = [k for k in [*keys, *floats] if k is not None]
+    timed: list[list[lut.LayerKey]] = []
+    probe_us = {INT8: 0.02, lut.FP32: 0.05}
+
+    def fixed(run, threads, repeats, seconds):  # type: ignore[no-untyped-def]
+        timed.append(list(run))
+        return [probe_us[k.precision] if k == lut.probe_key(k.precision) else k.cin * 0.01
+                for k in run]  # fmt: skip
+
+    monkeypatch.setattr(lut, "_differentials", fixed)
+    table = LatencyTable(cache_dir=tmp_path)
+    assert table.measure(asked + asked[:3]) == len(asked) == 16
+    runs = [r for i, r in enumerate(timed) if i % 2 == 0]  # two agreeing windows per run
+    assert [len([k for k in r if k != lut.probe_key(k.precision)]) for r in runs] == [
+        lut.KERNEL_CHUNK,
+        16 - lut.KERNEL_CHUNK,
+    ]
+    for run in runs:
+        kernels = [k for k in run if k != lut.probe_key(k.precision)]
+        assert {k for k in run if k not in kernels} == {lut.probe_key(k.precision) for k in kernels}
+    for k in asked:
+        assert table.relative(k) == pytest.approx(k.cin * 0.01 / probe_us[k.precision])
+    assert table.measure(asked) == 0 and len(timed) == 2 * len(runs)  # cached
 
 
 def _row(cin: int, cout: int, hw: int) -> LayerInfo:

@@ -27,13 +27,17 @@ def test_lut_latency_is_anchored_on_measured_models_and_checked(
     if residual.floor_ms > 0:  # the line through both int8 anchors rose: it is exact too
         assert math.isclose(lut.predict(narrow), lut.anchors["int8_narrow"], rel_tol=1e-9)
     assert (residual.fp32_ms, residual.fp32_scale) != (residual.int8_ms, residual.int8_scale)
-    # a policy pruning one group (not an anchor) gets its kernels timed at their pruned
-    # shapes (new table entries)
+    # calibration timed the kernels of the uniforms and of random policies together first
+    # (LutLatency.warm): a policy pruning one group, not an anchor, has its kernels at their
+    # pruned shapes already, and warming again times nothing
     genes = list(space.top())
     genes[next(i for i, d in enumerate(space.dims) if d.kind == "keep")] = 0
     half = space.decode(genes)
-    before = len(lut.table)
-    assert lut.layers(half).macs < lut.layers(int8).macs and len(lut.table) > before
+    measured = lut.table.measured
+    assert measured >= len({k.id() for p in (None, int8, narrow) for k in lut.keys(p)})
+    assert lut.layers(half).macs < lut.layers(int8).macs and lut.table.measured == measured
+    assert all(k.id() in lut.table._entries for k in lut.keys(half))
+    assert lut.warm() == 0
     rng = random.Random(0)
     policies = [space.decode([rng.randrange(len(d.choices)) for d in space.dims]) for _ in range(2)]
     check = lut.check(policies)

@@ -46,6 +46,13 @@ Decisions:
   model's 0.506x fp32 and measured at 0.428x (18% off, 19% re-anchored: the table's own
   entries, not the anchors); its 9 kernels, timed 5 times each that way, read 1.2-2.6x
   apart, and 1.02-1.36x apart timed for half a second (ad hoc).
+- Missing entries are timed **together** (:meth:`LatencyTable.measure`): up to
+  :data:`KERNEL_CHUNK` kernels and their probes in one interleaved run, and a search's
+  calibration first asks for every kernel of the uniform and of sampled random policies
+  (:meth:`edgeslim.search.latency.LutLatency.warm`). Timed one by one, even for half a
+  second each, the entries of one policy were timed minutes apart and a 12-channel int8
+  kernel of resnet20 came out below the 16-channel one in one process and 1.4x above it in
+  others (1.5x in one long interleaved run; inside the model, profiled, 1.27x).
 - Layers the table does not model (recurrent, attention, transposed convs) fall into the
   residual: constant across policies; ``LatencyTable.unmodelled`` names them.
 - The cache is a JSON file per machine fingerprint (CPU model, ONNX Runtime version,
@@ -61,7 +68,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,14 +79,15 @@ from torch import nn
 
 from edgeslim.cost.latency import DEFAULT_THREADS, Windows, until_agreement
 from edgeslim.graph.layers import LayerInfo
+from edgeslim.progress import log_step
 from edgeslim.runtime.denormal import denormal_mode
 
 FP32, INT8, WONLY = "fp32", "int8", "w8a32"
 MS = "com.microsoft"
 COPIES = 8  # nodes in the many-copy model of a differential timing
 # bumped when what an entry means or how well it is measured changes (2: differential,
-# 3: per probe, 4: timed for KERNEL_SECONDS in KERNEL_WINDOWS)
-TABLE_VERSION = 4
+# 3: per probe, 4: timed for KERNEL_SECONDS in KERNEL_WINDOWS, 5: timed together)
+TABLE_VERSION = 5
 # Decision (2026-12-06): a kernel's entry is timed for at least half a second per model, in
 # windows 0.2 s apart until two agree within 10% (three at most; the median). Timed as 30
 # calls per model (a few milliseconds), resnet20's 9 kernels of its W4A8 keep-0.5 policy
@@ -87,6 +95,13 @@ TABLE_VERSION = 4
 # (ad hoc, 2026-12-06). A wrong entry stays in the cache for every search that reads it.
 KERNEL_SECONDS = 0.5
 KERNEL_WINDOWS = Windows(most=3, gap=0.2, agree=0.10)
+# Decision (2026-12-06): the kernels a table is missing are timed together, up to 12 in one
+# interleaved run (with their probes), KERNEL_SECONDS per kernel. Timed one at a time, the
+# same 12- and 16-channel int8 kernels of resnet20 ranked either way round between runs (a
+# 12-channel entry at 0.77x the 16-channel one in one process, 1.4x in others; 1.5x in
+# an interleaved run of 4 s per kernel, and 1.27x inside the model, profiled), and the
+# bench run of acf493a put W4A8 keep 0.75 at 0.69x fp32 where it measured 0.53x (ad hoc).
+KERNEL_CHUNK = 12
 
 
 @dataclass(frozen=True)
@@ -341,23 +356,54 @@ class LatencyTable:
         """Time both probes again, together: call right before the whole-model timings a
         prediction is anchored on, so both see the same state of the machine."""
         keys = [probe_key(FP32), probe_key(INT8)]
-        fp32, int8 = _differentials(keys, self.threads, self.repeats)
+        fp32, int8 = _differentials(keys, self.threads, self.repeats, KERNEL_SECONDS)
         self._probes = {FP32: max(fp32, 1e-6), INT8: max(int8, 1e-6)}
 
     def relative(self, key: LayerKey) -> float:
-        """The kernel's differential time over its precision's probe, timed together (in
-        :data:`KERNEL_WINDOWS`), then read from the cache."""
-        k = key.id()
-        if k not in self._entries:
-            keys = [key, probe_key(key.precision)]
-            runs = until_agreement(
-                lambda: _differentials(keys, self.threads, self.repeats, KERNEL_SECONDS),
-                lambda r: {"relative": r[0] / max(r[1], 1e-6)},
-                KERNEL_WINDOWS,
-            )  # fmt: skip
-            self._entries[k] = statistics.median(r[0] / max(r[1], 1e-6) for r in runs)
-            self.measured += 1
-        return self._entries[k]
+        """The kernel's differential time over its precision's probe (see :meth:`measure`),
+        read from the cache once timed."""
+        self.measure([key])
+        return self._entries[key.id()]
+
+    def measure(self, keys: Iterable[LayerKey]) -> int:
+        """Time the kernels of ``keys`` the table does not have yet, together: in runs of
+        at most :data:`KERNEL_CHUNK` kernels interleaved with the probes of their precisions,
+        each for :data:`KERNEL_SECONDS` per kernel, in :data:`KERNEL_WINDOWS` (until two
+        windows agree within 10% on every kernel; the median). Returns how many were timed.
+
+        Why together: timed one at a time, an entry carries the machine's state of its own
+        moment, and a policy's sum adds entries timed minutes apart (see the module doc).
+        """
+        missing = list({k.id(): k for k in keys if k.id() not in self._entries}.values())
+        for key in [k for k in missing if k == probe_key(k.precision)]:
+            self._entries[key.id()] = 1.0  # the probe over itself
+            missing.remove(key)
+        chunks = [missing[i : i + KERNEL_CHUNK] for i in range(0, len(missing), KERNEL_CHUNK)]
+        if len(chunks) > 1:
+            log_step(f"latency table: timing {len(missing)} kernels in {len(chunks)} runs")
+        for chunk in chunks:
+            for key, value in zip(chunk, self._time_together(chunk), strict=True):
+                self._entries[key.id()] = value
+            self.measured += len(chunk)
+        return len(missing)
+
+    def _time_together(self, chunk: Sequence[LayerKey]) -> list[float]:
+        """Each kernel of ``chunk`` over its precision's probe, all timed in one interleaved
+        run per window; the median over the windows."""
+        probes = list(dict.fromkeys(probe_key(k.precision) for k in chunk))
+        at = {p: len(chunk) + i for i, p in enumerate(probes)}
+
+        def ratios(run: list[float]) -> list[float]:
+            return [run[i] / max(run[at[probe_key(k.precision)]], 1e-6)
+                    for i, k in enumerate(chunk)]  # fmt: skip
+
+        runs = until_agreement(
+            lambda: ratios(_differentials([*chunk, *probes], self.threads, self.repeats,
+                                          KERNEL_SECONDS * len(chunk))),
+            lambda r: {str(i): v for i, v in enumerate(r)},
+            KERNEL_WINDOWS,
+        )  # fmt: skip
+        return [statistics.median(r[i] for r in runs) for i in range(len(chunk))]
 
     def layer_ms(self, key: LayerKey) -> float:
         """The kernel's latency inside a model, in ms: its cached time relative to the probe
@@ -401,6 +447,25 @@ def runs_int8(w_bits: int | None, a_bits: int | None) -> bool:
     return w_bits is not None and w_bits <= 8 and a_bits is not None and a_bits <= 8
 
 
+def layer_keys(
+    model: nn.Module,
+    rows: Mapping[str, LayerInfo],
+    w_bits: Mapping[str, int | None],
+    a_bits: Mapping[str, int | None],
+) -> dict[str, LayerKey | None]:
+    """The table key of each layer of ``rows`` that computes (None: a type the table does
+    not model), at its precision under these bits."""
+    keys: dict[str, LayerKey | None] = {}
+    for fqn, row in rows.items():
+        if not row.macs:
+            continue
+        int8 = runs_int8(w_bits.get(fqn), a_bits.get(fqn))
+        weight_only = not int8 and w_bits.get(fqn) is not None
+        precision = INT8 if int8 else WONLY if weight_only else FP32
+        keys[fqn] = layer_key(model.get_submodule(fqn), row, precision)
+    return keys
+
+
 def layer_times(
     table: LatencyTable,
     model: nn.Module,
@@ -408,23 +473,20 @@ def layer_times(
     w_bits: Mapping[str, int | None],
     a_bits: Mapping[str, int | None],
 ) -> LayerTime:
-    """Per-layer kernel latencies of ``model`` (its layer table ``rows``) at these bits."""
+    """Per-layer kernel latencies of ``model`` (its layer table ``rows``) at these bits;
+    the kernels the table is missing are timed together first (:meth:`LatencyTable.measure`)."""
+    keys = layer_keys(model, rows, w_bits, a_bits)
+    table.measure(k for k in keys.values() if k is not None)
     times: dict[str, float] = {}
     unmodelled: list[str] = []
     int8_macs = macs = 0
-    for fqn, row in rows.items():
-        if not row.macs:
-            continue
-        int8 = runs_int8(w_bits.get(fqn), a_bits.get(fqn))
-        weight_only = not int8 and w_bits.get(fqn) is not None
-        precision = INT8 if int8 else WONLY if weight_only else FP32
-        key = layer_key(model.get_submodule(fqn), row, precision)
-        macs += row.macs
+    for fqn, key in keys.items():
+        macs += rows[fqn].macs
         if key is None:
             unmodelled.append(fqn)
             continue
-        times[fqn] = table.layer_ms(key) * row.calls
-        int8_macs += row.macs if int8 else 0
+        times[fqn] = table.layer_ms(key) * rows[fqn].calls
+        int8_macs += rows[fqn].macs if key.precision == INT8 else 0
     return LayerTime(times, int8_macs, macs, tuple(unmodelled))
 
 

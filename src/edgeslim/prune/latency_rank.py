@@ -41,17 +41,13 @@ if TYPE_CHECKING:
 def layer_ms_per_mac(
     model: nn.Module, rows: Mapping[str, LayerInfo], table: LatencyTable
 ) -> dict[str, float]:
-    """fp32 kernel time per MAC of every layer the table models (others are left out)."""
-    from edgeslim.cost.lut import FP32, layer_key
+    """fp32 kernel time per MAC of every layer the table models (others are left out); the
+    kernels the table lacks are timed together (:meth:`LatencyTable.measure`)."""
+    from edgeslim.cost.lut import layer_keys
 
-    out: dict[str, float] = {}
-    for fqn, row in rows.items():
-        if not row.macs:
-            continue
-        key = layer_key(model.get_submodule(fqn), row, FP32)
-        if key is not None:
-            out[fqn] = table.layer_ms(key) * row.calls / row.macs
-    return out
+    keys = {f: k for f, k in layer_keys(model, rows, {}, {}).items() if k is not None}
+    table.measure(keys.values())
+    return {f: table.layer_ms(k) * rows[f].calls / rows[f].macs for f, k in keys.items()}
 
 
 def group_latency_factors(macs: MacModel, per_mac: Mapping[str, float], groups: int) -> list[float]:
