@@ -3,6 +3,8 @@ themselves exactly; accuracy-aware mode gives layers back until ``max_drop`` hol
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 from torch import nn
 
@@ -92,6 +94,35 @@ def test_same_seed_asks_the_same_sequence(space46: SearchSpace, name: str) -> No
     other = make_strategy(name, Context(space46, ev.constraints, 1, ev.checks), **cold)
     first = make_strategy(name, Context(space46, ev.constraints, 0, ev.checks), **cold).ask()
     assert first is not None and other.ask() != first
+
+
+def test_random_levels_spread_the_compression_that_uniform_draws_concentrate(
+    space46: SearchSpace,
+) -> None:
+    """Drawn coordinate by coordinate, the share of compressed coordinates stays near its
+    mean (the more coordinates, the nearer); drawn level first, it spans none to all, and
+    every coordinate is still compressed about equally often."""
+    ev = Evaluator(space46, CONSTRAINTS, max_drop=MAX_DROP)
+    top = space46.top()
+
+    def shares(sampler: str) -> tuple[list[float], list[int]]:
+        strat = make_strategy("random", Context(space46, ev.constraints, 0, ev.checks),
+                              sampler=sampler)  # fmt: skip
+        out, per_dim = [], [0] * len(top)
+        for _ in range(200):
+            policy = strat.ask()
+            assert policy is not None
+            genes = space46.encode(policy)
+            moved = [g < t for g, t in zip(genes, top, strict=True)]
+            out.append(sum(moved) / len(top))
+            per_dim = [c + m for c, m in zip(per_dim, moved, strict=True)]
+        return out, per_dim
+
+    uniform, _ = shares("uniform")
+    levels, per_dim = shares("levels")
+    assert statistics.pstdev(levels) > 1.3 * statistics.pstdev(uniform)
+    assert min(levels) == 0.0 and max(levels) == 1.0
+    assert min(per_dim) > 0.6 * max(per_dim)  # no coordinate favoured
 
 
 @pytest.mark.parametrize("name", ["evolutionary", "abc", "reinforce", "envelope_ddpg"])
@@ -320,8 +351,10 @@ def test_unknown_strategy_and_options_fail_clearly(space46: SearchSpace) -> None
     with pytest.raises(SearchError, match=r"strategy 'evolutionary'.*population_size") as info:
         make_strategy("evolutionary", ctx, population_size=4)
     assert "population (default 8)" in str(info.value)  # the options it does take
-    with pytest.raises(SearchError, match="its options: none"):
+    with pytest.raises(SearchError, match="its options: sampler"):
         make_strategy("random", ctx, population=4)
+    with pytest.raises(SearchError, match="sampler 'sobol' is not one of levels, uniform"):
+        make_strategy("random", ctx, sampler="sobol")
     with pytest.raises(SearchError, match="needs an accuracy limit"):
         make_strategy("accuracy_aware", ctx)
 
