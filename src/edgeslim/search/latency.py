@@ -4,7 +4,8 @@
 uses for ``latency<=...`` constraints: a policy's latency is the sum of its layers' kernel
 timings (each conv / linear at its pruned shape and the precision ONNX Runtime will run it
 in) plus the model's residual (:class:`~edgeslim.cost.lut.Residual`: an addend, or a scale
-of the sum where the kernels over-count). :meth:`LutLatency.calibrate` measures the
+of the sum where the kernels over-count). :meth:`LutLatency.calibrate` first times the
+kernels of the space's likely policies together (:meth:`LutLatency.warm`), then measures the
 residual once, on the exported float model and on the exported all-int8 policy timed
 interleaved, so both anchors are exact;
 :meth:`LutLatency.check` exports other policies and times them interleaved with the float
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from torch import nn
@@ -85,28 +86,24 @@ class LutLatency:
 
     # --- the layer sum ---------------------------------------------------------------------
 
-    def layers(self, policy: Policy | None) -> LayerTime:
-        """Per-layer kernel times of ``policy`` (None: the float model)."""
+    def _rows_and_bits(self, policy: Policy | None) -> tuple[
+        dict[str, LayerInfo], dict[str, int | None], Mapping[str, int | None]
+    ]:  # fmt: skip
+        """The layer table ``policy`` runs (None: the float model) and its bits per layer."""
         space = self.space
         if policy is None:
             if self._base_rows is None:
                 self._base_rows = layer_table(space.model, *space.task.example_inputs)
-            none: dict[str, int | None] = {}
-            return layer_times(self.table, space.model, self._base_rows, none, none)
-        rows = space.layer_table(policy)
-        w: dict[str, int | None] = dict(policy.weight_bits)
-        return layer_times(self.table, space.model, rows, w, policy.act_bits)
+            return self._base_rows, {}, {}
+        return space.layer_table(policy), dict(policy.weight_bits), policy.act_bits
+
+    def layers(self, policy: Policy | None) -> LayerTime:
+        """Per-layer kernel times of ``policy`` (None: the float model)."""
+        return layer_times(self.table, self.space.model, *self._rows_and_bits(policy))
 
     def keys(self, policy: Policy | None) -> list[LayerKey]:
         """The table keys of ``policy``'s modelled layers (None: the float model)."""
-        space = self.space
-        if policy is None:
-            if self._base_rows is None:
-                self._base_rows = layer_table(space.model, *space.task.example_inputs)
-            keys = layer_keys(space.model, self._base_rows, {}, {})
-        else:
-            rows = space.layer_table(policy)
-            keys = layer_keys(space.model, rows, dict(policy.weight_bits), policy.act_bits)
+        keys = layer_keys(self.space.model, *self._rows_and_bits(policy))
         return [k for k in keys.values() if k is not None]
 
     def warm(self, samples: int = WARM_SAMPLES, patience: int = WARM_PATIENCE) -> int:
