@@ -6,6 +6,7 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -84,15 +85,11 @@ def test_a_strategy_run_resumes_from_its_own_progress_file(
     assert not search.journal_dir(tmp_path).exists()  # finished: the next run starts afresh
 
 
-def test_a_rows_policy_is_saved_beside_the_results_and_loads_back(tmp_path: Path) -> None:
-    """results.json keeps a policy's id only and a finished suite removes its journals:
-    the row names a JSON file under out/policies that loads as the very policy."""
+def _digits_net() -> tuple[Any, Any]:
+    """A small conv net on 8x8 digits and a task with calibration images only."""
     from torch import nn
 
-    from edgeslim.bench.search import SearchBench, Sizes
     from edgeslim.data import TensorBatches, load_digits_split
-    from edgeslim.search import SearchSpace
-    from edgeslim.search.policy import Policy
     from edgeslim.task import Task
 
     digits = load_digits_split("train")
@@ -101,6 +98,17 @@ def test_a_rows_policy_is_saved_beside_the_results_and_loads_back(tmp_path: Path
     ).eval()
     task = Task(example_inputs=(digits.images[:1],),
                 calibration=TensorBatches(digits.images[:64], batch_size=32))  # fmt: skip
+    return model, task
+
+
+def test_a_rows_policy_is_saved_beside_the_results_and_loads_back(tmp_path: Path) -> None:
+    """results.json keeps a policy's id only and a finished suite removes its journals:
+    the row names a JSON file under out/policies that loads as the very policy."""
+    from edgeslim.bench.search import SearchBench, Sizes
+    from edgeslim.search import SearchSpace
+    from edgeslim.search.policy import Policy
+
+    model, task = _digits_net()
     space = SearchSpace.build(model, task, w_bits=(4, 8), keep=(0.5, 1.0))
     sizes = Sizes(1, 1, None, ("random",), 1, 0.1, 1)
     bench = SearchBench("net", tmp_path, sizes, model, space, None,  # type: ignore[arg-type]
@@ -116,21 +124,12 @@ def test_a_rows_policy_is_saved_beside_the_results_and_loads_back(tmp_path: Path
 def test_a_timed_row_keeps_each_windows_ratio(tmp_path: Path) -> None:
     """A row timed in ONNX Runtime reports its ratio to fp32 as the median over windows
     and each window's ratio beside it, so a slow phase during the row's timing shows."""
-    from torch import nn
-
     from edgeslim.bench.search import SearchBench, Sizes
     from edgeslim.cost.lut import LatencyTable
-    from edgeslim.data import TensorBatches, load_digits_split
     from edgeslim.search import SearchSpace
     from edgeslim.search.latency import LutLatency
-    from edgeslim.task import Task
 
-    digits = load_digits_split("train")
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
-    ).eval()
-    task = Task(example_inputs=(digits.images[:1],),
-                calibration=TensorBatches(digits.images[:64], batch_size=32))  # fmt: skip
+    model, task = _digits_net()
     space = SearchSpace.build(model, task, w_bits=(8,), keep=(1.0,))
     latency = LutLatency(space, LatencyTable(repeats=5, cache_dir=tmp_path), repeats=10,
                          seconds=0.05)  # fmt: skip
