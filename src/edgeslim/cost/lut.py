@@ -95,12 +95,7 @@ TABLE_VERSION = 5
 # (ad hoc, 2026-12-06). A wrong entry stays in the cache for every search that reads it.
 KERNEL_SECONDS = 0.5
 KERNEL_WINDOWS = Windows(most=3, gap=0.2, agree=0.10)
-# Decision (2026-12-06): the kernels a table is missing are timed together, up to 12 in one
-# interleaved run (with their probes), KERNEL_SECONDS per kernel. Timed one at a time, the
-# same 12- and 16-channel int8 kernels of resnet20 ranked either way round between runs (a
-# 12-channel entry at 0.77x the 16-channel one in one process, 1.4x in others; 1.5x in
-# an interleaved run of 4 s per kernel, and 1.27x inside the model, profiled), and the
-# bench run of acf493a put W4A8 keep 0.75 at 0.69x fp32 where it measured 0.53x (ad hoc).
+# kernels timed together in one interleaved run, with their probes (why: the module doc)
 KERNEL_CHUNK = 12
 
 
