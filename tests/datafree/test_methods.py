@@ -241,20 +241,23 @@ def test_layers_without_statistics_are_named_and_nothing_lowered_raises() -> Non
 
 
 def test_an_empty_analysis_names_the_layers_it_does_not_model_and_what_to_use() -> None:
-    """A video model's Conv3d pairs: 'no pair of conv/linear layers is visible' named
-    nothing; the Conv3d layers are named now. A two-layer model at 3/8 bits says to use one
-    width (both layers keep edge_bits); a one-layer model's layer is its 'only' one."""
+    """A decoder's transposed-conv pairs: 'no pair of conv/linear layers is visible' named
+    nothing; the layers the methods do not model are named now (a video model's Conv3d
+    was, until 2026-12-06: tests/datafree/test_conv3d.py). A two-layer model at 3/8 bits
+    says to use one width (both layers keep edge_bits); a one-layer model's layer is its
+    'only' one."""
     from edgeslim.datafree import NothingToCompressError
 
-    video = nn.Sequential(
-        nn.Conv3d(3, 8, 3), nn.BatchNorm3d(8), nn.ReLU(), nn.Conv3d(8, 8, 3),
-        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, 4),
+    decoder = nn.Sequential(
+        nn.ConvTranspose2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.ConvTranspose2d(8, 8, 3),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
     ).eval()  # fmt: skip
     with pytest.raises(
-        NothingToCompressError, match=r"do not model.*0 \(Conv3d\), 3 \(Conv3d\)"
+        NothingToCompressError,
+        match=r"do not model.*0 \(ConvTranspose2d\), 3 \(ConvTranspose2d\)",
     ) as info:
-        compress_datafree(video, "dfq", DataFreeSpec(8, 8), torch.zeros(1, 3, 6, 8, 8))
-    assert "transformer layers" not in str(info.value)  # the Conv3d is the reason, not fx
+        compress_datafree(decoder, "dfq", DataFreeSpec(8, 8), torch.zeros(1, 3, 8, 8))
+    assert "transformer layers" not in str(info.value)  # the layers are the reason, not fx
     two = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
     with pytest.raises(NothingToCompressError, match=r"use one width.*low_bits = high_bits"):
         compress_datafree(two, "dfmpc", DataFreeSpec(3, 8), torch.zeros(2, 4))

@@ -62,6 +62,7 @@ from edgeslim.graph.ops import (
     ADDS,
     AVERAGES,
     MOVES_VALUES,
+    VOLUME_POOLS,
     indexed_dim,
     padding,
     reads_shape,
@@ -70,14 +71,16 @@ from edgeslim.graph.ops import (
 from edgeslim.graph.trace import trace
 from edgeslim.quant.fold import fold_batchnorm
 
-CONVS = (nn.Conv1d, nn.Conv2d)  # a 1-D conv is a 2-D one whose window is one row
+# a conv of any dimension is a matrix over (channel, window tap) columns: the analysis only
+# needs its window's shape for the spatial prior (:func:`kernel_window`)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 COMPUTE = (*CONVS, nn.Linear)
-NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
+NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d)
 # per-channel statistics pass unchanged through these (pooling keeps each channel's mean;
 # its variance is taken as kept too: neighbouring positions are strongly correlated)
-_PASSES = MOVES_VALUES | AVERAGES
+_PASSES = MOVES_VALUES | AVERAGES | VOLUME_POOLS
 _NOT_MOVED = object()  # GraphWalk._moved: not a channel move, the other rules apply
-_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 # upsampling that copies values or takes convex combinations of them: per channel it keeps
 # the mean, stays inside the input's interval and commutes with a per-channel scale and
 # shift, so statistics, ranges and equalization pass through it (bicubic can overshoot)
@@ -229,7 +232,7 @@ class Chain:
                 return p
         return None
 
-    def layer(self, fqn: str) -> nn.Conv1d | nn.Conv2d | nn.Linear:
+    def layer(self, fqn: str) -> nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear:
         m = self.model.get_submodule(fqn)
         assert isinstance(m, COMPUTE)
         return m
@@ -253,10 +256,10 @@ def group_inputs(m: nn.Module) -> torch.Tensor | None:
     return group[:, None] * per + torch.arange(per)[None, :]
 
 
-def kernel_window(w: torch.Tensor) -> tuple[int, int]:
-    """``(kh, kw)`` of a conv weight ``(out, in, *kernel)``: a 1-D conv's window is one row
-    ``(1, k)``, so the spatial prior of a 2-D window applies to it unchanged."""
-    return (1, int(w.shape[2])) if w.dim() == 3 else (int(w.shape[2]), int(w.shape[3]))
+def kernel_window(w: torch.Tensor) -> tuple[int, ...]:
+    """The kernel window of a conv weight ``(out, in, *kernel)``: ``(k,)``, ``(kh, kw)`` or
+    ``(kt, kh, kw)``, the shape :func:`~.compensate.spatial_kernel` puts its prior on."""
+    return tuple(int(n) for n in w.shape[2:])
 
 
 def _act_of(gm: fx.GraphModule, node: fx.Node) -> tuple[Act, str] | None:
@@ -607,7 +610,8 @@ def _fanned_consumers(
 def _is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _MAX_POOLS):
         return True
-    return node.target in (nn.functional.max_pool1d, nn.functional.max_pool2d)
+    fn = nn.functional
+    return node.target in (fn.max_pool1d, fn.max_pool2d, fn.max_pool3d)
 
 
 def module_calls(gm: fx.GraphModule) -> Counter[str]:

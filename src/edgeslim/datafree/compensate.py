@@ -64,11 +64,13 @@ _EPS = 1e-12
 SPATIAL_CORR = 0.8  # correlation of neighbouring input pixels in the prior (see module doc)
 
 
-def spatial_kernel(kh: int, kw: int, corr: float | None = None) -> torch.Tensor:
-    """Prior correlation of the inputs under a ``kh x kw`` window: ``corr ** distance``."""
+def spatial_kernel(*window: int, corr: float | None = None) -> torch.Tensor:
+    """Prior correlation of the inputs under a kernel window (``kh, kw``; ``k`` for a 1-D
+    conv, ``kt, kh, kw`` for a 3-D one), flattened as the weight is: ``corr ** distance``,
+    the city-block distance between two taps (so a ``(1, k)`` window is the ``(k,)`` one)."""
     corr = SPATIAL_CORR if corr is None else corr
-    ys, xs = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
-    pos = torch.stack([ys.flatten(), xs.flatten()], 1).to(torch.float64)
+    axes = torch.meshgrid(*(torch.arange(n) for n in window), indexing="ij")
+    pos = torch.stack([a.flatten() for a in axes], 1).to(torch.float64)
     return corr ** torch.cdist(pos, pos, p=1)
 
 

@@ -69,7 +69,7 @@ from edgeslim.datafree.ops import (
     scale_rows,
     weight_of,
 )
-from edgeslim.datafree.rounding import round_with_covariance, row_gram
+from edgeslim.datafree.rounding import MAX_ROW, round_with_covariance, row_gram
 from edgeslim.graph.coupling import CouplingGroup, fx_coupling_groups
 from edgeslim.prune.config import MACS_TOLERANCE
 
@@ -381,7 +381,7 @@ def _nothing(
                  "are not analysed)"]  # fmt: skip
     if unhandled:
         more = f" and {len(unhandled) - 6} more" if len(unhandled) > 6 else ""
-        shown.append("layers data-free methods do not model (only Conv1d/Conv2d/Linear): "
+        shown.append("layers data-free methods do not model (only Conv1d/2d/3d and Linear): "
                      f"{', '.join(unhandled[:6])}{more}")  # fmt: skip
     return NothingToCompressError(
         f"{method}: {what}; the model is unchanged, so no {method} result is returned. "
@@ -391,8 +391,8 @@ def _nothing(
 
 
 def no_layers(method: str, chain: Chain) -> NothingToCompressError:
-    """The error for a model with no Conv1d/Conv2d/Linear layer in its traced graph."""
-    return _nothing(method, "no Conv1d/Conv2d/Linear layer to work on", [], chain)
+    """The error for a model with no Conv1d/2d/3d or Linear layer in its traced graph."""
+    return _nothing(method, "no Conv1d/2d/3d or Linear layer to work on", [], chain)
 
 
 def dfq(chain: Chain, args: MethodArgs) -> None:
@@ -519,6 +519,12 @@ def round_low_bits(
     for fqn in layers:
         m = chain.layer(fqn)
         x = found.get(fqn)
+        if (row := weight_of(m)[0].numel()) > MAX_ROW:
+            out[fqn] = (
+                f"rounded to nearest: its rows read {row} inputs, over the {MAX_ROW} "
+                "covariance rounding is kept to (memory grows with the square)"
+            )
+            continue
         h = None if x is None else row_gram(m, x)
         if h is None or x is None:
             out[fqn] = "rounded to nearest: the covariance of its input is unknown"

@@ -29,6 +29,11 @@ from edgeslim.datafree.ops import WeightGranularity, quantize_weight, weight_of
 # added to H's diagonal, as a fraction of its mean: keeps the solve stable (measured on
 # mobilenetv2-imagenet at 3/8: 0.001 77.5%, 0.01 81.8%, 0.1 79.7% agreement)
 DAMP = 0.01
+# Decision (2026-12-06): rows longer than this are rounded to nearest. ``H`` holds D^2
+# float64 values and the rounding costs about rows * D^2 operations: 512 channels under a
+# 3x3 window (VGG's and ResNet's widest 2-D convs, D = 4608) take 170 MB; a 3x3x3 window
+# over 512 channels (R3D-18's last stage, D = 13824) would take 1.5 GB and 27 times the time.
+MAX_ROW = 4608
 
 
 def row_gram(m: nn.Module, x: Moments, centred: bool = False) -> torch.Tensor | None:

@@ -53,6 +53,14 @@ AVERAGES = OpSet(
     functions=frozenset({nn.functional.adaptive_avg_pool1d, nn.functional.adaptive_avg_pool2d,
                          nn.functional.avg_pool1d, nn.functional.avg_pool2d}),
 )  # fmt: skip
+# 3-D pools (video, volumetric models): per channel they move or average values as the 1-D
+# and 2-D ones do, so data-free statistics pass them. Kept out of the two sets above, which
+# also decide where quantizers go: their int8 kernels in ONNX Runtime are not checked here.
+VOLUME_POOLS = OpSet(
+    modules=(nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d),
+    functions=frozenset({nn.functional.max_pool3d, nn.functional.avg_pool3d,
+                         nn.functional.adaptive_avg_pool3d}),
+)  # fmt: skip
 ADDS = frozenset({operator.add, operator.iadd, torch.add})
 
 SPATIAL_AXES = (frozenset({2, 3}), frozenset({-2, -1}))

@@ -67,7 +67,7 @@ def _allowed_criteria() -> tuple[str, ...]:
 
 class DataFreeStage(Stage):
     """Data-free quantization (RTN, DFQ, DF-MPC) or pruning + quantization (naive, neuron
-    merging, UDFC) of every Conv1d/Conv2d/Linear."""
+    merging, UDFC) of every Conv1d/2d/3d and Linear."""
 
     kind: Literal["datafree"] = "datafree"
     method: str = "dfmpc"
