@@ -62,6 +62,26 @@ def test_kernel_models_run_the_layer_shape(model: tuple[nn.Module, dict], precis
         assert y.dtype == (np.uint8 if precision == INT8 else np.float32)
 
 
+@pytest.mark.parametrize("precision", [FP32, INT8, WONLY])
+def test_3d_convs_are_modelled_at_their_shape(precision: str) -> None:
+    """A video model's Conv3d layers are table entries (ONNX Runtime runs a QDQ Conv3d as
+    a channels-last ``QLinearConv`` inside a model, as it does 2-D ones), not residual."""
+    video = nn.Sequential(
+        nn.Conv3d(3, 8, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2)), nn.ReLU(),
+        nn.Conv3d(8, 8, 3, padding=1, groups=8), nn.Conv3d(8, 12, (3, 1, 1), padding=(1, 0, 0)),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(12, 4),
+    ).eval()  # fmt: skip
+    rows = layer_table(video, torch.randn(1, 3, 4, 16, 16))
+    for fqn in ("0", "2", "3"):
+        key = layer_key(video.get_submodule(fqn), rows[fqn], precision)
+        assert key is not None and len(key.kernel) == 3
+        (y,) = ort_session(_kernel_model(key)[0]).run(None, _kernel_model(key)[1])
+        want = tuple(rows[fqn].out_shape)
+        if precision == INT8:
+            want = (want[0], *want[2:], want[1])
+        assert tuple(y.shape) == want, fqn
+
+
 def test_the_many_copy_model_runs_the_same_kernel_on_one_input(
     model: tuple[nn.Module, dict],
 ) -> None:

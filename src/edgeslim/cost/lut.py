@@ -101,7 +101,8 @@ KERNEL_CHUNK = 12
 
 @dataclass(frozen=True)
 class LayerKey:
-    """One timed kernel: a conv (1-D or 2-D) or a linear layer at one shape and precision."""
+    """One timed kernel: a conv (1-D, 2-D or 3-D) or a linear layer at one shape and
+    precision."""
 
     kind: str  # "conv" or "linear"
     cin: int
@@ -143,7 +144,7 @@ def layer_key(module: nn.Module, row: LayerInfo, precision: str) -> LayerKey | N
     geometry with the pruned table's shapes (a depthwise conv stays depthwise, a grouped conv
     keeps its channels per group).
     """
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and isinstance(module.padding, tuple):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(module.padding, tuple):
         n = module.weight.dim() - 2
         cin, cout = int(row.in_shape[1]), int(row.out_shape[1])
         per = module.in_channels // module.groups  # a grouped conv loses whole groups
