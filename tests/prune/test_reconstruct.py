@@ -35,7 +35,7 @@ def _with_duplicate(model: _Pair) -> _Pair:
     """Channel 5 of ``first`` a copy of channel 1: dropping 5 loses nothing the second
     layer cannot get back by doubling its weights on channel 1."""
     first = model.first
-    assert isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Linear))
+    assert isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
     with torch.no_grad():
         first.weight[5] = first.weight[1]
         if first.bias is not None:
@@ -59,6 +59,11 @@ def _drop_channel_5(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, dict[
     [
         (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1, stride=2), (2, 3, 10, 10)),
         (nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 4, 5, padding=2, bias=False), (2, 3, 16)),
+        (
+            nn.Conv3d(3, 8, 3, padding=1),
+            nn.Conv3d(8, 4, (3, 1, 3), padding=(1, 0, 1), stride=(1, 2, 2)),
+            (2, 3, 4, 8, 8),
+        ),
         (nn.Linear(6, 8), nn.Linear(8, 4), (2, 5, 6)),
     ],
 )

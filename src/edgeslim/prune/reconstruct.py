@@ -15,7 +15,7 @@ on the inputs the already refitted layers produce, so errors do not pile up (Thi
 al. 2017; He et al. 2017's channel pruning reconstruction). It reads calibration inputs only,
 no labels.
 
-Decision — what is fitted: plain linears and ungrouped 1-D/2-D convs that lost input
+Decision — what is fitted: plain linears and ungrouped 1-D/2-D/3-D convs that lost input
 channels. A depthwise conv loses its channels whole (nothing to refit) and other
 layers keep their inputs; they are listed in the report as skipped with the reason.
 
@@ -339,7 +339,7 @@ def _rows(
     """The input rows of every call of ``module`` (inputs ``xs``), one after another, at
     positions ``pick`` of them (all when None), and how many there are in all; None for the
     rows when they cannot match the unpruned layer's ``expected`` (models that differ)."""
-    assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))  # _why_not
+    assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))  # _why_not
     counts = [num_rows(module, x) for x in xs]
     total = sum(counts)
     if pick is None:
@@ -457,7 +457,7 @@ def _fit_layer(
     samples reproduced them exactly (relative error 0.504 -> 0.00014) and scored 6.7% on
     held samples, below the unrefitted cut (13.3%). With many rows (a conv's positions) the
     fit is the plain one, as before."""
-    assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))  # _why_not
+    assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))  # _why_not
     weight = module.weight
     bias = module.bias
     d = weight[0].numel() + (1 if bias is not None else 0)
