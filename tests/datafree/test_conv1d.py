@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-
-from edgeslim.datafree import DataFreeSpec, compress_datafree, quantized_model
+from twin_helpers import assert_rewritten_alike, load_twin, trained_looking
 
 
 def _net(two_d: bool) -> nn.Sequential:
@@ -33,18 +32,15 @@ def _net(two_d: bool) -> nn.Sequential:
     )  # fmt: skip
 
 
+def _up(v: torch.Tensor) -> torch.Tensor:  # a 1-D conv's weight as its 2-D twin's
+    return v.unsqueeze(2) if v.dim() == 3 else v
+
+
 def _twins() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    one = _net(False)
-    for m in one.modules():
-        if isinstance(m, nn.BatchNorm1d):  # trained-looking statistics, not the defaults
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.2, 2.0)
-            nn.init.uniform_(m.weight, 0.3, 1.5)
-            nn.init.uniform_(m.bias, -0.3, 0.5)
+    one = trained_looking(_net(False))
     two = _net(True)
-    state = {k: v.unsqueeze(2) if v.dim() == 3 else v for k, v in one.state_dict().items()}
-    two.load_state_dict(state)
+    load_twin(one, two, _up)
     return one.eval(), two.eval()
 
 
@@ -58,18 +54,4 @@ def test_twins_compute_the_same() -> None:
 def test_a_1d_network_is_rewritten_as_its_2d_twin(method: str, low: int, high: int) -> None:
     one, two = _twins()
     x = torch.randn(16, 2, 64, generator=torch.Generator().manual_seed(1))
-    spec = DataFreeSpec(low_bits=low, high_bits=high)
-    r1 = compress_datafree(one, method, spec, x[:1])
-    r2 = compress_datafree(two, method, spec, x[:1].unsqueeze(2))
-    assert r1.weight_bits == r2.weight_bits
-    assert min(r1.weight_bits.values()) == low  # the 1-D convs take the low bits
-    assert {"4", "7"} <= set(r1.report.changed)  # the methods acted on the 1-D convs
-    s1, s2 = r1.model.state_dict(), r2.model.state_dict()
-    assert s1.keys() == s2.keys()
-    for key, v in s1.items():
-        w = s2[key].squeeze(2) if v.dim() == 3 else s2[key]
-        torch.testing.assert_close(v, w, atol=1e-5, rtol=1e-5, msg=key)
-    q1 = quantized_model(r1, act_bits=8, act_ranges="statistics")
-    q2 = quantized_model(r2, act_bits=8, act_ranges="statistics")
-    with torch.no_grad():
-        torch.testing.assert_close(q1(x), q2(x.unsqueeze(2)), atol=1e-4, rtol=1e-4)
+    assert_rewritten_alike(one, two, x, x.unsqueeze(2), _up, method, low, high, {"4", "7"})

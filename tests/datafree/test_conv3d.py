@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from twin_helpers import assert_rewritten_alike, load_twin, trained_looking
 
 from edgeslim.datafree import (
     DataFreeResult,
@@ -42,18 +43,15 @@ def _net(three_d: bool) -> nn.Sequential:
     )  # fmt: skip
 
 
+def _down(v: torch.Tensor) -> torch.Tensor:  # a (1, kh, kw) 3-D weight as its 2-D twin's
+    return v.squeeze(2) if v.dim() == 5 else v
+
+
 def _twins() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    three = _net(True)
-    for m in three.modules():
-        if isinstance(m, nn.BatchNorm3d):  # trained-looking statistics, not the defaults
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.2, 2.0)
-            nn.init.uniform_(m.weight, 0.3, 1.5)
-            nn.init.uniform_(m.bias, -0.3, 0.5)
+    three = trained_looking(_net(True))
     two = _net(False)
-    state = {k: v.squeeze(2) if v.dim() == 5 else v for k, v in three.state_dict().items()}
-    two.load_state_dict(state)
+    load_twin(three, two, _down)
     return three.eval(), two.eval()
 
 
@@ -67,21 +65,7 @@ def test_twins_compute_the_same() -> None:
 def test_a_3d_network_is_rewritten_as_its_2d_twin(method: str, low: int, high: int) -> None:
     three, two = _twins()
     x = torch.randn(16, 2, 16, 16, generator=torch.Generator().manual_seed(1))
-    spec = DataFreeSpec(low_bits=low, high_bits=high)
-    r3 = compress_datafree(three, method, spec, x[:1].unsqueeze(2))
-    r2 = compress_datafree(two, method, spec, x[:1])
-    assert r3.weight_bits == r2.weight_bits
-    assert min(r3.weight_bits.values()) == low  # the 3-D convs take the low bits
-    assert {"4", "7"} <= set(r3.report.changed)  # the methods acted on the 3-D convs
-    s3, s2 = r3.model.state_dict(), r2.model.state_dict()
-    assert s3.keys() == s2.keys()
-    for key, v in s3.items():
-        w = v.squeeze(2) if v.dim() == 5 else v
-        torch.testing.assert_close(w, s2[key], atol=1e-5, rtol=1e-5, msg=key)
-    q3 = quantized_model(r3, act_bits=8, act_ranges="statistics")
-    q2 = quantized_model(r2, act_bits=8, act_ranges="statistics")
-    with torch.no_grad():
-        torch.testing.assert_close(q3(x.unsqueeze(2)), q2(x), atol=1e-4, rtol=1e-4)
+    assert_rewritten_alike(three, two, x.unsqueeze(2), x, _down, method, low, high, {"4", "7"})
 
 
 # --- a trained network with real 3-D kernels ------------------------------------------------
