@@ -1,16 +1,13 @@
-"""Data-free methods on 3-D convs (video, volumetric models).
-
-A ``Conv3d`` network whose kernels are ``(1, kh, kw)`` on ``(N, C, 1, H, W)`` inputs computes
-what its ``Conv2d`` twin computes, so every method must rewrite both the same way, weight
-for weight. A network with real 3-D kernels, trained on sklearn digits shown as short clips,
-checks that the methods act on it and what they buy against rounding to nearest."""
+"""Data-free methods on 3-D convs (video, volumetric models): a network with real 3-D
+kernels, trained on sklearn digits shown as short clips, checks that the methods act on it
+and what they buy against rounding to nearest (a 3-D network with ``(1, kh, kw)`` kernels
+is checked against its 2-D twin in test_twins.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-from twin_helpers import assert_rewritten_alike, load_twin, trained_looking
 
 from edgeslim.datafree import (
     DataFreeResult,
@@ -20,55 +17,6 @@ from edgeslim.datafree import (
     quantized_model,
 )
 from edgeslim.datafree.methods import cross_layer_equalize
-
-
-def _net(three_d: bool) -> nn.Sequential:
-    conv = nn.Conv3d if three_d else nn.Conv2d
-    bn = nn.BatchNorm3d if three_d else nn.BatchNorm2d
-
-    def k(n: int) -> int | tuple[int, ...]:  # a kernel size (padding: n // 2)
-        return (1, n, n) if three_d else n
-
-    def p(n: int) -> int | tuple[int, ...]:
-        return (0, n // 2, n // 2) if three_d else n // 2
-
-    return nn.Sequential(
-        conv(2, 8, k(3), padding=p(3)), bn(8), nn.ReLU(),
-        nn.MaxPool3d((1, 2, 2)) if three_d else nn.MaxPool2d(2),
-        conv(8, 16, k(3), padding=p(3)), bn(16), nn.ReLU(),
-        conv(16, 16, k(3), padding=p(3), groups=16), bn(16), nn.ReLU(),
-        conv(16, 24, k(1)), bn(24), nn.ReLU(),
-        nn.AdaptiveAvgPool3d(1) if three_d else nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(24, 4),
-    )  # fmt: skip
-
-
-def _down(v: torch.Tensor) -> torch.Tensor:  # a (1, kh, kw) 3-D weight as its 2-D twin's
-    return v.squeeze(2) if v.dim() == 5 else v
-
-
-def _twins() -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(0)
-    three = trained_looking(_net(True))
-    two = _net(False)
-    load_twin(three, two, _down)
-    return three.eval(), two.eval()
-
-
-def test_twins_compute_the_same() -> None:
-    three, two = _twins()
-    x = torch.randn(3, 2, 16, 16)
-    torch.testing.assert_close(three(x.unsqueeze(2)), two(x))
-
-
-@pytest.mark.parametrize(("method", "low", "high"), [("dfq", 4, 4), ("dfmpc", 3, 8)])
-def test_a_3d_network_is_rewritten_as_its_2d_twin(method: str, low: int, high: int) -> None:
-    three, two = _twins()
-    x = torch.randn(16, 2, 16, 16, generator=torch.Generator().manual_seed(1))
-    assert_rewritten_alike(three, two, x.unsqueeze(2), x, _down, method, low, high, {"4", "7"})
-
-
-# --- a trained network with real 3-D kernels ------------------------------------------------
 
 FRAMES = 4
 
