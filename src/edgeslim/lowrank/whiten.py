@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from edgeslim.data.batching import run_batches
-from edgeslim.graph.patches import input_rows
+from edgeslim.graph.patches import input_rows, num_rows
 from edgeslim.lowrank.modules import LowRankError, weight_matrix
 from edgeslim.lowrank.ranks import Candidate, cumulative_energy
 
@@ -69,10 +69,12 @@ def input_moments(
 
     def hook(fqn: str) -> Any:
         def add(module: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
-            rows = input_rows(module, args[0].detach())  # type: ignore[arg-type]
-            if rows.shape[0] > rows_per_batch:
-                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:rows_per_batch]]
-            rows = rows.to(torch.float64)
+            x = args[0].detach()
+            n = num_rows(module, x)  # type: ignore[arg-type]
+            # the sampled rows are gathered alone: a conv's whole unfolded input is its
+            # kernel's size times the input (gigabytes for a 3x3x3 conv on video clips)
+            pick = torch.randperm(n, generator=gen)[:rows_per_batch] if n > rows_per_batch else None
+            rows = input_rows(module, x, pick).to(torch.float64)  # type: ignore[arg-type]
             sums[fqn] = sums.get(fqn, 0) + rows.T @ rows
             counts[fqn] += rows.shape[0]
 
