@@ -5,6 +5,8 @@ is checked against its 2-D twin in test_twins.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -149,3 +151,39 @@ def test_rows_too_long_for_covariance_rounding_are_rounded_to_nearest_and_said(
     for f in long_rows:
         said = capped.report.layers[f]
         assert "rounded to nearest: its rows read 324 inputs, over the 100" in said
+
+
+def test_a_data_free_video_model_exports_with_its_pools_on_integers(
+    trained: tuple[nn.Module, torch.Tensor, torch.Tensor], tmp_path: Path
+) -> None:
+    """DFQ W8A8 with edge quantizers from the BN statistics: the 3-D max pool and the 3-D
+    global pool get quantizers too (before 2026-12-06 they were left out, the pool ran in
+    float between dequantize and quantize nodes), every one with a range, and ONNX Runtime
+    runs every MAC and both pools on integers, with the torch model's accuracy."""
+    import numpy as np
+    import onnx
+
+    from edgeslim.export.qdq import export_qdq
+    from edgeslim.quant.modules import ActQuant
+    from edgeslim.runtime.kernels import kernel_coverage, optimized_graph
+    from edgeslim.runtime.ort import ort_session
+
+    net, x, y = trained
+    result = compress_datafree(net, "dfq", DataFreeSpec(8, 8), x[:1])
+    edged = quantized_model(result, 8, "statistics", edges=True).eval()
+    assert all(bool(m.quantizer.calibrated) for m in edged.modules() if isinstance(m, ActQuant))
+    path = export_qdq(edged, (x[:1],), tmp_path / "video.onnx")
+    assert kernel_coverage(path, (x[:1],)).int8_mac_share == 1.0
+    ran = onnx.load(str(optimized_graph(path, tmp_path / "ran.onnx"))).graph.node
+    producer = {o: n.op_type for n in ran for o in n.output}
+    ops = [n.op_type for n in ran]
+    assert "QLinearGlobalAveragePool" in ops and "GlobalAveragePool" not in ops, ops
+    pools = [n for n in ran if n.op_type == "MaxPool"]
+    assert len(pools) == 1 and producer[pools[0].input[0]] == "QLinearConv", ops
+    sess = ort_session(path)
+    name = sess.get_inputs()[0].name
+    got = np.concatenate([sess.run(None, {name: x[i : i + 1].numpy()})[0] for i in range(64)])
+    with torch.no_grad():
+        want = edged(x[:64]).argmax(1).numpy()
+    agree = float((got.argmax(1) == want).mean())
+    assert agree >= 0.95 and _accuracy(edged, x, y) > 0.9, agree

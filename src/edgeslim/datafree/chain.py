@@ -62,7 +62,6 @@ from edgeslim.graph.ops import (
     ADDS,
     AVERAGES,
     MOVES_VALUES,
-    VOLUME_POOLS,
     indexed_dim,
     padding,
     reads_shape,
@@ -78,7 +77,7 @@ COMPUTE = (*CONVS, nn.Linear)
 NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d)
 # per-channel statistics pass unchanged through these (pooling keeps each channel's mean;
 # its variance is taken as kept too: neighbouring positions are strongly correlated)
-_PASSES = MOVES_VALUES | AVERAGES | VOLUME_POOLS
+_PASSES = MOVES_VALUES | AVERAGES
 _NOT_MOVED = object()  # GraphWalk._moved: not a channel move, the other rules apply
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 # upsampling that copies values or takes convex combinations of them: per channel it keeps

@@ -52,9 +52,9 @@ Interval = tuple[float, float]
 # average values, and these, which select or reshape values but which the other passes
 # (edge placement, channel statistics) treat apart
 _ALSO_IN_RANGE = OpSet(
-    modules=(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
+    modules=(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
     functions=frozenset({torch.reshape, nn.functional.adaptive_max_pool1d,
-                         nn.functional.adaptive_max_pool2d}),
+                         nn.functional.adaptive_max_pool2d, nn.functional.adaptive_max_pool3d}),
     methods=frozenset({"mean", "squeeze", "unsqueeze"}),
 )  # fmt: skip
 _IN_RANGE = MOVES_VALUES | AVERAGES | _ALSO_IN_RANGE

@@ -558,7 +558,8 @@ def _ranks(model: Any) -> dict[str, int]:
 
 
 def mean_as_global_pool(model: Any) -> int:
-    """``ReduceMean`` over the two spatial axes of a dequantized 4-D tensor becomes
+    """``ReduceMean`` over every axis after the channels of a dequantized tensor of rank 3
+    to 5 (``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, T, H, W)``) becomes
     ``GlobalAveragePool`` (then ``Squeeze`` of those axes without ``keepdims``).
 
     The same values; but ONNX Runtime has an integer kernel for the pool
@@ -587,7 +588,11 @@ def mean_as_global_pool(model: Any) -> int:
         if ranks is None:
             ranks = _ranks(model)
         rank = ranks.get(node.input[0])
-        if axes is None or rank != 4 or {int(a) % 4 for a in axes} != {2, 3}:
+        if axes is None or rank is None or not 3 <= rank <= 5:
+            nodes.append(node)
+            continue
+        spatial = list(range(2, rank))
+        if sorted({int(a) % rank for a in axes}) != spatial:
             nodes.append(node)
             continue
         base = node.name or node.output[0]
@@ -597,7 +602,7 @@ def mean_as_global_pool(model: Any) -> int:
             ))  # fmt: skip
         else:
             graph.initializer.append(
-                numpy_helper.from_array(np.array([2, 3], np.int64), f"{base}_axes")
+                numpy_helper.from_array(np.array(spatial, np.int64), f"{base}_axes")
             )
             nodes += [
                 helper.make_node(

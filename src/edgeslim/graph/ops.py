@@ -41,29 +41,24 @@ class OpSet:
         return node.op == "call_method" and node.target in self.methods
 
 
-# (1-D pools too: audio and sensor CNNs pool over time the way image CNNs pool over space)
+# (1-D and 3-D pools too: audio and sensor CNNs pool over time, video and volumetric CNNs
+# over time and space, the way image CNNs pool over space; ONNX Runtime's selectors fuse
+# DQ -> pool -> Q at any rank: 3-D max pools run on uint8, 3-D average pools as
+# QLinearAveragePool / QLinearGlobalAveragePool, checked in tests/export/test_qdq_volume.py)
 MOVES_VALUES = OpSet(
-    modules=(nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity),
+    modules=(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.Identity),
     functions=frozenset({torch.flatten, nn.functional.max_pool1d, nn.functional.max_pool2d,
-                         nn.functional.dropout}),
+                         nn.functional.max_pool3d, nn.functional.dropout}),
     methods=frozenset({"flatten", "view", "reshape", "contiguous"}),
 )  # fmt: skip
 AVERAGES = OpSet(
-    modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d),
+    modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+             nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
     functions=frozenset({nn.functional.adaptive_avg_pool1d, nn.functional.adaptive_avg_pool2d,
-                         nn.functional.avg_pool1d, nn.functional.avg_pool2d}),
-)  # fmt: skip
-# 3-D pools (video, volumetric models): per channel they move or average values as the 1-D
-# and 2-D ones do, so data-free statistics pass them. Kept out of the two sets above, which
-# also decide where quantizers go: their int8 kernels in ONNX Runtime are not checked here.
-VOLUME_POOLS = OpSet(
-    modules=(nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d),
-    functions=frozenset({nn.functional.max_pool3d, nn.functional.avg_pool3d,
-                         nn.functional.adaptive_avg_pool3d}),
+                         nn.functional.adaptive_avg_pool3d, nn.functional.avg_pool1d,
+                         nn.functional.avg_pool2d, nn.functional.avg_pool3d}),
 )  # fmt: skip
 ADDS = frozenset({operator.add, operator.iadd, torch.add})
-
-SPATIAL_AXES = (frozenset({2, 3}), frozenset({-2, -1}))
 
 
 def upsample_mode(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -78,10 +73,17 @@ def upsample_mode(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 
 def is_spatial_mean(node: fx.Node) -> bool:
-    """``x.mean((2, 3))`` / ``torch.mean(x, dim=(-2, -1), keepdim=True)``: the global
-    average pool written by hand (squeeze-excite blocks, classifier heads). The edge pass
-    quantizes it like an average pool; export turns it into ``GlobalAveragePool`` where the
-    input is 4-D (:func:`edgeslim.export.qdq.mean_as_global_pool`), run on uint8."""
+    """``x.mean((2, 3))`` / ``torch.mean(x, dim=(-2, -1), keepdim=True)`` /
+    ``x.mean((2, 3, 4))``: the global average pool written by hand (squeeze-excite blocks,
+    classifier heads, video heads). The edge pass quantizes it like an average pool; export
+    turns it into ``GlobalAveragePool`` where it averages every axis after the channels
+    (:func:`edgeslim.export.qdq.mean_as_global_pool`), run on uint8.
+
+    Decision: without the input's rank, a mean counts when it averages at least two axes
+    that are all >= 2 (never the batch or channel axis of an ``(N, C, ...)`` tensor), or the
+    last two or three axes. A single axis does not count: ``x.mean(-1)`` is as often a
+    hand-written layer norm over features as a 1-D pool, and quantizing around it would
+    leave a float ``ReduceMean`` between quantizers."""
     if node.op == "call_method" and node.target == "mean":
         pass
     elif node.op != "call_function" or node.target is not torch.mean:
@@ -89,7 +91,11 @@ def is_spatial_mean(node: fx.Node) -> bool:
     dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     if isinstance(dims, int) or not isinstance(dims, (tuple, list)):
         return False
-    return all(isinstance(d, int) for d in dims) and frozenset(dims) in SPATIAL_AXES
+    if len(dims) < 2 or len(set(dims)) != len(dims) or not all(isinstance(d, int) for d in dims):
+        return False
+    if all(d >= 2 for d in dims):
+        return True
+    return len(dims) <= 3 and set(dims) == set(range(-len(dims), 0))
 
 
 def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float | None] | None:
