@@ -53,7 +53,8 @@ class Int8Export:
 
     @staticmethod
     def export(gm: torch.nn.Module, data: torch.Tensor, tmp: Path) -> tuple[list[str], list[str]]:
-        """The op types written and those ONNX Runtime runs after its optimisation; asserts
+        """The op types written (the file ``tmp/int8.onnx``) and those ONNX Runtime runs after
+        its optimisation (``tmp/o.onnx``, kept for tests that read the graph further); asserts
         ORT matches torch on 4 samples within 5% of the largest output."""
         import numpy as np
         import onnx

@@ -157,9 +157,9 @@ def test_a_data_free_video_model_exports_with_its_pools_on_integers(
     trained: tuple[nn.Module, torch.Tensor, torch.Tensor], tmp_path: Path
 ) -> None:
     """DFQ W8A8 with edge quantizers from the BN statistics: the 3-D max pool and the 3-D
-    global pool get quantizers too (before 2026-12-06 they were left out, the pool ran in
-    float between dequantize and quantize nodes), every one with a range, and ONNX Runtime
-    runs every MAC and both pools on integers, with the torch model's accuracy."""
+    global pool get quantizers too (before 2026-12-06 the max pool ran in float between
+    dequantize and quantize nodes), every one with a range, and ONNX Runtime runs every MAC
+    and both pools on integers, with the torch model's accuracy."""
     import numpy as np
     import onnx
 
